@@ -1,0 +1,274 @@
+//! Packet records inside a batch body, and the Snappy compression around them.
+//!
+//! A record is `timestamp_ns: u64`, `original_length: u32`, `captured_length: u32`,
+//! `direction: u8`, then `captured_length` bytes of frame.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::codec::DecodeError;
+use crate::message::{Batch, BatchEncoding, MessageType};
+use crate::{MAX_BATCH_BODY, MAX_SNAPLEN};
+
+const RECORD_HEADER_LEN: usize = 8 + 4 + 4 + 1;
+
+/// Which way a packet crossed the capture interface, where the backend can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Direction {
+    Unknown = 0,
+    Inbound = 1,
+    Outbound = 2,
+}
+
+impl Direction {
+    fn from_u8(v: u8) -> Result<Self, DecodeError> {
+        match v {
+            0 => Ok(Self::Unknown),
+            1 => Ok(Self::Inbound),
+            2 => Ok(Self::Outbound),
+            other => Err(DecodeError::BadValue {
+                field: "direction",
+                value: other.into(),
+            }),
+        }
+    }
+}
+
+/// One captured packet. `data` shares the batch's buffer: no copy per packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    /// Nanoseconds since the Unix epoch.
+    pub timestamp_ns: u64,
+    pub original_len: u32,
+    pub direction: Direction,
+    pub data: Bytes,
+}
+
+/// Whether [`BatchBuilder::push`] took the packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum PushOutcome {
+    Added,
+    /// The batch has no room left: take it with [`BatchBuilder::finish`] and push again.
+    Full,
+}
+
+/// An encoded batch frame, ready to write to the stream.
+#[derive(Debug, Clone)]
+pub struct EncodedBatch {
+    pub frame: Bytes,
+    pub packets: u32,
+    /// Size of the record stream before compression.
+    pub raw_len: usize,
+}
+
+/// Accumulates packet records and turns them into one batch frame. Its buffers are kept
+/// and reused from batch to batch, so pushing a packet never allocates.
+pub struct BatchBuilder {
+    records: Vec<u8>,
+    count: u32,
+    target_len: usize,
+    compressed: Vec<u8>,
+    encoder: snap::raw::Encoder,
+}
+
+impl BatchBuilder {
+    /// `target_len` is the record-stream size at which [`Self::is_ready`] says to send.
+    pub fn new(target_len: usize) -> Self {
+        let target_len = target_len.clamp(RECORD_HEADER_LEN, MAX_BATCH_BODY);
+        Self {
+            records: Vec::with_capacity(target_len + RECORD_HEADER_LEN + MAX_SNAPLEN as usize),
+            count: 0,
+            target_len,
+            compressed: Vec::new(),
+            encoder: snap::raw::Encoder::new(),
+        }
+    }
+
+    pub fn push(
+        &mut self,
+        timestamp_ns: u64,
+        original_len: u32,
+        direction: Direction,
+        data: &[u8],
+    ) -> PushOutcome {
+        let data = &data[..data.len().min(MAX_SNAPLEN as usize)];
+        if self.records.len() + RECORD_HEADER_LEN + data.len() > MAX_BATCH_BODY {
+            return PushOutcome::Full;
+        }
+        self.records.put_u64(timestamp_ns);
+        self.records.put_u32(original_len.max(data.len() as u32));
+        self.records.put_u32(data.len() as u32);
+        self.records.put_u8(direction as u8);
+        self.records.put_slice(data);
+        self.count += 1;
+        PushOutcome::Added
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn len(&self) -> u32 {
+        self.count
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.records.len() >= self.target_len
+    }
+
+    /// Encodes the accumulated packets as one batch frame and empties the builder.
+    /// The body is stored uncompressed when Snappy would not make it smaller.
+    pub fn finish(&mut self, session_id: u64, sequence: u64, interface_id: u16) -> EncodedBatch {
+        let raw_len = self.records.len();
+        self.compressed
+            .resize(snap::raw::max_compress_len(raw_len), 0);
+        let (encoding, body): (BatchEncoding, &[u8]) =
+            match self.encoder.compress(&self.records, &mut self.compressed) {
+                Ok(n) if n < raw_len => (BatchEncoding::Snappy, &self.compressed[..n]),
+                _ => (BatchEncoding::Stored, &self.records),
+            };
+        let mut frame = BytesMut::with_capacity(Batch::HEADER_LEN + body.len());
+        frame.put_u8(MessageType::Batch as u8);
+        frame.put_u32((Batch::HEADER_LEN - crate::FRAME_HEADER_LEN + body.len()) as u32);
+        frame.put_u64(session_id);
+        frame.put_u64(sequence);
+        frame.put_u16(interface_id);
+        frame.put_u32(self.count);
+        frame.put_u8(encoding as u8);
+        frame.put_slice(body);
+        let packets = self.count;
+        self.records.clear();
+        self.count = 0;
+        EncodedBatch {
+            frame: frame.freeze(),
+            packets,
+            raw_len,
+        }
+    }
+}
+
+impl Batch {
+    /// Decompresses and checks the whole record stream, then returns an iterator over it.
+    /// Every record is validated here, so the iteration itself cannot fail.
+    pub fn packets(&self) -> Result<PacketIter, DecodeError> {
+        let records = match self.encoding {
+            BatchEncoding::Stored => {
+                if self.body.len() > MAX_BATCH_BODY {
+                    return Err(DecodeError::TooLong {
+                        field: "batch body",
+                        len: self.body.len(),
+                        max: MAX_BATCH_BODY,
+                    });
+                }
+                self.body.clone()
+            }
+            BatchEncoding::Snappy => decompress(&self.body)?,
+        };
+        validate_records(&records, self.packet_count)?;
+        Ok(PacketIter {
+            records,
+            remaining: self.packet_count,
+        })
+    }
+}
+
+fn decompress(body: &[u8]) -> Result<Bytes, DecodeError> {
+    let len =
+        snap::raw::decompress_len(body).map_err(|e| DecodeError::Decompress(e.to_string()))?;
+    if len > MAX_BATCH_BODY {
+        return Err(DecodeError::TooLong {
+            field: "decompressed batch body",
+            len,
+            max: MAX_BATCH_BODY,
+        });
+    }
+    let mut out = vec![0u8; len];
+    let n = snap::raw::Decoder::new()
+        .decompress(body, &mut out)
+        .map_err(|e| DecodeError::Decompress(e.to_string()))?;
+    out.truncate(n);
+    Ok(Bytes::from(out))
+}
+
+fn validate_records(mut records: &[u8], expected: u32) -> Result<(), DecodeError> {
+    let mut count: u32 = 0;
+    while !records.is_empty() {
+        if records.len() < RECORD_HEADER_LEN {
+            return Err(DecodeError::Truncated {
+                field: "packet record header",
+                needed: RECORD_HEADER_LEN - records.len(),
+            });
+        }
+        let original_len = u32::from_be_bytes(records[8..12].try_into().expect("4 bytes"));
+        let captured_len = u32::from_be_bytes(records[12..16].try_into().expect("4 bytes"));
+        Direction::from_u8(records[16])?;
+        if captured_len > MAX_SNAPLEN {
+            return Err(DecodeError::TooLong {
+                field: "captured length",
+                len: captured_len as usize,
+                max: MAX_SNAPLEN as usize,
+            });
+        }
+        if captured_len > original_len {
+            return Err(DecodeError::BadValue {
+                field: "captured length above original length",
+                value: captured_len.into(),
+            });
+        }
+        let total = RECORD_HEADER_LEN + captured_len as usize;
+        if records.len() < total {
+            return Err(DecodeError::Truncated {
+                field: "packet data",
+                needed: total - records.len(),
+            });
+        }
+        records = &records[total..];
+        count += 1;
+        if count > expected {
+            break;
+        }
+    }
+    if count != expected {
+        return Err(DecodeError::BadValue {
+            field: "packet count",
+            value: expected.into(),
+        });
+    }
+    Ok(())
+}
+
+/// Iterates over a validated batch's packets.
+pub struct PacketIter {
+    records: Bytes,
+    remaining: u32,
+}
+
+impl Iterator for PacketIter {
+    type Item = Packet;
+
+    fn next(&mut self) -> Option<Packet> {
+        if self.remaining == 0 {
+            return None;
+        }
+        self.remaining -= 1;
+        let r = &mut self.records;
+        let timestamp_ns = r.get_u64();
+        let original_len = r.get_u32();
+        let captured_len = r.get_u32() as usize;
+        let direction = Direction::from_u8(r.get_u8()).unwrap_or(Direction::Unknown);
+        let data = r.split_to(captured_len);
+        Some(Packet {
+            timestamp_ns,
+            original_len,
+            direction,
+            data,
+        })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.remaining as usize, Some(self.remaining as usize))
+    }
+}
+
+impl ExactSizeIterator for PacketIter {}

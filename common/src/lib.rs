@@ -1,0 +1,41 @@
+//! The Capstream wire protocol, sans-IO.
+//!
+//! Everything here works on byte buffers only: no sockets, no async, no clocks. The sensor
+//! and the receiver put these messages on a QUIC stream; tests and fuzzers drive them from
+//! plain bytes. The shape follows quinn-proto: typed messages, an encoder, and a strict
+//! decoder that bounds every length before it is used.
+//!
+//! A stream carries frames: `type: u8`, `length: u32` (big-endian), then `length` bytes of
+//! body. The sensor's first frame is always [`Hello`]; the receiver answers with [`Ack`]s
+//! and ends with [`Goodbye`] or [`ErrorMsg`].
+
+mod batch;
+mod codec;
+mod message;
+
+pub use batch::{BatchBuilder, Direction, EncodedBatch, Packet, PacketIter, PushOutcome};
+pub use codec::DecodeError;
+pub use message::{
+    decode_frame, decode_frame_header, Ack, Batch, BatchEncoding, DropReason, ErrorCode, ErrorMsg,
+    Goodbye, Hello, InterfaceInfo, InterfaceStats, Message, MessageType, Stats, FRAME_HEADER_LEN,
+};
+
+/// The protocol version this build speaks. A peer with another version is refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Four bytes at the start of every Hello, so that a peer speaking another protocol is
+/// recognised at once rather than misread.
+pub const HELLO_MAGIC: [u8; 4] = *b"CAPS";
+
+/// Largest frame body a peer may send. Bounds memory per connection.
+pub const MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
+
+/// Largest decompressed batch body. A batch must hold at least one full-size packet.
+pub const MAX_BATCH_BODY: usize = 8 * 1024 * 1024;
+
+/// Largest snap length a sensor may announce (tcpdump's default and maximum).
+pub const MAX_SNAPLEN: u32 = 262_144;
+
+/// ALPN protocol name carried in the TLS handshake, so a QUIC peer of another
+/// application is refused during the handshake.
+pub const ALPN: &[u8] = b"capstream/1";

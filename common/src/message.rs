@@ -1,0 +1,437 @@
+//! The typed messages and their framing.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::codec::{
+    expect_end, get_count, get_str, get_u16, get_u32, get_u64, get_u8, need, put_str, DecodeError,
+};
+use crate::{HELLO_MAGIC, MAX_FRAME_LEN, MAX_SNAPLEN, PROTOCOL_VERSION};
+
+/// `type: u8` + `length: u32`.
+pub const FRAME_HEADER_LEN: usize = 5;
+
+const MAX_ID: usize = 128;
+const MAX_HOSTNAME: usize = 255;
+const MAX_OS: usize = 128;
+const MAX_IFACE_NAME: usize = 256;
+const MAX_FILTER: usize = 16 * 1024;
+const MAX_INTERFACES: usize = 256;
+const MAX_DROP_REASONS: usize = 32;
+const MAX_ERROR_TEXT: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MessageType {
+    Hello = 1,
+    Batch = 2,
+    Stats = 3,
+    Ack = 4,
+    Goodbye = 5,
+    Error = 6,
+}
+
+impl TryFrom<u8> for MessageType {
+    type Error = DecodeError;
+    fn try_from(v: u8) -> Result<Self, DecodeError> {
+        Ok(match v {
+            1 => Self::Hello,
+            2 => Self::Batch,
+            3 => Self::Stats,
+            4 => Self::Ack,
+            5 => Self::Goodbye,
+            6 => Self::Error,
+            other => return Err(DecodeError::UnknownType(other)),
+        })
+    }
+}
+
+/// One capture interface of a sensor, as announced in [`Hello`]. Its position in
+/// `Hello::interfaces` is the `interface_id` that batches and stats refer to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceInfo {
+    pub name: String,
+    /// A libpcap `LINKTYPE_*` value.
+    pub link_type: u16,
+    pub snaplen: u32,
+    /// The libpcap filter expression the user gave (empty: everything).
+    pub filter: String,
+}
+
+/// The sensor's first message: who it is and what it captures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    /// Random per sensor process; batches and stats carry it.
+    pub session_id: u64,
+    pub sensor_id: String,
+    pub hostname: String,
+    pub os: String,
+    pub interfaces: Vec<InterfaceInfo>,
+}
+
+/// How a batch body is stored on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BatchEncoding {
+    /// Sent as is: compression would not have made it smaller.
+    Stored = 0,
+    /// Snappy raw format (`snap::raw`).
+    Snappy = 1,
+}
+
+/// A run of captured packets from one interface. `body` is the encoded (possibly
+/// compressed) record stream; [`Batch::packets`] decodes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub session_id: u64,
+    /// Starts at 1 and grows by one per batch on a session, across all interfaces.
+    pub sequence: u64,
+    pub interface_id: u16,
+    pub packet_count: u32,
+    pub encoding: BatchEncoding,
+    pub body: Bytes,
+}
+
+/// Why packets were lost before reaching the receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DropReason(pub u8);
+
+impl DropReason {
+    /// The kernel's capture buffer was full (libpcap `ps_drop`, eBPF ring full).
+    pub const KERNEL_BUFFER: Self = Self(1);
+    /// The network interface or its driver dropped them (libpcap `ps_ifdrop`).
+    pub const INTERFACE: Self = Self(2);
+    /// The sensor's queue towards the receiver was full.
+    pub const SENSOR_QUEUE: Self = Self(3);
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::KERNEL_BUFFER => "kernel buffer full",
+            Self::INTERFACE => "interface/driver",
+            Self::SENSOR_QUEUE => "sensor queue full",
+            _ => "other",
+        }
+    }
+}
+
+/// Cumulative counters of one interface since the sensor started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InterfaceStats {
+    pub interface_id: u16,
+    /// Packets the capture saw (before the filter, where the backend can tell).
+    pub seen: u64,
+    /// Packets that matched the filter and reached the sensor.
+    pub matched: u64,
+    /// Packets put into batches sent to the receiver.
+    pub delivered: u64,
+    /// Packets lost, by reason. Reasons are unique.
+    pub drops: Vec<(DropReason, u64)>,
+}
+
+impl InterfaceStats {
+    pub fn dropped(&self) -> u64 {
+        self.drops.iter().map(|(_, n)| n).sum()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub session_id: u64,
+    pub interfaces: Vec<InterfaceStats>,
+}
+
+/// The highest batch sequence below which the receiver has written every batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub sequence: u64,
+}
+
+/// A clean end of the session: nothing more will be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Goodbye;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorCode(pub u16);
+
+impl ErrorCode {
+    pub const PROTOCOL: Self = Self(1);
+    pub const VERSION: Self = Self(2);
+    pub const UNSUPPORTED_LINK_TYPE: Self = Self(3);
+    pub const SHUTTING_DOWN: Self = Self(4);
+    pub const INTERNAL: Self = Self(5);
+}
+
+/// A fatal error: the sender closes the session after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorMsg {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    Batch(Batch),
+    Stats(Stats),
+    Ack(Ack),
+    Goodbye(Goodbye),
+    Error(ErrorMsg),
+}
+
+impl Message {
+    pub fn message_type(&self) -> MessageType {
+        match self {
+            Self::Hello(_) => MessageType::Hello,
+            Self::Batch(_) => MessageType::Batch,
+            Self::Stats(_) => MessageType::Stats,
+            Self::Ack(_) => MessageType::Ack,
+            Self::Goodbye(_) => MessageType::Goodbye,
+            Self::Error(_) => MessageType::Error,
+        }
+    }
+
+    /// Appends the whole frame (header and body) to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let start = out.len();
+        out.put_u8(self.message_type() as u8);
+        out.put_u32(0); // length, patched below
+        match self {
+            Self::Hello(h) => h.encode_body(out),
+            Self::Batch(b) => b.encode_body(out),
+            Self::Stats(s) => s.encode_body(out),
+            Self::Ack(a) => out.put_u64(a.sequence),
+            Self::Goodbye(_) => {}
+            Self::Error(e) => {
+                out.put_u16(e.code.0);
+                put_str(out, &e.message, MAX_ERROR_TEXT);
+            }
+        }
+        let body_len = out.len() - start - FRAME_HEADER_LEN;
+        debug_assert!(
+            body_len <= MAX_FRAME_LEN,
+            "encoder produced an oversized frame"
+        );
+        out[start + 1..start + FRAME_HEADER_LEN].copy_from_slice(&(body_len as u32).to_be_bytes());
+    }
+
+    pub fn to_bytes(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        self.encode(&mut out);
+        out.freeze()
+    }
+
+    /// Decodes one frame body of the given type. The whole body must be consumed.
+    pub fn decode(kind: MessageType, mut body: Bytes) -> Result<Self, DecodeError> {
+        let msg = match kind {
+            MessageType::Hello => Self::Hello(Hello::decode_body(&mut body)?),
+            MessageType::Batch => Self::Batch(Batch::decode_body(&mut body)?),
+            MessageType::Stats => Self::Stats(Stats::decode_body(&mut body)?),
+            MessageType::Ack => Self::Ack(Ack {
+                sequence: get_u64(&mut body, "ack sequence")?,
+            }),
+            MessageType::Goodbye => Self::Goodbye(Goodbye),
+            MessageType::Error => Self::Error(ErrorMsg {
+                code: ErrorCode(get_u16(&mut body, "error code")?),
+                message: get_str(&mut body, MAX_ERROR_TEXT, "error text")?,
+            }),
+        };
+        expect_end(&body)?;
+        Ok(msg)
+    }
+}
+
+/// Parses a frame header; refuses an unknown type or an oversized length before any body
+/// is read.
+pub fn decode_frame_header(
+    header: [u8; FRAME_HEADER_LEN],
+) -> Result<(MessageType, usize), DecodeError> {
+    let kind = MessageType::try_from(header[0])?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(DecodeError::TooLong {
+            field: "frame",
+            len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    Ok((kind, len))
+}
+
+/// Takes one whole frame off the front of `buf`, if one is there. Returns `Ok(None)` when
+/// more bytes are needed. Errors are final: the stream cannot be resynchronised.
+pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<Message>, DecodeError> {
+    if buf.len() < FRAME_HEADER_LEN {
+        return Ok(None);
+    }
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    header.copy_from_slice(&buf[..FRAME_HEADER_LEN]);
+    let (kind, len) = decode_frame_header(header)?;
+    if buf.len() < FRAME_HEADER_LEN + len {
+        buf.reserve(FRAME_HEADER_LEN + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(FRAME_HEADER_LEN);
+    let body = buf.split_to(len).freeze();
+    Message::decode(kind, body).map(Some)
+}
+
+impl Hello {
+    fn encode_body(&self, out: &mut BytesMut) {
+        out.put_slice(&HELLO_MAGIC);
+        out.put_u16(self.version);
+        out.put_u64(self.session_id);
+        put_str(out, &self.sensor_id, MAX_ID);
+        put_str(out, &self.hostname, MAX_HOSTNAME);
+        put_str(out, &self.os, MAX_OS);
+        let n = self.interfaces.len().min(MAX_INTERFACES);
+        out.put_u16(n as u16);
+        for iface in &self.interfaces[..n] {
+            put_str(out, &iface.name, MAX_IFACE_NAME);
+            out.put_u16(iface.link_type);
+            out.put_u32(iface.snaplen);
+            put_str(out, &iface.filter, MAX_FILTER);
+        }
+    }
+
+    fn decode_body(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        need(buf, HELLO_MAGIC.len(), "hello magic")?;
+        if buf.split_to(HELLO_MAGIC.len()) != HELLO_MAGIC[..] {
+            return Err(DecodeError::BadMagic);
+        }
+        let version = get_u16(buf, "protocol version")?;
+        if version != PROTOCOL_VERSION {
+            return Err(DecodeError::UnsupportedVersion {
+                got: version,
+                supported: PROTOCOL_VERSION,
+            });
+        }
+        let session_id = get_u64(buf, "session id")?;
+        let sensor_id = get_str(buf, MAX_ID, "sensor id")?;
+        let hostname = get_str(buf, MAX_HOSTNAME, "hostname")?;
+        let os = get_str(buf, MAX_OS, "os")?;
+        let n = get_count(buf, MAX_INTERFACES, "interface count")?;
+        let mut interfaces = Vec::with_capacity(n);
+        for _ in 0..n {
+            let name = get_str(buf, MAX_IFACE_NAME, "interface name")?;
+            let link_type = get_u16(buf, "link type")?;
+            let snaplen = get_u32(buf, "snap length")?;
+            if snaplen == 0 || snaplen > MAX_SNAPLEN {
+                return Err(DecodeError::BadValue {
+                    field: "snap length",
+                    value: snaplen.into(),
+                });
+            }
+            let filter = get_str(buf, MAX_FILTER, "filter")?;
+            interfaces.push(InterfaceInfo {
+                name,
+                link_type,
+                snaplen,
+                filter,
+            });
+        }
+        Ok(Self {
+            version,
+            session_id,
+            sensor_id,
+            hostname,
+            os,
+            interfaces,
+        })
+    }
+}
+
+impl Batch {
+    /// Bytes of a batch frame before its body: frame header plus the batch fields.
+    pub const HEADER_LEN: usize = FRAME_HEADER_LEN + 8 + 8 + 2 + 4 + 1;
+
+    fn encode_body(&self, out: &mut BytesMut) {
+        out.put_u64(self.session_id);
+        out.put_u64(self.sequence);
+        out.put_u16(self.interface_id);
+        out.put_u32(self.packet_count);
+        out.put_u8(self.encoding as u8);
+        out.put_slice(&self.body);
+    }
+
+    fn decode_body(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        let session_id = get_u64(buf, "session id")?;
+        let sequence = get_u64(buf, "batch sequence")?;
+        let interface_id = get_u16(buf, "interface id")?;
+        let packet_count = get_u32(buf, "packet count")?;
+        let encoding = match get_u8(buf, "batch encoding")? {
+            0 => BatchEncoding::Stored,
+            1 => BatchEncoding::Snappy,
+            other => {
+                return Err(DecodeError::BadValue {
+                    field: "batch encoding",
+                    value: other.into(),
+                })
+            }
+        };
+        let body = buf.split_off(0);
+        Ok(Self {
+            session_id,
+            sequence,
+            interface_id,
+            packet_count,
+            encoding,
+            body,
+        })
+    }
+}
+
+impl Stats {
+    fn encode_body(&self, out: &mut BytesMut) {
+        out.put_u64(self.session_id);
+        let n = self.interfaces.len().min(MAX_INTERFACES);
+        out.put_u16(n as u16);
+        for s in &self.interfaces[..n] {
+            out.put_u16(s.interface_id);
+            out.put_u64(s.seen);
+            out.put_u64(s.matched);
+            out.put_u64(s.delivered);
+            let d = s.drops.len().min(MAX_DROP_REASONS);
+            out.put_u16(d as u16);
+            for (reason, count) in &s.drops[..d] {
+                out.put_u8(reason.0);
+                out.put_u64(*count);
+            }
+        }
+    }
+
+    fn decode_body(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        let session_id = get_u64(buf, "session id")?;
+        let n = get_count(buf, MAX_INTERFACES, "stats interface count")?;
+        let mut interfaces = Vec::with_capacity(n);
+        for _ in 0..n {
+            let interface_id = get_u16(buf, "interface id")?;
+            let seen = get_u64(buf, "seen")?;
+            let matched = get_u64(buf, "matched")?;
+            let delivered = get_u64(buf, "delivered")?;
+            let d = get_count(buf, MAX_DROP_REASONS, "drop reason count")?;
+            let mut drops = Vec::with_capacity(d);
+            for _ in 0..d {
+                let reason = DropReason(get_u8(buf, "drop reason")?);
+                let count = get_u64(buf, "drop count")?;
+                if drops.iter().any(|(r, _)| *r == reason) {
+                    return Err(DecodeError::BadValue {
+                        field: "duplicate drop reason",
+                        value: reason.0.into(),
+                    });
+                }
+                drops.push((reason, count));
+            }
+            interfaces.push(InterfaceStats {
+                interface_id,
+                seen,
+                matched,
+                delivered,
+                drops,
+            });
+        }
+        Ok(Self {
+            session_id,
+            interfaces,
+        })
+    }
+}

@@ -1,0 +1,302 @@
+//! The protocol tested on bytes alone: round trips, strict refusals, and arbitrary input.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use common::*;
+use proptest::prelude::*;
+
+fn hello() -> Hello {
+    Hello {
+        version: PROTOCOL_VERSION,
+        session_id: 0xdead_beef_0102_0304,
+        sensor_id: "edge-1".into(),
+        hostname: "edge-1.example".into(),
+        os: "linux".into(),
+        interfaces: vec![InterfaceInfo {
+            name: "eth0".into(),
+            link_type: 1,
+            snaplen: 262_144,
+            filter: "port 53".into(),
+        }],
+    }
+}
+
+fn decode_one(bytes: &[u8]) -> Result<Option<Message>, DecodeError> {
+    let mut buf = BytesMut::from(bytes);
+    decode_frame(&mut buf)
+}
+
+#[test]
+fn control_messages_round_trip() {
+    let messages = [
+        Message::Hello(hello()),
+        Message::Stats(Stats {
+            session_id: 7,
+            interfaces: vec![InterfaceStats {
+                interface_id: 0,
+                seen: 10,
+                matched: 9,
+                delivered: 8,
+                drops: vec![(DropReason::KERNEL_BUFFER, 1)],
+            }],
+        }),
+        Message::Ack(Ack { sequence: 42 }),
+        Message::Goodbye(Goodbye),
+        Message::Error(ErrorMsg {
+            code: ErrorCode::VERSION,
+            message: "nope".into(),
+        }),
+    ];
+    let mut stream = BytesMut::new();
+    for m in &messages {
+        m.encode(&mut stream);
+    }
+    for m in &messages {
+        assert_eq!(decode_frame(&mut stream).unwrap().as_ref(), Some(m));
+    }
+    assert!(stream.is_empty());
+}
+
+#[test]
+fn frames_split_anywhere_decode_the_same() {
+    let bytes = Message::Hello(hello()).to_bytes();
+    for cut in 0..bytes.len() {
+        let mut buf = BytesMut::from(&bytes[..cut]);
+        assert_eq!(decode_frame(&mut buf).unwrap(), None, "cut at {cut}");
+        buf.extend_from_slice(&bytes[cut..]);
+        assert_eq!(
+            decode_frame(&mut buf).unwrap(),
+            Some(Message::Hello(hello()))
+        );
+    }
+}
+
+#[test]
+fn batch_round_trips_packets_and_compresses_repetitive_data() {
+    let mut builder = BatchBuilder::new(64 * 1024);
+    let frame = vec![0xabu8; 1500];
+    for i in 0..20u64 {
+        let dir = [Direction::Unknown, Direction::Inbound, Direction::Outbound][i as usize % 3];
+        assert_eq!(
+            builder.push(1_000 + i, 1514, dir, &frame[..100 + i as usize]),
+            PushOutcome::Added
+        );
+    }
+    let encoded = builder.finish(9, 1, 0);
+    assert!(builder.is_empty());
+    assert_eq!(encoded.packets, 20);
+    assert!(
+        encoded.frame.len() < encoded.raw_len / 4,
+        "snappy should shrink repeated bytes"
+    );
+    let Some(Message::Batch(batch)) = decode_one(&encoded.frame).unwrap() else {
+        panic!("not a batch")
+    };
+    assert_eq!(batch.encoding, BatchEncoding::Snappy);
+    let packets: Vec<Packet> = batch.packets().unwrap().collect();
+    assert_eq!(packets.len(), 20);
+    for (i, p) in packets.iter().enumerate() {
+        assert_eq!(p.timestamp_ns, 1_000 + i as u64);
+        assert_eq!(p.original_len, 1514);
+        assert_eq!(p.data.len(), 100 + i);
+    }
+    assert_eq!(packets[2].direction, Direction::Outbound);
+}
+
+#[test]
+fn incompressible_batches_are_stored() {
+    let mut builder = BatchBuilder::new(64 * 1024);
+    let mut x: u32 = 1;
+    let noise: Vec<u8> = (0..1400)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    let _ = builder.push(1, 1400, Direction::Unknown, &noise);
+    let encoded = builder.finish(1, 1, 0);
+    let Some(Message::Batch(batch)) = decode_one(&encoded.frame).unwrap() else {
+        panic!("not a batch")
+    };
+    assert_eq!(batch.encoding, BatchEncoding::Stored);
+    assert_eq!(batch.packets().unwrap().next().unwrap().data[..], noise[..]);
+}
+
+#[test]
+fn builder_refuses_past_the_body_limit() {
+    let mut builder = BatchBuilder::new(MAX_BATCH_BODY);
+    let big = vec![0u8; MAX_SNAPLEN as usize];
+    let mut added = 0;
+    while builder.push(0, MAX_SNAPLEN, Direction::Unknown, &big) == PushOutcome::Added {
+        added += 1;
+    }
+    assert_eq!(added, MAX_BATCH_BODY / (MAX_SNAPLEN as usize + 17));
+    let encoded = builder.finish(1, 1, 0);
+    assert!(decode_one(&encoded.frame).is_ok());
+}
+
+#[test]
+fn unknown_version_is_refused_with_a_clear_error() {
+    let mut h = hello();
+    h.version = 99;
+    let err = decode_one(&Message::Hello(h).to_bytes()).unwrap_err();
+    assert_eq!(
+        err,
+        DecodeError::UnsupportedVersion {
+            got: 99,
+            supported: 1
+        }
+    );
+    assert!(err.to_string().contains("version 99 is not supported"));
+}
+
+#[test]
+fn another_protocol_is_recognised() {
+    let err = decode_one(b"\x01\x00\x00\x00\x10GET / HTTP/1.1\r\n\r\n").unwrap_err();
+    assert_eq!(err, DecodeError::BadMagic);
+    assert_eq!(
+        decode_one(b"GET / HTTP/1.1\r\n").unwrap_err(),
+        DecodeError::UnknownType(b'G')
+    );
+}
+
+#[test]
+fn oversized_frame_is_refused_before_its_body_arrives() {
+    let mut header = BytesMut::new();
+    header.put_u8(MessageType::Batch as u8);
+    header.put_u32(u32::MAX);
+    assert!(matches!(
+        decode_one(&header),
+        Err(DecodeError::TooLong { field: "frame", .. })
+    ));
+}
+
+#[test]
+fn decompression_bomb_is_refused() {
+    // A snappy header that claims a 1 GiB body.
+    let mut body = BytesMut::new();
+    let mut n: u32 = 1 << 30;
+    while n >= 0x80 {
+        body.put_u8((n as u8) | 0x80);
+        n >>= 7;
+    }
+    body.put_u8(n as u8);
+    let batch = Batch {
+        session_id: 1,
+        sequence: 1,
+        interface_id: 0,
+        packet_count: 1,
+        encoding: BatchEncoding::Snappy,
+        body: body.freeze(),
+    };
+    let decoded = decode_one(&Message::Batch(batch).to_bytes())
+        .unwrap()
+        .unwrap();
+    let Message::Batch(batch) = decoded else {
+        panic!()
+    };
+    assert!(matches!(batch.packets(), Err(DecodeError::TooLong { .. })));
+}
+
+#[test]
+fn batch_with_lying_counts_is_refused() {
+    let mut builder = BatchBuilder::new(1024);
+    let _ = builder.push(1, 60, Direction::Inbound, &[1u8; 60]);
+    let encoded = builder.finish(1, 1, 0);
+    let Some(Message::Batch(mut batch)) = decode_one(&encoded.frame).unwrap() else {
+        panic!()
+    };
+    batch.packet_count = 2;
+    assert!(batch.packets().is_err());
+    batch.packet_count = 0;
+    assert!(batch.packets().is_err());
+}
+
+#[test]
+fn captured_length_above_original_is_refused() {
+    let mut records = BytesMut::new();
+    records.put_u64(1);
+    records.put_u32(10); // original
+    records.put_u32(20); // captured
+    records.put_u8(0);
+    records.put_slice(&[0u8; 20]);
+    let batch = Batch {
+        session_id: 1,
+        sequence: 1,
+        interface_id: 0,
+        packet_count: 1,
+        encoding: BatchEncoding::Stored,
+        body: records.freeze(),
+    };
+    assert!(batch.packets().is_err());
+}
+
+#[test]
+fn encoder_cuts_overlong_strings_to_what_the_decoder_accepts() {
+    let mut h = hello();
+    h.hostname = "é".repeat(1000);
+    let Some(Message::Hello(back)) = decode_one(&Message::Hello(h).to_bytes()).unwrap() else {
+        panic!()
+    };
+    assert!(back.hostname.len() <= 255 && back.hostname.chars().all(|c| c == 'é'));
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        let mut buf = BytesMut::from(&data[..]);
+        while let Ok(Some(msg)) = decode_frame(&mut buf) {
+            if let Message::Batch(b) = msg {
+                if let Ok(packets) = b.packets() {
+                    packets.for_each(drop);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn arbitrary_batch_bodies_never_panic(
+        encoding in prop_oneof![Just(BatchEncoding::Stored), Just(BatchEncoding::Snappy)],
+        count in 0u32..8,
+        body in proptest::collection::vec(any::<u8>(), 0..2048),
+    ) {
+        let batch = Batch { session_id: 1, sequence: 1, interface_id: 0, packet_count: count, encoding, body: Bytes::from(body) };
+        if let Ok(packets) = batch.packets() {
+            prop_assert_eq!(packets.count(), count as usize);
+        }
+    }
+
+    #[test]
+    fn packets_round_trip(packets in proptest::collection::vec(
+        (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..300), 0u32..100, 0u8..3), 0..50)
+    ) {
+        let mut builder = BatchBuilder::new(1 << 20);
+        for (ts, data, extra, dir) in &packets {
+            let dir = [Direction::Unknown, Direction::Inbound, Direction::Outbound][*dir as usize];
+            prop_assert_eq!(builder.push(*ts, data.len() as u32 + extra, dir, data), PushOutcome::Added);
+        }
+        let encoded = builder.finish(5, 6, 7);
+        let Some(Message::Batch(batch)) = decode_one(&encoded.frame).unwrap() else { panic!() };
+        prop_assert_eq!((batch.session_id, batch.sequence, batch.interface_id), (5, 6, 7));
+        let back: Vec<Packet> = batch.packets().unwrap().collect();
+        prop_assert_eq!(back.len(), packets.len());
+        for (p, (ts, data, extra, _)) in back.iter().zip(&packets) {
+            prop_assert_eq!(p.timestamp_ns, *ts);
+            prop_assert_eq!(&p.data[..], &data[..]);
+            prop_assert_eq!(p.original_len, data.len() as u32 + extra);
+        }
+    }
+
+    #[test]
+    fn hello_round_trips(host in "\\PC{0,300}", iface in "[a-z0-9.]{1,15}", filter in "\\PC{0,200}", snaplen in 1u32..=MAX_SNAPLEN) {
+        let mut h = hello();
+        h.hostname = host;
+        h.interfaces[0].name = iface;
+        h.interfaces[0].filter = filter;
+        h.interfaces[0].snaplen = snaplen;
+        let Some(Message::Hello(back)) = decode_one(&Message::Hello(h.clone()).to_bytes()).unwrap() else { panic!() };
+        prop_assert!(h.hostname.starts_with(&back.hostname));
+        prop_assert_eq!(&back.interfaces, &h.interfaces);
+    }
+}

@@ -1,0 +1,197 @@
+//! Starting the receiver and sensors as the built binaries, and reading their output with
+//! the reference tools.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{run, workspace_bin, Netns, Proc};
+
+/// A scratch directory, removed on drop.
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(label: &str) -> Result<Self> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("capstream-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+fn argv(ns: Option<&Netns>, program: &Path, args: &[&str]) -> Vec<String> {
+    let program = program.to_string_lossy().into_owned();
+    let mut v = match ns {
+        Some(ns) => ns.command(&program),
+        None => vec![program],
+    };
+    v.extend(args.iter().map(|s| s.to_string()));
+    v
+}
+
+/// A running receiver on 127.0.0.1 (inside `ns` when given).
+pub struct Receiver {
+    pub proc: Proc,
+    pub addr: String,
+    pub cert: PathBuf,
+    pub fingerprint: String,
+}
+
+impl Receiver {
+    /// Starts `receiver --listen 127.0.0.1:<port> --state-dir <state> <args>` and waits until
+    /// it listens.
+    pub fn start(ns: Option<&Netns>, state: &Path, port: u16, args: &[&str]) -> Result<Self> {
+        Self::start_with_stdout(ns, state, port, args, Stdio::null())
+    }
+
+    pub fn start_with_stdout(
+        ns: Option<&Netns>,
+        state: &Path,
+        port: u16,
+        args: &[&str],
+        stdout: Stdio,
+    ) -> Result<Self> {
+        let addr = format!("127.0.0.1:{port}");
+        let state_arg = state.to_string_lossy().into_owned();
+        let mut all = vec!["--listen", &addr, "--state-dir", &state_arg];
+        all.extend_from_slice(args);
+        let argv = argv(ns, &workspace_bin("receiver"), &all);
+        let mut proc = Proc::start("receiver", &argv, stdout)?;
+        proc.wait_for("listening on", Duration::from_secs(20))?;
+        proc.wait_for("fingerprint", Duration::from_secs(5))?;
+        let log = proc.stderr();
+        let fingerprint = log
+            .split("fingerprint")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .context("no fingerprint in the receiver's log")?
+            .trim_matches(|c: char| !c.is_ascii_hexdigit())
+            .to_string();
+        Ok(Self {
+            proc,
+            addr,
+            cert: state.join("receiver.crt"),
+            fingerprint,
+        })
+    }
+
+    /// SIGTERM and a clean exit.
+    pub fn stop(&mut self) -> Result<()> {
+        self.proc.stop()
+    }
+}
+
+/// Starts `sensor --receiver <addr> --ca <cert> <args>` and waits for its `ready:` line.
+pub fn start_sensor(ns: Option<&Netns>, receiver: &Receiver, args: &[&str]) -> Result<Proc> {
+    let cert = receiver.cert.to_string_lossy().into_owned();
+    let mut all = vec!["--receiver", &receiver.addr, "--ca", &cert];
+    all.extend_from_slice(args);
+    let argv = argv(ns, &workspace_bin("sensor"), &all);
+    let mut proc = Proc::start("sensor", &argv, Stdio::null())?;
+    proc.wait_for("ready:", Duration::from_secs(20))?;
+    Ok(proc)
+}
+
+/// tcpdump capturing live on `iface` inside `ns` into `out`, as a user would run it, with
+/// nanosecond timestamps. Waits until it listens.
+pub fn start_tcpdump(ns: &Netns, iface: &str, filter: &str, out: &Path) -> Result<Proc> {
+    let out = out.to_string_lossy().into_owned();
+    let mut args = vec![
+        "-i",
+        iface,
+        "-s",
+        "262144",
+        "-B",
+        "32768",
+        "-w",
+        &out,
+        "--time-stamp-precision=nano",
+        "--immediate-mode",
+        "-Z",
+        "root",
+    ];
+    if !filter.is_empty() {
+        args.push(filter);
+    }
+    let mut proc = Proc::start(
+        "tcpdump",
+        &argv(Some(ns), Path::new("tcpdump"), &args),
+        Stdio::null(),
+    )?;
+    proc.wait_for("listening on", Duration::from_secs(10))?;
+    Ok(proc)
+}
+
+/// Every packet of a capture file as tcpdump prints it: nanosecond timestamp, decode, and
+/// every byte in hex. Two files with equal dumps hold the same packets, bytes and times.
+pub fn tcpdump_dump(file: &Path, filter: &str) -> Result<Vec<String>> {
+    let file = file.to_string_lossy().into_owned();
+    let mut args = vec![
+        "-r",
+        &file,
+        "-nn",
+        "-tt",
+        "--time-stamp-precision=nano",
+        "-xx",
+    ];
+    if !filter.is_empty() {
+        args.push(filter);
+    }
+    let text = run("tcpdump", &args)?;
+    // One entry per packet: a header line followed by indented hex lines.
+    let mut packets: Vec<String> = Vec::new();
+    for line in text.lines() {
+        if line.starts_with(char::is_whitespace) {
+            match packets.last_mut() {
+                Some(p) => {
+                    p.push('\n');
+                    p.push_str(line);
+                }
+                None => bail!("tcpdump printed hex before any packet"),
+            }
+        } else {
+            packets.push(line.to_string());
+        }
+    }
+    Ok(packets)
+}
+
+/// The number of packets tshark reads from a file; fails if tshark cannot read it.
+pub fn tshark_count(file: &Path) -> Result<usize> {
+    let file = file.to_string_lossy().into_owned();
+    let out = run(
+        "tshark",
+        &["-r", &file, "-n", "-T", "fields", "-e", "frame.number"],
+    )?;
+    Ok(out.lines().filter(|l| !l.trim().is_empty()).count())
+}
+
+/// The filter expressions of `filters-dev.txt` (the first is empty: no filter).
+pub fn dev_filters() -> Result<Vec<String>> {
+    let path = crate::corpus_dir().join("filters-dev.txt");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {}: the shared corpus must sit beside the repository",
+            path.display()
+        )
+    })?;
+    Ok(text.lines().map(|l| l.trim().to_string()).collect())
+}

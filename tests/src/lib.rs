@@ -1,0 +1,56 @@
+//! The test bed: real network namespaces joined by veth pairs, and real processes started in
+//! them. The system tests in `tests/` and `cargo xtask demo` both run on it.
+//!
+//! Nothing here is mocked. Everything it sets up is torn down on drop, including after a
+//! failed assertion.
+
+pub mod capstream;
+mod netns;
+mod process;
+
+pub use netns::{Lab, Netns};
+pub use process::{run, Proc};
+
+use std::path::PathBuf;
+
+/// The directory cargo put this workspace's binaries in (`target/debug` or `target/release`),
+/// found from the running executable so that it follows `CARGO_TARGET_DIR` and the profile.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current executable path");
+    let mut dir = exe
+        .parent()
+        .expect("executable has a directory")
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of one of the workspace's binaries; fails with the command to run when it is missing.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first with `cargo build -p {name}`",
+        path.display()
+    );
+    path
+}
+
+/// The shared test corpus beside the repository (`../shared/corpus`).
+pub fn corpus_dir() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    root.join("../../shared/corpus")
+}
+
+/// Fails unless running as root: namespaces, veth and live capture need it. Tests must fail,
+/// not skip, when they cannot run.
+pub fn require_root() {
+    let uid = run("id", &["-u"]).unwrap_or_default();
+    assert_eq!(
+        uid.trim(),
+        "0",
+        "these tests create network namespaces and capture live: run them as root"
+    );
+}

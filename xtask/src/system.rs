@@ -1,0 +1,85 @@
+//! Installing what a fresh Debian/Ubuntu machine lacks, and running commands.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Debian packages the build, the demo and the tests use, with what needs them.
+const PACKAGES: &[(&str, &str)] = &[
+    ("libpcap-dev", "the sensor's libpcap backend"),
+    ("tcpdump", "reference captures in the tests and the demo"),
+    ("tcpreplay", "replaying traffic onto veth"),
+    ("tshark", "reading the output in the tests and the demo"),
+    ("iproute2", "network namespaces and veth"),
+    ("procps", "sysctl inside the test namespaces"),
+    ("iputils-ping", "live traffic in the demo"),
+    ("gcc-mingw-w64-x86-64", "the Windows build check"),
+];
+
+const RUST_TARGETS: &[&str] = &["x86_64-pc-windows-gnu"];
+
+/// Runs a command, echoing it; fails if it fails.
+pub fn cmd(program: &str, args: &[&str]) -> Result<()> {
+    eprintln!("+ {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !status.success() {
+        bail!("{program} {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn is_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+pub fn require_root() -> Result<()> {
+    let uid = testbed::run("id", &["-u"])?;
+    if uid.trim() != "0" {
+        bail!(
+            "run this as root: it installs packages, creates network namespaces and captures live"
+        );
+    }
+    Ok(())
+}
+
+/// Installs the missing Debian packages and Rust targets, saying what and why.
+pub fn setup() -> Result<()> {
+    require_root()?;
+    let missing: Vec<&(&str, &str)> = PACKAGES.iter().filter(|(p, _)| !is_installed(p)).collect();
+    if !missing.is_empty() {
+        for (p, why) in &missing {
+            eprintln!("xtask: installing {p} (for {why})");
+        }
+        cmd("apt-get", &["update", "-qq"])?;
+        // Non-interactive: tshark asks a debconf question otherwise.
+        let mut args = vec![
+            "DEBIAN_FRONTEND=noninteractive",
+            "apt-get",
+            "install",
+            "-y",
+            "-qq",
+        ];
+        args.extend(missing.iter().map(|(p, _)| *p));
+        cmd("env", &args)?;
+    }
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
+    let installed = installed
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for target in RUST_TARGETS {
+        if !installed.lines().any(|l| l.trim() == *target) {
+            eprintln!("xtask: adding rust target {target} (for the Windows build check)");
+            cmd("rustup", &["target", "add", target])?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! `cargo xtask test`: every check CI runs, in the order that fails fastest.
+
+use anyhow::Result;
+
+use crate::system::{cmd, setup};
+
+pub fn run() -> Result<()> {
+    setup()?;
+    cmd("cargo", &["fmt", "--all", "--", "--check"])?;
+    cmd(
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    cmd(
+        "cargo",
+        &[
+            "check",
+            "-p",
+            "sensor",
+            "-p",
+            "receiver",
+            "--target",
+            "x86_64-pc-windows-gnu",
+        ],
+    )?;
+    cmd("cargo", &["build", "--workspace", "--bins"])?;
+    // One test at a time: the system tests replay traffic and compare with tcpdump, and
+    // two replays at once on a 2-core machine could make the reference drop packets.
+    cmd("cargo", &["test", "--workspace", "--", "--test-threads=1"])
+}
