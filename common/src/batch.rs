@@ -105,6 +105,13 @@ impl BatchBuilder {
         PushOutcome::Added
     }
 
+    /// Discards the accumulated packets without encoding them (the caller counts them as
+    /// dropped).
+    pub fn clear(&mut self) {
+        self.records.clear();
+        self.count = 0;
+    }
+
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
@@ -138,8 +145,7 @@ impl BatchBuilder {
         frame.put_u8(encoding as u8);
         frame.put_slice(body);
         let packets = self.count;
-        self.records.clear();
-        self.count = 0;
+        self.clear();
         EncodedBatch {
             frame: frame.freeze(),
             packets,
@@ -242,6 +248,14 @@ fn validate_records(mut records: &[u8], expected: u32) -> Result<(), DecodeError
 pub struct PacketIter {
     records: Bytes,
     remaining: u32,
+}
+
+impl PacketIter {
+    /// Bytes of records not yet iterated: the whole decompressed body before the first
+    /// `next`.
+    pub fn records_len(&self) -> usize {
+        self.records.len()
+    }
 }
 
 impl Iterator for PacketIter {

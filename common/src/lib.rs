@@ -10,8 +10,11 @@
 //! and ends with [`Goodbye`] or [`ErrorMsg`].
 
 mod batch;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod codec;
 mod message;
+pub mod units;
 
 pub use batch::{BatchBuilder, Direction, EncodedBatch, Packet, PacketIter, PushOutcome};
 pub use codec::DecodeError;
@@ -27,11 +30,12 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// recognised at once rather than misread.
 pub const HELLO_MAGIC: [u8; 4] = *b"CAPS";
 
-/// Largest frame body a peer may send. Bounds memory per connection.
-pub const MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
-
 /// Largest decompressed batch body. A batch must hold at least one full-size packet.
 pub const MAX_BATCH_BODY: usize = 8 * 1024 * 1024;
+
+/// Largest frame body a peer may send: a whole batch stored uncompressed, plus its header
+/// fields. Bounds memory per connection.
+pub const MAX_FRAME_LEN: usize = MAX_BATCH_BODY + 64;
 
 /// Largest snap length a sensor may announce (tcpdump's default and maximum).
 pub const MAX_SNAPLEN: u32 = 262_144;

@@ -1,1 +1,133 @@
-fn main() {}
+//! Capstream receiver: accepts sensors over QUIC + TLS 1.3 and merges their packets, in
+//! timestamp order, into one pcap or pcapng capture.
+//!
+//! Data flows one way: connection tasks (decode, check) → bounded queue → the writer task
+//! (merge → sink).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Parser;
+mod cli;
+mod connection;
+mod merge;
+mod server;
+mod sink;
+mod stats;
+mod tls;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use cli::Cli;
+
+/// A failure of what the user asked for (exit 2) rather than of the run (exit 1).
+#[derive(Debug)]
+struct BadInput(anyhow::Error);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return common::cli::usage_error("receiver", e),
+    };
+    common::cli::init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("receiver: error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("receiver: error: {e:#}");
+            ExitCode::from(if e.is::<BadInput>() { 2 } else { 1 })
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let identity = match (&cli.cert, &cli.key) {
+        (Some(cert), Some(key)) => tls::load(cert, key),
+        _ => tls::load_or_create(&state_dir(&cli)?, &cli.cert_name),
+    }
+    .map_err(BadInput)?;
+    let server_config = tls::server_config(&identity).map_err(BadInput)?;
+    let endpoint = quinn::Endpoint::server(server_config, cli.listen).map_err(|e| {
+        BadInput(anyhow!(
+            "cannot listen on UDP {}: {e} (is another receiver running there?)",
+            cli.listen
+        ))
+    })?;
+    // Opened only once listening works, so a refused start leaves no empty file behind.
+    let sink = sink::open(&cli.out, cli.format())
+        .map_err(|e| BadInput(anyhow!("cannot create {}: {e}", cli.out.display())))?;
+    let bound = endpoint.local_addr().unwrap_or(cli.listen);
+    tracing::info!(
+        "listening on {bound}, writing {:?} as {:?}",
+        cli.out,
+        cli.format()
+    );
+    tracing::info!(
+        "certificate {} SHA-256 fingerprint {}",
+        identity.cert_path.display(),
+        identity.fingerprint()
+    );
+
+    let summaries = server::run(endpoint, sink, cli.reorder_window, shutdown_signal()).await?;
+    tracing::info!("closed {}", cli.out.display());
+    eprintln!("receiver: {} sensor session(s)", summaries.len());
+    for s in &summaries {
+        eprintln!("  {}", s.line());
+    }
+    Ok(())
+}
+
+fn state_dir(cli: &Cli) -> Result<PathBuf> {
+    match &cli.state_dir {
+        Some(dir) => Ok(dir.clone()),
+        None => dirs::data_dir()
+            .map(|d| d.join("capstream"))
+            .context("no per-user data directory here: pass --state-dir"),
+    }
+}
+
+/// SIGINT or SIGTERM (Ctrl-C elsewhere).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

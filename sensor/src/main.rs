@@ -1,1 +1,246 @@
-fn main() {}
+//! Capstream sensor: captures frames matching a tcpdump filter and streams them, batched
+//! and compressed, over QUIC to a receiver.
+//!
+//! Data flows one way: capture (one thread per interface) → batcher (in that thread) →
+//! bounded channel → transport (async, one QUIC stream).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tokio::sync::{mpsc, Notify};
+
+mod batcher;
+mod capture;
+mod cli;
+mod error;
+mod stats;
+mod tls;
+mod transport;
+
+use batcher::{Batcher, Session};
+use capture::{Source, Stopper};
+use cli::Cli;
+use error::{Error, Result};
+use stats::Counters;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return common::cli::usage_error("sensor", e),
+    };
+    common::cli::init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sensor-io")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sensor: error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sensor: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    // Everything the user typed is checked before anything touches the network.
+    let trust = match cli.fingerprint {
+        Some(fp) => tls::Trust::Fingerprint(fp),
+        None => tls::Trust::CaFiles(cli.ca.clone()),
+    };
+    let tls = tls::client_config(&trust)?;
+    let remote = transport::resolve(&cli.receiver).await?;
+    let source = match &cli.read {
+        Some(path) => Source::File(path.clone()),
+        None => Source::Interfaces(cli.iface.clone()),
+    };
+    let opts = capture::Options {
+        snaplen: cli.snaplen,
+        filter: cli.bpf.clone(),
+        exclude: matches!(source, Source::Interfaces(_)).then_some(remote),
+    };
+    let mut backends = capture::open(cli.mode, &source, &opts)?;
+    let counters: Vec<Arc<Counters>> = backends.iter().map(|_| Arc::default()).collect();
+    let stoppers: Vec<Stopper> = backends.iter_mut().map(|b| b.stopper()).collect();
+    let names: Vec<String> = backends.iter().map(|b| b.info().name.clone()).collect();
+    let capturing: Vec<String> = backends
+        .iter()
+        .map(|b| {
+            format!(
+                "{} ({}, filter \"{}\")",
+                b.info().name,
+                b.link_type_name(),
+                b.info().filter
+            )
+        })
+        .collect();
+
+    let session_id: u64 = rand::random();
+    let hostname = gethostname::gethostname().to_string_lossy().into_owned();
+    let hello = common::Hello {
+        version: common::PROTOCOL_VERSION,
+        session_id,
+        sensor_id: cli.sensor_id.clone().unwrap_or_else(|| hostname.clone()),
+        hostname,
+        os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
+        interfaces: backends.iter().map(|b| b.info().clone()).collect(),
+    };
+
+    // Signals are caught from here on: a first one ends the session cleanly.
+    let shutdown = Arc::new(Notify::new());
+    spawn_signal_handler(Arc::clone(&shutdown));
+
+    let mut conn = tokio::select! {
+        conn = transport::connect(remote, cli.tls_name(), tls) => conn?,
+        _ = shutdown.notified() => {
+            return Err(Error::runtime(format!(
+                "interrupted while connecting to receiver {remote}"
+            )))
+        }
+    };
+    conn.send_hello(&hello).await?;
+
+    let queue = usize::try_from(cli.queue).unwrap_or(64);
+    let (tx, rx) = mpsc::channel(queue);
+    let session = Session::new(session_id, tx, cli.batch_size, cli.flush_interval);
+    let mut threads = Vec::with_capacity(backends.len());
+    for (i, backend) in backends.into_iter().enumerate() {
+        let id = u16::try_from(i).map_err(|_| Error::input("too many interfaces"))?;
+        let batcher = Batcher::new(
+            session.clone(),
+            id,
+            Arc::clone(&counters[i]),
+            backend.backpressure(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("capture-{i}"))
+            .spawn(move || backend.run(batcher));
+        match spawned {
+            Ok(handle) => threads.push(handle),
+            Err(e) => {
+                stoppers.iter().for_each(|s| s());
+                return Err(Error::runtime(format!(
+                    "cannot start a capture thread: {e}"
+                )));
+            }
+        }
+    }
+    // The channel closes when the last capture thread drops its sender.
+    drop(session);
+
+    eprintln!(
+        "ready: capturing on {}, streaming to {}",
+        capturing.join(", "),
+        conn.remote
+    );
+
+    let (outcome, result) = conn
+        .stream(transport::StreamInput {
+            session_id,
+            batches: rx,
+            counters: &counters,
+            stoppers: &stoppers,
+            shutdown,
+        })
+        .await;
+
+    // Capture threads end on their own once the channel is gone or they were stopped.
+    let joined = tokio::task::spawn_blocking(move || {
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(Error::runtime("a capture thread panicked")))
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+
+    print_summary(session_id, &names, &counters, &outcome);
+    result?;
+    joined.into_iter().collect::<Result<Vec<()>>>()?;
+    Ok(())
+}
+
+fn print_summary(
+    session_id: u64,
+    names: &[String],
+    counters: &[Arc<Counters>],
+    outcome: &transport::Outcome,
+) {
+    eprintln!(
+        "summary: session {session_id:016x}: {} batches sent, {} acknowledged by the receiver",
+        outcome.batches_sent, outcome.acked
+    );
+    for (name, c) in names.iter().zip(counters) {
+        eprintln!("{}", c.summary_line(name));
+    }
+}
+
+fn spawn_signal_handler(shutdown: Arc<Notify>) {
+    tokio::spawn(async move {
+        let mut signals = match Signals::new() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot catch signals: {e}");
+                return;
+            }
+        };
+        signals.next().await;
+        tracing::info!("signal received: ending the session (again to quit at once)");
+        shutdown.notify_one();
+        signals.next().await;
+        eprintln!("sensor: error: interrupted twice; exiting without flushing (packets lost)");
+        std::process::exit(1);
+    });
+}
+
+/// SIGINT and SIGTERM on unix; Ctrl-C elsewhere.
+struct Signals {
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    #[cfg(unix)]
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {})
+    }
+
+    #[cfg(unix)]
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
+
+    #[cfg(not(unix))]
+    async fn next(&mut self) {
+        if tokio::signal::ctrl_c().await.is_err() {
+            // No console: never signalled.
+            std::future::pending::<()>().await;
+        }
+    }
+}

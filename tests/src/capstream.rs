@@ -140,38 +140,94 @@ pub fn start_tcpdump(ns: &Netns, iface: &str, filter: &str, out: &Path) -> Resul
     Ok(proc)
 }
 
-/// Every packet of a capture file as tcpdump prints it: nanosecond timestamp, decode, and
-/// every byte in hex. Two files with equal dumps hold the same packets, bytes and times.
-pub fn tcpdump_dump(file: &Path, filter: &str) -> Result<Vec<String>> {
-    let file = file.to_string_lossy().into_owned();
-    let mut args = vec![
-        "-r",
-        &file,
-        "-nn",
-        "-tt",
-        "--time-stamp-precision=nano",
-        "-xx",
-    ];
+/// One packet as tcpdump reads it: nanosecond timestamp, original length and bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub timestamp_ns: u128,
+    pub original_len: u32,
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Display for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let head: String = self
+            .data
+            .iter()
+            .take(24)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        write!(
+            f,
+            "t={} len={}/{} {head}..",
+            self.timestamp_ns,
+            self.data.len(),
+            self.original_len
+        )
+    }
+}
+
+/// Every packet of a capture file (pcap or pcapng) as tcpdump reads it, optionally through
+/// a filter: tcpdump re-writes the file as nanosecond pcap, whose records are then split.
+/// Two files with equal records hold the same packets, bytes and times, in the same order.
+pub fn tcpdump_records(file: &Path, filter: &str) -> Result<Vec<Record>> {
+    let scratch = Scratch::new("records")?;
+    let copy = scratch.join("copy.pcap");
+    let (file, copy_arg) = (
+        file.to_string_lossy().into_owned(),
+        copy.to_string_lossy().into_owned(),
+    );
+    let mut args = vec!["-r", &file, "--time-stamp-precision=nano", "-w", &copy_arg];
     if !filter.is_empty() {
         args.push(filter);
     }
-    let text = run("tcpdump", &args)?;
-    // One entry per packet: a header line followed by indented hex lines.
-    let mut packets: Vec<String> = Vec::new();
-    for line in text.lines() {
-        if line.starts_with(char::is_whitespace) {
-            match packets.last_mut() {
-                Some(p) => {
-                    p.push('\n');
-                    p.push_str(line);
-                }
-                None => bail!("tcpdump printed hex before any packet"),
-            }
-        } else {
-            packets.push(line.to_string());
-        }
+    run("tcpdump", &args)?;
+    let bytes = std::fs::read(&copy)?;
+    let u32_at = |at: usize| -> Result<u32> {
+        let b = bytes
+            .get(at..at + 4)
+            .context("truncated pcap written by tcpdump")?;
+        Ok(u32::from_ne_bytes(b.try_into().expect("4 bytes")))
+    };
+    if u32_at(0)? != 0xa1b2_3c4d {
+        bail!("tcpdump did not write a native-order nanosecond pcap");
     }
-    Ok(packets)
+    let mut records = Vec::new();
+    let mut at = 24;
+    while at < bytes.len() {
+        let (secs, nanos, captured, original) = (
+            u32_at(at)?,
+            u32_at(at + 4)?,
+            u32_at(at + 8)?,
+            u32_at(at + 12)?,
+        );
+        let data = bytes
+            .get(at + 16..at + 16 + captured as usize)
+            .context("truncated packet in the pcap written by tcpdump")?;
+        records.push(Record {
+            timestamp_ns: u128::from(secs) * 1_000_000_000 + u128::from(nanos),
+            original_len: original,
+            data: data.to_vec(),
+        });
+        at += 16 + captured as usize;
+    }
+    Ok(records)
+}
+
+/// Where two record lists first differ, for a failure message.
+pub fn first_difference(expected: &[Record], got: &[Record]) -> String {
+    let i = expected
+        .iter()
+        .zip(got)
+        .position(|(a, b)| a != b)
+        .unwrap_or(expected.len().min(got.len()));
+    let show = |r: Option<&Record>| r.map_or("(none)".to_string(), |r| r.to_string());
+    format!(
+        "{} vs {} packets; first difference at packet {i}:\n  expected: {}\n  got:      {}",
+        expected.len(),
+        got.len(),
+        show(expected.get(i)),
+        show(got.get(i))
+    )
 }
 
 /// The number of packets tshark reads from a file; fails if tshark cannot read it.

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use testbed::capstream::{
-    dev_filters, start_sensor, start_tcpdump, tcpdump_dump, tshark_count, Receiver, Scratch,
+    dev_filters, first_difference, start_sensor, start_tcpdump, tcpdump_records, tshark_count,
+    Receiver, Scratch,
 };
 use testbed::{corpus_dir, require_root, Lab};
 
@@ -55,11 +56,13 @@ fn every_dev_filter_captures_exactly_what_tcpdump_captures() {
 
         let tcpdump_log = tcpdump.stderr();
         assert!(
-            tcpdump_log.contains(" 0 packets dropped by kernel"),
+            tcpdump_log
+                .lines()
+                .any(|l| l.trim() == "0 packets dropped by kernel"),
             "the reference dropped packets, so the comparison means nothing: {tcpdump_log}"
         );
-        let expected = tcpdump_dump(&reference, "").unwrap();
-        let got = tcpdump_dump(&out, "").unwrap();
+        let expected = tcpdump_records(&reference, "").unwrap();
+        let got = tcpdump_records(&out, "").unwrap();
         if filter.is_empty() {
             assert_eq!(
                 expected.len(),
@@ -69,18 +72,10 @@ fn every_dev_filter_captures_exactly_what_tcpdump_captures() {
         }
         total_compared += expected.len();
         if expected != got {
-            let first = expected
-                .iter()
-                .zip(&got)
-                .position(|(a, b)| a != b)
-                .unwrap_or(expected.len().min(got.len()));
             failures.push(format!(
-                "filter {filter:?}: tcpdump captured {} packets, capstream wrote {}; first difference at packet {first}:\n  tcpdump:   {}\n  capstream: {}\nsensor log:\n{}",
-                expected.len(),
-                got.len(),
-                expected.get(first).map(|s| s.lines().next().unwrap_or("")).unwrap_or("(none)"),
-                got.get(first).map(|s| s.lines().next().unwrap_or("")).unwrap_or("(none)"),
-                sensor.stderr(),
+                "filter {filter:?}: {}\nsensor log:\n{}",
+                first_difference(&expected, &got),
+                sensor.stderr()
             ));
         }
     }
@@ -129,14 +124,15 @@ fn two_sensors_merge_into_one_time_ordered_file_in_both_formats() {
         });
         settle();
         for s in &mut sensors {
-            s.stop().unwrap();
+            s.stop()
+                .unwrap_or_else(|e| panic!("{e:#}\nreceiver:\n{}", receiver.proc.stderr()));
         }
         receiver.stop().unwrap();
 
         // tcpdump and tshark both read the file, and agree on its size.
-        let dump = tcpdump_dump(&out, "").unwrap();
+        let records = tcpdump_records(&out, "").unwrap();
         assert_eq!(
-            dump.len(),
+            records.len(),
             2 * 7907,
             "{format}: both sensors' packets, nothing lost; receiver log:\n{}",
             receiver.proc.stderr()
@@ -147,19 +143,18 @@ fn two_sensors_merge_into_one_time_ordered_file_in_both_formats() {
             "{format}: tshark reads every packet"
         );
 
-        // One time-ordered stream: nanosecond timestamps never go backwards.
-        let times: Vec<u128> = dump
-            .iter()
-            .map(|p| {
-                let t = p.split_whitespace().next().unwrap();
-                let (s, ns) = t.split_once('.').unwrap();
-                s.parse::<u128>().unwrap() * 1_000_000_000 + ns.parse::<u128>().unwrap()
-            })
+        // One time-ordered stream: timestamps never go backwards.
+        let backwards: Vec<String> = records
+            .windows(2)
+            .enumerate()
+            .filter(|(_, w)| w[1].timestamp_ns < w[0].timestamp_ns)
+            .map(|(i, w)| format!("packet {}: {} after {}", i + 1, w[1], w[0]))
             .collect();
-        let backwards = times.windows(2).filter(|w| w[1] < w[0]).count();
-        assert_eq!(
-            backwards, 0,
-            "{format}: the merged file is not in time order"
+        assert!(
+            backwards.is_empty(),
+            "{format}: the merged file is not in time order:\n{}\nreceiver log:\n{}",
+            backwards.join("\n"),
+            receiver.proc.stderr()
         );
 
         if format == "pcapng" {
@@ -179,4 +174,90 @@ fn two_sensors_merge_into_one_time_ordered_file_in_both_formats() {
             }
         }
     }
+}
+
+#[test]
+fn sensor_on_loopback_never_captures_its_own_traffic() {
+    require_root();
+    let ns = testbed::Netns::new("csself").unwrap();
+    let dir = Scratch::new("self").unwrap();
+    let out = dir.join("lo.pcap");
+    let out_arg = out.to_string_lossy().into_owned();
+    let mut receiver =
+        Receiver::start(Some(&ns), &dir.join("state"), 4433, &["--out", &out_arg]).unwrap();
+    // The sensor streams to 127.0.0.1 over the very interface it captures.
+    let mut sensor = start_sensor(Some(&ns), &receiver, &["--iface", "lo"]).unwrap();
+    ns.exec("ping", &["-c", "3", "-i", "0.2", "-q", "127.0.0.1"])
+        .unwrap();
+    // A quiet link still delivers: the pings reach the file while the sensor runs on,
+    // flushed by time rather than by its stop.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tcpdump_records(&out, "icmp").map_or(0, |r| r.len()) < 6 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pings never reached the receiver while the sensor ran"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sensor.stop().unwrap();
+    receiver.stop().unwrap();
+    let all = tcpdump_records(&out, "").unwrap();
+    let icmp = tcpdump_records(&out, "icmp").unwrap();
+    assert_eq!(icmp.len(), 6, "3 echo requests and 3 replies");
+    assert_eq!(
+        all, icmp,
+        "nothing but the pings, none of the sensor's own QUIC packets"
+    );
+}
+
+#[test]
+fn classic_pcap_refuses_a_second_link_type_and_says_to_use_pcapng() {
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    let dir = Scratch::new("linktype").unwrap();
+    let out = dir.join("one-linktype.pcap");
+    let out_arg = out.to_string_lossy().into_owned();
+    let mut receiver = Receiver::start(
+        Some(&lab.cap),
+        &dir.join("state"),
+        4433,
+        &["--out", &out_arg, "--format", "pcap"],
+    )
+    .unwrap();
+    let mut ethernet =
+        start_sensor(Some(&lab.cap), &receiver, &["--iface", &lab.links[0].1]).unwrap();
+    // "any" captures in Linux cooked mode (LINUX_SLL2), which an Ethernet pcap cannot hold.
+    let sensor = testbed::workspace_bin("sensor")
+        .to_string_lossy()
+        .into_owned();
+    let cert = receiver.cert.to_string_lossy().into_owned();
+    let refused = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.cap.name,
+            &sensor,
+            "--iface",
+            "any",
+            "--receiver",
+            &receiver.addr,
+            "--ca",
+            &cert,
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    let last = stderr.trim().lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("sensor: error:") && last.contains("pcapng"),
+        "the receiver's reason is the sensor's error line: {stderr}"
+    );
+
+    // The first sensor is unaffected, and the file stays valid.
+    lab.replay(0, &corpus(), PPS).unwrap();
+    settle();
+    ethernet.stop().unwrap();
+    receiver.stop().unwrap();
+    assert_eq!(tcpdump_records(&out, "").unwrap().len(), 7907);
 }

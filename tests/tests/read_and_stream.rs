@@ -4,13 +4,14 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use testbed::capstream::{
-    dev_filters, start_sensor, tcpdump_dump, tshark_count, Receiver, Scratch,
+    dev_filters, first_difference, start_sensor, tcpdump_records, tshark_count, Receiver, Record,
+    Scratch,
 };
 use testbed::{corpus_dir, require_root, Netns};
 
 /// What tcpdump itself prints for the corpus under `filter` (offline semantics).
-fn reference(filter: &str) -> Vec<String> {
-    tcpdump_dump(&corpus_dir().join("tcpdump-tests.pcap"), filter).unwrap()
+fn reference(filter: &str) -> Vec<Record> {
+    tcpdump_records(&corpus_dir().join("tcpdump-tests.pcap"), filter).unwrap()
 }
 
 #[test]
@@ -41,15 +42,11 @@ fn read_matches_tcpdump_offline_for_every_dev_filter_in_both_formats() {
         );
         receiver.stop().unwrap();
         let expected = reference(filter);
-        let got = tcpdump_dump(&out, "").unwrap();
-        assert_eq!(
-            got.len(),
-            expected.len(),
-            "filter {filter:?} ({format}): packet count"
-        );
+        let got = tcpdump_records(&out, "").unwrap();
         assert!(
             got == expected,
-            "filter {filter:?} ({format}): packets differ from tcpdump -r"
+            "filter {filter:?} ({format}): {}",
+            first_difference(&expected, &got)
         );
         assert_eq!(
             tshark_count(&out).unwrap(),
@@ -138,7 +135,13 @@ fn fingerprint_pins_the_receiver_and_stdout_streams_to_tcpdump() {
         ok.stderr()
     );
     receiver.stop().unwrap();
-    let got = tcpdump_dump(&dir.join("stdout.pcap"), "").unwrap();
+    let got = tcpdump_records(&dir.join("stdout.pcap"), "").unwrap();
+    let expected = reference("udp");
+    assert!(
+        got == expected,
+        "stdout output differs from tcpdump -r udp: {}",
+        first_difference(&expected, &got)
+    );
     assert_eq!(
         got,
         reference("udp"),
@@ -146,125 +149,103 @@ fn fingerprint_pins_the_receiver_and_stdout_streams_to_tcpdump() {
     );
 }
 
+/// Runs a program that must refuse its arguments: exit code 2, one line naming the problem,
+/// no panic. `timeout` turns a program that wrongly starts running into a failure.
+fn assert_refused(program: &str, args: &[&str], needle: &str) {
+    let bin = testbed::workspace_bin(program);
+    let out = std::process::Command::new("timeout")
+        .arg("20")
+        .arg(&bin)
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{program} {args:?}: exit code; stderr: {stderr}"
+    );
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "{program} {args:?}: one line: {stderr}"
+    );
+    assert!(
+        stderr.contains(needle),
+        "{program} {args:?}: should mention {needle:?}: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "{program} {args:?} panicked: {stderr}"
+    );
+}
+
 #[test]
 fn bad_input_gives_one_line_errors_and_exit_code_2() {
     require_root();
-    let sensor = testbed::workspace_bin("sensor")
-        .to_string_lossy()
-        .into_owned();
-    let receiver = testbed::workspace_bin("receiver")
-        .to_string_lossy()
-        .into_owned();
     let dir = Scratch::new("badinput").unwrap();
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, "not a certificate").unwrap();
-    let ca = ca.to_string_lossy().into_owned();
-    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
-        (
-            &sensor,
-            vec![
-                "--iface",
-                "lo",
-                "--bpf",
-                "port 99999",
-                "--receiver",
-                "127.0.0.1:4433",
-                "--ca",
-                &ca,
-            ],
-            "99999",
-        ),
-        (
-            &sensor,
-            vec![
-                "--iface",
-                "lo",
-                "--bpf",
-                "tcp and and",
-                "--receiver",
-                "127.0.0.1:4433",
-                "--ca",
-                &ca,
-            ],
-            "syntax error",
-        ),
-        (
-            &sensor,
-            vec![
-                "--iface",
-                "nosuchif0",
-                "--receiver",
-                "127.0.0.1:4433",
-                "--ca",
-                &ca,
-            ],
-            "nosuchif0",
-        ),
-        (
-            &sensor,
-            vec!["--iface", "lo", "--receiver", "127.0.0.1:4433"],
-            "--ca",
-        ),
-        (
-            &sensor,
-            vec!["--iface", "lo", "--receiver", "nowhere", "--ca", &ca],
+    let bad_ca = dir.join("ca.pem");
+    std::fs::write(&bad_ca, "not a certificate").unwrap();
+    let bad_ca = bad_ca.to_string_lossy().into_owned();
+    let fp = "ab".repeat(32);
+    let to = ["--receiver", "127.0.0.1:4433", "--fingerprint", fp.as_str()];
+    let sensor = |args: &[&str], needle: &str| {
+        assert_refused("sensor", &[args, &to[..]].concat(), needle);
+    };
+    sensor(&["--iface", "lo", "--bpf", "port 99999"], "99999");
+    sensor(&["--iface", "lo", "--bpf", "tcp and and"], "syntax error");
+    sensor(&["--iface", "nosuchif0"], "nosuchif0");
+    sensor(&["--read", "/nonexistent.pcap"], "nonexistent");
+    sensor(&["--iface", "lo", "--snaplen", "0"], "snaplen");
+    sensor(&["--iface", "lo", "--batch-size", "lots"], "lots");
+    sensor(&["--iface", "lo", "--read", "/x.pcap"], "--read");
+    assert_refused(
+        "sensor",
+        &["--iface", "lo", "--receiver", "127.0.0.1:4433"],
+        "--ca",
+    );
+    assert_refused(
+        "sensor",
+        &[
+            "--iface",
+            "lo",
+            "--receiver",
             "nowhere",
-        ),
-        (
-            &sensor,
-            vec![
-                "--read",
-                "/nonexistent.pcap",
-                "--receiver",
-                "127.0.0.1:4433",
-                "--ca",
-                &ca,
-            ],
-            "nonexistent",
-        ),
-        (
-            &sensor,
-            vec![
-                "--iface",
-                "lo",
-                "--snaplen",
-                "0",
-                "--receiver",
-                "127.0.0.1:4433",
-                "--ca",
-                &ca,
-            ],
-            "snaplen",
-        ),
-        (&receiver, vec!["--format", "pcapx"], "pcapx"),
-        (&receiver, vec!["--reorder-window", "soon"], "soon"),
-        (
-            &receiver,
-            vec!["--listen", "not-an-address"],
-            "not-an-address",
-        ),
-    ];
-    for (bin, args, needle) in cases {
-        // `timeout` turns a program that wrongly starts running into a failure, not a hang.
-        let out = std::process::Command::new("timeout")
-            .arg("20")
-            .arg(bin)
-            .args(&args)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "{args:?}: exit code; stderr: {stderr}"
-        );
-        assert!(
-            stderr.contains(needle),
-            "{args:?}: error should mention {needle:?}: {stderr}"
-        );
-        assert!(
-            !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
-            "{args:?} panicked: {stderr}"
-        );
-    }
+            "--fingerprint",
+            &fp,
+        ],
+        "nowhere",
+    );
+    assert_refused(
+        "sensor",
+        &[
+            "--iface",
+            "lo",
+            "--receiver",
+            "127.0.0.1:4433",
+            "--fingerprint",
+            "xyz",
+        ],
+        "xyz",
+    );
+    assert_refused(
+        "sensor",
+        &[
+            "--iface",
+            "lo",
+            "--receiver",
+            "127.0.0.1:4433",
+            "--ca",
+            &bad_ca,
+        ],
+        "ca.pem",
+    );
+    assert_refused("receiver", &["--format", "pcapx"], "pcapx");
+    assert_refused("receiver", &["--reorder-window", "soon"], "soon");
+    assert_refused(
+        "receiver",
+        &["--listen", "not-an-address"],
+        "not-an-address",
+    );
+    assert_refused("receiver", &["--cert", &bad_ca, "--key", &bad_ca], "ca.pem");
 }

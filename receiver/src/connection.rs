@@ -1,0 +1,374 @@
+//! One sensor connection: reads its stream, checks every frame, passes batches to the
+//! writer and acknowledges what was written. A misbehaving sensor is told why and dropped;
+//! the others carry on.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::{decode_frame, Ack, DecodeError, ErrorCode, ErrorMsg, Goodbye, Message};
+use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::merge::SessionId;
+use crate::writer::{clean, Event};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A sensor must open its stream and say Hello this soon after the handshake.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the peer to read our last words before closing.
+const LINGER: Duration = Duration::from_secs(2);
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Why a session ended early, and what to tell the sensor.
+struct Refusal {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Refusal {
+    fn protocol(e: DecodeError) -> Self {
+        let code = match e {
+            DecodeError::UnsupportedVersion { .. } | DecodeError::BadMagic => ErrorCode::VERSION,
+            _ => ErrorCode::PROTOCOL,
+        };
+        Self {
+            code,
+            message: e.to_string(),
+        }
+    }
+
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// How a session ended.
+enum End {
+    /// Goodbye exchanged: every batch written and acknowledged.
+    Clean,
+    /// The sensor vanished (connection lost or stream ended without Goodbye).
+    Lost(String),
+    Refused(Refusal),
+}
+
+pub async fn connection(
+    incoming: Incoming,
+    session: SessionId,
+    events: mpsc::Sender<Event>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let peer = incoming.remote_address();
+    let handshake = unless_shutdown(
+        &mut shutdown,
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming),
+    );
+    let conn = match handshake.await {
+        None => return,
+        Some(Ok(Ok(conn))) => conn,
+        Some(Ok(Err(e))) => return tracing::warn!("{peer}: handshake failed: {e}"),
+        Some(Err(_)) => return tracing::warn!("{peer}: handshake timed out"),
+    };
+    let stream = unless_shutdown(
+        &mut shutdown,
+        tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()),
+    );
+    let (send, recv) = match stream.await {
+        None => {
+            conn.close(
+                VarInt::from_u32(ErrorCode::SHUTTING_DOWN.0.into()),
+                b"receiver shutting down",
+            );
+            return;
+        }
+        Some(Ok(Ok(streams))) => streams,
+        Some(Ok(Err(e))) => return tracing::warn!("{peer}: closed before opening a stream: {e}"),
+        Some(Err(_)) => {
+            conn.close(
+                VarInt::from_u32(ErrorCode::PROTOCOL.0.into()),
+                b"no stream opened",
+            );
+            return tracing::warn!("{peer}: opened no stream within {HELLO_TIMEOUT:?}");
+        }
+    };
+    let mut s = Session {
+        id: session,
+        peer,
+        send,
+        recv,
+        buf: BytesMut::with_capacity(READ_CHUNK),
+        events,
+        joined: None,
+        left: false,
+        next_sequence: 1,
+    };
+    let end = s.run(shutdown).await;
+    let name = s.joined.clone().unwrap_or_else(|| peer.to_string());
+    if s.joined.is_some() && !s.left {
+        // Whatever happened, what arrived is written and the sensor's counters recorded.
+        let (done, written) = oneshot::channel();
+        if s.events.send(Event::Left { session, done }).await.is_ok() {
+            let _ = written.await;
+        }
+    }
+    match end {
+        End::Clean => {
+            tracing::info!("{name}: left cleanly");
+            let _ = tokio::time::timeout(LINGER, conn.closed()).await;
+        }
+        End::Lost(why) => tracing::warn!("{name}: gone without goodbye: {why}"),
+        End::Refused(r) => {
+            if r.code == ErrorCode::SHUTTING_DOWN {
+                tracing::info!("{name}: told the receiver is shutting down");
+            } else {
+                tracing::warn!("{name}: refused: {}", r.message);
+            }
+            s.say_last(
+                &conn,
+                Message::Error(ErrorMsg {
+                    code: r.code,
+                    message: r.message,
+                }),
+                r.code,
+            )
+            .await;
+        }
+    }
+}
+
+struct Session {
+    id: SessionId,
+    peer: SocketAddr,
+    send: SendStream,
+    recv: RecvStream,
+    buf: BytesMut,
+    events: mpsc::Sender<Event>,
+    /// The sensor's name once its Hello was accepted.
+    joined: Option<String>,
+    /// The writer has already drained this session (after Goodbye).
+    left: bool,
+    /// Batches are numbered 1, 2, 3... across the session's interfaces.
+    next_sequence: u64,
+}
+
+/// Runs `f` unless the receiver starts shutting down first (then `None`).
+async fn unless_shutdown<F: std::future::Future>(
+    shutdown: &mut watch::Receiver<bool>,
+    f: F,
+) -> Option<F::Output> {
+    if *shutdown.borrow() {
+        return None;
+    }
+    tokio::select! {
+        out = f => Some(out),
+        _ = shutdown.changed() => None,
+    }
+}
+
+impl Session {
+    async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> End {
+        let (acks_tx, mut acks) = watch::channel(0u64);
+        let first = tokio::time::timeout(HELLO_TIMEOUT, self.next_message());
+        let Some(first) = unless_shutdown(&mut shutdown, first).await else {
+            return End::Refused(Refusal::new(
+                ErrorCode::SHUTTING_DOWN,
+                "the receiver is shutting down",
+            ));
+        };
+        let hello = match first {
+            Ok(Ok(Some(Message::Hello(h)))) => h,
+            Ok(Ok(Some(other))) => {
+                return End::Refused(Refusal::new(
+                    ErrorCode::PROTOCOL,
+                    format!("expected Hello first, got {:?}", other.message_type()),
+                ))
+            }
+            Ok(Ok(None)) => return End::Lost("stream ended before Hello".into()),
+            Ok(Err(end)) => return end,
+            Err(_) => {
+                return End::Refused(Refusal::new(ErrorCode::PROTOCOL, "no Hello within 10 s"))
+            }
+        };
+        if hello.interfaces.is_empty() {
+            return End::Refused(Refusal::new(
+                ErrorCode::PROTOCOL,
+                "Hello names no interface",
+            ));
+        }
+        let (session_id, interfaces) = (hello.session_id, hello.interfaces.len());
+        let name = format!(
+            "sensor {} ({}, {})",
+            clean(&hello.sensor_id),
+            clean(&hello.hostname),
+            self.peer
+        );
+        let (reply, accepted) = oneshot::channel();
+        let joined = Event::Joined {
+            session: self.id,
+            hello: Box::new(hello),
+            peer: self.peer,
+            acks: acks_tx,
+            reply,
+        };
+        if self.events.send(joined).await.is_err() {
+            return End::Refused(Refusal::new(
+                ErrorCode::SHUTTING_DOWN,
+                "the receiver is shutting down",
+            ));
+        }
+        match accepted.await {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => {
+                return End::Refused(Refusal::new(ErrorCode::UNSUPPORTED_LINK_TYPE, why))
+            }
+            Err(_) => {
+                return End::Refused(Refusal::new(
+                    ErrorCode::SHUTTING_DOWN,
+                    "the receiver is shutting down",
+                ))
+            }
+        }
+        tracing::info!("{name}: joined with {interfaces} interface(s)");
+        self.joined = Some(name);
+
+        loop {
+            let message = tokio::select! {
+                m = self.next_message() => m,
+                _ = acks.changed() => {
+                    let sequence = *acks.borrow_and_update();
+                    if let Err(e) = self.write(Message::Ack(Ack { sequence })).await {
+                        return e;
+                    }
+                    continue;
+                }
+                _ = shutdown.changed() => {
+                    return End::Refused(Refusal::new(ErrorCode::SHUTTING_DOWN, "the receiver is shutting down"));
+                }
+            };
+            let event = match message {
+                Ok(Some(Message::Batch(batch))) => {
+                    if batch.session_id != session_id {
+                        return End::Refused(Refusal::new(
+                            ErrorCode::PROTOCOL,
+                            "batch of another session",
+                        ));
+                    }
+                    if batch.sequence != self.next_sequence {
+                        return End::Refused(Refusal::new(
+                            ErrorCode::PROTOCOL,
+                            format!(
+                                "batch sequence {} where {} was expected (sequences start at 1 and grow by one)",
+                                batch.sequence, self.next_sequence
+                            ),
+                        ));
+                    }
+                    self.next_sequence += 1;
+                    if usize::from(batch.interface_id) >= interfaces {
+                        return End::Refused(Refusal::new(
+                            ErrorCode::PROTOCOL,
+                            format!("batch for interface {} of {interfaces}", batch.interface_id),
+                        ));
+                    }
+                    let packets = match batch.packets() {
+                        Ok(p) => p,
+                        Err(e) => return End::Refused(Refusal::protocol(e)),
+                    };
+                    Event::Batch {
+                        session: self.id,
+                        sequence: batch.sequence,
+                        interface_id: batch.interface_id,
+                        raw_len: packets.records_len(),
+                        packets,
+                        wire_len: batch.body.len(),
+                    }
+                }
+                Ok(Some(Message::Stats(stats))) => Event::Stats {
+                    session: self.id,
+                    stats,
+                },
+                Ok(Some(Message::Goodbye(_))) => return self.goodbye(&mut acks).await,
+                Ok(Some(other)) => {
+                    return End::Refused(Refusal::new(
+                        ErrorCode::PROTOCOL,
+                        format!(
+                            "unexpected {:?} message from a sensor",
+                            other.message_type()
+                        ),
+                    ))
+                }
+                Ok(None) => return End::Lost("stream ended without Goodbye".into()),
+                Err(end) => return end,
+            };
+            // A full queue makes this connection wait, and QUIC flow control slows the
+            // sensor: back-pressure, never a silent drop.
+            if self.events.send(event).await.is_err() {
+                return End::Refused(Refusal::new(
+                    ErrorCode::SHUTTING_DOWN,
+                    "the receiver is shutting down",
+                ));
+            }
+        }
+    }
+
+    /// The sensor is done: once all of it is written, the last Ack and our Goodbye.
+    async fn goodbye(&mut self, acks: &mut watch::Receiver<u64>) -> End {
+        let (done, written) = oneshot::channel();
+        if self
+            .events
+            .send(Event::Left {
+                session: self.id,
+                done,
+            })
+            .await
+            .is_err()
+            || written.await.is_err()
+        {
+            return End::Lost("the receiver stopped".into());
+        }
+        let sequence = *acks.borrow_and_update();
+        for m in [Message::Ack(Ack { sequence }), Message::Goodbye(Goodbye)] {
+            if let Err(e) = self.write(m).await {
+                return e;
+            }
+        }
+        let _ = self.send.finish();
+        self.left = true;
+        End::Clean
+    }
+
+    /// The next whole frame; `Ok(None)` when the stream ended cleanly between frames.
+    async fn next_message(&mut self) -> Result<Option<Message>, End> {
+        loop {
+            match decode_frame(&mut self.buf) {
+                Ok(Some(m)) => return Ok(Some(m)),
+                Ok(None) => {}
+                Err(e) => return Err(End::Refused(Refusal::protocol(e))),
+            }
+            match self.recv.read_chunk(READ_CHUNK, true).await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(None) if self.buf.is_empty() => return Ok(None),
+                Ok(None) => return Err(End::Lost("stream ended inside a message".into())),
+                Err(e) => return Err(End::Lost(e.to_string())),
+            }
+        }
+    }
+
+    async fn write(&mut self, m: Message) -> Result<(), End> {
+        self.send
+            .write_all(&m.to_bytes())
+            .await
+            .map_err(|e| End::Lost(e.to_string()))
+    }
+
+    /// Sends a final message and gives the peer a moment to read it before closing.
+    async fn say_last(&mut self, conn: &Connection, m: Message, code: ErrorCode) {
+        if self.write(m).await.is_ok() {
+            let _ = self.send.finish();
+            let _ = tokio::time::timeout(LINGER, conn.closed()).await;
+        }
+        conn.close(VarInt::from_u32(code.0.into()), b"");
+    }
+}

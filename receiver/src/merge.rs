@@ -1,0 +1,530 @@
+//! Puts the packets of all sensors into one timestamp order, and tracks which batches have
+//! been written so that sensors get acknowledgements.
+//!
+//! Each sensor interface is a source whose packets arrive in capture order. Sources are
+//! merged by their running-maximum timestamp, ties broken by arrival: a source's own order
+//! is kept as captured (even where its clock stepped back), and sources interleave by time.
+//! A held packet is safe to write once every source has sent something at least as new (the
+//! low watermark, as in a k-way merge); a source that has sent nothing yet holds the others. A quiet or slow source must not hold the others back for ever, so a packet
+//! also goes out once it has waited the reorder window, or when held data passes a memory
+//! bound. Packets written after a newer one went out are counted as late.
+//!
+//! No I/O of its own: it writes to the [`Sink`] it is given and reports acknowledgements as
+//! values, so tests drive it with plain calls.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::io;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Direction, PacketIter};
+
+use crate::sink::{OutPacket, Sink};
+
+pub type SessionId = u64;
+
+struct Held {
+    /// The source's running-maximum timestamp at this packet: the merge key.
+    key: u64,
+    timestamp_ns: u64,
+    /// Arrival order: ties in time keep the order they came in.
+    order: u64,
+    arrived: Instant,
+    session: SessionId,
+    sequence: u64,
+    interface: u32,
+    original_len: u32,
+    direction: Direction,
+    data: Bytes,
+}
+
+impl PartialEq for Held {
+    fn eq(&self, other: &Self) -> bool {
+        (self.key, self.order) == (other.key, other.order)
+    }
+}
+impl Eq for Held {}
+impl PartialOrd for Held {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Held {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.key, self.order).cmp(&(other.key, other.order))
+    }
+}
+
+/// What the merge knows of one connected sensor.
+struct Session {
+    /// Output interface index for each of the sensor's interface ids.
+    interfaces: Vec<u32>,
+    /// Running-maximum timestamp per interface; `None` until it sends a packet.
+    newest: Vec<Option<u64>>,
+    /// Packets of each batch not yet written.
+    pending: HashMap<u64, u32>,
+    /// Batches written, above the contiguous `acked`.
+    done: BTreeSet<u64>,
+    acked: u64,
+    ack_changed: bool,
+    /// Said goodbye (or vanished): it sends nothing more, so it no longer holds others.
+    leaving: bool,
+}
+
+/// Per-session totals for the exit summary.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub packets: u64,
+    pub bytes: u64,
+    pub late: u64,
+    /// Written before the merge rules allowed: memory bound, or the sensor's Goodbye.
+    pub forced: u64,
+}
+
+pub struct Merge {
+    window: Duration,
+    max_held_bytes: usize,
+    heap: BinaryHeap<Reverse<Held>>,
+    held_bytes: usize,
+    next_order: u64,
+    /// Merge key of the last packet written.
+    last_written_key: u64,
+    sessions: HashMap<SessionId, Session>,
+    written: HashMap<SessionId, Written>,
+}
+
+impl Merge {
+    pub fn new(window: Duration, max_held_bytes: usize) -> Self {
+        Self {
+            window,
+            max_held_bytes,
+            heap: BinaryHeap::new(),
+            held_bytes: 0,
+            next_order: 0,
+            last_written_key: 0,
+            sessions: HashMap::new(),
+            written: HashMap::new(),
+        }
+    }
+
+    /// A sensor joined; `interfaces` maps its interface ids to output interfaces.
+    pub fn add_session(&mut self, id: SessionId, interfaces: Vec<u32>) {
+        let n = interfaces.len();
+        self.sessions.insert(
+            id,
+            Session {
+                interfaces,
+                newest: vec![None; n],
+                pending: HashMap::new(),
+                done: BTreeSet::new(),
+                acked: 0,
+                ack_changed: false,
+                leaving: false,
+            },
+        );
+        self.written.entry(id).or_default();
+    }
+
+    /// Takes in one batch. The caller has checked the interface id against the Hello.
+    pub fn add_batch(
+        &mut self,
+        session: SessionId,
+        sequence: u64,
+        interface_id: u16,
+        packets: PacketIter,
+        now: Instant,
+    ) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let idx = usize::from(interface_id);
+        let (Some(&interface), Some(newest)) = (s.interfaces.get(idx), s.newest.get_mut(idx))
+        else {
+            return;
+        };
+        let count = packets.len() as u32;
+        for p in packets {
+            let key = newest.map_or(p.timestamp_ns, |n| n.max(p.timestamp_ns));
+            *newest = Some(key);
+            self.held_bytes += p.data.len();
+            self.heap.push(Reverse(Held {
+                key,
+                timestamp_ns: p.timestamp_ns,
+                order: self.next_order,
+                arrived: now,
+                session,
+                sequence,
+                interface,
+                original_len: p.original_len,
+                direction: p.direction,
+                data: p.data,
+            }));
+            self.next_order += 1;
+        }
+        if count == 0 {
+            s.mark_done(sequence);
+        } else {
+            s.pending.insert(sequence, count);
+        }
+    }
+
+    /// Writes every held packet that may go out now.
+    pub fn release(&mut self, now: Instant, sink: &mut dyn Sink) -> io::Result<()> {
+        let watermark = self.watermark();
+        while let Some(Reverse(top)) = self.heap.peek() {
+            let due = self.is_due(top, watermark, now);
+            if !due && self.held_bytes <= self.max_held_bytes {
+                break;
+            }
+            self.write_top(sink, !due)?;
+        }
+        Ok(())
+    }
+
+    /// Writes every held packet of `session`, and everything older than its newest packet,
+    /// so that the session is wholly written now (its sensor said Goodbye and waits for the
+    /// final Ack). Packets that were not due yet are counted as forced.
+    pub fn flush_session(
+        &mut self,
+        session: SessionId,
+        now: Instant,
+        sink: &mut dyn Sink,
+    ) -> io::Result<()> {
+        let watermark = self.watermark();
+        while !self.is_written(session) {
+            let Some(Reverse(top)) = self.heap.peek() else {
+                break;
+            };
+            let due = self.is_due(top, watermark, now);
+            self.write_top(sink, !due)?;
+        }
+        Ok(())
+    }
+
+    fn is_due(&self, p: &Held, watermark: Option<u64>, now: Instant) -> bool {
+        watermark.is_some_and(|w| p.key <= w)
+            || now.saturating_duration_since(p.arrived) >= self.window
+    }
+
+    /// The sensor sends nothing more. Its held packets still go out in order, by the usual
+    /// rules; [`Self::is_written`] tells when they all have.
+    pub fn leave(&mut self, session: SessionId) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.leaving = true;
+        }
+    }
+
+    /// Whether every batch the session sent has been written.
+    pub fn is_written(&self, session: SessionId) -> bool {
+        self.sessions
+            .get(&session)
+            .is_none_or(|s| s.pending.is_empty())
+    }
+
+    /// Forgets a session once it is written.
+    pub fn remove_session(&mut self, session: SessionId) {
+        self.sessions.remove(&session);
+    }
+
+    /// Writes everything held: at shutdown.
+    pub fn drain_all(&mut self, sink: &mut dyn Sink) -> io::Result<()> {
+        while !self.heap.is_empty() {
+            self.write_top(sink, false)?;
+        }
+        Ok(())
+    }
+
+    /// Sessions whose contiguous acknowledged sequence moved since the last call.
+    pub fn take_acks(&mut self) -> Vec<(SessionId, u64)> {
+        let mut out = Vec::new();
+        for (id, s) in &mut self.sessions {
+            if std::mem::take(&mut s.ack_changed) {
+                out.push((*id, s.acked));
+            }
+        }
+        out
+    }
+
+    pub fn acked(&self, session: SessionId) -> u64 {
+        self.sessions.get(&session).map_or(0, |s| s.acked)
+    }
+
+    pub fn written(&self, session: SessionId) -> Written {
+        self.written.get(&session).copied().unwrap_or_default()
+    }
+
+    #[cfg(test)]
+    pub fn held_packets(&self) -> usize {
+        self.heap.len()
+    }
+
+    /// The lowest running-maximum timestamp over the sources still sending: none of them
+    /// will send anything older. `None` while one of them has sent nothing yet, as it might
+    /// still send anything (the reorder window bounds that wait). With no source left,
+    /// nothing can come that belongs before what is held.
+    fn watermark(&self) -> Option<u64> {
+        let mut low = u64::MAX;
+        for s in self.sessions.values().filter(|s| !s.leaving) {
+            for newest in &s.newest {
+                low = low.min((*newest)?);
+            }
+        }
+        Some(low)
+    }
+
+    fn write_top(&mut self, sink: &mut dyn Sink, forced: bool) -> io::Result<()> {
+        let Some(Reverse(p)) = self.heap.pop() else {
+            return Ok(());
+        };
+        self.held_bytes -= p.data.len();
+        sink.write_packet(&OutPacket {
+            interface: p.interface,
+            timestamp_ns: p.timestamp_ns,
+            original_len: p.original_len,
+            direction: p.direction,
+            data: &p.data,
+        })?;
+        let w = self.written.entry(p.session).or_default();
+        w.packets += 1;
+        w.bytes += p.data.len() as u64;
+        w.forced += u64::from(forced);
+        if p.key < self.last_written_key {
+            w.late += 1;
+        } else {
+            self.last_written_key = p.key;
+        }
+        if let Some(s) = self.sessions.get_mut(&p.session) {
+            if let Some(left) = s.pending.get_mut(&p.sequence) {
+                *left -= 1;
+                if *left == 0 {
+                    s.pending.remove(&p.sequence);
+                    s.mark_done(p.sequence);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Session {
+    fn mark_done(&mut self, sequence: u64) {
+        self.done.insert(sequence);
+        while self.done.remove(&(self.acked + 1)) {
+            self.acked += 1;
+            self.ack_changed = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::{Sink, SinkInterface};
+    use common::{BatchBuilder, InterfaceStats, Message};
+
+    /// Records what would be written.
+    #[derive(Default)]
+    struct Recorder(Vec<(u32, u64)>);
+
+    impl Sink for Recorder {
+        fn check(&self, _: &[SinkInterface]) -> Result<(), String> {
+            Ok(())
+        }
+        fn add_interface(&mut self, _: &SinkInterface) -> io::Result<u32> {
+            Ok(0)
+        }
+        fn write_packet(&mut self, p: &OutPacket) -> io::Result<()> {
+            self.0.push((p.interface, p.timestamp_ns));
+            Ok(())
+        }
+        fn write_stats(&mut self, _: u32, _: &InterfaceStats) -> io::Result<()> {
+            Ok(())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn packets(times: &[u64]) -> PacketIter {
+        let mut b = BatchBuilder::new(1 << 20);
+        for &t in times {
+            let _ = b.push(t, 60, Direction::Unknown, &[0u8; 60]);
+        }
+        let frame = b.finish(1, 1, 0).frame;
+        let mut buf = bytes::BytesMut::from(&frame[..]);
+        match common::decode_frame(&mut buf) {
+            Ok(Some(Message::Batch(batch))) => batch.packets().unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    const WINDOW: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn two_sources_come_out_in_time_order() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, usize::MAX);
+        let mut out = Recorder::default();
+        m.add_session(1, vec![0]);
+        m.add_session(2, vec![1]);
+        m.add_batch(1, 1, 0, packets(&[10, 30, 50]), t0);
+        m.release(t0, &mut out).unwrap();
+        assert!(
+            out.0.is_empty(),
+            "session 2 has sent nothing yet: hold everything"
+        );
+        m.add_batch(2, 1, 0, packets(&[20, 40]), t0);
+        m.release(t0, &mut out).unwrap();
+        assert_eq!(out.0, [(0, 10), (1, 20), (0, 30), (1, 40)]);
+        assert_eq!(m.take_acks(), [(2, 1)]);
+        m.add_batch(2, 2, 0, packets(&[60]), t0);
+        m.release(t0, &mut out).unwrap();
+        assert_eq!(out.0[4..], [(0, 50)]);
+        let mut acks = m.take_acks();
+        acks.sort();
+        assert_eq!(acks, [(1, 1)]);
+    }
+
+    #[test]
+    fn a_source_keeps_its_own_order_when_its_clock_steps_back() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, usize::MAX);
+        let mut out = Recorder::default();
+        m.add_session(1, vec![0]);
+        m.add_session(2, vec![1]);
+        m.add_batch(1, 1, 0, packets(&[10, 40, 20, 50]), t0);
+        m.add_batch(2, 1, 0, packets(&[30, 45, 60]), t0);
+        m.release(t0, &mut out).unwrap();
+        // Source 0 as captured (40 before 20); source 1 interleaved by running maximum.
+        assert_eq!(
+            out.0,
+            [(0, 10), (1, 30), (0, 40), (0, 20), (1, 45), (0, 50)]
+        );
+        assert_eq!((m.written(1).late, m.written(2).late), (0, 0));
+    }
+
+    #[test]
+    fn a_quiet_source_holds_others_only_for_the_window() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, usize::MAX);
+        let mut out = Recorder::default();
+        m.add_session(1, vec![0]);
+        m.add_session(2, vec![1]);
+        m.add_batch(2, 1, 0, packets(&[5]), t0);
+        m.add_batch(1, 1, 0, packets(&[10, 20]), t0);
+        m.release(t0, &mut out).unwrap();
+        assert_eq!(out.0, [(1, 5)]);
+        m.release(t0 + WINDOW / 2, &mut out).unwrap();
+        assert_eq!(out.0.len(), 1);
+        m.release(t0 + WINDOW, &mut out).unwrap();
+        assert_eq!(out.0, [(1, 5), (0, 10), (0, 20)]);
+    }
+
+    #[test]
+    fn late_packets_are_written_and_counted() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(Duration::ZERO, usize::MAX);
+        let mut out = Recorder::default();
+        m.add_session(1, vec![0]);
+        m.add_session(2, vec![1]);
+        m.add_batch(1, 1, 0, packets(&[100]), t0);
+        m.release(t0, &mut out).unwrap();
+        m.add_batch(2, 1, 0, packets(&[50]), t0);
+        m.release(t0, &mut out).unwrap();
+        assert_eq!(out.0, [(0, 100), (1, 50)]);
+        assert_eq!(m.written(2).late, 1);
+        assert_eq!(m.written(1).late, 0);
+    }
+
+    #[test]
+    fn memory_bound_forces_packets_out() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, 100);
+        let mut out = Recorder::default();
+        m.add_session(1, vec![0]);
+        m.add_session(2, vec![1]);
+        m.add_batch(1, 1, 0, packets(&[1, 2, 3]), t0);
+        m.release(t0, &mut out).unwrap();
+        assert_eq!(
+            out.0.len(),
+            2,
+            "180 bytes held, bound 100: oldest go until under it"
+        );
+        assert_eq!(m.held_packets(), 1);
+    }
+
+    #[test]
+    fn a_leaving_session_no_longer_holds_others_and_is_written_in_order() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, usize::MAX);
+        let mut out = Recorder::default();
+        m.add_session(1, vec![0]);
+        m.add_session(2, vec![1]);
+        m.add_batch(1, 1, 0, packets(&[10]), t0);
+        m.add_batch(1, 2, 0, packets(&[]), t0);
+        m.add_batch(1, 3, 0, packets(&[30]), t0);
+        m.add_batch(2, 1, 0, packets(&[20]), t0);
+        m.release(t0, &mut out).unwrap();
+        assert_eq!(out.0, [(0, 10), (1, 20)]);
+        // Session 1 leaves; session 2 still has packets older than 30 on their way.
+        m.leave(1);
+        m.release(t0, &mut out).unwrap();
+        assert!(
+            !m.is_written(1),
+            "30 waits: session 2 may still send older packets"
+        );
+        m.add_batch(2, 2, 0, packets(&[25, 35]), t0);
+        m.release(t0, &mut out).unwrap();
+        // Session 2 is the only one still sending: its own packets go out at once.
+        assert_eq!(out.0[2..], [(1, 25), (0, 30), (1, 35)]);
+        assert!(m.is_written(1));
+        assert_eq!(m.acked(1), 3);
+        m.remove_session(1);
+        assert_eq!((m.written(1).late, m.written(2).late), (0, 0));
+    }
+
+    #[test]
+    fn acks_stay_contiguous_when_batches_finish_out_of_order() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, usize::MAX);
+        let mut out = Recorder::default();
+        // One sensor, two interfaces; batch 2 (eth1) is older than batch 1 (eth0).
+        m.add_session(1, vec![0, 1]);
+        m.add_batch(1, 1, 0, packets(&[50]), t0);
+        m.add_batch(1, 2, 1, packets(&[10]), t0);
+        m.release(t0, &mut out).unwrap();
+        assert_eq!(out.0, [(1, 10)]);
+        assert!(
+            m.take_acks().is_empty(),
+            "batch 2 is written but batch 1 is not"
+        );
+        m.release(t0 + WINDOW, &mut out).unwrap();
+        assert_eq!(m.take_acks(), [(1, 2)]);
+    }
+
+    #[test]
+    fn goodbye_forces_the_whole_session_out_in_order() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, usize::MAX);
+        let mut out = Recorder::default();
+        m.add_session(1, vec![0]);
+        m.add_session(2, vec![1]);
+        m.add_session(3, vec![2]);
+        m.add_batch(1, 1, 0, packets(&[10, 40]), t0);
+        m.add_batch(2, 1, 0, packets(&[20, 50]), t0);
+        m.release(t0, &mut out).unwrap();
+        assert!(out.0.is_empty(), "session 3 has sent nothing: all held");
+        m.leave(1);
+        m.flush_session(1, t0, &mut out).unwrap();
+        // Session 1 is wholly out; session 2's older packet went first to keep the order.
+        assert_eq!(out.0, [(0, 10), (1, 20), (0, 40)]);
+        assert!(m.is_written(1));
+        assert_eq!(m.acked(1), 1);
+        assert_eq!((m.written(1).forced, m.written(2).forced), (2, 1));
+        assert_eq!(m.held_packets(), 1);
+    }
+}

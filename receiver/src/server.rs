@@ -1,0 +1,76 @@
+//! The accept loop, and the wiring of connections to the one writer task.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use quinn::{Endpoint, VarInt};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::connection::connection;
+use crate::merge::SessionId;
+use crate::sink::Sink;
+use crate::stats::SensorSummary;
+use crate::writer::{Event, Writer};
+
+const MAX_CONNECTIONS: usize = 1024;
+/// Batches queued between the connections and the writer.
+const EVENT_QUEUE: usize = 1024;
+
+/// Serves sensors into `sink` until `stop` completes (or the output fails), then tells the
+/// connected sensors, writes out everything held and completes the output.
+pub async fn run(
+    endpoint: Endpoint,
+    sink: Box<dyn Sink>,
+    reorder_window: Duration,
+    stop: impl Future<Output = ()>,
+) -> Result<Vec<SensorSummary>> {
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut writer = tokio::spawn(Writer::new(sink, reorder_window).run(events_rx));
+    let server = tokio::spawn(serve(endpoint, events_tx, shutdown_rx));
+    let result = tokio::select! {
+        _ = stop => {
+            tracing::info!("stopping: telling sensors, writing what is held");
+            let _ = shutdown_tx.send(true);
+            let _ = server.await;
+            writer.await
+        }
+        // The writer only ends early when the output failed.
+        result = &mut writer => {
+            let _ = shutdown_tx.send(true);
+            result
+        }
+    };
+    result.context("the writer task failed")?
+}
+
+/// Accepts sensors until `shutdown` turns true, then waits for their tasks to end.
+pub async fn serve(
+    endpoint: Endpoint,
+    events: mpsc::Sender<Event>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tasks = JoinSet::new();
+    let mut next_session: SessionId = 1;
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                while tasks.try_join_next().is_some() {}
+                if tasks.len() >= MAX_CONNECTIONS {
+                    tracing::warn!("{}: refused: {MAX_CONNECTIONS} sensors already connected", incoming.remote_address());
+                    incoming.refuse();
+                    continue;
+                }
+                let session = next_session;
+                next_session += 1;
+                tasks.spawn(connection(incoming, session, events.clone(), shutdown.clone()));
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    endpoint.close(VarInt::from_u32(0), b"receiver stopped");
+}

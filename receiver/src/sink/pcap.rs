@@ -1,0 +1,246 @@
+//! Classic pcap with nanosecond timestamps (magic a1b23c4d). It holds one link type, fixed
+//! by the first interface; the header waits for it.
+
+use std::io::{self, Write};
+use std::time::Duration;
+
+use common::InterfaceStats;
+use pcap_file::pcap::{PcapHeader, PcapPacket, PcapTsResolution, PcapWriter};
+use pcap_file::DataLink;
+
+use super::{native_endianness, to_io, OutPacket, Sink, SinkInterface};
+
+/// Link type written when no sensor ever connected: Ethernet, the common case.
+const DEFAULT_LINK_TYPE: u16 = 1;
+
+enum State<W: Write> {
+    /// No interface yet: the link type, and so the header, is unknown.
+    Waiting(W),
+    Writing {
+        writer: PcapWriter<W>,
+        link_type: u16,
+    },
+    /// Between states, or after a failed header write.
+    Broken,
+}
+
+pub struct PcapSink<W: Write> {
+    state: State<W>,
+}
+
+impl<W: Write + Send> PcapSink<W> {
+    pub fn new(out: W) -> Self {
+        Self {
+            state: State::Waiting(out),
+        }
+    }
+
+    /// Writes the header once, for the first link type.
+    fn start(&mut self, link_type: u16) -> io::Result<()> {
+        let out = match std::mem::replace(&mut self.state, State::Broken) {
+            State::Waiting(out) => out,
+            started => {
+                self.state = started;
+                return Ok(());
+            }
+        };
+        let header = PcapHeader {
+            version_major: 2,
+            version_minor: 4,
+            ts_correction: 0,
+            ts_accuracy: 0,
+            snaplen: common::MAX_SNAPLEN,
+            datalink: DataLink::from(u32::from(link_type)),
+            ts_resolution: PcapTsResolution::NanoSecond,
+            endianness: native_endianness(),
+        };
+        let writer = PcapWriter::with_header(out, header).map_err(to_io)?;
+        self.state = State::Writing { writer, link_type };
+        Ok(())
+    }
+}
+
+impl<W: Write + Send> Sink for PcapSink<W> {
+    fn check(&self, interfaces: &[SinkInterface]) -> Result<(), String> {
+        let first = match &self.state {
+            State::Writing { link_type, .. } => Some(*link_type),
+            _ => interfaces.first().map(|i| i.link_type),
+        };
+        let Some(first) = first else { return Ok(()) };
+        match interfaces.iter().find(|i| i.link_type != first) {
+            None => Ok(()),
+            Some(other) => Err(format!(
+                "this receiver writes classic pcap with link type {}; sensor interface '{}' \
+                 has link type {}; restart the receiver with --format pcapng to merge \
+                 different link types",
+                link_type_name(first),
+                other.name,
+                number_and_name(other.link_type)
+            )),
+        }
+    }
+
+    fn add_interface(&mut self, interface: &SinkInterface) -> io::Result<u32> {
+        self.start(interface.link_type)?;
+        Ok(0)
+    }
+
+    fn write_packet(&mut self, packet: &OutPacket) -> io::Result<()> {
+        let State::Writing { writer, .. } = &mut self.state else {
+            return Err(io::Error::other("pcap header not written"));
+        };
+        let ts = pcap_timestamp(packet.timestamp_ns);
+        let p = PcapPacket::new(ts, packet.original_len, packet.data).map_err(to_io)?;
+        writer.write_packet(&p).map(drop).map_err(to_io)
+    }
+
+    fn write_stats(&mut self, _interface: u32, _stats: &InterfaceStats) -> io::Result<()> {
+        // Classic pcap has no place for counters; the exit summary shows them.
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.state {
+            State::Writing { writer, .. } => writer.flush().map_err(to_io),
+            State::Waiting(out) => out.flush(),
+            State::Broken => Ok(()),
+        }
+    }
+
+    fn finish(mut self: Box<Self>) -> io::Result<()> {
+        self.start(DEFAULT_LINK_TYPE)?;
+        self.flush()
+    }
+}
+
+/// Classic pcap keeps seconds in 32 bits: a sensor clock past 2106 is pinned there rather
+/// than stopping the whole output.
+fn pcap_timestamp(ns: u64) -> Duration {
+    let t = Duration::from_nanos(ns);
+    if t.as_secs() > u64::from(u32::MAX) {
+        Duration::new(u64::from(u32::MAX), t.subsec_nanos())
+    } else {
+        t
+    }
+}
+
+/// "EN10MB (1)": libpcap's name where we know it, and the number.
+pub fn link_type_name(link_type: u16) -> String {
+    let name = match link_type {
+        0 => "NULL",
+        1 => "EN10MB",
+        101 => "RAW",
+        105 => "IEEE802_11",
+        113 => "LINUX_SLL",
+        127 => "IEEE802_11_RADIO",
+        228 => "IPV4",
+        229 => "IPV6",
+        276 => "LINUX_SLL2",
+        _ => return format!("{link_type}"),
+    };
+    format!("{name} ({link_type})")
+}
+
+/// "113 (LINUX_SLL)": the number first, as the sensor's interface reports it.
+fn number_and_name(link_type: u16) -> String {
+    match link_type_name(link_type).split_once(' ') {
+        Some((name, _)) => format!("{link_type} ({name})"),
+        None => link_type.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::testing::Shared;
+    use common::Direction;
+    use pcap_file::pcap::PcapReader;
+
+    fn iface(name: &str, link_type: u16) -> SinkInterface {
+        SinkInterface {
+            name: name.into(),
+            link_type,
+            snaplen: 262_144,
+            filter: String::new(),
+            description: String::new(),
+        }
+    }
+
+    #[test]
+    fn writes_nanosecond_pcap_readable_back() {
+        let out = Shared::default();
+        let mut sink = Box::new(PcapSink::new(out.clone()));
+        let idx = sink.add_interface(&iface("h/eth0", 1)).unwrap();
+        // A second interface of the same link type shares the file.
+        assert_eq!(sink.add_interface(&iface("h2/eth1", 1)).unwrap(), 0);
+        for (ts, data) in [
+            (1_700_000_000_123_456_789u64, &[1u8, 2, 3][..]),
+            (1_700_000_001_000_000_001, &[4u8][..]),
+        ] {
+            sink.write_packet(&OutPacket {
+                interface: idx,
+                timestamp_ns: ts,
+                original_len: 60,
+                direction: Direction::Unknown,
+                data,
+            })
+            .unwrap();
+        }
+        sink.finish().unwrap();
+        let bytes = out.bytes();
+        assert_eq!(&bytes[..4], &0xa1b23c4du32.to_ne_bytes());
+        let mut reader = PcapReader::new(&bytes[..]).unwrap();
+        assert_eq!(reader.header().datalink, DataLink::ETHERNET);
+        let first = reader.next_packet().unwrap().unwrap();
+        assert_eq!(first.timestamp().as_nanos(), 1_700_000_000_123_456_789);
+        assert_eq!((first.orig_len(), first.data()), (60, &[1u8, 2, 3][..]));
+        assert!(reader.next_packet().unwrap().is_ok());
+        assert!(reader.next_packet().is_none());
+    }
+
+    #[test]
+    fn refuses_a_second_link_type_and_points_to_pcapng() {
+        let mut sink = PcapSink::new(Shared::default());
+        assert!(sink
+            .check(&[iface("a/eth0", 1), iface("a/any", 276)])
+            .is_err());
+        sink.add_interface(&iface("a/eth0", 1)).unwrap();
+        let err = sink.check(&[iface("b/any", 276)]).unwrap_err();
+        assert!(
+            err.contains("link type EN10MB (1)")
+                && err.contains("link type 276 (LINUX_SLL2)")
+                && err.contains("--format pcapng"),
+            "{err}"
+        );
+        assert!(sink.check(&[iface("b/eth1", 1)]).is_ok());
+    }
+
+    #[test]
+    fn a_clock_past_2106_is_pinned_not_fatal() {
+        let out = Shared::default();
+        let mut sink = Box::new(PcapSink::new(out.clone()));
+        sink.add_interface(&iface("h/eth0", 1)).unwrap();
+        sink.write_packet(&OutPacket {
+            interface: 0,
+            timestamp_ns: u64::MAX,
+            original_len: 1,
+            direction: Direction::Unknown,
+            data: &[0],
+        })
+        .unwrap();
+        sink.finish().unwrap();
+        let bytes = out.bytes();
+        let mut reader = PcapReader::new(&bytes[..]).unwrap();
+        let p = reader.next_packet().unwrap().unwrap();
+        assert_eq!(p.timestamp().as_secs(), u64::from(u32::MAX));
+    }
+
+    #[test]
+    fn an_empty_capture_is_still_a_valid_file() {
+        let out = Shared::default();
+        Box::new(PcapSink::new(out.clone())).finish().unwrap();
+        let bytes = out.bytes();
+        let mut reader = PcapReader::new(&bytes[..]).unwrap();
+        assert!(reader.next_packet().is_none());
+    }
+}

@@ -1,0 +1,205 @@
+//! pcapng: one Interface Description Block per sensor interface, Enhanced Packet Blocks
+//! with the direction in epb_flags, and Interface Statistics Blocks with each sensor's
+//! counters.
+
+use std::borrow::Cow;
+use std::io::{self, Write};
+use std::time::{Duration, SystemTime};
+
+use common::{Direction, DropReason, InterfaceStats};
+use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption};
+use pcap_file::pcapng::blocks::interface_description::{
+    InterfaceDescriptionBlock, InterfaceDescriptionOption, InterfaceTsResolution,
+};
+use pcap_file::pcapng::blocks::interface_statistics::{
+    InterfaceStatisticsBlock, InterfaceStatisticsOption,
+};
+use pcap_file::pcapng::blocks::section_header::{SectionHeaderBlock, SectionHeaderOption};
+use pcap_file::pcapng::PcapNgWriter;
+use pcap_file::DataLink;
+
+use super::{native_endianness, to_io, OutPacket, Sink, SinkInterface};
+
+pub struct PcapNgSink<W: Write> {
+    writer: PcapNgWriter<W>,
+    interfaces: u32,
+}
+
+impl<W: Write + Send> PcapNgSink<W> {
+    pub fn new(out: W) -> io::Result<Self> {
+        let section = SectionHeaderBlock {
+            endianness: native_endianness(),
+            options: vec![SectionHeaderOption::UserApplication(Cow::Borrowed(
+                concat!("Capstream receiver ", env!("CARGO_PKG_VERSION")),
+            ))],
+            ..SectionHeaderBlock::default()
+        };
+        let writer = PcapNgWriter::with_section_header(out, section).map_err(to_io)?;
+        Ok(Self {
+            writer,
+            interfaces: 0,
+        })
+    }
+}
+
+impl<W: Write + Send> Sink for PcapNgSink<W> {
+    fn check(&self, _interfaces: &[SinkInterface]) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn add_interface(&mut self, interface: &SinkInterface) -> io::Result<u32> {
+        let mut options = vec![
+            InterfaceDescriptionOption::IfName(Cow::Borrowed(&interface.name)),
+            InterfaceDescriptionOption::IfDescription(Cow::Borrowed(&interface.description)),
+            InterfaceDescriptionOption::IfTsResol(InterfaceTsResolution::NANO),
+        ];
+        if !interface.filter.is_empty() {
+            // if_filter: a first octet of 0 says "libpcap filter string".
+            let mut filter = Vec::with_capacity(interface.filter.len() + 1);
+            filter.push(0);
+            filter.extend_from_slice(interface.filter.as_bytes());
+            options.push(InterfaceDescriptionOption::IfFilter(Cow::Owned(filter)));
+        }
+        let idb = InterfaceDescriptionBlock {
+            linktype: DataLink::from(u32::from(interface.link_type)),
+            snaplen: interface.snaplen,
+            options,
+        };
+        self.writer.write_pcapng_block(idb).map_err(to_io)?;
+        self.interfaces += 1;
+        Ok(self.interfaces - 1)
+    }
+
+    fn write_packet(&mut self, packet: &OutPacket) -> io::Result<()> {
+        let flags = match packet.direction {
+            Direction::Unknown => None,
+            Direction::Inbound => Some(1),
+            Direction::Outbound => Some(2),
+        };
+        let epb = EnhancedPacketBlock {
+            interface_id: packet.interface,
+            // 64-bit nanoseconds: every u64 value fits.
+            timestamp: Duration::from_nanos(packet.timestamp_ns),
+            original_len: packet.original_len,
+            data: Cow::Borrowed(packet.data),
+            // Only packets with a known direction carry an option, so the common case
+            // allocates nothing.
+            options: flags
+                .map(|f| vec![EnhancedPacketOption::Flags(f)])
+                .unwrap_or_default(),
+        };
+        self.writer.write_pcapng_block(epb).map(drop).map_err(to_io)
+    }
+
+    fn write_stats(&mut self, interface: u32, stats: &InterfaceStats) -> io::Result<()> {
+        let kernel = stats
+            .drops
+            .iter()
+            .find(|(r, _)| *r == DropReason::KERNEL_BUFFER)
+            .map_or(0, |(_, n)| *n);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        let isb = InterfaceStatisticsBlock {
+            interface_id: interface,
+            timestamp: now,
+            options: vec![
+                InterfaceStatisticsOption::IsbIfRecv(stats.seen),
+                InterfaceStatisticsOption::IsbIfDrop(stats.dropped()),
+                InterfaceStatisticsOption::IsbFilterAccept(stats.matched),
+                InterfaceStatisticsOption::IsbOsDrop(kernel),
+                InterfaceStatisticsOption::IsbUsrDeliv(stats.delivered),
+            ],
+        };
+        self.writer.write_pcapng_block(isb).map(drop).map_err(to_io)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.writer.get_mut().flush()
+    }
+
+    fn finish(mut self: Box<Self>) -> io::Result<()> {
+        self.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::testing::Shared;
+    use pcap_file::pcapng::{Block, PcapNgReader};
+
+    fn iface(name: &str, link_type: u16, filter: &str) -> SinkInterface {
+        SinkInterface {
+            name: name.into(),
+            link_type,
+            snaplen: 262_144,
+            filter: filter.into(),
+            description: "sensor s1 on h (linux)".into(),
+        }
+    }
+
+    #[test]
+    fn interfaces_packets_and_stats_read_back() {
+        let out = Shared::default();
+        let mut sink = Box::new(PcapNgSink::new(out.clone()).unwrap());
+        let a = sink.add_interface(&iface("h1/eth0", 1, "port 53")).unwrap();
+        let b = sink.add_interface(&iface("h2/any", 276, "")).unwrap();
+        assert_eq!((a, b), (0, 1));
+        sink.write_packet(&OutPacket {
+            interface: b,
+            timestamp_ns: 1_700_000_000_000_000_007,
+            original_len: 100,
+            direction: Direction::Outbound,
+            data: &[9u8; 20],
+        })
+        .unwrap();
+        let stats = InterfaceStats {
+            interface_id: 0,
+            seen: 10,
+            matched: 5,
+            delivered: 4,
+            drops: vec![(DropReason::KERNEL_BUFFER, 1)],
+        };
+        sink.write_stats(a, &stats).unwrap();
+        sink.finish().unwrap();
+
+        let bytes = out.bytes();
+        let mut reader = PcapNgReader::new(&bytes[..]).unwrap();
+        let mut names = Vec::new();
+        let mut packets = 0;
+        let mut isbs = 0;
+        while let Some(block) = reader.next_block() {
+            match block.unwrap().0 {
+                Block::InterfaceDescription(idb) => {
+                    for o in &idb.options {
+                        if let InterfaceDescriptionOption::IfName(n) = o {
+                            names.push(n.to_string());
+                        }
+                        if let InterfaceDescriptionOption::IfFilter(f) = o {
+                            assert_eq!(&f[..], b"\0port 53");
+                        }
+                    }
+                }
+                Block::EnhancedPacket(epb) => {
+                    packets += 1;
+                    assert_eq!(epb.interface_id, 1);
+                    assert_eq!(epb.timestamp.as_nanos(), 1_700_000_000_000_000_007);
+                    assert!(epb.options.contains(&EnhancedPacketOption::Flags(2)));
+                }
+                Block::InterfaceStatistics(isb) => {
+                    isbs += 1;
+                    assert!(isb
+                        .options
+                        .contains(&InterfaceStatisticsOption::IsbFilterAccept(5)));
+                    assert!(isb
+                        .options
+                        .contains(&InterfaceStatisticsOption::IsbOsDrop(1)));
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(names, ["h1/eth0", "h2/any"]);
+        assert_eq!((packets, isbs), (1, 1));
+    }
+}

@@ -1,0 +1,64 @@
+//! The exit summary: one line per sensor session.
+
+use common::{DropReason, Stats};
+
+use crate::merge::Written;
+
+/// One sensor's line in the exit summary.
+pub struct SensorSummary {
+    pub label: String,
+    pub written: Written,
+    pub batches: u64,
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+    pub stats: Option<Stats>,
+}
+
+impl SensorSummary {
+    /// `sensor s1 (host, peer): 7907 packets, 1.6 MB, 7 batches, compression 3.28x, dropped 0`
+    pub fn line(&self) -> String {
+        let ratio = if self.wire_bytes > 0 {
+            self.raw_bytes as f64 / self.wire_bytes as f64
+        } else {
+            1.0
+        };
+        let mut line = format!(
+            "{}: {} packets, {} bytes, {} batches, compression {ratio:.2}x",
+            self.label, self.written.packets, self.written.bytes, self.batches
+        );
+        if self.written.forced > 0 {
+            line += &format!(
+                ", {} forced out before the reorder window allowed",
+                self.written.forced
+            );
+        }
+        if self.written.late > 0 {
+            line += &format!(
+                ", {} written late (older than packets already out)",
+                self.written.late
+            );
+        }
+        match &self.stats {
+            Some(stats) => {
+                let mut by_reason: Vec<(DropReason, u64)> = Vec::new();
+                for (reason, n) in stats.interfaces.iter().flat_map(|i| &i.drops) {
+                    match by_reason.iter_mut().find(|(r, _)| r == reason) {
+                        Some((_, total)) => *total += n,
+                        None => by_reason.push((*reason, *n)),
+                    }
+                }
+                let total: u64 = by_reason.iter().map(|(_, n)| n).sum();
+                line += &format!(", dropped by the sensor {total}");
+                if total > 0 {
+                    let parts: Vec<String> = by_reason
+                        .iter()
+                        .map(|(r, n)| format!("{} {n}", r.name()))
+                        .collect();
+                    line += &format!(" ({})", parts.join(", "));
+                }
+            }
+            None => line += ", no statistics received",
+        }
+        line
+    }
+}

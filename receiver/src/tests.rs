@@ -1,0 +1,266 @@
+//! End to end over real QUIC on loopback: a throwaway client speaks the protocol to the
+//! receiver's server, which writes pcapng into memory.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::{
+    decode_frame, BatchBuilder, Direction, DropReason, ErrorCode, Goodbye, Hello, InterfaceInfo,
+    InterfaceStats, Message, Stats,
+};
+use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
+use pcap_file::pcapng::{Block, PcapNgReader};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::{oneshot, Barrier};
+
+use crate::sink::testing::Shared;
+use crate::sink::PcapNgSink;
+use crate::{server, tls};
+
+struct TestServer {
+    addr: SocketAddr,
+    cert: CertificateDer<'static>,
+    stop: oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<anyhow::Result<Vec<crate::stats::SensorSummary>>>,
+    out: Shared,
+}
+
+fn start_server(window: Duration) -> TestServer {
+    let dir = std::env::temp_dir().join(format!(
+        "capstream-receiver-test-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let identity = tls::load_or_create(&dir, &[]).unwrap();
+    let config = tls::server_config(&identity).unwrap();
+    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let out = Shared::default();
+    let sink = Box::new(PcapNgSink::new(out.clone()).unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let done = tokio::spawn(server::run(endpoint, sink, window, async {
+        let _ = stopped.await;
+    }));
+    TestServer {
+        addr,
+        cert: identity.chain[0].clone(),
+        stop,
+        done,
+        out,
+    }
+}
+
+async fn connect(
+    server: &TestServer,
+    alpn: &[u8],
+) -> Result<(quinn::Endpoint, quinn::Connection), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(server.cert.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let conn = endpoint
+        .connect(server.addr, "localhost")
+        .unwrap()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((endpoint, conn))
+}
+
+/// Reads frames until the receiver's Goodbye or Error, or the stream's end.
+async fn read_replies(recv: &mut quinn::RecvStream) -> Vec<Message> {
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    loop {
+        while let Some(m) = decode_frame(&mut buf).unwrap() {
+            let last = matches!(m, Message::Goodbye(_) | Message::Error(_));
+            out.push(m);
+            if last {
+                return out;
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(10), recv.read_chunk(1 << 16, true)).await {
+            Ok(Ok(Some(chunk))) => buf.extend_from_slice(&chunk.bytes),
+            _ => return out,
+        }
+    }
+}
+
+fn hello(session_id: u64, host: &str) -> Hello {
+    Hello {
+        version: common::PROTOCOL_VERSION,
+        session_id,
+        sensor_id: format!("id-{host}"),
+        hostname: host.into(),
+        os: "linux".into(),
+        interfaces: vec![InterfaceInfo {
+            // A control character in the name must not reach the output.
+            name: "eth0\u{1b}[31m".into(),
+            link_type: 1,
+            snaplen: 262_144,
+            filter: "port 53".into(),
+        }],
+    }
+}
+
+/// A well-behaved sensor: Hello, then (after `sync`) two batches of the given timestamps,
+/// Stats and Goodbye. Returns the receiver's replies.
+async fn good_sensor(
+    server: &TestServer,
+    session_id: u64,
+    host: &str,
+    batches: [&[u64]; 2],
+    sync: Arc<Barrier>,
+) -> Vec<Message> {
+    let (_endpoint, conn) = connect(server, common::ALPN).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&Message::Hello(hello(session_id, host)).to_bytes())
+        .await
+        .unwrap();
+    // Both sensors are joined before either sends packets, so that the merge sees both.
+    sync.wait().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut builder = BatchBuilder::new(1 << 16);
+    let mut delivered = 0;
+    for (i, times) in batches.iter().enumerate() {
+        for &t in *times {
+            let _ = builder.push(t, 64, Direction::Inbound, &[t as u8; 42]);
+            delivered += 1;
+        }
+        let batch = builder.finish(session_id, i as u64 + 1, 0);
+        send.write_all(&batch.frame).await.unwrap();
+    }
+    let stats = Stats {
+        session_id,
+        interfaces: vec![InterfaceStats {
+            interface_id: 0,
+            seen: delivered + 3,
+            matched: delivered + 2,
+            delivered,
+            drops: vec![(DropReason::KERNEL_BUFFER, 2)],
+        }],
+    };
+    send.write_all(&Message::Stats(stats).to_bytes())
+        .await
+        .unwrap();
+    // Both have sent their packets before either leaves.
+    sync.wait().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send.write_all(&Message::Goodbye(Goodbye).to_bytes())
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let replies = read_replies(&mut recv).await;
+    conn.close(0u32.into(), b"");
+    replies
+}
+
+/// Sends `bytes` on a stream with the right ALPN and returns the receiver's answer.
+async fn bad_sensor(server: &TestServer, bytes: &[u8]) -> Vec<Message> {
+    let (_endpoint, conn) = connect(server, common::ALPN).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    read_replies(&mut recv).await
+}
+
+fn error_code(replies: &[Message]) -> Option<ErrorCode> {
+    match replies.last() {
+        Some(Message::Error(e)) => Some(e.code),
+        _ => None,
+    }
+}
+
+fn last_ack(replies: &[Message]) -> Option<u64> {
+    replies.iter().rev().find_map(|m| match m {
+        Message::Ack(a) => Some(a.sequence),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_sensors_merge_in_time_order_and_bad_peers_are_refused() {
+    let server = start_server(Duration::from_secs(5));
+    let sync = Arc::new(Barrier::new(2));
+    let mut wrong_version = hello(9, "old");
+    wrong_version.version = common::PROTOCOL_VERSION + 1;
+    let wrong_version = Message::Hello(wrong_version).to_bytes();
+    let (a, b, garbage, old, alpn) = tokio::join!(
+        good_sensor(
+            &server,
+            0xa,
+            "hostA",
+            [&[1000, 3000], &[5000, 7000]],
+            sync.clone()
+        ),
+        good_sensor(&server, 0xb, "hostB", [&[2000, 4000], &[6000, 8000]], sync),
+        bad_sensor(&server, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+        bad_sensor(&server, &wrong_version),
+        connect(&server, b"h3"),
+    );
+    assert_eq!(
+        error_code(&garbage),
+        Some(ErrorCode::PROTOCOL),
+        "{garbage:?}"
+    );
+    assert_eq!(error_code(&old), Some(ErrorCode::VERSION), "{old:?}");
+    assert!(
+        alpn.is_err(),
+        "a peer of another protocol fails the handshake"
+    );
+    for replies in [&a, &b] {
+        assert!(
+            matches!(replies.last(), Some(Message::Goodbye(_))),
+            "{replies:?}"
+        );
+        assert_eq!(last_ack(replies), Some(2), "{replies:?}");
+    }
+
+    server.stop.send(()).unwrap();
+    let summaries = server.done.await.unwrap().unwrap();
+    assert_eq!(summaries.len(), 2);
+    for s in &summaries {
+        assert_eq!((s.written.packets, s.batches), (4, 2), "{}", s.line());
+        assert!(s.line().contains("kernel buffer full 2"), "{}", s.line());
+    }
+
+    let bytes = server.out.bytes();
+    let mut reader = PcapNgReader::new(&bytes[..]).unwrap();
+    let (mut names, mut times, mut isbs) = (Vec::new(), Vec::new(), 0);
+    while let Some(block) = reader.next_block() {
+        match block.unwrap().0 {
+            Block::InterfaceDescription(idb) => {
+                for o in idb.options {
+                    if let InterfaceDescriptionOption::IfName(n) = o {
+                        names.push(n.into_owned());
+                    }
+                }
+            }
+            Block::EnhancedPacket(epb) => times.push(epb.timestamp.as_nanos() as u64),
+            Block::InterfaceStatistics(_) => isbs += 1,
+            _ => {}
+        }
+    }
+    names.sort();
+    assert_eq!(names, ["hostA/eth0[31m", "hostB/eth0[31m"]);
+    assert_eq!(times, [1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000]);
+    assert_eq!(isbs, 2);
+}
+
+#[tokio::test]
+async fn an_idle_receiver_still_writes_a_valid_file() {
+    let server = start_server(Duration::from_secs(1));
+    server.stop.send(()).unwrap();
+    assert!(server.done.await.unwrap().unwrap().is_empty());
+    let bytes = server.out.bytes();
+    let mut reader = PcapNgReader::new(&bytes[..]).unwrap();
+    assert!(reader.next_block().is_none());
+}

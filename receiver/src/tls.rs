@@ -1,0 +1,123 @@
+//! The receiver's certificate: the user's own, or a self-signed one created on first start.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use quinn::crypto::rustls::QuicServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// The certificate in use and where it came from, for the start-up log line.
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub cert_path: PathBuf,
+}
+
+impl Identity {
+    /// SHA-256 of the end-entity certificate, as 64 lowercase hex digits (what
+    /// `sensor --fingerprint` takes).
+    pub fn fingerprint(&self) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, &self.chain[0]);
+        digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Loads `--cert`/`--key`.
+pub fn load(cert: &Path, key: &Path) -> Result<Identity> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("cannot read certificate {}", cert.display()))?;
+    if chain.is_empty() {
+        bail!("{} holds no PEM certificate", cert.display());
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("cannot read private key {}", key.display()))?;
+    Ok(Identity {
+        chain,
+        key: key_der,
+        cert_path: cert.to_path_buf(),
+    })
+}
+
+/// Loads `receiver.crt`/`receiver.key` from `dir`, creating them (self-signed, for
+/// localhost, the loopback addresses, this host's name and `extra_names`) if absent.
+pub fn load_or_create(dir: &Path, extra_names: &[String]) -> Result<Identity> {
+    let cert = dir.join("receiver.crt");
+    let key = dir.join("receiver.key");
+    if !cert.exists() || !key.exists() {
+        create(dir, &cert, &key, extra_names)?;
+        tracing::info!("created a self-signed certificate in {}", dir.display());
+    }
+    load(&cert, &key)
+}
+
+fn create(dir: &Path, cert: &Path, key: &Path, extra_names: &[String]) -> Result<()> {
+    fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    if let Ok(host) = hostname() {
+        names.push(host);
+    }
+    names.extend(extra_names.iter().cloned());
+    names.dedup();
+    let generated = rcgen::generate_simple_self_signed(names)
+        .context("cannot generate a certificate (check --cert-name values)")?;
+    write_private(key, generated.signing_key.serialize_pem().as_bytes())?;
+    fs::write(cert, generated.cert.pem())
+        .with_context(|| format!("cannot write {}", cert.display()))?;
+    Ok(())
+}
+
+fn hostname() -> Result<String> {
+    let name = fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::env::var("COMPUTERNAME"))
+        .context("no hostname")?;
+    Ok(name.trim().to_string())
+}
+
+/// Writes a file only its owner can read: it holds a private key.
+fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(data)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// QUIC server settings: TLS 1.3 with our ALPN only, one stream per sensor, bounded
+/// windows and idle time.
+pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 is unavailable")?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .context("the certificate and key do not match")?;
+    tls.alpn_protocols = vec![common::ALPN.to_vec()];
+    let quic = QuicServerConfig::try_from(tls).context("TLS settings unusable for QUIC")?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(1u8.into())
+        .max_concurrent_uni_streams(0u8.into())
+        .max_idle_timeout(Some(
+            Duration::from_secs(30)
+                .try_into()
+                .expect("30 s is a valid idle timeout"),
+        ))
+        // Room for a few full batches in flight per sensor: throughput on long links.
+        .stream_receive_window((16u32 << 20).into())
+        .receive_window((32u32 << 20).into());
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}

@@ -1,0 +1,144 @@
+//! Capture backends: where packets come from.
+//!
+//! A backend opens its source (activating it and installing the filter, so that every
+//! input error shows up before the sensor connects), describes itself for the Hello, and
+//! then runs on its own thread, feeding a [`Batcher`]. libpcap is the only backend today;
+//! eBPF, TC, XDP and AF_XDP backends will implement the same trait.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use common::InterfaceInfo;
+
+use crate::batcher::{Backpressure, Batcher};
+use crate::error::{Error, Result};
+
+mod pcap;
+
+/// Which backend captures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// The best backend available on this host (today: pcap).
+    Auto,
+    /// libpcap, as tcpdump uses it.
+    Pcap,
+}
+
+/// What to capture from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Interfaces(Vec<String>),
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub snaplen: u32,
+    /// The user's filter expression, as given (empty: everything).
+    pub filter: String,
+    /// The receiver's address, whose traffic live captures must not pick up.
+    pub exclude: Option<SocketAddr>,
+}
+
+/// Makes a running capture return soon; callable from any thread.
+pub type Stopper = Box<dyn Fn() + Send + Sync>;
+
+pub trait CaptureBackend: Send {
+    /// How the capture is announced in the Hello (its filter is the user's text).
+    fn info(&self) -> &InterfaceInfo;
+
+    /// The link type's name, e.g. "EN10MB", for humans.
+    fn link_type_name(&self) -> &str;
+
+    /// Whether a full queue makes this capture wait (replays) or drop (live traffic).
+    fn backpressure(&self) -> Backpressure;
+
+    fn stopper(&mut self) -> Stopper;
+
+    /// Captures until stopped or at the end of the input, then flushes the last batch.
+    fn run(self: Box<Self>, batcher: Batcher) -> Result<()>;
+}
+
+/// Opens one backend per interface (or one for the file).
+pub fn open(mode: Mode, source: &Source, opts: &Options) -> Result<Vec<Box<dyn CaptureBackend>>> {
+    match mode {
+        Mode::Auto | Mode::Pcap => {}
+    }
+    match source {
+        Source::File(path) => Ok(vec![Box::new(pcap::PcapCapture::file(path, opts)?)]),
+        Source::Interfaces(names) => {
+            let mut out: Vec<Box<dyn CaptureBackend>> = Vec::with_capacity(names.len());
+            for (i, name) in names.iter().enumerate() {
+                if names[..i].contains(name) {
+                    return Err(Error::input(format!(
+                        "interface {name} is given twice (name each interface once)"
+                    )));
+                }
+                if names.len() > usize::from(u16::MAX) {
+                    return Err(Error::input("too many interfaces"));
+                }
+                out.push(Box::new(pcap::PcapCapture::live(name, opts)?));
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// The filter a live capture installs: the receiver's own QUIC traffic excluded FIRST, so
+/// that `vlan` or `mpls` in the user's expression keep their meaning (they shift the offsets
+/// of everything after them).
+///
+/// In classic BPF a load past the end of the packet rejects the packet outright, even under
+/// `not`. So every load of the exclusion is guarded by a length test: on a short or
+/// truncated frame the exclusion is simply false, and the user's filter alone decides, as
+/// it does for tcpdump.
+pub fn compose_filter(user: &str, exclude: Option<SocketAddr>) -> String {
+    let user = user.trim();
+    let Some(addr) = exclude else {
+        return user.to_string();
+    };
+    let port = addr.port();
+    let own = match addr.ip().to_canonical() {
+        // Addresses end at byte 34; the UDP ports follow an IPv4 header of ihl*4 bytes.
+        IpAddr::V4(ip) => format!(
+            "not (ip and len >= 34 and udp and host {ip} \
+             and len >= 18 + ((ip[0] & 15) << 2) and udp port {port})"
+        ),
+        // A fixed 40-byte header: addresses and ports end by byte 58.
+        IpAddr::V6(ip) => {
+            format!("not (ip6 and len >= 58 and udp and host {ip} and udp port {port})")
+        }
+    };
+    if user.is_empty() {
+        own
+    } else {
+        format!("{own} and ({user})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_composition() {
+        let v4: SocketAddr = "127.0.0.1:4433".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        let own_v4 = "not (ip and len >= 34 and udp and host 127.0.0.1 \
+                      and len >= 18 + ((ip[0] & 15) << 2) and udp port 4433)";
+        assert_eq!(compose_filter("", None), "");
+        assert_eq!(compose_filter("port 53", None), "port 53");
+        assert_eq!(compose_filter("", Some(v4)), own_v4);
+        assert_eq!(compose_filter("  ", Some(v4)), own_v4);
+        assert_eq!(
+            compose_filter("vlan and port 53", Some(v4)),
+            format!("{own_v4} and (vlan and port 53)")
+        );
+        assert_eq!(
+            compose_filter("tcp or udp", Some(v6)),
+            "not (ip6 and len >= 58 and udp and host 2001:db8::1 and udp port 443) and (tcp or udp)"
+        );
+        let mapped: SocketAddr = "[::ffff:192.0.2.1]:1".parse().unwrap();
+        assert!(compose_filter("", Some(mapped)).contains("host 192.0.2.1 "));
+    }
+}

@@ -1,0 +1,418 @@
+//! The libpcap backend, for live interfaces and capture files.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Direction, InterfaceInfo};
+use pcap::{Activated, Active, Capture, Device, Linktype, Offline, Precision, Stat};
+
+use super::{compose_filter, CaptureBackend, Options, Stopper};
+use crate::batcher::{Backpressure, Batcher};
+use crate::error::{Error, Result};
+
+/// Read timeout: a quiet link still returns to the loop this often, so partial batches
+/// get flushed and a stop request is seen.
+const READ_TIMEOUT_MS: i32 = 50;
+/// Kernel buffer per live capture: room for bursts while a batch is compressed.
+const BUFFER_SIZE: i32 = 8 << 20;
+/// How often libpcap's counters (received, dropped) are read.
+const STATS_EVERY: Duration = Duration::from_secs(1);
+
+const LINKTYPE_LINUX_SLL: i32 = 113;
+const LINKTYPE_LINUX_SLL2: i32 = 276;
+
+enum Handle {
+    Live(Capture<Active>),
+    File(Capture<Offline>),
+}
+
+pub struct PcapCapture {
+    info: InterfaceInfo,
+    link_name: String,
+    link_type: i32,
+    handle: Handle,
+    stop: Arc<AtomicBool>,
+}
+
+impl PcapCapture {
+    pub fn live(name: &str, opts: &Options) -> Result<Self> {
+        let inactive = Capture::from_device(name)
+            .map_err(|e| Error::runtime(format!("cannot open interface {name}: {}", msg(&e))))?;
+        let snaplen = i32::try_from(opts.snaplen).unwrap_or(i32::MAX);
+        let mut cap = inactive
+            .snaplen(snaplen)
+            .timeout(READ_TIMEOUT_MS)
+            .buffer_size(BUFFER_SIZE)
+            .promisc(true)
+            .precision(Precision::Nano)
+            .open()
+            .map_err(|e| open_error(name, &e))?;
+        // The filter is compiled on the activated handle: only then does libpcap know the
+        // link type, and `vlan` gets its live-capture meaning.
+        check_user_filter(&cap, &opts.filter)?;
+        let filter = compose_filter(&opts.filter, opts.exclude);
+        cap.filter(&filter, true).map_err(|e| {
+            Error::input(format!(
+                "invalid filter \"{filter}\": {} (check the --bpf expression)",
+                msg(&e)
+            ))
+        })?;
+        let link_type = cap.get_datalink().0;
+        // See WaitForPackets: on Unix, reads never block; the capture thread waits itself.
+        #[cfg(unix)]
+        let cap = cap.setnonblock().map_err(|e| {
+            Error::runtime(format!("cannot read {name} without blocking: {}", msg(&e)))
+        })?;
+        Self::build(name, link_type, opts, Handle::Live(cap))
+    }
+
+    pub fn file(path: &Path, opts: &Options) -> Result<Self> {
+        let shown = path.display().to_string();
+        if path.to_str().is_none() {
+            return Err(Error::input(format!(
+                "cannot read {shown}: the path is not valid UTF-8 (rename the file)"
+            )));
+        }
+        let mut cap = Capture::from_file_with_precision(path, Precision::Nano)
+            .map_err(|e| file_error(&shown, &msg(&e)))?;
+        check_user_filter(&cap, &opts.filter)?;
+        // A file holds no traffic of this sensor: the user's filter alone applies.
+        cap.filter(opts.filter.trim(), true).map_err(|e| {
+            Error::input(format!(
+                "invalid filter \"{}\": {}",
+                opts.filter.trim(),
+                msg(&e)
+            ))
+        })?;
+        let link_type = cap.get_datalink().0;
+        Self::build(&shown, link_type, opts, Handle::File(cap))
+    }
+
+    fn build(name: &str, link_type: i32, opts: &Options, handle: Handle) -> Result<Self> {
+        let link = u16::try_from(link_type).map_err(|_| {
+            Error::runtime(format!("{name} has an unsupported link type {link_type}"))
+        })?;
+        let link_name = Linktype(link_type)
+            .get_name()
+            .unwrap_or_else(|_| format!("LINKTYPE {link_type}"));
+        Ok(Self {
+            info: InterfaceInfo {
+                name: name.to_string(),
+                link_type: link,
+                snaplen: opts.snaplen,
+                filter: opts.filter.trim().to_string(),
+            },
+            link_name,
+            link_type,
+            handle,
+            stop: Arc::new(AtomicBool::new(false)),
+        })
+    }
+}
+
+impl CaptureBackend for PcapCapture {
+    fn info(&self) -> &InterfaceInfo {
+        &self.info
+    }
+
+    fn link_type_name(&self) -> &str {
+        &self.link_name
+    }
+
+    fn backpressure(&self) -> Backpressure {
+        match self.handle {
+            Handle::Live(_) => Backpressure::Drop,
+            Handle::File(_) => Backpressure::Wait,
+        }
+    }
+
+    fn stopper(&mut self) -> Stopper {
+        let stop = Arc::clone(&self.stop);
+        // breakloop wakes a live read blocked in the kernel; the flag covers the gap
+        // between reads and files, which never block.
+        let brk = match &mut self.handle {
+            Handle::Live(cap) => Some(cap.breakloop_handle()),
+            Handle::File(_) => None,
+        };
+        Box::new(move || {
+            stop.store(true, Relaxed);
+            if let Some(b) = &brk {
+                b.breakloop();
+            }
+        })
+    }
+
+    fn run(self: Box<Self>, mut batcher: Batcher) -> Result<()> {
+        let Self {
+            info,
+            link_type,
+            handle,
+            stop,
+            ..
+        } = *self;
+        let pump = Pump {
+            name: &info.name,
+            snaplen: info.snaplen as usize,
+            link_type,
+            stop: &stop,
+        };
+        let result = match handle {
+            Handle::Live(mut cap) => {
+                let mut stats = LiveStats::default();
+                let r = pump.run(&mut cap, &mut batcher, Some(&mut stats));
+                // Last counters before the final Stats frame.
+                stats.poll(&mut cap, &batcher);
+                r
+            }
+            Handle::File(mut cap) => pump.run(&mut cap, &mut batcher, None),
+        };
+        // The transport may already be gone (connection lost): nothing left to do then.
+        let _ = batcher.finish();
+        result
+    }
+}
+
+struct Pump<'a> {
+    name: &'a str,
+    snaplen: usize,
+    link_type: i32,
+    stop: &'a AtomicBool,
+}
+
+/// Waiting for packets between non-blocking reads.
+///
+/// libpcap on Linux never returns on its read timeout while a link is idle (it polls
+/// again), so a partial batch would wait for the next packet however long that takes. Live
+/// handles therefore read non-blocking on Unix and wait here, at most one read timeout, so
+/// that quiet links still flush.
+trait WaitForPackets {
+    fn wait_for_packets(&self);
+}
+
+impl WaitForPackets for Capture<Active> {
+    #[cfg(unix)]
+    fn wait_for_packets(&self) {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let mut fds = [PollFd::new(self, PollFlags::IN)];
+        let timeout = Timespec {
+            tv_sec: 0,
+            tv_nsec: i64::from(READ_TIMEOUT_MS) * 1_000_000,
+        };
+        // An error (EINTR) only means an earlier look at the stop flag and the batch.
+        let _ = poll(&mut fds, Some(&timeout));
+    }
+
+    /// Npcap returns on its read timeout: the blocking read already waited.
+    #[cfg(not(unix))]
+    fn wait_for_packets(&self) {}
+}
+
+/// A file never waits.
+impl WaitForPackets for Capture<Offline> {
+    fn wait_for_packets(&self) {}
+}
+
+impl Pump<'_> {
+    /// Reads packets into the batcher until stopped, the input ends, or the transport
+    /// is gone. `stats` is given for live captures only.
+    fn run<T: Activated + ?Sized>(
+        &self,
+        cap: &mut Capture<T>,
+        batcher: &mut Batcher,
+        mut stats: Option<&mut LiveStats>,
+    ) -> Result<()>
+    where
+        Capture<T>: WaitForPackets,
+    {
+        let live = stats.is_some();
+        loop {
+            if self.stop.load(Relaxed) {
+                return Ok(());
+            }
+            match cap.next_packet() {
+                Ok(p) => {
+                    let data = &p.data[..p.data.len().min(self.snaplen)];
+                    if !live {
+                        // A file shows only what passed the filter: seen = matched.
+                        batcher.counters().seen.fetch_add(1, Relaxed);
+                    }
+                    let dir = direction(self.link_type, data);
+                    if batcher
+                        .push(timestamp_ns(p.header), p.header.len, dir, data)
+                        .is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+                Err(pcap::Error::TimeoutExpired) => cap.wait_for_packets(),
+                // End of file, or breakloop on a live capture.
+                Err(pcap::Error::NoMorePackets) => return Ok(()),
+                Err(e) => {
+                    if self.stop.load(Relaxed) {
+                        return Ok(());
+                    }
+                    return Err(Error::runtime(format!(
+                        "capture on {} failed: {}",
+                        self.name,
+                        msg(&e)
+                    )));
+                }
+            }
+            if batcher.tick().is_err() {
+                return Ok(());
+            }
+            if let Some(s) = stats.as_deref_mut() {
+                if s.last_poll.is_none_or(|t| t.elapsed() >= STATS_EVERY) {
+                    s.poll(cap, batcher);
+                }
+            }
+        }
+    }
+}
+
+/// Turns libpcap's 32-bit, wrapping counters into the sensor's 64-bit totals.
+#[derive(Default)]
+struct LiveStats {
+    last: Option<Stat>,
+    last_poll: Option<Instant>,
+}
+
+impl LiveStats {
+    fn poll<T: Activated + ?Sized>(&mut self, cap: &mut Capture<T>, batcher: &Batcher) {
+        self.last_poll = Some(Instant::now());
+        let Ok(now) = cap.stats() else { return };
+        let prev = self.last.unwrap_or(Stat {
+            received: 0,
+            dropped: 0,
+            if_dropped: 0,
+        });
+        let c = batcher.counters();
+        c.seen
+            .fetch_add(now.received.wrapping_sub(prev.received).into(), Relaxed);
+        c.drop_kernel
+            .fetch_add(now.dropped.wrapping_sub(prev.dropped).into(), Relaxed);
+        c.drop_interface
+            .fetch_add(now.if_dropped.wrapping_sub(prev.if_dropped).into(), Relaxed);
+        self.last = Some(now);
+    }
+}
+
+/// Nanoseconds since the epoch; the handles are opened with nanosecond precision, so
+/// `tv_usec` holds nanoseconds.
+///
+/// pcap files store seconds as an unsigned 32-bit number, and libpcap hands them over in a
+/// signed `time_t` that turns times past January 2038 negative. The low 32 bits are the
+/// file's own value (and live times fit in them until 2106), so they are what we keep.
+#[allow(clippy::cast_sign_loss, clippy::cast_possible_truncation)]
+fn timestamp_ns(h: &pcap::PacketHeader) -> u64 {
+    let secs = u64::from(h.ts.tv_sec as u32);
+    let nanos = u64::from(h.ts.tv_usec as u32);
+    secs * 1_000_000_000 + nanos
+}
+
+/// The Linux cooked headers say which way a packet went; other link types do not.
+fn direction(link_type: i32, data: &[u8]) -> Direction {
+    let packet_type = match link_type {
+        LINKTYPE_LINUX_SLL => data.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])),
+        LINKTYPE_LINUX_SLL2 => data.get(10).map(|b| u16::from(*b)),
+        _ => None,
+    };
+    match packet_type {
+        // PACKET_HOST, PACKET_BROADCAST, PACKET_MULTICAST, PACKET_OTHERHOST
+        Some(0..=3) => Direction::Inbound,
+        // PACKET_OUTGOING
+        Some(4) => Direction::Outbound,
+        _ => Direction::Unknown,
+    }
+}
+
+/// Compiles the user's expression alone, so that a mistake is reported in the user's own
+/// terms rather than inside the composed filter.
+fn check_user_filter<T: Activated + ?Sized>(cap: &Capture<T>, filter: &str) -> Result<()> {
+    let filter = filter.trim();
+    if filter.is_empty() {
+        return Ok(());
+    }
+    cap.compile(filter, true).map(drop).map_err(|e| {
+        Error::input(format!(
+            "invalid filter \"{filter}\": {} (see `man pcap-filter` for the syntax)",
+            msg(&e)
+        ))
+    })
+}
+
+fn file_error(shown: &str, text: &str) -> Error {
+    // libpcap usually names the file itself; avoid saying it twice.
+    let what = if text.starts_with(shown) {
+        format!("cannot read {text}")
+    } else {
+        format!("cannot read {shown}: {text}")
+    };
+    if text.contains("No such file") || text.contains("ermission") {
+        Error::input(what)
+    } else {
+        Error::input(format!("{what} (is it a pcap or pcapng file?)"))
+    }
+}
+
+/// libpcap's own message, without the crate's "libpcap error: " prefix.
+fn msg(e: &pcap::Error) -> String {
+    match e {
+        pcap::Error::PcapError(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Explains why an interface could not be opened: unknown name, missing privilege, or
+/// libpcap's message.
+fn open_error(name: &str, e: &pcap::Error) -> Error {
+    let text = msg(e);
+    if let Ok(devices) = Device::list() {
+        if !devices.iter().any(|d| d.name == name) {
+            let names: Vec<&str> = devices.iter().map(|d| d.name.as_str()).collect();
+            return Error::input(format!(
+                "unknown interface {name} (available: {}; {})",
+                names.join(", "),
+                LIST_HINT
+            ));
+        }
+    }
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("permission") || lower.contains("not permitted") {
+        return Error::runtime(format!(
+            "no permission to capture on {name}: {text} (run as root or grant CAP_NET_RAW, \
+             e.g. `setcap cap_net_raw,cap_net_admin=eip` on the sensor binary)"
+        ));
+    }
+    Error::runtime(format!("cannot capture on {name}: {text}"))
+}
+
+#[cfg(unix)]
+const LIST_HINT: &str = "see `ip link`";
+#[cfg(not(unix))]
+const LIST_HINT: &str = "see `getmac /v`";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cooked_directions() {
+        let mut sll = [0u8; 16];
+        assert_eq!(direction(LINKTYPE_LINUX_SLL, &sll), Direction::Inbound);
+        sll[1] = 4;
+        assert_eq!(direction(LINKTYPE_LINUX_SLL, &sll), Direction::Outbound);
+        sll[1] = 7;
+        assert_eq!(direction(LINKTYPE_LINUX_SLL, &sll), Direction::Unknown);
+        let mut sll2 = [0u8; 20];
+        sll2[10] = 4;
+        assert_eq!(direction(LINKTYPE_LINUX_SLL2, &sll2), Direction::Outbound);
+        assert_eq!(
+            direction(LINKTYPE_LINUX_SLL2, &sll2[..5]),
+            Direction::Unknown
+        );
+        assert_eq!(direction(1, &sll2), Direction::Unknown);
+    }
+}

@@ -1,0 +1,419 @@
+//! Command line: what to capture, where to send it, how to trust the receiver.
+//!
+//! Every value is checked here, so that a bad flag is a usage error (exit 2) before any
+//! capture or network work starts.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgGroup, Parser};
+
+use common::units::{parse_duration, parse_size};
+
+use crate::capture::Mode;
+
+/// Largest --batch-size: a batch may overshoot its target by one full-size packet, and the
+/// resulting frame must stay below common::MAX_FRAME_LEN even when stored uncompressed.
+pub const MAX_BATCH_SIZE: u64 = 4 * 1024 * 1024;
+
+const AFTER_HELP: &str = "\
+Examples:
+  Stream DNS traffic of eth0, trusting the receiver's certificate file:
+    sensor -i eth0 --bpf 'port 53' --receiver collector.example:4433 --ca receiver.crt
+
+  Stream everything seen on two interfaces, pinning the receiver by fingerprint:
+    sensor -i eth0 -i eth1 --receiver 192.0.2.10:4433 --fingerprint 3f9a...e1
+
+  Replay a capture file (nothing is dropped; the sensor exits at its end):
+    sensor -r trace.pcap --receiver [2001:db8::1]:4433 --ca receiver.crt
+
+Live capture needs CAP_NET_RAW (or root). The receiver prints the path of its certificate
+and its SHA-256 fingerprint when it starts.";
+
+/// Captures frames matching a tcpdump filter and streams them to a Capstream receiver
+/// over QUIC.
+#[derive(Debug, Parser)]
+#[command(name = "sensor", version, after_help = AFTER_HELP)]
+#[command(group(ArgGroup::new("source").required(true).args(["iface", "read"])))]
+#[command(group(ArgGroup::new("trust").required(true).args(["ca", "fingerprint"])))]
+pub struct Cli {
+    /// Network interface to capture on; repeat for several (e.g. `-i eth0 -i eth1`).
+    #[arg(
+        short = 'i',
+        long = "iface",
+        value_name = "IFACE",
+        conflicts_with = "read"
+    )]
+    pub iface: Vec<String>,
+
+    /// Read packets from a pcap/pcapng file instead of an interface (e.g. `-r trace.pcap`).
+    #[arg(short = 'r', long = "read", value_name = "FILE")]
+    pub read: Option<PathBuf>,
+
+    /// libpcap filter, as tcpdump understands it (e.g. `--bpf 'tcp port 443'`).
+    /// Empty: everything.
+    #[arg(
+        long,
+        value_name = "EXPR",
+        default_value = "",
+        hide_default_value = true,
+        value_parser = parse_filter
+    )]
+    pub bpf: String,
+
+    /// Receiver address as HOST:PORT; HOST may be a name, an IPv4 address or a bracketed
+    /// IPv6 address (e.g. `--receiver collector.example:4433`, `--receiver [::1]:4433`).
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_receiver)]
+    pub receiver: ReceiverAddr,
+
+    /// Trust the receiver certificate(s) or CA(s) in this PEM file; repeatable
+    /// (e.g. `--ca /var/lib/capstream/receiver.crt`).
+    #[arg(long, value_name = "FILE")]
+    pub ca: Vec<PathBuf>,
+
+    /// Trust only the receiver certificate with this SHA-256 fingerprint: 64 hex digits,
+    /// colons and a `sha256:` prefix allowed (e.g. `--fingerprint sha256:3f9a...e1`).
+    #[arg(long, value_name = "SHA256", value_parser = parse_fingerprint)]
+    pub fingerprint: Option<Fingerprint>,
+
+    /// TLS name to verify in the receiver's certificate; default: HOST of --receiver
+    /// (e.g. `--server-name collector.example`).
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+
+    /// Capture backend (e.g. `--mode pcap`); auto picks the best available one.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub mode: Mode,
+
+    /// Bytes kept of each packet, 1..=262144 (e.g. `-s 128` for headers only).
+    #[arg(short = 's', long, value_name = "N", default_value_t = common::MAX_SNAPLEN,
+          value_parser = clap::value_parser!(u32).range(1..=common::MAX_SNAPLEN as i64))]
+    pub snaplen: u32,
+
+    /// Send a partial batch after this long (e.g. `--flush-interval 250ms`, `1s`, `2.5s`).
+    #[arg(long, value_name = "DUR", default_value = "100ms", value_parser = parse_flush_interval)]
+    pub flush_interval: Duration,
+
+    /// Send a batch once it holds this many bytes of packets (e.g. `--batch-size 64KiB`,
+    /// `1MiB`, `65536`); at most 4MiB.
+    #[arg(long, value_name = "BYTES", default_value = "256KiB", value_parser = parse_batch_size)]
+    pub batch_size: usize,
+
+    /// Batches buffered towards the receiver; when full, live captures drop whole batches
+    /// and count them (e.g. `--queue 256`).
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub queue: u32,
+
+    /// Name of this sensor in the receiver's output; default: the hostname
+    /// (e.g. `--sensor-id dmz-tap-1`).
+    #[arg(long, value_name = "ID", value_parser = parse_sensor_id)]
+    pub sensor_id: Option<String>,
+}
+
+/// `--receiver` split into host and port; the host is resolved later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiverAddr {
+    /// Without brackets for IPv6.
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for ReceiverAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+pub fn parse_receiver(s: &str) -> Result<ReceiverAddr, String> {
+    const HINT: &str = "expected HOST:PORT, e.g. 127.0.0.1:4433 or [::1]:4433";
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (host, rest) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("missing ']' ({HINT})"))?;
+        let port = rest
+            .strip_prefix(':')
+            .ok_or_else(|| format!("missing port ({HINT})"))?;
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("'{host}' is not an IPv6 address ({HINT})"));
+        }
+        (host, port)
+    } else {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("missing port ({HINT})"))?;
+        if host.contains(':') {
+            return Err(format!("put an IPv6 address in brackets ({HINT})"));
+        }
+        (host, port)
+    };
+    if host.is_empty() {
+        return Err(format!("missing host ({HINT})"));
+    }
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("invalid port '{port}' ({HINT})"))?;
+    Ok(ReceiverAddr {
+        host: host.to_string(),
+        port,
+    })
+}
+
+/// A SHA-256 certificate fingerprint.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{self}")
+    }
+}
+
+/// Accepts 64 hex digits in any case, with optional colons between byte pairs and an
+/// optional `sha256:` prefix, the forms openssl and the receiver print.
+pub fn parse_fingerprint(s: &str) -> Result<Fingerprint, String> {
+    let trimmed = s.trim();
+    let body = match trimmed.get(..7) {
+        Some(p) if p.eq_ignore_ascii_case("sha256:") => &trimmed[7..],
+        _ => trimmed,
+    };
+    let digits: Vec<u8> = body.bytes().filter(|b| *b != b':').collect();
+    if digits.len() != 64 {
+        return Err(format!(
+            "a SHA-256 fingerprint has 64 hex digits, got {} (copy it from the receiver's \
+             'certificate ... SHA-256 fingerprint' line)",
+            digits.len()
+        ));
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in digits.chunks_exact(2).enumerate() {
+        let hi = hex_value(pair[0]);
+        let lo = hex_value(pair[1]);
+        match (hi, lo) {
+            (Some(hi), Some(lo)) => out[i] = hi << 4 | lo,
+            _ => return Err("a fingerprint may only contain hex digits and colons".into()),
+        }
+    }
+    Ok(Fingerprint(out))
+}
+
+fn hex_value(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn parse_flush_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(60) {
+        return Err(format!("flush interval '{s}' must be between 1ms and 60s"));
+    }
+    Ok(d)
+}
+
+fn parse_batch_size(s: &str) -> Result<usize, String> {
+    let n = parse_size(s)?;
+    if n == 0 || n > MAX_BATCH_SIZE {
+        return Err(format!("batch size '{s}' must be between 1 byte and 4MiB"));
+    }
+    usize::try_from(n).map_err(|_| format!("batch size '{s}' is too large"))
+}
+
+/// The Hello carries the filter text; the protocol bounds it at 16 KiB.
+fn parse_filter(s: &str) -> Result<String, String> {
+    if s.len() > 16 * 1024 {
+        return Err("a filter expression may be at most 16 KiB long".into());
+    }
+    Ok(s.trim().to_string())
+}
+
+fn parse_sensor_id(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 128 {
+        return Err("a sensor id has 1 to 128 bytes".into());
+    }
+    Ok(s.to_string())
+}
+
+impl Cli {
+    /// The name the receiver's certificate must carry.
+    pub fn tls_name(&self) -> &str {
+        self.server_name.as_deref().unwrap_or(&self.receiver.host)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("sensor").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn minimal_live() {
+        let cli = parse(&["-i", "eth0", "--receiver", "h:1", "--ca", "c.pem"]).unwrap();
+        assert_eq!(cli.iface, ["eth0"]);
+        assert_eq!(cli.bpf, "");
+        assert_eq!(cli.snaplen, 262_144);
+        assert_eq!(cli.flush_interval, Duration::from_millis(100));
+        assert_eq!(cli.batch_size, 256 * 1024);
+        assert_eq!(cli.queue, 64);
+        assert_eq!(cli.mode, Mode::Auto);
+        assert_eq!(cli.tls_name(), "h");
+    }
+
+    #[test]
+    fn repeated_iface_and_options() {
+        let cli = parse(&[
+            "-i",
+            "a",
+            "--iface",
+            "b",
+            "--receiver",
+            "[::1]:4433",
+            "--fingerprint",
+            &"ab".repeat(32),
+            "--bpf",
+            "port 53",
+            "-s",
+            "128",
+            "--flush-interval",
+            "2.5s",
+            "--batch-size",
+            "1MiB",
+            "--mode",
+            "pcap",
+            "--server-name",
+            "x.example",
+        ])
+        .unwrap();
+        assert_eq!(cli.iface, ["a", "b"]);
+        assert_eq!(cli.receiver.host, "::1");
+        assert_eq!(cli.receiver.to_string(), "[::1]:4433");
+        assert_eq!(cli.snaplen, 128);
+        assert_eq!(cli.flush_interval, Duration::from_millis(2500));
+        assert_eq!(cli.batch_size, 1 << 20);
+        assert_eq!(cli.mode, Mode::Pcap);
+        assert_eq!(cli.tls_name(), "x.example");
+    }
+
+    #[test]
+    fn usage_errors() {
+        let fp = "ab".repeat(32);
+        // No source, both sources, no trust, both trusts.
+        assert!(parse(&["--receiver", "h:1", "--ca", "c"]).is_err());
+        assert!(parse(&["-i", "a", "-r", "f", "--receiver", "h:1", "--ca", "c"]).is_err());
+        assert!(parse(&["-i", "a", "--receiver", "h:1"]).is_err());
+        assert!(parse(&[
+            "-i",
+            "a",
+            "--receiver",
+            "h:1",
+            "--ca",
+            "c",
+            "--fingerprint",
+            &fp
+        ])
+        .is_err());
+        // Out of range values.
+        assert!(parse(&["-i", "a", "--receiver", "h:1", "--ca", "c", "-s", "0"]).is_err());
+        assert!(parse(&["-i", "a", "--receiver", "h:1", "--ca", "c", "-s", "262145"]).is_err());
+        assert!(parse(&[
+            "-i",
+            "a",
+            "--receiver",
+            "h:1",
+            "--ca",
+            "c",
+            "--batch-size",
+            "9MiB"
+        ])
+        .is_err());
+        assert!(parse(&["-i", "a", "--receiver", "h:1", "--ca", "c", "--queue", "0"]).is_err());
+        assert!(parse(&["-i", "a", "--receiver", "h", "--ca", "c"]).is_err());
+    }
+
+    #[test]
+    fn receiver_addresses() {
+        let r = parse_receiver("127.0.0.1:4433").unwrap();
+        assert_eq!((r.host.as_str(), r.port), ("127.0.0.1", 4433));
+        let r = parse_receiver("collector.example:1").unwrap();
+        assert_eq!(r.host, "collector.example");
+        let r = parse_receiver("[2001:db8::1]:4433").unwrap();
+        assert_eq!(r.host, "2001:db8::1");
+        for bad in [
+            "::1:4433",
+            "[::1]",
+            "[::1]4433",
+            "[nothex]:1",
+            "host",
+            ":4433",
+            "h:0",
+            "h:65536",
+            "h:x",
+        ] {
+            assert!(parse_receiver(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn fingerprints() {
+        let hex = "0123456789abcdef".repeat(4);
+        let want = parse_fingerprint(&hex).unwrap();
+        assert_eq!(want.to_string(), hex);
+        assert_eq!(want.0[0], 0x01);
+        assert_eq!(want.0[31], 0xef);
+        let upper = hex.to_uppercase();
+        assert_eq!(parse_fingerprint(&upper).unwrap(), want);
+        let colons: Vec<String> = hex
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect();
+        let colons = colons.join(":");
+        assert_eq!(parse_fingerprint(&colons).unwrap(), want);
+        assert_eq!(
+            parse_fingerprint(&format!("SHA256:{colons}")).unwrap(),
+            want
+        );
+        assert_eq!(parse_fingerprint(&format!("sha256:{hex}")).unwrap(), want);
+        assert!(parse_fingerprint(&hex[..62]).is_err());
+        assert!(parse_fingerprint(&format!("{hex}00")).is_err());
+        assert!(parse_fingerprint(&hex.replace('a', "g")).is_err());
+        assert!(parse_fingerprint("sha1:abcd").is_err());
+        assert!(parse_fingerprint("").is_err());
+        // Multi-byte characters must not panic the prefix check.
+        assert!(parse_fingerprint("ééééé").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert!(parse_flush_interval("0ms").is_err());
+        assert!(parse_flush_interval("61s").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert!(parse_batch_size("0").is_err());
+        assert_eq!(parse_batch_size("4MiB").unwrap(), 4 << 20);
+    }
+}

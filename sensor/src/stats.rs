@@ -1,0 +1,109 @@
+//! Per-interface counters, shared between a capture thread (which counts packets) and the
+//! transport (which counts what it sent). Atomics only: the hot path never locks.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use common::{DropReason, InterfaceStats};
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Packets the capture saw before the filter (libpcap ps_recv), where known.
+    pub seen: AtomicU64,
+    /// Packets that passed the filter and reached the sensor.
+    pub matched: AtomicU64,
+    /// Packets in batches written to the receiver's stream.
+    pub delivered: AtomicU64,
+    pub drop_kernel: AtomicU64,
+    pub drop_interface: AtomicU64,
+    pub drop_queue: AtomicU64,
+    /// Batches written, and their sizes before and after compression.
+    pub batches: AtomicU64,
+    pub raw_bytes: AtomicU64,
+    pub wire_bytes: AtomicU64,
+}
+
+impl Counters {
+    fn drops(&self) -> Vec<(DropReason, u64)> {
+        vec![
+            (DropReason::KERNEL_BUFFER, self.drop_kernel.load(Relaxed)),
+            (DropReason::INTERFACE, self.drop_interface.load(Relaxed)),
+            (DropReason::SENSOR_QUEUE, self.drop_queue.load(Relaxed)),
+        ]
+    }
+
+    /// The protocol's view of these counters.
+    pub fn snapshot(&self, interface_id: u16) -> InterfaceStats {
+        InterfaceStats {
+            interface_id,
+            seen: self.seen.load(Relaxed),
+            matched: self.matched.load(Relaxed),
+            delivered: self.delivered.load(Relaxed),
+            drops: self.drops(),
+        }
+    }
+
+    /// Records one batch written to the stream.
+    pub fn sent(&self, packets: u32, raw_len: usize, wire_len: usize) {
+        self.delivered.fetch_add(packets.into(), Relaxed);
+        self.batches.fetch_add(1, Relaxed);
+        self.raw_bytes.fetch_add(raw_len as u64, Relaxed);
+        self.wire_bytes.fetch_add(wire_len as u64, Relaxed);
+    }
+
+    /// One summary line for the exit report.
+    pub fn summary_line(&self, name: &str) -> String {
+        let raw = self.raw_bytes.load(Relaxed);
+        let wire = self.wire_bytes.load(Relaxed);
+        let mut line = format!(
+            "  {name}: seen {}, matched {}, delivered {}, dropped {}",
+            self.seen.load(Relaxed),
+            self.matched.load(Relaxed),
+            self.delivered.load(Relaxed),
+            self.drops().iter().map(|(_, n)| n).sum::<u64>(),
+        );
+        let drops: Vec<String> = self
+            .drops()
+            .iter()
+            .map(|(r, n)| format!("{}: {n}", r.name()))
+            .collect();
+        let _ = write!(
+            line,
+            " ({}), batches {}, raw bytes {raw}, wire bytes {wire}, compression ratio {}",
+            drops.join(", "),
+            self.batches.load(Relaxed),
+            ratio(raw, wire),
+        );
+        line
+    }
+}
+
+/// raw/wire as "2.53", or "-" before anything was sent.
+pub fn ratio(raw: u64, wire: u64) -> String {
+    if wire == 0 {
+        "-".into()
+    } else {
+        format!("{:.2}", raw as f64 / wire as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_and_summary() {
+        let c = Counters::default();
+        c.matched.store(10, Relaxed);
+        c.drop_queue.store(3, Relaxed);
+        c.sent(7, 1000, 400);
+        let s = c.snapshot(2);
+        assert_eq!(s.interface_id, 2);
+        assert_eq!((s.matched, s.delivered, s.dropped()), (10, 7, 3));
+        let line = c.summary_line("eth0");
+        assert!(line.contains("eth0: seen 0, matched 10, delivered 7, dropped 3"));
+        assert!(line.contains("sensor queue full: 3"));
+        assert!(line.contains("compression ratio 2.50"));
+        assert_eq!(ratio(1, 0), "-");
+    }
+}

@@ -1,0 +1,224 @@
+//! TLS client configuration: TLS 1.3 only, ALPN `capstream/1`, and one of two ways to
+//! trust the receiver: CA/certificate files (standard webpki verification, name checked),
+//! or a pinned SHA-256 fingerprint of the receiver's certificate.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::cli::Fingerprint;
+use crate::error::{Error, Result};
+
+/// How the receiver is trusted.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    CaFiles(Vec<PathBuf>),
+    Fingerprint(Fingerprint),
+}
+
+/// The fingerprint a pinned verifier actually saw, kept so that a mismatch can be
+/// explained in the sensor's one-line error.
+pub type SeenFingerprint = Arc<Mutex<Option<Fingerprint>>>;
+
+pub struct ClientTls {
+    pub config: rustls::ClientConfig,
+    /// Set when trusting by fingerprint.
+    pub seen: Option<SeenFingerprint>,
+}
+
+pub fn client_config(trust: &Trust) -> Result<ClientTls> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::runtime(format!("TLS setup failed: {e}")))?;
+    let (mut config, seen) = match trust {
+        Trust::CaFiles(paths) => {
+            let roots = load_roots(paths)?;
+            let config = builder.with_root_certificates(roots).with_no_client_auth();
+            (config, None)
+        }
+        Trust::Fingerprint(fp) => {
+            let seen = SeenFingerprint::default();
+            let verifier = PinnedCert {
+                expected: *fp,
+                algorithms: provider.signature_verification_algorithms,
+                seen: Arc::clone(&seen),
+            };
+            let config = builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_no_client_auth();
+            (config, Some(seen))
+        }
+    };
+    config.alpn_protocols = vec![common::ALPN.to_vec()];
+    Ok(ClientTls { config, seen })
+}
+
+fn load_roots(paths: &[PathBuf]) -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for path in paths {
+        for cert in load_pem_certs(path)? {
+            roots.add(cert).map_err(|e| {
+                Error::input(format!(
+                    "bad CA file {}: a certificate is not usable as a trust anchor: {e}",
+                    path.display()
+                ))
+            })?;
+        }
+    }
+    Ok(roots)
+}
+
+fn load_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let shown = path.display();
+    let pem = std::fs::read(path)
+        .map_err(|e| Error::input(format!("cannot read CA file {shown}: {e}")))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::input(format!("bad CA file {shown}: {e} (expected PEM)")))?;
+    if certs.is_empty() {
+        return Err(Error::input(format!(
+            "bad CA file {shown}: no certificate in it (expected a PEM 'BEGIN CERTIFICATE' block, \
+             e.g. the receiver's receiver.crt)"
+        )));
+    }
+    Ok(certs)
+}
+
+/// SHA-256 of a DER certificate, as the receiver prints it.
+pub fn fingerprint_of(cert: &[u8]) -> Fingerprint {
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    Fingerprint(out)
+}
+
+/// Accepts exactly one end-entity certificate, named by its SHA-256 fingerprint. Names,
+/// issuers and validity dates are not checked: the pin replaces them. The handshake
+/// signature still is, so the peer must hold the certificate's private key.
+#[derive(Debug)]
+struct PinnedCert {
+    expected: Fingerprint,
+    algorithms: WebPkiSupportedAlgorithms,
+    seen: SeenFingerprint,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got = fingerprint_of(end_entity);
+        if let Ok(mut seen) = self.seen.lock() {
+            *seen = Some(got);
+        }
+        if got == self.expected {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Only TLS 1.3 is offered; a TLS 1.2 handshake is refused outright.
+        Err(rustls::Error::General("TLS 1.2 is not allowed".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_is_sha256_of_der() {
+        // SHA-256("abc"), FIPS 180-2 test vector.
+        assert_eq!(
+            fingerprint_of(b"abc").to_string(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn pinned_verifier_checks_the_fingerprint() {
+        let cert = CertificateDer::from(b"not really a certificate".to_vec());
+        let fp = fingerprint_of(cert.as_ref());
+        let v = PinnedCert {
+            expected: fp,
+            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+            seen: SeenFingerprint::default(),
+        };
+        let name = ServerName::try_from("localhost").unwrap();
+        assert!(v
+            .verify_server_cert(&cert, &[], &name, &[], UnixTime::now())
+            .is_ok());
+        let other = CertificateDer::from(b"another one".to_vec());
+        assert!(v
+            .verify_server_cert(&other, &[], &name, &[], UnixTime::now())
+            .is_err());
+        assert_eq!(
+            *v.seen.lock().unwrap(),
+            Some(fingerprint_of(other.as_ref()))
+        );
+        assert!(!v.supported_verify_schemes().is_empty());
+    }
+
+    #[test]
+    fn config_is_tls13_with_alpn() {
+        let fp = Fingerprint([0; 32]);
+        let tls = client_config(&Trust::Fingerprint(fp)).unwrap();
+        assert_eq!(tls.config.alpn_protocols, [common::ALPN.to_vec()]);
+        assert!(tls.seen.is_some());
+        assert!(tls
+            .config
+            .crypto_provider()
+            .cipher_suites
+            .iter()
+            .any(|s| s.version() == &rustls::version::TLS13));
+    }
+
+    #[test]
+    fn bad_ca_files_are_input_errors() {
+        let dir = std::env::temp_dir().join(format!("sensor-tls-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "hello\n").unwrap();
+        for path in [empty.clone(), dir.join("missing.pem")] {
+            match client_config(&Trust::CaFiles(vec![path])) {
+                Err(Error::Input(_)) => {}
+                Err(other) => panic!("wrong error kind: {other}"),
+                Ok(_) => panic!("accepted a bad CA file"),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
