@@ -76,6 +76,15 @@ pub enum Format {
     Pcapng,
 }
 
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pcap => "pcap",
+            Self::Pcapng => "pcapng",
+        }
+    }
+}
+
 impl Cli {
     pub fn format(&self) -> Format {
         self.format

@@ -285,10 +285,18 @@ impl Session {
                         wire_len: batch.body.len(),
                     }
                 }
-                Ok(Some(Message::Stats(stats))) => Event::Stats {
-                    session: self.id,
-                    stats,
-                },
+                Ok(Some(Message::Stats(stats))) => {
+                    if stats.session_id != session_id {
+                        return End::Refused(Refusal::new(
+                            ErrorCode::PROTOCOL,
+                            "statistics of another session",
+                        ));
+                    }
+                    Event::Stats {
+                        session: self.id,
+                        stats,
+                    }
+                }
                 Ok(Some(Message::Goodbye(_))) => return self.goodbye(&mut acks).await,
                 Ok(Some(other)) => {
                     return End::Refused(Refusal::new(

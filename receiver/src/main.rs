@@ -78,9 +78,9 @@ async fn run(cli: Cli) -> Result<()> {
         .map_err(|e| BadInput(anyhow!("cannot create {}: {e}", cli.out.display())))?;
     let bound = endpoint.local_addr().unwrap_or(cli.listen);
     tracing::info!(
-        "listening on {bound}, writing {:?} as {:?}",
-        cli.out,
-        cli.format()
+        "listening on {bound}, writing {} as {}",
+        cli.out.display(),
+        cli.format().name()
     );
     tracing::info!(
         "certificate {} SHA-256 fingerprint {}",

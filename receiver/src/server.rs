@@ -15,8 +15,10 @@ use crate::stats::SensorSummary;
 use crate::writer::{Event, Writer};
 
 const MAX_CONNECTIONS: usize = 1024;
-/// Batches queued between the connections and the writer.
-const EVENT_QUEUE: usize = 1024;
+/// Batches queued between the connections and the writer. Each may hold up to 8 MiB
+/// decompressed (typically 256 KiB): this bounds that memory; a full queue slows the
+/// sensors through QUIC flow control.
+const EVENT_QUEUE: usize = 64;
 
 /// Serves sensors into `sink` until `stop` completes (or the output fails), then tells the
 /// connected sensors, writes out everything held and completes the output.

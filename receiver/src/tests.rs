@@ -15,8 +15,9 @@ use pcap_file::pcapng::{Block, PcapNgReader};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{oneshot, Barrier};
 
+use crate::cli::Format;
 use crate::sink::testing::Shared;
-use crate::sink::PcapNgSink;
+use crate::sink::{PcapNgSink, PcapSink, Sink};
 use crate::{server, tls};
 
 struct TestServer {
@@ -27,18 +28,23 @@ struct TestServer {
     out: Shared,
 }
 
-fn start_server(window: Duration) -> TestServer {
+fn start_server(window: Duration, format: Format) -> TestServer {
     let dir = std::env::temp_dir().join(format!(
         "capstream-receiver-test-{}-{:?}",
         std::process::id(),
         std::thread::current().id()
     ));
     let identity = tls::load_or_create(&dir, &[]).unwrap();
+    // Everything is in memory now.
+    let _ = std::fs::remove_dir_all(&dir);
     let config = tls::server_config(&identity).unwrap();
     let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let out = Shared::default();
-    let sink = Box::new(PcapNgSink::new(out.clone()).unwrap());
+    let sink: Box<dyn Sink> = match format {
+        Format::Pcap => Box::new(PcapSink::new(out.clone())),
+        Format::Pcapng => Box::new(PcapNgSink::new(out.clone()).unwrap()),
+    };
     let (stop, stopped) = oneshot::channel::<()>();
     let done = tokio::spawn(server::run(endpoint, sink, window, async {
         let _ = stopped.await;
@@ -188,7 +194,7 @@ fn last_ack(replies: &[Message]) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_sensors_merge_in_time_order_and_bad_peers_are_refused() {
-    let server = start_server(Duration::from_secs(5));
+    let server = start_server(Duration::from_secs(5), Format::Pcapng);
     let sync = Arc::new(Barrier::new(2));
     let mut wrong_version = hello(9, "old");
     wrong_version.version = common::PROTOCOL_VERSION + 1;
@@ -257,10 +263,66 @@ async fn two_sensors_merge_in_time_order_and_bad_peers_are_refused() {
 
 #[tokio::test]
 async fn an_idle_receiver_still_writes_a_valid_file() {
-    let server = start_server(Duration::from_secs(1));
+    let server = start_server(Duration::from_secs(1), Format::Pcapng);
     server.stop.send(()).unwrap();
     assert!(server.done.await.unwrap().unwrap().is_empty());
     let bytes = server.out.bytes();
     let mut reader = PcapNgReader::new(&bytes[..]).unwrap();
     assert!(reader.next_block().is_none());
+}
+
+#[tokio::test]
+async fn classic_pcap_refuses_a_second_link_type_and_keeps_the_first_sensor() {
+    let server = start_server(Duration::from_millis(100), Format::Pcap);
+    let (_e1, first) = connect(&server, common::ALPN).await.unwrap();
+    let (mut send, mut recv) = first.open_bi().await.unwrap();
+    send.write_all(&Message::Hello(hello(1, "eth")).to_bytes())
+        .await
+        .unwrap();
+    let mut builder = BatchBuilder::new(1 << 16);
+    let _ = builder.push(42, 60, Direction::Unknown, &[0; 60]);
+    send.write_all(&builder.finish(1, 1, 0).frame)
+        .await
+        .unwrap();
+
+    let mut sll = hello(2, "sll");
+    sll.interfaces[0].link_type = 113;
+    let refused = bad_sensor(&server, &Message::Hello(sll).to_bytes()).await;
+    let Some(Message::Error(e)) = refused.last() else {
+        panic!("{refused:?}");
+    };
+    assert_eq!(e.code, ErrorCode::UNSUPPORTED_LINK_TYPE);
+    assert!(
+        e.message.contains("link type EN10MB (1)")
+            && e.message.contains("link type 113 (LINUX_SLL)")
+            && e.message.contains("--format pcapng"),
+        "{}",
+        e.message
+    );
+
+    // The first sensor is still served.
+    send.write_all(&Message::Goodbye(Goodbye).to_bytes())
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let replies = read_replies(&mut recv).await;
+    assert_eq!(last_ack(&replies), Some(1), "{replies:?}");
+    assert!(matches!(replies.last(), Some(Message::Goodbye(_))));
+    first.close(0u32.into(), b"");
+
+    server.stop.send(()).unwrap();
+    server.done.await.unwrap().unwrap();
+    let bytes = server.out.bytes();
+    let mut reader = pcap_file::pcap::PcapReader::new(&bytes[..]).unwrap();
+    assert_eq!(reader.header().datalink, pcap_file::DataLink::ETHERNET);
+    assert_eq!(
+        reader
+            .next_packet()
+            .unwrap()
+            .unwrap()
+            .timestamp()
+            .as_nanos(),
+        42
+    );
+    assert!(reader.next_packet().is_none());
 }

@@ -40,8 +40,8 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 
 /// The shared test corpus beside the repository (`../shared/corpus`).
 pub fn corpus_dir() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    root.join("../../shared/corpus")
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus");
+    dir.canonicalize().unwrap_or(dir)
 }
 
 /// Fails unless running as root: namespaces, veth and live capture need it. Tests must fail,

@@ -15,7 +15,7 @@ use pcap_file::pcapng::blocks::interface_statistics::{
     InterfaceStatisticsBlock, InterfaceStatisticsOption,
 };
 use pcap_file::pcapng::blocks::section_header::{SectionHeaderBlock, SectionHeaderOption};
-use pcap_file::pcapng::PcapNgWriter;
+use pcap_file::pcapng::{Block, PcapNgWriter};
 use pcap_file::DataLink;
 
 use super::{native_endianness, to_io, OutPacket, Sink, SinkInterface};
@@ -23,6 +23,8 @@ use super::{native_endianness, to_io, OutPacket, Sink, SinkInterface};
 pub struct PcapNgSink<W: Write> {
     writer: PcapNgWriter<W>,
     interfaces: u32,
+    /// The option list of the packet being written, kept so that it is allocated once.
+    epb_options: Vec<EnhancedPacketOption<'static>>,
 }
 
 impl<W: Write + Send> PcapNgSink<W> {
@@ -38,6 +40,7 @@ impl<W: Write + Send> PcapNgSink<W> {
         Ok(Self {
             writer,
             interfaces: 0,
+            epb_options: Vec::with_capacity(1),
         })
     }
 }
@@ -76,19 +79,29 @@ impl<W: Write + Send> Sink for PcapNgSink<W> {
             Direction::Inbound => Some(1),
             Direction::Outbound => Some(2),
         };
-        let epb = EnhancedPacketBlock {
+        let mut options = std::mem::take(&mut self.epb_options);
+        options.clear();
+        options.extend(flags.map(EnhancedPacketOption::Flags));
+        let block = Block::EnhancedPacket(EnhancedPacketBlock {
             interface_id: packet.interface,
             // 64-bit nanoseconds: every u64 value fits.
             timestamp: Duration::from_nanos(packet.timestamp_ns),
             original_len: packet.original_len,
             data: Cow::Borrowed(packet.data),
-            // Only packets with a known direction carry an option, so the common case
-            // allocates nothing.
-            options: flags
-                .map(|f| vec![EnhancedPacketOption::Flags(f)])
-                .unwrap_or_default(),
-        };
-        self.writer.write_pcapng_block(epb).map(drop).map_err(to_io)
+            options,
+        });
+        let result = self.writer.write_block(&block).map(drop).map_err(to_io);
+        if let Block::EnhancedPacket(epb) = block {
+            // Take the list's allocation back. It holds nothing borrowed once emptied; the
+            // collect reuses the allocation in place (same element type but for lifetime).
+            let mut options = epb.options;
+            options.clear();
+            // filter_map, not filter: the element type changes (to the 'static lifetime).
+            #[allow(clippy::unnecessary_filter_map)]
+            let reused = options.into_iter().filter_map(|_| None).collect();
+            self.epb_options = reused;
+        }
+        result
     }
 
     fn write_stats(&mut self, interface: u32, stats: &InterfaceStats) -> io::Result<()> {
@@ -127,7 +140,7 @@ impl<W: Write + Send> Sink for PcapNgSink<W> {
 mod tests {
     use super::*;
     use crate::sink::testing::Shared;
-    use pcap_file::pcapng::{Block, PcapNgReader};
+    use pcap_file::pcapng::PcapNgReader;
 
     fn iface(name: &str, link_type: u16, filter: &str) -> SinkInterface {
         SinkInterface {
@@ -154,6 +167,10 @@ mod tests {
             data: &[9u8; 20],
         })
         .unwrap();
+        assert!(
+            sink.epb_options.capacity() >= 1,
+            "the option list's allocation is reused from packet to packet"
+        );
         let stats = InterfaceStats {
             interface_id: 0,
             seen: 10,
