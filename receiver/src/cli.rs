@@ -103,8 +103,9 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 
 fn parse_window(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
-    if d > Duration::from_secs(60) {
-        return Err(format!("reorder window '{s}' is longer than 60s"));
+    // A sensor that says goodbye waits for its packets to go out, 15 s at most.
+    if d > Duration::from_secs(10) {
+        return Err(format!("reorder window '{s}' is longer than 10s"));
     }
     Ok(d)
 }

@@ -182,26 +182,6 @@ impl Merge {
         Ok(())
     }
 
-    /// Writes every held packet of `session`, and everything older than its newest packet,
-    /// so that the session is wholly written now (its sensor said Goodbye and waits for the
-    /// final Ack). Packets that were not due yet are counted as forced.
-    pub fn flush_session(
-        &mut self,
-        session: SessionId,
-        now: Instant,
-        sink: &mut dyn Sink,
-    ) -> io::Result<()> {
-        let watermark = self.watermark();
-        while !self.is_written(session) {
-            let Some(Reverse(top)) = self.heap.peek() else {
-                break;
-            };
-            let due = self.is_due(top, watermark, now);
-            self.write_top(sink, !due)?;
-        }
-        Ok(())
-    }
-
     fn is_due(&self, p: &Held, watermark: Option<u64>, now: Instant) -> bool {
         watermark.is_some_and(|w| p.key <= w)
             || now.saturating_duration_since(p.arrived) >= self.window
@@ -504,27 +484,5 @@ mod tests {
         );
         m.release(t0 + WINDOW, &mut out).unwrap();
         assert_eq!(m.take_acks(), [(1, 2)]);
-    }
-
-    #[test]
-    fn goodbye_forces_the_whole_session_out_in_order() {
-        let t0 = Instant::now();
-        let mut m = Merge::new(WINDOW, usize::MAX);
-        let mut out = Recorder::default();
-        m.add_session(1, vec![0]);
-        m.add_session(2, vec![1]);
-        m.add_session(3, vec![2]);
-        m.add_batch(1, 1, 0, packets(&[10, 40]), t0);
-        m.add_batch(2, 1, 0, packets(&[20, 50]), t0);
-        m.release(t0, &mut out).unwrap();
-        assert!(out.0.is_empty(), "session 3 has sent nothing: all held");
-        m.leave(1);
-        m.flush_session(1, t0, &mut out).unwrap();
-        // Session 1 is wholly out; session 2's older packet went first to keep the order.
-        assert_eq!(out.0, [(0, 10), (1, 20), (0, 40)]);
-        assert!(m.is_written(1));
-        assert_eq!(m.acked(1), 1);
-        assert_eq!((m.written(1).forced, m.written(2).forced), (2, 1));
-        assert_eq!(m.held_packets(), 1);
     }
 }

@@ -153,11 +153,10 @@ impl Writer {
                 }
             }
             Event::Left { session, done } => {
-                // The sensor waits for its final Ack: write all of it now.
+                // Its packets go out by the usual rules, not at once: other sensors may
+                // still have older packets on their way. The reorder window bounds the
+                // wait for the final Ack.
                 self.merge.leave(session);
-                self.merge
-                    .flush_session(session, Instant::now(), self.sink.as_mut())
-                    .context("writing the output")?;
                 self.leaving.push((session, done));
             }
         }

@@ -23,7 +23,9 @@ use crate::tls::{ClientTls, SeenFingerprint};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
 const STATS_EVERY: Duration = Duration::from_secs(1);
-const GOODBYE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longer than the receiver's largest reorder window, which a leaving sensor's last
+/// packets may wait out.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long to wait for the receiver's error message after a write failed, so that its
 /// reason ("shutting down", "unsupported link type") is shown rather than "connection lost".
 const ERROR_GRACE: Duration = Duration::from_secs(1);
