@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use testbed::capstream::{
     dev_filters, first_difference, start_sensor, start_tcpdump, tcpdump_records, tshark_count,
-    Receiver, Scratch,
+    Receiver, Record, Scratch,
 };
 use testbed::{corpus_dir, require_root, Lab};
 
@@ -22,47 +22,74 @@ fn settle() {
     std::thread::sleep(Duration::from_millis(600));
 }
 
+/// When the sensor is stopped, relative to the end of the replay.
+#[derive(Clone, Copy, PartialEq)]
+enum StopSensor {
+    /// After the frames have had time to settle, as a user would.
+    AfterSettling,
+    /// Right away: what the kernel still holds for it must be read before it leaves.
+    AtOnce,
+}
+
+/// One replay of the corpus with a sensor (into a receiver) and tcpdump capturing side by
+/// side with `filter`. Returns what tcpdump captured, what the receiver wrote, and the
+/// sensor's log. tcpdump, the reference, must drop nothing.
+fn capture_beside_tcpdump(
+    lab: &Lab,
+    filter: &str,
+    stop_sensor: StopSensor,
+) -> (Vec<Record>, Vec<Record>, String) {
+    let iface = lab.links[0].1.as_str();
+    let dir = Scratch::new("live").unwrap();
+    let out = dir.join("capture.pcap");
+    let reference = dir.join("tcpdump.pcap");
+    let out_arg = out.to_string_lossy().into_owned();
+    let mut receiver = Receiver::start(
+        Some(&lab.cap),
+        &dir.join("state"),
+        4433,
+        &["--out", &out_arg],
+    )
+    .unwrap();
+    let mut args = vec!["--iface", iface];
+    if !filter.is_empty() {
+        args.extend(["--bpf", filter]);
+    }
+    let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
+    let mut tcpdump = start_tcpdump(&lab.cap, iface, filter, &reference).unwrap();
+
+    lab.replay(0, &corpus(), PPS).unwrap();
+    if stop_sensor == StopSensor::AtOnce {
+        sensor.stop().unwrap();
+    }
+    settle();
+    tcpdump.stop().unwrap();
+    if stop_sensor == StopSensor::AfterSettling {
+        sensor.stop().unwrap();
+    }
+    receiver.stop().unwrap();
+
+    let tcpdump_log = tcpdump.stderr();
+    assert!(
+        tcpdump_log
+            .lines()
+            .any(|l| l.trim() == "0 packets dropped by kernel"),
+        "the reference dropped packets, so the comparison means nothing: {tcpdump_log}"
+    );
+    let expected = tcpdump_records(&reference, "").unwrap();
+    let got = tcpdump_records(&out, "").unwrap();
+    (expected, got, sensor.stderr())
+}
+
 #[test]
 fn every_dev_filter_captures_exactly_what_tcpdump_captures() {
     require_root();
     let lab = Lab::new(1).unwrap();
-    let iface = lab.links[0].1.clone();
     let mut failures = Vec::new();
     let mut total_compared = 0;
     for filter in dev_filters().unwrap() {
-        let dir = Scratch::new("live").unwrap();
-        let out = dir.join("capture.pcap");
-        let reference = dir.join("tcpdump.pcap");
-        let out_arg = out.to_string_lossy().into_owned();
-        let mut receiver = Receiver::start(
-            Some(&lab.cap),
-            &dir.join("state"),
-            4433,
-            &["--out", &out_arg],
-        )
-        .unwrap();
-        let mut args = vec!["--iface", iface.as_str()];
-        if !filter.is_empty() {
-            args.extend(["--bpf", filter.as_str()]);
-        }
-        let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
-        let mut tcpdump = start_tcpdump(&lab.cap, &iface, &filter, &reference).unwrap();
-
-        lab.replay(0, &corpus(), PPS).unwrap();
-        settle();
-        tcpdump.stop().unwrap();
-        sensor.stop().unwrap();
-        receiver.stop().unwrap();
-
-        let tcpdump_log = tcpdump.stderr();
-        assert!(
-            tcpdump_log
-                .lines()
-                .any(|l| l.trim() == "0 packets dropped by kernel"),
-            "the reference dropped packets, so the comparison means nothing: {tcpdump_log}"
-        );
-        let expected = tcpdump_records(&reference, "").unwrap();
-        let got = tcpdump_records(&out, "").unwrap();
+        let (expected, got, sensor_log) =
+            capture_beside_tcpdump(&lab, &filter, StopSensor::AfterSettling);
         if filter.is_empty() {
             assert_eq!(
                 expected.len(),
@@ -73,9 +100,8 @@ fn every_dev_filter_captures_exactly_what_tcpdump_captures() {
         total_compared += expected.len();
         if expected != got {
             failures.push(format!(
-                "filter {filter:?}: {}\nsensor log:\n{}",
+                "filter {filter:?}: {}\nsensor log:\n{sensor_log}",
                 first_difference(&expected, &got),
-                sensor.stderr()
             ));
         }
     }
@@ -83,6 +109,19 @@ fn every_dev_filter_captures_exactly_what_tcpdump_captures() {
     assert!(
         total_compared > 7907,
         "the filters matched almost nothing: {total_compared}"
+    );
+}
+
+#[test]
+fn a_sensor_stopped_at_once_still_delivers_what_the_kernel_held() {
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    let (expected, got, sensor_log) = capture_beside_tcpdump(&lab, "", StopSensor::AtOnce);
+    assert_eq!(expected.len(), 7907);
+    assert!(
+        expected == got,
+        "{}\nsensor log:\n{sensor_log}",
+        first_difference(&expected, &got)
     );
 }
 

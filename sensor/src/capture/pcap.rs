@@ -17,6 +17,8 @@ use crate::error::{Error, Result};
 const READ_TIMEOUT_MS: i32 = 50;
 /// Kernel buffer per live capture: room for bursts while a batch is compressed.
 const BUFFER_SIZE: i32 = 8 << 20;
+/// Longest a stopping live capture keeps reading what the kernel holds for it.
+const DRAIN_ON_STOP: Duration = Duration::from_millis(200);
 /// How often libpcap's counters (received, dropped) are read.
 const STATS_EVERY: Duration = Duration::from_secs(1);
 
@@ -227,8 +229,17 @@ impl Pump<'_> {
         Capture<T>: WaitForPackets,
     {
         let live = stats.is_some();
+        // Once stopped, a live capture still takes what the kernel already holds for it
+        // (until its buffer is empty, or briefly under a flood); a file just stops.
+        let mut drain_until: Option<Instant> = None;
         loop {
-            if self.stop.load(Relaxed) {
+            if drain_until.is_none() && self.stop.load(Relaxed) {
+                if !live {
+                    return Ok(());
+                }
+                drain_until = Some(Instant::now() + DRAIN_ON_STOP);
+            }
+            if drain_until.is_some_and(|t| Instant::now() >= t) {
                 return Ok(());
             }
             match cap.next_packet() {
@@ -246,8 +257,11 @@ impl Pump<'_> {
                         return Ok(());
                     }
                 }
+                Err(pcap::Error::TimeoutExpired) if drain_until.is_some() => return Ok(()),
                 Err(pcap::Error::TimeoutExpired) => cap.wait_for_packets(),
-                // End of file, or breakloop on a live capture.
+                // On a live capture this is breakloop (the stop): libpcap clears it, and
+                // the drain above reads on. On a file it is the end.
+                Err(pcap::Error::NoMorePackets) if live => continue,
                 Err(pcap::Error::NoMorePackets) => return Ok(()),
                 Err(e) => {
                     if self.stop.load(Relaxed) {
