@@ -61,7 +61,9 @@ pub async fn connection(
     events: mpsc::Sender<Event>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // IPv4 sensors on the dual-stack socket show as 127.0.0.1, not [::ffff:127.0.0.1].
     let peer = incoming.remote_address();
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let handshake = unless_shutdown(
         &mut shutdown,
         tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming),

@@ -199,47 +199,17 @@ fn bad_input_gives_one_line_errors_and_exit_code_2() {
     sensor(&["--iface", "lo", "--snaplen", "0"], "snaplen");
     sensor(&["--iface", "lo", "--batch-size", "lots"], "lots");
     sensor(&["--iface", "lo", "--read", "/x.pcap"], "--read");
-    assert_refused(
-        "sensor",
-        &["--iface", "lo", "--receiver", "127.0.0.1:4433"],
-        "--ca",
-    );
-    assert_refused(
-        "sensor",
-        &[
-            "--iface",
-            "lo",
-            "--receiver",
-            "nowhere",
-            "--fingerprint",
-            &fp,
-        ],
-        "nowhere",
-    );
-    assert_refused(
-        "sensor",
-        &[
-            "--iface",
-            "lo",
-            "--receiver",
-            "127.0.0.1:4433",
-            "--fingerprint",
-            "xyz",
-        ],
+    // Wrong trust or address: each case gives its own.
+    let on_lo = |rest: &[&str], needle: &str| {
+        assert_refused("sensor", &[&["--iface", "lo"][..], rest].concat(), needle);
+    };
+    on_lo(&["--receiver", "127.0.0.1:4433"], "--ca");
+    on_lo(&["--receiver", "nowhere", "--fingerprint", &fp], "nowhere");
+    on_lo(
+        &["--receiver", "127.0.0.1:4433", "--fingerprint", "xyz"],
         "xyz",
     );
-    assert_refused(
-        "sensor",
-        &[
-            "--iface",
-            "lo",
-            "--receiver",
-            "127.0.0.1:4433",
-            "--ca",
-            &bad_ca,
-        ],
-        "ca.pem",
-    );
+    on_lo(&["--receiver", "127.0.0.1:4433", "--ca", &bad_ca], "ca.pem");
     assert_refused("receiver", &["--format", "pcapx"], "pcapx");
     assert_refused("receiver", &["--reorder-window", "soon"], "soon");
     assert_refused(
