@@ -75,6 +75,14 @@ pub fn setup() -> Result<()> {
     let installed = installed
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
+    let has_nextest = Command::new("cargo")
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_nextest {
+        eprintln!("xtask: installing cargo-nextest (the test runner), from crates.io");
+        cmd("cargo", &["install", "cargo-nextest", "--locked"])?;
+    }
     for target in RUST_TARGETS {
         if !installed.lines().any(|l| l.trim() == *target) {
             eprintln!("xtask: adding rust target {target} (for the Windows build check)");

@@ -33,5 +33,16 @@ pub fn run() -> Result<()> {
     cmd("cargo", &["build", "--workspace", "--bins"])?;
     // One test at a time: the system tests replay traffic and compare with tcpdump, and
     // two replays at once on a 2-core machine could make the reference drop packets.
-    cmd("cargo", &["test", "--workspace", "--", "--test-threads=1"])
+    // nextest ends with one summary line for the whole run.
+    cmd(
+        "cargo",
+        &[
+            "nextest",
+            "run",
+            "--workspace",
+            "--test-threads",
+            "1",
+            "--no-fail-fast",
+        ],
+    )
 }
