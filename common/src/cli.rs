@@ -1,5 +1,5 @@
-//! What both programs' `main` needs from the command line: one-line usage errors and
-//! logging to stderr.
+//! What both programs' `main` needs around the command line: one-line usage errors,
+//! logging to stderr, and the stop signals.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -37,4 +37,45 @@ pub fn init_logging() {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
+}
+
+/// SIGINT and SIGTERM on Unix; Ctrl-C elsewhere. The handlers are installed on creation, so
+/// a signal that comes before the first wait is not lost.
+pub struct Signals {
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    #[cfg(unix)]
+    pub fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    #[cfg(not(unix))]
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {})
+    }
+
+    #[cfg(unix)]
+    pub async fn next(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
+
+    #[cfg(not(unix))]
+    pub async fn next(&mut self) {
+        if tokio::signal::ctrl_c().await.is_err() {
+            // No console: never signalled.
+            std::future::pending::<()>().await;
+        }
+    }
 }

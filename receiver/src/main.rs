@@ -106,28 +106,14 @@ fn state_dir(cli: &Cli) -> Result<PathBuf> {
     }
 }
 
-/// SIGINT or SIGTERM (Ctrl-C elsewhere).
+/// The first SIGINT or SIGTERM (Ctrl-C elsewhere).
 async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) {
-            (Ok(mut int), Ok(mut term)) => {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    match common::cli::Signals::new() {
+        Ok(mut signals) => signals.next().await,
+        Err(e) => {
+            // The default action of the signals still ends the process, unflushed.
+            tracing::warn!("cannot catch signals: {e}");
+            std::future::pending().await
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -189,7 +189,7 @@ fn print_summary(
 
 fn spawn_signal_handler(shutdown: Arc<Notify>) {
     tokio::spawn(async move {
-        let mut signals = match Signals::new() {
+        let mut signals = match common::cli::Signals::new() {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("cannot catch signals: {e}");
@@ -203,44 +203,4 @@ fn spawn_signal_handler(shutdown: Arc<Notify>) {
         eprintln!("sensor: error: interrupted twice; exiting without flushing (packets lost)");
         std::process::exit(1);
     });
-}
-
-/// SIGINT and SIGTERM on unix; Ctrl-C elsewhere.
-struct Signals {
-    #[cfg(unix)]
-    int: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    term: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    #[cfg(unix)]
-    fn new() -> std::io::Result<Self> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Self {
-            int: signal(SignalKind::interrupt())?,
-            term: signal(SignalKind::terminate())?,
-        })
-    }
-
-    #[cfg(not(unix))]
-    fn new() -> std::io::Result<Self> {
-        Ok(Self {})
-    }
-
-    #[cfg(unix)]
-    async fn next(&mut self) {
-        tokio::select! {
-            _ = self.int.recv() => {}
-            _ = self.term.recv() => {}
-        }
-    }
-
-    #[cfg(not(unix))]
-    async fn next(&mut self) {
-        if tokio::signal::ctrl_c().await.is_err() {
-            // No console: never signalled.
-            std::future::pending::<()>().await;
-        }
-    }
 }
