@@ -150,7 +150,7 @@ struct Session {
     events: mpsc::Sender<Event>,
     /// The sensor's name once its Hello was accepted.
     joined: Option<String>,
-    /// The writer has already drained this session (after Goodbye).
+    /// The writer was told of the Goodbye and has written all of the session.
     left: bool,
     /// Batches are numbered 1, 2, 3... across the session's interfaces.
     next_sequence: u64,

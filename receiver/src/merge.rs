@@ -70,6 +70,7 @@ struct Session {
     ack_changed: bool,
     /// Said goodbye (or vanished): it sends nothing more, so it no longer holds others.
     leaving: bool,
+    written: Written,
 }
 
 /// Per-session totals for the exit summary.
@@ -78,7 +79,7 @@ pub struct Written {
     pub packets: u64,
     pub bytes: u64,
     pub late: u64,
-    /// Written before the merge rules allowed: memory bound, or the sensor's Goodbye.
+    /// Written before the merge rules allowed, because held data passed the memory bound.
     pub forced: u64,
 }
 
@@ -91,7 +92,6 @@ pub struct Merge {
     /// Merge key of the last packet written.
     last_written_key: u64,
     sessions: HashMap<SessionId, Session>,
-    written: HashMap<SessionId, Written>,
 }
 
 impl Merge {
@@ -104,7 +104,6 @@ impl Merge {
             next_order: 0,
             last_written_key: 0,
             sessions: HashMap::new(),
-            written: HashMap::new(),
         }
     }
 
@@ -121,9 +120,9 @@ impl Merge {
                 acked: 0,
                 ack_changed: false,
                 leaving: false,
+                written: Written::default(),
             },
         );
-        self.written.entry(id).or_default();
     }
 
     /// Takes in one batch. The caller has checked the interface id against the Hello.
@@ -231,7 +230,9 @@ impl Merge {
     }
 
     pub fn written(&self, session: SessionId) -> Written {
-        self.written.get(&session).copied().unwrap_or_default()
+        self.sessions
+            .get(&session)
+            .map_or_else(Written::default, |s| s.written)
     }
 
     #[cfg(test)]
@@ -265,16 +266,16 @@ impl Merge {
             direction: p.direction,
             data: &p.data,
         })?;
-        let w = self.written.entry(p.session).or_default();
-        w.packets += 1;
-        w.bytes += p.data.len() as u64;
-        w.forced += u64::from(forced);
-        if p.key < self.last_written_key {
-            w.late += 1;
-        } else {
+        let late = p.key < self.last_written_key;
+        if !late {
             self.last_written_key = p.key;
         }
+        // A session is removed only once all its packets are written, so it is here.
         if let Some(s) = self.sessions.get_mut(&p.session) {
+            s.written.packets += 1;
+            s.written.bytes += p.data.len() as u64;
+            s.written.forced += u64::from(forced);
+            s.written.late += u64::from(late);
             if let Some(left) = s.pending.get_mut(&p.sequence) {
                 *left -= 1;
                 if *left == 0 {
