@@ -11,7 +11,7 @@ use clap::{ArgGroup, Parser};
 
 use common::units::{parse_duration, parse_size};
 
-use crate::capture::Mode;
+use crate::capture::{Mode, XdpAttach};
 
 /// Largest --batch-size: a batch may overshoot its target by one full-size packet, and the
 /// resulting frame must stay below common::MAX_FRAME_LEN even when stored uncompressed.
@@ -82,9 +82,20 @@ pub struct Cli {
     #[arg(long, value_name = "NAME")]
     pub server_name: Option<String>,
 
-    /// Capture backend (e.g. `--mode pcap`); auto picks the best available one.
+    /// Capture backend (e.g. `--mode tc`). auto: ebpf on Linux when the kernel and
+    /// privileges allow it (the log says which and why), else pcap.
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,
+
+    /// Kernel ring buffer of the eBPF modes, a power of two of at least 64KiB; frames that
+    /// find it full are counted as kernel drops (e.g. `--ring-size 64MiB`).
+    #[arg(long, value_name = "BYTES", default_value = "8MiB", value_parser = parse_ring_size)]
+    pub ring_size: u32,
+
+    /// Where --mode xdp attaches (e.g. `--xdp-attach skb`): native (in the driver), skb
+    /// (generic, works everywhere) or auto (native, else skb).
+    #[arg(long, value_enum, value_name = "HOW", default_value_t = XdpAttach::Auto)]
+    pub xdp_attach: XdpAttach,
 
     /// Bytes kept of each packet, 1..=262144 (e.g. `-s 128` for headers only).
     #[arg(short = 's', long, value_name = "N", default_value_t = common::MAX_SNAPLEN,
@@ -236,6 +247,19 @@ fn parse_batch_size(s: &str) -> Result<usize, String> {
         return Err(format!("batch size '{s}' must be between 1 byte and 4MiB"));
     }
     usize::try_from(n).map_err(|_| format!("batch size '{s}' is too large"))
+}
+
+/// Largest --ring-size: the kernel's limit for a ring buffer map is below 4 GiB.
+const MAX_RING_SIZE: u64 = 1 << 30;
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let n = parse_size(s)?;
+    if !(64 * 1024..=MAX_RING_SIZE).contains(&n) || !n.is_power_of_two() {
+        return Err(format!(
+            "{s} is not a power of two between 64KiB and 1GiB (e.g. 8MiB, 64MiB)"
+        ));
+    }
+    u32::try_from(n).map_err(|_| format!("{s} is too large"))
 }
 
 /// The Hello carries the filter text; the protocol bounds it at 16 KiB.

@@ -67,6 +67,8 @@ async fn run(cli: Cli) -> Result<()> {
         snaplen: cli.snaplen,
         filter: cli.bpf.clone(),
         exclude: matches!(source, Source::Interfaces(_)).then_some(remote),
+        ring_size: cli.ring_size,
+        xdp_attach: cli.xdp_attach,
     };
     let mut backends = capture::open(cli.mode, &source, &opts)?;
     let counters: Vec<Arc<Counters>> = backends.iter().map(|_| Arc::default()).collect();

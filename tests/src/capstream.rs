@@ -112,7 +112,14 @@ pub fn start_sensor(ns: Option<&Netns>, receiver: &Receiver, args: &[&str]) -> R
 
 /// tcpdump capturing live on `iface` inside `ns` into `out`, as a user would run it, with
 /// nanosecond timestamps. Waits until it listens.
-pub fn start_tcpdump(ns: &Netns, iface: &str, filter: &str, out: &Path) -> Result<Proc> {
+/// `extra` goes before the filter (e.g. `-Q in`).
+pub fn start_tcpdump(
+    ns: &Netns,
+    iface: &str,
+    filter: &str,
+    extra: &[&str],
+    out: &Path,
+) -> Result<Proc> {
     let out = out.to_string_lossy().into_owned();
     let mut args = vec![
         "-i",
@@ -128,6 +135,7 @@ pub fn start_tcpdump(ns: &Netns, iface: &str, filter: &str, out: &Path) -> Resul
         "-Z",
         "root",
     ];
+    args.extend_from_slice(extra);
     if !filter.is_empty() {
         args.push(filter);
     }
@@ -228,6 +236,33 @@ pub fn first_difference(expected: &[Record], got: &[Record]) -> String {
         show(expected.get(i)),
         show(got.get(i))
     )
+}
+
+/// Compares two captures of the same traffic made by different means: the same packets,
+/// bytes and lengths in the same order, and timestamps at most `tolerance_ns` apart.
+/// Returns the largest timestamp difference seen, or what first differs.
+pub fn compare_captures(
+    expected: &[Record],
+    got: &[Record],
+    tolerance_ns: u128,
+) -> Result<u128, String> {
+    let mut max_skew = 0;
+    for (i, (a, b)) in expected.iter().zip(got).enumerate() {
+        let skew = a.timestamp_ns.abs_diff(b.timestamp_ns);
+        if a.data != b.data || a.original_len != b.original_len || skew > tolerance_ns {
+            return Err(format!(
+                "{} vs {} packets; packet {i} differs (timestamps {skew} ns apart):\n  \
+                 expected: {a}\n  got:      {b}",
+                expected.len(),
+                got.len()
+            ));
+        }
+        max_skew = max_skew.max(skew);
+    }
+    if expected.len() != got.len() {
+        return Err(first_difference(expected, got));
+    }
+    Ok(max_skew)
 }
 
 /// The number of packets tshark reads from a file; fails if tshark cannot read it.

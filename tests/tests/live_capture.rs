@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use testbed::capstream::{
-    dev_filters, first_difference, start_sensor, start_tcpdump, tcpdump_records, tshark_count,
+    compare_captures, dev_filters, start_sensor, start_tcpdump, tcpdump_records, tshark_count,
     Receiver, Record, Scratch,
 };
 use testbed::{corpus_dir, require_root, Lab};
@@ -31,11 +31,13 @@ enum StopSensor {
     AtOnce,
 }
 
-/// One replay of the corpus with a sensor (into a receiver) and tcpdump capturing side by
-/// side with `filter`. Returns what tcpdump captured, what the receiver wrote, and the
-/// sensor's log. tcpdump, the reference, must drop nothing.
+/// One replay of the corpus with a sensor in `mode` (into a receiver) and tcpdump capturing
+/// side by side with `filter` (inbound only for xdp, which sees only that). Returns what
+/// tcpdump captured, what the receiver wrote, and the sensor's log. tcpdump, the
+/// reference, must drop nothing.
 fn capture_beside_tcpdump(
     lab: &Lab,
+    mode: &str,
     filter: &str,
     stop_sensor: StopSensor,
 ) -> (Vec<Record>, Vec<Record>, String) {
@@ -51,12 +53,13 @@ fn capture_beside_tcpdump(
         &["--out", &out_arg],
     )
     .unwrap();
-    let mut args = vec!["--iface", iface];
+    let mut args = vec!["--iface", iface, "--mode", mode];
     if !filter.is_empty() {
         args.extend(["--bpf", filter]);
     }
     let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
-    let mut tcpdump = start_tcpdump(&lab.cap, iface, filter, &reference).unwrap();
+    let direction: &[&str] = if mode == "xdp" { &["-Q", "in"] } else { &[] };
+    let mut tcpdump = start_tcpdump(&lab.cap, iface, filter, direction, &reference).unwrap();
 
     lab.replay(0, &corpus(), PPS).unwrap();
     if stop_sensor == StopSensor::AtOnce {
@@ -81,15 +84,18 @@ fn capture_beside_tcpdump(
     (expected, got, sensor.stderr())
 }
 
-#[test]
-fn every_dev_filter_captures_exactly_what_tcpdump_captures() {
+/// Every expression of filters-dev.txt, one replay each, in `mode`: the sensor's output
+/// must hold exactly tcpdump's packets, bytes and lengths in the same order, with
+/// timestamps at most `tolerance_ns` from tcpdump's.
+fn every_dev_filter_matches_tcpdump(mode: &str, tolerance_ns: u128) {
     require_root();
     let lab = Lab::new(1).unwrap();
     let mut failures = Vec::new();
     let mut total_compared = 0;
+    let mut max_skew = 0;
     for filter in dev_filters().unwrap() {
         let (expected, got, sensor_log) =
-            capture_beside_tcpdump(&lab, &filter, StopSensor::AfterSettling);
+            capture_beside_tcpdump(&lab, mode, &filter, StopSensor::AfterSettling);
         if filter.is_empty() {
             assert_eq!(
                 expected.len(),
@@ -98,11 +104,11 @@ fn every_dev_filter_captures_exactly_what_tcpdump_captures() {
             );
         }
         total_compared += expected.len();
-        if expected != got {
-            failures.push(format!(
-                "filter {filter:?}: {}\nsensor log:\n{sensor_log}",
-                first_difference(&expected, &got),
-            ));
+        match compare_captures(&expected, &got, tolerance_ns) {
+            Ok(skew) => max_skew = max_skew.max(skew),
+            Err(difference) => failures.push(format!(
+                "--mode {mode}, filter {filter:?}: {difference}\nsensor log:\n{sensor_log}"
+            )),
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
@@ -110,19 +116,50 @@ fn every_dev_filter_captures_exactly_what_tcpdump_captures() {
         total_compared > 7907,
         "the filters matched almost nothing: {total_compared}"
     );
+    eprintln!(
+        "--mode {mode}: {total_compared} packets equal to tcpdump's; timestamps at most \
+         {max_skew} ns apart"
+    );
+}
+
+#[test]
+fn pcap_mode_captures_exactly_what_tcpdump_captures() {
+    // Both read the same kernel timestamps: equal to the nanosecond.
+    every_dev_filter_matches_tcpdump("pcap", 0);
+}
+
+/// The eBPF modes stamp frames themselves, within 1 ms of the kernel's stamp for tcpdump.
+const EBPF_TOLERANCE_NS: u128 = 1_000_000;
+
+#[test]
+fn ebpf_mode_captures_exactly_what_tcpdump_captures() {
+    every_dev_filter_matches_tcpdump("ebpf", EBPF_TOLERANCE_NS);
+}
+
+#[test]
+fn tc_mode_captures_exactly_what_tcpdump_captures() {
+    every_dev_filter_matches_tcpdump("tc", EBPF_TOLERANCE_NS);
+}
+
+#[test]
+fn xdp_mode_captures_exactly_what_tcpdump_captures_inbound() {
+    every_dev_filter_matches_tcpdump("xdp", EBPF_TOLERANCE_NS);
 }
 
 #[test]
 fn a_sensor_stopped_at_once_still_delivers_what_the_kernel_held() {
     require_root();
     let lab = Lab::new(1).unwrap();
-    let (expected, got, sensor_log) = capture_beside_tcpdump(&lab, "", StopSensor::AtOnce);
-    assert_eq!(expected.len(), 7907);
-    assert!(
-        expected == got,
-        "{}\nsensor log:\n{sensor_log}",
-        first_difference(&expected, &got)
-    );
+    for mode in ["pcap", "ebpf"] {
+        let (expected, got, sensor_log) =
+            capture_beside_tcpdump(&lab, mode, "", StopSensor::AtOnce);
+        assert_eq!(expected.len(), 7907);
+        let result = compare_captures(&expected, &got, EBPF_TOLERANCE_NS);
+        assert!(
+            result.is_ok(),
+            "--mode {mode}: {result:?}\nsensor log:\n{sensor_log}"
+        );
+    }
 }
 
 #[test]

@@ -15,6 +15,7 @@ use crate::system::{cmd, setup};
 
 pub fn run() -> Result<()> {
     setup()?;
+    crate::ebpf::build(crate::root())?;
     cmd("cargo", &["build", "-p", "sensor", "-p", "receiver"])?;
 
     let out_dir = PathBuf::from("demo-out");

@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the project's own build, demo and test orchestration.
 
 mod demo;
+mod ebpf;
 mod system;
 mod test;
 
@@ -26,6 +27,16 @@ enum Command {
     Test,
     /// Install the system packages and Rust targets the build and tests need.
     Setup,
+    /// Build the eBPF programs the sensor embeds (installing nightly's rust-src and
+    /// building bpf-linker first when missing); then rebuild the sensor.
+    BuildEbpf,
+}
+
+/// The workspace root.
+fn root() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
 }
 
 fn main() {
@@ -33,6 +44,7 @@ fn main() {
         Command::Demo => demo::run(),
         Command::Test => test::run(),
         Command::Setup => system::setup(),
+        Command::BuildEbpf => ebpf::build(root()),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

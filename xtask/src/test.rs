@@ -7,6 +7,19 @@ use crate::system::{cmd, setup};
 pub fn run() -> Result<()> {
     setup()?;
     cmd("cargo", &["fmt", "--all", "--", "--check"])?;
+    let ebpf_manifest = crate::root().join("sensor-ebpf/Cargo.toml");
+    cmd(
+        "cargo",
+        &[
+            "fmt",
+            "--manifest-path",
+            &ebpf_manifest.to_string_lossy(),
+            "--",
+            "--check",
+        ],
+    )?;
+    // Before clippy and the build: the sensor embeds the object.
+    crate::ebpf::build(crate::root())?;
     cmd(
         "cargo",
         &[

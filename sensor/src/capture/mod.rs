@@ -2,8 +2,8 @@
 //!
 //! A backend opens its source (activating it and installing the filter, so that every
 //! input error shows up before the sensor connects), describes itself for the Hello, and
-//! then runs on its own thread, feeding a [`Batcher`]. libpcap is the only backend today;
-//! eBPF, TC, XDP and AF_XDP backends will implement the same trait.
+//! then runs on its own thread, feeding a [`Batcher`]: libpcap everywhere (and for files),
+//! eBPF socket filter, TC and XDP on Linux.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -13,15 +13,46 @@ use common::InterfaceInfo;
 use crate::batcher::{Backpressure, Batcher};
 use crate::error::{Error, Result};
 
+#[cfg(target_os = "linux")]
+mod ebpf;
 mod pcap;
 
 /// Which backend captures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
-    /// The best backend available on this host (today: pcap).
+    /// On Linux, ebpf when the kernel and privileges allow it, else pcap.
     Auto,
-    /// libpcap, as tcpdump uses it.
+    /// libpcap, as tcpdump uses it; files are always read this way.
     Pcap,
+    /// Linux: a socket filter runs the filter in the kernel; both directions.
+    Ebpf,
+    /// Linux: TC (clsact) ingress and egress programs; direction recorded.
+    Tc,
+    /// Linux: an XDP program; ingress only, earliest in the stack.
+    Xdp,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Pcap => "pcap",
+            Self::Ebpf => "ebpf",
+            Self::Tc => "tc",
+            Self::Xdp => "xdp",
+        }
+    }
+}
+
+/// How an XDP program is attached (`--xdp-attach`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpAttach {
+    /// In the driver when it supports XDP, else in the generic (skb) path.
+    Auto,
+    /// In the driver; fails where the driver has no XDP support.
+    Native,
+    /// In the generic path, after the driver built an skb: works everywhere, slower.
+    Skb,
 }
 
 /// What to capture from.
@@ -38,6 +69,9 @@ pub struct Options {
     pub filter: String,
     /// The receiver's address, whose traffic live captures must not pick up.
     pub exclude: Option<SocketAddr>,
+    /// Bytes of the kernel ring buffer of the eBPF modes (a power of two).
+    pub ring_size: u32,
+    pub xdp_attach: XdpAttach,
 }
 
 /// Makes a running capture return soon; callable from any thread.
@@ -61,11 +95,17 @@ pub trait CaptureBackend: Send {
 
 /// Opens one backend per interface (or one for the file).
 pub fn open(mode: Mode, source: &Source, opts: &Options) -> Result<Vec<Box<dyn CaptureBackend>>> {
-    match mode {
-        Mode::Auto | Mode::Pcap => {}
-    }
     match source {
-        Source::File(path) => Ok(vec![Box::new(pcap::PcapCapture::file(path, opts)?)]),
+        Source::File(path) => {
+            if !matches!(mode, Mode::Auto | Mode::Pcap) {
+                return Err(Error::input(format!(
+                    "--mode {} captures live interfaces; files are read with libpcap \
+                     (drop --mode or use --mode pcap)",
+                    mode.name()
+                )));
+            }
+            Ok(vec![Box::new(pcap::PcapCapture::file(path, opts)?)])
+        }
         Source::Interfaces(names) => {
             let mut out: Vec<Box<dyn CaptureBackend>> = Vec::with_capacity(names.len());
             for (i, name) in names.iter().enumerate() {
@@ -77,10 +117,49 @@ pub fn open(mode: Mode, source: &Source, opts: &Options) -> Result<Vec<Box<dyn C
                 if names.len() > usize::from(u16::MAX) {
                     return Err(Error::input("too many interfaces"));
                 }
-                out.push(Box::new(pcap::PcapCapture::live(name, opts)?));
+                out.push(open_live(mode, name, opts)?);
             }
             Ok(out)
         }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBackend>> {
+    use ebpf::{EbpfCapture, Hook};
+    let hook = match mode {
+        Mode::Pcap => return Ok(Box::new(pcap::PcapCapture::live(name, opts)?)),
+        Mode::Ebpf => Hook::Socket,
+        Mode::Tc => Hook::Tc,
+        Mode::Xdp => Hook::Xdp(opts.xdp_attach),
+        Mode::Auto => {
+            let why = match EbpfCapture::open(name, Hook::Socket, opts) {
+                Ok(capture) => {
+                    tracing::info!(
+                        "{name}: --mode auto chose ebpf: the filter runs in the kernel, \
+                         both directions are seen"
+                    );
+                    return Ok(Box::new(capture));
+                }
+                Err(e) => e,
+            };
+            // libpcap reports a bad filter or an unknown interface in the user's terms.
+            let capture = pcap::PcapCapture::live(name, opts)?;
+            tracing::info!("{name}: --mode auto chose pcap: eBPF capture unavailable ({why})");
+            return Ok(Box::new(capture));
+        }
+    };
+    Ok(Box::new(EbpfCapture::open(name, hook, opts)?))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBackend>> {
+    match mode {
+        Mode::Auto | Mode::Pcap => Ok(Box::new(pcap::PcapCapture::live(name, opts)?)),
+        _ => Err(Error::input(format!(
+            "--mode {} needs Linux; use --mode pcap here",
+            mode.name()
+        ))),
     }
 }
 

@@ -344,7 +344,10 @@ fn direction(link_type: i32, data: &[u8]) -> Direction {
 
 /// Compiles the user's expression alone, so that a mistake is reported in the user's own
 /// terms rather than inside the composed filter.
-fn check_user_filter<T: Activated + ?Sized>(cap: &Capture<T>, filter: &str) -> Result<()> {
+pub(super) fn check_user_filter<T: Activated + ?Sized>(
+    cap: &Capture<T>,
+    filter: &str,
+) -> Result<()> {
     let filter = filter.trim();
     if filter.is_empty() {
         return Ok(());
@@ -372,7 +375,7 @@ fn file_error(shown: &str, text: &str) -> Error {
 }
 
 /// libpcap's own message, without the crate's "libpcap error: " prefix.
-fn msg(e: &pcap::Error) -> String {
+pub(super) fn msg(e: &pcap::Error) -> String {
     match e {
         pcap::Error::PcapError(s) => s.clone(),
         other => other.to_string(),
@@ -381,16 +384,11 @@ fn msg(e: &pcap::Error) -> String {
 
 /// Explains why an interface could not be opened: unknown name, missing privilege, or
 /// libpcap's message.
-fn open_error(name: &str, e: &pcap::Error) -> Error {
+pub(super) fn open_error(name: &str, e: &pcap::Error) -> Error {
     let text = msg(e);
     if let Ok(devices) = Device::list() {
         if !devices.iter().any(|d| d.name == name) {
-            let names: Vec<&str> = devices.iter().map(|d| d.name.as_str()).collect();
-            return Error::input(format!(
-                "unknown interface {name} (available: {}; {})",
-                names.join(", "),
-                LIST_HINT
-            ));
+            return unknown_interface(name);
         }
     }
     let lower = text.to_ascii_lowercase();
@@ -401,6 +399,18 @@ fn open_error(name: &str, e: &pcap::Error) -> Error {
         ));
     }
     Error::runtime(format!("cannot capture on {name}: {text}"))
+}
+
+/// "unknown interface", with the names that do exist.
+pub(super) fn unknown_interface(name: &str) -> Error {
+    let names: Vec<String> = Device::list()
+        .map(|d| d.into_iter().map(|d| d.name).collect())
+        .unwrap_or_default();
+    Error::input(format!(
+        "unknown interface {name} (available: {}; {})",
+        names.join(", "),
+        LIST_HINT
+    ))
 }
 
 #[cfg(unix)]

@@ -1,0 +1,92 @@
+//! What the in-kernel programs and the sensor share: map and program names, counter
+//! indices, and the record each captured frame becomes in the ring buffer.
+//!
+//! `#![no_std]` so that the eBPF programs (built for `bpfel-unknown-none`) and the sensor
+//! use the very same definitions; the `user` feature adds the `aya::Pod` impls the sensor
+//! needs to read them from maps.
+#![no_std]
+
+/// The ring buffer of captured frames (BPF_MAP_TYPE_RINGBUF).
+pub const RING_MAP: &str = "CAPSTREAM_RING";
+/// Per-CPU packet counters, indexed by the `COUNTER_*` constants.
+pub const COUNTERS_MAP: &str = "CAPSTREAM_COUNTERS";
+/// The tail-call chain: [`PROG_FILTER`] and [`PROG_EMIT`].
+pub const PROGRAMS_MAP: &str = "CAPSTREAM_PROGRAMS";
+/// Per-CPU [`Scratch`]: how the entry, filter and emit programs of one packet talk.
+pub const SCRATCH_MAP: &str = "CAPSTREAM_SCRATCH";
+/// The global holding the snap length (a `u32`), set at load time.
+pub const SNAPLEN_GLOBAL: &str = "CAPSTREAM_SNAPLEN";
+
+/// Program array slot of the translated tcpdump filter (loaded by the sensor).
+pub const PROG_FILTER: u32 = 0;
+/// Program array slot of the mode's emit program, which copies a frame into the ring.
+pub const PROG_EMIT: u32 = 1;
+
+/// Packets the entry program saw.
+pub const COUNTER_SEEN: u32 = 0;
+/// Packets the filter accepted.
+pub const COUNTER_MATCHED: u32 = 1;
+/// Accepted packets lost because the ring buffer was full.
+pub const COUNTER_RING_FULL: u32 = 2;
+/// Packets not filtered because a tail call failed (never expected; counted to be sure).
+pub const COUNTER_CHAIN_FAILED: u32 = 3;
+pub const COUNTERS: u32 = 4;
+
+/// Program names in the object, per mode: (entry programs, emit program).
+pub const SOCKET_ENTRY: &str = "capstream_socket";
+pub const SOCKET_EMIT: &str = "capstream_socket_emit";
+pub const TC_INGRESS: &str = "capstream_tc_ingress";
+pub const TC_EGRESS: &str = "capstream_tc_egress";
+pub const TC_EMIT: &str = "capstream_tc_emit";
+pub const XDP_ENTRY: &str = "capstream_xdp";
+pub const XDP_EMIT: &str = "capstream_xdp_emit";
+
+/// Written by the entry program (direction) and the filter (snap), read by emit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Scratch {
+    /// The classic filter's result: how many bytes to keep (never 0 when emit runs).
+    /// The translated filter writes it at offset 0.
+    pub snap: u32,
+    /// One of the `DIRECTION_*` values.
+    pub direction: u32,
+}
+
+pub const DIRECTION_UNKNOWN: u8 = 0;
+pub const DIRECTION_INBOUND: u8 = 1;
+pub const DIRECTION_OUTBOUND: u8 = 2;
+
+/// `PacketHeader::flags`: the kernel had moved the frame's VLAN tag into metadata; the
+/// sensor puts it back after the MAC addresses, as libpcap does.
+pub const FLAG_VLAN_STRIPPED: u8 = 1;
+
+/// One captured frame in the ring: this header, then `captured_len` bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PacketHeader {
+    /// CLOCK_BOOTTIME in nanoseconds (bpf_ktime_get_boot_ns) when the program ran; the
+    /// sensor adds the REALTIME - BOOTTIME offset.
+    pub boot_ns: u64,
+    /// The frame's length on the wire (without a stripped VLAN tag).
+    pub wire_len: u32,
+    /// How many bytes follow.
+    pub captured_len: u32,
+    /// The stripped tag's TCI and TPID (host order), if `FLAG_VLAN_STRIPPED`.
+    pub vlan_tci: u16,
+    pub vlan_tpid: u16,
+    pub flags: u8,
+    pub direction: u8,
+    pub _reserved: [u8; 2],
+}
+
+/// Largest frame copied into the ring; equals the protocol's MAX_SNAPLEN.
+pub const MAX_CAPTURE: u32 = 262_144;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: both are #[repr(C)], Copy, made only of integers, and have no padding
+    // (the reserved bytes are explicit), so any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::Scratch {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PacketHeader {}
+}

@@ -1,0 +1,277 @@
+//! Capstream's in-kernel capture programs.
+//!
+//! Every mode runs the same chain, joined by tail calls through `CAPSTREAM_PROGRAMS`:
+//!
+//! 1. an **entry** program (socket filter, TC ingress/egress, or XDP) counts the packet and
+//!    records its direction;
+//! 2. the **filter**: the user's tcpdump expression, compiled by libpcap to classic BPF
+//!    and translated to eBPF by the sensor at start-up (slot `PROG_FILTER`); when it
+//!    accepts, it stores its result (the snap length) in the scratch and jumps to
+//! 3. the mode's **emit** program (slot `PROG_EMIT`), which copies the frame into the ring.
+//!
+//! All of them are passive: whatever happens, the packet goes on untouched.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::bindings::xdp_action::XDP_PASS;
+use aya_ebpf::helpers::generated::{
+    bpf_ktime_get_boot_ns, bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
+};
+use aya_ebpf::macros::{classifier, map, socket_filter, xdp};
+use aya_ebpf::maps::{PerCpuArray, ProgramArray, RingBuf};
+use aya_ebpf::programs::{SkBuffContext, TcContext, XdpContext};
+use aya_ebpf::EbpfContext;
+use aya_log_ebpf::debug;
+use sensor_ebpf::{
+    PacketHeader, Scratch, COUNTERS, COUNTER_CHAIN_FAILED, COUNTER_MATCHED, COUNTER_RING_FULL,
+    COUNTER_SEEN, DIRECTION_INBOUND, DIRECTION_OUTBOUND, FLAG_VLAN_STRIPPED, MAX_CAPTURE,
+    PROG_FILTER,
+};
+
+/// What a TC program returns to let the packet go on to the next program, or on its way
+/// (TC_ACT_UNSPEC, TCX_NEXT).
+const TC_NEXT: i32 = -1;
+/// A socket filter's "deliver 0 bytes": the frame reached the ring, the socket needs nothing.
+const SOCKET_KEEP_NOTHING: i64 = 0;
+const PACKET_OUTGOING: u32 = 4;
+
+/// The user's snap length; the sensor sets it when loading.
+#[no_mangle]
+static CAPSTREAM_SNAPLEN: u32 = MAX_CAPTURE;
+
+/// The sensor sizes it with --ring-size when loading.
+#[map]
+static CAPSTREAM_RING: RingBuf = RingBuf::with_byte_size(1 << 23, 0);
+#[map]
+static CAPSTREAM_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
+#[map]
+static CAPSTREAM_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+#[map]
+static CAPSTREAM_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn count(counter: u32) {
+    if let Some(n) = CAPSTREAM_COUNTERS.get_ptr_mut(counter) {
+        // SAFETY: a per-CPU slot, written only by programs on this CPU, which run to
+        // completion without preemption by another of ours.
+        unsafe { *n += 1 };
+    }
+}
+
+/// Counts the packet, notes its direction, and jumps to the filter.
+#[inline(always)]
+fn enter<C: EbpfContext>(ctx: &C, direction: u8) {
+    count(COUNTER_SEEN);
+    if let Some(s) = CAPSTREAM_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: per-CPU scratch, see `count`.
+        unsafe { (*s).direction = u32::from(direction) };
+    }
+    // SAFETY: the context is this program's own; on success this does not return.
+    unsafe { CAPSTREAM_PROGRAMS.tail_call(ctx, PROG_FILTER) };
+    count(COUNTER_CHAIN_FAILED);
+    debug!(ctx, "capstream: no filter program in the chain");
+}
+
+/// What emit needs from a mode's context.
+trait Frame: EbpfContext {
+    /// The frame's full length (all fragments), without a stripped VLAN tag.
+    fn wire_len(&self) -> u32;
+    /// Copies `len` bytes from the frame's start; false if the kernel refused.
+    fn copy_to(&self, dst: *mut u8, len: u32) -> bool;
+    /// The VLAN tag the kernel moved out of the frame: (TCI, TPID in host order).
+    fn stripped_vlan(&self) -> Option<(u16, u16)>;
+}
+
+macro_rules! skb_frame {
+    ($ctx:ty) => {
+        impl Frame for $ctx {
+            #[inline(always)]
+            fn wire_len(&self) -> u32 {
+                // SAFETY: the context pointer the kernel passed in.
+                unsafe { (*self.skb.skb).len }
+            }
+            #[inline(always)]
+            fn copy_to(&self, dst: *mut u8, len: u32) -> bool {
+                // SAFETY: `dst` points into a ring reservation of at least `len` bytes.
+                unsafe { bpf_skb_load_bytes(self.as_ptr(), 0, dst.cast(), len) == 0 }
+            }
+            #[inline(always)]
+            fn stripped_vlan(&self) -> Option<(u16, u16)> {
+                // SAFETY: the context pointer the kernel passed in.
+                let skb = unsafe { &*self.skb.skb };
+                #[allow(clippy::cast_possible_truncation)]
+                (skb.vlan_present != 0)
+                    .then(|| (skb.vlan_tci as u16, u16::from_be(skb.vlan_proto as u16)))
+            }
+        }
+    };
+}
+skb_frame!(SkBuffContext);
+skb_frame!(TcContext);
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    #[allow(clippy::cast_possible_truncation)]
+    fn wire_len(&self) -> u32 {
+        // SAFETY: the context pointer the kernel passed in.
+        unsafe { bpf_xdp_get_buff_len(self.ctx) as u32 }
+    }
+    #[inline(always)]
+    fn copy_to(&self, dst: *mut u8, len: u32) -> bool {
+        // SAFETY: `dst` points into a ring reservation of at least `len` bytes.
+        unsafe { bpf_xdp_load_bytes(self.ctx, 0, dst.cast(), len) == 0 }
+    }
+    /// XDP runs before the kernel takes tags out: they are still in the bytes.
+    #[inline(always)]
+    fn stripped_vlan(&self) -> Option<(u16, u16)> {
+        None
+    }
+}
+
+const HEADER_LEN: usize = core::mem::size_of::<PacketHeader>();
+
+/// Copies the frame into a ring record of a fixed size class: the kernel wants a constant
+/// reservation size, and classes in powers of two waste at most half the space.
+#[inline(always)]
+fn copy_class<F: Frame, const N: usize>(frame: &F, header: &PacketHeader) -> bool {
+    let Some(mut record) = CAPSTREAM_RING.reserve_bytes(HEADER_LEN + N, 0) else {
+        return false;
+    };
+    // The verifier needs the length proven within [1, N], one bound at a time. The
+    // volatile read keeps the compiler from dropping the bounds it can prove from the
+    // caller's size test, which the verifier does not connect to this register.
+    // SAFETY: a read of a field of a live reference.
+    let mut len = unsafe { core::ptr::read_volatile(&header.captured_len) };
+    if len > N as u32 {
+        len = N as u32;
+    }
+    if len == 0 {
+        record.discard(0);
+        return true;
+    }
+    let base = record.as_mut_ptr();
+    // SAFETY: the reservation holds HEADER_LEN + N bytes and is 8-byte aligned.
+    unsafe { base.cast::<PacketHeader>().write(*header) };
+    // SAFETY: HEADER_LEN < HEADER_LEN + N.
+    if frame.copy_to(unsafe { base.add(HEADER_LEN) }, len) {
+        record.submit(0);
+    } else {
+        record.discard(0);
+    }
+    true
+}
+
+/// Copies an accepted frame into the ring, or counts it lost when the ring is full.
+#[inline(always)]
+fn emit<F: Frame>(frame: &F) {
+    let Some(scratch) = CAPSTREAM_SCRATCH.get_ptr(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch, written by this packet's entry and filter programs.
+    let scratch = unsafe { *scratch };
+    count(COUNTER_MATCHED);
+    let wire_len = frame.wire_len();
+    // SAFETY: a plain u32 global; volatile so that the value set at load time is read.
+    let snaplen = unsafe { core::ptr::read_volatile(&CAPSTREAM_SNAPLEN) };
+    let mut header = PacketHeader {
+        // SAFETY: a helper without arguments.
+        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        wire_len,
+        captured_len: wire_len.min(scratch.snap).min(snaplen).min(MAX_CAPTURE),
+        direction: scratch.direction as u8,
+        ..PacketHeader::default()
+    };
+    if let Some((tci, tpid)) = frame.stripped_vlan() {
+        header.flags = FLAG_VLAN_STRIPPED;
+        header.vlan_tci = tci;
+        header.vlan_tpid = tpid;
+    }
+    let len = header.captured_len;
+    let copied = if len <= 128 {
+        copy_class::<F, 128>(frame, &header)
+    } else if len <= 256 {
+        copy_class::<F, 256>(frame, &header)
+    } else if len <= 512 {
+        copy_class::<F, 512>(frame, &header)
+    } else if len <= 1024 {
+        copy_class::<F, 1024>(frame, &header)
+    } else if len <= 2048 {
+        copy_class::<F, 2048>(frame, &header)
+    } else if len <= 4096 {
+        copy_class::<F, 4096>(frame, &header)
+    } else if len <= 9216 {
+        copy_class::<F, 9216>(frame, &header)
+    } else if len <= 16384 {
+        copy_class::<F, 16384>(frame, &header)
+    } else if len <= 32768 {
+        copy_class::<F, 32768>(frame, &header)
+    } else if len <= 65536 {
+        copy_class::<F, 65536>(frame, &header)
+    } else {
+        copy_class::<F, { MAX_CAPTURE as usize }>(frame, &header)
+    };
+    if !copied {
+        count(COUNTER_RING_FULL);
+    }
+}
+
+#[socket_filter]
+pub fn capstream_socket(ctx: SkBuffContext) -> i64 {
+    // SAFETY: the context pointer the kernel passed in.
+    let outgoing = unsafe { (*ctx.skb.skb).pkt_type } == PACKET_OUTGOING;
+    enter(
+        &ctx,
+        if outgoing {
+            DIRECTION_OUTBOUND
+        } else {
+            DIRECTION_INBOUND
+        },
+    );
+    SOCKET_KEEP_NOTHING
+}
+
+#[socket_filter]
+pub fn capstream_socket_emit(ctx: SkBuffContext) -> i64 {
+    emit(&ctx);
+    SOCKET_KEEP_NOTHING
+}
+
+#[classifier]
+pub fn capstream_tc_ingress(ctx: TcContext) -> i32 {
+    enter(&ctx, DIRECTION_INBOUND);
+    TC_NEXT
+}
+
+#[classifier]
+pub fn capstream_tc_egress(ctx: TcContext) -> i32 {
+    enter(&ctx, DIRECTION_OUTBOUND);
+    TC_NEXT
+}
+
+#[classifier]
+pub fn capstream_tc_emit(ctx: TcContext) -> i32 {
+    emit(&ctx);
+    TC_NEXT
+}
+
+#[xdp(frags)]
+pub fn capstream_xdp(ctx: XdpContext) -> u32 {
+    enter(&ctx, DIRECTION_INBOUND);
+    XDP_PASS
+}
+
+#[xdp(frags)]
+pub fn capstream_xdp_emit(ctx: XdpContext) -> u32 {
+    emit(&ctx);
+    XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,653 @@
+//! Linux eBPF capture: a socket filter, TC or XDP program runs the user's tcpdump filter in
+//! the kernel and copies matching frames into a BPF ring buffer, which this backend drains.
+//!
+//! The chain (see `sensor-ebpf`): entry program → translated filter → emit program, joined
+//! by tail calls. The filter is libpcap's own compilation of the expression, translated
+//! from classic BPF by [`cbpf`] and loaded with a raw bpf() call ([`sys`]), since Aya loads
+//! only programs from an object.
+//!
+//! Timestamps: the kernel stamps each frame with CLOCK_BOOTTIME (bpf_ktime_get_boot_ns);
+//! this side adds REALTIME − BOOTTIME, sampled on every wake-up, which gives wall-clock
+//! nanoseconds that follow clock steps within one wake-up.
+
+pub mod cbpf;
+pub mod sys;
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::programs::{tc, SchedClassifier, SocketFilter, TcAttachType, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use common::{Direction, InterfaceInfo};
+use pcap::{Capture, Linktype};
+use sensor_ebpf as shared;
+
+use self::cbpf::{CbpfInsn, Context, OnAccept, Target};
+use self::sys::ProgKind;
+use super::{compose_filter, CaptureBackend, Options, Stopper, XdpAttach};
+use crate::batcher::{Backpressure, Batcher};
+use crate::error::{Error, Result};
+
+/// The programs, built by `cargo xtask build-ebpf` and embedded by build.rs.
+#[cfg(capstream_ebpf)]
+static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
+    env!("OUT_DIR"),
+    "/sensor-ebpf.o"
+)));
+#[cfg(not(capstream_ebpf))]
+static OBJECT: Option<&[u8]> = None;
+
+/// How long a wait for frames lasts before the loop looks at the stop flag and the batch
+/// timer again.
+const POLL_TIMEOUT: Duration = Duration::from_millis(50);
+/// How often the kernel counters are read.
+const STATS_EVERY: Duration = Duration::from_secs(1);
+/// What each mode's programs return to let a packet through untouched.
+const SOCKET_PASS: i32 = 0;
+const TC_PASS: i32 = -1;
+const XDP_PASS: i32 = 2;
+
+/// Which hook runs the capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// A socket filter on an AF_PACKET socket: both directions, like tcpdump.
+    Socket,
+    /// clsact ingress and egress.
+    Tc,
+    /// XDP: ingress only, before the kernel's own processing.
+    Xdp(XdpAttach),
+}
+
+impl Hook {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Socket => "ebpf",
+            Self::Tc => "tc",
+            Self::Xdp(_) => "xdp",
+        }
+    }
+
+    fn context(self) -> Context {
+        match self {
+            Self::Socket | Self::Tc => Context::Skb,
+            Self::Xdp(_) => Context::Xdp,
+        }
+    }
+
+    fn pass(self) -> i32 {
+        match self {
+            Self::Socket => SOCKET_PASS,
+            Self::Tc => TC_PASS,
+            Self::Xdp(_) => XDP_PASS,
+        }
+    }
+
+    fn prog_kind(self) -> ProgKind {
+        match self {
+            Self::Socket => ProgKind::SocketFilter,
+            Self::Tc => ProgKind::SchedCls,
+            Self::Xdp(_) => ProgKind::Xdp { frags: true },
+        }
+    }
+
+    /// The emit program and the entry programs of this hook in the object.
+    fn programs(self) -> (&'static str, &'static [&'static str]) {
+        match self {
+            Self::Socket => (shared::SOCKET_EMIT, &[shared::SOCKET_ENTRY]),
+            Self::Tc => (shared::TC_EMIT, &[shared::TC_INGRESS, shared::TC_EGRESS]),
+            Self::Xdp(_) => (shared::XDP_EMIT, &[shared::XDP_ENTRY]),
+        }
+    }
+}
+
+/// Whether this build carries the eBPF programs.
+pub fn available() -> Result<()> {
+    if OBJECT.is_none() {
+        return Err(Error::runtime(
+            "this build has no eBPF programs; run cargo xtask build-ebpf and rebuild the \
+             sensor, or use --mode pcap",
+        ));
+    }
+    Ok(())
+}
+
+/// What keeps the entry programs attached; dropping it detaches them.
+enum Attachment {
+    /// The AF_PACKET socket carrying the socket filter.
+    Socket,
+    Tc(Vec<(&'static str, aya::programs::tc::SchedClassifierLinkId)>),
+    Xdp(aya::programs::xdp::XdpLinkId),
+    Detached,
+}
+
+pub struct EbpfCapture {
+    info: InterfaceInfo,
+    link_name: String,
+    hook: Hook,
+    ebpf: Ebpf,
+    ring: RingBuf<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    attachment: Attachment,
+    /// An AF_PACKET socket bound to the interface: carries the socket filter in `ebpf`
+    /// mode, and holds the interface in promiscuous mode in every mode, as tcpdump does.
+    packet_socket: OwnedFd,
+    /// Kept loaded while it sits in the program array.
+    _filter: OwnedFd,
+    stop: Arc<AtomicBool>,
+}
+
+impl EbpfCapture {
+    pub fn open(iface: &str, hook: Hook, opts: &Options) -> Result<Self> {
+        let object = OBJECT.ok_or_else(|| available().unwrap_err())?;
+        let mode = hook.name();
+        if iface == "any" {
+            return Err(Error::input(format!(
+                "--mode {mode} captures named interfaces, not \"any\" (name them with -i, \
+                 or use --mode pcap)"
+            )));
+        }
+        let ifindex = ifindex(iface)?;
+        let (filter, link_type) = compile_filter(iface, opts)?;
+        if matches!(hook, Hook::Xdp(_)) && link_type != Linktype::ETHERNET.0 {
+            return Err(Error::input(format!(
+                "--mode xdp needs an Ethernet interface and {iface} is not one; use --mode tc"
+            )));
+        }
+
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(shared::RING_MAP, opts.ring_size)
+            .override_global(shared::SNAPLEN_GLOBAL, &opts.snaplen, true)
+            .load(object)
+            .map_err(|e| privilege_or(mode, format!("cannot load the eBPF programs: {e}")))?;
+        let logger = aya_log::EbpfLogger::init(&mut ebpf)
+            .map_err(|e| tracing::debug!("no eBPF-side logging: {e}"))
+            .ok();
+        let (emit, entries) = hook.programs();
+        let emit_fd = load_program(&mut ebpf, hook, emit)?;
+
+        let programs = map_fd(&ebpf, shared::PROGRAMS_MAP)?;
+        let scratch = map_fd(&ebpf, shared::SCRATCH_MAP)?;
+        let target = Target {
+            context: hook.context(),
+            pass: hook.pass(),
+            on_accept: OnAccept::TailCall {
+                prog_array: programs.as_fd(),
+                index: shared::PROG_EMIT,
+                scratch: scratch.as_fd(),
+            },
+        };
+        let insns = cbpf::translate(&filter, &target)
+            .map_err(|e| Error::input(format!("the filter cannot run in --mode {mode}: {e}")))?;
+        let filter_fd =
+            sys::load_program(hook.prog_kind(), &insns, "capstream_filter").map_err(|e| {
+                privilege_or(
+                    mode,
+                    format!("the kernel refused the translated filter: {e}"),
+                )
+            })?;
+        for (index, prog) in [
+            (shared::PROG_FILTER, filter_fd.as_fd()),
+            (shared::PROG_EMIT, emit_fd.as_fd()),
+        ] {
+            sys::prog_array_set(programs.as_fd(), index, prog)
+                .map_err(|e| Error::runtime(format!("cannot chain the eBPF programs: {e}")))?;
+        }
+
+        let packet_socket = packet_socket(ifindex)
+            .map_err(|e| privilege_or(mode, format!("cannot open a packet socket: {e}")))?;
+        let attachment = match hook {
+            Hook::Socket => {
+                let prog: &mut SocketFilter = program(&mut ebpf, entries[0])?;
+                prog.load().map_err(|e| load_error(mode, entries[0], &e))?;
+                prog.attach(packet_socket.as_fd())
+                    .map_err(|e| Error::runtime(format!("cannot attach the socket filter: {e}")))?;
+                // Bound only now, with the filter in place: nothing unfiltered is queued.
+                bind_all(&packet_socket, ifindex).map_err(|e| {
+                    Error::runtime(format!("cannot bind the packet socket to {iface}: {e}"))
+                })?;
+                Attachment::Socket
+            }
+            Hook::Tc => {
+                // Already present (another tool, or a previous run) is fine.
+                let _ = tc::qdisc_add_clsact(iface);
+                let mut links = Vec::new();
+                for (name, direction) in entries
+                    .iter()
+                    .zip([TcAttachType::Ingress, TcAttachType::Egress])
+                {
+                    let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+                    prog.load().map_err(|e| load_error(mode, name, &e))?;
+                    let link = prog.attach(iface, direction).map_err(|e| {
+                        Error::runtime(format!(
+                            "cannot attach the TC program to {iface}: {e} (the kernel needs \
+                             clsact support; try --mode ebpf)"
+                        ))
+                    })?;
+                    links.push((*name, link));
+                }
+                Attachment::Tc(links)
+            }
+            Hook::Xdp(attach) => {
+                let prog: &mut Xdp = program(&mut ebpf, entries[0])?;
+                prog.load().map_err(|e| load_error(mode, entries[0], &e))?;
+                Attachment::Xdp(attach_xdp(prog, iface, attach)?)
+            }
+        };
+        set_promiscuous(&packet_socket, ifindex)
+            .map_err(|e| Error::runtime(format!("cannot put {iface} in promiscuous mode: {e}")))?;
+
+        let ring = RingBuf::try_from(
+            ebpf.take_map(shared::RING_MAP)
+                .ok_or_else(|| missing(shared::RING_MAP))?,
+        )
+        .map_err(|e| Error::runtime(format!("cannot map the ring buffer: {e}")))?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map(shared::COUNTERS_MAP)
+                .ok_or_else(|| missing(shared::COUNTERS_MAP))?,
+        )
+        .map_err(|e| Error::runtime(format!("cannot read the kernel counters: {e}")))?;
+        let link_name = Linktype(link_type)
+            .get_name()
+            .unwrap_or_else(|_| format!("LINKTYPE {link_type}"));
+        Ok(Self {
+            info: InterfaceInfo {
+                name: iface.to_string(),
+                link_type: u16::try_from(link_type).map_err(|_| {
+                    Error::runtime(format!("{iface} has an unsupported link type {link_type}"))
+                })?,
+                snaplen: opts.snaplen,
+                filter: opts.filter.trim().to_string(),
+            },
+            link_name: format!("{link_name}, {mode}"),
+            hook,
+            ebpf,
+            ring,
+            counters,
+            logger,
+            attachment,
+            packet_socket,
+            _filter: filter_fd,
+            stop: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Detaches the entry programs: no new frames enter the ring after this.
+    fn detach(&mut self) {
+        let result = match std::mem::replace(&mut self.attachment, Attachment::Detached) {
+            Attachment::Detached => Ok(()),
+            Attachment::Socket => {
+                SocketFilter::detach(self.packet_socket.as_fd()).map_err(|e| e.to_string())
+            }
+            Attachment::Tc(links) => links.into_iter().try_for_each(|(name, link)| {
+                program::<SchedClassifier>(&mut self.ebpf, name)
+                    .map_err(|e| e.to_string())?
+                    .detach(link)
+                    .map_err(|e| e.to_string())
+            }),
+            Attachment::Xdp(link) => program::<Xdp>(&mut self.ebpf, shared::XDP_ENTRY)
+                .map_err(|e| e.to_string())
+                .and_then(|p| p.detach(link).map_err(|e| e.to_string())),
+        };
+        if let Err(e) = result {
+            tracing::warn!(
+                "{}: cannot detach the capture programs: {e}",
+                self.info.name
+            );
+        }
+    }
+
+    /// Waits until the ring (or the log ring) has data, or the poll timeout passes.
+    fn wait(&self) {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let timeout = Timespec {
+            tv_sec: 0,
+            tv_nsec: i64::try_from(POLL_TIMEOUT.as_nanos()).unwrap_or(i64::MAX),
+        };
+        let mut fds = vec![PollFd::new(&self.ring, PollFlags::IN)];
+        if let Some(l) = &self.logger {
+            fds.push(PollFd::new(l, PollFlags::IN));
+        }
+        // EINTR only means an earlier look at the stop flag.
+        let _ = poll(&mut fds, Some(&timeout));
+    }
+
+    /// Moves the kernel's per-CPU counters into the sensor's.
+    fn poll_counters(&self, batcher: &Batcher) {
+        let sum = |index: u32| -> u64 {
+            self.counters
+                .get(&index, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        let c = batcher.counters();
+        c.seen.store(sum(shared::COUNTER_SEEN), Relaxed);
+        c.drop_kernel.store(sum(shared::COUNTER_RING_FULL), Relaxed);
+        let failed = sum(shared::COUNTER_CHAIN_FAILED);
+        if failed > 0 {
+            tracing::warn!(
+                "{}: {failed} packets were not filtered because a tail call failed",
+                self.info.name
+            );
+        }
+    }
+}
+
+impl CaptureBackend for EbpfCapture {
+    fn info(&self) -> &InterfaceInfo {
+        &self.info
+    }
+
+    fn link_type_name(&self) -> &str {
+        &self.link_name
+    }
+
+    fn backpressure(&self) -> Backpressure {
+        Backpressure::Drop
+    }
+
+    fn stopper(&mut self) -> Stopper {
+        let stop = Arc::clone(&self.stop);
+        Box::new(move || stop.store(true, Relaxed))
+    }
+
+    fn run(mut self: Box<Self>, mut batcher: Batcher) -> Result<()> {
+        tracing::info!(
+            "{}: capturing in the kernel with --mode {}",
+            self.info.name,
+            self.hook.name()
+        );
+        let snaplen = self.info.snaplen as usize;
+        let mut reinserted = Vec::with_capacity(snaplen.min(65536) + 4);
+        let mut last_stats = Instant::now();
+        let mut open = true;
+        loop {
+            let stopping = self.stop.load(Relaxed);
+            if stopping {
+                // Nothing new enters the ring; what it holds is still delivered below.
+                self.detach();
+            }
+            let offset = boottime_to_realtime();
+            while let Some(item) = self.ring.next() {
+                if deliver(&item, offset, snaplen, &mut reinserted, &mut batcher).is_err() {
+                    open = false;
+                    break;
+                }
+            }
+            if let Some(l) = &mut self.logger {
+                l.flush();
+            }
+            if stopping || !open || batcher.tick().is_err() {
+                break;
+            }
+            if last_stats.elapsed() >= STATS_EVERY {
+                self.poll_counters(&batcher);
+                last_stats = Instant::now();
+            }
+            self.wait();
+        }
+        self.poll_counters(&batcher);
+        // The transport may already be gone (connection lost): nothing left to do then.
+        let _ = batcher.finish();
+        Ok(())
+    }
+}
+
+/// Hands one ring record to the batcher, with a stripped VLAN tag put back after the MAC
+/// addresses (as libpcap does, lengths included).
+fn deliver(
+    record: &[u8],
+    boot_to_real: i128,
+    snaplen: usize,
+    reinserted: &mut Vec<u8>,
+    batcher: &mut Batcher,
+) -> Result<(), crate::batcher::Closed> {
+    let Some(header) = parse_header(record) else {
+        return Ok(());
+    };
+    let end = HEADER_LEN + header.captured_len as usize;
+    let Some(mut data) = record.get(HEADER_LEN..end) else {
+        return Ok(());
+    };
+    let mut wire_len = header.wire_len;
+    if header.flags & shared::FLAG_VLAN_STRIPPED != 0 && data.len() >= 12 {
+        reinserted.clear();
+        reinserted.extend_from_slice(&data[..12]);
+        reinserted.extend_from_slice(&header.vlan_tpid.to_be_bytes());
+        reinserted.extend_from_slice(&header.vlan_tci.to_be_bytes());
+        reinserted.extend_from_slice(&data[12..]);
+        reinserted.truncate(snaplen);
+        data = reinserted;
+        wire_len = wire_len.saturating_add(4);
+    }
+    let timestamp = i128::from(header.boot_ns) + boot_to_real;
+    let direction = match header.direction {
+        shared::DIRECTION_INBOUND => Direction::Inbound,
+        shared::DIRECTION_OUTBOUND => Direction::Outbound,
+        _ => Direction::Unknown,
+    };
+    batcher.push(
+        u64::try_from(timestamp).unwrap_or(0),
+        wire_len,
+        direction,
+        data,
+    )
+}
+
+const HEADER_LEN: usize = std::mem::size_of::<shared::PacketHeader>();
+
+fn parse_header(record: &[u8]) -> Option<shared::PacketHeader> {
+    let bytes = record.get(..HEADER_LEN)?;
+    // SAFETY: `bytes` holds HEADER_LEN bytes, PacketHeader is plain integers (aya::Pod)
+    // and read_unaligned needs no alignment.
+    Some(unsafe {
+        bytes
+            .as_ptr()
+            .cast::<shared::PacketHeader>()
+            .read_unaligned()
+    })
+}
+
+/// REALTIME − BOOTTIME in nanoseconds, sampled now.
+fn boottime_to_realtime() -> i128 {
+    use rustix::time::{clock_gettime, ClockId};
+    let ns =
+        |t: rustix::time::Timespec| i128::from(t.tv_sec) * 1_000_000_000 + i128::from(t.tv_nsec);
+    let real = ns(clock_gettime(ClockId::Realtime));
+    let boot = ns(clock_gettime(ClockId::Boottime));
+    real - boot
+}
+
+/// Compiles the composed filter on a live libpcap handle, as tcpdump does, so that `vlan`
+/// tests the tag the kernel moved into metadata (the XDP translation sees frames that way
+/// too). Returns the classic program and the interface's link type.
+fn compile_filter(iface: &str, opts: &Options) -> Result<(Vec<CbpfInsn>, i32)> {
+    let live = Capture::from_device(iface)
+        .map_err(|e| Error::runtime(format!("cannot open interface {iface}: {e}")))?
+        .snaplen(i32::try_from(opts.snaplen).unwrap_or(i32::MAX))
+        .buffer_size(1 << 16)
+        .open()
+        .map_err(|e| super::pcap::open_error(iface, &e))?;
+    super::pcap::check_user_filter(&live, &opts.filter)?;
+    let expr = compose_filter(&opts.filter, opts.exclude);
+    let program = live.compile(&expr, true).map_err(|e| {
+        Error::input(format!(
+            "invalid filter \"{expr}\": {}",
+            super::pcap::msg(&e)
+        ))
+    })?;
+    Ok((CbpfInsn::from_pcap(&program), live.get_datalink().0))
+}
+
+fn attach_xdp(
+    prog: &mut Xdp,
+    iface: &str,
+    attach: XdpAttach,
+) -> Result<aya::programs::xdp::XdpLinkId> {
+    let native = |p: &mut Xdp| p.attach(iface, XdpMode::Driver);
+    let generic = |p: &mut Xdp| p.attach(iface, XdpMode::Skb);
+    match attach {
+        XdpAttach::Native => native(prog).map_err(|e| {
+            Error::runtime(format!(
+                "cannot attach XDP in the driver of {iface}: {e} (try --xdp-attach skb)"
+            ))
+        }),
+        XdpAttach::Skb => generic(prog).map_err(|e| {
+            Error::runtime(format!("cannot attach XDP to {iface}: {e} (try --mode tc)"))
+        }),
+        XdpAttach::Auto => native(prog).or_else(|e| {
+            tracing::info!("{iface}: native XDP unavailable ({e}); attaching in the generic path");
+            generic(prog).map_err(|e| {
+                Error::runtime(format!("cannot attach XDP to {iface}: {e} (try --mode tc)"))
+            })
+        }),
+    }
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| missing(name))?
+        .try_into()
+        .map_err(|e| Error::runtime(format!("eBPF program {name} has the wrong type: {e}")))
+}
+
+/// Loads the emit program and returns a duplicate of its descriptor for the program array.
+fn load_program(ebpf: &mut Ebpf, hook: Hook, name: &'static str) -> Result<OwnedFd> {
+    let mode = hook.name();
+    let prog = ebpf.program_mut(name).ok_or_else(|| missing(name))?;
+    let loaded = match prog {
+        aya::programs::Program::SocketFilter(p) => p.load(),
+        aya::programs::Program::SchedClassifier(p) => p.load(),
+        aya::programs::Program::Xdp(p) => p.load(),
+        _ => {
+            return Err(Error::runtime(format!(
+                "eBPF program {name} has the wrong type"
+            )))
+        }
+    };
+    loaded.map_err(|e| load_error(mode, name, &e))?;
+    prog.fd()
+        .map_err(|e| e.to_string())
+        .and_then(|fd| fd.as_fd().try_clone_to_owned().map_err(|e| e.to_string()))
+        .map_err(|e| Error::runtime(format!("eBPF program {name}: {e}")))
+}
+
+fn map_fd(ebpf: &Ebpf, name: &str) -> Result<OwnedFd> {
+    let map = ebpf.map(name).ok_or_else(|| missing(name))?;
+    let data: &MapData = match map {
+        aya::maps::Map::ProgramArray(d) | aya::maps::Map::PerCpuArray(d) => d,
+        _ => {
+            return Err(Error::runtime(format!(
+                "eBPF map {name} has the wrong type"
+            )))
+        }
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::runtime(format!("eBPF map {name}: {e}")))
+}
+
+fn missing(name: &str) -> Error {
+    Error::runtime(format!(
+        "the embedded eBPF object lacks {name}; rebuild with cargo xtask build-ebpf"
+    ))
+}
+
+fn load_error(mode: &str, name: &str, e: &aya::programs::ProgramError) -> Error {
+    // The verifier's log is in the error's source chain; keep the line short.
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    privilege_or(mode, format!("cannot load eBPF program {name}: {text}"))
+}
+
+/// Names the missing capability when the kernel said EPERM, else keeps the message.
+fn privilege_or(mode: &str, text: String) -> Error {
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("operation not permitted") || lower.contains("permission denied") {
+        Error::runtime(format!(
+            "{text} (--mode {mode} needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, or root; \
+             --mode pcap needs only CAP_NET_RAW)"
+        ))
+    } else {
+        Error::runtime(text)
+    }
+}
+
+fn ifindex(iface: &str) -> Result<u32> {
+    let name = std::ffi::CString::new(iface)
+        .map_err(|_| Error::input(format!("bad interface name {iface:?}")))?;
+    // SAFETY: a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(super::pcap::unknown_interface(iface));
+    }
+    Ok(index)
+}
+
+const ETH_P_ALL: u16 = 0x0003;
+
+/// An AF_PACKET socket that receives nothing until bound.
+fn packet_socket(_ifindex: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn bind_all(socket: &OwnedFd, ifindex: u32) -> io::Result<()> {
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid start.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = ETH_P_ALL.to_be();
+    addr.sll_ifindex = ifindex as i32;
+    // SAFETY: `addr` is a valid sockaddr_ll and its size is passed with it.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Promiscuous mode for as long as the socket lives (the kernel counts memberships, so
+/// other users of the interface are unaffected).
+fn set_promiscuous(socket: &OwnedFd, ifindex: u32) -> io::Result<()> {
+    // SAFETY: packet_mreq is plain data; all-zero is a valid start.
+    let mut mreq: libc::packet_mreq = unsafe { std::mem::zeroed() };
+    mreq.mr_ifindex = ifindex as i32;
+    mreq.mr_type = libc::PACKET_MR_PROMISC as u16;
+    // SAFETY: `mreq` is a valid packet_mreq and its size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_ADD_MEMBERSHIP,
+            (&raw const mreq).cast(),
+            std::mem::size_of::<libc::packet_mreq>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
