@@ -156,7 +156,9 @@ fn reachable(prog: &[CbpfInsn]) -> Vec<bool> {
         let next = pc + 1;
         let successors = match insn.code & 0x07 {
             class::RET => vec![],
-            class::JMP if insn.code & 0xf0 == u16::from(JA) => vec![next + insn.k as usize],
+            class::JMP if insn.code & 0xf0 == u16::from(JA) => {
+                vec![next.saturating_add(insn.k as usize)]
+            }
             class::JMP => vec![next + usize::from(insn.jt), next + usize::from(insn.jf)],
             _ => vec![next],
         };
@@ -641,7 +643,7 @@ impl<'t, 'a> Emitter<'t, 'a> {
         let pc = self.classic;
         // Targets must stay inside the program; the last instruction is a return.
         let target = |skip: u32| {
-            let to = pc + 1 + skip as usize;
+            let to = (pc + 1).saturating_add(skip as usize);
             if to < len {
                 Ok(Label::Classic(to))
             } else {
@@ -762,10 +764,12 @@ impl<'t, 'a> Emitter<'t, 'a> {
             }
             // libpcap's interpreter gives 0 for a shift by 32 or more; eBPF would mask it.
             OP_LSH | OP_RSH if by_x => {
-                self.emit(EBPF_JMP32 | JGE, X, 0, 2, 32);
+                let too_far = self.forward_jump(EBPF_JMP32 | JGE, X, 32);
                 self.alu32_reg(op, A, X);
-                self.emit(EBPF_JMP | JA, 0, 0, 1, 0);
+                let done = self.forward_jump(EBPF_JMP | JA, 0, 0);
+                self.land(too_far);
                 self.mov32_imm(A, 0);
+                self.land(done);
             }
             OP_ADD | OP_SUB | OP_MUL | OP_DIV | OP_OR | OP_AND | OP_LSH | OP_RSH | OP_MOD
             | OP_XOR => {

@@ -183,13 +183,8 @@ impl EbpfCapture {
         };
         let insns = cbpf::translate(&filter, &target)
             .map_err(|e| Error::input(format!("the filter cannot run in --mode {mode}: {e}")))?;
-        let filter_fd =
-            sys::load_program(hook.prog_kind(), &insns, "capstream_filter").map_err(|e| {
-                privilege_or(
-                    mode,
-                    format!("the kernel refused the translated filter: {e}"),
-                )
-            })?;
+        let filter_fd = sys::load_program(hook.prog_kind(), &insns, "capstream_filter")
+            .map_err(|e| privilege_or(mode, e.to_string()))?;
         for (index, prog) in [
             (shared::PROG_FILTER, filter_fd.as_fd()),
             (shared::PROG_EMIT, emit_fd.as_fd()),

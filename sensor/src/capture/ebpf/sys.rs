@@ -280,27 +280,18 @@ fn log_tail(log: &[u8]) -> String {
 
 /// Puts `prog` at `index` of the BPF_MAP_TYPE_PROG_ARRAY `map`.
 pub fn prog_array_set(map: BorrowedFd, index: u32, prog: BorrowedFd) -> io::Result<()> {
-    let value: u32 = prog
-        .as_raw_fd()
-        .try_into()
-        .map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    map_update(map, &index, &value)
-}
-
-/// Sets `key` to `value` in `map`, whose key and value sizes must be those of K and V.
-fn map_update<K, V>(map: BorrowedFd, key: &K, value: &V) -> io::Result<()> {
+    let bad_fd = |_| io::Error::from_raw_os_error(libc::EBADF);
+    let value: u32 = prog.as_raw_fd().try_into().map_err(bad_fd)?;
     let mut attr = MapElemAttr {
-        map_fd: map
-            .as_raw_fd()
-            .try_into()
-            .map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?,
-        key: std::ptr::from_ref(key) as u64,
-        value: std::ptr::from_ref(value) as u64,
+        map_fd: map.as_raw_fd().try_into().map_err(bad_fd)?,
+        key: std::ptr::from_ref(&index) as u64,
+        value: std::ptr::from_ref(&value) as u64,
         flags: BPF_ANY,
         ..Default::default()
     };
-    // SAFETY: the kernel reads key_size bytes from `key` and value_size bytes from `value`,
-    // which the caller's types provide, and both outlive the call.
+    // SAFETY: the kernel reads the map's key size from `key` and its value size from
+    // `value`, both 4 bytes in a program array (a map with larger ones would make it read
+    // past them, but only read); both outlive the call.
     unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
 }
 
@@ -356,4 +347,57 @@ pub fn test_run(prog: BorrowedFd, data: &[u8], repeat: u32) -> io::Result<TestRu
         retval: attr.retval,
         duration_ns: attr.duration,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    const EXIT: EbpfInsn = EbpfInsn {
+        code: 0x95,
+        regs: 0,
+        off: 0,
+        imm: 0,
+    };
+    const R0_IS_0: EbpfInsn = EbpfInsn {
+        code: 0xb7,
+        regs: 0,
+        off: 0,
+        imm: 0,
+    };
+
+    /// The verifier refuses a program that returns without setting R0; the error says so
+    /// on one line, and the alternate form adds the log.
+    #[test]
+    fn load_error_carries_the_verifier_log() {
+        let err = load_program(ProgKind::SocketFilter, &[EXIT], "cbpf_bad").unwrap_err();
+        let line = err.to_string();
+        assert!(
+            line.starts_with("the kernel refused the filter program: Permission denied"),
+            "{line}"
+        );
+        assert!(line.contains("; verifier: R0 !read_ok"), "{line}");
+        assert!(!line.contains('\n'));
+        let lines = err.log_tail().lines().count();
+        assert!((2..=LOG_TAIL_LINES).contains(&lines), "{err:#}");
+        assert_eq!(format!("{err:#}").lines().count(), lines + 1);
+    }
+
+    #[test]
+    fn prog_array_set_puts_programs_in_range_only() {
+        const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
+        let prog = load_program(ProgKind::SchedCls, &[R0_IS_0, EXIT], "cbpf_ok").unwrap();
+        let map = map_create(BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 2, "cbpf_progs").unwrap();
+        prog_array_set(map.as_fd(), 1, prog.as_fd()).unwrap();
+        let err = prog_array_set(map.as_fd(), 2, prog.as_fd()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::E2BIG));
+    }
+
+    #[test]
+    fn object_names_are_what_the_kernel_accepts() {
+        assert_eq!(&object_name("capstream-filter!"), b"capstreamfilter\0");
+        assert_eq!(object_name("a_very_long_program_name")[15], 0);
+    }
 }

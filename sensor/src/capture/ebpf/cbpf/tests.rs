@@ -70,9 +70,11 @@ fn ebpf(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> EbpfInsn {
 
 /// What libpcap's interpreter returns for `prog` on `packet`.
 fn oracle(prog: &[CbpfInsn], packet: &[u8]) -> u32 {
+    // Validated: the interpreter trusts its program.
+    translate(prog, &return_target(Context::Skb)).unwrap_or_else(|e| panic!("{e}"));
     let len = u32::try_from(packet.len()).unwrap();
-    // SAFETY: CbpfInsn has struct bpf_insn's layout; the caller translated `prog` first,
-    // so every jump stays inside it and it ends with a return; `packet` is `len` bytes.
+    // SAFETY: CbpfInsn has struct bpf_insn's layout; `prog` translated, so every jump
+    // stays inside it and it ends with a return; `packet` is `len` bytes.
     unsafe { bpf_filter(prog.as_ptr(), packet.as_ptr(), len, len) }
 }
 
@@ -352,7 +354,7 @@ fn corpus_matches_libpcap() {
     let mut too_short = std::collections::BTreeSet::new();
     let mut truncated = std::collections::BTreeSet::new();
     let mut mismatches = Vec::new();
-    let mut biggest = (String::new(), 0, 0);
+    let mut biggest = Vec::new();
     let mut run_ns = 0u64;
     for expr in filters.lines() {
         let program = dead.compile(expr, true).unwrap();
@@ -361,9 +363,11 @@ fn corpus_matches_libpcap() {
         for context in [Context::Skb, Context::Xdp] {
             let insns = translate(&classic, &return_target(context))
                 .unwrap_or_else(|e| panic!("\"{expr}\": {e}"));
-            if insns.len() > biggest.2 {
-                biggest = (format!("{expr} ({context:?})"), classic.len(), insns.len());
-            }
+            biggest.push((
+                insns.len(),
+                classic.len(),
+                format!("{context:?} \"{expr}\""),
+            ));
             let fd = load(&insns, test_kind(context));
             let limit = match context {
                 Context::Skb => skb_test_limit(&fd),
@@ -398,20 +402,19 @@ fn corpus_matches_libpcap() {
             }
         }
     }
+    biggest.sort_by(|a, b| b.cmp(a));
     eprintln!(
         "{} filters x {} frames x 2 contexts: {compared} verdicts compared, {} mismatches, \
          {} ns per run on average; skipped for skb: {} frames too short for a test run \
-         {too_short:?}; {} frames truncated to fit an skb test run; biggest filter \
-         \"{}\": {} classic -> {} eBPF instructions",
+         {too_short:?}; {} frames truncated to fit an skb test run; biggest filters \
+         (eBPF, classic instructions): {:?}",
         filters.lines().count(),
         frames.len(),
         mismatches.len(),
         run_ns / compared as u64,
         too_short.len(),
         truncated.len(),
-        biggest.0,
-        biggest.1,
-        biggest.2
+        &biggest[..4],
     );
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
     assert!(too_short.len() <= 5, "{} frames skipped", too_short.len());
@@ -713,7 +716,8 @@ fn xdp_hides_the_outer_vlan_tag() {
     for (expr, on_tagged, on_untagged) in [
         ("vlan 100 and ip", true, false),
         ("vlan 200", false, false),
-        ("ip", false, true),
+        // As live tcpdump on Linux: "ip" alone also matches a tagged IPv4 frame.
+        ("ip", true, true),
     ] {
         let classic = CbpfInsn::from_pcap(&live.compile(expr, true).unwrap());
         let fd = load_classic(&classic, Context::Xdp);
