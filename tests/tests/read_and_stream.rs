@@ -199,6 +199,20 @@ fn bad_input_gives_one_line_errors_and_exit_code_2() {
     sensor(&["--iface", "lo", "--snaplen", "0"], "snaplen");
     sensor(&["--iface", "lo", "--batch-size", "lots"], "lots");
     sensor(&["--iface", "lo", "--read", "/x.pcap"], "--read");
+    sensor(
+        &["--iface", "nosuchif0", "--mode", "xdp"],
+        "unknown interface nosuchif0",
+    );
+    sensor(&["--iface", "any", "--mode", "ebpf"], "--mode pcap");
+    sensor(
+        &["--iface", "lo", "--mode", "tc", "--bpf", "tcp and and"],
+        "syntax error",
+    );
+    sensor(&["--iface", "lo", "--ring-size", "3MiB"], "power of two");
+    sensor(
+        &["--iface", "lo", "--mode", "xdp", "--xdp-attach", "later"],
+        "later",
+    );
     // Wrong trust or address: each case gives its own.
     let on_lo = |rest: &[&str], needle: &str| {
         assert_refused("sensor", &[&["--iface", "lo"][..], rest].concat(), needle);
