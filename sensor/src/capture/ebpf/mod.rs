@@ -104,15 +104,12 @@ impl Hook {
     }
 }
 
-/// Whether this build carries the eBPF programs.
-pub fn available() -> Result<()> {
-    if OBJECT.is_none() {
-        return Err(Error::runtime(
-            "this build has no eBPF programs; run cargo xtask build-ebpf and rebuild the \
-             sensor, or use --mode pcap",
-        ));
-    }
-    Ok(())
+/// Why an eBPF mode cannot run in a build without the programs.
+fn no_programs() -> Error {
+    Error::runtime(
+        "this build has no eBPF programs; run cargo xtask build-ebpf and rebuild the sensor, \
+         or use --mode pcap",
+    )
 }
 
 /// What keeps the entry programs attached; dropping it detaches them.
@@ -143,7 +140,7 @@ pub struct EbpfCapture {
 
 impl EbpfCapture {
     pub fn open(iface: &str, hook: Hook, opts: &Options) -> Result<Self> {
-        let object = OBJECT.ok_or_else(|| available().unwrap_err())?;
+        let object = OBJECT.ok_or_else(no_programs)?;
         let mode = hook.name();
         if iface == "any" {
             return Err(Error::input(format!(
@@ -193,7 +190,7 @@ impl EbpfCapture {
                 .map_err(|e| Error::runtime(format!("cannot chain the eBPF programs: {e}")))?;
         }
 
-        let packet_socket = packet_socket(ifindex)
+        let packet_socket = packet_socket()
             .map_err(|e| privilege_or(mode, format!("cannot open a packet socket: {e}")))?;
         let attachment = match hook {
             Hook::Socket => {
@@ -594,7 +591,7 @@ fn ifindex(iface: &str) -> Result<u32> {
 const ETH_P_ALL: u16 = 0x0003;
 
 /// An AF_PACKET socket that receives nothing until bound.
-fn packet_socket(_ifindex: u32) -> io::Result<OwnedFd> {
+fn packet_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the result is checked before use.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
