@@ -251,6 +251,10 @@ const FP: u8 = 10;
 const ETHERTYPE_OFF: u32 = 12;
 const ETH_P_8021Q: i32 = 0x8100;
 const ETH_P_8021AD: i32 = 0x88a8;
+/// EtherTypes start here; below, the field is an 802.3 length.
+const ETH_P_802_3_MIN: i32 = 0x600;
+const ETH_P_802_3: i32 = 0x0001;
+const ETH_P_802_2: i32 = 0x0004;
 const JLT: u8 = 0xa0;
 
 /// M[0] below the frame pointer; M[i] is 4i bytes above.
@@ -519,7 +523,28 @@ impl<'t, 'a> Emitter<'t, 'a> {
     /// `dst` = the `size`-byte big-endian value at `offset` in the packet as the kernel's
     /// taps see it, or pass if the packet is too short.
     fn load_packet(&mut self, size: u16, offset: Offset, dst: u8) {
-        self.load_bytes(size, offset, dst, true);
+        let bytes = match size {
+            SIZE_W => 4,
+            SIZE_H => 2,
+            _ => 1,
+        };
+        match offset {
+            // In XDP a load that spans the EtherType's start reads bytes on both sides of
+            // a hidden tag: one byte at a time, each placed where the kernel's taps see it.
+            Offset::Const(k)
+                if self.target.context == Context::Xdp
+                    && k < ETHERTYPE_OFF
+                    && k + bytes > ETHERTYPE_OFF =>
+            {
+                self.load_bytes(SIZE_B, Offset::Const(k), dst, true);
+                for i in 1..bytes {
+                    self.load_bytes(SIZE_B, Offset::Const(k + i), R0, true);
+                    self.alu32_imm(OP_LSH, dst, 8);
+                    self.alu32_reg(OP_OR, dst, R0);
+                }
+            }
+            _ => self.load_bytes(size, offset, dst, true),
+        }
     }
 
     /// As `load_packet`; `untagged` false reads an XDP frame's bytes as they are.
@@ -614,8 +639,19 @@ impl<'t, 'a> Emitter<'t, 'a> {
                 self.load_bytes(SIZE_H, Offset::Const(at), A, false);
                 self.land(untagged);
             }
+            // As eth_type_trans and the VLAN untagging set skb->protocol: the EtherType,
+            // or for an 802.3 length field, 802.3 raw (payload starting 0xffff) or 802.2.
             (Context::Xdp, SKF_AD_PROTOCOL) => {
                 self.load_packet(SIZE_H, Offset::Const(ETHERTYPE_OFF), A);
+                let ethernet_ii = self.forward_jump(EBPF_JMP32 | JGE, A, ETH_P_802_3_MIN);
+                self.load_packet(SIZE_H, Offset::Const(ETHERTYPE_OFF + 2), A);
+                let raw = self.forward_jump(EBPF_JMP32 | JEQ, A, 0xffff);
+                self.mov32_imm(A, ETH_P_802_2);
+                let done = self.forward_jump(EBPF_JMP | JA, 0, 0);
+                self.land(raw);
+                self.mov32_imm(A, ETH_P_802_3);
+                self.land(done);
+                self.land(ethernet_ii);
             }
             (Context::Xdp, SKF_AD_PKTTYPE | SKF_AD_MARK | SKF_AD_QUEUE | SKF_AD_RXHASH) => {
                 return Err(format!(

@@ -705,8 +705,39 @@ fn xdp_hides_the_outer_vlan_tag() {
         vec![s(LD_W_ABS, 60), s(RET_A, 0)],
         vec![s(LD_W_LEN, 0), s(RET_A, 0)],
         vec![s(LDX_B_MSH, 14), s(LD_B_IND, 9), s(RET_A, 0)],
+        // Loads that span the hidden tag's place.
+        vec![s(LD_W_ABS, 10), s(RET_A, 0)],
+        vec![s(LD_H_ABS, 11), s(RET_A, 0)],
+        vec![s(LD_W_ABS, 11), s(RET_A, 0)],
     ] {
         assert_eq!(xdp(&prog, &tagged), oracle(&prog, &untagged), "{prog:?}");
+    }
+
+    // An 802.3 length field instead of an EtherType: the protocol is 802.3 raw when the
+    // payload starts 0xffff, else 802.2, as the kernel says for the same frame in an skb.
+    let skb = |prog: &[CbpfInsn], packet: &[u8]| run(&load_classic(prog, Context::Skb), packet);
+    for (payload, protocol) in [([0xff, 0xff], 0x0001), ([0xaa, 0xaa], 0x0004)] {
+        let mut frame_802_3 = untagged.clone();
+        frame_802_3[12..14].copy_from_slice(&46u16.to_be_bytes());
+        frame_802_3[14..16].copy_from_slice(&payload);
+        let tagged_802_3 = [
+            &frame_802_3[..12],
+            &[0x81, 0x00, 0x00, 0x07],
+            &frame_802_3[12..],
+        ]
+        .concat();
+        assert_eq!(
+            skb(&anc(SKF_AD_PROTOCOL), &frame_802_3) - 0x10_0000,
+            protocol
+        );
+        assert_eq!(
+            xdp(&anc(SKF_AD_PROTOCOL), &frame_802_3) - 0x10_0000,
+            protocol
+        );
+        assert_eq!(
+            xdp(&anc(SKF_AD_PROTOCOL), &tagged_802_3) - 0x10_0000,
+            protocol
+        );
     }
 
     let live = pcap::Capture::from_device("lo")
