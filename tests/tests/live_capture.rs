@@ -31,13 +31,14 @@ enum StopSensor {
     AtOnce,
 }
 
-/// One replay of the corpus with a sensor in `mode` (into a receiver) and tcpdump capturing
+/// One replay of the corpus with a sensor in `mode` (the mode, then any mode options; into
+/// a receiver) and tcpdump capturing
 /// side by side with `filter` (inbound only for xdp, which sees only that). Returns what
 /// tcpdump captured, what the receiver wrote, and the sensor's log. tcpdump, the
 /// reference, must drop nothing.
 fn capture_beside_tcpdump(
     lab: &Lab,
-    mode: &str,
+    mode: &[&str],
     filter: &str,
     stop_sensor: StopSensor,
 ) -> (Vec<Record>, Vec<Record>, String) {
@@ -53,12 +54,13 @@ fn capture_beside_tcpdump(
         &["--out", &out_arg],
     )
     .unwrap();
-    let mut args = vec!["--iface", iface, "--mode", mode];
+    let mut args = vec!["--iface", iface, "--mode"];
+    args.extend_from_slice(mode);
     if !filter.is_empty() {
         args.extend(["--bpf", filter]);
     }
     let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
-    let direction: &[&str] = if mode == "xdp" { &["-Q", "in"] } else { &[] };
+    let direction: &[&str] = if mode[0] == "xdp" { &["-Q", "in"] } else { &[] };
     let mut tcpdump = start_tcpdump(&lab.cap, iface, filter, direction, &reference).unwrap();
 
     lab.replay(0, &corpus(), PPS).unwrap();
@@ -87,7 +89,7 @@ fn capture_beside_tcpdump(
 /// Every expression of filters-dev.txt, one replay each, in `mode`: the sensor's output
 /// must hold exactly tcpdump's packets, bytes and lengths in the same order, with
 /// timestamps at most `tolerance_ns` from tcpdump's.
-fn every_dev_filter_matches_tcpdump(mode: &str, tolerance_ns: u128) {
+fn every_dev_filter_matches_tcpdump(mode: &[&str], tolerance_ns: u128) {
     require_root();
     let lab = Lab::new(1).unwrap();
     let mut failures = Vec::new();
@@ -107,7 +109,7 @@ fn every_dev_filter_matches_tcpdump(mode: &str, tolerance_ns: u128) {
         match compare_captures(&expected, &got, tolerance_ns) {
             Ok(skew) => max_skew = max_skew.max(skew),
             Err(difference) => failures.push(format!(
-                "--mode {mode}, filter {filter:?}: {difference}\nsensor log:\n{sensor_log}"
+                "--mode {mode:?}, filter {filter:?}: {difference}\nsensor log:\n{sensor_log}"
             )),
         }
     }
@@ -117,7 +119,7 @@ fn every_dev_filter_matches_tcpdump(mode: &str, tolerance_ns: u128) {
         "the filters matched almost nothing: {total_compared}"
     );
     eprintln!(
-        "--mode {mode}: {total_compared} packets equal to tcpdump's; timestamps at most \
+        "--mode {mode:?}: {total_compared} packets equal to tcpdump's; timestamps at most \
          {max_skew} ns apart"
     );
 }
@@ -125,7 +127,7 @@ fn every_dev_filter_matches_tcpdump(mode: &str, tolerance_ns: u128) {
 #[test]
 fn pcap_mode_captures_exactly_what_tcpdump_captures() {
     // Both read the same kernel timestamps: equal to the nanosecond.
-    every_dev_filter_matches_tcpdump("pcap", 0);
+    every_dev_filter_matches_tcpdump(&["pcap"], 0);
 }
 
 /// The eBPF modes stamp frames themselves, within 1 ms of the kernel's stamp for tcpdump.
@@ -133,17 +135,22 @@ const EBPF_TOLERANCE_NS: u128 = 1_000_000;
 
 #[test]
 fn ebpf_mode_captures_exactly_what_tcpdump_captures() {
-    every_dev_filter_matches_tcpdump("ebpf", EBPF_TOLERANCE_NS);
+    every_dev_filter_matches_tcpdump(&["ebpf"], EBPF_TOLERANCE_NS);
 }
 
 #[test]
 fn tc_mode_captures_exactly_what_tcpdump_captures() {
-    every_dev_filter_matches_tcpdump("tc", EBPF_TOLERANCE_NS);
+    every_dev_filter_matches_tcpdump(&["tc"], EBPF_TOLERANCE_NS);
 }
 
 #[test]
 fn xdp_mode_captures_exactly_what_tcpdump_captures_inbound() {
-    every_dev_filter_matches_tcpdump("xdp", EBPF_TOLERANCE_NS);
+    every_dev_filter_matches_tcpdump(&["xdp", "--xdp-attach", "native"], EBPF_TOLERANCE_NS);
+}
+
+#[test]
+fn xdp_mode_in_the_generic_path_captures_exactly_what_tcpdump_captures_inbound() {
+    every_dev_filter_matches_tcpdump(&["xdp", "--xdp-attach", "skb"], EBPF_TOLERANCE_NS);
 }
 
 #[test]
@@ -152,7 +159,7 @@ fn a_sensor_stopped_at_once_still_delivers_what_the_kernel_held() {
     let lab = Lab::new(1).unwrap();
     for mode in ["pcap", "ebpf"] {
         let (expected, got, sensor_log) =
-            capture_beside_tcpdump(&lab, mode, "", StopSensor::AtOnce);
+            capture_beside_tcpdump(&lab, &[mode], "", StopSensor::AtOnce);
         assert_eq!(expected.len(), 7907);
         let result = compare_captures(&expected, &got, EBPF_TOLERANCE_NS);
         assert!(
@@ -336,4 +343,121 @@ fn classic_pcap_refuses_a_second_link_type_and_says_to_use_pcapng() {
     ethernet.stop().unwrap();
     receiver.stop().unwrap();
     assert_eq!(tcpdump_records(&out, "").unwrap().len(), 7907);
+}
+
+/// The number after `label` in the sensor's exit summary (e.g. "kernel buffer full: ").
+fn summary_figure(sensor_log: &str, label: &str) -> u64 {
+    let at = sensor_log
+        .rfind(label)
+        .unwrap_or_else(|| panic!("no {label:?} in the sensor's summary:\n{sensor_log}"));
+    sensor_log[at + label.len()..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_full_kernel_ring_is_counted_and_everything_else_delivered() {
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    let dir = Scratch::new("ringfull").unwrap();
+    let out = dir.join("capture.pcap");
+    let out_arg = out.to_string_lossy().into_owned();
+    let mut receiver = Receiver::start(
+        Some(&lab.cap),
+        &dir.join("state"),
+        4433,
+        &["--out", &out_arg],
+    )
+    .unwrap();
+    let iface = lab.links[0].1.as_str();
+    let args = ["--iface", iface, "--mode", "ebpf", "--ring-size", "64KiB"];
+    let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
+    // A frozen sensor reads nothing: the 1.8 MB corpus cannot fit the 64 KiB ring.
+    sensor.signal("STOP").unwrap();
+    lab.replay(0, &corpus(), PPS).unwrap();
+    sensor.signal("CONT").unwrap();
+    settle();
+    sensor.stop().unwrap();
+    receiver.stop().unwrap();
+
+    let log = sensor.stderr();
+    let written = tcpdump_records(&out, "").unwrap().len() as u64;
+    let ring_full = summary_figure(&log, "kernel buffer full: ");
+    assert!(
+        ring_full > 0,
+        "the ring cannot have held the corpus:\n{log}"
+    );
+    assert!(written > 0, "nothing reached the output:\n{log}");
+    assert_eq!(summary_figure(&log, ": seen "), 7907, "{log}");
+    assert_eq!(
+        written + ring_full,
+        7907,
+        "every frame is either written or counted as dropped:\n{log}"
+    );
+    eprintln!(
+        "64 KiB ring, frozen sensor: {written} frames written, {ring_full} counted as dropped"
+    );
+}
+
+/// The direction each mode records, as tshark reads it from pcapng: pings from the
+/// capture side go out, their replies come in.
+#[test]
+fn ebpf_and_tc_record_the_direction() {
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    let iface = lab.links[0].1.as_str();
+    for mode in ["ebpf", "tc"] {
+        let dir = Scratch::new("direction").unwrap();
+        let out = dir.join("capture.pcapng");
+        let out_arg = out.to_string_lossy().into_owned();
+        let mut receiver = Receiver::start(
+            Some(&lab.cap),
+            &dir.join("state"),
+            4433,
+            &["--out", &out_arg],
+        )
+        .unwrap();
+        let args = ["--iface", iface, "--mode", mode, "--bpf", "icmp"];
+        let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
+        lab.cap
+            .exec("ping", &["-c", "3", "-i", "0.2", "198.18.0.1"])
+            .unwrap();
+        settle();
+        sensor.stop().unwrap();
+        receiver.stop().unwrap();
+        let out_arg = out.to_string_lossy().into_owned();
+        let fields = testbed::run(
+            "tshark",
+            &[
+                "-r",
+                &out_arg,
+                "-T",
+                "fields",
+                "-e",
+                "icmp.type",
+                "-e",
+                "frame.packet_flags_direction",
+            ],
+        )
+        .unwrap();
+        let rows: Vec<(String, u32)> = fields
+            .lines()
+            .map(|l| {
+                let (kind, direction) = l.split_once('\t').unwrap();
+                let direction = direction.trim_start_matches("0x");
+                (
+                    kind.to_string(),
+                    u32::from_str_radix(direction, 16).unwrap(),
+                )
+            })
+            .collect();
+        // pcapng EPB flags: 1 inbound, 2 outbound.
+        let expected: Vec<(String, u32)> = (0..3)
+            .flat_map(|_| [("8".to_string(), 2), ("0".to_string(), 1)])
+            .collect();
+        assert_eq!(rows, expected, "--mode {mode}:\n{fields}");
+    }
 }

@@ -149,7 +149,7 @@ impl EbpfCapture {
             )));
         }
         let ifindex = ifindex(iface)?;
-        let (filter, link_type) = compile_filter(iface, opts)?;
+        let (filter, link_type) = compile_filter(iface, mode, opts)?;
         if matches!(hook, Hook::Xdp(_)) && link_type != Linktype::ETHERNET.0 {
             return Err(Error::input(format!(
                 "--mode xdp needs an Ethernet interface and {iface} is not one; use --mode tc"
@@ -160,7 +160,12 @@ impl EbpfCapture {
             .map_max_entries(shared::RING_MAP, opts.ring_size)
             .override_global(shared::SNAPLEN_GLOBAL, &opts.snaplen, true)
             .load(object)
-            .map_err(|e| privilege_or(mode, format!("cannot load the eBPF programs: {e}")))?;
+            .map_err(|e| {
+                privilege_or(
+                    mode,
+                    format!("cannot load the eBPF programs: {}", chain(&e)),
+                )
+            })?;
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
             .map_err(|e| tracing::debug!("no eBPF-side logging: {e}"))
             .ok();
@@ -457,13 +462,20 @@ fn boottime_to_realtime() -> i128 {
 /// Compiles the composed filter on a live libpcap handle, as tcpdump does, so that `vlan`
 /// tests the tag the kernel moved into metadata (the XDP translation sees frames that way
 /// too). Returns the classic program and the interface's link type.
-fn compile_filter(iface: &str, opts: &Options) -> Result<(Vec<CbpfInsn>, i32)> {
+fn compile_filter(iface: &str, mode: &str, opts: &Options) -> Result<(Vec<CbpfInsn>, i32)> {
     let live = Capture::from_device(iface)
         .map_err(|e| Error::runtime(format!("cannot open interface {iface}: {e}")))?
         .snaplen(i32::try_from(opts.snaplen).unwrap_or(i32::MAX))
         .buffer_size(1 << 16)
         .open()
-        .map_err(|e| super::pcap::open_error(iface, &e))?;
+        .map_err(|e| {
+            let text = super::pcap::msg(&e);
+            if is_permission_error(&text) {
+                privilege_or(mode, format!("no permission to capture on {iface}: {text}"))
+            } else {
+                super::pcap::open_error(iface, &e)
+            }
+        })?;
     super::pcap::check_user_filter(&live, &opts.filter)?;
     let expr = compose_filter(&opts.filter, opts.exclude);
     let program = live.compile(&expr, true).map_err(|e| {
@@ -554,27 +566,42 @@ fn missing(name: &str) -> Error {
 }
 
 fn load_error(mode: &str, name: &str, e: &aya::programs::ProgramError) -> Error {
-    // The verifier's log is in the error's source chain; keep the line short.
+    privilege_or(
+        mode,
+        format!("cannot load eBPF program {name}: {}", chain(e)),
+    )
+}
+
+/// An error with its causes (where Aya keeps errno and the verifier's log), on one line.
+fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
+    let mut source = e.source();
     while let Some(s) = source {
-        text = format!("{text}: {s}");
+        // Some errors repeat their cause in their own message.
+        let cause = s.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
         source = s.source();
     }
-    privilege_or(mode, format!("cannot load eBPF program {name}: {text}"))
+    text
 }
 
 /// Names the missing capability when the kernel said EPERM, else keeps the message.
 fn privilege_or(mode: &str, text: String) -> Error {
-    let lower = text.to_ascii_lowercase();
-    if lower.contains("operation not permitted") || lower.contains("permission denied") {
+    if is_permission_error(&text) {
         Error::runtime(format!(
-            "{text} (--mode {mode} needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, or root; \
-             --mode pcap needs only CAP_NET_RAW)"
+            "{text} (--mode {mode} needs CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_NET_RAW, \
+             or root; --mode pcap needs only CAP_NET_RAW)"
         ))
     } else {
         Error::runtime(text)
     }
+}
+
+fn is_permission_error(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    lower.contains("operation not permitted") || lower.contains("permission denied")
 }
 
 fn ifindex(iface: &str) -> Result<u32> {
