@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{tc, SchedClassifier, SocketFilter, TcAttachType, Xdp, XdpMode};
+use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 use common::{Direction, InterfaceInfo};
 use pcap::{Capture, Linktype};
@@ -112,7 +113,7 @@ fn no_programs() -> Error {
     )
 }
 
-/// What keeps the entry programs attached; dropping it detaches them.
+/// How the entry programs are attached, to detach them when the capture stops.
 enum Attachment {
     /// The AF_PACKET socket carrying the socket filter.
     Socket,
@@ -135,6 +136,8 @@ pub struct EbpfCapture {
     packet_socket: OwnedFd,
     /// Kept loaded while it sits in the program array.
     _filter: OwnedFd,
+    /// Packets the chain failed to filter, as last reported (never expected).
+    chain_failed_reported: u64,
     stop: Arc<AtomicBool>,
 }
 
@@ -170,7 +173,7 @@ impl EbpfCapture {
             .map_err(|e| tracing::debug!("no eBPF-side logging: {e}"))
             .ok();
         let (emit, entries) = hook.programs();
-        let emit_fd = load_program(&mut ebpf, hook, emit)?;
+        let emit_fd = load_emit(&mut ebpf, hook, emit)?;
 
         let programs = map_fd(&ebpf, shared::PROGRAMS_MAP)?;
         let scratch = map_fd(&ebpf, shared::SCRATCH_MAP)?;
@@ -210,8 +213,12 @@ impl EbpfCapture {
                 Attachment::Socket
             }
             Hook::Tc => {
-                // Already present (another tool, or a previous run) is fine.
-                let _ = tc::qdisc_add_clsact(iface);
+                // Aya attaches with TCX from 6.6 on, which needs no qdisc; older kernels need
+                // clsact, and one already there (another tool, a previous run) is fine.
+                let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+                if !tcx {
+                    let _ = tc::qdisc_add_clsact(iface);
+                }
                 let mut links = Vec::new();
                 for (name, direction) in entries
                     .iter()
@@ -269,6 +276,7 @@ impl EbpfCapture {
             attachment,
             packet_socket,
             _filter: filter_fd,
+            chain_failed_reported: 0,
             stop: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -314,7 +322,7 @@ impl EbpfCapture {
     }
 
     /// Moves the kernel's per-CPU counters into the sensor's.
-    fn poll_counters(&self, batcher: &Batcher) {
+    fn poll_counters(&mut self, batcher: &Batcher) {
         let sum = |index: u32| -> u64 {
             self.counters
                 .get(&index, 0)
@@ -325,7 +333,8 @@ impl EbpfCapture {
         c.seen.store(sum(shared::COUNTER_SEEN), Relaxed);
         c.drop_kernel.store(sum(shared::COUNTER_RING_FULL), Relaxed);
         let failed = sum(shared::COUNTER_CHAIN_FAILED);
-        if failed > 0 {
+        if failed > self.chain_failed_reported {
+            self.chain_failed_reported = failed;
             tracing::warn!(
                 "{}: {failed} packets were not filtered because a tail call failed",
                 self.info.name
@@ -523,7 +532,7 @@ where
 }
 
 /// Loads the emit program and returns a duplicate of its descriptor for the program array.
-fn load_program(ebpf: &mut Ebpf, hook: Hook, name: &'static str) -> Result<OwnedFd> {
+fn load_emit(ebpf: &mut Ebpf, hook: Hook, name: &'static str) -> Result<OwnedFd> {
     let mode = hook.name();
     let prog = ebpf.program_mut(name).ok_or_else(|| missing(name))?;
     let loaded = match prog {
