@@ -70,7 +70,15 @@ pub struct Options {
     /// The receiver's address, whose traffic live captures must not pick up.
     pub exclude: Option<SocketAddr>,
     /// Bytes of the kernel ring buffer of the eBPF modes (a power of two).
+    #[cfg_attr(
+        not(target_os = "linux"),
+        allow(dead_code, reason = "eBPF modes are Linux-only")
+    )]
     pub ring_size: u32,
+    #[cfg_attr(
+        not(target_os = "linux"),
+        allow(dead_code, reason = "eBPF modes are Linux-only")
+    )]
     pub xdp_attach: XdpAttach,
 }
 
