@@ -164,7 +164,7 @@ impl EbpfCapture {
             .override_global(shared::SNAPLEN_GLOBAL, &opts.snaplen, true)
             .load(object)
             .map_err(|e| {
-                privilege_or(
+                kernel_refused(
                     mode,
                     format!("cannot load the eBPF programs: {}", chain(&e)),
                 )
@@ -189,7 +189,7 @@ impl EbpfCapture {
         let insns = cbpf::translate(&filter, &target)
             .map_err(|e| Error::input(format!("the filter cannot run in --mode {mode}: {e}")))?;
         let filter_fd = sys::load_program(hook.prog_kind(), &insns, "capstream_filter")
-            .map_err(|e| privilege_or(mode, e.to_string()))?;
+            .map_err(|e| kernel_refused(mode, e.to_string()))?;
         for (index, prog) in [
             (shared::PROG_FILTER, filter_fd.as_fd()),
             (shared::PROG_EMIT, emit_fd.as_fd()),
@@ -199,7 +199,7 @@ impl EbpfCapture {
         }
 
         let packet_socket = packet_socket()
-            .map_err(|e| privilege_or(mode, format!("cannot open a packet socket: {e}")))?;
+            .map_err(|e| kernel_refused(mode, format!("cannot open a packet socket: {e}")))?;
         let attachment = match hook {
             Hook::Socket => {
                 let prog: &mut SocketFilter = program(&mut ebpf, entries[0])?;
@@ -480,7 +480,7 @@ fn compile_filter(iface: &str, mode: &str, opts: &Options) -> Result<(Vec<CbpfIn
         .map_err(|e| {
             let text = super::pcap::msg(&e);
             if is_permission_error(&text) {
-                privilege_or(mode, format!("no permission to capture on {iface}: {text}"))
+                kernel_refused(mode, format!("no permission to capture on {iface}: {text}"))
             } else {
                 super::pcap::open_error(iface, &e)
             }
@@ -575,7 +575,7 @@ fn missing(name: &str) -> Error {
 }
 
 fn load_error(mode: &str, name: &str, e: &aya::programs::ProgramError) -> Error {
-    privilege_or(
+    kernel_refused(
         mode,
         format!("cannot load eBPF program {name}: {}", chain(e)),
     )
@@ -596,15 +596,19 @@ fn chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Names the missing capability when the kernel said EPERM, else keeps the message.
-fn privilege_or(mode: &str, text: String) -> Error {
+/// Explains a refusal by the kernel: the missing capabilities when it said EPERM, else
+/// that the kernel may lack what the mode needs.
+fn kernel_refused(mode: &str, text: String) -> Error {
     if is_permission_error(&text) {
         Error::runtime(format!(
             "{text} (--mode {mode} needs CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_NET_RAW, \
              or root; --mode pcap needs only CAP_NET_RAW)"
         ))
     } else {
-        Error::runtime(text)
+        Error::runtime(format!(
+            "{text} (this kernel may lack what --mode {mode} needs; --mode pcap works \
+             without eBPF)"
+        ))
     }
 }
 
