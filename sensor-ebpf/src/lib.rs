@@ -16,6 +16,8 @@ pub const PROGRAMS_MAP: &str = "CAPSTREAM_PROGRAMS";
 pub const SCRATCH_MAP: &str = "CAPSTREAM_SCRATCH";
 /// The global holding the snap length (a `u32`), set at load time.
 pub const SNAPLEN_GLOBAL: &str = "CAPSTREAM_SNAPLEN";
+/// The global saying (non-zero) that the interface is a loopback, set at load time.
+pub const LOOPBACK_GLOBAL: &str = "CAPSTREAM_LOOPBACK";
 
 /// Program array slot of the translated tcpdump filter (loaded by the sensor).
 pub const PROG_FILTER: u32 = 0;

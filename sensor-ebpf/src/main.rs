@@ -39,6 +39,11 @@ const PACKET_OUTGOING: u32 = 4;
 #[no_mangle]
 static CAPSTREAM_SNAPLEN: u32 = MAX_CAPTURE;
 
+/// Non-zero on a loopback interface, where every packet passes the socket twice (going
+/// out, then coming in): as libpcap does, only the incoming copy counts.
+#[no_mangle]
+static CAPSTREAM_LOOPBACK: u32 = 0;
+
 /// The sensor sizes it with --ring-size when loading.
 #[map]
 static CAPSTREAM_RING: RingBuf = RingBuf::with_byte_size(1 << 23, 0);
@@ -219,6 +224,10 @@ fn emit<F: Frame>(frame: &F) {
 pub fn capstream_socket(ctx: SkBuffContext) -> i64 {
     // SAFETY: the context pointer the kernel passed in.
     let outgoing = unsafe { (*ctx.skb.skb).pkt_type } == PACKET_OUTGOING;
+    // SAFETY: a plain u32 global; volatile so that the value set at load time is read.
+    if outgoing && unsafe { core::ptr::read_volatile(&CAPSTREAM_LOOPBACK) } != 0 {
+        return SOCKET_KEEP_NOTHING;
+    }
     enter(
         &ctx,
         if outgoing {

@@ -263,34 +263,42 @@ fn two_sensors_merge_into_one_time_ordered_file_in_both_formats() {
 fn sensor_on_loopback_never_captures_its_own_traffic() {
     require_root();
     let ns = testbed::Netns::new("csself").unwrap();
-    let dir = Scratch::new("self").unwrap();
-    let out = dir.join("lo.pcap");
-    let out_arg = out.to_string_lossy().into_owned();
-    let mut receiver =
-        Receiver::start(Some(&ns), &dir.join("state"), 4433, &["--out", &out_arg]).unwrap();
-    // The sensor streams to 127.0.0.1 over the very interface it captures.
-    let mut sensor = start_sensor(Some(&ns), &receiver, &["--iface", "lo"]).unwrap();
-    ns.exec("ping", &["-c", "3", "-i", "0.2", "-q", "127.0.0.1"])
-        .unwrap();
-    // A quiet link still delivers: the pings reach the file while the sensor runs on,
-    // flushed by time rather than by its stop.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while tcpdump_records(&out, "icmp").map_or(0, |r| r.len()) < 6 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the pings never reached the receiver while the sensor ran"
+    // Each packet passes a loopback twice (out and back in): every mode shows it once.
+    for mode in ["auto", "pcap", "ebpf", "tc", "xdp"] {
+        let dir = Scratch::new("self").unwrap();
+        let out = dir.join("lo.pcap");
+        let out_arg = out.to_string_lossy().into_owned();
+        let mut receiver =
+            Receiver::start(Some(&ns), &dir.join("state"), 4433, &["--out", &out_arg]).unwrap();
+        // The sensor streams to 127.0.0.1 over the very interface it captures.
+        let mut sensor =
+            start_sensor(Some(&ns), &receiver, &["--iface", "lo", "--mode", mode]).unwrap();
+        ns.exec("ping", &["-c", "3", "-i", "0.2", "-q", "127.0.0.1"])
+            .unwrap();
+        // A quiet link still delivers: the pings reach the file while the sensor runs on,
+        // flushed by time rather than by its stop.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while tcpdump_records(&out, "icmp").map_or(0, |r| r.len()) < 6 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "--mode {mode}: the pings never reached the receiver while the sensor ran"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        sensor.stop().unwrap();
+        receiver.stop().unwrap();
+        let all = tcpdump_records(&out, "").unwrap();
+        let icmp = tcpdump_records(&out, "icmp").unwrap();
+        assert_eq!(
+            icmp.len(),
+            6,
+            "--mode {mode}: 3 echo requests and 3 replies"
         );
-        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            all, icmp,
+            "--mode {mode}: nothing but the pings, none of the sensor's own QUIC packets"
+        );
     }
-    sensor.stop().unwrap();
-    receiver.stop().unwrap();
-    let all = tcpdump_records(&out, "").unwrap();
-    let icmp = tcpdump_records(&out, "icmp").unwrap();
-    assert_eq!(icmp.len(), 6, "3 echo requests and 3 replies");
-    assert_eq!(
-        all, icmp,
-        "nothing but the pings, none of the sensor's own QUIC packets"
-    );
 }
 
 #[test]

@@ -159,9 +159,11 @@ impl EbpfCapture {
             )));
         }
 
+        let loopback = is_loopback(iface);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(shared::RING_MAP, opts.ring_size)
             .override_global(shared::SNAPLEN_GLOBAL, &opts.snaplen, true)
+            .override_global(shared::LOOPBACK_GLOBAL, &u32::from(loopback), true)
             .load(object)
             .map_err(|e| {
                 kernel_refused(
@@ -220,9 +222,13 @@ impl EbpfCapture {
                     let _ = tc::qdisc_add_clsact(iface);
                 }
                 let mut links = Vec::new();
+                // On a loopback, whatever goes out comes back in: ingress sees it all once,
+                // as tcpdump does.
+                let hooks = if loopback { 1 } else { 2 };
                 for (name, direction) in entries
                     .iter()
                     .zip([TcAttachType::Ingress, TcAttachType::Egress])
+                    .take(hooks)
                 {
                     let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
                     prog.load().map_err(|e| load_error(mode, name, &e))?;
@@ -610,6 +616,14 @@ fn kernel_refused(mode: &str, text: String) -> Error {
              without eBPF)"
         ))
     }
+}
+
+fn is_loopback(iface: &str) -> bool {
+    pcap::Device::list().is_ok_and(|devices| {
+        devices
+            .iter()
+            .any(|d| d.name == iface && d.flags.is_loopback())
+    })
 }
 
 fn is_permission_error(text: &str) -> bool {
