@@ -12,6 +12,10 @@ pub const RING_MAP: &str = "CAPSTREAM_RING";
 pub const COUNTERS_MAP: &str = "CAPSTREAM_COUNTERS";
 /// The tail-call chain: [`PROG_FILTER`] and [`PROG_EMIT`].
 pub const PROGRAMS_MAP: &str = "CAPSTREAM_PROGRAMS";
+/// AF_XDP sockets by RX queue (BPF_MAP_TYPE_XSKMAP), for `--mode afxdp`.
+pub const XSKS_MAP: &str = "CAPSTREAM_XSKS";
+/// The most RX queues `--mode afxdp` serves.
+pub const MAX_QUEUES: u32 = 256;
 /// Per-CPU [`Scratch`]: how the entry, filter and emit programs of one packet talk.
 pub const SCRATCH_MAP: &str = "CAPSTREAM_SCRATCH";
 /// The global holding the snap length (a `u32`), set at load time.
@@ -42,6 +46,8 @@ pub const TC_EGRESS: &str = "capstream_tc_egress";
 pub const TC_EMIT: &str = "capstream_tc_emit";
 pub const XDP_ENTRY: &str = "capstream_xdp";
 pub const XDP_EMIT: &str = "capstream_xdp_emit";
+/// `--mode afxdp` runs the XDP entry program with this emit program.
+pub const AFXDP_EMIT: &str = "capstream_afxdp_emit";
 
 /// Written by the entry program (direction) and the filter (snap), read by emit.
 #[repr(C)]

@@ -18,14 +18,14 @@ use aya_ebpf::helpers::generated::{
     bpf_ktime_get_boot_ns, bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
 };
 use aya_ebpf::macros::{classifier, map, socket_filter, xdp};
-use aya_ebpf::maps::{PerCpuArray, ProgramArray, RingBuf};
+use aya_ebpf::maps::{PerCpuArray, ProgramArray, RingBuf, XskMap};
 use aya_ebpf::programs::{SkBuffContext, TcContext, XdpContext};
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::debug;
 use sensor_ebpf::{
     PacketHeader, Scratch, COUNTERS, COUNTER_CHAIN_FAILED, COUNTER_MATCHED, COUNTER_RING_FULL,
     COUNTER_SEEN, DIRECTION_INBOUND, DIRECTION_OUTBOUND, FLAG_VLAN_STRIPPED, MAX_CAPTURE,
-    PROG_FILTER,
+    MAX_QUEUES, PROG_FILTER,
 };
 
 /// What a TC program returns to let the packet go on to the next program, or on its way
@@ -51,6 +51,8 @@ static CAPSTREAM_RING: RingBuf = RingBuf::with_byte_size(1 << 23, 0);
 static CAPSTREAM_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
 #[map]
 static CAPSTREAM_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+#[map]
+static CAPSTREAM_XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
 #[map]
 static CAPSTREAM_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
@@ -273,6 +275,19 @@ pub fn capstream_xdp(ctx: XdpContext) -> u32 {
 pub fn capstream_xdp_emit(ctx: XdpContext) -> u32 {
     emit(&ctx);
     XDP_PASS
+}
+
+/// `--mode afxdp`: hands an accepted frame to the AF_XDP socket of its RX queue, whole
+/// (the sensor applies the snap length). Without a socket there, the frame goes on to the
+/// stack; a socket that cannot take it counts the drop (XDP_STATISTICS).
+#[xdp(frags)]
+pub fn capstream_afxdp_emit(ctx: XdpContext) -> u32 {
+    count(COUNTER_MATCHED);
+    // SAFETY: the context pointer the kernel passed in.
+    let queue = unsafe { (*ctx.ctx).rx_queue_index };
+    CAPSTREAM_XSKS
+        .redirect(queue, u64::from(XDP_PASS))
+        .unwrap_or(XDP_PASS)
 }
 
 #[cfg(not(test))]

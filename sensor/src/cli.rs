@@ -11,7 +11,7 @@ use clap::{ArgGroup, Parser};
 
 use common::units::{parse_duration, parse_size};
 
-use crate::capture::{Mode, XdpAttach};
+use crate::capture::{AfxdpFlags, Mode, XdpAttach};
 
 /// Largest --batch-size: a batch may overshoot its target by one full-size packet, and the
 /// resulting frame must stay below common::MAX_FRAME_LEN even when stored uncompressed.
@@ -97,6 +97,26 @@ pub struct Cli {
     #[arg(long, value_enum, value_name = "HOW", default_value_t = XdpAttach::Auto)]
     pub xdp_attach: XdpAttach,
 
+    /// --mode afxdp: read this many RX queues, from queue 0 (e.g. `--queues 4`);
+    /// default: all of them.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub queues: Option<u32>,
+
+    /// --mode afxdp: capture even though the interface has IP addresses. The frames the
+    /// filter matches leave the host's network stack, so use this on a mirror port only.
+    #[arg(long)]
+    pub dedicated: bool,
+
+    /// --mode afxdp: ask for zero-copy AF_XDP; falls back to copy mode (with a log line)
+    /// where the driver lacks it.
+    #[arg(long)]
+    pub zero_copy: bool,
+
+    /// --mode afxdp: spin on the rings instead of sleeping until woken; one busy core per
+    /// interface for the last bit of rate.
+    #[arg(long)]
+    pub busy_poll: bool,
+
     /// Bytes kept of each packet, 1..=262144 (e.g. `-s 128` for headers only).
     #[arg(short = 's', long, value_name = "N", default_value_t = common::MAX_SNAPLEN,
           value_parser = clap::value_parser!(u32).range(1..=common::MAX_SNAPLEN as i64))]
@@ -129,6 +149,17 @@ pub struct ReceiverAddr {
     /// Without brackets for IPv6.
     pub host: String,
     pub port: u16,
+}
+
+impl Cli {
+    pub fn afxdp(&self) -> AfxdpFlags {
+        AfxdpFlags {
+            queues: self.queues,
+            dedicated: self.dedicated,
+            zero_copy: self.zero_copy,
+            busy_poll: self.busy_poll,
+        }
+    }
 }
 
 impl fmt::Display for ReceiverAddr {

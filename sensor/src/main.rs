@@ -69,6 +69,7 @@ async fn run(cli: Cli) -> Result<()> {
         exclude: matches!(source, Source::Interfaces(_)).then_some(remote),
         ring_size: cli.ring_size,
         xdp_attach: cli.xdp_attach,
+        afxdp: cli.afxdp(),
     };
     let mut backends = capture::open(cli.mode, &source, &opts)?;
     let counters: Vec<Arc<Counters>> = backends.iter().map(|_| Arc::default()).collect();

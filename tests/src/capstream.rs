@@ -93,6 +93,22 @@ impl Receiver {
         })
     }
 
+    /// A receiver on port 4433 writing `dir/<file>` (plus `args`), its state in `dir/state`;
+    /// returns it with the output's path.
+    pub fn writing(
+        ns: Option<&Netns>,
+        dir: &Scratch,
+        file: &str,
+        args: &[&str],
+    ) -> Result<(Self, PathBuf)> {
+        let out = dir.join(file);
+        let out_arg = out.to_string_lossy().into_owned();
+        let mut all = vec!["--out", out_arg.as_str()];
+        all.extend_from_slice(args);
+        let receiver = Self::start(ns, &dir.join("state"), 4433, &all)?;
+        Ok((receiver, out))
+    }
+
     /// SIGTERM and a clean exit.
     pub fn stop(&mut self) -> Result<()> {
         self.proc.stop()

@@ -44,16 +44,8 @@ fn capture_beside_tcpdump(
 ) -> (Vec<Record>, Vec<Record>, String) {
     let iface = lab.links[0].1.as_str();
     let dir = Scratch::new("live").unwrap();
-    let out = dir.join("capture.pcap");
     let reference = dir.join("tcpdump.pcap");
-    let out_arg = out.to_string_lossy().into_owned();
-    let mut receiver = Receiver::start(
-        Some(&lab.cap),
-        &dir.join("state"),
-        4433,
-        &["--out", &out_arg],
-    )
-    .unwrap();
+    let (mut receiver, out) = Receiver::writing(Some(&lab.cap), &dir, "capture.pcap", &[]).unwrap();
     let mut args = vec!["--iface", iface, "--mode"];
     args.extend_from_slice(mode);
     if !filter.is_empty() {
@@ -175,13 +167,11 @@ fn two_sensors_merge_into_one_time_ordered_file_in_both_formats() {
     let lab = Lab::new(2).unwrap();
     for format in ["pcapng", "pcap"] {
         let dir = Scratch::new("merge").unwrap();
-        let out = dir.join(&format!("merged.{format}"));
-        let out_arg = out.to_string_lossy().into_owned();
-        let mut receiver = Receiver::start(
+        let (mut receiver, out) = Receiver::writing(
             Some(&lab.cap),
-            &dir.join("state"),
-            4433,
-            &["--out", &out_arg, "--format", format],
+            &dir,
+            &format!("merged.{format}"),
+            &["--format", format],
         )
         .unwrap();
         let mut sensors: Vec<_> = lab
@@ -266,10 +256,7 @@ fn sensor_on_loopback_never_captures_its_own_traffic() {
     // Each packet passes a loopback twice (out and back in): every mode shows it once.
     for mode in ["auto", "pcap", "ebpf", "tc", "xdp"] {
         let dir = Scratch::new("self").unwrap();
-        let out = dir.join("lo.pcap");
-        let out_arg = out.to_string_lossy().into_owned();
-        let mut receiver =
-            Receiver::start(Some(&ns), &dir.join("state"), 4433, &["--out", &out_arg]).unwrap();
+        let (mut receiver, out) = Receiver::writing(Some(&ns), &dir, "lo.pcap", &[]).unwrap();
         // The sensor streams to 127.0.0.1 over the very interface it captures.
         let mut sensor =
             start_sensor(Some(&ns), &receiver, &["--iface", "lo", "--mode", mode]).unwrap();
@@ -306,13 +293,11 @@ fn classic_pcap_refuses_a_second_link_type_and_says_to_use_pcapng() {
     require_root();
     let lab = Lab::new(1).unwrap();
     let dir = Scratch::new("linktype").unwrap();
-    let out = dir.join("one-linktype.pcap");
-    let out_arg = out.to_string_lossy().into_owned();
-    let mut receiver = Receiver::start(
+    let (mut receiver, out) = Receiver::writing(
         Some(&lab.cap),
-        &dir.join("state"),
-        4433,
-        &["--out", &out_arg, "--format", "pcap"],
+        &dir,
+        "one-linktype.pcap",
+        &["--format", "pcap"],
     )
     .unwrap();
     let mut ethernet =
@@ -371,15 +356,7 @@ fn a_full_kernel_ring_is_counted_and_everything_else_delivered() {
     require_root();
     let lab = Lab::new(1).unwrap();
     let dir = Scratch::new("ringfull").unwrap();
-    let out = dir.join("capture.pcap");
-    let out_arg = out.to_string_lossy().into_owned();
-    let mut receiver = Receiver::start(
-        Some(&lab.cap),
-        &dir.join("state"),
-        4433,
-        &["--out", &out_arg],
-    )
-    .unwrap();
+    let (mut receiver, out) = Receiver::writing(Some(&lab.cap), &dir, "capture.pcap", &[]).unwrap();
     let iface = lab.links[0].1.as_str();
     let args = ["--iface", iface, "--mode", "ebpf", "--ring-size", "64KiB"];
     let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
@@ -419,15 +396,8 @@ fn ebpf_and_tc_record_the_direction() {
     let iface = lab.links[0].1.as_str();
     for mode in ["ebpf", "tc"] {
         let dir = Scratch::new("direction").unwrap();
-        let out = dir.join("capture.pcapng");
-        let out_arg = out.to_string_lossy().into_owned();
-        let mut receiver = Receiver::start(
-            Some(&lab.cap),
-            &dir.join("state"),
-            4433,
-            &["--out", &out_arg],
-        )
-        .unwrap();
+        let (mut receiver, out) =
+            Receiver::writing(Some(&lab.cap), &dir, "capture.pcapng", &[]).unwrap();
         let args = ["--iface", iface, "--mode", mode, "--bpf", "icmp"];
         let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
         lab.cap
@@ -468,4 +438,89 @@ fn ebpf_and_tc_record_the_direction() {
             .collect();
         assert_eq!(rows, expected, "--mode {mode}:\n{fields}");
     }
+}
+
+/// `--mode afxdp` takes the frames it captures away from the stack, so tcpdump cannot
+/// watch beside it: for every dev filter, tcpdump captures one replay, then the sensor the
+/// next, and the two must hold the same frames, bytes and lengths in the same order.
+#[test]
+fn afxdp_mode_captures_what_tcpdump_captured_on_the_replay_before() {
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    let iface = lab.links[0].1.as_str();
+    let mut failures = Vec::new();
+    let mut total = 0;
+    for filter in dev_filters().unwrap() {
+        let dir = Scratch::new("afxdp").unwrap();
+        let reference = dir.join("tcpdump.pcap");
+        let mut tcpdump = start_tcpdump(&lab.cap, iface, &filter, &[], &reference).unwrap();
+        lab.replay(0, &corpus(), PPS).unwrap();
+        settle();
+        tcpdump.stop().unwrap();
+        let tcpdump_log = tcpdump.stderr();
+        assert!(
+            tcpdump_log
+                .lines()
+                .any(|l| l.trim() == "0 packets dropped by kernel"),
+            "the reference dropped packets: {tcpdump_log}"
+        );
+
+        let (mut receiver, out) =
+            Receiver::writing(Some(&lab.cap), &dir, "capture.pcap", &[]).unwrap();
+        let mut args = vec![
+            "--iface",
+            iface,
+            "--mode",
+            "afxdp",
+            "--dedicated",
+            "--xdp-attach",
+            "native",
+        ];
+        if !filter.is_empty() {
+            args.extend(["--bpf", &filter]);
+        }
+        let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
+        lab.replay(0, &corpus(), PPS).unwrap();
+        settle();
+        sensor.stop().unwrap();
+        receiver.stop().unwrap();
+
+        let expected = tcpdump_records(&reference, "").unwrap();
+        let got = tcpdump_records(&out, "").unwrap();
+        if filter.is_empty() {
+            assert_eq!(expected.len(), 7907, "tcpdump must see the whole corpus");
+        }
+        total += expected.len();
+        // Different replays: everything but the timestamps must agree.
+        if let Err(difference) = compare_captures(&expected, &got, u128::MAX) {
+            failures.push(format!(
+                "filter {filter:?}: {difference}\nsensor log:\n{}",
+                sensor.stderr()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    eprintln!("--mode afxdp: {total} packets equal to tcpdump's");
+}
+
+#[test]
+fn afxdp_mode_refuses_an_interface_with_addresses_unless_dedicated() {
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    let iface = lab.links[0].1.as_str();
+    let dir = Scratch::new("afxdp-refuse").unwrap();
+    let receiver =
+        Receiver::start(Some(&lab.cap), &dir.join("state"), 4433, &["--out", "-"]).unwrap();
+    let err = start_sensor(
+        Some(&lab.cap),
+        &receiver,
+        &["--iface", iface, "--mode", "afxdp"],
+    )
+    .err()
+    .expect("the sensor must refuse");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("--dedicated") && text.contains("198.18.0.2"),
+        "{text}"
+    );
 }

@@ -14,6 +14,21 @@ const PACKAGES: &[(&str, &str)] = &[
     ("procps", "sysctl inside the test namespaces"),
     ("iputils-ping", "live traffic in the demo"),
     ("gcc-mingw-w64-x86-64", "the Windows build check"),
+    ("clang", "building libbpf and libxdp for AF_XDP (xsk-rs)"),
+    ("llvm", "building libbpf and libxdp for AF_XDP (xsk-rs)"),
+    (
+        "libelf-dev",
+        "building libbpf and libxdp for AF_XDP (xsk-rs)",
+    ),
+    (
+        "zlib1g-dev",
+        "building libbpf and libxdp for AF_XDP (xsk-rs)",
+    ),
+    ("m4", "building libxdp for AF_XDP (xsk-rs)"),
+    (
+        "pkg-config",
+        "building libbpf and libxdp for AF_XDP (xsk-rs)",
+    ),
 ];
 
 const RUST_TARGETS: &[&str] = &["x86_64-pc-windows-gnu"];

@@ -30,6 +30,9 @@ pub enum Mode {
     Tc,
     /// Linux: an XDP program; ingress only, earliest in the stack.
     Xdp,
+    /// Linux: XDP redirecting matching frames to AF_XDP sockets; for a dedicated mirror
+    /// port, as the frames it takes leave the host's stack.
+    Afxdp,
 }
 
 impl Mode {
@@ -40,6 +43,7 @@ impl Mode {
             Self::Ebpf => "ebpf",
             Self::Tc => "tc",
             Self::Xdp => "xdp",
+            Self::Afxdp => "afxdp",
         }
     }
 }
@@ -63,6 +67,10 @@ pub enum Source {
 }
 
 #[derive(Debug, Clone)]
+#[cfg_attr(
+    not(target_os = "linux"),
+    allow(dead_code, reason = "the eBPF modes' options are read on Linux only")
+)]
 pub struct Options {
     pub snaplen: u32,
     /// The user's filter expression, as given (empty: everything).
@@ -70,16 +78,28 @@ pub struct Options {
     /// The receiver's address, whose traffic live captures must not pick up.
     pub exclude: Option<SocketAddr>,
     /// Bytes of the kernel ring buffer of the eBPF modes (a power of two).
-    #[cfg_attr(
-        not(target_os = "linux"),
-        allow(dead_code, reason = "eBPF modes are Linux-only")
-    )]
     pub ring_size: u32,
-    #[cfg_attr(
-        not(target_os = "linux"),
-        allow(dead_code, reason = "eBPF modes are Linux-only")
-    )]
     pub xdp_attach: XdpAttach,
+    #[cfg_attr(
+        not(all(target_os = "linux", feature = "afxdp")),
+        allow(dead_code, reason = "read by --mode afxdp only")
+    )]
+    pub afxdp: AfxdpFlags,
+}
+
+/// `--mode afxdp`'s own flags.
+#[derive(Debug, Clone, Copy, Default)]
+#[cfg_attr(
+    not(all(target_os = "linux", feature = "afxdp")),
+    allow(dead_code, reason = "read by --mode afxdp only")
+)]
+pub struct AfxdpFlags {
+    /// RX queues to read, from queue 0 (None: all).
+    pub queues: Option<u32>,
+    /// The user confirmed the interface is a dedicated capture port.
+    pub dedicated: bool,
+    pub zero_copy: bool,
+    pub busy_poll: bool,
 }
 
 /// Makes a running capture return soon; callable from any thread.
@@ -135,28 +155,45 @@ pub fn open(mode: Mode, source: &Source, opts: &Options) -> Result<Vec<Box<dyn C
 #[cfg(target_os = "linux")]
 fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBackend>> {
     use ebpf::{EbpfCapture, Hook};
-    let hook = match mode {
-        Mode::Pcap => return Ok(Box::new(pcap::PcapCapture::live(name, opts)?)),
-        Mode::Ebpf => Hook::Socket,
-        Mode::Tc => Hook::Tc,
-        Mode::Xdp => Hook::Xdp(opts.xdp_attach),
-        Mode::Auto => {
-            let why = match EbpfCapture::open(name, Hook::Socket, opts) {
-                Ok(capture) => {
-                    tracing::info!(
-                        "{name}: --mode auto chose ebpf: the filter runs in the kernel, \
+    let hook =
+        match mode {
+            Mode::Pcap => return Ok(Box::new(pcap::PcapCapture::live(name, opts)?)),
+            Mode::Ebpf => Hook::Socket,
+            Mode::Tc => Hook::Tc,
+            Mode::Xdp => Hook::Xdp(opts.xdp_attach),
+            #[cfg(feature = "afxdp")]
+            Mode::Afxdp => {
+                ebpf::afxdp::check_dedicated(name, opts.afxdp.dedicated)?;
+                Hook::Afxdp(
+                    opts.xdp_attach,
+                    ebpf::afxdp::AfxdpOptions {
+                        queues: opts.afxdp.queues,
+                        zero_copy: opts.afxdp.zero_copy,
+                        busy_poll: opts.afxdp.busy_poll,
+                    },
+                )
+            }
+            #[cfg(not(feature = "afxdp"))]
+            Mode::Afxdp => return Err(Error::input(
+                "this sensor was built without AF_XDP support (the afxdp feature); use --mode xdp",
+            )),
+            Mode::Auto => {
+                let why = match EbpfCapture::open(name, Hook::Socket, opts) {
+                    Ok(capture) => {
+                        tracing::info!(
+                            "{name}: --mode auto chose ebpf: the filter runs in the kernel, \
                          both directions are seen"
-                    );
-                    return Ok(Box::new(capture));
-                }
-                Err(e) => e,
-            };
-            // libpcap reports a bad filter or an unknown interface in the user's terms.
-            let capture = pcap::PcapCapture::live(name, opts)?;
-            tracing::info!("{name}: --mode auto chose pcap: eBPF capture unavailable ({why})");
-            return Ok(Box::new(capture));
-        }
-    };
+                        );
+                        return Ok(Box::new(capture));
+                    }
+                    Err(e) => e,
+                };
+                // libpcap reports a bad filter or an unknown interface in the user's terms.
+                let capture = pcap::PcapCapture::live(name, opts)?;
+                tracing::info!("{name}: --mode auto chose pcap: eBPF capture unavailable ({why})");
+                return Ok(Box::new(capture));
+            }
+        };
     Ok(Box::new(EbpfCapture::open(name, hook, opts)?))
 }
 

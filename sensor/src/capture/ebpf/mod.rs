@@ -10,6 +10,8 @@
 //! this side adds REALTIME − BOOTTIME, sampled on every wake-up, which gives wall-clock
 //! nanoseconds that follow clock steps within one wake-up.
 
+#[cfg(feature = "afxdp")]
+pub mod afxdp;
 pub mod cbpf;
 pub mod sys;
 
@@ -61,6 +63,9 @@ pub enum Hook {
     Tc,
     /// XDP: ingress only, before the kernel's own processing.
     Xdp(XdpAttach),
+    /// XDP redirecting matching frames to AF_XDP sockets (a dedicated mirror port).
+    #[cfg(feature = "afxdp")]
+    Afxdp(XdpAttach, afxdp::AfxdpOptions),
 }
 
 impl Hook {
@@ -69,6 +74,8 @@ impl Hook {
             Self::Socket => "ebpf",
             Self::Tc => "tc",
             Self::Xdp(_) => "xdp",
+            #[cfg(feature = "afxdp")]
+            Self::Afxdp(..) => "afxdp",
         }
     }
 
@@ -76,6 +83,8 @@ impl Hook {
         match self {
             Self::Socket | Self::Tc => Context::Skb,
             Self::Xdp(_) => Context::Xdp,
+            #[cfg(feature = "afxdp")]
+            Self::Afxdp(..) => Context::Xdp,
         }
     }
 
@@ -84,6 +93,8 @@ impl Hook {
             Self::Socket => SOCKET_PASS,
             Self::Tc => TC_PASS,
             Self::Xdp(_) => XDP_PASS,
+            #[cfg(feature = "afxdp")]
+            Self::Afxdp(..) => XDP_PASS,
         }
     }
 
@@ -92,6 +103,8 @@ impl Hook {
             Self::Socket => ProgKind::SocketFilter,
             Self::Tc => ProgKind::SchedCls,
             Self::Xdp(_) => ProgKind::Xdp { frags: true },
+            #[cfg(feature = "afxdp")]
+            Self::Afxdp(..) => ProgKind::Xdp { frags: true },
         }
     }
 
@@ -101,6 +114,8 @@ impl Hook {
             Self::Socket => (shared::SOCKET_EMIT, &[shared::SOCKET_ENTRY]),
             Self::Tc => (shared::TC_EMIT, &[shared::TC_INGRESS, shared::TC_EGRESS]),
             Self::Xdp(_) => (shared::XDP_EMIT, &[shared::XDP_ENTRY]),
+            #[cfg(feature = "afxdp")]
+            Self::Afxdp(..) => (shared::AFXDP_EMIT, &[shared::XDP_ENTRY]),
         }
     }
 }
@@ -138,6 +153,9 @@ pub struct EbpfCapture {
     _filter: OwnedFd,
     /// Packets the chain failed to filter, as last reported (never expected).
     chain_failed_reported: u64,
+    /// `--mode afxdp`: the AF_XDP sockets the frames arrive on.
+    #[cfg(feature = "afxdp")]
+    sockets: Option<afxdp::Sockets>,
     stop: Arc<AtomicBool>,
 }
 
@@ -153,9 +171,9 @@ impl EbpfCapture {
         }
         let ifindex = ifindex(iface)?;
         let (filter, link_type) = compile_filter(iface, mode, opts)?;
-        if matches!(hook, Hook::Xdp(_)) && link_type != Linktype::ETHERNET.0 {
+        if hook.context() == Context::Xdp && link_type != Linktype::ETHERNET.0 {
             return Err(Error::input(format!(
-                "--mode xdp needs an Ethernet interface and {iface} is not one; use --mode tc"
+                "--mode {mode} needs an Ethernet interface and {iface} is not one; use --mode tc"
             )));
         }
 
@@ -200,6 +218,8 @@ impl EbpfCapture {
                 .map_err(|e| Error::runtime(format!("cannot chain the eBPF programs: {e}")))?;
         }
 
+        #[cfg(feature = "afxdp")]
+        let mut sockets = None;
         let packet_socket = packet_socket()
             .map_err(|e| kernel_refused(mode, format!("cannot open a packet socket: {e}")))?;
         let attachment = match hook {
@@ -247,6 +267,20 @@ impl EbpfCapture {
                 prog.load().map_err(|e| load_error(mode, entries[0], &e))?;
                 Attachment::Xdp(attach_xdp(prog, iface, attach)?)
             }
+            #[cfg(feature = "afxdp")]
+            Hook::Afxdp(attach, options) => {
+                // The sockets first: a frame redirected before its socket exists would
+                // go to the stack uncounted.
+                let mut xsks: aya::maps::XskMap<&mut MapData> = ebpf
+                    .map_mut(shared::XSKS_MAP)
+                    .ok_or_else(|| missing(shared::XSKS_MAP))?
+                    .try_into()
+                    .map_err(|e| Error::runtime(format!("bad AF_XDP socket map: {e}")))?;
+                sockets = Some(afxdp::Sockets::open(iface, options, &mut xsks)?);
+                let prog: &mut Xdp = program(&mut ebpf, entries[0])?;
+                prog.load().map_err(|e| load_error(mode, entries[0], &e))?;
+                Attachment::Xdp(attach_xdp(prog, iface, attach)?)
+            }
         };
         set_promiscuous(&packet_socket, ifindex)
             .map_err(|e| Error::runtime(format!("cannot put {iface} in promiscuous mode: {e}")))?;
@@ -283,6 +317,8 @@ impl EbpfCapture {
             packet_socket,
             _filter: filter_fd,
             chain_failed_reported: 0,
+            #[cfg(feature = "afxdp")]
+            sockets,
             stop: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -323,6 +359,17 @@ impl EbpfCapture {
         if let Some(l) = &self.logger {
             fds.push(PollFd::new(l, PollFlags::IN));
         }
+        #[cfg(feature = "afxdp")]
+        if let Some(sockets) = &self.sockets {
+            if sockets.busy_poll() {
+                return;
+            }
+            let socket_fds = sockets.poll_fds();
+            fds.extend(socket_fds.iter().map(|fd| PollFd::new(fd, PollFlags::IN)));
+            // EINTR only means an earlier look at the stop flag.
+            let _ = poll(&mut fds, Some(&timeout));
+            return;
+        }
         // EINTR only means an earlier look at the stop flag.
         let _ = poll(&mut fds, Some(&timeout));
     }
@@ -337,7 +384,12 @@ impl EbpfCapture {
         };
         let c = batcher.counters();
         c.seen.store(sum(shared::COUNTER_SEEN), Relaxed);
-        c.drop_kernel.store(sum(shared::COUNTER_RING_FULL), Relaxed);
+        #[cfg(feature = "afxdp")]
+        let socket_drops = self.sockets.as_ref().map_or(0, afxdp::Sockets::dropped);
+        #[cfg(not(feature = "afxdp"))]
+        let socket_drops = 0;
+        c.drop_kernel
+            .store(sum(shared::COUNTER_RING_FULL) + socket_drops, Relaxed);
         let failed = sum(shared::COUNTER_CHAIN_FAILED);
         if failed > self.chain_failed_reported {
             self.chain_failed_reported = failed;
@@ -388,6 +440,13 @@ impl CaptureBackend for EbpfCapture {
                 if deliver(&item, offset, snaplen, &mut reinserted, &mut batcher).is_err() {
                     open = false;
                     break;
+                }
+            }
+            #[cfg(feature = "afxdp")]
+            if let Some(sockets) = &mut self.sockets {
+                let now = realtime_ns();
+                if open && sockets.drain(snaplen, now, &mut batcher).is_err() {
+                    open = false;
                 }
             }
             if let Some(l) = &mut self.logger {
@@ -466,12 +525,19 @@ fn parse_header(record: &[u8]) -> Option<shared::PacketHeader> {
 
 /// REALTIME − BOOTTIME in nanoseconds, sampled now.
 fn boottime_to_realtime() -> i128 {
-    use rustix::time::{clock_gettime, ClockId};
-    let ns =
-        |t: rustix::time::Timespec| i128::from(t.tv_sec) * 1_000_000_000 + i128::from(t.tv_nsec);
-    let real = ns(clock_gettime(ClockId::Realtime));
-    let boot = ns(clock_gettime(ClockId::Boottime));
-    real - boot
+    use rustix::time::ClockId;
+    clock_ns(ClockId::Realtime) - clock_ns(ClockId::Boottime)
+}
+
+fn clock_ns(clock: rustix::time::ClockId) -> i128 {
+    let t = rustix::time::clock_gettime(clock);
+    i128::from(t.tv_sec) * 1_000_000_000 + i128::from(t.tv_nsec)
+}
+
+/// The wall clock in nanoseconds since the epoch.
+#[cfg(feature = "afxdp")]
+fn realtime_ns() -> u64 {
+    u64::try_from(clock_ns(rustix::time::ClockId::Realtime)).unwrap_or(0)
 }
 
 /// Compiles the composed filter on a live libpcap handle, as tcpdump does, so that `vlan`
