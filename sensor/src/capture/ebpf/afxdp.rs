@@ -78,14 +78,20 @@ impl Sockets {
         let mut sockets = Vec::new();
         for queue in 0..queues {
             let socket = match open_queue(&interface, queue, opts.zero_copy) {
-                Err(e) if opts.zero_copy => {
+                Err(SocketError(e)) if opts.zero_copy => {
                     tracing::info!(
                         "{iface} queue {queue}: no zero-copy AF_XDP ({e}); using copy mode"
                     );
-                    open_queue(&interface, queue, false)?
+                    open_queue(&interface, queue, false)
                 }
-                other => other?,
-            };
+                other => other,
+            }
+            .map_err(|SocketError(e)| {
+                Error::runtime(format!(
+                    "cannot open an AF_XDP socket on {iface} queue {queue}: {e} (the kernel \
+                     needs XDP sockets; try --mode xdp)"
+                ))
+            })?;
             xsks.set(queue, socket.rx.fd().as_raw_fd(), 0)
                 .map_err(|e| {
                     Error::runtime(format!(
@@ -183,20 +189,27 @@ impl Sockets {
     }
 }
 
-fn open_queue(interface: &Interface, queue: u32, zero_copy: bool) -> Result<QueueSocket> {
+/// Why a socket could not be opened, for the caller to explain.
+struct SocketError(String);
+
+fn open_queue(
+    interface: &Interface,
+    queue: u32,
+    zero_copy: bool,
+) -> Result<QueueSocket, SocketError> {
     let size = |n: u32| QueueSize::new(n).expect("a power of two");
     let umem_config = UmemConfig::builder()
         .frame_size(FrameSize::new(FRAME_SIZE).expect("a valid frame size"))
         .fill_queue_size(size(FILL_RING))
         .comp_queue_size(size(64))
         .build()
-        .map_err(|e| Error::runtime(format!("AF_XDP UMEM configuration: {e}")))?;
+        .map_err(|e| SocketError(format!("UMEM configuration: {e}")))?;
     let (umem, mut descs) = Umem::new(
         umem_config,
         NonZeroU32::new(FRAMES).expect("non-zero"),
         false,
     )
-    .map_err(|e| Error::runtime(format!("cannot create the AF_XDP UMEM: {e}")))?;
+    .map_err(|e| SocketError(format!("cannot create the UMEM: {}", super::chain(&e))))?;
     let mode = if zero_copy {
         BindFlags::XDP_ZEROCOPY
     } else {
@@ -211,19 +224,14 @@ fn open_queue(interface: &Interface, queue: u32, zero_copy: bool) -> Result<Queu
         .build();
     // SAFETY: each socket has a UMEM of its own (nothing is shared), and libxdp loads no
     // program (INHIBIT_PROG_LOAD).
-    let (_tx, rx, fill_comp) =
-        unsafe { Socket::new(config, &umem, interface, queue) }.map_err(|e| {
-            Error::runtime(format!(
-                "cannot open an AF_XDP socket on queue {queue}: {e} (the kernel needs \
-                 XDP sockets; try --mode xdp)"
-            ))
-        })?;
-    let (mut fill, _comp) = fill_comp.ok_or_else(|| Error::runtime("AF_XDP: no fill ring"))?;
+    let (_tx, rx, fill_comp) = unsafe { Socket::new(config, &umem, interface, queue) }
+        .map_err(|e| SocketError(super::chain(&e)))?;
+    let (mut fill, _comp) = fill_comp.ok_or_else(|| SocketError("no fill ring".into()))?;
     // SAFETY: every frame of this UMEM, none yet given to the kernel.
     let given = unsafe { fill.produce(&descs) };
     if given != descs.len() {
-        return Err(Error::runtime(format!(
-            "AF_XDP: the fill ring took {given} of {} frames",
+        return Err(SocketError(format!(
+            "the fill ring took {given} of {} frames",
             descs.len()
         )));
     }

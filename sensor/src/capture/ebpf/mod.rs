@@ -654,7 +654,7 @@ fn load_error(mode: &str, name: &str, e: &aya::programs::ProgramError) -> Error 
 }
 
 /// An error with its causes (where Aya keeps errno and the verifier's log), on one line.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(super) fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
