@@ -20,6 +20,8 @@ pub const MAX_QUEUES: u32 = 256;
 pub const SCRATCH_MAP: &str = "CAPSTREAM_SCRATCH";
 /// The global holding the snap length (a `u32`), set at load time.
 pub const SNAPLEN_GLOBAL: &str = "CAPSTREAM_SNAPLEN";
+/// The global (a `u64`) with how many bytes in the ring wake the sensor, set at load time.
+pub const WAKEUP_BYTES_GLOBAL: &str = "CAPSTREAM_WAKEUP_BYTES";
 /// The global saying (non-zero) that the interface is a loopback, set at load time.
 pub const LOOPBACK_GLOBAL: &str = "CAPSTREAM_LOOPBACK";
 

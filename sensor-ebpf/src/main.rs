@@ -137,6 +137,27 @@ impl Frame for XdpContext {
 
 const HEADER_LEN: usize = core::mem::size_of::<PacketHeader>();
 
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
+/// Waking the sensor for every frame costs more than capturing it: the sensor is woken
+/// once the ring holds this many bytes, and otherwise finds the frames at its next poll
+/// timeout (it polls every few tens of milliseconds anyway).
+#[no_mangle]
+static CAPSTREAM_WAKEUP_BYTES: u64 = 1 << 20;
+
+#[inline(always)]
+fn wakeup_flag() -> u64 {
+    // SAFETY: a plain u64 global; volatile so that the value set at load time is read.
+    let threshold = unsafe { core::ptr::read_volatile(&CAPSTREAM_WAKEUP_BYTES) };
+    if CAPSTREAM_RING.query(BPF_RB_AVAIL_DATA) >= threshold {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 /// Copies the frame into a ring record of a fixed size class: the kernel wants a constant
 /// reservation size, and classes in powers of two waste at most half the space.
 #[inline(always)]
@@ -161,7 +182,7 @@ fn copy_class<F: Frame, const N: usize>(frame: &F, header: &PacketHeader) -> boo
     unsafe { base.cast::<PacketHeader>().write(*header) };
     // SAFETY: HEADER_LEN < HEADER_LEN + N.
     if frame.copy_to(unsafe { base.add(HEADER_LEN) }, len) {
-        record.submit(0);
+        record.submit(wakeup_flag());
     } else {
         record.discard(0);
     }

@@ -14,8 +14,12 @@ pub use process::{run, Proc};
 use std::path::PathBuf;
 
 /// The directory cargo put this workspace's binaries in (`target/debug` or `target/release`),
-/// found from the running executable so that it follows `CARGO_TARGET_DIR` and the profile.
+/// found from the running executable so that it follows `CARGO_TARGET_DIR` and the profile;
+/// `CAPSTREAM_BIN_DIR` overrides it (the benchmarks run release binaries).
 pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CAPSTREAM_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
     let exe = std::env::current_exe().expect("current executable path");
     let mut dir = exe
         .parent()

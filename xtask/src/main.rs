@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: the project's own build, demo and test orchestration.
 
+mod bench;
 mod demo;
 mod ebpf;
 mod system;
@@ -30,6 +31,9 @@ enum Command {
     /// Build the eBPF programs the sensor embeds (installing nightly's rust-src and
     /// building bpf-linker first when missing); then rebuild the sensor.
     BuildEbpf,
+    /// Measure capture throughput, loss, CPU and memory of every sensor mode beside
+    /// `tcpdump -w file` on the same traffic (root; a few minutes); see BENCHMARKS.md.
+    Bench,
 }
 
 /// The workspace root.
@@ -45,6 +49,7 @@ fn main() {
         Command::Test => test::run(),
         Command::Setup => system::setup(),
         Command::BuildEbpf => ebpf::build(root()),
+        Command::Bench => bench::run(),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

@@ -28,6 +28,10 @@ const RX_RING: u32 = 2048;
 const FILL_RING: u32 = 4096;
 /// Descriptors read per call.
 const BATCH: usize = 64;
+/// While frames flow, the loop naps this long instead of waiting to be woken per frame:
+/// a wake-up costs more than a frame, and the RX ring holds several milliseconds of
+/// traffic even at a million frames a second.
+const NAP_WHILE_BUSY: std::time::Duration = std::time::Duration::from_millis(1);
 /// Multi-buffer bind flag and its descriptor option (uapi if_xdp.h), which xsk-rs does
 /// not name.
 const XDP_USE_SG: u16 = 1 << 4;
@@ -57,6 +61,8 @@ pub struct Sockets {
     busy_poll: bool,
     /// A frame being joined from several descriptors.
     joined: Vec<u8>,
+    /// Whether the last drain found frames.
+    busy: bool,
 }
 
 impl Sockets {
@@ -104,14 +110,11 @@ impl Sockets {
             sockets,
             busy_poll: opts.busy_poll,
             joined: Vec::with_capacity(64 * 1024),
+            busy: false,
         })
     }
 
-    /// The sockets' descriptors, to wait on; empty when busy-polling.
-    pub fn poll_fds(&self) -> Vec<BorrowedFd<'_>> {
-        if self.busy_poll {
-            return Vec::new();
-        }
+    fn poll_fds(&self) -> Vec<BorrowedFd<'_>> {
         self.sockets
             .iter()
             // SAFETY: the descriptor lives as long as the socket, which outlives the borrow.
@@ -119,9 +122,28 @@ impl Sockets {
             .collect()
     }
 
-    /// Whether the loop should spin instead of sleeping in poll().
-    pub fn busy_poll(&self) -> bool {
-        self.busy_poll
+    /// Waits before the next drain, unless busy-polling: a short nap while frames flow,
+    /// else until a socket is readable, `idle` at most.
+    pub fn wait(&self, idle: std::time::Duration) {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        if self.busy_poll {
+            return;
+        }
+        if self.busy {
+            std::thread::sleep(NAP_WHILE_BUSY);
+            return;
+        }
+        let fds = self.poll_fds();
+        let mut fds: Vec<PollFd> = fds
+            .iter()
+            .map(|fd| PollFd::new(fd, PollFlags::IN))
+            .collect();
+        let timeout = Timespec {
+            tv_sec: 0,
+            tv_nsec: i64::try_from(idle.as_nanos()).unwrap_or(i64::MAX),
+        };
+        // EINTR only means an earlier look at the stop flag.
+        let _ = poll(&mut fds, Some(&timeout));
     }
 
     /// Reads every frame the sockets hold into the batcher, truncated to `snaplen`, and
@@ -132,6 +154,7 @@ impl Sockets {
         now_ns: u64,
         batcher: &mut Batcher,
     ) -> Result<(), Closed> {
+        self.busy = false;
         for s in &mut self.sockets {
             loop {
                 // SAFETY: `descs` came from this socket's own UMEM.
@@ -139,6 +162,7 @@ impl Sockets {
                 if n == 0 {
                     break;
                 }
+                self.busy = true;
                 for desc in &s.descs[..n] {
                     // SAFETY: a descriptor the kernel just filled, from this UMEM.
                     let data = unsafe { s.umem.data(desc) };
