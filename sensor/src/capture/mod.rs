@@ -3,7 +3,7 @@
 //! A backend opens its source (activating it and installing the filter, so that every
 //! input error shows up before the sensor connects), describes itself for the Hello, and
 //! then runs on its own thread, feeding a [`Batcher`]: libpcap everywhere (and for files),
-//! eBPF socket filter, TC and XDP on Linux.
+//! eBPF socket filter, TC, XDP and AF_XDP on Linux.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -88,7 +88,7 @@ pub struct Options {
 }
 
 /// `--mode afxdp`'s own flags.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[cfg_attr(
     not(all(target_os = "linux", feature = "afxdp")),
     allow(dead_code, reason = "read by --mode afxdp only")
@@ -164,14 +164,7 @@ fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBa
             #[cfg(feature = "afxdp")]
             Mode::Afxdp => {
                 ebpf::afxdp::check_dedicated(name, opts.afxdp.dedicated)?;
-                Hook::Afxdp(
-                    opts.xdp_attach,
-                    ebpf::afxdp::AfxdpOptions {
-                        queues: opts.afxdp.queues,
-                        zero_copy: opts.afxdp.zero_copy,
-                        busy_poll: opts.afxdp.busy_poll,
-                    },
-                )
+                Hook::Afxdp(opts.xdp_attach, opts.afxdp)
             }
             #[cfg(not(feature = "afxdp"))]
             Mode::Afxdp => return Err(Error::input(

@@ -18,6 +18,7 @@ use xsk_rs::config::{
 use xsk_rs::{FillQueue, FrameDesc, RxQueue, Socket, Umem};
 
 use crate::batcher::{Batcher, Closed};
+use crate::capture::AfxdpFlags;
 use crate::error::{Error, Result};
 use common::Direction;
 
@@ -36,15 +37,6 @@ const NAP_WHILE_BUSY: std::time::Duration = std::time::Duration::from_millis(1);
 /// not name.
 const XDP_USE_SG: u16 = 1 << 4;
 const XDP_PKT_CONTD: u32 = 1;
-
-/// What `--mode afxdp` was asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AfxdpOptions {
-    /// How many RX queues, from queue 0; None: all of them.
-    pub queues: Option<u32>,
-    pub zero_copy: bool,
-    pub busy_poll: bool,
-}
 
 /// One RX queue's socket, with its UMEM and fill ring.
 struct QueueSocket {
@@ -67,7 +59,7 @@ pub struct Sockets {
 
 impl Sockets {
     /// Opens a socket on each requested RX queue of `iface` and registers it in `xsks`.
-    pub fn open(iface: &str, opts: AfxdpOptions, xsks: &mut XskMap<&mut MapData>) -> Result<Self> {
+    pub fn open(iface: &str, opts: AfxdpFlags, xsks: &mut XskMap<&mut MapData>) -> Result<Self> {
         let available = rx_queues(iface);
         let queues = match opts.queues {
             None => available,

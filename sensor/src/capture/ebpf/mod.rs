@@ -68,7 +68,7 @@ pub enum Hook {
     Xdp(XdpAttach),
     /// XDP redirecting matching frames to AF_XDP sockets (a dedicated mirror port).
     #[cfg(feature = "afxdp")]
-    Afxdp(XdpAttach, afxdp::AfxdpOptions),
+    Afxdp(XdpAttach, super::AfxdpFlags),
 }
 
 impl Hook {
