@@ -70,12 +70,17 @@ pub const DIRECTION_OUTBOUND: u8 = 2;
 /// sensor puts it back after the MAC addresses, as libpcap does.
 pub const FLAG_VLAN_STRIPPED: u8 = 1;
 
+/// `PacketHeader::flags`: `boot_ns` holds the kernel's own receive timestamp on
+/// CLOCK_REALTIME (TC ingress), not CLOCK_BOOTTIME.
+pub const FLAG_REALTIME: u8 = 2;
+
 /// One captured frame in the ring: this header, then `captured_len` bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PacketHeader {
     /// CLOCK_BOOTTIME in nanoseconds (bpf_ktime_get_boot_ns) when the program ran; the
-    /// sensor adds the REALTIME - BOOTTIME offset.
+    /// sensor adds the REALTIME - BOOTTIME offset. With `FLAG_REALTIME`, the skb's own
+    /// CLOCK_REALTIME receive stamp instead.
     pub boot_ns: u64,
     /// The frame's length on the wire (without a stripped VLAN tag).
     pub wire_len: u32,

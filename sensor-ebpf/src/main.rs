@@ -13,6 +13,7 @@
 #![no_std]
 #![no_main]
 
+use aya_ebpf::bindings::__sk_buff;
 use aya_ebpf::bindings::xdp_action::XDP_PASS;
 use aya_ebpf::helpers::generated::{
     bpf_ktime_get_boot_ns, bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
@@ -24,8 +25,8 @@ use aya_ebpf::EbpfContext;
 use aya_log_ebpf::debug;
 use sensor_ebpf::{
     PacketHeader, Scratch, COUNTERS, COUNTER_CHAIN_FAILED, COUNTER_MATCHED, COUNTER_RING_FULL,
-    COUNTER_SEEN, DIRECTION_INBOUND, DIRECTION_OUTBOUND, FLAG_VLAN_STRIPPED, MAX_CAPTURE,
-    MAX_QUEUES, PROG_FILTER,
+    COUNTER_SEEN, DIRECTION_INBOUND, DIRECTION_OUTBOUND, FLAG_REALTIME, FLAG_VLAN_STRIPPED,
+    MAX_CAPTURE, MAX_QUEUES, PROG_FILTER,
 };
 
 /// What a TC program returns to let the packet go on to the next program, or on its way
@@ -87,10 +88,14 @@ trait Frame: EbpfContext {
     fn copy_to(&self, dst: *mut u8, len: u32) -> bool;
     /// The VLAN tag the kernel moved out of the frame: (TCI, TPID in host order).
     fn stripped_vlan(&self) -> Option<(u16, u16)>;
+    /// The kernel's own receive timestamp (CLOCK_REALTIME ns), where the hook can read it.
+    fn realtime_stamp(&self) -> Option<u64> {
+        None
+    }
 }
 
 macro_rules! skb_frame {
-    ($ctx:ty) => {
+    ($ctx:ty, $tstamp:ident) => {
         impl Frame for $ctx {
             #[inline(always)]
             fn wire_len(&self) -> u32 {
@@ -110,11 +115,32 @@ macro_rules! skb_frame {
                 (skb.vlan_present != 0)
                     .then(|| (skb.vlan_tci as u16, u16::from_be(skb.vlan_proto as u16)))
             }
+            #[inline(always)]
+            fn realtime_stamp(&self) -> Option<u64> {
+                // SAFETY: the context pointer the kernel passed in.
+                $tstamp(unsafe { &*self.skb.skb })
+            }
         }
     };
 }
-skb_frame!(SkBuffContext);
-skb_frame!(TcContext);
+skb_frame!(SkBuffContext, no_tstamp);
+skb_frame!(TcContext, realtime_tstamp);
+
+/// `__sk_buff.tstamp_type` of a receive time on CLOCK_REALTIME.
+const BPF_SKB_CLOCK_REALTIME: u32 = 0;
+
+/// skb->tstamp when it is a receive time on the real-time clock: the stamp tcpdump gets
+/// for the same frame. On egress it is usually unset, or a delivery time on another clock.
+#[inline(always)]
+fn realtime_tstamp(skb: &__sk_buff) -> Option<u64> {
+    (skb.tstamp != 0 && u32::from(skb.tstamp_type) == BPF_SKB_CLOCK_REALTIME).then_some(skb.tstamp)
+}
+
+/// Socket filters may not read skb->tstamp.
+#[inline(always)]
+fn no_tstamp(_: &__sk_buff) -> Option<u64> {
+    None
+}
 
 impl Frame for XdpContext {
     #[inline(always)]
@@ -209,8 +235,12 @@ fn emit<F: Frame>(frame: &F) {
         direction: scratch.direction as u8,
         ..PacketHeader::default()
     };
+    if let Some(stamp) = frame.realtime_stamp() {
+        header.boot_ns = stamp;
+        header.flags |= FLAG_REALTIME;
+    }
     if let Some((tci, tpid)) = frame.stripped_vlan() {
-        header.flags = FLAG_VLAN_STRIPPED;
+        header.flags |= FLAG_VLAN_STRIPPED;
         header.vlan_tci = tci;
         header.vlan_tpid = tpid;
     }

@@ -82,7 +82,7 @@ pub struct Cli {
     #[arg(long, value_name = "NAME")]
     pub server_name: Option<String>,
 
-    /// Capture backend (e.g. `--mode tc`). auto: ebpf on Linux when the kernel and
+    /// Capture backend (e.g. `--mode ebpf`). auto: tc on Linux when the kernel and
     /// privileges allow it (the log says which and why), else pcap.
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,

@@ -122,17 +122,23 @@ fn pcap_mode_captures_exactly_what_tcpdump_captures() {
     every_dev_filter_matches_tcpdump(&["pcap"], 0);
 }
 
-/// The eBPF modes stamp frames themselves, within 1 ms of the kernel's stamp for tcpdump.
+/// Modes that stamp a frame no later than the kernel stamps it for tcpdump: within 1 ms.
 const EBPF_TOLERANCE_NS: u128 = 1_000_000;
+/// Modes that stamp a frame only when it leaves the receive backlog (the socket filter,
+/// which may not read the skb's stamp, and generic XDP), while the kernel stamped it for
+/// tcpdump when it entered: they trail by the backlog's delay, tens of microseconds here
+/// but past 1 ms when a loaded 2-core machine defers the softirq (seen once in CI).
+const AFTER_BACKLOG_TOLERANCE_NS: u128 = 10_000_000;
 
 #[test]
 fn ebpf_mode_captures_exactly_what_tcpdump_captures() {
-    every_dev_filter_matches_tcpdump(&["ebpf"], EBPF_TOLERANCE_NS);
+    every_dev_filter_matches_tcpdump(&["ebpf"], AFTER_BACKLOG_TOLERANCE_NS);
 }
 
 #[test]
 fn tc_mode_captures_exactly_what_tcpdump_captures() {
-    every_dev_filter_matches_tcpdump(&["tc"], EBPF_TOLERANCE_NS);
+    // TC reads the skb's own stamp: the very one tcpdump gets.
+    every_dev_filter_matches_tcpdump(&["tc"], 0);
 }
 
 #[test]
@@ -142,18 +148,18 @@ fn xdp_mode_captures_exactly_what_tcpdump_captures_inbound() {
 
 #[test]
 fn xdp_mode_in_the_generic_path_captures_exactly_what_tcpdump_captures_inbound() {
-    every_dev_filter_matches_tcpdump(&["xdp", "--xdp-attach", "skb"], EBPF_TOLERANCE_NS);
+    every_dev_filter_matches_tcpdump(&["xdp", "--xdp-attach", "skb"], AFTER_BACKLOG_TOLERANCE_NS);
 }
 
 #[test]
 fn a_sensor_stopped_at_once_still_delivers_what_the_kernel_held() {
     require_root();
     let lab = Lab::new(1).unwrap();
-    for mode in ["pcap", "ebpf"] {
+    for (mode, tolerance) in [("pcap", 0), ("ebpf", AFTER_BACKLOG_TOLERANCE_NS), ("tc", 0)] {
         let (expected, got, sensor_log) =
             capture_beside_tcpdump(&lab, &[mode], "", StopSensor::AtOnce);
         assert_eq!(expected.len(), 7907);
-        let result = compare_captures(&expected, &got, EBPF_TOLERANCE_NS);
+        let result = compare_captures(&expected, &got, tolerance);
         assert!(
             result.is_ok(),
             "--mode {mode}: {result:?}\nsensor log:\n{sensor_log}"

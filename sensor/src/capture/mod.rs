@@ -20,13 +20,14 @@ mod pcap;
 /// Which backend captures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
-    /// On Linux, ebpf when the kernel and privileges allow it, else pcap.
+    /// On Linux, tc when the kernel and privileges allow it, else pcap.
     Auto,
     /// libpcap, as tcpdump uses it; files are always read this way.
     Pcap,
     /// Linux: a socket filter runs the filter in the kernel; both directions.
     Ebpf,
-    /// Linux: TC (clsact) ingress and egress programs; direction recorded.
+    /// Linux: TC (clsact) ingress and egress programs; direction recorded, and the
+    /// kernel's own receive timestamps, as tcpdump gets them.
     Tc,
     /// Linux: an XDP program; ingress only, earliest in the stack.
     Xdp,
@@ -171,11 +172,11 @@ fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBa
                 "this sensor was built without AF_XDP support (the afxdp feature); use --mode xdp",
             )),
             Mode::Auto => {
-                let why = match EbpfCapture::open(name, Hook::Socket, opts) {
+                let why = match EbpfCapture::open(name, Hook::Tc, opts) {
                     Ok(capture) => {
                         tracing::info!(
-                            "{name}: --mode auto chose ebpf: the filter runs in the kernel, \
-                         both directions are seen"
+                            "{name}: --mode auto chose tc: the filter runs in the kernel, both \
+                             directions are seen, with the kernel's own timestamps"
                         );
                         return Ok(Box::new(capture));
                     }

@@ -498,7 +498,11 @@ fn deliver(
         data = reinserted;
         wire_len = wire_len.saturating_add(4);
     }
-    let timestamp = i128::from(header.boot_ns) + boot_to_real;
+    let timestamp = if header.flags & shared::FLAG_REALTIME != 0 {
+        i128::from(header.boot_ns)
+    } else {
+        i128::from(header.boot_ns) + boot_to_real
+    };
     let direction = match header.direction {
         shared::DIRECTION_INBOUND => Direction::Inbound,
         shared::DIRECTION_OUTBOUND => Direction::Outbound,
