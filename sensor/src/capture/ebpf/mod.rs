@@ -6,9 +6,11 @@
 //! from classic BPF by [`cbpf`] and loaded with a raw bpf() call ([`sys`]), since Aya loads
 //! only programs from an object.
 //!
-//! Timestamps: the kernel stamps each frame with CLOCK_BOOTTIME (bpf_ktime_get_boot_ns);
-//! this side adds REALTIME − BOOTTIME, sampled on every wake-up, which gives wall-clock
-//! nanoseconds that follow clock steps within one wake-up.
+//! Timestamps: TC hands over the skb's own CLOCK_REALTIME receive stamp where there is one
+//! (the stamp tcpdump gets). Otherwise the programs stamp CLOCK_BOOTTIME
+//! (bpf_ktime_get_boot_ns) and this side adds REALTIME − BOOTTIME, sampled on every
+//! wake-up, which gives wall-clock nanoseconds that follow clock steps within one wake-up.
+//! `--mode afxdp` frames carry no stamp and are stamped when read.
 
 #[cfg(feature = "afxdp")]
 pub mod afxdp;
