@@ -57,6 +57,14 @@ static CAPSTREAM_XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
 #[map]
 static CAPSTREAM_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// A global the sensor sets at load time; read volatile so that the compiler does not
+/// fold in the value the object was built with.
+#[inline(always)]
+fn load_global<T: Copy>(global: &T) -> T {
+    // SAFETY: a reference to a live, initialised global of plain data.
+    unsafe { core::ptr::read_volatile(global) }
+}
+
 #[inline(always)]
 fn count(counter: u32) {
     if let Some(n) = CAPSTREAM_COUNTERS.get_ptr_mut(counter) {
@@ -175,8 +183,7 @@ static CAPSTREAM_WAKEUP_BYTES: u64 = 1 << 20;
 
 #[inline(always)]
 fn wakeup_flag() -> u64 {
-    // SAFETY: a plain u64 global; volatile so that the value set at load time is read.
-    let threshold = unsafe { core::ptr::read_volatile(&CAPSTREAM_WAKEUP_BYTES) };
+    let threshold = load_global(&CAPSTREAM_WAKEUP_BYTES);
     if CAPSTREAM_RING.query(BPF_RB_AVAIL_DATA) >= threshold {
         BPF_RB_FORCE_WAKEUP
     } else {
@@ -225,8 +232,7 @@ fn emit<F: Frame>(frame: &F) {
     let scratch = unsafe { *scratch };
     count(COUNTER_MATCHED);
     let wire_len = frame.wire_len();
-    // SAFETY: a plain u32 global; volatile so that the value set at load time is read.
-    let snaplen = unsafe { core::ptr::read_volatile(&CAPSTREAM_SNAPLEN) };
+    let snaplen = load_global(&CAPSTREAM_SNAPLEN);
     let mut header = PacketHeader {
         // SAFETY: a helper without arguments.
         boot_ns: unsafe { bpf_ktime_get_boot_ns() },
@@ -277,8 +283,7 @@ fn emit<F: Frame>(frame: &F) {
 pub fn capstream_socket(ctx: SkBuffContext) -> i64 {
     // SAFETY: the context pointer the kernel passed in.
     let outgoing = unsafe { (*ctx.skb.skb).pkt_type } == PACKET_OUTGOING;
-    // SAFETY: a plain u32 global; volatile so that the value set at load time is read.
-    if outgoing && unsafe { core::ptr::read_volatile(&CAPSTREAM_LOOPBACK) } != 0 {
+    if outgoing && load_global(&CAPSTREAM_LOOPBACK) != 0 {
         return SOCKET_KEEP_NOTHING;
     }
     enter(

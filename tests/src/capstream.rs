@@ -281,6 +281,20 @@ pub fn compare_captures(
     Ok(max_skew)
 }
 
+/// The number right after the last `label` in a log, e.g. ", dropped " or
+/// "kernel buffer full: " in the sensor's exit summary.
+pub fn summary_figure(log: &str, label: &str) -> Result<u64> {
+    let at = log
+        .rfind(label)
+        .with_context(|| format!("no {label:?} in:\n{log}"))?;
+    log[at + label.len()..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .with_context(|| format!("no number after {label:?} in:\n{log}"))
+}
+
 /// The number of packets tshark reads from a file; fails if tshark cannot read it.
 pub fn tshark_count(file: &Path) -> Result<usize> {
     let file = file.to_string_lossy().into_owned();

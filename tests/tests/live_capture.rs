@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use testbed::capstream::{
-    compare_captures, dev_filters, start_sensor, start_tcpdump, tcpdump_records, tshark_count,
-    Receiver, Record, Scratch,
+    compare_captures, dev_filters, start_sensor, start_tcpdump, summary_figure, tcpdump_records,
+    tshark_count, Receiver, Record, Scratch,
 };
 use testbed::{corpus_dir, require_root, Lab};
 
@@ -344,19 +344,6 @@ fn classic_pcap_refuses_a_second_link_type_and_says_to_use_pcapng() {
     assert_eq!(tcpdump_records(&out, "").unwrap().len(), 7907);
 }
 
-/// The number after `label` in the sensor's exit summary (e.g. "kernel buffer full: ").
-fn summary_figure(sensor_log: &str, label: &str) -> u64 {
-    let at = sensor_log
-        .rfind(label)
-        .unwrap_or_else(|| panic!("no {label:?} in the sensor's summary:\n{sensor_log}"));
-    sensor_log[at + label.len()..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn a_full_kernel_ring_is_counted_and_everything_else_delivered() {
     require_root();
@@ -376,13 +363,13 @@ fn a_full_kernel_ring_is_counted_and_everything_else_delivered() {
 
     let log = sensor.stderr();
     let written = tcpdump_records(&out, "").unwrap().len() as u64;
-    let ring_full = summary_figure(&log, "kernel buffer full: ");
+    let ring_full = summary_figure(&log, "kernel buffer full: ").unwrap();
     assert!(
         ring_full > 0,
         "the ring cannot have held the corpus:\n{log}"
     );
     assert!(written > 0, "nothing reached the output:\n{log}");
-    assert_eq!(summary_figure(&log, ": seen "), 7907, "{log}");
+    assert_eq!(summary_figure(&log, ": seen ").unwrap(), 7907, "{log}");
     assert_eq!(
         written + ring_full,
         7907,

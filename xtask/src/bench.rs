@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use testbed::capstream::{start_sensor, Receiver, Scratch};
+use testbed::capstream::{start_sensor, summary_figure, Receiver, Scratch};
 use testbed::{Lab, Proc};
 
 use crate::system::{cmd, setup};
@@ -159,7 +159,7 @@ fn measure(
             let (receiver_cpu, receiver_rss_kib) = usage(&receiver.proc, ticks)?;
             receiver.stop()?;
             let log = sensor.stderr();
-            let dropped = number_after(&log, ", dropped ")?;
+            let dropped = summary_figure(&log, ", dropped ")?;
             let written = count_records(&out)?;
             let _ = std::fs::remove_file(&out);
             Ok(Run {
@@ -232,19 +232,6 @@ fn number_before(log: &str, suffix: &str) -> Result<u64> {
         .with_context(|| format!("no {suffix:?} in:\n{log}"))?;
     let number = line.split_whitespace().next().unwrap_or("");
     number.parse().with_context(|| format!("in {line:?}"))
-}
-
-/// The number right after the last `label` (", dropped 5" in the sensor's summary).
-fn number_after(log: &str, label: &str) -> Result<u64> {
-    let at = log
-        .rfind(label)
-        .with_context(|| format!("no {label:?} in:\n{log}"))?;
-    log[at + label.len()..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .with_context(|| format!("no number after {label:?}"))
 }
 
 /// Packet records in a classic pcap file.

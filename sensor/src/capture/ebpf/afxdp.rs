@@ -116,8 +116,8 @@ impl Sockets {
 
     /// Waits before the next drain, unless busy-polling: a short nap while frames flow,
     /// else until a socket is readable, `idle` at most.
-    pub fn wait(&self, idle: std::time::Duration) {
-        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    pub fn wait(&self, idle: &rustix::event::Timespec) {
+        use rustix::event::{poll, PollFd, PollFlags};
         if self.busy_poll {
             return;
         }
@@ -130,12 +130,8 @@ impl Sockets {
             .iter()
             .map(|fd| PollFd::new(fd, PollFlags::IN))
             .collect();
-        let timeout = Timespec {
-            tv_sec: 0,
-            tv_nsec: i64::try_from(idle.as_nanos()).unwrap_or(i64::MAX),
-        };
         // EINTR only means an earlier look at the stop flag.
-        let _ = poll(&mut fds, Some(&timeout));
+        let _ = poll(&mut fds, Some(idle));
     }
 
     /// Reads every frame the sockets hold into the batcher, truncated to `snaplen`, and

@@ -361,16 +361,16 @@ impl EbpfCapture {
     /// Waits until the ring (or the log ring) has data, or the poll timeout passes.
     fn wait(&self) {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        // AF_XDP frames never pass the ring: the sockets decide how to wait.
-        #[cfg(feature = "afxdp")]
-        if let Some(sockets) = &self.sockets {
-            sockets.wait(POLL_TIMEOUT);
-            return;
-        }
         let timeout = Timespec {
             tv_sec: 0,
             tv_nsec: i64::try_from(POLL_TIMEOUT.as_nanos()).unwrap_or(i64::MAX),
         };
+        // AF_XDP frames never pass the ring: the sockets decide how to wait.
+        #[cfg(feature = "afxdp")]
+        if let Some(sockets) = &self.sockets {
+            sockets.wait(&timeout);
+            return;
+        }
         let ring = PollFd::new(&self.ring, PollFlags::IN);
         // EINTR only means an earlier look at the stop flag.
         let _ = match &self.logger {
