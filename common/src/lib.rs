@@ -6,8 +6,13 @@
 //! decoder that bounds every length before it is used.
 //!
 //! A stream carries frames: `type: u8`, `length: u32` (big-endian), then `length` bytes of
-//! body. The sensor's first frame is always [`Hello`]; the receiver answers with [`Ack`]s
-//! and ends with [`Goodbye`] or [`ErrorMsg`].
+//! body. The sensor's first frame is always [`Hello`]. The receiver answers with an [`Ack`]
+//! saying where the session resumes, further [`Ack`]s as batches reach its output, and ends
+//! with [`Goodbye`] or [`ErrorMsg`].
+//!
+//! Delivery survives reconnection: a sensor keeps every batch until it is acknowledged and,
+//! on a new connection with the same session id, resends those after the resume point; the
+//! receiver ignores a batch whose sequence it already has.
 
 mod batch;
 #[cfg(feature = "cli")]
@@ -24,7 +29,7 @@ pub use message::{
 };
 
 /// The protocol version this build speaks. A peer with another version is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Four bytes at the start of every Hello, so that a peer speaking another protocol is
 /// recognised at once rather than misread.

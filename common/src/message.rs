@@ -101,14 +101,15 @@ impl DropReason {
     pub const KERNEL_BUFFER: Self = Self(1);
     /// The network interface or its driver dropped them (libpcap `ps_ifdrop`).
     pub const INTERFACE: Self = Self(2);
-    /// The sensor's queue towards the receiver was full.
-    pub const SENSOR_QUEUE: Self = Self(3);
+    /// The sensor's buffer of unacknowledged batches (`--buffer`, `--spool-dir`) was full:
+    /// the receiver or the link was slower than the capture.
+    pub const SENSOR_BUFFER: Self = Self(3);
 
     pub fn name(self) -> &'static str {
         match self {
             Self::KERNEL_BUFFER => "kernel buffer full",
             Self::INTERFACE => "interface/driver",
-            Self::SENSOR_QUEUE => "sensor queue full",
+            Self::SENSOR_BUFFER => "sensor buffer full",
             _ => "other",
         }
     }
@@ -122,7 +123,7 @@ pub struct InterfaceStats {
     pub seen: u64,
     /// Packets that matched the filter and reached the sensor.
     pub matched: u64,
-    /// Packets put into batches sent to the receiver.
+    /// Packets the receiver has acknowledged (written to its output).
     pub delivered: u64,
     /// Packets lost, by reason. Reasons are unique.
     pub drops: Vec<(DropReason, u64)>,
@@ -140,7 +141,9 @@ pub struct Stats {
     pub interfaces: Vec<InterfaceStats>,
 }
 
-/// The highest batch sequence below which the receiver has written every batch.
+/// Every batch of the session up to and including `sequence` is in the receiver's output.
+/// The receiver sends one right after accepting a Hello, before any batch: it tells a
+/// reconnecting sensor where to resume (0 for a session it has not seen).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ack {
     pub sequence: u64,

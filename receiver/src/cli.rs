@@ -41,8 +41,10 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR", default_value = "[::]:4433", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
-    /// Directory for the generated certificate and key (e.g. `--state-dir /var/lib/capstream`);
-    /// default: the per-user data directory, e.g. ~/.local/share/capstream.
+    /// Directory for the generated certificate and key, and the key that lets a restarted
+    /// receiver reset its predecessor's connections so sensors resume at once
+    /// (e.g. `--state-dir /var/lib/capstream`); default: the per-user data directory,
+    /// e.g. ~/.local/share/capstream.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 

@@ -11,7 +11,7 @@ use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::merge::SessionId;
-use crate::writer::{clean, Event};
+use crate::writer::{clean, Attached, ConnId, Event};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A sensor must open its stream and say Hello this soon after the handshake.
@@ -57,7 +57,7 @@ enum End {
 
 pub async fn connection(
     incoming: Incoming,
-    session: SessionId,
+    conn_id: ConnId,
     events: mpsc::Sender<Event>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -97,7 +97,7 @@ pub async fn connection(
         }
     };
     let mut s = Session {
-        id: session,
+        conn: conn_id,
         peer,
         send,
         recv,
@@ -105,23 +105,28 @@ pub async fn connection(
         events,
         joined: None,
         left: false,
-        next_sequence: 1,
+        duplicates: 0,
     };
     let end = s.run(shutdown).await;
-    let name = s.joined.clone().unwrap_or_else(|| peer.to_string());
-    if s.joined.is_some() && !s.left {
-        // Whatever happened, what arrived is written and the sensor's counters recorded.
-        let (done, written) = oneshot::channel();
-        if s.events.send(Event::Left { session, done }).await.is_ok() {
-            let _ = written.await;
-        }
+    let name = s
+        .joined
+        .as_ref()
+        .map_or_else(|| peer.to_string(), |(_, name)| name.clone());
+    if let (Some((session, _)), false) = (&s.joined, s.left) {
+        // What arrived stays; the session waits for the sensor to come back.
+        let detached = Event::Detached {
+            session: *session,
+            conn: conn_id,
+            duplicates: s.duplicates,
+        };
+        let _ = s.events.send(detached).await;
     }
     match end {
         End::Clean => {
             tracing::info!("{name}: left cleanly");
             let _ = tokio::time::timeout(LINGER, conn.closed()).await;
         }
-        End::Lost(why) => tracing::warn!("{name}: gone without goodbye: {why}"),
+        End::Lost(why) => tracing::warn!("{name}: connection lost: {why}"),
         End::Refused(r) => {
             if r.code == ErrorCode::SHUTTING_DOWN {
                 tracing::info!("{name}: told the receiver is shutting down");
@@ -142,18 +147,18 @@ pub async fn connection(
 }
 
 struct Session {
-    id: SessionId,
+    conn: ConnId,
     peer: SocketAddr,
     send: SendStream,
     recv: RecvStream,
     buf: BytesMut,
     events: mpsc::Sender<Event>,
-    /// The sensor's name once its Hello was accepted.
-    joined: Option<String>,
-    /// The writer was told of the Goodbye and has written all of the session.
+    /// The sensor's session id and name once its Hello was accepted.
+    joined: Option<(SessionId, String)>,
+    /// The writer has closed the session (Goodbye, or the receiver stopping).
     left: bool,
-    /// Batches are numbered 1, 2, 3... across the session's interfaces.
-    next_sequence: u64,
+    /// Batches the receiver already had, sent again after a reconnect: ignored.
+    duplicates: u64,
 }
 
 /// Runs `f` unless the receiver starts shutting down first (then `None`).
@@ -170,15 +175,18 @@ async fn unless_shutdown<F: std::future::Future>(
     }
 }
 
+fn shutting_down() -> End {
+    End::Refused(Refusal::new(
+        ErrorCode::SHUTTING_DOWN,
+        "the receiver is shutting down",
+    ))
+}
+
 impl Session {
     async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> End {
-        let (acks_tx, mut acks) = watch::channel(0u64);
         let first = tokio::time::timeout(HELLO_TIMEOUT, self.next_message());
         let Some(first) = unless_shutdown(&mut shutdown, first).await else {
-            return End::Refused(Refusal::new(
-                ErrorCode::SHUTTING_DOWN,
-                "the receiver is shutting down",
-            ));
+            return shutting_down();
         };
         let hello = match first {
             Ok(Ok(Some(Message::Hello(h)))) => h,
@@ -200,7 +208,7 @@ impl Session {
                 "Hello names no interface",
             ));
         }
-        let (session_id, interfaces) = (hello.session_id, hello.interfaces.len());
+        let (session, interfaces) = (hello.session_id, hello.interfaces.len());
         let name = format!(
             "sensor {} ({}, {})",
             clean(&hello.sensor_id),
@@ -209,65 +217,82 @@ impl Session {
         );
         let (reply, accepted) = oneshot::channel();
         let joined = Event::Joined {
-            session: self.id,
+            conn: self.conn,
             hello: Box::new(hello),
             peer: self.peer,
-            acks: acks_tx,
             reply,
         };
         if self.events.send(joined).await.is_err() {
-            return End::Refused(Refusal::new(
-                ErrorCode::SHUTTING_DOWN,
-                "the receiver is shutting down",
-            ));
+            return shutting_down();
         }
-        match accepted.await {
-            Ok(Ok(())) => {}
+        let attached = match accepted.await {
+            Ok(Ok(attached)) => attached,
             Ok(Err(why)) => {
                 return End::Refused(Refusal::new(ErrorCode::UNSUPPORTED_LINK_TYPE, why))
             }
-            Err(_) => {
-                return End::Refused(Refusal::new(
-                    ErrorCode::SHUTTING_DOWN,
-                    "the receiver is shutting down",
-                ))
-            }
+            Err(_) => return shutting_down(),
+        };
+        let Attached {
+            acked,
+            received,
+            mut acks,
+        } = attached;
+        tracing::info!(
+            "{name}: joined with {interfaces} interface(s), resuming after batch {acked}"
+        );
+        self.joined = Some((session, name));
+        // Where the sensor resumes: it sends again everything after this.
+        if let Err(e) = self.write(Message::Ack(Ack { sequence: acked })).await {
+            return e;
         }
-        tracing::info!("{name}: joined with {interfaces} interface(s)");
-        self.joined = Some(name);
+        // The next new batch; `None`: the first may have any sequence.
+        let mut expected = received.map(|r| r + 1);
 
         loop {
             let message = tokio::select! {
                 m = self.next_message() => m,
-                _ = acks.changed() => {
+                changed = acks.changed() => {
+                    if changed.is_err() {
+                        return End::Lost("a newer connection of the same session took over".into());
+                    }
                     let sequence = *acks.borrow_and_update();
                     if let Err(e) = self.write(Message::Ack(Ack { sequence })).await {
                         return e;
                     }
                     continue;
                 }
-                _ = shutdown.changed() => {
-                    return End::Refused(Refusal::new(ErrorCode::SHUTTING_DOWN, "the receiver is shutting down"));
-                }
+                _ = shutdown.changed() => return self.leave(true).await,
             };
             let event = match message {
                 Ok(Some(Message::Batch(batch))) => {
-                    if batch.session_id != session_id {
+                    if batch.session_id != session {
                         return End::Refused(Refusal::new(
                             ErrorCode::PROTOCOL,
                             "batch of another session",
                         ));
                     }
-                    if batch.sequence != self.next_sequence {
+                    match expected {
+                        Some(e) if batch.sequence < e => {
+                            self.duplicates += 1;
+                            continue;
+                        }
+                        Some(e) if batch.sequence > e => {
+                            return End::Refused(Refusal::new(
+                                ErrorCode::PROTOCOL,
+                                format!(
+                                "batch sequence {} where {e} was expected (sequences grow by one)",
+                                batch.sequence
+                            ),
+                            ))
+                        }
+                        _ => {}
+                    }
+                    if batch.sequence == 0 {
                         return End::Refused(Refusal::new(
                             ErrorCode::PROTOCOL,
-                            format!(
-                                "batch sequence {} where {} was expected (sequences start at 1 and grow by one)",
-                                batch.sequence, self.next_sequence
-                            ),
+                            "batch sequence 0 (sequences start at 1)",
                         ));
                     }
-                    self.next_sequence += 1;
                     if usize::from(batch.interface_id) >= interfaces {
                         return End::Refused(Refusal::new(
                             ErrorCode::PROTOCOL,
@@ -278,8 +303,10 @@ impl Session {
                         Ok(p) => p,
                         Err(e) => return End::Refused(Refusal::protocol(e)),
                     };
+                    expected = batch.sequence.checked_add(1);
                     Event::Batch {
-                        session: self.id,
+                        session,
+                        conn: self.conn,
                         sequence: batch.sequence,
                         interface_id: batch.interface_id,
                         raw_len: packets.records_len(),
@@ -288,18 +315,19 @@ impl Session {
                     }
                 }
                 Ok(Some(Message::Stats(stats))) => {
-                    if stats.session_id != session_id {
+                    if stats.session_id != session {
                         return End::Refused(Refusal::new(
                             ErrorCode::PROTOCOL,
                             "statistics of another session",
                         ));
                     }
                     Event::Stats {
-                        session: self.id,
+                        session,
+                        conn: self.conn,
                         stats,
                     }
                 }
-                Ok(Some(Message::Goodbye(_))) => return self.goodbye(&mut acks).await,
+                Ok(Some(Message::Goodbye(_))) => return self.leave(false).await,
                 Ok(Some(other)) => {
                     return End::Refused(Refusal::new(
                         ErrorCode::PROTOCOL,
@@ -315,37 +343,42 @@ impl Session {
             // A full queue makes this connection wait, and QUIC flow control slows the
             // sensor: back-pressure, never a silent drop.
             if self.events.send(event).await.is_err() {
-                return End::Refused(Refusal::new(
-                    ErrorCode::SHUTTING_DOWN,
-                    "the receiver is shutting down",
-                ));
+                return shutting_down();
             }
         }
     }
 
-    /// The sensor is done: once all of it is written, the last Ack and our Goodbye.
-    async fn goodbye(&mut self, acks: &mut watch::Receiver<u64>) -> End {
+    /// Closes the session once all of it is written, then sends the final Ack and our
+    /// Goodbye (the sensor said Goodbye) or "shutting down" (the receiver is stopping; the
+    /// sensor resumes with the next receiver after that Ack, so nothing is sent twice).
+    async fn leave(&mut self, stopping: bool) -> End {
+        let Some((session, _)) = self.joined else {
+            return shutting_down();
+        };
         let (done, written) = oneshot::channel();
-        if self
-            .events
-            .send(Event::Left {
-                session: self.id,
-                done,
-            })
-            .await
-            .is_err()
-            || written.await.is_err()
-        {
+        let left = Event::Left {
+            session,
+            conn: self.conn,
+            duplicates: self.duplicates,
+            done,
+        };
+        if self.events.send(left).await.is_err() {
             return End::Lost("the receiver stopped".into());
         }
-        let sequence = *acks.borrow_and_update();
-        for m in [Message::Ack(Ack { sequence }), Message::Goodbye(Goodbye)] {
-            if let Err(e) = self.write(m).await {
-                return e;
-            }
+        let Ok(sequence) = written.await else {
+            return End::Lost("the receiver stopped before writing everything".into());
+        };
+        self.left = true;
+        if let Err(e) = self.write(Message::Ack(Ack { sequence })).await {
+            return e;
+        }
+        if stopping {
+            return shutting_down();
+        }
+        if let Err(e) = self.write(Message::Goodbye(Goodbye)).await {
+            return e;
         }
         let _ = self.send.finish();
-        self.left = true;
         End::Clean
     }
 

@@ -67,7 +67,18 @@ async fn run(cli: Cli) -> Result<()> {
     }
     .map_err(BadInput)?;
     let server_config = tls::server_config(&identity).map_err(BadInput)?;
-    let endpoint = quinn::Endpoint::server(server_config, cli.listen).map_err(|e| {
+    let reset_key = match state_dir(&cli).and_then(|dir| tls::reset_key(&dir)) {
+        Ok(key) => key,
+        Err(e) => {
+            tracing::warn!(
+                "{e:#}: sensors will notice a restart of this receiver only after their idle \
+                 timeout"
+            );
+            let secret: [u8; 32] = rand::random();
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)
+        }
+    };
+    let endpoint = listen(cli.listen, server_config, reset_key).map_err(|e| {
         BadInput(anyhow!(
             "cannot listen on UDP {}: {e} (is another receiver running there?)",
             cli.listen
@@ -88,13 +99,53 @@ async fn run(cli: Cli) -> Result<()> {
         identity.fingerprint()
     );
 
-    let summaries = server::run(endpoint, sink, cli.reorder_window, shutdown_signal()).await?;
+    let to_file = cli.out.as_os_str() != "-";
+    let summaries = server::run(
+        endpoint,
+        sink,
+        cli.reorder_window,
+        to_file,
+        shutdown_signal(),
+    )
+    .await?;
     tracing::info!("closed {}", cli.out.display());
     eprintln!("receiver: {} sensor session(s)", summaries.len());
     for s in &summaries {
         eprintln!("  {}", s.line());
     }
     Ok(())
+}
+
+fn listen(
+    addr: std::net::SocketAddr,
+    config: quinn::ServerConfig,
+    reset_key: ring::hmac::Key,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    let mut endpoint_config = quinn::EndpointConfig::new(std::sync::Arc::new(reset_key));
+    // Plain random connection ids: quinn's default ones carry a check keyed per process,
+    // which makes a restarted receiver ignore, rather than reset, its predecessor's.
+    endpoint_config.cid_generator(|| Box::new(RandomCids));
+    quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
+}
+
+/// Connection ids of 8 random bytes.
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        quinn::ConnectionId::new(&rand::random::<[u8; 8]>())
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 fn state_dir(cli: &Cli) -> Result<PathBuf> {

@@ -33,7 +33,9 @@ struct Held {
     arrived: Instant,
     session: SessionId,
     sequence: u64,
+    /// The output interface, and the sensor's own id for it.
     interface: u32,
+    interface_id: u16,
     original_len: u32,
     direction: Direction,
     data: Bytes,
@@ -68,9 +70,14 @@ struct Session {
     done: BTreeSet<u64>,
     acked: u64,
     ack_changed: bool,
-    /// Said goodbye (or vanished): it sends nothing more, so it no longer holds others.
-    leaving: bool,
+    /// The highest batch taken in; `None` until the first, which may have any sequence (a
+    /// sensor resuming with a receiver that has not seen it).
+    received: Option<u64>,
+    /// Away or leaving: it sends nothing for now, so it does not hold the others back.
+    idle: bool,
     written: Written,
+    /// Packets written, by the sensor's interface id.
+    written_by_interface: Vec<u64>,
 }
 
 /// Per-session totals for the exit summary.
@@ -107,8 +114,9 @@ impl Merge {
         }
     }
 
-    /// A sensor joined; `interfaces` maps its interface ids to output interfaces.
-    pub fn add_session(&mut self, id: SessionId, interfaces: Vec<u32>) {
+    /// A sensor joined; `interfaces` maps its interface ids to output interfaces. `resume`:
+    /// every batch up to it was delivered before (by an earlier session here).
+    pub fn add_session(&mut self, id: SessionId, interfaces: Vec<u32>, resume: Option<u64>) {
         let n = interfaces.len();
         self.sessions.insert(
             id,
@@ -117,15 +125,18 @@ impl Merge {
                 newest: vec![None; n],
                 pending: HashMap::new(),
                 done: BTreeSet::new(),
-                acked: 0,
+                acked: resume.unwrap_or(0),
                 ack_changed: false,
-                leaving: false,
+                received: resume,
+                idle: false,
                 written: Written::default(),
+                written_by_interface: vec![0; n],
             },
         );
     }
 
-    /// Takes in one batch. The caller has checked the interface id against the Hello.
+    /// Takes in one batch. The caller has checked the interface id against the Hello and
+    /// that the sequence follows [`Self::received`].
     pub fn add_batch(
         &mut self,
         session: SessionId,
@@ -137,6 +148,11 @@ impl Merge {
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
+        if s.received.is_none() {
+            // The first batch of a resumed session: what came before went elsewhere.
+            s.acked = sequence.saturating_sub(1);
+        }
+        s.received = Some(sequence);
         let idx = usize::from(interface_id);
         let (Some(&interface), Some(newest)) = (s.interfaces.get(idx), s.newest.get_mut(idx))
         else {
@@ -155,6 +171,7 @@ impl Merge {
                 session,
                 sequence,
                 interface,
+                interface_id,
                 original_len: p.original_len,
                 direction: p.direction,
                 data: p.data,
@@ -186,12 +203,27 @@ impl Merge {
             || now.saturating_duration_since(p.arrived) >= self.window
     }
 
-    /// The sensor sends nothing more. Its held packets still go out in order, by the usual
-    /// rules; [`Self::is_written`] tells when they all have.
-    pub fn leave(&mut self, session: SessionId) {
+    /// Whether the sensor is sending (connected). One that is not no longer holds the
+    /// others back; its held packets still go out in order, by the usual rules, and
+    /// [`Self::is_written`] tells when they all have.
+    pub fn set_sending(&mut self, session: SessionId, sending: bool) {
         if let Some(s) = self.sessions.get_mut(&session) {
-            s.leaving = true;
+            s.idle = !sending;
         }
+    }
+
+    /// The highest batch sequence taken in, if any.
+    pub fn received(&self, session: SessionId) -> Option<u64> {
+        self.sessions.get(&session).and_then(|s| s.received)
+    }
+
+    /// Packets written of the sensor's interface `interface_id`.
+    pub fn written_on(&self, session: SessionId, interface_id: u16) -> u64 {
+        self.sessions
+            .get(&session)
+            .and_then(|s| s.written_by_interface.get(usize::from(interface_id)))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Whether every batch the session sent has been written.
@@ -246,7 +278,7 @@ impl Merge {
     /// nothing can come that belongs before what is held.
     fn watermark(&self) -> Option<u64> {
         let mut low = u64::MAX;
-        for s in self.sessions.values().filter(|s| !s.leaving) {
+        for s in self.sessions.values().filter(|s| !s.idle) {
             for newest in &s.newest {
                 low = low.min((*newest)?);
             }
@@ -276,6 +308,9 @@ impl Merge {
             s.written.bytes += p.data.len() as u64;
             s.written.forced += u64::from(forced);
             s.written.late += u64::from(late);
+            if let Some(n) = s.written_by_interface.get_mut(usize::from(p.interface_id)) {
+                *n += 1;
+            }
             if let Some(left) = s.pending.get_mut(&p.sequence) {
                 *left -= 1;
                 if *left == 0 {
@@ -350,8 +385,8 @@ mod tests {
         let t0 = Instant::now();
         let mut m = Merge::new(WINDOW, usize::MAX);
         let mut out = Recorder::default();
-        m.add_session(1, vec![0]);
-        m.add_session(2, vec![1]);
+        m.add_session(1, vec![0], None);
+        m.add_session(2, vec![1], None);
         m.add_batch(1, 1, 0, packets(&[10, 30, 50]), t0);
         m.release(t0, &mut out).unwrap();
         assert!(
@@ -375,8 +410,8 @@ mod tests {
         let t0 = Instant::now();
         let mut m = Merge::new(WINDOW, usize::MAX);
         let mut out = Recorder::default();
-        m.add_session(1, vec![0]);
-        m.add_session(2, vec![1]);
+        m.add_session(1, vec![0], None);
+        m.add_session(2, vec![1], None);
         m.add_batch(1, 1, 0, packets(&[10, 40, 20, 50]), t0);
         m.add_batch(2, 1, 0, packets(&[30, 45, 60]), t0);
         m.release(t0, &mut out).unwrap();
@@ -393,8 +428,8 @@ mod tests {
         let t0 = Instant::now();
         let mut m = Merge::new(WINDOW, usize::MAX);
         let mut out = Recorder::default();
-        m.add_session(1, vec![0]);
-        m.add_session(2, vec![1]);
+        m.add_session(1, vec![0], None);
+        m.add_session(2, vec![1], None);
         m.add_batch(2, 1, 0, packets(&[5]), t0);
         m.add_batch(1, 1, 0, packets(&[10, 20]), t0);
         m.release(t0, &mut out).unwrap();
@@ -410,8 +445,8 @@ mod tests {
         let t0 = Instant::now();
         let mut m = Merge::new(Duration::ZERO, usize::MAX);
         let mut out = Recorder::default();
-        m.add_session(1, vec![0]);
-        m.add_session(2, vec![1]);
+        m.add_session(1, vec![0], None);
+        m.add_session(2, vec![1], None);
         m.add_batch(1, 1, 0, packets(&[100]), t0);
         m.release(t0, &mut out).unwrap();
         m.add_batch(2, 1, 0, packets(&[50]), t0);
@@ -426,8 +461,8 @@ mod tests {
         let t0 = Instant::now();
         let mut m = Merge::new(WINDOW, 100);
         let mut out = Recorder::default();
-        m.add_session(1, vec![0]);
-        m.add_session(2, vec![1]);
+        m.add_session(1, vec![0], None);
+        m.add_session(2, vec![1], None);
         m.add_batch(1, 1, 0, packets(&[1, 2, 3]), t0);
         m.release(t0, &mut out).unwrap();
         assert_eq!(
@@ -443,8 +478,8 @@ mod tests {
         let t0 = Instant::now();
         let mut m = Merge::new(WINDOW, usize::MAX);
         let mut out = Recorder::default();
-        m.add_session(1, vec![0]);
-        m.add_session(2, vec![1]);
+        m.add_session(1, vec![0], None);
+        m.add_session(2, vec![1], None);
         m.add_batch(1, 1, 0, packets(&[10]), t0);
         m.add_batch(1, 2, 0, packets(&[]), t0);
         m.add_batch(1, 3, 0, packets(&[30]), t0);
@@ -452,7 +487,7 @@ mod tests {
         m.release(t0, &mut out).unwrap();
         assert_eq!(out.0, [(0, 10), (1, 20)]);
         // Session 1 leaves; session 2 still has packets older than 30 on their way.
-        m.leave(1);
+        m.set_sending(1, false);
         m.release(t0, &mut out).unwrap();
         assert!(
             !m.is_written(1),
@@ -474,7 +509,7 @@ mod tests {
         let mut m = Merge::new(WINDOW, usize::MAX);
         let mut out = Recorder::default();
         // One sensor, two interfaces; batch 2 (eth1) is older than batch 1 (eth0).
-        m.add_session(1, vec![0, 1]);
+        m.add_session(1, vec![0, 1], None);
         m.add_batch(1, 1, 0, packets(&[50]), t0);
         m.add_batch(1, 2, 1, packets(&[10]), t0);
         m.release(t0, &mut out).unwrap();
@@ -485,5 +520,24 @@ mod tests {
         );
         m.release(t0 + WINDOW, &mut out).unwrap();
         assert_eq!(m.take_acks(), [(1, 2)]);
+    }
+
+    #[test]
+    fn a_session_may_start_or_resume_at_any_sequence() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(Duration::ZERO, usize::MAX);
+        let mut out = Recorder::default();
+        // Resumed here: batches up to 4 were written before.
+        m.add_session(1, vec![0], Some(4));
+        assert_eq!((m.acked(1), m.received(1)), (4, Some(4)));
+        // New here, but its earlier batches went to another receiver.
+        m.add_session(2, vec![1], None);
+        m.add_batch(1, 5, 0, packets(&[10]), t0);
+        m.add_batch(2, 40, 0, packets(&[20]), t0);
+        m.release(t0, &mut out).unwrap();
+        let mut acks = m.take_acks();
+        acks.sort();
+        assert_eq!(acks, [(1, 5), (2, 40)]);
+        assert_eq!((m.written_on(2, 0), m.written_on(2, 1)), (1, 0));
     }
 }

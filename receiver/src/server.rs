@@ -9,10 +9,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::connection::connection;
-use crate::merge::SessionId;
 use crate::sink::Sink;
 use crate::stats::SensorSummary;
-use crate::writer::{Event, Writer};
+use crate::writer::{ConnId, Event, Writer};
 
 const MAX_CONNECTIONS: usize = 1024;
 /// Batches queued between the connections and the writer. Each may hold up to 8 MiB
@@ -22,15 +21,18 @@ const EVENT_QUEUE: usize = 64;
 
 /// Serves sensors into `sink` until `stop` completes (or the output fails), then tells the
 /// connected sensors, writes out everything held and completes the output.
+/// `retry_output`: wait out output errors (a file on a full disk) rather than stop.
 pub async fn run(
     endpoint: Endpoint,
     sink: Box<dyn Sink>,
     reorder_window: Duration,
+    retry_output: bool,
     stop: impl Future<Output = ()>,
 ) -> Result<Vec<SensorSummary>> {
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut writer = tokio::spawn(Writer::new(sink, reorder_window).run(events_rx));
+    let writer = Writer::new(sink, reorder_window, retry_output);
+    let mut writer = tokio::spawn(writer.run(events_rx, shutdown_rx.clone()));
     let server = tokio::spawn(serve(endpoint, events_tx, shutdown_rx));
     let result = tokio::select! {
         _ = stop => {
@@ -55,7 +57,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tasks = JoinSet::new();
-    let mut next_session: SessionId = 1;
+    let mut next_conn: ConnId = 1;
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -66,9 +68,9 @@ pub async fn serve(
                     incoming.refuse();
                     continue;
                 }
-                let session = next_session;
-                next_session += 1;
-                tasks.spawn(connection(incoming, session, events.clone(), shutdown.clone()));
+                let conn = next_conn;
+                next_conn += 1;
+                tasks.spawn(connection(incoming, conn, events.clone(), shutdown.clone()));
             }
             _ = shutdown.changed() => break,
         }

@@ -11,6 +11,9 @@ pub struct SensorSummary {
     pub batches: u64,
     pub raw_bytes: u64,
     pub wire_bytes: u64,
+    pub reconnects: u64,
+    /// Batches received again after a reconnect, and ignored.
+    pub duplicates: u64,
     pub stats: Option<Stats>,
 }
 
@@ -26,6 +29,12 @@ impl SensorSummary {
             "{}: {} packets, {} bytes, {} batches, compression {ratio:.2}x",
             self.label, self.written.packets, self.written.bytes, self.batches
         );
+        if self.reconnects > 0 || self.duplicates > 0 {
+            line += &format!(
+                ", {} reconnect(s), {} duplicate batch(es) ignored",
+                self.reconnects, self.duplicates
+            );
+        }
         if self.written.forced > 0 {
             line += &format!(
                 ", {} forced out before the reorder window allowed",
@@ -55,6 +64,17 @@ impl SensorSummary {
                         .map(|(r, n)| format!("{} {n}", r.name()))
                         .collect();
                     line += &format!(" ({})", parts.join(", "));
+                }
+                // The accounting identity: what the sensor matched is written here, dropped
+                // with a reason, or elsewhere (an earlier receiver, or still at the sensor).
+                let matched: u64 = stats.interfaces.iter().map(|i| i.matched).sum();
+                let elsewhere = matched.saturating_sub(self.written.packets + total);
+                line += &format!(", matched by the sensor {matched}");
+                if elsewhere > 0 {
+                    line += &format!(
+                        ", {elsewhere} not in this output (written by an earlier receiver, or \
+                         still held by the sensor)"
+                    );
                 }
             }
             None => line += ", no statistics received",

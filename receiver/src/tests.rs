@@ -46,7 +46,7 @@ fn start_server(window: Duration, format: Format) -> TestServer {
         Format::Pcapng => Box::new(PcapNgSink::new(out.clone()).unwrap()),
     };
     let (stop, stopped) = oneshot::channel::<()>();
-    let done = tokio::spawn(server::run(endpoint, sink, window, async {
+    let done = tokio::spawn(server::run(endpoint, sink, window, false, async {
         let _ = stopped.await;
     }));
     TestServer {
@@ -235,7 +235,13 @@ async fn two_sensors_merge_in_time_order_and_bad_peers_are_refused() {
     assert_eq!(summaries.len(), 2);
     for s in &summaries {
         assert_eq!((s.written.packets, s.batches), (4, 2), "{}", s.line());
-        assert!(s.line().contains("kernel buffer full 2"), "{}", s.line());
+        assert!(
+            s.line()
+                .contains("kernel buffer full 2), matched by the sensor 6")
+                && !s.line().contains("not in this output"),
+            "{}",
+            s.line()
+        );
     }
 
     let bytes = server.out.bytes();
@@ -301,13 +307,7 @@ async fn classic_pcap_refuses_a_second_link_type_and_keeps_the_first_sensor() {
     );
 
     // The first sensor is still served.
-    send.write_all(&Message::Goodbye(Goodbye).to_bytes())
-        .await
-        .unwrap();
-    send.finish().unwrap();
-    let replies = read_replies(&mut recv).await;
-    assert_eq!(last_ack(&replies), Some(1), "{replies:?}");
-    assert!(matches!(replies.last(), Some(Message::Goodbye(_))));
+    say_goodbye(send, &mut recv, 1).await;
     first.close(0u32.into(), b"");
 
     server.stop.send(()).unwrap();
@@ -325,4 +325,128 @@ async fn classic_pcap_refuses_a_second_link_type_and_keeps_the_first_sensor() {
         42
     );
     assert!(reader.next_packet().is_none());
+}
+
+/// Opens a session's stream and sends Hello; returns the stream pair after the receiver's
+/// first Ack, which says where the session resumes.
+async fn join(
+    conn: &quinn::Connection,
+    hello: &Hello,
+) -> (quinn::SendStream, quinn::RecvStream, u64) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&Message::Hello(hello.clone()).to_bytes())
+        .await
+        .unwrap();
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(m) = decode_frame(&mut buf).unwrap() {
+            let Message::Ack(ack) = m else {
+                panic!("expected the resume Ack, got {m:?}")
+            };
+            return (send, recv, ack.sequence);
+        }
+        let chunk = recv.read_chunk(1 << 16, true).await.unwrap().unwrap();
+        buf.extend_from_slice(&chunk.bytes);
+    }
+}
+
+/// Ends a session: Goodbye, then the receiver's last Ack (`acked`) and Goodbye.
+async fn say_goodbye(mut send: quinn::SendStream, recv: &mut quinn::RecvStream, acked: u64) {
+    send.write_all(&Message::Goodbye(Goodbye).to_bytes())
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let replies = read_replies(recv).await;
+    assert_eq!(last_ack(&replies), Some(acked), "{replies:?}");
+    assert!(matches!(replies.last(), Some(Message::Goodbye(_))));
+}
+
+fn batch_frame(session_id: u64, sequence: u64, times: &[u64]) -> bytes::Bytes {
+    let mut builder = BatchBuilder::new(1 << 16);
+    for &t in times {
+        let _ = builder.push(t, 60, Direction::Inbound, &[t as u8; 60]);
+    }
+    builder.finish(session_id, sequence, 0).frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_resumes_on_a_new_connection_without_duplicates() {
+    let server = start_server(Duration::from_millis(50), Format::Pcapng);
+    let me = hello(0x5e55, "roamer");
+
+    let (_e1, first) = connect(&server, common::ALPN).await.unwrap();
+    let (mut send, _recv, resume) = join(&first, &me).await;
+    assert_eq!(resume, 0, "a new session starts from nothing");
+    for (seq, t) in [(1, 10), (2, 20)] {
+        send.write_all(&batch_frame(0x5e55, seq, &[t]))
+            .await
+            .unwrap();
+    }
+    // Let both be written, then vanish without Goodbye.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.close(7u32.into(), b"cut");
+
+    let (_e2, second) = connect(&server, common::ALPN).await.unwrap();
+    let (mut send, mut recv, resume) = join(&second, &me).await;
+    assert_eq!(resume, 2, "both batches are in the output");
+    // A sensor that missed the last Ack sends batch 2 again: it must not be written twice.
+    for (seq, t) in [(2, 20), (3, 30)] {
+        send.write_all(&batch_frame(0x5e55, seq, &[t]))
+            .await
+            .unwrap();
+    }
+    // While it is open, another sensor claiming the same session with other interfaces is refused.
+    let mut impostor = hello(0x5e55, "roamer");
+    impostor.interfaces[0].name = "eth9".into();
+    let refused = bad_sensor(&server, &Message::Hello(impostor).to_bytes()).await;
+    assert!(error_code(&refused).is_some(), "{refused:?}");
+
+    say_goodbye(send, &mut recv, 3).await;
+    second.close(0u32.into(), b"");
+
+    server.stop.send(()).unwrap();
+    let summaries = server.done.await.unwrap().unwrap();
+    let line = summaries[0].line();
+    assert_eq!(summaries[0].written.packets, 3, "{line}");
+    assert!(
+        line.contains("1 reconnect(s), 1 duplicate batch(es) ignored"),
+        "{line}"
+    );
+    let bytes = server.out.bytes();
+    let mut reader = PcapNgReader::new(&bytes[..]).unwrap();
+    let mut times = Vec::new();
+    while let Some(block) = reader.next_block() {
+        if let Block::EnhancedPacket(epb) = block.unwrap().0 {
+            times.push(epb.timestamp.as_nanos() as u64);
+        }
+    }
+    assert_eq!(times, [10, 20, 30]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sequence_gap_is_refused_and_garbage_datagrams_change_nothing() {
+    let server = start_server(Duration::from_millis(50), Format::Pcapng);
+    // Raw UDP noise at the QUIC port, before and during a session.
+    let noise = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for len in [1, 20, 1200, 1500] {
+        noise.send_to(&vec![0xa5; len], server.addr).unwrap();
+    }
+    let (_e, conn) = connect(&server, common::ALPN).await.unwrap();
+    let (mut send, mut recv, _) = join(&conn, &hello(0x6a9, "gappy")).await;
+    noise.send_to(b"\x40garbage", server.addr).unwrap();
+    send.write_all(&batch_frame(0x6a9, 5, &[1])).await.unwrap();
+    send.write_all(&batch_frame(0x6a9, 7, &[2])).await.unwrap();
+    let replies = read_replies(&mut recv).await;
+    let Some(Message::Error(e)) = replies.last() else {
+        panic!("{replies:?}")
+    };
+    assert_eq!(e.code, ErrorCode::PROTOCOL);
+    assert!(
+        e.message.contains("batch sequence 7 where 6"),
+        "{}",
+        e.message
+    );
+    server.stop.send(()).unwrap();
+    let summaries = server.done.await.unwrap().unwrap();
+    assert_eq!(summaries[0].written.packets, 1, "{}", summaries[0].line());
 }

@@ -73,6 +73,24 @@ fn create(dir: &Path, cert: &Path, key: &Path, extra_names: &[String]) -> Result
     Ok(())
 }
 
+/// The key behind QUIC stateless resets, kept in `dir/reset.key` so that a restarted
+/// receiver can tell sensors at once that their old connection is gone (rather than after
+/// their idle timeout), and they resume sooner.
+pub fn reset_key(dir: &Path) -> Result<ring::hmac::Key> {
+    let path = dir.join("reset.key");
+    let secret = match fs::read(&path) {
+        Ok(secret) if secret.len() == 32 => secret,
+        _ => {
+            let secret: [u8; 32] = rand::random();
+            fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+            write_private(&path, &secret)?;
+            secret.to_vec()
+        }
+    };
+    Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret))
+}
+
 fn hostname() -> Result<String> {
     let name = fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::env::var("COMPUTERNAME"))

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use common::{Hello, PacketIter, Stats};
+use anyhow::{anyhow, Context, Result};
+use common::{Hello, InterfaceInfo, PacketIter, Stats};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::merge::{Merge, SessionId};
@@ -20,18 +20,21 @@ const MAX_HELD_BYTES: usize = 128 << 20;
 /// Events handled in one round before writing and flushing.
 const ROUND: usize = 256;
 
+/// Which connection an event comes from: a session that reconnected ignores its old ones.
+pub type ConnId = u64;
+
 /// What connections tell the writer.
 pub enum Event {
     /// A sensor said Hello; the reply says whether the output can take it.
     Joined {
-        session: SessionId,
+        conn: ConnId,
         hello: Box<Hello>,
         peer: SocketAddr,
-        acks: watch::Sender<u64>,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<Attached, String>>,
     },
     Batch {
         session: SessionId,
+        conn: ConnId,
         sequence: u64,
         interface_id: u16,
         packets: PacketIter,
@@ -40,48 +43,97 @@ pub enum Event {
     },
     Stats {
         session: SessionId,
+        conn: ConnId,
         stats: Stats,
     },
-    /// The sensor left (cleanly or not): write all of it; `done` fires when that is so.
+    /// The connection ended without Goodbye: the session waits for the sensor to come back
+    /// (for [`SESSION_LINGER`]).
+    Detached {
+        session: SessionId,
+        conn: ConnId,
+        duplicates: u64,
+    },
+    /// The sensor said Goodbye, or the receiver is stopping: write all of it; `done` gets
+    /// the final acknowledged sequence once that is in the output.
     Left {
         session: SessionId,
-        done: oneshot::Sender<()>,
+        conn: ConnId,
+        duplicates: u64,
+        done: oneshot::Sender<u64>,
     },
 }
 
+/// The writer's answer to a Hello it accepted.
+pub struct Attached {
+    /// Every batch up to this one is in the output: where the sensor resumes.
+    pub acked: u64,
+    /// The highest batch received (possibly not yet written); `None` for a new session,
+    /// which may start at any sequence. Batches up to it are duplicates.
+    pub received: Option<u64>,
+    /// Later acknowledgements. Closed when a newer connection takes the session over.
+    pub acks: watch::Receiver<u64>,
+}
+
+/// How long a sensor whose connection broke may come back and resume its session before
+/// the session is closed (its counters written, its summary line made).
+pub const SESSION_LINGER: Duration = Duration::from_secs(600);
+/// Sessions that ended cleanly are remembered (their last acknowledged batch) this many,
+/// so that a sensor whose final Ack was lost resumes rather than sending duplicates.
+const FINISHED_REMEMBERED: usize = 4096;
+/// How often a failing output is tried again, and how often it is reported meanwhile.
+const OUTPUT_RETRY: Duration = Duration::from_secs(1);
+const OUTPUT_REPORT: Duration = Duration::from_secs(30);
+
 struct Sensor {
     label: String,
+    announced: Vec<InterfaceInfo>,
     interfaces: Vec<u32>,
     acks: watch::Sender<u64>,
+    /// The connection it is attached to; `None` while it is away.
+    conn: Option<ConnId>,
+    detached_at: Option<Instant>,
+    /// Said goodbye (or the receiver stops): to be closed once written.
+    leaving: Option<oneshot::Sender<u64>>,
     batches: u64,
     raw_bytes: u64,
     wire_bytes: u64,
+    reconnects: u64,
+    duplicates: u64,
     stats: Option<Stats>,
 }
 
 pub struct Writer {
     sink: Box<dyn Sink>,
+    /// Output errors are waited out (a file: disk full) rather than fatal (a pipe).
+    retry_output: bool,
     merge: Merge,
     sensors: HashMap<SessionId, Sensor>,
-    /// Sensors that left, waiting for their last packets to be written.
-    leaving: Vec<(SessionId, oneshot::Sender<()>)>,
+    finished: HashMap<SessionId, u64>,
+    /// Closed sessions whose connection waits for the final Ack, sent once committed.
+    to_notify: Vec<(oneshot::Sender<u64>, u64)>,
     summaries: Vec<SensorSummary>,
 }
 
 impl Writer {
-    pub fn new(sink: Box<dyn Sink>, reorder_window: Duration) -> Self {
+    pub fn new(sink: Box<dyn Sink>, reorder_window: Duration, retry_output: bool) -> Self {
         Self {
             sink,
+            retry_output,
             merge: Merge::new(reorder_window, MAX_HELD_BYTES),
             sensors: HashMap::new(),
-            leaving: Vec::new(),
+            finished: HashMap::new(),
+            to_notify: Vec::new(),
             summaries: Vec::new(),
         }
     }
 
     /// Runs until every connection has let go of its sender, then writes out everything
-    /// and completes the file.
-    pub async fn run(mut self, mut events: mpsc::Receiver<Event>) -> Result<Vec<SensorSummary>> {
+    /// and completes the file. `stop` turns true when the receiver is stopping.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<Vec<SensorSummary>> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -102,20 +154,19 @@ impl Writer {
             self.merge
                 .release(Instant::now(), self.sink.as_mut())
                 .context("writing the output")?;
-            self.flush_and_ack()?;
-            self.complete_leaving()?;
+            self.close_finished_sessions(Instant::now())?;
+            self.commit(&mut stop).await?;
+            self.acknowledge();
         }
         self.merge
             .drain_all(self.sink.as_mut())
             .context("writing the output")?;
         let ids: Vec<SessionId> = self.sensors.keys().copied().collect();
         for id in ids {
-            self.leave(id)?;
+            self.close_session(id)?;
         }
-        for (_, done) in self.leaving.drain(..) {
-            let _ = done.send(());
-        }
-        self.sink.flush().context("writing the output")?;
+        self.commit(&mut stop).await?;
+        self.acknowledge();
         self.sink.finish().context("completing the output")?;
         Ok(self.summaries)
     }
@@ -123,53 +174,110 @@ impl Writer {
     fn handle(&mut self, event: Event) -> Result<()> {
         match event {
             Event::Joined {
-                session,
+                conn,
                 hello,
                 peer,
-                acks,
                 reply,
             } => {
-                let _ = reply.send(self.join(session, &hello, peer, acks));
+                let _ = reply.send(self.join(conn, &hello, peer));
             }
             Event::Batch {
                 session,
+                conn,
                 sequence,
                 interface_id,
                 packets,
                 raw_len,
                 wire_len,
             } => {
-                if let Some(s) = self.sensors.get_mut(&session) {
-                    s.batches += 1;
-                    s.raw_bytes += raw_len as u64;
-                    s.wire_bytes += wire_len as u64;
+                let Some(s) = self.sensors.get_mut(&session) else {
+                    return Ok(());
+                };
+                // A connection that was taken over: the new one sends this batch again.
+                if s.conn != Some(conn) {
+                    return Ok(());
                 }
+                s.batches += 1;
+                s.raw_bytes += raw_len as u64;
+                s.wire_bytes += wire_len as u64;
                 self.merge
                     .add_batch(session, sequence, interface_id, packets, Instant::now());
             }
-            Event::Stats { session, stats } => {
+            Event::Stats {
+                session,
+                conn,
+                stats,
+            } => {
                 if let Some(s) = self.sensors.get_mut(&session) {
-                    s.stats = Some(stats);
+                    if s.conn == Some(conn) {
+                        s.stats = Some(stats);
+                    }
                 }
             }
-            Event::Left { session, done } => {
-                // Its packets go out by the usual rules, not at once: other sensors may
-                // still have older packets on their way. The reorder window bounds the
-                // wait for the final Ack.
-                self.merge.leave(session);
-                self.leaving.push((session, done));
+            Event::Detached {
+                session,
+                conn,
+                duplicates,
+            } => {
+                if let Some(s) = self.sensors.get_mut(&session) {
+                    s.duplicates += duplicates;
+                    if s.conn == Some(conn) {
+                        s.conn = None;
+                        s.detached_at = Some(Instant::now());
+                        // Away, it sends nothing: it no longer holds the others back.
+                        self.merge.set_sending(session, false);
+                    }
+                }
+            }
+            Event::Left {
+                session,
+                conn,
+                duplicates,
+                done,
+            } => {
+                let Some(s) = self.sensors.get_mut(&session) else {
+                    return Ok(());
+                };
+                s.duplicates += duplicates;
+                if s.conn == Some(conn) {
+                    // Its packets go out by the usual rules, not at once: other sensors
+                    // may still have older packets on their way. The reorder window
+                    // bounds the wait for the final Ack.
+                    self.merge.set_sending(session, false);
+                    s.leaving = Some(done);
+                }
             }
         }
         Ok(())
     }
 
-    fn join(
-        &mut self,
-        session: SessionId,
-        hello: &Hello,
-        peer: SocketAddr,
-        acks: watch::Sender<u64>,
-    ) -> Result<(), String> {
+    /// Takes a sensor in: a new session, or one coming back.
+    fn join(&mut self, conn: ConnId, hello: &Hello, peer: SocketAddr) -> Result<Attached, String> {
+        let session = hello.session_id;
+        if let Some(s) = self.sensors.get_mut(&session) {
+            if s.announced != hello.interfaces {
+                return Err(format!(
+                    "session {session:016x} is already open with other interfaces; a sensor \
+                     must not reuse another's session id"
+                ));
+            }
+            if s.leaving.is_some() {
+                return Err(format!("session {session:016x} has ended; start a new one"));
+            }
+            // A newer connection takes over; the old one's watch closes and it ends.
+            let (acks_tx, acks) = watch::channel(self.merge.acked(session));
+            s.acks = acks_tx;
+            s.conn = Some(conn);
+            s.detached_at = None;
+            s.reconnects += 1;
+            self.merge.set_sending(session, true);
+            tracing::info!("{}: resumed from {peer}", s.label);
+            return Ok(Attached {
+                acked: self.merge.acked(session),
+                received: self.merge.received(session),
+                acks,
+            });
+        }
         let host = clean(&hello.hostname);
         let wanted: Vec<SinkInterface> = hello
             .interfaces
@@ -196,77 +304,164 @@ impl Writer {
                 .map_err(|e| format!("the receiver cannot write its output: {e}"))?;
             interfaces.push(idx);
         }
-        self.merge.add_session(session, interfaces.clone());
+        // A session that ended here before: what it had delivered stays delivered.
+        let resume = self.finished.remove(&session);
+        self.merge.add_session(session, interfaces.clone(), resume);
+        let acked = resume.unwrap_or(0);
+        let (acks_tx, acks) = watch::channel(acked);
         let label = format!("sensor {} ({host}, {peer})", clean(&hello.sensor_id));
         self.sensors.insert(
             session,
             Sensor {
                 label,
+                announced: hello.interfaces.clone(),
                 interfaces,
-                acks,
+                acks: acks_tx,
+                conn: Some(conn),
+                detached_at: None,
+                leaving: None,
                 batches: 0,
                 raw_bytes: 0,
                 wire_bytes: 0,
+                reconnects: 0,
+                duplicates: 0,
                 stats: None,
             },
         );
+        Ok(Attached {
+            acked,
+            received: resume,
+            acks,
+        })
+    }
+
+    /// Closes the sessions that are done: left and written, or away for too long.
+    fn close_finished_sessions(&mut self, now: Instant) -> Result<()> {
+        let done: Vec<SessionId> = self
+            .sensors
+            .iter()
+            .filter(|(id, s)| {
+                (s.leaving.is_some() && self.merge.is_written(**id))
+                    || s.detached_at
+                        .is_some_and(|t| now.saturating_duration_since(t) >= SESSION_LINGER)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            self.close_session(id)?;
+        }
         Ok(())
     }
 
-    /// Records a sensor's final counters in the output and its line in the summary.
-    fn leave(&mut self, session: SessionId) -> Result<()> {
-        let Some(sensor) = self.sensors.remove(&session) else {
+    /// Records a sensor's final counters in the output and its line in the summary. Held
+    /// packets of a session that never came back are written first.
+    fn close_session(&mut self, session: SessionId) -> Result<()> {
+        let Some(mut sensor) = self.sensors.remove(&session) else {
             return Ok(());
         };
-        let _ = sensor.acks.send(self.merge.acked(session));
         if let Some(stats) = &sensor.stats {
             for s in &stats.interfaces {
                 if let Some(&idx) = sensor.interfaces.get(usize::from(s.interface_id)) {
+                    // Delivered to this output: what it holds, whatever the sensor last
+                    // heard acknowledged.
+                    let mut s = s.clone();
+                    s.delivered = self.merge.written_on(session, s.interface_id);
                     self.sink
-                        .write_stats(idx, s)
+                        .write_stats(idx, &s)
                         .context("writing statistics")?;
                 }
             }
         }
+        let acked = self.merge.acked(session);
+        if let Some(done) = sensor.leaving.take() {
+            self.to_notify.push((done, acked));
+        }
+        if sensor.detached_at.is_some() {
+            tracing::warn!(
+                "{}: closed its session after {}s away",
+                sensor.label,
+                SESSION_LINGER.as_secs()
+            );
+        }
+        if self.finished.len() >= FINISHED_REMEMBERED {
+            if let Some(&old) = self.finished.keys().next() {
+                self.finished.remove(&old);
+            }
+        }
+        self.finished.insert(session, acked);
         self.summaries.push(SensorSummary {
             label: sensor.label,
             written: self.merge.written(session),
             batches: sensor.batches,
             raw_bytes: sensor.raw_bytes,
             wire_bytes: sensor.wire_bytes,
+            reconnects: sensor.reconnects,
+            duplicates: sensor.duplicates,
             stats: sensor.stats,
         });
         self.merge.remove_session(session);
         Ok(())
     }
 
-    /// Lets go of the sensors that left once everything they sent is in the output.
-    fn complete_leaving(&mut self) -> Result<()> {
-        let mut i = 0;
-        while i < self.leaving.len() {
-            let session = self.leaving[i].0;
-            if self.merge.is_written(session) {
-                let (_, done) = self.leaving.swap_remove(i);
-                self.leave(session)?;
-                self.sink.flush().context("writing the output")?;
-                let _ = done.send(());
-            } else {
-                i += 1;
+    /// Pushes what was written to the file or pipe. A file that cannot take it (disk full)
+    /// is tried again every second: meanwhile nothing is acknowledged, so the sensors keep
+    /// their copies, and no event is taken in, so the sensors slow down and buffer.
+    async fn commit(&mut self, stop: &mut watch::Receiver<bool>) -> Result<()> {
+        let Err(e) = self.sink.flush() else {
+            return Ok(());
+        };
+        if !self.retry_output {
+            return Err(e).context("writing the output");
+        }
+        tracing::error!(
+            "cannot write the output: {e}; holding the rest and acknowledging nothing until \
+             it can be written (sensors keep their copies); retrying every {}s",
+            OUTPUT_RETRY.as_secs()
+        );
+        let since = Instant::now();
+        let mut reported = since;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(OUTPUT_RETRY) => {}
+                _ = stop.changed() => {}
+            }
+            match self.sink.flush() {
+                Ok(()) => {
+                    tracing::warn!(
+                        "the output is writable again after {:.0}s; resuming",
+                        since.elapsed().as_secs_f64()
+                    );
+                    return Ok(());
+                }
+                Err(e) if *stop.borrow() => {
+                    return Err(anyhow!(
+                        "stopping with the output still failing ({e}); the file ends at the \
+                         last complete write, and the sensors keep what it lacks, \
+                         unacknowledged"
+                    ));
+                }
+                Err(e) if reported.elapsed() >= OUTPUT_REPORT => {
+                    reported = Instant::now();
+                    tracing::error!(
+                        "the output has failed for {:.0}s: {e}; still holding, still retrying",
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+                Err(_) => {}
             }
         }
-        Ok(())
     }
 
-    /// Flushes every round, so that a pipe reader sees packets live, and acknowledges only
-    /// what has reached the file (or pipe), not just our buffer.
-    fn flush_and_ack(&mut self) -> Result<()> {
-        self.sink.flush().context("writing the output")?;
+    /// Tells sensors what is now in the output; only called after a commit.
+    fn acknowledge(&mut self) {
         for (session, acked) in self.merge.take_acks() {
             if let Some(s) = self.sensors.get(&session) {
                 let _ = s.acks.send(acked);
             }
         }
-        Ok(())
+        for (done, acked) in self.to_notify.drain(..) {
+            let _ = done.send(acked);
+        }
     }
 }
 

@@ -3,8 +3,9 @@
 //! Every capture backend feeds one [`Batcher`] from its own thread. It owns a reused
 //! `common::BatchBuilder` (no allocation per packet), decides when a batch is done (size
 //! or age), numbers it from the session-wide sequence, and sends it down a bounded channel.
-//! Live captures never wait on that channel: when it is full the batch is dropped and
-//! counted, so a slow receiver cannot stall the host. File replays wait instead, so that
+//! The channel fills only when the sensor's buffer of unacknowledged batches is full. Live
+//! captures never wait on it: the batch is dropped and counted ("sensor buffer full"), so
+//! a slow or absent receiver cannot stall the host. File replays wait instead, so that
 //! nothing is lost.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -159,7 +160,7 @@ impl Batcher {
                 Err(mpsc::error::TrySendError::Full(())) => {
                     let lost = self.builder.len();
                     self.builder.clear();
-                    self.counters.drop_queue.fetch_add(lost.into(), Relaxed);
+                    self.counters.drop_buffer.fetch_add(lost.into(), Relaxed);
                     Ok(())
                 }
                 Err(mpsc::error::TrySendError::Closed(())) => Err(Closed),
@@ -214,7 +215,7 @@ mod tests {
         let mut b = Batcher::new(s, 0, Arc::clone(&c), Backpressure::Drop);
         b.push(1, 60, Direction::Inbound, &[0u8; 60]).unwrap(); // sent
         b.push(2, 60, Direction::Inbound, &[0u8; 60]).unwrap(); // queue full: dropped
-        assert_eq!(c.drop_queue.load(Relaxed), 1);
+        assert_eq!(c.drop_buffer.load(Relaxed), 1);
         assert_eq!(rx.try_recv().unwrap().sequence, 1);
         b.push(3, 60, Direction::Inbound, &[0u8; 60]).unwrap();
         assert_eq!(rx.try_recv().unwrap().sequence, 2);

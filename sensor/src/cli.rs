@@ -16,6 +16,7 @@ use crate::capture::{AfxdpFlags, Mode, XdpAttach};
 /// Largest --batch-size: a batch may overshoot its target by one full-size packet, and the
 /// resulting frame must stay below common::MAX_FRAME_LEN even when stored uncompressed.
 pub const MAX_BATCH_SIZE: u64 = 4 * 1024 * 1024;
+const MAX_BUFFER_SIZE: u64 = 64 << 30;
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -24,6 +25,10 @@ Examples:
 
   Stream everything seen on two interfaces, pinning the receiver by fingerprint:
     sensor -i eth0 -i eth1 --receiver 192.0.2.10:4433 --fingerprint 3f9a...e1
+
+  Ride out receiver outages: 256 MiB in memory, then up to 20 GiB on disk:
+    sensor -i eth0 --receiver collector:4433 --ca receiver.crt --buffer 256MiB \\
+      --spool-dir /var/spool/capstream --spool-size 20GiB
 
   Replay a capture file (nothing is dropped; the sensor exits at its end):
     sensor -r trace.pcap --receiver [2001:db8::1]:4433 --ca receiver.crt
@@ -131,11 +136,27 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES", default_value = "256KiB", value_parser = parse_batch_size)]
     pub batch_size: usize,
 
-    /// Batches buffered towards the receiver; when full, live captures drop whole batches
-    /// and count them (e.g. `--queue 256`).
-    #[arg(long, value_name = "N", default_value_t = 64,
-          value_parser = clap::value_parser!(u32).range(1..=65536))]
-    pub queue: u32,
+    /// Memory for batches the receiver has not acknowledged yet, kept to be sent again after
+    /// a reconnect (e.g. `--buffer 256MiB`). When it (and the spool) is full, live captures
+    /// drop whole batches and count them as "sensor buffer full".
+    #[arg(long, value_name = "BYTES", default_value = "32MiB", value_parser = parse_buffer_size)]
+    pub buffer: usize,
+
+    /// Once --buffer is full, keep further unacknowledged batches in files in this directory
+    /// (e.g. `--spool-dir /var/spool/capstream`), to ride out longer outages.
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+
+    /// Disk space the spool may use (e.g. `--spool-size 10GiB`).
+    #[arg(long, value_name = "BYTES", default_value = "1GiB", requires = "spool_dir",
+          value_parser = parse_spool_size)]
+    pub spool_size: u64,
+
+    /// Stop (exit 1) after the receiver has been unreachable this long
+    /// (e.g. `--give-up-after 10m`); default: keep capturing and retrying for ever. After
+    /// SIGINT/SIGTERM the sensor waits this long (default 30s) to deliver what it holds.
+    #[arg(long, value_name = "DUR", value_parser = parse_give_up)]
+    pub give_up_after: Option<Duration>,
 
     /// Name of this sensor in the receiver's output; default: the hostname
     /// (e.g. `--sensor-id dmz-tap-1`).
@@ -272,6 +293,31 @@ fn parse_flush_interval(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_buffer_size(s: &str) -> Result<usize, String> {
+    let n = parse_size(s)?;
+    // At least one largest batch, so that the buffer can always hold what it sends.
+    if !(MAX_BATCH_SIZE..=MAX_BUFFER_SIZE).contains(&n) {
+        return Err(format!("buffer size '{s}' must be between 4MiB and 64GiB"));
+    }
+    usize::try_from(n).map_err(|_| format!("buffer size '{s}' is too large for this machine"))
+}
+
+fn parse_spool_size(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if n < MAX_BATCH_SIZE {
+        return Err(format!("spool size '{s}' must be at least 4MiB"));
+    }
+    Ok(n)
+}
+
+fn parse_give_up(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("give-up time '{s}' must be at least 1s"));
+    }
+    Ok(d)
+}
+
 fn parse_batch_size(s: &str) -> Result<usize, String> {
     let n = parse_size(s)?;
     if n == 0 || n > MAX_BATCH_SIZE {
@@ -331,7 +377,8 @@ mod tests {
         assert_eq!(cli.snaplen, 262_144);
         assert_eq!(cli.flush_interval, Duration::from_millis(100));
         assert_eq!(cli.batch_size, 256 * 1024);
-        assert_eq!(cli.queue, 64);
+        assert_eq!(cli.buffer, 32 << 20);
+        assert_eq!(cli.give_up_after, None);
         assert_eq!(cli.mode, Mode::Auto);
         assert_eq!(cli.tls_name(), "h");
     }
@@ -403,7 +450,18 @@ mod tests {
             "9MiB"
         ])
         .is_err());
-        assert!(parse(&["-i", "a", "--receiver", "h:1", "--ca", "c", "--queue", "0"]).is_err());
+        for bad in [
+            &["--buffer", "1MiB"][..],
+            &["--buffer", "lots"],
+            &["--spool-size", "1GiB"],
+            &["--spool-dir", "/tmp/s", "--spool-size", "1KiB"],
+            &["--give-up-after", "0s"],
+            &["--give-up-after", "soon"],
+        ] {
+            let mut args = vec!["-i", "a", "--receiver", "h:1", "--ca", "c"];
+            args.extend_from_slice(bad);
+            assert!(parse(&args).is_err(), "{bad:?}");
+        }
         assert!(parse(&["-i", "a", "--receiver", "h", "--ca", "c"]).is_err());
     }
 

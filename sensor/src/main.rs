@@ -2,7 +2,8 @@
 //! and compressed, over QUIC to a receiver.
 //!
 //! Data flows one way: capture (one thread per interface) → batcher (in that thread) →
-//! bounded channel → transport (async, one QUIC stream).
+//! bounded channel → delivery (the outbox of unacknowledged batches, reconnects) →
+//! transport (one QUIC connection at a time).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -13,7 +14,10 @@ use tokio::sync::{mpsc, Notify};
 mod batcher;
 mod capture;
 mod cli;
+mod delivery;
 mod error;
+mod outbox;
+mod spool;
 mod stats;
 mod tls;
 mod transport;
@@ -22,7 +26,12 @@ use batcher::{Batcher, Session};
 use capture::{Source, Stopper};
 use cli::Cli;
 use error::{Error, Result};
+use outbox::Outbox;
 use stats::Counters;
+
+/// Batches between the capture threads and the delivery loop. The outbox behind it is the
+/// real buffer; this only smooths the hand-over.
+const CHANNEL_BATCHES: usize = 16;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -98,22 +107,33 @@ async fn run(cli: Cli) -> Result<()> {
         interfaces: backends.iter().map(|b| b.info().clone()).collect(),
     };
 
+    let spool =
+        match &cli.spool_dir {
+            Some(dir) => Some(spool::Spool::open(dir, session_id, cli.spool_size).map_err(
+                |e| Error::input(format!("cannot use spool directory {}: {e}", dir.display())),
+            )?),
+            None => None,
+        };
+    let outbox = Outbox::new(cli.buffer, spool);
+
     // Signals are caught from here on: a first one ends the session cleanly.
     let shutdown = Arc::new(Notify::new());
     spawn_signal_handler(Arc::clone(&shutdown));
 
-    let mut conn = tokio::select! {
-        conn = transport::connect(remote, cli.tls_name(), tls) => conn?,
+    // The first attempt starts before capture, so that a wrong CA or fingerprint is
+    // reported at once. An unreachable receiver is not fatal: batches wait for it.
+    let client = transport::Client::new(remote, cli.tls_name(), tls)?;
+    let hello = common::Message::Hello(hello).to_bytes();
+    let started = tokio::select! {
+        started = delivery::start(client, hello.clone()) => started?,
         _ = shutdown.notified() => {
             return Err(Error::runtime(format!(
                 "interrupted while connecting to receiver {remote}"
             )))
         }
     };
-    conn.send_hello(&hello).await?;
 
-    let queue = usize::try_from(cli.queue).unwrap_or(64);
-    let (tx, rx) = mpsc::channel(queue);
+    let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
     let session = Session::new(session_id, tx, cli.batch_size, cli.flush_interval);
     let mut threads = Vec::with_capacity(backends.len());
     for (i, backend) in backends.into_iter().enumerate() {
@@ -141,20 +161,24 @@ async fn run(cli: Cli) -> Result<()> {
     drop(session);
 
     eprintln!(
-        "ready: capturing on {}, streaming to {}",
+        "ready: capturing on {}, streaming to {remote}",
         capturing.join(", "),
-        conn.remote
     );
 
-    let (outcome, result) = conn
-        .stream(transport::StreamInput {
+    let (outcome, result) = delivery::run(
+        started,
+        delivery::Input {
             session_id,
+            hello,
             batches: rx,
+            outbox,
             counters: &counters,
             stoppers: &stoppers,
             shutdown,
-        })
-        .await;
+            give_up_after: cli.give_up_after,
+        },
+    )
+    .await;
 
     // Capture threads end on their own once the channel is gone or they were stopped.
     let joined = tokio::task::spawn_blocking(move || {
@@ -179,14 +203,16 @@ fn print_summary(
     session_id: u64,
     names: &[String],
     counters: &[Arc<Counters>],
-    outcome: &transport::Outcome,
+    outcome: &delivery::Outcome,
 ) {
     eprintln!(
-        "summary: session {session_id:016x}: {} batches sent, {} acknowledged by the receiver",
-        outcome.batches_sent, outcome.acked
+        "summary: session {session_id:016x}: {} batches sent, {} acknowledged by the receiver, \
+         {} sent again after {} reconnect(s)",
+        outcome.batches, outcome.acked, outcome.resent, outcome.reconnects
     );
-    for (name, c) in names.iter().zip(counters) {
-        eprintln!("{}", c.summary_line(name));
+    for (i, (name, c)) in names.iter().zip(counters).enumerate() {
+        let unacked = outcome.unacked.get(i).copied().unwrap_or(0);
+        eprintln!("{}", c.summary_line(name, unacked));
     }
 }
 

@@ -12,12 +12,12 @@ pub struct Counters {
     pub seen: AtomicU64,
     /// Packets that passed the filter and reached the sensor.
     pub matched: AtomicU64,
-    /// Packets in batches written to the receiver's stream.
+    /// Packets in batches the receiver acknowledged (wrote to its output).
     pub delivered: AtomicU64,
     pub drop_kernel: AtomicU64,
     pub drop_interface: AtomicU64,
-    pub drop_queue: AtomicU64,
-    /// Batches written, and their sizes before and after compression.
+    pub drop_buffer: AtomicU64,
+    /// Batches acknowledged, and their sizes before and after compression.
     pub batches: AtomicU64,
     pub raw_bytes: AtomicU64,
     pub wire_bytes: AtomicU64,
@@ -28,7 +28,7 @@ impl Counters {
         vec![
             (DropReason::KERNEL_BUFFER, self.drop_kernel.load(Relaxed)),
             (DropReason::INTERFACE, self.drop_interface.load(Relaxed)),
-            (DropReason::SENSOR_QUEUE, self.drop_queue.load(Relaxed)),
+            (DropReason::SENSOR_BUFFER, self.drop_buffer.load(Relaxed)),
         ]
     }
 
@@ -43,16 +43,16 @@ impl Counters {
         }
     }
 
-    /// Records one batch written to the stream.
-    pub fn sent(&self, packets: u32, raw_len: usize, wire_len: usize) {
+    /// Records one batch the receiver acknowledged.
+    pub fn acknowledged(&self, packets: u32, raw_len: usize, wire_len: usize) {
         self.delivered.fetch_add(packets.into(), Relaxed);
         self.batches.fetch_add(1, Relaxed);
         self.raw_bytes.fetch_add(raw_len as u64, Relaxed);
         self.wire_bytes.fetch_add(wire_len as u64, Relaxed);
     }
 
-    /// One summary line for the exit report.
-    pub fn summary_line(&self, name: &str) -> String {
+    /// One summary line for the exit report; `unacked` packets were still held at exit.
+    pub fn summary_line(&self, name: &str, unacked: u64) -> String {
         let raw = self.raw_bytes.load(Relaxed);
         let wire = self.wire_bytes.load(Relaxed);
         let mut line = format!(
@@ -69,7 +69,8 @@ impl Counters {
             .collect();
         let _ = write!(
             line,
-            " ({}), batches {}, raw bytes {raw}, wire bytes {wire}, compression ratio {}",
+            " ({}), unacknowledged {unacked}, batches {}, raw bytes {raw}, wire bytes {wire}, \
+             compression ratio {}",
             drops.join(", "),
             self.batches.load(Relaxed),
             ratio(raw, wire),
@@ -95,14 +96,14 @@ mod tests {
     fn snapshot_and_summary() {
         let c = Counters::default();
         c.matched.store(10, Relaxed);
-        c.drop_queue.store(3, Relaxed);
-        c.sent(7, 1000, 400);
+        c.drop_buffer.store(3, Relaxed);
+        c.acknowledged(7, 1000, 400);
         let s = c.snapshot(2);
         assert_eq!(s.interface_id, 2);
         assert_eq!((s.matched, s.delivered, s.dropped()), (10, 7, 3));
-        let line = c.summary_line("eth0");
+        let line = c.summary_line("eth0", 0);
         assert!(line.contains("eth0: seen 0, matched 10, delivered 7, dropped 3"));
-        assert!(line.contains("sensor queue full: 3"));
+        assert!(line.contains("sensor buffer full: 3), unacknowledged 0"));
         assert!(line.contains("compression ratio 2.50"));
         assert_eq!(ratio(1, 0), "-");
     }

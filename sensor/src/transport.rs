@@ -1,34 +1,30 @@
-//! The QUIC side: connect to the receiver, send Hello, batches and Stats on one stream,
-//! and end the session cleanly (Goodbye both ways) or report why it could not.
+//! One QUIC connection to the receiver: its handshake, and two tasks that carry frames on
+//! the session's stream, one writing what the delivery loop hands it, one reading the
+//! receiver's Acks, Goodbye or error. A connection that fails is dropped whole; the
+//! delivery loop ([`crate::delivery`]) makes a new one.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use common::{Goodbye, Hello, Message, Stats};
+use bytes::{Bytes, BytesMut};
+use common::{ErrorCode, Message};
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 
-use crate::batcher::Outgoing;
-use crate::capture::Stopper;
 use crate::cli::{Fingerprint, ReceiverAddr};
 use crate::error::{Error, Result};
-use crate::stats::Counters;
 use crate::tls::{ClientTls, SeenFingerprint};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const KEEP_ALIVE: Duration = Duration::from_secs(5);
-const STATS_EVERY: Duration = Duration::from_secs(1);
-/// Longer than the receiver's largest reorder window, which a leaving sensor's last
-/// packets may wait out.
-const GOODBYE_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long to wait for the receiver's error message after a write failed, so that its
-/// reason ("shutting down", "unsupported link type") is shown rather than "connection lost".
-const ERROR_GRACE: Duration = Duration::from_secs(1);
+const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// A receiver silent this long is gone (killed, or the path cut): reconnect. Short, because
+/// the sensor keeps everything unacknowledged and loses nothing by reconnecting.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames handed to the writing task ahead of the stream: enough to keep it busy while the
+/// delivery loop takes in batches.
+const FRAMES_AHEAD: usize = 8;
 
 /// Finds the receiver's address: an IP literal as is, a name through the resolver.
 pub async fn resolve(addr: &ReceiverAddr) -> Result<SocketAddr> {
@@ -51,80 +47,220 @@ pub async fn resolve(addr: &ReceiverAddr) -> Result<SocketAddr> {
     })
 }
 
-/// What the receiver told us, as seen by the reading task.
+/// What a connection's tasks report to the delivery loop.
 #[derive(Debug)]
-enum Event {
+pub enum LinkEvent {
+    Ack(u64),
     Goodbye,
-    Error(String),
-    /// The receiver broke the protocol or the connection ended.
-    Ended(String),
+    /// The receiver's last words before closing.
+    Refused {
+        code: ErrorCode,
+        message: String,
+    },
+    /// The connection ended or broke the protocol.
+    Lost(String),
 }
 
-pub struct Connected {
-    endpoint: Endpoint,
+/// Why a connection attempt failed, and whether trying again can help.
+pub struct ConnectError {
+    pub error: Error,
+    /// TLS verification, names and protocol mismatches do not fix themselves.
+    pub permanent: bool,
+}
+
+/// One connection and its open stream.
+pub struct Link {
     conn: Connection,
-    send: SendStream,
-    events: mpsc::Receiver<Event>,
-    /// Highest batch sequence the receiver has written.
-    acked: Arc<AtomicU64>,
-    pub remote: SocketAddr,
+    frames: mpsc::Sender<Bytes>,
+    pub events: mpsc::Receiver<LinkEvent>,
 }
 
-/// Connects and opens the session's stream.
-pub async fn connect(remote: SocketAddr, server_name: &str, tls: ClientTls) -> Result<Connected> {
-    let ClientTls { config, seen } = tls;
-    let quic = QuicClientConfig::try_from(config)
-        .map_err(|e| Error::runtime(format!("TLS setup failed: {e}")))?;
-    let mut client = quinn::ClientConfig::new(Arc::new(quic));
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(KEEP_ALIVE));
-    client.transport_config(Arc::new(transport));
+/// The client side of every connection of a session.
+pub struct Client {
+    endpoint: Endpoint,
+    config: quinn::ClientConfig,
+    seen: Option<SeenFingerprint>,
+    pub remote: SocketAddr,
+    server_name: String,
+}
 
-    // Bind to the receiver's address family, so that IPv4 works on hosts without IPv6.
-    let local: SocketAddr = match remote {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let mut endpoint = Endpoint::client(local)
-        .map_err(|e| Error::runtime(format!("cannot open a UDP socket on {local}: {e}")))?;
-    endpoint.set_default_client_config(client);
+impl Client {
+    pub fn new(remote: SocketAddr, server_name: &str, tls: ClientTls) -> Result<Self> {
+        let ClientTls { config, seen } = tls;
+        let quic = QuicClientConfig::try_from(config)
+            .map_err(|e| Error::runtime(format!("TLS setup failed: {e}")))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(quic));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(KEEP_ALIVE));
+        transport.max_idle_timeout(Some(
+            IDLE_TIMEOUT
+                .try_into()
+                .map_err(|_| Error::runtime("invalid QUIC idle timeout"))?,
+        ));
+        client.transport_config(Arc::new(transport));
+        // Bind to the receiver's address family, so that IPv4 works on hosts without IPv6.
+        let local: SocketAddr = match remote {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let endpoint = Endpoint::client(local)
+            .map_err(|e| Error::runtime(format!("cannot open a UDP socket on {local}: {e}")))?;
+        Ok(Self {
+            endpoint,
+            config: client,
+            seen,
+            remote,
+            server_name: server_name.to_string(),
+        })
+    }
 
-    let connecting = endpoint.connect(remote, server_name).map_err(|e| {
-        Error::input(format!(
-            "cannot connect to {remote} as \"{server_name}\": {e} (check --server-name)"
-        ))
-    })?;
-    let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => return Err(handshake_error(remote, e, seen.as_ref())),
-        Err(_) => {
-            return Err(Error::runtime(format!(
-                "cannot reach receiver at {remote}: no answer within {}s (is the receiver \
-                 running, and UDP port {} open?)",
-                CONNECT_TIMEOUT.as_secs(),
-                remote.port()
-            )))
+    /// Connects, opens the session's stream and sends `hello` first on it.
+    pub async fn connect(&self, hello: Bytes) -> Result<Link, ConnectError> {
+        let remote = self.remote;
+        let connecting = self
+            .endpoint
+            .connect_with(self.config.clone(), remote, &self.server_name)
+            .map_err(|e| ConnectError {
+                error: Error::input(format!(
+                    "cannot connect to {remote} as \"{}\": {e} (check --server-name)",
+                    self.server_name
+                )),
+                permanent: true,
+            })?;
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(handshake_error(remote, e, self.seen.as_ref())),
+            Err(_) => {
+                return Err(ConnectError {
+                    error: Error::runtime(format!(
+                        "cannot reach receiver at {remote}: no answer within {}s (is the \
+                         receiver running, and UDP port {} open?)",
+                        CONNECT_TIMEOUT.as_secs(),
+                        remote.port()
+                    )),
+                    permanent: false,
+                })
+            }
+        };
+        let (send, recv) = conn.open_bi().await.map_err(|e| ConnectError {
+            error: Error::runtime(format!("cannot open a stream to {remote}: {e}")),
+            permanent: false,
+        })?;
+        let (frames, to_write) = mpsc::channel(FRAMES_AHEAD);
+        // Acks come one per written round; the loop reads them promptly.
+        let (events_tx, events) = mpsc::channel(256);
+        // The Hello goes first: the channel is empty and has room.
+        let _ = frames.try_send(hello);
+        tokio::spawn(write_frames(send, to_write, events_tx.clone()));
+        tokio::spawn(read_receiver(recv, events_tx));
+        Ok(Link {
+            conn,
+            frames,
+            events,
+        })
+    }
+
+    /// Waits (briefly) for the last connection to tell the receiver it closed.
+    pub async fn close(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+impl Link {
+    /// The way to the stream: a permit from it is room for one frame.
+    pub fn frames(&self) -> mpsc::Sender<Bytes> {
+        self.frames.clone()
+    }
+
+    /// Sends a frame if there is room at once (statistics: the next tick sends fresher).
+    pub fn try_send(&self, frame: Bytes) {
+        let _ = self.frames.try_send(frame);
+    }
+
+    /// Ends the connection; `clean` when the session is complete.
+    pub fn close(self, clean: bool) {
+        let (code, reason): (u32, &[u8]) = if clean {
+            (0, b"done")
+        } else {
+            (1, b"sensor reconnecting or stopping")
+        };
+        self.conn.close(VarInt::from_u32(code), reason);
+    }
+}
+
+/// Writes the frames the delivery loop hands over, in order. When the loop lets go of the
+/// link, the stream is finished.
+async fn write_frames(
+    mut send: SendStream,
+    mut frames: mpsc::Receiver<Bytes>,
+    events: mpsc::Sender<LinkEvent>,
+) {
+    while let Some(frame) = frames.recv().await {
+        if let Err(e) = send.write_chunk(frame).await {
+            let _ = events.send(LinkEvent::Lost(e.to_string())).await;
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// Reads the receiver's frames and passes them on as events.
+async fn read_receiver(mut recv: RecvStream, events: mpsc::Sender<LinkEvent>) {
+    let mut buf = BytesMut::with_capacity(4096);
+    let last = loop {
+        match common::decode_frame(&mut buf) {
+            Ok(Some(Message::Ack(ack))) => {
+                if events.send(LinkEvent::Ack(ack.sequence)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(Some(Message::Goodbye(_))) => {
+                if events.send(LinkEvent::Goodbye).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(Some(Message::Error(e))) => {
+                break LinkEvent::Refused {
+                    code: e.code,
+                    message: e.message,
+                }
+            }
+            Ok(Some(other)) => {
+                break LinkEvent::Lost(format!(
+                    "receiver sent an unexpected {:?} message",
+                    other.message_type()
+                ))
+            }
+            Ok(None) => {}
+            Err(e) => break LinkEvent::Lost(format!("bad message from receiver: {e}")),
+        }
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) => break LinkEvent::Lost("receiver ended the stream".into()),
+            Err(e) => break LinkEvent::Lost(e.to_string()),
         }
     };
-    let (send, recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| Error::runtime(format!("cannot open a stream to {remote}: {e}")))?;
-    let acked = Arc::new(AtomicU64::new(0));
-    // A handful of events at most: Goodbye, then one terminal event.
-    let (events_tx, events) = mpsc::channel(4);
-    tokio::spawn(read_receiver(recv, Arc::clone(&acked), events_tx));
-    Ok(Connected {
-        endpoint,
-        conn,
-        send,
-        events,
-        acked,
-        remote,
-    })
+    let _ = events.send(last).await;
 }
 
 fn handshake_error(
+    remote: SocketAddr,
+    e: ConnectionError,
+    seen: Option<&SeenFingerprint>,
+) -> ConnectError {
+    let permanent = matches!(
+        e,
+        ConnectionError::TransportError(_) | ConnectionError::VersionMismatch
+    );
+    ConnectError {
+        error: handshake_message(remote, e, seen),
+        permanent,
+    }
+}
+
+fn handshake_message(
     remote: SocketAddr,
     e: ConnectionError,
     seen: Option<&SeenFingerprint>,
@@ -161,245 +297,5 @@ fn handshake_error(
         _ => Error::runtime(format!(
             "cannot connect to receiver at {remote}: {text} (is it a Capstream receiver?)"
         )),
-    }
-}
-
-/// Reads the receiver's frames: records Acks, passes on Goodbye and errors.
-async fn read_receiver(mut recv: RecvStream, acked: Arc<AtomicU64>, events: mpsc::Sender<Event>) {
-    let mut buf = BytesMut::with_capacity(4096);
-    loop {
-        match common::decode_frame(&mut buf) {
-            Ok(Some(Message::Ack(ack))) => {
-                acked.fetch_max(ack.sequence, Relaxed);
-                continue;
-            }
-            Ok(Some(Message::Goodbye(_))) => {
-                let _ = events.send(Event::Goodbye).await;
-                continue;
-            }
-            Ok(Some(Message::Error(e))) => {
-                let _ = events.send(Event::Error(e.message)).await;
-                return;
-            }
-            Ok(Some(other)) => {
-                let _ = events
-                    .send(Event::Ended(format!(
-                        "receiver sent an unexpected {:?} message",
-                        other.message_type()
-                    )))
-                    .await;
-                return;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                let _ = events
-                    .send(Event::Ended(format!("bad message from receiver: {e}")))
-                    .await;
-                return;
-            }
-        }
-        match recv.read_chunk(64 * 1024, true).await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-            Ok(None) => {
-                let _ = events
-                    .send(Event::Ended("receiver ended the stream".into()))
-                    .await;
-                return;
-            }
-            Err(e) => {
-                let _ = events
-                    .send(Event::Ended(format!("connection to receiver lost: {e}")))
-                    .await;
-                return;
-            }
-        }
-    }
-}
-
-/// Everything the streaming loop needs besides the connection.
-pub struct StreamInput<'a> {
-    pub session_id: u64,
-    pub batches: mpsc::Receiver<Outgoing>,
-    pub counters: &'a [Arc<Counters>],
-    pub stoppers: &'a [Stopper],
-    /// Notified on SIGINT/SIGTERM.
-    pub shutdown: Arc<Notify>,
-}
-
-/// What the session achieved, for the exit summary.
-#[derive(Debug, Default)]
-pub struct Outcome {
-    pub batches_sent: u64,
-    pub acked: u64,
-}
-
-impl Connected {
-    pub async fn send_hello(&mut self, hello: &Hello) -> Result<()> {
-        let frame = Message::Hello(hello.clone()).to_bytes();
-        let r = self.send.write_all(&frame).await;
-        self.check_write(r).await
-    }
-
-    /// Streams batches until every capture has ended (input exhausted or stopped by a
-    /// signal), then ends the session. On failure, the captures are stopped.
-    pub async fn stream(mut self, mut input: StreamInput<'_>) -> (Outcome, Result<()>) {
-        let mut outcome = Outcome::default();
-        let result = self.stream_inner(&mut input, &mut outcome).await;
-        if result.is_err() {
-            for stop in input.stoppers {
-                stop();
-            }
-            // Unblock capture threads waiting for room: the batches have nowhere to go.
-            input.batches.close();
-            self.conn.close(VarInt::from_u32(1), b"sensor error");
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
-        }
-        outcome.acked = self.acked.load(Relaxed);
-        (outcome, result)
-    }
-
-    async fn stream_inner(
-        &mut self,
-        input: &mut StreamInput<'_>,
-        outcome: &mut Outcome,
-    ) -> Result<()> {
-        let mut frame = BytesMut::new();
-        let mut stats_tick =
-            tokio::time::interval_at(tokio::time::Instant::now() + STATS_EVERY, STATS_EVERY);
-        stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Batches from several capture threads can arrive slightly out of order; at most
-        // one per thread is held here, and the stream carries them in sequence.
-        let mut pending: BTreeMap<u64, Outgoing> = BTreeMap::new();
-        let mut next_sequence = 1u64;
-        let mut stopping = false;
-        loop {
-            tokio::select! {
-                ev = self.events.recv() => return Err(early_end(self.remote, ev)),
-                _ = input.shutdown.notified(), if !stopping => {
-                    tracing::info!("stopping: flushing captured packets to the receiver");
-                    stopping = true;
-                    for stop in input.stoppers {
-                        stop();
-                    }
-                }
-                item = input.batches.recv() => match item {
-                    Some(out) => {
-                        pending.insert(out.sequence, out);
-                        while let Some(out) = pending.remove(&next_sequence) {
-                            self.write_batch(out, input.counters, outcome).await?;
-                            next_sequence += 1;
-                        }
-                    }
-                    None => break,
-                },
-                _ = stats_tick.tick() => {
-                    self.write_stats(&mut frame, input).await?;
-                }
-            }
-        }
-        // Every capture has ended; a gap is only possible if one failed mid-batch.
-        for (_, out) in std::mem::take(&mut pending) {
-            self.write_batch(out, input.counters, outcome).await?;
-        }
-        self.write_stats(&mut frame, input).await?;
-        let r = self
-            .send
-            .write_all(&Message::Goodbye(Goodbye).to_bytes())
-            .await;
-        self.check_write(r).await?;
-        let _ = self.send.finish();
-
-        let waited = tokio::time::timeout(GOODBYE_TIMEOUT, async {
-            match self.events.recv().await {
-                Some(Event::Goodbye) => Ok(()),
-                other => Err(early_end(self.remote, other)),
-            }
-        })
-        .await;
-        match waited {
-            Ok(r) => r?,
-            Err(_) => {
-                let acked = self.acked.load(Relaxed);
-                if acked < outcome.batches_sent {
-                    return Err(Error::runtime(format!(
-                        "receiver {} did not end the session within {}s; it confirmed {acked} \
-                         of {} batches",
-                        self.remote,
-                        GOODBYE_TIMEOUT.as_secs(),
-                        outcome.batches_sent
-                    )));
-                }
-                tracing::warn!(
-                    "receiver did not say goodbye within {}s, but confirmed every batch",
-                    GOODBYE_TIMEOUT.as_secs()
-                );
-            }
-        }
-        self.conn.close(VarInt::from_u32(0), b"done");
-        self.endpoint.wait_idle().await;
-        Ok(())
-    }
-
-    async fn write_batch(
-        &mut self,
-        out: Outgoing,
-        counters: &[Arc<Counters>],
-        outcome: &mut Outcome,
-    ) -> Result<()> {
-        let wire = out.batch.frame.len();
-        let r = self.send.write_chunk(out.batch.frame).await;
-        self.check_write(r).await?;
-        if let Some(c) = counters.get(usize::from(out.interface_id)) {
-            c.sent(out.batch.packets, out.batch.raw_len, wire);
-        }
-        outcome.batches_sent += 1;
-        Ok(())
-    }
-
-    async fn write_stats(&mut self, frame: &mut BytesMut, input: &StreamInput<'_>) -> Result<()> {
-        let stats = Stats {
-            session_id: input.session_id,
-            interfaces: input
-                .counters
-                .iter()
-                .enumerate()
-                .map(|(i, c)| c.snapshot(u16::try_from(i).unwrap_or(u16::MAX)))
-                .collect(),
-        };
-        frame.clear();
-        Message::Stats(stats).encode(frame);
-        let r = self.send.write_all(frame).await;
-        self.check_write(r).await
-    }
-
-    /// Turns a failed write into the most useful error: the receiver's own message if it
-    /// sent one before closing.
-    async fn check_write<E: std::fmt::Display>(&mut self, r: Result<(), E>) -> Result<()> {
-        let Err(e) = r else { return Ok(()) };
-        match tokio::time::timeout(ERROR_GRACE, self.events.recv()).await {
-            Ok(Some(Event::Error(msg))) => Err(receiver_error(self.remote, &msg)),
-            _ => Err(Error::runtime(format!(
-                "connection to receiver {} lost: {e}",
-                self.remote
-            ))),
-        }
-    }
-}
-
-/// The receiver's ErrorMsg text is the sensor's error line, as is: it already says what
-/// went wrong and what to do.
-fn receiver_error(_remote: SocketAddr, msg: &str) -> Error {
-    Error::runtime(msg)
-}
-
-/// The receiver spoke (or vanished) before the sensor said Goodbye.
-fn early_end(remote: SocketAddr, ev: Option<Event>) -> Error {
-    match ev {
-        Some(Event::Error(msg)) => receiver_error(remote, &msg),
-        Some(Event::Goodbye) => {
-            Error::runtime(format!("receiver {remote} ended the session unexpectedly"))
-        }
-        Some(Event::Ended(why)) => Error::runtime(format!("{why} ({remote})")),
-        None => Error::runtime(format!("connection to receiver {remote} lost")),
     }
 }

@@ -69,9 +69,19 @@ impl Receiver {
         args: &[&str],
         stdout: Stdio,
     ) -> Result<Self> {
-        let addr = format!("127.0.0.1:{port}");
+        let listen = format!("127.0.0.1:{port}");
+        Self::spawn(ns, state, &listen, args, stdout)
+    }
+
+    fn spawn(
+        ns: Option<&Netns>,
+        state: &Path,
+        listen: &str,
+        args: &[&str],
+        stdout: Stdio,
+    ) -> Result<Self> {
         let state_arg = state.to_string_lossy().into_owned();
-        let mut all = vec!["--listen", &addr, "--state-dir", &state_arg];
+        let mut all = vec!["--listen", listen, "--state-dir", &state_arg];
         all.extend_from_slice(args);
         let argv = argv(ns, &workspace_bin("receiver"), &all);
         let mut proc = Proc::start("receiver", &argv, stdout)?;
@@ -87,7 +97,7 @@ impl Receiver {
             .to_string();
         Ok(Self {
             proc,
-            addr,
+            addr: listen.to_string(),
             cert: state.join("receiver.crt"),
             fingerprint,
         })
@@ -315,4 +325,359 @@ pub fn dev_filters() -> Result<Vec<String>> {
         )
     })?;
     Ok(text.lines().map(|l| l.trim().to_string()).collect())
+}
+
+// Helpers for the fault tests: receivers on any address, sensors sent to any address (a
+// relay), the summaries' figures, peak memory, and captures cut short by a kill.
+
+impl Receiver {
+    /// Starts `receiver --listen <listen> --state-dir <state> <args>` (inside `ns` when
+    /// given) and waits until it listens. Sensors reach it by `listen`, so the certificate
+    /// must name that address: pass `--cert-name` for anything but 127.0.0.1 and localhost.
+    pub fn start_listening(
+        ns: Option<&Netns>,
+        state: &Path,
+        listen: &str,
+        args: &[&str],
+    ) -> Result<Self> {
+        Self::spawn(ns, state, listen, args, Stdio::null())
+    }
+}
+
+/// Starts `sensor --receiver <addr> --ca <receiver's certificate> <args>`, for a sensor
+/// that reaches `receiver` through something in between (a relay), and waits for `ready:`.
+pub fn start_sensor_to(
+    ns: Option<&Netns>,
+    addr: &str,
+    receiver: &Receiver,
+    args: &[&str],
+) -> Result<Proc> {
+    let cert = receiver.cert.to_string_lossy().into_owned();
+    let mut all = vec!["--receiver", addr, "--ca", &cert];
+    all.extend_from_slice(args);
+    let argv = argv(ns, &workspace_bin("sensor"), &all);
+    let mut proc = Proc::start("sensor", &argv, Stdio::null())?;
+    proc.wait_for("ready:", Duration::from_secs(20))?;
+    Ok(proc)
+}
+
+/// One interface's line of the sensor's exit summary:
+/// `  cap0: seen 7907, matched 7907, delivered 7907, dropped 0 (kernel buffer full: 0, ...),
+/// unacknowledged 0, batches ...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceFigures {
+    pub seen: u64,
+    pub matched: u64,
+    pub delivered: u64,
+    pub dropped: u64,
+    /// Each drop reason with its count, as the line names them.
+    pub reasons: Vec<(String, u64)>,
+    /// Packets still held, unacknowledged, at exit; `None` if the line does not say.
+    pub unacknowledged: Option<u64>,
+    pub line: String,
+}
+
+impl InterfaceFigures {
+    /// The count of a drop reason, 0 when the line does not name it.
+    pub fn reason(&self, name: &str) -> u64 {
+        self.reasons
+            .iter()
+            .find(|(r, _)| r == name)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+/// The figures of `iface`'s last summary line in a sensor's log.
+pub fn sensor_figures(log: &str, iface: &str) -> Result<InterfaceFigures> {
+    let start = format!("{iface}: seen ");
+    let line = log
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with(&start))
+        .with_context(|| format!("no summary line for {iface} in the sensor's log:\n{log}"))?;
+    let figure = |label: &str| -> Result<u64> { summary_figure(line, label) };
+    let reasons = line
+        .split_once(", dropped ")
+        .and_then(|(_, rest)| rest.split_once('('))
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(inside, _)| {
+            inside
+                .split(", ")
+                .filter_map(|part| {
+                    let (name, n) = part.rsplit_once(": ")?;
+                    Some((name.trim().to_string(), n.trim().parse().ok()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(InterfaceFigures {
+        seen: figure(": seen ")?,
+        matched: figure(", matched ")?,
+        delivered: figure(", delivered ")?,
+        dropped: figure(", dropped ")?,
+        reasons,
+        unacknowledged: figure("unacknowledged ").ok(),
+        line: line.to_string(),
+    })
+}
+
+/// One sensor session's line of the receiver's exit summary:
+/// `  sensor <id> (<host>, <peer>): N packets, ...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiverSession {
+    pub sensor_id: String,
+    pub packets: u64,
+    pub line: String,
+}
+
+/// Every session line of the receiver's exit summary.
+pub fn receiver_sessions(log: &str) -> Vec<ReceiverSession> {
+    log.lines()
+        .filter(|l| l.starts_with("  sensor "))
+        .filter_map(|l| {
+            let line = l.trim();
+            let rest = line.strip_prefix("sensor ")?;
+            let (id, _) = rest.split_once(" (")?;
+            let (_, figures) = rest.split_once("): ")?;
+            let packets = figures.split_once(" packets")?.0.trim().parse().ok()?;
+            Some(ReceiverSession {
+                sensor_id: id.to_string(),
+                packets,
+                line: line.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Packets the receiver's exit summary says it wrote for `sensor_id`, over all of that
+/// sensor's sessions.
+pub fn receiver_packets_of(log: &str, sensor_id: &str) -> Result<u64> {
+    let sessions: Vec<_> = receiver_sessions(log)
+        .into_iter()
+        .filter(|s| s.sensor_id == sensor_id)
+        .collect();
+    if sessions.is_empty() {
+        bail!("no session of sensor {sensor_id:?} in the receiver's summary:\n{log}");
+    }
+    Ok(sessions.iter().map(|s| s.packets).sum())
+}
+
+/// A process's peak resident memory in KiB (`VmHWM` in /proc/<pid>/status).
+pub fn peak_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmHWM in /proc/{pid}/status"))
+}
+
+/// The records of a classic pcap file that a killed writer may have left with a partial
+/// last record: the complete records, as tcpdump reads them, and the number of bytes after
+/// the last complete one. A file too short for its header holds no records.
+pub fn complete_records(file: &Path) -> Result<(Vec<Record>, usize)> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    if bytes.len() < 24 {
+        return Ok((Vec::new(), bytes.len()));
+    }
+    let big_endian = match &bytes[..4] {
+        [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1] => false,
+        [0xa1, 0xb2, 0xc3, 0xd4] | [0xa1, 0xb2, 0x3c, 0x4d] => true,
+        _ => bail!("{} is not a classic pcap file", file.display()),
+    };
+    let mut end = 24;
+    while let Some(header) = bytes.get(end..end + 16) {
+        let len: [u8; 4] = header[8..12].try_into().expect("4 bytes");
+        let captured = if big_endian {
+            u32::from_be_bytes(len)
+        } else {
+            u32::from_le_bytes(len)
+        } as usize;
+        if end + 16 + captured > bytes.len() {
+            break;
+        }
+        end += 16 + captured;
+    }
+    let scratch = Scratch::new("complete")?;
+    let copy = scratch.join("complete.pcap");
+    std::fs::write(&copy, &bytes[..end])?;
+    Ok((tcpdump_records(&copy, "")?, bytes.len() - end))
+}
+
+/// One interface of a pcapng file with the packets recorded on it, in file order.
+#[derive(Debug, Clone)]
+pub struct PcapngInterface {
+    /// `if_name` (the receiver writes `HOST/IFACE`).
+    pub name: String,
+    /// `if_description` (the receiver writes `sensor <id> on <host> (<os>)`).
+    pub description: String,
+    pub records: Vec<Record>,
+}
+
+/// Every interface of a pcapng file (Interface Description Blocks in order, over all
+/// sections) with its Enhanced Packet Blocks, read directly: the receiver's pcapng output
+/// tells each sensor's packets apart, which tcpdump's pcap rewrite cannot.
+pub fn pcapng_interfaces(file: &Path) -> Result<Vec<PcapngInterface>> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let mut interfaces: Vec<(PcapngInterface, u8)> = Vec::new();
+    let mut section_base = 0;
+    let mut big_endian = false;
+    let mut at = 0;
+    while at < bytes.len() {
+        let kind = u32::from_le_bytes(
+            bytes
+                .get(at..at + 4)
+                .context("truncated pcapng block")?
+                .try_into()
+                .expect("4 bytes"),
+        );
+        if kind == 0x0A0D_0D0A {
+            big_endian = match bytes.get(at + 8..at + 12) {
+                Some([0x4d, 0x3c, 0x2b, 0x1a]) => false,
+                Some([0x1a, 0x2b, 0x3c, 0x4d]) => true,
+                _ => bail!("bad pcapng byte-order magic at offset {at}"),
+            };
+            section_base = interfaces.len();
+        }
+        let word = |off: usize| -> Result<u32> {
+            let b: [u8; 4] = bytes
+                .get(off..off + 4)
+                .context("truncated pcapng block")?
+                .try_into()
+                .expect("4 bytes");
+            Ok(if big_endian {
+                u32::from_be_bytes(b)
+            } else {
+                u32::from_le_bytes(b)
+            })
+        };
+        let len = word(at + 4)? as usize;
+        if len < 12 || len & 3 != 0 || at + len > bytes.len() {
+            bail!("bad pcapng block length {len} at offset {at}");
+        }
+        let body = &bytes[at + 8..at + len - 4];
+        let half = |b: &[u8]| -> u16 {
+            let b: [u8; 2] = b.try_into().expect("2 bytes");
+            if big_endian {
+                u16::from_be_bytes(b)
+            } else {
+                u16::from_le_bytes(b)
+            }
+        };
+        let full = |b: &[u8]| -> u32 {
+            let b: [u8; 4] = b.try_into().expect("4 bytes");
+            if big_endian {
+                u32::from_be_bytes(b)
+            } else {
+                u32::from_le_bytes(b)
+            }
+        };
+        match word(at)? {
+            // Interface Description Block: link type, reserved, snap length, options.
+            1 => {
+                let mut iface = PcapngInterface {
+                    name: String::new(),
+                    description: String::new(),
+                    records: Vec::new(),
+                };
+                let mut resolution = 6;
+                let mut opt = 8;
+                while opt + 4 <= body.len() {
+                    let (code, olen) = (half(&body[opt..opt + 2]), half(&body[opt + 2..opt + 4]));
+                    let value = body
+                        .get(opt + 4..opt + 4 + olen as usize)
+                        .context("truncated pcapng option")?;
+                    match code {
+                        0 => break,
+                        2 => iface.name = String::from_utf8_lossy(value).into_owned(),
+                        3 => iface.description = String::from_utf8_lossy(value).into_owned(),
+                        9 => resolution = *value.first().context("empty if_tsresol")?,
+                        _ => {}
+                    }
+                    opt += 4 + (olen as usize).div_ceil(4) * 4;
+                }
+                interfaces.push((iface, resolution));
+            }
+            // Enhanced Packet Block: interface, timestamp, lengths, data.
+            6 => {
+                if body.len() < 20 {
+                    bail!("short enhanced packet block at offset {at}");
+                }
+                let id = section_base + full(&body[0..4]) as usize;
+                let units = (u64::from(full(&body[4..8])) << 32) | u64::from(full(&body[8..12]));
+                let (captured, original) = (full(&body[12..16]), full(&body[16..20]));
+                let data = body
+                    .get(20..20 + captured as usize)
+                    .context("truncated packet data")?;
+                let (iface, resolution) = interfaces
+                    .get_mut(id)
+                    .with_context(|| format!("packet of undeclared interface {id}"))?;
+                let timestamp_ns = match *resolution {
+                    r if r & 0x80 != 0 => {
+                        (u128::from(units) * 1_000_000_000) >> u32::from(r & 0x7f)
+                    }
+                    r if r <= 9 => u128::from(units) * 10u128.pow(9 - u32::from(r)),
+                    r => u128::from(units) / 10u128.pow(u32::from(r) - 9),
+                };
+                iface.records.push(Record {
+                    timestamp_ns,
+                    original_len: original,
+                    data: data.to_vec(),
+                });
+            }
+            _ => {}
+        }
+        at += len;
+    }
+    Ok(interfaces.into_iter().map(|(i, _)| i).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pcapng and partial-pcap readers agree with tcpdump on the corpus.
+    #[test]
+    fn own_readers_agree_with_tcpdump() {
+        let corpus = crate::corpus_dir().join("tcpdump-tests.pcap");
+        let expected = tcpdump_records(&corpus, "").unwrap();
+        let dir = Scratch::new("readers").unwrap();
+
+        // Two files, so two interfaces, merged by mergecap into one pcapng.
+        let (a, b, merged) = (dir.join("a.pcap"), dir.join("b.pcap"), dir.join("m.pcapng"));
+        let arg = |p: &PathBuf| p.to_string_lossy().into_owned();
+        let corpus_arg = arg(&corpus);
+        run("editcap", &["-r", &corpus_arg, &arg(&a), "1-100"]).unwrap();
+        run("editcap", &["-r", &corpus_arg, &arg(&b), "101-7907"]).unwrap();
+        run(
+            "mergecap",
+            &[
+                "-a",
+                "-F",
+                "pcapng",
+                "-w",
+                &arg(&merged),
+                &arg(&a),
+                &arg(&b),
+            ],
+        )
+        .unwrap();
+        let interfaces = pcapng_interfaces(&merged).unwrap();
+        let counts: Vec<usize> = interfaces.iter().map(|i| i.records.len()).collect();
+        let all: Vec<Record> = interfaces.into_iter().flat_map(|i| i.records).collect();
+        assert_eq!(all.len(), expected.len(), "{counts:?}");
+        assert!(all == expected, "{}", first_difference(&expected, &all));
+
+        // A pcap cut in the middle of a record: the records before the cut.
+        let bytes = std::fs::read(&corpus).unwrap();
+        let cut = dir.join("cut.pcap");
+        std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+        let (records, tail) = complete_records(&cut).unwrap();
+        assert_eq!(records.len(), expected.len() - 1);
+        assert_eq!(records[..], expected[..expected.len() - 1]);
+        assert!(tail > 0);
+        let (records, tail) = complete_records(&corpus).unwrap();
+        assert_eq!((records.len(), tail), (expected.len(), 0));
+    }
 }

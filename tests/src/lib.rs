@@ -7,9 +7,13 @@
 pub mod capstream;
 mod netns;
 mod process;
+pub mod relay;
+pub mod tmpfs;
 
 pub use netns::{Lab, Netns};
 pub use process::{run, Proc};
+pub use relay::{Faults, Relay, RelayStats};
+pub use tmpfs::Tmpfs;
 
 use std::path::PathBuf;
 

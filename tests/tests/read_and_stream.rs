@@ -213,6 +213,12 @@ fn bad_input_gives_one_line_errors_and_exit_code_2() {
         &["--iface", "lo", "--mode", "xdp", "--xdp-attach", "later"],
         "later",
     );
+    sensor(&["--iface", "lo", "--buffer", "1KiB"], "buffer size");
+    sensor(&["--iface", "lo", "--give-up-after", "soon"], "soon");
+    sensor(
+        &["--iface", "lo", "--spool-dir", "/etc/hostname/spool"],
+        "/etc/hostname/spool",
+    );
     // Wrong trust or address: each case gives its own.
     let on_lo = |rest: &[&str], needle: &str| {
         assert_refused("sensor", &[&["--iface", "lo"][..], rest].concat(), needle);
@@ -232,4 +238,17 @@ fn bad_input_gives_one_line_errors_and_exit_code_2() {
         "not-an-address",
     );
     assert_refused("receiver", &["--cert", &bad_ca, "--key", &bad_ca], "ca.pem");
+    let state = dir.join("state").to_string_lossy().into_owned();
+    assert_refused(
+        "receiver",
+        &[
+            "--state-dir",
+            &state,
+            "--listen",
+            "127.0.0.1:0",
+            "--out",
+            "/nonexistent/dir/x.pcap",
+        ],
+        "/nonexistent/dir/x.pcap",
+    );
 }

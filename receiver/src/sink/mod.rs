@@ -4,7 +4,7 @@
 mod pcap;
 mod pcapng;
 
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use common::{Direction, InterfaceStats};
@@ -55,17 +55,86 @@ pub trait Sink: Send {
 
 /// Opens the output at `path` (`-` is stdout) in `format`.
 pub fn open(path: &Path, format: Format) -> io::Result<Box<dyn Sink>> {
-    let out: Box<dyn Write + Send> = if path.as_os_str() == "-" {
-        Box::new(io::stdout())
+    let out = if path.as_os_str() == "-" {
+        Output::Stdout(BufWriter::with_capacity(1 << 20, io::stdout()))
     } else {
-        Box::new(std::fs::File::create(path)?)
+        Output::File(Committed::new(std::fs::File::create(path)?))
     };
-    // Large writes: the merge hands over one packet at a time.
-    let out = BufWriter::with_capacity(1 << 20, out);
     Ok(match format {
         Format::Pcap => Box::new(PcapSink::new(out)),
         Format::Pcapng => Box::new(PcapNgSink::new(out)?),
     })
+}
+
+/// Where a sink's bytes go. Sinks write whole records and flush between them, so a flush
+/// is a record boundary.
+pub enum Output {
+    /// A pipe: an error there is final (the reader went away).
+    Stdout(BufWriter<io::Stdout>),
+    File(Committed),
+}
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Stdout(w) => w.write(buf),
+            Self::File(w) => w.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Stdout(w) => w.flush(),
+            Self::File(w) => w.flush(),
+        }
+    }
+}
+
+/// A file that only ever holds whole flushes. Writes collect in memory; a flush appends
+/// them. When the append fails (disk full), the file is cut back to the end of the last
+/// good flush and the bytes are kept for the next try: a reader never finds a torn record,
+/// and nothing is lost while space is short.
+pub struct Committed {
+    file: std::fs::File,
+    pending: Vec<u8>,
+    /// Length of the file's complete part.
+    committed: u64,
+}
+
+impl Committed {
+    fn new(file: std::fs::File) -> Self {
+        Self {
+            file,
+            pending: Vec::with_capacity(1 << 20),
+            committed: 0,
+        }
+    }
+}
+
+impl Write for Committed {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.file.write_all(&self.pending) {
+            // Cut the torn tail, so that the file ends on a record boundary again.
+            self.file.set_len(self.committed)?;
+            self.file.seek(SeekFrom::Start(self.committed))?;
+            return Err(e);
+        }
+        self.committed += self.pending.len() as u64;
+        self.pending.clear();
+        if self.pending.capacity() > 8 << 20 {
+            // A burst grew it; give the memory back.
+            self.pending.shrink_to(1 << 20);
+        }
+        Ok(())
+    }
 }
 
 /// Tools read either byte order; the host's costs nothing to write.

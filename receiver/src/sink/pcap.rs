@@ -101,7 +101,11 @@ impl<W: Write + Send> Sink for PcapSink<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         match &mut self.state {
-            State::Writing { writer, .. } => writer.flush().map_err(to_io),
+            // The io::Error itself, so that "No space left on device" reaches the log.
+            State::Writing { writer, .. } => writer.flush().map_err(|e| match e {
+                pcap_file::pcap::PcapWriteError::Io(e) => e,
+                other => to_io(other),
+            }),
             State::Waiting(out) => out.flush(),
             State::Broken => Ok(()),
         }

@@ -1,0 +1,512 @@
+//! The session: takes batches from the capture threads into the [`Outbox`], sends them on
+//! the current connection, lets them go when the receiver acknowledges them, and when a
+//! connection fails makes a new one (backoff with jitter) and sends again what was not
+//! acknowledged. Capture never waits for the network: while disconnected, batches collect
+//! in the outbox, and once it is full the capture threads drop whole batches and count them.
+//!
+//! The session ends when every capture has ended and every batch is acknowledged: Stats,
+//! Goodbye, and the receiver's Goodbye.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use common::{ErrorCode, Goodbye, Message, Stats};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use crate::batcher::Outgoing;
+use crate::capture::Stopper;
+use crate::error::{Error, Result};
+use crate::outbox::Outbox;
+use crate::stats::Counters;
+use crate::transport::{Client, ConnectError, Link, LinkEvent};
+
+const STATS_EVERY: Duration = Duration::from_secs(1);
+/// A receiver that accepts a connection must say where the session resumes this soon.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+const FIRST_RETRY: Duration = Duration::from_millis(250);
+const MAX_RETRY: Duration = Duration::from_secs(5);
+/// After a stop signal, how long an unreachable receiver is waited for when
+/// --give-up-after is not set.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+/// How long a broken connection's last event may take to say why (the receiver's error
+/// rather than "connection lost").
+const ERROR_GRACE: Duration = Duration::from_secs(1);
+
+/// Everything the session needs besides the connection.
+pub struct Input<'a> {
+    pub session_id: u64,
+    /// The Hello frame, sent first on every connection.
+    pub hello: Bytes,
+    pub batches: mpsc::Receiver<Outgoing>,
+    pub outbox: Outbox,
+    pub counters: &'a [Arc<Counters>],
+    pub stoppers: &'a [Stopper],
+    /// Notified on SIGINT/SIGTERM.
+    pub shutdown: Arc<Notify>,
+    pub give_up_after: Option<Duration>,
+}
+
+/// What the session achieved, for the exit summary.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Batches handed to the transport.
+    pub batches: u64,
+    /// Batches the receiver acknowledged.
+    pub acked: u64,
+    /// Batches sent again on a later connection.
+    pub resent: u64,
+    pub reconnects: u64,
+    /// Packets still unacknowledged at exit, by interface: lost.
+    pub unacked: Vec<u64>,
+}
+
+enum Conn {
+    /// Waiting to try again.
+    Down {
+        retry_at: Instant,
+    },
+    Connecting(tokio::task::JoinHandle<Result<Link, ConnectError>>),
+    /// An attempt that ended before the session loop started.
+    Attempted(Option<Result<Link, ConnectError>>),
+    /// Hello sent, waiting for the receiver's resume point.
+    Joining {
+        link: Link,
+        deadline: Instant,
+    },
+    Up(Link),
+}
+
+struct Session<'a> {
+    input: Input<'a>,
+    client: Arc<Client>,
+    conn: Conn,
+    outcome: Outcome,
+    /// The highest sequence sent on any connection: what goes again counts as resent.
+    highest_sent: u64,
+    backoff: Duration,
+    /// Since when no connection has been up.
+    down_since: Option<Instant>,
+    captures_done: bool,
+    stopping: Option<Instant>,
+    goodbye_sent: bool,
+}
+
+/// How long the first connection attempt is waited for before capture starts: long enough
+/// to report a wrong CA or fingerprint at once, short enough not to miss traffic while an
+/// unreachable receiver times out.
+const FIRST_ATTEMPT_WAIT: Duration = Duration::from_secs(2);
+
+/// The session's connection side, once the first attempt is under way.
+pub struct Started {
+    client: Arc<Client>,
+    conn: Conn,
+}
+
+/// Starts connecting. Fails only when the first attempt fails for good (TLS verification,
+/// names, versions) within [`FIRST_ATTEMPT_WAIT`].
+pub async fn start(client: Client, hello: Bytes) -> Result<Started> {
+    let client = Arc::new(client);
+    let mut task = spawn_connect(&client, hello);
+    let conn = match tokio::time::timeout(FIRST_ATTEMPT_WAIT, &mut task).await {
+        Err(_) => Conn::Connecting(task),
+        Ok(Ok(Err(e))) if e.permanent => return Err(e.error),
+        Ok(done) => Conn::Attempted(Some(done.unwrap_or_else(|e| Err(task_failed(e))))),
+    };
+    Ok(Started { client, conn })
+}
+
+/// Runs the session to its end. On a fatal error the captures are stopped.
+pub async fn run(started: Started, input: Input<'_>) -> (Outcome, Result<()>) {
+    let Started { client, conn } = started;
+    let mut s = Session {
+        input,
+        client,
+        conn,
+        outcome: Outcome::default(),
+        highest_sent: 0,
+        backoff: FIRST_RETRY,
+        down_since: Some(Instant::now()),
+        captures_done: false,
+        stopping: None,
+        goodbye_sent: false,
+    };
+    let result = s.run().await;
+    if result.is_err() {
+        for stop in s.input.stoppers {
+            stop();
+        }
+        // Unblock capture threads waiting for room: the batches have nowhere to go.
+        s.input.batches.close();
+    }
+    match std::mem::replace(
+        &mut s.conn,
+        Conn::Down {
+            retry_at: Instant::now(),
+        },
+    ) {
+        Conn::Up(link) | Conn::Joining { link, .. } => link.close(result.is_ok()),
+        Conn::Connecting(task) => task.abort(),
+        Conn::Down { .. } | Conn::Attempted(_) => {}
+    }
+    s.client.close().await;
+    s.outcome.unacked = (0..s.input.counters.len())
+        .map(|i| s.input.outbox.unacked_packets(i))
+        .collect();
+    (s.outcome, result)
+}
+
+impl Session<'_> {
+    async fn run(&mut self) -> Result<()> {
+        let mut stats_tick = tokio::time::interval_at(Instant::now() + STATS_EVERY, STATS_EVERY);
+        stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let give_up_at = self.give_up_at().unwrap_or_else(far_future);
+            let want_room = self.input.outbox.next_unsent().is_some() || self.goodbye_due();
+            tokio::select! {
+                biased;
+                _ = self.input.shutdown.notified(), if self.stopping.is_none() => {
+                    tracing::info!("stopping: delivering what was captured to the receiver");
+                    self.stopping = Some(Instant::now());
+                    for stop in self.input.stoppers {
+                        stop();
+                    }
+                }
+                // Intake first: the capture threads' channel must not fill while there is
+                // room here.
+                item = self.input.batches.recv(), if !self.captures_done && self.input.outbox.has_room() => {
+                    match item {
+                        Some(out) => {
+                            if let Err(e) = self.input.outbox.push(out) {
+                                tracing::error!("spool write failed: {e}; holding further batches in memory only");
+                            }
+                        }
+                        None => self.captures_done = true,
+                    }
+                }
+                activity = activity(&mut self.conn, want_room) => match activity {
+                    Activity::Event(event) => {
+                        if self.on_event(event).await? {
+                            return Ok(());
+                        }
+                    }
+                    Activity::Connected(connected) => self.on_connected(connected)?,
+                    Activity::RetryDue => self.start_connecting(),
+                    Activity::Room(permit) => self.send_next(permit),
+                },
+                _ = tokio::time::sleep_until(give_up_at) => return self.give_up(),
+                _ = stats_tick.tick() => {
+                    if let Conn::Up(link) = &self.conn {
+                        if !self.goodbye_sent {
+                            link.try_send(self.stats_frame());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Everything captured has gone out on this connection: time for the last statistics
+    /// and the Goodbye.
+    fn goodbye_due(&self) -> bool {
+        self.captures_done
+            && self.input.outbox.all_sent()
+            && !self.goodbye_sent
+            && matches!(self.conn, Conn::Up(_))
+    }
+
+    /// Sends the next batch, or else the closing frames, in the room the stream has.
+    fn send_next(&mut self, permit: mpsc::OwnedPermit<Bytes>) {
+        let Some(out) = self.input.outbox.next_unsent() else {
+            if self.goodbye_due() {
+                // Statistics last, so that they count every packet; then the Goodbye.
+                let mut frames = BytesMut::from(&self.stats_frame()[..]);
+                Message::Goodbye(Goodbye).encode(&mut frames);
+                permit.send(frames.freeze());
+                self.goodbye_sent = true;
+            }
+            return;
+        };
+        permit.send(out.batch.frame.clone());
+        if out.sequence > self.highest_sent {
+            self.highest_sent = out.sequence;
+            self.outcome.batches += 1;
+        } else {
+            self.outcome.resent += 1;
+        }
+        self.input.outbox.mark_sent();
+    }
+
+    /// Handles what a connection reported; `Ok(true)` when the session is complete.
+    async fn on_event(&mut self, event: LinkEvent) -> Result<bool> {
+        match event {
+            LinkEvent::Ack(sequence) => {
+                self.acknowledge(sequence)?;
+                if let Conn::Joining { .. } = self.conn {
+                    let Conn::Joining { link, .. } = std::mem::replace(
+                        &mut self.conn,
+                        Conn::Down {
+                            retry_at: Instant::now(),
+                        },
+                    ) else {
+                        unreachable!("matched above")
+                    };
+                    self.joined(link, sequence);
+                }
+                Ok(false)
+            }
+            LinkEvent::Goodbye if self.goodbye_sent && self.input.outbox.is_empty() => Ok(true),
+            LinkEvent::Goodbye => {
+                self.lost("receiver ended the session early".into());
+                Ok(false)
+            }
+            LinkEvent::Refused { code, message } => self.refused(code, message).map(|()| false),
+            LinkEvent::Lost(why) => {
+                // The receiver's reason, if it sent one before the connection broke.
+                let last = match &mut self.conn {
+                    Conn::Up(link) | Conn::Joining { link, .. } => {
+                        tokio::time::timeout(ERROR_GRACE, link.events.recv()).await
+                    }
+                    _ => Ok(None),
+                };
+                match last {
+                    Ok(Some(LinkEvent::Refused { code, message })) => {
+                        self.refused(code, message)?
+                    }
+                    _ => self.lost(why),
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    fn acknowledge(&mut self, sequence: u64) -> Result<()> {
+        let counters = self.input.counters;
+        let mut released = 0;
+        self.input
+            .outbox
+            .ack(sequence, |r| {
+                released += 1;
+                if let Some(c) = counters.get(usize::from(r.interface_id)) {
+                    c.acknowledged(r.batch.packets, r.batch.raw_len, r.batch.frame.len());
+                }
+            })
+            .map_err(|e| {
+                Error::runtime(format!(
+                    "the spool cannot be read back: {e}; its batches are lost"
+                ))
+            })?;
+        self.outcome.acked += released;
+        Ok(())
+    }
+
+    /// The receiver accepted the session and said where it resumes.
+    fn joined(&mut self, link: Link, resume: u64) {
+        self.input.outbox.rewind();
+        let pending = self.input.outbox.len();
+        if self.outcome.reconnects > 0 || self.down_since.is_some_and(|t| t.elapsed() > STATS_EVERY)
+        {
+            tracing::warn!(
+                "reconnected to receiver {}: it has every batch up to {resume}; sending {pending} held batch(es)",
+                self.client.remote
+            );
+        } else {
+            tracing::info!("connected to receiver {}", self.client.remote);
+        }
+        self.backoff = FIRST_RETRY;
+        self.down_since = None;
+        self.goodbye_sent = false;
+        self.conn = Conn::Up(link);
+    }
+
+    fn refused(&mut self, code: ErrorCode, message: String) -> Result<()> {
+        if code == ErrorCode::SHUTTING_DOWN {
+            self.lost(message);
+            return Ok(());
+        }
+        // Version, link type, protocol: trying again would be refused again.
+        Err(Error::runtime(message))
+    }
+
+    /// The connection is gone: try again after the backoff.
+    fn lost(&mut self, why: String) {
+        if let Conn::Up(link) | Conn::Joining { link, .. } = std::mem::replace(
+            &mut self.conn,
+            Conn::Down {
+                retry_at: Instant::now(),
+            },
+        ) {
+            link.close(false);
+            self.outcome.reconnects += 1;
+        }
+        self.down_since.get_or_insert_with(Instant::now);
+        self.goodbye_sent = false;
+        let delay = self.next_delay();
+        tracing::warn!(
+            "receiver {}: {why}; reconnecting in {:.1}s ({} batch(es) held)",
+            self.client.remote,
+            delay.as_secs_f64(),
+            self.input.outbox.len()
+        );
+        self.conn = Conn::Down {
+            retry_at: Instant::now() + delay,
+        };
+    }
+
+    fn start_connecting(&mut self) {
+        self.conn = Conn::Connecting(spawn_connect(&self.client, self.input.hello.clone()));
+    }
+
+    fn on_connected(&mut self, connected: Result<Link, ConnectError>) -> Result<()> {
+        match connected {
+            Ok(link) => {
+                self.conn = Conn::Joining {
+                    link,
+                    deadline: Instant::now() + JOIN_TIMEOUT,
+                };
+                Ok(())
+            }
+            Err(e) if e.permanent => Err(e.error),
+            Err(e) => {
+                let delay = self.next_delay();
+                tracing::warn!(
+                    "{}; retrying in {:.1}s ({} batch(es) held)",
+                    e.error,
+                    delay.as_secs_f64(),
+                    self.input.outbox.len()
+                );
+                self.conn = Conn::Down {
+                    retry_at: Instant::now() + delay,
+                };
+                Ok(())
+            }
+        }
+    }
+
+    /// Exponential backoff with full jitter between half and all of the step, so that
+    /// many sensors cut off together do not come back in step.
+    fn next_delay(&mut self) -> Duration {
+        let step = self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_RETRY);
+        step.mul_f64(rand::random_range(0.5..=1.0))
+    }
+
+    /// When an unreachable receiver is given up on: after --give-up-after without a
+    /// connection, and after a stop signal at the latest STOP_GRACE later.
+    fn give_up_at(&self) -> Option<Instant> {
+        let down = self.down_since?;
+        let running = self.input.give_up_after.map(|d| down + d);
+        let stopping = self
+            .stopping
+            .map(|t| t.max(down) + self.input.give_up_after.unwrap_or(STOP_GRACE));
+        match (running, stopping) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn give_up(&mut self) -> Result<()> {
+        let waited = self.down_since.map_or(Duration::ZERO, |t| t.elapsed());
+        if self.captures_done && self.input.outbox.is_empty() {
+            tracing::warn!(
+                "receiver {} unreachable for {:.0}s at the end: every batch was acknowledged, \
+                 but its final statistics were not delivered",
+                self.client.remote,
+                waited.as_secs_f64()
+            );
+            return Ok(());
+        }
+        Err(Error::runtime(format!(
+            "gave up on receiver {} after {:.0}s without a connection; {} batch(es) \
+             unacknowledged are lost (see the summary)",
+            self.client.remote,
+            waited.as_secs_f64(),
+            self.input.outbox.len()
+        )))
+    }
+
+    fn stats_frame(&self) -> Bytes {
+        let stats = Stats {
+            session_id: self.input.session_id,
+            interfaces: self
+                .input
+                .counters
+                .iter()
+                .enumerate()
+                .map(|(i, c)| c.snapshot(u16::try_from(i).unwrap_or(u16::MAX)))
+                .collect(),
+        };
+        let mut frame = BytesMut::new();
+        Message::Stats(stats).encode(&mut frame);
+        frame.freeze()
+    }
+}
+
+/// What the current connection (or the lack of one) asks for next.
+enum Activity {
+    Event(LinkEvent),
+    Connected(Result<Link, ConnectError>),
+    RetryDue,
+    /// Room on the stream for the next batch.
+    Room(mpsc::OwnedPermit<Bytes>),
+}
+
+/// Waits for the current connection's next activity. A connection that stays silent after
+/// the Hello counts as lost.
+async fn activity(conn: &mut Conn, want_room: bool) -> Activity {
+    let event = match conn {
+        Conn::Down { retry_at } => {
+            tokio::time::sleep_until(*retry_at).await;
+            return Activity::RetryDue;
+        }
+        Conn::Connecting(task) => {
+            return Activity::Connected(task.await.unwrap_or_else(|e| Err(task_failed(e))))
+        }
+        Conn::Attempted(done) => match done.take() {
+            Some(done) => return Activity::Connected(done),
+            None => std::future::pending().await,
+        },
+        Conn::Joining { link, deadline } => {
+            match tokio::time::timeout_at(*deadline, link.events.recv()).await {
+                Ok(event) => event,
+                Err(_) => {
+                    return Activity::Event(LinkEvent::Lost(format!(
+                        "no answer to Hello within {}s",
+                        JOIN_TIMEOUT.as_secs()
+                    )))
+                }
+            }
+        }
+        Conn::Up(link) => {
+            let frames = link.frames();
+            tokio::select! {
+                event = link.events.recv() => event,
+                permit = frames.reserve_owned(), if want_room => match permit {
+                    Ok(permit) => return Activity::Room(permit),
+                    Err(_) => None,
+                },
+            }
+        }
+    };
+    Activity::Event(event.unwrap_or_else(|| LinkEvent::Lost("connection closed".into())))
+}
+
+fn spawn_connect(
+    client: &Arc<Client>,
+    hello: Bytes,
+) -> tokio::task::JoinHandle<Result<Link, ConnectError>> {
+    let client = Arc::clone(client);
+    tokio::spawn(async move { client.connect(hello).await })
+}
+
+fn task_failed(e: tokio::task::JoinError) -> ConnectError {
+    ConnectError {
+        error: Error::runtime(format!("connecting failed: {e}")),
+        permanent: false,
+    }
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}

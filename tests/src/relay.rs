@@ -1,0 +1,457 @@
+//! A faulty UDP relay for QUIC: one client on one side, one server on the other, and a
+//! chosen share of datagrams lost or held back so that later ones overtake them.
+//!
+//! The relay learns its client from the datagrams it receives (the latest source wins, so a
+//! client that reconnects from a new port is followed) and forwards the server's answers to
+//! it. It runs in two plain threads, one per direction, and stops and joins them on drop.
+//! Its sockets can be opened inside a network namespace ([`Relay::start`] with `Some(ns)`):
+//! a short-lived thread enters the namespace with `setns(2)` (which moves only the calling
+//! thread) and binds them there; a socket stays in the namespace it was made in, so the
+//! forwarding threads, in the test's own namespace, use them unchanged.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::ErrorKind;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::Netns;
+
+/// What the relay does to each datagram, in both directions independently.
+#[derive(Debug, Clone, Copy)]
+pub struct Faults {
+    /// Probability that a datagram is dropped.
+    pub loss: f64,
+    /// Probability that a datagram (not dropped) is held back for `delay`, so that the
+    /// datagrams that follow it go first.
+    pub reorder: f64,
+    pub delay: Duration,
+    /// Seed of the random choices, printed by the tests so that a run can be repeated.
+    pub seed: u64,
+}
+
+impl Faults {
+    /// A faithful relay: everything forwarded at once, in order.
+    pub fn none() -> Self {
+        Self {
+            loss: 0.0,
+            reorder: 0.0,
+            delay: Duration::ZERO,
+            seed: 0,
+        }
+    }
+
+    /// 5% of datagrams lost and 5% held back by 5 ms, seeded from the clock.
+    pub fn lossy_reordering() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Self {
+            loss: 0.05,
+            reorder: 0.05,
+            delay: Duration::from_millis(5),
+            seed,
+        }
+    }
+}
+
+/// The counters of one direction.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DirectionStats {
+    /// Datagrams that arrived to be relayed.
+    pub received: u64,
+    /// Datagrams sent on (held-back ones included, once released).
+    pub forwarded: u64,
+    /// Datagrams dropped on purpose (or for want of a client to send them to).
+    pub dropped: u64,
+    /// Datagrams held back for the delay.
+    pub held_back: u64,
+    /// Held-back datagrams that a later datagram overtook.
+    pub reordered: u64,
+}
+
+/// Both directions' counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RelayStats {
+    pub to_server: DirectionStats,
+    pub to_client: DirectionStats,
+}
+
+impl std::fmt::Display for RelayStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let one = |d: &DirectionStats| {
+            format!(
+                "{} received, {} forwarded, {} dropped, {} held back of which {} overtaken",
+                d.received, d.forwarded, d.dropped, d.held_back, d.reordered
+            )
+        };
+        write!(
+            f,
+            "client->server: {}; server->client: {}",
+            one(&self.to_server),
+            one(&self.to_client)
+        )
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    received: AtomicU64,
+    forwarded: AtomicU64,
+    dropped: AtomicU64,
+    held_back: AtomicU64,
+    reordered: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> DirectionStats {
+        DirectionStats {
+            received: self.received.load(Relaxed),
+            forwarded: self.forwarded.load(Relaxed),
+            dropped: self.dropped.load(Relaxed),
+            held_back: self.held_back.load(Relaxed),
+            reordered: self.reordered.load(Relaxed),
+        }
+    }
+}
+
+/// A running relay; stopped and joined on drop.
+pub struct Relay {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    counters: Arc<[Counters; 2]>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    ToServer = 0,
+    ToClient = 1,
+}
+
+/// Longest a forwarding thread sleeps in `recv` before it looks at the stop flag.
+const POLL: Duration = Duration::from_millis(20);
+
+impl Relay {
+    /// Listens on `listen` (port 0 picks one: see [`Relay::addr`]) and relays to `server`,
+    /// with its sockets inside `netns` when given.
+    pub fn start(
+        netns: Option<&Netns>,
+        listen: SocketAddr,
+        server: SocketAddr,
+        faults: Faults,
+    ) -> Result<Self> {
+        if !(0.0..=1.0).contains(&faults.loss) || !(0.0..=1.0).contains(&faults.reorder) {
+            bail!("loss and reorder are probabilities: {faults:?}");
+        }
+        let (front, back) = match netns {
+            None => bind_pair(listen, server)?,
+            Some(ns) => {
+                let path = format!("/run/netns/{}", ns.name);
+                thread::spawn(move || -> Result<(UdpSocket, UdpSocket)> {
+                    enter_netns(&path)?;
+                    bind_pair(listen, server)
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("the relay's setup thread panicked"))??
+            }
+        };
+        let addr = front.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters: Arc<[Counters; 2]> = Arc::new(Default::default());
+        let client = Arc::new(Mutex::new(None));
+        let mut threads = Vec::new();
+        for (direction, input, output) in [
+            (Direction::ToServer, front.try_clone()?, back.try_clone()?),
+            (Direction::ToClient, back, front),
+        ] {
+            let pump = Pump {
+                direction,
+                input,
+                output,
+                server,
+                client: Arc::clone(&client),
+                faults,
+                counters: Arc::clone(&counters),
+                stop: Arc::clone(&stop),
+            };
+            let name = match direction {
+                Direction::ToServer => "relay-to-server",
+                Direction::ToClient => "relay-to-client",
+            };
+            threads.push(
+                thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || pump.run())?,
+            );
+        }
+        Ok(Self {
+            addr,
+            stop,
+            counters,
+            threads,
+        })
+    }
+
+    /// The address clients send to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn stats(&self) -> RelayStats {
+        RelayStats {
+            to_server: self.counters[Direction::ToServer as usize].snapshot(),
+            to_client: self.counters[Direction::ToClient as usize].snapshot(),
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Moves the calling thread (only it) into the network namespace at `path`.
+fn enter_netns(path: &str) -> Result<()> {
+    let file = File::open(path).with_context(|| format!("cannot open {path}"))?;
+    // SAFETY: setns only reads the descriptor, which `file` keeps open during the call.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        bail!("setns({path}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The client-facing socket on `listen`, and the server-facing one on an ephemeral port of
+/// the same family. The server-facing socket stays unconnected: it then never reports the
+/// ICMP errors of a server that is down, it just hears nothing.
+fn bind_pair(listen: SocketAddr, server: SocketAddr) -> Result<(UdpSocket, UdpSocket)> {
+    let front = UdpSocket::bind(listen).with_context(|| format!("relay: bind {listen}"))?;
+    let any: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let back = UdpSocket::bind(any).context("relay: bind the server-facing socket")?;
+    Ok((front, back))
+}
+
+struct Held {
+    data: Vec<u8>,
+    to: SocketAddr,
+    due: Instant,
+    overtaken: bool,
+}
+
+struct Pump {
+    direction: Direction,
+    input: UdpSocket,
+    output: UdpSocket,
+    server: SocketAddr,
+    client: Arc<Mutex<Option<SocketAddr>>>,
+    faults: Faults,
+    counters: Arc<[Counters; 2]>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Pump {
+    fn run(self) {
+        let counters = &self.counters[self.direction as usize];
+        let mut rng = StdRng::seed_from_u64(self.faults.seed ^ (self.direction as u64 + 1));
+        let mut held: VecDeque<Held> = VecDeque::new();
+        let mut buf = vec![0u8; 65_536];
+        while !self.stop.load(Relaxed) {
+            let wait = held.front().map_or(POLL, |h| {
+                h.due
+                    .saturating_duration_since(Instant::now())
+                    .clamp(Duration::from_millis(1), POLL)
+            });
+            let _ = self.input.set_read_timeout(Some(wait));
+            match self.input.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    let to = match self.direction {
+                        Direction::ToServer => {
+                            *self.client.lock().expect("client lock") = Some(from);
+                            Some(self.server)
+                        }
+                        Direction::ToClient if from != self.server => continue,
+                        Direction::ToClient => *self.client.lock().expect("client lock"),
+                    };
+                    counters.received.fetch_add(1, Relaxed);
+                    let Some(to) = to else {
+                        counters.dropped.fetch_add(1, Relaxed);
+                        continue;
+                    };
+                    if rng.random_bool(self.faults.loss) {
+                        counters.dropped.fetch_add(1, Relaxed);
+                    } else if rng.random_bool(self.faults.reorder) {
+                        counters.held_back.fetch_add(1, Relaxed);
+                        held.push_back(Held {
+                            data: buf[..n].to_vec(),
+                            to,
+                            due: Instant::now() + self.faults.delay,
+                            overtaken: false,
+                        });
+                    } else {
+                        let _ = self.output.send_to(&buf[..n], to);
+                        counters.forwarded.fetch_add(1, Relaxed);
+                        held.iter_mut().for_each(|h| h.overtaken = true);
+                    }
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => thread::sleep(Duration::from_millis(1)),
+            }
+            // Every datagram is held for the same delay: the queue is in order of release.
+            let now = Instant::now();
+            while held.front().is_some_and(|h| h.due <= now) {
+                let h = held.pop_front().expect("front exists");
+                let _ = self.output.send_to(&h.data, h.to);
+                counters.forwarded.fetch_add(1, Relaxed);
+                if h.overtaken {
+                    counters.reordered.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn localhost() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
+    /// A server that echoes every datagram back, until `stop`; returns what it received.
+    fn echo_server(stop: Arc<AtomicBool>) -> (SocketAddr, JoinHandle<Vec<Vec<u8>>>) {
+        let socket = UdpSocket::bind(localhost()).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let addr = socket.local_addr().unwrap();
+        let handle = thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 2048];
+            while !stop.load(Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    got.push(buf[..n].to_vec());
+                    socket.send_to(&buf[..n], from).unwrap();
+                }
+            }
+            got
+        });
+        (addr, handle)
+    }
+
+    /// Sends `count` numbered datagrams through the relay, paced so that no socket buffer
+    /// overflows, and collects the echoes that come back within a moment.
+    fn exchange(relay: &Relay, count: u32) -> Vec<u32> {
+        let client = UdpSocket::bind(localhost()).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let reader = client.try_clone().unwrap();
+        let collector = thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            while let Ok(n) = reader.recv(&mut buf) {
+                got.push(u32::from_be_bytes(buf[..n].try_into().unwrap()));
+            }
+            got
+        });
+        for i in 0..count {
+            client.send_to(&i.to_be_bytes(), relay.addr()).unwrap();
+            thread::sleep(Duration::from_micros(200));
+        }
+        collector.join().unwrap()
+    }
+
+    #[test]
+    fn a_faithful_relay_forwards_everything_both_ways_in_order() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (server, echo) = echo_server(Arc::clone(&stop));
+        let relay = Relay::start(None, localhost(), server, Faults::none()).unwrap();
+        let got = exchange(&relay, 300);
+        stop.store(true, Relaxed);
+        assert_eq!(echo.join().unwrap().len(), 300);
+        assert_eq!(got, (0..300).collect::<Vec<_>>());
+        let stats = relay.stats();
+        let all = DirectionStats {
+            received: 300,
+            forwarded: 300,
+            dropped: 0,
+            held_back: 0,
+            reordered: 0,
+        };
+        assert_eq!(stats.to_server, all, "{stats}");
+        assert_eq!(stats.to_client, all, "{stats}");
+    }
+
+    #[test]
+    fn a_lossy_reordering_relay_counts_what_it_does() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (server, echo) = echo_server(Arc::clone(&stop));
+        let faults = Faults {
+            loss: 0.1,
+            reorder: 0.1,
+            delay: Duration::from_millis(3),
+            seed: 7,
+        };
+        let relay = Relay::start(None, localhost(), server, faults).unwrap();
+        let sent = 2000;
+        let got = exchange(&relay, sent);
+        stop.store(true, Relaxed);
+        let at_server = echo.join().unwrap().len() as u64;
+        let stats = relay.stats();
+        let (up, down) = (stats.to_server, stats.to_client);
+
+        // Every datagram is either forwarded or counted as dropped, and what is forwarded
+        // arrives (loopback loses nothing at this pace).
+        assert_eq!(up.received, u64::from(sent), "{stats}");
+        assert_eq!(up.forwarded + up.dropped, up.received, "{stats}");
+        assert_eq!(at_server, up.forwarded, "{stats}");
+        assert_eq!(down.received, at_server, "{stats}");
+        assert_eq!(down.forwarded + down.dropped, down.received, "{stats}");
+        assert_eq!(got.len() as u64, down.forwarded, "{stats}");
+
+        // Roughly the asked-for shares (binomial, n = 2000: far more than 5 sigma apart).
+        for d in [up, down] {
+            let share = d.dropped as f64 / d.received as f64;
+            assert!((0.05..0.15).contains(&share), "loss share {share}: {stats}");
+            assert!(d.reordered > 0, "nothing was overtaken: {stats}");
+        }
+
+        // Nothing duplicated, and datagrams really arrived out of order.
+        let mut unique = got.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), got.len(), "duplicates arrived");
+        let inversions = got.windows(2).filter(|w| w[1] < w[0]).count();
+        assert!(inversions > 0, "everything arrived in order: {stats}");
+    }
+
+    #[test]
+    fn the_relay_follows_a_client_that_moves_to_a_new_port() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (server, echo) = echo_server(Arc::clone(&stop));
+        let relay = Relay::start(None, localhost(), server, Faults::none()).unwrap();
+        let first = exchange(&relay, 10);
+        let second = exchange(&relay, 10);
+        stop.store(true, Relaxed);
+        echo.join().unwrap();
+        assert_eq!((first.len(), second.len()), (10, 10), "{}", relay.stats());
+    }
+}
