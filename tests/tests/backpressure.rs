@@ -1,30 +1,31 @@
 //! Back-pressure: a receiver that stops taking data must not make the sensor grow without
 //! bound or stall capture. The sensor's buffer of unacknowledged batches fills, then whole
-//! batches are dropped at it and counted, and everything else is delivered once the
-//! receiver comes back.
+//! batches are dropped at it and counted (or, with `--spool-dir`, kept on disk), and
+//! everything else is delivered once the receiver comes back.
 
 use std::time::Duration;
 
-use testbed::capstream::{sensor_figures, start_sensor, tcpdump_records, Receiver, Scratch};
+use testbed::capstream::{
+    sensor_figures, start_sensor, tcpdump_records, InterfaceFigures, Receiver, Scratch,
+};
 use testbed::{corpus_dir, require_root, Lab};
 
 /// Corpus replays while the receiver is frozen: about 13 MB of compressed batches, three
 /// times the sensor's 4 MiB buffer.
 const LOOPS: &str = "24";
 
-#[test]
-fn a_frozen_receiver_makes_the_sensor_drop_whole_batches_counted() {
+/// Replays the corpus `LOOPS` times while the receiver is frozen, then lets it go on and
+/// stops the sensor (started with `--buffer 4MiB` and `extra`). Checks what must always hold
+/// and returns the sensor's figures and log.
+fn stream_into_a_frozen_receiver(extra: &[&str]) -> (InterfaceFigures, String) {
     require_root();
     let lab = Lab::new(1).unwrap();
     let iface = lab.links[0].1.as_str();
     let dir = Scratch::new("backpressure").unwrap();
     let (mut receiver, out) = Receiver::writing(Some(&lab.cap), &dir, "capture.pcap", &[]).unwrap();
-    let mut sensor = start_sensor(
-        Some(&lab.cap),
-        &receiver,
-        &["--iface", iface, "--mode", "pcap", "--buffer", "4MiB"],
-    )
-    .unwrap();
+    let mut args = vec!["--iface", iface, "--mode", "pcap", "--buffer", "4MiB"];
+    args.extend_from_slice(extra);
+    let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
     std::thread::sleep(Duration::from_millis(500));
 
     receiver.proc.signal("STOP").unwrap();
@@ -56,10 +57,6 @@ fn a_frozen_receiver_makes_the_sensor_drop_whole_batches_counted() {
     let f = sensor_figures(&log, iface).unwrap();
     let offered = 7907 * LOOPS.parse::<u64>().unwrap();
     let buffer_full = f.reason("sensor buffer full");
-    assert!(
-        buffer_full > 0,
-        "4 MiB cannot hold {offered} packets: some must be dropped at the buffer\n{log}"
-    );
     assert_eq!(
         f.unacknowledged,
         Some(0),
@@ -82,9 +79,37 @@ fn a_frozen_receiver_makes_the_sensor_drop_whole_batches_counted() {
         "the output holds what was acknowledged"
     );
     eprintln!(
-        "offered {offered}, delivered {}, dropped at the sensor's buffer {buffer_full}, \
-         kernel drops {}",
+        "{extra:?}: offered {offered}, delivered {}, dropped at the sensor's buffer \
+         {buffer_full}, kernel drops {}",
         f.delivered,
         f.reason("kernel buffer full")
+    );
+    (f, log)
+}
+
+#[test]
+fn a_frozen_receiver_makes_the_sensor_drop_whole_batches_counted() {
+    let (f, log) = stream_into_a_frozen_receiver(&[]);
+    assert!(
+        f.reason("sensor buffer full") > 0,
+        "4 MiB cannot hold this stream: some must be dropped at the buffer\n{log}"
+    );
+}
+
+#[test]
+fn a_spool_on_disk_holds_what_memory_cannot() {
+    let dir = Scratch::new("spool").unwrap();
+    let spool = dir.join("spool").to_string_lossy().into_owned();
+    let (f, log) = stream_into_a_frozen_receiver(&["--spool-dir", &spool]);
+    assert_eq!(
+        f.reason("sensor buffer full"),
+        0,
+        "the spool holds what the 4 MiB buffer cannot\n{log}"
+    );
+    assert!(f.delivered > 0);
+    let left: Vec<_> = std::fs::read_dir(&spool).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "the spool is emptied and removed: {left:?}"
     );
 }
