@@ -156,7 +156,7 @@ fn unknown_version_is_refused_with_a_clear_error() {
         err,
         DecodeError::UnsupportedVersion {
             got: 99,
-            supported: 1
+            supported: PROTOCOL_VERSION
         }
     );
     assert!(err.to_string().contains("version 99 is not supported"));

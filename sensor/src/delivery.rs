@@ -102,24 +102,34 @@ const FIRST_ATTEMPT_WAIT: Duration = Duration::from_secs(2);
 pub struct Started {
     client: Arc<Client>,
     conn: Conn,
+    since: Instant,
 }
 
 /// Starts connecting. Fails only when the first attempt fails for good (TLS verification,
 /// names, versions) within [`FIRST_ATTEMPT_WAIT`].
 pub async fn start(client: Client, hello: Bytes) -> Result<Started> {
     let client = Arc::new(client);
+    let since = Instant::now();
     let mut task = spawn_connect(&client, hello);
     let conn = match tokio::time::timeout(FIRST_ATTEMPT_WAIT, &mut task).await {
         Err(_) => Conn::Connecting(task),
         Ok(Ok(Err(e))) if e.permanent => return Err(e.error),
         Ok(done) => Conn::Attempted(Some(done.unwrap_or_else(|e| Err(task_failed(e))))),
     };
-    Ok(Started { client, conn })
+    Ok(Started {
+        client,
+        conn,
+        since,
+    })
 }
 
 /// Runs the session to its end. On a fatal error the captures are stopped.
 pub async fn run(started: Started, input: Input<'_>) -> (Outcome, Result<()>) {
-    let Started { client, conn } = started;
+    let Started {
+        client,
+        conn,
+        since,
+    } = started;
     let mut s = Session {
         input,
         client,
@@ -127,7 +137,7 @@ pub async fn run(started: Started, input: Input<'_>) -> (Outcome, Result<()>) {
         outcome: Outcome::default(),
         highest_sent: 0,
         backoff: FIRST_RETRY,
-        down_since: Some(Instant::now()),
+        down_since: Some(since),
         captures_done: false,
         stopping: None,
         goodbye_sent: false,
@@ -137,8 +147,14 @@ pub async fn run(started: Started, input: Input<'_>) -> (Outcome, Result<()>) {
         for stop in s.input.stoppers {
             stop();
         }
-        // Unblock capture threads waiting for room: the batches have nowhere to go.
+        // Unblock capture threads waiting for room: the batches have nowhere to go. Those
+        // already queued are counted with what was not acknowledged.
         s.input.batches.close();
+        while let Ok(out) = s.input.batches.try_recv() {
+            if let Err(e) = s.input.outbox.push(out) {
+                tracing::warn!("spool write failed while stopping: {e}");
+            }
+        }
     }
     match std::mem::replace(
         &mut s.conn,
@@ -162,6 +178,15 @@ impl Session<'_> {
         let mut stats_tick = tokio::time::interval_at(Instant::now() + STATS_EVERY, STATS_EVERY);
         stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if self.stopping.is_some()
+                && self.captures_done
+                && self.input.outbox.is_empty()
+                && !matches!(self.conn, Conn::Up(_) | Conn::Joining { .. })
+            {
+                // Nothing left to deliver: waiting for the receiver would only be for the
+                // final statistics.
+                return self.give_up();
+            }
             let give_up_at = self.give_up_at().unwrap_or_else(far_future);
             let want_room = self.input.outbox.next_unsent().is_some() || self.goodbye_due();
             tokio::select! {
@@ -410,8 +435,8 @@ impl Session<'_> {
         let waited = self.down_since.map_or(Duration::ZERO, |t| t.elapsed());
         if self.captures_done && self.input.outbox.is_empty() {
             tracing::warn!(
-                "receiver {} unreachable for {:.0}s at the end: every batch was acknowledged, \
-                 but its final statistics were not delivered",
+                "receiver {} unreachable at the end (for {:.0}s): every batch was \
+                 acknowledged, but the final statistics were not delivered",
                 self.client.remote,
                 waited.as_secs_f64()
             );

@@ -59,7 +59,9 @@ pub fn build(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn nightly_sysroot() -> Result<PathBuf> {
+/// Installs the nightly toolchain when missing (the fuzz targets need it too) and returns
+/// its sysroot.
+pub(crate) fn nightly_sysroot() -> Result<PathBuf> {
     let probe = |args: &[&str]| {
         Command::new("rustc")
             .arg(format!("+{TOOLCHAIN}"))

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod system;
 mod test;
 
@@ -24,7 +25,8 @@ enum Command {
     /// in a private network namespace; leaves demo-out/capture.pcapng and prints a summary.
     Demo,
     /// Install what is missing, then run every check CI runs: fmt, clippy, the Windows
-    /// build check, unit tests and the system tests (as root).
+    /// build check, a short run of each fuzz target, unit tests and the system tests (as
+    /// root).
     Test,
     /// Install the system packages and Rust targets the build and tests need.
     Setup,
@@ -34,6 +36,15 @@ enum Command {
     /// Measure capture throughput, loss, CPU and memory of every sensor mode beside
     /// `tcpdump -w file` on the same traffic (root; a few minutes); see BENCHMARKS.md.
     Bench,
+    /// Run the cargo-fuzz targets (nightly; installs cargo-fuzz when missing), after
+    /// writing their seed corpora; fails if any finds a crash. See fuzz/README.md.
+    Fuzz {
+        /// How long to run each target.
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
+        /// Targets to run (all when none is given): decode_frame, batch_body, pcap_read.
+        targets: Vec<String>,
+    },
 }
 
 /// The workspace root.
@@ -50,6 +61,7 @@ fn main() {
         Command::Setup => system::setup(),
         Command::BuildEbpf => ebpf::build(root()),
         Command::Bench => bench::run(),
+        Command::Fuzz { seconds, targets } => fuzz::run(root(), seconds, &targets),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

@@ -31,6 +31,9 @@ pub fn run() -> Result<()> {
             "warnings",
         ],
     )?;
+    // A short run of every fuzz target, so that they keep building and their seeds keep
+    // passing; the long runs are `cargo xtask fuzz` (fuzz/README.md).
+    crate::fuzz::run(crate::root(), crate::fuzz::CI_SECONDS, &[])?;
     cmd(
         "cargo",
         &[

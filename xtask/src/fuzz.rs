@@ -1,0 +1,492 @@
+//! `cargo xtask fuzz [--seconds N] [TARGET...]`: runs the cargo-fuzz targets in `fuzz/`,
+//! first installing what a fresh machine lacks (the nightly toolchain, cargo-fuzz) and
+//! writing the seed corpora. Fails if any target finds a crash, and says where its input is.
+//! See fuzz/README.md.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use bytes::BytesMut;
+use common::{
+    decode_frame, Ack, BatchBuilder, Direction, DropReason, ErrorCode, ErrorMsg, Goodbye, Hello,
+    InterfaceInfo, InterfaceStats, Message, PushOutcome, Stats, PROTOCOL_VERSION,
+};
+
+use crate::system::cmd;
+
+pub const TARGETS: &[&str] = &["decode_frame", "batch_body", "pcap_read"];
+
+/// Seconds per target of `cargo xtask fuzz` without `--seconds`.
+pub const DEFAULT_SECONDS: u64 = 60;
+
+/// Seconds per target in `cargo xtask test`.
+pub const CI_SECONDS: u64 = 30;
+
+/// An input that runs longer than this is reported as a hang (each takes microseconds).
+const INPUT_TIMEOUT_SECS: u64 = 10;
+
+/// Capture files from the shared corpus used as pcap_read seeds: small ones, for speed.
+const PCAP_SEED_MAX_BYTES: u64 = 2048;
+const PCAP_SEEDS_FROM_CORPUS: usize = 24;
+
+/// What one target's run reported.
+#[derive(Default)]
+struct Report {
+    target: String,
+    seconds: f64,
+    done: Option<String>,
+    executions: Option<String>,
+    crashes: Vec<PathBuf>,
+    failed: Option<String>,
+}
+
+pub fn run(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
+    let targets: Vec<&str> = if targets.is_empty() {
+        TARGETS.to_vec()
+    } else {
+        for t in targets {
+            if !TARGETS.contains(&t.as_str()) {
+                bail!(
+                    "unknown fuzz target {t}; the targets are {}",
+                    TARGETS.join(", ")
+                );
+            }
+        }
+        targets.iter().map(String::as_str).collect()
+    };
+    let fuzz_dir = root.join("fuzz");
+    crate::ebpf::nightly_sysroot()?;
+    ensure_cargo_fuzz()?;
+    write_seeds(&fuzz_dir.join("corpus"))?;
+
+    eprintln!("xtask: building the fuzz targets (nightly, AddressSanitizer)");
+    let build = fuzz_command(root)
+        .arg("build")
+        .status()
+        .context("cannot run cargo +nightly fuzz")?;
+    if !build.success() {
+        bail!("building the fuzz targets failed ({build})");
+    }
+
+    let reports = targets
+        .iter()
+        .map(|t| run_target(root, &fuzz_dir, t, seconds))
+        .collect::<Result<Vec<_>>>()?;
+
+    eprintln!("\nxtask: fuzzing summary ({seconds} s per target)");
+    for r in &reports {
+        eprintln!(
+            "  {:<13} {:>5.0} s  {}  {}",
+            r.target,
+            r.seconds,
+            r.executions.as_deref().unwrap_or("? runs"),
+            r.done.as_deref().unwrap_or("(no final line)"),
+        );
+    }
+    let mut failed = false;
+    for r in &reports {
+        let keep = match r.target.as_str() {
+            "decode_frame" => "common/tests/malformed/",
+            "batch_body" => "common/tests/malformed/batch_body/",
+            _ => "a sensor test (tests/data/)",
+        };
+        for crash in &r.crashes {
+            failed = true;
+            eprintln!(
+                "xtask: {} crashed on {}\n       reproduce: cargo +nightly fuzz run {} {}\n       \
+                 once fixed, keep the input in {keep} (see fuzz/README.md)",
+                r.target,
+                crash.display(),
+                r.target,
+                crash.display()
+            );
+        }
+        if let Some(why) = &r.failed {
+            failed = true;
+            eprintln!("xtask: {} failed: {why}", r.target);
+        }
+    }
+    if failed {
+        bail!("fuzzing found problems (see above)");
+    }
+    Ok(())
+}
+
+/// `cargo +nightly fuzz` in the workspace root, with the caller's toolchain overrides
+/// removed (as for the eBPF build).
+fn fuzz_command(root: &Path) -> Command {
+    let mut c = Command::new("cargo");
+    c.args(["+nightly", "fuzz"])
+        .current_dir(root)
+        .env_remove("RUSTFLAGS")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO_TARGET_DIR");
+    c
+}
+
+fn ensure_cargo_fuzz() -> Result<()> {
+    let works = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !works {
+        eprintln!("xtask: installing cargo-fuzz (runs the fuzz targets), from crates.io");
+        cmd("cargo", &["install", "cargo-fuzz", "--locked"])?;
+    }
+    Ok(())
+}
+
+fn artifacts(dir: &Path) -> BTreeSet<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default()
+}
+
+/// Runs one target for `seconds`. libFuzzer's progress goes to stderr; the lines for each
+/// new corpus entry are left out, the rest passes through.
+fn run_target(root: &Path, fuzz_dir: &Path, target: &str, seconds: u64) -> Result<Report> {
+    let artifact_dir = fuzz_dir.join("artifacts").join(target);
+    let before = artifacts(&artifact_dir);
+    eprintln!("xtask: fuzzing {target} for {seconds} s");
+    let start = Instant::now();
+    let mut child = fuzz_command(root)
+        .args(["run", target, "--"])
+        .arg(format!("-max_total_time={seconds}"))
+        .arg(format!("-timeout={INPUT_TIMEOUT_SECS}"))
+        .arg("-print_final_stats=1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run cargo +nightly fuzz")?;
+    let mut report = Report {
+        target: target.to_string(),
+        ..Report::default()
+    };
+    let stderr = child.stderr.take().context("no stderr")?;
+    let mut in_dictionary = false;
+    for line in BufReader::new(stderr).lines() {
+        let line = line.context("reading the fuzzer's output")?;
+        // `#123\tNEW    cov: ...`: the event is the second word.
+        let event = line
+            .starts_with('#')
+            .then(|| line.split_whitespace().nth(1))
+            .flatten();
+        if event == Some("DONE") {
+            report.done = line.split_once("DONE").map(|(_, s)| s.trim().to_string());
+        }
+        if let Some(n) = line.strip_prefix("stat::number_of_executed_units:") {
+            report.executions = Some(format!("{} runs", n.trim()));
+        }
+        if line.starts_with("###### Recommended dictionary") {
+            in_dictionary = true;
+        }
+        let quiet = in_dictionary || matches!(event, Some("NEW" | "REDUCE"));
+        if line.starts_with("###### End of recommended dictionary") {
+            in_dictionary = false;
+        }
+        if !quiet {
+            eprintln!("{line}");
+        }
+    }
+    let status = child.wait().context("waiting for cargo fuzz")?;
+    report.seconds = start.elapsed().as_secs_f64();
+    report.crashes = artifacts(&artifact_dir)
+        .difference(&before)
+        .cloned()
+        .collect();
+    if !status.success() && report.crashes.is_empty() {
+        report.failed = Some(format!("cargo fuzz run {target} exited with {status}"));
+    }
+    Ok(report)
+}
+
+/// Writes the seed inputs of every target into `corpus/<target>/seed-*`, built with the
+/// protocol's own encoder, plus small capture files from the shared corpus for pcap_read.
+pub fn write_seeds(corpus: &Path) -> Result<()> {
+    let write = |target: &str, name: &str, bytes: &[u8]| -> Result<()> {
+        let dir = corpus.join(target);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("seed-{name}"));
+        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))
+    };
+
+    let messages = seed_messages();
+    let mut stream = BytesMut::new();
+    for (name, msg) in &messages {
+        write("decode_frame", name, &msg.to_bytes())?;
+        msg.encode(&mut stream);
+        if let Message::Batch(b) = msg {
+            let mut input = vec![b.encoding as u8];
+            input.extend_from_slice(&b.packet_count.to_be_bytes());
+            input.extend_from_slice(&b.body);
+            write("batch_body", name, &input)?;
+        }
+    }
+    write("decode_frame", "stream", &stream)?;
+    write("batch_body", "empty", &[0, 0, 0, 0, 0])?;
+
+    for (name, bytes) in seed_captures() {
+        write("pcap_read", name, &bytes)?;
+    }
+    let shared = testbed::corpus_dir().join("tcpdump-tests");
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(&shared) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.metadata().is_ok_and(|m| m.len() <= PCAP_SEED_MAX_BYTES))
+            .map(|e| e.path())
+            .collect(),
+        Err(_) => {
+            eprintln!(
+                "xtask: no shared corpus at {}; pcap_read starts from its own seeds only",
+                shared.display()
+            );
+            Vec::new()
+        }
+    };
+    files.sort();
+    // Spread over the alphabet: many protocols rather than one family.
+    let step = files.len().div_ceil(PCAP_SEEDS_FROM_CORPUS).max(1);
+    for path in files.iter().step_by(step) {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        write("pcap_read", &format!("tcpdump-{name}"), &bytes)?;
+    }
+    Ok(())
+}
+
+/// One valid message of each kind, batches in both encodings.
+fn seed_messages() -> Vec<(&'static str, Message)> {
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        session_id: 0x0123_4567_89ab_cdef,
+        sensor_id: "edge-1".into(),
+        hostname: "edge-1.example.net".into(),
+        os: "linux 6.1 x86_64".into(),
+        interfaces: vec![
+            InterfaceInfo {
+                name: "eth0".into(),
+                link_type: 1,
+                snaplen: 262_144,
+                filter: "tcp port 443 or udp".into(),
+            },
+            InterfaceInfo {
+                name: "any".into(),
+                link_type: 113,
+                snaplen: 96,
+                filter: String::new(),
+            },
+        ],
+    };
+    let mut snappy = BatchBuilder::new(64 * 1024);
+    let mut stored = BatchBuilder::new(64 * 1024);
+    let mut noise = 0x2545_f491_4f6c_dd1d_u64;
+    for i in 0..12u32 {
+        let dir = [Direction::Unknown, Direction::Inbound, Direction::Outbound][i as usize % 3];
+        let frame = ethernet(0x0800, &ipv4(6, &tcp(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")));
+        assert_eq!(
+            snappy.push(1_700_000_000_000_000_000 + u64::from(i), 1514, dir, &frame),
+            PushOutcome::Added
+        );
+        let random: Vec<u8> = (0..40 + i * 7)
+            .map(|_| {
+                // xorshift: incompressible bytes, so the batch is stored.
+                noise ^= noise << 13;
+                noise ^= noise >> 7;
+                noise ^= noise << 17;
+                noise as u8
+            })
+            .collect();
+        assert_eq!(
+            stored.push(u64::from(i) * 1_000, 60 + i, dir, &random),
+            PushOutcome::Added
+        );
+    }
+    let batch = |b: &mut BatchBuilder, seq| {
+        let frame = b.finish(0x0123_4567_89ab_cdef, seq, 0).frame;
+        match decode_frame(&mut BytesMut::from(&frame[..])) {
+            Ok(Some(m @ Message::Batch(_))) => m,
+            other => panic!("the seed batch does not decode: {other:?}"),
+        }
+    };
+    let snappy = batch(&mut snappy, 1);
+    let stored = batch(&mut stored, 2);
+    vec![
+        ("hello", Message::Hello(hello)),
+        ("batch-snappy", snappy),
+        ("batch-stored", stored),
+        (
+            "stats",
+            Message::Stats(Stats {
+                session_id: 0x0123_4567_89ab_cdef,
+                interfaces: vec![InterfaceStats {
+                    interface_id: 0,
+                    seen: 1000,
+                    matched: 900,
+                    delivered: 890,
+                    drops: vec![
+                        (DropReason::KERNEL_BUFFER, 4),
+                        (DropReason::INTERFACE, 1),
+                        (DropReason(3), 5),
+                    ],
+                }],
+            }),
+        ),
+        ("ack", Message::Ack(Ack { sequence: 2 })),
+        (
+            "error",
+            Message::Error(ErrorMsg {
+                code: ErrorCode::UNSUPPORTED_LINK_TYPE,
+                message: "link type 147 is not supported".into(),
+            }),
+        ),
+        ("goodbye", Message::Goodbye(Goodbye)),
+    ]
+}
+
+fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn ipv4(proto: u8, payload: &[u8]) -> Vec<u8> {
+    let total = (20 + payload.len()) as u16;
+    let mut p = vec![0x45, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 1, 0x40, 0, 64, proto, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2]);
+    p.extend_from_slice(payload);
+    p
+}
+
+fn tcp(data: &[u8]) -> Vec<u8> {
+    let mut s = vec![
+        0xc0, 0x01, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0,
+    ];
+    s.extend_from_slice(data);
+    s
+}
+
+fn udp(data: &[u8]) -> Vec<u8> {
+    let mut s = vec![0xc0, 0x02, 0, 53];
+    s.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+    s.extend_from_slice(&[0, 0]);
+    s.extend_from_slice(data);
+    s
+}
+
+/// Linux cooked header (`LINKTYPE_LINUX_SLL`) of the given packet type, IPv4.
+fn sll(packet_type: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = packet_type.to_be_bytes().to_vec();
+    f.extend_from_slice(&[0, 1, 0, 6, 2, 0, 0, 0, 0, 1, 0, 0, 0x08, 0x00]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Linux cooked header v2 (`LINKTYPE_LINUX_SLL2`) of the given packet type, IPv4.
+fn sll2(packet_type: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x08, 0x00, 0, 0, 0, 0, 0, 2, 0, 1, packet_type, 6];
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A classic pcap file; `nano` picks the nanosecond magic, `big` the byte order.
+fn pcap_file(nano: bool, big: bool, link_type: u32, frames: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let put = |v: u32, out: &mut Vec<u8>| {
+        out.extend_from_slice(&if big {
+            v.to_be_bytes()
+        } else {
+            v.to_le_bytes()
+        })
+    };
+    put(if nano { 0xa1b2_3c4d } else { 0xa1b2_c3d4 }, &mut out);
+    // Version 2.4: two u16s.
+    out.extend_from_slice(if big { &[0, 2, 0, 4] } else { &[2, 0, 4, 0] });
+    put(0, &mut out);
+    put(0, &mut out);
+    put(262_144, &mut out);
+    put(link_type, &mut out);
+    for (i, f) in frames.iter().enumerate() {
+        put(1_700_000_000 + i as u32, &mut out);
+        put(123_456 * (i as u32 + 1), &mut out);
+        put(f.len() as u32, &mut out);
+        put(f.len() as u32 + 4 * i as u32, &mut out);
+        out.extend_from_slice(f);
+    }
+    out
+}
+
+/// A pcapng file: a section header, one interface with nanosecond timestamps, and an
+/// enhanced packet block per frame.
+fn pcapng_file(link_type: u16, frames: &[Vec<u8>]) -> Vec<u8> {
+    let block = |kind: u32, body: &[u8]| {
+        let len = (12 + body.len()) as u32;
+        let mut b = kind.to_le_bytes().to_vec();
+        b.extend_from_slice(&len.to_le_bytes());
+        b.extend_from_slice(body);
+        b.extend_from_slice(&len.to_le_bytes());
+        b
+    };
+    let mut shb = 0x1a2b_3c4d_u32.to_le_bytes().to_vec();
+    shb.extend_from_slice(&[1, 0, 0, 0]);
+    shb.extend_from_slice(&(-1i64).to_le_bytes());
+    let mut out = block(0x0a0d_0d0a, &shb);
+    let mut idb = link_type.to_le_bytes().to_vec();
+    idb.extend_from_slice(&[0, 0]);
+    idb.extend_from_slice(&65_535u32.to_le_bytes());
+    // if_tsresol = 9 (nanoseconds), then opt_endofopt.
+    idb.extend_from_slice(&[9, 0, 1, 0, 9, 0, 0, 0, 0, 0, 0, 0]);
+    out.extend(block(1, &idb));
+    for (i, f) in frames.iter().enumerate() {
+        let ts = 1_700_000_000_123_456_789u64 + i as u64 * 1_000;
+        let mut epb = 0u32.to_le_bytes().to_vec();
+        epb.extend_from_slice(&((ts >> 32) as u32).to_le_bytes());
+        epb.extend_from_slice(&(ts as u32).to_le_bytes());
+        epb.extend_from_slice(&(f.len() as u32).to_le_bytes());
+        epb.extend_from_slice(&(f.len() as u32).to_le_bytes());
+        epb.extend_from_slice(f);
+        epb.resize(epb.len().next_multiple_of(4), 0);
+        out.extend(block(6, &epb));
+    }
+    out
+}
+
+/// Small capture files of each format and byte order the sensor reads, with TCP, UDP and
+/// ARP frames, and the link types whose headers carry a direction.
+fn seed_captures() -> Vec<(&'static str, Vec<u8>)> {
+    let tcp4 = ipv4(6, &tcp(b"hello"));
+    let udp4 = ipv4(
+        17,
+        &udp(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"),
+    );
+    let arp = [
+        0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 198, 18, 0, 1, 0, 0, 0, 0, 0, 0,
+    ];
+    let eth = vec![
+        ethernet(0x0800, &tcp4),
+        ethernet(0x0800, &udp4),
+        ethernet(0x0806, &arp),
+    ];
+    vec![
+        ("ethernet-usec-le.pcap", pcap_file(false, false, 1, &eth)),
+        ("ethernet-nsec-be.pcap", pcap_file(true, true, 1, &eth)),
+        (
+            "linux-sll.pcap",
+            pcap_file(false, false, 113, &[sll(0, &tcp4), sll(4, &udp4)]),
+        ),
+        ("ethernet.pcapng", pcapng_file(1, &eth)),
+        (
+            "linux-sll2.pcapng",
+            pcapng_file(276, &[sll2(0, &udp4), sll2(4, &tcp4)]),
+        ),
+    ]
+}
