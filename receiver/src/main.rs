@@ -61,6 +61,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    check_out_dir(&cli.out).map_err(BadInput)?;
     let identity = match (&cli.cert, &cli.key) {
         (Some(cert), Some(key)) => tls::load(cert, key),
         _ => tls::load_or_create(&state_dir(&cli)?, &cli.cert_name),
@@ -145,6 +146,26 @@ impl quinn::ConnectionIdGenerator for RandomCids {
 
     fn cid_lifetime(&self) -> Option<std::time::Duration> {
         None
+    }
+}
+
+/// The output's directory must exist: said before anything is created or bound.
+fn check_out_dir(out: &std::path::Path) -> Result<()> {
+    if out.as_os_str() == "-" {
+        return Ok(());
+    }
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(anyhow!(
+            "cannot create {}: directory {} does not exist",
+            out.display(),
+            dir.display()
+        ))
     }
 }
 

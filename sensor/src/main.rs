@@ -80,6 +80,15 @@ async fn run(cli: Cli) -> Result<()> {
         xdp_attach: cli.xdp_attach,
         afxdp: cli.afxdp(),
     };
+    // Before any capture starts, so that a bad --spool-dir is the only thing said.
+    let session_id: u64 = rand::random();
+    let spool = match &cli.spool_dir {
+        Some(dir) => Some(
+            spool::Spool::open(dir, session_id, cli.spool_size)
+                .map_err(|e| Error::input(e.to_string()))?,
+        ),
+        None => None,
+    };
     let mut backends = capture::open(cli.mode, &source, &opts)?;
     let counters: Vec<Arc<Counters>> = backends.iter().map(|_| Arc::default()).collect();
     let stoppers: Vec<Stopper> = backends.iter_mut().map(|b| b.stopper()).collect();
@@ -96,7 +105,6 @@ async fn run(cli: Cli) -> Result<()> {
         })
         .collect();
 
-    let session_id: u64 = rand::random();
     let hostname = gethostname::gethostname().to_string_lossy().into_owned();
     let hello = common::Hello {
         version: common::PROTOCOL_VERSION,
@@ -107,13 +115,6 @@ async fn run(cli: Cli) -> Result<()> {
         interfaces: backends.iter().map(|b| b.info().clone()).collect(),
     };
 
-    let spool =
-        match &cli.spool_dir {
-            Some(dir) => Some(spool::Spool::open(dir, session_id, cli.spool_size).map_err(
-                |e| Error::input(format!("cannot use spool directory {}: {e}", dir.display())),
-            )?),
-            None => None,
-        };
     let outbox = Outbox::new(cli.buffer, spool);
 
     // Signals are caught from here on: a first one ends the session cleanly.

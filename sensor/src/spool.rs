@@ -473,7 +473,6 @@ fn reason(e: &io::Error) -> String {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
-    use std::time::Instant;
 
     /// A directory under the system temp dir, removed with everything in it on drop.
     struct TempDir(PathBuf);
@@ -812,17 +811,27 @@ mod tests {
     }
 
     /// A full disk during a push: the error comes back, and the spool stays readable and
-    /// usable. Needs a small file system, which a test cannot make by itself; run by hand:
-    /// `mkdir /tmp/full && mount -t tmpfs -o size=1m tmpfs /tmp/full &&
-    ///  CAPSTREAM_SPOOL_FULL_DIR=/tmp/full cargo test -p sensor spool::tests::disk_full
-    ///  -- --ignored`.
+    /// usable. On a 1 MiB tmpfs of its own, so it needs root (as `cargo xtask test` runs).
+    #[cfg(target_os = "linux")]
     #[test]
-    #[ignore = "needs CAPSTREAM_SPOOL_FULL_DIR, a small file system"]
     fn disk_full_leaves_the_spool_readable() {
-        let dir = PathBuf::from(std::env::var_os("CAPSTREAM_SPOOL_FULL_DIR").unwrap());
+        let tmp = TempDir::new("full");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&tmp.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(mounted, "cannot mount a tmpfs: this test needs root");
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(self.0).status();
+            }
+        }
+        let _unmount = Unmount(&tmp.0);
         // The failing write appends to a segment, or starts one.
         for segment_bytes in [SEGMENT_BYTES, HEADER_LEN as u64 + 100_000] {
-            disk_full(&dir, segment_bytes);
+            disk_full(&tmp.0, segment_bytes);
         }
     }
 
@@ -858,66 +867,5 @@ mod tests {
         // With its segment consumed and deleted, the space is back.
         assert!(spool.push(&batch(pushed + 1, 100_000)).unwrap());
         assert_eq!(spool.pop().unwrap(), Some(batch(pushed + 1, 100_000)));
-    }
-
-    /// Push then pop 1 GiB of 256 KiB frames and print the rates. Not a timed test: run
-    /// by hand, `cargo test --release -p sensor spool::tests::throughput -- --ignored
-    /// --nocapture` (`CAPSTREAM_SPOOL_BENCH_DIR` picks the directory).
-    #[test]
-    #[ignore = "a measurement, run by hand"]
-    fn throughput() {
-        let tmp = TempDir::new("throughput");
-        let dir = std::env::var_os("CAPSTREAM_SPOOL_BENCH_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| tmp.0.clone());
-        const FRAME: usize = 256 << 10;
-        const COUNT: u64 = (1 << 30) / FRAME as u64;
-        let frame = Bytes::from(
-            (0..FRAME)
-                .map(|i| ((i * 2_654_435_761usize) >> 13) as u8)
-                .collect::<Vec<u8>>(),
-        );
-        let mut spool = Spool::open(&dir, 0x7e57, u64::MAX).unwrap();
-        let start = Instant::now();
-        for s in 0..COUNT {
-            let b = Spooled {
-                sequence: s,
-                interface_id: 0,
-                packets: 100,
-                raw_len: FRAME as u64,
-                frame: frame.clone(),
-            };
-            assert!(spool.push(&b).unwrap());
-        }
-        let push = start.elapsed();
-        let start = Instant::now();
-        let mut n = 0;
-        while let Some(b) = spool.pop().unwrap() {
-            assert_eq!(b.sequence, n);
-            assert_eq!(b.frame.len(), FRAME);
-            n += 1;
-        }
-        let pop = start.elapsed();
-        assert_eq!(n, COUNT);
-        let mb = (COUNT * FRAME as u64) as f64 / 1e6;
-        println!(
-            "spool throughput in {}: push {:.0} MB/s ({:.1} us/batch), pop {:.0} MB/s \
-             ({:.1} us/batch)",
-            dir.display(),
-            mb / push.as_secs_f64(),
-            push.as_secs_f64() * 1e6 / COUNT as f64,
-            mb / pop.as_secs_f64(),
-            pop.as_secs_f64() * 1e6 / COUNT as f64,
-        );
-        let mut h = crc32fast::Hasher::new();
-        let start = Instant::now();
-        for _ in 0..COUNT {
-            h.update(std::hint::black_box(&frame));
-        }
-        std::hint::black_box(h.finalize());
-        println!(
-            "crc32 alone: {:.0} MB/s",
-            mb / start.elapsed().as_secs_f64()
-        );
     }
 }
