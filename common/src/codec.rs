@@ -67,13 +67,23 @@ pub(crate) fn get_str(
     max: usize,
     field: &'static str,
 ) -> Result<String, DecodeError> {
+    let raw = get_bytes(buf, max, field)?;
+    String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::BadUtf8 { field })
+}
+
+/// Opaque bytes: `u16` length, then the bytes. `max` bounds the length before anything is
+/// copied.
+pub(crate) fn get_bytes(
+    buf: &mut Bytes,
+    max: usize,
+    field: &'static str,
+) -> Result<Bytes, DecodeError> {
     let len = get_u16(buf, field)? as usize;
     if len > max {
         return Err(DecodeError::TooLong { field, len, max });
     }
     need(buf, len, field)?;
-    let raw = buf.split_to(len);
-    String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::BadUtf8 { field })
+    Ok(buf.split_to(len))
 }
 
 /// A count of items, bounded before any item is decoded.

@@ -24,8 +24,9 @@ pub mod units;
 pub use batch::{BatchBuilder, Direction, EncodedBatch, Packet, PacketIter, PushOutcome};
 pub use codec::DecodeError;
 pub use message::{
-    decode_frame, decode_frame_header, Ack, Batch, BatchEncoding, DropReason, ErrorCode, ErrorMsg,
-    Goodbye, Hello, InterfaceInfo, InterfaceStats, Message, MessageType, Stats, FRAME_HEADER_LEN,
+    decode_frame, decode_frame_header, Ack, AuthToken, Batch, BatchEncoding, DropReason, ErrorCode,
+    ErrorMsg, Goodbye, Hello, InterfaceInfo, InterfaceStats, Message, MessageType, Stats,
+    FRAME_HEADER_LEN,
 };
 
 /// The protocol version this build speaks. A peer with another version is refused.
@@ -44,6 +45,9 @@ pub const MAX_FRAME_LEN: usize = MAX_BATCH_BODY + 64;
 
 /// Largest snap length a sensor may announce (tcpdump's default and maximum).
 pub const MAX_SNAPLEN: u32 = 262_144;
+
+/// Largest shared token (`--token-file`) a Hello may carry.
+pub const MAX_TOKEN_LEN: usize = 1024;
 
 /// ALPN protocol name carried in the TLS handshake, so a QUIC peer of another
 /// application is refused during the handshake.

@@ -3,9 +3,10 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::codec::{
-    expect_end, get_count, get_str, get_u16, get_u32, get_u64, get_u8, need, put_str, DecodeError,
+    expect_end, get_bytes, get_count, get_str, get_u16, get_u32, get_u64, get_u8, need, put_str,
+    DecodeError,
 };
-use crate::{HELLO_MAGIC, MAX_FRAME_LEN, MAX_SNAPLEN, PROTOCOL_VERSION};
+use crate::{HELLO_MAGIC, MAX_FRAME_LEN, MAX_SNAPLEN, MAX_TOKEN_LEN, PROTOCOL_VERSION};
 
 /// `type: u8` + `length: u32`.
 pub const FRAME_HEADER_LEN: usize = 5;
@@ -67,6 +68,32 @@ pub struct Hello {
     pub hostname: String,
     pub os: String,
     pub interfaces: Vec<InterfaceInfo>,
+    /// The shared secret of `--token-file`, for a receiver that requires one.
+    pub token: Option<AuthToken>,
+}
+
+/// A shared secret that authenticates a sensor: 1 to [`MAX_TOKEN_LEN`] bytes. Its `Debug`
+/// never shows it, so neither does a logged [`Hello`]. `==` is for tests: a receiver
+/// compares tokens in constant time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuthToken(Bytes);
+
+impl AuthToken {
+    /// `None` when empty or longer than [`MAX_TOKEN_LEN`].
+    pub fn new(secret: impl Into<Bytes>) -> Option<Self> {
+        let secret = secret.into();
+        (!secret.is_empty() && secret.len() <= MAX_TOKEN_LEN).then_some(Self(secret))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AuthToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// How a batch body is stored on the wire.
@@ -162,6 +189,9 @@ impl ErrorCode {
     pub const UNSUPPORTED_LINK_TYPE: Self = Self(3);
     pub const SHUTTING_DOWN: Self = Self(4);
     pub const INTERNAL: Self = Self(5);
+    /// The sensor did not prove who it is: a missing or wrong token. Trying again is
+    /// refused again.
+    pub const UNAUTHENTICATED: Self = Self(6);
 }
 
 /// A fatal error: the sender closes the session after it.
@@ -294,6 +324,10 @@ impl Hello {
             out.put_u32(iface.snaplen);
             put_str(out, &iface.filter, MAX_FILTER);
         }
+        // Last, so that every field before it keeps its place; length 0: no token.
+        let token = self.token.as_ref().map_or(&[][..], AuthToken::as_bytes);
+        out.put_u16(token.len() as u16);
+        out.put_slice(token);
     }
 
     fn decode_body(buf: &mut Bytes) -> Result<Self, DecodeError> {
@@ -332,6 +366,7 @@ impl Hello {
                 filter,
             });
         }
+        let token = AuthToken::new(get_bytes(buf, MAX_TOKEN_LEN, "token")?);
         Ok(Self {
             version,
             session_id,
@@ -339,6 +374,7 @@ impl Hello {
             hostname,
             os,
             interfaces,
+            token,
         })
     }
 }

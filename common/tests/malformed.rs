@@ -30,12 +30,13 @@
 //! Every file starts with a comment saying what it holds. The cases: stream and frame
 //! header (ended inside a header or a body, frame length above the limit, unknown types,
 //! trailing bytes); Hello (short, bad magic, other versions, non-UTF-8 and over-long
-//! strings, too many interfaces, zero or oversized snap length, missing interface); Batch
-//! (short header, bad encoding, Snappy garbage, bad copies and length mismatch, Snappy
-//! claiming more than 8 MiB, stored body above 8 MiB, records whose header or data run past
-//! the body, captured length above the snap length or the original length, bad direction,
-//! packet counts that do not match the records, before and after Snappy); Stats (duplicate
-//! drop reason, too many reasons or interfaces, short); Error (over-long and non-UTF-8 text).
+//! strings, too many interfaces, zero or oversized snap length, missing interface, a token
+//! too long, cut short or missing); Batch (short header, bad encoding, Snappy garbage, bad
+//! copies and length mismatch, Snappy claiming more than 8 MiB, stored body above 8 MiB,
+//! records whose header or data run past the body, captured length above the snap length or
+//! the original length, bad direction, packet counts that do not match the records, before
+//! and after Snappy); Stats (duplicate drop reason, too many reasons or interfaces, short);
+//! Error (over-long and non-UTF-8 text).
 //!
 //! # Adding a fuzzer's crash input
 //!
@@ -238,9 +239,12 @@ fn malformed_batch_bodies_are_refused_without_panicking() {
 #[test]
 fn templates_of_the_cases_are_valid() {
     let templates = [
-        // Hello: one interface.
+        // Hello: one interface, no token.
         "01 LEN 'CAPS' VERSION 0000000000000001 0001 's' 0001 'h' 0001 'o' 0001
-         0004 'eth0' 0001 00040000 0000",
+         0004 'eth0' 0001 00040000 0000 0000",
+        // Hello: one interface, a token.
+        "01 LEN 'CAPS' VERSION 0000000000000001 0001 's' 0001 'h' 0001 'o' 0001
+         0004 'eth0' 0001 00040000 0000 0010 't'*16",
         // Stored batch of one record.
         "02 LEN 0000000000000001 0000000000000001 0000 00000001 00
          0000000000000001 00000001 00000001 01 ab",

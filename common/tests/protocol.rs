@@ -17,6 +17,7 @@ fn hello() -> Hello {
             snaplen: 262_144,
             filter: "port 53".into(),
         }],
+        token: None,
     }
 }
 
@@ -241,6 +242,26 @@ fn captured_length_above_original_is_refused() {
         body: records.freeze(),
     };
     assert!(batch.packets().is_err());
+}
+
+#[test]
+fn a_token_round_trips_and_never_shows_in_debug() {
+    let secret = "correct horse battery staple";
+    let mut h = hello();
+    h.token = AuthToken::new(secret.as_bytes().to_vec());
+    let Some(Message::Hello(back)) = decode_one(&Message::Hello(h.clone()).to_bytes()).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(back, h);
+    assert_eq!(back.token.as_ref().unwrap().as_bytes(), secret.as_bytes());
+    let shown = format!("{back:?} {:?}", Message::Hello(back.clone()));
+    assert!(!shown.contains("horse"), "{shown}");
+    assert!(shown.contains("<redacted>"), "{shown}");
+    // No token and an empty one are the same on the wire; the bounds hold.
+    assert_eq!(AuthToken::new(Vec::new()), None);
+    assert!(AuthToken::new(vec![b't'; MAX_TOKEN_LEN]).is_some());
+    assert_eq!(AuthToken::new(vec![b't'; MAX_TOKEN_LEN + 1]), None);
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! One sensor connection: reads its stream, checks every frame, passes batches to the
 //! writer and acknowledges what was written. A misbehaving sensor is told why and dropped;
-//! the others carry on.
+//! the others carry on. A sensor that does not prove who it is (client certificate, token)
+//! is refused before anything of it reaches the writer.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -10,8 +12,10 @@ use common::{decode_frame, Ack, DecodeError, ErrorCode, ErrorMsg, Goodbye, Messa
 use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::auth::{certificate_name, Auth, TOKEN_REFUSAL};
 use crate::merge::SessionId;
-use crate::writer::{clean, Attached, ConnId, Event};
+use crate::quota::{Held, Quotas, RateLimit};
+use crate::writer::{sensor_label, sensor_name, Attached, ConnId, Event};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A sensor must open its stream and say Hello this soon after the handshake.
@@ -59,6 +63,8 @@ pub async fn connection(
     incoming: Incoming,
     conn_id: ConnId,
     events: mpsc::Sender<Event>,
+    auth: Arc<Auth>,
+    quotas: Quotas,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // IPv4 sensors on the dual-stack socket show as 127.0.0.1, not [::ffff:127.0.0.1].
@@ -68,11 +74,32 @@ pub async fn connection(
         &mut shutdown,
         tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming),
     );
+    // Failed handshakes include every sensor whose client certificate was refused: logged
+    // at a bounded rate, as anyone may cause them.
     let conn = match handshake.await {
         None => return,
         Some(Ok(Ok(conn))) => conn,
-        Some(Ok(Err(e))) => return tracing::warn!("{peer}: handshake failed: {e}"),
-        Some(Err(_)) => return tracing::warn!("{peer}: handshake timed out"),
+        Some(Ok(Err(e))) => {
+            return auth
+                .refusals
+                .refused(peer, format!("handshake failed: {e}"))
+        }
+        Some(Err(_)) => return auth.refusals.refused(peer, "handshake timed out"),
+    };
+    // The verifier required a certificate; its name names the sensor.
+    let identity = if auth.client_certificates {
+        let Some(name) = certificate_name(&conn) else {
+            conn.close(
+                VarInt::from_u32(ErrorCode::UNAUTHENTICATED.0.into()),
+                b"no client certificate",
+            );
+            return auth
+                .refusals
+                .refused(peer, "no client certificate after the handshake");
+        };
+        Some(name)
+    } else {
+        None
     };
     let stream = unless_shutdown(
         &mut shutdown,
@@ -103,9 +130,16 @@ pub async fn connection(
         recv,
         buf: BytesMut::with_capacity(READ_CHUNK),
         events,
+        auth,
+        identity,
         joined: None,
         left: false,
         duplicates: 0,
+        quotas,
+        rate: quotas
+            .rate
+            .map(|r| RateLimit::new(r, std::time::Instant::now())),
+        held: Held::default(),
     };
     let end = s.run(shutdown).await;
     let name = s
@@ -130,7 +164,8 @@ pub async fn connection(
         End::Refused(r) => {
             if r.code == ErrorCode::SHUTTING_DOWN {
                 tracing::info!("{name}: told the receiver is shutting down");
-            } else {
+            } else if r.code != ErrorCode::UNAUTHENTICATED {
+                // (An unauthenticated one was logged, at a bounded rate, when refused.)
                 tracing::warn!("{name}: refused: {}", r.message);
             }
             s.say_last(
@@ -153,12 +188,19 @@ struct Session {
     recv: RecvStream,
     buf: BytesMut,
     events: mpsc::Sender<Event>,
+    auth: Arc<Auth>,
+    /// The name in the sensor's verified client certificate (with `--client-ca`).
+    identity: Option<String>,
     /// The sensor's session id and name once its Hello was accepted.
     joined: Option<(SessionId, String)>,
     /// The writer has closed the session (Goodbye, or the receiver stopping).
     left: bool,
     /// Batches the receiver already had, sent again after a reconnect: ignored.
     duplicates: u64,
+    quotas: Quotas,
+    rate: Option<RateLimit>,
+    /// This sensor's batches taken in and not yet in the output.
+    held: Held,
 }
 
 /// Runs `f` unless the receiver starts shutting down first (then `None`).
@@ -202,6 +244,14 @@ impl Session {
                 return End::Refused(Refusal::new(ErrorCode::PROTOCOL, "no Hello within 10 s"))
             }
         };
+        // Before anything of the sensor reaches the writer.
+        if let Err(why) = self.auth.check_token(&hello) {
+            let claims = sensor_name(&hello, self.identity.as_deref());
+            self.auth
+                .refusals
+                .refused(self.peer, format!("{why} (from sensor {claims})"));
+            return End::Refused(Refusal::new(ErrorCode::UNAUTHENTICATED, TOKEN_REFUSAL));
+        }
         if hello.interfaces.is_empty() {
             return End::Refused(Refusal::new(
                 ErrorCode::PROTOCOL,
@@ -209,16 +259,12 @@ impl Session {
             ));
         }
         let (session, interfaces) = (hello.session_id, hello.interfaces.len());
-        let name = format!(
-            "sensor {} ({}, {})",
-            clean(&hello.sensor_id),
-            clean(&hello.hostname),
-            self.peer
-        );
+        let name = sensor_label(&hello, self.identity.as_deref(), self.peer);
         let (reply, accepted) = oneshot::channel();
         let joined = Event::Joined {
             conn: self.conn,
             hello: Box::new(hello),
+            identity: self.identity.clone(),
             peer: self.peer,
             reply,
         };
@@ -249,13 +295,16 @@ impl Session {
         let mut expected = received.map(|r| r + 1);
 
         loop {
+            // Over its quota of held bytes, the sensor waits (unread) for its acknowledgements.
+            let room = self.held.has_room(self.quotas.held);
             let message = tokio::select! {
-                m = self.next_message() => m,
+                m = self.next_message(), if room => m,
                 changed = acks.changed() => {
                     if changed.is_err() {
                         return End::Lost("a newer connection of the same session took over".into());
                     }
                     let sequence = *acks.borrow_and_update();
+                    self.held.acknowledged(sequence);
                     if let Err(e) = self.write(Message::Ack(Ack { sequence })).await {
                         return e;
                     }
@@ -304,6 +353,7 @@ impl Session {
                         Err(e) => return End::Refused(Refusal::protocol(e)),
                     };
                     expected = batch.sequence.checked_add(1);
+                    self.held.add(batch.sequence, packets.records_len());
                     Event::Batch {
                         session,
                         conn: self.conn,
@@ -391,7 +441,15 @@ impl Session {
                 Err(e) => return Err(End::Refused(Refusal::protocol(e))),
             }
             match self.recv.read_chunk(READ_CHUNK, true).await {
-                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(Some(chunk)) => {
+                    self.buf.extend_from_slice(&chunk.bytes);
+                    if let Some(rate) = &mut self.rate {
+                        let wait = rate.take(chunk.bytes.len(), std::time::Instant::now());
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                }
                 Ok(None) if self.buf.is_empty() => return Ok(None),
                 Ok(None) => return Err(End::Lost("stream ended inside a message".into())),
                 Err(e) => return Err(End::Lost(e.to_string())),

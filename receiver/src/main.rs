@@ -9,9 +9,12 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, Context, Result};
 use clap::Parser;
+mod auth;
+mod certs;
 mod cli;
 mod connection;
 mod merge;
+mod quota;
 mod server;
 mod sink;
 mod stats;
@@ -20,8 +23,10 @@ mod writer;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_auth;
 
-use cli::Cli;
+use cli::{Cli, Command};
 
 /// A failure of what the user asked for (exit 2) rather than of the run (exit 1).
 #[derive(Debug)]
@@ -40,6 +45,9 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return common::cli::usage_error("receiver", e),
     };
+    if let Some(Command::Certs(command)) = &cli.command {
+        return exit_code(certs::run(command));
+    }
     common::cli::init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -51,7 +59,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
+    exit_code(runtime.block_on(run(cli)))
+}
+
+/// 0, or the one-line error with 2 for bad input and 1 for a failed run.
+fn exit_code(result: Result<()>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("receiver: error: {e:#}");
@@ -62,12 +75,29 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     check_out_dir(&cli.out).map_err(BadInput)?;
+    // What sensors must prove, read first: a bad file stops the start before anything else.
+    let client_roots = match &cli.client_ca {
+        Some(path) => Some(tls::client_roots(path).map_err(BadInput)?),
+        None => None,
+    };
+    let token = match &cli.token_file {
+        Some(path) => {
+            let (token, warning) =
+                common::cli::read_token_file(path).map_err(|e| BadInput(anyhow!(e)))?;
+            if let Some(warning) = warning {
+                tracing::warn!("{warning}");
+            }
+            Some(token)
+        }
+        None => None,
+    };
     let identity = match (&cli.cert, &cli.key) {
         (Some(cert), Some(key)) => tls::load(cert, key),
         _ => tls::load_or_create(&state_dir(&cli)?, &cli.cert_name),
     }
     .map_err(BadInput)?;
-    let server_config = tls::server_config(&identity).map_err(BadInput)?;
+    let auth = auth::Auth::new(token, client_roots.is_some());
+    let server_config = tls::server_config(&identity, client_roots).map_err(BadInput)?;
     let reset_key = match state_dir(&cli).and_then(|dir| tls::reset_key(&dir)) {
         Ok(key) => key,
         Err(e) => {
@@ -99,6 +129,17 @@ async fn run(cli: Cli) -> Result<()> {
         identity.cert_path.display(),
         identity.fingerprint()
     );
+    match (&cli.client_ca, auth.requires_token()) {
+        (Some(ca), true) => tracing::info!(
+            "sensors need a client certificate from {} and the token",
+            ca.display()
+        ),
+        (Some(ca), false) => {
+            tracing::info!("sensors need a client certificate from {}", ca.display())
+        }
+        (None, true) => tracing::info!("sensors need the token"),
+        (None, false) => {}
+    }
 
     let to_file = cli.out.as_os_str() != "-";
     let summaries = server::run(
@@ -106,6 +147,11 @@ async fn run(cli: Cli) -> Result<()> {
         sink,
         cli.reorder_window,
         to_file,
+        auth,
+        quota::Quotas {
+            rate: cli.sensor_rate,
+            held: cli.sensor_held,
+        },
         shutdown_signal(),
     )
     .await?;

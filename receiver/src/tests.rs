@@ -12,23 +12,49 @@ use common::{
 };
 use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
 use pcap_file::pcapng::{Block, PcapNgReader};
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{oneshot, Barrier};
 
+use crate::auth::Auth;
 use crate::cli::Format;
+use crate::quota::Quotas;
 use crate::sink::testing::Shared;
 use crate::sink::{PcapNgSink, PcapSink, Sink};
 use crate::{server, tls};
 
-struct TestServer {
-    addr: SocketAddr,
-    cert: CertificateDer<'static>,
-    stop: oneshot::Sender<()>,
-    done: tokio::task::JoinHandle<anyhow::Result<Vec<crate::stats::SensorSummary>>>,
-    out: Shared,
+pub(crate) struct TestServer {
+    pub(crate) addr: SocketAddr,
+    pub(crate) cert: CertificateDer<'static>,
+    pub(crate) stop: oneshot::Sender<()>,
+    pub(crate) done: tokio::task::JoinHandle<anyhow::Result<Vec<crate::stats::SensorSummary>>>,
+    pub(crate) out: Shared,
 }
 
 fn start_server(window: Duration, format: Format) -> TestServer {
+    start_server_with(window, format, None, Auth::default())
+}
+
+/// A server that may require client certificates from `client_roots`, and what `auth` says.
+pub(crate) fn start_server_with(
+    window: Duration,
+    format: Format,
+    client_roots: Option<rustls::RootCertStore>,
+    auth: Auth,
+) -> TestServer {
+    let quotas = Quotas {
+        rate: None,
+        held: 64 << 20,
+    };
+    spawn_server(window, format, client_roots, auth, quotas)
+}
+
+fn spawn_server(
+    window: Duration,
+    format: Format,
+    client_roots: Option<rustls::RootCertStore>,
+    auth: Auth,
+    quotas: Quotas,
+) -> TestServer {
     let dir = std::env::temp_dir().join(format!(
         "capstream-receiver-test-{}-{:?}",
         std::process::id(),
@@ -37,7 +63,7 @@ fn start_server(window: Duration, format: Format) -> TestServer {
     let identity = tls::load_or_create(&dir, &[]).unwrap();
     // Everything is in memory now.
     let _ = std::fs::remove_dir_all(&dir);
-    let config = tls::server_config(&identity).unwrap();
+    let config = tls::server_config(&identity, client_roots).unwrap();
     let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let out = Shared::default();
@@ -46,9 +72,17 @@ fn start_server(window: Duration, format: Format) -> TestServer {
         Format::Pcapng => Box::new(PcapNgSink::new(out.clone()).unwrap()),
     };
     let (stop, stopped) = oneshot::channel::<()>();
-    let done = tokio::spawn(server::run(endpoint, sink, window, false, async {
-        let _ = stopped.await;
-    }));
+    let done = tokio::spawn(server::run(
+        endpoint,
+        sink,
+        window,
+        false,
+        auth,
+        quotas,
+        async {
+            let _ = stopped.await;
+        },
+    ));
     TestServer {
         addr,
         cert: identity.chain[0].clone(),
@@ -62,14 +96,29 @@ async fn connect(
     server: &TestServer,
     alpn: &[u8],
 ) -> Result<(quinn::Endpoint, quinn::Connection), String> {
+    connect_as(server, alpn, None).await
+}
+
+/// A client certificate chain and its key.
+pub(crate) type ClientCert = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// Connects, presenting `client_cert` if given.
+pub(crate) async fn connect_as(
+    server: &TestServer,
+    alpn: &[u8],
+    client_cert: Option<ClientCert>,
+) -> Result<(quinn::Endpoint, quinn::Connection), String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(server.cert.clone()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut tls = match client_cert {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
     tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -83,7 +132,7 @@ async fn connect(
 }
 
 /// Reads frames until the receiver's Goodbye or Error, or the stream's end.
-async fn read_replies(recv: &mut quinn::RecvStream) -> Vec<Message> {
+pub(crate) async fn read_replies(recv: &mut quinn::RecvStream) -> Vec<Message> {
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
     loop {
@@ -101,7 +150,7 @@ async fn read_replies(recv: &mut quinn::RecvStream) -> Vec<Message> {
     }
 }
 
-fn hello(session_id: u64, host: &str) -> Hello {
+pub(crate) fn hello(session_id: u64, host: &str) -> Hello {
     Hello {
         version: common::PROTOCOL_VERSION,
         session_id,
@@ -115,6 +164,7 @@ fn hello(session_id: u64, host: &str) -> Hello {
             snaplen: 262_144,
             filter: "port 53".into(),
         }],
+        token: None,
     }
 }
 
@@ -178,7 +228,7 @@ async fn bad_sensor(server: &TestServer, bytes: &[u8]) -> Vec<Message> {
     read_replies(&mut recv).await
 }
 
-fn error_code(replies: &[Message]) -> Option<ErrorCode> {
+pub(crate) fn error_code(replies: &[Message]) -> Option<ErrorCode> {
     match replies.last() {
         Some(Message::Error(e)) => Some(e.code),
         _ => None,
@@ -329,7 +379,7 @@ async fn classic_pcap_refuses_a_second_link_type_and_keeps_the_first_sensor() {
 
 /// Opens a session's stream and sends Hello; returns the stream pair after the receiver's
 /// first Ack, which says where the session resumes.
-async fn join(
+pub(crate) async fn join(
     conn: &quinn::Connection,
     hello: &Hello,
 ) -> (quinn::SendStream, quinn::RecvStream, u64) {
@@ -351,7 +401,11 @@ async fn join(
 }
 
 /// Ends a session: Goodbye, then the receiver's last Ack (`acked`) and Goodbye.
-async fn say_goodbye(mut send: quinn::SendStream, recv: &mut quinn::RecvStream, acked: u64) {
+pub(crate) async fn say_goodbye(
+    mut send: quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    acked: u64,
+) {
     send.write_all(&Message::Goodbye(Goodbye).to_bytes())
         .await
         .unwrap();
@@ -361,7 +415,7 @@ async fn say_goodbye(mut send: quinn::SendStream, recv: &mut quinn::RecvStream, 
     assert!(matches!(replies.last(), Some(Message::Goodbye(_))));
 }
 
-fn batch_frame(session_id: u64, sequence: u64, times: &[u64]) -> bytes::Bytes {
+pub(crate) fn batch_frame(session_id: u64, sequence: u64, times: &[u64]) -> bytes::Bytes {
     let mut builder = BatchBuilder::new(1 << 16);
     for &t in times {
         let _ = builder.push(t, 60, Direction::Inbound, &[t as u8; 60]);
@@ -449,4 +503,75 @@ async fn a_sequence_gap_is_refused_and_garbage_datagrams_change_nothing() {
     server.stop.send(()).unwrap();
     let summaries = server.done.await.unwrap().unwrap();
     assert_eq!(summaries[0].written.packets, 1, "{}", summaries[0].line());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sensor_over_its_quotas_is_slowed_not_cut() {
+    // One batch held at a time, and a rate below what the batches need in one second.
+    let quotas = Quotas {
+        rate: Some(64 << 10),
+        held: 1,
+    };
+    let server = spawn_server(
+        Duration::from_millis(20),
+        Format::Pcapng,
+        None,
+        Auth::default(),
+        quotas,
+    );
+    let (_e, conn) = connect(&server, common::ALPN).await.unwrap();
+    let (mut send, mut recv, _) = join(&conn, &hello(0x9a, "greedy")).await;
+    // 20 batches of 20 packets of 600 bytes: about 240 KB, several seconds' worth.
+    for seq in 1..=20u64 {
+        let times: Vec<u64> = (0..20).map(|i| seq * 100 + i).collect();
+        let mut builder = BatchBuilder::new(1 << 16);
+        for &t in &times {
+            let payload: Vec<u8> = (0..600).map(|i| (t as usize * 31 + i * 7) as u8).collect();
+            let _ = builder.push(t, 600, Direction::Inbound, &payload);
+        }
+        send.write_all(&builder.finish(0x9a, seq, 0).frame)
+            .await
+            .unwrap();
+    }
+    say_goodbye(send, &mut recv, 20).await;
+    conn.close(0u32.into(), b"");
+    server.stop.send(()).unwrap();
+    let summaries = server.done.await.unwrap().unwrap();
+    assert_eq!(summaries[0].written.packets, 400, "{}", summaries[0].line());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_names_are_data_without_control_characters() {
+    let server = start_server(Duration::from_millis(20), Format::Pcapng);
+    let mut evil = hello(0xe71, "../../etc/x\u{1b}[31m\n");
+    evil.sensor_id = "../../../root/.ssh/authorized_keys\r".into();
+    evil.interfaces[0].name = "../eth0\u{7}".into();
+    let (_e, conn) = connect(&server, common::ALPN).await.unwrap();
+    let (mut send, mut recv, _) = join(&conn, &evil).await;
+    send.write_all(&batch_frame(0xe71, 1, &[5])).await.unwrap();
+    say_goodbye(send, &mut recv, 1).await;
+    conn.close(0u32.into(), b"");
+    server.stop.send(()).unwrap();
+    let summaries = server.done.await.unwrap().unwrap();
+    let line = summaries[0].line();
+    assert!(!line.chars().any(char::is_control), "{line:?}");
+    let bytes = server.out.bytes();
+    let mut reader = PcapNgReader::new(&bytes[..]).unwrap();
+    let mut texts = Vec::new();
+    while let Some(block) = reader.next_block() {
+        if let Block::InterfaceDescription(idb) = block.unwrap().0 {
+            for o in idb.options {
+                match o {
+                    InterfaceDescriptionOption::IfName(n) => texts.push(n.into_owned()),
+                    InterfaceDescriptionOption::IfDescription(d) => texts.push(d.into_owned()),
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert_eq!(texts[0], "../../etc/x[31m/../eth0", "kept as data, as text");
+    assert!(
+        texts.iter().all(|t| !t.chars().any(char::is_control)),
+        "{texts:?}"
+    );
 }

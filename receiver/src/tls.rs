@@ -1,4 +1,5 @@
-//! The receiver's certificate: the user's own, or a self-signed one created on first start.
+//! The receiver's certificate (the user's own, or a self-signed one created on first start)
+//! and, with `--client-ca`, the CAs whose client certificates it requires of sensors.
 
 use std::fs;
 use std::io::Write;
@@ -27,14 +28,20 @@ impl Identity {
     }
 }
 
+/// Every certificate in a PEM file; at least one.
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("cannot read certificate {}", path.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no PEM certificate", path.display());
+    }
+    Ok(certs)
+}
+
 /// Loads `--cert`/`--key`.
 pub fn load(cert: &Path, key: &Path) -> Result<Identity> {
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("cannot read certificate {}", cert.display()))?;
-    if chain.is_empty() {
-        bail!("{} holds no PEM certificate", cert.display());
-    }
+    let chain = read_certs(cert)?;
     let key_der = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("cannot read private key {}", key.display()))?;
     Ok(Identity {
@@ -56,16 +63,40 @@ pub fn load_or_create(dir: &Path, extra_names: &[String]) -> Result<Identity> {
     load(&cert, &key)
 }
 
-fn create(dir: &Path, cert: &Path, key: &Path, extra_names: &[String]) -> Result<()> {
-    fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+/// `--client-ca`: the CA certificates (PEM, one or more) that sensors' client certificates
+/// must chain to.
+pub fn client_roots(path: &Path) -> Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_certs(path).context("--client-ca")? {
+        roots.add(cert).with_context(|| {
+            format!(
+                "--client-ca {}: a certificate is not usable as a CA",
+                path.display()
+            )
+        })?;
+    }
+    Ok(roots)
+}
+
+/// The names a receiver certificate holds: localhost, the loopback addresses, this host's
+/// name and `extra`.
+pub fn receiver_names(extra: &[String]) -> Vec<String> {
     let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
     if let Ok(host) = hostname() {
         names.push(host);
     }
-    names.extend(extra_names.iter().cloned());
-    names.dedup();
-    let generated = rcgen::generate_simple_self_signed(names)
+    for name in extra {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    names
+}
+
+fn create(dir: &Path, cert: &Path, key: &Path, extra_names: &[String]) -> Result<()> {
+    fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+    let generated = rcgen::generate_simple_self_signed(receiver_names(extra_names))
         .context("cannot generate a certificate (check --cert-name values)")?;
     write_private(key, generated.signing_key.serialize_pem().as_bytes())?;
     fs::write(cert, generated.cert.pem())
@@ -91,7 +122,7 @@ pub fn reset_key(dir: &Path) -> Result<ring::hmac::Key> {
     Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret))
 }
 
-fn hostname() -> Result<String> {
+pub fn hostname() -> Result<String> {
     let name = fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::env::var("COMPUTERNAME"))
         .context("no hostname")?;
@@ -99,7 +130,7 @@ fn hostname() -> Result<String> {
 }
 
 /// Writes a file only its owner can read: it holds a private key.
-fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     let mut options = fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -107,18 +138,37 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     let mut file = options
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
+    // The mode above applies only to a new file; an older one may have been readable.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot restrict {} to its owner", path.display()))?;
+    }
     file.write_all(data)
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// QUIC server settings: TLS 1.3 with our ALPN only, one stream per sensor, bounded
-/// windows and idle time.
-pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig> {
+/// windows and idle time. With `client_roots`, a sensor without a client certificate that
+/// chains to one of them fails the handshake.
+pub fn server_config(
+    identity: &Identity,
+    client_roots: Option<rustls::RootCertStore>,
+) -> Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3 is unavailable")?
-        .with_no_client_auth()
+        .context("TLS 1.3 is unavailable")?;
+    let builder = match client_roots {
+        Some(roots) => builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .context("--client-ca is unusable")?,
+        ),
+        None => builder.with_no_client_auth(),
+    };
+    let mut tls = builder
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())
         .context("the certificate and key do not match")?;
     tls.alpn_protocols = vec![common::ALPN.to_vec()];

@@ -29,6 +29,8 @@ pub enum Event {
     Joined {
         conn: ConnId,
         hello: Box<Hello>,
+        /// The name in its verified client certificate, which names it in the output.
+        identity: Option<String>,
         peer: SocketAddr,
         reply: oneshot::Sender<Result<Attached, String>>,
     },
@@ -86,6 +88,8 @@ const OUTPUT_REPORT: Duration = Duration::from_secs(30);
 
 struct Sensor {
     label: String,
+    /// The name in its client certificate: only the same certificate name may resume it.
+    identity: Option<String>,
     announced: Vec<InterfaceInfo>,
     interfaces: Vec<u32>,
     acks: watch::Sender<u64>,
@@ -176,10 +180,11 @@ impl Writer {
             Event::Joined {
                 conn,
                 hello,
+                identity,
                 peer,
                 reply,
             } => {
-                let _ = reply.send(self.join(conn, &hello, peer));
+                let _ = reply.send(self.join(conn, &hello, identity, peer));
             }
             Event::Batch {
                 session,
@@ -252,9 +257,21 @@ impl Writer {
     }
 
     /// Takes a sensor in: a new session, or one coming back.
-    fn join(&mut self, conn: ConnId, hello: &Hello, peer: SocketAddr) -> Result<Attached, String> {
+    fn join(
+        &mut self,
+        conn: ConnId,
+        hello: &Hello,
+        identity: Option<String>,
+        peer: SocketAddr,
+    ) -> Result<Attached, String> {
         let session = hello.session_id;
         if let Some(s) = self.sensors.get_mut(&session) {
+            if s.identity != identity {
+                return Err(format!(
+                    "session {session:016x} belongs to another sensor certificate; a sensor \
+                     must not reuse another's session id"
+                ));
+            }
             if s.announced != hello.interfaces {
                 return Err(format!(
                     "session {session:016x} is already open with other interfaces; a sensor \
@@ -279,17 +296,25 @@ impl Writer {
             });
         }
         let host = clean(&hello.hostname);
+        let sensor = sensor_name(hello, identity.as_deref());
+        // A certificate's name, being verified, names the interfaces; else the hostname the
+        // sensor gives (kept as data in the description either way).
+        let owner = identity.as_ref().map_or(&host, |_| &sensor);
+        let verified = if identity.is_some() {
+            " (client certificate)"
+        } else {
+            ""
+        };
         let wanted: Vec<SinkInterface> = hello
             .interfaces
             .iter()
             .map(|i| SinkInterface {
-                name: format!("{host}/{}", clean(&i.name)),
+                name: format!("{owner}/{}", clean(&i.name)),
                 link_type: i.link_type,
                 snaplen: i.snaplen,
                 filter: clean(&i.filter),
                 description: format!(
-                    "sensor {} on {host} ({}), session {:016x}",
-                    clean(&hello.sensor_id),
+                    "sensor {sensor}{verified} on {host} ({}), session {:016x}",
                     clean(&hello.os),
                     hello.session_id
                 ),
@@ -309,11 +334,11 @@ impl Writer {
         self.merge.add_session(session, interfaces.clone(), resume);
         let acked = resume.unwrap_or(0);
         let (acks_tx, acks) = watch::channel(acked);
-        let label = format!("sensor {} ({host}, {peer})", clean(&hello.sensor_id));
         self.sensors.insert(
             session,
             Sensor {
-                label,
+                label: sensor_label(hello, identity.as_deref(), peer),
+                identity,
                 announced: hello.interfaces.clone(),
                 interfaces,
                 acks: acks_tx,
@@ -468,4 +493,19 @@ impl Writer {
 /// Sensor-supplied text is data: control characters never reach the output or the logs.
 pub fn clean(s: &str) -> String {
     s.chars().filter(|c| !c.is_control()).collect()
+}
+
+/// How the output and the logs name a sensor: by the name in its verified client
+/// certificate, else by the id it gives itself.
+pub fn sensor_name(hello: &Hello, identity: Option<&str>) -> String {
+    clean(identity.unwrap_or(&hello.sensor_id))
+}
+
+/// `sensor NAME (HOST, PEER)`, a sensor in the logs and the exit summary.
+pub fn sensor_label(hello: &Hello, identity: Option<&str>, peer: SocketAddr) -> String {
+    format!(
+        "sensor {} ({}, {peer})",
+        sensor_name(hello, identity),
+        clean(&hello.hostname)
+    )
 }

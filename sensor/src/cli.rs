@@ -33,7 +33,13 @@ Examples:
   Replay a capture file (nothing is dropped; the sensor exits at its end):
     sensor -r trace.pcap --receiver [2001:db8::1]:4433 --ca receiver.crt
 
-Live capture needs CAP_NET_RAW (or root). The receiver prints the path of its certificate
+  Prove who this sensor is to a receiver that asks (receiver --client-ca, --token-file):
+    sensor -i eth0 --receiver collector:4433 --ca ca.crt --cert tap-1.crt --key tap-1.key
+    sensor -i eth0 --receiver collector:4433 --ca receiver.crt --token-file token
+
+Live capture needs CAP_NET_RAW (--mode pcap) or CAP_NET_RAW, CAP_BPF and CAP_NET_ADMIN
+(the eBPF modes; afxdp also CAP_IPC_LOCK), or root. Once attached, the sensor drops them
+(and switches to --user if given). The receiver prints the path of its certificate
 and its SHA-256 fingerprint when it starts.";
 
 /// Captures frames matching a tcpdump filter and streams them to a Capstream receiver
@@ -86,6 +92,21 @@ pub struct Cli {
     /// (e.g. `--server-name collector.example`).
     #[arg(long, value_name = "NAME")]
     pub server_name: Option<String>,
+
+    /// Present this PEM client certificate to a receiver that requires one
+    /// (`receiver --client-ca`); the receiver names the sensor by it
+    /// (e.g. `--cert tap-1.crt --key tap-1.key`, from `receiver certs sensor tap-1`).
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+
+    /// The PEM private key for --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+
+    /// Send the shared token in this file to a receiver that requires one
+    /// (`receiver --token-file`; e.g. `--token-file /etc/capstream/token`).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 
     /// Capture backend (e.g. `--mode ebpf`). auto: tc on Linux when the kernel and
     /// privileges allow it (the log says which and why), else pcap.
@@ -162,6 +183,12 @@ pub struct Cli {
     /// (e.g. `--sensor-id dmz-tap-1`).
     #[arg(long, value_name = "ID", value_parser = parse_sensor_id)]
     pub sensor_id: Option<String>,
+
+    /// Linux: once the capture is attached, run as this user (name or uid) and its primary
+    /// group, with no supplementary groups (e.g. `--user nobody`). Capabilities are dropped
+    /// either way; a --spool-dir that exists must then be writable by that user.
+    #[arg(long, value_name = "NAME", value_parser = crate::privileges::parse_user)]
+    pub user: Option<crate::privileges::User>,
 }
 
 /// `--receiver` split into host and port; the host is resolved later.
@@ -457,6 +484,9 @@ mod tests {
             &["--spool-dir", "/tmp/s", "--spool-size", "1KiB"],
             &["--give-up-after", "0s"],
             &["--give-up-after", "soon"],
+            // A client certificate needs its key, and a key its certificate.
+            &["--cert", "tap-1.crt"],
+            &["--key", "tap-1.key"],
         ] {
             let mut args = vec!["-i", "a", "--receiver", "h:1", "--ca", "c"];
             args.extend_from_slice(bad);

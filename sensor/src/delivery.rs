@@ -350,6 +350,12 @@ impl Session<'_> {
             self.lost(message);
             return Ok(());
         }
+        if code == ErrorCode::UNAUTHENTICATED {
+            return Err(Error::runtime(format!(
+                "receiver {} refused this sensor: {message}",
+                self.client.remote
+            )));
+        }
         // Version, link type, protocol: trying again would be refused again.
         Err(Error::runtime(message))
     }

@@ -17,6 +17,7 @@ mod cli;
 mod delivery;
 mod error;
 mod outbox;
+mod privileges;
 mod spool;
 mod stats;
 mod tls;
@@ -39,6 +40,15 @@ fn main() -> ExitCode {
         Err(e) => return common::cli::usage_error("sensor", e),
     };
     common::cli::init_logging();
+    // Linux keeps capabilities per thread: the captures are attached and privileges given
+    // up before the async runtime starts its threads, so that none of them keeps any.
+    let prepared = match prepare(&cli) {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            eprintln!("sensor: error: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("sensor-io")
@@ -51,7 +61,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, prepared)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sensor: error: {e}");
@@ -60,14 +70,30 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+/// What is set up before the async runtime starts.
+struct Prepared {
+    tls: tls::ClientTls,
+    token: Option<common::AuthToken>,
+    remote: std::net::SocketAddr,
+    backends: Vec<Box<dyn capture::CaptureBackend>>,
+    session_id: u64,
+    spool: Option<spool::Spool>,
+}
+
+/// Reads the TLS and token files, resolves the receiver and opens and attaches every
+/// capture, all while still privileged (a key may be readable by root only), then gives
+/// up the privileges the captures no longer need (see [`privileges`]). Runs while the
+/// sensor has one thread.
+fn prepare(cli: &Cli) -> Result<Prepared> {
     // Everything the user typed is checked before anything touches the network.
     let trust = match cli.fingerprint {
         Some(fp) => tls::Trust::Fingerprint(fp),
         None => tls::Trust::CaFiles(cli.ca.clone()),
     };
-    let tls = tls::client_config(&trust)?;
-    let remote = transport::resolve(&cli.receiver).await?;
+    let client_cert = cli.cert.as_deref().zip(cli.key.as_deref());
+    let token = cli.token_file.as_deref().map(tls::load_token).transpose()?;
+    let tls = tls::client_config(&trust, client_cert)?;
+    let remote = transport::resolve(&cli.receiver)?;
     let source = match &cli.read {
         Some(path) => Source::File(path.clone()),
         None => Source::Interfaces(cli.iface.clone()),
@@ -82,14 +108,46 @@ async fn run(cli: Cli) -> Result<()> {
     };
     // Before any capture starts, so that a bad --spool-dir is the only thing said.
     let session_id: u64 = rand::random();
-    let spool = match &cli.spool_dir {
-        Some(dir) => Some(
-            spool::Spool::open(dir, session_id, cli.spool_size)
-                .map_err(|e| Error::input(e.to_string()))?,
-        ),
-        None => None,
+    let open_spool = || {
+        cli.spool_dir
+            .as_ref()
+            .map(|dir| {
+                spool::Spool::open(dir, session_id, cli.spool_size)
+                    .map_err(|e| Error::input(e.to_string()))
+            })
+            .transpose()
     };
-    let mut backends = capture::open(cli.mode, &source, &opts)?;
+    let new_spool_dir = cli.spool_dir.as_deref().filter(|dir| !dir.exists());
+    let mut spool = open_spool()?;
+    let backends = capture::open(cli.mode, &source, &opts)?;
+    let needs: Vec<privileges::Need> = backends
+        .iter()
+        .flat_map(|b| b.needs_after_attach())
+        .collect();
+    privileges::give_up(cli.user.as_ref(), &needs, new_spool_dir)?;
+    if let Some(user) = &cli.user {
+        // The spool is written as --user: it must be able to.
+        spool = open_spool().map_err(|e| Error::input(format!("{e}, as --user {}", user.name)))?;
+    }
+    Ok(Prepared {
+        tls,
+        token,
+        remote,
+        backends,
+        session_id,
+        spool,
+    })
+}
+
+async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
+    let Prepared {
+        tls,
+        token,
+        remote,
+        mut backends,
+        session_id,
+        spool,
+    } = prepared;
     let counters: Vec<Arc<Counters>> = backends.iter().map(|_| Arc::default()).collect();
     let stoppers: Vec<Stopper> = backends.iter_mut().map(|b| b.stopper()).collect();
     let names: Vec<String> = backends.iter().map(|b| b.info().name.clone()).collect();
@@ -113,6 +171,7 @@ async fn run(cli: Cli) -> Result<()> {
         hostname,
         os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
         interfaces: backends.iter().map(|b| b.info().clone()).collect(),
+        token,
     };
 
     let outbox = Outbox::new(cli.buffer, spool);

@@ -128,16 +128,7 @@ impl Spool {
         max_bytes: u64,
         segment_bytes: u64,
     ) -> io::Result<Spool> {
-        let unusable = |e: io::Error| {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "cannot use spool directory {}: {} (pass a writable --spool-dir)",
-                    dir.display(),
-                    reason(&e)
-                ),
-            )
-        };
+        let unusable = |e: io::Error| unusable(dir, &e);
         fs::create_dir_all(dir).map_err(unusable)?;
         let prefix = format!("capstream-{session_id:016x}-");
         for entry in fs::read_dir(dir).map_err(unusable)? {
@@ -457,6 +448,18 @@ fn read_error(path: &Path, at: u64, e: io::Error) -> io::Error {
 }
 
 /// The usual causes in words that fit in a sentence; anything else as the system says it.
+/// The one-line error for a spool directory that cannot be used.
+fn unusable(dir: &Path, e: &io::Error) -> io::Error {
+    io::Error::new(
+        e.kind(),
+        format!(
+            "cannot use spool directory {}: {} (pass a writable --spool-dir)",
+            dir.display(),
+            reason(e)
+        ),
+    )
+}
+
 fn reason(e: &io::Error) -> String {
     match e.kind() {
         ErrorKind::PermissionDenied => "permission denied".into(),

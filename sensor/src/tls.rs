@@ -1,6 +1,7 @@
 //! TLS client configuration: TLS 1.3 only, ALPN `capstream/1`, and one of two ways to
 //! trust the receiver: CA/certificate files (standard webpki verification, name checked),
-//! or a pinned SHA-256 fingerprint of the receiver's certificate.
+//! or a pinned SHA-256 fingerprint of the receiver's certificate. And how the sensor proves
+//! who it is, when the receiver asks: a client certificate, a shared token.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -8,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use crate::cli::Fingerprint;
@@ -31,17 +32,15 @@ pub struct ClientTls {
     pub seen: Option<SeenFingerprint>,
 }
 
-pub fn client_config(trust: &Trust) -> Result<ClientTls> {
+/// `client_cert`: the `--cert` and `--key` files to present, for a receiver that requires a
+/// client certificate.
+pub fn client_config(trust: &Trust, client_cert: Option<(&Path, &Path)>) -> Result<ClientTls> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::runtime(format!("TLS setup failed: {e}")))?;
-    let (mut config, seen) = match trust {
-        Trust::CaFiles(paths) => {
-            let roots = load_roots(paths)?;
-            let config = builder.with_root_certificates(roots).with_no_client_auth();
-            (config, None)
-        }
+    let (builder, seen) = match trust {
+        Trust::CaFiles(paths) => (builder.with_root_certificates(load_roots(paths)?), None),
         Trust::Fingerprint(fp) => {
             let seen = SeenFingerprint::default();
             let verifier = PinnedCert {
@@ -49,12 +48,42 @@ pub fn client_config(trust: &Trust) -> Result<ClientTls> {
                 algorithms: provider.signature_verification_algorithms,
                 seen: Arc::clone(&seen),
             };
-            let config = builder
+            let builder = builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(verifier))
-                .with_no_client_auth();
-            (config, Some(seen))
+                .with_custom_certificate_verifier(Arc::new(verifier));
+            (builder, Some(seen))
         }
+    };
+    let mut config = match client_cert {
+        Some((cert, key)) => {
+            let chain = load_pem_certs(
+                cert,
+                "certificate file",
+                "a NAME.crt that `receiver certs sensor NAME` made",
+            )?;
+            let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                Error::input(format!(
+                    "cannot read private key {}: {e} (expected a PEM private key, e.g. the \
+                     NAME.key that `receiver certs sensor NAME` made)",
+                    key.display()
+                ))
+            })?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| match e {
+                    rustls::Error::InconsistentKeys(_) => Error::input(format!(
+                        "--key {} is not the key of --cert {}",
+                        key.display(),
+                        cert.display()
+                    )),
+                    e => Error::input(format!(
+                        "cannot use --cert {} with --key {}: {e}",
+                        cert.display(),
+                        key.display()
+                    )),
+                })?
+        }
+        None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![common::ALPN.to_vec()];
     Ok(ClientTls { config, seen })
@@ -63,7 +92,7 @@ pub fn client_config(trust: &Trust) -> Result<ClientTls> {
 fn load_roots(paths: &[PathBuf]) -> Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     for path in paths {
-        for cert in load_pem_certs(path)? {
+        for cert in load_pem_certs(path, "CA file", "the receiver's receiver.crt")? {
             roots.add(cert).map_err(|e| {
                 Error::input(format!(
                     "bad CA file {}: a certificate is not usable as a trust anchor: {e}",
@@ -75,20 +104,30 @@ fn load_roots(paths: &[PathBuf]) -> Result<RootCertStore> {
     Ok(roots)
 }
 
-fn load_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+/// The certificates of a PEM file; `what` and `example` say what it should be.
+fn load_pem_certs(path: &Path, what: &str, example: &str) -> Result<Vec<CertificateDer<'static>>> {
     let shown = path.display();
     let pem = std::fs::read(path)
-        .map_err(|e| Error::input(format!("cannot read CA file {shown}: {e}")))?;
+        .map_err(|e| Error::input(format!("cannot read {what} {shown}: {e}")))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::input(format!("bad CA file {shown}: {e} (expected PEM)")))?;
+        .map_err(|e| Error::input(format!("bad {what} {shown}: {e} (expected PEM)")))?;
     if certs.is_empty() {
         return Err(Error::input(format!(
-            "bad CA file {shown}: no certificate in it (expected a PEM 'BEGIN CERTIFICATE' block, \
-             e.g. the receiver's receiver.crt)"
+            "bad {what} {shown}: no certificate in it (expected a PEM 'BEGIN CERTIFICATE' block, \
+             e.g. {example})"
         )));
     }
     Ok(certs)
+}
+
+/// `--token-file`: the token the Hello carries, read as the receiver reads its own.
+pub fn load_token(path: &Path) -> Result<common::AuthToken> {
+    let (token, warning) = common::cli::read_token_file(path).map_err(Error::input)?;
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
+    Ok(token)
 }
 
 /// SHA-256 of a DER certificate, as the receiver prints it.
@@ -195,7 +234,7 @@ mod tests {
     #[test]
     fn config_is_tls13_with_alpn() {
         let fp = Fingerprint([0; 32]);
-        let tls = client_config(&Trust::Fingerprint(fp)).unwrap();
+        let tls = client_config(&Trust::Fingerprint(fp), None).unwrap();
         assert_eq!(tls.config.alpn_protocols, [common::ALPN.to_vec()]);
         assert!(tls.seen.is_some());
         assert!(tls
@@ -213,12 +252,48 @@ mod tests {
         let empty = dir.join("empty.pem");
         std::fs::write(&empty, "hello\n").unwrap();
         for path in [empty.clone(), dir.join("missing.pem")] {
-            match client_config(&Trust::CaFiles(vec![path])) {
+            match client_config(&Trust::CaFiles(vec![path]), None) {
                 Err(Error::Input(_)) => {}
                 Err(other) => panic!("wrong error kind: {other}"),
                 Ok(_) => panic!("accepted a bad CA file"),
             }
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn client_certificates_are_checked_at_start() {
+        let dir = std::env::temp_dir().join(format!("sensor-cert-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, pem: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).unwrap();
+            path
+        };
+        let made = |name: &str| {
+            let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+            (
+                write(&format!("{name}.crt"), c.cert.pem()),
+                write(&format!("{name}.key"), c.signing_key.serialize_pem()),
+            )
+        };
+        let (cert, key) = made("tap-1");
+        let (_, other_key) = made("tap-2");
+        let trust = Trust::Fingerprint(Fingerprint([0; 32]));
+        client_config(&trust, Some((&cert, &key))).unwrap();
+        let refused = |cert: &Path, key: &Path, needle: &str| match client_config(
+            &trust,
+            Some((cert, key)),
+        ) {
+            Err(Error::Input(e)) => assert!(e.contains(needle), "{e}"),
+            Err(other) => panic!("wrong error kind: {other}"),
+            Ok(_) => panic!("accepted {} with {}", cert.display(), key.display()),
+        };
+        refused(&cert, &other_key, "is not the key of");
+        refused(&dir.join("missing.crt"), &key, "missing.crt");
+        refused(&cert, &dir.join("missing.key"), "missing.key");
+        refused(&key, &key, "no certificate in it");
+        refused(&cert, &cert, "private key");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -26,13 +26,15 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// delivery loop takes in batches.
 const FRAMES_AHEAD: usize = 8;
 
-/// Finds the receiver's address: an IP literal as is, a name through the resolver.
-pub async fn resolve(addr: &ReceiverAddr) -> Result<SocketAddr> {
+/// Finds the receiver's address: an IP literal as is, a name through the resolver. It
+/// blocks: the sensor resolves before its async runtime starts (see `prepare` in main.rs).
+pub fn resolve(addr: &ReceiverAddr) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
     if let Ok(ip) = addr.host.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, addr.port));
     }
-    let mut found = tokio::net::lookup_host((addr.host.as_str(), addr.port))
-        .await
+    let mut found = (addr.host.as_str(), addr.port)
+        .to_socket_addrs()
         .map_err(|e| {
             Error::runtime(format!(
                 "cannot resolve receiver host {}: {e} (check the name, or give an IP address)",
@@ -142,10 +144,16 @@ impl Client {
                 })
             }
         };
-        let (send, recv) = conn.open_bi().await.map_err(|e| ConnectError {
-            error: Error::runtime(format!("cannot open a stream to {remote}: {e}")),
-            permanent: false,
-        })?;
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| match refusal_of_this_sensor(&e) {
+                Some(why) => refused_for_good(remote, why),
+                None => ConnectError {
+                    error: Error::runtime(format!("cannot open a stream to {remote}: {e}")),
+                    permanent: false,
+                },
+            })?;
         let (frames, to_write) = mpsc::channel(FRAMES_AHEAD);
         // Acks come one per written round; the loop reads them promptly.
         let (events_tx, events) = mpsc::channel(256);
@@ -197,7 +205,11 @@ async fn write_frames(
 ) {
     while let Some(frame) = frames.recv().await {
         if let Err(e) = send.write_chunk(frame).await {
-            let _ = events.send(LinkEvent::Lost(e.to_string())).await;
+            let event = match e {
+                quinn::WriteError::ConnectionLost(e) => connection_lost(e),
+                e => LinkEvent::Lost(e.to_string()),
+            };
+            let _ = events.send(event).await;
             return;
         }
     }
@@ -239,10 +251,68 @@ async fn read_receiver(mut recv: RecvStream, events: mpsc::Sender<LinkEvent>) {
         match recv.read_chunk(64 * 1024, true).await {
             Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
             Ok(None) => break LinkEvent::Lost("receiver ended the stream".into()),
+            Err(quinn::ReadError::ConnectionLost(e)) => break connection_lost(e),
             Err(e) => break LinkEvent::Lost(e.to_string()),
         }
     };
     let _ = events.send(last).await;
+}
+
+/// A broken connection as an event: a receiver that refused this sensor's client
+/// certificate refuses it again on every try, so that is final; anything else is retried.
+fn connection_lost(e: ConnectionError) -> LinkEvent {
+    match refusal_of_this_sensor(&e) {
+        Some(message) => LinkEvent::Refused {
+            code: ErrorCode::UNAUTHENTICATED,
+            message,
+        },
+        None => LinkEvent::Lost(e.to_string()),
+    }
+}
+
+/// What it means, and what to do, when the receiver closed the connection with a TLS alert
+/// about this sensor's client certificate. The sensor's own handshake is complete before
+/// the receiver has checked that certificate, so the refusal arrives as the connection's
+/// close, usually after the Hello was sent.
+fn refusal_of_this_sensor(e: &ConnectionError) -> Option<String> {
+    let ConnectionError::ConnectionClosed(close) = e else {
+        return None;
+    };
+    let code = u64::from(close.error_code);
+    // QUIC carries a TLS alert as error 0x100 + alert.
+    if !(0x100..0x200).contains(&code) {
+        return None;
+    }
+    let what = match code & 0xff {
+        116 => {
+            "the receiver requires a client certificate: pass --cert and --key (issued by \
+                `receiver certs sensor NAME` on the receiver)"
+        }
+        48 => {
+            "the receiver does not trust this sensor's certificate (--cert): it was not \
+               issued by the CA the receiver trusts (its --client-ca)"
+        }
+        45 => {
+            "the receiver refused this sensor's certificate (--cert) as expired or not yet \
+               valid: check both clocks, or issue a new one with `receiver certs sensor NAME`"
+        }
+        42 | 43 | 44 | 46 | 49 | 51 => "the receiver refused this sensor's certificate (--cert)",
+        _ => return None,
+    };
+    // The receiver's own words, as data.
+    let detail: String = close
+        .to_string()
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect();
+    Some(format!("{what} ({detail})"))
+}
+
+fn refused_for_good(remote: SocketAddr, why: String) -> ConnectError {
+    ConnectError {
+        error: Error::runtime(format!("receiver {remote} refused this sensor: {why}")),
+        permanent: true,
+    }
 }
 
 fn handshake_error(
@@ -250,6 +320,9 @@ fn handshake_error(
     e: ConnectionError,
     seen: Option<&SeenFingerprint>,
 ) -> ConnectError {
+    if let Some(why) = refusal_of_this_sensor(&e) {
+        return refused_for_good(remote, why);
+    }
     let permanent = matches!(
         e,
         ConnectionError::TransportError(_) | ConnectionError::VersionMismatch
@@ -282,7 +355,11 @@ fn handshake_message(
         )),
         ConnectionError::TransportError(_) => {
             let hint = if text.contains("UnknownIssuer") || text.contains("BadSignature") {
-                "is --ca the receiver's certificate, or the CA that signed it?"
+                "is --ca the receiver's certificate, or the CA that signed it? A receiver \
+                 presenting another certificate may also be an impostor in the path"
+            } else if text.contains("certificate expired") || text.contains("not valid yet") {
+                "the receiver's certificate is outside its validity dates: check both clocks, \
+                 or renew it (`receiver certs init` renews one it made)"
             } else if text.contains("not valid for name") || text.contains("NotValidForName") {
                 "pass --server-name with a name the certificate holds"
             } else if text.contains("application protocol") {
@@ -297,5 +374,53 @@ fn handshake_message(
         _ => Error::runtime(format!(
             "cannot connect to receiver at {remote}: {text} (is it a Capstream receiver?)"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed_with_alert(alert: u8) -> ConnectionError {
+        ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: quinn::TransportErrorCode::crypto(alert),
+            frame_type: None,
+            reason: Bytes::from_static(b"peer sent no certificates\x1b[31m"),
+        })
+    }
+
+    fn refusal(event: LinkEvent) -> String {
+        match event {
+            LinkEvent::Refused { code, message } => {
+                assert_eq!(code, ErrorCode::UNAUTHENTICATED);
+                assert!(!message.contains('\x1b'), "{message:?}");
+                message
+            }
+            other => panic!("not a refusal: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_refused_client_certificate_says_what_to_do_and_is_final() {
+        let remote: SocketAddr = "127.0.0.1:4433".parse().unwrap();
+        let e = handshake_error(remote, closed_with_alert(116), None);
+        assert!(e.permanent);
+        let text = e.error.to_string();
+        assert!(
+            text.contains("127.0.0.1:4433") && text.contains("pass --cert and --key"),
+            "{text}"
+        );
+        assert!(refusal(connection_lost(closed_with_alert(116))).contains("--cert and --key"));
+        assert!(refusal(connection_lost(closed_with_alert(48))).contains("--client-ca"));
+        assert!(refusal(connection_lost(closed_with_alert(45))).contains("expired"));
+        // Anything else is retried.
+        assert!(matches!(
+            connection_lost(ConnectionError::TimedOut),
+            LinkEvent::Lost(_)
+        ));
+        assert!(matches!(
+            connection_lost(closed_with_alert(120)),
+            LinkEvent::Lost(_)
+        ));
     }
 }

@@ -38,11 +38,32 @@ impl Drop for Scratch {
 }
 
 fn argv(ns: Option<&Netns>, program: &Path, args: &[&str]) -> Vec<String> {
+    wrapped_argv(ns, &[], program, args)
+}
+
+/// `program args...` run through `wrapper` (e.g. `setpriv --reuid nobody`), inside `ns`.
+fn wrapped_argv(
+    ns: Option<&Netns>,
+    wrapper: &[&str],
+    program: &Path,
+    args: &[&str],
+) -> Vec<String> {
     let program = program.to_string_lossy().into_owned();
-    let mut v = match ns {
-        Some(ns) => ns.command(&program),
-        None => vec![program],
+    let (first, rest): (String, Vec<String>) = match wrapper.split_first() {
+        Some((w, more)) => (
+            w.to_string(),
+            more.iter()
+                .map(|s| s.to_string())
+                .chain([program])
+                .collect(),
+        ),
+        None => (program, Vec::new()),
     };
+    let mut v = match ns {
+        Some(ns) => ns.command(&first),
+        None => vec![first],
+    };
+    v.extend(rest);
     v.extend(args.iter().map(|s| s.to_string()));
     v
 }
@@ -70,11 +91,12 @@ impl Receiver {
         stdout: Stdio,
     ) -> Result<Self> {
         let listen = format!("127.0.0.1:{port}");
-        Self::spawn(ns, state, &listen, args, stdout)
+        Self::spawn(ns, &[], state, &listen, args, stdout)
     }
 
     fn spawn(
         ns: Option<&Netns>,
+        wrapper: &[&str],
         state: &Path,
         listen: &str,
         args: &[&str],
@@ -83,7 +105,7 @@ impl Receiver {
         let state_arg = state.to_string_lossy().into_owned();
         let mut all = vec!["--listen", listen, "--state-dir", &state_arg];
         all.extend_from_slice(args);
-        let argv = argv(ns, &workspace_bin("receiver"), &all);
+        let argv = wrapped_argv(ns, wrapper, &workspace_bin("receiver"), &all);
         let mut proc = Proc::start("receiver", &argv, stdout)?;
         proc.wait_for("listening on", Duration::from_secs(20))?;
         proc.wait_for("fingerprint", Duration::from_secs(5))?;
@@ -119,6 +141,21 @@ impl Receiver {
         Ok((receiver, out))
     }
 
+    /// [`Receiver::writing`] on 127.0.0.1:4433, started through `wrapper` (e.g. `setpriv
+    /// --reuid nobody ...`): `state` and `out` are its state directory and output file.
+    pub fn writing_through(
+        ns: Option<&Netns>,
+        wrapper: &[&str],
+        state: &Path,
+        out: &Path,
+        args: &[&str],
+    ) -> Result<Self> {
+        let out_arg = out.to_string_lossy().into_owned();
+        let mut all = vec!["--out", out_arg.as_str()];
+        all.extend_from_slice(args);
+        Self::spawn(ns, wrapper, state, "127.0.0.1:4433", &all, Stdio::null())
+    }
+
     /// SIGTERM and a clean exit.
     pub fn stop(&mut self) -> Result<()> {
         self.proc.stop()
@@ -127,10 +164,20 @@ impl Receiver {
 
 /// Starts `sensor --receiver <addr> --ca <cert> <args>` and waits for its `ready:` line.
 pub fn start_sensor(ns: Option<&Netns>, receiver: &Receiver, args: &[&str]) -> Result<Proc> {
+    start_sensor_through(ns, &[], receiver, args)
+}
+
+/// [`start_sensor`] through `wrapper` (e.g. `setpriv --reuid nobody ...`).
+pub fn start_sensor_through(
+    ns: Option<&Netns>,
+    wrapper: &[&str],
+    receiver: &Receiver,
+    args: &[&str],
+) -> Result<Proc> {
     let cert = receiver.cert.to_string_lossy().into_owned();
     let mut all = vec!["--receiver", &receiver.addr, "--ca", &cert];
     all.extend_from_slice(args);
-    let argv = argv(ns, &workspace_bin("sensor"), &all);
+    let argv = wrapped_argv(ns, wrapper, &workspace_bin("sensor"), &all);
     let mut proc = Proc::start("sensor", &argv, Stdio::null())?;
     proc.wait_for("ready:", Duration::from_secs(20))?;
     Ok(proc)
@@ -172,6 +219,19 @@ pub fn start_tcpdump(
     )?;
     proc.wait_for("listening on", Duration::from_secs(10))?;
     Ok(proc)
+}
+
+/// Stops the reference tcpdump and reads what it captured; it must have dropped nothing,
+/// or comparing with it means nothing.
+pub fn stop_reference(mut tcpdump: Proc, file: &Path) -> Vec<Record> {
+    tcpdump.stop().unwrap();
+    let log = tcpdump.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.trim() == "0 packets dropped by kernel"),
+        "the reference dropped packets, so the comparison means nothing: {log}"
+    );
+    tcpdump_records(file, "").unwrap()
 }
 
 /// One packet as tcpdump reads it: nanosecond timestamp, original length and bytes.
@@ -340,7 +400,7 @@ impl Receiver {
         listen: &str,
         args: &[&str],
     ) -> Result<Self> {
-        Self::spawn(ns, state, listen, args, Stdio::null())
+        Self::spawn(ns, &[], state, listen, args, Stdio::null())
     }
 }
 

@@ -12,8 +12,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
 use common::{
-    decode_frame, Ack, BatchBuilder, Direction, DropReason, ErrorCode, ErrorMsg, Goodbye, Hello,
-    InterfaceInfo, InterfaceStats, Message, PushOutcome, Stats, PROTOCOL_VERSION,
+    decode_frame, Ack, AuthToken, BatchBuilder, Direction, DropReason, ErrorCode, ErrorMsg,
+    Goodbye, Hello, InterfaceInfo, InterfaceStats, Message, PushOutcome, Stats, PROTOCOL_VERSION,
 };
 
 use crate::system::cmd;
@@ -283,6 +283,7 @@ fn seed_messages() -> Vec<(&'static str, Message)> {
                 filter: String::new(),
             },
         ],
+        token: AuthToken::new(&b"a shared token of 32 bytes......"[..]),
     };
     let mut snappy = BatchBuilder::new(64 * 1024);
     let mut stored = BatchBuilder::new(64 * 1024);

@@ -12,6 +12,7 @@ use common::InterfaceInfo;
 
 use crate::batcher::{Backpressure, Batcher};
 use crate::error::{Error, Result};
+use crate::privileges::Need;
 
 #[cfg(target_os = "linux")]
 mod ebpf;
@@ -117,6 +118,12 @@ pub trait CaptureBackend: Send {
     fn backpressure(&self) -> Backpressure;
 
     fn stopper(&mut self) -> Stopper;
+
+    /// The capabilities this capture still needs once attached, and why (see
+    /// [`crate::privileges`]): none unless a mode says otherwise.
+    fn needs_after_attach(&self) -> Vec<Need> {
+        Vec::new()
+    }
 
     /// Captures until stopped or at the end of the input, then flushes the last batch.
     fn run(self: Box<Self>, batcher: Batcher) -> Result<()>;

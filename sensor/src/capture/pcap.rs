@@ -368,7 +368,7 @@ pub(super) fn open_error(name: &str, e: &pcap::Error) -> Error {
     if lower.contains("permission") || lower.contains("not permitted") {
         return Error::runtime(format!(
             "no permission to capture on {name}: {text} (run as root or grant CAP_NET_RAW, \
-             e.g. `setcap cap_net_raw,cap_net_admin=eip` on the sensor binary)"
+             e.g. `setcap cap_net_raw=ep` on the sensor binary)"
         ));
     }
     Error::runtime(format!("cannot capture on {name}: {text}"))

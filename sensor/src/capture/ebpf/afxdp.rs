@@ -85,9 +85,19 @@ impl Sockets {
                 other => other,
             }
             .map_err(|SocketError(e)| {
+                // The kernel charges the UMEM to RLIMIT_MEMLOCK unless CAP_IPC_LOCK.
+                let hint =
+                    if e.contains(&std::io::Error::from_raw_os_error(libc::ENOBUFS).to_string()) {
+                        format!(
+                            "its UMEM, {} MiB, is locked memory: grant CAP_IPC_LOCK or raise the \
+                         memlock limit (ulimit -l, systemd's LimitMEMLOCK=)",
+                            (FRAMES * FRAME_SIZE) >> 20
+                        )
+                    } else {
+                        "the kernel needs XDP sockets; try --mode xdp".to_string()
+                    };
                 Error::runtime(format!(
-                    "cannot open an AF_XDP socket on {iface} queue {queue}: {e} (the kernel \
-                     needs XDP sockets; try --mode xdp)"
+                    "cannot open an AF_XDP socket on {iface} queue {queue}: {e} ({hint})"
                 ))
             })?;
             xsks.set(queue, socket.rx.fd().as_raw_fd(), 0)

@@ -36,6 +36,7 @@ use self::sys::ProgKind;
 use super::{compose_filter, CaptureBackend, Options, Stopper, XdpAttach};
 use crate::batcher::{Backpressure, Batcher};
 use crate::error::{Error, Result};
+use crate::privileges::{Capability, Need};
 
 /// The programs, built by `cargo xtask build-ebpf` and embedded by build.rs.
 #[cfg(capstream_ebpf)]
@@ -247,7 +248,7 @@ impl EbpfCapture {
             Hook::Tc => {
                 // Aya attaches with TCX from 6.6 on, which needs no qdisc; older kernels need
                 // clsact, and one already there (another tool, a previous run) is fine.
-                let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+                let tcx = kernel_at_least(6, 6);
                 if !tcx {
                     let _ = tc::qdisc_add_clsact(iface);
                 }
@@ -422,6 +423,36 @@ impl CaptureBackend for EbpfCapture {
     fn stopper(&mut self) -> Stopper {
         let stop = Arc::clone(&self.stop);
         Box::new(move || stop.store(true, Relaxed))
+    }
+
+    /// Nothing on current kernels: the ring and the AF_XDP sockets are read through their
+    /// descriptors, the socket filter is detached from the sensor's own socket, and links
+    /// made with bpf() (TCX from 6.6, XDP from 5.9) are detached by closing them. Older
+    /// kernels attach through netlink, and only a netlink request (CAP_NET_ADMIN) detaches
+    /// the program, which would otherwise go on filtering after the sensor has gone.
+    fn needs_after_attach(&self) -> Vec<Need> {
+        let iface = &self.info.name;
+        let mut needs = Vec::new();
+        match self.attachment {
+            Attachment::Tc(_) if !kernel_at_least(6, 6) => needs.push(Need::new(
+                Capability::NetAdmin,
+                format!("to detach the TC programs from {iface} at exit"),
+            )),
+            Attachment::Xdp(_) if !kernel_at_least(5, 9) => needs.push(Need::new(
+                Capability::NetAdmin,
+                format!("to detach the XDP program from {iface} at exit"),
+            )),
+            _ => {}
+        }
+        // Before 6.5, kernel.unprivileged_bpf_disabled refuses every bpf() call, reads of
+        // existing maps included, to a process without CAP_BPF.
+        if !kernel_at_least(6, 5) && unprivileged_bpf_disabled() {
+            needs.push(Need::new(
+                Capability::Bpf,
+                format!("to read the kernel counters of {iface}"),
+            ));
+        }
+        needs
     }
 
     fn run(mut self: Box<Self>, mut batcher: Batcher) -> Result<()> {
@@ -681,9 +712,13 @@ pub(super) fn chain(e: &dyn std::error::Error) -> String {
 /// that the kernel may lack what the mode needs.
 fn kernel_refused(mode: &str, text: String) -> Error {
     if is_permission_error(&text) {
+        let caps = if mode == "afxdp" {
+            "CAP_NET_RAW, CAP_BPF, CAP_NET_ADMIN and CAP_IPC_LOCK"
+        } else {
+            "CAP_NET_RAW, CAP_BPF and CAP_NET_ADMIN"
+        };
         Error::runtime(format!(
-            "{text} (--mode {mode} needs CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_NET_RAW, \
-             or root; --mode pcap needs only CAP_NET_RAW)"
+            "{text} (--mode {mode} needs {caps}, or root; --mode pcap needs only CAP_NET_RAW)"
         ))
     } else {
         Error::runtime(format!(
@@ -691,6 +726,18 @@ fn kernel_refused(mode: &str, text: String) -> Error {
              without eBPF)"
         ))
     }
+}
+
+/// Whether the running kernel is at least `major.minor`; an unknown one counts as older,
+/// which at worst keeps a capability more.
+fn kernel_at_least(major: u8, minor: u8) -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(major, minor, 0))
+}
+
+/// kernel.unprivileged_bpf_disabled, taken as set when it cannot be read.
+fn unprivileged_bpf_disabled() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled")
+        .map_or(true, |v| v.trim() != "0")
 }
 
 fn is_loopback(iface: &str) -> bool {

@@ -1,0 +1,392 @@
+//! Authentication end to end, with the real programs on 127.0.0.1 (ports 4441-4449): mutual
+//! TLS set up with `receiver certs`, the shared token, and the receiver certificates a
+//! sensor must refuse. Every refused sensor exits 1 with one line saying what to do, and
+//! leaves nothing in the receiver's output: no packet, no interface.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use rcgen::{
+    date_time_ymd, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer,
+    KeyPair,
+};
+use testbed::capstream::{
+    pcapng_interfaces, receiver_sessions, tcpdump_records, PcapngInterface, Receiver, Record,
+    Scratch,
+};
+use testbed::{corpus_dir, run, workspace_bin};
+
+/// `args` followed by `more`.
+fn and<'a>(args: &[&'a str], more: &[&'a str]) -> Vec<&'a str> {
+    [args, more].concat()
+}
+
+fn arg(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn corpus() -> String {
+    arg(&corpus_dir().join("tcpdump-tests.pcap"))
+}
+
+/// What the sensors stream: the corpus's UDP packets.
+fn reference() -> Vec<Record> {
+    tcpdump_records(&corpus_dir().join("tcpdump-tests.pcap"), "udp").unwrap()
+}
+
+/// Runs a workspace program to its end (at most 60 s).
+fn run_bin(program: &str, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg("60")
+        .arg(workspace_bin(program))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `receiver certs ...`: must succeed; returns what it printed.
+fn certs(args: &[&str]) -> String {
+    run(
+        &arg(&workspace_bin("receiver")),
+        &[&["certs"][..], args].concat(),
+    )
+    .unwrap()
+}
+
+/// A receiver on 127.0.0.1:`port` writing `dir/<out>` as pcapng, with `args`.
+fn receiver(dir: &Scratch, port: u16, out: &str, args: &[&str]) -> (Receiver, PathBuf) {
+    let out = dir.join(out);
+    let out_arg = arg(&out);
+    let state = dir.join(&format!("state-{port}"));
+    let all = [&["--out", out_arg.as_str()][..], args].concat();
+    (Receiver::start(None, &state, port, &all).unwrap(), out)
+}
+
+/// A receiver like [`receiver`] presenting the certificate `receiver certs init` made in
+/// `pki`.
+fn pki_receiver(
+    dir: &Scratch,
+    port: u16,
+    out: &str,
+    pki: &str,
+    args: &[&str],
+) -> (Receiver, PathBuf) {
+    let (cert, key) = (file(pki, "receiver.crt"), file(pki, "receiver.key"));
+    receiver(
+        dir,
+        port,
+        out,
+        &and(&["--cert", &cert, "--key", &key], args),
+    )
+}
+
+/// `dir/name`.
+fn file(dir: &str, name: &str) -> String {
+    format!("{dir}/{name}")
+}
+
+/// A sensor streaming the corpus's UDP packets, which must deliver them all; returns its
+/// stderr.
+fn sensor_delivers(args: &[&str]) -> String {
+    let out = run_bin(
+        "sensor",
+        &[args, &["--read", &corpus(), "--bpf", "udp"]].concat(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "sensor {args:?} failed: {stderr}");
+    stderr
+}
+
+/// A sensor that must be refused: exit code 1 with one error line that contains `needle`,
+/// and no attempt to reconnect.
+fn sensor_refused(args: &[&str], needle: &str) -> String {
+    let out = run_bin(
+        "sensor",
+        &[args, &["--read", &corpus(), "--bpf", "udp"]].concat(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "sensor {args:?}: {stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("sensor: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "sensor {args:?}: one error line: {stderr}");
+    assert!(
+        errors[0].contains(needle),
+        "sensor {args:?}: should say {needle:?}: {stderr}"
+    );
+    assert!(
+        !stderr.contains("reconnecting") && !stderr.contains("retrying"),
+        "sensor {args:?}: a refusal is final: {stderr}"
+    );
+    stderr
+}
+
+/// Stops a receiver that refused everyone: its output holds no interface and no packet.
+fn stop_with_nothing_written(mut receiver: Receiver, out: &Path) -> String {
+    receiver.stop().unwrap();
+    let log = receiver.proc.stderr();
+    assert!(log.contains("receiver: 0 sensor session(s)"), "{log}");
+    let interfaces = pcapng_interfaces(out).unwrap();
+    assert!(interfaces.is_empty(), "{interfaces:?}");
+    log
+}
+
+/// The one interface of a receiver's output: its packets must be the reference's.
+fn only_interface(out: &Path) -> PcapngInterface {
+    let mut interfaces = pcapng_interfaces(out).unwrap();
+    assert_eq!(interfaces.len(), 1, "{interfaces:?}");
+    let only = interfaces.remove(0);
+    assert!(
+        only.records == reference(),
+        "{} packets",
+        only.records.len()
+    );
+    only
+}
+
+/// A certificate valid from January 1st of `from` to that of `to`, for `names`, signed by
+/// the CA in `pki` (or self-signed without one): writes `pki/<file>.crt` and `.key`.
+fn certificate(
+    pki: &Path,
+    file: &str,
+    names: &[&str],
+    usage: ExtendedKeyUsagePurpose,
+    (from, to): (i32, i32),
+    signed: bool,
+) -> (String, String) {
+    let mut params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, names[0]);
+    params.extended_key_usages = vec![usage];
+    params.not_before = date_time_ymd(from, 1, 1);
+    params.not_after = date_time_ymd(to, 1, 1);
+    let key = KeyPair::generate().unwrap();
+    let cert = if signed {
+        let read = |name: &str| std::fs::read_to_string(pki.join(name)).unwrap();
+        let ca_key = KeyPair::from_pem(&read("ca.key")).unwrap();
+        let ca = Issuer::from_ca_cert_pem(&read("ca.crt"), ca_key).unwrap();
+        params.signed_by(&key, &ca).unwrap()
+    } else {
+        params.self_signed(&key).unwrap()
+    };
+    let (crt, key_file) = (
+        pki.join(format!("{file}.crt")),
+        pki.join(format!("{file}.key")),
+    );
+    std::fs::write(&crt, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    (arg(&crt), arg(&key_file))
+}
+
+#[test]
+fn mutual_tls_from_receiver_certs_names_sensors_by_certificate_and_refuses_the_rest() {
+    let dir = Scratch::new("mtls").unwrap();
+    let (pki, other) = (dir.join("pki"), dir.join("other"));
+    let (pki_arg, other_arg) = (arg(&pki), arg(&other));
+    let printed = certs(&["init", "--dir", &pki_arg]);
+    assert!(
+        printed.contains("receiver --cert") && printed.contains("--client-ca"),
+        "{printed}"
+    );
+    let printed = certs(&["sensor", "tap-1", "--dir", &pki_arg]);
+    assert!(
+        printed.contains("--ca ca.crt --cert tap-1.crt --key tap-1.key"),
+        "{printed}"
+    );
+    certs(&["init", "--dir", &other_arg]);
+    certs(&["sensor", "tap-1", "--dir", &other_arg]);
+    let client = ExtendedKeyUsagePurpose::ClientAuth;
+    let (expired, expired_key) = certificate(
+        &pki,
+        "expired",
+        &["tap-1"],
+        client.clone(),
+        (2020, 2021),
+        true,
+    );
+    let (early, early_key) = certificate(&pki, "early", &["tap-1"], client, (2090, 2091), true);
+
+    let ca = file(&pki_arg, "ca.crt");
+    let (receiver, out) = pki_receiver(&dir, 4441, "mtls.pcapng", &pki_arg, &["--client-ca", &ca]);
+    let to = ["--receiver", "127.0.0.1:4441", "--ca", &ca];
+    let (tap, tap_key) = (file(&pki_arg, "tap-1.crt"), file(&pki_arg, "tap-1.key"));
+    let (stranger, stranger_key) = (file(&other_arg, "tap-1.crt"), file(&other_arg, "tap-1.key"));
+    sensor_refused(&to, "requires a client certificate: pass --cert and --key");
+    sensor_refused(
+        &and(&to, &["--cert", &stranger, "--key", &stranger_key]),
+        "not issued by the CA the receiver trusts",
+    );
+    sensor_refused(
+        &and(&to, &["--cert", &expired, "--key", &expired_key]),
+        "expired or not yet valid",
+    );
+    sensor_refused(
+        &and(&to, &["--cert", &early, "--key", &early_key]),
+        "expired or not yet valid",
+    );
+    // Mismatched files never reach the network.
+    let corpus = corpus();
+    let mismatched = run_bin(
+        "sensor",
+        &and(
+            &to,
+            &["--cert", &tap, "--key", &early_key, "--read", &corpus],
+        ),
+    );
+    assert_eq!(mismatched.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&mismatched.stderr).contains("is not the key of"));
+
+    // The id the sensor gives itself is data; its certificate names it.
+    sensor_delivers(&and(
+        &to,
+        &["--cert", &tap, "--key", &tap_key, "--sensor-id", "impostor"],
+    ));
+
+    let mut receiver = receiver;
+    receiver.stop().unwrap();
+    let log = receiver.proc.stderr();
+    assert!(
+        log.contains("127.0.0.1:") && log.contains(": refused: handshake failed"),
+        "{log}"
+    );
+    let sessions = receiver_sessions(&log);
+    assert_eq!(sessions.len(), 1, "{log}");
+    assert_eq!(sessions[0].sensor_id, "tap-1", "{log}");
+    let only = only_interface(&out);
+    assert!(only.name.starts_with("tap-1/"), "{}", only.name);
+    assert!(
+        only.description
+            .starts_with("sensor tap-1 (client certificate) on "),
+        "{}",
+        only.description
+    );
+}
+
+#[test]
+fn sensors_refuse_receivers_they_cannot_verify() {
+    let dir = Scratch::new("verify").unwrap();
+    let (pki, other) = (dir.join("pki"), dir.join("other"));
+    let (pki_arg, other_arg) = (arg(&pki), arg(&other));
+    certs(&["init", "--dir", &pki_arg]);
+    certs(&["init", "--dir", &other_arg]);
+    let ca = file(&pki_arg, "ca.crt");
+
+    let (real, real_out) = pki_receiver(&dir, 4442, "real.pcapng", &pki_arg, &[]);
+    // Another CA, another fingerprint.
+    let other_ca = file(&other_arg, "ca.crt");
+    sensor_refused(
+        &["--receiver", "127.0.0.1:4442", "--ca", &other_ca],
+        "is --ca the receiver's certificate, or the CA that signed it?",
+    );
+    let wrong = "00".repeat(32);
+    sensor_refused(
+        &["--receiver", "127.0.0.1:4442", "--fingerprint", &wrong],
+        "does not match --fingerprint",
+    );
+
+    // A man in the middle presents its own certificate (a receiver of its own, here) where
+    // the sensor expects the real one, whether trusted by CA or by fingerprint.
+    let (mitm, mitm_out) = receiver(&dir, 4443, "mitm.pcapng", &[]);
+    sensor_refused(&["--receiver", "127.0.0.1:4443", "--ca", &ca], "impostor");
+    sensor_refused(
+        &[
+            "--receiver",
+            "127.0.0.1:4443",
+            "--fingerprint",
+            &real.fingerprint,
+        ],
+        "does not match --fingerprint",
+    );
+    stop_with_nothing_written(mitm, &mitm_out);
+    stop_with_nothing_written(real, &real_out);
+
+    // A receiver certificate out of its dates.
+    let server = ExtendedKeyUsagePurpose::ServerAuth;
+    for (port, name, dates, needle) in [
+        (4444, "expired", (2020, 2021), "certificate expired"),
+        (4445, "early", (2090, 2091), "certificate not valid yet"),
+    ] {
+        let names = ["localhost", "127.0.0.1"];
+        let (crt, key) = certificate(&pki, name, &names, server.clone(), dates, false);
+        let (receiver, out) = receiver(
+            &dir,
+            port,
+            &format!("{port}.pcapng"),
+            &["--cert", &crt, "--key", &key],
+        );
+        let stderr = sensor_refused(
+            &["--receiver", &format!("127.0.0.1:{port}"), "--ca", &crt],
+            needle,
+        );
+        assert!(stderr.contains("check both clocks"), "{stderr}");
+        stop_with_nothing_written(receiver, &out);
+    }
+}
+
+#[test]
+fn a_shared_token_admits_only_the_sensors_that_know_it() {
+    let dir = Scratch::new("token").unwrap();
+    let secret = "jJ8w0lq3Vq9gH5vJr2yQm4c6Ue1tN7sK";
+    let write = |name: &str, content: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, content).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        arg(&path)
+    };
+    let token = write("token", &format!("{secret}\n"));
+    let wrong = write("wrong", "jJ8w0lq3Vq9gH5vJr2yQm4c6Ue1tN7sX\n");
+    let short = write("short", "tooshort\n");
+
+    // A token too short to be a secret stops the receiver at start.
+    let state = arg(&dir.join("state-short"));
+    let refused = run_bin(
+        "receiver",
+        &[
+            "--listen",
+            "127.0.0.1:4446",
+            "--state-dir",
+            &state,
+            "--token-file",
+            &short,
+            "--out",
+            &arg(&dir.join("never.pcapng")),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("fewer than the 16"), "{stderr}");
+
+    let (mut receiver, out) = receiver(&dir, 4447, "token.pcapng", &["--token-file", &token]);
+    let to = [
+        "--receiver",
+        "127.0.0.1:4447",
+        "--fingerprint",
+        receiver.fingerprint.as_str(),
+    ];
+    let needle = "wrong or missing token: pass --token-file";
+    sensor_refused(&to, needle);
+    let log = sensor_refused(&[&to[..], &["--token-file", &wrong]].concat(), needle);
+    assert!(!log.contains("jJ8w0l"), "{log}");
+    let log =
+        sensor_delivers(&[&to[..], &["--token-file", &token, "--sensor-id", "tok-1"]].concat());
+    assert!(!log.contains(secret), "{log}");
+
+    receiver.stop().unwrap();
+    let log = receiver.proc.stderr();
+    assert!(
+        !log.contains("jJ8w0l"),
+        "the receiver never logs a token: {log}"
+    );
+    assert!(
+        log.contains("127.0.0.1:") && log.contains(": refused: no token"),
+        "{log}"
+    );
+    let sessions = receiver_sessions(&log);
+    assert_eq!(sessions.len(), 1, "{log}");
+    assert_eq!(sessions[0].sensor_id, "tok-1");
+    only_interface(&out);
+}
