@@ -78,8 +78,9 @@ impl Drop for Tmpfs {
 /// Bytes available to an unprivileged writer on the file system holding `path`.
 pub fn available(path: &Path) -> Result<u64> {
     let c = CString::new(path.as_os_str().as_bytes())?;
-    // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid C string.
+    // SAFETY: statvfs is plain data; all-zero is a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs writes into the struct we own; `c` is a valid C string.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         bail!(
             "statvfs {}: {}",

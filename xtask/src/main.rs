@@ -34,8 +34,17 @@ enum Command {
     /// building bpf-linker first when missing); then rebuild the sensor.
     BuildEbpf,
     /// Measure capture throughput, loss, CPU and memory of every sensor mode beside
-    /// `tcpdump -w file` on the same traffic (root; a few minutes); see BENCHMARKS.md.
-    Bench,
+    /// `tcpdump -w file` and a tcpdump | socat TLS pipeline on the same traffic, and
+    /// streaming (`sensor --read`) beside that pipeline (root; several minutes); see
+    /// BENCHMARKS.md.
+    Bench {
+        /// Run one part only (both when not given).
+        #[arg(long, value_parser = ["capture", "streaming"])]
+        only: Option<String>,
+        /// Interleaved rounds per contestant; the tables show the median.
+        #[arg(long, default_value_t = bench::ROUNDS)]
+        rounds: usize,
+    },
     /// Run the cargo-fuzz targets (nightly; installs cargo-fuzz when missing), after
     /// writing their seed corpora; fails if any finds a crash. See fuzz/README.md.
     Fuzz {
@@ -60,7 +69,7 @@ fn main() {
         Command::Test => test::run(),
         Command::Setup => system::setup(),
         Command::BuildEbpf => ebpf::build(root()),
-        Command::Bench => bench::run(),
+        Command::Bench { only, rounds } => bench::run(only.as_deref(), rounds.max(1)),
         Command::Fuzz { seconds, targets } => fuzz::run(root(), seconds, &targets),
     };
     if let Err(e) = result {

@@ -9,6 +9,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libpcap-dev", "the sensor's libpcap backend"),
     ("tcpdump", "reference captures in the tests and the demo"),
     ("tcpreplay", "replaying traffic onto veth"),
+    (
+        "socat",
+        "the TLS tunnel of the benchmarks' tcpdump | TLS baseline",
+    ),
     ("tshark", "reading the output in the tests and the demo"),
     ("iproute2", "network namespaces and veth"),
     ("procps", "sysctl inside the test namespaces"),

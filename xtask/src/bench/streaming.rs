@@ -1,0 +1,385 @@
+//! Streaming: `sensor --read BIG.pcap` into a receiver on loopback, against the same file
+//! through `tcpdump -r BIG.pcap -U -w - | socat OPENSSL` into `socat OPENSSL-LISTEN > out`.
+//!
+//! Two files of about [`TARGET_BYTES`] of packet data: the shared corpus looped (realistic
+//! traffic), and Ethernet/IPv4/UDP frames of 1500 bytes with random payloads
+//! (incompressible). Contestants alternate within each round; figures are medians.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use testbed::capstream::{summary_figure, Receiver, Scratch};
+use testbed::Netns;
+
+use super::pipeline::{command_in, path_arg, start_tunnel, start_writer, wait_ok, TlsPair};
+use super::{children_cpu, count_records, median, usage};
+
+/// Packet data per file (captured bytes, without pcap headers).
+const TARGET_BYTES: u64 = 200_000_000;
+const RANDOM_FRAME: usize = 1500;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Who {
+    Sensor,
+    Pipeline,
+}
+
+impl Who {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Sensor => "sensor --read | receiver",
+            Self::Pipeline => "tcpdump -r | socat TLS -> socat > file",
+        }
+    }
+}
+
+/// One input file.
+struct Traffic {
+    label: &'static str,
+    path: PathBuf,
+    packets: u64,
+    bytes: u64,
+}
+
+/// One run's figures.
+#[derive(Debug, Clone, Copy, Default)]
+struct Run {
+    written: u64,
+    seconds: f64,
+    /// Raw batch bytes over wire bytes, from the sensor's summary; 1 for the pipeline.
+    ratio: f64,
+    /// CPU seconds of the sending side (sensor; tcpdump and socat) and of the writer.
+    sender_cpu: f64,
+    writer_cpu: f64,
+    writer_rss_kib: u64,
+}
+
+pub fn run(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
+    let corpus = testbed::corpus_dir().join("tcpdump-tests.pcap");
+    let files_dir = out_dir.join("streaming");
+    std::fs::create_dir_all(&files_dir)?;
+    let traffic = [
+        loop_corpus(&corpus, &files_dir.join("corpus-looped.pcap"))?,
+        random_frames(&files_dir.join("random-payload.pcap"))?,
+    ];
+    let ns = Netns::new("csbench")?;
+    let scratch = Scratch::new("bench-stream")?;
+    let tls = TlsPair::create(Some(&ns), &scratch)?;
+
+    let mut results: Vec<(&Traffic, Who, Vec<Run>)> = Vec::new();
+    for t in &traffic {
+        let mut runs = [Vec::new(), Vec::new()];
+        for round in 1..=rounds {
+            for (i, who) in [Who::Sensor, Who::Pipeline].into_iter().enumerate() {
+                eprintln!(
+                    "xtask: streaming {}, round {round}/{rounds}: {}",
+                    t.label,
+                    who.name()
+                );
+                let run = match who {
+                    Who::Sensor => sensor_run(&ns, t, ticks),
+                    Who::Pipeline => pipeline_run(&ns, &tls, t, ticks),
+                }
+                .with_context(|| format!("{} on {}", who.name(), t.label))?;
+                if run.written != t.packets {
+                    bail!(
+                        "{} wrote {} of {} packets of {}",
+                        who.name(),
+                        run.written,
+                        t.packets,
+                        t.label
+                    );
+                }
+                runs[i].push(run);
+            }
+        }
+        let [sensor, pipeline] = runs;
+        results.push((t, Who::Sensor, sensor));
+        results.push((t, Who::Pipeline, pipeline));
+    }
+    for t in &traffic {
+        let _ = std::fs::remove_file(&t.path);
+    }
+    let _ = std::fs::remove_dir(&files_dir);
+
+    println!("{}", table(&results, rounds));
+    let json = out_dir.join("streaming.json");
+    std::fs::write(&json, to_json(&results))?;
+    eprintln!("xtask: every streaming run in {}", json.display());
+    Ok(())
+}
+
+/// The sensor reads `t` and streams it to a receiver writing a pcap file; the time runs
+/// from the sensor's start to its exit, which waits for the receiver to acknowledge (have
+/// written) every batch.
+fn sensor_run(ns: &Netns, t: &Traffic, ticks: f64) -> Result<Run> {
+    let dir = Scratch::new("bench-stream-run")?;
+    let (mut receiver, out) = Receiver::writing(Some(ns), &dir, "out.pcap", &[])?;
+    let log = dir.join("sensor.log");
+    let (input, cert) = (path_arg(&t.path), path_arg(&receiver.cert));
+    let mut cmd = command_in(
+        Some(ns),
+        &testbed::workspace_bin("sensor").to_string_lossy(),
+    );
+    cmd.args([
+        "--read",
+        input.as_str(),
+        "--receiver",
+        receiver.addr.as_str(),
+        "--ca",
+        cert.as_str(),
+    ]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log)?);
+
+    let (receiver_before, _) = usage(receiver.proc.pid(), ticks)?;
+    let cpu_before = children_cpu(ticks)?;
+    let started = Instant::now();
+    let mut sensor = cmd.spawn().context("cannot start the sensor")?;
+    wait_ok(&mut sensor, "sensor", &log)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let sender_cpu = children_cpu(ticks)? - cpu_before;
+    let (receiver_after, writer_rss_kib) = usage(receiver.proc.pid(), ticks)?;
+    receiver.stop()?;
+
+    let summary = std::fs::read_to_string(&log)?;
+    let raw = summary_figure(&summary, ", raw bytes ")?;
+    let wire = summary_figure(&summary, ", wire bytes ")?;
+    let written = count_records(&out)?;
+    Ok(Run {
+        written,
+        seconds,
+        ratio: raw as f64 / wire.max(1) as f64,
+        sender_cpu,
+        writer_cpu: receiver_after - receiver_before,
+        writer_rss_kib,
+    })
+}
+
+/// `tcpdump -r FILE -U -w - | socat -u STDIN OPENSSL:...` into `socat -u OPENSSL-LISTEN:...
+/// STDOUT > out.pcap`; the time runs from tcpdump's start to the writer's exit.
+fn pipeline_run(ns: &Netns, tls: &TlsPair, t: &Traffic, ticks: f64) -> Result<Run> {
+    let dir = Scratch::new("bench-stream-run")?;
+    let out = dir.join("out.pcap");
+    let (writer_log, tunnel_log, tcpdump_log) = (
+        dir.join("writer.log"),
+        dir.join("tunnel.log"),
+        dir.join("tcpdump.log"),
+    );
+    let mut writer = start_writer(Some(ns), tls, &out, &writer_log)?;
+    let watch = super::watch_peak_rss(writer.id());
+    let input = path_arg(&t.path);
+
+    let cpu_before = children_cpu(ticks)?;
+    let started = Instant::now();
+    let mut tcpdump = command_in(Some(ns), "tcpdump")
+        .args(["-r", input.as_str(), "-Z", "root", "-U", "-w", "-"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(File::create(&tcpdump_log)?)
+        .spawn()
+        .context("cannot start tcpdump")?;
+    let pipe = tcpdump.stdout.take().context("tcpdump's stdout")?;
+    let mut tunnel = start_tunnel(Some(ns), tls, Stdio::from(pipe), &tunnel_log)?;
+    wait_ok(&mut writer, "socat (writer)", &writer_log)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let writer_cpu = children_cpu(ticks)? - cpu_before;
+    wait_ok(&mut tcpdump, "tcpdump", &tcpdump_log)?;
+    wait_ok(&mut tunnel, "socat (tunnel)", &tunnel_log)?;
+    let sender_cpu = children_cpu(ticks)? - cpu_before - writer_cpu;
+
+    Ok(Run {
+        written: count_records(&out)?,
+        seconds,
+        ratio: 1.0,
+        sender_cpu,
+        writer_cpu,
+        writer_rss_kib: watch.join().unwrap_or(0),
+    })
+}
+
+/// The corpus's records again and again until [`TARGET_BYTES`] of packet data, with
+/// timestamps rising 1 µs per packet.
+fn loop_corpus(corpus: &Path, path: &Path) -> Result<Traffic> {
+    let bytes = std::fs::read(corpus).with_context(|| {
+        format!(
+            "cannot read {}: the shared corpus must sit beside the repository",
+            corpus.display()
+        )
+    })?;
+    if bytes.get(..4) != Some(&[0xd4, 0xc3, 0xb2, 0xa1][..]) {
+        bail!(
+            "{} is not a little-endian microsecond pcap",
+            corpus.display()
+        );
+    }
+    let link_type = u32::from_le_bytes(bytes[20..24].try_into()?);
+    let mut frames: Vec<&[u8]> = Vec::new();
+    let mut at = 24;
+    while at + 16 <= bytes.len() {
+        let captured = u32::from_le_bytes(bytes[at + 8..at + 12].try_into()?) as usize;
+        let frame = bytes
+            .get(at + 16..at + 16 + captured)
+            .context("truncated corpus record")?;
+        frames.push(frame);
+        at += 16 + captured;
+    }
+    let mut writer = PcapWriter::create(path, link_type)?;
+    while writer.bytes < TARGET_BYTES {
+        for frame in &frames {
+            writer.record(frame)?;
+        }
+    }
+    writer.finish("corpus (looped)")
+}
+
+/// Ethernet/IPv4/UDP frames of [`RANDOM_FRAME`] bytes whose payload is pseudo-random
+/// (xorshift), up to [`TARGET_BYTES`] of packet data.
+fn random_frames(path: &Path) -> Result<Traffic> {
+    let mut frame = super::udp_frame(RANDOM_FRAME, [0x02, 0, 0, 0, 0, 2])?;
+    let mut writer = PcapWriter::create(path, 1)?;
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    while writer.bytes < TARGET_BYTES {
+        for chunk in frame[42..].chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+        }
+        writer.record(&frame)?;
+    }
+    writer.finish("random payloads")
+}
+
+/// A classic little-endian microsecond pcap written record by record.
+struct PcapWriter {
+    path: PathBuf,
+    out: std::io::BufWriter<File>,
+    packets: u64,
+    bytes: u64,
+}
+
+impl PcapWriter {
+    fn create(path: &Path, link_type: u32) -> Result<Self> {
+        use std::io::Write as _;
+        let file =
+            File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        out.write_all(&super::pcap_header(262_144, link_type))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            out,
+            packets: 0,
+            bytes: 0,
+        })
+    }
+
+    fn record(&mut self, frame: &[u8]) -> Result<()> {
+        use std::io::Write as _;
+        let len = u32::try_from(frame.len())?;
+        let secs = u32::try_from(self.packets / 1_000_000)?;
+        let usecs = u32::try_from(self.packets % 1_000_000)?;
+        for word in [secs, usecs, len, len] {
+            self.out.write_all(&word.to_le_bytes())?;
+        }
+        self.out.write_all(frame)?;
+        self.packets += 1;
+        self.bytes += u64::from(len);
+        Ok(())
+    }
+
+    fn finish(self, label: &'static str) -> Result<Traffic> {
+        use std::io::Write as _;
+        let Self {
+            path,
+            mut out,
+            packets,
+            bytes,
+        } = self;
+        out.flush()?;
+        Ok(Traffic {
+            label,
+            path,
+            packets,
+            bytes,
+        })
+    }
+}
+
+fn table(results: &[(&Traffic, Who, Vec<Run>)], rounds: usize) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nStreaming a file to a writer on loopback, median of {rounds} interleaved rounds\n"
+    );
+    let _ = writeln!(
+        out,
+        "| traffic | who | packets | packet data MB | seconds | MB/s | compression ratio | sender CPU s | writer CPU s | writer peak RSS MiB |"
+    );
+    let _ = writeln!(
+        out,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    let mut verdicts = String::new();
+    let mut rates: Vec<f64> = Vec::new();
+    for (t, who, runs) in results {
+        let pick = |f: &dyn Fn(&Run) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
+        let mb = t.bytes as f64 / 1e6;
+        let rate = pick(&|r| mb / r.seconds);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {mb:.0} | {:.2} | {rate:.0} | {:.2} | {:.2} | {:.2} | {:.1} |",
+            t.label,
+            super::cell(who.name()),
+            t.packets,
+            pick(&|r| r.seconds),
+            pick(&|r| r.ratio),
+            pick(&|r| r.sender_cpu),
+            pick(&|r| r.writer_cpu),
+            pick(&|r| r.writer_rss_kib as f64) / 1024.0,
+        );
+        rates.push(rate);
+        if *who == Who::Pipeline {
+            let sensor = rates[rates.len() - 2];
+            let x = sensor / rate;
+            let _ = writeln!(
+                verdicts,
+                "- {}: sensor {sensor:.0} MB/s, pipeline {rate:.0} MB/s: {x:.2}x (target 2x: {})",
+                t.label,
+                if x >= 2.0 { "met" } else { "missed" }
+            );
+        }
+    }
+    out.push('\n');
+    out.push_str(&verdicts);
+    out
+}
+
+fn to_json(results: &[(&Traffic, Who, Vec<Run>)]) -> String {
+    super::json_array(results.iter().flat_map(|(t, who, runs)| {
+        runs.iter().map(move |run| {
+            format!(
+                "{{\"traffic\": \"{}\", \"who\": \"{}\", \"packets\": {}, \"packet_bytes\": {}, \
+                 \"written\": {}, \"seconds\": {:.3}, \"mb_per_s\": {:.1}, \
+                 \"compression_ratio\": {:.3}, \"sender_cpu_s\": {:.3}, \"writer_cpu_s\": {:.3}, \
+                 \"writer_peak_rss_kib\": {}}}",
+                t.label,
+                who.name(),
+                t.packets,
+                t.bytes,
+                run.written,
+                run.seconds,
+                t.bytes as f64 / 1e6 / run.seconds,
+                run.ratio,
+                run.sender_cpu,
+                run.writer_cpu,
+                run.writer_rss_kib
+            )
+        })
+    }))
+}
