@@ -70,7 +70,16 @@ pub struct BatchBuilder {
     target_len: usize,
     compressed: Vec<u8>,
     encoder: snap::raw::Encoder,
+    /// Batches still to send without trying Snappy, after recent ones did not shrink.
+    skip_compression: u32,
+    /// How many to skip after the next batch that does not shrink: doubles while the
+    /// traffic stays incompressible, so trying costs little on encrypted or random payloads.
+    skip_after_miss: u32,
 }
+
+/// Most batches sent stored, without trying Snappy, between two tries on traffic that
+/// does not compress.
+const MAX_COMPRESSION_SKIP: u32 = 32;
 
 impl BatchBuilder {
     /// `target_len` is the record-stream size at which [`Self::is_ready`] says to send.
@@ -82,6 +91,8 @@ impl BatchBuilder {
             target_len,
             compressed: Vec::new(),
             encoder: snap::raw::Encoder::new(),
+            skip_compression: 0,
+            skip_after_miss: 1,
         }
     }
 
@@ -125,16 +136,34 @@ impl BatchBuilder {
     }
 
     /// Encodes the accumulated packets as one batch frame and empties the builder.
-    /// The body is stored uncompressed when Snappy would not make it smaller.
+    ///
+    /// The body is stored uncompressed when Snappy would not make it at least an eighth
+    /// smaller: the receiver's decompression would cost more than the bytes saved. After
+    /// such a batch, the next 1, 2, 4 ... up to 32 batches are stored without trying.
     pub fn finish(&mut self, session_id: u64, sequence: u64, interface_id: u16) -> EncodedBatch {
         let raw_len = self.records.len();
-        self.compressed
-            .resize(snap::raw::max_compress_len(raw_len), 0);
-        let (encoding, body): (BatchEncoding, &[u8]) =
+        let compressed_len = if self.skip_compression > 0 {
+            self.skip_compression -= 1;
+            None
+        } else {
+            self.compressed
+                .resize(snap::raw::max_compress_len(raw_len), 0);
             match self.encoder.compress(&self.records, &mut self.compressed) {
-                Ok(n) if n < raw_len => (BatchEncoding::Snappy, &self.compressed[..n]),
-                _ => (BatchEncoding::Stored, &self.records),
-            };
+                Ok(n) if n < raw_len - raw_len / 8 => {
+                    self.skip_after_miss = 1;
+                    Some(n)
+                }
+                _ => {
+                    self.skip_compression = self.skip_after_miss;
+                    self.skip_after_miss = (self.skip_after_miss * 2).min(MAX_COMPRESSION_SKIP);
+                    None
+                }
+            }
+        };
+        let (encoding, body): (BatchEncoding, &[u8]) = match compressed_len {
+            Some(n) => (BatchEncoding::Snappy, &self.compressed[..n]),
+            None => (BatchEncoding::Stored, &self.records),
+        };
         let mut frame = BytesMut::with_capacity(Batch::HEADER_LEN + body.len());
         frame.put_u8(MessageType::Batch as u8);
         frame.put_u32((Batch::HEADER_LEN - crate::FRAME_HEADER_LEN + body.len()) as u32);
@@ -171,10 +200,12 @@ impl Batch {
             }
             BatchEncoding::Snappy => decompress(&self.body)?,
         };
-        validate_records(&records, self.packet_count)?;
+        let summary = validate_records(&records, self.packet_count)?;
         Ok(PacketIter {
             records,
             remaining: self.packet_count,
+            newest: summary.newest,
+            data_len: summary.data_len,
         })
     }
 }
@@ -197,8 +228,18 @@ fn decompress(body: &[u8]) -> Result<Bytes, DecodeError> {
     Ok(Bytes::from(out))
 }
 
-fn validate_records(mut records: &[u8], expected: u32) -> Result<(), DecodeError> {
+/// What validating a record stream learns on the way.
+struct RecordsSummary {
+    newest: Option<u64>,
+    data_len: usize,
+}
+
+fn validate_records(mut records: &[u8], expected: u32) -> Result<RecordsSummary, DecodeError> {
     let mut count: u32 = 0;
+    let mut summary = RecordsSummary {
+        newest: None,
+        data_len: 0,
+    };
     while !records.is_empty() {
         if records.len() < RECORD_HEADER_LEN {
             return Err(DecodeError::Truncated {
@@ -229,6 +270,9 @@ fn validate_records(mut records: &[u8], expected: u32) -> Result<(), DecodeError
                 needed: total - records.len(),
             });
         }
+        let timestamp_ns = u64::from_be_bytes(records[..8].try_into().expect("8 bytes"));
+        summary.newest = Some(summary.newest.map_or(timestamp_ns, |n| n.max(timestamp_ns)));
+        summary.data_len += captured_len as usize;
         records = &records[total..];
         count += 1;
         if count > expected {
@@ -241,13 +285,15 @@ fn validate_records(mut records: &[u8], expected: u32) -> Result<(), DecodeError
             value: expected.into(),
         });
     }
-    Ok(())
+    Ok(summary)
 }
 
 /// Iterates over a validated batch's packets.
 pub struct PacketIter {
     records: Bytes,
     remaining: u32,
+    newest: Option<u64>,
+    data_len: usize,
 }
 
 impl PacketIter {
@@ -255,6 +301,16 @@ impl PacketIter {
     /// `next`.
     pub fn records_len(&self) -> usize {
         self.records.len()
+    }
+
+    /// The highest timestamp in the batch (`None` if it holds no packet).
+    pub fn newest(&self) -> Option<u64> {
+        self.newest
+    }
+
+    /// Captured bytes of the batch's packets, without record headers.
+    pub fn data_len(&self) -> usize {
+        self.data_len
     }
 }
 

@@ -100,7 +100,7 @@ impl std::fmt::Debug for AuthToken {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum BatchEncoding {
-    /// Sent as is: compression would not have made it smaller.
+    /// Sent as is: compression would not have saved enough, or was not tried.
     Stored = 0,
     /// Snappy raw format (`snap::raw`).
     Snappy = 1,

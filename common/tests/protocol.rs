@@ -124,6 +124,49 @@ fn incompressible_batches_are_stored() {
     assert_eq!(batch.packets().unwrap().next().unwrap().data[..], noise[..]);
 }
 
+/// After a batch that does not shrink, the next 1, 2, 4 ... batches are stored without
+/// trying; a batch that does shrink ends the skipping.
+#[test]
+fn compression_is_skipped_while_traffic_does_not_compress() {
+    let mut x: u32 = 7;
+    let mut noise = || -> Vec<u8> {
+        (0..1400)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    };
+    let zeros = [0u8; 1400];
+    let mut builder = BatchBuilder::new(1);
+    let mut encoding_of = |data: &[u8], sequence: u64| {
+        let _ = builder.push(1, 1400, Direction::Unknown, data);
+        let encoded = builder.finish(1, sequence, 0);
+        match decode_one(&encoded.frame).unwrap() {
+            Some(Message::Batch(batch)) => batch.encoding,
+            other => panic!("not a batch: {other:?}"),
+        }
+    };
+    use BatchEncoding::{Snappy, Stored};
+    // Noise (tried, stored), zeros skipped once, zeros tried and compressed.
+    assert_eq!(encoding_of(&noise(), 1), Stored);
+    assert_eq!(encoding_of(&zeros, 2), Stored);
+    assert_eq!(encoding_of(&zeros, 3), Snappy);
+    // Misses at 4, 6 and 9: after each, skip 1, then 2, then 4 batches.
+    for sequence in 4..10 {
+        let data = noise();
+        assert_eq!(encoding_of(&data, sequence), Stored);
+    }
+    let skipped_zeros: Vec<_> = (10..14).map(|s| encoding_of(&zeros, s)).collect();
+    assert_eq!(
+        skipped_zeros, [Stored; 4],
+        "skipped after the third miss in a row"
+    );
+    assert_eq!(encoding_of(&zeros, 14), Snappy);
+}
+
 #[test]
 fn builder_refuses_past_the_body_limit() {
     let mut builder = BatchBuilder::new(MAX_BATCH_BODY);

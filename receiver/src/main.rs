@@ -168,7 +168,7 @@ fn listen(
     config: quinn::ServerConfig,
     reset_key: ring::hmac::Key,
 ) -> std::io::Result<quinn::Endpoint> {
-    let socket = std::net::UdpSocket::bind(addr)?;
+    let socket = udp_socket(addr)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
     let mut endpoint_config = quinn::EndpointConfig::new(std::sync::Arc::new(reset_key));
@@ -176,6 +176,36 @@ fn listen(
     // which makes a restarted receiver ignore, rather than reset, its predecessor's.
     endpoint_config.cid_generator(|| Box::new(RandomCids));
     quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
+}
+
+/// What the UDP receive buffer is asked to hold: bursts from many sensors arrive faster
+/// than one thread takes them in, and a datagram the kernel drops costs a retransmission
+/// and halves that sensor's sending rate.
+const UDP_RECEIVE_BUFFER: usize = 8 << 20;
+
+fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // As std binds it: `[::]` takes IPv4 too where the system allows.
+        let _ = socket.set_only_v6(false);
+    }
+    // The kernel caps the size at net.core.rmem_max; a smaller buffer still works.
+    if let Err(e) = socket.set_recv_buffer_size(UDP_RECEIVE_BUFFER) {
+        tracing::debug!("cannot set the UDP receive buffer: {e}");
+    }
+    // Linux reports twice what it grants (the bookkeeping share).
+    let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
+    if granted < UDP_RECEIVE_BUFFER / 4 {
+        tracing::info!(
+            "the UDP receive buffer is {} KiB; with many sensors or fast ones, raise \
+             net.core.rmem_max to {} (sysctl) so that bursts are not dropped",
+            granted / 1024,
+            UDP_RECEIVE_BUFFER
+        );
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Connection ids of 8 random bytes.

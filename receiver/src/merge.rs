@@ -5,67 +5,83 @@
 //! merged by their running-maximum timestamp, ties broken by arrival: a source's own order
 //! is kept as captured (even where its clock stepped back), and sources interleave by time.
 //! A held packet is safe to write once every source has sent something at least as new (the
-//! low watermark, as in a k-way merge); a source that has sent nothing yet holds the others. A quiet or slow source must not hold the others back for ever, so a packet
-//! also goes out once it has waited the reorder window, or when held data passes a memory
-//! bound. Packets written after a newer one went out are counted as late.
+//! low watermark, as in a k-way merge); a source that has sent nothing yet holds the others.
+//! A quiet or slow source must not hold the others back for ever, so a packet also goes out
+//! once it has waited the reorder window, or when held data passes a memory bound. Packets
+//! written after a newer one went out are counted as late.
+//!
+//! Since a source's merge keys never decrease, each source keeps its batches as they came
+//! and only its next packet is in the heap: a packet costs a heap step among sources, not
+//! among every packet held, and per-batch bookkeeping happens once per batch.
 //!
 //! No I/O of its own: it writes to the [`Sink`] it is given and reports acknowledgements as
 //! values, so tests drive it with plain calls.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::io;
+use std::iter::Peekable;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use common::{Direction, PacketIter};
+use common::PacketIter;
 
 use crate::sink::{OutPacket, Sink};
 
 pub type SessionId = u64;
 
-struct Held {
+/// A source's next packet, as the heap orders sources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Head {
     /// The source's running-maximum timestamp at this packet: the merge key.
     key: u64,
-    timestamp_ns: u64,
     /// Arrival order: ties in time keep the order they came in.
     order: u64,
-    arrived: Instant,
-    session: SessionId,
-    sequence: u64,
-    /// The output interface, and the sensor's own id for it.
-    interface: u32,
-    interface_id: u16,
-    original_len: u32,
-    direction: Direction,
-    data: Bytes,
+    source: usize,
 }
 
-impl PartialEq for Held {
-    fn eq(&self, other: &Self) -> bool {
-        (self.key, self.order) == (other.key, other.order)
-    }
+/// A batch whose packets are not all written yet.
+struct HeldBatch {
+    sequence: u64,
+    arrived: Instant,
+    /// Arrival order of the next packet.
+    order: u64,
+    packets: Peekable<PacketIter>,
 }
-impl Eq for Held {}
-impl PartialOrd for Held {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
+
+/// One interface of one sensor.
+struct Source {
+    session: SessionId,
+    /// The output interface.
+    interface: u32,
+    /// Running-maximum timestamp of what was taken in: the source sends nothing older.
+    newest: Option<u64>,
+    /// Merge key of the last packet written: the next key continues its running maximum.
+    written_key: Option<u64>,
+    batches: VecDeque<HeldBatch>,
+    written: Written,
 }
-impl Ord for Held {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.key, self.order).cmp(&(other.key, other.order))
+
+impl Source {
+    /// The next packet's place in the merge, if the source holds one.
+    fn head(&mut self, index: usize) -> Option<Head> {
+        let batch = self.batches.front_mut()?;
+        let timestamp_ns = batch.packets.peek()?.timestamp_ns;
+        Some(Head {
+            key: self
+                .written_key
+                .map_or(timestamp_ns, |k| k.max(timestamp_ns)),
+            order: batch.order,
+            source: index,
+        })
     }
 }
 
 /// What the merge knows of one connected sensor.
 struct Session {
-    /// Output interface index for each of the sensor's interface ids.
-    interfaces: Vec<u32>,
-    /// Running-maximum timestamp per interface; `None` until it sends a packet.
-    newest: Vec<Option<u64>>,
-    /// Packets of each batch not yet written.
-    pending: HashMap<u64, u32>,
+    /// Source index for each of the sensor's interface ids.
+    sources: Vec<usize>,
+    /// Batches taken in whose packets are not all written.
+    held_batches: usize,
     /// Batches written, above the contiguous `acked`.
     done: BTreeSet<u64>,
     acked: u64,
@@ -75,9 +91,6 @@ struct Session {
     received: Option<u64>,
     /// Away or leaving: it sends nothing for now, so it does not hold the others back.
     idle: bool,
-    written: Written,
-    /// Packets written, by the sensor's interface id.
-    written_by_interface: Vec<u64>,
 }
 
 /// Per-session totals for the exit summary.
@@ -90,10 +103,23 @@ pub struct Written {
     pub forced: u64,
 }
 
+impl std::ops::AddAssign for Written {
+    fn add_assign(&mut self, other: Self) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.late += other.late;
+        self.forced += other.forced;
+    }
+}
+
 pub struct Merge {
     window: Duration,
     max_held_bytes: usize,
-    heap: BinaryHeap<Reverse<Held>>,
+    /// The next packet of every source that holds one.
+    heads: BinaryHeap<Reverse<Head>>,
+    /// Indexed by source; `None` where a removed session's source was.
+    sources: Vec<Option<Source>>,
+    free_sources: Vec<usize>,
     held_bytes: usize,
     next_order: u64,
     /// Merge key of the last packet written.
@@ -106,7 +132,9 @@ impl Merge {
         Self {
             window,
             max_held_bytes,
-            heap: BinaryHeap::new(),
+            heads: BinaryHeap::new(),
+            sources: Vec::new(),
+            free_sources: Vec::new(),
             held_bytes: 0,
             next_order: 0,
             last_written_key: 0,
@@ -117,20 +145,39 @@ impl Merge {
     /// A sensor joined; `interfaces` maps its interface ids to output interfaces. `resume`:
     /// every batch up to it was delivered before (by an earlier session here).
     pub fn add_session(&mut self, id: SessionId, interfaces: Vec<u32>, resume: Option<u64>) {
-        let n = interfaces.len();
+        let sources = interfaces
+            .into_iter()
+            .map(|interface| {
+                let source = Source {
+                    session: id,
+                    interface,
+                    newest: None,
+                    written_key: None,
+                    batches: VecDeque::new(),
+                    written: Written::default(),
+                };
+                match self.free_sources.pop() {
+                    Some(index) => {
+                        self.sources[index] = Some(source);
+                        index
+                    }
+                    None => {
+                        self.sources.push(Some(source));
+                        self.sources.len() - 1
+                    }
+                }
+            })
+            .collect();
         self.sessions.insert(
             id,
             Session {
-                interfaces,
-                newest: vec![None; n],
-                pending: HashMap::new(),
+                sources,
+                held_batches: 0,
                 done: BTreeSet::new(),
                 acked: resume.unwrap_or(0),
                 ack_changed: false,
                 received: resume,
                 idle: false,
-                written: Written::default(),
-                written_by_interface: vec![0; n],
             },
         );
     }
@@ -153,54 +200,50 @@ impl Merge {
             s.acked = sequence.saturating_sub(1);
         }
         s.received = Some(sequence);
-        let idx = usize::from(interface_id);
-        let (Some(&interface), Some(newest)) = (s.interfaces.get(idx), s.newest.get_mut(idx))
-        else {
+        let Some(&index) = s.sources.get(usize::from(interface_id)) else {
             return;
         };
-        let count = packets.len() as u32;
-        for p in packets {
-            let key = newest.map_or(p.timestamp_ns, |n| n.max(p.timestamp_ns));
-            *newest = Some(key);
-            self.held_bytes += p.data.len();
-            self.heap.push(Reverse(Held {
-                key,
-                timestamp_ns: p.timestamp_ns,
-                order: self.next_order,
-                arrived: now,
-                session,
-                sequence,
-                interface,
-                interface_id,
-                original_len: p.original_len,
-                direction: p.direction,
-                data: p.data,
-            }));
-            self.next_order += 1;
-        }
-        if count == 0 {
+        let Some(newest) = packets.newest() else {
             s.mark_done(sequence);
-        } else {
-            s.pending.insert(sequence, count);
+            return;
+        };
+        let Some(source) = self.sources.get_mut(index).and_then(Option::as_mut) else {
+            return;
+        };
+        s.held_batches += 1;
+        source.newest = Some(source.newest.map_or(newest, |n| n.max(newest)));
+        self.held_bytes += packets.data_len();
+        let order = self.next_order;
+        self.next_order += packets.len() as u64;
+        let was_empty = source.batches.is_empty();
+        source.batches.push_back(HeldBatch {
+            sequence,
+            arrived: now,
+            order,
+            packets: packets.peekable(),
+        });
+        if was_empty {
+            if let Some(head) = source.head(index) {
+                self.heads.push(Reverse(head));
+            }
         }
     }
 
     /// Writes every held packet that may go out now.
     pub fn release(&mut self, now: Instant, sink: &mut dyn Sink) -> io::Result<()> {
         let watermark = self.watermark();
-        while let Some(Reverse(top)) = self.heap.peek() {
-            let due = self.is_due(top, watermark, now);
+        while let Some(&Reverse(head)) = self.heads.peek() {
+            let due = watermark.is_some_and(|w| head.key <= w)
+                || self.sources[head.source]
+                    .as_ref()
+                    .and_then(|s| s.batches.front())
+                    .is_none_or(|b| now.saturating_duration_since(b.arrived) >= self.window);
             if !due && self.held_bytes <= self.max_held_bytes {
                 break;
             }
-            self.write_top(sink, !due)?;
+            self.write_next(head, sink, !due)?;
         }
         Ok(())
-    }
-
-    fn is_due(&self, p: &Held, watermark: Option<u64>, now: Instant) -> bool {
-        watermark.is_some_and(|w| p.key <= w)
-            || now.saturating_duration_since(p.arrived) >= self.window
     }
 
     /// Whether the sensor is sending (connected). One that is not no longer holds the
@@ -221,27 +264,32 @@ impl Merge {
     pub fn written_on(&self, session: SessionId, interface_id: u16) -> u64 {
         self.sessions
             .get(&session)
-            .and_then(|s| s.written_by_interface.get(usize::from(interface_id)))
-            .copied()
-            .unwrap_or(0)
+            .and_then(|s| s.sources.get(usize::from(interface_id)))
+            .and_then(|&index| self.sources[index].as_ref())
+            .map_or(0, |source| source.written.packets)
     }
 
     /// Whether every batch the session sent has been written.
     pub fn is_written(&self, session: SessionId) -> bool {
         self.sessions
             .get(&session)
-            .is_none_or(|s| s.pending.is_empty())
+            .is_none_or(|s| s.held_batches == 0)
     }
 
     /// Forgets a session once it is written.
     pub fn remove_session(&mut self, session: SessionId) {
-        self.sessions.remove(&session);
+        if let Some(s) = self.sessions.remove(&session) {
+            for index in s.sources {
+                self.sources[index] = None;
+                self.free_sources.push(index);
+            }
+        }
     }
 
     /// Writes everything held: at shutdown.
     pub fn drain_all(&mut self, sink: &mut dyn Sink) -> io::Result<()> {
-        while !self.heap.is_empty() {
-            self.write_top(sink, false)?;
+        while let Some(&Reverse(head)) = self.heads.peek() {
+            self.write_next(head, sink, false)?;
         }
         Ok(())
     }
@@ -262,14 +310,25 @@ impl Merge {
     }
 
     pub fn written(&self, session: SessionId) -> Written {
-        self.sessions
-            .get(&session)
-            .map_or_else(Written::default, |s| s.written)
+        let mut total = Written::default();
+        if let Some(s) = self.sessions.get(&session) {
+            for &index in &s.sources {
+                if let Some(source) = &self.sources[index] {
+                    total += source.written;
+                }
+            }
+        }
+        total
     }
 
     #[cfg(test)]
     pub fn held_packets(&self) -> usize {
-        self.heap.len()
+        self.sources
+            .iter()
+            .flatten()
+            .flat_map(|s| &s.batches)
+            .map(|b| b.packets.len())
+            .sum()
     }
 
     /// The lowest running-maximum timestamp over the sources still sending: none of them
@@ -279,44 +338,64 @@ impl Merge {
     fn watermark(&self) -> Option<u64> {
         let mut low = u64::MAX;
         for s in self.sessions.values().filter(|s| !s.idle) {
-            for newest in &s.newest {
-                low = low.min((*newest)?);
+            for &index in &s.sources {
+                if let Some(source) = &self.sources[index] {
+                    low = low.min(source.newest?);
+                }
             }
         }
         Some(low)
     }
 
-    fn write_top(&mut self, sink: &mut dyn Sink, forced: bool) -> io::Result<()> {
-        let Some(Reverse(p)) = self.heap.pop() else {
+    /// Writes the packet `head` (the heap's top) and puts its source's next one in its place.
+    fn write_next(&mut self, head: Head, sink: &mut dyn Sink, forced: bool) -> io::Result<()> {
+        let Some(source) = self.sources[head.source].as_mut() else {
+            self.heads.pop();
             return Ok(());
         };
-        self.held_bytes -= p.data.len();
+        let Some(batch) = source.batches.front_mut() else {
+            self.heads.pop();
+            return Ok(());
+        };
+        let Some(p) = batch.packets.next() else {
+            self.heads.pop();
+            return Ok(());
+        };
+        batch.order += 1;
         sink.write_packet(&OutPacket {
-            interface: p.interface,
+            interface: source.interface,
             timestamp_ns: p.timestamp_ns,
             original_len: p.original_len,
             direction: p.direction,
             data: &p.data,
         })?;
-        let late = p.key < self.last_written_key;
+        self.held_bytes -= p.data.len();
+        let late = head.key < self.last_written_key;
         if !late {
-            self.last_written_key = p.key;
+            self.last_written_key = head.key;
         }
-        // A session is removed only once all its packets are written, so it is here.
-        if let Some(s) = self.sessions.get_mut(&p.session) {
-            s.written.packets += 1;
-            s.written.bytes += p.data.len() as u64;
-            s.written.forced += u64::from(forced);
-            s.written.late += u64::from(late);
-            if let Some(n) = s.written_by_interface.get_mut(usize::from(p.interface_id)) {
-                *n += 1;
+        source.written_key = Some(head.key);
+        source.written.packets += 1;
+        source.written.bytes += p.data.len() as u64;
+        source.written.forced += u64::from(forced);
+        source.written.late += u64::from(late);
+        if batch.packets.peek().is_none() {
+            let sequence = batch.sequence;
+            source.batches.pop_front();
+            // A session is removed only once all its packets are written, so it is here.
+            if let Some(s) = self.sessions.get_mut(&source.session) {
+                s.held_batches -= 1;
+                s.mark_done(sequence);
             }
-            if let Some(left) = s.pending.get_mut(&p.sequence) {
-                *left -= 1;
-                if *left == 0 {
-                    s.pending.remove(&p.sequence);
-                    s.mark_done(p.sequence);
+        }
+        match source.head(head.source) {
+            Some(next) => {
+                if let Some(mut top) = self.heads.peek_mut() {
+                    *top = Reverse(next);
                 }
+            }
+            None => {
+                self.heads.pop();
             }
         }
         Ok(())
@@ -337,7 +416,7 @@ impl Session {
 mod tests {
     use super::*;
     use crate::sink::{Sink, SinkInterface};
-    use common::{BatchBuilder, InterfaceStats, Message};
+    use common::{BatchBuilder, Direction, InterfaceStats, Message};
 
     /// Records what would be written.
     #[derive(Default)]

@@ -129,9 +129,10 @@ impl Write for Committed {
         }
         self.committed += self.pending.len() as u64;
         self.pending.clear();
-        if self.pending.capacity() > 8 << 20 {
-            // A burst grew it; give the memory back.
-            self.pending.shrink_to(1 << 20);
+        if self.pending.capacity() > 64 << 20 {
+            // A burst grew it past a few writer rounds' worth; give the memory back. Not
+            // sooner: growing it again each round costs a page fault per 4 KiB.
+            self.pending.shrink_to(8 << 20);
         }
         Ok(())
     }
