@@ -270,11 +270,12 @@ impl Format {
 impl Cli {
     pub fn format(&self) -> Format {
         let out = self.out_path();
-        self.format
-            .unwrap_or_else(|| match out.and_then(|o| o.extension()).and_then(|e| e.to_str()) {
+        self.format.unwrap_or_else(|| {
+            match out.and_then(|o| o.extension()).and_then(|e| e.to_str()) {
                 Some(ext) if ext.eq_ignore_ascii_case("pcapng") => Format::Pcapng,
                 _ => Format::Pcap,
-            })
+            }
+        })
     }
 
     /// The file or pipe to write: --out, else capture.pcap unless the live stream is the
@@ -293,7 +294,11 @@ impl Cli {
         let splitting = self.split_by.is_some();
         let file = self.out_path().filter(|o| o.as_os_str() != "-");
         if (rotating || splitting) && file.is_none() {
-            let flag = if rotating { "--rotate-size/--rotate-time" } else { "--split-by" };
+            let flag = if rotating {
+                "--rotate-size/--rotate-time"
+            } else {
+                "--split-by"
+            };
             return Err(match self.out_path() {
                 Some(_) => format!("{flag} needs a file: --out - is a pipe"),
                 None => format!("{flag} needs a file: add --out PATH"),

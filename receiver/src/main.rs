@@ -80,9 +80,9 @@ async fn run(cli: Cli) -> Result<()> {
     cli.check_outputs().map_err(|e| BadInput(anyhow!(e)))?;
     let pattern = match cli.out_path().filter(|o| o.as_os_str() != "-") {
         Some(out) => {
+            let pattern =
+                Pattern::parse(out, cli.split_by.is_some()).map_err(|e| BadInput(anyhow!(e)))?;
             check_out_dir(out).map_err(BadInput)?;
-            let pattern = Pattern::parse(out, cli.split_by.is_some())
-                .map_err(|e| BadInput(anyhow!(e)))?;
             Some(pattern)
         }
         None => None,
@@ -132,7 +132,11 @@ async fn run(cli: Cli) -> Result<()> {
     let bound = endpoint.local_addr().unwrap_or(cli.listen);
     let mut outputs = Vec::new();
     if let Some(out) = cli.out_path() {
-        outputs.push(format!("writing {} as {}", out.display(), cli.format().name()));
+        outputs.push(format!(
+            "writing {} as {}",
+            out.display(),
+            cli.format().name()
+        ));
     }
     if let Some(live) = &live {
         outputs.push(format!("serving live pcap on TCP {}", live.addr));
@@ -169,9 +173,6 @@ async fn run(cli: Cli) -> Result<()> {
         shutdown_signal(),
     )
     .await?;
-    if let Some(out) = cli.out_path() {
-        tracing::info!("closed {}", out.display());
-    }
     let live_summary = match live {
         Some(live) => Some(live.close().await),
         None => None,

@@ -26,6 +26,7 @@ pub enum Create {
 pub struct Committed {
     path: PathBuf,
     create: Create,
+    counter: u32,
     file: Option<File>,
     pending: Vec<u8>,
     /// Length of the file's complete part.
@@ -33,10 +34,13 @@ pub struct Committed {
 }
 
 impl Committed {
-    pub fn new(path: PathBuf, create: Create) -> Self {
+    /// `create` says how the file is made; with [`Create::New`], counters are tried from
+    /// `counter` on (0: the name as it is).
+    pub fn new(path: PathBuf, create: Create, counter: u32) -> Self {
         Self {
             path,
             create,
+            counter,
             file: None,
             pending: Vec::with_capacity(1 << 20),
             committed: 0,
@@ -66,7 +70,7 @@ impl Committed {
 
     fn create_new(&mut self) -> io::Result<File> {
         let base = self.path.clone();
-        for n in 0..=MAX_COUNTER {
+        for n in self.counter..=self.counter + MAX_COUNTER {
             let path = if n == 0 {
                 base.clone()
             } else {
@@ -84,7 +88,7 @@ impl Committed {
         Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
             format!(
-                "{} and {MAX_COUNTER} numbered variants exist already",
+                "{} and {MAX_COUNTER} numbered variants of it exist already",
                 base.display()
             ),
         ))

@@ -17,8 +17,8 @@ use std::path::PathBuf;
 use common::InterfaceStats;
 
 use self::naming::Pattern;
-use self::series::Series;
 pub use self::series::Rotation;
+use self::series::Series;
 use super::{FormatSink, OutPacket, Sink, SinkInterface};
 use crate::cli::Format;
 

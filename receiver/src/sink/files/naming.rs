@@ -46,9 +46,7 @@ impl Pattern {
                 _ => format!("{name}-{SENSOR}"),
             },
             (false, true) => {
-                return Err(format!(
-                    "--out {shown}: {SENSOR} needs --split-by sensor"
-                ))
+                return Err(format!("--out {shown}: {SENSOR} needs --split-by sensor"))
             }
         };
         let format = if name.contains('%') {
@@ -157,7 +155,15 @@ mod tests {
         }
         let long = sanitize(&"x".repeat(500));
         assert_eq!(long.len(), MAX_SENSOR_LEN);
-        for hostile in ["../../x", "/etc/passwd", "..", ".", "-", "\u{0}", "a/../../b"] {
+        for hostile in [
+            "../../x",
+            "/etc/passwd",
+            "..",
+            ".",
+            "-",
+            "\u{0}",
+            "a/../../b",
+        ] {
             let s = sanitize(hostile);
             assert!(
                 !s.contains('/') && !s.contains("..") && !s.starts_with(['.', '-']),

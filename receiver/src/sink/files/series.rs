@@ -2,6 +2,7 @@
 //! writes one file at a time and, when rotating, completes it and starts the next.
 
 use std::io::{self, Write as _};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::InterfaceStats;
@@ -49,6 +50,10 @@ pub struct Series {
     /// The latest counters of each interface, and the packets written of it over all files.
     stats: Vec<Option<InterfaceStats>>,
     delivered: Vec<u64>,
+    /// The name the pattern gave the current file, and the counter it starts from: when
+    /// the next name is the same (no time field changed), the counter goes on from there,
+    /// so names sort in the order of the files.
+    named: (PathBuf, u32),
     current: Segment,
     /// Completed files whose bytes are not all flushed yet: flushed, closed and reported
     /// in order, before the current file.
@@ -68,8 +73,10 @@ impl Series {
         } else {
             Create::Replace
         };
-        let current = Segment::open(pattern, sensor.as_deref(), format, create)?;
+        let path = pattern.path(sensor.as_deref(), OffsetDateTime::now_utc());
+        let current = Segment::open(path.clone(), 0, format, create)?;
         Ok(Self {
+            named: (path, 0),
             sensor,
             format,
             create,
@@ -162,7 +169,14 @@ impl Series {
     /// next flush, so a failing disk is waited out there, like any write.
     fn rotate(&mut self, pattern: &Pattern) -> io::Result<()> {
         self.complete_current()?;
-        let mut next = Segment::open(pattern, self.sensor.as_deref(), self.format, self.create)?;
+        let path = pattern.path(self.sensor.as_deref(), OffsetDateTime::now_utc());
+        let counter = if path == self.named.0 {
+            self.named.1 + 1
+        } else {
+            0
+        };
+        let mut next = Segment::open(path.clone(), counter, self.format, self.create)?;
+        self.named = (path, counter);
         for interface in &self.interfaces {
             next.map.push(next.sink.add_interface(interface)?);
             next.stats_written.push(false);
@@ -189,14 +203,8 @@ impl Series {
 }
 
 impl Segment {
-    fn open(
-        pattern: &Pattern,
-        sensor: Option<&str>,
-        format: Format,
-        create: Create,
-    ) -> io::Result<Self> {
-        let path = pattern.path(sensor, OffsetDateTime::now_utc());
-        let sink = FormatSink::new(format, Committed::new(path, create))?;
+    fn open(path: PathBuf, counter: u32, format: Format, create: Create) -> io::Result<Self> {
+        let sink = FormatSink::new(format, Committed::new(path, create, counter))?;
         Ok(Self {
             sink,
             map: Vec::new(),
