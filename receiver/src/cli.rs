@@ -429,6 +429,30 @@ mod tests {
     }
 
     #[test]
+    fn output_combinations() {
+        let check = |args: &[&str]| {
+            Cli::parse_from(std::iter::once("receiver").chain(args.iter().copied())).check_outputs()
+        };
+        assert!(check(&["--rotate-size", "1GiB", "--keep", "3"]).is_ok());
+        assert!(check(&["--serve-pcap", "127.0.0.1:1"]).is_ok());
+        assert!(check(&["--split-by", "sensor", "--out", "d/x.pcap"]).is_ok());
+        for bad in [
+            &["--out", "-", "--rotate-time", "1h"][..],
+            &["--out", "-", "--split-by", "sensor"],
+            &["--serve-pcap", "127.0.0.1:1", "--split-by", "sensor"],
+            &["--keep-bytes", "1GiB"],
+        ] {
+            assert!(check(bad).is_err(), "{bad:?}");
+        }
+        let live_only = Cli::parse_from(["receiver", "--serve-pcap", "127.0.0.1:1"]);
+        assert_eq!(live_only.out_path(), None);
+        assert_eq!(
+            Cli::parse_from(["receiver"]).out_path(),
+            Some(Path::new("capture.pcap"))
+        );
+    }
+
+    #[test]
     fn sensor_names() {
         for good in ["a", "tap-1", "dmz.tap_2", &"x".repeat(64)] {
             assert_eq!(parse_sensor_name(good).as_deref(), Ok(good));

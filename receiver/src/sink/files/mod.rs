@@ -221,3 +221,225 @@ impl Finished {
             || self.keep.bytes.is_some_and(|b| self.kept_bytes > b)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use common::{Direction, DropReason};
+    use pcap_file::pcapng::{Block, PcapNgReader};
+
+    use super::*;
+
+    /// A scratch directory, removed on drop.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(label: &str) -> Self {
+            let path = std::env::temp_dir()
+                .join(format!("capstream-files-{label}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir_all(&path).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn iface(sensor: &str) -> SinkInterface {
+        SinkInterface {
+            name: format!("{sensor}/eth0"),
+            link_type: 1,
+            snaplen: 262_144,
+            filter: String::new(),
+            description: String::new(),
+            sensor: sensor.into(),
+        }
+    }
+
+    fn stats() -> InterfaceStats {
+        InterfaceStats {
+            interface_id: 0,
+            seen: 100,
+            matched: 90,
+            delivered: 80,
+            drops: vec![(DropReason::KERNEL_BUFFER, 3)],
+        }
+    }
+
+    /// Files with a hook that records what it is handed.
+    fn open(
+        out: &Path,
+        split: bool,
+        rotation: Rotation,
+        keep: Keep,
+    ) -> (Box<Files>, Arc<Mutex<Vec<PathBuf>>>) {
+        let reported = Arc::new(Mutex::new(Vec::new()));
+        let hook = Arc::clone(&reported);
+        let files = Files::open(FileConfig {
+            pattern: Pattern::parse(out, split).unwrap(),
+            format: Format::Pcapng,
+            split_by_sensor: split,
+            rotation,
+            keep,
+            on_finished: Some(Box::new(move |p| hook.lock().unwrap().push(p))),
+        })
+        .unwrap();
+        (Box::new(files), reported)
+    }
+
+    fn write(files: &mut Files, interface: u32, timestamp_ns: u64) {
+        files
+            .write_packet(&OutPacket {
+                interface,
+                timestamp_ns,
+                original_len: 200,
+                direction: Direction::Inbound,
+                data: &[7u8; 200],
+            })
+            .unwrap();
+    }
+
+    /// (interface names, packet timestamps, statistics blocks, whether they all come after
+    /// the last packet) of a pcapng file.
+    fn read(path: &Path) -> (usize, Vec<u64>, usize, bool) {
+        let bytes = std::fs::read(path).unwrap();
+        let mut reader = PcapNgReader::new(&bytes[..]).unwrap();
+        let (mut idbs, mut times, mut isbs, mut stats_last) = (0, Vec::new(), 0, true);
+        while let Some(block) = reader.next_block() {
+            match block.unwrap().0 {
+                Block::InterfaceDescription(_) => idbs += 1,
+                Block::EnhancedPacket(epb) => {
+                    times.push(epb.timestamp.as_nanos() as u64);
+                    stats_last &= isbs == 0;
+                }
+                Block::InterfaceStatistics(_) => isbs += 1,
+                _ => {}
+            }
+        }
+        (idbs, times, isbs, stats_last)
+    }
+
+    #[test]
+    fn rotated_files_are_complete_on_their_own_and_reported_in_order() {
+        let dir = Dir::new("rotate");
+        let rotation = Rotation {
+            size: Some(2_000),
+            every: None,
+        };
+        let (mut files, reported) =
+            open(&dir.0.join("cap.pcapng"), false, rotation, Keep::default());
+        let a = files.add_interface(&iface("a")).unwrap();
+        let b = files.add_interface(&iface("b")).unwrap();
+        files.update_stats(a, &stats());
+        for t in 0..40u64 {
+            write(&mut files, if t % 2 == 0 { a } else { b }, t);
+            if t % 10 == 9 {
+                files.flush().unwrap();
+            }
+        }
+        files.write_stats(b, &stats()).unwrap();
+        files.finish().unwrap();
+
+        let reported = reported.lock().unwrap().clone();
+        assert!(reported.len() >= 4, "{reported:?}");
+        assert_eq!(reported[0], dir.0.join("cap.pcapng"));
+        assert_eq!(reported[1], dir.0.join("cap-1.pcapng"));
+        let mut all = Vec::new();
+        for (i, path) in reported.iter().enumerate() {
+            let (idbs, times, isbs, stats_last) = read(path);
+            assert_eq!(idbs, 2, "every file describes both interfaces");
+            let last = i == reported.len() - 1;
+            // a's latest counters end every file; b's final ones the last.
+            assert_eq!(isbs, if last { 2 } else { 1 }, "{}", path.display());
+            assert!(stats_last);
+            all.extend(times);
+        }
+        assert_eq!(
+            all,
+            (0..40).collect::<Vec<u64>>(),
+            "no packet lost or doubled"
+        );
+    }
+
+    #[test]
+    fn keep_deletes_the_oldest_completed_files() {
+        let dir = Dir::new("keep");
+        let rotation = Rotation {
+            size: Some(2_000),
+            every: None,
+        };
+        let keep = Keep {
+            files: Some(2),
+            bytes: None,
+        };
+        let (mut files, reported) = open(&dir.0.join("cap.pcapng"), false, rotation, keep);
+        let a = files.add_interface(&iface("a")).unwrap();
+        for t in 0..40u64 {
+            write(&mut files, a, t);
+            files.flush().unwrap();
+        }
+        files.finish().unwrap();
+        let reported = reported.lock().unwrap().clone();
+        let left: Vec<PathBuf> = reported.iter().filter(|p| p.exists()).cloned().collect();
+        assert_eq!(left, reported[reported.len() - 2..]);
+        assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn time_rotation_waits_for_packets() {
+        let dir = Dir::new("time");
+        let rotation = Rotation {
+            size: None,
+            every: Some(Duration::from_millis(50)),
+        };
+        let (mut files, reported) = open(&dir.0.join("t.pcapng"), false, rotation, Keep::default());
+        let a = files.add_interface(&iface("a")).unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        files.flush().unwrap();
+        assert!(
+            reported.lock().unwrap().is_empty(),
+            "an empty file is not rotated"
+        );
+        write(&mut files, a, 1);
+        files.flush().unwrap();
+        assert_eq!(reported.lock().unwrap().len(), 1);
+        files.finish().unwrap();
+        assert_eq!(reported.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_file_per_sensor() {
+        let dir = Dir::new("split");
+        let (mut files, reported) = open(
+            &dir.0.join("cap.pcapng"),
+            true,
+            Rotation::default(),
+            Keep::default(),
+        );
+        assert!(files.check(&[iface("../../x")]).is_ok());
+        let x = files.add_interface(&iface("../../x")).unwrap();
+        let y = files.add_interface(&iface("y")).unwrap();
+        let x2 = files.add_interface(&iface("../../x")).unwrap();
+        write(&mut files, x, 1);
+        write(&mut files, y, 2);
+        write(&mut files, x2, 3);
+        files.finish().unwrap();
+        let mut reported = reported.lock().unwrap().clone();
+        reported.sort();
+        assert_eq!(
+            reported,
+            [dir.0.join("cap-_._.__x.pcapng"), dir.0.join("cap-y.pcapng")]
+        );
+        let (idbs, times, _, _) = read(&reported[0]);
+        assert_eq!((idbs, times), (2, vec![1, 3]));
+        let (idbs, times, _, _) = read(&reported[1]);
+        assert_eq!((idbs, times), (1, vec![2]));
+    }
+}
