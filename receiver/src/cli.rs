@@ -20,6 +20,18 @@ Examples:
     receiver --out - | tcpdump -nn -r -
     receiver --out - | wireshark -k -i -
 
+  Serve the merged packets live (PCAP-over-IP) to tshark, Wireshark, Arkime or Zeek, any
+  number of clients, beside the file:
+    receiver --out capture.pcapng --serve-pcap 127.0.0.1:57012
+    tshark -i TCP@127.0.0.1:57012
+
+  A new file every hour or every GiB, named by its start (UTC), the last day's kept:
+    receiver --out '/data/cap-%Y%m%d-%H%M%S.pcapng' --rotate-time 1h --rotate-size 1GiB \\
+      --keep 24
+
+  One file per sensor, named after it:
+    receiver --out '/data/{sensor}.pcapng' --split-by sensor
+
   Accept only sensors with a certificate from your own CA, named by it in the output:
     receiver certs init --dir /etc/capstream/pki
     receiver certs sensor tap-1 --dir /etc/capstream/pki
@@ -322,9 +334,14 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 }
 
 fn parse_sensor_rate(s: &str) -> Result<u64, String> {
+    size_of_64k_or_more(s, "sensor rate")
+}
+
+/// A size of 64KiB or more; `what` names it in the error.
+fn size_of_64k_or_more(s: &str, what: &str) -> Result<u64, String> {
     let n = common::units::parse_size(s)?;
     if n < 64 * 1024 {
-        return Err(format!("sensor rate '{s}' is below 64KiB per second"));
+        return Err(format!("{what} '{s}' is below 64KiB"));
     }
     Ok(n)
 }
@@ -346,11 +363,7 @@ fn parse_serve_pcap(s: &str) -> Result<SocketAddr, String> {
 }
 
 fn parse_rotate_size(s: &str) -> Result<u64, String> {
-    let n = common::units::parse_size(s)?;
-    if n < 64 * 1024 {
-        return Err(format!("rotate size '{s}' is below 64KiB"));
-    }
-    Ok(n)
+    size_of_64k_or_more(s, "rotate size")
 }
 
 fn parse_rotate_time(s: &str) -> Result<Duration, String> {

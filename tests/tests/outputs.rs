@@ -37,6 +37,14 @@ fn replay(receiver: &Receiver, file: &str, extra: &[&str]) {
     assert!(status.success(), "sensor failed: {}", sensor.stderr());
 }
 
+/// A receiver on UDP `port` writing `dir/capture.pcap` and serving it live on TCP `live`.
+fn writing_and_serving(dir: &Scratch, port: u16, live: &str) -> (Receiver, PathBuf) {
+    let out = dir.join("capture.pcap");
+    let args = ["--out", &arg(&out), "--serve-pcap", live];
+    let receiver = Receiver::start(None, &dir.join("state"), port, &args).unwrap();
+    (receiver, out)
+}
+
 /// Waits until the receiver has taken in its `n`th live client, so that it misses nothing.
 fn wait_for_clients(receiver: &Receiver, n: usize) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -75,15 +83,8 @@ fn completed(log: &str) -> Vec<PathBuf> {
 #[test]
 fn tshark_reads_the_live_stream_as_the_file_has_it() {
     let dir = Scratch::new("live").unwrap();
-    let out = dir.join("capture.pcap");
+    let (mut receiver, out) = writing_and_serving(&dir, 5310, "127.0.0.1:5311");
     let live = dir.join("live.pcap");
-    let mut receiver = Receiver::start(
-        None,
-        &dir.join("state"),
-        5310,
-        &["--out", &arg(&out), "--serve-pcap", "127.0.0.1:5311"],
-    )
-    .unwrap();
     let mut tshark = start_tshark(&receiver, "127.0.0.1:5311", &live, 1);
     replay(&receiver, &corpus(), &[]);
     receiver.stop().unwrap();
@@ -125,15 +126,8 @@ fn a_client_that_never_reads_drops_its_own_packets_only() {
     run("mergecap", &mergecap).expect("mergecap is missing: `cargo xtask setup` installs it");
     let total = 20 * 7907;
 
-    let out = dir.join("capture.pcap");
+    let (mut receiver, out) = writing_and_serving(&dir, 5312, "127.0.0.1:5313");
     let live = dir.join("live.pcap");
-    let mut receiver = Receiver::start(
-        None,
-        &dir.join("state"),
-        5312,
-        &["--out", &arg(&out), "--serve-pcap", "127.0.0.1:5313"],
-    )
-    .unwrap();
     let stalled = std::net::TcpStream::connect("127.0.0.1:5313").unwrap();
     wait_for_clients(&receiver, 1);
     let mut tshark = start_tshark(&receiver, "127.0.0.1:5313", &live, 2);
