@@ -114,6 +114,28 @@ fn tshark_reads_the_live_stream_as_the_file_has_it() {
 }
 
 #[test]
+fn without_a_file_the_live_stream_acknowledges_the_sensors() {
+    let dir = Scratch::new("liveonly").unwrap();
+    let live = dir.join("live.pcap");
+    let args = ["--serve-pcap", "127.0.0.1:5320"];
+    let mut receiver = Receiver::start(None, &dir.join("state"), 5319, &args).unwrap();
+    let mut tshark = start_tshark(&receiver, "127.0.0.1:5320", &live, 1);
+    // The sensor exits successfully only once every batch is acknowledged.
+    replay(&receiver, &corpus(), &["--bpf", "tcp"]);
+    receiver.stop().unwrap();
+    let status = tshark.wait(Duration::from_secs(30)).unwrap();
+    assert!(status.success(), "tshark: {}", tshark.stderr());
+    let expected = reference("tcp");
+    let streamed = tcpdump_records(&live, "").unwrap();
+    assert!(
+        streamed == expected,
+        "{}",
+        first_difference(&expected, &streamed)
+    );
+    assert!(!dir.join("capture.pcap").exists() && !Path::new("capture.pcap").exists());
+}
+
+#[test]
 fn a_client_that_never_reads_drops_its_own_packets_only() {
     let dir = Scratch::new("slow").unwrap();
     // 20 corpus copies, about 36 MB: more than a stalled client's queue and socket hold.
@@ -154,6 +176,7 @@ fn a_client_that_never_reads_drops_its_own_packets_only() {
         .unwrap_or_else(|| panic!("no drop line for the stalled client:\n{log}"));
     let sent = summary_figure(line, "): ").unwrap();
     let dropped = summary_figure(line, "packets sent, ").unwrap();
+    eprintln!("{line}");
     assert!(dropped > 0, "{line}");
     assert_eq!(sent + dropped, total as u64, "{line}");
     let summary_dropped = summary_figure(&log, "packets sent, ").unwrap();

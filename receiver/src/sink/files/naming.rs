@@ -9,7 +9,7 @@ use time::format_description::OwnedFormatItem;
 use time::OffsetDateTime;
 
 /// Where `{sensor}` goes in a file name.
-pub const SENSOR: &str = "{sensor}";
+const SENSOR: &str = "{sensor}";
 /// Longest sensor part of a file name, counter included.
 const MAX_SENSOR_LEN: usize = 64;
 
