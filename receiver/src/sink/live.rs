@@ -382,3 +382,61 @@ impl Sink for LiveSink {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use common::Direction;
+    use pcap_file::pcap::PcapReader;
+
+    use super::*;
+
+    fn iface(link_type: u16) -> SinkInterface {
+        SinkInterface {
+            name: "h/eth0".into(),
+            link_type,
+            snaplen: 262_144,
+            filter: String::new(),
+            description: String::new(),
+            sensor: "s".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_gets_the_header_then_the_packets_from_its_joining_on() {
+        let (mut sink, live) = serve("127.0.0.1:5330".parse().unwrap()).await.unwrap();
+        let mut client = TcpStream::connect(live.addr).await.unwrap();
+        while sink.clients.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            sink.flush().unwrap();
+        }
+        let idx = sink.add_interface(&iface(1)).unwrap();
+        assert!(sink
+            .check(&[iface(276)])
+            .unwrap_err()
+            .contains("--serve-pcap"));
+        for t in 1..=3u64 {
+            sink.write_packet(&OutPacket {
+                interface: idx,
+                timestamp_ns: t,
+                original_len: 60,
+                direction: Direction::Unknown,
+                data: &[t as u8; 60],
+            })
+            .unwrap();
+        }
+        Box::new(sink).finish().unwrap();
+        let mut bytes = Vec::new();
+        client.read_to_end(&mut bytes).await.unwrap();
+        let mut reader = PcapReader::new(&bytes[..]).unwrap();
+        let mut times = Vec::new();
+        while let Some(p) = reader.next_packet() {
+            times.push(p.unwrap().timestamp().as_nanos());
+        }
+        assert_eq!(times, [1, 2, 3]);
+        let summary = live.close().await;
+        assert!(
+            summary.contains("1 client(s), 3 packets sent, 0 dropped"),
+            "{summary}"
+        );
+    }
+}
