@@ -1,6 +1,7 @@
-//! The receiver's outputs beyond one file: the live PCAP-over-IP stream read by tshark, a
-//! slow live client that drops only its own packets, rotation with retention, and a file per
-//! sensor with path-safe names. Everything runs on the host's loopback, on ports 5310-5329.
+//! The receiver's outputs beyond one file: the live PCAP-over-IP stream read by tshark (with
+//! or without a file), a slow live client that drops only its own packets, rotation with
+//! retention and through a full disk, and a file per sensor with path-safe names. Everything
+//! runs on the host's loopback, on ports 5310-5329.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -10,7 +11,7 @@ use testbed::capstream::{
     assert_refused, first_difference, pcapng_interfaces, start_sensor, summary_figure,
     tcpdump_records, tshark_count, Receiver, Record, Scratch,
 };
-use testbed::{corpus_dir, run, Proc};
+use testbed::{corpus_dir, require_root, run, Proc, Tmpfs};
 
 fn corpus() -> String {
     corpus_dir()
@@ -276,6 +277,42 @@ fn rotated_files_hold_the_capture_in_order_and_keep_deletes_the_oldest() {
     assert!(
         expected.ends_with(&tail),
         "the kept files hold the end of the capture"
+    );
+}
+
+#[test]
+fn rotation_waits_out_a_full_disk_without_loss() {
+    require_root();
+    let dir = Scratch::new("rotatefull").unwrap();
+    let disk = Tmpfs::mount("rotatefull", 8 << 20).unwrap();
+    let ballast = disk.fill_leaving(512 << 10).unwrap();
+    let args = [
+        "--out",
+        &arg(&disk.join("cap.pcap")),
+        "--rotate-size",
+        "256KiB",
+    ];
+    let mut receiver = Receiver::start(None, &dir.join("state"), 5321, &args).unwrap();
+    let mut sensor = start_sensor(None, &receiver, &["--read", &corpus()]).unwrap();
+    receiver
+        .proc
+        .wait_for("No space left", Duration::from_secs(60))
+        .unwrap();
+    std::fs::remove_file(&ballast).unwrap();
+    let status = sensor.wait(Duration::from_secs(120)).unwrap();
+    assert!(status.success(), "sensor: {}", sensor.stderr());
+    receiver.stop().unwrap();
+    let files = completed(&receiver.proc.stderr());
+    assert!(files.len() >= 5, "{files:?}");
+    let all: Vec<Record> = files
+        .iter()
+        .flat_map(|f| tcpdump_records(f, "").unwrap())
+        .collect();
+    let expected = reference("");
+    assert!(
+        all == expected,
+        "rotated files after the disk filled: {}",
+        first_difference(&expected, &all)
     );
 }
 
