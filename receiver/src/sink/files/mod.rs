@@ -415,6 +415,37 @@ mod tests {
     }
 
     #[test]
+    fn a_file_per_sensor_rotates_on_its_own() {
+        let dir = Dir::new("splitrotate");
+        let rotation = Rotation {
+            size: Some(2_000),
+            every: None,
+        };
+        let out = dir.0.join("{sensor}-%Y.pcapng");
+        let (mut files, reported) = open(&out, true, rotation, Keep::default());
+        let a = files.add_interface(&iface("a")).unwrap();
+        let b = files.add_interface(&iface("b")).unwrap();
+        for t in 0..30u64 {
+            write(&mut files, a, t);
+            if t % 3 == 0 {
+                write(&mut files, b, t);
+            }
+        }
+        files.finish().unwrap();
+        let reported = reported.lock().unwrap().clone();
+        let of = |sensor: &str| -> Vec<u64> {
+            reported
+                .iter()
+                .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(sensor))
+                .flat_map(|p| read(p).1)
+                .collect()
+        };
+        assert_eq!(of("a-"), (0..30).collect::<Vec<u64>>());
+        assert_eq!(of("b-"), (0..30).step_by(3).collect::<Vec<u64>>());
+        assert!(reported.len() > 4, "both rotated: {reported:?}");
+    }
+
+    #[test]
     fn a_file_per_sensor() {
         let dir = Dir::new("split");
         let (mut files, reported) = open(
