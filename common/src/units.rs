@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-/// Parses "100ms", "1s", "2.5s", "1m", "500us"; a bare number means seconds.
+/// Parses "100ms", "1s", "2.5s", "1m", "1h", "500us"; a bare number means seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -18,9 +18,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "us" | "µs" => 1e-6,
         "ns" => 1e-9,
         "m" | "min" => 60.0,
+        "h" => 3600.0,
         other => {
             return Err(format!(
-                "unknown duration unit '{other}' (use ns, us, ms, s or m, e.g. 100ms)"
+                "unknown duration unit '{other}' (use ns, us, ms, s, m or h, e.g. 100ms)"
             ))
         }
     };
@@ -70,7 +71,8 @@ mod tests {
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
         assert_eq!(parse_duration("500us").unwrap(), Duration::from_micros(500));
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
-        for bad in ["", "ms", "1h", "1.2.3s", "-1s", "1e9s"] {
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        for bad in ["", "ms", "1d", "25h", "1.2.3s", "-1s", "1e9s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

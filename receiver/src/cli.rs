@@ -2,7 +2,7 @@
 //! sensors must prove; and `receiver certs`, which issues certificates for mutual TLS.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -19,6 +19,18 @@ Examples:
   Watch live:
     receiver --out - | tcpdump -nn -r -
     receiver --out - | wireshark -k -i -
+
+  Serve the merged packets live (PCAP-over-IP) to tshark, Wireshark, Arkime or Zeek, any
+  number of clients, beside the file:
+    receiver --out capture.pcapng --serve-pcap 127.0.0.1:57012
+    tshark -i TCP@127.0.0.1:57012
+
+  A new file every hour or every GiB, named by its start (UTC), the last day's kept:
+    receiver --out '/data/cap-%Y%m%d-%H%M%S.pcapng' --rotate-time 1h --rotate-size 1GiB \\
+      --keep 24
+
+  One file per sensor, named after it:
+    receiver --out '/data/{sensor}.pcapng' --split-by sensor
 
   Accept only sensors with a certificate from your own CA, named by it in the output:
     receiver certs init --dir /etc/capstream/pki
@@ -58,9 +70,11 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
 
-    /// Output file, or `-` for stdout (e.g. `--out /var/capture/all.pcapng`).
-    #[arg(short = 'w', long, value_name = "PATH", default_value = "capture.pcap")]
-    pub out: PathBuf,
+    /// Output file, or `-` for stdout (e.g. `--out /var/capture/all.pcapng`); default
+    /// capture.pcap, or none with --serve-pcap. The file name may hold strftime fields, in
+    /// UTC (e.g. `--out /data/cap-%Y%m%d-%H%M%S.pcapng`), and `{sensor}` with --split-by.
+    #[arg(short = 'w', long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
 
     /// Output format; default: pcapng when --out ends in .pcapng, else pcap
     /// (e.g. `--format pcapng`).
@@ -123,6 +137,46 @@ pub struct Cli {
     /// `--sensor-held 256MiB`); beyond it that sensor is not read until its data is out.
     #[arg(long, value_name = "BYTES", default_value = "64MiB", value_parser = parse_sensor_held)]
     pub sensor_held: usize,
+
+    /// Serve the merged packets live as classic pcap over TCP (PCAP-over-IP) to any number
+    /// of clients, from the moment each connects (e.g. `--serve-pcap 127.0.0.1:57012`, then
+    /// `tshark -i TCP@127.0.0.1:57012`). Best effort: a client that reads too slowly has
+    /// its packets dropped, counted, never slowing capture or the file; without --out,
+    /// batches are acknowledged once handed to the stream. All sensors need one link type.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_serve_pcap)]
+    pub serve_pcap: Option<SocketAddr>,
+
+    /// Start a new file before writing to one this large (e.g. `--rotate-size 1GiB`). Files
+    /// never replace one another: a name already taken gets a counter (cap-1.pcap).
+    #[arg(long, value_name = "BYTES", value_parser = parse_rotate_size)]
+    pub rotate_size: Option<u64>,
+
+    /// Start a new file once the current one is this old, if it holds packets
+    /// (e.g. `--rotate-time 1h --out /data/cap-%Y%m%d-%H%M.pcapng`).
+    #[arg(long, value_name = "DURATION", value_parser = parse_rotate_time)]
+    pub rotate_time: Option<Duration>,
+
+    /// Keep the N newest completed files of this receiver, deleting older ones (e.g.
+    /// `--keep 24` with `--rotate-time 1h`: a day, plus the file being written).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep: Option<u64>,
+
+    /// Delete this receiver's oldest completed files while they hold more than this
+    /// (e.g. `--keep-bytes 500GiB`); the newest completed file always stays.
+    #[arg(long, value_name = "BYTES", value_parser = common::units::parse_size)]
+    pub keep_bytes: Option<u64>,
+
+    /// Write one file per sensor instead of one merged file, named after the sensor
+    /// (certificate name, else its id) made safe for a file name, at `{sensor}` in --out
+    /// or before its extension (e.g. `--split-by sensor --out /data/{sensor}-%H%M.pcapng`).
+    #[arg(long, value_enum, value_name = "WHAT")]
+    pub split_by: Option<SplitBy>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SplitBy {
+    /// One file per sensor.
+    Sensor,
 }
 
 #[derive(Debug, Subcommand)]
@@ -227,11 +281,49 @@ impl Format {
 
 impl Cli {
     pub fn format(&self) -> Format {
-        self.format
-            .unwrap_or_else(|| match self.out.extension().and_then(|e| e.to_str()) {
+        let out = self.out_path();
+        self.format.unwrap_or_else(|| {
+            match out.and_then(|o| o.extension()).and_then(|e| e.to_str()) {
                 Some(ext) if ext.eq_ignore_ascii_case("pcapng") => Format::Pcapng,
                 _ => Format::Pcap,
-            })
+            }
+        })
+    }
+
+    /// The file or pipe to write: --out, else capture.pcap unless the live stream is the
+    /// only output.
+    pub fn out_path(&self) -> Option<&Path> {
+        match (&self.out, self.serve_pcap) {
+            (Some(out), _) => Some(out),
+            (None, None) => Some(Path::new("capture.pcap")),
+            (None, Some(_)) => None,
+        }
+    }
+
+    /// Combinations of output flags that mean nothing, as one line for the user.
+    pub fn check_outputs(&self) -> Result<(), String> {
+        let rotating = self.rotate_size.is_some() || self.rotate_time.is_some();
+        let splitting = self.split_by.is_some();
+        let file = self.out_path().filter(|o| o.as_os_str() != "-");
+        if (rotating || splitting) && file.is_none() {
+            let flag = if rotating {
+                "--rotate-size/--rotate-time"
+            } else {
+                "--split-by"
+            };
+            return Err(match self.out_path() {
+                Some(_) => format!("{flag} needs a file: --out - is a pipe"),
+                None => format!("{flag} needs a file: add --out PATH"),
+            });
+        }
+        if (self.keep.is_some() || self.keep_bytes.is_some()) && !rotating {
+            return Err(
+                "--keep and --keep-bytes delete rotated files: add --rotate-size or \
+                 --rotate-time"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -242,9 +334,14 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 }
 
 fn parse_sensor_rate(s: &str) -> Result<u64, String> {
+    size_of_64k_or_more(s, "sensor rate")
+}
+
+/// A size of 64KiB or more; `what` names it in the error.
+fn size_of_64k_or_more(s: &str, what: &str) -> Result<u64, String> {
     let n = common::units::parse_size(s)?;
     if n < 64 * 1024 {
-        return Err(format!("sensor rate '{s}' is below 64KiB per second"));
+        return Err(format!("{what} '{s}' is below 64KiB"));
     }
     Ok(n)
 }
@@ -257,6 +354,24 @@ fn parse_sensor_held(s: &str) -> Result<usize, String> {
         ));
     }
     usize::try_from(n).map_err(|_| format!("'{s}' is too large for this machine"))
+}
+
+fn parse_serve_pcap(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("invalid --serve-pcap address '{s}' (use IP:PORT, e.g. 127.0.0.1:57012)")
+    })
+}
+
+fn parse_rotate_size(s: &str) -> Result<u64, String> {
+    size_of_64k_or_more(s, "rotate size")
+}
+
+fn parse_rotate_time(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("rotate time '{s}' is below 1s"));
+    }
+    Ok(d)
 }
 
 fn parse_window(s: &str) -> Result<Duration, String> {
@@ -324,6 +439,30 @@ mod tests {
             "c.example",
         ]);
         assert!(matches!(cli.command, Some(Command::Certs(Certs::Init(_)))));
+    }
+
+    #[test]
+    fn output_combinations() {
+        let check = |args: &[&str]| {
+            Cli::parse_from(std::iter::once("receiver").chain(args.iter().copied())).check_outputs()
+        };
+        assert!(check(&["--rotate-size", "1GiB", "--keep", "3"]).is_ok());
+        assert!(check(&["--serve-pcap", "127.0.0.1:1"]).is_ok());
+        assert!(check(&["--split-by", "sensor", "--out", "d/x.pcap"]).is_ok());
+        for bad in [
+            &["--out", "-", "--rotate-time", "1h"][..],
+            &["--out", "-", "--split-by", "sensor"],
+            &["--serve-pcap", "127.0.0.1:1", "--split-by", "sensor"],
+            &["--keep-bytes", "1GiB"],
+        ] {
+            assert!(check(bad).is_err(), "{bad:?}");
+        }
+        let live_only = Cli::parse_from(["receiver", "--serve-pcap", "127.0.0.1:1"]);
+        assert_eq!(live_only.out_path(), None);
+        assert_eq!(
+            Cli::parse_from(["receiver"]).out_path(),
+            Some(Path::new("capture.pcap"))
+        );
     }
 
     #[test]

@@ -26,7 +26,10 @@ mod tests;
 #[cfg(test)]
 mod tests_auth;
 
-use cli::{Cli, Command};
+use cli::{Cli, Command, SplitBy};
+use sink::files::naming::Pattern;
+use sink::files::{FileConfig, Files, Keep, Rotation};
+use sink::{Sink, Tee};
 
 /// A failure of what the user asked for (exit 2) rather than of the run (exit 1).
 #[derive(Debug)]
@@ -74,7 +77,16 @@ fn exit_code(result: Result<()>) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    check_out_dir(&cli.out).map_err(BadInput)?;
+    cli.check_outputs().map_err(|e| BadInput(anyhow!(e)))?;
+    let pattern = match cli.out_path().filter(|o| o.as_os_str() != "-") {
+        Some(out) => {
+            let pattern =
+                Pattern::parse(out, cli.split_by.is_some()).map_err(|e| BadInput(anyhow!(e)))?;
+            check_out_dir(out).map_err(BadInput)?;
+            Some(pattern)
+        }
+        None => None,
+    };
     // What sensors must prove, read first: a bad file stops the start before anything else.
     let client_roots = match &cli.client_ca {
         Some(path) => Some(tls::client_roots(path).map_err(BadInput)?),
@@ -116,14 +128,20 @@ async fn run(cli: Cli) -> Result<()> {
         ))
     })?;
     // Opened only once listening works, so a refused start leaves no empty file behind.
-    let sink = sink::open(&cli.out, cli.format())
-        .map_err(|e| BadInput(anyhow!("cannot create {}: {e}", cli.out.display())))?;
+    let (sink, live) = open_outputs(&cli, pattern).await?;
     let bound = endpoint.local_addr().unwrap_or(cli.listen);
-    tracing::info!(
-        "listening on {bound}, writing {} as {}",
-        cli.out.display(),
-        cli.format().name()
-    );
+    let mut outputs = Vec::new();
+    if let Some(out) = cli.out_path() {
+        outputs.push(format!(
+            "writing {} as {}",
+            out.display(),
+            cli.format().name()
+        ));
+    }
+    if let Some(live) = &live {
+        outputs.push(format!("serving live pcap on TCP {}", live.addr));
+    }
+    tracing::info!("listening on {bound}, {}", outputs.join(", "));
     tracing::info!(
         "certificate {} SHA-256 fingerprint {}",
         identity.cert_path.display(),
@@ -141,7 +159,7 @@ async fn run(cli: Cli) -> Result<()> {
         (None, false) => {}
     }
 
-    let to_file = cli.out.as_os_str() != "-";
+    let to_file = cli.out_path().is_some_and(|o| o.as_os_str() != "-");
     let summaries = server::run(
         endpoint,
         sink,
@@ -155,12 +173,67 @@ async fn run(cli: Cli) -> Result<()> {
         shutdown_signal(),
     )
     .await?;
-    tracing::info!("closed {}", cli.out.display());
+    let live_summary = match live {
+        Some(live) => Some(live.close().await),
+        None => None,
+    };
     eprintln!("receiver: {} sensor session(s)", summaries.len());
     for s in &summaries {
         eprintln!("  {}", s.line());
     }
+    if let Some(line) = live_summary {
+        eprintln!("receiver: {line}");
+    }
     Ok(())
+}
+
+/// The outputs asked for, as the one sink the writer feeds: the live stream first, so that
+/// it is fed even while a file's flush fails, then the file or stdout.
+async fn open_outputs(
+    cli: &Cli,
+    pattern: Option<Pattern>,
+) -> Result<(Box<dyn Sink>, Option<sink::live::Live>)> {
+    let mut outputs: Vec<Box<dyn Sink>> = Vec::new();
+    let mut live = None;
+    if let Some(addr) = cli.serve_pcap {
+        let (sink, handle) = sink::live::serve(addr).await.map_err(|e| {
+            BadInput(anyhow!(
+                "cannot listen on TCP {addr} for --serve-pcap: {e} (is something else \
+                 listening there?)"
+            ))
+        })?;
+        outputs.push(Box::new(sink));
+        live = Some(handle);
+    }
+    match (cli.out_path(), pattern) {
+        (Some(out), Some(pattern)) => {
+            let config = FileConfig {
+                pattern,
+                format: cli.format(),
+                split_by_sensor: cli.split_by == Some(SplitBy::Sensor),
+                rotation: Rotation {
+                    size: cli.rotate_size,
+                    every: cli.rotate_time,
+                },
+                keep: Keep {
+                    files: cli.keep.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+                    bytes: cli.keep_bytes,
+                },
+                // Where finished files go next (the uploader), when asked for.
+                on_finished: None,
+            };
+            let files = Files::open(config)
+                .map_err(|e| BadInput(anyhow!("cannot create {}: {e}", out.display())))?;
+            outputs.push(Box::new(files));
+        }
+        (Some(_), None) => outputs.push(sink::stdout(cli.format())?),
+        (None, _) => {}
+    }
+    let sink = match outputs.len() {
+        1 => outputs.remove(0),
+        _ => Box::new(Tee::new(outputs)),
+    };
+    Ok((sink, live))
 }
 
 fn listen(

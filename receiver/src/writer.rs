@@ -215,6 +215,11 @@ impl Writer {
             } => {
                 if let Some(s) = self.sensors.get_mut(&session) {
                     if s.conn == Some(conn) {
+                        for i in &stats.interfaces {
+                            if let Some(&idx) = s.interfaces.get(usize::from(i.interface_id)) {
+                                self.sink.update_stats(idx, i);
+                            }
+                        }
                         s.stats = Some(stats);
                     }
                 }
@@ -318,6 +323,7 @@ impl Writer {
                     clean(&hello.os),
                     hello.session_id
                 ),
+                sensor: sensor.clone(),
             })
             .collect();
         self.sink.check(&wanted)?;

@@ -375,6 +375,37 @@ pub fn tshark_count(file: &Path) -> Result<usize> {
     Ok(out.lines().filter(|l| !l.trim().is_empty()).count())
 }
 
+/// Runs a program that must refuse its arguments: exit code 2, one line naming the problem,
+/// no panic. `timeout` turns a program that wrongly starts running into a failure.
+pub fn assert_refused(program: &str, args: &[&str], needle: &str) {
+    let bin = crate::workspace_bin(program);
+    let out = std::process::Command::new("timeout")
+        .arg("20")
+        .arg(&bin)
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{program} {args:?}: exit code; stderr: {stderr}"
+    );
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "{program} {args:?}: one line: {stderr}"
+    );
+    assert!(
+        stderr.contains(needle),
+        "{program} {args:?}: should mention {needle:?}: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "{program} {args:?} panicked: {stderr}"
+    );
+}
+
 /// The filter expressions of `filters-dev.txt` (the first is empty: no filter).
 pub fn dev_filters() -> Result<Vec<String>> {
     let path = crate::corpus_dir().join("filters-dev.txt");

@@ -4,8 +4,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use testbed::capstream::{
-    dev_filters, first_difference, start_sensor, tcpdump_records, tshark_count, Receiver, Record,
-    Scratch,
+    assert_refused, dev_filters, first_difference, start_sensor, tcpdump_records, tshark_count,
+    Receiver, Record, Scratch,
 };
 use testbed::{corpus_dir, require_root, Netns};
 
@@ -146,37 +146,6 @@ fn fingerprint_pins_the_receiver_and_stdout_streams_to_tcpdump() {
         got,
         reference("udp"),
         "stdout output equals tcpdump -r with the same filter"
-    );
-}
-
-/// Runs a program that must refuse its arguments: exit code 2, one line naming the problem,
-/// no panic. `timeout` turns a program that wrongly starts running into a failure.
-fn assert_refused(program: &str, args: &[&str], needle: &str) {
-    let bin = testbed::workspace_bin(program);
-    let out = std::process::Command::new("timeout")
-        .arg("20")
-        .arg(&bin)
-        .args(args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{program} {args:?}: exit code; stderr: {stderr}"
-    );
-    assert_eq!(
-        stderr.trim().lines().count(),
-        1,
-        "{program} {args:?}: one line: {stderr}"
-    );
-    assert!(
-        stderr.contains(needle),
-        "{program} {args:?}: should mention {needle:?}: {stderr}"
-    );
-    assert!(
-        !stderr.contains("panicked"),
-        "{program} {args:?} panicked: {stderr}"
     );
 }
 

@@ -1,16 +1,20 @@
-//! Outputs. Each format is one module behind the [`Sink`] trait; the merge feeds it packets
-//! in timestamp order.
+//! Outputs, each behind the [`Sink`] trait; the merge feeds one sink packets in timestamp
+//! order. Formats (pcap, pcapng) are sinks over any writer; outputs are stdout, files (with
+//! rotation and a file per sensor) and the live pcap stream; a tee feeds several outputs.
 
+pub mod files;
+pub mod live;
 mod pcap;
 mod pcapng;
+mod tee;
 
-use std::io::{self, BufWriter, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::io::{self, BufWriter, Write};
 
 use common::{Direction, InterfaceStats};
 
 pub use self::pcap::PcapSink;
 pub use self::pcapng::PcapNgSink;
+pub use self::tee::Tee;
 use crate::cli::Format;
 
 /// One capture interface of one sensor, as the output describes it.
@@ -22,9 +26,13 @@ pub struct SinkInterface {
     pub snaplen: u32,
     pub filter: String,
     pub description: String,
+    /// The sensor's name (its certificate's, else the id it gives), free of control
+    /// characters; it keys the file of each sensor with `--split-by sensor`.
+    pub sensor: String,
 }
 
 /// A packet on its way out. `data` borrows the batch buffer.
+#[derive(Clone, Copy)]
 pub struct OutPacket<'a> {
     pub interface: u32,
     pub timestamp_ns: u64,
@@ -43,99 +51,106 @@ pub trait Sink: Send {
 
     fn write_packet(&mut self, packet: &OutPacket) -> io::Result<()>;
 
-    /// Records an interface's counters (where the format has a place for them).
+    /// Records an interface's final counters (where the format has a place for them).
     fn write_stats(&mut self, interface: u32, stats: &InterfaceStats) -> io::Result<()>;
 
-    /// Pushes buffered bytes to the file or pipe.
+    /// Takes note of an interface's latest counters, for outputs that end each file they
+    /// complete with them (rotated pcapng). Writes nothing.
+    fn update_stats(&mut self, _interface: u32, _stats: &InterfaceStats) {}
+
+    /// Pushes buffered bytes to the file, pipe or clients: a record boundary. Once it
+    /// returns Ok, everything written so far is in the output (sensors get acknowledgements).
     fn flush(&mut self) -> io::Result<()>;
 
     /// Completes the output; it is valid afterwards even if no sensor ever came.
     fn finish(self: Box<Self>) -> io::Result<()>;
 }
 
-/// Opens the output at `path` (`-` is stdout) in `format`.
-pub fn open(path: &Path, format: Format) -> io::Result<Box<dyn Sink>> {
-    let out = if path.as_os_str() == "-" {
-        Output::Stdout(BufWriter::with_capacity(1 << 20, io::stdout()))
-    } else {
-        Output::File(Committed::new(std::fs::File::create(path)?))
-    };
-    Ok(match format {
-        Format::Pcap => Box::new(PcapSink::new(out)),
-        Format::Pcapng => Box::new(PcapNgSink::new(out)?),
-    })
+/// A format writer over `W`: what a file or stdout holds.
+pub enum FormatSink<W: Write> {
+    Pcap(PcapSink<W>),
+    Pcapng(PcapNgSink<W>),
 }
 
-/// Where a sink's bytes go. Sinks write whole records and flush between them, so a flush
-/// is a record boundary.
-pub enum Output {
-    /// A pipe: an error there is final (the reader went away).
-    Stdout(BufWriter<io::Stdout>),
-    File(Committed),
-}
+impl<W: Write + Send> FormatSink<W> {
+    /// Starts `format` on `out` (pcapng writes its section header now).
+    pub fn new(format: Format, out: W) -> io::Result<Self> {
+        Ok(match format {
+            Format::Pcap => Self::Pcap(PcapSink::new(out)),
+            Format::Pcapng => Self::Pcapng(PcapNgSink::new(out)?),
+        })
+    }
 
-impl Write for Output {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+    /// Writes what ends a file, short of flushing: pcap's header if no interface came.
+    pub fn complete(&mut self) -> io::Result<()> {
         match self {
-            Self::Stdout(w) => w.write(buf),
-            Self::File(w) => w.write(buf),
+            Self::Pcap(s) => s.complete(),
+            Self::Pcapng(_) => Ok(()),
         }
+    }
+
+    pub fn output(&self) -> &W {
+        match self {
+            Self::Pcap(s) => s.output(),
+            Self::Pcapng(s) => s.output(),
+        }
+    }
+
+    pub fn into_output(self) -> W {
+        match self {
+            Self::Pcap(s) => s.into_output(),
+            Self::Pcapng(s) => s.into_output(),
+        }
+    }
+
+    fn inner(&self) -> &dyn Sink {
+        match self {
+            Self::Pcap(s) => s,
+            Self::Pcapng(s) => s,
+        }
+    }
+
+    fn inner_mut(&mut self) -> &mut dyn Sink {
+        match self {
+            Self::Pcap(s) => s,
+            Self::Pcapng(s) => s,
+        }
+    }
+}
+
+impl<W: Write + Send> Sink for FormatSink<W> {
+    fn check(&self, interfaces: &[SinkInterface]) -> Result<(), String> {
+        self.inner().check(interfaces)
+    }
+
+    fn add_interface(&mut self, interface: &SinkInterface) -> io::Result<u32> {
+        self.inner_mut().add_interface(interface)
+    }
+
+    fn write_packet(&mut self, packet: &OutPacket) -> io::Result<()> {
+        self.inner_mut().write_packet(packet)
+    }
+
+    fn write_stats(&mut self, interface: u32, stats: &InterfaceStats) -> io::Result<()> {
+        self.inner_mut().write_stats(interface, stats)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Self::Stdout(w) => w.flush(),
-            Self::File(w) => w.flush(),
+        self.inner_mut().flush()
+    }
+
+    fn finish(self: Box<Self>) -> io::Result<()> {
+        match *self {
+            Self::Pcap(s) => Box::new(s).finish(),
+            Self::Pcapng(s) => Box::new(s).finish(),
         }
     }
 }
 
-/// A file that only ever holds whole flushes. Writes collect in memory; a flush appends
-/// them. When the append fails (disk full), the file is cut back to the end of the last
-/// good flush and the bytes are kept for the next try: a reader never finds a torn record,
-/// and nothing is lost while space is short.
-pub struct Committed {
-    file: std::fs::File,
-    pending: Vec<u8>,
-    /// Length of the file's complete part.
-    committed: u64,
-}
-
-impl Committed {
-    fn new(file: std::fs::File) -> Self {
-        Self {
-            file,
-            pending: Vec::with_capacity(1 << 20),
-            committed: 0,
-        }
-    }
-}
-
-impl Write for Committed {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.pending.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        if let Err(e) = self.file.write_all(&self.pending) {
-            // Cut the torn tail, so that the file ends on a record boundary again.
-            self.file.set_len(self.committed)?;
-            self.file.seek(SeekFrom::Start(self.committed))?;
-            return Err(e);
-        }
-        self.committed += self.pending.len() as u64;
-        self.pending.clear();
-        if self.pending.capacity() > 64 << 20 {
-            // A burst grew it past a few writer rounds' worth; give the memory back. Not
-            // sooner: growing it again each round costs a page fault per 4 KiB.
-            self.pending.shrink_to(8 << 20);
-        }
-        Ok(())
-    }
+/// The output on stdout, a pipe: an error there is final (the reader went away).
+pub fn stdout(format: Format) -> io::Result<Box<dyn Sink>> {
+    let out = BufWriter::with_capacity(1 << 20, io::stdout());
+    Ok(Box::new(FormatSink::new(format, out)?))
 }
 
 /// Tools read either byte order; the host's costs nothing to write.

@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use std::time::Duration;
 
 use common::InterfaceStats;
-use pcap_file::pcap::{PcapHeader, PcapPacket, PcapTsResolution, PcapWriter};
+use pcap_file::pcap::{PcapHeader, PcapTsResolution};
 use pcap_file::DataLink;
 
 use super::{native_endianness, to_io, OutPacket, Sink, SinkInterface};
@@ -13,71 +13,51 @@ use super::{native_endianness, to_io, OutPacket, Sink, SinkInterface};
 /// Link type written when no sensor ever connected: Ethernet, the common case.
 const DEFAULT_LINK_TYPE: u16 = 1;
 
-enum State<W: Write> {
-    /// No interface yet: the link type, and so the header, is unknown.
-    Waiting(W),
-    Writing {
-        writer: PcapWriter<W>,
-        link_type: u16,
-    },
-    /// Between states, or after a failed header write.
-    Broken,
-}
-
 pub struct PcapSink<W: Write> {
-    state: State<W>,
+    out: W,
+    /// Set once the header is written, by the first interface.
+    link_type: Option<u16>,
 }
 
 impl<W: Write + Send> PcapSink<W> {
     pub fn new(out: W) -> Self {
         Self {
-            state: State::Waiting(out),
+            out,
+            link_type: None,
         }
+    }
+
+    pub fn output(&self) -> &W {
+        &self.out
+    }
+
+    pub fn into_output(self) -> W {
+        self.out
+    }
+
+    /// Makes the output a valid file even if no interface came: the header, for Ethernet.
+    pub fn complete(&mut self) -> io::Result<()> {
+        self.start(DEFAULT_LINK_TYPE)
     }
 
     /// Writes the header once, for the first link type.
     fn start(&mut self, link_type: u16) -> io::Result<()> {
-        let out = match std::mem::replace(&mut self.state, State::Broken) {
-            State::Waiting(out) => out,
-            started => {
-                self.state = started;
-                return Ok(());
-            }
-        };
-        let header = PcapHeader {
-            version_major: 2,
-            version_minor: 4,
-            ts_correction: 0,
-            ts_accuracy: 0,
-            snaplen: common::MAX_SNAPLEN,
-            datalink: DataLink::from(u32::from(link_type)),
-            ts_resolution: PcapTsResolution::NanoSecond,
-            endianness: native_endianness(),
-        };
-        let writer = PcapWriter::with_header(out, header).map_err(to_io)?;
-        self.state = State::Writing { writer, link_type };
+        if self.link_type.is_none() {
+            write_header(&mut self.out, link_type)?;
+            self.link_type = Some(link_type);
+        }
         Ok(())
     }
 }
 
 impl<W: Write + Send> Sink for PcapSink<W> {
     fn check(&self, interfaces: &[SinkInterface]) -> Result<(), String> {
-        let first = match &self.state {
-            State::Writing { link_type, .. } => Some(*link_type),
-            _ => interfaces.first().map(|i| i.link_type),
-        };
-        let Some(first) = first else { return Ok(()) };
-        match interfaces.iter().find(|i| i.link_type != first) {
-            None => Ok(()),
-            Some(other) => Err(format!(
-                "this receiver writes classic pcap with link type {}; sensor interface '{}' \
-                 has link type {}; restart the receiver with --format pcapng to merge \
-                 different link types",
-                link_type_name(first),
-                other.name,
-                number_and_name(other.link_type)
-            )),
-        }
+        check_link_type(
+            self.link_type,
+            interfaces,
+            "this receiver writes classic pcap",
+            "restart the receiver with --format pcapng to merge different link types",
+        )
     }
 
     fn add_interface(&mut self, interface: &SinkInterface) -> io::Result<u32> {
@@ -86,12 +66,10 @@ impl<W: Write + Send> Sink for PcapSink<W> {
     }
 
     fn write_packet(&mut self, packet: &OutPacket) -> io::Result<()> {
-        let State::Writing { writer, .. } = &mut self.state else {
+        if self.link_type.is_none() {
             return Err(io::Error::other("pcap header not written"));
-        };
-        let ts = pcap_timestamp(packet.timestamp_ns);
-        let p = PcapPacket::new(ts, packet.original_len, packet.data).map_err(to_io)?;
-        writer.write_packet(&p).map(drop).map_err(to_io)
+        }
+        write_record(&mut self.out, packet)
     }
 
     fn write_stats(&mut self, _interface: u32, _stats: &InterfaceStats) -> io::Result<()> {
@@ -100,20 +78,67 @@ impl<W: Write + Send> Sink for PcapSink<W> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match &mut self.state {
-            // The io::Error itself, so that "No space left on device" reaches the log.
-            State::Writing { writer, .. } => writer.flush().map_err(|e| match e {
-                pcap_file::pcap::PcapWriteError::Io(e) => e,
-                other => to_io(other),
-            }),
-            State::Waiting(out) => out.flush(),
-            State::Broken => Ok(()),
-        }
+        self.out.flush()
     }
 
     fn finish(mut self: Box<Self>) -> io::Result<()> {
-        self.start(DEFAULT_LINK_TYPE)?;
+        self.complete()?;
         self.flush()
+    }
+}
+
+/// The 24-byte file header: nanosecond timestamps, the host's byte order.
+pub(super) fn write_header<W: Write>(out: &mut W, link_type: u16) -> io::Result<()> {
+    let header = PcapHeader {
+        version_major: 2,
+        version_minor: 4,
+        ts_correction: 0,
+        ts_accuracy: 0,
+        snaplen: common::MAX_SNAPLEN,
+        datalink: DataLink::from(u32::from(link_type)),
+        ts_resolution: PcapTsResolution::NanoSecond,
+        endianness: native_endianness(),
+    };
+    header.write_to(out).map(drop).map_err(to_io)
+}
+
+/// One record: its 16-byte header in the host's byte order (as the file header says), then
+/// the data.
+pub(super) fn write_record<W: Write>(out: &mut W, packet: &OutPacket) -> io::Result<()> {
+    let captured = u32::try_from(packet.data.len())
+        .ok()
+        .filter(|&n| n <= common::MAX_SNAPLEN)
+        .ok_or_else(|| io::Error::other("packet longer than the snap length"))?;
+    let ts = pcap_timestamp(packet.timestamp_ns);
+    // Pinned to u32::MAX seconds above, so the cast keeps the value.
+    let mut header = [0u8; 16];
+    header[0..4].copy_from_slice(&(ts.as_secs() as u32).to_ne_bytes());
+    header[4..8].copy_from_slice(&ts.subsec_nanos().to_ne_bytes());
+    header[8..12].copy_from_slice(&captured.to_ne_bytes());
+    header[12..16].copy_from_slice(&packet.original_len.to_ne_bytes());
+    out.write_all(&header)?;
+    out.write_all(packet.data)
+}
+
+/// Refuses interfaces whose link type differs from the output's (`current`, else the first
+/// of them): a classic pcap stream holds one. `what` and `remedy` frame the message.
+pub(super) fn check_link_type(
+    current: Option<u16>,
+    interfaces: &[SinkInterface],
+    what: &str,
+    remedy: &str,
+) -> Result<(), String> {
+    let Some(first) = current.or_else(|| interfaces.first().map(|i| i.link_type)) else {
+        return Ok(());
+    };
+    match interfaces.iter().find(|i| i.link_type != first) {
+        None => Ok(()),
+        Some(other) => Err(format!(
+            "{what} with link type {}; sensor interface '{}' has link type {}; {remedy}",
+            link_type_name(first),
+            other.name,
+            number_and_name(other.link_type)
+        )),
     }
 }
 
@@ -167,6 +192,7 @@ mod tests {
             snaplen: 262_144,
             filter: String::new(),
             description: String::new(),
+            sensor: name.into(),
         }
     }
 

@@ -43,6 +43,14 @@ impl<W: Write + Send> PcapNgSink<W> {
             epb_options: Vec::with_capacity(1),
         })
     }
+
+    pub fn output(&self) -> &W {
+        self.writer.get_ref()
+    }
+
+    pub fn into_output(self) -> W {
+        self.writer.into_inner()
+    }
 }
 
 impl<W: Write + Send> Sink for PcapNgSink<W> {
@@ -149,6 +157,7 @@ mod tests {
             snaplen: 262_144,
             filter: filter.into(),
             description: "sensor s1 on h (linux)".into(),
+            sensor: "s1".into(),
         }
     }
 

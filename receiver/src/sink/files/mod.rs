@@ -1,0 +1,476 @@
+//! The file output: one file of all sensors, or one per sensor (`--split-by sensor`), each
+//! optionally rotated by size or age, names from a strftime pattern, old files deleted
+//! beyond `--keep`/`--keep-bytes`, and every completed file handed to `on_finished`.
+//!
+//! Sensors are acknowledged only once their packets are flushed to a file: a rotated-out
+//! file is completed in memory and written, closed and reported at the next flush, before
+//! the file that follows it.
+
+mod committed;
+pub mod naming;
+mod series;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::path::PathBuf;
+
+use common::InterfaceStats;
+
+use self::naming::Pattern;
+pub use self::series::Rotation;
+use self::series::Series;
+use super::{FormatSink, OutPacket, Sink, SinkInterface};
+use crate::cli::Format;
+
+/// Called with each file once it is complete and closed: rotated out, or the last at exit.
+/// It runs on the writer task, so it must return at once (hand the path to a queue or a
+/// task, e.g. the uploader's channel with `try_send`).
+pub type OnFinished = Box<dyn FnMut(PathBuf) + Send>;
+
+/// What the file output writes and keeps.
+pub struct FileConfig {
+    pub pattern: Pattern,
+    pub format: Format,
+    pub split_by_sensor: bool,
+    pub rotation: Rotation,
+    pub keep: Keep,
+    pub on_finished: Option<OnFinished>,
+}
+
+/// How many completed files of this receiver stay on disk (besides those being written):
+/// the oldest are deleted beyond either limit; the newest completed one always stays.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Keep {
+    pub files: Option<usize>,
+    pub bytes: Option<u64>,
+}
+
+pub struct Files {
+    pattern: Pattern,
+    format: Format,
+    rotation: Rotation,
+    split_by_sensor: bool,
+    series: Vec<Series>,
+    /// With a file per sensor: each sensor's series, and the safe names given out.
+    by_sensor: HashMap<String, usize>,
+    names: HashSet<String>,
+    /// For each interface: its series and its index there.
+    interfaces: Vec<(usize, u32)>,
+    finished: Finished,
+}
+
+impl Files {
+    /// Opens the output. One file for all sensors is created now, so that a bad path is
+    /// said at start; a file per sensor is created when that sensor comes.
+    pub fn open(config: FileConfig) -> io::Result<Self> {
+        let mut files = Self {
+            pattern: config.pattern,
+            format: config.format,
+            rotation: config.rotation,
+            split_by_sensor: config.split_by_sensor,
+            series: Vec::new(),
+            by_sensor: HashMap::new(),
+            names: HashSet::new(),
+            interfaces: Vec::new(),
+            finished: Finished {
+                on_finished: config.on_finished,
+                keep: config.keep,
+                kept: VecDeque::new(),
+                kept_bytes: 0,
+            },
+        };
+        if !files.split_by_sensor {
+            let mut all = Series::new(&files.pattern, None, files.format, files.rotation)?;
+            all.flush(&files.pattern, &mut files.finished)?;
+            files.series.push(all);
+        }
+        Ok(files)
+    }
+
+    /// The series that takes `sensor`'s interfaces, made when the sensor first comes.
+    fn series_of(&mut self, sensor: &str) -> io::Result<usize> {
+        if !self.split_by_sensor {
+            return Ok(0);
+        }
+        if let Some(&i) = self.by_sensor.get(sensor) {
+            return Ok(i);
+        }
+        let name = naming::unique(sensor, &mut self.names);
+        let series = Series::new(&self.pattern, Some(name), self.format, self.rotation)?;
+        self.series.push(series);
+        self.by_sensor
+            .insert(sensor.to_string(), self.series.len() - 1);
+        Ok(self.series.len() - 1)
+    }
+
+    fn interface(&self, interface: u32) -> io::Result<(usize, u32)> {
+        self.interfaces
+            .get(interface as usize)
+            .copied()
+            .ok_or_else(|| io::Error::other("packet of an unknown interface"))
+    }
+}
+
+impl Sink for Files {
+    fn check(&self, interfaces: &[SinkInterface]) -> Result<(), String> {
+        let Some(first) = interfaces.first() else {
+            return Ok(());
+        };
+        let existing = if self.split_by_sensor {
+            self.by_sensor.get(&first.sensor).copied()
+        } else {
+            Some(0)
+        };
+        match existing.and_then(|i| self.series.get(i)) {
+            Some(series) => series.check(interfaces),
+            // A sensor new to a file per sensor: as a file of its own would take it.
+            None => FormatSink::new(self.format, io::sink())
+                .map_err(|e| e.to_string())?
+                .check(interfaces),
+        }
+    }
+
+    fn add_interface(&mut self, interface: &SinkInterface) -> io::Result<u32> {
+        let series = self.series_of(&interface.sensor)?;
+        let local = self.series[series].add_interface(interface)?;
+        self.interfaces.push((series, local));
+        Ok(self.interfaces.len() as u32 - 1)
+    }
+
+    fn write_packet(&mut self, packet: &OutPacket) -> io::Result<()> {
+        let (series, interface) = self.interface(packet.interface)?;
+        self.series[series].write_packet(
+            &self.pattern,
+            &OutPacket {
+                interface,
+                ..*packet
+            },
+        )
+    }
+
+    fn write_stats(&mut self, interface: u32, stats: &InterfaceStats) -> io::Result<()> {
+        let (series, interface) = self.interface(interface)?;
+        self.series[series].write_stats(interface, stats)
+    }
+
+    fn update_stats(&mut self, interface: u32, stats: &InterfaceStats) {
+        if let Ok((series, interface)) = self.interface(interface) {
+            self.series[series].update_stats(interface, stats);
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        for series in &mut self.series {
+            series.flush(&self.pattern, &mut self.finished)?;
+        }
+        Ok(())
+    }
+
+    /// Completes every file; the first failure is returned once all were tried.
+    fn finish(self: Box<Self>) -> io::Result<()> {
+        let Files {
+            series,
+            mut finished,
+            ..
+        } = *self;
+        let mut result = Ok(());
+        for series in series {
+            if let Err(e) = series.finish(&mut finished) {
+                result = result.and(Err(e));
+            }
+        }
+        result
+    }
+}
+
+/// Completed files: reported to the hook, then kept within `--keep`/`--keep-bytes`.
+struct Finished {
+    on_finished: Option<OnFinished>,
+    keep: Keep,
+    /// Completed files still on disk, oldest first, with their sizes.
+    kept: VecDeque<(PathBuf, u64)>,
+    kept_bytes: u64,
+}
+
+impl Finished {
+    fn done(&mut self, path: PathBuf) {
+        tracing::info!("completed {}", path.display());
+        if let Some(hook) = &mut self.on_finished {
+            hook(path.clone());
+        }
+        if self.keep == Keep::default() {
+            return;
+        }
+        let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+        self.kept.push_back((path, size));
+        self.kept_bytes += size;
+        while self.kept.len() > 1 && self.over_limit() {
+            let Some((old, size)) = self.kept.pop_front() else {
+                break;
+            };
+            self.kept_bytes -= size;
+            match std::fs::remove_file(&old) {
+                Ok(()) => tracing::info!("deleted {} (beyond --keep)", old.display()),
+                Err(e) => tracing::warn!("cannot delete {}: {e}", old.display()),
+            }
+        }
+    }
+
+    fn over_limit(&self) -> bool {
+        self.keep.files.is_some_and(|n| self.kept.len() > n)
+            || self.keep.bytes.is_some_and(|b| self.kept_bytes > b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use common::{Direction, DropReason};
+    use pcap_file::pcapng::{Block, PcapNgReader};
+
+    use super::*;
+
+    /// A scratch directory, removed on drop.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(label: &str) -> Self {
+            let path = std::env::temp_dir()
+                .join(format!("capstream-files-{label}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir_all(&path).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn iface(sensor: &str) -> SinkInterface {
+        SinkInterface {
+            name: format!("{sensor}/eth0"),
+            link_type: 1,
+            snaplen: 262_144,
+            filter: String::new(),
+            description: String::new(),
+            sensor: sensor.into(),
+        }
+    }
+
+    fn stats() -> InterfaceStats {
+        InterfaceStats {
+            interface_id: 0,
+            seen: 100,
+            matched: 90,
+            delivered: 80,
+            drops: vec![(DropReason::KERNEL_BUFFER, 3)],
+        }
+    }
+
+    /// Files with a hook that records what it is handed.
+    fn open(
+        out: &Path,
+        split: bool,
+        rotation: Rotation,
+        keep: Keep,
+    ) -> (Box<Files>, Arc<Mutex<Vec<PathBuf>>>) {
+        let reported = Arc::new(Mutex::new(Vec::new()));
+        let hook = Arc::clone(&reported);
+        let files = Files::open(FileConfig {
+            pattern: Pattern::parse(out, split).unwrap(),
+            format: Format::Pcapng,
+            split_by_sensor: split,
+            rotation,
+            keep,
+            on_finished: Some(Box::new(move |p| hook.lock().unwrap().push(p))),
+        })
+        .unwrap();
+        (Box::new(files), reported)
+    }
+
+    fn write(files: &mut Files, interface: u32, timestamp_ns: u64) {
+        files
+            .write_packet(&OutPacket {
+                interface,
+                timestamp_ns,
+                original_len: 200,
+                direction: Direction::Inbound,
+                data: &[7u8; 200],
+            })
+            .unwrap();
+    }
+
+    /// (interface names, packet timestamps, statistics blocks, whether they all come after
+    /// the last packet) of a pcapng file.
+    fn read(path: &Path) -> (usize, Vec<u64>, usize, bool) {
+        let bytes = std::fs::read(path).unwrap();
+        let mut reader = PcapNgReader::new(&bytes[..]).unwrap();
+        let (mut idbs, mut times, mut isbs, mut stats_last) = (0, Vec::new(), 0, true);
+        while let Some(block) = reader.next_block() {
+            match block.unwrap().0 {
+                Block::InterfaceDescription(_) => idbs += 1,
+                Block::EnhancedPacket(epb) => {
+                    times.push(epb.timestamp.as_nanos() as u64);
+                    stats_last &= isbs == 0;
+                }
+                Block::InterfaceStatistics(_) => isbs += 1,
+                _ => {}
+            }
+        }
+        (idbs, times, isbs, stats_last)
+    }
+
+    #[test]
+    fn rotated_files_are_complete_on_their_own_and_reported_in_order() {
+        let dir = Dir::new("rotate");
+        let rotation = Rotation {
+            size: Some(2_000),
+            every: None,
+        };
+        let (mut files, reported) =
+            open(&dir.0.join("cap.pcapng"), false, rotation, Keep::default());
+        let a = files.add_interface(&iface("a")).unwrap();
+        let b = files.add_interface(&iface("b")).unwrap();
+        files.update_stats(a, &stats());
+        for t in 0..40u64 {
+            write(&mut files, if t % 2 == 0 { a } else { b }, t);
+            if t % 10 == 9 {
+                files.flush().unwrap();
+            }
+        }
+        files.write_stats(b, &stats()).unwrap();
+        files.finish().unwrap();
+
+        let reported = reported.lock().unwrap().clone();
+        assert!(reported.len() >= 4, "{reported:?}");
+        assert_eq!(reported[0], dir.0.join("cap.pcapng"));
+        assert_eq!(reported[1], dir.0.join("cap-1.pcapng"));
+        let mut all = Vec::new();
+        for (i, path) in reported.iter().enumerate() {
+            let (idbs, times, isbs, stats_last) = read(path);
+            assert_eq!(idbs, 2, "every file describes both interfaces");
+            let last = i == reported.len() - 1;
+            // a's latest counters end every file; b's final ones the last.
+            assert_eq!(isbs, if last { 2 } else { 1 }, "{}", path.display());
+            assert!(stats_last);
+            all.extend(times);
+        }
+        assert_eq!(
+            all,
+            (0..40).collect::<Vec<u64>>(),
+            "no packet lost or doubled"
+        );
+    }
+
+    #[test]
+    fn keep_deletes_the_oldest_completed_files() {
+        let dir = Dir::new("keep");
+        let rotation = Rotation {
+            size: Some(2_000),
+            every: None,
+        };
+        let keep = Keep {
+            files: Some(2),
+            bytes: None,
+        };
+        let (mut files, reported) = open(&dir.0.join("cap.pcapng"), false, rotation, keep);
+        let a = files.add_interface(&iface("a")).unwrap();
+        for t in 0..40u64 {
+            write(&mut files, a, t);
+            files.flush().unwrap();
+        }
+        files.finish().unwrap();
+        let reported = reported.lock().unwrap().clone();
+        let left: Vec<PathBuf> = reported.iter().filter(|p| p.exists()).cloned().collect();
+        assert_eq!(left, reported[reported.len() - 2..]);
+        assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn time_rotation_waits_for_packets() {
+        let dir = Dir::new("time");
+        let rotation = Rotation {
+            size: None,
+            every: Some(Duration::from_millis(50)),
+        };
+        let (mut files, reported) = open(&dir.0.join("t.pcapng"), false, rotation, Keep::default());
+        let a = files.add_interface(&iface("a")).unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        files.flush().unwrap();
+        assert!(
+            reported.lock().unwrap().is_empty(),
+            "an empty file is not rotated"
+        );
+        write(&mut files, a, 1);
+        files.flush().unwrap();
+        assert_eq!(reported.lock().unwrap().len(), 1);
+        files.finish().unwrap();
+        assert_eq!(reported.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_file_per_sensor_rotates_on_its_own() {
+        let dir = Dir::new("splitrotate");
+        let rotation = Rotation {
+            size: Some(2_000),
+            every: None,
+        };
+        let out = dir.0.join("{sensor}-%Y.pcapng");
+        let (mut files, reported) = open(&out, true, rotation, Keep::default());
+        let a = files.add_interface(&iface("a")).unwrap();
+        let b = files.add_interface(&iface("b")).unwrap();
+        for t in 0..30u64 {
+            write(&mut files, a, t);
+            if t % 3 == 0 {
+                write(&mut files, b, t);
+            }
+        }
+        files.finish().unwrap();
+        let reported = reported.lock().unwrap().clone();
+        let of = |sensor: &str| -> Vec<u64> {
+            reported
+                .iter()
+                .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(sensor))
+                .flat_map(|p| read(p).1)
+                .collect()
+        };
+        assert_eq!(of("a-"), (0..30).collect::<Vec<u64>>());
+        assert_eq!(of("b-"), (0..30).step_by(3).collect::<Vec<u64>>());
+        assert!(reported.len() > 4, "both rotated: {reported:?}");
+    }
+
+    #[test]
+    fn a_file_per_sensor() {
+        let dir = Dir::new("split");
+        let (mut files, reported) = open(
+            &dir.0.join("cap.pcapng"),
+            true,
+            Rotation::default(),
+            Keep::default(),
+        );
+        assert!(files.check(&[iface("../../x")]).is_ok());
+        let x = files.add_interface(&iface("../../x")).unwrap();
+        let y = files.add_interface(&iface("y")).unwrap();
+        let x2 = files.add_interface(&iface("../../x")).unwrap();
+        write(&mut files, x, 1);
+        write(&mut files, y, 2);
+        write(&mut files, x2, 3);
+        files.finish().unwrap();
+        let mut reported = reported.lock().unwrap().clone();
+        reported.sort();
+        assert_eq!(
+            reported,
+            [dir.0.join("cap-_._.__x.pcapng"), dir.0.join("cap-y.pcapng")]
+        );
+        let (idbs, times, _, _) = read(&reported[0]);
+        assert_eq!((idbs, times), (2, vec![1, 3]));
+        let (idbs, times, _, _) = read(&reported[1]);
+        assert_eq!((idbs, times), (1, vec![2]));
+    }
+}

@@ -1,0 +1,216 @@
+//! One series of files: the output of all sensors, or of one with `--split-by sensor`. It
+//! writes one file at a time and, when rotating, completes it and starts the next.
+
+use std::io::{self, Write as _};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::InterfaceStats;
+use time::OffsetDateTime;
+
+use super::committed::{Committed, Create};
+use super::naming::Pattern;
+use super::Finished;
+use crate::cli::Format;
+use crate::sink::{FormatSink, OutPacket, Sink, SinkInterface};
+
+/// When a file is complete and the next begins.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rotation {
+    /// Before a packet is written to a file this large or larger (as tcpdump -C).
+    pub size: Option<u64>,
+    /// Once a file holding packets is this old.
+    pub every: Option<Duration>,
+}
+
+impl Rotation {
+    pub fn is_on(&self) -> bool {
+        self.size.is_some() || self.every.is_some()
+    }
+}
+
+/// The file being written.
+struct Segment {
+    sink: FormatSink<Committed>,
+    /// The format's index of each of the series' interfaces.
+    map: Vec<u32>,
+    /// Which interfaces have their counters in this file already.
+    stats_written: Vec<bool>,
+    opened: Instant,
+    packets: u64,
+}
+
+pub struct Series {
+    /// The sensor's safe name, for `{sensor}` in the pattern.
+    sensor: Option<String>,
+    format: Format,
+    create: Create,
+    rotation: Rotation,
+    interfaces: Vec<SinkInterface>,
+    /// The latest counters of each interface, and the packets written of it over all files.
+    stats: Vec<Option<InterfaceStats>>,
+    delivered: Vec<u64>,
+    /// The name the pattern gave the current file, and the counter it starts from: when
+    /// the next name is the same (no time field changed), the counter goes on from there,
+    /// so names sort in the order of the files.
+    named: (PathBuf, u32),
+    current: Segment,
+    /// Completed files whose bytes are not all flushed yet: flushed, closed and reported
+    /// in order, before the current file.
+    closing: Vec<Committed>,
+}
+
+impl Series {
+    pub fn new(
+        pattern: &Pattern,
+        sensor: Option<String>,
+        format: Format,
+        rotation: Rotation,
+    ) -> io::Result<Self> {
+        // Rotated files never replace one another, nor older ones.
+        let create = if rotation.is_on() {
+            Create::New
+        } else {
+            Create::Replace
+        };
+        let path = pattern.path(sensor.as_deref(), OffsetDateTime::now_utc());
+        let current = Segment::open(path.clone(), 0, format, create)?;
+        Ok(Self {
+            named: (path, 0),
+            sensor,
+            format,
+            create,
+            rotation,
+            interfaces: Vec::new(),
+            stats: Vec::new(),
+            delivered: Vec::new(),
+            current,
+            closing: Vec::new(),
+        })
+    }
+
+    pub fn check(&self, interfaces: &[SinkInterface]) -> Result<(), String> {
+        self.current.sink.check(interfaces)
+    }
+
+    pub fn add_interface(&mut self, interface: &SinkInterface) -> io::Result<u32> {
+        let idx = self.current.sink.add_interface(interface)?;
+        self.current.map.push(idx);
+        self.current.stats_written.push(false);
+        self.interfaces.push(interface.clone());
+        self.stats.push(None);
+        self.delivered.push(0);
+        Ok(self.interfaces.len() as u32 - 1)
+    }
+
+    pub fn write_packet(&mut self, pattern: &Pattern, packet: &OutPacket) -> io::Result<()> {
+        if let Some(size) = self.rotation.size {
+            if self.current.packets > 0 && self.current.sink.output().len() >= size {
+                self.rotate(pattern)?;
+            }
+        }
+        let i = packet.interface as usize;
+        let interface = *self
+            .current
+            .map
+            .get(i)
+            .ok_or_else(|| io::Error::other("packet of an unknown interface"))?;
+        self.current.sink.write_packet(&OutPacket {
+            interface,
+            ..*packet
+        })?;
+        self.current.packets += 1;
+        self.delivered[i] += 1;
+        Ok(())
+    }
+
+    pub fn write_stats(&mut self, interface: u32, stats: &InterfaceStats) -> io::Result<()> {
+        let i = interface as usize;
+        self.update_stats(interface, stats);
+        self.current.stats_written[i] = true;
+        self.current.sink.write_stats(self.current.map[i], stats)
+    }
+
+    pub fn update_stats(&mut self, interface: u32, stats: &InterfaceStats) {
+        match &mut self.stats[interface as usize] {
+            Some(latest) => latest.clone_from(stats),
+            slot => *slot = Some(stats.clone()),
+        }
+    }
+
+    /// Rotates by time if due, then flushes the completed files (closing and reporting
+    /// each) and the current one. On an error, what is left is tried again next time.
+    pub fn flush(&mut self, pattern: &Pattern, finished: &mut Finished) -> io::Result<()> {
+        if let Some(every) = self.rotation.every {
+            if self.current.packets > 0 && self.current.opened.elapsed() >= every {
+                self.rotate(pattern)?;
+            }
+        }
+        while let Some(first) = self.closing.first_mut() {
+            first.flush()?;
+            finished.done(self.closing.remove(0).close());
+        }
+        self.current.sink.flush()
+    }
+
+    /// Completes the current file and reports it.
+    pub fn finish(mut self, finished: &mut Finished) -> io::Result<()> {
+        self.complete_current()?;
+        let last = self.current.sink.into_output();
+        self.closing.push(last);
+        for mut file in self.closing {
+            file.flush()?;
+            finished.done(file.close());
+        }
+        Ok(())
+    }
+
+    /// Ends the current file and starts the next, in memory: the files are written at the
+    /// next flush, so a failing disk is waited out there, like any write.
+    fn rotate(&mut self, pattern: &Pattern) -> io::Result<()> {
+        self.complete_current()?;
+        let path = pattern.path(self.sensor.as_deref(), OffsetDateTime::now_utc());
+        let counter = if path == self.named.0 {
+            self.named.1 + 1
+        } else {
+            0
+        };
+        let mut next = Segment::open(path.clone(), counter, self.format, self.create)?;
+        self.named = (path, counter);
+        for interface in &self.interfaces {
+            next.map.push(next.sink.add_interface(interface)?);
+            next.stats_written.push(false);
+        }
+        let done = std::mem::replace(&mut self.current, next);
+        self.closing.push(done.sink.into_output());
+        Ok(())
+    }
+
+    /// Ends the current file with each interface's latest counters (pcapng), if not there.
+    fn complete_current(&mut self) -> io::Result<()> {
+        for (i, stats) in self.stats.iter().enumerate() {
+            let Some(stats) = stats else { continue };
+            if self.current.stats_written[i] {
+                continue;
+            }
+            let mut stats = stats.clone();
+            stats.delivered = self.delivered[i];
+            self.current.sink.write_stats(self.current.map[i], &stats)?;
+            self.current.stats_written[i] = true;
+        }
+        self.current.sink.complete()
+    }
+}
+
+impl Segment {
+    fn open(path: PathBuf, counter: u32, format: Format, create: Create) -> io::Result<Self> {
+        let sink = FormatSink::new(format, Committed::new(path, create, counter))?;
+        Ok(Self {
+            sink,
+            map: Vec::new(),
+            stats_written: Vec::new(),
+            opened: Instant::now(),
+            packets: 0,
+        })
+    }
+}
