@@ -3,15 +3,18 @@
 //! socat TLS tunnel into a writer) on the same traffic; and streaming (`sensor --read`)
 //! against that pipeline ([`streaming`]). Measured in one run on this machine.
 //!
-//! A veth pair joins two namespaces; tcpreplay sends pre-built files of 64-byte and
-//! 1500-byte frames at top speed into the capture end. For each frame size, every
-//! contestant (tcpdump, then the sensor in each mode streaming to a receiver) takes one
-//! replay per round, contestants interleaved, and the figures are the medians over the
-//! rounds. CPU time and peak RSS come from /proc just before each process is stopped.
+//! A veth pair joins two namespaces; the project's own generator ([`generator`]) sends
+//! 64-byte and 1500-byte frames as fast as it can into the capture end. For each frame
+//! size, every contestant (tcpdump, then the sensor in each mode streaming to a receiver)
+//! takes one burst per round, contestants interleaved, and the figures are the medians
+//! over the rounds. CPU time and peak RSS come from /proc just before each process is
+//! stopped. Fan-in ([`fanin`]): 1, 8 and 32 sensors streaming files into one receiver.
 //!
-//! Results: tables on stdout, and `bench-out/capture.json` and `bench-out/streaming.json`
-//! with every run.
+//! Results: tables on stdout, and `bench-out/capture.json`, `bench-out/streaming.json` and
+//! `bench-out/fanin.json` with every run.
 
+mod fanin;
+pub mod generator;
 mod pipeline;
 mod streaming;
 
@@ -21,17 +24,17 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use testbed::capstream::{start_sensor, summary_figure, Receiver, Scratch};
+use testbed::capstream::{sensor_figures, start_sensor, Receiver, Scratch};
 use testbed::{Lab, Proc};
 
 use crate::system::{cmd, setup};
 
-/// Frames per replay, per frame size.
-const FRAMES: usize = 300_000;
+/// Frame sizes and the frames sent per run of each: more than any kernel buffer of the
+/// contestants holds (2M x 64 B = 128 MB; 300k x 1500 B = 450 MB).
+const TRAFFIC: [(usize, u64); 2] = [(64, 2_000_000), (1500, 300_000)];
 /// Rounds unless `--rounds` says otherwise.
 pub const ROUNDS: usize = 3;
-const FRAME_SIZES: [usize; 2] = [64, 1500];
-/// Everything a run needs to reach the output after the replay ends.
+/// Everything a run needs to reach the output after the burst ends.
 const SETTLE: Duration = Duration::from_millis(1500);
 
 /// Who captures: tcpdump as the baseline, the reference pipeline, or the sensor in a mode.
@@ -67,7 +70,15 @@ const CONTESTANTS: [Contestant; 7] = [
 struct Run {
     offered: u64,
     written: u64,
+    /// Every drop, then those before the frame reached the capturing process (the kernel
+    /// buffer or ring) and those of the sensor's own buffer (whole batches).
     dropped: u64,
+    dropped_kernel: u64,
+    dropped_sensor_buffer: u64,
+    /// The generator's rate during the run, and the frames the link refused and it sent
+    /// again (see [`generator`]).
+    generator_pps: f64,
+    refused: u64,
     /// CPU seconds of the capturing side (tcpdump, or sensor, or tcpdump and the tunnel's
     /// socat) and of the receiving side (receiver, or the writer's socat).
     capture_cpu: f64,
@@ -76,10 +87,14 @@ struct Run {
     receiver_rss_kib: u64,
 }
 
-/// Runs `only` ("capture" or "streaming"), or both, over `rounds` rounds.
+/// Runs `only` ("capture", "streaming" or "fanin"), or all, over `rounds` rounds.
 pub fn run(only: Option<&str>, rounds: usize) -> Result<()> {
     setup()?;
-    crate::ebpf::build(crate::root())?;
+    let part = |name: &str| only.is_none_or(|o| o == name);
+    // Only live capture uses the in-kernel programs.
+    if part("capture") {
+        crate::ebpf::build(crate::root())?;
+    }
     cmd(
         "cargo",
         &["build", "--release", "-p", "sensor", "-p", "receiver"],
@@ -94,16 +109,19 @@ pub fn run(only: Option<&str>, rounds: usize) -> Result<()> {
     let out_dir = crate::root().join("bench-out");
     std::fs::create_dir_all(&out_dir)?;
     let ticks: f64 = testbed::run("getconf", &["CLK_TCK"])?.trim().parse()?;
-    if only != Some("streaming") {
+    if part("capture") {
         capture(&out_dir, rounds, ticks)?;
     }
-    if only != Some("capture") {
+    if part("streaming") {
         streaming::run(&out_dir, rounds, ticks)?;
+    }
+    if part("fanin") {
+        fanin::run(&out_dir, rounds, ticks)?;
     }
     Ok(())
 }
 
-/// Every capture mode, tcpdump and the pipeline on replayed traffic.
+/// Every capture mode, tcpdump and the pipeline on the generator's traffic.
 fn capture(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
     let lab = Lab::new(1)?;
     let iface = lab.links[0].1.clone();
@@ -115,9 +133,16 @@ fn capture(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
     let tls = pipeline::TlsPair::create(Some(&lab.cap), &scratch)?;
 
     let mut results: Vec<(usize, Contestant, Vec<Run>)> = Vec::new();
-    for size in FRAME_SIZES {
-        let traffic = scratch.join(&format!("frames-{size}.pcap"));
-        write_traffic(&traffic, size, FRAMES, mac)?;
+    let mut references = String::new();
+    for (size, count) in TRAFFIC {
+        let traffic = generator::Options {
+            iface: lab.links[0].0.clone(),
+            dst_mac: mac,
+            size,
+            count,
+            rate: None,
+        };
+        references.push_str(&reference_rates(&lab, &scratch, &traffic)?);
         let mut runs: Vec<Vec<Run>> = vec![Vec::new(); CONTESTANTS.len()];
         for round in 1..=rounds {
             for (i, contestant) in CONTESTANTS.iter().enumerate() {
@@ -135,40 +160,62 @@ fn capture(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
         }
     }
 
-    println!("{}", table(&results, rounds));
+    println!("{references}{}", table(&results, rounds));
     let json = out_dir.join("capture.json");
     std::fs::write(&json, to_json(&results))?;
     eprintln!("xtask: every run in {}", json.display());
     Ok(())
 }
 
-/// One replay of `traffic` captured by `contestant`.
+/// Both generators' rates with nothing capturing, for the reference line: tcpreplay
+/// `--topspeed` on a file of the same frames, and the project's generator.
+fn reference_rates(lab: &Lab, scratch: &Scratch, traffic: &generator::Options) -> Result<String> {
+    let file = scratch.join(&format!("frames-{}.pcap", traffic.size));
+    write_traffic(&file, traffic.size, traffic.count, traffic.dst_mac)?;
+    eprintln!(
+        "xtask: {}-byte frames with nothing capturing: tcpreplay, then the generator",
+        traffic.size
+    );
+    let tcpreplay = generator::tcpreplay_pps(&lab.gen, &traffic.iface, &file)?;
+    let _ = std::fs::remove_file(&file);
+    let ours = generator::run_in(&lab.gen, traffic)?;
+    Ok(format!(
+        "{}-byte frames, nothing capturing: tcpreplay --topspeed reaches {:.0} pps, the \
+         generator {:.0} pps ({:.1}x)\n",
+        traffic.size,
+        tcpreplay,
+        ours.pps(),
+        ours.pps() / tcpreplay
+    ))
+}
+
+/// One burst of `traffic` captured by `contestant`.
 fn measure(
     lab: &Lab,
     iface: &str,
     contestant: Contestant,
-    traffic: &Path,
+    traffic: &generator::Options,
     tls: &pipeline::TlsPair,
     ticks: f64,
 ) -> Result<Run> {
     let dir = Scratch::new("bench-run")?;
-    let offered = FRAMES as u64;
     match contestant {
         Contestant::Tcpdump => {
             let out = dir.join("tcpdump.pcap");
             let mut tcpdump = start_baseline(lab, iface, &out)?;
-            replay(lab, traffic)?;
+            let sent = generator::run_in(&lab.gen, traffic)?;
             std::thread::sleep(SETTLE);
             let (capture_cpu, capture_rss_kib) = usage(tcpdump.pid(), ticks)?;
             tcpdump.stop()?;
             let log = tcpdump.stderr();
+            let dropped = number_before(&log, "packets dropped by kernel")?;
             Ok(Run {
-                offered,
                 written: number_before(&log, "packets captured")?,
-                dropped: number_before(&log, "packets dropped by kernel")?,
+                dropped,
+                dropped_kernel: dropped,
                 capture_cpu,
                 capture_rss_kib,
-                ..Run::default()
+                ..Run::sent(&sent)
             })
         }
         Contestant::Pipeline => measure_pipeline(lab, iface, traffic, tls, ticks, &dir),
@@ -179,24 +226,25 @@ fn measure(
                 args.push("--dedicated");
             }
             let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args)?;
-            replay(lab, traffic)?;
+            let sent = generator::run_in(&lab.gen, traffic)?;
             std::thread::sleep(SETTLE);
             let (capture_cpu, capture_rss_kib) = usage(sensor.pid(), ticks)?;
             sensor.stop()?;
             let (receiver_cpu, receiver_rss_kib) = usage(receiver.proc.pid(), ticks)?;
             receiver.stop()?;
-            let log = sensor.stderr();
-            let dropped = summary_figure(&log, ", dropped ")?;
+            let figures = sensor_figures(&sensor.stderr(), iface)?;
             let written = count_records(&out)?;
             let _ = std::fs::remove_file(&out);
             Ok(Run {
-                offered,
                 written,
-                dropped,
+                dropped: figures.dropped,
+                dropped_kernel: figures.reason("kernel buffer full"),
+                dropped_sensor_buffer: figures.reason("sensor buffer full"),
                 capture_cpu,
                 receiver_cpu,
                 capture_rss_kib,
                 receiver_rss_kib,
+                ..Run::sent(&sent)
             })
         }
     }
@@ -208,7 +256,7 @@ fn measure(
 fn measure_pipeline(
     lab: &Lab,
     iface: &str,
-    traffic: &Path,
+    traffic: &generator::Options,
     tls: &pipeline::TlsPair,
     ticks: f64,
     dir: &Scratch,
@@ -228,7 +276,7 @@ fn measure_pipeline(
     let pipe = tcpdump.stdout.take().context("tcpdump's stdout")?;
     let mut tunnel = pipeline::start_tunnel(Some(&lab.cap), tls, Stdio::from(pipe), &logs[1])?;
     pipeline::wait_for_log(&mut tcpdump, &logs[0], "listening on", "tcpdump")?;
-    replay(lab, traffic)?;
+    let sent = generator::run_in(&lab.gen, traffic)?;
     std::thread::sleep(SETTLE);
     let (tcpdump_cpu, tcpdump_rss) = usage(tcpdump.id(), ticks)?;
     let (tunnel_cpu, tunnel_rss) = usage(tunnel.id(), ticks)?;
@@ -238,15 +286,29 @@ fn measure_pipeline(
     pipeline::wait_ok(&mut tunnel, "socat (tunnel)", &logs[1])?;
     pipeline::wait_ok(&mut writer, "socat (writer)", &logs[2])?;
     let log = std::fs::read_to_string(&logs[0])?;
+    let dropped = number_before(&log, "packets dropped by kernel")?;
     Ok(Run {
-        offered: FRAMES as u64,
         written: count_records(&out)?,
-        dropped: number_before(&log, "packets dropped by kernel")?,
+        dropped,
+        dropped_kernel: dropped,
         capture_cpu: tcpdump_cpu + tunnel_cpu,
         receiver_cpu: writer_cpu,
         capture_rss_kib: tcpdump_rss + tunnel_rss,
         receiver_rss_kib: writer_rss,
+        ..Run::sent(&sent)
     })
+}
+
+impl Run {
+    /// A run's figures so far: what the generator offered.
+    fn sent(sent: &generator::Sent) -> Self {
+        Self {
+            offered: sent.frames,
+            generator_pps: sent.pps(),
+            refused: sent.refused,
+            ..Self::default()
+        }
+    }
 }
 
 /// `tcpdump -w file` as a user would run it for a long capture: no immediate mode, a
@@ -264,15 +326,6 @@ fn start_baseline(lab: &Lab, iface: &str, out: &Path) -> Result<Proc> {
     let mut proc = Proc::start("tcpdump", &argv, std::process::Stdio::null())?;
     proc.wait_for("listening on", Duration::from_secs(10))?;
     Ok(proc)
-}
-
-fn replay(lab: &Lab, traffic: &Path) -> Result<()> {
-    let file = traffic.to_str().context("traffic path is not UTF-8")?;
-    lab.gen.exec(
-        "tcpreplay",
-        &["-q", "--topspeed", "-K", "-i", &lab.links[0].0, file],
-    )?;
-    Ok(())
 }
 
 /// CPU seconds (user + system) and peak RSS (KiB) of a running process, from /proc;
@@ -344,7 +397,7 @@ fn count_records(path: &Path) -> Result<u64> {
     Ok(n)
 }
 
-fn parse_mac(text: &str) -> Result<[u8; 6]> {
+pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
     let parts: Vec<u8> = text
         .split(':')
         .map(|p| u8::from_str_radix(p, 16))
@@ -357,9 +410,9 @@ fn parse_mac(text: &str) -> Result<[u8; 6]> {
 
 /// `count` Ethernet/IPv4/UDP frames of `size` bytes to `dst_mac`, 198.18.0.1 → 198.18.0.3
 /// (no host there: the capture end's stack drops them quietly).
-fn write_traffic(path: &Path, size: usize, count: usize, dst_mac: [u8; 6]) -> Result<()> {
+fn write_traffic(path: &Path, size: usize, count: u64, dst_mac: [u8; 6]) -> Result<()> {
     let frame = udp_frame(size, dst_mac)?;
-    let mut out = Vec::with_capacity(24 + count * (16 + size));
+    let mut out = Vec::with_capacity(24 + count as usize * (16 + size));
     out.extend_from_slice(&pcap_header(65535, 1));
     let len = u32::try_from(size)?;
     for i in 0..count {
@@ -426,27 +479,34 @@ fn table(results: &[(usize, Contestant, Vec<Run>)], rounds: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nCapture, {FRAMES} frames per replay at tcpreplay --topspeed, median of {rounds} \
-         interleaved rounds\n"
+        "\nCapture at the generator's full rate, median of {rounds} interleaved rounds \
+         (dropped: all, then kernel buffer / sensor buffer)\n"
     );
     let _ = writeln!(
         out,
-        "| frames | who | written | dropped | capture CPU s/Mpkt | receiver CPU s/Mpkt | capture peak RSS MiB | receiver peak RSS MiB |"
+        "| frames | who | generator kpps | offered | written | dropped | capture CPU s/Mpkt | receiver CPU s/Mpkt | capture peak RSS MiB | receiver peak RSS MiB |"
     );
-    let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- | --- | --- |");
-    let per_million = |cpu: f64| cpu / (FRAMES as f64 / 1e6);
+    let _ = writeln!(
+        out,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
     for (size, contestant, runs) in results {
         let pick = |f: fn(&Run) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
+        let offered = pick(|r| r.offered as f64);
+        let per_million = |cpu: f64| cpu / (offered / 1e6);
         let receiving = |figure: String| match contestant {
             Contestant::Tcpdump => "-".to_string(),
             _ => figure,
         };
         let _ = writeln!(
             out,
-            "| {size} B | {} | {:.0} | {:.0} | {:.2} | {} | {:.1} | {} |",
+            "| {size} B | {} | {:.0} | {offered:.0} | {:.0} | {:.0} ({:.0} / {:.0}) | {:.2} | {} | {:.1} | {} |",
             cell(&contestant.name()),
+            pick(|r| r.generator_pps) / 1e3,
             pick(|r| r.written as f64),
             pick(|r| r.dropped as f64),
+            pick(|r| r.dropped_kernel as f64),
+            pick(|r| r.dropped_sensor_buffer as f64),
             per_million(pick(|r| r.capture_cpu)),
             receiving(format!("{:.2}", per_million(pick(|r| r.receiver_cpu)))),
             pick(|r| r.capture_rss_kib as f64) / 1024.0,
@@ -461,11 +521,12 @@ fn table(results: &[(usize, Contestant, Vec<Run>)], rounds: usize) -> String {
         out,
         "\nSensor + receiver CPU against the tcpdump | TLS pipeline's (target: at most 0.5x)\n"
     );
+    // Per million frames offered.
     let total = |runs: &[Run]| {
         median(
             &mut runs
                 .iter()
-                .map(|r| r.capture_cpu + r.receiver_cpu)
+                .map(|r| (r.capture_cpu + r.receiver_cpu) / (r.offered as f64 / 1e6))
                 .collect::<Vec<_>>(),
         )
     };
@@ -479,7 +540,7 @@ fn table(results: &[(usize, Contestant, Vec<Run>)], rounds: usize) -> String {
         else {
             continue;
         };
-        let (ours, theirs) = (per_million(total(runs)), per_million(total(baseline)));
+        let (ours, theirs) = (total(runs), total(baseline));
         let x = ours / theirs;
         let _ = writeln!(
             out,
@@ -495,13 +556,19 @@ fn to_json(results: &[(usize, Contestant, Vec<Run>)]) -> String {
     json_array(results.iter().flat_map(|(size, contestant, runs)| {
         runs.iter().map(move |run| {
             format!(
-                "{{\"frame_bytes\": {size}, \"who\": \"{}\", \"offered\": {}, \"written\": {}, \
-                 \"dropped\": {}, \"capture_cpu_s\": {:.3}, \"receiver_cpu_s\": {:.3}, \
+                "{{\"frame_bytes\": {size}, \"who\": \"{}\", \"generator_pps\": {:.0}, \
+                 \"refused_and_resent\": {}, \"offered\": {}, \"written\": {}, \
+                 \"dropped\": {}, \"dropped_kernel\": {}, \"dropped_sensor_buffer\": {}, \
+                 \"capture_cpu_s\": {:.3}, \"receiver_cpu_s\": {:.3}, \
                  \"capture_peak_rss_kib\": {}, \"receiver_peak_rss_kib\": {}}}",
                 contestant.name(),
+                run.generator_pps,
+                run.refused,
                 run.offered,
                 run.written,
                 run.dropped,
+                run.dropped_kernel,
+                run.dropped_sensor_buffer,
                 run.capture_cpu,
                 run.receiver_cpu,
                 run.capture_rss_kib,

@@ -34,16 +34,39 @@ enum Command {
     /// building bpf-linker first when missing); then rebuild the sensor.
     BuildEbpf,
     /// Measure capture throughput, loss, CPU and memory of every sensor mode beside
-    /// `tcpdump -w file` and a tcpdump | socat TLS pipeline on the same traffic, and
-    /// streaming (`sensor --read`) beside that pipeline (root; several minutes); see
-    /// BENCHMARKS.md.
+    /// `tcpdump -w file` and a tcpdump | socat TLS pipeline on the same traffic, streaming
+    /// (`sensor --read`) beside that pipeline, and fan-in of 1, 8 and 32 sensors into one
+    /// receiver (root; several minutes); see BENCHMARKS.md.
     Bench {
-        /// Run one part only (both when not given).
-        #[arg(long, value_parser = ["capture", "streaming"])]
+        /// Run one part only (all when not given), e.g. `--only fanin`.
+        #[arg(long, value_parser = ["capture", "streaming", "fanin"])]
         only: Option<String>,
         /// Interleaved rounds per contestant; the tables show the median.
         #[arg(long, default_value_t = bench::ROUNDS)]
         rounds: usize,
+    },
+    /// Send UDP frames out of an interface as fast as the machine allows (or at --rate),
+    /// through an AF_PACKET socket past the qdisc, and print frames sent and pps: the
+    /// capture bench's generator (root). Example, in a namespace holding veth gen0:
+    /// `ip netns exec NS target/debug/xtask generate --iface gen0 --dst-mac
+    /// 02:00:00:00:00:02 --size 1500 --count 1000000`
+    #[command(hide = true)]
+    Generate {
+        /// Interface to send out of, e.g. `--iface gen0`.
+        #[arg(long)]
+        iface: String,
+        /// Destination MAC address of the frames, e.g. `--dst-mac 02:00:00:00:00:02`.
+        #[arg(long, value_parser = |s: &str| bench::parse_mac(s).map_err(|e| e.to_string()))]
+        dst_mac: [u8; 6],
+        /// Frame size in bytes without the FCS, 42 to 9014, e.g. `--size 64`.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(42..=9014))]
+        size: u16,
+        /// Frames to send, e.g. `--count 2000000`.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        count: u64,
+        /// Frames per second, e.g. `--rate 100000` (default: as fast as possible).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        rate: Option<u64>,
     },
     /// Run the cargo-fuzz targets (nightly; installs cargo-fuzz when missing), after
     /// writing their seed corpora; fails if any finds a crash. See fuzz/README.md.
@@ -71,6 +94,20 @@ fn main() {
         Command::BuildEbpf => ebpf::build(root()),
         Command::Bench { only, rounds } => bench::run(only.as_deref(), rounds.max(1)),
         Command::Fuzz { seconds, targets } => fuzz::run(root(), seconds, &targets),
+        Command::Generate {
+            iface,
+            dst_mac,
+            size,
+            count,
+            rate,
+        } => bench::generator::send(&bench::generator::Options {
+            iface,
+            dst_mac,
+            size: usize::from(size),
+            count,
+            rate,
+        })
+        .map(|sent| println!("{}", sent.line())),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

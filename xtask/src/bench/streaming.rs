@@ -19,7 +19,7 @@ use super::pipeline::{command_in, path_arg, start_tunnel, start_writer, wait_ok,
 use super::{children_cpu, count_records, median, usage};
 
 /// Packet data per file (captured bytes, without pcap headers).
-const TARGET_BYTES: u64 = 200_000_000;
+pub(super) const TARGET_BYTES: u64 = 200_000_000;
 const RANDOM_FRAME: usize = 1500;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -206,12 +206,30 @@ fn pipeline_run(ns: &Netns, tls: &TlsPair, t: &Traffic, ticks: f64) -> Result<Ru
 /// The corpus's records again and again until [`TARGET_BYTES`] of packet data, with
 /// timestamps rising 1 µs per packet.
 fn loop_corpus(corpus: &Path, path: &Path) -> Result<Traffic> {
-    let bytes = std::fs::read(corpus).with_context(|| {
+    let bytes = read_corpus(corpus)?;
+    let (link_type, frames) = corpus_frames(&bytes, corpus)?;
+    let mut writer = PcapWriter::create(path, link_type)?;
+    while writer.bytes < TARGET_BYTES {
+        for frame in &frames {
+            writer.record(frame)?;
+        }
+    }
+    writer.finish("corpus (looped)")
+}
+
+/// The bytes of the shared corpus file at `corpus`.
+pub(super) fn read_corpus(corpus: &Path) -> Result<Vec<u8>> {
+    std::fs::read(corpus).with_context(|| {
         format!(
             "cannot read {}: the shared corpus must sit beside the repository",
             corpus.display()
         )
-    })?;
+    })
+}
+
+/// The link type and the packets (captured bytes) of `bytes`, the corpus read from
+/// `corpus`, in file order.
+pub(super) fn corpus_frames<'a>(bytes: &'a [u8], corpus: &Path) -> Result<(u32, Vec<&'a [u8]>)> {
     if bytes.get(..4) != Some(&[0xd4, 0xc3, 0xb2, 0xa1][..]) {
         bail!(
             "{} is not a little-endian microsecond pcap",
@@ -229,13 +247,7 @@ fn loop_corpus(corpus: &Path, path: &Path) -> Result<Traffic> {
         frames.push(frame);
         at += 16 + captured;
     }
-    let mut writer = PcapWriter::create(path, link_type)?;
-    while writer.bytes < TARGET_BYTES {
-        for frame in &frames {
-            writer.record(frame)?;
-        }
-    }
-    writer.finish("corpus (looped)")
+    Ok((link_type, frames))
 }
 
 /// Ethernet/IPv4/UDP frames of [`RANDOM_FRAME`] bytes whose payload is pseudo-random
