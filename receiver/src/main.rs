@@ -19,6 +19,7 @@ mod server;
 mod sink;
 mod stats;
 mod tls;
+mod upload;
 mod writer;
 
 #[cfg(test)]
@@ -109,6 +110,10 @@ async fn run(cli: Cli) -> Result<()> {
             ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)
         }
     };
+    let uploader = match &cli.upload {
+        Some(url) => Some(start_uploader(url, &cli.out).await.map_err(BadInput)?),
+        None => None,
+    };
     let endpoint = listen(cli.listen, server_config, reset_key).map_err(|e| {
         BadInput(anyhow!(
             "cannot listen on UDP {}: {e} (is another receiver running there?)",
@@ -160,7 +165,23 @@ async fn run(cli: Cli) -> Result<()> {
     for s in &summaries {
         eprintln!("  {}", s.line());
     }
+    if let Some(uploader) = uploader {
+        // Until rotation hands over each finished segment, the one output file is it.
+        uploader.submit(cli.out.clone());
+        let report = uploader.finish(cli.upload_timeout).await;
+        eprintln!("receiver: {}", report.line());
+        report.result()?;
+    }
     Ok(())
+}
+
+async fn start_uploader(url: &str, out: &std::path::Path) -> Result<upload::Uploader> {
+    if out.as_os_str() == "-" {
+        return Err(anyhow!(
+            "--upload needs --out FILE: stdout cannot be uploaded"
+        ));
+    }
+    upload::Uploader::start(url).await
 }
 
 fn listen(
