@@ -93,7 +93,16 @@ impl Moto {
         .map(drop)
     }
 
-    /// The keys under `bucket`, one a line.
+    /// The object's ETag; a multipart upload's ends in `-<parts>"`.
+    pub fn etag(&self, bucket: &str, key: &str) -> Result<String> {
+        let out = self.boto3(
+            "print(s3.head_object(Bucket=sys.argv[2], Key=sys.argv[3])['ETag'])",
+            &[bucket, key],
+        )?;
+        Ok(out.trim().to_string())
+    }
+
+    /// The keys under `bucket`.
     pub fn keys(&self, bucket: &str) -> Result<Vec<String>> {
         let out = self.boto3(
             "print('\\n'.join(o['Key'] for o in s3.list_objects_v2(Bucket=sys.argv[2])\

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use testbed::capstream::{first_difference, start_sensor, tcpdump_records, Receiver, Scratch};
+use testbed::capstream::{
+    first_difference, start_sensor, tcpdump_records, Receiver, Record, Scratch,
+};
 use testbed::{corpus_dir, Moto};
 
 const BUCKET: &str = "captures";
@@ -28,15 +30,20 @@ fn start_receiver(moto: &Moto, dir: &Scratch, port: u16, file: &str, args: &[&st
     Receiver::start_through(None, &wrapper, &dir.join("state"), port, &all).unwrap()
 }
 
-/// Streams the whole corpus into `receiver` and waits for the sensor to finish.
-fn stream_corpus(receiver: &Receiver) {
-    let mut sensor = start_sensor(None, receiver, &["--read", &corpus()]).unwrap();
-    let status = sensor.wait(Duration::from_secs(60)).unwrap();
-    assert!(status.success(), "sensor failed: {}", sensor.stderr());
+/// Streams the whole corpus into `receiver` from `times` sensors in turn, each acknowledged
+/// (so written) before the next starts: the output holds the corpus `times` over.
+fn stream_corpus(receiver: &Receiver, times: usize) {
+    for n in 1..=times {
+        let id = format!("tap-{n}");
+        let args = ["--read", &corpus(), "--sensor-id", &id];
+        let mut sensor = start_sensor(None, receiver, &args).unwrap();
+        let status = sensor.wait(Duration::from_secs(60)).unwrap();
+        assert!(status.success(), "sensor failed: {}", sensor.stderr());
+    }
 }
 
-/// Downloads `key` and checks it is `local` byte for byte, holding every corpus packet.
-fn assert_uploaded(moto: &Moto, key: &str, local: &Path, dir: &Scratch) {
+/// Downloads `key` and checks it is `local` byte for byte, holding the corpus `times` over.
+fn assert_uploaded(moto: &Moto, key: &str, local: &Path, dir: &Scratch, times: usize) {
     let keys = moto.keys(BUCKET).unwrap();
     assert!(keys.iter().any(|k| k == key), "{key} not in {keys:?}");
     let downloaded = dir.join("downloaded.pcap");
@@ -52,7 +59,8 @@ fn assert_uploaded(moto: &Moto, key: &str, local: &Path, dir: &Scratch) {
         local.display(),
         want.len()
     );
-    let expected = tcpdump_records(Path::new(&corpus()), "").unwrap();
+    let once = tcpdump_records(Path::new(&corpus()), "").unwrap();
+    let expected: Vec<Record> = std::iter::repeat_n(once, times).flatten().collect();
     let records = tcpdump_records(&downloaded, "").unwrap();
     assert!(
         records == expected,
@@ -62,7 +70,7 @@ fn assert_uploaded(moto: &Moto, key: &str, local: &Path, dir: &Scratch) {
 }
 
 #[test]
-fn the_finished_capture_is_uploaded_byte_for_byte() {
+fn the_finished_capture_is_uploaded_byte_for_byte_in_parts() {
     let moto = Moto::start(5400).unwrap();
     moto.create_bucket(BUCKET).unwrap();
     let dir = Scratch::new("upload").unwrap();
@@ -73,10 +81,13 @@ fn the_finished_capture_is_uploaded_byte_for_byte() {
         "all.pcap",
         &["--upload", "s3://captures/site-a/day1"],
     );
-    stream_corpus(&receiver);
+    // Over 8 MiB: the upload takes more than one part.
+    stream_corpus(&receiver, 6);
     receiver.stop().unwrap();
     let log = receiver.proc.stderr();
     let out = dir.join("all.pcap");
+    let size = std::fs::metadata(&out).unwrap().len();
+    assert!(size > 8 << 20, "{size} bytes fit in one part");
     assert!(
         log.contains(&format!(
             "uploaded {} to site-a/day1/all.pcap",
@@ -84,7 +95,6 @@ fn the_finished_capture_is_uploaded_byte_for_byte() {
         )),
         "{log}"
     );
-    let size = std::fs::metadata(&out).unwrap().len();
     assert!(
         log.contains(&format!(
             "upload to s3://captures/site-a/day1: 1 file(s), {size} bytes uploaded, \
@@ -92,7 +102,12 @@ fn the_finished_capture_is_uploaded_byte_for_byte() {
         )),
         "exit summary: {log}"
     );
-    assert_uploaded(&moto, "site-a/day1/all.pcap", &out, &dir);
+    assert_uploaded(&moto, "site-a/day1/all.pcap", &out, &dir, 6);
+    let etag = moto.etag(BUCKET, "site-a/day1/all.pcap").unwrap();
+    assert!(
+        etag.ends_with("-2\""),
+        "not uploaded in 2 parts: ETag {etag}"
+    );
 }
 
 /// Runs the receiver to its start's end with `env` (AWS_* cleared first) and `args`;
@@ -175,7 +190,7 @@ fn a_store_down_at_exit_fails_loudly_and_a_store_back_in_time_gets_the_file() {
         "lost.pcap",
         &["--upload", "s3://captures/p", "--upload-timeout", "3s"],
     );
-    stream_corpus(&receiver);
+    stream_corpus(&receiver, 1);
     moto.stop().unwrap();
     receiver.proc.signal("TERM").unwrap();
     let status = receiver.proc.wait(Duration::from_secs(30)).unwrap();
@@ -206,7 +221,7 @@ fn a_store_down_at_exit_fails_loudly_and_a_store_back_in_time_gets_the_file() {
         "late.pcap",
         &["--upload", "s3://captures/p", "--upload-timeout", "2m"],
     );
-    stream_corpus(&receiver);
+    stream_corpus(&receiver, 1);
     moto.stop().unwrap();
     receiver.proc.signal("TERM").unwrap();
     let late = dir.join("late.pcap");
@@ -223,5 +238,5 @@ fn a_store_down_at_exit_fails_loudly_and_a_store_back_in_time_gets_the_file() {
     let log = receiver.proc.stderr();
     assert!(status.success(), "{log}");
     assert!(log.contains("failed attempt(s), 0 not uploaded"), "{log}");
-    assert_uploaded(&moto, "p/late.pcap", &late, &dir);
+    assert_uploaded(&moto, "p/late.pcap", &late, &dir, 1);
 }
