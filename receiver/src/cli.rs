@@ -137,8 +137,9 @@ pub struct Cli {
     pub upload: Option<String>,
 
     /// How long the receiver waits at exit for uploads still going on (e.g.
-    /// `--upload-timeout 10m`); files not uploaded by then are named and the exit code is
-    /// 1. Give systemd's TimeoutStopSec more than this.
+    /// `--upload-timeout 10m`; a second SIGINT or SIGTERM gives up sooner); files not
+    /// uploaded by then are named and the exit code is 1. Give systemd's TimeoutStopSec
+    /// more than this.
     #[arg(long, value_name = "DURATION", default_value = "5m", requires = "upload",
           value_parser = parse_duration)]
     pub upload_timeout: Duration,

@@ -85,8 +85,13 @@ impl Uploader {
         }
     }
 
-    /// Waits up to `timeout` for the queued files to be uploaded, then gives up on the rest.
-    pub async fn finish(self, timeout: Duration) -> UploadReport {
+    /// Waits up to `timeout` for the queued files to be uploaded, or until `give_up` (a
+    /// second signal), then gives up on the rest.
+    pub async fn finish(
+        self,
+        timeout: Duration,
+        give_up: impl std::future::Future<Output = ()>,
+    ) -> UploadReport {
         let Self {
             queue,
             mut worker,
@@ -94,12 +99,26 @@ impl Uploader {
         } = self;
         // The worker ends once the queue is closed and empty.
         drop(queue);
-        if tokio::time::timeout(timeout, &mut worker).await.is_err() {
-            worker.abort();
-            tracing::error!(
-                "uploads unfinished after --upload-timeout {}s",
+        let waiting = lock(&ledger.pending).len();
+        if waiting > 0 {
+            tracing::info!(
+                "waiting up to {}s for {waiting} upload(s); SIGINT or SIGTERM again to give up",
                 timeout.as_secs()
             );
+        }
+        tokio::select! {
+            _ = &mut worker => {}
+            _ = tokio::time::sleep(timeout) => {
+                worker.abort();
+                tracing::error!(
+                    "uploads unfinished after --upload-timeout {}s",
+                    timeout.as_secs()
+                );
+            }
+            _ = give_up => {
+                worker.abort();
+                tracing::error!("uploads given up on a second signal");
+            }
         }
         ledger.report()
     }

@@ -181,34 +181,67 @@ fn a_store_down_at_exit_fails_loudly_and_a_store_back_in_time_gets_the_file() {
     let mut moto = Moto::start(5405).unwrap();
     moto.create_bucket(BUCKET).unwrap();
 
-    // Down for good: the file is named, the exit code says so.
+    // Down for good: the file is named and the exit code says so, when --upload-timeout
+    // runs out and when a second signal gives up sooner.
     let dir = Scratch::new("upload-down").unwrap();
-    let mut receiver = start_receiver(
+    let upload = ["--upload", "s3://captures/p", "--upload-timeout"];
+    let mut timed_out = start_receiver(
         &moto,
         &dir,
         5406,
         "lost.pcap",
-        &["--upload", "s3://captures/p", "--upload-timeout", "3s"],
+        &[&upload[..], &["3s"]].concat(),
     );
-    stream_corpus(&receiver, 1);
+    let mut given_up = start_receiver(
+        &moto,
+        &dir,
+        5408,
+        "dropped.pcap",
+        &[&upload[..], &["10m"]].concat(),
+    );
+    stream_corpus(&timed_out, 1);
+    stream_corpus(&given_up, 1);
     moto.stop().unwrap();
-    receiver.proc.signal("TERM").unwrap();
-    let status = receiver.proc.wait(Duration::from_secs(30)).unwrap();
-    let log = receiver.proc.stderr();
-    let lost: PathBuf = dir.join("lost.pcap");
-    assert_eq!(status.code(), Some(1), "{log}");
-    for needle in [
-        format!("upload of {} to p/lost.pcap failed", lost.display()),
-        format!("not uploaded: {}", lost.display()),
-        "0 file(s), 0 bytes uploaded".to_string(),
-        format!(
-            "receiver: error: 1 file(s) not uploaded to s3://captures/p: {}",
-            lost.display()
-        ),
+    timed_out.proc.signal("TERM").unwrap();
+    given_up.proc.signal("TERM").unwrap();
+    let dropped = dir.join("dropped.pcap");
+    given_up
+        .proc
+        .wait_for(
+            &format!("upload of {} to p/dropped.pcap failed", dropped.display()),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    given_up.proc.signal("TERM").unwrap();
+    for (receiver, file) in [
+        (&mut timed_out, "lost.pcap"),
+        (&mut given_up, "dropped.pcap"),
     ] {
-        assert!(log.contains(&needle), "no {needle:?} in:\n{log}");
+        let status = receiver.proc.wait(Duration::from_secs(30)).unwrap();
+        let log = receiver.proc.stderr();
+        let lost: PathBuf = dir.join(file);
+        assert_eq!(status.code(), Some(1), "{log}");
+        for needle in [
+            format!("upload of {} to p/{file} failed", lost.display()),
+            format!("not uploaded: {}", lost.display()),
+            "0 file(s), 0 bytes uploaded".to_string(),
+            format!(
+                "receiver: error: 1 file(s) not uploaded to s3://captures/p: {}",
+                lost.display()
+            ),
+        ] {
+            assert!(log.contains(&needle), "no {needle:?} in:\n{log}");
+        }
+        assert!(lost.exists(), "the local file stays");
     }
-    assert!(lost.exists(), "the local file stays");
+    assert!(timed_out
+        .proc
+        .stderr()
+        .contains("after --upload-timeout 3s"));
+    assert!(given_up
+        .proc
+        .stderr()
+        .contains("given up on a second signal"));
 
     // Back within --upload-timeout: the retry delivers it.
     let mut moto = Moto::start(5405).unwrap();
