@@ -176,6 +176,19 @@ fn bad_urls_missing_credentials_and_unreachable_stores_are_refused_at_start() {
     assert_refused(&env, &["--upload-timeout", "5s"], "--upload");
 }
 
+/// SIGTERM, then waits until the upload of `dir/file` to `p/file` has failed once;
+/// returns the file's path.
+fn stop_until_upload_fails(receiver: &mut Receiver, dir: &Scratch, file: &str) -> PathBuf {
+    receiver.proc.signal("TERM").unwrap();
+    let path = dir.join(file);
+    let failed = format!("upload of {} to p/{file} failed", path.display());
+    receiver
+        .proc
+        .wait_for(&failed, Duration::from_secs(60))
+        .unwrap();
+    path
+}
+
 #[test]
 fn a_store_down_at_exit_fails_loudly_and_a_store_back_in_time_gets_the_file() {
     let mut moto = Moto::start(5405).unwrap();
@@ -203,15 +216,7 @@ fn a_store_down_at_exit_fails_loudly_and_a_store_back_in_time_gets_the_file() {
     stream_corpus(&given_up, 1);
     moto.stop().unwrap();
     timed_out.proc.signal("TERM").unwrap();
-    given_up.proc.signal("TERM").unwrap();
-    let dropped = dir.join("dropped.pcap");
-    given_up
-        .proc
-        .wait_for(
-            &format!("upload of {} to p/dropped.pcap failed", dropped.display()),
-            Duration::from_secs(60),
-        )
-        .unwrap();
+    stop_until_upload_fails(&mut given_up, &dir, "dropped.pcap");
     given_up.proc.signal("TERM").unwrap();
     for (receiver, file) in [
         (&mut timed_out, "lost.pcap"),
@@ -256,15 +261,7 @@ fn a_store_down_at_exit_fails_loudly_and_a_store_back_in_time_gets_the_file() {
     );
     stream_corpus(&receiver, 1);
     moto.stop().unwrap();
-    receiver.proc.signal("TERM").unwrap();
-    let late = dir.join("late.pcap");
-    receiver
-        .proc
-        .wait_for(
-            &format!("upload of {} to p/late.pcap failed", late.display()),
-            Duration::from_secs(60),
-        )
-        .unwrap();
+    let late = stop_until_upload_fails(&mut receiver, &dir, "late.pcap");
     let moto = Moto::start(5405).unwrap();
     moto.create_bucket(BUCKET).unwrap();
     let status = receiver.proc.wait(Duration::from_secs(120)).unwrap();
