@@ -167,7 +167,7 @@ async fn run(cli: Cli) -> Result<()> {
     }
     if let Some(uploader) = uploader {
         // Until rotation hands over each finished segment, the one output file is it.
-        uploader.submit(cli.out.clone());
+        uploader.submitter().submit(cli.out.clone());
         let report = uploader.finish(cli.upload_timeout, shutdown_signal()).await;
         eprintln!("receiver: {}", report.line());
         report.result()?;

@@ -37,8 +37,15 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Uploads finished files to one bucket and prefix, on the runtime it was started on.
 pub struct Uploader {
-    queue: mpsc::Sender<PathBuf>,
+    submitter: Submitter,
     worker: JoinHandle<()>,
+}
+
+/// Hands finished files to the uploader from anywhere (the writer task's `on_finished`),
+/// without waiting.
+#[derive(Clone)]
+pub struct Submitter {
+    queue: mpsc::Sender<PathBuf>,
     ledger: Arc<Ledger>,
 }
 
@@ -62,43 +69,29 @@ impl Uploader {
         let worker = tokio::spawn(run(store, target.prefix, files, Arc::clone(&ledger)));
         tracing::info!("uploading finished files to {url}");
         Ok(Self {
-            queue,
+            submitter: Submitter { queue, ledger },
             worker,
-            ledger,
         })
     }
 
-    /// Queues a finished file; if the queue is full it is logged and counted as not
-    /// uploaded, never dropped silently.
-    pub fn submit(&self, path: PathBuf) {
-        self.ledger.pending(&path);
-        if let Err(e) = self.queue.try_send(path) {
-            let (path, reason) = match e {
-                mpsc::error::TrySendError::Full(p) => (
-                    p,
-                    format!("upload queue full ({QUEUE_FILES} files waiting)"),
-                ),
-                mpsc::error::TrySendError::Closed(p) => (p, "uploader stopped".to_string()),
-            };
-            tracing::error!("not uploading {}: {reason}", path.display());
-            self.ledger.lost(&path, reason);
-        }
+    pub fn submitter(&self) -> Submitter {
+        self.submitter.clone()
     }
 
     /// Waits up to `timeout` for the queued files to be uploaded, or until `give_up` (a
-    /// second signal), then gives up on the rest.
+    /// second signal), then gives up on the rest. Every [`Submitter`] must be gone (the
+    /// sink that held one closed): the worker ends once the queue is closed and empty.
     pub async fn finish(
         self,
         timeout: Duration,
         give_up: impl std::future::Future<Output = ()>,
     ) -> UploadReport {
         let Self {
-            queue,
+            submitter,
             mut worker,
-            ledger,
         } = self;
-        // The worker ends once the queue is closed and empty.
-        drop(queue);
+        let ledger = Arc::clone(&submitter.ledger);
+        drop(submitter);
         let waiting = lock(&ledger.pending).len();
         if waiting > 0 {
             tracing::info!(
@@ -121,6 +114,25 @@ impl Uploader {
             }
         }
         ledger.report()
+    }
+}
+
+impl Submitter {
+    /// Queues a finished file; if the queue is full it is logged and counted as not
+    /// uploaded, never dropped silently.
+    pub fn submit(&self, path: PathBuf) {
+        self.ledger.pending(&path);
+        if let Err(e) = self.queue.try_send(path) {
+            let (path, reason) = match e {
+                mpsc::error::TrySendError::Full(p) => (
+                    p,
+                    format!("upload queue full ({QUEUE_FILES} files waiting)"),
+                ),
+                mpsc::error::TrySendError::Closed(p) => (p, "uploader stopped".to_string()),
+            };
+            tracing::error!("not uploading {}: {reason}", path.display());
+            self.ledger.lost(&path, reason);
+        }
     }
 }
 
