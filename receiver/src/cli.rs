@@ -42,6 +42,10 @@ Examples:
     head -c 32 /dev/urandom | base64 > token && chmod 600 token
     receiver --out capture.pcapng --token-file token
 
+  Upload the finished capture to an S3-compatible store (here a local MinIO or moto):
+    AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... AWS_ENDPOINT_URL=http://127.0.0.1:9000 \\
+      receiver --out capture.pcapng --upload s3://captures/site-a
+
 On first start the receiver creates a self-signed certificate in --state-dir and prints its
 path and SHA-256 fingerprint: give sensors that file (--ca) or that fingerprint (--fingerprint).";
 
@@ -171,6 +175,22 @@ pub struct Cli {
     /// or before its extension (e.g. `--split-by sensor --out /data/{sensor}-%H%M.pcapng`).
     #[arg(long, value_enum, value_name = "WHAT")]
     pub split_by: Option<SplitBy>,
+
+    /// Upload each finished output file to an S3-compatible store as PREFIX/<file name>
+    /// (e.g. `--upload s3://captures/site-a`). Credentials, region and endpoint come from
+    /// the usual variables: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, and
+    /// AWS_ENDPOINT_URL for stores other than AWS (an http:// endpoint is allowed). The
+    /// bucket must answer at start.
+    #[arg(long, value_name = "S3_URL")]
+    pub upload: Option<String>,
+
+    /// How long the receiver waits at exit for uploads still going on (e.g.
+    /// `--upload-timeout 10m`; a second SIGINT or SIGTERM gives up sooner); files not
+    /// uploaded by then are named and the exit code is 1. Give systemd's TimeoutStopSec
+    /// more than this.
+    #[arg(long, value_name = "DURATION", default_value = "5m", requires = "upload",
+          value_parser = parse_duration)]
+    pub upload_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -408,9 +428,24 @@ mod tests {
             vec!["receiver", "--out", "x.pcap", "certs", "init", "--dir", "d"],
             vec!["receiver", "certs", "init"],
             vec!["receiver", "certs", "sensor", "--dir", "d"],
+            vec!["receiver", "--upload-timeout", "5s"],
+            vec![
+                "receiver",
+                "--upload",
+                "s3://b/p",
+                "--upload-timeout",
+                "soon",
+            ],
         ] {
             assert!(Cli::try_parse_from(&args).is_err(), "{args:?}");
         }
+    }
+
+    #[test]
+    fn upload_timeout_defaults_to_five_minutes() {
+        let cli = Cli::parse_from(["receiver", "--upload", "s3://b/p"]);
+        assert_eq!(cli.upload.as_deref(), Some("s3://b/p"));
+        assert_eq!(cli.upload_timeout, Duration::from_secs(300));
     }
 
     #[test]

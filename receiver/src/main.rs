@@ -19,6 +19,7 @@ mod server;
 mod sink;
 mod stats;
 mod tls;
+mod upload;
 mod writer;
 
 #[cfg(test)]
@@ -28,7 +29,7 @@ mod tests_auth;
 
 use cli::{Cli, Command, SplitBy};
 use sink::files::naming::Pattern;
-use sink::files::{FileConfig, Files, Keep, Rotation};
+use sink::files::{FileConfig, Files, InUse, Keep, OnFinished, Rotation};
 use sink::{Sink, Tee};
 
 /// A failure of what the user asked for (exit 2) rather than of the run (exit 1).
@@ -121,6 +122,14 @@ async fn run(cli: Cli) -> Result<()> {
             ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)
         }
     };
+    let uploader = match &cli.upload {
+        Some(url) => Some(
+            start_uploader(url, cli.out_path())
+                .await
+                .map_err(BadInput)?,
+        ),
+        None => None,
+    };
     let endpoint = listen(cli.listen, server_config, reset_key).map_err(|e| {
         BadInput(anyhow!(
             "cannot listen on UDP {}: {e} (is another receiver running there?)",
@@ -128,7 +137,7 @@ async fn run(cli: Cli) -> Result<()> {
         ))
     })?;
     // Opened only once listening works, so a refused start leaves no empty file behind.
-    let (sink, live) = open_outputs(&cli, pattern).await?;
+    let (sink, live) = open_outputs(&cli, pattern, uploader.as_ref()).await?;
     let bound = endpoint.local_addr().unwrap_or(cli.listen);
     let mut outputs = Vec::new();
     if let Some(out) = cli.out_path() {
@@ -184,6 +193,11 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(line) = live_summary {
         eprintln!("receiver: {line}");
     }
+    if let Some(uploader) = uploader {
+        let report = uploader.finish(cli.upload_timeout, shutdown_signal()).await;
+        eprintln!("receiver: {}", report.line());
+        report.result()?;
+    }
     Ok(())
 }
 
@@ -192,6 +206,7 @@ async fn run(cli: Cli) -> Result<()> {
 async fn open_outputs(
     cli: &Cli,
     pattern: Option<Pattern>,
+    uploader: Option<&upload::Uploader>,
 ) -> Result<(Box<dyn Sink>, Option<sink::live::Live>)> {
     let mut outputs: Vec<Box<dyn Sink>> = Vec::new();
     let mut live = None;
@@ -220,7 +235,15 @@ async fn open_outputs(
                     bytes: cli.keep_bytes,
                 },
                 // Where finished files go next (the uploader), when asked for.
-                on_finished: None,
+                on_finished: uploader.map(|u| {
+                    let submitter = u.submitter();
+                    Box::new(move |path| submitter.submit(path)) as OnFinished
+                }),
+                // --keep deletes a file only once it is uploaded.
+                in_use: uploader.map(|u| {
+                    let submitter = u.submitter();
+                    Box::new(move |path: &std::path::Path| submitter.is_pending(path)) as InUse
+                }),
             };
             let files = Files::open(config)
                 .map_err(|e| BadInput(anyhow!("cannot create {}: {e}", out.display())))?;
@@ -234,6 +257,15 @@ async fn open_outputs(
         _ => Box::new(Tee::new(outputs)),
     };
     Ok((sink, live))
+}
+
+async fn start_uploader(url: &str, out: Option<&std::path::Path>) -> Result<upload::Uploader> {
+    if out.is_none_or(|o| o.as_os_str() == "-") {
+        return Err(anyhow!(
+            "--upload needs --out FILE: only files can be uploaded, not stdout or the live stream"
+        ));
+    }
+    upload::Uploader::start(url).await
 }
 
 fn listen(

@@ -94,6 +94,18 @@ impl Receiver {
         Self::spawn(ns, &[], state, &listen, args, stdout)
     }
 
+    /// [`Receiver::start`] through `wrapper` (e.g. `env AWS_REGION=eu-west-1`).
+    pub fn start_through(
+        ns: Option<&Netns>,
+        wrapper: &[&str],
+        state: &Path,
+        port: u16,
+        args: &[&str],
+    ) -> Result<Self> {
+        let listen = format!("127.0.0.1:{port}");
+        Self::spawn(ns, wrapper, state, &listen, args, Stdio::null())
+    }
+
     fn spawn(
         ns: Option<&Netns>,
         wrapper: &[&str],

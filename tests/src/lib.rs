@@ -5,11 +5,13 @@
 //! failed assertion.
 
 pub mod capstream;
+pub mod moto;
 mod netns;
 mod process;
 pub mod relay;
 pub mod tmpfs;
 
+pub use moto::Moto;
 pub use netns::{Lab, Netns};
 pub use process::{run, Proc};
 pub use relay::{Faults, Relay, RelayStats};

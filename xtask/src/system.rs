@@ -14,6 +14,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "the TLS tunnel of the benchmarks' tcpdump | TLS baseline",
     ),
     ("tshark", "reading the output in the tests and the demo"),
+    (
+        "python3-venv",
+        "the virtualenv of moto, the S3 server of the upload tests",
+    ),
     ("iproute2", "network namespaces and veth"),
     ("procps", "sysctl inside the test namespaces"),
     ("iputils-ping", "live traffic in the demo"),
@@ -108,5 +112,22 @@ pub fn setup() -> Result<()> {
             cmd("rustup", &["target", "add", target])?;
         }
     }
-    Ok(())
+    install_moto()
+}
+
+/// moto's S3 server and boto3, from PyPI, into their own virtualenv: Debian's pip refuses
+/// system-wide installs.
+fn install_moto() -> Result<()> {
+    if testbed::moto::moto_installed() {
+        return Ok(());
+    }
+    let venv = testbed::moto::moto_venv();
+    let venv_arg = venv.to_string_lossy();
+    eprintln!("xtask: installing moto into {venv_arg} (the S3 server of the upload tests)");
+    cmd("python3", &["-m", "venv", &venv_arg])?;
+    let pip = venv.join("bin/pip");
+    cmd(
+        &pip.to_string_lossy(),
+        &["install", "-q", testbed::moto::MOTO_REQUIREMENT],
+    )
 }

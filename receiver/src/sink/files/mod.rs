@@ -12,7 +12,7 @@ mod series;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use common::InterfaceStats;
 
@@ -27,6 +27,10 @@ use crate::cli::Format;
 /// task, e.g. the uploader's channel with `try_send`).
 pub type OnFinished = Box<dyn FnMut(PathBuf) + Send>;
 
+/// Whether a completed file is still in use elsewhere (being uploaded): retention leaves
+/// it, and deletes it at a later pass once it is free.
+pub type InUse = Box<dyn Fn(&Path) -> bool + Send>;
+
 /// What the file output writes and keeps.
 pub struct FileConfig {
     pub pattern: Pattern,
@@ -35,6 +39,7 @@ pub struct FileConfig {
     pub rotation: Rotation,
     pub keep: Keep,
     pub on_finished: Option<OnFinished>,
+    pub in_use: Option<InUse>,
 }
 
 /// How many completed files of this receiver stay on disk (besides those being written):
@@ -74,6 +79,7 @@ impl Files {
             interfaces: Vec::new(),
             finished: Finished {
                 on_finished: config.on_finished,
+                in_use: config.in_use,
                 keep: config.keep,
                 kept: VecDeque::new(),
                 kept_bytes: 0,
@@ -186,6 +192,7 @@ impl Sink for Files {
 /// Completed files: reported to the hook, then kept within `--keep`/`--keep-bytes`.
 struct Finished {
     on_finished: Option<OnFinished>,
+    in_use: Option<InUse>,
     keep: Keep,
     /// Completed files still on disk, oldest first, with their sizes.
     kept: VecDeque<(PathBuf, u64)>,
@@ -204,8 +211,18 @@ impl Finished {
         let size = std::fs::metadata(&path).map_or(0, |m| m.len());
         self.kept.push_back((path, size));
         self.kept_bytes += size;
-        while self.kept.len() > 1 && self.over_limit() {
-            let Some((old, size)) = self.kept.pop_front() else {
+        // Oldest first; the newest always stays, and so does a file still in use.
+        let mut next = 0;
+        while next + 1 < self.kept.len() && self.over_limit() {
+            let in_use = self
+                .in_use
+                .as_ref()
+                .is_some_and(|in_use| in_use(&self.kept[next].0));
+            if in_use {
+                next += 1;
+                continue;
+            }
+            let Some((old, size)) = self.kept.remove(next) else {
                 break;
             };
             self.kept_bytes -= size;
@@ -280,6 +297,16 @@ mod tests {
         rotation: Rotation,
         keep: Keep,
     ) -> (Box<Files>, Arc<Mutex<Vec<PathBuf>>>) {
+        open_with(out, split, rotation, keep, None)
+    }
+
+    fn open_with(
+        out: &Path,
+        split: bool,
+        rotation: Rotation,
+        keep: Keep,
+        in_use: Option<InUse>,
+    ) -> (Box<Files>, Arc<Mutex<Vec<PathBuf>>>) {
         let reported = Arc::new(Mutex::new(Vec::new()));
         let hook = Arc::clone(&reported);
         let files = Files::open(FileConfig {
@@ -289,6 +316,7 @@ mod tests {
             rotation,
             keep,
             on_finished: Some(Box::new(move |p| hook.lock().unwrap().push(p))),
+            in_use,
         })
         .unwrap();
         (Box::new(files), reported)
@@ -390,6 +418,53 @@ mod tests {
         let left: Vec<PathBuf> = reported.iter().filter(|p| p.exists()).cloned().collect();
         assert_eq!(left, reported[reported.len() - 2..]);
         assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 2);
+    }
+
+    /// A file still being uploaded outlives --keep until it is free; the others go first.
+    #[test]
+    fn keep_leaves_a_file_in_use_until_it_is_free() {
+        let dir = Dir::new("keep-in-use");
+        let rotation = Rotation {
+            size: Some(2_000),
+            every: None,
+        };
+        let keep = Keep {
+            files: Some(1),
+            bytes: None,
+        };
+        let uploading: Arc<Mutex<Option<PathBuf>>> = Arc::new(Mutex::new(None));
+        let pinned = Arc::clone(&uploading);
+        let in_use: InUse = Box::new(move |p| {
+            let mut first = pinned.lock().unwrap();
+            // The first file asked about stays in use until the test frees it.
+            first.get_or_insert_with(|| p.to_path_buf()) == p
+        });
+        let out = dir.0.join("cap.pcapng");
+        let (mut files, reported) = open_with(&out, false, rotation, keep, Some(in_use));
+        let a = files.add_interface(&iface("a")).unwrap();
+        for t in 0..40u64 {
+            write(&mut files, a, t);
+            files.flush().unwrap();
+        }
+        let first = reported.lock().unwrap()[0].clone();
+        assert!(reported.lock().unwrap().len() >= 3);
+        assert!(first.exists(), "the file in use is kept");
+        let others_left = reported.lock().unwrap()[1..]
+            .iter()
+            .filter(|p| p.exists())
+            .count();
+        assert_eq!(
+            others_left, 1,
+            "the newest completed file, besides the one in use"
+        );
+        // Freed: the next completed file's pass deletes it.
+        *uploading.lock().unwrap() = Some(PathBuf::new());
+        for t in 40..80u64 {
+            write(&mut files, a, t);
+            files.flush().unwrap();
+        }
+        assert!(!first.exists(), "deleted once no longer in use");
+        files.finish().unwrap();
     }
 
     #[test]
