@@ -110,6 +110,72 @@ fn the_finished_capture_is_uploaded_byte_for_byte_in_parts() {
     );
 }
 
+/// Rotated files each go up as they complete, the last at exit; `--keep 1` deletes local
+/// files only once uploaded, and the objects together hold every packet once, in order.
+#[test]
+fn every_rotated_file_is_uploaded_and_keep_deletes_only_uploaded_ones() {
+    let moto = Moto::start(5409).unwrap();
+    moto.create_bucket(BUCKET).unwrap();
+    let dir = Scratch::new("upload-rotated").unwrap();
+    let mut receiver = start_receiver(
+        &moto,
+        &dir,
+        5410,
+        "seg.pcap",
+        &[
+            "--rotate-size",
+            "1MiB",
+            "--keep",
+            "1",
+            "--upload",
+            "s3://captures/rotated",
+        ],
+    );
+    stream_corpus(&receiver, 3);
+    receiver.stop().unwrap();
+    let log = receiver.proc.stderr();
+    let completed: Vec<PathBuf> = log
+        .lines()
+        .filter_map(|l| {
+            l.split_once("completed ")
+                .map(|(_, p)| PathBuf::from(p.trim()))
+        })
+        .collect();
+    assert!(completed.len() >= 4, "3 x 1.8 MB in 1 MiB files: {log}");
+    let mut keys = moto.keys(BUCKET).unwrap();
+    keys.sort();
+    let mut expected_keys: Vec<String> = completed
+        .iter()
+        .map(|p| format!("rotated/{}", p.file_name().unwrap().to_string_lossy()))
+        .collect();
+    expected_keys.sort();
+    assert_eq!(keys, expected_keys, "one object per completed file");
+    assert!(
+        log.contains(&format!("{} file(s)", completed.len())) && log.contains("0 not uploaded"),
+        "exit summary: {log}"
+    );
+    let left: Vec<&PathBuf> = completed.iter().filter(|p| p.exists()).collect();
+    assert!(
+        left.len() <= 2,
+        "--keep 1 leaves the newest, and at most one still uploading: {left:?}"
+    );
+    // The objects, in completion order, hold the corpus three times over.
+    let mut records = Vec::new();
+    for (n, path) in completed.iter().enumerate() {
+        let key = format!("rotated/{}", path.file_name().unwrap().to_string_lossy());
+        let downloaded = dir.join(&format!("object-{n}.pcap"));
+        moto.download(BUCKET, &key, &downloaded).unwrap();
+        records.extend(tcpdump_records(&downloaded, "").unwrap());
+    }
+    let once = tcpdump_records(Path::new(&corpus()), "").unwrap();
+    let expected: Vec<Record> = std::iter::repeat_n(once, 3).flatten().collect();
+    assert!(
+        records == expected,
+        "the uploaded segments: {}",
+        first_difference(&expected, &records)
+    );
+}
+
 /// Runs the receiver to its start's end with `env` (AWS_* cleared first) and `args`;
 /// expects exit 2 and one error line naming `expected`, and no output file left behind.
 fn assert_refused(env: &[String], args: &[&str], expected: &str) {
