@@ -123,6 +123,17 @@ pub struct Cli {
     /// `--sensor-held 256MiB`); beyond it that sensor is not read until its data is out.
     #[arg(long, value_name = "BYTES", default_value = "64MiB", value_parser = parse_sensor_held)]
     pub sensor_held: usize,
+
+    /// Serve Prometheus metrics over HTTP on this address (e.g. `--metrics 127.0.0.1:9100`,
+    /// then `curl -s 127.0.0.1:9100/metrics | grep capstream_`); default: none. A sensor's
+    /// series stay 5 minutes after its session ends, then go.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
+
+    /// No live status line on stderr (shown only when stderr is a terminal), e.g. when
+    /// running in tmux with logs you want to copy (`--no-status`).
+    #[arg(long)]
+    pub no_status: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -18,6 +18,7 @@ mod quota;
 mod server;
 mod sink;
 mod stats;
+mod telemetry;
 mod tls;
 mod writer;
 
@@ -27,6 +28,9 @@ mod tests;
 mod tests_auth;
 
 use cli::{Cli, Command};
+
+/// How long the series of a sensor session that ended stay on the metrics endpoint.
+const METRICS_LINGER: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// A failure of what the user asked for (exit 2) rather than of the run (exit 1).
 #[derive(Debug)]
@@ -115,6 +119,9 @@ async fn run(cli: Cli) -> Result<()> {
             cli.listen
         ))
     })?;
+    if let Some(addr) = cli.metrics {
+        common::metrics::serve(addr, METRICS_LINGER).map_err(|e| BadInput(anyhow!(e)))?;
+    }
     // Opened only once listening works, so a refused start leaves no empty file behind.
     let sink = sink::open(&cli.out, cli.format())
         .map_err(|e| BadInput(anyhow!("cannot create {}: {e}", cli.out.display())))?;
@@ -142,6 +149,7 @@ async fn run(cli: Cli) -> Result<()> {
     }
 
     let to_file = cli.out.as_os_str() != "-";
+    common::status::enable(!cli.no_status);
     let summaries = server::run(
         endpoint,
         sink,
@@ -154,7 +162,9 @@ async fn run(cli: Cli) -> Result<()> {
         },
         shutdown_signal(),
     )
-    .await?;
+    .await;
+    common::status::clear();
+    let summaries = summaries?;
     tracing::info!("closed {}", cli.out.display());
     eprintln!("receiver: {} sensor session(s)", summaries.len());
     for s in &summaries {

@@ -14,6 +14,11 @@ const PACKAGES: &[(&str, &str)] = &[
         "the TLS tunnel of the benchmarks' tcpdump | TLS baseline",
     ),
     ("tshark", "reading the output in the tests and the demo"),
+    ("curl", "scraping the metrics endpoints in the tests"),
+    (
+        "bsdutils",
+        "`script`, the pseudo-terminal of the status line test",
+    ),
     ("iproute2", "network namespaces and veth"),
     ("procps", "sysctl inside the test namespaces"),
     ("iputils-ping", "live traffic in the demo"),
