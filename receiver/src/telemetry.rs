@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use common::{status, DropReason, Stats};
-use metrics::{counter, gauge, Counter, Gauge};
+use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Gauge};
 
 use crate::merge::Written;
 use crate::stats::Received;
@@ -125,6 +125,7 @@ pub struct Telemetry {
 
 impl Telemetry {
     pub fn new() -> Self {
+        describe();
         Self {
             connected: gauge!("capstream_receiver_sensors_connected"),
             sessions: gauge!("capstream_receiver_sessions"),
@@ -175,6 +176,66 @@ impl Telemetry {
             dropped,
         ));
     }
+}
+
+/// The `# HELP` lines of the endpoint.
+fn describe() {
+    for (name, help) in [
+        (
+            "capstream_receiver_packets_written_total",
+            "Packets of the sensor session written to the output.",
+        ),
+        (
+            "capstream_receiver_bytes_written_total",
+            "Packet bytes of the sensor session written to the output.",
+        ),
+        (
+            "capstream_receiver_packets_late_total",
+            "Packets written after newer ones of other sensors.",
+        ),
+        (
+            "capstream_receiver_batches_total",
+            "Batches received from the sensor session.",
+        ),
+        (
+            "capstream_receiver_raw_bytes_total",
+            "Bytes of the received batches, decompressed.",
+        ),
+        (
+            "capstream_receiver_wire_bytes_total",
+            "Bytes of the received batches as received (compressed).",
+        ),
+        (
+            "capstream_receiver_duplicate_batches_total",
+            "Batches received again after a reconnect, ignored.",
+        ),
+        (
+            "capstream_receiver_reconnects_total",
+            "Times the sensor came back to its session.",
+        ),
+        (
+            "capstream_receiver_sensor_matched_total",
+            "Frames the sensor says it matched.",
+        ),
+        (
+            "capstream_receiver_sensor_drops_total",
+            "Frames the sensor says it lost, by reason.",
+        ),
+    ] {
+        describe_counter!(name, help);
+    }
+    describe_gauge!(
+        "capstream_receiver_rtt_seconds",
+        "QUIC's round-trip time to the sensor."
+    );
+    describe_gauge!(
+        "capstream_receiver_sensors_connected",
+        "Sensors connected now."
+    );
+    describe_gauge!(
+        "capstream_receiver_sessions",
+        "Sensor sessions open (connected, or away and awaited)."
+    );
 }
 
 #[cfg(test)]

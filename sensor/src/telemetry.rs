@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{status, DropReason};
-use metrics::{counter, gauge, Counter, Gauge};
+use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Gauge};
 
 use crate::stats::{Counters, LinkStats};
 
@@ -38,6 +38,7 @@ pub struct Telemetry {
 
 impl Telemetry {
     pub fn new(names: &[String], counters: &[Arc<Counters>], link: Arc<LinkStats>) -> Self {
+        describe();
         let interfaces = names
             .iter()
             .zip(counters)
@@ -119,6 +120,54 @@ impl Telemetry {
             totals.dropped,
         ));
     }
+}
+
+/// The `# HELP` lines of the endpoint.
+fn describe() {
+    for (name, help) in [
+        (
+            "capstream_sensor_packets_seen_total",
+            "Frames the capture saw before the filter, where the backend can tell.",
+        ),
+        (
+            "capstream_sensor_packets_matched_total",
+            "Frames that matched the filter and reached the sensor.",
+        ),
+        (
+            "capstream_sensor_packets_delivered_total",
+            "Frames the receiver acknowledged (in its output).",
+        ),
+        (
+            "capstream_sensor_drops_total",
+            "Frames lost, by reason: kernel_buffer, sensor_buffer, interface.",
+        ),
+        (
+            "capstream_sensor_batches_total",
+            "Batches the receiver acknowledged.",
+        ),
+        (
+            "capstream_sensor_raw_bytes_total",
+            "Bytes of the acknowledged batches before compression.",
+        ),
+        (
+            "capstream_sensor_wire_bytes_total",
+            "Bytes of the acknowledged batches as sent (compressed).",
+        ),
+        (
+            "capstream_sensor_reconnects_total",
+            "Connections to the receiver lost and made again.",
+        ),
+    ] {
+        describe_counter!(name, help);
+    }
+    describe_gauge!(
+        "capstream_sensor_connected",
+        "1 while the receiver has the session, else 0."
+    );
+    describe_gauge!(
+        "capstream_sensor_rtt_seconds",
+        "QUIC's smoothed round-trip time to the receiver."
+    );
 }
 
 /// The status line's figures, over all interfaces.
