@@ -39,13 +39,14 @@ pub fn usage_error(program: &str, e: clap::Error) -> ExitCode {
 }
 
 /// Logs to stderr at info level unless RUST_LOG says otherwise; colour only on a terminal.
+/// Log lines clear the live status line (see [`crate::status`]) rather than run into it.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         // object_store logs every retried request; the receiver's uploader says once why.
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,object_store=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(crate::status::Stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();

@@ -19,6 +19,10 @@ mod batch;
 pub mod cli;
 mod codec;
 mod message;
+#[cfg(feature = "cli")]
+pub mod metrics;
+#[cfg(feature = "cli")]
+pub mod status;
 pub mod units;
 
 pub use batch::{BatchBuilder, Direction, EncodedBatch, Packet, PacketIter, PushOutcome};

@@ -140,6 +140,16 @@ impl DropReason {
             _ => "other",
         }
     }
+
+    /// The same reason as a metrics label value (`reason="kernel_buffer"`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::KERNEL_BUFFER => "kernel_buffer",
+            Self::INTERFACE => "interface",
+            Self::SENSOR_BUFFER => "sensor_buffer",
+            _ => "other",
+        }
+    }
 }
 
 /// Cumulative counters of one interface since the sensor started.

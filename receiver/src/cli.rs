@@ -191,6 +191,17 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "5m", requires = "upload",
           value_parser = parse_duration)]
     pub upload_timeout: Duration,
+
+    /// Serve Prometheus metrics over HTTP on this address (e.g. `--metrics 127.0.0.1:9100`,
+    /// then `curl -s 127.0.0.1:9100/metrics | grep capstream_`); default: none. A sensor's
+    /// series stay 5 minutes after its session ends, then go.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
+
+    /// No live status line on stderr (shown only when stderr is a terminal), e.g. when
+    /// running in tmux with logs you want to copy (`--no-status`).
+    #[arg(long)]
+    pub no_status: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

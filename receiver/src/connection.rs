@@ -125,6 +125,7 @@ pub async fn connection(
     };
     let mut s = Session {
         conn: conn_id,
+        connection: conn.clone(),
         peer,
         send,
         recv,
@@ -183,6 +184,8 @@ pub async fn connection(
 
 struct Session {
     conn: ConnId,
+    /// The QUIC connection, for its round-trip time.
+    connection: Connection,
     peer: SocketAddr,
     send: SendStream,
     recv: RecvStream,
@@ -375,6 +378,7 @@ impl Session {
                         session,
                         conn: self.conn,
                         stats,
+                        rtt: self.connection.rtt(),
                     }
                 }
                 Ok(Some(Message::Goodbye(_))) => return self.leave(false).await,

@@ -18,6 +18,7 @@ mod quota;
 mod server;
 mod sink;
 mod stats;
+mod telemetry;
 mod tls;
 mod upload;
 mod writer;
@@ -31,6 +32,9 @@ use cli::{Cli, Command, SplitBy};
 use sink::files::naming::Pattern;
 use sink::files::{FileConfig, Files, InUse, Keep, OnFinished, Rotation};
 use sink::{Sink, Tee};
+
+/// How long the series of a sensor session that ended stay on the metrics endpoint.
+const METRICS_LINGER: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// A failure of what the user asked for (exit 2) rather than of the run (exit 1).
 #[derive(Debug)]
@@ -136,6 +140,9 @@ async fn run(cli: Cli) -> Result<()> {
             cli.listen
         ))
     })?;
+    if let Some(addr) = cli.metrics {
+        common::metrics::serve(addr, METRICS_LINGER).map_err(|e| BadInput(anyhow!(e)))?;
+    }
     // Opened only once listening works, so a refused start leaves no empty file behind.
     let (sink, live) = open_outputs(&cli, pattern, uploader.as_ref()).await?;
     let bound = endpoint.local_addr().unwrap_or(cli.listen);
@@ -169,6 +176,7 @@ async fn run(cli: Cli) -> Result<()> {
     }
 
     let to_file = cli.out_path().is_some_and(|o| o.as_os_str() != "-");
+    common::status::enable(!cli.no_status);
     let summaries = server::run(
         endpoint,
         sink,
@@ -181,7 +189,9 @@ async fn run(cli: Cli) -> Result<()> {
         },
         shutdown_signal(),
     )
-    .await?;
+    .await;
+    common::status::clear();
+    let summaries = summaries?;
     let live_summary = match live {
         Some(live) => Some(live.close().await),
         None => None,

@@ -4,35 +4,42 @@ use common::{DropReason, Stats};
 
 use crate::merge::Written;
 
-/// One sensor's line in the exit summary.
-pub struct SensorSummary {
-    pub label: String,
-    pub written: Written,
+/// What the writer counts of one sensor session's traffic.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Received {
     pub batches: u64,
     pub raw_bytes: u64,
     pub wire_bytes: u64,
     pub reconnects: u64,
     /// Batches received again after a reconnect, and ignored.
     pub duplicates: u64,
+}
+
+/// One sensor's line in the exit summary.
+pub struct SensorSummary {
+    pub label: String,
+    pub written: Written,
+    pub received: Received,
     pub stats: Option<Stats>,
 }
 
 impl SensorSummary {
     /// `sensor s1 (host, peer): 7907 packets, 1.6 MB, 7 batches, compression 3.28x, dropped 0`
     pub fn line(&self) -> String {
-        let ratio = if self.wire_bytes > 0 {
-            self.raw_bytes as f64 / self.wire_bytes as f64
+        let r = &self.received;
+        let ratio = if r.wire_bytes > 0 {
+            r.raw_bytes as f64 / r.wire_bytes as f64
         } else {
             1.0
         };
         let mut line = format!(
             "{}: {} packets, {} bytes, {} batches, compression {ratio:.2}x",
-            self.label, self.written.packets, self.written.bytes, self.batches
+            self.label, self.written.packets, self.written.bytes, r.batches
         );
-        if self.reconnects > 0 || self.duplicates > 0 {
+        if r.reconnects > 0 || r.duplicates > 0 {
             line += &format!(
                 ", {} reconnect(s), {} duplicate batch(es) ignored",
-                self.reconnects, self.duplicates
+                r.reconnects, r.duplicates
             );
         }
         if self.written.forced > 0 {

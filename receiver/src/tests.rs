@@ -284,7 +284,12 @@ async fn two_sensors_merge_in_time_order_and_bad_peers_are_refused() {
     let summaries = server.done.await.unwrap().unwrap();
     assert_eq!(summaries.len(), 2);
     for s in &summaries {
-        assert_eq!((s.written.packets, s.batches), (4, 2), "{}", s.line());
+        assert_eq!(
+            (s.written.packets, s.received.batches),
+            (4, 2),
+            "{}",
+            s.line()
+        );
         assert!(
             s.line()
                 .contains("kernel buffer full 2), matched by the sensor 6")

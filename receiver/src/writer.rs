@@ -11,7 +11,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::merge::{Merge, SessionId};
 use crate::sink::{Sink, SinkInterface};
-use crate::stats::SensorSummary;
+use crate::stats::{Received, SensorSummary};
+use crate::telemetry::{Figures, SessionSeries, Telemetry};
 
 /// How often held packets are looked at when no event arrives.
 const TICK: Duration = Duration::from_millis(50);
@@ -43,10 +44,13 @@ pub enum Event {
         raw_len: usize,
         wire_len: usize,
     },
+    /// The sensor's counters, sent about once a second, with the connection's QUIC
+    /// round-trip time then.
     Stats {
         session: SessionId,
         conn: ConnId,
         stats: Stats,
+        rtt: Duration,
     },
     /// The connection ended without Goodbye: the session waits for the sensor to come back
     /// (for [`SESSION_LINGER`]).
@@ -98,12 +102,22 @@ struct Sensor {
     detached_at: Option<Instant>,
     /// Said goodbye (or the receiver stops): to be closed once written.
     leaving: Option<oneshot::Sender<u64>>,
-    batches: u64,
-    raw_bytes: u64,
-    wire_bytes: u64,
-    reconnects: u64,
-    duplicates: u64,
+    received: Received,
     stats: Option<Stats>,
+    /// QUIC round-trip time when its statistics last came.
+    rtt: Duration,
+    series: SessionSeries,
+}
+
+impl Sensor {
+    fn figures(&self, written: crate::merge::Written) -> Figures<'_> {
+        Figures {
+            written,
+            received: self.received,
+            stats: self.stats.as_ref(),
+            rtt: self.rtt,
+        }
+    }
 }
 
 pub struct Writer {
@@ -116,6 +130,7 @@ pub struct Writer {
     /// Closed sessions whose connection waits for the final Ack, sent once committed.
     to_notify: Vec<(oneshot::Sender<u64>, u64)>,
     summaries: Vec<SensorSummary>,
+    telemetry: Telemetry,
 }
 
 impl Writer {
@@ -128,6 +143,7 @@ impl Writer {
             finished: HashMap::new(),
             to_notify: Vec::new(),
             summaries: Vec::new(),
+            telemetry: Telemetry::new(),
         }
     }
 
@@ -161,6 +177,7 @@ impl Writer {
             self.close_finished_sessions(Instant::now())?;
             self.commit(&mut stop).await?;
             self.acknowledge();
+            self.publish(Instant::now());
         }
         self.merge
             .drain_all(self.sink.as_mut())
@@ -202,9 +219,9 @@ impl Writer {
                 if s.conn != Some(conn) {
                     return Ok(());
                 }
-                s.batches += 1;
-                s.raw_bytes += raw_len as u64;
-                s.wire_bytes += wire_len as u64;
+                s.received.batches += 1;
+                s.received.raw_bytes += raw_len as u64;
+                s.received.wire_bytes += wire_len as u64;
                 self.merge
                     .add_batch(session, sequence, interface_id, packets, Instant::now());
             }
@@ -212,6 +229,7 @@ impl Writer {
                 session,
                 conn,
                 stats,
+                rtt,
             } => {
                 if let Some(s) = self.sensors.get_mut(&session) {
                     if s.conn == Some(conn) {
@@ -221,6 +239,7 @@ impl Writer {
                             }
                         }
                         s.stats = Some(stats);
+                        s.rtt = rtt;
                     }
                 }
             }
@@ -230,7 +249,7 @@ impl Writer {
                 duplicates,
             } => {
                 if let Some(s) = self.sensors.get_mut(&session) {
-                    s.duplicates += duplicates;
+                    s.received.duplicates += duplicates;
                     if s.conn == Some(conn) {
                         s.conn = None;
                         s.detached_at = Some(Instant::now());
@@ -248,7 +267,7 @@ impl Writer {
                 let Some(s) = self.sensors.get_mut(&session) else {
                     return Ok(());
                 };
-                s.duplicates += duplicates;
+                s.received.duplicates += duplicates;
                 if s.conn == Some(conn) {
                     // Its packets go out by the usual rules, not at once: other sensors
                     // may still have older packets on their way. The reorder window
@@ -291,7 +310,7 @@ impl Writer {
             s.acks = acks_tx;
             s.conn = Some(conn);
             s.detached_at = None;
-            s.reconnects += 1;
+            s.received.reconnects += 1;
             self.merge.set_sending(session, true);
             tracing::info!("{}: resumed from {peer}", s.label);
             return Ok(Attached {
@@ -351,12 +370,10 @@ impl Writer {
                 conn: Some(conn),
                 detached_at: None,
                 leaving: None,
-                batches: 0,
-                raw_bytes: 0,
-                wire_bytes: 0,
-                reconnects: 0,
-                duplicates: 0,
+                received: Received::default(),
                 stats: None,
+                rtt: Duration::ZERO,
+                series: SessionSeries::new(&sensor, session),
             },
         );
         Ok(Attached {
@@ -420,14 +437,15 @@ impl Writer {
             }
         }
         self.finished.insert(session, acked);
+        let written = self.merge.written(session);
+        let figures = sensor.figures(written);
+        // Its series go out once more with the final figures, then linger and go.
+        sensor.series.publish(&figures);
+        self.telemetry.closed(&figures);
         self.summaries.push(SensorSummary {
             label: sensor.label,
-            written: self.merge.written(session),
-            batches: sensor.batches,
-            raw_bytes: sensor.raw_bytes,
-            wire_bytes: sensor.wire_bytes,
-            reconnects: sensor.reconnects,
-            duplicates: sensor.duplicates,
+            written,
+            received: sensor.received,
             stats: sensor.stats,
         });
         self.merge.remove_session(session);
@@ -481,6 +499,19 @@ impl Writer {
                 Err(_) => {}
             }
         }
+    }
+
+    /// Brings the metrics and the status line up to date, about once a second.
+    fn publish(&mut self, now: Instant) {
+        if !self.telemetry.due(now) {
+            return;
+        }
+        let merge = &self.merge;
+        let open = self
+            .sensors
+            .iter()
+            .map(|(id, s)| (&s.series, s.figures(merge.written(*id)), s.conn.is_some()));
+        self.telemetry.publish(now, open);
     }
 
     /// Tells sensors what is now in the output; only called after a commit.

@@ -189,6 +189,16 @@ pub struct Cli {
     /// either way; a --spool-dir that exists must then be writable by that user.
     #[arg(long, value_name = "NAME", value_parser = crate::privileges::parse_user)]
     pub user: Option<crate::privileges::User>,
+
+    /// Serve Prometheus metrics over HTTP on this address (e.g. `--metrics 127.0.0.1:9101`,
+    /// then `curl -s 127.0.0.1:9101/metrics | grep capstream_`); default: none.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
+
+    /// No live status line on stderr (shown only when stderr is a terminal), e.g. when
+    /// running in tmux with logs you want to copy (`--no-status`).
+    #[arg(long)]
+    pub no_status: bool,
 }
 
 /// `--receiver` split into host and port; the host is resolved later.

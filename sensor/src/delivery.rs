@@ -7,6 +7,7 @@
 //! The session ends when every capture has ended and every batch is acknowledged: Stats,
 //! Goodbye, and the receiver's Goodbye.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use crate::batcher::Outgoing;
 use crate::capture::Stopper;
 use crate::error::{Error, Result};
 use crate::outbox::Outbox;
-use crate::stats::Counters;
+use crate::stats::{Counters, LinkStats};
 use crate::transport::{Client, ConnectError, Link, LinkEvent};
 
 const STATS_EVERY: Duration = Duration::from_secs(1);
@@ -42,6 +43,7 @@ pub struct Input<'a> {
     pub batches: mpsc::Receiver<Outgoing>,
     pub outbox: Outbox,
     pub counters: &'a [Arc<Counters>],
+    pub link: &'a LinkStats,
     pub stoppers: &'a [Stopper],
     /// Notified on SIGINT/SIGTERM.
     pub shutdown: Arc<Notify>,
@@ -57,7 +59,6 @@ pub struct Outcome {
     pub acked: u64,
     /// Batches sent again on a later connection.
     pub resent: u64,
-    pub reconnects: u64,
     /// Packets still unacknowledged at exit, by interface: lost.
     pub unacked: Vec<u64>,
 }
@@ -166,6 +167,7 @@ pub async fn run(started: Started, input: Input<'_>) -> (Outcome, Result<()>) {
         Conn::Connecting(task) => task.abort(),
         Conn::Down { .. } | Conn::Attempted(_) => {}
     }
+    s.input.link.up.store(false, Relaxed);
     s.client.close().await;
     s.outcome.unacked = (0..s.input.counters.len())
         .map(|i| s.input.outbox.unacked_packets(i))
@@ -223,6 +225,8 @@ impl Session<'_> {
                 _ = tokio::time::sleep_until(give_up_at) => return self.give_up(),
                 _ = stats_tick.tick() => {
                     if let Conn::Up(link) = &self.conn {
+                        let rtt = u64::try_from(link.rtt().as_micros()).unwrap_or(u64::MAX);
+                        self.input.link.rtt_micros.store(rtt, Relaxed);
                         if !self.goodbye_sent {
                             link.try_send(self.stats_frame());
                         }
@@ -330,7 +334,8 @@ impl Session<'_> {
     fn joined(&mut self, link: Link, resume: u64) {
         self.input.outbox.rewind();
         let pending = self.input.outbox.len();
-        if self.outcome.reconnects > 0 || self.down_since.is_some_and(|t| t.elapsed() > STATS_EVERY)
+        if self.input.link.reconnects.load(Relaxed) > 0
+            || self.down_since.is_some_and(|t| t.elapsed() > STATS_EVERY)
         {
             tracing::warn!(
                 "reconnected to receiver {}: it has every batch up to {resume}; sending {pending} held batch(es)",
@@ -342,6 +347,11 @@ impl Session<'_> {
         self.backoff = FIRST_RETRY;
         self.down_since = None;
         self.goodbye_sent = false;
+        self.input.link.rtt_micros.store(
+            u64::try_from(link.rtt().as_micros()).unwrap_or(u64::MAX),
+            Relaxed,
+        );
+        self.input.link.up.store(true, Relaxed);
         self.conn = Conn::Up(link);
     }
 
@@ -369,7 +379,8 @@ impl Session<'_> {
             },
         ) {
             link.close(false);
-            self.outcome.reconnects += 1;
+            self.input.link.up.store(false, Relaxed);
+            self.input.link.reconnects.fetch_add(1, Relaxed);
         }
         self.down_since.get_or_insert_with(Instant::now);
         self.goodbye_sent = false;

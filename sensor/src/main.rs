@@ -20,6 +20,7 @@ mod outbox;
 mod privileges;
 mod spool;
 mod stats;
+mod telemetry;
 mod tls;
 mod transport;
 
@@ -28,7 +29,10 @@ use capture::{Source, Stopper};
 use cli::Cli;
 use error::{Error, Result};
 use outbox::Outbox;
-use stats::Counters;
+use stats::{Counters, LinkStats};
+
+/// How long the series of something that ended stay on the metrics endpoint.
+const METRICS_LINGER: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Batches between the capture threads and the delivery loop. The outbox behind it is the
 /// real buffer; this only smooths the hand-over.
@@ -49,6 +53,13 @@ fn main() -> ExitCode {
             return ExitCode::from(e.exit_code());
         }
     };
+    // After the privileges are given up: the endpoint's thread has none.
+    if let Some(addr) = cli.metrics {
+        if let Err(e) = common::metrics::serve(addr, METRICS_LINGER) {
+            eprintln!("sensor: error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("sensor-io")
@@ -225,6 +236,11 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
         capturing.join(", "),
     );
 
+    let link = Arc::new(LinkStats::default());
+    let telemetry =
+        tokio::spawn(telemetry::Telemetry::new(&names, &counters, Arc::clone(&link)).run());
+    common::status::enable(!cli.no_status);
+
     let (outcome, result) = delivery::run(
         started,
         delivery::Input {
@@ -233,6 +249,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
             batches: rx,
             outbox,
             counters: &counters,
+            link: &link,
             stoppers: &stoppers,
             shutdown,
             give_up_after: cli.give_up_after,
@@ -253,7 +270,9 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     .await
     .unwrap_or_default();
 
-    print_summary(session_id, &names, &counters, &outcome);
+    telemetry.abort();
+    common::status::clear();
+    print_summary(session_id, &names, &counters, &link, &outcome);
     result?;
     joined.into_iter().collect::<Result<Vec<()>>>()?;
     Ok(())
@@ -263,12 +282,16 @@ fn print_summary(
     session_id: u64,
     names: &[String],
     counters: &[Arc<Counters>],
+    link: &LinkStats,
     outcome: &delivery::Outcome,
 ) {
     eprintln!(
         "summary: session {session_id:016x}: {} batches sent, {} acknowledged by the receiver, \
          {} sent again after {} reconnect(s)",
-        outcome.batches, outcome.acked, outcome.resent, outcome.reconnects
+        outcome.batches,
+        outcome.acked,
+        outcome.resent,
+        link.reconnects.load(std::sync::atomic::Ordering::Relaxed)
     );
     for (i, (name, c)) in names.iter().zip(counters).enumerate() {
         let unacked = outcome.unacked.get(i).copied().unwrap_or(0);
@@ -289,6 +312,7 @@ fn spawn_signal_handler(shutdown: Arc<Notify>) {
         tracing::info!("signal received: ending the session (again to quit at once)");
         shutdown.notify_one();
         signals.next().await;
+        common::status::clear();
         eprintln!("sensor: error: interrupted twice; exiting without flushing (packets lost)");
         std::process::exit(1);
     });

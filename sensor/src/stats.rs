@@ -2,7 +2,7 @@
 //! transport (which counts what it sent). Atomics only: the hot path never locks.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use common::{DropReason, InterfaceStats};
 
@@ -24,8 +24,8 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn drops(&self) -> Vec<(DropReason, u64)> {
-        vec![
+    pub fn drops(&self) -> [(DropReason, u64); 3] {
+        [
             (DropReason::KERNEL_BUFFER, self.drop_kernel.load(Relaxed)),
             (DropReason::INTERFACE, self.drop_interface.load(Relaxed)),
             (DropReason::SENSOR_BUFFER, self.drop_buffer.load(Relaxed)),
@@ -39,7 +39,7 @@ impl Counters {
             seen: self.seen.load(Relaxed),
             matched: self.matched.load(Relaxed),
             delivered: self.delivered.load(Relaxed),
-            drops: self.drops(),
+            drops: self.drops().to_vec(),
         }
     }
 
@@ -77,6 +77,17 @@ impl Counters {
         );
         line
     }
+}
+
+/// The connection to the receiver, kept by the delivery loop.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    /// A connection is up and the receiver has taken the session.
+    pub up: AtomicBool,
+    /// Connections lost once open (the session goes on over a new one).
+    pub reconnects: AtomicU64,
+    /// QUIC's smoothed round-trip time in microseconds, sampled each second while up.
+    pub rtt_micros: AtomicU64,
 }
 
 /// raw/wire as "2.53", or "-" before anything was sent.

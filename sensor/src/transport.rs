@@ -180,6 +180,11 @@ impl Link {
         self.frames.clone()
     }
 
+    /// QUIC's current smoothed round-trip time estimate.
+    pub fn rtt(&self) -> Duration {
+        self.conn.rtt()
+    }
+
     /// Sends a frame if there is room at once (statistics: the next tick sends fresher).
     pub fn try_send(&self, frame: Bytes) {
         let _ = self.frames.try_send(frame);

@@ -8,6 +8,7 @@ pub mod capstream;
 pub mod moto;
 mod netns;
 mod process;
+pub mod prometheus;
 pub mod relay;
 pub mod tmpfs;
 
@@ -62,5 +63,17 @@ pub fn require_root() {
         uid.trim(),
         "0",
         "these tests create network namespaces and capture live: run them as root"
+    );
+}
+
+/// Fails, saying how to get it, unless `program` can be run (`program --version`).
+pub fn require_tool(program: &str, package: &str) {
+    let found = std::process::Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok();
+    assert!(
+        found,
+        "{program} is missing (Debian package {package}): `cargo xtask setup` installs it"
     );
 }

@@ -18,6 +18,11 @@ const PACKAGES: &[(&str, &str)] = &[
         "python3-venv",
         "the virtualenv of moto, the S3 server of the upload tests",
     ),
+    ("curl", "scraping the metrics endpoints in the tests"),
+    (
+        "bsdutils",
+        "`script`, the pseudo-terminal of the status line test",
+    ),
     ("iproute2", "network namespaces and veth"),
     ("procps", "sysctl inside the test namespaces"),
     ("iputils-ping", "live traffic in the demo"),

@@ -1,0 +1,218 @@
+//! What the sensor shows while it runs: the Prometheus series (`--metrics`) and the live
+//! status line, both read once a second from the counters the captures and the delivery
+//! loop keep. Without a recorder installed, the series are no-ops.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{status, DropReason};
+use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Gauge};
+
+use crate::stats::{Counters, LinkStats};
+
+const EVERY: Duration = Duration::from_secs(1);
+
+/// One interface's series, registered once.
+struct InterfaceSeries {
+    counters: Arc<Counters>,
+    seen: Counter,
+    matched: Counter,
+    delivered: Counter,
+    batches: Counter,
+    raw_bytes: Counter,
+    wire_bytes: Counter,
+    /// In the order of [`Counters::drops`].
+    drops: [Counter; 3],
+}
+
+pub struct Telemetry {
+    interfaces: Vec<InterfaceSeries>,
+    link: Arc<LinkStats>,
+    connected: Gauge,
+    reconnects: Counter,
+    rtt: Gauge,
+    /// Matched packets at the last reading, for the rate.
+    last: (Instant, u64),
+}
+
+impl Telemetry {
+    pub fn new(names: &[String], counters: &[Arc<Counters>], link: Arc<LinkStats>) -> Self {
+        describe();
+        let interfaces = names
+            .iter()
+            .zip(counters)
+            .map(|(name, c)| {
+                let series = |metric: &'static str| counter!(metric, "interface" => name.clone());
+                InterfaceSeries {
+                    counters: Arc::clone(c),
+                    seen: series("capstream_sensor_packets_seen_total"),
+                    matched: series("capstream_sensor_packets_matched_total"),
+                    delivered: series("capstream_sensor_packets_delivered_total"),
+                    batches: series("capstream_sensor_batches_total"),
+                    raw_bytes: series("capstream_sensor_raw_bytes_total"),
+                    wire_bytes: series("capstream_sensor_wire_bytes_total"),
+                    drops: c.drops().map(|(reason, _)| {
+                        counter!("capstream_sensor_drops_total",
+                            "interface" => name.clone(), "reason" => reason.label())
+                    }),
+                }
+            })
+            .collect();
+        Self {
+            interfaces,
+            link,
+            connected: gauge!("capstream_sensor_connected"),
+            reconnects: counter!("capstream_sensor_reconnects_total"),
+            rtt: gauge!("capstream_sensor_rtt_seconds"),
+            last: (Instant::now(), 0),
+        }
+    }
+
+    /// Publishes every second until aborted.
+    pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.publish();
+        }
+    }
+
+    fn publish(&mut self) {
+        let mut totals = Totals::default();
+        for i in &self.interfaces {
+            let c = &i.counters;
+            let matched = c.matched.load(Relaxed);
+            let delivered = c.delivered.load(Relaxed);
+            i.seen.absolute(c.seen.load(Relaxed));
+            i.matched.absolute(matched);
+            i.delivered.absolute(delivered);
+            i.batches.absolute(c.batches.load(Relaxed));
+            i.raw_bytes.absolute(c.raw_bytes.load(Relaxed));
+            i.wire_bytes.absolute(c.wire_bytes.load(Relaxed));
+            let drops = c.drops();
+            for (series, (_, n)) in i.drops.iter().zip(drops) {
+                series.absolute(n);
+            }
+            totals.add(matched, delivered, &drops);
+        }
+        let up = self.link.up.load(Relaxed);
+        let rtt = Duration::from_micros(self.link.rtt_micros.load(Relaxed));
+        self.connected.set(if up { 1.0 } else { 0.0 });
+        self.reconnects.absolute(self.link.reconnects.load(Relaxed));
+        self.rtt.set(rtt.as_secs_f64());
+
+        let now = Instant::now();
+        let (then, matched_then) = self.last;
+        let rate = status::per_second(matched_then, totals.matched, (now - then).as_secs_f64());
+        self.last = (now, totals.matched);
+        let link = if up {
+            format!("connected, rtt {:.1} ms", rtt.as_secs_f64() * 1e3)
+        } else {
+            "receiver unreachable, holding".into()
+        };
+        status::show(&format!(
+            "sensor: {}pkt/s matched, {} delivered, {} awaiting ack, {} dropped, {link}",
+            status::short(rate),
+            totals.delivered,
+            totals.awaiting,
+            totals.dropped,
+        ));
+    }
+}
+
+/// The `# HELP` lines of the endpoint.
+fn describe() {
+    for (name, help) in [
+        (
+            "capstream_sensor_packets_seen_total",
+            "Frames the capture saw before the filter, where the backend can tell.",
+        ),
+        (
+            "capstream_sensor_packets_matched_total",
+            "Frames that matched the filter and reached the sensor.",
+        ),
+        (
+            "capstream_sensor_packets_delivered_total",
+            "Frames the receiver acknowledged (in its output).",
+        ),
+        (
+            "capstream_sensor_drops_total",
+            "Frames lost, by reason: kernel_buffer, sensor_buffer, interface.",
+        ),
+        (
+            "capstream_sensor_batches_total",
+            "Batches the receiver acknowledged.",
+        ),
+        (
+            "capstream_sensor_raw_bytes_total",
+            "Bytes of the acknowledged batches before compression.",
+        ),
+        (
+            "capstream_sensor_wire_bytes_total",
+            "Bytes of the acknowledged batches as sent (compressed).",
+        ),
+        (
+            "capstream_sensor_reconnects_total",
+            "Connections to the receiver lost and made again.",
+        ),
+    ] {
+        describe_counter!(name, help);
+    }
+    describe_gauge!(
+        "capstream_sensor_connected",
+        "1 while the receiver has the session, else 0."
+    );
+    describe_gauge!(
+        "capstream_sensor_rtt_seconds",
+        "QUIC's smoothed round-trip time to the receiver."
+    );
+}
+
+/// The status line's figures, over all interfaces.
+#[derive(Default)]
+struct Totals {
+    matched: u64,
+    delivered: u64,
+    /// Matched, neither acknowledged nor dropped: batching, queued or unacknowledged.
+    awaiting: u64,
+    dropped: u64,
+}
+
+impl Totals {
+    fn add(&mut self, matched: u64, delivered: u64, drops: &[(DropReason, u64)]) {
+        // Kernel and interface drops never reached the sensor: only its own buffer's are
+        // among the matched.
+        let buffer_drops: u64 = drops
+            .iter()
+            .filter(|(r, _)| *r == DropReason::SENSOR_BUFFER)
+            .map(|(_, n)| n)
+            .sum();
+        self.matched += matched;
+        self.delivered += delivered;
+        self.awaiting += matched.saturating_sub(delivered + buffer_drops);
+        self.dropped += drops.iter().map(|(_, n)| n).sum::<u64>();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn awaiting_counts_only_what_the_sensor_holds() {
+        let mut t = Totals::default();
+        let drops = [
+            (DropReason::KERNEL_BUFFER, 4),
+            (DropReason::INTERFACE, 1),
+            (DropReason::SENSOR_BUFFER, 3),
+        ];
+        t.add(10, 5, &drops);
+        t.add(7, 7, &[]);
+        assert_eq!(
+            (t.matched, t.delivered, t.awaiting, t.dropped),
+            (17, 12, 2, 8)
+        );
+    }
+}
