@@ -49,6 +49,12 @@ and its SHA-256 fingerprint when it starts.";
 #[command(group(ArgGroup::new("source").required(true).args(["iface", "read"])))]
 #[command(group(ArgGroup::new("trust").required(true).args(["ca", "fingerprint"])))]
 pub struct Cli {
+    /// The filter as tcpdump takes it, after the options: `sensor -i eth0 ... port 53` is
+    /// `sensor -i eth0 ... --bpf 'port 53'` (one or the other; put `--` before an
+    /// expression that starts with `-`).
+    #[arg(value_name = "EXPRESSION", num_args = 1.., conflicts_with = "bpf")]
+    pub expression: Vec<String>,
+
     /// Network interface to capture on; repeat for several (e.g. `-i eth0 -i eth1`).
     #[arg(
         short = 'i',
@@ -382,6 +388,14 @@ fn parse_sensor_id(s: &str) -> Result<String, String> {
 }
 
 impl Cli {
+    /// The filter: --bpf, or the trailing expression's words joined as tcpdump joins them.
+    pub fn filter(&self) -> Result<String, String> {
+        if self.expression.is_empty() {
+            return Ok(self.bpf.clone());
+        }
+        parse_filter(&self.expression.join(" "))
+    }
+
     /// The name the receiver's certificate must carry.
     pub fn tls_name(&self) -> &str {
         self.server_name.as_deref().unwrap_or(&self.receiver.host)
@@ -493,6 +507,20 @@ mod tests {
             assert!(parse(&args).is_err(), "{bad:?}");
         }
         assert!(parse(&["-i", "a", "--receiver", "h", "--ca", "c"]).is_err());
+    }
+
+    #[test]
+    fn a_trailing_expression_is_the_filter() {
+        let base = ["-i", "a", "--receiver", "h:1", "--ca", "c"];
+        let with = |tail: &[&str]| parse(&[&base[..], tail].concat());
+        assert_eq!(with(&["port", "53"]).unwrap().filter().unwrap(), "port 53");
+        assert_eq!(with(&["--bpf", " tcp "]).unwrap().filter().unwrap(), "tcp");
+        assert_eq!(with(&[]).unwrap().filter().unwrap(), "");
+        // Options may follow it, as they may in tcpdump.
+        let cli = parse(&["-i", "a", "udp", "--receiver", "h:1", "--ca", "c"]).unwrap();
+        assert_eq!(cli.filter().unwrap(), "udp");
+        assert!(with(&["--bpf", "tcp", "port", "53"]).is_err());
+        assert!(with(&["port", "53", "--bpf", "tcp"]).is_err());
     }
 
     #[test]
