@@ -186,7 +186,10 @@ fn bad_config_files_and_variables_are_one_line_naming_the_place() {
             "key 'zero-copy': expected true or false",
         ),
         ("iface = \"lo\"\nmode = \"turbo\"\n", "key 'mode'"),
-        ("iface = \"lo\"\nbuffer = \"1MiB\n", "line 4: invalid basic string"),
+        (
+            "iface = \"lo\"\nbuffer = \"1MiB\n",
+            "line 4: invalid basic string",
+        ),
     ];
     for (text, want) in cases {
         std::fs::write(&file, format!("{base}{text}")).unwrap();
