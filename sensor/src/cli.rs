@@ -20,8 +20,14 @@ const MAX_BUFFER_SIZE: u64 = 64 << 30;
 
 const AFTER_HELP: &str = "\
 Examples:
-  Stream DNS traffic of eth0, trusting the receiver's certificate file:
+  Stream DNS traffic of eth0, trusting the receiver's certificate file (the filter
+  as --bpf, or after the options as in tcpdump):
     sensor -i eth0 --bpf 'port 53' --receiver collector.example:4433 --ca receiver.crt
+    sensor -i eth0 --receiver collector.example:4433 --ca receiver.crt port 53
+
+  Take the options from a file (e.g. iface = [\"eth0\"]), checked first:
+    sensor --config /etc/capstream/sensor.toml --check-config
+    sensor --config /etc/capstream/sensor.toml
 
   Stream everything seen on two interfaces, pinning the receiver by fingerprint:
     sensor -i eth0 -i eth1 --receiver 192.0.2.10:4433 --fingerprint 3f9a...e1
@@ -105,7 +111,7 @@ pub struct Cli {
     #[arg(long, value_name = "FILE", requires = "key")]
     pub cert: Option<PathBuf>,
 
-    /// The PEM private key for --cert.
+    /// The PEM private key for --cert (e.g. `--key /etc/capstream/tap-1.key`).
     #[arg(long, value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
 
@@ -135,17 +141,18 @@ pub struct Cli {
     pub queues: Option<u32>,
 
     /// --mode afxdp: capture even though the interface has IP addresses. The frames the
-    /// filter matches leave the host's network stack, so use this on a mirror port only.
+    /// filter matches leave the host's network stack, so use this on a mirror port only
+    /// (e.g. `--mode afxdp --dedicated -i mirror0`).
     #[arg(long)]
     pub dedicated: bool,
 
     /// --mode afxdp: ask for zero-copy AF_XDP; falls back to copy mode (with a log line)
-    /// where the driver lacks it.
+    /// where the driver lacks it (e.g. `--mode afxdp --zero-copy`).
     #[arg(long)]
     pub zero_copy: bool,
 
     /// --mode afxdp: spin on the rings instead of sleeping until woken; one busy core per
-    /// interface for the last bit of rate.
+    /// interface for the last bit of rate (e.g. `--mode afxdp --busy-poll`).
     #[arg(long)]
     pub busy_poll: bool,
 
