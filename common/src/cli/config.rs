@@ -39,11 +39,6 @@ fn env_name(prefix: &str, long: &str) -> String {
 pub(super) fn help_text(cmd: &Command) -> String {
     let prefix = env_prefix(cmd);
     let first = |want: fn(&Kind) -> bool| settable(cmd).find(|(arg, _)| want(&kind(arg)));
-    let value_name = |arg: &Arg| {
-        arg.get_value_names()
-            .and_then(|names| names.first())
-            .map_or("VALUE".to_string(), ToString::to_string)
-    };
     let mut env = Vec::new();
     let mut file = Vec::new();
     let default = |arg: &Arg| {
@@ -206,10 +201,7 @@ pub(super) fn layer(
         let Some((_, value)) = vars.iter().find(|(n, v)| *n == name && !v.is_empty()) else {
             continue;
         };
-        if present
-            .iter()
-            .any(|p| p.get_id() == arg.get_id() || conflict(cmd, p, arg))
-        {
+        if overridden(cmd, &present, arg) {
             continue;
         }
         let args =
@@ -225,10 +217,7 @@ pub(super) fn layer(
             let Some(value) = table.get(long) else {
                 continue;
             };
-            if present
-                .iter()
-                .any(|p| p.get_id() == arg.get_id() || conflict(cmd, p, arg))
-            {
+            if overridden(cmd, &present, arg) {
                 continue;
             }
             let args = file_args(arg, long, value)
@@ -249,14 +238,22 @@ pub(super) fn layer(
 fn example_key(cmd: &Command) -> String {
     settable(cmd)
         .find(|(arg, _)| arg.get_action().takes_values())
-        .map(|(arg, long)| {
-            let value = arg
-                .get_value_names()
-                .and_then(|v| v.first())
-                .map_or("VALUE".to_string(), |v| v.to_string());
-            format!("{long} = \"{value}\"")
-        })
+        .map(|(arg, long)| format!("{long} = \"{}\"", value_name(arg)))
         .unwrap_or_default()
+}
+
+/// `IFACE` for `--iface IFACE`.
+fn value_name(arg: &Arg) -> String {
+    arg.get_value_names()
+        .and_then(|names| names.first())
+        .map_or("VALUE".to_string(), ToString::to_string)
+}
+
+/// Whether a place that wins already gave `arg`, or a flag it may not be given with.
+fn overridden(cmd: &Command, present: &[&Arg], arg: &Arg) -> bool {
+    present
+        .iter()
+        .any(|p| p.get_id() == arg.get_id() || conflict(cmd, p, arg))
 }
 
 fn read_table(path: &Path) -> Result<toml::Table, String> {
