@@ -62,7 +62,7 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
 
-    /// Output file, or `-` for stdout (e.g. `-w /var/capture/all.pcapng`, as in tcpdump).
+    /// Output file, or `-` for stdout (e.g. `--out /var/capture/all.pcapng`).
     #[arg(short = 'w', long, value_name = "PATH", default_value = "capture.pcap")]
     pub out: PathBuf,
 
