@@ -1,18 +1,196 @@
-//! What both programs' `main` needs around the command line: one-line usage errors,
-//! logging to stderr, the stop signals, and the shared token file.
+//! What both programs' `main` needs around the command line: flags from the command line,
+//! the environment and a config file ([`parse`]), one-line usage errors, logging to stderr,
+//! the stop signals, and the shared token file.
 
-use std::io::IsTerminal;
-use std::path::Path;
+use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use clap::{Arg, ArgAction, Command, CommandFactory, FromArgMatches};
+
 use crate::{AuthToken, MAX_TOKEN_LEN};
+
+mod config;
+mod generate;
+#[cfg(test)]
+mod tests_config;
+
+/// The program's `Command` with what this module adds to both programs: `--config`,
+/// `--check-config`, the hidden `--generate`, and a word in `--help` on the environment
+/// and the file.
+pub fn command<T: CommandFactory>() -> Command {
+    let cmd = T::command();
+    let help = match cmd.get_after_help() {
+        Some(before) => format!("{before}\n\n{}", config::help_text(&cmd)),
+        None => config::help_text(&cmd),
+    };
+    let prefix = config::env_prefix(&cmd);
+    let name = cmd.get_name().to_string();
+    cmd.after_help(help)
+        .arg(
+            Arg::new(config::CONFIG)
+                .long("config")
+                .value_name("FILE")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help(format!(
+                    "Read options from this TOML file, keys named like the long options \
+                     (e.g. `--config /etc/capstream/{name}.toml`); also {prefix}_CONFIG"
+                )),
+        )
+        .arg(
+            Arg::new(config::CHECK_CONFIG)
+                .long("check-config")
+                .action(ArgAction::SetTrue)
+                .help(
+                    "Check the options from the command line, the environment and --config, \
+                     print them as one command line, and exit: 0 when valid, 2 if not \
+                     (e.g. `--config prod.toml --check-config`)",
+                ),
+        )
+        .arg(
+            Arg::new(config::GENERATE)
+                .long("generate")
+                .value_name("WHAT")
+                .value_parser(generate::TARGETS)
+                .hide(true)
+                .help("Write a shell completion script or the man page to stdout"),
+        )
+}
+
+/// What the command line, the environment and the config file ask for.
+enum Outcome<T> {
+    Run(T),
+    /// `--generate WHAT`.
+    Generate(String),
+    /// `--check-config`: the options as one command line.
+    Check(Vec<OsString>),
+}
+
+/// Why they cannot be used: clap's error, with where the flag it names came from when that
+/// was not the command line; or a problem with the environment or the file.
+enum Refusal {
+    Clap(clap::Error, Option<String>),
+    Config(String),
+}
+
+/// Parses the program's options from its command line, the environment
+/// (`CAPSTREAM_<PROGRAM>_<OPTION>`) and the `--config` file, in that precedence, before
+/// clap's defaults. `Err` holds the exit code once help, version, `--generate` or
+/// `--check-config` has been written, or a one-line usage error (exit 2).
+pub fn parse<T: CommandFactory + FromArgMatches>() -> Result<T, ExitCode> {
+    let cmd = command::<T>();
+    let program = cmd.get_name().to_string();
+    let prefix = format!("{}_", config::env_prefix(&cmd));
+    let mut vars = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str().filter(|n| n.starts_with(&prefix)) else {
+            continue;
+        };
+        match value.into_string() {
+            Ok(value) => vars.push((name.to_string(), value)),
+            Err(_) => {
+                eprintln!("{program}: error: environment variable {name} is not UTF-8");
+                return Err(ExitCode::from(2));
+            }
+        }
+    }
+    match resolve::<T>(cmd.clone(), std::env::args_os().collect(), &vars) {
+        Ok(Outcome::Run(cli)) => Ok(cli),
+        Ok(Outcome::Generate(what)) => {
+            let mut out = std::io::stdout().lock();
+            match generate::write(cmd, &what, &mut out).and_then(|()| out.flush()) {
+                Ok(()) => Err(ExitCode::SUCCESS),
+                Err(e) => {
+                    eprintln!("{program}: error: cannot write {what}: {e}");
+                    Err(ExitCode::from(1))
+                }
+            }
+        }
+        Ok(Outcome::Check(args)) => {
+            println!("{}", shell_words(&args));
+            Err(ExitCode::SUCCESS)
+        }
+        Err(Refusal::Clap(e, origin)) => Err(usage_error(&program, e, origin)),
+        Err(Refusal::Config(what)) => {
+            eprintln!("{program}: error: {what}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn resolve<T: FromArgMatches>(
+    cmd: Command,
+    argv: Vec<OsString>,
+    vars: &[(String, String)],
+) -> Result<Outcome<T>, Refusal> {
+    let clap_error = |e| Refusal::Clap(e, None);
+    // What the command line alone says, whatever it lacks; help and version stop here.
+    let given = cmd
+        .clone()
+        .ignore_errors(true)
+        .try_get_matches_from(&argv)
+        .map_err(clap_error)?;
+    if let Some(what) = given.get_one::<String>(config::GENERATE) {
+        return Ok(Outcome::Generate(what.clone()));
+    }
+    if given.subcommand_name().is_some() {
+        // Subcommands (`receiver certs ...`) take their options from the command line only.
+        let mut matches = cmd.try_get_matches_from(&argv).map_err(clap_error)?;
+        return T::from_arg_matches_mut(&mut matches)
+            .map(Outcome::Run)
+            .map_err(clap_error);
+    }
+    let config_var = format!("{}_CONFIG", config::env_prefix(&cmd));
+    let file = given
+        .get_one::<PathBuf>(config::CONFIG)
+        .cloned()
+        .or_else(|| {
+            vars.iter()
+                .find(|(name, value)| *name == config_var && !value.is_empty())
+                .map(|(_, value)| PathBuf::from(value))
+        });
+    let layered = config::layer(&cmd, &given, vars, file.as_deref()).map_err(Refusal::Config)?;
+    let mut args: Vec<OsString> = argv.iter().take(1).cloned().collect();
+    args.extend(layered.args.iter().cloned());
+    args.extend(argv.iter().skip(1).cloned());
+    let with_origin = |e: clap::Error| {
+        let origin = layered.origin_of(&e).map(ToString::to_string);
+        Refusal::Clap(e, origin)
+    };
+    let mut matches = cmd.try_get_matches_from(&args).map_err(with_origin)?;
+    let check = matches.get_flag(config::CHECK_CONFIG);
+    let cli = T::from_arg_matches_mut(&mut matches).map_err(with_origin)?;
+    if check {
+        args.retain(|a| a != "--check-config");
+        return Ok(Outcome::Check(args));
+    }
+    Ok(Outcome::Run(cli))
+}
+
+/// Arguments as a shell would need them typed.
+fn shell_words(args: &[OsString]) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:=@,+%".contains(c);
+    args.iter()
+        .map(|a| {
+            let a = a.to_string_lossy();
+            if !a.is_empty() && a.chars().all(plain) {
+                a.into_owned()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 
 /// Shortest shared token either program accepts: a guessable one would be no check at all.
 pub const MIN_TOKEN_LEN: usize = 16;
 
 /// Help and version go to stdout as clap renders them; a usage error becomes one line,
 /// `PROGRAM: error: ...`, with exit code 2.
-pub fn usage_error(program: &str, e: clap::Error) -> ExitCode {
+/// `origin` says where the value clap refuses came from when not from the command line.
+fn usage_error(program: &str, e: clap::Error, origin: Option<String>) -> ExitCode {
     use clap::error::ErrorKind;
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         let _ = e.print();
@@ -34,7 +212,12 @@ pub fn usage_error(program: &str, e: clap::Error) -> ExitCode {
         .collect();
     let what = what.join(" ");
     let what = what.strip_prefix("error: ").unwrap_or(&what);
-    eprintln!("{program}: error: {what} (see '{program} --help')");
+    match origin {
+        Some(origin) => {
+            eprintln!("{program}: error: {what}, from {origin} (see '{program} --help')")
+        }
+        None => eprintln!("{program}: error: {what} (see '{program} --help')"),
+    }
     ExitCode::from(2)
 }
 

@@ -10,8 +10,12 @@ use common::units::parse_duration;
 
 const AFTER_HELP: &str = "\
 Examples:
-  Merge every sensor into one nanosecond pcap file:
-    receiver --out capture.pcap
+  Merge every sensor into one nanosecond pcap file (-w, as in tcpdump):
+    receiver -w capture.pcap
+
+  The same from a config file, or from the environment:
+    echo 'out = \"capture.pcap\"' > receiver.toml && receiver --config receiver.toml
+    CAPSTREAM_RECEIVER_OUT=capture.pcap receiver
 
   Keep each sensor interface apart (names, filters, counters) in pcapng:
     receiver --out capture.pcapng
@@ -102,7 +106,7 @@ pub struct Cli {
     #[arg(long, value_name = "FILE", requires = "key")]
     pub cert: Option<PathBuf>,
 
-    /// The PEM private key for --cert.
+    /// The PEM private key for --cert (e.g. `--key /etc/capstream/receiver.key`).
     #[arg(long, value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
 

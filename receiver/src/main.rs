@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, Context, Result};
-use clap::Parser;
 mod auth;
 mod certs;
 mod cli;
@@ -49,9 +48,9 @@ impl std::fmt::Display for BadInput {
 impl std::error::Error for BadInput {}
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match common::cli::parse::<Cli>() {
         Ok(cli) => cli,
-        Err(e) => return common::cli::usage_error("receiver", e),
+        Err(code) => return code,
     };
     if let Some(Command::Certs(command)) = &cli.command {
         return exit_code(certs::run(command));

@@ -20,8 +20,14 @@ const MAX_BUFFER_SIZE: u64 = 64 << 30;
 
 const AFTER_HELP: &str = "\
 Examples:
-  Stream DNS traffic of eth0, trusting the receiver's certificate file:
+  Stream DNS traffic of eth0, trusting the receiver's certificate file (the filter
+  as --bpf, or after the options as in tcpdump):
     sensor -i eth0 --bpf 'port 53' --receiver collector.example:4433 --ca receiver.crt
+    sensor -i eth0 --receiver collector.example:4433 --ca receiver.crt port 53
+
+  Take the options from a file (e.g. iface = [\"eth0\"]), checked first:
+    sensor --config /etc/capstream/sensor.toml --check-config
+    sensor --config /etc/capstream/sensor.toml
 
   Stream everything seen on two interfaces, pinning the receiver by fingerprint:
     sensor -i eth0 -i eth1 --receiver 192.0.2.10:4433 --fingerprint 3f9a...e1
@@ -49,6 +55,12 @@ and its SHA-256 fingerprint when it starts.";
 #[command(group(ArgGroup::new("source").required(true).args(["iface", "read"])))]
 #[command(group(ArgGroup::new("trust").required(true).args(["ca", "fingerprint"])))]
 pub struct Cli {
+    /// The filter as tcpdump takes it, after the options: `sensor -i eth0 ... port 53` is
+    /// `sensor -i eth0 ... --bpf 'port 53'` (one or the other; put `--` before an
+    /// expression that starts with `-`).
+    #[arg(value_name = "EXPRESSION", num_args = 1.., conflicts_with = "bpf")]
+    pub expression: Vec<String>,
+
     /// Network interface to capture on; repeat for several (e.g. `-i eth0 -i eth1`).
     #[arg(
         short = 'i',
@@ -99,7 +111,7 @@ pub struct Cli {
     #[arg(long, value_name = "FILE", requires = "key")]
     pub cert: Option<PathBuf>,
 
-    /// The PEM private key for --cert.
+    /// The PEM private key for --cert (e.g. `--key /etc/capstream/tap-1.key`).
     #[arg(long, value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
 
@@ -129,17 +141,18 @@ pub struct Cli {
     pub queues: Option<u32>,
 
     /// --mode afxdp: capture even though the interface has IP addresses. The frames the
-    /// filter matches leave the host's network stack, so use this on a mirror port only.
+    /// filter matches leave the host's network stack, so use this on a mirror port only
+    /// (e.g. `--mode afxdp --dedicated -i mirror0`).
     #[arg(long)]
     pub dedicated: bool,
 
     /// --mode afxdp: ask for zero-copy AF_XDP; falls back to copy mode (with a log line)
-    /// where the driver lacks it.
+    /// where the driver lacks it (e.g. `--mode afxdp --zero-copy`).
     #[arg(long)]
     pub zero_copy: bool,
 
     /// --mode afxdp: spin on the rings instead of sleeping until woken; one busy core per
-    /// interface for the last bit of rate.
+    /// interface for the last bit of rate (e.g. `--mode afxdp --busy-poll`).
     #[arg(long)]
     pub busy_poll: bool,
 
@@ -392,6 +405,14 @@ fn parse_sensor_id(s: &str) -> Result<String, String> {
 }
 
 impl Cli {
+    /// The filter: --bpf, or the trailing expression's words joined as tcpdump joins them.
+    pub fn filter(&self) -> Result<String, String> {
+        if self.expression.is_empty() {
+            return Ok(self.bpf.clone());
+        }
+        parse_filter(&self.expression.join(" "))
+    }
+
     /// The name the receiver's certificate must carry.
     pub fn tls_name(&self) -> &str {
         self.server_name.as_deref().unwrap_or(&self.receiver.host)
@@ -503,6 +524,20 @@ mod tests {
             assert!(parse(&args).is_err(), "{bad:?}");
         }
         assert!(parse(&["-i", "a", "--receiver", "h", "--ca", "c"]).is_err());
+    }
+
+    #[test]
+    fn a_trailing_expression_is_the_filter() {
+        let base = ["-i", "a", "--receiver", "h:1", "--ca", "c"];
+        let with = |tail: &[&str]| parse(&[&base[..], tail].concat());
+        assert_eq!(with(&["port", "53"]).unwrap().filter().unwrap(), "port 53");
+        assert_eq!(with(&["--bpf", " tcp "]).unwrap().filter().unwrap(), "tcp");
+        assert_eq!(with(&[]).unwrap().filter().unwrap(), "");
+        // Options may follow it, as they may in tcpdump.
+        let cli = parse(&["-i", "a", "udp", "--receiver", "h:1", "--ca", "c"]).unwrap();
+        assert_eq!(cli.filter().unwrap(), "udp");
+        assert!(with(&["--bpf", "tcp", "port", "53"]).is_err());
+        assert!(with(&["port", "53", "--bpf", "tcp"]).is_err());
     }
 
     #[test]

@@ -8,7 +8,6 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
 use tokio::sync::{mpsc, Notify};
 
 mod batcher;
@@ -39,9 +38,9 @@ const METRICS_LINGER: std::time::Duration = std::time::Duration::from_secs(300);
 const CHANNEL_BATCHES: usize = 16;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match common::cli::parse::<Cli>() {
         Ok(cli) => cli,
-        Err(e) => return common::cli::usage_error("sensor", e),
+        Err(code) => return code,
     };
     common::cli::init_logging();
     // Linux keeps capabilities per thread: the captures are attached and privileges given
@@ -111,7 +110,7 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
     };
     let opts = capture::Options {
         snaplen: cli.snaplen,
-        filter: cli.bpf.clone(),
+        filter: cli.filter().map_err(Error::input)?,
         exclude: matches!(source, Source::Interfaces(_)).then_some(remote),
         ring_size: cli.ring_size,
         xdp_attach: cli.xdp_attach,

@@ -26,6 +26,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "network namespaces and veth"),
     ("procps", "sysctl inside the test namespaces"),
     ("iputils-ping", "live traffic in the demo"),
+    ("man-db", "rendering the generated man pages in the tests"),
     ("gcc-mingw-w64-x86-64", "the Windows build check"),
     ("clang", "building libbpf and libxdp for AF_XDP (xsk-rs)"),
     ("llvm", "building libbpf and libxdp for AF_XDP (xsk-rs)"),
