@@ -11,12 +11,10 @@ use anyhow::{anyhow, Context, Result};
 use clap::Parser;
 mod auth;
 mod certs;
-mod cli;
 mod connection;
 mod merge;
 mod quota;
 mod server;
-mod sink;
 mod stats;
 mod tls;
 mod writer;
@@ -26,7 +24,8 @@ mod tests;
 #[cfg(test)]
 mod tests_auth;
 
-use cli::{Cli, Command};
+use receiver::cli::{self, Cli, Command};
+use receiver::sink;
 
 /// A failure of what the user asked for (exit 2) rather than of the run (exit 1).
 #[derive(Debug)]

@@ -12,6 +12,7 @@
 //! Results: tables on stdout, and `bench-out/capture.json` and `bench-out/streaming.json`
 //! with every run.
 
+mod micro;
 mod pipeline;
 mod streaming;
 
@@ -76,7 +77,7 @@ struct Run {
     receiver_rss_kib: u64,
 }
 
-/// Runs `only` ("capture" or "streaming"), or both, over `rounds` rounds.
+/// Runs `only` ("capture", "streaming" or "micro"), or all, over `rounds` rounds.
 pub fn run(only: Option<&str>, rounds: usize) -> Result<()> {
     setup()?;
     crate::ebpf::build(crate::root())?;
@@ -93,12 +94,18 @@ pub fn run(only: Option<&str>, rounds: usize) -> Result<()> {
 
     let out_dir = crate::root().join("bench-out");
     std::fs::create_dir_all(&out_dir)?;
+    if only == Some("micro") {
+        return micro::run(&out_dir);
+    }
     let ticks: f64 = testbed::run("getconf", &["CLK_TCK"])?.trim().parse()?;
     if only != Some("streaming") {
         capture(&out_dir, rounds, ticks)?;
     }
     if only != Some("capture") {
         streaming::run(&out_dir, rounds, ticks)?;
+    }
+    if only.is_none() {
+        micro::run(&out_dir)?;
     }
     Ok(())
 }

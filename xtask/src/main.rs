@@ -35,11 +35,11 @@ enum Command {
     BuildEbpf,
     /// Measure capture throughput, loss, CPU and memory of every sensor mode beside
     /// `tcpdump -w file` and a tcpdump | socat TLS pipeline on the same traffic, and
-    /// streaming (`sensor --read`) beside that pipeline (root; several minutes); see
-    /// BENCHMARKS.md.
+    /// streaming (`sensor --read`) beside that pipeline, and the criterion
+    /// micro-benchmarks (root; several minutes); see BENCHMARKS.md.
     Bench {
-        /// Run one part only (both when not given).
-        #[arg(long, value_parser = ["capture", "streaming"])]
+        /// Run one part only (all when not given), e.g. `--only micro`.
+        #[arg(long, value_parser = ["capture", "streaming", "micro"])]
         only: Option<String>,
         /// Interleaved rounds per contestant; the tables show the median.
         #[arg(long, default_value_t = bench::ROUNDS)]
