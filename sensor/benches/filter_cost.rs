@@ -20,12 +20,17 @@
 //! Needs root (or CAP_BPF with CAP_NET_ADMIN) and the eBPF object (cargo xtask build-ebpf).
 //! Run by `cargo xtask bench --only micro`; see BENCHMARKS.md.
 
+/// The sensor's own translator and bpf() calls, at the paths they have in the sensor.
+/// Cargo builds benchmarks with cfg(test), so their unit tests come along, unused here.
 #[cfg(all(target_os = "linux", capstream_ebpf))]
-#[path = "../src/capture/ebpf/cbpf.rs"]
-mod cbpf;
-#[cfg(all(target_os = "linux", capstream_ebpf))]
-#[path = "../src/capture/ebpf/sys.rs"]
-mod sys;
+#[allow(dead_code, unused_imports)]
+#[path = "../src/capture"]
+mod capture {
+    pub mod ebpf {
+        pub mod cbpf;
+        pub mod sys;
+    }
+}
 
 #[cfg(all(target_os = "linux", capstream_ebpf))]
 criterion::criterion_main!(kernel::benches);
@@ -47,8 +52,8 @@ mod kernel {
     use criterion::{criterion_group, Criterion};
     use sensor_ebpf as shared;
 
-    use crate::cbpf::{self, CbpfInsn, Context, OnAccept, Target};
-    use crate::sys::{self, ProgKind};
+    use crate::capture::ebpf::cbpf::{self, CbpfInsn, Context, OnAccept, Target};
+    use crate::capture::ebpf::sys::{self, ProgKind};
 
     static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sensor-ebpf.o"));
     const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/corpus");
@@ -246,13 +251,14 @@ mod kernel {
         frames
     }
 
-    /// The smallest and the largest frame `program` matches, or rejects if it matches none.
+    /// The smallest and the largest frame `program` matches, or rejects if it matches none
+    /// (one frame when they are the same size).
     /// Frames with an outer VLAN tag are left out: the kernel moves that tag into metadata
     /// before a socket filter or TC program sees the frame, a test run does not.
     fn small_and_large<'a>(
         program: &pcap::BpfProgram,
         frames: &'a [Vec<u8>],
-    ) -> [(&'a [u8], bool); 2] {
+    ) -> Vec<(&'a [u8], bool)> {
         let usable = || {
             frames.iter().filter(|f| {
                 FRAME_LENS.contains(&f.len()) && !matches!(&f[12..14], [0x81, 0x00] | [0x88, 0xa8])
@@ -262,7 +268,9 @@ mod kernel {
         let chosen = || usable().filter(|f| program.filter(f) == matching);
         let small = chosen().min_by_key(|f| f.len()).expect("a usable frame");
         let large = chosen().max_by_key(|f| f.len()).expect("a usable frame");
-        [(small.as_slice(), matching), (large.as_slice(), matching)]
+        let mut chosen = vec![(small.as_slice(), matching), (large.as_slice(), matching)];
+        chosen.dedup_by_key(|(frame, _)| frame.len());
+        chosen
     }
 
     fn filter_cost(c: &mut Criterion) {

@@ -22,9 +22,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use super::sys::EbpfInsn;
 
-// The path is spelled out because benches/filter_cost.rs compiles this file too.
 #[cfg(test)]
-#[path = "cbpf/tests.rs"]
 mod tests;
 
 /// One classic instruction, laid out as `struct bpf_insn` (which the tests rely on).
