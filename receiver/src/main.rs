@@ -10,12 +10,10 @@ use std::process::ExitCode;
 use anyhow::{anyhow, Context, Result};
 mod auth;
 mod certs;
-mod cli;
 mod connection;
 mod merge;
 mod quota;
 mod server;
-mod sink;
 mod stats;
 mod telemetry;
 mod tls;
@@ -27,7 +25,8 @@ mod tests;
 #[cfg(test)]
 mod tests_auth;
 
-use cli::{Cli, Command, SplitBy};
+use receiver::cli::{self, Cli, Command, SplitBy};
+use receiver::sink;
 use sink::files::naming::Pattern;
 use sink::files::{FileConfig, Files, InUse, Keep, OnFinished, Rotation};
 use sink::{Sink, Tee};

@@ -15,6 +15,7 @@
 
 mod fanin;
 pub mod generator;
+mod micro;
 mod pipeline;
 mod streaming;
 
@@ -87,12 +88,12 @@ struct Run {
     receiver_rss_kib: u64,
 }
 
-/// Runs `only` ("capture", "streaming" or "fanin"), or all, over `rounds` rounds.
+/// Runs `only` ("capture", "streaming", "fanin" or "micro"), or all, over `rounds` rounds.
 pub fn run(only: Option<&str>, rounds: usize) -> Result<()> {
     setup()?;
     let part = |name: &str| only.is_none_or(|o| o == name);
-    // Only live capture uses the in-kernel programs.
-    if part("capture") {
+    // Live capture and the filter-cost micro-benchmark load the in-kernel programs.
+    if part("capture") || part("micro") {
         crate::ebpf::build(crate::root())?;
     }
     cmd(
@@ -117,6 +118,9 @@ pub fn run(only: Option<&str>, rounds: usize) -> Result<()> {
     }
     if part("fanin") {
         fanin::run(&out_dir, rounds, ticks)?;
+    }
+    if part("micro") {
+        micro::run(&out_dir)?;
     }
     Ok(())
 }

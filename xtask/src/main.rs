@@ -35,11 +35,12 @@ enum Command {
     BuildEbpf,
     /// Measure capture throughput, loss, CPU and memory of every sensor mode beside
     /// `tcpdump -w file` and a tcpdump | socat TLS pipeline on the same traffic, streaming
-    /// (`sensor --read`) beside that pipeline, and fan-in of 1, 8 and 32 sensors into one
-    /// receiver (root; several minutes); see BENCHMARKS.md.
+    /// (`sensor --read`) beside that pipeline, fan-in of 1, 8 and 32 sensors into one
+    /// receiver, and the criterion micro-benchmarks (root; several minutes); see
+    /// BENCHMARKS.md.
     Bench {
         /// Run one part only (all when not given), e.g. `--only fanin`.
-        #[arg(long, value_parser = ["capture", "streaming", "fanin"])]
+        #[arg(long, value_parser = ["capture", "streaming", "fanin", "micro"])]
         only: Option<String>,
         /// Interleaved rounds per contestant; the tables show the median.
         #[arg(long, default_value_t = bench::ROUNDS)]

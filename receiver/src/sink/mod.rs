@@ -166,8 +166,9 @@ fn to_io<E: std::fmt::Display>(e: E) -> io::Error {
     io::Error::other(e.to_string())
 }
 
-#[cfg(test)]
-pub(crate) mod testing {
+/// For the binary's tests as well as these, hence compiled always.
+#[doc(hidden)]
+pub mod testing {
     use std::io::Write;
     use std::sync::{Arc, Mutex};
 

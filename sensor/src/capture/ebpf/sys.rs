@@ -1,5 +1,6 @@
 //! The few bpf() system calls Aya does not offer for raw instructions: loading a program
-//! from an instruction array, putting it into a program array and, for tests, running it.
+//! from an instruction array, putting it into a program array and, for tests and the
+//! filter-cost benchmark (benches/filter_cost.rs), running it.
 //!
 //! Each call fills its own `#[repr(C)]` copy of the part of `union bpf_attr` it uses
 //! (uapi `linux/bpf.h`), zero-initialised and without implicit padding, and passes that
@@ -37,7 +38,7 @@ pub enum ProgKind {
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
-#[cfg(test)]
+#[cfg_attr(not(test), allow(dead_code))]
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
 // Program types, attach types and flags.
@@ -100,7 +101,7 @@ struct MapElemAttr {
 }
 
 /// `bpf_attr` for BPF_PROG_TEST_RUN, up to `batch_size`.
-#[cfg(test)]
+#[cfg_attr(not(test), allow(dead_code))]
 #[repr(C)]
 #[derive(Default)]
 struct TestRunAttr {
@@ -317,7 +318,7 @@ pub fn map_create(
 }
 
 /// What one BPF_PROG_TEST_RUN returned.
-#[cfg(test)]
+#[cfg_attr(not(test), allow(dead_code))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TestRun {
     pub retval: u32,
@@ -327,7 +328,7 @@ pub struct TestRun {
 
 /// Runs `prog` on `data` (a frame from its Ethernet header on, for SchedCls and XDP)
 /// `repeat` times in the kernel.
-#[cfg(test)]
+#[cfg_attr(not(test), allow(dead_code))]
 pub fn test_run(prog: BorrowedFd, data: &[u8], repeat: u32) -> io::Result<TestRun> {
     let mut attr = TestRunAttr {
         prog_fd: prog

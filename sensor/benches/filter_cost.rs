@@ -1,0 +1,327 @@
+//! The in-kernel filter's cost per packet, measured by the kernel itself: BPF_PROG_TEST_RUN
+//! with `repeat` reports the mean run time, and criterion collects those means.
+//!
+//! For every filter of the shared corpus's filters-dev.txt, compiled by libpcap for
+//! Ethernet and translated as the sensor translates it (the sensor's own `cbpf` and `sys`
+//! modules, compiled in here), on the smallest and the largest corpus frame the filter
+//! matches (or, if it matches none, that it rejects), in each mode's programs:
+//! - `chain`: the mode's entry program with the filter and emit programs in its program
+//!   array, as the sensor loads them: entry → filter → emit, which copies a matching frame
+//!   into the ring buffer (drained between test runs, so it never fills);
+//! - `filter`: the translated filter program alone (on accept, its tail call finds no emit
+//!   program and it returns).
+//!
+//! The kernel cannot test-run classic BPF: BPF_PROG_LOAD takes eBPF only, and a classic
+//! filter attached with SO_ATTACH_FILTER, which the kernel converts to eBPF itself, gets no
+//! program fd to run. The comparison for the same classic program is therefore `libpcap`:
+//! libpcap's own interpreter (`pcap_offline_filter`, what the sensor's tests take as the
+//! oracle) on the same frame, timed by criterion in user space.
+//!
+//! Needs root (or CAP_BPF with CAP_NET_ADMIN) and the eBPF object (cargo xtask build-ebpf).
+//! Run by `cargo xtask bench --only micro`; see BENCHMARKS.md.
+
+/// The sensor's own translator and bpf() calls, at the paths they have in the sensor.
+/// Cargo builds benchmarks with cfg(test), so their unit tests come along, unused here.
+#[cfg(all(target_os = "linux", capstream_ebpf))]
+#[allow(dead_code, unused_imports)]
+#[path = "../src/capture"]
+mod capture {
+    pub mod ebpf {
+        pub mod cbpf;
+        pub mod sys;
+    }
+}
+
+#[cfg(all(target_os = "linux", capstream_ebpf))]
+criterion::criterion_main!(kernel::benches);
+
+#[cfg(not(all(target_os = "linux", capstream_ebpf)))]
+fn main() {
+    eprintln!("filter_cost: needs Linux and the eBPF object; run cargo xtask build-ebpf");
+    std::process::exit(1);
+}
+
+#[cfg(all(target_os = "linux", capstream_ebpf))]
+mod kernel {
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::time::Duration;
+
+    use aya::maps::{MapData, PerCpuArray, ProgramArray, RingBuf};
+    use aya::programs::Program;
+    use aya::{Ebpf, EbpfLoader};
+    use criterion::{criterion_group, Criterion};
+    use sensor_ebpf as shared;
+
+    use crate::capture::ebpf::cbpf::{self, CbpfInsn, Context, OnAccept, Target};
+    use crate::capture::ebpf::sys::{self, ProgKind};
+
+    static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sensor-ebpf.o"));
+    const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/corpus");
+    /// The sensor's default --ring-size.
+    const RING_SIZE: u32 = 8 << 20;
+    /// Runs per BPF_PROG_TEST_RUN: at most 1000 frames of ~1.5 KB enter the ring before it
+    /// is drained.
+    const REPEAT: u64 = 1000;
+    /// Frames a test run takes in every mode: an Ethernet + IPv6 header at least, one
+    /// Ethernet MTU at most.
+    const FRAME_LENS: std::ops::RangeInclusive<usize> = 54..=1514;
+
+    /// A sensor mode's programs, as `--mode` names it.
+    #[derive(Clone, Copy)]
+    enum Mode {
+        Ebpf,
+        Tc,
+        Xdp,
+    }
+
+    impl Mode {
+        const ALL: [Mode; 3] = [Mode::Ebpf, Mode::Tc, Mode::Xdp];
+
+        fn name(self) -> &'static str {
+            match self {
+                Self::Ebpf => "ebpf",
+                Self::Tc => "tc",
+                Self::Xdp => "xdp",
+            }
+        }
+
+        /// (entry, emit) program names; TC egress runs the same code as ingress.
+        fn programs(self) -> (&'static str, &'static str) {
+            match self {
+                Self::Ebpf => (shared::SOCKET_ENTRY, shared::SOCKET_EMIT),
+                Self::Tc => (shared::TC_INGRESS, shared::TC_EMIT),
+                Self::Xdp => (shared::XDP_ENTRY, shared::XDP_EMIT),
+            }
+        }
+
+        /// The translation target, with the pass value of the sensor's hook.
+        fn target<'a>(self, programs: &'a OwnedFd, scratch: &'a OwnedFd) -> Target<'a> {
+            let (context, pass) = match self {
+                Self::Ebpf => (Context::Skb, 0),
+                Self::Tc => (Context::Skb, -1),
+                Self::Xdp => (Context::Xdp, 2),
+            };
+            Target {
+                context,
+                pass,
+                on_accept: OnAccept::TailCall {
+                    prog_array: programs.as_fd(),
+                    index: shared::PROG_EMIT,
+                    scratch: scratch.as_fd(),
+                },
+            }
+        }
+
+        fn kind(self) -> ProgKind {
+            match self {
+                Self::Ebpf => ProgKind::SocketFilter,
+                Self::Tc => ProgKind::SchedCls,
+                Self::Xdp => ProgKind::Xdp { frags: true },
+            }
+        }
+
+        /// The test-run input that makes the program see `frame` as on the wire. A socket
+        /// filter's test run starts the packet after the Ethernet header it is given, where
+        /// an AF_PACKET socket shows the filter the whole frame: so the frame goes behind a
+        /// copy of its own Ethernet header.
+        fn test_input(self, frame: &[u8]) -> Vec<u8> {
+            match self {
+                Self::Ebpf => [&frame[..14], frame].concat(),
+                Self::Tc | Self::Xdp => frame.to_vec(),
+            }
+        }
+    }
+
+    /// A mode's programs loaded with one filter in their chain.
+    struct Chain {
+        ebpf: Ebpf,
+        entry: OwnedFd,
+        filter: OwnedFd,
+        ring: RingBuf<MapData>,
+        counters: PerCpuArray<MapData, u64>,
+    }
+
+    impl Chain {
+        fn load(mode: Mode, classic: &[CbpfInsn]) -> Self {
+            let mut ebpf = EbpfLoader::new()
+                .map_max_entries(shared::RING_MAP, RING_SIZE)
+                .override_global(shared::SNAPLEN_GLOBAL, &common::MAX_SNAPLEN, true)
+                .override_global(shared::LOOPBACK_GLOBAL, &0u32, true)
+                .override_global(shared::WAKEUP_BYTES_GLOBAL, &u64::from(RING_SIZE / 8), true)
+                .load(OBJECT)
+                .expect("the sensor's eBPF object loads (as root)");
+            let (entry, emit) = mode.programs();
+            let entry = load_program(&mut ebpf, entry);
+            let emit = load_program(&mut ebpf, emit);
+            let programs = map_fd(&ebpf, shared::PROGRAMS_MAP);
+            let scratch = map_fd(&ebpf, shared::SCRATCH_MAP);
+            let insns = cbpf::translate(classic, &mode.target(&programs, &scratch))
+                .expect("the filter translates");
+            let filter = sys::load_program(mode.kind(), &insns, "capstream_filter")
+                .expect("the kernel takes the filter");
+            for (index, prog) in [(shared::PROG_FILTER, &filter), (shared::PROG_EMIT, &emit)] {
+                sys::prog_array_set(programs.as_fd(), index, prog.as_fd()).expect("chained");
+            }
+            let ring = RingBuf::try_from(ebpf.take_map(shared::RING_MAP).expect("ring"))
+                .expect("a ring buffer");
+            let counters =
+                PerCpuArray::try_from(ebpf.take_map(shared::COUNTERS_MAP).expect("counters"))
+                    .expect("per-CPU counters");
+            Self {
+                ebpf,
+                entry,
+                filter,
+                ring,
+                counters,
+            }
+        }
+
+        /// Takes the emit program out of the chain: the filter then returns on accept.
+        fn unchain_emit(&mut self) {
+            let mut programs: ProgramArray<_> = self
+                .ebpf
+                .map_mut(shared::PROGRAMS_MAP)
+                .expect("program array")
+                .try_into()
+                .expect("a program array");
+            programs
+                .clear_index(&shared::PROG_EMIT)
+                .expect("emit removed");
+        }
+
+        fn matched(&self) -> u64 {
+            let per_cpu = self.counters.get(&shared::COUNTER_MATCHED, 0);
+            per_cpu.expect("the matched counter").iter().sum()
+        }
+
+        /// Whether the chain emits `input` (one run, judged by the matched counter).
+        fn accepts(&mut self, input: &[u8]) -> bool {
+            let before = self.matched();
+            sys::test_run(self.entry.as_fd(), input, 1).expect("BPF_PROG_TEST_RUN");
+            while self.ring.next().is_some() {}
+            self.matched() > before
+        }
+
+        /// `iters` runs of `prog` on `input`: the kernel's mean run time, times `iters`.
+        fn time(&mut self, prog: &OwnedFd, input: &[u8], iters: u64) -> Duration {
+            let mut total_ns = 0;
+            let mut left = iters;
+            while left > 0 {
+                let n = left.min(REPEAT);
+                let run = sys::test_run(prog.as_fd(), input, n as u32).expect("BPF_PROG_TEST_RUN");
+                total_ns += u64::from(run.duration_ns) * n;
+                while self.ring.next().is_some() {}
+                left -= n;
+            }
+            Duration::from_nanos(total_ns)
+        }
+    }
+
+    fn load_program(ebpf: &mut Ebpf, name: &str) -> OwnedFd {
+        let prog = ebpf
+            .program_mut(name)
+            .expect("the program is in the object");
+        match prog {
+            Program::SocketFilter(p) => p.load(),
+            Program::SchedClassifier(p) => p.load(),
+            Program::Xdp(p) => p.load(),
+            _ => panic!("{name}: an unexpected program type"),
+        }
+        .unwrap_or_else(|e| panic!("{name} loads: {e}"));
+        let fd = prog.fd().expect("loaded");
+        fd.as_fd().try_clone_to_owned().expect("fd")
+    }
+
+    fn map_fd(ebpf: &Ebpf, name: &str) -> OwnedFd {
+        let data = match ebpf.map(name).expect("the map is in the object") {
+            aya::maps::Map::ProgramArray(d) | aya::maps::Map::PerCpuArray(d) => d,
+            _ => panic!("{name}: an unexpected map type"),
+        };
+        data.fd().as_fd().try_clone_to_owned().expect("fd")
+    }
+
+    /// Every frame of the corpus.
+    fn corpus_frames() -> Vec<Vec<u8>> {
+        let mut capture = pcap::Capture::from_file(format!("{CORPUS}/tcpdump-tests.pcap"))
+            .unwrap_or_else(|e| panic!("{CORPUS}: {e} (the shared corpus; see its README)"));
+        let mut frames = Vec::new();
+        while let Ok(packet) = capture.next_packet() {
+            frames.push(packet.data.to_vec());
+        }
+        frames
+    }
+
+    /// The smallest and the largest frame `program` matches, or rejects if it matches none
+    /// (one frame when they are the same size).
+    /// Frames with an outer VLAN tag are left out: the kernel moves that tag into metadata
+    /// before a socket filter or TC program sees the frame, a test run does not.
+    fn small_and_large<'a>(
+        program: &pcap::BpfProgram,
+        frames: &'a [Vec<u8>],
+    ) -> Vec<(&'a [u8], bool)> {
+        let usable = || {
+            frames.iter().filter(|f| {
+                FRAME_LENS.contains(&f.len()) && !matches!(&f[12..14], [0x81, 0x00] | [0x88, 0xa8])
+            })
+        };
+        let matching = usable().any(|f| program.filter(f));
+        let chosen = || usable().filter(|f| program.filter(f) == matching);
+        let small = chosen().min_by_key(|f| f.len()).expect("a usable frame");
+        let large = chosen().max_by_key(|f| f.len()).expect("a usable frame");
+        let mut chosen = vec![(small.as_slice(), matching), (large.as_slice(), matching)];
+        chosen.dedup_by_key(|(frame, _)| frame.len());
+        chosen
+    }
+
+    fn filter_cost(c: &mut Criterion) {
+        let frames = corpus_frames();
+        let filters = std::fs::read_to_string(format!("{CORPUS}/filters-dev.txt"))
+            .expect("filters-dev.txt in the shared corpus");
+        let dead = pcap::Capture::dead(pcap::Linktype::ETHERNET).expect("libpcap");
+        let mut group = c.benchmark_group("bpf");
+        for expr in filters.lines().filter(|l| !l.trim().is_empty()) {
+            let program = dead
+                .compile(expr, true)
+                .expect("libpcap compiles the filter");
+            let classic = CbpfInsn::from_pcap(&program);
+            for (frame, matching) in small_and_large(&program, &frames) {
+                let verdict = if matching { "match" } else { "reject" };
+                let case = format!("{expr}/{}B {verdict}", frame.len());
+                group.bench_function(format!("libpcap/{case}"), |b| {
+                    b.iter(|| program.filter(std::hint::black_box(frame)))
+                });
+                for mode in Mode::ALL {
+                    let mut chain = Chain::load(mode, &classic);
+                    let input = mode.test_input(frame);
+                    assert_eq!(
+                        chain.accepts(&input),
+                        matching,
+                        "--mode {} on \"{expr}\", {} bytes: the kernel disagrees with libpcap",
+                        mode.name(),
+                        frame.len()
+                    );
+                    let entry = chain.entry.try_clone().expect("fd");
+                    group.bench_function(format!("{}-chain/{case}", mode.name()), |b| {
+                        b.iter_custom(|iters| chain.time(&entry, &input, iters))
+                    });
+                    chain.unchain_emit();
+                    let filter = chain.filter.try_clone().expect("fd");
+                    group.bench_function(format!("{}-filter/{case}", mode.name()), |b| {
+                        b.iter_custom(|iters| chain.time(&filter, &input, iters))
+                    });
+                }
+            }
+        }
+        group.finish();
+    }
+
+    criterion_group! {
+        name = benches;
+        // The kernel averages each test run already; short phases keep 150 cases brief.
+        config = Criterion::default()
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1))
+            .sample_size(20);
+        targets = filter_cost
+    }
+}
