@@ -18,7 +18,7 @@ use std::fs::File;
 use std::io::Write as _;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -26,8 +26,8 @@ use anyhow::{bail, Context, Result};
 use testbed::capstream::{Receiver, Scratch};
 use testbed::Netns;
 
-use super::pipeline::{command_in, path_arg};
-use super::streaming::{corpus_frames, read_corpus, TARGET_BYTES};
+use super::pipeline::path_arg;
+use super::streaming::{corpus_frames, read_corpus, sensor_reading, TARGET_BYTES};
 use super::{children_cpu, median, usage};
 
 /// Sensors at once.
@@ -152,8 +152,6 @@ pub fn run(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
 fn fan_in(ns: &Netns, files: &[Arc<Vec<u8>>], packets: &Packets, ticks: f64) -> Result<Run> {
     let dir = Scratch::new("bench-fanin")?;
     let (mut receiver, out) = Receiver::writing(Some(ns), &dir, "out.pcap", &[])?;
-    let sensor_bin = testbed::workspace_bin("sensor");
-    let cert = path_arg(&receiver.cert);
     let gate = Arc::new(Barrier::new(files.len() + 1));
     let mut sensors = Sensors(Vec::new());
     let mut writers = Vec::new();
@@ -161,21 +159,8 @@ fn fan_in(ns: &Netns, files: &[Arc<Vec<u8>>], packets: &Packets, ticks: f64) -> 
         let fifo = dir.join(&format!("sensor-{i}.pcap"));
         testbed::run("mkfifo", &[&path_arg(&fifo)])?;
         let log = dir.join(&format!("sensor-{i}.log"));
-        let (id, input) = (format!("fanin-{i}"), path_arg(&fifo));
-        let mut cmd = command_in(Some(ns), &sensor_bin.to_string_lossy());
-        cmd.args([
-            "--read",
-            input.as_str(),
-            "--receiver",
-            receiver.addr.as_str(),
-            "--ca",
-            cert.as_str(),
-            "--sensor-id",
-            id.as_str(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(&log)?);
+        let id = format!("fanin-{i}");
+        let mut cmd = sensor_reading(ns, &fifo, &receiver, &log, &["--sensor-id", &id])?;
         sensors
             .0
             .push((cmd.spawn().context("cannot start a sensor")?, log));

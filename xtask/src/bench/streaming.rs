@@ -8,7 +8,7 @@
 use std::fmt::Write as _;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -113,14 +113,16 @@ pub fn run(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
     Ok(())
 }
 
-/// The sensor reads `t` and streams it to a receiver writing a pcap file; the time runs
-/// from the sensor's start to its exit, which waits for the receiver to acknowledge (have
-/// written) every batch.
-fn sensor_run(ns: &Netns, t: &Traffic, ticks: f64) -> Result<Run> {
-    let dir = Scratch::new("bench-stream-run")?;
-    let (mut receiver, out) = Receiver::writing(Some(ns), &dir, "out.pcap", &[])?;
-    let log = dir.join("sensor.log");
-    let (input, cert) = (path_arg(&t.path), path_arg(&receiver.cert));
+/// `sensor --read INPUT` in `ns`, streaming to `receiver`, with `extra` flags; its stderr
+/// goes to `log`.
+pub(super) fn sensor_reading(
+    ns: &Netns,
+    input: &Path,
+    receiver: &Receiver,
+    log: &Path,
+    extra: &[&str],
+) -> Result<Command> {
+    let (input, cert) = (path_arg(input), path_arg(&receiver.cert));
     let mut cmd = command_in(
         Some(ns),
         &testbed::workspace_bin("sensor").to_string_lossy(),
@@ -132,10 +134,22 @@ fn sensor_run(ns: &Netns, t: &Traffic, ticks: f64) -> Result<Run> {
         receiver.addr.as_str(),
         "--ca",
         cert.as_str(),
-    ]);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(&log)?);
+    ])
+    .args(extra)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(File::create(log)?);
+    Ok(cmd)
+}
+
+/// The sensor reads `t` and streams it to a receiver writing a pcap file; the time runs
+/// from the sensor's start to its exit, which waits for the receiver to acknowledge (have
+/// written) every batch.
+fn sensor_run(ns: &Netns, t: &Traffic, ticks: f64) -> Result<Run> {
+    let dir = Scratch::new("bench-stream-run")?;
+    let (mut receiver, out) = Receiver::writing(Some(ns), &dir, "out.pcap", &[])?;
+    let log = dir.join("sensor.log");
+    let mut cmd = sensor_reading(ns, &t.path, &receiver, &log, &[])?;
 
     let (receiver_before, _) = usage(receiver.proc.pid(), ticks)?;
     let cpu_before = children_cpu(ticks)?;
