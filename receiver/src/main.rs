@@ -189,24 +189,30 @@ async fn run(cli: Cli) -> Result<()> {
     )
     .await;
     common::status::clear();
-    let summaries = summaries?;
     let live_summary = match live {
         Some(live) => Some(live.close().await),
         None => None,
     };
-    eprintln!("receiver: {} sensor session(s)", summaries.len());
-    for s in &summaries {
-        eprintln!("  {}", s.line());
+    if let Ok(summaries) = &summaries {
+        eprintln!("receiver: {} sensor session(s)", summaries.len());
+        for s in summaries {
+            eprintln!("  {}", s.line());
+        }
     }
     if let Some(line) = live_summary {
         eprintln!("receiver: {line}");
     }
-    if let Some(uploader) = uploader {
-        let report = uploader.finish(cli.upload_timeout, shutdown_signal()).await;
-        eprintln!("receiver: {}", report.line());
-        report.result()?;
-    }
-    Ok(())
+    // Files completed before a failure are still uploaded, or named as not uploaded.
+    let uploaded = match uploader {
+        Some(uploader) => {
+            let report = uploader.finish(cli.upload_timeout, shutdown_signal()).await;
+            eprintln!("receiver: {}", report.line());
+            report.result()
+        }
+        None => Ok(()),
+    };
+    summaries?;
+    uploaded
 }
 
 /// The outputs asked for, as the one sink the writer feeds: the live stream first, so that
