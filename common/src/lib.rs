@@ -30,11 +30,11 @@ pub use codec::DecodeError;
 pub use message::{
     decode_frame, decode_frame_header, Ack, AuthToken, Batch, BatchEncoding, DropReason, ErrorCode,
     ErrorMsg, Goodbye, Hello, InterfaceInfo, InterfaceStats, Message, MessageType, Stats,
-    FRAME_HEADER_LEN,
+    FRAME_HEADER_LEN, MAX_HELLO_LEN, SESSION_SECRET_LEN,
 };
 
 /// The protocol version this build speaks. A peer with another version is refused.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Four bytes at the start of every Hello, so that a peer speaking another protocol is
 /// recognised at once rather than misread.

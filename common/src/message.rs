@@ -16,7 +16,12 @@ const MAX_HOSTNAME: usize = 255;
 const MAX_OS: usize = 128;
 const MAX_IFACE_NAME: usize = 256;
 const MAX_FILTER: usize = 16 * 1024;
-const MAX_INTERFACES: usize = 256;
+const MAX_INTERFACES: usize = 64;
+/// Length of [`Hello::session_secret`].
+pub const SESSION_SECRET_LEN: usize = 16;
+/// Largest Hello body: a receiver buffers no more than this of a peer that has not yet
+/// proved who it is.
+pub const MAX_HELLO_LEN: usize = 256 * 1024;
 const MAX_DROP_REASONS: usize = 32;
 const MAX_ERROR_TEXT: usize = 1024;
 
@@ -62,8 +67,12 @@ pub struct InterfaceInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub version: u16,
-    /// Random per sensor process; batches and stats carry it.
+    /// Random per sensor session; batches and stats carry it. Never published by a
+    /// receiver (logs, metrics and files show only a hash of it).
     pub session_id: u64,
+    /// Random per session and never published: only a sensor holding it may resume the
+    /// session on a new connection, so a known session id is not enough to take it over.
+    pub session_secret: [u8; SESSION_SECRET_LEN],
     pub sensor_id: String,
     pub hostname: String,
     pub os: String,
@@ -131,12 +140,16 @@ impl DropReason {
     /// The sensor's buffer of unacknowledged batches (`--buffer`, `--spool-dir`) was full:
     /// the receiver or the link was slower than the capture.
     pub const SENSOR_BUFFER: Self = Self(3);
+    /// Batches held in the sensor's spool that could not be read back (a damaged or
+    /// missing segment): sent on as empty batches so that the session goes on.
+    pub const SPOOL_DAMAGED: Self = Self(4);
 
     pub fn name(self) -> &'static str {
         match self {
             Self::KERNEL_BUFFER => "kernel buffer full",
             Self::INTERFACE => "interface/driver",
             Self::SENSOR_BUFFER => "sensor buffer full",
+            Self::SPOOL_DAMAGED => "spool damaged",
             _ => "other",
         }
     }
@@ -147,6 +160,7 @@ impl DropReason {
             Self::KERNEL_BUFFER => "kernel_buffer",
             Self::INTERFACE => "interface",
             Self::SENSOR_BUFFER => "sensor_buffer",
+            Self::SPOOL_DAMAGED => "spool_damaged",
             _ => "other",
         }
     }
@@ -202,6 +216,12 @@ impl ErrorCode {
     /// The sensor did not prove who it is: a missing or wrong token. Trying again is
     /// refused again.
     pub const UNAUTHENTICATED: Self = Self(6);
+    /// The receiver cannot take the sensor now (its output cannot be written, or it holds
+    /// too many sessions): the sensor keeps its data and tries again later.
+    pub const UNAVAILABLE: Self = Self(7);
+    /// The session cannot be resumed (it ended, or belongs to another sensor): the sensor
+    /// starts a new session and sends what it holds there.
+    pub const SESSION_REFUSED: Self = Self(8);
 }
 
 /// A fatal error: the sender closes the session after it.
@@ -297,6 +317,13 @@ pub fn decode_frame_header(
             max: MAX_FRAME_LEN,
         });
     }
+    if kind == MessageType::Hello && len > MAX_HELLO_LEN {
+        return Err(DecodeError::TooLong {
+            field: "hello",
+            len,
+            max: MAX_HELLO_LEN,
+        });
+    }
     Ok((kind, len))
 }
 
@@ -323,6 +350,7 @@ impl Hello {
         out.put_slice(&HELLO_MAGIC);
         out.put_u16(self.version);
         out.put_u64(self.session_id);
+        out.put_slice(&self.session_secret);
         put_str(out, &self.sensor_id, MAX_ID);
         put_str(out, &self.hostname, MAX_HOSTNAME);
         put_str(out, &self.os, MAX_OS);
@@ -353,6 +381,9 @@ impl Hello {
             });
         }
         let session_id = get_u64(buf, "session id")?;
+        need(buf, SESSION_SECRET_LEN, "session secret")?;
+        let mut session_secret = [0u8; SESSION_SECRET_LEN];
+        buf.copy_to_slice(&mut session_secret);
         let sensor_id = get_str(buf, MAX_ID, "sensor id")?;
         let hostname = get_str(buf, MAX_HOSTNAME, "hostname")?;
         let os = get_str(buf, MAX_OS, "os")?;
@@ -380,6 +411,7 @@ impl Hello {
         Ok(Self {
             version,
             session_id,
+            session_secret,
             sensor_id,
             hostname,
             os,

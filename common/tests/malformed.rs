@@ -240,10 +240,10 @@ fn malformed_batch_bodies_are_refused_without_panicking() {
 fn templates_of_the_cases_are_valid() {
     let templates = [
         // Hello: one interface, no token.
-        "01 LEN 'CAPS' VERSION 0000000000000001 0001 's' 0001 'h' 0001 'o' 0001
+        "01 LEN 'CAPS' VERSION 0000000000000001 00*16 0001 's' 0001 'h' 0001 'o' 0001
          0004 'eth0' 0001 00040000 0000 0000",
         // Hello: one interface, a token.
-        "01 LEN 'CAPS' VERSION 0000000000000001 0001 's' 0001 'h' 0001 'o' 0001
+        "01 LEN 'CAPS' VERSION 0000000000000001 00*16 0001 's' 0001 'h' 0001 'o' 0001
          0004 'eth0' 0001 00040000 0000 0010 't'*16",
         // Stored batch of one record.
         "02 LEN 0000000000000001 0000000000000001 0000 00000001 00

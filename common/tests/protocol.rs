@@ -8,6 +8,7 @@ fn hello() -> Hello {
     Hello {
         version: PROTOCOL_VERSION,
         session_id: 0xdead_beef_0102_0304,
+        session_secret: [9; 16],
         sensor_id: "edge-1".into(),
         hostname: "edge-1.example".into(),
         os: "linux".into(),

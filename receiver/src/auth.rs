@@ -268,6 +268,7 @@ mod tests {
         let hello = |t: Option<AuthToken>| Hello {
             version: common::PROTOCOL_VERSION,
             session_id: 1,
+            session_secret: [1; 16],
             sensor_id: "s".into(),
             hostname: "h".into(),
             os: "o".into(),

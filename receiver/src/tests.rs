@@ -154,6 +154,7 @@ pub(crate) fn hello(session_id: u64, host: &str) -> Hello {
     Hello {
         version: common::PROTOCOL_VERSION,
         session_id,
+        session_secret: [1; 16],
         sensor_id: format!("id-{host}"),
         hostname: host.into(),
         os: "linux".into(),

@@ -179,6 +179,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     let hello = common::Hello {
         version: common::PROTOCOL_VERSION,
         session_id,
+        session_secret: rand::random(),
         sensor_id: cli.sensor_id.clone().unwrap_or_else(|| hostname.clone()),
         hostname,
         os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),

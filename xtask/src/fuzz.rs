@@ -266,6 +266,7 @@ fn seed_messages() -> Vec<(&'static str, Message)> {
     let hello = Hello {
         version: PROTOCOL_VERSION,
         session_id: 0x0123_4567_89ab_cdef,
+        session_secret: [7; 16],
         sensor_id: "edge-1".into(),
         hostname: "edge-1.example.net".into(),
         os: "linux 6.1 x86_64".into(),
