@@ -24,6 +24,8 @@ mod writer;
 mod tests;
 #[cfg(test)]
 mod tests_auth;
+#[cfg(test)]
+mod tests_sessions;
 
 use receiver::cli::{self, Cli, Command, SplitBy};
 use receiver::sink;

@@ -1,0 +1,141 @@
+//! Sessions over real QUIC on loopback: bound to the secret they were opened with, named
+//! in the output only by a hash, and capped per source.
+
+use std::time::Duration;
+
+use common::{ErrorCode, Message};
+use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
+use pcap_file::pcapng::{Block, PcapNgReader};
+
+use crate::auth::Auth;
+use crate::cli::Format;
+use crate::tests::{
+    batch_frame, connect_as, error_code, hello, join, read_replies, say_goodbye, start_server_with,
+};
+use crate::writer::{session_tag, MAX_SESSIONS_PER_SOURCE};
+
+/// A client that knows a session's id (and its interfaces, and its token) but not its
+/// secret cannot take it over, while it is connected or away: the sensor's own batches
+/// are all written, and the session's id appears nowhere in the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_is_resumed_only_with_its_secret() {
+    let server = start_server_with(
+        Duration::from_millis(50),
+        Format::Pcapng,
+        None,
+        Auth::default(),
+    );
+    let session = 0x0123_4567_89ab_cdef;
+    let me = hello(session, "owner");
+    let mut thief = me.clone();
+    thief.session_secret = [2; 16];
+    let try_thief = || async {
+        let (_e, conn) = connect_as(&server, common::ALPN, None).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&Message::Hello(thief.clone()).to_bytes())
+            .await
+            .unwrap();
+        let replies = read_replies(&mut recv).await;
+        assert_eq!(
+            error_code(&replies),
+            Some(ErrorCode::SESSION_REFUSED),
+            "{replies:?}"
+        );
+    };
+
+    let (_e1, first) = connect_as(&server, common::ALPN, None).await.unwrap();
+    let (mut send, _recv, resume) = join(&first, &me).await;
+    assert_eq!(resume, 0);
+    send.write_all(&batch_frame(session, 1, &[10]))
+        .await
+        .unwrap();
+    // Connected: the thief is refused, and the owner's connection stays.
+    try_thief().await;
+    send.write_all(&batch_frame(session, 2, &[20]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.close(7u32.into(), b"cut");
+    // Away: still refused.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    try_thief().await;
+
+    let (_e2, second) = connect_as(&server, common::ALPN, None).await.unwrap();
+    let (mut send, mut recv, resume) = join(&second, &me).await;
+    assert_eq!(resume, 2, "the owner resumes where it was");
+    send.write_all(&batch_frame(session, 3, &[30]))
+        .await
+        .unwrap();
+    say_goodbye(send, &mut recv, 3).await;
+    second.close(0u32.into(), b"");
+
+    server.stop.send(()).unwrap();
+    let summaries = server.done.await.unwrap().unwrap();
+    assert_eq!(summaries.len(), 1);
+    assert_eq!(summaries[0].written.packets, 3, "{}", summaries[0].line());
+    let bytes = server.out.bytes();
+    let mut reader = PcapNgReader::new(&bytes[..]).unwrap();
+    let mut descriptions = Vec::new();
+    while let Some(block) = reader.next_block() {
+        if let Block::InterfaceDescription(idb) = block.unwrap().0 {
+            for option in idb.options {
+                if let InterfaceDescriptionOption::IfDescription(d) = option {
+                    descriptions.push(d.into_owned());
+                }
+            }
+        }
+    }
+    assert_eq!(descriptions.len(), 1, "{descriptions:?}");
+    let tag = session_tag(session);
+    assert!(
+        descriptions[0].ends_with(&format!("session {tag}")),
+        "{descriptions:?}"
+    );
+    assert!(
+        !descriptions[0].contains("0123456789abcdef"),
+        "{descriptions:?}"
+    );
+}
+
+/// One source opens at most [`MAX_SESSIONS_PER_SOURCE`] sessions that are connected; one
+/// more is told to come back later (UNAVAILABLE), and once one of them is away, the oldest
+/// away session makes room for a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_of_one_source_are_capped() {
+    let server = start_server_with(
+        Duration::from_millis(50),
+        Format::Pcapng,
+        None,
+        Auth::default(),
+    );
+    let mut open = Vec::new();
+    for i in 0..MAX_SESSIONS_PER_SOURCE as u64 {
+        let (endpoint, conn) = connect_as(&server, common::ALPN, None).await.unwrap();
+        let (send, recv, _) = join(&conn, &hello(0x1000 + i, "many")).await;
+        open.push((endpoint, conn, send, recv));
+    }
+    let refused = {
+        let (_e, conn) = connect_as(&server, common::ALPN, None).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&Message::Hello(hello(0x2000, "many")).to_bytes())
+            .await
+            .unwrap();
+        read_replies(&mut recv).await
+    };
+    assert_eq!(
+        error_code(&refused),
+        Some(ErrorCode::UNAVAILABLE),
+        "{refused:?}"
+    );
+    // One goes away: its session makes room.
+    let (_, gone, _, _) = open.remove(0);
+    gone.close(7u32.into(), b"cut");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_e, conn) = connect_as(&server, common::ALPN, None).await.unwrap();
+    let (_send, _recv, resume) = join(&conn, &hello(0x2001, "many")).await;
+    assert_eq!(resume, 0);
+    drop(open);
+    server.stop.send(()).unwrap();
+    let summaries = server.done.await.unwrap().unwrap();
+    assert_eq!(summaries.len(), MAX_SESSIONS_PER_SOURCE + 1);
+}
