@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::fmt::Display;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -74,10 +73,7 @@ impl Auth {
 pub fn load_or_create_token(dir: &Path) -> anyhow::Result<(PathBuf, bool)> {
     use anyhow::Context;
     let path = dir.join("token");
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create state directory {}", dir.display()))?;
     let mut file = match crate::tls::create_private(&path) {
         Ok(file) => file,

@@ -298,6 +298,8 @@ fn the_status_line_shows_on_a_terminal_only() {
             "127.0.0.1:4433".into(),
             "--ca".into(),
             path(&cert),
+            "--token-file".into(),
+            path(&state.join("token")),
             "--read".into(),
             path(&corpus_dir().join("tcpdump-tests.pcap")),
         ];

@@ -1,6 +1,6 @@
-//! Authentication end to end, with the real programs on 127.0.0.1 (ports 4441-4449): mutual
-//! TLS set up with `receiver certs`, the shared token, and the receiver certificates a
-//! sensor must refuse. Every refused sensor exits 1 with one line saying what to do, and
+//! Authentication end to end, with the real programs on 127.0.0.1 (ports 4441-4452): mutual
+//! TLS set up with `receiver certs`, the shared token, the token a receiver requires by
+//! default, and the receiver certificates a sensor must refuse. Every refused sensor exits 1 with one line saying what to do, and
 //! leaves nothing in the receiver's output: no packet, no interface.
 
 use std::path::{Path, PathBuf};
@@ -389,4 +389,156 @@ fn a_shared_token_admits_only_the_sensors_that_know_it() {
     assert_eq!(sessions.len(), 1, "{log}");
     assert_eq!(sessions[0].sensor_id, "tok-1");
     only_interface(&out);
+}
+
+/// `path`'s mode bits and content.
+fn mode_and_content(path: &Path) -> (u32, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    (mode, std::fs::read_to_string(path).unwrap())
+}
+
+#[test]
+fn a_default_receiver_requires_the_token_it_generated() {
+    let dir = Scratch::new("default-token").unwrap();
+    let (mut first_run, out) = receiver(&dir, 4448, "default.pcapng", &[]);
+    first_run
+        .proc
+        .wait_for("on another host", std::time::Duration::from_secs(5))
+        .unwrap();
+    let token = dir.join("state-4448").join("token");
+    let (mode, first) = mode_and_content(&token);
+    assert_eq!(mode, 0o600, "the token is its owner's alone");
+    assert_eq!(first.len(), 65, "{first:?}");
+    assert!(
+        first[..64]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && first.ends_with('\n'),
+        "64 lowercase hex digits and a newline: {first:?}"
+    );
+    let log = first_run.proc.stderr();
+    let command = format!(
+        "on another host: sensor --receiver 127.0.0.1:4448 --fingerprint {} --token-file <copy of {}, mode 0600> -i IFACE",
+        first_run.fingerprint,
+        token.display()
+    );
+    assert!(log.contains(&command), "{log}");
+
+    // A sensor without the token is refused, one line, and nothing of it is written.
+    let to = [
+        "--receiver",
+        "127.0.0.1:4448",
+        "--fingerprint",
+        first_run.fingerprint.as_str(),
+    ];
+    sensor_refused(&to, "wrong or missing token: pass --token-file");
+    let log = stop_with_nothing_written(first_run, &out);
+    assert!(log.contains(": refused: no token"), "{log}");
+
+    // Restarted on the same state: the same token, untouched, and it admits the sensor.
+    let (mut again, out) = receiver(&dir, 4448, "again.pcapng", &[]);
+    assert_eq!(mode_and_content(&token), (0o600, first));
+    assert!(!again.proc.stderr().contains("created the token"));
+    let token_arg = arg(&token);
+    let to = [
+        "--receiver",
+        "127.0.0.1:4448",
+        "--fingerprint",
+        again.fingerprint.as_str(),
+        "--token-file",
+        token_arg.as_str(),
+        "--sensor-id",
+        "with-token",
+    ];
+    sensor_delivers(&to);
+    again.stop().unwrap();
+    let sessions = receiver_sessions(&again.proc.stderr());
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].sensor_id, "with-token");
+    only_interface(&out);
+}
+
+#[test]
+fn allow_unauthenticated_admits_any_sensor_and_says_so() {
+    let dir = Scratch::new("open").unwrap();
+    let (mut receiver, out) = receiver(&dir, 4449, "open.pcapng", &["--allow-unauthenticated"]);
+    receiver
+        .proc
+        .wait_for(
+            "--allow-unauthenticated: any host",
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+    assert!(
+        !dir.join("state-4449").join("token").exists(),
+        "no token is made when none is required"
+    );
+    let log = receiver.proc.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" WARN ") && l.contains("--allow-unauthenticated: any host")),
+        "{log}"
+    );
+    sensor_delivers(&[
+        "--receiver",
+        "127.0.0.1:4449",
+        "--fingerprint",
+        receiver.fingerprint.as_str(),
+        "--sensor-id",
+        "anyone",
+    ]);
+    receiver.stop().unwrap();
+    let sessions = receiver_sessions(&receiver.proc.stderr());
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].sensor_id, "anyone");
+    only_interface(&out);
+}
+
+#[test]
+fn a_live_stream_off_loopback_must_be_asked_for_by_name() {
+    let dir = Scratch::new("live-remote").unwrap();
+    let state = arg(&dir.join("state"));
+    let refused = run_bin(
+        "receiver",
+        &[
+            "--listen",
+            "127.0.0.1:4450",
+            "--state-dir",
+            &state,
+            "--serve-pcap",
+            "0.0.0.0:4451",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("receiver: error: --serve-pcap 0.0.0.0:4451")
+            && stderr.contains("--serve-pcap-allow-remote"),
+        "{stderr}"
+    );
+    assert!(
+        std::net::TcpStream::connect("127.0.0.1:4451").is_err(),
+        "nothing listens"
+    );
+
+    let mut allowed = Receiver::start(
+        None,
+        &dir.join("state"),
+        4450,
+        &["--serve-pcap", "0.0.0.0:4451", "--serve-pcap-allow-remote"],
+    )
+    .unwrap();
+    allowed
+        .proc
+        .wait_for("whoever reaches TCP", std::time::Duration::from_secs(5))
+        .unwrap();
+    let log = allowed.proc.stderr();
+    assert!(
+        log.lines().any(|l| l.contains(" WARN ")
+            && l.contains("whoever reaches TCP 0.0.0.0:4451 reads every captured packet")),
+        "{log}"
+    );
+    allowed.stop().unwrap();
 }
