@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{decode_frame, Ack, DecodeError, ErrorCode, ErrorMsg, Goodbye, Message};
+use common::{
+    decode_frame, decode_frame_header, Ack, DecodeError, ErrorCode, ErrorMsg, Goodbye, Message,
+    MessageType, FRAME_HEADER_LEN,
+};
 use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -482,6 +485,22 @@ impl Session {
     /// The next whole frame; `Ok(None)` when the stream ended cleanly between frames.
     async fn next_message(&mut self) -> Result<Option<Message>, End> {
         loop {
+            // Before the Hello is accepted, the first frame must be a Hello (at most 256 KiB):
+            // a peer that proved nothing never gets room reserved for a larger frame.
+            if self.joined.is_none() {
+                if let Some(header) = self.buf.first_chunk::<FRAME_HEADER_LEN>() {
+                    match decode_frame_header(*header) {
+                        Ok((MessageType::Hello, _)) => {}
+                        Ok((other, _)) => {
+                            return Err(End::Refused(Refusal::new(
+                                ErrorCode::PROTOCOL,
+                                format!("expected Hello first, got {other:?}"),
+                            )))
+                        }
+                        Err(e) => return Err(End::Refused(Refusal::protocol(e))),
+                    }
+                }
+            }
             match decode_frame(&mut self.buf) {
                 Ok(Some(m)) => return Ok(Some(m)),
                 Ok(None) => {}

@@ -597,7 +597,11 @@ fn a_network_policy_keeps_the_live_stream_and_metrics_from_the_whole_cluster() {
         .expect("the policy selects pods by label");
     assert!(!selector.is_empty());
     for (key, value) in selector {
-        assert_eq!(&labels[key.as_str().unwrap()], value, "it selects the receiver");
+        assert_eq!(
+            &labels[key.as_str().unwrap()],
+            value,
+            "it selects the receiver"
+        );
     }
     assert!(strings(&policy["spec"]["policyTypes"]).contains(&"Ingress".to_string()));
     let line = check_with_real_binary(&docs, deployment, "receiver");
@@ -618,7 +622,11 @@ fn a_network_policy_keeps_the_live_stream_and_metrics_from_the_whole_cluster() {
             .map(|r| !list(&r["from"]).is_empty())
             .collect()
     };
-    assert_eq!(admitting(port_of("listen"), "UDP"), [false], "sensors reach QUIC");
+    assert_eq!(
+        admitting(port_of("listen"), "UDP"),
+        [false],
+        "sensors reach QUIC"
+    );
     for long in ["metrics", "serve-pcap"] {
         let limited = admitting(port_of(long), "TCP");
         assert!(
