@@ -542,3 +542,243 @@ fn a_live_stream_off_loopback_must_be_asked_for_by_name() {
     );
     allowed.stop().unwrap();
 }
+
+/// A QUIC client of the tests' own, speaking to a receiver on 127.0.0.1 from `local` (any
+/// address of 127.0.0.0/8), trusting its generated certificate.
+mod hostile {
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use common::{decode_frame, AuthToken, Hello, InterfaceInfo, Message};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    pub fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    pub fn endpoint(local: &str, cert: &Path) -> quinn::Endpoint {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(cert).unwrap())
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![common::ALPN.to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let mut endpoint = quinn::Endpoint::client(local.parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+        endpoint
+    }
+
+    /// A handshake, which the receiver may refuse.
+    pub async fn connect(
+        endpoint: &quinn::Endpoint,
+        to: SocketAddr,
+    ) -> Result<quinn::Connection, quinn::ConnectionError> {
+        match tokio::time::timeout(
+            Duration::from_secs(15),
+            endpoint.connect(to, "localhost").unwrap(),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(quinn::ConnectionError::TimedOut),
+        }
+    }
+
+    /// A Hello for session `id` with `interfaces` interfaces.
+    pub fn hello(id: u64, interfaces: usize, token: &[u8]) -> Hello {
+        Hello {
+            version: common::PROTOCOL_VERSION,
+            session_id: id,
+            session_secret: rand::random(),
+            sensor_id: "hostile".into(),
+            hostname: "hostile".into(),
+            os: "linux".into(),
+            interfaces: (0..interfaces)
+                .map(|i| InterfaceInfo {
+                    name: format!("eth{i}"),
+                    link_type: 1,
+                    snaplen: 262_144,
+                    filter: "not port 22".into(),
+                })
+                .collect(),
+            token: AuthToken::new(token.to_vec()),
+        }
+    }
+
+    /// Says `hello` on a new stream of `conn`; the receiver's first reply, if any.
+    pub async fn say_hello(conn: &quinn::Connection, hello: Hello) -> Option<Message> {
+        let (mut send, mut recv) = conn.open_bi().await.ok()?;
+        send.write_all(&Message::Hello(hello).to_bytes())
+            .await
+            .ok()?;
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            if let Some(m) = decode_frame(&mut buf).ok()? {
+                return Some(m);
+            }
+            let chunk =
+                tokio::time::timeout(Duration::from_secs(15), recv.read_chunk(1 << 16, true))
+                    .await
+                    .ok()?
+                    .ok()??;
+            buf.extend_from_slice(&chunk.bytes);
+        }
+    }
+}
+
+/// `VmRSS` of `pid` in KiB and its open file descriptors.
+fn rss_kib_and_fds(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    (rss, fds)
+}
+
+/// Many connections from one address that never say Hello hold only a few of the
+/// receiver's places for peers that have not authenticated: the rest are refused at once,
+/// logged at a bounded rate, and a real sensor from another address joins meanwhile.
+#[test]
+fn connections_that_prove_nothing_are_capped_per_address_and_a_sensor_still_joins() {
+    let dir = Scratch::new("preauth").unwrap();
+    let (mut receiver, out) = receiver(&dir, 4452, "preauth.pcapng", &[]);
+    let rt = hostile::runtime();
+    let to: std::net::SocketAddr = "127.0.0.1:4452".parse().unwrap();
+    let endpoint = rt.block_on(async { hostile::endpoint("127.0.0.2:0", &receiver.cert) });
+    let (held, refused) = rt.block_on(async {
+        let mut held = Vec::new();
+        let mut refused = 0;
+        for _ in 0..40 {
+            match hostile::connect(&endpoint, to).await {
+                Ok(conn) => held.push(conn),
+                Err(_) => refused += 1,
+            }
+        }
+        (held, refused)
+    });
+    assert!(
+        held.len() <= 8 && refused >= 32,
+        "{} connections of one address held, {refused} refused",
+        held.len()
+    );
+    // Meanwhile, a sensor with the token, from 127.0.0.1.
+    let token = arg(&dir.join("state-4452").join("token"));
+    sensor_delivers(&[
+        "--receiver",
+        "127.0.0.1:4452",
+        "--fingerprint",
+        receiver.fingerprint.as_str(),
+        "--token-file",
+        &token,
+        "--sensor-id",
+        "real",
+    ]);
+    drop(held);
+    receiver.stop().unwrap();
+    let log = receiver.proc.stderr();
+    let sessions = receiver_sessions(&log);
+    assert_eq!(sessions.len(), 1, "{log}");
+    assert_eq!(sessions[0].sensor_id, "real");
+    only_interface(&out);
+    let lines = log.lines().filter(|l| l.contains("127.0.0.2:")).count();
+    assert!(
+        (1..=4).contains(&lines),
+        "refusals of one address are logged at a bounded rate: {lines} lines\n{log}"
+    );
+}
+
+/// The "done when" for M2: a client holding the token says Hello with 1,000
+/// distinct session ids, 64 interfaces each, and goes; the receiver keeps a bounded number
+/// of sessions, its memory and file descriptors stay bounded, and a real sensor still
+/// delivers everything afterwards.
+#[test]
+fn a_thousand_session_ids_leave_the_receiver_bounded() {
+    let dir = Scratch::new("sessions").unwrap();
+    let metrics = "127.0.0.1:4453";
+    let (mut receiver, out) = receiver(&dir, 4454, "sessions.pcapng", &["--metrics", metrics]);
+    let token = dir.join("state-4454").join("token");
+    let token_bytes = std::fs::read_to_string(&token).unwrap().trim().to_string();
+    let pid = receiver.proc.pid();
+    let (rss_before, fds_before) = rss_kib_and_fds(pid);
+    let rt = hostile::runtime();
+    let to: std::net::SocketAddr = "127.0.0.1:4454".parse().unwrap();
+    let (admitted, unavailable) = rt.block_on(async {
+        let endpoint = hostile::endpoint("127.0.0.3:0", &receiver.cert);
+        let (mut admitted, mut unavailable) = (0, 0);
+        for id in 0..1000u64 {
+            let conn = hostile::connect(&endpoint, to).await.unwrap();
+            let hello = hostile::hello(0x00ba_d000_0000 + id, 64, token_bytes.as_bytes());
+            match hostile::say_hello(&conn, hello).await {
+                Some(common::Message::Ack(_)) => admitted += 1,
+                Some(common::Message::Error(e)) if e.code == common::ErrorCode::UNAVAILABLE => {
+                    unavailable += 1
+                }
+                other => panic!("session {id}: {other:?}"),
+            }
+            conn.close(0u32.into(), b"gone");
+        }
+        endpoint.wait_idle().await;
+        (admitted, unavailable)
+    });
+    assert_eq!(admitted + unavailable, 1000);
+    let scrape = testbed::run("curl", &["-s", &format!("http://{metrics}/metrics")]).unwrap();
+    let sessions: f64 = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("capstream_receiver_sessions "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{scrape}"));
+    assert!(
+        sessions <= 32.0,
+        "sessions kept from one address: {sessions}"
+    );
+    let (rss_after, fds_after) = rss_kib_and_fds(pid);
+    assert!(
+        rss_after < rss_before + 96 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    assert!(
+        fds_after < fds_before + 16,
+        "fds grew from {fds_before} to {fds_after}"
+    );
+
+    // A real sensor still delivers.
+    let token_arg = arg(&token);
+    sensor_delivers(&[
+        "--receiver",
+        "127.0.0.1:4454",
+        "--fingerprint",
+        receiver.fingerprint.as_str(),
+        "--token-file",
+        &token_arg,
+        "--sensor-id",
+        "real",
+    ]);
+    receiver.stop().unwrap();
+    let log = receiver.proc.stderr();
+    let real: Vec<_> = receiver_sessions(&log)
+        .into_iter()
+        .filter(|s| s.sensor_id == "real")
+        .collect();
+    assert_eq!(real.len(), 1, "{log}");
+    assert_eq!(real[0].packets as usize, reference().len(), "{log}");
+    let _ = out;
+}
