@@ -172,6 +172,14 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_serve_pcap)]
     pub serve_pcap: Option<SocketAddr>,
 
+    /// The one link type of classic pcap outputs (a pcap file, stdout, the live stream):
+    /// a name (ethernet, raw, linux-sll, linux-sll2, ieee802-11, null, loop) or a LINKTYPE_
+    /// number (e.g. `--link-type ethernet`). Sensors with another one are refused by a pcap
+    /// file and skipped (counted) by a live stream beside a file. Default: the first
+    /// authenticated sensor's.
+    #[arg(long, value_name = "TYPE", value_parser = parse_link_type)]
+    pub link_type: Option<u16>,
+
     /// Let --serve-pcap listen on an address other than loopback: whoever reaches it reads
     /// every captured packet, in clear (logged as a warning). Restrict it by other means
     /// (a firewall, a Kubernetes NetworkPolicy).
@@ -436,6 +444,32 @@ fn parse_serve_pcap(s: &str) -> Result<SocketAddr, String> {
     })
 }
 
+/// Link types by name (the usual LINKTYPE_ values), else a number.
+const LINK_TYPES: [(&str, u16); 8] = [
+    ("null", 0),
+    ("ethernet", 1),
+    ("en10mb", 1),
+    ("raw", 101),
+    ("ieee802-11", 105),
+    ("loop", 108),
+    ("linux-sll", 113),
+    ("linux-sll2", 276),
+];
+
+fn parse_link_type(s: &str) -> Result<u16, String> {
+    LINK_TYPES
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(s))
+        .map(|(_, n)| *n)
+        .or_else(|| s.parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "invalid link type '{s}' (use a LINKTYPE_ number, or one of ethernet, raw, \
+                 linux-sll, linux-sll2, ieee802-11, null, loop)"
+            )
+        })
+}
+
 fn parse_rotate_size(s: &str) -> Result<u64, String> {
     size_of_64k_or_more(s, "rotate size")
 }
@@ -574,6 +608,16 @@ mod tests {
         ] {
             let args = std::iter::once("receiver").chain(bad.iter().copied());
             assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn link_types_by_name_or_number() {
+        for (given, number) in [("ethernet", 1), ("LINUX-SLL2", 276), ("147", 147)] {
+            assert_eq!(parse_link_type(given), Ok(number), "{given}");
+        }
+        for bad in ["ether", "70000", "-1", ""] {
+            assert!(parse_link_type(bad).is_err(), "{bad}");
         }
     }
 

@@ -272,6 +272,10 @@ async fn open_outputs(
                  listening there?)"
             ))
         })?;
+        let mut sink = sink.with_link_type(cli.link_type);
+        if cli.out_path().is_some() {
+            sink = sink.beside_a_file();
+        }
         outputs.push(Box::new(sink));
         live = Some(handle);
     }
@@ -307,9 +311,14 @@ async fn open_outputs(
         (Some(_), None) => outputs.push(sink::stdout(cli.format())?),
         (None, _) => {}
     }
-    let sink = match outputs.len() {
-        1 => outputs.remove(0),
-        _ => Box::new(Tee::new(outputs)),
+    // A classic pcap file or stdout holds the link type given, else the first sensor's.
+    let required = cli
+        .link_type
+        .filter(|_| cli.out_path().is_some() && cli.format() == cli::Format::Pcap);
+    let sink: Box<dyn Sink> = match (outputs.len(), required) {
+        (1, None) => outputs.remove(0),
+        (_, None) => Box::new(Tee::new(outputs)),
+        (_, Some(link_type)) => Box::new(Tee::new(outputs).requiring_link_type(link_type)),
     };
     Ok((sink, live))
 }
