@@ -1,4 +1,4 @@
-//! Authentication end to end, with the real programs on 127.0.0.1 (ports 4441-4452): mutual
+//! Authentication end to end, with the real programs on 127.0.0.1 (ports 4441-4458): mutual
 //! TLS set up with `receiver certs`, the shared token, the token a receiver requires by
 //! default, and the receiver certificates a sensor must refuse. Every refused sensor exits 1 with one line saying what to do, and
 //! leaves nothing in the receiver's output: no packet, no interface.
@@ -781,4 +781,124 @@ fn a_thousand_session_ids_leave_the_receiver_bounded() {
     assert_eq!(real.len(), 1, "{log}");
     assert_eq!(real[0].packets as usize, reference().len(), "{log}");
     let _ = out;
+}
+
+/// A classic pcap file of raw IPv4 packets (LINKTYPE_RAW, 101): `n` small UDP datagrams.
+fn raw_ip_pcap(path: &Path, n: u32) {
+    let mut bytes = Vec::new();
+    for v in [0xa1b2_c3d4u32, 0x0004_0002, 0, 0, 65535, 101] {
+        // magic, version 2.4 (as two u16: 2 then 4), thiszone, sigfigs, snaplen, link type
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    bytes.splice(4..8, [2u8, 0, 4, 0]);
+    for i in 0..n {
+        let mut ip = vec![
+            0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2,
+        ];
+        ip.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, 8, 0, 0]);
+        for v in [1_700_000_000 + i, 0, ip.len() as u32, ip.len() as u32] {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        bytes.extend_from_slice(&ip);
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Link type and record count of a classic pcap stream (little-endian, as the receiver
+/// writes it on this machine).
+fn pcap_link_type_and_records(bytes: &[u8]) -> (u32, usize) {
+    let link_type = u32::from_le_bytes(bytes[20..24].try_into().unwrap());
+    let (mut at, mut records) = (24, 0);
+    while at + 16 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()) as usize;
+        at += 16 + len;
+        records += 1;
+    }
+    (link_type, records)
+}
+
+/// The first sensor to arrive no longer decides the link type of classic pcap outputs:
+/// with --link-type ethernet, a raw-IP sensor that comes first is refused by a pcap file,
+/// and skipped (counted) by a live stream beside a pcapng file, which keeps both; the
+/// Ethernet sensor after it is written and served.
+#[test]
+fn the_first_sensor_does_not_decide_the_link_type() {
+    let dir = Scratch::new("linktype").unwrap();
+    let raw = dir.join("raw.pcap");
+    raw_ip_pcap(&raw, 5);
+    let raw = arg(&raw);
+    let sensor_args = |receiver: &Receiver, port: u16, token: &str| -> Vec<String> {
+        [
+            "--receiver",
+            &format!("127.0.0.1:{port}"),
+            "--fingerprint",
+            &receiver.fingerprint,
+            "--token-file",
+            token,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+
+    // A pcap file.
+    let (mut pcap, out) = receiver(
+        &dir,
+        4456,
+        "ethernet.pcap",
+        &["--format", "pcap", "--link-type", "ethernet"],
+    );
+    let token = arg(&dir.join("state-4456").join("token"));
+    let to = sensor_args(&pcap, 4456, &token);
+    let to: Vec<&str> = to.iter().map(String::as_str).collect();
+    let refused = run_bin("sensor", &and(&to, &["--read", &raw]));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--link-type"), "{stderr}");
+    sensor_delivers(&and(&to, &["--sensor-id", "ethernet"]));
+    pcap.stop().unwrap();
+    let written = tcpdump_records(&out, "").unwrap();
+    assert!(written == reference(), "the Ethernet sensor's packets, all");
+
+    // A live stream beside a pcapng file.
+    let (mut receiver, out) = receiver(
+        &dir,
+        4457,
+        "both.pcapng",
+        &["--serve-pcap", "127.0.0.1:4458", "--link-type", "ethernet"],
+    );
+    let client = std::thread::spawn(|| {
+        use std::io::Read;
+        let mut stream = std::net::TcpStream::connect("127.0.0.1:4458").unwrap();
+        let mut bytes = Vec::new();
+        stream.read_to_end(&mut bytes).unwrap();
+        bytes
+    });
+    receiver
+        .proc
+        .wait_for("live stream: client", std::time::Duration::from_secs(10))
+        .unwrap();
+    let token = arg(&dir.join("state-4457").join("token"));
+    let to = sensor_args(&receiver, 4457, &token);
+    let to: Vec<&str> = to.iter().map(String::as_str).collect();
+    let out_raw = run_bin("sensor", &and(&to, &["--read", &raw, "--sensor-id", "raw"]));
+    assert!(
+        out_raw.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out_raw.stderr)
+    );
+    sensor_delivers(&and(&to, &["--sensor-id", "ethernet"]));
+    receiver.stop().unwrap();
+    let streamed = client.join().unwrap();
+    assert_eq!(
+        pcap_link_type_and_records(&streamed),
+        (1, reference().len()),
+        "the stream carries Ethernet, every Ethernet packet"
+    );
+    let log = receiver.proc.stderr();
+    assert!(
+        log.contains("5 not sent being of another link type"),
+        "{log}"
+    );
+    let interfaces = pcapng_interfaces(&out).unwrap();
+    assert_eq!(interfaces.len(), 2, "the file keeps both: {interfaces:?}");
 }
