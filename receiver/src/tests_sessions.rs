@@ -11,20 +11,52 @@ use crate::auth::Auth;
 use crate::cli::Format;
 use crate::tests::{
     batch_frame, connect_as, error_code, hello, join, read_replies, say_goodbye, start_server_with,
+    TestServer,
 };
 use crate::writer::{session_tag, MAX_SESSIONS_PER_SOURCE};
+
+/// Reads the receiver's Acks until one reaches `sequence`.
+async fn acked_up_to(recv: &mut quinn::RecvStream, sequence: u64) {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        while let Some(m) = common::decode_frame(&mut buf).unwrap() {
+            if matches!(m, Message::Ack(a) if a.sequence >= sequence) {
+                return;
+            }
+        }
+        let chunk = recv.read_chunk(1 << 16, true).await.unwrap().unwrap();
+        buf.extend_from_slice(&chunk.bytes);
+    }
+}
+
+/// The receiver's first message on a stream.
+async fn read_first(recv: &mut quinn::RecvStream) -> Vec<Message> {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        if let Some(m) = common::decode_frame(&mut buf).unwrap() {
+            return vec![m];
+        }
+        let chunk = recv.read_chunk(1 << 16, true).await.unwrap().unwrap();
+        buf.extend_from_slice(&chunk.bytes);
+    }
+}
+
+/// A receiver writing pcapng that asks nothing of sensors.
+fn open_server() -> TestServer {
+    start_server_with(
+        Duration::from_millis(50),
+        Format::Pcapng,
+        None,
+        Auth::default(),
+    )
+}
 
 /// A client that knows a session's id (and its interfaces, and its token) but not its
 /// secret cannot take it over, while it is connected or away: the sensor's own batches
 /// are all written, and the session's id appears nowhere in the output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_session_is_resumed_only_with_its_secret() {
-    let server = start_server_with(
-        Duration::from_millis(50),
-        Format::Pcapng,
-        None,
-        Auth::default(),
-    );
+    let server = open_server();
     let session = 0x0123_4567_89ab_cdef;
     let me = hello(session, "owner");
     let mut thief = me.clone();
@@ -44,7 +76,7 @@ async fn a_session_is_resumed_only_with_its_secret() {
     };
 
     let (_e1, first) = connect_as(&server, common::ALPN, None).await.unwrap();
-    let (mut send, _recv, resume) = join(&first, &me).await;
+    let (mut send, mut recv, resume) = join(&first, &me).await;
     assert_eq!(resume, 0);
     send.write_all(&batch_frame(session, 1, &[10]))
         .await
@@ -54,10 +86,10 @@ async fn a_session_is_resumed_only_with_its_secret() {
     send.write_all(&batch_frame(session, 2, &[20]))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both in the output before the owner vanishes.
+    acked_up_to(&mut recv, 2).await;
     first.close(7u32.into(), b"cut");
-    // Away: still refused.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Away (or still going): refused either way.
     try_thief().await;
 
     let (_e2, second) = connect_as(&server, common::ALPN, None).await.unwrap();
@@ -102,38 +134,47 @@ async fn a_session_is_resumed_only_with_its_secret() {
 /// away session makes room for a new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_of_one_source_are_capped() {
-    let server = start_server_with(
-        Duration::from_millis(50),
-        Format::Pcapng,
-        None,
-        Auth::default(),
-    );
+    let server = open_server();
     let mut open = Vec::new();
     for i in 0..MAX_SESSIONS_PER_SOURCE as u64 {
         let (endpoint, conn) = connect_as(&server, common::ALPN, None).await.unwrap();
         let (send, recv, _) = join(&conn, &hello(0x1000 + i, "many")).await;
         open.push((endpoint, conn, send, recv));
     }
-    let refused = {
-        let (_e, conn) = connect_as(&server, common::ALPN, None).await.unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(&Message::Hello(hello(0x2000, "many")).to_bytes())
-            .await
-            .unwrap();
-        read_replies(&mut recv).await
+    // The first reply to a Hello for `id` from a new connection (kept open with it).
+    let first_reply = |id: u64| {
+        let server = &server;
+        async move {
+            let (endpoint, conn) = connect_as(server, common::ALPN, None).await.unwrap();
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            send.write_all(&Message::Hello(hello(id, "many")).to_bytes())
+                .await
+                .unwrap();
+            let replies = read_first(&mut recv).await;
+            (replies, (endpoint, conn, send, recv))
+        }
     };
+    let (refused, _) = first_reply(0x2000).await;
     assert_eq!(
         error_code(&refused),
         Some(ErrorCode::UNAVAILABLE),
         "{refused:?}"
     );
-    // One goes away: its session makes room.
+    // One goes away: once the receiver sees it gone, its session makes room.
     let (_, gone, _, _) = open.remove(0);
     gone.close(7u32.into(), b"cut");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (_e, conn) = connect_as(&server, common::ALPN, None).await.unwrap();
-    let (_send, _recv, resume) = join(&conn, &hello(0x2001, "many")).await;
-    assert_eq!(resume, 0);
+    let mut tries = 0;
+    let _admitted = loop {
+        let (reply, kept) = first_reply(0x2001).await;
+        match reply.last() {
+            Some(Message::Ack(a)) => {
+                assert_eq!(a.sequence, 0);
+                break kept;
+            }
+            _ if tries < 100 && error_code(&reply) == Some(ErrorCode::UNAVAILABLE) => tries += 1,
+            _ => panic!("{reply:?}"),
+        }
+    };
     drop(open);
     server.stop.send(()).unwrap();
     let summaries = server.done.await.unwrap().unwrap();
@@ -144,12 +185,7 @@ async fn sessions_of_one_source_are_capped() {
 /// a Hello is refused on its header, before its body is sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_first_frame_other_than_hello_is_refused_on_its_header() {
-    let server = start_server_with(
-        Duration::from_millis(50),
-        Format::Pcapng,
-        None,
-        Auth::default(),
-    );
+    let server = open_server();
     let (_e, conn) = connect_as(&server, common::ALPN, None).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     // A Batch frame header claiming 8 MiB, and nothing after it.

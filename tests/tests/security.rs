@@ -122,6 +122,16 @@ fn sensor_refused(args: &[&str], needle: &str) -> String {
     stderr
 }
 
+/// A receiver started with `args` that must refuse to start: exit code 2 and one line;
+/// returns it.
+fn receiver_refused(args: &[&str]) -> String {
+    let refused = run_bin("receiver", args);
+    let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    stderr
+}
+
 /// Stops a receiver that refused everyone: its output holds no interface and no packet.
 fn stop_with_nothing_written(mut receiver: Receiver, out: &Path) -> String {
     receiver.stop().unwrap();
@@ -342,22 +352,16 @@ fn a_shared_token_admits_only_the_sensors_that_know_it() {
 
     // A token too short to be a secret stops the receiver at start.
     let state = arg(&dir.join("state-short"));
-    let refused = run_bin(
-        "receiver",
-        &[
-            "--listen",
-            "127.0.0.1:4446",
-            "--state-dir",
-            &state,
-            "--token-file",
-            &short,
-            "--out",
-            &arg(&dir.join("never.pcapng")),
-        ],
-    );
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let stderr = receiver_refused(&[
+        "--listen",
+        "127.0.0.1:4446",
+        "--state-dir",
+        &state,
+        "--token-file",
+        &short,
+        "--out",
+        &arg(&dir.join("never.pcapng")),
+    ]);
     assert!(stderr.contains("fewer than the 16"), "{stderr}");
 
     let (mut receiver, out) = receiver(&dir, 4447, "token.pcapng", &["--token-file", &token]);
@@ -389,6 +393,18 @@ fn a_shared_token_admits_only_the_sensors_that_know_it() {
     assert_eq!(sessions.len(), 1, "{log}");
     assert_eq!(sessions[0].sensor_id, "tok-1");
     only_interface(&out);
+}
+
+/// Stops a receiver that took one sensor, `sensor_id`, whose packets are the output's one
+/// interface; returns its log.
+fn stop_with_one_sensor(mut receiver: Receiver, out: &Path, sensor_id: &str) -> String {
+    receiver.stop().unwrap();
+    let log = receiver.proc.stderr();
+    let sessions = receiver_sessions(&log);
+    assert_eq!(sessions.len(), 1, "{log}");
+    assert_eq!(sessions[0].sensor_id, sensor_id, "{log}");
+    only_interface(out);
+    log
 }
 
 /// `path`'s mode bits and content.
@@ -437,7 +453,7 @@ fn a_default_receiver_requires_the_token_it_generated() {
     assert!(log.contains(": refused: no token"), "{log}");
 
     // Restarted on the same state: the same token, untouched, and it admits the sensor.
-    let (mut again, out) = receiver(&dir, 4448, "again.pcapng", &[]);
+    let (again, out) = receiver(&dir, 4448, "again.pcapng", &[]);
     assert_eq!(mode_and_content(&token), (0o600, first));
     assert!(!again.proc.stderr().contains("created the token"));
     let token_arg = arg(&token);
@@ -452,11 +468,7 @@ fn a_default_receiver_requires_the_token_it_generated() {
         "with-token",
     ];
     sensor_delivers(&to);
-    again.stop().unwrap();
-    let sessions = receiver_sessions(&again.proc.stderr());
-    assert_eq!(sessions.len(), 1);
-    assert_eq!(sessions[0].sensor_id, "with-token");
-    only_interface(&out);
+    stop_with_one_sensor(again, &out, "with-token");
 }
 
 #[test]
@@ -488,31 +500,21 @@ fn allow_unauthenticated_admits_any_sensor_and_says_so() {
         "--sensor-id",
         "anyone",
     ]);
-    receiver.stop().unwrap();
-    let sessions = receiver_sessions(&receiver.proc.stderr());
-    assert_eq!(sessions.len(), 1);
-    assert_eq!(sessions[0].sensor_id, "anyone");
-    only_interface(&out);
+    stop_with_one_sensor(receiver, &out, "anyone");
 }
 
 #[test]
 fn a_live_stream_off_loopback_must_be_asked_for_by_name() {
     let dir = Scratch::new("live-remote").unwrap();
     let state = arg(&dir.join("state"));
-    let refused = run_bin(
-        "receiver",
-        &[
-            "--listen",
-            "127.0.0.1:4450",
-            "--state-dir",
-            &state,
-            "--serve-pcap",
-            "0.0.0.0:4451",
-        ],
-    );
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let stderr = receiver_refused(&[
+        "--listen",
+        "127.0.0.1:4450",
+        "--state-dir",
+        &state,
+        "--serve-pcap",
+        "0.0.0.0:4451",
+    ]);
     assert!(
         stderr.starts_with("receiver: error: --serve-pcap 0.0.0.0:4451")
             && stderr.contains("--serve-pcap-allow-remote"),
@@ -660,7 +662,7 @@ fn rss_kib_and_fds(pid: u32) -> (u64, usize) {
 #[test]
 fn connections_that_prove_nothing_are_capped_per_address_and_a_sensor_still_joins() {
     let dir = Scratch::new("preauth").unwrap();
-    let (mut receiver, out) = receiver(&dir, 4452, "preauth.pcapng", &[]);
+    let (receiver, out) = receiver(&dir, 4452, "preauth.pcapng", &[]);
     let rt = hostile::runtime();
     let to: std::net::SocketAddr = "127.0.0.1:4452".parse().unwrap();
     let endpoint = rt.block_on(async { hostile::endpoint("127.0.0.2:0", &receiver.cert) });
@@ -693,12 +695,7 @@ fn connections_that_prove_nothing_are_capped_per_address_and_a_sensor_still_join
         "real",
     ]);
     drop(held);
-    receiver.stop().unwrap();
-    let log = receiver.proc.stderr();
-    let sessions = receiver_sessions(&log);
-    assert_eq!(sessions.len(), 1, "{log}");
-    assert_eq!(sessions[0].sensor_id, "real");
-    only_interface(&out);
+    let log = stop_with_one_sensor(receiver, &out, "real");
     let lines = log.lines().filter(|l| l.contains("127.0.0.2:")).count();
     assert!(
         (1..=4).contains(&lines),
