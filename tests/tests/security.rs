@@ -1,4 +1,4 @@
-//! Authentication end to end, with the real programs on 127.0.0.1 (ports 4441-4458): mutual
+//! Authentication end to end, with the real programs on 127.0.0.1 (ports 4441-4459): mutual
 //! TLS set up with `receiver certs`, the shared token, the token a receiver requires by
 //! default, and the receiver certificates a sensor must refuse. Every refused sensor exits 1 with one line saying what to do, and
 //! leaves nothing in the receiver's output: no packet, no interface.
@@ -417,7 +417,8 @@ fn mode_and_content(path: &Path) -> (u32, String) {
 #[test]
 fn a_default_receiver_requires_the_token_it_generated() {
     let dir = Scratch::new("default-token").unwrap();
-    let (mut first_run, out) = receiver(&dir, 4448, "default.pcapng", &[]);
+    let metrics = "127.0.0.1:4459";
+    let (mut first_run, out) = receiver(&dir, 4448, "default.pcapng", &["--metrics", metrics]);
     first_run
         .proc
         .wait_for("on another host", std::time::Duration::from_secs(5))
@@ -449,6 +450,14 @@ fn a_default_receiver_requires_the_token_it_generated() {
         first_run.fingerprint.as_str(),
     ];
     sensor_refused(&to, "wrong or missing token: pass --token-file");
+    // Counted, whatever the log's rate limit leaves out.
+    let scrape = run("curl", &["-s", &format!("http://{metrics}/metrics")]).unwrap();
+    assert!(
+        scrape
+            .lines()
+            .any(|l| l == "capstream_receiver_auth_failures_total 1"),
+        "{scrape}"
+    );
     let log = stop_with_nothing_written(first_run, &out);
     assert!(log.contains(": refused: no token"), "{log}");
 
