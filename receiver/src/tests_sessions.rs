@@ -182,22 +182,28 @@ async fn sessions_of_one_source_are_capped() {
 }
 
 /// A peer that has proved nothing gets no room for a large frame: a first frame that is not
-/// a Hello is refused on its header, before its body is sent.
+/// a Hello, or a Hello header claiming more than 256 KiB, is refused on its header, before
+/// its body is sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_first_frame_other_than_hello_is_refused_on_its_header() {
+async fn a_large_or_foreign_first_frame_is_refused_on_its_header() {
     let server = open_server();
-    let (_e, conn) = connect_as(&server, common::ALPN, None).await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    // A Batch frame header claiming 8 MiB, and nothing after it.
-    let mut header = vec![common::MessageType::Batch as u8];
-    header.extend_from_slice(&(8u32 << 20).to_be_bytes());
-    send.write_all(&header).await.unwrap();
-    let replies = read_replies(&mut recv).await;
-    let Some(Message::Error(e)) = replies.last() else {
-        panic!("{replies:?}")
-    };
-    assert_eq!(e.code, ErrorCode::PROTOCOL);
-    assert!(e.message.contains("expected Hello first"), "{}", e.message);
+    for (kind, needle) in [
+        (common::MessageType::Batch, "expected Hello first"),
+        (common::MessageType::Hello, "hello"),
+    ] {
+        let (_e, conn) = connect_as(&server, common::ALPN, None).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        // A frame header claiming 8 MiB, and nothing after it.
+        let mut header = vec![kind as u8];
+        header.extend_from_slice(&(8u32 << 20).to_be_bytes());
+        send.write_all(&header).await.unwrap();
+        let replies = read_replies(&mut recv).await;
+        let Some(Message::Error(e)) = replies.last() else {
+            panic!("{kind:?}: {replies:?}")
+        };
+        assert_eq!(e.code, ErrorCode::PROTOCOL);
+        assert!(e.message.contains(needle), "{kind:?}: {}", e.message);
+    }
     server.stop.send(()).unwrap();
     assert!(server.done.await.unwrap().unwrap().is_empty());
 }
