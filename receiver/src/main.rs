@@ -99,20 +99,25 @@ async fn run(cli: Cli) -> Result<()> {
         Some(path) => Some(tls::client_roots(path).map_err(BadInput)?),
         None => None,
     };
-    // The token: the one given, else by default the one generated in the state directory;
-    // none with a client CA (the certificate is the proof) or when asked for none.
-    let token_path = match (&cli.token_file, &cli.client_ca, cli.allow_unauthenticated) {
-        (Some(path), _, _) => Some(path.clone()),
-        (None, None, false) => {
-            let (path, created) =
-                auth::load_or_create_token(&state_dir(&cli)?).map_err(BadInput)?;
-            if created {
-                tracing::info!("created the token sensors must send, {}", path.display());
-            }
-            Some(path)
-        }
+    // The certificate given, checked before anything is created.
+    let given_identity = match (&cli.cert, &cli.key) {
+        (Some(cert), Some(key)) => Some(tls::load(cert, key).map_err(BadInput)?),
         _ => None,
     };
+    // The token: the one given, else by default the one generated in the state directory;
+    // none with a client CA (the certificate is the proof) or when asked for none.
+    // (Made before the certificate, so that a generated certificate means a token is there;
+    // said only once the start cannot be refused any more, so a refusal stays one line.)
+    let (token_path, token_created) =
+        match (&cli.token_file, &cli.client_ca, cli.allow_unauthenticated) {
+            (Some(path), _, _) => (Some(path.clone()), false),
+            (None, None, false) => {
+                let (path, created) =
+                    auth::load_or_create_token(&state_dir(&cli)?).map_err(BadInput)?;
+                (Some(path), created)
+            }
+            _ => (None, false),
+        };
     let token = match &token_path {
         Some(path) => {
             let (token, warning) =
@@ -131,11 +136,10 @@ async fn run(cli: Cli) -> Result<()> {
         }
         None => None,
     };
-    let identity = match (&cli.cert, &cli.key) {
-        (Some(cert), Some(key)) => tls::load(cert, key),
-        _ => tls::load_or_create(&state_dir(&cli)?, &cli.cert_name),
-    }
-    .map_err(BadInput)?;
+    let identity = match given_identity {
+        Some(identity) => identity,
+        None => tls::load_or_create(&state_dir(&cli)?, &cli.cert_name).map_err(BadInput)?,
+    };
     let auth = auth::Auth::new(token, client_roots.is_some());
     let server_config = tls::server_config(&identity, client_roots).map_err(BadInput)?;
     let reset_key = match state_dir(&cli).and_then(|dir| tls::reset_key(&dir)) {
@@ -169,6 +173,9 @@ async fn run(cli: Cli) -> Result<()> {
     // Opened only once listening works, so a refused start leaves no empty file behind.
     let (sink, live) = open_outputs(&cli, pattern, uploader.as_ref()).await?;
     let bound = endpoint.local_addr().unwrap_or(cli.listen);
+    if let (Some(path), true) = (&token_path, token_created) {
+        tracing::info!("created the token sensors must send, {}", path.display());
+    }
     let mut outputs = Vec::new();
     if let Some(out) = cli.out_path() {
         outputs.push(format!(
