@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 use std::fmt::Display;
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -51,10 +53,6 @@ impl Auth {
         }
     }
 
-    pub fn requires_token(&self) -> bool {
-        self.token.is_some()
-    }
-
     /// Checks the Hello's token. `Err` says, for the log, what was wrong; no token is ever
     /// shown.
     pub fn check_token(&self, hello: &Hello) -> Result<(), &'static str> {
@@ -67,6 +65,55 @@ impl Auth {
         ring::hmac::verify(&expected.key, given.as_bytes(), expected.tag.as_ref())
             .map_err(|_| "wrong token")
     }
+}
+
+/// `dir/token`, the token the receiver requires by default: created on first start (32
+/// random bytes as 64 hex digits and a newline, mode 0600, never over an existing file nor
+/// through a symlink), then kept. Returns its path and whether it was just created.
+pub fn load_or_create_token(dir: &Path) -> anyhow::Result<(PathBuf, bool)> {
+    use anyhow::Context;
+    let path = dir.join("token");
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+    let mut file = match crate::tls::create_private(&path) {
+        Ok(file) => file,
+        Err(_) if path.exists() => return Ok((path, false)),
+        Err(e) => return Err(e),
+    };
+    let bytes: [u8; 32] = rand::random();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let written = file
+        .write_all(format!("{hex}\n").as_bytes())
+        .and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        // A partial token would lock every sensor out: the next start makes a whole one.
+        let _ = std::fs::remove_file(&path);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    Ok((path, true))
+}
+
+/// Why a token is guessable, if it looks so: under 128 bits by a rough estimate (its
+/// length times log2 of its distinct characters), or characters of one kind only (all
+/// digits, all lowercase). The length alone is checked where it is read.
+pub fn weak_token(token: &AuthToken) -> Option<&'static str> {
+    let bytes = token.as_bytes();
+    let mut seen = [false; 256];
+    for &b in bytes {
+        seen[usize::from(b)] = true;
+    }
+    let distinct = seen.iter().filter(|s| **s).count();
+    if (bytes.len() as f64) * (distinct as f64).log2() < 128.0 {
+        return Some("under 128 bits of entropy by estimate");
+    }
+    let one_class = |f: fn(&u8) -> bool| bytes.iter().all(f);
+    if one_class(u8::is_ascii_digit)
+        || one_class(u8::is_ascii_lowercase)
+        || one_class(u8::is_ascii_uppercase)
+    {
+        return Some("characters of one kind only");
+    }
+    None
 }
 
 /// Longest name taken from a certificate, as for a sensor id.
@@ -178,6 +225,8 @@ impl Limiter {
 
 impl RefusalLog {
     /// Logs `why` for `peer`, unless that address was logged within the window.
+    /// `why` may hold the peer's own text (a close reason): control characters are escaped,
+    /// so that it cannot forge a log line.
     pub fn refused(&self, peer: SocketAddr, why: impl Display) {
         let admitted = self
             .inner
@@ -185,8 +234,16 @@ impl RefusalLog {
             .unwrap_or_else(|e| e.into_inner())
             .admit(peer.ip(), Instant::now());
         if admitted {
-            tracing::warn!("{peer}: refused: {why}");
+            tracing::warn!("{peer}: refused: {}", escape_controls(&why.to_string()));
         }
+    }
+
+    /// A sensor failed authentication (no or a wrong token, no valid client certificate):
+    /// logged as [`RefusalLog::refused`], and counted in
+    /// `capstream_receiver_auth_failures_total`, which the log's rate limit does not hide.
+    pub fn auth_failed(&self, peer: SocketAddr, why: impl Display) {
+        metrics::counter!("capstream_receiver_auth_failures_total").increment(1);
+        self.refused(peer, why);
     }
 
     /// Says how many refusals were not logged since the last call.
@@ -206,9 +263,74 @@ impl RefusalLog {
     }
 }
 
+/// `s` with every control character shown escaped (`\n`, `\u{1b}`): one log line stays one.
+pub fn escape_controls(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let escaped = c.is_control().then(|| c.escape_default());
+            escaped
+                .into_iter()
+                .flatten()
+                .chain((!c.is_control()).then_some(c))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_is_made_once_private_and_never_replaced() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("receiver-token-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (path, created) = load_or_create_token(&dir).unwrap();
+        assert!(created);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.len(), 65, "{text:?}");
+        assert!(text[..64]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(text.ends_with('\n'));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (again, created) = load_or_create_token(&dir).unwrap();
+        assert_eq!((again, created), (path.clone(), false));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        let (token, _) = common::cli::read_token_file(&path).unwrap();
+        assert_eq!(weak_token(&token), None);
+        // A symlink planted where the token goes is not followed.
+        let other = std::env::temp_dir().join(format!("receiver-token-{}-b", std::process::id()));
+        let _ = std::fs::remove_dir_all(&other);
+        std::fs::create_dir_all(&other).unwrap();
+        let victim = other.join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, other.join("token")).unwrap();
+        assert!(matches!(load_or_create_token(&other), Ok((_, false))));
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&other).unwrap();
+    }
+
+    #[test]
+    fn weak_tokens_are_named() {
+        let token = |s: &str| AuthToken::new(s.as_bytes().to_vec()).unwrap();
+        assert!(weak_token(&token("aaaaaaaaaaaaaaaa")).is_some());
+        assert!(weak_token(&token("password12345678")).is_some());
+        assert!(weak_token(&token("12345678901234567890")).is_some());
+        assert!(weak_token(&token("abcdefghijklmnopqrstuvwxyz")).is_some());
+        assert_eq!(weak_token(&token("jJ8w0lq3Vq9gH5vJr2yQm4c6Ue1tN7sK")), None);
+    }
+
+    #[test]
+    fn peer_text_cannot_forge_log_lines() {
+        assert_eq!(
+            escape_controls("bye\n2026-12-05T00:00:00Z  INFO forged\u{1b}[31m"),
+            "bye\\n2026-12-05T00:00:00Z  INFO forged\\u{1b}[31m"
+        );
+        assert_eq!(escape_controls("plain ü text"), "plain ü text");
+    }
 
     #[test]
     fn one_line_per_address_per_window_and_bounded_memory() {

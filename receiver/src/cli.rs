@@ -42,16 +42,23 @@ Examples:
     receiver --out capture.pcapng --client-ca /etc/capstream/pki/ca.crt \\
       --cert /etc/capstream/pki/receiver.crt --key /etc/capstream/pki/receiver.key
 
-  Or accept only sensors that know a shared token:
+  Sensors must know a token by default: on first start the receiver creates one in
+  --state-dir (token, mode 0600) and prints the sensor command line to use. On this host,
+  `sensor -i eth0` finds the certificate and the token by itself; elsewhere, copy the token
+  (mode 0600). Your own token instead (sensors pass the same file):
     head -c 32 /dev/urandom | base64 > token && chmod 600 token
     receiver --out capture.pcapng --token-file token
+
+  Accept any sensor that can reach the port (a lab; logged as a warning):
+    receiver --out capture.pcapng --allow-unauthenticated
 
   Upload the finished capture to an S3-compatible store (here a local MinIO or moto):
     AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... AWS_ENDPOINT_URL=http://127.0.0.1:9000 \\
       receiver --out capture.pcapng --upload s3://captures/site-a
 
-On first start the receiver creates a self-signed certificate in --state-dir and prints its
-path and SHA-256 fingerprint: give sensors that file (--ca) or that fingerprint (--fingerprint).";
+On first start the receiver creates a self-signed certificate and a token in --state-dir and
+prints the certificate's path and SHA-256 fingerprint: give sensors that file (--ca) or that
+fingerprint (--fingerprint), and the token (--token-file).";
 
 const CERTS_HELP: &str = "\
 Examples:
@@ -94,7 +101,8 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR", default_value = "[::]:4433", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
-    /// Directory for the generated certificate and key, and the key that lets a restarted
+    /// Directory for the generated certificate and key, the generated token, and the key
+    /// that lets a restarted
     /// receiver reset its predecessor's connections so sensors resume at once
     /// (e.g. `--state-dir /var/lib/capstream`); default: the per-user data directory,
     /// e.g. ~/.local/share/capstream.
@@ -119,16 +127,24 @@ pub struct Cli {
     /// Require of every sensor a client certificate signed by a CA in this PEM file; the
     /// name in the certificate (its first DNS name, else its common name) names the sensor
     /// in the output and the logs (e.g. `--client-ca /etc/capstream/pki/ca.crt`, made by
-    /// `receiver certs init`).
+    /// `receiver certs init`). The certificate is then the proof: no token is required
+    /// unless --token-file is given too.
     #[arg(long, value_name = "FILE")]
     pub client_ca: Option<PathBuf>,
 
     /// Require of every sensor the shared token in this file (its content without
-    /// surrounding whitespace, at least 16 bytes); sensors pass the same file with
-    /// `--token-file` (e.g. `--token-file /etc/capstream/token`). With --client-ca, both
-    /// are required.
+    /// surrounding whitespace, at least 16 bytes) instead of the one generated in
+    /// --state-dir; sensors pass the same file with `--token-file` (e.g.
+    /// `--token-file /etc/capstream/token`). With --client-ca, both are required.
+    /// Default: the generated token, unless --client-ca or --allow-unauthenticated.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+
+    /// Accept sensors that prove nothing (no token, no client certificate): anyone who can
+    /// reach the port may then write packets into the output. Off by default; logged as a
+    /// warning.
+    #[arg(long, conflicts_with_all = ["token_file", "client_ca"])]
+    pub allow_unauthenticated: bool,
 
     /// How long packets wait so that the packets of all sensors go out in timestamp order
     /// (e.g. `--reorder-window 250ms`). Longer tolerates slower sensors; shorter delivers
@@ -150,9 +166,25 @@ pub struct Cli {
     /// of clients, from the moment each connects (e.g. `--serve-pcap 127.0.0.1:57012`, then
     /// `tshark -i TCP@127.0.0.1:57012`). Best effort: a client that reads too slowly has
     /// its packets dropped, counted, never slowing capture or the file; without --out,
-    /// batches are acknowledged once handed to the stream. All sensors need one link type.
+    /// batches are acknowledged once handed to the stream. The stream has no
+    /// authentication and no encryption: an address other than loopback is refused unless
+    /// --serve-pcap-allow-remote is given.
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_serve_pcap)]
     pub serve_pcap: Option<SocketAddr>,
+
+    /// The one link type of classic pcap outputs (a pcap file, stdout, the live stream):
+    /// a name (ethernet, raw, linux-sll, linux-sll2, ieee802-11, null, loop) or a LINKTYPE_
+    /// number (e.g. `--link-type ethernet`). Sensors with another one are refused by a pcap
+    /// file and skipped (counted) by a live stream beside a file. Default: the first
+    /// authenticated sensor's.
+    #[arg(long, value_name = "TYPE", value_parser = parse_link_type)]
+    pub link_type: Option<u16>,
+
+    /// Let --serve-pcap listen on an address other than loopback: whoever reaches it reads
+    /// every captured packet, in clear (logged as a warning). Restrict it by other means
+    /// (a firewall, a Kubernetes NetworkPolicy).
+    #[arg(long, requires = "serve_pcap")]
+    pub serve_pcap_allow_remote: bool,
 
     /// Start a new file before writing to one this large (e.g. `--rotate-size 1GiB`). Files
     /// never replace one another: a name already taken gets a counter (cap-1.pcap).
@@ -335,6 +367,21 @@ impl Cli {
         }
     }
 
+    /// Exposures the user must ask for by name, as one line for the user.
+    pub fn check_exposure(&self) -> Result<(), String> {
+        match self.serve_pcap {
+            Some(addr) if !addr.ip().is_loopback() && !self.serve_pcap_allow_remote => {
+                Err(format!(
+                    "--serve-pcap {addr} would give every captured packet, unauthenticated and in \
+                 clear, to anyone who reaches it: use a loopback address (e.g. \
+                 127.0.0.1:{}), or add --serve-pcap-allow-remote",
+                    addr.port()
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Combinations of output flags that mean nothing, as one line for the user.
     pub fn check_outputs(&self) -> Result<(), String> {
         let rotating = self.rotate_size.is_some() || self.rotate_time.is_some();
@@ -395,6 +442,32 @@ fn parse_serve_pcap(s: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|_| {
         format!("invalid --serve-pcap address '{s}' (use IP:PORT, e.g. 127.0.0.1:57012)")
     })
+}
+
+/// Link types by name (the usual LINKTYPE_ values), else a number.
+const LINK_TYPES: [(&str, u16); 8] = [
+    ("null", 0),
+    ("ethernet", 1),
+    ("en10mb", 1),
+    ("raw", 101),
+    ("ieee802-11", 105),
+    ("loop", 108),
+    ("linux-sll", 113),
+    ("linux-sll2", 276),
+];
+
+fn parse_link_type(s: &str) -> Result<u16, String> {
+    LINK_TYPES
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(s))
+        .map(|(_, n)| *n)
+        .or_else(|| s.parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "invalid link type '{s}' (use a LINKTYPE_ number, or one of ethernet, raw, \
+                 linux-sll, linux-sll2, ieee802-11, null, loop)"
+            )
+        })
 }
 
 fn parse_rotate_size(s: &str) -> Result<u64, String> {
@@ -513,6 +586,39 @@ mod tests {
             Cli::parse_from(["receiver"]).out_path(),
             Some(Path::new("capture.pcap"))
         );
+    }
+
+    #[test]
+    fn a_remote_live_stream_and_an_open_receiver_are_asked_for_by_name() {
+        let check = |args: &[&str]| {
+            Cli::parse_from(std::iter::once("receiver").chain(args.iter().copied()))
+                .check_exposure()
+        };
+        assert!(check(&[]).is_ok());
+        assert!(check(&["--serve-pcap", "127.0.0.1:57012"]).is_ok());
+        assert!(check(&["--serve-pcap", "[::1]:57012"]).is_ok());
+        let refused = check(&["--serve-pcap", "0.0.0.0:57012"]).unwrap_err();
+        assert!(refused.contains("--serve-pcap-allow-remote"), "{refused}");
+        assert!(check(&["--serve-pcap", "192.0.2.1:57012"]).is_err());
+        assert!(check(&["--serve-pcap", "0.0.0.0:57012", "--serve-pcap-allow-remote"]).is_ok());
+        for bad in [
+            &["--serve-pcap-allow-remote"][..],
+            &["--allow-unauthenticated", "--token-file", "t"],
+            &["--allow-unauthenticated", "--client-ca", "ca.crt"],
+        ] {
+            let args = std::iter::once("receiver").chain(bad.iter().copied());
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn link_types_by_name_or_number() {
+        for (given, number) in [("ethernet", 1), ("LINUX-SLL2", 276), ("147", 147)] {
+            assert_eq!(parse_link_type(given), Ok(number), "{given}");
+        }
+        for bad in ["ether", "70000", "-1", ""] {
+            assert!(parse_link_type(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -8,14 +8,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{decode_frame, Ack, DecodeError, ErrorCode, ErrorMsg, Goodbye, Message};
+use common::{
+    decode_frame, decode_frame_header, Ack, DecodeError, ErrorCode, ErrorMsg, Goodbye, Message,
+    MessageType, FRAME_HEADER_LEN,
+};
 use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::auth::{certificate_name, Auth, TOKEN_REFUSAL};
 use crate::merge::SessionId;
 use crate::quota::{Held, Quotas, RateLimit};
-use crate::writer::{sensor_label, sensor_name, Attached, ConnId, Event};
+use crate::server::Unauthenticated;
+use crate::tls::AUTHENTICATED_RECEIVE_WINDOW;
+use crate::writer::{clean, sensor_label, sensor_name, Attached, ConnId, Event, JoinRefusal};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A sensor must open its stream and say Hello this soon after the handshake.
@@ -48,6 +53,16 @@ impl Refusal {
             message: message.into(),
         }
     }
+
+    /// What a sensor the writer did not take in is told: the code says what it does next.
+    fn join(refusal: JoinRefusal) -> Self {
+        let code = match &refusal {
+            JoinRefusal::LinkType(_) => ErrorCode::UNSUPPORTED_LINK_TYPE,
+            JoinRefusal::Unavailable(_) => ErrorCode::UNAVAILABLE,
+            JoinRefusal::Session(_) => ErrorCode::SESSION_REFUSED,
+        };
+        Self::new(code, refusal.to_string())
+    }
 }
 
 /// How a session ended.
@@ -61,6 +76,7 @@ enum End {
 
 pub async fn connection(
     incoming: Incoming,
+    unauthenticated: Unauthenticated,
     conn_id: ConnId,
     events: mpsc::Sender<Event>,
     auth: Arc<Auth>,
@@ -79,6 +95,12 @@ pub async fn connection(
     let conn = match handshake.await {
         None => return,
         Some(Ok(Ok(conn))) => conn,
+        // With --client-ca, a failed handshake is mostly a refused certificate.
+        Some(Ok(Err(e))) if auth.client_certificates => {
+            return auth
+                .refusals
+                .auth_failed(peer, format!("handshake failed: {e}"))
+        }
         Some(Ok(Err(e))) => {
             return auth
                 .refusals
@@ -95,7 +117,7 @@ pub async fn connection(
             );
             return auth
                 .refusals
-                .refused(peer, "no client certificate after the handshake");
+                .auth_failed(peer, "no client certificate after the handshake");
         };
         Some(name)
     } else {
@@ -114,13 +136,19 @@ pub async fn connection(
             return;
         }
         Some(Ok(Ok(streams))) => streams,
-        Some(Ok(Err(e))) => return tracing::warn!("{peer}: closed before opening a stream: {e}"),
+        Some(Ok(Err(e))) => {
+            return auth
+                .refusals
+                .refused(peer, format!("closed before opening a stream: {e}"))
+        }
         Some(Err(_)) => {
             conn.close(
                 VarInt::from_u32(ErrorCode::PROTOCOL.0.into()),
                 b"no stream opened",
             );
-            return tracing::warn!("{peer}: opened no stream within {HELLO_TIMEOUT:?}");
+            return auth
+                .refusals
+                .refused(peer, format!("opened no stream within {HELLO_TIMEOUT:?}"));
         }
     };
     let mut s = Session {
@@ -133,6 +161,7 @@ pub async fn connection(
         events,
         auth,
         identity,
+        unauthenticated: Some(unauthenticated),
         joined: None,
         left: false,
         duplicates: 0,
@@ -156,17 +185,28 @@ pub async fn connection(
         };
         let _ = s.events.send(detached).await;
     }
+    // Before its Hello is accepted, a peer is anyone: what it causes is logged at a bounded
+    // rate, by address. Its text (a close reason) is cleaned either way.
+    let before_hello = s.joined.is_none();
     match end {
         End::Clean => {
             tracing::info!("{name}: left cleanly");
             let _ = tokio::time::timeout(LINGER, conn.closed()).await;
         }
-        End::Lost(why) => tracing::warn!("{name}: connection lost: {why}"),
+        End::Lost(why) if before_hello => s
+            .auth
+            .refusals
+            .refused(peer, format!("connection lost: {}", clean(&why))),
+        End::Lost(why) => tracing::warn!("{name}: connection lost: {}", clean(&why)),
         End::Refused(r) => {
             if r.code == ErrorCode::SHUTTING_DOWN {
                 tracing::info!("{name}: told the receiver is shutting down");
-            } else if r.code != ErrorCode::UNAUTHENTICATED {
-                // (An unauthenticated one was logged, at a bounded rate, when refused.)
+            } else if before_hello {
+                // (An unauthenticated one was logged when refused.)
+                if r.code != ErrorCode::UNAUTHENTICATED {
+                    s.auth.refusals.refused(peer, &r.message);
+                }
+            } else {
                 tracing::warn!("{name}: refused: {}", r.message);
             }
             s.say_last(
@@ -194,6 +234,9 @@ struct Session {
     auth: Arc<Auth>,
     /// The name in the sensor's verified client certificate (with `--client-ca`).
     identity: Option<String>,
+    /// Counts this connection among those not yet authenticated, until its Hello is
+    /// accepted.
+    unauthenticated: Option<Unauthenticated>,
     /// The sensor's session id and name once its Hello was accepted.
     joined: Option<(SessionId, String)>,
     /// The writer has closed the session (Goodbye, or the receiver stopping).
@@ -252,7 +295,7 @@ impl Session {
             let claims = sensor_name(&hello, self.identity.as_deref());
             self.auth
                 .refusals
-                .refused(self.peer, format!("{why} (from sensor {claims})"));
+                .auth_failed(self.peer, format!("{why} (from sensor {claims})"));
             return End::Refused(Refusal::new(ErrorCode::UNAUTHENTICATED, TOKEN_REFUSAL));
         }
         if hello.interfaces.is_empty() {
@@ -276,11 +319,14 @@ impl Session {
         }
         let attached = match accepted.await {
             Ok(Ok(attached)) => attached,
-            Ok(Err(why)) => {
-                return End::Refused(Refusal::new(ErrorCode::UNSUPPORTED_LINK_TYPE, why))
-            }
+            Ok(Err(why)) => return End::Refused(Refusal::join(why)),
             Err(_) => return shutting_down(),
         };
+        // Admitted: no longer counted against its address, and its batches get the window
+        // for throughput.
+        self.unauthenticated = None;
+        self.connection
+            .set_receive_window(AUTHENTICATED_RECEIVE_WINDOW);
         let Attached {
             acked,
             received,
@@ -439,6 +485,22 @@ impl Session {
     /// The next whole frame; `Ok(None)` when the stream ended cleanly between frames.
     async fn next_message(&mut self) -> Result<Option<Message>, End> {
         loop {
+            // Before the Hello is accepted, the first frame must be a Hello (at most 256 KiB):
+            // a peer that proved nothing never gets room reserved for a larger frame.
+            if self.joined.is_none() {
+                if let Some(header) = self.buf.first_chunk::<FRAME_HEADER_LEN>() {
+                    match decode_frame_header(*header) {
+                        Ok((MessageType::Hello, _)) => {}
+                        Ok((other, _)) => {
+                            return Err(End::Refused(Refusal::new(
+                                ErrorCode::PROTOCOL,
+                                format!("expected Hello first, got {other:?}"),
+                            )))
+                        }
+                        Err(e) => return Err(End::Refused(Refusal::protocol(e))),
+                    }
+                }
+            }
             match decode_frame(&mut self.buf) {
                 Ok(Some(m)) => return Ok(Some(m)),
                 Ok(None) => {}
@@ -475,5 +537,29 @@ impl Session {
             let _ = tokio::time::timeout(LINGER, conn.closed()).await;
         }
         conn.close(VarInt::from_u32(code.0.into()), b"");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_refusals_map_to_what_the_sensor_does_next() {
+        let code = |r: JoinRefusal| Refusal::join(r).code;
+        assert_eq!(
+            code(JoinRefusal::LinkType("x".into())),
+            ErrorCode::UNSUPPORTED_LINK_TYPE
+        );
+        assert_eq!(
+            code(JoinRefusal::Unavailable("x".into())),
+            ErrorCode::UNAVAILABLE
+        );
+        assert_eq!(
+            code(JoinRefusal::Session("x".into())),
+            ErrorCode::SESSION_REFUSED
+        );
+        let refusal = Refusal::join(JoinRefusal::Session("session 0a1b2c3d has ended".into()));
+        assert_eq!(refusal.message, "session 0a1b2c3d has ended");
     }
 }

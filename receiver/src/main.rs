@@ -24,6 +24,8 @@ mod writer;
 mod tests;
 #[cfg(test)]
 mod tests_auth;
+#[cfg(test)]
+mod tests_sessions;
 
 use receiver::cli::{self, Cli, Command, SplitBy};
 use receiver::sink;
@@ -81,6 +83,8 @@ fn exit_code(result: Result<()>) -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     cli.check_outputs().map_err(|e| BadInput(anyhow!(e)))?;
+    cli.check_exposure().map_err(|e| BadInput(anyhow!(e)))?;
+    raise_open_file_limit();
     let pattern = match cli.out_path().filter(|o| o.as_os_str() != "-") {
         Some(out) => {
             let pattern =
@@ -95,22 +99,47 @@ async fn run(cli: Cli) -> Result<()> {
         Some(path) => Some(tls::client_roots(path).map_err(BadInput)?),
         None => None,
     };
-    let token = match &cli.token_file {
+    // The certificate given, checked before anything is created.
+    let given_identity = match (&cli.cert, &cli.key) {
+        (Some(cert), Some(key)) => Some(tls::load(cert, key).map_err(BadInput)?),
+        _ => None,
+    };
+    // The token: the one given, else by default the one generated in the state directory;
+    // none with a client CA (the certificate is the proof) or when asked for none.
+    // (Made before the certificate, so that a generated certificate means a token is there;
+    // said only once the start cannot be refused any more, so a refusal stays one line.)
+    let (token_path, token_created) =
+        match (&cli.token_file, &cli.client_ca, cli.allow_unauthenticated) {
+            (Some(path), _, _) => (Some(path.clone()), false),
+            (None, None, false) => {
+                let (path, created) =
+                    auth::load_or_create_token(&state_dir(&cli)?).map_err(BadInput)?;
+                (Some(path), created)
+            }
+            _ => (None, false),
+        };
+    let token = match &token_path {
         Some(path) => {
             let (token, warning) =
                 common::cli::read_token_file(path).map_err(|e| BadInput(anyhow!(e)))?;
             if let Some(warning) = warning {
                 tracing::warn!("{warning}");
             }
+            if let Some(why) = auth::weak_token(&token) {
+                tracing::warn!(
+                    "the token in {} looks guessable ({why}): make one with \
+                     `head -c 32 /dev/urandom | base64`",
+                    path.display()
+                );
+            }
             Some(token)
         }
         None => None,
     };
-    let identity = match (&cli.cert, &cli.key) {
-        (Some(cert), Some(key)) => tls::load(cert, key),
-        _ => tls::load_or_create(&state_dir(&cli)?, &cli.cert_name),
-    }
-    .map_err(BadInput)?;
+    let identity = match given_identity {
+        Some(identity) => identity,
+        None => tls::load_or_create(&state_dir(&cli)?, &cli.cert_name).map_err(BadInput)?,
+    };
     let auth = auth::Auth::new(token, client_roots.is_some());
     let server_config = tls::server_config(&identity, client_roots).map_err(BadInput)?;
     let reset_key = match state_dir(&cli).and_then(|dir| tls::reset_key(&dir)) {
@@ -144,6 +173,9 @@ async fn run(cli: Cli) -> Result<()> {
     // Opened only once listening works, so a refused start leaves no empty file behind.
     let (sink, live) = open_outputs(&cli, pattern, uploader.as_ref()).await?;
     let bound = endpoint.local_addr().unwrap_or(cli.listen);
+    if let (Some(path), true) = (&token_path, token_created) {
+        tracing::info!("created the token sensors must send, {}", path.display());
+    }
     let mut outputs = Vec::new();
     if let Some(out) = cli.out_path() {
         outputs.push(format!(
@@ -161,16 +193,32 @@ async fn run(cli: Cli) -> Result<()> {
         identity.cert_path.display(),
         identity.fingerprint()
     );
-    match (&cli.client_ca, auth.requires_token()) {
-        (Some(ca), true) => tracing::info!(
-            "sensors need a client certificate from {} and the token",
-            ca.display()
+    match (&cli.client_ca, &token_path) {
+        (Some(ca), Some(token)) => tracing::info!(
+            "sensors need a client certificate from {} and the token in {}",
+            ca.display(),
+            token.display()
         ),
-        (Some(ca), false) => {
+        (Some(ca), None) => {
             tracing::info!("sensors need a client certificate from {}", ca.display())
         }
-        (None, true) => tracing::info!("sensors need the token"),
-        (None, false) => {}
+        (None, Some(token)) => tracing::info!("sensors need the token in {}", token.display()),
+        (None, None) => tracing::warn!(
+            "--allow-unauthenticated: any host that reaches UDP {bound} can write packets into \
+             the output under any sensor name; require a token (the default) or client \
+             certificates (--client-ca) instead"
+        ),
+    }
+    for line in sensor_commands(&cli, bound, &identity.fingerprint(), token_path.as_deref()) {
+        tracing::info!("{line}");
+    }
+    if let (Some(addr), true) = (cli.serve_pcap, cli.serve_pcap_allow_remote) {
+        if !addr.ip().is_loopback() {
+            tracing::warn!(
+                "--serve-pcap-allow-remote: whoever reaches TCP {addr} reads every captured \
+                 packet, in clear and without authentication"
+            );
+        }
     }
 
     let to_file = cli.out_path().is_some_and(|o| o.as_os_str() != "-");
@@ -231,6 +279,10 @@ async fn open_outputs(
                  listening there?)"
             ))
         })?;
+        let mut sink = sink.with_link_type(cli.link_type);
+        if cli.out_path().is_some() {
+            sink = sink.beside_a_file();
+        }
         outputs.push(Box::new(sink));
         live = Some(handle);
     }
@@ -266,9 +318,14 @@ async fn open_outputs(
         (Some(_), None) => outputs.push(sink::stdout(cli.format())?),
         (None, _) => {}
     }
-    let sink = match outputs.len() {
-        1 => outputs.remove(0),
-        _ => Box::new(Tee::new(outputs)),
+    // A classic pcap file or stdout holds the link type given, else the first sensor's.
+    let required = cli
+        .link_type
+        .filter(|_| cli.out_path().is_some() && cli.format() == cli::Format::Pcap);
+    let sink: Box<dyn Sink> = match (outputs.len(), required) {
+        (1, None) => outputs.remove(0),
+        (_, None) => Box::new(Tee::new(outputs)),
+        (_, Some(link_type)) => Box::new(Tee::new(outputs).requiring_link_type(link_type)),
     };
     Ok((sink, live))
 }
@@ -341,6 +398,76 @@ impl quinn::ConnectionIdGenerator for RandomCids {
 
     fn cid_lifetime(&self) -> Option<std::time::Duration> {
         None
+    }
+}
+
+/// The command lines that start a sensor sending here: from another host (the fingerprint,
+/// a copy of the token, a client certificate), and from this one.
+fn sensor_commands(
+    cli: &Cli,
+    bound: std::net::SocketAddr,
+    fingerprint: &str,
+    token: Option<&std::path::Path>,
+) -> Vec<String> {
+    let ip = bound.ip().to_canonical();
+    let host = if ip.is_unspecified() {
+        tls::hostname().unwrap_or_else(|_| "HOST".into())
+    } else if ip.is_ipv6() {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    };
+    let mut proof = String::new();
+    if cli.client_ca.is_some() {
+        proof += " --cert NAME.crt --key NAME.key";
+    }
+    let mut remote = format!(
+        "sensor --receiver {host}:{} --fingerprint {fingerprint}",
+        bound.port()
+    );
+    if let Some(token) = token {
+        remote += &format!(" --token-file <copy of {}, mode 0600>", token.display());
+    }
+    let mut lines = vec![format!("on another host: {remote}{proof} -i IFACE")];
+    // Here, the sensor finds the generated certificate and token in the state directory.
+    let generated = cli.cert.is_none() && cli.token_file.is_none();
+    if generated && bound.port() == 4433 {
+        let state = match &cli.state_dir {
+            Some(dir) => format!(" --state-dir {}", dir.display()),
+            None => String::new(),
+        };
+        lines.push(format!(
+            "on this host: sensor{state}{proof} -i IFACE (finds the certificate and the token \
+             by itself)"
+        ));
+    }
+    lines
+}
+
+/// Raises the soft limit on open files to the hard one: every sensor connection, file of a
+/// sensor and live or metrics client holds a descriptor, and the usual soft limit (1024) is
+/// far below what the system allows.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the rlimit it is given, which lives on this stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the rlimit it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            tracing::debug!(
+                "cannot raise the open-file limit: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }
 

@@ -2,8 +2,8 @@
 //! status line, both published about once a second by the writer task from the figures it
 //! keeps for the exit summary. Without a recorder installed, the series are no-ops.
 //!
-//! A sensor session's series carry its name and session id (a restarted sensor is a new
-//! session, while the old one may still linger); they stop being updated when the session
+//! A sensor session's series carry its name and a short hash of its session id, never the
+//! id itself (a restarted sensor is a new session, while the old one may still linger); they stop being updated when the session
 //! closes and the endpoint drops them after [`crate::METRICS_LINGER`].
 
 use std::time::{Duration, Instant};
@@ -67,9 +67,9 @@ pub struct SessionSeries {
 }
 
 impl SessionSeries {
-    /// `sensor`: the name the output gives it (already free of control characters).
-    pub fn new(sensor: &str, session: u64) -> Self {
-        let session = format!("{session:016x}");
+    /// `sensor`: the name the output gives it (already free of control characters);
+    /// `session`: the session's tag ([`crate::writer::session_tag`]).
+    pub fn new(sensor: &str, session: String) -> Self {
         let series = |metric: &'static str| counter!(metric, "sensor" => sensor.to_owned(), "session" => session.clone());
         Self {
             packets: series("capstream_receiver_packets_written_total"),

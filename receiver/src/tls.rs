@@ -129,25 +129,50 @@ pub fn hostname() -> Result<String> {
     Ok(name.trim().to_string())
 }
 
-/// Writes a file only its owner can read: it holds a private key.
+/// Writes a file only its owner can read: it holds a private key. The bytes go to a new
+/// file beside it (created exclusively, never through a symlink) that then replaces `path`
+/// by rename, so a symlink planted at `path` is replaced, not followed.
 pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    // The mode above applies only to a new file; an older one may have been readable.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("cannot restrict {} to its owner", path.display()))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let temp = path.with_file_name(format!(
+        ".{}.{:016x}.tmp",
+        name.as_deref().unwrap_or("file"),
+        rand::random::<u64>()
+    ));
+    let written = create_private(&temp).and_then(|mut file| {
+        file.write_all(data)
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("cannot write {}", temp.display()))
+    });
+    let renamed = written.and_then(|()| {
+        fs::rename(&temp, path).with_context(|| format!("cannot write {}", path.display()))
+    });
+    if renamed.is_err() {
+        let _ = fs::remove_file(&temp);
     }
-    file.write_all(data)
-        .with_context(|| format!("cannot write {}", path.display()))
+    renamed
 }
+
+/// Creates `path` for its owner alone (0600): never over an existing file, never through
+/// a symlink.
+pub fn create_private(path: &Path) -> Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))
+}
+
+/// The receive window of a connection until its sensor's Hello is accepted: room for the
+/// largest Hello (256 KiB) and little else, so that a peer that has not proved anything
+/// holds little of the receiver's memory.
+const UNAUTHENTICATED_RECEIVE_WINDOW: u32 = 512 << 10;
+/// The receive window once the Hello is accepted: room for a few full batches in flight
+/// per sensor, for throughput on long links.
+pub const AUTHENTICATED_RECEIVE_WINDOW: quinn::VarInt = quinn::VarInt::from_u32(32 << 20);
 
 /// QUIC server settings: TLS 1.3 with our ALPN only, one stream per sensor, bounded
 /// windows and idle time. With `client_roots`, a sensor without a client certificate that
@@ -183,9 +208,12 @@ pub fn server_config(
                 .try_into()
                 .expect("30 s is a valid idle timeout"),
         ))
-        // Room for a few full batches in flight per sensor: throughput on long links.
+        // The stream may take 16 MiB once the connection's window is raised (after the
+        // Hello: connection.rs).
         .stream_receive_window((16u32 << 20).into())
-        .receive_window((32u32 << 20).into());
+        .receive_window(UNAUTHENTICATED_RECEIVE_WINDOW.into())
+        // Sensors send no QUIC datagrams: none is buffered.
+        .datagram_receive_buffer_size(None);
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

@@ -33,7 +33,7 @@ pub enum Event {
         /// The name in its verified client certificate, which names it in the output.
         identity: Option<String>,
         peer: SocketAddr,
-        reply: oneshot::Sender<Result<Attached, String>>,
+        reply: oneshot::Sender<Result<Attached, JoinRefusal>>,
     },
     Batch {
         session: SessionId,
@@ -80,6 +80,37 @@ pub struct Attached {
     pub acks: watch::Receiver<u64>,
 }
 
+/// Why the writer did not take a sensor in: each maps to the error code that tells the
+/// sensor what to do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinRefusal {
+    /// The output cannot hold the sensor's link type.
+    LinkType(String),
+    /// The output cannot take the sensor now (cannot be written, too many sessions): the
+    /// sensor keeps its data and tries again.
+    Unavailable(String),
+    /// The session cannot be resumed (ended, or another sensor's): the sensor starts a new
+    /// session and sends what it holds there.
+    Session(String),
+}
+
+impl std::fmt::Display for JoinRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::LinkType(why) | Self::Unavailable(why) | Self::Session(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Sessions open at once (connected or awaited), and from one source (the name in a
+/// client certificate, else the peer's address). Past either, the oldest session of that
+/// scope that is away is closed to make room; if none is away, the sensor is told to come
+/// back later.
+pub const MAX_SESSIONS: usize = 1024;
+pub const MAX_SESSIONS_PER_SOURCE: usize = 32;
+/// Exit-summary lines kept one per session; sessions beyond are added up in one line.
+const MAX_SUMMARIES: usize = 1024;
+
 /// How long a sensor whose connection broke may come back and resume its session before
 /// the session is closed (its counters written, its summary line made).
 pub const SESSION_LINGER: Duration = Duration::from_secs(600);
@@ -94,6 +125,11 @@ struct Sensor {
     label: String,
     /// The name in its client certificate: only the same certificate name may resume it.
     identity: Option<String>,
+    /// SHA-256 of the secret the session was opened with: only a Hello with the same
+    /// secret resumes it. The secret itself is not kept.
+    secret_hash: [u8; 32],
+    /// Who opened it, for the per-source cap.
+    source: Source,
     announced: Vec<InterfaceInfo>,
     interfaces: Vec<u32>,
     acks: watch::Sender<u64>,
@@ -130,6 +166,8 @@ pub struct Writer {
     /// Closed sessions whose connection waits for the final Ack, sent once committed.
     to_notify: Vec<(oneshot::Sender<u64>, u64)>,
     summaries: Vec<SensorSummary>,
+    /// The sessions closed beyond [`MAX_SUMMARIES`], added up.
+    summaries_beyond: SummariesBeyond,
     telemetry: Telemetry,
 }
 
@@ -143,6 +181,7 @@ impl Writer {
             finished: HashMap::new(),
             to_notify: Vec::new(),
             summaries: Vec::new(),
+            summaries_beyond: SummariesBeyond::default(),
             telemetry: Telemetry::new(),
         }
     }
@@ -189,7 +228,9 @@ impl Writer {
         self.commit(&mut stop).await?;
         self.acknowledge();
         self.sink.finish().context("completing the output")?;
-        Ok(self.summaries)
+        let mut summaries = self.summaries;
+        summaries.extend(self.summaries_beyond.into_summary());
+        Ok(summaries)
     }
 
     fn handle(&mut self, event: Event) -> Result<()> {
@@ -287,23 +328,27 @@ impl Writer {
         hello: &Hello,
         identity: Option<String>,
         peer: SocketAddr,
-    ) -> Result<Attached, String> {
+    ) -> Result<Attached, JoinRefusal> {
         let session = hello.session_id;
+        let secret_hash = secret_hash(&hello.session_secret);
+        let tag = session_tag(session);
         if let Some(s) = self.sensors.get_mut(&session) {
-            if s.identity != identity {
-                return Err(format!(
-                    "session {session:016x} belongs to another sensor certificate; a sensor \
-                     must not reuse another's session id"
-                ));
+            // Whoever opened the session, and only they, may take it over: the same
+            // certificate name and the same secret.
+            if s.identity != identity || !same_hash(&s.secret_hash, &secret_hash) {
+                return Err(JoinRefusal::Session(format!(
+                    "session {tag} belongs to another sensor; start a new session"
+                )));
             }
             if s.announced != hello.interfaces {
-                return Err(format!(
-                    "session {session:016x} is already open with other interfaces; a sensor \
-                     must not reuse another's session id"
-                ));
+                return Err(JoinRefusal::Session(format!(
+                    "session {tag} is already open with other interfaces; start a new session"
+                )));
             }
             if s.leaving.is_some() {
-                return Err(format!("session {session:016x} has ended; start a new one"));
+                return Err(JoinRefusal::Session(format!(
+                    "session {tag} has ended; start a new one"
+                )));
             }
             // A newer connection takes over; the old one's watch closes and it ends.
             let (acks_tx, acks) = watch::channel(self.merge.acked(session));
@@ -338,20 +383,20 @@ impl Writer {
                 snaplen: i.snaplen,
                 filter: clean(&i.filter),
                 description: format!(
-                    "sensor {sensor}{verified} on {host} ({}), session {:016x}",
+                    "sensor {sensor}{verified} on {host} ({}), session {tag}",
                     clean(&hello.os),
-                    hello.session_id
                 ),
                 sensor: sensor.clone(),
             })
             .collect();
-        self.sink.check(&wanted)?;
+        self.sink.check(&wanted).map_err(JoinRefusal::LinkType)?;
+        let source = Source::of(identity.as_deref(), peer);
+        self.make_room(&source)?;
         let mut interfaces = Vec::with_capacity(wanted.len());
         for w in &wanted {
-            let idx = self
-                .sink
-                .add_interface(w)
-                .map_err(|e| format!("the receiver cannot write its output: {e}"))?;
+            let idx = self.sink.add_interface(w).map_err(|e| {
+                JoinRefusal::Unavailable(format!("the receiver cannot write its output: {e}"))
+            })?;
             interfaces.push(idx);
         }
         // A session that ended here before: what it had delivered stays delivered.
@@ -364,6 +409,8 @@ impl Writer {
             Sensor {
                 label: sensor_label(hello, identity.as_deref(), peer),
                 identity,
+                secret_hash,
+                source,
                 announced: hello.interfaces.clone(),
                 interfaces,
                 acks: acks_tx,
@@ -373,7 +420,7 @@ impl Writer {
                 received: Received::default(),
                 stats: None,
                 rtt: Duration::ZERO,
-                series: SessionSeries::new(&sensor, session),
+                series: SessionSeries::new(&sensor, tag),
             },
         );
         Ok(Attached {
@@ -381,6 +428,40 @@ impl Writer {
             received: resume,
             acks,
         })
+    }
+
+    /// Room for one more session of `source` under [`MAX_SESSIONS`] and
+    /// [`MAX_SESSIONS_PER_SOURCE`]: the oldest session away (of that source, else of any)
+    /// is closed for it; with none away, the sensor is told to come back later.
+    fn make_room(&mut self, source: &Source) -> Result<(), JoinRefusal> {
+        let of_source = self
+            .sensors
+            .values()
+            .filter(|s| &s.source == source)
+            .count();
+        let scope = if of_source >= MAX_SESSIONS_PER_SOURCE {
+            Some(source)
+        } else if self.sensors.len() >= MAX_SESSIONS {
+            None
+        } else {
+            return Ok(());
+        };
+        let oldest_away = self
+            .sensors
+            .iter()
+            .filter(|(_, s)| scope.is_none_or(|scope| &s.source == scope))
+            .filter_map(|(id, s)| s.detached_at.map(|t| (t, *id)))
+            .min();
+        let Some((_, id)) = oldest_away else {
+            return Err(JoinRefusal::Unavailable(match scope {
+                Some(_) => format!(
+                    "{MAX_SESSIONS_PER_SOURCE} sessions of this sensor's source are connected"
+                ),
+                None => format!("{MAX_SESSIONS} sensor sessions are connected"),
+            }));
+        };
+        self.close_session(id)
+            .map_err(|e| JoinRefusal::Unavailable(format!("{e:#}")))
     }
 
     /// Closes the sessions that are done: left and written, or away for too long.
@@ -442,12 +523,17 @@ impl Writer {
         // Its series go out once more with the final figures, then linger and go.
         sensor.series.publish(&figures);
         self.telemetry.closed(&figures);
-        self.summaries.push(SensorSummary {
+        let summary = SensorSummary {
             label: sensor.label,
             written,
             received: sensor.received,
             stats: sensor.stats,
-        });
+        };
+        if self.summaries.len() < MAX_SUMMARIES {
+            self.summaries.push(summary);
+        } else {
+            self.summaries_beyond.add(&summary);
+        }
         self.merge.remove_session(session);
         Ok(())
     }
@@ -525,6 +611,81 @@ impl Writer {
             let _ = done.send(acked);
         }
     }
+}
+
+/// The sessions past [`MAX_SUMMARIES`], as one line of sums.
+#[derive(Default)]
+struct SummariesBeyond {
+    sessions: u64,
+    written: crate::merge::Written,
+    received: Received,
+}
+
+impl SummariesBeyond {
+    fn add(&mut self, s: &SensorSummary) {
+        self.sessions += 1;
+        let (w, r) = (&mut self.written, &mut self.received);
+        w.packets = w.packets.saturating_add(s.written.packets);
+        w.bytes = w.bytes.saturating_add(s.written.bytes);
+        w.late = w.late.saturating_add(s.written.late);
+        w.forced = w.forced.saturating_add(s.written.forced);
+        r.batches = r.batches.saturating_add(s.received.batches);
+        r.raw_bytes = r.raw_bytes.saturating_add(s.received.raw_bytes);
+        r.wire_bytes = r.wire_bytes.saturating_add(s.received.wire_bytes);
+        r.reconnects = r.reconnects.saturating_add(s.received.reconnects);
+        r.duplicates = r.duplicates.saturating_add(s.received.duplicates);
+    }
+
+    fn into_summary(self) -> Option<SensorSummary> {
+        (self.sessions > 0).then(|| SensorSummary {
+            label: format!(
+                "{} further session(s) added up (each one's counters are in the output)",
+                self.sessions
+            ),
+            written: self.written,
+            received: self.received,
+            stats: None,
+        })
+    }
+}
+
+/// Who opened a session, for the per-source cap: its certificate name, else its address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    Certificate(String),
+    Address(std::net::IpAddr),
+}
+
+impl Source {
+    fn of(identity: Option<&str>, peer: SocketAddr) -> Self {
+        match identity {
+            Some(name) => Self::Certificate(name.to_string()),
+            None => Self::Address(peer.ip()),
+        }
+    }
+}
+
+fn secret_hash(secret: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, secret);
+    let mut hash = [0; 32];
+    hash.copy_from_slice(digest.as_ref());
+    hash
+}
+
+/// Equal hashes, compared in time independent of where they differ.
+fn same_hash(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// How a session is named wherever others can read it (logs, metrics, the output's
+/// descriptions): the first 8 hex digits of the SHA-256 of its id, which names it without
+/// handing out the id.
+pub fn session_tag(session: SessionId) -> String {
+    secret_hash(&session.to_be_bytes())[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Sensor-supplied text is data: control characters never reach the output or the logs.

@@ -74,6 +74,10 @@ pub struct Receiver {
     pub addr: String,
     pub cert: PathBuf,
     pub fingerprint: String,
+    /// The token it generated in its state directory and requires (none when it was given
+    /// `--token-file`, `--client-ca` or `--allow-unauthenticated`): sensors started here
+    /// pass it.
+    pub token: Option<PathBuf>,
 }
 
 impl Receiver {
@@ -129,12 +133,53 @@ impl Receiver {
             .context("no fingerprint in the receiver's log")?
             .trim_matches(|c: char| !c.is_ascii_hexdigit())
             .to_string();
+        let own_proof = ["--token-file", "--client-ca", "--allow-unauthenticated"];
+        let token = state.join("token");
+        let token =
+            (!args.iter().any(|a| own_proof.contains(a)) && token.exists()).then_some(token);
         Ok(Self {
             proc,
             addr: listen.to_string(),
             cert: state.join("receiver.crt"),
             fingerprint,
+            token,
         })
+    }
+
+    /// What a sensor started with `args` must add to be admitted: `--token-file` and the
+    /// receiver's generated token, unless `args` give a token. `user`: the user the sensor
+    /// runs as, when not root; it gets a copy of the token of its own (mode 0600).
+    pub fn credentials(&self, args: &[&str], user: Option<&str>) -> Result<Vec<String>> {
+        let Some(token) = self
+            .token
+            .as_ref()
+            .filter(|_| !args.contains(&"--token-file"))
+        else {
+            return Ok(Vec::new());
+        };
+        let path = match user {
+            None => token.clone(),
+            Some(user) => {
+                use std::os::unix::fs::PermissionsExt;
+                let copy = token.with_file_name(format!("token-of-{user}"));
+                let _ = std::fs::remove_file(&copy);
+                std::fs::copy(token, &copy)?;
+                std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o600))?;
+                let uid: u32 = run("id", &["-u", user])?.trim().parse()?;
+                let gid: u32 = run("id", &["-g", user])?.trim().parse()?;
+                std::os::unix::fs::chown(&copy, Some(uid), Some(gid))?;
+                // Its directory (the state directory) must let that user in.
+                if let Some(dir) = copy.parent() {
+                    let mode = std::fs::metadata(dir)?.permissions().mode();
+                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o011))?;
+                }
+                copy
+            }
+        };
+        Ok(vec![
+            "--token-file".into(),
+            path.to_string_lossy().into_owned(),
+        ])
     }
 
     /// A receiver on port 4433 writing `dir/<file>` (plus `args`), its state in `dir/state`;
@@ -174,6 +219,14 @@ impl Receiver {
     }
 }
 
+/// The user `wrapper` runs a program as (`setpriv --reuid USER`, `runuser -u USER`), if any.
+fn wrapper_user<'a>(wrapper: &[&'a str]) -> Option<&'a str> {
+    wrapper
+        .windows(2)
+        .find(|w| matches!(w[0], "--reuid" | "-u"))
+        .map(|w| w[1])
+}
+
 /// Starts `sensor --receiver <addr> --ca <cert> <args>` and waits for its `ready:` line.
 pub fn start_sensor(ns: Option<&Netns>, receiver: &Receiver, args: &[&str]) -> Result<Proc> {
     start_sensor_through(ns, &[], receiver, args)
@@ -187,7 +240,9 @@ pub fn start_sensor_through(
     args: &[&str],
 ) -> Result<Proc> {
     let cert = receiver.cert.to_string_lossy().into_owned();
+    let credentials = receiver.credentials(args, wrapper_user(wrapper))?;
     let mut all = vec!["--receiver", &receiver.addr, "--ca", &cert];
+    all.extend(credentials.iter().map(String::as_str));
     all.extend_from_slice(args);
     let argv = wrapped_argv(ns, wrapper, &workspace_bin("sensor"), &all);
     let mut proc = Proc::start("sensor", &argv, Stdio::null())?;
@@ -456,7 +511,9 @@ pub fn start_sensor_to(
     args: &[&str],
 ) -> Result<Proc> {
     let cert = receiver.cert.to_string_lossy().into_owned();
+    let credentials = receiver.credentials(args, None)?;
     let mut all = vec!["--receiver", addr, "--ca", &cert];
+    all.extend(credentials.iter().map(String::as_str));
     all.extend_from_slice(args);
     let argv = argv(ns, &workspace_bin("sensor"), &all);
     let mut proc = Proc::start("sensor", &argv, Stdio::null())?;

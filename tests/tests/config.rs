@@ -89,6 +89,7 @@ fn the_command_line_wins_over_the_environment_which_wins_over_the_file() {
     .unwrap();
     let config = arg(&file);
     let cert = arg(&state.join("receiver.crt"));
+    let token = arg(&state.join("token"));
     let corpus = arg(&corpus_dir().join("tcpdump-tests.pcap"));
 
     // The file alone; a sensor configured by its own file, the filter after the options.
@@ -103,7 +104,7 @@ fn the_command_line_wins_over_the_environment_which_wins_over_the_file() {
         &sensor_file,
         format!(
             "read = \"{corpus}\"\nreceiver = \"127.0.0.1:5601\"\nca = [\"{cert}\"]\n\
-             sensor-id = \"from-file\"\n"
+             token-file = \"{token}\"\nsensor-id = \"from-file\"\n"
         ),
     )
     .unwrap();
@@ -126,6 +127,7 @@ fn the_command_line_wins_over_the_environment_which_wins_over_the_file() {
         ("CAPSTREAM_SENSOR_READ", corpus.clone()),
         ("CAPSTREAM_SENSOR_RECEIVER", "127.0.0.1:5602".to_string()),
         ("CAPSTREAM_SENSOR_CA", cert.clone()),
+        ("CAPSTREAM_SENSOR_TOKEN_FILE", token.clone()),
         ("CAPSTREAM_SENSOR_BPF", "udp".to_string()),
     ];
     sensor_delivers(&[], &sensor_env);

@@ -581,3 +581,63 @@ fn the_dockerfile_builds_both_programs_with_the_ebpf_object_and_runs_unprivilege
         image()
     );
 }
+
+/// The receiver's metrics and live stream carry no authentication: a NetworkPolicy on the
+/// receiver's pods lets in QUIC from anywhere (the sensors, which send the token) and those
+/// two ports only from selected pods; and a live stream on the pod's address is asked for
+/// by name.
+#[test]
+fn a_network_policy_keeps_the_live_stream_and_metrics_from_the_whole_cluster() {
+    let docs = manifests();
+    let deployment = object(&docs, "Deployment", "capstream-receiver");
+    let policy = object(&docs, "NetworkPolicy", "capstream-receiver");
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let selector = policy["spec"]["podSelector"]["matchLabels"]
+        .as_hash()
+        .expect("the policy selects pods by label");
+    assert!(!selector.is_empty());
+    for (key, value) in selector {
+        assert_eq!(
+            &labels[key.as_str().unwrap()],
+            value,
+            "it selects the receiver"
+        );
+    }
+    assert!(strings(&policy["spec"]["policyTypes"]).contains(&"Ingress".to_string()));
+    let line = check_with_real_binary(&docs, deployment, "receiver");
+    let port_of = |long: &str| -> i64 {
+        let addr = option(&line, long).unwrap_or_else(|| panic!("--{long}: {line}"));
+        addr.rsplit(':').next().unwrap().parse().unwrap()
+    };
+    let rules = list(&policy["spec"]["ingress"]);
+    // The rules that let a port in, and whether each limits who.
+    let admitting = |port: i64, protocol: &str| -> Vec<bool> {
+        rules
+            .iter()
+            .filter(|r| {
+                list(&r["ports"]).iter().any(|p| {
+                    p["port"].as_i64() == Some(port) && p["protocol"].as_str() == Some(protocol)
+                })
+            })
+            .map(|r| !list(&r["from"]).is_empty())
+            .collect()
+    };
+    assert_eq!(
+        admitting(port_of("listen"), "UDP"),
+        [false],
+        "sensors reach QUIC"
+    );
+    for long in ["metrics", "serve-pcap"] {
+        let limited = admitting(port_of(long), "TCP");
+        assert!(
+            !limited.is_empty() && limited.iter().all(|l| *l),
+            "--{long}: only from selected peers, never from anywhere: {limited:?}"
+        );
+    }
+    // No rule admits every port from everyone.
+    assert!(rules.iter().all(|r| !list(&r["ports"]).is_empty()));
+    let serve = option(&line, "serve-pcap").unwrap();
+    if !serve.starts_with("127.") && !serve.starts_with("[::1]") {
+        assert!(line.contains("--serve-pcap-allow-remote"), "{line}");
+    }
+}

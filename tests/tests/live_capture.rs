@@ -326,6 +326,7 @@ fn classic_pcap_refuses_a_second_link_type_and_says_to_use_pcapng() {
             "--ca",
             &cert,
         ])
+        .args(receiver.credentials(&[], None).unwrap())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);

@@ -298,6 +298,8 @@ fn the_status_line_shows_on_a_terminal_only() {
             "127.0.0.1:4433".into(),
             "--ca".into(),
             path(&cert),
+            "--token-file".into(),
+            path(&state.join("token")),
             "--read".into(),
             path(&corpus_dir().join("tcpdump-tests.pcap")),
         ];
@@ -353,4 +355,91 @@ fn the_status_line_shows_on_a_terminal_only() {
         cleared_before(&receiver, "receiver: 2 sensor session(s)"),
         "the status line is erased before the summary:\n{receiver:?}"
     );
+}
+
+/// Idle clients cannot take the receiver's file descriptors through `--metrics`: with
+/// 1,100 idle TCP connections to it, under the usual soft limit of 1,024 descriptors, the
+/// receiver still creates its next rotated files (the whole corpus is written) and still
+/// answers a scrape.
+#[test]
+fn idle_metrics_clients_do_not_stop_rotation_or_scrapes() {
+    require_tool("curl", "curl");
+    require_tool("prlimit", "util-linux");
+    const METRICS: &str = "127.0.0.1:5505";
+    let dir = Scratch::new("metrics-idle").unwrap();
+    let out = dir.join("rotated.pcap");
+    let out_arg = out.to_string_lossy().into_owned();
+    let mut receiver = Receiver::start_through(
+        None,
+        &["prlimit", "--nofile=1024:20000"],
+        &dir.join("state"),
+        5504,
+        &[
+            "--out",
+            &out_arg,
+            "--rotate-size",
+            "64KiB",
+            "--metrics",
+            METRICS,
+        ],
+    )
+    .unwrap();
+    let idle: Vec<std::net::TcpStream> = (0..1100)
+        .filter_map(|_| std::net::TcpStream::connect(METRICS).ok())
+        .collect();
+    assert!(idle.len() >= 1000, "only {} connections opened", idle.len());
+
+    let corpus = corpus_dir().join("tcpdump-tests.pcap");
+    let token = receiver.token.clone().expect("the receiver's token");
+    let sensor = Command::new("timeout")
+        .arg("60")
+        .arg(workspace_bin("sensor"))
+        .args(["--receiver", "127.0.0.1:5504", "--fingerprint"])
+        .arg(&receiver.fingerprint)
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--read")
+        .arg(&corpus)
+        .output()
+        .unwrap();
+    let sensor_log = String::from_utf8_lossy(&sensor.stderr);
+    assert!(sensor.status.success(), "{sensor_log}");
+    // A scrape is answered while the idle connections stay open (a few tries: the first
+    // clients hold their places for the request deadline).
+    let scraped = Command::new("curl")
+        .args([
+            "-sf",
+            "--max-time",
+            "3",
+            "--retry",
+            "10",
+            "--retry-all-errors",
+        ])
+        .args(["--retry-delay", "1", &format!("http://{METRICS}/metrics")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&scraped.stdout);
+    assert!(
+        scraped.status.success() && text.contains("capstream_receiver_sessions"),
+        "{text}"
+    );
+    drop(idle);
+    receiver.stop().unwrap();
+    let log = receiver.proc.stderr();
+    let sessions = receiver_sessions(&log);
+    assert_eq!(sessions.len(), 1, "{log}");
+    let all = testbed::capstream::tcpdump_records(&corpus, "").unwrap();
+    assert_eq!(sessions[0].packets as usize, all.len(), "{log}");
+    let files = std::fs::read_dir(&dir.path)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("rotated")
+        })
+        .count();
+    assert!(files >= 2, "{files} file(s): no rotation\n{log}");
+    assert!(!log.contains("Too many open files"), "{log}");
 }

@@ -368,6 +368,7 @@ fn each_mode_starts_with_exactly_the_documented_capabilities_and_not_one_fewer()
                     .chain(&args)
                     .map(|s| s.to_string()),
             );
+            argv.extend(receiver.credentials(&[], Some("nobody")).unwrap());
             let output = Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
             let stderr = String::from_utf8_lossy(&output.stderr);
             let what = format!(

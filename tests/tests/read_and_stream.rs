@@ -125,6 +125,7 @@ fn fingerprint_pins_the_receiver_and_stdout_streams_to_tcpdump() {
                 ]
                 .map(String::from),
             )
+            .chain(receiver.credentials(&[], None).unwrap())
             .collect::<Vec<_>>(),
         Stdio::null(),
     )

@@ -6,6 +6,11 @@
 //! has a bounded queue; when it is full, that client's packets are dropped and counted, and
 //! the count is logged when it leaves and in the exit summary. Handing packets to the
 //! stream never fails, so without a file it is what acknowledges the sensors' batches.
+//! What it cannot send is counted, never silent: packets with no client connected, and,
+//! beside a file, packets of interfaces whose link type the stream does not carry.
+//!
+//! Clients that stop reading, or vanish without closing (half-open), are dropped: TCP
+//! keepalive finds the vanished, a write timeout the silent.
 
 use std::collections::VecDeque;
 use std::io;
@@ -33,6 +38,15 @@ pub const CLIENT_QUEUE: usize = 16 << 20;
 const CHUNK: usize = 64 << 10;
 /// How long clients get at exit to take what is queued for them.
 const DRAIN: Duration = Duration::from_secs(5);
+/// A client that takes nothing of a chunk for this long is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// TCP keepalive: probes after this long idle, then every [`KEEPALIVE_INTERVAL`]; a
+/// vanished client is dropped after [`KEEPALIVE_PROBES`] unanswered ones.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 3;
+/// Turned-away clients are logged at most once in this window; the rest are counted.
+const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
 
 /// Starts listening; the sink feeds the clients, the handle ends the stream at exit.
 pub async fn serve(addr: SocketAddr) -> io::Result<(LiveSink, Live)> {
@@ -44,6 +58,10 @@ pub async fn serve(addr: SocketAddr) -> io::Result<(LiveSink, Live)> {
     let accept = tokio::spawn(accept(listener, joining_tx, Arc::clone(&totals), cut_rx));
     let sink = LiveSink {
         link_type: None,
+        other_link_types: OtherLinkTypes::Refuse,
+        served: Vec::new(),
+        totals: Arc::clone(&totals),
+        not_sent: NotSent::register(),
         header: None,
         records: Vec::with_capacity(2 * CHUNK),
         packets: 0,
@@ -68,6 +86,10 @@ struct Totals {
     connected: AtomicUsize,
     sent: AtomicU64,
     dropped: AtomicU64,
+    /// Packets handed to the stream while no client was connected.
+    no_client: AtomicU64,
+    /// Packets of interfaces whose link type the stream does not carry.
+    other_link_type: AtomicU64,
 }
 
 /// The listening side, held by main: ends the stream once the sink is finished.
@@ -96,14 +118,23 @@ impl Live {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        format!(
+        let mut line = format!(
             "live stream {}: {} client(s), {} packets sent, {} dropped for clients that read \
              too slowly",
             self.addr,
             self.totals.clients.load(Ordering::Relaxed),
             self.totals.sent.load(Ordering::Relaxed),
             self.totals.dropped.load(Ordering::Relaxed)
-        )
+        );
+        line += &format!(
+            ", {} not sent with no client connected",
+            self.totals.no_client.load(Ordering::Relaxed)
+        );
+        let other = self.totals.other_link_type.load(Ordering::Relaxed);
+        if other > 0 {
+            line += &format!(", {other} not sent being of another link type (in the file only)");
+        }
+        line
     }
 }
 
@@ -175,6 +206,7 @@ async fn accept(
     totals: Arc<Totals>,
     cut: watch::Receiver<bool>,
 ) {
+    let mut refusals = Throttle::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -186,10 +218,20 @@ async fn accept(
             }
         };
         if totals.connected.load(Ordering::Relaxed) >= MAX_CLIENTS {
-            tracing::warn!("live stream: refused {peer}: {MAX_CLIENTS} clients already connected");
+            refusals.refused(
+                peer,
+                format_args!("{MAX_CLIENTS} clients already connected"),
+            );
             continue;
         }
         let _ = stream.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES);
+        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+            tracing::debug!("live stream: no keepalive for {peer}: {e}");
+        }
         let client = Arc::new(Client {
             peer,
             queue: Mutex::new(Queue::default()),
@@ -198,7 +240,7 @@ async fn accept(
             totals: Arc::clone(&totals),
         });
         if joining.try_send(Arc::clone(&client)).is_err() {
-            tracing::warn!("live stream: refused {peer}: too many clients joining at once");
+            refusals.refused(peer, format_args!("too many clients joining at once"));
             continue;
         }
         totals.clients.fetch_add(1, Ordering::Relaxed);
@@ -226,13 +268,19 @@ async fn send_to(mut stream: TcpStream, client: Arc<Client>, mut cut: watch::Rec
         };
         match next {
             Some(chunk) => tokio::select! {
-                written = to.write_all(&chunk.data) => match written {
-                    Ok(()) => {
-                        sent += chunk.packets;
-                        client.totals.sent.fetch_add(chunk.packets, Ordering::Relaxed);
+                written = tokio::time::timeout(WRITE_TIMEOUT, to.write_all(&chunk.data)) => {
+                    match written {
+                        Ok(Ok(())) => {
+                            sent += chunk.packets;
+                            client.totals.sent.fetch_add(chunk.packets, Ordering::Relaxed);
+                        }
+                        Ok(Err(_)) => break "it went away",
+                        Err(_) => {
+                            client.queue().chunks.push_front(chunk);
+                            break "it took nothing for 30 s";
+                        }
                     }
-                    Err(_) => break "it went away",
-                },
+                }
                 _ = cut.changed() => {
                     client.queue().chunks.push_front(chunk);
                     break "cut off at exit";
@@ -277,10 +325,72 @@ async fn send_to(mut stream: TcpStream, client: Arc<Client>, mut cut: watch::Rec
     client.totals.connected.fetch_sub(1, Ordering::Relaxed);
 }
 
+/// Turned-away clients in the log: one line per window, the rest counted into the next.
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    left_out: u64,
+}
+
+impl Throttle {
+    fn refused(&mut self, peer: SocketAddr, why: std::fmt::Arguments<'_>) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < REFUSAL_LOG_WINDOW)
+        {
+            self.left_out += 1;
+            return;
+        }
+        self.last = Some(now);
+        let more = std::mem::take(&mut self.left_out);
+        if more > 0 {
+            tracing::warn!("live stream: refused {peer}: {why} (and {more} more not logged)");
+        } else {
+            tracing::warn!("live stream: refused {peer}: {why}");
+        }
+    }
+}
+
+/// `capstream_receiver_live_not_sent_total` by reason, registered once.
+struct NotSent {
+    no_client: metrics::Counter,
+    other_link_type: metrics::Counter,
+}
+
+impl NotSent {
+    fn register() -> Self {
+        const NAME: &str = "capstream_receiver_live_not_sent_total";
+        metrics::describe_counter!(
+            NAME,
+            "Packets the live stream did not send: no client connected, or of another link \
+             type than the stream's (beside a file that holds them)."
+        );
+        Self {
+            no_client: metrics::counter!(NAME, "reason" => "no_client"),
+            other_link_type: metrics::counter!(NAME, "reason" => "link_type"),
+        }
+    }
+}
+
+/// What the stream does with a sensor interface of another link type than its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OtherLinkTypes {
+    /// The stream is the only output: the sensor is refused (its packets would go nowhere).
+    Refuse,
+    /// Beside a file that holds them: the stream skips them, counted.
+    Skip,
+}
+
 /// Formats the merged packets once and hands them to every client.
 pub struct LiveSink {
-    /// Fixed by the first interface, as in a pcap file.
+    /// `--link-type`, else fixed by the first interface, as in a pcap file.
     link_type: Option<u16>,
+    other_link_types: OtherLinkTypes,
+    /// Whether each interface added (by its index) is of the stream's link type.
+    served: Vec<bool>,
+    totals: Arc<Totals>,
+    not_sent: NotSent,
     header: Option<Chunk>,
     /// Records since the last chunk.
     records: Vec<u8>,
@@ -290,6 +400,36 @@ pub struct LiveSink {
 }
 
 impl LiveSink {
+    /// Carries `link_type` (`--link-type`) rather than the first sensor's.
+    pub fn with_link_type(mut self, link_type: Option<u16>) -> Self {
+        if let Some(link_type) = link_type {
+            self.start(link_type);
+        }
+        self
+    }
+
+    /// Beside a file, which holds every interface: interfaces of another link type are
+    /// skipped (counted) rather than refused.
+    pub fn beside_a_file(mut self) -> Self {
+        self.other_link_types = OtherLinkTypes::Skip;
+        self
+    }
+
+    /// Fixes the link type and makes the header every client starts with.
+    fn start(&mut self, link_type: u16) {
+        let mut header = Vec::with_capacity(24);
+        write_header(&mut header, link_type).expect("writing to a Vec cannot fail");
+        let header = Chunk {
+            data: Bytes::from(header),
+            packets: 0,
+        };
+        for client in &self.clients {
+            client.offer(&header, true);
+        }
+        self.header = Some(header);
+        self.link_type = Some(link_type);
+    }
+
     /// Takes in the clients that connected since the last flush; they start with the
     /// header.
     fn admit(&mut self) {
@@ -322,33 +462,40 @@ impl LiveSink {
 
 impl Sink for LiveSink {
     fn check(&self, interfaces: &[SinkInterface]) -> Result<(), String> {
-        check_link_type(
-            self.link_type,
-            interfaces,
-            "the live stream (--serve-pcap) is classic pcap",
-            "a live stream holds one link type: serve this sensor from a receiver of its own",
-        )
+        match self.other_link_types {
+            OtherLinkTypes::Skip => Ok(()),
+            OtherLinkTypes::Refuse => check_link_type(
+                self.link_type,
+                interfaces,
+                "the live stream (--serve-pcap) is classic pcap",
+                "a live stream holds one link type: serve this sensor from a receiver of its own",
+            ),
+        }
     }
 
     fn add_interface(&mut self, interface: &SinkInterface) -> io::Result<u32> {
         if self.link_type.is_none() {
-            let mut header = Vec::with_capacity(24);
-            write_header(&mut header, interface.link_type)?;
-            let header = Chunk {
-                data: Bytes::from(header),
-                packets: 0,
-            };
-            for client in &self.clients {
-                client.offer(&header, true);
-            }
-            self.header = Some(header);
-            self.link_type = Some(interface.link_type);
+            self.start(interface.link_type);
         }
-        Ok(0)
+        self.served
+            .push(self.link_type == Some(interface.link_type));
+        Ok(self.served.len() as u32 - 1)
     }
 
     fn write_packet(&mut self, packet: &OutPacket) -> io::Result<()> {
+        if !self
+            .served
+            .get(packet.interface as usize)
+            .copied()
+            .unwrap_or(false)
+        {
+            self.totals.other_link_type.fetch_add(1, Ordering::Relaxed);
+            self.not_sent.other_link_type.increment(1);
+            return Ok(());
+        }
         if self.clients.is_empty() {
+            self.totals.no_client.fetch_add(1, Ordering::Relaxed);
+            self.not_sent.no_client.increment(1);
             return Ok(());
         }
         write_record(&mut self.records, packet)?;
@@ -438,5 +585,64 @@ mod tests {
             summary.contains("1 client(s), 3 packets sent, 0 dropped"),
             "{summary}"
         );
+    }
+
+    fn packet(interface: u32) -> OutPacket<'static> {
+        OutPacket {
+            interface,
+            timestamp_ns: 1,
+            original_len: 60,
+            direction: Direction::Unknown,
+            data: &[0; 60],
+        }
+    }
+
+    /// Beside a file, with --link-type: a first sensor of another link type does not decide
+    /// the stream's; its packets are skipped and counted, as are packets with no client.
+    #[tokio::test]
+    async fn beside_a_file_other_link_types_are_skipped_and_counted() {
+        let (sink, live) = serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let mut sink = sink.with_link_type(Some(1)).beside_a_file();
+        assert!(sink.check(&[iface(276)]).is_ok(), "not refused");
+        let cooked = sink.add_interface(&iface(276)).unwrap();
+        let ethernet = sink.add_interface(&iface(1)).unwrap();
+        // No client yet: counted as sent to no one.
+        sink.write_packet(&packet(ethernet)).unwrap();
+        let mut client = TcpStream::connect(live.addr).await.unwrap();
+        while sink.clients.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            sink.flush().unwrap();
+        }
+        for interface in [cooked, ethernet, cooked] {
+            sink.write_packet(&packet(interface)).unwrap();
+        }
+        Box::new(sink).finish().unwrap();
+        let mut bytes = Vec::new();
+        client.read_to_end(&mut bytes).await.unwrap();
+        let mut reader = PcapReader::new(&bytes[..]).unwrap();
+        assert_eq!(u32::from(reader.header().datalink), 1);
+        let mut n = 0;
+        while let Some(p) = reader.next_packet() {
+            p.unwrap();
+            n += 1;
+        }
+        assert_eq!(n, 1, "only the Ethernet packet");
+        let summary = live.close().await;
+        assert!(
+            summary.contains("1 packets sent")
+                && summary.contains("1 not sent with no client connected")
+                && summary.contains("2 not sent being of another link type"),
+            "{summary}"
+        );
+    }
+
+    /// Alone, the stream refuses a sensor of another link type than --link-type's, even
+    /// the first.
+    #[tokio::test]
+    async fn alone_a_given_link_type_refuses_the_first_other_sensor() {
+        let (sink, _live) = serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let sink = sink.with_link_type(Some(1));
+        assert!(sink.check(&[iface(276)]).is_err());
+        assert!(sink.check(&[iface(1)]).is_ok());
     }
 }

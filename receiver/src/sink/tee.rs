@@ -1,4 +1,5 @@
-//! Several outputs fed the same packets: a file (or stdout) and the live stream.
+//! Several outputs fed the same packets (a file or stdout, and the live stream), and what
+//! all of them require of a sensor's interfaces: `--link-type` for classic pcap.
 
 use std::io;
 
@@ -10,6 +11,8 @@ pub struct Tee {
     outputs: Vec<Box<dyn Sink>>,
     /// For each interface, its index in each output.
     interfaces: Vec<Vec<u32>>,
+    /// `--link-type` for a classic pcap output: interfaces of another are refused.
+    link_type: Option<u16>,
 }
 
 impl Tee {
@@ -19,12 +22,30 @@ impl Tee {
         Self {
             outputs,
             interfaces: Vec::new(),
+            link_type: None,
         }
+    }
+
+    /// Refuses interfaces of another link type than `link_type` (`--link-type`, for a
+    /// classic pcap file or stdout), whoever comes first.
+    pub fn requiring_link_type(mut self, link_type: u16) -> Self {
+        self.link_type = Some(link_type);
+        self
     }
 }
 
 impl Sink for Tee {
     fn check(&self, interfaces: &[SinkInterface]) -> Result<(), String> {
+        if let Some(required) = self.link_type {
+            if let Some(other) = interfaces.iter().find(|i| i.link_type != required) {
+                return Err(format!(
+                    "interface {} has link type {}, and this receiver writes classic pcap of \
+                     link type {required} (--link-type): restart it with --format pcapng to \
+                     merge different link types",
+                    other.name, other.link_type
+                ));
+            }
+        }
         self.outputs.iter().try_for_each(|o| o.check(interfaces))
     }
 
@@ -87,4 +108,35 @@ impl Sink for Tee {
 
 fn unknown_interface() -> io::Error {
     io::Error::other("packet of an unknown interface")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::testing::Shared;
+    use crate::sink::PcapSink;
+
+    fn iface(link_type: u16) -> SinkInterface {
+        SinkInterface {
+            name: format!("h/if{link_type}"),
+            link_type,
+            snaplen: 262_144,
+            filter: String::new(),
+            description: String::new(),
+            sensor: "s".into(),
+        }
+    }
+
+    /// With --link-type, the first sensor does not decide: one of another link type is
+    /// refused even when it comes first, and one of the given type is taken.
+    #[test]
+    fn a_required_link_type_is_not_decided_by_the_first_sensor() {
+        let pcap: Box<dyn Sink> = Box::new(PcapSink::new(Shared::default()));
+        let mut tee = Tee::new(vec![pcap]).requiring_link_type(1);
+        let refused = tee.check(&[iface(147)]).unwrap_err();
+        assert!(refused.contains("--link-type"), "{refused}");
+        assert!(tee.check(&[iface(1)]).is_ok());
+        tee.add_interface(&iface(1)).unwrap();
+        assert!(tee.check(&[iface(276)]).is_err());
+    }
 }

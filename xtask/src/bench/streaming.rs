@@ -135,6 +135,7 @@ pub(super) fn sensor_reading(
         "--ca",
         cert.as_str(),
     ])
+    .args(receiver.credentials(extra, None)?)
     .args(extra)
     .stdin(Stdio::null())
     .stdout(Stdio::null())
