@@ -559,33 +559,34 @@ fn table(results: &[(usize, Contestant, Vec<Run>)], rounds: usize) -> String {
 fn to_json(results: &[(usize, Contestant, Vec<Run>)]) -> String {
     json_array(results.iter().flat_map(|(size, contestant, runs)| {
         runs.iter().map(move |run| {
-            format!(
-                "{{\"frame_bytes\": {size}, \"who\": \"{}\", \"generator_pps\": {:.0}, \
-                 \"refused_and_resent\": {}, \"offered\": {}, \"written\": {}, \
-                 \"dropped\": {}, \"dropped_kernel\": {}, \"dropped_sensor_buffer\": {}, \
-                 \"capture_cpu_s\": {:.3}, \"receiver_cpu_s\": {:.3}, \
-                 \"capture_peak_rss_kib\": {}, \"receiver_peak_rss_kib\": {}}}",
-                contestant.name(),
-                run.generator_pps,
-                run.refused,
-                run.offered,
-                run.written,
-                run.dropped,
-                run.dropped_kernel,
-                run.dropped_sensor_buffer,
-                run.capture_cpu,
-                run.receiver_cpu,
-                run.capture_rss_kib,
-                run.receiver_rss_kib
-            )
+            serde_json::json!({
+                "frame_bytes": size,
+                "who": contestant.name(),
+                "generator_pps": run.generator_pps.round(),
+                "refused_and_resent": run.refused,
+                "offered": run.offered,
+                "written": run.written,
+                "dropped": run.dropped,
+                "dropped_kernel": run.dropped_kernel,
+                "dropped_sensor_buffer": run.dropped_sensor_buffer,
+                "capture_cpu_s": milli(run.capture_cpu),
+                "receiver_cpu_s": milli(run.receiver_cpu),
+                "capture_peak_rss_kib": run.capture_rss_kib,
+                "receiver_peak_rss_kib": run.receiver_rss_kib,
+            })
         })
     }))
 }
 
 /// A JSON array of `objects`, one a line.
-fn json_array(objects: impl Iterator<Item = String>) -> String {
+fn json_array(objects: impl Iterator<Item = serde_json::Value>) -> String {
     let rows: Vec<String> = objects.map(|o| format!("  {o}")).collect();
     format!("[\n{}\n]\n", rows.join(",\n"))
+}
+
+/// `x` to three decimals, as the JSON files give seconds.
+fn milli(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }
 
 /// `text` for a Markdown table cell: its pipes escaped.

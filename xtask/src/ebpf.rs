@@ -1,6 +1,10 @@
 //! `cargo xtask build-ebpf`: builds `sensor-ebpf` for `bpfel-unknown-none`, first
-//! installing what a fresh machine lacks (nightly's rust-src, and bpf-linker built against
-//! the nightly toolchain's own libLLVM). Nothing prebuilt is downloaded.
+//! installing what a fresh machine lacks (the pinned nightly's rust-src, and bpf-linker
+//! built against that toolchain's own libLLVM). Nothing prebuilt is downloaded.
+//!
+//! The toolchain is pinned in `sensor-ebpf/rust-toolchain.toml` and bpf-linker to
+//! [`BPF_LINKER_VERSION`], so that a fresh machine next year builds with the same compiler
+//! and LLVM as today rather than whatever "nightly" then is.
 
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -10,8 +14,9 @@ use anyhow::{bail, Context, Result};
 
 use crate::system::cmd;
 
-const TOOLCHAIN: &str = "nightly";
 const TARGET: &str = "bpfel-unknown-none";
+/// The bpf-linker release built (with its own Cargo.lock) when none of it is installed.
+const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Where the object lands; sensor/build.rs embeds it from here.
 pub fn object_path(root: &Path) -> PathBuf {
@@ -21,12 +26,15 @@ pub fn object_path(root: &Path) -> PathBuf {
 }
 
 pub fn build(root: &Path) -> Result<()> {
-    let sysroot = nightly_sysroot()?;
-    ensure_rust_src()?;
-    ensure_bpf_linker(root, &sysroot)?;
-    eprintln!("xtask: building the eBPF programs (sensor-ebpf, {TARGET})");
+    let toolchain = nightly(root)?;
+    ensure_rust_src(&toolchain)?;
+    ensure_bpf_linker(root, &toolchain.sysroot)?;
+    eprintln!(
+        "xtask: building the eBPF programs (sensor-ebpf, {TARGET}, {})",
+        toolchain.name
+    );
     let status = Command::new("cargo")
-        .arg(format!("+{TOOLCHAIN}"))
+        .arg(format!("+{}", toolchain.name))
         .args([
             "build",
             "--release",
@@ -44,14 +52,14 @@ pub fn build(root: &Path) -> Result<()> {
             "-Cdebuginfo=2\x1f-Clink-arg=--btf",
         )
         // bpf-linker loads the toolchain's libLLVM at run time.
-        .env("LD_LIBRARY_PATH", sysroot.join("lib"))
+        .env("LD_LIBRARY_PATH", toolchain.sysroot.join("lib"))
         .env_remove("RUSTFLAGS")
         .env_remove("RUSTC")
         .env_remove("RUSTC_WRAPPER")
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO_TARGET_DIR")
         .status()
-        .context("cannot run cargo +nightly")?;
+        .with_context(|| format!("cannot run cargo +{}", toolchain.name))?;
     if !status.success() {
         bail!("building sensor-ebpf failed ({status})");
     }
@@ -59,45 +67,104 @@ pub fn build(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Installs the nightly toolchain when missing (the fuzz targets need it too) and returns
-/// its sysroot.
-pub(crate) fn nightly_sysroot() -> Result<PathBuf> {
-    let probe = |args: &[&str]| {
-        Command::new("rustc")
-            .arg(format!("+{TOOLCHAIN}"))
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    if probe(&["--version"]).is_none() {
-        eprintln!("xtask: installing the nightly toolchain (the eBPF programs need it)");
-        cmd(
-            "rustup",
-            &["toolchain", "install", TOOLCHAIN, "--profile", "minimal"],
-        )?;
-    }
-    probe(&["--print", "sysroot"])
-        .map(PathBuf::from)
-        .context("cannot find the nightly toolchain's sysroot")
+/// The pinned nightly, as rustup knows it on this machine.
+pub(crate) struct Nightly {
+    /// What `cargo +NAME` takes.
+    pub name: String,
+    pub sysroot: PathBuf,
 }
 
-fn ensure_rust_src() -> Result<()> {
-    let installed = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", TOOLCHAIN])
+/// The channel `sensor-ebpf/rust-toolchain.toml` pins, e.g. `nightly-2026-05-20`.
+fn pinned_channel(root: &Path) -> Result<String> {
+    let path = root.join("sensor-ebpf/rust-toolchain.toml");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{} is not TOML", path.display()))?;
+    table
+        .get("toolchain")
+        .and_then(|t| t.get("channel"))
+        .and_then(toml::Value::as_str)
+        .map(str::to_string)
+        .with_context(|| format!("{} has no [toolchain] channel", path.display()))
+}
+
+/// The sysroot of toolchain `name`, if rustup has it.
+fn sysroot_of(name: &str) -> Option<PathBuf> {
+    Command::new("rustc")
+        .arg(format!("+{name}"))
+        .args(["--print", "sysroot"])
         .output()
-        .context("cannot run rustup")?;
-    if String::from_utf8_lossy(&installed.stdout)
-        .lines()
-        .any(|l| l.starts_with("rust-src"))
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+}
+
+/// The date of the channel a toolchain was installed from (`date = "2026-05-20"` in its
+/// channel manifest): a toolchain installed as plain `nightly` that day is the pinned one.
+fn channel_date(sysroot: &Path) -> Option<String> {
+    let manifest = sysroot.join("lib/rustlib/multirust-channel-manifest.toml");
+    let table: toml::Table = toml::from_str(&std::fs::read_to_string(manifest).ok()?).ok()?;
+    table.get("date")?.as_str().map(str::to_string)
+}
+
+/// The pinned nightly (the eBPF programs and the fuzz targets need it): under its own name
+/// when rustup has it, else the machine's `nightly` when that is the same build, else
+/// installed by rustup.
+pub(crate) fn nightly(root: &Path) -> Result<Nightly> {
+    let channel = pinned_channel(root)?;
+    if let Some(sysroot) = sysroot_of(&channel) {
+        return Ok(Nightly {
+            name: channel,
+            sysroot,
+        });
+    }
+    let date = channel.strip_prefix("nightly-").unwrap_or_default();
+    if let Some(sysroot) = sysroot_of("nightly") {
+        if channel_date(&sysroot).as_deref() == Some(date) {
+            return Ok(Nightly {
+                name: "nightly".into(),
+                sysroot,
+            });
+        }
+    }
+    eprintln!(
+        "xtask: installing {channel} (pinned in sensor-ebpf/rust-toolchain.toml; the eBPF \
+         programs and the fuzz targets need it)"
+    );
+    cmd(
+        "rustup",
+        &[
+            "toolchain",
+            "install",
+            &channel,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ],
+    )?;
+    let sysroot =
+        sysroot_of(&channel).with_context(|| format!("cannot find {channel}'s sysroot"))?;
+    Ok(Nightly {
+        name: channel,
+        sysroot,
+    })
+}
+
+fn ensure_rust_src(toolchain: &Nightly) -> Result<()> {
+    if toolchain
+        .sysroot
+        .join("lib/rustlib/src/rust/library")
+        .is_dir()
     {
         return Ok(());
     }
-    eprintln!("xtask: adding rust-src to nightly (to build core for {TARGET})");
+    let name = &toolchain.name;
+    eprintln!("xtask: adding rust-src to {name} (to build core for {TARGET})");
     cmd(
         "rustup",
-        &["component", "add", "rust-src", "--toolchain", TOOLCHAIN],
+        &["component", "add", "rust-src", "--toolchain", name],
     )
 }
 
@@ -124,11 +191,16 @@ fn toolchain_llvm(sysroot: &Path) -> Result<(String, u32)> {
     )
 }
 
+/// Whether the pinned bpf-linker is installed and runs.
 fn bpf_linker_works() -> bool {
     Command::new("bpf-linker")
         .arg("--version")
         .output()
-        .is_ok_and(|o| o.status.success())
+        .is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).trim()
+                    == format!("bpf-linker {BPF_LINKER_VERSION}")
+        })
 }
 
 /// Builds bpf-linker from source against the toolchain's libLLVM: a directory whose
@@ -148,14 +220,18 @@ fn ensure_bpf_linker(root: &Path, sysroot: &Path) -> Result<()> {
         symlink(&llvm, &link).with_context(|| format!("cannot create {}", link.display()))?;
     }
     eprintln!(
-        "xtask: building bpf-linker from crates.io against nightly's LLVM {major} \
-         (about a minute; links the eBPF programs)"
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} from crates.io against the pinned \
+         nightly's LLVM {major} (about a minute; links the eBPF programs)"
     );
     let features = format!("llvm-{major}");
     let status = Command::new("cargo")
         .args([
             "install",
             "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
             "--no-default-features",
             "--features",
             &features,

@@ -1,5 +1,5 @@
 //! `cargo xtask fuzz [--seconds N] [TARGET...]`: runs the cargo-fuzz targets in `fuzz/`,
-//! first installing what a fresh machine lacks (the nightly toolchain, cargo-fuzz) and
+//! first installing what a fresh machine lacks (the pinned nightly, cargo-fuzz) and
 //! writing the seed corpora. Fails if any target finds a crash, and says where its input is.
 //! See fuzz/README.md.
 
@@ -19,6 +19,9 @@ use common::{
 use crate::system::cmd;
 
 pub const TARGETS: &[&str] = &["decode_frame", "batch_body", "pcap_read"];
+
+/// The cargo-fuzz release installed (with its own Cargo.lock) when it is missing.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Seconds per target of `cargo xtask fuzz` without `--seconds`.
 pub const DEFAULT_SECONDS: u64 = 60;
@@ -59,22 +62,22 @@ pub fn run(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
         targets.iter().map(String::as_str).collect()
     };
     let fuzz_dir = root.join("fuzz");
-    crate::ebpf::nightly_sysroot()?;
+    let toolchain = crate::ebpf::nightly(root)?.name;
     ensure_cargo_fuzz()?;
     write_seeds(&fuzz_dir.join("corpus"))?;
 
-    eprintln!("xtask: building the fuzz targets (nightly, AddressSanitizer)");
-    let build = fuzz_command(root)
+    eprintln!("xtask: building the fuzz targets ({toolchain}, AddressSanitizer)");
+    let build = fuzz_command(root, &toolchain)
         .arg("build")
         .status()
-        .context("cannot run cargo +nightly fuzz")?;
+        .with_context(|| format!("cannot run cargo +{toolchain} fuzz"))?;
     if !build.success() {
         bail!("building the fuzz targets failed ({build})");
     }
 
     let reports = targets
         .iter()
-        .map(|t| run_target(root, &fuzz_dir, t, seconds))
+        .map(|t| run_target(root, &toolchain, &fuzz_dir, t, seconds))
         .collect::<Result<Vec<_>>>()?;
 
     eprintln!("\nxtask: fuzzing summary ({seconds} s per target)");
@@ -97,7 +100,7 @@ pub fn run(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
         for crash in &r.crashes {
             failed = true;
             eprintln!(
-                "xtask: {} crashed on {}\n       reproduce: cargo +nightly fuzz run {} {}\n       \
+                "xtask: {} crashed on {}\n       reproduce: cargo +{toolchain} fuzz run {} {}\n       \
                  once fixed, keep the input in {keep} (see fuzz/README.md)",
                 r.target,
                 crash.display(),
@@ -116,11 +119,12 @@ pub fn run(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `cargo +nightly fuzz` in the workspace root, with the caller's toolchain overrides
+/// `cargo +TOOLCHAIN fuzz` in the workspace root, with the caller's toolchain overrides
 /// removed (as for the eBPF build).
-fn fuzz_command(root: &Path) -> Command {
+fn fuzz_command(root: &Path, toolchain: &str) -> Command {
     let mut c = Command::new("cargo");
-    c.args(["+nightly", "fuzz"])
+    c.arg(format!("+{toolchain}"))
+        .arg("fuzz")
         .current_dir(root)
         .env_remove("RUSTFLAGS")
         .env_remove("RUSTC")
@@ -134,10 +138,27 @@ fn ensure_cargo_fuzz() -> Result<()> {
     let works = Command::new("cargo")
         .args(["fuzz", "--version"])
         .output()
-        .is_ok_and(|o| o.status.success());
+        .is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).trim()
+                    == format!("cargo-fuzz {CARGO_FUZZ_VERSION}")
+        });
     if !works {
-        eprintln!("xtask: installing cargo-fuzz (runs the fuzz targets), from crates.io");
-        cmd("cargo", &["install", "cargo-fuzz", "--locked"])?;
+        eprintln!(
+            "xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (runs the fuzz targets), from \
+             crates.io"
+        );
+        cmd(
+            "cargo",
+            &[
+                "install",
+                "cargo-fuzz",
+                "--version",
+                CARGO_FUZZ_VERSION,
+                "--locked",
+                "--force",
+            ],
+        )?;
     }
     Ok(())
 }
@@ -150,19 +171,25 @@ fn artifacts(dir: &Path) -> BTreeSet<PathBuf> {
 
 /// Runs one target for `seconds`. libFuzzer's progress goes to stderr; the lines for each
 /// new corpus entry are left out, the rest passes through.
-fn run_target(root: &Path, fuzz_dir: &Path, target: &str, seconds: u64) -> Result<Report> {
+fn run_target(
+    root: &Path,
+    toolchain: &str,
+    fuzz_dir: &Path,
+    target: &str,
+    seconds: u64,
+) -> Result<Report> {
     let artifact_dir = fuzz_dir.join("artifacts").join(target);
     let before = artifacts(&artifact_dir);
     eprintln!("xtask: fuzzing {target} for {seconds} s");
     let start = Instant::now();
-    let mut child = fuzz_command(root)
+    let mut child = fuzz_command(root, toolchain)
         .args(["run", target, "--"])
         .arg(format!("-max_total_time={seconds}"))
         .arg(format!("-timeout={INPUT_TIMEOUT_SECS}"))
         .arg("-print_final_stats=1")
         .stderr(Stdio::piped())
         .spawn()
-        .context("cannot run cargo +nightly fuzz")?;
+        .with_context(|| format!("cannot run cargo +{toolchain} fuzz"))?;
     let mut report = Report {
         target: target.to_string(),
         ..Report::default()

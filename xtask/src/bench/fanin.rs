@@ -390,25 +390,22 @@ fn table(runs: &[Vec<Run>], packets: &Packets, rounds: usize) -> String {
 fn to_json(runs: &[Vec<Run>], packets: &Packets) -> String {
     super::json_array(SENSOR_COUNTS.iter().zip(runs).flat_map(|(n, runs)| {
         runs.iter().map(move |r| {
-            format!(
-                "{{\"sensors\": {n}, \"packets\": {}, \"packet_bytes\": {}, \"seconds\": {:.3}, \
-                 \"mb_per_s\": {:.1}, \"receiver_cpu_s\": {:.3}, \"sensors_cpu_s\": {:.3}, \
-                 \"receiver_peak_rss_kib\": {}, \"written\": {}, \"steps_back\": {}, \
-                 \"wrong\": {}, \"missing\": {}, \"late\": {}, \"forced\": {}}}",
-                packets.count,
-                packets.bytes,
-                r.seconds,
-                packets.bytes as f64 / 1e6 / r.seconds,
-                r.receiver_cpu,
-                r.sensors_cpu,
-                r.receiver_rss_kib,
-                r.check.written,
-                r.check.backwards,
-                r.check.wrong,
-                r.check.missing,
-                r.late,
-                r.forced
-            )
+            serde_json::json!({
+                "sensors": n,
+                "packets": packets.count,
+                "packet_bytes": packets.bytes,
+                "seconds": super::milli(r.seconds),
+                "mb_per_s": (packets.bytes as f64 / 1e5 / r.seconds).round() / 10.0,
+                "receiver_cpu_s": super::milli(r.receiver_cpu),
+                "sensors_cpu_s": super::milli(r.sensors_cpu),
+                "receiver_peak_rss_kib": r.receiver_rss_kib,
+                "written": r.check.written,
+                "steps_back": r.check.backwards,
+                "wrong": r.check.wrong,
+                "missing": r.check.missing,
+                "late": r.late,
+                "forced": r.forced,
+            })
         })
     }))
 }

@@ -390,23 +390,19 @@ fn table(results: &[(&Traffic, Who, Vec<Run>)], rounds: usize) -> String {
 fn to_json(results: &[(&Traffic, Who, Vec<Run>)]) -> String {
     super::json_array(results.iter().flat_map(|(t, who, runs)| {
         runs.iter().map(move |run| {
-            format!(
-                "{{\"traffic\": \"{}\", \"who\": \"{}\", \"packets\": {}, \"packet_bytes\": {}, \
-                 \"written\": {}, \"seconds\": {:.3}, \"mb_per_s\": {:.1}, \
-                 \"compression_ratio\": {:.3}, \"sender_cpu_s\": {:.3}, \"writer_cpu_s\": {:.3}, \
-                 \"writer_peak_rss_kib\": {}}}",
-                t.label,
-                who.name(),
-                t.packets,
-                t.bytes,
-                run.written,
-                run.seconds,
-                t.bytes as f64 / 1e6 / run.seconds,
-                run.ratio,
-                run.sender_cpu,
-                run.writer_cpu,
-                run.writer_rss_kib
-            )
+            serde_json::json!({
+                "traffic": t.label,
+                "who": who.name(),
+                "packets": t.packets,
+                "packet_bytes": t.bytes,
+                "written": run.written,
+                "seconds": super::milli(run.seconds),
+                "mb_per_s": (t.bytes as f64 / 1e5 / run.seconds).round() / 10.0,
+                "compression_ratio": super::milli(run.ratio),
+                "sender_cpu_s": super::milli(run.sender_cpu),
+                "writer_cpu_s": super::milli(run.writer_cpu),
+                "writer_peak_rss_kib": run.writer_rss_kib,
+            })
         })
     }))
 }
