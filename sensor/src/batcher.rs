@@ -28,7 +28,9 @@ pub struct Outgoing {
 /// What every batcher of a session shares.
 #[derive(Clone)]
 pub struct Session {
-    pub session_id: u64,
+    /// The session's id, which the delivery loop changes when the receiver cannot resume
+    /// the session.
+    pub session_id: Arc<AtomicU64>,
     /// The next batch sequence number; starts at 1 and is shared by all interfaces.
     pub next_sequence: Arc<AtomicU64>,
     pub tx: mpsc::Sender<Outgoing>,
@@ -38,7 +40,7 @@ pub struct Session {
 
 impl Session {
     pub fn new(
-        session_id: u64,
+        session_id: Arc<AtomicU64>,
         tx: mpsc::Sender<Outgoing>,
         batch_size: usize,
         flush_interval: Duration,
@@ -171,7 +173,7 @@ impl Batcher {
 
 fn encode(builder: &mut BatchBuilder, session: &Session, interface_id: u16) -> Outgoing {
     let sequence = session.next_sequence.fetch_add(1, Relaxed);
-    let batch = builder.finish(session.session_id, sequence, interface_id);
+    let batch = builder.finish(session.session_id.load(Relaxed), sequence, interface_id);
     Outgoing {
         sequence,
         interface_id,
@@ -186,7 +188,12 @@ mod tests {
     fn session(cap: usize, batch_size: usize) -> (Session, mpsc::Receiver<Outgoing>) {
         let (tx, rx) = mpsc::channel(cap);
         (
-            Session::new(7, tx, batch_size, Duration::from_secs(3600)),
+            Session::new(
+                Arc::new(AtomicU64::new(7)),
+                tx,
+                batch_size,
+                Duration::from_secs(3600),
+            ),
             rx,
         )
     }
@@ -224,7 +231,12 @@ mod tests {
     #[test]
     fn tick_flushes_old_partial_batches() {
         let (tx, mut rx) = mpsc::channel(4);
-        let s = Session::new(7, tx, 1 << 20, Duration::from_millis(1));
+        let s = Session::new(
+            Arc::new(AtomicU64::new(7)),
+            tx,
+            1 << 20,
+            Duration::from_millis(1),
+        );
         let mut b = Batcher::new(s, 0, Arc::default(), Backpressure::Drop);
         b.tick().unwrap();
         assert!(rx.try_recv().is_err());

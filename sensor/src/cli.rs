@@ -53,7 +53,7 @@ and its SHA-256 fingerprint when it starts.";
 #[derive(Debug, Parser)]
 #[command(name = "sensor", version, after_help = AFTER_HELP)]
 #[command(group(ArgGroup::new("source").required(true).args(["iface", "read"])))]
-#[command(group(ArgGroup::new("trust").required(true).args(["ca", "fingerprint"])))]
+#[command(group(ArgGroup::new("trust").args(["ca", "fingerprint"])))]
 pub struct Cli {
     /// The filter as tcpdump takes it, after the options: `sensor -i eth0 ... port 53` is
     /// `sensor -i eth0 ... --bpf 'port 53'` (one or the other; put `--` before an
@@ -86,12 +86,15 @@ pub struct Cli {
     pub bpf: String,
 
     /// Receiver address as HOST:PORT; HOST may be a name, an IPv4 address or a bracketed
-    /// IPv6 address (e.g. `--receiver collector.example:4433`, `--receiver [::1]:4433`).
+    /// IPv6 address (e.g. `--receiver collector.example:4433`, `--receiver [::1]:4433`);
+    /// default: the receiver on this host, localhost:4433, trusted and authenticated with
+    /// the certificate and token in its state directory (see --state-dir).
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_receiver)]
-    pub receiver: ReceiverAddr,
+    pub receiver: Option<ReceiverAddr>,
 
     /// Trust the receiver certificate(s) or CA(s) in this PEM file; repeatable
-    /// (e.g. `--ca /var/lib/capstream/receiver.crt`).
+    /// (e.g. `--ca /var/lib/capstream/receiver.crt`). Default without --receiver (or with
+    /// --state-dir): the receiver.crt in the receiver's state directory.
     #[arg(long, value_name = "FILE")]
     pub ca: Vec<PathBuf>,
 
@@ -116,9 +119,17 @@ pub struct Cli {
     pub key: Option<PathBuf>,
 
     /// Send the shared token in this file to a receiver that requires one
-    /// (`receiver --token-file`; e.g. `--token-file /etc/capstream/token`).
+    /// (`receiver --token-file`; e.g. `--token-file /etc/capstream/token`). Default without
+    /// --receiver (or with --state-dir): the token in the receiver's state directory, if
+    /// there is one.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+
+    /// The state directory of a receiver on this host, where its receiver.crt and token
+    /// are found (e.g. `--state-dir /var/lib/capstream`); default: the per-user data
+    /// directory, e.g. ~/.local/share/capstream, as the receiver's.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 
     /// Capture backend (e.g. `--mode ebpf`). auto: tc on Linux when the kernel and
     /// privileges allow it (the log says which and why), else pcap.
@@ -413,11 +424,32 @@ impl Cli {
         parse_filter(&self.expression.join(" "))
     }
 
+    /// The receiver: --receiver, or the one on this host.
+    pub fn receiver(&self) -> ReceiverAddr {
+        self.receiver.clone().unwrap_or_else(|| ReceiverAddr {
+            host: DEFAULT_RECEIVER_HOST.into(),
+            port: DEFAULT_RECEIVER_PORT,
+        })
+    }
+
+    /// Whether the certificate and token of a receiver on this host apply when no --ca,
+    /// --fingerprint or --token-file says otherwise: for the default receiver, or when
+    /// --state-dir names one. A remote --receiver never gets this host's token.
+    pub fn uses_local_receiver(&self) -> bool {
+        self.receiver.is_none() || self.state_dir.is_some()
+    }
+
     /// The name the receiver's certificate must carry.
-    pub fn tls_name(&self) -> &str {
-        self.server_name.as_deref().unwrap_or(&self.receiver.host)
+    pub fn tls_name(&self) -> String {
+        self.server_name
+            .clone()
+            .unwrap_or_else(|| self.receiver().host)
     }
 }
+
+/// Where a sensor sends without --receiver: the receiver's default port on this host.
+pub const DEFAULT_RECEIVER_HOST: &str = "localhost";
+pub const DEFAULT_RECEIVER_PORT: u16 = 4433;
 
 #[cfg(test)]
 mod tests {
@@ -467,8 +499,8 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.iface, ["a", "b"]);
-        assert_eq!(cli.receiver.host, "::1");
-        assert_eq!(cli.receiver.to_string(), "[::1]:4433");
+        assert_eq!(cli.receiver().host, "::1");
+        assert_eq!(cli.receiver().to_string(), "[::1]:4433");
         assert_eq!(cli.snaplen, 128);
         assert_eq!(cli.flush_interval, Duration::from_millis(2500));
         assert_eq!(cli.batch_size, 1 << 20);
@@ -482,7 +514,8 @@ mod tests {
         // No source, both sources, no trust, both trusts.
         assert!(parse(&["--receiver", "h:1", "--ca", "c"]).is_err());
         assert!(parse(&["-i", "a", "-r", "f", "--receiver", "h:1", "--ca", "c"]).is_err());
-        assert!(parse(&["-i", "a", "--receiver", "h:1"]).is_err());
+        // No trust is not a usage error: the receiver's own certificate may be found.
+        assert!(parse(&["-i", "a"]).is_ok());
         assert!(parse(&[
             "-i",
             "a",

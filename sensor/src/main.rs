@@ -87,6 +87,7 @@ struct Prepared {
     tls: tls::ClientTls,
     token: Option<common::AuthToken>,
     remote: std::net::SocketAddr,
+    socket: std::net::UdpSocket,
     backends: Vec<Box<dyn capture::CaptureBackend>>,
     session_id: u64,
     spool: Option<spool::Spool>,
@@ -98,14 +99,15 @@ struct Prepared {
 /// sensor has one thread.
 fn prepare(cli: &Cli) -> Result<Prepared> {
     // Everything the user typed is checked before anything touches the network.
-    let trust = match cli.fingerprint {
-        Some(fp) => tls::Trust::Fingerprint(fp),
-        None => tls::Trust::CaFiles(cli.ca.clone()),
-    };
+    let (trust, token) = receiver_credentials(cli)?;
     let client_cert = cli.cert.as_deref().zip(cli.key.as_deref());
-    let token = cli.token_file.as_deref().map(tls::load_token).transpose()?;
     let tls = tls::client_config(&trust, client_cert)?;
-    let remote = transport::resolve(&cli.receiver)?;
+    let remote = transport::resolve(&cli.receiver())?;
+    let socket = transport::bind_socket(remote)?;
+    let local_port = socket
+        .local_addr()
+        .map_err(|e| Error::runtime(format!("cannot read the UDP socket's port: {e}")))?
+        .port();
     let source = match &cli.read {
         Some(path) => Source::File(path.clone()),
         None => Source::Interfaces(cli.iface.clone()),
@@ -113,7 +115,10 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
     let opts = capture::Options {
         snaplen: cli.snaplen,
         filter: cli.filter().map_err(Error::input)?,
-        exclude: matches!(source, Source::Interfaces(_)).then_some(remote),
+        exclude: matches!(source, Source::Interfaces(_)).then_some(capture::OwnFlow {
+            receiver: remote,
+            local_port,
+        }),
         ring_size: cli.ring_size,
         xdp_attach: cli.xdp_attach,
         afxdp: cli.afxdp(),
@@ -145,10 +150,56 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
         tls,
         token,
         remote,
+        socket,
         backends,
         session_id,
         spool,
     })
+}
+
+/// How the receiver is trusted and what token the Hello carries: as given, or else those of
+/// the receiver on this host, from its state directory, when they can be read.
+fn receiver_credentials(cli: &Cli) -> Result<(tls::Trust, Option<common::AuthToken>)> {
+    let local = cli
+        .uses_local_receiver()
+        .then(|| {
+            cli.state_dir
+                .clone()
+                .or_else(|| dirs::data_dir().map(|d| d.join("capstream")))
+        })
+        .flatten();
+    let readable = |name: &str| {
+        local
+            .as_ref()
+            .map(|dir| dir.join(name))
+            .filter(|path| std::fs::File::open(path).is_ok())
+    };
+    let trust = match cli.fingerprint {
+        Some(fp) => tls::Trust::Fingerprint(fp),
+        None if !cli.ca.is_empty() => tls::Trust::CaFiles(cli.ca.clone()),
+        None => match readable("receiver.crt") {
+            Some(cert) => tls::Trust::CaFiles(vec![cert]),
+            None => {
+                let looked = match &local {
+                    Some(dir) => format!("no readable receiver.crt in {}", dir.display()),
+                    None => "no state directory to look in".into(),
+                };
+                return Err(Error::input(format!(
+                    "which receiver? give --receiver HOST:PORT and --ca FILE or --fingerprint \
+                     SHA256 (the receiver prints both when it starts), plus --token-file FILE \
+                     when the receiver asks for one ({looked}; --state-dir DIR names a local \
+                     receiver's)"
+                )));
+            }
+        },
+    };
+    let token = match &cli.token_file {
+        Some(path) => Some(tls::load_token(path)?),
+        None => readable("token")
+            .map(|path| tls::load_token(&path))
+            .transpose()?,
+    };
+    Ok((trust, token))
 }
 
 async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
@@ -156,6 +207,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
         tls,
         token,
         remote,
+        socket,
         mut backends,
         session_id,
         spool,
@@ -176,6 +228,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
         .collect();
 
     let hostname = gethostname::gethostname().to_string_lossy().into_owned();
+    let session_ids = Arc::new(std::sync::atomic::AtomicU64::new(session_id));
     let hello = common::Hello {
         version: common::PROTOCOL_VERSION,
         session_id,
@@ -195,10 +248,9 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
 
     // The first attempt starts before capture, so that a wrong CA or fingerprint is
     // reported at once. An unreachable receiver is not fatal: batches wait for it.
-    let client = transport::Client::new(remote, cli.tls_name(), tls)?;
-    let hello = common::Message::Hello(hello).to_bytes();
+    let client = transport::Client::new(socket, cli.receiver(), remote, cli.tls_name(), tls)?;
     let started = tokio::select! {
-        started = delivery::start(client, hello.clone()) => started?,
+        started = delivery::start(client, &hello) => started?,
         _ = shutdown.notified() => {
             return Err(Error::runtime(format!(
                 "interrupted while connecting to receiver {remote}"
@@ -207,7 +259,12 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     };
 
     let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
-    let session = Session::new(session_id, tx, cli.batch_size, cli.flush_interval);
+    let session = Session::new(
+        Arc::clone(&session_ids),
+        tx,
+        cli.batch_size,
+        cli.flush_interval,
+    );
     let mut threads = Vec::with_capacity(backends.len());
     for (i, backend) in backends.into_iter().enumerate() {
         let id = u16::try_from(i).map_err(|_| Error::input("too many interfaces"))?;
@@ -246,7 +303,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     let (outcome, result) = delivery::run(
         started,
         delivery::Input {
-            session_id,
+            session_id: Arc::clone(&session_ids),
             hello,
             batches: rx,
             outbox,
@@ -274,6 +331,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
 
     telemetry.abort();
     common::status::clear();
+    let session_id = session_ids.load(std::sync::atomic::Ordering::Relaxed);
     print_summary(session_id, &names, &counters, &link, &outcome);
     result?;
     joined.into_iter().collect::<Result<Vec<()>>>()?;
