@@ -456,6 +456,10 @@ fn handshake_message(
              port {} open?)",
             remote.port()
         )),
+        ConnectionError::VersionMismatch => Error::runtime(format!(
+            "receiver at {remote} offers no QUIC version this sensor speaks (a Version \
+             Negotiation packet: another QUIC server there, or one forged on the path)"
+        )),
         ConnectionError::TransportError(t) => {
             // QUIC carries a TLS alert as error 0x100 + alert; 120: no_application_protocol.
             let hint = if u64::from(t.code) == 0x100 + 120 {

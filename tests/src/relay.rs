@@ -1,5 +1,7 @@
 //! A faulty UDP relay for QUIC: one client on one side, one server on the other, and a
-//! chosen share of datagrams lost or held back so that later ones overtake them.
+//! chosen share of datagrams lost or held back so that later ones overtake them. It can
+//! also play an attacker on the path ([`Relay::answer`]): answer every client packet with
+//! a forged QUIC Version Negotiation, or hand the client to another server (an impostor).
 //!
 //! The relay learns its client from the datagrams it receives (the latest source wins, so a
 //! client that reconnects from a new port is followed) and forwards the server's answers to
@@ -123,9 +125,22 @@ impl Counters {
     }
 }
 
+/// What the relay does with the client's datagrams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Relay them to the server given at start.
+    Forward,
+    /// Answer each long-header (handshake) packet with a Version Negotiation packet that
+    /// offers no version the client speaks, as anyone on the path can; drop the rest.
+    VersionNegotiation,
+    /// Relay them to this server instead (and its answers back).
+    ForwardTo(SocketAddr),
+}
+
 /// A running relay; stopped and joined on drop.
 pub struct Relay {
     addr: SocketAddr,
+    answer: Arc<Mutex<Answer>>,
     stop: Arc<AtomicBool>,
     counters: Arc<[Counters; 2]>,
     threads: Vec<JoinHandle<()>>,
@@ -168,6 +183,7 @@ impl Relay {
         let stop = Arc::new(AtomicBool::new(false));
         let counters: Arc<[Counters; 2]> = Arc::new(Default::default());
         let client = Arc::new(Mutex::new(None));
+        let answer = Arc::new(Mutex::new(Answer::Forward));
         let mut threads = Vec::new();
         for (direction, input, output) in [
             (Direction::ToServer, front.try_clone()?, back.try_clone()?),
@@ -178,6 +194,7 @@ impl Relay {
                 input,
                 output,
                 server,
+                answer: Arc::clone(&answer),
                 client: Arc::clone(&client),
                 faults,
                 counters: Arc::clone(&counters),
@@ -195,6 +212,7 @@ impl Relay {
         }
         Ok(Self {
             addr,
+            answer,
             stop,
             counters,
             threads,
@@ -204,6 +222,11 @@ impl Relay {
     /// The address clients send to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// From now on, answers the client's datagrams as `answer` says.
+    pub fn answer(&self, answer: Answer) {
+        *self.answer.lock().expect("answer lock") = answer;
     }
 
     pub fn stats(&self) -> RelayStats {
@@ -260,6 +283,7 @@ struct Pump {
     input: UdpSocket,
     output: UdpSocket,
     server: SocketAddr,
+    answer: Arc<Mutex<Answer>>,
     client: Arc<Mutex<Option<SocketAddr>>>,
     faults: Faults,
     counters: Arc<[Counters; 2]>,
@@ -281,12 +305,26 @@ impl Pump {
             let _ = self.input.set_read_timeout(Some(wait));
             match self.input.recv_from(&mut buf) {
                 Ok((n, from)) => {
+                    let server = match *self.answer.lock().expect("answer lock") {
+                        Answer::Forward => self.server,
+                        Answer::ForwardTo(other) => other,
+                        Answer::VersionNegotiation => {
+                            if self.direction == Direction::ToServer {
+                                counters.received.fetch_add(1, Relaxed);
+                                counters.dropped.fetch_add(1, Relaxed);
+                                if let Some(vn) = version_negotiation(&buf[..n]) {
+                                    let _ = self.input.send_to(&vn, from);
+                                }
+                            }
+                            continue;
+                        }
+                    };
                     let to = match self.direction {
                         Direction::ToServer => {
                             *self.client.lock().expect("client lock") = Some(from);
-                            Some(self.server)
+                            Some(server)
                         }
-                        Direction::ToClient if from != self.server => continue,
+                        Direction::ToClient if from != server => continue,
                         Direction::ToClient => *self.client.lock().expect("client lock"),
                     };
                     counters.received.fetch_add(1, Relaxed);
@@ -325,6 +363,29 @@ impl Pump {
             }
         }
     }
+}
+
+/// The Version Negotiation packet (RFC 9000, 17.2.1) a server would send in answer to the
+/// long-header packet `datagram`, offering only a reserved version no client speaks; `None`
+/// for a short-header or truncated packet.
+pub fn version_negotiation(datagram: &[u8]) -> Option<Vec<u8>> {
+    let first = *datagram.first()?;
+    if first & 0x80 == 0 {
+        return None;
+    }
+    let dcid_len = usize::from(*datagram.get(5)?);
+    let dcid = datagram.get(6..6 + dcid_len)?;
+    let scid_len = usize::from(*datagram.get(6 + dcid_len)?);
+    let scid = datagram.get(7 + dcid_len..7 + dcid_len + scid_len)?;
+    let mut vn = vec![0x80 | (first & 0x7f), 0, 0, 0, 0];
+    // The client's source connection id is the destination here, and the other way round.
+    vn.push(scid_len as u8);
+    vn.extend_from_slice(scid);
+    vn.push(dcid_len as u8);
+    vn.extend_from_slice(dcid);
+    // A reserved version (0x?a?a?a?a), to exercise negotiation.
+    vn.extend_from_slice(&0x1a2a_3a4a_u32.to_be_bytes());
+    Some(vn)
 }
 
 #[cfg(test)]
@@ -453,5 +514,25 @@ mod tests {
         stop.store(true, Relaxed);
         echo.join().unwrap();
         assert_eq!((first.len(), second.len()), (10, 10), "{}", relay.stats());
+    }
+
+    #[test]
+    fn version_negotiation_mirrors_the_connection_ids() {
+        // Long header, version 1, DCID 8 bytes, SCID 4 bytes, then the rest of an Initial.
+        let mut initial = vec![0xc3, 0, 0, 0, 1, 8];
+        initial.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        initial.push(4);
+        initial.extend_from_slice(&[9, 10, 11, 12]);
+        initial.extend_from_slice(&[0u8; 20]);
+        let vn = version_negotiation(&initial).unwrap();
+        assert_eq!(
+            vn,
+            [
+                0xc3, 0, 0, 0, 0, 4, 9, 10, 11, 12, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0x1a, 0x2a, 0x3a,
+                0x4a
+            ]
+        );
+        assert_eq!(version_negotiation(&[0x43, 1, 2, 3]), None, "short header");
+        assert_eq!(version_negotiation(&initial[..10]), None, "truncated");
     }
 }
