@@ -45,8 +45,13 @@ Examples:
 
 Live capture needs CAP_NET_RAW (--mode pcap) or CAP_NET_RAW, CAP_BPF and CAP_NET_ADMIN
 (the eBPF modes; afxdp also CAP_IPC_LOCK), or root. Once attached, the sensor drops them
-(and switches to --user if given). The receiver prints the path of its certificate
-and its SHA-256 fingerprint when it starts.";
+and switches to --user (started as root: nobody, unless --user root).
+
+On the receiver's host, no --receiver, --ca or --token-file is needed: the sensor sends
+to localhost:4433 and trusts the certificate (and sends the token) that the receiver
+keeps in its state directory (--state-dir, default ~/.local/share/capstream). For
+another host, the receiver prints its certificate's path and SHA-256 fingerprint when
+it starts.";
 
 /// Captures frames matching a tcpdump filter and streams them to a Capstream receiver
 /// over QUIC.
@@ -209,8 +214,9 @@ pub struct Cli {
     pub sensor_id: Option<String>,
 
     /// Linux: once the capture is attached, run as this user (name or uid) and its primary
-    /// group, with no supplementary groups (e.g. `--user nobody`). Capabilities are dropped
-    /// either way; a --spool-dir that exists must then be writable by that user.
+    /// group, with no supplementary groups (e.g. `--user capstream`). Default when started
+    /// as root: nobody; `--user root` stays root. Capabilities are dropped either way; a
+    /// --spool-dir that exists must then be writable by that user.
     #[arg(long, value_name = "NAME", value_parser = crate::privileges::parse_user)]
     pub user: Option<crate::privileges::User>,
 

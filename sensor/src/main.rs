@@ -134,6 +134,7 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
             })
             .transpose()
     };
+    let user = privileges::run_as(cli.user.as_ref())?;
     let new_spool_dir = cli.spool_dir.as_deref().filter(|dir| !dir.exists());
     let mut spool = open_spool()?;
     let backends = capture::open(cli.mode, &source, &opts)?;
@@ -141,8 +142,8 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
         .iter()
         .flat_map(|b| b.needs_after_attach())
         .collect();
-    privileges::give_up(cli.user.as_ref(), &needs, new_spool_dir)?;
-    if let Some(user) = &cli.user {
+    privileges::give_up(user.as_ref(), &needs, new_spool_dir)?;
+    if let Some(user) = &user {
         // The spool is written as --user: it must be able to.
         spool = open_spool().map_err(|e| Error::input(format!("{e}, as --user {}", user.name)))?;
     }

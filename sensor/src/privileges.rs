@@ -14,7 +14,7 @@
 use std::fmt;
 use std::path::Path;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A capability a capture may still need after it is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -122,6 +122,31 @@ pub fn parse_user(s: &str) -> Result<User, String> {
 pub fn parse_user(_: &str) -> Result<User, String> {
     Err("--user is supported on Linux only".into())
 }
+
+/// Whom the sensor runs as once attached: `--user`, or `nobody` when started as root
+/// without it, so that a compromised sensor does not own root's files. `--user root` keeps
+/// root, explicitly (capabilities are dropped either way).
+#[cfg(target_os = "linux")]
+pub fn run_as(user: Option<&User>) -> Result<Option<User>> {
+    if user.is_some() || linux::current_uid() != 0 {
+        return Ok(user.cloned());
+    }
+    parse_user(DEFAULT_USER).map(Some).map_err(|e| {
+        Error::input(format!(
+            "{e}: started as root, the sensor switches to user {DEFAULT_USER} once attached; \
+             give --user NAME, or --user root to stay root"
+        ))
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn run_as(user: Option<&User>) -> Result<Option<User>> {
+    Ok(user.cloned())
+}
+
+/// The user a sensor started as root runs as, without --user.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+const DEFAULT_USER: &str = "nobody";
 
 /// Gives up every privilege but the capabilities in `needs`, as `user` when given, and
 /// logs one line saying what is kept and why. `created`, a directory the sensor has just
@@ -391,7 +416,7 @@ mod linux {
         Ok(())
     }
 
-    fn current_uid() -> u32 {
+    pub(super) fn current_uid() -> u32 {
         // SAFETY: getuid cannot fail.
         unsafe { libc::getuid() }
     }
