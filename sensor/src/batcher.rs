@@ -39,15 +39,17 @@ pub struct Session {
 }
 
 impl Session {
+    /// `first_sequence`: 1, or after those of a session resumed from the spool.
     pub fn new(
         session_id: Arc<AtomicU64>,
+        first_sequence: u64,
         tx: mpsc::Sender<Outgoing>,
         batch_size: usize,
         flush_interval: Duration,
     ) -> Self {
         Self {
             session_id,
-            next_sequence: Arc::new(AtomicU64::new(1)),
+            next_sequence: Arc::new(AtomicU64::new(first_sequence)),
             tx,
             batch_size,
             flush_interval,
@@ -190,6 +192,7 @@ mod tests {
         (
             Session::new(
                 Arc::new(AtomicU64::new(7)),
+                1,
                 tx,
                 batch_size,
                 Duration::from_secs(3600),
@@ -233,6 +236,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         let s = Session::new(
             Arc::new(AtomicU64::new(7)),
+            1,
             tx,
             1 << 20,
             Duration::from_millis(1),

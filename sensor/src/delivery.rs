@@ -30,6 +30,7 @@ use crate::batcher::Outgoing;
 use crate::capture::Stopper;
 use crate::error::{Error, Result};
 use crate::outbox::Outbox;
+use crate::spool::SessionKeys;
 use crate::stats::{Counters, LinkStats};
 use crate::transport::{Client, ConnectError, Link, LinkEvent};
 
@@ -164,7 +165,11 @@ pub async fn run(started: Started, input: Input<'_>) -> (Outcome, Result<()>) {
         stopping: None,
         goodbye_sent: false,
     };
+    s.count_damaged();
     let result = s.run().await;
+    if result.is_ok() && s.input.outbox.is_empty() {
+        s.input.outbox.end_session();
+    }
     if result.is_err() {
         for stop in s.input.stoppers {
             stop();
@@ -295,7 +300,7 @@ impl Session<'_> {
     async fn on_event(&mut self, event: LinkEvent) -> Result<bool> {
         match event {
             LinkEvent::Ack(sequence) => {
-                self.acknowledge(sequence)?;
+                self.acknowledge(sequence);
                 if let Conn::Joining { .. } = self.conn {
                     let Conn::Joining { link, .. } = std::mem::replace(
                         &mut self.conn,
@@ -334,24 +339,26 @@ impl Session<'_> {
         }
     }
 
-    fn acknowledge(&mut self, sequence: u64) -> Result<()> {
+    fn acknowledge(&mut self, sequence: u64) {
         let counters = self.input.counters;
         let mut released = 0;
-        self.input
-            .outbox
-            .ack(sequence, |r| {
-                released += 1;
-                if let Some(c) = counters.get(usize::from(r.interface_id)) {
-                    c.acknowledged(r.batch.packets, r.batch.raw_len, r.batch.frame.len());
-                }
-            })
-            .map_err(|e| {
-                Error::runtime(format!(
-                    "the spool cannot be read back: {e}; its batches are lost"
-                ))
-            })?;
+        self.input.outbox.ack(sequence, |r| {
+            released += 1;
+            if let Some(c) = counters.get(usize::from(r.interface_id)) {
+                c.acknowledged(r.batch.packets, r.batch.raw_len, r.batch.frame.len());
+            }
+        });
         self.outcome.acked += released;
-        Ok(())
+        self.count_damaged();
+    }
+
+    /// Counts what damaged spool segments lost, as drops of their interfaces.
+    fn count_damaged(&mut self) {
+        for (i, lost) in self.input.outbox.take_damaged().into_iter().enumerate() {
+            if let Some(c) = self.input.counters.get(i) {
+                c.drop_spool.fetch_add(lost, Relaxed);
+            }
+        }
     }
 
     /// The receiver accepted the session and said where it resumes.
@@ -419,6 +426,10 @@ impl Session<'_> {
         self.input.hello.session_id = id;
         self.input.hello.session_secret = rand::random();
         self.input.session_id.store(id, Relaxed);
+        self.input.outbox.set_session(SessionKeys {
+            session_id: id,
+            secret: self.input.hello.session_secret,
+        });
         self.hello_frame = Message::Hello(self.input.hello.clone()).to_bytes();
     }
 

@@ -89,7 +89,9 @@ struct Prepared {
     remote: std::net::SocketAddr,
     socket: std::net::UdpSocket,
     backends: Vec<Box<dyn capture::CaptureBackend>>,
-    session_id: u64,
+    sensor_id: String,
+    /// New, or resumed from the spool.
+    session: spool::SessionKeys,
     spool: Option<spool::Spool>,
 }
 
@@ -123,37 +125,47 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
         xdp_attach: cli.xdp_attach,
         afxdp: cli.afxdp(),
     };
-    // Before any capture starts, so that a bad --spool-dir is the only thing said.
-    let session_id: u64 = rand::random();
-    let open_spool = || {
-        cli.spool_dir
-            .as_ref()
-            .map(|dir| {
-                spool::Spool::open(dir, session_id, cli.spool_size)
-                    .map_err(|e| Error::input(e.to_string()))
-            })
-            .transpose()
-    };
     let user = privileges::run_as(cli.user.as_ref())?;
-    let new_spool_dir = cli.spool_dir.as_deref().filter(|dir| !dir.exists());
-    let mut spool = open_spool()?;
+    // Before any capture starts, so that a bad --spool-dir is the only thing said.
+    let new_spool_dir = match &cli.spool_dir {
+        Some(dir) => spool::prepare_dir(dir)
+            .map_err(|e| Error::input(e.to_string()))?
+            .then_some(dir.as_path()),
+        None => None,
+    };
     let backends = capture::open(cli.mode, &source, &opts)?;
     let needs: Vec<privileges::Need> = backends
         .iter()
         .flat_map(|b| b.needs_after_attach())
         .collect();
     privileges::give_up(user.as_ref(), &needs, new_spool_dir)?;
-    if let Some(user) = &user {
-        // The spool is written as --user: it must be able to.
-        spool = open_spool().map_err(|e| Error::input(format!("{e}, as --user {}", user.name)))?;
-    }
+    // The spool is written as --user, and its files are that user's.
+    let sensor_id = cli
+        .sensor_id
+        .clone()
+        .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned());
+    let fresh = spool::SessionKeys {
+        session_id: rand::random(),
+        secret: rand::random(),
+    };
+    let spool = cli
+        .spool_dir
+        .as_ref()
+        .map(|dir| {
+            spool::Spool::open(dir, &sensor_id, fresh, cli.spool_size).map_err(|e| match &user {
+                Some(user) => Error::input(format!("{e}, as --user {}", user.name)),
+                None => Error::input(e.to_string()),
+            })
+        })
+        .transpose()?;
     Ok(Prepared {
         tls,
         token,
         remote,
         socket,
         backends,
-        session_id,
+        sensor_id,
+        session: spool.as_ref().map_or(fresh, spool::Spool::session),
         spool,
     })
 }
@@ -210,9 +222,11 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
         remote,
         socket,
         mut backends,
-        session_id,
+        sensor_id,
+        session,
         spool,
     } = prepared;
+    let session_id = session.session_id;
     let counters: Vec<Arc<Counters>> = backends.iter().map(|_| Arc::default()).collect();
     let stoppers: Vec<Stopper> = backends.iter_mut().map(|b| b.stopper()).collect();
     let names: Vec<String> = backends.iter().map(|b| b.info().name.clone()).collect();
@@ -233,14 +247,32 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     let hello = common::Hello {
         version: common::PROTOCOL_VERSION,
         session_id,
-        session_secret: rand::random(),
-        sensor_id: cli.sensor_id.clone().unwrap_or_else(|| hostname.clone()),
+        session_secret: session.secret,
+        sensor_id,
         hostname,
         os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
         interfaces: backends.iter().map(|b| b.info().clone()).collect(),
         token,
     };
 
+    let first_sequence = spool.as_ref().map_or(1, spool::Spool::next_sequence);
+    if let Some(adopted) = spool.as_ref().map(spool::Spool::adopted) {
+        if adopted.batches > 0 || !adopted.lost_before.is_empty() {
+            tracing::warn!(
+                "spool: resuming session {session_id:016x} of a sensor that did not end it: \
+                 {} batch(es) ({} packets) to send again; {} batch(es) it held in memory are \
+                 lost (sent empty)",
+                adopted.batches,
+                adopted.packets.iter().sum::<u64>(),
+                adopted.lost_before.len() + adopted.lost_after.len()
+            );
+        }
+        // Counted as matched here, so that what they deliver adds up.
+        for (c, n) in counters.iter().zip(&adopted.packets) {
+            c.matched
+                .fetch_add(*n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let outbox = Outbox::new(cli.buffer, spool);
 
     // Signals are caught from here on: a first one ends the session cleanly.
@@ -262,6 +294,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
     let session = Session::new(
         Arc::clone(&session_ids),
+        first_sequence,
         tx,
         cli.batch_size,
         cli.flush_interval,

@@ -338,7 +338,7 @@ mod linux {
         }
         if let Some(user) = user {
             if let Some(dir) = created {
-                std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid)).map_err(|e| {
+                hand_over(dir, user).map_err(|e| {
                     failed(&format!("hand {} over to user {user}", dir.display()), e)
                 })?;
             }
@@ -377,6 +377,17 @@ mod linux {
             describe(&kept)
         );
         Ok(())
+    }
+
+    /// Gives the directory the sensor just made to `user`, through a descriptor of the
+    /// directory itself: a symlink swapped in for it is not followed.
+    fn hand_over(dir: &Path, user: &User) -> io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let fd = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(dir)?;
+        std::os::unix::fs::fchown(&fd, Some(user.uid), Some(user.gid))
     }
 
     /// Switches to `user` and its primary group alone; with `keep_caps`, the permitted
