@@ -135,6 +135,8 @@ pub enum Answer {
     VersionNegotiation,
     /// Relay them to this server instead (and its answers back).
     ForwardTo(SocketAddr),
+    /// Drop everything, both ways: a network partition.
+    Drop,
 }
 
 /// A running relay; stopped and joined on drop.
@@ -308,6 +310,11 @@ impl Pump {
                     let server = match *self.answer.lock().expect("answer lock") {
                         Answer::Forward => self.server,
                         Answer::ForwardTo(other) => other,
+                        Answer::Drop => {
+                            counters.received.fetch_add(1, Relaxed);
+                            counters.dropped.fetch_add(1, Relaxed);
+                            continue;
+                        }
                         Answer::VersionNegotiation => {
                             if self.direction == Direction::ToServer {
                                 counters.received.fetch_add(1, Relaxed);

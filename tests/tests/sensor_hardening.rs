@@ -253,3 +253,145 @@ fn forged_version_negotiation_and_an_impostor_do_not_stop_a_sensor() {
     );
     eprintln!("relay: {}", relay.stats());
 }
+
+/// `count` UDP datagrams to 127.0.0.1:53 from inside `ns`, each 1400 random bytes (so that
+/// they neither compress nor repeat), a little apart.
+fn random_datagrams(ns: &Netns, count: u32) {
+    let script = format!(
+        "import os, socket, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         for i in range({count}):\n\
+         \x20   s.sendto(os.urandom(1400), ('127.0.0.1', 53))\n\
+         \x20   time.sleep(0.0003)\n"
+    );
+    ns.exec("python3", &["-c", &script]).unwrap();
+}
+
+/// Whether `got` is `expected` with some packets left out, in order.
+fn is_subsequence(
+    expected: &[testbed::capstream::Record],
+    got: &[testbed::capstream::Record],
+) -> bool {
+    let mut rest = expected.iter();
+    got.iter().all(|g| rest.any(|e| e == g))
+}
+
+/// A sensor with a spool, cut off from its receiver long enough to spool megabytes, is
+/// killed with SIGKILL and started again with the same command: it resumes its session
+/// and delivers every spooled packet, each once, then goes on. (What the killed sensor held
+/// in memory died with it; the restarted one says how many batches that was and sends
+/// them empty, so that the session has no gap.)
+#[test]
+fn a_spool_survives_a_killed_sensor() {
+    require_root();
+    let ns = Netns::new("spoolkill").unwrap();
+    let dir = Scratch::new("spoolkill").unwrap();
+    let (out, out_arg) = output_of(&dir);
+    let mut receiver =
+        Receiver::start(Some(&ns), &dir.join("state"), 4433, &["--out", &out_arg]).unwrap();
+    let relay = Relay::start(
+        Some(&ns),
+        "127.0.0.1:4434".parse().unwrap(),
+        receiver.addr.parse().unwrap(),
+        Faults::none(),
+    )
+    .unwrap();
+    let spool = dir.join("spool");
+    let spool_arg = spool.to_string_lossy().into_owned();
+    let reference_file = dir.join("tcpdump.pcap");
+    let tcpdump = start_tcpdump(&ns, "lo", "udp port 53", &[], &reference_file).unwrap();
+    let args = [
+        "--iface",
+        "lo",
+        "--mode",
+        "pcap",
+        "--bpf",
+        "udp port 53",
+        "--buffer",
+        "4MiB",
+        "--spool-dir",
+        &spool_arg,
+        "--sensor-id",
+        "spooled",
+    ];
+    let mut first = start_sensor_to(Some(&ns), "127.0.0.1:4434", &receiver, &args).unwrap();
+    first
+        .wait_for("connected to receiver", Duration::from_secs(20))
+        .unwrap();
+    dns_queries(&ns, 1, 40);
+    settle();
+
+    // Cut off: about 8 MiB, twice what memory holds.
+    relay.answer(Answer::Drop);
+    random_datagrams(&ns, 6000);
+    settle();
+    let spooled = || {
+        std::fs::read_dir(&spool)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".spool"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert!(spooled() > 0, "nothing spooled:\n{}", first.stderr());
+    first.signal("KILL").unwrap();
+    let _ = first.wait(Duration::from_secs(10));
+    let first_log = first.stderr();
+
+    relay.answer(Answer::Forward);
+    let mut second = start_sensor_to(Some(&ns), "127.0.0.1:4434", &receiver, &args).unwrap();
+    let second_log = second.stderr();
+    let resumed = second_log
+        .lines()
+        .find(|l| l.contains("spool: resuming session"))
+        .unwrap_or_else(|| panic!("no resumed spool:\n{second_log}"))
+        .to_string();
+    // "... resuming session X of a sensor that did not end it: N batch(es) (P packets) ..."
+    let adopted: u64 = resumed
+        .split(" (")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no packet count in: {resumed}"));
+    assert!(adopted > 0, "{resumed}");
+    second
+        .wait_for("connected to receiver", Duration::from_secs(20))
+        .unwrap();
+    dns_queries(&ns, 100, 40);
+    settle();
+    let reference = stop_reference(tcpdump, &reference_file);
+    second
+        .stop()
+        .unwrap_or_else(|e| panic!("{e:#}\nreceiver:\n{}", receiver.proc.stderr()));
+    receiver.stop().unwrap();
+    let second_log = second.stderr();
+    let got = tcpdump_records(&out, "").unwrap();
+    let what = format!(
+        "{resumed}\nfirst sensor:\n{first_log}\nsecond sensor:\n{second_log}\nreceiver:\n{}",
+        receiver.proc.stderr()
+    );
+
+    assert_eq!(reference.len(), 40 + 6000 + 40, "tcpdump saw everything");
+    let mut unique = got.clone();
+    unique.sort_by(|a, b| a.data.cmp(&b.data));
+    unique.dedup_by(|a, b| a.data == b.data);
+    assert_eq!(unique.len(), got.len(), "packets written twice\n{what}");
+    assert!(
+        is_subsequence(&reference, &got),
+        "output is not tcpdump's capture less some packets\n{what}"
+    );
+    // Before the cut, every spooled packet, and after the restart: nothing else lost.
+    assert_eq!(got[..40], reference[..40], "{what}");
+    assert_eq!(
+        got[got.len() - 40..],
+        reference[reference.len() - 40..],
+        "{what}"
+    );
+    assert_eq!(got.len() as u64, 40 + adopted + 40, "{what}");
+    let f = sensor_figures(&second_log, "lo").unwrap();
+    assert_eq!(f.matched, f.delivered + f.dropped, "{}", f.line);
+    assert_eq!(f.unacknowledged, Some(0), "{}", f.line);
+    assert_eq!(f.delivered, adopted + 40, "{}", f.line);
+    assert_eq!(spooled(), 0, "the spool is emptied");
+}
