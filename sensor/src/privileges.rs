@@ -14,7 +14,7 @@
 use std::fmt;
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// A capability a capture may still need after it is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -132,7 +132,7 @@ pub fn run_as(user: Option<&User>) -> Result<Option<User>> {
         return Ok(user.cloned());
     }
     parse_user(DEFAULT_USER).map(Some).map_err(|e| {
-        Error::input(format!(
+        crate::error::Error::input(format!(
             "{e}: started as root, the sensor switches to user {DEFAULT_USER} once attached; \
              give --user NAME, or --user root to stay root"
         ))

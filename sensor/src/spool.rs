@@ -183,6 +183,7 @@ pub fn prepare_dir(dir: &Path) -> io::Result<bool> {
             }
             fs::create_dir_all(parent).map_err(unusable)?;
         }
+        #[cfg_attr(not(unix), allow(unused_mut))]
         let mut builder = fs::DirBuilder::new();
         #[cfg(unix)]
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
