@@ -17,6 +17,11 @@ mod delivery;
 mod error;
 mod outbox;
 mod privileges;
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+mod seccomp;
 mod spool;
 mod stats;
 mod telemetry;
@@ -139,6 +144,16 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
         .flat_map(|b| b.needs_after_attach())
         .collect();
     privileges::give_up(user.as_ref(), &needs, new_spool_dir)?;
+    #[cfg(all(
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
+    seccomp::restrict(
+        &backends
+            .iter()
+            .flat_map(|b| b.packet_sockets())
+            .collect::<Vec<_>>(),
+    )?;
     // The spool is written as --user, and its files are that user's.
     let sensor_id = cli
         .sensor_id

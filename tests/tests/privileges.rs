@@ -333,7 +333,7 @@ fn without_user_the_sensor_keeps_root_but_not_its_capabilities() {
 }
 
 /// Started as root without `--user`, the sensor runs as nobody once attached, with only
-/// the documented kept capabilities, and captures.
+/// the documented kept capabilities and a seccomp filter, and captures.
 #[test]
 fn started_as_root_without_user_the_sensor_runs_as_nobody() {
     require_root();
@@ -351,6 +351,11 @@ fn started_as_root_without_user_the_sensor_runs_as_nobody() {
             "{}",
             sensor.stderr()
         );
+        // And every thread runs under the seccomp filter.
+        for task in std::fs::read_dir(format!("/proc/{}/task", sensor.pid())).unwrap() {
+            let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+            assert!(status.contains("Seccomp:\t2\n"), "{mode}: {status}");
+        }
         ping_captured_then_stop(&lab, &out, &mut sensor);
         receiver.stop().unwrap();
     }

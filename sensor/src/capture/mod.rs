@@ -125,6 +125,16 @@ pub trait CaptureBackend: Send {
         Vec::new()
     }
 
+    /// The packet sockets this capture keeps open once attached, which nothing may send
+    /// on or rebind from then on (see `crate::seccomp`).
+    #[cfg_attr(
+        not(target_os = "linux"),
+        allow(dead_code, reason = "the seccomp filter is Linux-only")
+    )]
+    fn packet_sockets(&self) -> Vec<std::os::raw::c_int> {
+        Vec::new()
+    }
+
     /// Captures until stopped or at the end of the input, then flushes the last batch.
     fn run(self: Box<Self>, batcher: Batcher) -> Result<()>;
 }

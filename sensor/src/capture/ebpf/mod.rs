@@ -430,6 +430,10 @@ impl CaptureBackend for EbpfCapture {
     /// made with bpf() (TCX from 6.6, XDP from 5.9) are detached by closing them. Older
     /// kernels attach through netlink, and only a netlink request (CAP_NET_ADMIN) detaches
     /// the program, which would otherwise go on filtering after the sensor has gone.
+    fn packet_sockets(&self) -> Vec<std::os::raw::c_int> {
+        vec![self.packet_socket.as_raw_fd()]
+    }
+
     fn needs_after_attach(&self) -> Vec<Need> {
         let iface = &self.info.name;
         let mut needs = Vec::new();
