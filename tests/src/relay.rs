@@ -137,6 +137,10 @@ pub enum Answer {
     ForwardTo(SocketAddr),
     /// Drop everything, both ways: a network partition.
     Drop,
+    /// Answer each client Initial with a server Initial that closes the connection with
+    /// this TLS alert (a CONNECTION_CLOSE with error 0x100 + alert), as anyone who sees the
+    /// Initial can: its keys derive from the connection id it carries. Drop the rest.
+    CloseWithAlert(u8),
 }
 
 /// A running relay; stopped and joined on drop.
@@ -315,12 +319,18 @@ impl Pump {
                             counters.dropped.fetch_add(1, Relaxed);
                             continue;
                         }
-                        Answer::VersionNegotiation => {
+                        forged @ (Answer::VersionNegotiation | Answer::CloseWithAlert(_)) => {
                             if self.direction == Direction::ToServer {
                                 counters.received.fetch_add(1, Relaxed);
                                 counters.dropped.fetch_add(1, Relaxed);
-                                if let Some(vn) = version_negotiation(&buf[..n]) {
-                                    let _ = self.input.send_to(&vn, from);
+                                let answer = match forged {
+                                    Answer::CloseWithAlert(alert) => {
+                                        initial_close(&buf[..n], alert)
+                                    }
+                                    _ => version_negotiation(&buf[..n]),
+                                };
+                                if let Some(answer) = answer {
+                                    let _ = self.input.send_to(&answer, from);
                                 }
                             }
                             continue;
@@ -393,6 +403,104 @@ pub fn version_negotiation(datagram: &[u8]) -> Option<Vec<u8>> {
     // A reserved version (0x?a?a?a?a), to exercise negotiation.
     vn.extend_from_slice(&0x1a2a_3a4a_u32.to_be_bytes());
     Some(vn)
+}
+
+/// QUIC v1's salt for Initial secrets (RFC 9001, 5.2).
+const INITIAL_SALT: [u8; 20] = [
+    0x38, 0x76, 0x2c, 0xf7, 0xf5, 0x59, 0x34, 0xb3, 0x4d, 0x17, 0x9a, 0xe6, 0xa4, 0xc8, 0x0c, 0xad,
+    0xcc, 0xbb, 0x7f, 0x0a,
+];
+
+/// An output length for HKDF-Expand.
+struct Len(usize);
+
+impl ring::hkdf::KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+/// TLS 1.3 HKDF-Expand-Label with an empty context (RFC 8446, 7.1).
+fn expand_label(prk: &ring::hkdf::Prk, label: &str, len: usize) -> Vec<u8> {
+    let full = format!("tls13 {label}");
+    let info = [
+        &(len as u16).to_be_bytes()[..],
+        &[full.len() as u8],
+        full.as_bytes(),
+        &[0],
+    ];
+    let mut out = vec![0u8; len];
+    prk.expand(&info, Len(len))
+        .and_then(|okm| okm.fill(&mut out))
+        .expect("HKDF lengths are valid");
+    out
+}
+
+/// A QUIC variable-length integer (RFC 9000, 16), in two bytes (values below 16384).
+fn varint2(v: u16) -> [u8; 2] {
+    (0x4000 | v).to_be_bytes()
+}
+
+/// The server Initial packet (RFC 9000 17.2.2, protected as RFC 9001 5 says) that answers
+/// the client Initial `datagram` with a CONNECTION_CLOSE carrying TLS alert `alert`; `None`
+/// when `datagram` is not a QUIC v1 Initial.
+pub fn initial_close(datagram: &[u8], alert: u8) -> Option<Vec<u8>> {
+    use ring::aead::{quic, Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
+    use ring::hkdf::{Salt, HKDF_SHA256};
+    let first = *datagram.first()?;
+    // Long header, type Initial (0), version 1.
+    if first & 0xb0 != 0x80 || datagram.get(1..5)? != [0, 0, 0, 1] {
+        return None;
+    }
+    let dcid_len = usize::from(*datagram.get(5)?);
+    let client_dcid = datagram.get(6..6 + dcid_len)?;
+    let scid_len = usize::from(*datagram.get(6 + dcid_len)?);
+    let client_scid = datagram.get(7 + dcid_len..7 + dcid_len + scid_len)?;
+
+    let initial = Salt::new(HKDF_SHA256, &INITIAL_SALT).extract(client_dcid);
+    let server = expand_label(&initial, "server in", 32);
+    let server = ring::hkdf::Prk::new_less_safe(HKDF_SHA256, &server);
+    let key = expand_label(&server, "quic key", 16);
+    let iv = expand_label(&server, "quic iv", 12);
+    let hp = expand_label(&server, "quic hp", 16);
+
+    // CONNECTION_CLOSE (0x1c): error 0x100 + alert, frame type 0, no reason; then PADDING
+    // so that there is a header protection sample.
+    let mut payload = vec![0x1c];
+    payload.extend_from_slice(&varint2(0x100 + u16::from(alert)));
+    payload.extend_from_slice(&[0, 0]);
+    payload.resize(32, 0);
+    let pn: u8 = 0;
+    let mut header = vec![0xc0, 0, 0, 0, 1, scid_len as u8];
+    // The client's source connection id is the destination here; the server picks its own
+    // (the client's original destination id will do).
+    header.extend_from_slice(client_scid);
+    header.push(dcid_len as u8);
+    header.extend_from_slice(client_dcid);
+    header.push(0); // no token
+    header.extend_from_slice(&varint2((1 + payload.len() + 16) as u16));
+    let pn_at = header.len();
+    header.push(pn);
+
+    let mut nonce = [0u8; 12];
+    nonce.copy_from_slice(&iv);
+    nonce[11] ^= pn;
+    let sealing = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &key).ok()?);
+    sealing
+        .seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&header),
+            &mut payload,
+        )
+        .ok()?;
+    let mut packet = header;
+    packet.extend_from_slice(&payload);
+    // Header protection: the sample starts 4 bytes after the packet number's start.
+    let hp = quic::HeaderProtectionKey::new(&quic::AES_128, &hp).ok()?;
+    let mask = hp.new_mask(packet.get(pn_at + 4..pn_at + 20)?).ok()?;
+    packet[0] ^= mask[0] & 0x0f;
+    packet[pn_at] ^= mask[1];
+    Some(packet)
 }
 
 #[cfg(test)]
@@ -541,5 +649,35 @@ mod tests {
         );
         assert_eq!(version_negotiation(&[0x43, 1, 2, 3]), None, "short header");
         assert_eq!(version_negotiation(&initial[..10]), None, "truncated");
+    }
+
+    /// RFC 9001, Appendix A.1: the server's Initial keys for connection id 8394c8f03e515708.
+    #[test]
+    fn initial_keys_match_rfc_9001() {
+        use ring::hkdf::{Prk, Salt, HKDF_SHA256};
+        let dcid = [0x83, 0x94, 0xc8, 0xf0, 0x3e, 0x51, 0x57, 0x08];
+        let initial = Salt::new(HKDF_SHA256, &INITIAL_SALT).extract(&dcid);
+        let server = Prk::new_less_safe(HKDF_SHA256, &expand_label(&initial, "server in", 32));
+        let hex = |b: Vec<u8>| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        assert_eq!(
+            hex(expand_label(&server, "quic key", 16)),
+            "cf3a5331653c364c88f0f379b6067e37"
+        );
+        assert_eq!(
+            hex(expand_label(&server, "quic iv", 12)),
+            "0ac1493ca1905853b0bba03e"
+        );
+        assert_eq!(
+            hex(expand_label(&server, "quic hp", 16)),
+            "c206b8d9b9f0f37644430b490eeaa314"
+        );
+        // And a close is made for a v1 Initial only.
+        let mut initial_packet = vec![0xc3, 0, 0, 0, 1, 8];
+        initial_packet.extend_from_slice(&dcid);
+        initial_packet.push(0);
+        initial_packet.extend_from_slice(&[0u8; 40]);
+        assert!(initial_close(&initial_packet, 116).is_some());
+        initial_packet[4] = 2;
+        assert!(initial_close(&initial_packet, 116).is_none());
     }
 }

@@ -3,8 +3,11 @@
 //!
 //! * the design's commands work as written on one host: `receiver --out capture.pcap`, then
 //!   `sensor --iface lo --bpf "port 53"`, no other flag (H2);
-//! * a forged Version Negotiation and an impostor's certificate on reconnects do not stop
-//!   a sensor: it retries, and delivers everything once the real receiver is back (M4).
+//! * a forged Version Negotiation, a forged TLS alert and an impostor's certificate on
+//!   reconnects do not stop a sensor: it retries, and delivers everything once the real
+//!   receiver is back (M4);
+//! * a sensor with a spool killed with SIGKILL and restarted delivers every spooled packet
+//!   once (M5).
 //!
 //! Each compares the output with tcpdump's capture of the same loopback traffic.
 
@@ -166,11 +169,12 @@ fn without_a_local_receiver_the_error_names_the_options() {
 
 /// A sensor streams through a relay; then the relay plays an attacker on the path: it
 /// drops the connection and answers every reconnect with a forged Version Negotiation,
-/// then hands the sensor to an impostor receiver with another certificate; then it lets
-/// the real receiver be reached again. The sensor keeps running and retrying, and at the
+/// then with a forged Initial closing with a TLS alert, then hands the sensor to an
+/// impostor receiver with another certificate; then it lets the real receiver be reached
+/// again. The sensor keeps running and retrying, and at the
 /// end the output holds every query, as tcpdump saw them.
 #[test]
-fn forged_version_negotiation_and_an_impostor_do_not_stop_a_sensor() {
+fn forged_version_negotiation_tls_alert_and_impostor_do_not_stop_a_sensor() {
     require_root();
     let ns = Netns::new("spoofed").unwrap();
     let dir = Scratch::new("spoofed").unwrap();
@@ -213,6 +217,18 @@ fn forged_version_negotiation_and_an_impostor_do_not_stop_a_sensor() {
         sensor.stderr()
     );
 
+    // A forged Initial that closes the connection with a TLS alert ("certificate
+    // required"), which the first connection would take as a misconfiguration.
+    relay.answer(Answer::CloseWithAlert(116));
+    dns_queries(&ns, 150, 20);
+    assert!(
+        wait_until(Duration::from_secs(30), || sensor
+            .stderr()
+            .contains("requires a client certificate")),
+        "the sensor met no forged TLS alert:\n{}",
+        sensor.stderr()
+    );
+
     // An impostor with a certificate the sensor does not trust.
     relay.answer(Answer::ForwardTo(impostor.addr.parse().unwrap()));
     dns_queries(&ns, 200, 40);
@@ -244,7 +260,7 @@ fn forged_version_negotiation_and_an_impostor_do_not_stop_a_sensor() {
     let sensor_log = sensor.stderr();
     assert_same_as_tcpdump(
         "spoofed",
-        160,
+        180,
         &reference,
         &out,
         &sensor_log,
