@@ -102,6 +102,8 @@ struct Session<'a> {
     outcome: Outcome,
     /// The highest sequence sent on any connection: what goes again counts as resent.
     highest_sent: u64,
+    /// The highest sequence a receiver acknowledged or resumed after.
+    highest_acked: u64,
     backoff: Duration,
     /// Since when no connection has been up.
     down_since: Option<Instant>,
@@ -159,6 +161,7 @@ pub async fn run(started: Started, input: Input<'_>) -> (Outcome, Result<()>) {
         conn,
         outcome: Outcome::default(),
         highest_sent: 0,
+        highest_acked: 0,
         backoff: FIRST_RETRY,
         down_since: Some(since),
         captures_done: false,
@@ -300,8 +303,25 @@ impl Session<'_> {
     async fn on_event(&mut self, event: LinkEvent) -> Result<bool> {
         match event {
             LinkEvent::Ack(sequence) => {
+                let joining = matches!(self.conn, Conn::Joining { .. });
+                let known = self.highest_sent.max(self.highest_acked);
+                if acks_the_unsent(sequence, known, joining && self.first_connection) {
+                    self.new_session();
+                    let delay = self.disconnect();
+                    tracing::error!(
+                        "receiver {} acknowledged batch {sequence}, past the last this sensor \
+                         sent ({known}): another connection has taken over the session; \
+                         sending the {} batch(es) held under new session {:016x} in {:.1}s",
+                        self.client.remote(),
+                        self.input.outbox.len(),
+                        self.input.session_id.load(Relaxed),
+                        delay.as_secs_f64()
+                    );
+                    return Ok(false);
+                }
+                self.highest_acked = self.highest_acked.max(sequence);
                 self.acknowledge(sequence);
-                if let Conn::Joining { .. } = self.conn {
+                if joining {
                     let Conn::Joining { link, .. } = std::mem::replace(
                         &mut self.conn,
                         Conn::Down {
@@ -627,6 +647,16 @@ fn task_failed(e: tokio::task::JoinError) -> ConnectError {
     }
 }
 
+/// Whether an acknowledgement of `sequence` covers batches this sensor never sent on any
+/// connection, nor saw acknowledged (`known`): a receiver only acknowledges what it was
+/// sent, so someone else sent them under this session, and releasing the held batches of
+/// those numbers as delivered would lose them. The resume point of the process's first
+/// connection (`resuming`) is taken as it is: it may cover what a previous process of a
+/// resumed spool sent.
+fn acks_the_unsent(sequence: u64, known: u64, resuming: bool) -> bool {
+    !resuming && sequence > known
+}
+
 /// What the sensor does when the receiver refuses it.
 #[derive(Debug, PartialEq, Eq)]
 enum AfterRefusal {
@@ -701,6 +731,17 @@ mod tests {
                 AfterRefusal::NewSession
             );
         }
+    }
+
+    #[test]
+    fn an_ack_of_batches_never_sent_means_a_takeover() {
+        assert!(!acks_the_unsent(0, 0, false), "a new session");
+        assert!(!acks_the_unsent(7, 7, false));
+        assert!(acks_the_unsent(8, 7, false));
+        assert!(
+            !acks_the_unsent(500, 0, true),
+            "a resumed spool's first resume point"
+        );
     }
 
     #[test]
