@@ -295,6 +295,13 @@ impl EbpfCapture {
         };
         set_promiscuous(&packet_socket, ifindex)
             .map_err(|e| Error::runtime(format!("cannot put {iface} in promiscuous mode: {e}")))?;
+        // Maps the sensor has no more use for, closed: the programs that use them keep
+        // them alive. The program array stays open (the kernel empties one whose last
+        // descriptor closes), and the seccomp filter forbids updating it.
+        drop(ebpf.take_map(shared::SCRATCH_MAP));
+        if hook.name() != "afxdp" {
+            drop(ebpf.take_map(shared::XSKS_MAP));
+        }
 
         let ring = RingBuf::try_from(
             ebpf.take_map(shared::RING_MAP)
