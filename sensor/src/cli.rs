@@ -59,6 +59,14 @@ it starts.";
 #[command(name = "sensor", version, after_help = AFTER_HELP)]
 #[command(group(ArgGroup::new("source").required(true).args(["iface", "read"])))]
 #[command(group(ArgGroup::new("trust").args(["ca", "fingerprint"])))]
+// Where no receiver runs on this host (no certificate in the default state directory), the
+// receiver must be named: checked here so that --check-config refuses it too.
+#[command(group(
+    ArgGroup::new("which_receiver")
+        .args(["receiver", "ca", "fingerprint", "state_dir"])
+        .multiple(true)
+        .required(default_local_receiver().is_none())
+))]
 pub struct Cli {
     /// The filter as tcpdump takes it, after the options: `sensor -i eth0 ... port 53` is
     /// `sensor -i eth0 ... --bpf 'port 53'` (one or the other; put `--` before an
@@ -453,6 +461,14 @@ impl Cli {
     }
 }
 
+/// The default state directory of a receiver on this host (as the receiver's), if its
+/// certificate is readable there.
+pub fn default_local_receiver() -> Option<PathBuf> {
+    dirs::data_dir()
+        .map(|d| d.join("capstream"))
+        .filter(|dir| std::fs::File::open(dir.join("receiver.crt")).is_ok())
+}
+
 /// Where a sensor sends without --receiver: the receiver's default port on this host.
 pub const DEFAULT_RECEIVER_HOST: &str = "localhost";
 pub const DEFAULT_RECEIVER_PORT: u16 = 4433;
@@ -520,8 +536,9 @@ mod tests {
         // No source, both sources, no trust, both trusts.
         assert!(parse(&["--receiver", "h:1", "--ca", "c"]).is_err());
         assert!(parse(&["-i", "a", "-r", "f", "--receiver", "h:1", "--ca", "c"]).is_err());
-        // No trust is not a usage error: the receiver's own certificate may be found.
-        assert!(parse(&["-i", "a"]).is_ok());
+        // No trust is not a usage error with a state directory: the receiver's own
+        // certificate may be found there (main checks).
+        assert!(parse(&["-i", "a", "--state-dir", "/nowhere"]).is_ok());
         assert!(parse(&[
             "-i",
             "a",

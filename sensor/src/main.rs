@@ -210,13 +210,18 @@ fn receiver_credentials(cli: &Cli) -> Result<(tls::Trust, Option<common::AuthTok
             None => {
                 let looked = match &local {
                     Some(dir) => format!("no readable receiver.crt in {}", dir.display()),
-                    None => "no state directory to look in".into(),
+                    None if cli.receiver.is_some() => {
+                        "a --receiver is trusted by --ca or --fingerprint, not by this \
+                         host's receiver.crt"
+                            .into()
+                    }
+                    None => "no per-user data directory here".into(),
                 };
                 return Err(Error::input(format!(
                     "which receiver? give --receiver HOST:PORT and --ca FILE or --fingerprint \
                      SHA256 (the receiver prints both when it starts), plus --token-file FILE \
-                     when the receiver asks for one ({looked}; --state-dir DIR names a local \
-                     receiver's)"
+                     when the receiver asks for one ({looked}; --state-dir DIR names the state \
+                     directory of a receiver on this host)"
                 )));
             }
         },

@@ -141,22 +141,31 @@ fn the_design_commands_work_as_written_on_one_host() {
 }
 
 /// Without a receiver certificate to find, the sensor says in one line which options to
-/// give, and exits 2.
+/// give, and exits 2: with no option at all (clap says it, so that --check-config does
+/// too), and with a --receiver but nothing to trust it by.
 #[test]
 fn without_a_local_receiver_the_error_names_the_options() {
     require_root();
     let dir = Scratch::new("noreceiver").unwrap();
     let home = dir.join("home");
     std::fs::create_dir_all(&home).unwrap();
-    let out = std::process::Command::new("env")
-        .arg(format!("HOME={}", home.display()))
-        .arg(workspace_bin("sensor"))
-        .args(["--iface", "lo", "--bpf", "port 53"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let refused = |args: &[&str]| {
+        let out = std::process::Command::new("env")
+            .arg(format!("HOME={}", home.display()))
+            .arg(workspace_bin("sensor"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        stderr
+    };
+    let stderr = refused(&["--iface", "lo", "--bpf", "port 53"]);
+    for option in ["--receiver <HOST:PORT>", "--ca <FILE>", "--fingerprint"] {
+        assert!(stderr.contains(option), "should name {option}: {stderr}");
+    }
+    let stderr = refused(&["--iface", "lo", "--receiver", "198.18.0.1:4433"]);
     for option in [
         "--receiver HOST:PORT",
         "--ca FILE",
