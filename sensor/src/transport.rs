@@ -404,9 +404,8 @@ fn handshake_error(
         ConnectionError::TransportError(_) | ConnectionError::VersionMismatch
     );
     let verified = verification.lock().ok().and_then(|mut v| {
-        std::mem::take(&mut *v)
-            .error
-            .map(|err| (err, v.fingerprint))
+        let seen = std::mem::take(&mut *v);
+        seen.error.map(|err| (err, seen.fingerprint))
     });
     ConnectError {
         error: handshake_message(remote, e, verified),
@@ -498,6 +497,27 @@ mod tests {
             }
             other => panic!("not a refusal: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_fingerprint_mismatch_names_the_fingerprint_seen() {
+        let remote: SocketAddr = "127.0.0.1:4433".parse().unwrap();
+        let verification = LastVerification::default();
+        *verification.lock().unwrap() = crate::tls::Verified {
+            fingerprint: Some(crate::cli::Fingerprint([0xab; 32])),
+            error: Some(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )),
+        };
+        // (quinn does not export its TransportError; the verifier's record decides.)
+        let e = handshake_error(remote, ConnectionError::VersionMismatch, &verification);
+        let text = e.error.to_string();
+        assert!(
+            text.contains(&"ab".repeat(32)) && text.contains("does not match --fingerprint"),
+            "{text}"
+        );
+        // Taken: the next failure is explained by its own verification.
+        assert!(verification.lock().unwrap().error.is_none());
     }
 
     #[test]
