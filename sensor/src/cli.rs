@@ -461,12 +461,15 @@ impl Cli {
     }
 }
 
-/// The default state directory of a receiver on this host (as the receiver's), if its
-/// certificate is readable there.
+/// The receiver's default state directory, as the receiver finds it.
+pub fn default_state_dir() -> Option<PathBuf> {
+    dirs::data_dir().map(|d| d.join("capstream"))
+}
+
+/// The default state directory of a receiver on this host, if its certificate is readable
+/// there.
 pub fn default_local_receiver() -> Option<PathBuf> {
-    dirs::data_dir()
-        .map(|d| d.join("capstream"))
-        .filter(|dir| std::fs::File::open(dir.join("receiver.crt")).is_ok())
+    default_state_dir().filter(|dir| std::fs::File::open(dir.join("receiver.crt")).is_ok())
 }
 
 /// Where a sensor sends without --receiver: the receiver's default port on this host.

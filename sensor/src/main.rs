@@ -190,11 +190,7 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
 fn receiver_credentials(cli: &Cli) -> Result<(tls::Trust, Option<common::AuthToken>)> {
     let local = cli
         .uses_local_receiver()
-        .then(|| {
-            cli.state_dir
-                .clone()
-                .or_else(|| dirs::data_dir().map(|d| d.join("capstream")))
-        })
+        .then(|| cli.state_dir.clone().or_else(cli::default_state_dir))
         .flatten();
     let readable = |name: &str| {
         local
