@@ -420,3 +420,97 @@ fn a_spool_survives_a_killed_sensor() {
     assert_eq!(f.delivered, adopted + 40, "{}", f.line);
     assert_eq!(spooled(), 0, "the spool is emptied");
 }
+
+/// Removes a directory on drop.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A receiver reached by name moves to another address (DNS fail-over, a new host): the
+/// sensor resolves the name again when it reconnects, follows it, and loses nothing.
+///
+/// The name lives in the namespace's own hosts file: `ip netns exec` shows
+/// `/etc/netns/<namespace>/hosts` as `/etc/hosts` to what it runs, and the resolver reads
+/// it again at each lookup.
+#[test]
+fn a_receiver_that_moves_is_followed_by_its_name() {
+    require_root();
+    let ns = Netns::new("moved").unwrap();
+    let dir = Scratch::new("moved").unwrap();
+    let etc = PathBuf::from("/etc/netns").join(&ns.name);
+    std::fs::create_dir_all(&etc).unwrap();
+    let _etc = RemoveOnDrop(etc.clone());
+    let hosts = etc.join("hosts");
+    // Rewritten in place later: the namespace's processes see this very file.
+    std::fs::write(&hosts, "127.0.0.1 localhost collector.test\n").unwrap();
+
+    let state = dir.join("state");
+    let first_out = dir.join("first.pcap");
+    let mut first = Receiver::start_listening(
+        Some(&ns),
+        &state,
+        "127.0.0.1:4433",
+        &[
+            "--out",
+            &first_out.to_string_lossy(),
+            "--cert-name",
+            "collector.test",
+        ],
+    )
+    .unwrap();
+    let reference_file = dir.join("tcpdump.pcap");
+    let tcpdump = start_tcpdump(&ns, "lo", "udp port 53", &[], &reference_file).unwrap();
+    let args = ["--iface", "lo", "--mode", "pcap", "--bpf", "udp port 53"];
+    let mut sensor = start_sensor_to(Some(&ns), "collector.test:4433", &first, &args).unwrap();
+    sensor
+        .wait_for("connected to receiver", Duration::from_secs(20))
+        .unwrap();
+    dns_queries(&ns, 1, 40);
+    settle();
+    first.stop().unwrap();
+
+    // The receiver comes back elsewhere, with the same certificate, and the name follows.
+    std::fs::write(&hosts, "127.0.0.1 localhost\n127.0.0.2 collector.test\n").unwrap();
+    let second_out = dir.join("second.pcap");
+    let mut second = Receiver::start_listening(
+        Some(&ns),
+        &state,
+        "127.0.0.2:4433",
+        &["--out", &second_out.to_string_lossy()],
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || sensor
+            .stderr()
+            .contains("reconnected to receiver 127.0.0.2:4433")),
+        "the sensor did not follow the name:\n{}",
+        sensor.stderr()
+    );
+    dns_queries(&ns, 100, 40);
+    settle();
+    let reference = stop_reference(tcpdump, &reference_file);
+    sensor
+        .stop()
+        .unwrap_or_else(|e| panic!("{e:#}\nreceiver:\n{}", second.proc.stderr()));
+    second.stop().unwrap();
+    let sensor_log = sensor.stderr();
+    assert!(
+        sensor_log.contains("is now at 127.0.0.2:4433"),
+        "{sensor_log}"
+    );
+
+    assert_eq!(reference.len(), 80, "tcpdump saw every query");
+    let mut got = tcpdump_records(&first_out, "").unwrap();
+    got.extend(tcpdump_records(&second_out, "").unwrap());
+    if let Err(difference) = compare_captures(&reference, &got, 0) {
+        panic!("both outputs != tcpdump: {difference}\nsensor:\n{sensor_log}");
+    }
+    let f = sensor_figures(&sensor_log, "lo").unwrap();
+    assert_eq!(f.matched, f.delivered + f.dropped, "{}", f.line);
+    assert_eq!(f.unacknowledged, Some(0), "{}", f.line);
+    assert_eq!(f.delivered, 80, "{}", f.line);
+}
