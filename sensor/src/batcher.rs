@@ -173,6 +173,17 @@ impl Batcher {
     }
 }
 
+/// A batch with no packets, for a sequence whose batch was lost (a damaged spool, or the
+/// memory of a sensor that was killed): the session stays without a gap. The session id
+/// is stamped when it is sent.
+pub fn empty_batch(sequence: u64, interface_id: u16) -> Outgoing {
+    Outgoing {
+        sequence,
+        interface_id,
+        batch: BatchBuilder::new(0).finish(0, sequence, interface_id),
+    }
+}
+
 fn encode(builder: &mut BatchBuilder, session: &Session, interface_id: u16) -> Outgoing {
     let sequence = session.next_sequence.fetch_add(1, Relaxed);
     let batch = builder.finish(session.session_id.load(Relaxed), sequence, interface_id);

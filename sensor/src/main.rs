@@ -280,7 +280,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
                  lost (sent empty)",
                 adopted.batches,
                 adopted.packets.iter().sum::<u64>(),
-                adopted.lost_before.len() + adopted.lost_after.len()
+                adopted.lost_before.len() + adopted.lost_between + adopted.lost_after.len()
             );
         }
         // Counted as matched here, so that what they deliver adds up.

@@ -17,9 +17,9 @@
 use std::collections::VecDeque;
 use std::io;
 
-use common::{BatchBuilder, EncodedBatch};
+use common::EncodedBatch;
 
-use crate::batcher::Outgoing;
+use crate::batcher::{empty_batch, Outgoing};
 use crate::spool::{SessionKeys, Spool, Spooled};
 
 pub struct Outbox {
@@ -250,17 +250,6 @@ fn slot(counts: &mut Vec<u64>, id: u16) -> &mut u64 {
         counts.resize(i + 1, 0);
     }
     &mut counts[i]
-}
-
-/// A batch with no packets, for a sequence whose batch was lost (a damaged spool, or the
-/// memory of a sensor that was killed): the session stays without a gap. The session id
-/// is stamped when it is sent.
-fn empty_batch(sequence: u64, interface_id: u16) -> Outgoing {
-    Outgoing {
-        sequence,
-        interface_id,
-        batch: BatchBuilder::new(0).finish(0, sequence, interface_id),
-    }
 }
 
 fn to_spooled(out: &Outgoing) -> Spooled {

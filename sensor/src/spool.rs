@@ -121,6 +121,9 @@ pub struct SessionKeys {
 struct Segment {
     path: PathBuf,
     file: File,
+    /// Adopted: sequences missing between the previous segment and this one (a segment
+    /// deleted, or cut short, while no sensor ran), popped first as empty batches.
+    gaps_before: VecDeque<u64>,
     /// The records not yet popped, oldest first.
     records: VecDeque<Meta>,
     /// Offset of the next record to read.
@@ -166,6 +169,8 @@ pub struct Adopted {
     /// come before the adopted records, the newer ones after them.
     pub lost_before: Vec<u64>,
     pub lost_after: Vec<u64>,
+    /// Sequences missing between adopted segments, which the spool pops as empty batches.
+    pub lost_between: usize,
 }
 
 /// Checks, and creates if missing (0700), a spool directory, before the privileges are
@@ -343,6 +348,15 @@ impl Spool {
                 }
             }
         }
+        let mut previous: Option<u64> = None;
+        for segment in &mut self.segments {
+            if let (Some(before), Some(first)) = (previous, segment.records.front()) {
+                segment.gaps_before = (before + 1..first.sequence).collect();
+                self.adopted.lost_between += segment.gaps_before.len();
+                self.len += segment.gaps_before.len();
+            }
+            previous = segment.records.back().map(|r| r.sequence).or(previous);
+        }
         let held: Vec<u64> = self
             .segments
             .iter()
@@ -397,6 +411,7 @@ impl Spool {
         Ok(read_at_first.map(|read_at| Segment {
             path: path.to_path_buf(),
             file,
+            gaps_before: VecDeque::new(),
             records,
             read_at,
             end: at,
@@ -487,6 +502,7 @@ impl Spool {
             self.segments.push_back(Segment {
                 path,
                 file,
+                gaps_before: VecDeque::new(),
                 records: VecDeque::new(),
                 read_at: 0,
                 end: 0,
@@ -534,6 +550,17 @@ impl Spool {
         let Some(front) = self.segments.front_mut() else {
             return Ok(None);
         };
+        if let Some(sequence) = front.gaps_before.pop_front() {
+            self.len -= 1;
+            let empty = crate::batcher::empty_batch(sequence, 0);
+            return Ok(Some(Spooled {
+                sequence,
+                interface_id: 0,
+                packets: 0,
+                raw_len: 0,
+                frame: empty.batch.frame,
+            }));
+        }
         let Some(meta) = front.records.front().copied() else {
             // Unreachable: segments are removed when their last record goes.
             self.remove_front();
@@ -1191,6 +1218,29 @@ mod tests {
         let fresh = Spool::open_with(&dir.0, "tap", keys(13), u64::MAX, SEGMENT_BYTES).unwrap();
         assert_eq!(fresh.session(), keys(13));
         assert_eq!(fresh.next_sequence(), 1);
+    }
+
+    /// A segment deleted while no sensor ran: the next one sends its sequences as empty
+    /// batches, so that the session has no gap.
+    #[test]
+    fn a_missing_segment_is_sent_as_empty_batches() {
+        let dir = TempDir::new("missing");
+        let record = HEADER_LEN as u64 + 40;
+        let mut spool = Spool::open_with(&dir.0, "tap", keys(3), u64::MAX, 2 * record).unwrap();
+        for s in 1..=6 {
+            spool.push(&batch(s, 40)).unwrap();
+        }
+        spool.note(6, 0).unwrap();
+        drop(spool);
+        fs::remove_file(dir.segment(1)).unwrap();
+        let mut again = Spool::open_with(&dir.0, "tap", keys(4), u64::MAX, 2 * record).unwrap();
+        assert_eq!(again.adopted().lost_between, 2);
+        assert_eq!(again.len(), 6);
+        let popped: Vec<(u64, u32)> = std::iter::from_fn(|| pop(&mut again))
+            .map(|b| (b.sequence, b.packets))
+            .collect();
+        assert_eq!(popped, [(1, 3), (2, 6), (3, 0), (4, 0), (5, 15), (6, 18)]);
+        assert!(again.is_empty());
     }
 
     /// Two sensors of the same name cannot use one directory at once; of two names, they
