@@ -28,7 +28,9 @@ pub struct Outgoing {
 /// What every batcher of a session shares.
 #[derive(Clone)]
 pub struct Session {
-    pub session_id: u64,
+    /// The session's id, which the delivery loop changes when the receiver cannot resume
+    /// the session.
+    pub session_id: Arc<AtomicU64>,
     /// The next batch sequence number; starts at 1 and is shared by all interfaces.
     pub next_sequence: Arc<AtomicU64>,
     pub tx: mpsc::Sender<Outgoing>,
@@ -37,15 +39,17 @@ pub struct Session {
 }
 
 impl Session {
+    /// `first_sequence`: 1, or after those of a session resumed from the spool.
     pub fn new(
-        session_id: u64,
+        session_id: Arc<AtomicU64>,
+        first_sequence: u64,
         tx: mpsc::Sender<Outgoing>,
         batch_size: usize,
         flush_interval: Duration,
     ) -> Self {
         Self {
             session_id,
-            next_sequence: Arc::new(AtomicU64::new(1)),
+            next_sequence: Arc::new(AtomicU64::new(first_sequence)),
             tx,
             batch_size,
             flush_interval,
@@ -169,9 +173,20 @@ impl Batcher {
     }
 }
 
+/// A batch with no packets, for a sequence whose batch was lost (a damaged spool, or the
+/// memory of a sensor that was killed): the session stays without a gap. The session id
+/// is stamped when it is sent.
+pub fn empty_batch(sequence: u64, interface_id: u16) -> Outgoing {
+    Outgoing {
+        sequence,
+        interface_id,
+        batch: BatchBuilder::new(0).finish(0, sequence, interface_id),
+    }
+}
+
 fn encode(builder: &mut BatchBuilder, session: &Session, interface_id: u16) -> Outgoing {
     let sequence = session.next_sequence.fetch_add(1, Relaxed);
-    let batch = builder.finish(session.session_id, sequence, interface_id);
+    let batch = builder.finish(session.session_id.load(Relaxed), sequence, interface_id);
     Outgoing {
         sequence,
         interface_id,
@@ -186,7 +201,13 @@ mod tests {
     fn session(cap: usize, batch_size: usize) -> (Session, mpsc::Receiver<Outgoing>) {
         let (tx, rx) = mpsc::channel(cap);
         (
-            Session::new(7, tx, batch_size, Duration::from_secs(3600)),
+            Session::new(
+                Arc::new(AtomicU64::new(7)),
+                1,
+                tx,
+                batch_size,
+                Duration::from_secs(3600),
+            ),
             rx,
         )
     }
@@ -224,7 +245,13 @@ mod tests {
     #[test]
     fn tick_flushes_old_partial_batches() {
         let (tx, mut rx) = mpsc::channel(4);
-        let s = Session::new(7, tx, 1 << 20, Duration::from_millis(1));
+        let s = Session::new(
+            Arc::new(AtomicU64::new(7)),
+            1,
+            tx,
+            1 << 20,
+            Duration::from_millis(1),
+        );
         let mut b = Batcher::new(s, 0, Arc::default(), Backpressure::Drop);
         b.tick().unwrap();
         assert!(rx.try_recv().is_err());

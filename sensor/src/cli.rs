@@ -45,15 +45,28 @@ Examples:
 
 Live capture needs CAP_NET_RAW (--mode pcap) or CAP_NET_RAW, CAP_BPF and CAP_NET_ADMIN
 (the eBPF modes; afxdp also CAP_IPC_LOCK), or root. Once attached, the sensor drops them
-(and switches to --user if given). The receiver prints the path of its certificate
-and its SHA-256 fingerprint when it starts.";
+and switches to --user (started as root: nobody, unless --user root).
+
+On the receiver's host, no --receiver, --ca or --token-file is needed: the sensor sends
+to localhost:4433 and trusts the certificate (and sends the token) that the receiver
+keeps in its state directory (--state-dir, default ~/.local/share/capstream). For
+another host, the receiver prints its certificate's path and SHA-256 fingerprint when
+it starts.";
 
 /// Captures frames matching a tcpdump filter and streams them to a Capstream receiver
 /// over QUIC.
 #[derive(Debug, Parser)]
 #[command(name = "sensor", version, after_help = AFTER_HELP)]
 #[command(group(ArgGroup::new("source").required(true).args(["iface", "read"])))]
-#[command(group(ArgGroup::new("trust").required(true).args(["ca", "fingerprint"])))]
+#[command(group(ArgGroup::new("trust").args(["ca", "fingerprint"])))]
+// Where no receiver runs on this host (no certificate in the default state directory), the
+// receiver must be named: checked here so that --check-config refuses it too.
+#[command(group(
+    ArgGroup::new("which_receiver")
+        .args(["receiver", "ca", "fingerprint", "state_dir"])
+        .multiple(true)
+        .required(default_local_receiver().is_none())
+))]
 pub struct Cli {
     /// The filter as tcpdump takes it, after the options: `sensor -i eth0 ... port 53` is
     /// `sensor -i eth0 ... --bpf 'port 53'` (one or the other; put `--` before an
@@ -86,12 +99,15 @@ pub struct Cli {
     pub bpf: String,
 
     /// Receiver address as HOST:PORT; HOST may be a name, an IPv4 address or a bracketed
-    /// IPv6 address (e.g. `--receiver collector.example:4433`, `--receiver [::1]:4433`).
+    /// IPv6 address (e.g. `--receiver collector.example:4433`, `--receiver [::1]:4433`);
+    /// default: the receiver on this host, localhost:4433, trusted and authenticated with
+    /// the certificate and token in its state directory (see --state-dir).
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_receiver)]
-    pub receiver: ReceiverAddr,
+    pub receiver: Option<ReceiverAddr>,
 
     /// Trust the receiver certificate(s) or CA(s) in this PEM file; repeatable
-    /// (e.g. `--ca /var/lib/capstream/receiver.crt`).
+    /// (e.g. `--ca /var/lib/capstream/receiver.crt`). Default without --receiver (or with
+    /// --state-dir): the receiver.crt in the receiver's state directory.
     #[arg(long, value_name = "FILE")]
     pub ca: Vec<PathBuf>,
 
@@ -116,9 +132,17 @@ pub struct Cli {
     pub key: Option<PathBuf>,
 
     /// Send the shared token in this file to a receiver that requires one
-    /// (`receiver --token-file`; e.g. `--token-file /etc/capstream/token`).
+    /// (`receiver --token-file`; e.g. `--token-file /etc/capstream/token`). Default without
+    /// --receiver (or with --state-dir): the token in the receiver's state directory, if
+    /// there is one.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+
+    /// The state directory of a receiver on this host, where its receiver.crt and token
+    /// are found (e.g. `--state-dir /var/lib/capstream`); default: the per-user data
+    /// directory, e.g. ~/.local/share/capstream, as the receiver's.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 
     /// Capture backend (e.g. `--mode ebpf`). auto: tc on Linux when the kernel and
     /// privileges allow it (the log says which and why), else pcap.
@@ -198,8 +222,9 @@ pub struct Cli {
     pub sensor_id: Option<String>,
 
     /// Linux: once the capture is attached, run as this user (name or uid) and its primary
-    /// group, with no supplementary groups (e.g. `--user nobody`). Capabilities are dropped
-    /// either way; a --spool-dir that exists must then be writable by that user.
+    /// group, with no supplementary groups (e.g. `--user capstream`). Default when started
+    /// as root: nobody; `--user root` stays root. Capabilities are dropped either way; a
+    /// --spool-dir that exists must then be writable by that user.
     #[arg(long, value_name = "NAME", value_parser = crate::privileges::parse_user)]
     pub user: Option<crate::privileges::User>,
 
@@ -413,11 +438,43 @@ impl Cli {
         parse_filter(&self.expression.join(" "))
     }
 
+    /// The receiver: --receiver, or the one on this host.
+    pub fn receiver(&self) -> ReceiverAddr {
+        self.receiver.clone().unwrap_or_else(|| ReceiverAddr {
+            host: DEFAULT_RECEIVER_HOST.into(),
+            port: DEFAULT_RECEIVER_PORT,
+        })
+    }
+
+    /// Whether the certificate and token of a receiver on this host apply when no --ca,
+    /// --fingerprint or --token-file says otherwise: for the default receiver, or when
+    /// --state-dir names one. A remote --receiver never gets this host's token.
+    pub fn uses_local_receiver(&self) -> bool {
+        self.receiver.is_none() || self.state_dir.is_some()
+    }
+
     /// The name the receiver's certificate must carry.
-    pub fn tls_name(&self) -> &str {
-        self.server_name.as_deref().unwrap_or(&self.receiver.host)
+    pub fn tls_name(&self) -> String {
+        self.server_name
+            .clone()
+            .unwrap_or_else(|| self.receiver().host)
     }
 }
+
+/// The receiver's default state directory, as the receiver finds it.
+pub fn default_state_dir() -> Option<PathBuf> {
+    dirs::data_dir().map(|d| d.join("capstream"))
+}
+
+/// The default state directory of a receiver on this host, if its certificate is readable
+/// there.
+pub fn default_local_receiver() -> Option<PathBuf> {
+    default_state_dir().filter(|dir| std::fs::File::open(dir.join("receiver.crt")).is_ok())
+}
+
+/// Where a sensor sends without --receiver: the receiver's default port on this host.
+pub const DEFAULT_RECEIVER_HOST: &str = "localhost";
+pub const DEFAULT_RECEIVER_PORT: u16 = 4433;
 
 #[cfg(test)]
 mod tests {
@@ -467,8 +524,8 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.iface, ["a", "b"]);
-        assert_eq!(cli.receiver.host, "::1");
-        assert_eq!(cli.receiver.to_string(), "[::1]:4433");
+        assert_eq!(cli.receiver().host, "::1");
+        assert_eq!(cli.receiver().to_string(), "[::1]:4433");
         assert_eq!(cli.snaplen, 128);
         assert_eq!(cli.flush_interval, Duration::from_millis(2500));
         assert_eq!(cli.batch_size, 1 << 20);
@@ -482,7 +539,9 @@ mod tests {
         // No source, both sources, no trust, both trusts.
         assert!(parse(&["--receiver", "h:1", "--ca", "c"]).is_err());
         assert!(parse(&["-i", "a", "-r", "f", "--receiver", "h:1", "--ca", "c"]).is_err());
-        assert!(parse(&["-i", "a", "--receiver", "h:1"]).is_err());
+        // No trust is not a usage error with a state directory: the receiver's own
+        // certificate may be found there (main checks).
+        assert!(parse(&["-i", "a", "--state-dir", "/nowhere"]).is_ok());
         assert!(parse(&[
             "-i",
             "a",

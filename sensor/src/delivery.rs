@@ -6,13 +6,23 @@
 //!
 //! The session ends when every capture has ended and every batch is acknowledged: Stats,
 //! Goodbye, and the receiver's Goodbye.
+//!
+//! Only what the first connection of the process meets can be fatal: a certificate that
+//! does not verify, another protocol version, a refused token are then misconfiguration.
+//! Later, the same events may be forged by anyone on the path (Version Negotiation and
+//! Initial packets are not authenticated) or be a receiver's passing state, so they are
+//! logged as errors and retried with backoff, and nothing captured is given up.
+//!
+//! A receiver that cannot resume the session (`SESSION_REFUSED`: it ended, or the receiver
+//! lost it) gets a new one, with a new id and secret: what is held is sent again under it
+//! with the same sequence numbers (a new session may start at any sequence).
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use common::{ErrorCode, Goodbye, Message, Stats};
+use common::{ErrorCode, Goodbye, Hello, Message, Stats};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
@@ -20,6 +30,7 @@ use crate::batcher::Outgoing;
 use crate::capture::Stopper;
 use crate::error::{Error, Result};
 use crate::outbox::Outbox;
+use crate::spool::SessionKeys;
 use crate::stats::{Counters, LinkStats};
 use crate::transport::{Client, ConnectError, Link, LinkEvent};
 
@@ -37,9 +48,10 @@ const ERROR_GRACE: Duration = Duration::from_secs(1);
 
 /// Everything the session needs besides the connection.
 pub struct Input<'a> {
-    pub session_id: u64,
-    /// The Hello frame, sent first on every connection.
-    pub hello: Bytes,
+    /// The current session's id, shared with the batchers, which stamp it on new batches.
+    pub session_id: Arc<AtomicU64>,
+    /// Sent first on every connection.
+    pub hello: Hello,
     pub batches: mpsc::Receiver<Outgoing>,
     pub outbox: Outbox,
     pub counters: &'a [Arc<Counters>],
@@ -82,10 +94,16 @@ enum Conn {
 struct Session<'a> {
     input: Input<'a>,
     client: Arc<Client>,
+    /// The Hello, encoded.
+    hello_frame: Bytes,
+    /// Until the first connection attempt has an outcome: its failures are fatal.
+    first_connection: bool,
     conn: Conn,
     outcome: Outcome,
     /// The highest sequence sent on any connection: what goes again counts as resent.
     highest_sent: u64,
+    /// The highest sequence a receiver acknowledged or resumed after.
+    highest_acked: u64,
     backoff: Duration,
     /// Since when no connection has been up.
     down_since: Option<Instant>,
@@ -102,16 +120,18 @@ const FIRST_ATTEMPT_WAIT: Duration = Duration::from_secs(2);
 /// The session's connection side, once the first attempt is under way.
 pub struct Started {
     client: Arc<Client>,
+    hello_frame: Bytes,
     conn: Conn,
     since: Instant,
 }
 
 /// Starts connecting. Fails only when the first attempt fails for good (TLS verification,
 /// names, versions) within [`FIRST_ATTEMPT_WAIT`].
-pub async fn start(client: Client, hello: Bytes) -> Result<Started> {
+pub async fn start(client: Client, hello: &Hello) -> Result<Started> {
     let client = Arc::new(client);
     let since = Instant::now();
-    let mut task = spawn_connect(&client, hello);
+    let hello_frame = Message::Hello(hello.clone()).to_bytes();
+    let mut task = spawn_connect(&client, hello_frame.clone());
     let conn = match tokio::time::timeout(FIRST_ATTEMPT_WAIT, &mut task).await {
         Err(_) => Conn::Connecting(task),
         Ok(Ok(Err(e))) if e.permanent => return Err(e.error),
@@ -119,6 +139,7 @@ pub async fn start(client: Client, hello: Bytes) -> Result<Started> {
     };
     Ok(Started {
         client,
+        hello_frame,
         conn,
         since,
     })
@@ -128,22 +149,30 @@ pub async fn start(client: Client, hello: Bytes) -> Result<Started> {
 pub async fn run(started: Started, input: Input<'_>) -> (Outcome, Result<()>) {
     let Started {
         client,
+        hello_frame,
         conn,
         since,
     } = started;
     let mut s = Session {
         input,
         client,
+        hello_frame,
+        first_connection: true,
         conn,
         outcome: Outcome::default(),
         highest_sent: 0,
+        highest_acked: 0,
         backoff: FIRST_RETRY,
         down_since: Some(since),
         captures_done: false,
         stopping: None,
         goodbye_sent: false,
     };
+    s.count_damaged();
     let result = s.run().await;
+    if result.is_ok() && s.input.outbox.is_empty() {
+        s.input.outbox.end_session();
+    }
     if result.is_err() {
         for stop in s.input.stoppers {
             stop();
@@ -257,7 +286,10 @@ impl Session<'_> {
             }
             return;
         };
-        permit.send(out.batch.frame.clone());
+        permit.send(in_session(
+            &out.batch.frame,
+            self.input.session_id.load(Relaxed),
+        ));
         if out.sequence > self.highest_sent {
             self.highest_sent = out.sequence;
             self.outcome.batches += 1;
@@ -271,8 +303,25 @@ impl Session<'_> {
     async fn on_event(&mut self, event: LinkEvent) -> Result<bool> {
         match event {
             LinkEvent::Ack(sequence) => {
-                self.acknowledge(sequence)?;
-                if let Conn::Joining { .. } = self.conn {
+                let joining = matches!(self.conn, Conn::Joining { .. });
+                let known = self.highest_sent.max(self.highest_acked);
+                if acks_the_unsent(sequence, known, joining && self.first_connection) {
+                    self.new_session();
+                    let delay = self.disconnect();
+                    tracing::error!(
+                        "receiver {} acknowledged batch {sequence}, past the last this sensor \
+                         sent ({known}): another connection has taken over the session; \
+                         sending the {} batch(es) held under new session {:016x} in {:.1}s",
+                        self.client.remote(),
+                        self.input.outbox.len(),
+                        self.input.session_id.load(Relaxed),
+                        delay.as_secs_f64()
+                    );
+                    return Ok(false);
+                }
+                self.highest_acked = self.highest_acked.max(sequence);
+                self.acknowledge(sequence);
+                if joining {
                     let Conn::Joining { link, .. } = std::mem::replace(
                         &mut self.conn,
                         Conn::Down {
@@ -287,7 +336,7 @@ impl Session<'_> {
             }
             LinkEvent::Goodbye if self.goodbye_sent && self.input.outbox.is_empty() => Ok(true),
             LinkEvent::Goodbye => {
-                self.lost("receiver ended the session early".into());
+                self.lost("receiver ended the session early");
                 Ok(false)
             }
             LinkEvent::Refused { code, message } => self.refused(code, message).map(|()| false),
@@ -303,31 +352,33 @@ impl Session<'_> {
                     Ok(Some(LinkEvent::Refused { code, message })) => {
                         self.refused(code, message)?
                     }
-                    _ => self.lost(why),
+                    _ => self.lost(&why),
                 }
                 Ok(false)
             }
         }
     }
 
-    fn acknowledge(&mut self, sequence: u64) -> Result<()> {
+    fn acknowledge(&mut self, sequence: u64) {
         let counters = self.input.counters;
         let mut released = 0;
-        self.input
-            .outbox
-            .ack(sequence, |r| {
-                released += 1;
-                if let Some(c) = counters.get(usize::from(r.interface_id)) {
-                    c.acknowledged(r.batch.packets, r.batch.raw_len, r.batch.frame.len());
-                }
-            })
-            .map_err(|e| {
-                Error::runtime(format!(
-                    "the spool cannot be read back: {e}; its batches are lost"
-                ))
-            })?;
+        self.input.outbox.ack(sequence, |r| {
+            released += 1;
+            if let Some(c) = counters.get(usize::from(r.interface_id)) {
+                c.acknowledged(r.batch.packets, r.batch.raw_len, r.batch.frame.len());
+            }
+        });
         self.outcome.acked += released;
-        Ok(())
+        self.count_damaged();
+    }
+
+    /// Counts what damaged spool segments lost, as drops of their interfaces.
+    fn count_damaged(&mut self) {
+        for (i, lost) in self.input.outbox.take_damaged().into_iter().enumerate() {
+            if let Some(c) = self.input.counters.get(i) {
+                c.drop_spool.fetch_add(lost, Relaxed);
+            }
+        }
     }
 
     /// The receiver accepted the session and said where it resumes.
@@ -339,11 +390,12 @@ impl Session<'_> {
         {
             tracing::warn!(
                 "reconnected to receiver {}: it has every batch up to {resume}; sending {pending} held batch(es)",
-                self.client.remote
+                self.client.remote()
             );
         } else {
-            tracing::info!("connected to receiver {}", self.client.remote);
+            tracing::info!("connected to receiver {}", self.client.remote());
         }
+        self.first_connection = false;
         self.backoff = FIRST_RETRY;
         self.down_since = None;
         self.goodbye_sent = false;
@@ -356,22 +408,64 @@ impl Session<'_> {
     }
 
     fn refused(&mut self, code: ErrorCode, message: String) -> Result<()> {
-        if code == ErrorCode::SHUTTING_DOWN {
-            self.lost(message);
-            return Ok(());
+        let remote = self.client.remote();
+        match after_refusal(code, self.first_connection) {
+            AfterRefusal::Retry => self.lost(&message),
+            AfterRefusal::NewSession => {
+                self.new_session();
+                let delay = self.disconnect();
+                tracing::error!(
+                    "receiver {remote} cannot resume this session ({message}): sending the {} \
+                     batch(es) held under new session {:016x} in {:.1}s",
+                    self.input.outbox.len(),
+                    self.input.session_id.load(Relaxed),
+                    delay.as_secs_f64()
+                );
+            }
+            AfterRefusal::Stop => {
+                return Err(Error::runtime(format!(
+                    "receiver {remote} refused this sensor: {message}"
+                )))
+            }
+            AfterRefusal::RetryLoudly => {
+                let delay = self.disconnect();
+                tracing::error!(
+                    "receiver {remote} refused this sensor: {message}; it accepted it before, \
+                     so trying again in {:.1}s ({} batch(es) held)",
+                    delay.as_secs_f64(),
+                    self.input.outbox.len()
+                );
+            }
         }
-        if code == ErrorCode::UNAUTHENTICATED {
-            return Err(Error::runtime(format!(
-                "receiver {} refused this sensor: {message}",
-                self.client.remote
-            )));
-        }
-        // Version, link type, protocol: trying again would be refused again.
-        Err(Error::runtime(message))
+        Ok(())
+    }
+
+    /// A new session id and secret, for a receiver that cannot resume the old session.
+    fn new_session(&mut self) {
+        let id = rand::random();
+        self.input.hello.session_id = id;
+        self.input.hello.session_secret = rand::random();
+        self.input.session_id.store(id, Relaxed);
+        self.input.outbox.set_session(SessionKeys {
+            session_id: id,
+            secret: self.input.hello.session_secret,
+        });
+        self.hello_frame = Message::Hello(self.input.hello.clone()).to_bytes();
     }
 
     /// The connection is gone: try again after the backoff.
-    fn lost(&mut self, why: String) {
+    fn lost(&mut self, why: &str) {
+        let delay = self.disconnect();
+        tracing::warn!(
+            "receiver {}: {why}; reconnecting in {:.1}s ({} batch(es) held)",
+            self.client.remote(),
+            delay.as_secs_f64(),
+            self.input.outbox.len()
+        );
+    }
+
+    /// Closes the connection, if any, and schedules the next attempt; returns its delay.
+    fn disconnect(&mut self) -> Duration {
         if let Conn::Up(link) | Conn::Joining { link, .. } = std::mem::replace(
             &mut self.conn,
             Conn::Down {
@@ -385,19 +479,14 @@ impl Session<'_> {
         self.down_since.get_or_insert_with(Instant::now);
         self.goodbye_sent = false;
         let delay = self.next_delay();
-        tracing::warn!(
-            "receiver {}: {why}; reconnecting in {:.1}s ({} batch(es) held)",
-            self.client.remote,
-            delay.as_secs_f64(),
-            self.input.outbox.len()
-        );
         self.conn = Conn::Down {
             retry_at: Instant::now() + delay,
         };
+        delay
     }
 
     fn start_connecting(&mut self) {
-        self.conn = Conn::Connecting(spawn_connect(&self.client, self.input.hello.clone()));
+        self.conn = Conn::Connecting(spawn_connect(&self.client, self.hello_frame.clone()));
     }
 
     fn on_connected(&mut self, connected: Result<Link, ConnectError>) -> Result<()> {
@@ -409,15 +498,24 @@ impl Session<'_> {
                 };
                 Ok(())
             }
-            Err(e) if e.permanent => Err(e.error),
+            Err(e) if e.permanent && self.first_connection => Err(e.error),
             Err(e) => {
+                self.first_connection = false;
                 let delay = self.next_delay();
-                tracing::warn!(
-                    "{}; retrying in {:.1}s ({} batch(es) held)",
-                    e.error,
-                    delay.as_secs_f64(),
-                    self.input.outbox.len()
-                );
+                let held = self.input.outbox.len();
+                let wait = delay.as_secs_f64();
+                if e.permanent {
+                    // Accepted before, or unreachable at first: forged, or the path changed.
+                    tracing::error!(
+                        "{}; retrying in {wait:.1}s ({held} batch(es) held)",
+                        e.error
+                    );
+                } else {
+                    tracing::warn!(
+                        "{}; retrying in {wait:.1}s ({held} batch(es) held)",
+                        e.error
+                    );
+                }
                 self.conn = Conn::Down {
                     retry_at: Instant::now() + delay,
                 };
@@ -454,7 +552,7 @@ impl Session<'_> {
             tracing::warn!(
                 "receiver {} unreachable at the end (for {:.0}s): every batch was \
                  acknowledged, but the final statistics were not delivered",
-                self.client.remote,
+                self.client.remote(),
                 waited.as_secs_f64()
             );
             return Ok(());
@@ -462,7 +560,7 @@ impl Session<'_> {
         Err(Error::runtime(format!(
             "gave up on receiver {} after {:.0}s without a connection; {} batch(es) \
              unacknowledged are lost (see the summary)",
-            self.client.remote,
+            self.client.remote(),
             waited.as_secs_f64(),
             self.input.outbox.len()
         )))
@@ -470,7 +568,7 @@ impl Session<'_> {
 
     fn stats_frame(&self) -> Bytes {
         let stats = Stats {
-            session_id: self.input.session_id,
+            session_id: self.input.session_id.load(Relaxed),
             interfaces: self
                 .input
                 .counters
@@ -549,6 +647,117 @@ fn task_failed(e: tokio::task::JoinError) -> ConnectError {
     }
 }
 
+/// Whether an acknowledgement of `sequence` covers batches this sensor never sent on any
+/// connection, nor saw acknowledged (`known`): a receiver only acknowledges what it was
+/// sent, so someone else sent them under this session, and releasing the held batches of
+/// those numbers as delivered would lose them. The resume point of the process's first
+/// connection (`resuming`) is taken as it is: it may cover what a previous process of a
+/// resumed spool sent.
+fn acks_the_unsent(sequence: u64, known: u64, resuming: bool) -> bool {
+    !resuming && sequence > known
+}
+
+/// What the sensor does when the receiver refuses it.
+#[derive(Debug, PartialEq, Eq)]
+enum AfterRefusal {
+    /// A passing state of the receiver, which keeps the session: reconnect.
+    Retry,
+    /// The session cannot be resumed: start a new one and send what is held under it.
+    NewSession,
+    /// A misconfiguration met by the first connection: stop with its message.
+    Stop,
+    /// What stopped the first connection, met later: forged, or a receiver's mistake;
+    /// logged as an error and retried.
+    RetryLoudly,
+}
+
+fn after_refusal(code: ErrorCode, first_connection: bool) -> AfterRefusal {
+    match code {
+        ErrorCode::SHUTTING_DOWN | ErrorCode::UNAVAILABLE => AfterRefusal::Retry,
+        ErrorCode::SESSION_REFUSED => AfterRefusal::NewSession,
+        _ if first_connection => AfterRefusal::Stop,
+        _ => AfterRefusal::RetryLoudly,
+    }
+}
+
+/// `frame`, a batch, stamped with `session_id`: batches made before the session changed
+/// (see [`Session::new_session`]) are copied with the new id; the rest go as they are.
+fn in_session(frame: &Bytes, session_id: u64) -> Bytes {
+    let id_at = common::FRAME_HEADER_LEN..common::FRAME_HEADER_LEN + 8;
+    match frame.get(id_at.clone()) {
+        Some(id) if id != session_id.to_be_bytes() => {
+            let mut copy = BytesMut::from(&frame[..]);
+            copy[id_at].copy_from_slice(&session_id.to_be_bytes());
+            copy.freeze()
+        }
+        _ => frame.clone(),
+    }
+}
+
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_first_connection_stops_the_sensor() {
+        for code in [
+            ErrorCode::VERSION,
+            ErrorCode::UNSUPPORTED_LINK_TYPE,
+            ErrorCode::UNAUTHENTICATED,
+            ErrorCode::PROTOCOL,
+        ] {
+            assert_eq!(after_refusal(code, true), AfterRefusal::Stop, "{code:?}");
+            assert_eq!(
+                after_refusal(code, false),
+                AfterRefusal::RetryLoudly,
+                "{code:?}"
+            );
+        }
+        for first in [true, false] {
+            assert_eq!(
+                after_refusal(ErrorCode::UNAVAILABLE, first),
+                AfterRefusal::Retry
+            );
+            assert_eq!(
+                after_refusal(ErrorCode::SHUTTING_DOWN, first),
+                AfterRefusal::Retry
+            );
+            assert_eq!(
+                after_refusal(ErrorCode::SESSION_REFUSED, first),
+                AfterRefusal::NewSession
+            );
+        }
+    }
+
+    #[test]
+    fn an_ack_of_batches_never_sent_means_a_takeover() {
+        assert!(!acks_the_unsent(0, 0, false), "a new session");
+        assert!(!acks_the_unsent(7, 7, false));
+        assert!(acks_the_unsent(8, 7, false));
+        assert!(
+            !acks_the_unsent(500, 0, true),
+            "a resumed spool's first resume point"
+        );
+    }
+
+    #[test]
+    fn held_batches_are_restamped_with_a_new_session() {
+        let mut builder = common::BatchBuilder::new(1024);
+        let _ = builder.push(1, 60, common::Direction::Inbound, &[7u8; 60]);
+        let frame = builder.finish(0x1111, 42, 0).frame;
+        assert_eq!(in_session(&frame, 0x1111), frame, "same session: as it is");
+        let moved = in_session(&frame, 0x2222);
+        let mut buf = BytesMut::from(&moved[..]);
+        match common::decode_frame(&mut buf) {
+            Ok(Some(Message::Batch(batch))) => {
+                assert_eq!((batch.session_id, batch.sequence), (0x2222, 42));
+                assert_eq!(batch.packets().unwrap().count(), 1);
+            }
+            other => panic!("not a batch: {other:?}"),
+        }
+    }
 }

@@ -17,6 +17,11 @@ mod delivery;
 mod error;
 mod outbox;
 mod privileges;
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+mod seccomp;
 mod spool;
 mod stats;
 mod telemetry;
@@ -87,8 +92,11 @@ struct Prepared {
     tls: tls::ClientTls,
     token: Option<common::AuthToken>,
     remote: std::net::SocketAddr,
+    socket: std::net::UdpSocket,
     backends: Vec<Box<dyn capture::CaptureBackend>>,
-    session_id: u64,
+    sensor_id: String,
+    /// New, or resumed from the spool.
+    session: spool::SessionKeys,
     spool: Option<spool::Spool>,
 }
 
@@ -98,14 +106,15 @@ struct Prepared {
 /// sensor has one thread.
 fn prepare(cli: &Cli) -> Result<Prepared> {
     // Everything the user typed is checked before anything touches the network.
-    let trust = match cli.fingerprint {
-        Some(fp) => tls::Trust::Fingerprint(fp),
-        None => tls::Trust::CaFiles(cli.ca.clone()),
-    };
+    let (trust, token) = receiver_credentials(cli)?;
     let client_cert = cli.cert.as_deref().zip(cli.key.as_deref());
-    let token = cli.token_file.as_deref().map(tls::load_token).transpose()?;
     let tls = tls::client_config(&trust, client_cert)?;
-    let remote = transport::resolve(&cli.receiver)?;
+    let remote = transport::resolve(&cli.receiver())?;
+    let socket = transport::bind_socket(remote)?;
+    let local_port = socket
+        .local_addr()
+        .map_err(|e| Error::runtime(format!("cannot read the UDP socket's port: {e}")))?
+        .port();
     let source = match &cli.read {
         Some(path) => Source::File(path.clone()),
         None => Source::Interfaces(cli.iface.clone()),
@@ -113,42 +122,113 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
     let opts = capture::Options {
         snaplen: cli.snaplen,
         filter: cli.filter().map_err(Error::input)?,
-        exclude: matches!(source, Source::Interfaces(_)).then_some(remote),
+        exclude: matches!(source, Source::Interfaces(_)).then_some(capture::OwnFlow {
+            receiver: remote,
+            local_port,
+        }),
         ring_size: cli.ring_size,
         xdp_attach: cli.xdp_attach,
         afxdp: cli.afxdp(),
     };
+    let user = privileges::run_as(cli.user.as_ref())?;
     // Before any capture starts, so that a bad --spool-dir is the only thing said.
-    let session_id: u64 = rand::random();
-    let open_spool = || {
-        cli.spool_dir
-            .as_ref()
-            .map(|dir| {
-                spool::Spool::open(dir, session_id, cli.spool_size)
-                    .map_err(|e| Error::input(e.to_string()))
-            })
-            .transpose()
+    let new_spool_dir = match &cli.spool_dir {
+        Some(dir) => spool::prepare_dir(dir)
+            .map_err(|e| Error::input(e.to_string()))?
+            .then_some(dir.as_path()),
+        None => None,
     };
-    let new_spool_dir = cli.spool_dir.as_deref().filter(|dir| !dir.exists());
-    let mut spool = open_spool()?;
     let backends = capture::open(cli.mode, &source, &opts)?;
     let needs: Vec<privileges::Need> = backends
         .iter()
         .flat_map(|b| b.needs_after_attach())
         .collect();
-    privileges::give_up(cli.user.as_ref(), &needs, new_spool_dir)?;
-    if let Some(user) = &cli.user {
-        // The spool is written as --user: it must be able to.
-        spool = open_spool().map_err(|e| Error::input(format!("{e}, as --user {}", user.name)))?;
-    }
+    privileges::give_up(user.as_ref(), &needs, new_spool_dir)?;
+    #[cfg(all(
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
+    seccomp::restrict(
+        &backends
+            .iter()
+            .flat_map(|b| b.packet_sockets())
+            .collect::<Vec<_>>(),
+    )?;
+    // The spool is written as --user, and its files are that user's.
+    let sensor_id = cli
+        .sensor_id
+        .clone()
+        .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned());
+    let fresh = spool::SessionKeys {
+        session_id: rand::random(),
+        secret: rand::random(),
+    };
+    let spool = cli
+        .spool_dir
+        .as_ref()
+        .map(|dir| {
+            spool::Spool::open(dir, &sensor_id, fresh, cli.spool_size).map_err(|e| match &user {
+                Some(user) => Error::input(format!("{e}, as --user {}", user.name)),
+                None => Error::input(e.to_string()),
+            })
+        })
+        .transpose()?;
     Ok(Prepared {
         tls,
         token,
         remote,
+        socket,
         backends,
-        session_id,
+        sensor_id,
+        session: spool.as_ref().map_or(fresh, spool::Spool::session),
         spool,
     })
+}
+
+/// How the receiver is trusted and what token the Hello carries: as given, or else those of
+/// the receiver on this host, from its state directory, when they can be read.
+fn receiver_credentials(cli: &Cli) -> Result<(tls::Trust, Option<common::AuthToken>)> {
+    let local = cli
+        .uses_local_receiver()
+        .then(|| cli.state_dir.clone().or_else(cli::default_state_dir))
+        .flatten();
+    let readable = |name: &str| {
+        local
+            .as_ref()
+            .map(|dir| dir.join(name))
+            .filter(|path| std::fs::File::open(path).is_ok())
+    };
+    let trust = match cli.fingerprint {
+        Some(fp) => tls::Trust::Fingerprint(fp),
+        None if !cli.ca.is_empty() => tls::Trust::CaFiles(cli.ca.clone()),
+        None => match readable("receiver.crt") {
+            Some(cert) => tls::Trust::CaFiles(vec![cert]),
+            None => {
+                let looked = match &local {
+                    Some(dir) => format!("no readable receiver.crt in {}", dir.display()),
+                    None if cli.receiver.is_some() => {
+                        "a --receiver is trusted by --ca or --fingerprint, not by this \
+                         host's receiver.crt"
+                            .into()
+                    }
+                    None => "no per-user data directory here".into(),
+                };
+                return Err(Error::input(format!(
+                    "which receiver? give --receiver HOST:PORT and --ca FILE or --fingerprint \
+                     SHA256 (the receiver prints both when it starts), plus --token-file FILE \
+                     when the receiver asks for one ({looked}; --state-dir DIR names the state \
+                     directory of a receiver on this host)"
+                )));
+            }
+        },
+    };
+    let token = match &cli.token_file {
+        Some(path) => Some(tls::load_token(path)?),
+        None => readable("token")
+            .map(|path| tls::load_token(&path))
+            .transpose()?,
+    };
+    Ok((trust, token))
 }
 
 async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
@@ -156,10 +236,13 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
         tls,
         token,
         remote,
+        socket,
         mut backends,
-        session_id,
+        sensor_id,
+        session,
         spool,
     } = prepared;
+    let session_id = session.session_id;
     let counters: Vec<Arc<Counters>> = backends.iter().map(|_| Arc::default()).collect();
     let stoppers: Vec<Stopper> = backends.iter_mut().map(|b| b.stopper()).collect();
     let names: Vec<String> = backends.iter().map(|b| b.info().name.clone()).collect();
@@ -176,17 +259,36 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
         .collect();
 
     let hostname = gethostname::gethostname().to_string_lossy().into_owned();
+    let session_ids = Arc::new(std::sync::atomic::AtomicU64::new(session_id));
     let hello = common::Hello {
         version: common::PROTOCOL_VERSION,
         session_id,
-        session_secret: rand::random(),
-        sensor_id: cli.sensor_id.clone().unwrap_or_else(|| hostname.clone()),
+        session_secret: session.secret,
+        sensor_id,
         hostname,
         os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
         interfaces: backends.iter().map(|b| b.info().clone()).collect(),
         token,
     };
 
+    let first_sequence = spool.as_ref().map_or(1, spool::Spool::next_sequence);
+    if let Some(adopted) = spool.as_ref().map(spool::Spool::adopted) {
+        if adopted.batches > 0 || !adopted.lost_before.is_empty() {
+            tracing::warn!(
+                "spool: resuming session {session_id:016x} of a sensor that did not end it: \
+                 {} batch(es) ({} packets) to send again; {} batch(es) it held in memory are \
+                 lost (sent empty)",
+                adopted.batches,
+                adopted.packets.iter().sum::<u64>(),
+                adopted.lost_before.len() + adopted.lost_between + adopted.lost_after.len()
+            );
+        }
+        // Counted as matched here, so that what they deliver adds up.
+        for (c, n) in counters.iter().zip(&adopted.packets) {
+            c.matched
+                .fetch_add(*n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let outbox = Outbox::new(cli.buffer, spool);
 
     // Signals are caught from here on: a first one ends the session cleanly.
@@ -195,10 +297,9 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
 
     // The first attempt starts before capture, so that a wrong CA or fingerprint is
     // reported at once. An unreachable receiver is not fatal: batches wait for it.
-    let client = transport::Client::new(remote, cli.tls_name(), tls)?;
-    let hello = common::Message::Hello(hello).to_bytes();
+    let client = transport::Client::new(socket, cli.receiver(), remote, cli.tls_name(), tls)?;
     let started = tokio::select! {
-        started = delivery::start(client, hello.clone()) => started?,
+        started = delivery::start(client, &hello) => started?,
         _ = shutdown.notified() => {
             return Err(Error::runtime(format!(
                 "interrupted while connecting to receiver {remote}"
@@ -207,7 +308,13 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     };
 
     let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
-    let session = Session::new(session_id, tx, cli.batch_size, cli.flush_interval);
+    let session = Session::new(
+        Arc::clone(&session_ids),
+        first_sequence,
+        tx,
+        cli.batch_size,
+        cli.flush_interval,
+    );
     let mut threads = Vec::with_capacity(backends.len());
     for (i, backend) in backends.into_iter().enumerate() {
         let id = u16::try_from(i).map_err(|_| Error::input("too many interfaces"))?;
@@ -246,7 +353,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     let (outcome, result) = delivery::run(
         started,
         delivery::Input {
-            session_id,
+            session_id: Arc::clone(&session_ids),
             hello,
             batches: rx,
             outbox,
@@ -274,6 +381,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
 
     telemetry.abort();
     common::status::clear();
+    let session_id = session_ids.load(std::sync::atomic::Ordering::Relaxed);
     print_summary(session_id, &names, &counters, &link, &outcome);
     result?;
     joined.into_iter().collect::<Result<Vec<()>>>()?;

@@ -7,6 +7,11 @@
 //! ([`Outbox::has_room`]), the capture threads' channel fills, and live captures drop whole
 //! batches there, counted, before a sequence number is taken: the session never has a gap.
 //!
+//! A spool left by a sensor that was killed is adopted: its batches come first, with empty
+//! batches for the sequences that died in that sensor's memory. A damaged spool segment
+//! loses only its own batches: they are counted ("spool damaged") and replaced by empty
+//! batches, so that the session has no gap.
+//!
 //! No network I/O: the delivery loop drives it with plain calls, and tests do the same.
 
 use std::collections::VecDeque;
@@ -14,8 +19,8 @@ use std::io;
 
 use common::EncodedBatch;
 
-use crate::batcher::Outgoing;
-use crate::spool::{Spool, Spooled};
+use crate::batcher::{empty_batch, Outgoing};
+use crate::spool::{SessionKeys, Spool, Spooled};
 
 pub struct Outbox {
     /// Oldest first; the first `sent` of them went out on the current connection.
@@ -32,6 +37,8 @@ pub struct Outbox {
     sent: usize,
     /// Packets not yet acknowledged, by interface id.
     unacked_packets: Vec<u64>,
+    /// Packets lost to a damaged spool segment since last taken, by interface id.
+    damaged_packets: Vec<u64>,
 }
 
 /// What the receiver's acknowledgement released, for the counters.
@@ -41,8 +48,10 @@ pub struct Released<'a> {
 }
 
 impl Outbox {
+    /// `spool`: with what it adopted from a previous process, which goes first.
     pub fn new(max_memory: usize, spool: Option<Spool>) -> Self {
-        Self {
+        let adopted = spool.as_ref().map(|s| s.adopted().clone());
+        let mut outbox = Self {
             memory: VecDeque::new(),
             memory_bytes: 0,
             max_memory,
@@ -51,7 +60,21 @@ impl Outbox {
             overflow: VecDeque::new(),
             sent: 0,
             unacked_packets: Vec::new(),
+            damaged_packets: Vec::new(),
+        };
+        if let Some(adopted) = adopted {
+            outbox.unacked_packets = adopted.packets;
+            for sequence in adopted.lost_before {
+                outbox.keep_in_memory(empty_batch(sequence, 0));
+            }
+            outbox.refill();
+            for sequence in adopted.lost_after {
+                if let Err(e) = outbox.push(empty_batch(sequence, 0)) {
+                    tracing::error!("spool write failed: {e}");
+                }
+            }
         }
+        outbox
     }
 
     /// Whether another batch may come in. Memory may exceed its bound by one batch.
@@ -64,11 +87,13 @@ impl Outbox {
     /// refuses waits in memory behind it. A spool write error is returned for the log; the
     /// spool is then only read from.
     pub fn push(&mut self, out: Outgoing) -> io::Result<()> {
-        let iface = usize::from(out.interface_id);
-        if self.unacked_packets.len() <= iface {
-            self.unacked_packets.resize(iface + 1, 0);
+        *slot(&mut self.unacked_packets, out.interface_id) += u64::from(out.batch.packets);
+        if let Some(spool) = self.spool.as_mut() {
+            // So that a restarted sensor numbers after it (see `Spool::note`).
+            if let Err(e) = spool.note(out.sequence, 0) {
+                tracing::warn!("spool state write failed: {e}");
+            }
         }
-        self.unacked_packets[iface] += u64::from(out.batch.packets);
         let spooled = self.spool.as_ref().is_some_and(|s| !s.is_empty());
         if self.memory_bytes < self.max_memory && !spooled && self.overflow.is_empty() {
             self.keep_in_memory(out);
@@ -107,7 +132,7 @@ impl Outbox {
 
     /// The receiver has everything up to `sequence`: lets those batches go, reporting each
     /// to `released`, and refills memory from the spool.
-    pub fn ack(&mut self, sequence: u64, mut released: impl FnMut(Released)) -> io::Result<()> {
+    pub fn ack(&mut self, sequence: u64, mut released: impl FnMut(Released)) {
         while self.memory.front().is_some_and(|o| o.sequence <= sequence) {
             let Some(out) = self.memory.pop_front() else {
                 break;
@@ -122,15 +147,32 @@ impl Outbox {
                 batch: &out.batch,
             });
         }
-        self.refill()
+        if let Some(spool) = self.spool.as_mut() {
+            if let Err(e) = spool.note(0, sequence) {
+                tracing::warn!("spool state write failed: {e}");
+            }
+        }
+        self.refill();
     }
 
     /// Brings batches back into memory, oldest first: from the spool, then the overflow.
-    /// A spool that cannot be read back is an error: its batches are lost.
-    fn refill(&mut self) -> io::Result<()> {
+    /// The batches of a spool segment that cannot be read back are counted as damaged and
+    /// go as empty batches.
+    fn refill(&mut self) {
         while self.memory_bytes < self.max_memory {
-            let spooled = match self.spool.as_mut() {
-                Some(spool) => spool.pop()?,
+            let spooled = match self.spool.as_mut().map(Spool::pop) {
+                Some(Ok(spooled)) => spooled,
+                Some(Err(damaged)) => {
+                    tracing::error!("{damaged}: counted as dropped (spool damaged)");
+                    for lost in damaged.lost {
+                        let packets = u64::from(lost.packets);
+                        let unacked = slot(&mut self.unacked_packets, lost.interface_id);
+                        *unacked = unacked.saturating_sub(packets);
+                        *slot(&mut self.damaged_packets, lost.interface_id) += packets;
+                        self.keep_in_memory(empty_batch(lost.sequence, lost.interface_id));
+                    }
+                    continue;
+                }
                 None => None,
             };
             let out = match spooled {
@@ -150,7 +192,27 @@ impl Outbox {
             };
             self.keep_in_memory(out);
         }
-        Ok(())
+    }
+
+    /// Packets lost to damaged spool segments since the last call, by interface id.
+    pub fn take_damaged(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.damaged_packets)
+    }
+
+    /// The receiver could not resume the session: the spool's state names the new one.
+    pub fn set_session(&mut self, session: SessionKeys) {
+        if let Some(spool) = self.spool.as_mut() {
+            if let Err(e) = spool.set_session(session) {
+                tracing::warn!("spool state write failed: {e}");
+            }
+        }
+    }
+
+    /// The session ended with everything acknowledged: the spool forgets it.
+    pub fn end_session(&mut self) {
+        if let Some(spool) = self.spool.take() {
+            spool.finish();
+        }
     }
 
     /// A new connection: everything not acknowledged goes out again, oldest first.
@@ -181,6 +243,15 @@ impl Outbox {
     }
 }
 
+/// The counter of interface `id` in `counts`, grown to hold it.
+fn slot(counts: &mut Vec<u64>, id: u16) -> &mut u64 {
+    let i = usize::from(id);
+    if counts.len() <= i {
+        counts.resize(i + 1, 0);
+    }
+    &mut counts[i]
+}
+
 fn to_spooled(out: &Outgoing) -> Spooled {
     Spooled {
         sequence: out.sequence,
@@ -208,6 +279,13 @@ mod tests {
         }
     }
 
+    fn keys(session_id: u64) -> SessionKeys {
+        SessionKeys {
+            session_id,
+            secret: [1; 16],
+        }
+    }
+
     fn sequences(o: &mut Outbox) -> Vec<u64> {
         let mut out = Vec::new();
         while let Some(b) = o.next_unsent() {
@@ -226,12 +304,12 @@ mod tests {
         assert_eq!(sequences(&mut o), [1, 2, 3]);
         assert!(o.all_sent());
         let mut released = Vec::new();
-        o.ack(1, |r| released.push(r.batch.packets)).unwrap();
+        o.ack(1, |r| released.push(r.batch.packets));
         assert_eq!(released, [2]);
         assert_eq!(o.unacked_packets(0), 4);
         o.rewind();
         assert_eq!(sequences(&mut o), [2, 3]);
-        o.ack(3, |_| {}).unwrap();
+        o.ack(3, |_| {});
         assert!(o.is_empty());
         assert_eq!(o.unacked_packets(0), 0);
     }
@@ -245,14 +323,15 @@ mod tests {
         o.push(batch(3, 1, 100)).unwrap();
         assert!(!o.has_room());
         assert_eq!((o.unacked_packets(0), o.unacked_packets(1)), (2, 4));
-        o.ack(1, |_| {}).unwrap();
+        o.ack(1, |_| {});
         assert!(o.has_room());
     }
 
     #[test]
     fn spills_to_the_spool_in_order_and_comes_back() {
         let dir = std::env::temp_dir().join(format!("outbox-test-{}", std::process::id()));
-        let spool = Spool::open(&dir, 7, 64 << 20).unwrap();
+        crate::spool::prepare_dir(&dir).unwrap();
+        let spool = Spool::open(&dir, "outbox-a", keys(7), 64 << 20).unwrap();
         let mut o = Outbox::new(250, Some(spool));
         for seq in 1..=6 {
             o.push(batch(seq, 0, 100)).unwrap();
@@ -261,21 +340,27 @@ mod tests {
         assert_eq!(o.len(), 6);
         assert_eq!(sequences(&mut o), [1, 2, 3], "memory first");
         assert!(!o.all_sent());
-        o.ack(2, |_| {}).unwrap();
+        o.ack(2, |_| {});
         assert_eq!(
             sequences(&mut o),
             [4, 5],
             "refilled from the spool, oldest first"
         );
         o.push(batch(7, 0, 100)).unwrap();
-        o.ack(5, |_| {}).unwrap();
+        o.ack(5, |_| {});
         assert_eq!(sequences(&mut o), [6, 7]);
-        o.ack(7, |_| {}).unwrap();
+        o.ack(7, |_| {});
         assert!(o.is_empty());
         drop(o);
 
         // A spool too small for a second batch: the one it refuses waits behind it.
-        let spool = Spool::open(&dir, 8, 150).unwrap();
+        let spool = Spool::open(
+            &dir,
+            "outbox-b",
+            keys(8),
+            crate::spool::HEADER_LEN as u64 + 150,
+        )
+        .unwrap();
         let mut o = Outbox::new(100, Some(spool));
         for seq in 1..=3 {
             assert!(o.has_room());
@@ -286,12 +371,54 @@ mod tests {
             "memory and spool full, one batch overflowing"
         );
         assert_eq!(sequences(&mut o), [1]);
-        o.ack(1, |_| {}).unwrap();
+        o.ack(1, |_| {});
         assert_eq!(sequences(&mut o), [2]);
-        o.ack(2, |_| {}).unwrap();
+        o.ack(2, |_| {});
         assert!(o.has_room());
         assert_eq!(sequences(&mut o), [3]);
         drop(o);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A spool segment damaged on disk: its batches are counted as lost to it and go as
+    /// empty batches, so that the session has no gap; the outbox goes on.
+    #[test]
+    fn a_damaged_spool_segment_is_counted_and_sent_empty() {
+        let dir = std::env::temp_dir().join(format!("outbox-damaged-{}", std::process::id()));
+        crate::spool::prepare_dir(&dir).unwrap();
+        let spool = Spool::open(&dir, "outbox-c", keys(9), 64 << 20).unwrap();
+        let mut o = Outbox::new(250, Some(spool));
+        for seq in 1..=5 {
+            o.push(batch(seq, 1, 100)).unwrap();
+        }
+        assert_eq!(sequences(&mut o), [1, 2, 3]);
+        // Batches 4 and 5 are in the spool's one segment: damage it.
+        let segment = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "spool"))
+            .unwrap();
+        let mut data = std::fs::read(&segment).unwrap();
+        data[40] ^= 1;
+        std::fs::write(&segment, data).unwrap();
+        o.ack(3, |_| {});
+        assert_eq!(
+            o.take_damaged(),
+            [0, 4],
+            "interface 1 lost 2 batches of 2 packets"
+        );
+        assert_eq!(o.unacked_packets(1), 0);
+        let mut empty = Vec::new();
+        while let Some(b) = o.next_unsent() {
+            empty.push((b.sequence, b.batch.packets));
+            o.mark_sent();
+        }
+        assert_eq!(empty, [(4, 0), (5, 0)]);
+        o.push(batch(6, 1, 100)).unwrap();
+        assert_eq!(sequences(&mut o), [6]);
+        o.ack(6, |_| {});
+        assert!(o.is_empty());
+        o.end_session();
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

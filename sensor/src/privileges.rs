@@ -123,6 +123,31 @@ pub fn parse_user(_: &str) -> Result<User, String> {
     Err("--user is supported on Linux only".into())
 }
 
+/// Whom the sensor runs as once attached: `--user`, or `nobody` when started as root
+/// without it, so that a compromised sensor does not own root's files. `--user root` keeps
+/// root, explicitly (capabilities are dropped either way).
+#[cfg(target_os = "linux")]
+pub fn run_as(user: Option<&User>) -> Result<Option<User>> {
+    if user.is_some() || linux::current_uid() != 0 {
+        return Ok(user.cloned());
+    }
+    parse_user(DEFAULT_USER).map(Some).map_err(|e| {
+        crate::error::Error::input(format!(
+            "{e}: started as root, the sensor switches to user {DEFAULT_USER} once attached; \
+             give --user NAME, or --user root to stay root"
+        ))
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn run_as(user: Option<&User>) -> Result<Option<User>> {
+    Ok(user.cloned())
+}
+
+/// The user a sensor started as root runs as, without --user.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+const DEFAULT_USER: &str = "nobody";
+
 /// Gives up every privilege but the capabilities in `needs`, as `user` when given, and
 /// logs one line saying what is kept and why. `created`, a directory the sensor has just
 /// made (the spool's), is handed over to `user` first. Must run while the process has
@@ -313,7 +338,7 @@ mod linux {
         }
         if let Some(user) = user {
             if let Some(dir) = created {
-                std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid)).map_err(|e| {
+                hand_over(dir, user).map_err(|e| {
                     failed(&format!("hand {} over to user {user}", dir.display()), e)
                 })?;
             }
@@ -354,6 +379,17 @@ mod linux {
         Ok(())
     }
 
+    /// Gives the directory the sensor just made to `user`, through a descriptor of the
+    /// directory itself: a symlink swapped in for it is not followed.
+    fn hand_over(dir: &Path, user: &User) -> io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let fd = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(dir)?;
+        std::os::unix::fs::fchown(&fd, Some(user.uid), Some(user.gid))
+    }
+
     /// Switches to `user` and its primary group alone; with `keep_caps`, the permitted
     /// capabilities survive the switch (the effective ones are restored by the caller).
     fn switch_user(user: &User, keep_caps: bool) -> Result<()> {
@@ -391,7 +427,7 @@ mod linux {
         Ok(())
     }
 
-    fn current_uid() -> u32 {
+    pub(super) fn current_uid() -> u32 {
         // SAFETY: getuid cannot fail.
         unsafe { libc::getuid() }
     }

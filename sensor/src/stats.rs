@@ -17,6 +17,8 @@ pub struct Counters {
     pub drop_kernel: AtomicU64,
     pub drop_interface: AtomicU64,
     pub drop_buffer: AtomicU64,
+    /// Packets of spooled batches that could not be read back.
+    pub drop_spool: AtomicU64,
     /// Batches acknowledged, and their sizes before and after compression.
     pub batches: AtomicU64,
     pub raw_bytes: AtomicU64,
@@ -24,11 +26,12 @@ pub struct Counters {
 }
 
 impl Counters {
-    pub fn drops(&self) -> [(DropReason, u64); 3] {
+    pub fn drops(&self) -> [(DropReason, u64); 4] {
         [
             (DropReason::KERNEL_BUFFER, self.drop_kernel.load(Relaxed)),
             (DropReason::INTERFACE, self.drop_interface.load(Relaxed)),
             (DropReason::SENSOR_BUFFER, self.drop_buffer.load(Relaxed)),
+            (DropReason::SPOOL_DAMAGED, self.drop_spool.load(Relaxed)),
         ]
     }
 
@@ -114,7 +117,7 @@ mod tests {
         assert_eq!((s.matched, s.delivered, s.dropped()), (10, 7, 3));
         let line = c.summary_line("eth0", 0);
         assert!(line.contains("eth0: seen 0, matched 10, delivered 7, dropped 3"));
-        assert!(line.contains("sensor buffer full: 3), unacknowledged 0"));
+        assert!(line.contains("sensor buffer full: 3, spool damaged: 0), unacknowledged 0"));
         assert!(line.contains("compression ratio 2.50"));
         assert_eq!(ratio(1, 0), "-");
     }

@@ -23,7 +23,7 @@ struct InterfaceSeries {
     raw_bytes: Counter,
     wire_bytes: Counter,
     /// In the order of [`Counters::drops`].
-    drops: [Counter; 3],
+    drops: [Counter; 4],
 }
 
 pub struct Telemetry {
@@ -182,11 +182,11 @@ struct Totals {
 
 impl Totals {
     fn add(&mut self, matched: u64, delivered: u64, drops: &[(DropReason, u64)]) {
-        // Kernel and interface drops never reached the sensor: only its own buffer's are
-        // among the matched.
+        // Kernel and interface drops never reached the sensor: only its own buffer's and
+        // spool's are among the matched.
         let buffer_drops: u64 = drops
             .iter()
-            .filter(|(r, _)| *r == DropReason::SENSOR_BUFFER)
+            .filter(|(r, _)| matches!(*r, DropReason::SENSOR_BUFFER | DropReason::SPOOL_DAMAGED))
             .map(|(_, n)| n)
             .sum();
         self.matched += matched;

@@ -22,14 +22,20 @@ pub enum Trust {
     Fingerprint(Fingerprint),
 }
 
-/// The fingerprint a pinned verifier actually saw, kept so that a mismatch can be
-/// explained in the sensor's one-line error.
-pub type SeenFingerprint = Arc<Mutex<Option<Fingerprint>>>;
+/// What the last verification of the receiver's certificate saw: its fingerprint and the
+/// verifier's own error, kept so that a failed handshake is explained from the typed
+/// `rustls::Error` (QUIC carries only an alert code and text).
+#[derive(Debug, Default)]
+pub struct Verified {
+    pub fingerprint: Option<Fingerprint>,
+    pub error: Option<rustls::Error>,
+}
+
+pub type LastVerification = Arc<Mutex<Verified>>;
 
 pub struct ClientTls {
     pub config: rustls::ClientConfig,
-    /// Set when trusting by fingerprint.
-    pub seen: Option<SeenFingerprint>,
+    pub verification: LastVerification,
 }
 
 /// `client_cert`: the `--cert` and `--key` files to present, for a receiver that requires a
@@ -39,21 +45,25 @@ pub fn client_config(trust: &Trust, client_cert: Option<(&Path, &Path)>) -> Resu
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::runtime(format!("TLS setup failed: {e}")))?;
-    let (builder, seen) = match trust {
-        Trust::CaFiles(paths) => (builder.with_root_certificates(load_roots(paths)?), None),
-        Trust::Fingerprint(fp) => {
-            let seen = SeenFingerprint::default();
-            let verifier = PinnedCert {
-                expected: *fp,
-                algorithms: provider.signature_verification_algorithms,
-                seen: Arc::clone(&seen),
-            };
-            let builder = builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(verifier));
-            (builder, Some(seen))
-        }
+    let inner: Arc<dyn ServerCertVerifier> = match trust {
+        Trust::CaFiles(paths) => rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(load_roots(paths)?),
+            Arc::clone(&provider),
+        )
+        .build()
+        .map_err(|e| Error::input(format!("bad CA file(s): {e}")))?,
+        Trust::Fingerprint(fp) => Arc::new(PinnedCert {
+            expected: *fp,
+            algorithms: provider.signature_verification_algorithms,
+        }),
     };
+    let verification = LastVerification::default();
+    let builder = builder
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Recording {
+            inner,
+            last: Arc::clone(&verification),
+        }));
     let mut config = match client_cert {
         Some((cert, key)) => {
             let chain = load_pem_certs(
@@ -86,7 +96,10 @@ pub fn client_config(trust: &Trust, client_cert: Option<(&Path, &Path)>) -> Resu
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![common::ALPN.to_vec()];
-    Ok(ClientTls { config, seen })
+    Ok(ClientTls {
+        config,
+        verification,
+    })
 }
 
 fn load_roots(paths: &[PathBuf]) -> Result<RootCertStore> {
@@ -145,7 +158,6 @@ pub fn fingerprint_of(cert: &[u8]) -> Fingerprint {
 struct PinnedCert {
     expected: Fingerprint,
     algorithms: WebPkiSupportedAlgorithms,
-    seen: SeenFingerprint,
 }
 
 impl ServerCertVerifier for PinnedCert {
@@ -157,11 +169,7 @@ impl ServerCertVerifier for PinnedCert {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let got = fingerprint_of(end_entity);
-        if let Ok(mut seen) = self.seen.lock() {
-            *seen = Some(got);
-        }
-        if got == self.expected {
+        if fingerprint_of(end_entity) == self.expected {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
@@ -194,6 +202,61 @@ impl ServerCertVerifier for PinnedCert {
     }
 }
 
+/// Verifies with `inner` and records what it saw (see [`Verified`]).
+#[derive(Debug)]
+struct Recording {
+    inner: Arc<dyn ServerCertVerifier>,
+    last: LastVerification,
+}
+
+impl ServerCertVerifier for Recording {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let result = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
+        if let Ok(mut last) = self.last.lock() {
+            *last = Verified {
+                fingerprint: Some(fingerprint_of(end_entity)),
+                error: result.as_ref().err().cloned(),
+            };
+        }
+        result
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,10 +274,13 @@ mod tests {
     fn pinned_verifier_checks_the_fingerprint() {
         let cert = CertificateDer::from(b"not really a certificate".to_vec());
         let fp = fingerprint_of(cert.as_ref());
-        let v = PinnedCert {
-            expected: fp,
-            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
-            seen: SeenFingerprint::default(),
+        let v = Recording {
+            inner: Arc::new(PinnedCert {
+                expected: fp,
+                algorithms: rustls::crypto::ring::default_provider()
+                    .signature_verification_algorithms,
+            }),
+            last: LastVerification::default(),
         };
         let name = ServerName::try_from("localhost").unwrap();
         assert!(v
@@ -224,9 +290,13 @@ mod tests {
         assert!(v
             .verify_server_cert(&other, &[], &name, &[], UnixTime::now())
             .is_err());
+        let last = v.last.lock().unwrap();
+        assert_eq!(last.fingerprint, Some(fingerprint_of(other.as_ref())));
         assert_eq!(
-            *v.seen.lock().unwrap(),
-            Some(fingerprint_of(other.as_ref()))
+            last.error,
+            Some(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure
+            ))
         );
         assert!(!v.supported_verify_schemes().is_empty());
     }
@@ -236,7 +306,6 @@ mod tests {
         let fp = Fingerprint([0; 32]);
         let tls = client_config(&Trust::Fingerprint(fp), None).unwrap();
         assert_eq!(tls.config.alpn_protocols, [common::ALPN.to_vec()]);
-        assert!(tls.seen.is_some());
         assert!(tls
             .config
             .crypto_provider()

@@ -4,7 +4,7 @@
 //! delivery loop ([`crate::delivery`]) makes a new one.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -13,9 +13,9 @@ use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
 
-use crate::cli::{Fingerprint, ReceiverAddr};
+use crate::cli::ReceiverAddr;
 use crate::error::{Error, Result};
-use crate::tls::{ClientTls, SeenFingerprint};
+use crate::tls::{ClientTls, LastVerification};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEP_ALIVE: Duration = Duration::from_secs(2);
@@ -26,14 +26,15 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// delivery loop takes in batches.
 const FRAMES_AHEAD: usize = 8;
 
-/// Finds the receiver's address: an IP literal as is, a name through the resolver. It
-/// blocks: the sensor resolves before its async runtime starts (see `prepare` in main.rs).
+/// Finds the receiver's address: an IP literal as is, a name through the resolver, its
+/// IPv4 addresses first (IPv4 loopback works where IPv6 is disabled; `localhost` has both).
+/// It blocks: the sensor resolves before its async runtime starts (see `prepare` in main.rs).
 pub fn resolve(addr: &ReceiverAddr) -> Result<SocketAddr> {
     use std::net::ToSocketAddrs;
     if let Ok(ip) = addr.host.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, addr.port));
     }
-    let mut found = (addr.host.as_str(), addr.port)
+    let found = (addr.host.as_str(), addr.port)
         .to_socket_addrs()
         .map_err(|e| {
             Error::runtime(format!(
@@ -41,12 +42,34 @@ pub fn resolve(addr: &ReceiverAddr) -> Result<SocketAddr> {
                 addr.host
             ))
         })?;
-    found.next().ok_or_else(|| {
+    preferred(found, None).ok_or_else(|| {
         Error::runtime(format!(
             "receiver host {} has no address (check the name, or give an IP address)",
             addr.host
         ))
     })
+}
+
+/// The address to use among a name's: one of `family`'s (that of the bound socket) when
+/// given, IPv4 before IPv6.
+fn preferred(found: impl Iterator<Item = SocketAddr>, family: Option<bool>) -> Option<SocketAddr> {
+    let mut found: Vec<SocketAddr> = found
+        .filter(|a| family.is_none_or(|v4| a.is_ipv4() == v4))
+        .collect();
+    found.sort_by_key(|a| !a.is_ipv4());
+    found.first().copied()
+}
+
+/// The UDP socket of every connection of the process, bound before the captures are
+/// attached so that the filter can leave out exactly this flow (its local port).
+pub fn bind_socket(remote: SocketAddr) -> Result<std::net::UdpSocket> {
+    // The receiver's address family, so that IPv4 works on hosts without IPv6.
+    let local: SocketAddr = match remote {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    std::net::UdpSocket::bind(local)
+        .map_err(|e| Error::runtime(format!("cannot open a UDP socket on {local}: {e}")))
 }
 
 /// What a connection's tasks report to the delivery loop.
@@ -66,7 +89,9 @@ pub enum LinkEvent {
 /// Why a connection attempt failed, and whether trying again can help.
 pub struct ConnectError {
     pub error: Error,
-    /// TLS verification, names and protocol mismatches do not fix themselves.
+    /// TLS verification, names and protocol mismatches: a misconfiguration when the first
+    /// connection meets them, which does not fix itself. Later, anyone on the path can fake
+    /// them, so they are retried then (see [`crate::delivery`]).
     pub permanent: bool,
 }
 
@@ -77,18 +102,30 @@ pub struct Link {
     pub events: mpsc::Receiver<LinkEvent>,
 }
 
-/// The client side of every connection of a session.
+/// The client side of every connection of the process.
 pub struct Client {
     endpoint: Endpoint,
     config: quinn::ClientConfig,
-    seen: Option<SeenFingerprint>,
-    pub remote: SocketAddr,
+    verification: LastVerification,
+    receiver: ReceiverAddr,
+    /// The address of the last attempt: the receiver's name is resolved again before each.
+    remote: Mutex<SocketAddr>,
     server_name: String,
 }
 
 impl Client {
-    pub fn new(remote: SocketAddr, server_name: &str, tls: ClientTls) -> Result<Self> {
-        let ClientTls { config, seen } = tls;
+    /// `socket`: from [`bind_socket`]; `remote`: the receiver's address found at start.
+    pub fn new(
+        socket: std::net::UdpSocket,
+        receiver: ReceiverAddr,
+        remote: SocketAddr,
+        server_name: String,
+        tls: ClientTls,
+    ) -> Result<Self> {
+        let ClientTls {
+            config,
+            verification,
+        } = tls;
         let quic = QuicClientConfig::try_from(config)
             .map_err(|e| Error::runtime(format!("TLS setup failed: {e}")))?;
         let mut client = quinn::ClientConfig::new(Arc::new(quic));
@@ -100,25 +137,59 @@ impl Client {
                 .map_err(|_| Error::runtime("invalid QUIC idle timeout"))?,
         ));
         client.transport_config(Arc::new(transport));
-        // Bind to the receiver's address family, so that IPv4 works on hosts without IPv6.
-        let local: SocketAddr = match remote {
-            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let endpoint = Endpoint::client(local)
-            .map_err(|e| Error::runtime(format!("cannot open a UDP socket on {local}: {e}")))?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| Error::runtime("no async runtime for the QUIC endpoint"))?;
+        let endpoint = Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+            .map_err(|e| Error::runtime(format!("cannot open the QUIC endpoint: {e}")))?;
         Ok(Self {
             endpoint,
             config: client,
-            seen,
-            remote,
-            server_name: server_name.to_string(),
+            verification,
+            receiver,
+            remote: Mutex::new(remote),
+            server_name,
         })
+    }
+
+    /// The receiver's address of the last attempt.
+    pub fn remote(&self) -> SocketAddr {
+        *self.remote.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves the receiver's name again (DNS fail-over, a moved receiver), keeping the
+    /// last address when the resolver fails or has none of the socket's family.
+    async fn resolve_again(&self) -> SocketAddr {
+        let last = self.remote();
+        if self.receiver.host.parse::<IpAddr>().is_ok() {
+            return last;
+        }
+        let found =
+            tokio::net::lookup_host((self.receiver.host.as_str(), self.receiver.port)).await;
+        let now = match found {
+            Ok(found) => preferred(found, Some(last.is_ipv4())),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot resolve receiver host {} again: {e}; trying {last}",
+                    self.receiver.host
+                );
+                None
+            }
+        };
+        let now = now.unwrap_or(last);
+        if now != last {
+            tracing::warn!(
+                "receiver host {} is now at {now} (was {last}); the capture filter still \
+                 leaves out only the flow to {last}",
+                self.receiver.host
+            );
+            *self.remote.lock().unwrap_or_else(|e| e.into_inner()) = now;
+        }
+        now
     }
 
     /// Connects, opens the session's stream and sends `hello` first on it.
     pub async fn connect(&self, hello: Bytes) -> Result<Link, ConnectError> {
-        let remote = self.remote;
+        let remote = self.resolve_again().await;
         let connecting = self
             .endpoint
             .connect_with(self.config.clone(), remote, &self.server_name)
@@ -131,7 +202,7 @@ impl Client {
             })?;
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(handshake_error(remote, e, self.seen.as_ref())),
+            Ok(Err(e)) => return Err(handshake_error(remote, e, &self.verification)),
             Err(_) => {
                 return Err(ConnectError {
                     error: Error::runtime(format!(
@@ -323,7 +394,7 @@ fn refused_for_good(remote: SocketAddr, why: String) -> ConnectError {
 fn handshake_error(
     remote: SocketAddr,
     e: ConnectionError,
-    seen: Option<&SeenFingerprint>,
+    verification: &LastVerification,
 ) -> ConnectError {
     if let Some(why) = refusal_of_this_sensor(&e) {
         return refused_for_good(remote, why);
@@ -332,24 +403,50 @@ fn handshake_error(
         e,
         ConnectionError::TransportError(_) | ConnectionError::VersionMismatch
     );
+    let verified = verification.lock().ok().and_then(|mut v| {
+        let seen = std::mem::take(&mut *v);
+        seen.error.map(|err| (err, seen.fingerprint))
+    });
     ConnectError {
-        error: handshake_message(remote, e, seen),
+        error: handshake_message(remote, e, verified),
         permanent,
     }
 }
 
+/// The one line for a failed handshake; `verified`: the error this sensor's own check of
+/// the receiver's certificate returned, with the fingerprint it saw.
 fn handshake_message(
     remote: SocketAddr,
     e: ConnectionError,
-    seen: Option<&SeenFingerprint>,
+    verified: Option<(rustls::Error, Option<crate::cli::Fingerprint>)>,
 ) -> Error {
-    let seen: Option<Fingerprint> = seen.and_then(|s| s.lock().ok().and_then(|g| *g));
+    use rustls::CertificateError as Cert;
     let text = e.to_string();
-    if let (Some(got), true) = (seen, text.contains("ApplicationVerificationFailure")) {
+    if let Some((rustls::Error::InvalidCertificate(why), seen)) = verified {
+        let hint = match (why, seen) {
+            (Cert::ApplicationVerificationFailure, Some(got)) => {
+                return Error::runtime(format!(
+                    "TLS verification of receiver {remote} failed: its certificate has SHA-256 \
+                     fingerprint {got}, which does not match --fingerprint (compare with the \
+                     receiver's 'certificate ... SHA-256 fingerprint' line)"
+                ))
+            }
+            (Cert::UnknownIssuer | Cert::BadSignature, _) => {
+                "is --ca the receiver's certificate, or the CA that signed it? A receiver \
+                 presenting another certificate may also be an impostor in the path"
+            }
+            (Cert::Expired | Cert::NotValidYet, _)
+            | (Cert::ExpiredContext { .. } | Cert::NotValidYetContext { .. }, _) => {
+                "the receiver's certificate is outside its validity dates: check both clocks, \
+                 or renew it (`receiver certs init` renews one it made)"
+            }
+            (Cert::NotValidForName | Cert::NotValidForNameContext { .. }, _) => {
+                "pass --server-name with a name the certificate holds"
+            }
+            _ => "check --ca/--fingerprint",
+        };
         return Error::runtime(format!(
-            "TLS verification of receiver {remote} failed: its certificate has SHA-256 \
-             fingerprint {got}, which does not match --fingerprint (compare with the \
-             receiver's 'certificate ... SHA-256 fingerprint' line)"
+            "TLS handshake with receiver {remote} failed: {text} ({hint})"
         ));
     }
     match e {
@@ -358,16 +455,13 @@ fn handshake_message(
              port {} open?)",
             remote.port()
         )),
-        ConnectionError::TransportError(_) => {
-            let hint = if text.contains("UnknownIssuer") || text.contains("BadSignature") {
-                "is --ca the receiver's certificate, or the CA that signed it? A receiver \
-                 presenting another certificate may also be an impostor in the path"
-            } else if text.contains("certificate expired") || text.contains("not valid yet") {
-                "the receiver's certificate is outside its validity dates: check both clocks, \
-                 or renew it (`receiver certs init` renews one it made)"
-            } else if text.contains("not valid for name") || text.contains("NotValidForName") {
-                "pass --server-name with a name the certificate holds"
-            } else if text.contains("application protocol") {
+        ConnectionError::VersionMismatch => Error::runtime(format!(
+            "receiver at {remote} offers no QUIC version this sensor speaks (a Version \
+             Negotiation packet: another QUIC server there, or one forged on the path)"
+        )),
+        ConnectionError::TransportError(t) => {
+            // QUIC carries a TLS alert as error 0x100 + alert; 120: no_application_protocol.
+            let hint = if u64::from(t.code) == 0x100 + 120 {
                 "is this a Capstream receiver?"
             } else {
                 "check --ca/--fingerprint and the receiver's version"
@@ -406,9 +500,30 @@ mod tests {
     }
 
     #[test]
+    fn a_fingerprint_mismatch_names_the_fingerprint_seen() {
+        let remote: SocketAddr = "127.0.0.1:4433".parse().unwrap();
+        let verification = LastVerification::default();
+        *verification.lock().unwrap() = crate::tls::Verified {
+            fingerprint: Some(crate::cli::Fingerprint([0xab; 32])),
+            error: Some(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )),
+        };
+        // (quinn does not export its TransportError; the verifier's record decides.)
+        let e = handshake_error(remote, ConnectionError::VersionMismatch, &verification);
+        let text = e.error.to_string();
+        assert!(
+            text.contains(&"ab".repeat(32)) && text.contains("does not match --fingerprint"),
+            "{text}"
+        );
+        // Taken: the next failure is explained by its own verification.
+        assert!(verification.lock().unwrap().error.is_none());
+    }
+
+    #[test]
     fn a_refused_client_certificate_says_what_to_do_and_is_final() {
         let remote: SocketAddr = "127.0.0.1:4433".parse().unwrap();
-        let e = handshake_error(remote, closed_with_alert(116), None);
+        let e = handshake_error(remote, closed_with_alert(116), &LastVerification::default());
         assert!(e.permanent);
         let text = e.error.to_string();
         assert!(

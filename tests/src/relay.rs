@@ -1,5 +1,7 @@
 //! A faulty UDP relay for QUIC: one client on one side, one server on the other, and a
-//! chosen share of datagrams lost or held back so that later ones overtake them.
+//! chosen share of datagrams lost or held back so that later ones overtake them. It can
+//! also play an attacker on the path ([`Relay::answer`]): answer every client packet with
+//! a forged QUIC Version Negotiation, or hand the client to another server (an impostor).
 //!
 //! The relay learns its client from the datagrams it receives (the latest source wins, so a
 //! client that reconnects from a new port is followed) and forwards the server's answers to
@@ -123,9 +125,28 @@ impl Counters {
     }
 }
 
+/// What the relay does with the client's datagrams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Relay them to the server given at start.
+    Forward,
+    /// Answer each long-header (handshake) packet with a Version Negotiation packet that
+    /// offers no version the client speaks, as anyone on the path can; drop the rest.
+    VersionNegotiation,
+    /// Relay them to this server instead (and its answers back).
+    ForwardTo(SocketAddr),
+    /// Drop everything, both ways: a network partition.
+    Drop,
+    /// Answer each client Initial with a server Initial that closes the connection with
+    /// this TLS alert (a CONNECTION_CLOSE with error 0x100 + alert), as anyone who sees the
+    /// Initial can: its keys derive from the connection id it carries. Drop the rest.
+    CloseWithAlert(u8),
+}
+
 /// A running relay; stopped and joined on drop.
 pub struct Relay {
     addr: SocketAddr,
+    answer: Arc<Mutex<Answer>>,
     stop: Arc<AtomicBool>,
     counters: Arc<[Counters; 2]>,
     threads: Vec<JoinHandle<()>>,
@@ -168,6 +189,7 @@ impl Relay {
         let stop = Arc::new(AtomicBool::new(false));
         let counters: Arc<[Counters; 2]> = Arc::new(Default::default());
         let client = Arc::new(Mutex::new(None));
+        let answer = Arc::new(Mutex::new(Answer::Forward));
         let mut threads = Vec::new();
         for (direction, input, output) in [
             (Direction::ToServer, front.try_clone()?, back.try_clone()?),
@@ -178,6 +200,7 @@ impl Relay {
                 input,
                 output,
                 server,
+                answer: Arc::clone(&answer),
                 client: Arc::clone(&client),
                 faults,
                 counters: Arc::clone(&counters),
@@ -195,6 +218,7 @@ impl Relay {
         }
         Ok(Self {
             addr,
+            answer,
             stop,
             counters,
             threads,
@@ -204,6 +228,11 @@ impl Relay {
     /// The address clients send to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// From now on, answers the client's datagrams as `answer` says.
+    pub fn answer(&self, answer: Answer) {
+        *self.answer.lock().expect("answer lock") = answer;
     }
 
     pub fn stats(&self) -> RelayStats {
@@ -260,6 +289,7 @@ struct Pump {
     input: UdpSocket,
     output: UdpSocket,
     server: SocketAddr,
+    answer: Arc<Mutex<Answer>>,
     client: Arc<Mutex<Option<SocketAddr>>>,
     faults: Faults,
     counters: Arc<[Counters; 2]>,
@@ -281,12 +311,37 @@ impl Pump {
             let _ = self.input.set_read_timeout(Some(wait));
             match self.input.recv_from(&mut buf) {
                 Ok((n, from)) => {
+                    let server = match *self.answer.lock().expect("answer lock") {
+                        Answer::Forward => self.server,
+                        Answer::ForwardTo(other) => other,
+                        Answer::Drop => {
+                            counters.received.fetch_add(1, Relaxed);
+                            counters.dropped.fetch_add(1, Relaxed);
+                            continue;
+                        }
+                        forged @ (Answer::VersionNegotiation | Answer::CloseWithAlert(_)) => {
+                            if self.direction == Direction::ToServer {
+                                counters.received.fetch_add(1, Relaxed);
+                                counters.dropped.fetch_add(1, Relaxed);
+                                let answer = match forged {
+                                    Answer::CloseWithAlert(alert) => {
+                                        initial_close(&buf[..n], alert)
+                                    }
+                                    _ => version_negotiation(&buf[..n]),
+                                };
+                                if let Some(answer) = answer {
+                                    let _ = self.input.send_to(&answer, from);
+                                }
+                            }
+                            continue;
+                        }
+                    };
                     let to = match self.direction {
                         Direction::ToServer => {
                             *self.client.lock().expect("client lock") = Some(from);
-                            Some(self.server)
+                            Some(server)
                         }
-                        Direction::ToClient if from != self.server => continue,
+                        Direction::ToClient if from != server => continue,
                         Direction::ToClient => *self.client.lock().expect("client lock"),
                     };
                     counters.received.fetch_add(1, Relaxed);
@@ -325,6 +380,127 @@ impl Pump {
             }
         }
     }
+}
+
+/// The Version Negotiation packet (RFC 9000, 17.2.1) a server would send in answer to the
+/// long-header packet `datagram`, offering only a reserved version no client speaks; `None`
+/// for a short-header or truncated packet.
+pub fn version_negotiation(datagram: &[u8]) -> Option<Vec<u8>> {
+    let first = *datagram.first()?;
+    if first & 0x80 == 0 {
+        return None;
+    }
+    let dcid_len = usize::from(*datagram.get(5)?);
+    let dcid = datagram.get(6..6 + dcid_len)?;
+    let scid_len = usize::from(*datagram.get(6 + dcid_len)?);
+    let scid = datagram.get(7 + dcid_len..7 + dcid_len + scid_len)?;
+    let mut vn = vec![0x80 | (first & 0x7f), 0, 0, 0, 0];
+    // The client's source connection id is the destination here, and the other way round.
+    vn.push(scid_len as u8);
+    vn.extend_from_slice(scid);
+    vn.push(dcid_len as u8);
+    vn.extend_from_slice(dcid);
+    // A reserved version (0x?a?a?a?a), to exercise negotiation.
+    vn.extend_from_slice(&0x1a2a_3a4a_u32.to_be_bytes());
+    Some(vn)
+}
+
+/// QUIC v1's salt for Initial secrets (RFC 9001, 5.2).
+const INITIAL_SALT: [u8; 20] = [
+    0x38, 0x76, 0x2c, 0xf7, 0xf5, 0x59, 0x34, 0xb3, 0x4d, 0x17, 0x9a, 0xe6, 0xa4, 0xc8, 0x0c, 0xad,
+    0xcc, 0xbb, 0x7f, 0x0a,
+];
+
+/// An output length for HKDF-Expand.
+struct Len(usize);
+
+impl ring::hkdf::KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+/// TLS 1.3 HKDF-Expand-Label with an empty context (RFC 8446, 7.1).
+fn expand_label(prk: &ring::hkdf::Prk, label: &str, len: usize) -> Vec<u8> {
+    let full = format!("tls13 {label}");
+    let info = [
+        &(len as u16).to_be_bytes()[..],
+        &[full.len() as u8],
+        full.as_bytes(),
+        &[0],
+    ];
+    let mut out = vec![0u8; len];
+    prk.expand(&info, Len(len))
+        .and_then(|okm| okm.fill(&mut out))
+        .expect("HKDF lengths are valid");
+    out
+}
+
+/// A QUIC variable-length integer (RFC 9000, 16), in two bytes (values below 16384).
+fn varint2(v: u16) -> [u8; 2] {
+    (0x4000 | v).to_be_bytes()
+}
+
+/// The server Initial packet (RFC 9000 17.2.2, protected as RFC 9001 5 says) that answers
+/// the client Initial `datagram` with a CONNECTION_CLOSE carrying TLS alert `alert`; `None`
+/// when `datagram` is not a QUIC v1 Initial.
+pub fn initial_close(datagram: &[u8], alert: u8) -> Option<Vec<u8>> {
+    use ring::aead::{quic, Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
+    use ring::hkdf::{Salt, HKDF_SHA256};
+    let first = *datagram.first()?;
+    // Long header, type Initial (0), version 1.
+    if first & 0xb0 != 0x80 || datagram.get(1..5)? != [0, 0, 0, 1] {
+        return None;
+    }
+    let dcid_len = usize::from(*datagram.get(5)?);
+    let client_dcid = datagram.get(6..6 + dcid_len)?;
+    let scid_len = usize::from(*datagram.get(6 + dcid_len)?);
+    let client_scid = datagram.get(7 + dcid_len..7 + dcid_len + scid_len)?;
+
+    let initial = Salt::new(HKDF_SHA256, &INITIAL_SALT).extract(client_dcid);
+    let server = expand_label(&initial, "server in", 32);
+    let server = ring::hkdf::Prk::new_less_safe(HKDF_SHA256, &server);
+    let key = expand_label(&server, "quic key", 16);
+    let iv = expand_label(&server, "quic iv", 12);
+    let hp = expand_label(&server, "quic hp", 16);
+
+    // CONNECTION_CLOSE (0x1c): error 0x100 + alert, frame type 0, no reason; then PADDING
+    // so that there is a header protection sample.
+    let mut payload = vec![0x1c];
+    payload.extend_from_slice(&varint2(0x100 + u16::from(alert)));
+    payload.extend_from_slice(&[0, 0]);
+    payload.resize(32, 0);
+    let pn: u8 = 0;
+    let mut header = vec![0xc0, 0, 0, 0, 1, scid_len as u8];
+    // The client's source connection id is the destination here; the server picks its own
+    // (the client's original destination id will do).
+    header.extend_from_slice(client_scid);
+    header.push(dcid_len as u8);
+    header.extend_from_slice(client_dcid);
+    header.push(0); // no token
+    header.extend_from_slice(&varint2((1 + payload.len() + 16) as u16));
+    let pn_at = header.len();
+    header.push(pn);
+
+    let mut nonce = [0u8; 12];
+    nonce.copy_from_slice(&iv);
+    nonce[11] ^= pn;
+    let sealing = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &key).ok()?);
+    sealing
+        .seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&header),
+            &mut payload,
+        )
+        .ok()?;
+    let mut packet = header;
+    packet.extend_from_slice(&payload);
+    // Header protection: the sample starts 4 bytes after the packet number's start.
+    let hp = quic::HeaderProtectionKey::new(&quic::AES_128, &hp).ok()?;
+    let mask = hp.new_mask(packet.get(pn_at + 4..pn_at + 20)?).ok()?;
+    packet[0] ^= mask[0] & 0x0f;
+    packet[pn_at] ^= mask[1];
+    Some(packet)
 }
 
 #[cfg(test)]
@@ -453,5 +629,55 @@ mod tests {
         stop.store(true, Relaxed);
         echo.join().unwrap();
         assert_eq!((first.len(), second.len()), (10, 10), "{}", relay.stats());
+    }
+
+    #[test]
+    fn version_negotiation_mirrors_the_connection_ids() {
+        // Long header, version 1, DCID 8 bytes, SCID 4 bytes, then the rest of an Initial.
+        let mut initial = vec![0xc3, 0, 0, 0, 1, 8];
+        initial.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        initial.push(4);
+        initial.extend_from_slice(&[9, 10, 11, 12]);
+        initial.extend_from_slice(&[0u8; 20]);
+        let vn = version_negotiation(&initial).unwrap();
+        assert_eq!(
+            vn,
+            [
+                0xc3, 0, 0, 0, 0, 4, 9, 10, 11, 12, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0x1a, 0x2a, 0x3a,
+                0x4a
+            ]
+        );
+        assert_eq!(version_negotiation(&[0x43, 1, 2, 3]), None, "short header");
+        assert_eq!(version_negotiation(&initial[..10]), None, "truncated");
+    }
+
+    /// RFC 9001, Appendix A.1: the server's Initial keys for connection id 8394c8f03e515708.
+    #[test]
+    fn initial_keys_match_rfc_9001() {
+        use ring::hkdf::{Prk, Salt, HKDF_SHA256};
+        let dcid = [0x83, 0x94, 0xc8, 0xf0, 0x3e, 0x51, 0x57, 0x08];
+        let initial = Salt::new(HKDF_SHA256, &INITIAL_SALT).extract(&dcid);
+        let server = Prk::new_less_safe(HKDF_SHA256, &expand_label(&initial, "server in", 32));
+        let hex = |b: Vec<u8>| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        assert_eq!(
+            hex(expand_label(&server, "quic key", 16)),
+            "cf3a5331653c364c88f0f379b6067e37"
+        );
+        assert_eq!(
+            hex(expand_label(&server, "quic iv", 12)),
+            "0ac1493ca1905853b0bba03e"
+        );
+        assert_eq!(
+            hex(expand_label(&server, "quic hp", 16)),
+            "c206b8d9b9f0f37644430b490eeaa314"
+        );
+        // And a close is made for a v1 Initial only.
+        let mut initial_packet = vec![0xc3, 0, 0, 0, 1, 8];
+        initial_packet.extend_from_slice(&dcid);
+        initial_packet.push(0);
+        initial_packet.extend_from_slice(&[0u8; 40]);
+        assert!(initial_close(&initial_packet, 116).is_some());
+        initial_packet[4] = 2;
+        assert!(initial_close(&initial_packet, 116).is_none());
     }
 }

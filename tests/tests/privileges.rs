@@ -298,8 +298,9 @@ fn a_sensor_switched_to_nobody_captures_what_tcpdump_captures() {
     }
 }
 
-/// Without `--user` the sensor stays root, but with none of root's capabilities: its
+/// With `--user root` the sensor stays root, but with none of root's capabilities: its
 /// permitted, effective and bounding sets are the documented kept set, in every mode.
+/// (Started as root without `--user`, it runs as nobody: see the next test.)
 #[test]
 fn without_user_the_sensor_keeps_root_but_not_its_capabilities() {
     require_root();
@@ -309,7 +310,8 @@ fn without_user_the_sensor_keeps_root_but_not_its_capabilities() {
         let dir = Scratch::new("priv-root").unwrap();
         let (mut receiver, out) =
             Receiver::writing(Some(&lab.cap), &dir, "capture.pcap", &[]).unwrap();
-        let args = mode_args(mode, iface, "icmp");
+        let mut args = mode_args(mode, iface, "icmp");
+        args.extend(["--user", "root"]);
         let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
         let kept = kept_after_attach(mode);
         assert_privileges(&sensor, 0, 0, kept);
@@ -325,6 +327,35 @@ fn without_user_the_sensor_keeps_root_but_not_its_capabilities() {
             );
         }
         // And it captures.
+        ping_captured_then_stop(&lab, &out, &mut sensor);
+        receiver.stop().unwrap();
+    }
+}
+
+/// Started as root without `--user`, the sensor runs as nobody once attached, with only
+/// the documented kept capabilities and a seccomp filter, and captures.
+#[test]
+fn started_as_root_without_user_the_sensor_runs_as_nobody() {
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    let iface = lab.links[0].1.as_str();
+    for mode in ["pcap", "tc"] {
+        let dir = Scratch::new("priv-default").unwrap();
+        let (mut receiver, out) =
+            Receiver::writing(Some(&lab.cap), &dir, "capture.pcap", &[]).unwrap();
+        let args = mode_args(mode, iface, "icmp");
+        let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
+        assert_privileges(&sensor, NOBODY, NOBODY, kept_after_attach(mode));
+        assert!(
+            privileges_line(&sensor.stderr()).contains("running as nobody"),
+            "{}",
+            sensor.stderr()
+        );
+        // And every thread runs under the seccomp filter.
+        for task in std::fs::read_dir(format!("/proc/{}/task", sensor.pid())).unwrap() {
+            let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+            assert!(status.contains("Seccomp:\t2\n"), "{mode}: {status}");
+        }
         ping_captured_then_stop(&lab, &out, &mut sensor);
         receiver.stop().unwrap();
     }

@@ -77,8 +77,8 @@ pub struct Options {
     pub snaplen: u32,
     /// The user's filter expression, as given (empty: everything).
     pub filter: String,
-    /// The receiver's address, whose traffic live captures must not pick up.
-    pub exclude: Option<SocketAddr>,
+    /// The sensor's own flow to the receiver, which live captures must not pick up.
+    pub exclude: Option<OwnFlow>,
     /// Bytes of the kernel ring buffer of the eBPF modes (a power of two).
     pub ring_size: u32,
     pub xdp_attach: XdpAttach,
@@ -122,6 +122,16 @@ pub trait CaptureBackend: Send {
     /// The capabilities this capture still needs once attached, and why (see
     /// [`crate::privileges`]): none unless a mode says otherwise.
     fn needs_after_attach(&self) -> Vec<Need> {
+        Vec::new()
+    }
+
+    /// The packet sockets this capture keeps open once attached, which nothing may send
+    /// on or rebind from then on (see `crate::seccomp`).
+    #[cfg_attr(
+        not(target_os = "linux"),
+        allow(dead_code, reason = "the seccomp filter is Linux-only")
+    )]
+    fn packet_sockets(&self) -> Vec<std::os::raw::c_int> {
         Vec::new()
     }
 
@@ -209,30 +219,45 @@ fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBa
     }
 }
 
-/// The filter a live capture installs: the receiver's own QUIC traffic excluded FIRST, so
-/// that `vlan` or `mpls` in the user's expression keep their meaning (they shift the offsets
-/// of everything after them).
+/// The sensor's own QUIC flow: its UDP socket's local port and the receiver's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnFlow {
+    pub receiver: SocketAddr,
+    pub local_port: u16,
+}
+
+/// The filter a live capture installs: the sensor's own QUIC flow excluded FIRST, so that
+/// `vlan` or `mpls` in the user's expression keep their meaning (they shift the offsets of
+/// everything after them). Only that flow, both ways: other traffic to or from the
+/// receiver's port (an attack on it, say) is still captured.
 ///
 /// In classic BPF a load past the end of the packet rejects the packet outright, even under
 /// `not`. So every load of the exclusion is guarded by a length test: on a short or
 /// truncated frame the exclusion is simply false, and the user's filter alone decides, as
 /// it does for tcpdump.
-pub fn compose_filter(user: &str, exclude: Option<SocketAddr>) -> String {
+pub fn compose_filter(user: &str, exclude: Option<OwnFlow>) -> String {
     let user = user.trim();
-    let Some(addr) = exclude else {
+    let Some(OwnFlow {
+        receiver,
+        local_port: local,
+    }) = exclude
+    else {
         return user.to_string();
     };
-    let port = addr.port();
-    let own = match addr.ip().to_canonical() {
+    let port = receiver.port();
+    let ip = receiver.ip().to_canonical();
+    let flow = format!(
+        "((dst host {ip} and src port {local} and dst port {port}) or \
+         (src host {ip} and src port {port} and dst port {local}))"
+    );
+    let own = match ip {
         // Addresses end at byte 34; the UDP ports follow an IPv4 header of ihl*4 bytes.
-        IpAddr::V4(ip) => format!(
-            "not (ip and len >= 34 and udp and host {ip} \
-             and len >= 18 + ((ip[0] & 15) << 2) and udp port {port})"
+        IpAddr::V4(_) => format!(
+            "not (ip and len >= 34 and udp \
+             and len >= 18 + ((ip[0] & 15) << 2) and {flow})"
         ),
         // A fixed 40-byte header: addresses and ports end by byte 58.
-        IpAddr::V6(ip) => {
-            format!("not (ip6 and len >= 58 and udp and host {ip} and udp port {port})")
-        }
+        IpAddr::V6(_) => format!("not (ip6 and len >= 58 and udp and {flow})"),
     };
     if user.is_empty() {
         own
@@ -247,23 +272,64 @@ mod tests {
 
     #[test]
     fn filter_composition() {
-        let v4: SocketAddr = "127.0.0.1:4433".parse().unwrap();
-        let v6: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
-        let own_v4 = "not (ip and len >= 34 and udp and host 127.0.0.1 \
-                      and len >= 18 + ((ip[0] & 15) << 2) and udp port 4433)";
+        let flow = |addr: &str| {
+            Some(OwnFlow {
+                receiver: addr.parse().unwrap(),
+                local_port: 50000,
+            })
+        };
+        let own_v4 = "not (ip and len >= 34 and udp \
+                      and len >= 18 + ((ip[0] & 15) << 2) and \
+                      ((dst host 127.0.0.1 and src port 50000 and dst port 4433) or \
+                      (src host 127.0.0.1 and src port 4433 and dst port 50000)))";
         assert_eq!(compose_filter("", None), "");
         assert_eq!(compose_filter("port 53", None), "port 53");
-        assert_eq!(compose_filter("", Some(v4)), own_v4);
-        assert_eq!(compose_filter("  ", Some(v4)), own_v4);
+        assert_eq!(compose_filter("", flow("127.0.0.1:4433")), own_v4);
+        assert_eq!(compose_filter("  ", flow("127.0.0.1:4433")), own_v4);
         assert_eq!(
-            compose_filter("vlan and port 53", Some(v4)),
+            compose_filter("vlan and port 53", flow("127.0.0.1:4433")),
             format!("{own_v4} and (vlan and port 53)")
         );
         assert_eq!(
-            compose_filter("tcp or udp", Some(v6)),
-            "not (ip6 and len >= 58 and udp and host 2001:db8::1 and udp port 443) and (tcp or udp)"
+            compose_filter("tcp or udp", flow("[2001:db8::1]:443")),
+            "not (ip6 and len >= 58 and udp and \
+             ((dst host 2001:db8::1 and src port 50000 and dst port 443) or \
+             (src host 2001:db8::1 and src port 443 and dst port 50000))) and (tcp or udp)"
         );
-        let mapped: SocketAddr = "[::ffff:192.0.2.1]:1".parse().unwrap();
-        assert!(compose_filter("", Some(mapped)).contains("host 192.0.2.1 "));
+        let mapped = compose_filter("", flow("[::ffff:192.0.2.1]:1"));
+        assert!(mapped.contains("dst host 192.0.2.1 "), "{mapped}");
+    }
+
+    /// Only the sensor's own flow is left out: another peer of the receiver's port, or the
+    /// receiver's port answering someone else, is still captured (libpcap compiles and
+    /// runs the filter on crafted frames, as a live capture would).
+    #[test]
+    fn only_the_own_flow_is_excluded() {
+        let filter = compose_filter(
+            "udp",
+            Some(OwnFlow {
+                receiver: "192.0.2.10:4433".parse().unwrap(),
+                local_port: 50000,
+            }),
+        );
+        let capture = ::pcap::Capture::dead(::pcap::Linktype::ETHERNET).unwrap();
+        let program = capture.compile(&filter, true).unwrap();
+        let frame = |src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16| {
+            let mut f = vec![0u8; 14 + 20 + 8];
+            f[12..14].copy_from_slice(&[0x08, 0x00]);
+            f[14] = 0x45;
+            f[14 + 9] = 17;
+            f[14 + 12..14 + 16].copy_from_slice(&src);
+            f[14 + 16..14 + 20].copy_from_slice(&dst);
+            f[34..36].copy_from_slice(&sport.to_be_bytes());
+            f[36..38].copy_from_slice(&dport.to_be_bytes());
+            f
+        };
+        let (me, receiver, other) = ([198, 18, 0, 1], [192, 0, 2, 10], [198, 18, 0, 9]);
+        assert!(!program.filter(&frame(me, receiver, 50000, 4433)));
+        assert!(!program.filter(&frame(receiver, me, 4433, 50000)));
+        assert!(program.filter(&frame(other, receiver, 40000, 4433)));
+        assert!(program.filter(&frame(receiver, other, 4433, 40000)));
+        assert!(program.filter(&frame(me, receiver, 50001, 4433)));
     }
 }

@@ -120,6 +120,15 @@ impl PcapCapture {
 }
 
 impl CaptureBackend for PcapCapture {
+    #[cfg(unix)]
+    fn packet_sockets(&self) -> Vec<std::os::raw::c_int> {
+        use std::os::fd::AsRawFd;
+        match &self.handle {
+            Handle::Live(capture) => vec![capture.as_raw_fd()],
+            Handle::File(_) => Vec::new(),
+        }
+    }
+
     fn info(&self) -> &InterfaceInfo {
         &self.info
     }

@@ -295,6 +295,13 @@ impl EbpfCapture {
         };
         set_promiscuous(&packet_socket, ifindex)
             .map_err(|e| Error::runtime(format!("cannot put {iface} in promiscuous mode: {e}")))?;
+        // Maps the sensor has no more use for, closed: the programs that use them keep
+        // them alive. The program array stays open (the kernel empties one whose last
+        // descriptor closes), and the seccomp filter forbids updating it.
+        drop(ebpf.take_map(shared::SCRATCH_MAP));
+        if hook.name() != "afxdp" {
+            drop(ebpf.take_map(shared::XSKS_MAP));
+        }
 
         let ring = RingBuf::try_from(
             ebpf.take_map(shared::RING_MAP)
@@ -430,6 +437,10 @@ impl CaptureBackend for EbpfCapture {
     /// made with bpf() (TCX from 6.6, XDP from 5.9) are detached by closing them. Older
     /// kernels attach through netlink, and only a netlink request (CAP_NET_ADMIN) detaches
     /// the program, which would otherwise go on filtering after the sensor has gone.
+    fn packet_sockets(&self) -> Vec<std::os::raw::c_int> {
+        vec![self.packet_socket.as_raw_fd()]
+    }
+
     fn needs_after_attach(&self) -> Vec<Need> {
         let iface = &self.info.name;
         let mut needs = Vec::new();
