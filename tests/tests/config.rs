@@ -264,7 +264,14 @@ fn bad_config_files_and_variables_are_one_line_naming_the_place() {
         assert!(shown.contains(part), "{part}: {shown}");
     }
     std::fs::write(&file, "iface = \"lo\"\n").unwrap();
-    let e = refused("sensor", &["--config", &config, "--check-config"], &[]);
+    // On a host with no receiver of its own (an empty home, no state directory), nothing
+    // says where to send.
+    let home = arg(&dir.join("empty-home"));
+    let e = refused(
+        "sensor",
+        &["--config", &config, "--check-config"],
+        &[("HOME", home), ("XDG_DATA_HOME", String::new())],
+    );
     assert!(e.contains("--receiver"), "{e}");
 }
 
