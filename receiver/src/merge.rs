@@ -25,9 +25,13 @@ use std::time::{Duration, Instant};
 
 use common::PacketIter;
 
-use crate::sink::{OutPacket, Sink};
+use crate::sink::{Frontier, OutPacket, Sink};
 
 pub type SessionId = u64;
+
+/// A packet record's header on the wire (timestamp, lengths, direction): held memory counts
+/// it, so that a batch of empty packets is not free.
+const RECORD_HEADER_LEN: usize = 8 + 4 + 4 + 1;
 
 /// A source's next packet, as the heap orders sources.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -45,6 +49,8 @@ struct HeldBatch {
     arrived: Instant,
     /// Arrival order of the next packet.
     order: u64,
+    /// Its first records that are in the output (some by an earlier run of the receiver).
+    written: u64,
     packets: Peekable<PacketIter>,
 }
 
@@ -59,6 +65,8 @@ struct Source {
     written_key: Option<u64>,
     batches: VecDeque<HeldBatch>,
     written: Written,
+    /// A batch of which an earlier run wrote the first records: (sequence, records).
+    resumed_partial: Option<(u64, u64)>,
 }
 
 impl Source {
@@ -101,14 +109,17 @@ pub struct Written {
     pub late: u64,
     /// Written before the merge rules allowed, because held data passed the memory bound.
     pub forced: u64,
+    /// Sent again after a receiver restart but written by the earlier run: not repeated.
+    pub resumed: u64,
 }
 
 impl std::ops::AddAssign for Written {
     fn add_assign(&mut self, other: Self) {
-        self.packets += other.packets;
-        self.bytes += other.bytes;
-        self.late += other.late;
-        self.forced += other.forced;
+        self.packets = self.packets.saturating_add(other.packets);
+        self.bytes = self.bytes.saturating_add(other.bytes);
+        self.late = self.late.saturating_add(other.late);
+        self.forced = self.forced.saturating_add(other.forced);
+        self.resumed = self.resumed.saturating_add(other.resumed);
     }
 }
 
@@ -143,11 +154,21 @@ impl Merge {
     }
 
     /// A sensor joined; `interfaces` maps its interface ids to output interfaces. `resume`:
-    /// every batch up to it was delivered before (by an earlier session here).
-    pub fn add_session(&mut self, id: SessionId, interfaces: Vec<u32>, resume: Option<u64>) {
+    /// what the output holds of it already (written by an earlier session here, or by an
+    /// earlier run of the receiver): those batches, or first records of a batch, are not
+    /// written again when the sensor sends them.
+    pub fn add_session(&mut self, id: SessionId, interfaces: Vec<u32>, resume: Option<&Frontier>) {
         let sources = interfaces
             .into_iter()
-            .map(|interface| {
+            .enumerate()
+            .map(|(interface_id, interface)| {
+                let resumed_partial = resume
+                    .and_then(|r| {
+                        r.partial
+                            .iter()
+                            .find(|p| usize::from(p.interface_id) == interface_id)
+                    })
+                    .map(|p| (p.sequence, p.records));
                 let source = Source {
                     session: id,
                     interface,
@@ -155,6 +176,7 @@ impl Merge {
                     written_key: None,
                     batches: VecDeque::new(),
                     written: Written::default(),
+                    resumed_partial,
                 };
                 match self.free_sources.pop() {
                     Some(index) => {
@@ -173,10 +195,10 @@ impl Merge {
             Session {
                 sources,
                 held_batches: 0,
-                done: BTreeSet::new(),
-                acked: resume.unwrap_or(0),
+                done: resume.map_or_else(BTreeSet::new, |r| r.done.iter().copied().collect()),
+                acked: resume.map_or(0, |r| r.acked),
                 ack_changed: false,
-                received: resume,
+                received: resume.map(|r| r.acked),
                 idle: false,
             },
         );
@@ -195,6 +217,9 @@ impl Merge {
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
+        // Written already (the sensor sends it again after the receiver restarted): the
+        // connection passes only batches above what it was told, so only those are here.
+        let in_output = s.received.is_some() && (sequence <= s.acked || s.done.contains(&sequence));
         if s.received.is_none() {
             // The first batch of a resumed session: what came before went elsewhere.
             s.acked = sequence.saturating_sub(1);
@@ -203,23 +228,44 @@ impl Merge {
         let Some(&index) = s.sources.get(usize::from(interface_id)) else {
             return;
         };
-        let Some(newest) = packets.newest() else {
-            s.mark_done(sequence);
+        let Some(source) = self.sources.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
-        let Some(source) = self.sources.get_mut(index).and_then(Option::as_mut) else {
+        if in_output {
+            source.written.resumed = source.written.resumed.saturating_add(packets.len() as u64);
+            return;
+        }
+        let mut packets = packets;
+        let mut written = 0;
+        if let Some((partial, records)) = source.resumed_partial {
+            if partial <= sequence {
+                source.resumed_partial = None;
+            }
+            if partial == sequence {
+                // Its first records are in the output already.
+                for _ in 0..records {
+                    if packets.next().is_some() {
+                        written += 1;
+                    }
+                }
+                source.written.resumed = source.written.resumed.saturating_add(written);
+            }
+        }
+        let Some(newest) = packets.newest().filter(|_| packets.len() > 0) else {
+            s.mark_done(sequence);
             return;
         };
         s.held_batches += 1;
         source.newest = Some(source.newest.map_or(newest, |n| n.max(newest)));
-        self.held_bytes += packets.data_len();
+        self.held_bytes = self.held_bytes.saturating_add(packets.records_len());
         let order = self.next_order;
-        self.next_order += packets.len() as u64;
+        self.next_order = self.next_order.saturating_add(packets.len() as u64);
         let was_empty = source.batches.is_empty();
         source.batches.push_back(HeldBatch {
             sequence,
             arrived: now,
             order,
+            written,
             packets: packets.peekable(),
         });
         if was_empty {
@@ -274,6 +320,42 @@ impl Merge {
         self.sessions
             .get(&session)
             .is_none_or(|s| s.held_batches == 0)
+    }
+
+    /// The sessions it knows.
+    pub fn sessions(&self) -> impl Iterator<Item = SessionId> + '_ {
+        self.sessions.keys().copied()
+    }
+
+    /// How much of the session the output holds, once what was written is flushed: the
+    /// journal's record (the secret's hash is the caller's to fill in).
+    pub fn frontier(&self, session: SessionId) -> Option<Frontier> {
+        let s = self.sessions.get(&session)?;
+        let partial = s
+            .sources
+            .iter()
+            .enumerate()
+            .filter_map(|(interface_id, &index)| {
+                let source = self.sources[index].as_ref()?;
+                let interface_id = u16::try_from(interface_id).ok()?;
+                let (sequence, records) = match source.batches.front() {
+                    Some(b) if b.written > 0 => (b.sequence, b.written),
+                    _ => source.resumed_partial?,
+                };
+                Some(crate::sink::PartialBatch {
+                    interface_id,
+                    sequence,
+                    records,
+                })
+            })
+            .collect();
+        Some(Frontier {
+            session,
+            secret_hash: [0; 32],
+            acked: s.acked,
+            done: s.done.iter().copied().collect(),
+            partial,
+        })
     }
 
     /// Forgets a session once it is written.
@@ -362,6 +444,7 @@ impl Merge {
             return Ok(());
         };
         batch.order += 1;
+        batch.written += 1;
         sink.write_packet(&OutPacket {
             interface: source.interface,
             timestamp_ns: p.timestamp_ns,
@@ -369,16 +452,19 @@ impl Merge {
             direction: p.direction,
             data: &p.data,
         })?;
-        self.held_bytes -= p.data.len();
+        self.held_bytes = self
+            .held_bytes
+            .saturating_sub(RECORD_HEADER_LEN + p.data.len());
         let late = head.key < self.last_written_key;
         if !late {
             self.last_written_key = head.key;
         }
         source.written_key = Some(head.key);
-        source.written.packets += 1;
-        source.written.bytes += p.data.len() as u64;
-        source.written.forced += u64::from(forced);
-        source.written.late += u64::from(late);
+        let w = &mut source.written;
+        w.packets = w.packets.saturating_add(1);
+        w.bytes = w.bytes.saturating_add(p.data.len() as u64);
+        w.forced = w.forced.saturating_add(u64::from(forced));
+        w.late = w.late.saturating_add(u64::from(late));
         if batch.packets.peek().is_none() {
             let sequence = batch.sequence;
             source.batches.pop_front();
@@ -405,8 +491,11 @@ impl Merge {
 impl Session {
     fn mark_done(&mut self, sequence: u64) {
         self.done.insert(sequence);
-        while self.done.remove(&(self.acked + 1)) {
-            self.acked += 1;
+        while let Some(next) = self.acked.checked_add(1) {
+            if !self.done.remove(&next) {
+                break;
+            }
+            self.acked = next;
             self.ack_changed = true;
         }
     }
@@ -415,7 +504,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::{Sink, SinkInterface};
+    use crate::sink::{PartialBatch, Sink, SinkInterface};
     use common::{BatchBuilder, Direction, InterfaceStats, Message};
 
     /// Records what would be written.
@@ -607,7 +696,14 @@ mod tests {
         let mut m = Merge::new(Duration::ZERO, usize::MAX);
         let mut out = Recorder::default();
         // Resumed here: batches up to 4 were written before.
-        m.add_session(1, vec![0], Some(4));
+        m.add_session(
+            1,
+            vec![0],
+            Some(&Frontier {
+                acked: 4,
+                ..Frontier::default()
+            }),
+        );
         assert_eq!((m.acked(1), m.received(1)), (4, Some(4)));
         // New here, but its earlier batches went to another receiver.
         m.add_session(2, vec![1], None);
@@ -618,5 +714,96 @@ mod tests {
         acks.sort();
         assert_eq!(acks, [(1, 5), (2, 40)]);
         assert_eq!((m.written_on(2, 0), m.written_on(2, 1)), (1, 0));
+    }
+
+    /// After a restart, what the earlier run wrote (whole batches, a batch's first records)
+    /// is not written again when the sensor resends it, nor counted as duplicates.
+    #[test]
+    fn a_resumed_session_skips_what_an_earlier_run_wrote() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, usize::MAX);
+        let mut out = Recorder::default();
+        let resume = Frontier {
+            session: 1,
+            secret_hash: [1; 32],
+            acked: 2,
+            done: vec![4],
+            partial: vec![PartialBatch {
+                interface_id: 0,
+                sequence: 3,
+                records: 2,
+            }],
+        };
+        m.add_session(1, vec![0, 1], Some(&resume));
+        let mut expected = resume.clone();
+        expected.secret_hash = [0; 32];
+        assert_eq!(
+            m.frontier(1),
+            Some(expected),
+            "kept until the sensor resends"
+        );
+        assert_eq!(m.received(1), Some(2));
+        m.add_batch(1, 3, 0, packets(&[10, 20, 30, 40]), t0);
+        // Partly written now: two records of batch 3 (the earlier run's) are in.
+        assert_eq!(m.frontier(1).unwrap().partial, resume.partial);
+        m.add_batch(1, 4, 1, packets(&[25]), t0);
+        m.add_batch(1, 5, 1, packets(&[50]), t0);
+        m.drain_all(&mut out).unwrap();
+        assert_eq!(out.0, [(0, 30), (0, 40), (1, 50)]);
+        assert_eq!(m.take_acks(), [(1, 5)]);
+        let written = m.written(1);
+        assert_eq!((written.packets, written.resumed), (3, 3));
+        let frontier = m.frontier(1).unwrap();
+        assert_eq!(
+            (frontier.acked, frontier.done, frontier.partial),
+            (5, vec![], vec![])
+        );
+    }
+
+    /// The frontier of a batch written in part: its first records.
+    #[test]
+    fn the_frontier_names_a_batch_written_in_part() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, 0);
+        let mut out = Recorder::default();
+        m.add_session(1, vec![0], None);
+        m.add_session(2, vec![1], None);
+        m.add_batch(1, 7, 0, packets(&[1, 2, 3]), t0);
+        // Over the memory bound: all go but for want of a sink that takes them.
+        m.write_next(m.heads.peek().unwrap().0, &mut out, true)
+            .unwrap();
+        let frontier = m.frontier(1).unwrap();
+        assert_eq!(frontier.acked, 6);
+        assert_eq!(
+            frontier.partial,
+            [PartialBatch {
+                interface_id: 0,
+                sequence: 7,
+                records: 1
+            }]
+        );
+    }
+
+    /// Held memory counts each record's header: empty packets are not free.
+    #[test]
+    fn empty_packets_count_toward_held_bytes() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, usize::MAX);
+        m.add_session(1, vec![0], None);
+        m.add_session(2, vec![1], None);
+        let mut b = BatchBuilder::new(1 << 20);
+        for t in 0..100 {
+            let _ = b.push(t, 0, Direction::Unknown, &[]);
+        }
+        let frame = b.finish(1, 1, 0).frame;
+        let mut buf = bytes::BytesMut::from(&frame[..]);
+        let Ok(Some(Message::Batch(batch))) = common::decode_frame(&mut buf) else {
+            panic!("a batch");
+        };
+        m.add_batch(1, 1, 0, batch.packets().unwrap(), t0);
+        assert_eq!(m.held_bytes, 100 * RECORD_HEADER_LEN);
+        let mut out = Recorder::default();
+        m.drain_all(&mut out).unwrap();
+        assert_eq!(m.held_bytes, 0);
     }
 }

@@ -10,7 +10,7 @@ use common::{Hello, InterfaceInfo, PacketIter, Stats};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::merge::{Merge, SessionId};
-use crate::sink::{Sink, SinkInterface};
+use crate::sink::{Frontier, Sink, SinkInterface};
 use crate::stats::{Received, SensorSummary};
 use crate::telemetry::{Figures, SessionSeries, Telemetry};
 
@@ -131,10 +131,36 @@ pub struct Writer {
     to_notify: Vec<(oneshot::Sender<u64>, u64)>,
     summaries: Vec<SensorSummary>,
     telemetry: Telemetry,
+    /// Sessions an earlier run of the receiver wrote (from the output's journal), until
+    /// their sensors come back or [`SESSION_LINGER`] has passed.
+    resumable: HashMap<SessionId, (Frontier, Instant)>,
+    /// SHA-256 of each open session's secret, for the journal.
+    secrets: HashMap<SessionId, [u8; 32]>,
+    /// The test-only fault point: abort after this many flushes that wrote something.
+    abort_after_flush: Option<u64>,
+    flushes: u64,
 }
 
+/// The environment variable of the fault point, for tests only:
+/// `abort-after-flush:N` makes the receiver abort right after its Nth flush that wrote
+/// something, before acknowledging it (as a crash between write and acknowledgement).
+pub const FAULT_ENV: &str = "CAPSTREAM_FAULT";
+
 impl Writer {
-    pub fn new(sink: Box<dyn Sink>, reorder_window: Duration, retry_output: bool) -> Self {
+    pub fn new(mut sink: Box<dyn Sink>, reorder_window: Duration, retry_output: bool) -> Self {
+        let loaded = Instant::now();
+        let resumable: HashMap<SessionId, (Frontier, Instant)> = sink
+            .take_recovered()
+            .into_iter()
+            .map(|f| (f.session, (f, loaded)))
+            .collect();
+        if !resumable.is_empty() {
+            tracing::info!(
+                "the output's journal names {} sensor session(s) that may resume where the \
+                 previous run left them",
+                resumable.len()
+            );
+        }
         Self {
             sink,
             retry_output,
@@ -144,6 +170,10 @@ impl Writer {
             to_notify: Vec::new(),
             summaries: Vec::new(),
             telemetry: Telemetry::new(),
+            resumable,
+            secrets: HashMap::new(),
+            abort_after_flush: fault_point(),
+            flushes: 0,
         }
     }
 
@@ -354,10 +384,12 @@ impl Writer {
                 .map_err(|e| format!("the receiver cannot write its output: {e}"))?;
             interfaces.push(idx);
         }
-        // A session that ended here before: what it had delivered stays delivered.
-        let resume = self.finished.remove(&session);
-        self.merge.add_session(session, interfaces.clone(), resume);
-        let acked = resume.unwrap_or(0);
+        // A session that ended here before, or that an earlier run wrote: what it had
+        // delivered stays delivered.
+        let resume = self.resume_point(session, &hello.session_secret)?;
+        self.merge
+            .add_session(session, interfaces.clone(), resume.as_ref());
+        let acked = resume.as_ref().map_or(0, |r| r.acked);
         let (acks_tx, acks) = watch::channel(acked);
         self.sensors.insert(
             session,
@@ -378,9 +410,74 @@ impl Writer {
         );
         Ok(Attached {
             acked,
-            received: resume,
+            received: resume.map(|r| r.acked),
             acks,
         })
+    }
+
+    /// Where a session new to this writer starts: after what an earlier run wrote of it
+    /// (the journal's record, for the holder of its secret only), or what it delivered
+    /// before it ended here. Remembers the secret's hash for the journal.
+    fn resume_point(
+        &mut self,
+        session: SessionId,
+        secret: &[u8; 16],
+    ) -> Result<Option<Frontier>, String> {
+        let hash = secret_hash(secret);
+        if let Some((frontier, _)) = self.resumable.remove(&session) {
+            if frontier.secret_hash != hash {
+                self.resumable.insert(session, (frontier, Instant::now()));
+                return Err(format!(
+                    "session {session:016x} was opened with another secret; start a new one"
+                ));
+            }
+            self.secrets.insert(session, hash);
+            return Ok(Some(frontier));
+        }
+        self.secrets.insert(session, hash);
+        Ok(self.finished.remove(&session).map(|acked| Frontier {
+            session,
+            secret_hash: hash,
+            acked,
+            ..Frontier::default()
+        }))
+    }
+
+    /// Flushes, journaled: where every session (open, or written by an earlier run and not
+    /// back yet) stands once the flush is done goes into the output's journal first.
+    fn flush_journaled(&mut self) -> std::io::Result<bool> {
+        let now = Instant::now();
+        self.resumable
+            .retain(|_, (_, loaded)| now.saturating_duration_since(*loaded) < SESSION_LINGER);
+        if self.secrets.len() > self.sensors.len() {
+            let sensors = &self.sensors;
+            self.secrets.retain(|id, _| sensors.contains_key(id));
+        }
+        let (merge, secrets, resumable) = (&self.merge, &self.secrets, &self.resumable);
+        let mut frontiers = |out: &mut Vec<Frontier>| {
+            for id in merge.sessions() {
+                if let Some(mut frontier) = merge.frontier(id) {
+                    frontier.secret_hash = secrets.get(&id).copied().unwrap_or_default();
+                    out.push(frontier);
+                }
+            }
+            out.extend(resumable.values().map(|(f, _)| f.clone()));
+        };
+        self.sink.flush_journaled(&mut frontiers)
+    }
+
+    /// The fault point: a crash right after a write, before its acknowledgement.
+    fn flushed(&mut self, wrote: bool) {
+        if wrote {
+            self.flushes += 1;
+            if self.abort_after_flush == Some(self.flushes) {
+                eprintln!(
+                    "receiver: {FAULT_ENV}: aborting after flush {}",
+                    self.flushes
+                );
+                std::process::abort();
+            }
+        }
     }
 
     /// Closes the sessions that are done: left and written, or away for too long.
@@ -456,8 +553,12 @@ impl Writer {
     /// is tried again every second: meanwhile nothing is acknowledged, so the sensors keep
     /// their copies, and no event is taken in, so the sensors slow down and buffer.
     async fn commit(&mut self, stop: &mut watch::Receiver<bool>) -> Result<()> {
-        let Err(e) = self.sink.flush() else {
-            return Ok(());
+        let e = match self.flush_journaled() {
+            Ok(wrote) => {
+                self.flushed(wrote);
+                return Ok(());
+            }
+            Err(e) => e,
         };
         if !self.retry_output {
             return Err(e).context("writing the output");
@@ -474,8 +575,10 @@ impl Writer {
                 _ = tokio::time::sleep(OUTPUT_RETRY) => {}
                 _ = stop.changed() => {}
             }
+            // The journal written before the first try still describes this flush.
             match self.sink.flush() {
                 Ok(()) => {
+                    self.flushed(true);
                     tracing::warn!(
                         "the output is writable again after {:.0}s; resuming",
                         since.elapsed().as_secs_f64()
@@ -523,6 +626,34 @@ impl Writer {
         }
         for (done, acked) in self.to_notify.drain(..) {
             let _ = done.send(acked);
+        }
+    }
+}
+
+/// What the journal keeps of a session's secret: its SHA-256, never the secret.
+pub fn secret_hash(secret: &[u8; 16]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, secret);
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(digest.as_ref());
+    hash
+}
+
+/// The fault point asked for in [`FAULT_ENV`], read once.
+fn fault_point() -> Option<u64> {
+    let value = std::env::var(FAULT_ENV).ok()?;
+    match value
+        .strip_prefix("abort-after-flush:")
+        .and_then(|n| n.parse().ok())
+    {
+        Some(n) => {
+            tracing::warn!(
+                "{FAULT_ENV}={value}: this receiver aborts after flush {n} (tests only)"
+            );
+            Some(n)
+        }
+        None => {
+            tracing::warn!("{FAULT_ENV}={value} is not abort-after-flush:N; ignored");
+            None
         }
     }
 }

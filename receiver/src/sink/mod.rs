@@ -12,6 +12,7 @@ use std::io::{self, BufWriter, Write};
 
 use common::{Direction, InterfaceStats};
 
+pub use self::files::journal::{Frontier, PartialBatch};
 pub use self::pcap::PcapSink;
 pub use self::pcapng::PcapNgSink;
 pub use self::tee::Tee;
@@ -64,6 +65,21 @@ pub trait Sink: Send {
 
     /// Completes the output; it is valid afterwards even if no sensor ever came.
     fn finish(self: Box<Self>) -> io::Result<()>;
+
+    /// [`Self::flush`], after recording in the output's journal (files have one) what the
+    /// flush appends and, from `frontiers`, how much of each sensor session the output holds
+    /// once it is done. Returns whether anything was written.
+    fn flush_journaled(
+        &mut self,
+        _frontiers: &mut dyn FnMut(&mut Vec<Frontier>),
+    ) -> io::Result<bool> {
+        self.flush().map(|()| false)
+    }
+
+    /// What an earlier run's journal says the output holds of each session; taken once.
+    fn take_recovered(&mut self) -> Vec<Frontier> {
+        Vec::new()
+    }
 }
 
 /// A format writer over `W`: what a file or stdout holds.
@@ -75,8 +91,14 @@ pub enum FormatSink<W: Write> {
 impl<W: Write + Send> FormatSink<W> {
     /// Starts `format` on `out` (pcapng writes its section header now).
     pub fn new(format: Format, out: W) -> io::Result<Self> {
+        Self::continuing(format, out, None)
+    }
+
+    /// Goes on after what `out` holds: pcap records of `link_type` (its header is there
+    /// already when that is given), or a new pcapng section.
+    pub fn continuing(format: Format, out: W, link_type: Option<u16>) -> io::Result<Self> {
         Ok(match format {
-            Format::Pcap => Self::Pcap(PcapSink::new(out)),
+            Format::Pcap => Self::Pcap(PcapSink::continuing(out, link_type)),
             Format::Pcapng => Self::Pcapng(PcapNgSink::new(out)?),
         })
     }
@@ -93,6 +115,13 @@ impl<W: Write + Send> FormatSink<W> {
         match self {
             Self::Pcap(s) => s.output(),
             Self::Pcapng(s) => s.output(),
+        }
+    }
+
+    pub fn output_mut(&mut self) -> &mut W {
+        match self {
+            Self::Pcap(s) => s.output_mut(),
+            Self::Pcapng(s) => s.output_mut(),
         }
     }
 

@@ -21,14 +21,20 @@ pub struct PcapSink<W: Write> {
 
 impl<W: Write + Send> PcapSink<W> {
     pub fn new(out: W) -> Self {
-        Self {
-            out,
-            link_type: None,
-        }
+        Self::continuing(out, None)
+    }
+
+    /// Goes on after a header for `link_type` that `out` holds already, if given.
+    pub fn continuing(out: W, link_type: Option<u16>) -> Self {
+        Self { out, link_type }
     }
 
     pub fn output(&self) -> &W {
         &self.out
+    }
+
+    pub fn output_mut(&mut self) -> &mut W {
+        &mut self.out
     }
 
     pub fn into_output(self) -> W {

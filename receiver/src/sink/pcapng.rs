@@ -48,6 +48,10 @@ impl<W: Write + Send> PcapNgSink<W> {
         self.writer.get_ref()
     }
 
+    pub fn output_mut(&mut self) -> &mut W {
+        self.writer.get_mut()
+    }
+
     pub fn into_output(self) -> W {
         self.writer.into_inner()
     }

@@ -4,7 +4,7 @@ use std::io;
 
 use common::InterfaceStats;
 
-use super::{OutPacket, Sink, SinkInterface};
+use super::{Frontier, OutPacket, Sink, SinkInterface};
 
 pub struct Tee {
     outputs: Vec<Box<dyn Sink>>,
@@ -73,6 +73,24 @@ impl Sink for Tee {
 
     fn flush(&mut self) -> io::Result<()> {
         self.outputs.iter_mut().try_for_each(|o| o.flush())
+    }
+
+    fn flush_journaled(
+        &mut self,
+        frontiers: &mut dyn FnMut(&mut Vec<Frontier>),
+    ) -> io::Result<bool> {
+        let mut wrote = false;
+        for output in &mut self.outputs {
+            wrote |= output.flush_journaled(frontiers)?;
+        }
+        Ok(wrote)
+    }
+
+    fn take_recovered(&mut self) -> Vec<Frontier> {
+        self.outputs
+            .iter_mut()
+            .flat_map(|o| o.take_recovered())
+            .collect()
     }
 
     /// Completes every output; the first failure is returned once all were tried.

@@ -7,6 +7,8 @@
 //! the file that follows it.
 
 mod committed;
+mod existing;
+pub mod journal;
 pub mod naming;
 mod series;
 
@@ -16,10 +18,11 @@ use std::path::{Path, PathBuf};
 
 use common::InterfaceStats;
 
+use self::journal::{Extent, Journal};
 use self::naming::Pattern;
 pub use self::series::Rotation;
 use self::series::Series;
-use super::{FormatSink, OutPacket, Sink, SinkInterface};
+use super::{FormatSink, Frontier, OutPacket, Sink, SinkInterface};
 use crate::cli::Format;
 
 /// Called with each file once it is complete and closed: rotated out, or the last at exit.
@@ -62,12 +65,19 @@ pub struct Files {
     /// For each interface: its series and its index there.
     interfaces: Vec<(usize, u32)>,
     finished: Finished,
+    journal: Journal,
+    /// What the journal an earlier run left says, until the writer takes it.
+    recovered: Vec<Frontier>,
+    /// The extents of the flush under way, kept for their allocation.
+    extents: Vec<Extent>,
 }
 
 impl Files {
-    /// Opens the output. One file for all sensors is created now, so that a bad path is
-    /// said at start; a file per sensor is created when that sensor comes.
+    /// Opens the output. An earlier run's journal is applied first (files cut back to the
+    /// last complete write). One file for all sensors is created (or continued) now, so
+    /// that a bad path is said at start; a file per sensor when that sensor comes.
     pub fn open(config: FileConfig) -> io::Result<Self> {
+        let (journal, recovered) = Journal::open(config.pattern.journal_path())?;
         let mut files = Self {
             pattern: config.pattern,
             format: config.format,
@@ -84,6 +94,9 @@ impl Files {
                 kept: VecDeque::new(),
                 kept_bytes: 0,
             },
+            journal,
+            recovered,
+            extents: Vec::new(),
         };
         if !files.split_by_sensor {
             let mut all = Series::new(&files.pattern, None, files.format, files.rotation)?;
@@ -169,7 +182,29 @@ impl Sink for Files {
         for series in &mut self.series {
             series.flush(&self.pattern, &mut self.finished)?;
         }
+        self.journal.committed();
         Ok(())
+    }
+
+    fn flush_journaled(
+        &mut self,
+        frontiers: &mut dyn FnMut(&mut Vec<Frontier>),
+    ) -> io::Result<bool> {
+        self.extents.clear();
+        for series in &mut self.series {
+            series.rotate_if_due(&self.pattern)?;
+            series.extents(&mut self.extents)?;
+        }
+        let wrote = !self.extents.is_empty();
+        if wrote {
+            self.journal.record(&self.extents, frontiers)?;
+        }
+        self.flush()?;
+        Ok(wrote)
+    }
+
+    fn take_recovered(&mut self) -> Vec<Frontier> {
+        std::mem::take(&mut self.recovered)
     }
 
     /// Completes every file; the first failure is returned once all were tried.
@@ -241,6 +276,8 @@ impl Finished {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write as _;
+    use std::os::unix::fs::PermissionsExt as _;
     use std::path::Path;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
@@ -290,6 +327,125 @@ mod tests {
         }
     }
 
+    fn open_format(out: &Path, format: Format) -> Box<Files> {
+        Box::new(
+            Files::open(FileConfig {
+                pattern: Pattern::parse(out, false).unwrap(),
+                format,
+                split_by_sensor: false,
+                rotation: Rotation::default(),
+                keep: Keep::default(),
+                on_finished: None,
+                in_use: None,
+            })
+            .unwrap(),
+        )
+    }
+
+    fn pcap_times(path: &Path) -> Vec<u64> {
+        let bytes = std::fs::read(path).unwrap();
+        let mut reader = pcap_file::pcap::PcapReader::new(&bytes[..]).unwrap();
+        let mut times = Vec::new();
+        while let Some(p) = reader.next_packet() {
+            times.push(p.unwrap().timestamp().as_nanos() as u64);
+        }
+        times
+    }
+
+    /// A restart goes on where the last run's file ended (torn end cut), never over it.
+    #[test]
+    fn a_restart_continues_the_file() {
+        let dir = Dir::new("continue");
+        for format in [Format::Pcap, Format::Pcapng] {
+            let out = dir.0.join(format!("cap.{format:?}"));
+            let mut files = open_format(&out, format);
+            let a = files.add_interface(&iface("a")).unwrap();
+            write(&mut files, a, 1);
+            write(&mut files, a, 2);
+            files.finish().unwrap();
+            // A torn last record, as a crash mid-write leaves: its start.
+            let first_run = std::fs::read(&out).unwrap();
+            let mut record = Vec::new();
+            let mut sink = FormatSink::new(format, &mut record).unwrap();
+            sink.add_interface(&iface("a")).unwrap();
+            let header_len = sink.output().len();
+            write_to(&mut sink, 0, 9);
+            drop(sink);
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&out)
+                .unwrap()
+                .write_all(&record[header_len..header_len + 30])
+                .unwrap();
+            let mut files = open_format(&out, format);
+            let now = std::fs::read(&out).unwrap();
+            assert!(now.starts_with(&first_run), "{format:?}");
+            let torn = &record[header_len..header_len + 30];
+            assert!(
+                !now[first_run.len()..].starts_with(torn),
+                "{format:?}: torn end cut"
+            );
+            let b = files.add_interface(&iface("b")).unwrap();
+            write(&mut files, b, 3);
+            files.finish().unwrap();
+            let times = match format {
+                Format::Pcap => pcap_times(&out),
+                Format::Pcapng => read(&out).1,
+            };
+            assert_eq!(times, [1, 2, 3], "{format:?}");
+            let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{format:?}");
+        }
+        // Two sections: each describes its interface.
+        assert_eq!(read(&dir.0.join("cap.Pcapng")).0, 2);
+    }
+
+    /// A pcap file keeps its link type: a sensor of another is refused, not mixed in.
+    #[test]
+    fn a_continued_pcap_file_keeps_its_link_type() {
+        let dir = Dir::new("linktype");
+        let out = dir.0.join("cap.pcap");
+        let mut files = open_format(&out, Format::Pcap);
+        files.add_interface(&iface("a")).unwrap();
+        files.finish().unwrap();
+        let files = open_format(&out, Format::Pcap);
+        let mut other = iface("b");
+        other.link_type = 276;
+        assert!(files.check(&[other]).is_err());
+        assert!(files.check(&[iface("c")]).is_ok());
+    }
+
+    /// What it cannot continue (another format, precision, garbage, a symlink) stays as
+    /// it is; the output goes beside it.
+    #[test]
+    fn what_cannot_be_continued_is_left_and_written_beside() {
+        let dir = Dir::new("beside");
+        let target = dir.0.join("target");
+        std::fs::write(&target, b"not yours").unwrap();
+        let out = dir.0.join("cap.pcap");
+        let mut micro = Vec::new();
+        crate::sink::pcap::write_header(&mut micro, 1).unwrap();
+        micro[..4].copy_from_slice(&0xa1b2_c3d4u32.to_ne_bytes());
+        for existing in [b"garbage that is no capture".to_vec(), micro] {
+            std::fs::write(&out, &existing).unwrap();
+            let mut files = open_format(&out, Format::Pcap);
+            let a = files.add_interface(&iface("a")).unwrap();
+            write(&mut files, a, 1);
+            files.finish().unwrap();
+            assert_eq!(std::fs::read(&out).unwrap(), existing);
+            assert_eq!(pcap_times(&dir.0.join("cap-1.pcap")), [1]);
+            std::fs::remove_file(dir.0.join("cap-1.pcap")).unwrap();
+        }
+        std::fs::remove_file(&out).unwrap();
+        std::os::unix::fs::symlink(&target, &out).unwrap();
+        let mut files = open_format(&out, Format::Pcapng);
+        let a = files.add_interface(&iface("a")).unwrap();
+        write(&mut files, a, 1);
+        files.finish().unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"not yours");
+        assert_eq!(read(&dir.0.join("cap-1.pcap")).1, [1]);
+    }
+
     /// Files with a hook that records what it is handed.
     fn open(
         out: &Path,
@@ -323,15 +479,18 @@ mod tests {
     }
 
     fn write(files: &mut Files, interface: u32, timestamp_ns: u64) {
-        files
-            .write_packet(&OutPacket {
-                interface,
-                timestamp_ns,
-                original_len: 200,
-                direction: Direction::Inbound,
-                data: &[7u8; 200],
-            })
-            .unwrap();
+        write_to(files, interface, timestamp_ns);
+    }
+
+    fn write_to(sink: &mut dyn Sink, interface: u32, timestamp_ns: u64) {
+        sink.write_packet(&OutPacket {
+            interface,
+            timestamp_ns,
+            original_len: 200,
+            direction: Direction::Inbound,
+            data: &[7u8; 200],
+        })
+        .unwrap();
     }
 
     /// (interface names, packet timestamps, statistics blocks, whether they all come after

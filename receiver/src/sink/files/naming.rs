@@ -62,6 +62,11 @@ impl Pattern {
         Ok(Self { dir, name, format })
     }
 
+    /// The output's journal: beside its files, hidden, named after the pattern.
+    pub fn journal_path(&self) -> PathBuf {
+        self.dir.join(format!(".{}.capstream-journal", self.name))
+    }
+
     /// The path for a file opened at `now`, of the sensor whose safe name is `sensor`.
     pub fn path(&self, sensor: Option<&str>, now: OffsetDateTime) -> PathBuf {
         let name = match &self.format {

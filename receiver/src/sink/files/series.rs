@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use common::InterfaceStats;
 use time::OffsetDateTime;
 
-use super::committed::{Committed, Create};
+use super::committed::Committed;
+use super::existing::{self, Found};
+use super::journal::Extent;
 use super::naming::Pattern;
 use super::Finished;
 use crate::cli::Format;
@@ -44,7 +46,6 @@ pub struct Series {
     /// The sensor's safe name, for `{sensor}` in the pattern.
     sensor: Option<String>,
     format: Format,
-    create: Create,
     rotation: Rotation,
     interfaces: Vec<SinkInterface>,
     /// The latest counters of each interface, and the packets written of it over all files.
@@ -67,19 +68,18 @@ impl Series {
         format: Format,
         rotation: Rotation,
     ) -> io::Result<Self> {
-        // Rotated files never replace one another, nor older ones.
-        let create = if rotation.is_on() {
-            Create::New
-        } else {
-            Create::Replace
-        };
         let path = pattern.path(sensor.as_deref(), OffsetDateTime::now_utc());
-        let current = Segment::open(path.clone(), 0, format, create)?;
+        // Rotated files never replace one another, nor older ones; one file for the whole
+        // run goes on where an earlier run's ended.
+        let current = if rotation.is_on() {
+            Segment::open(path.clone(), 0, format)?
+        } else {
+            Segment::continue_or_beside(path.clone(), format)?
+        };
         Ok(Self {
             named: (path, 0),
             sensor,
             format,
-            create,
             rotation,
             interfaces: Vec::new(),
             stats: Vec::new(),
@@ -138,14 +138,29 @@ impl Series {
         }
     }
 
-    /// Rotates by time if due, then flushes the completed files (closing and reporting
-    /// each) and the current one. On an error, what is left is tried again next time.
-    pub fn flush(&mut self, pattern: &Pattern, finished: &mut Finished) -> io::Result<()> {
+    /// Rotates by time if due.
+    pub fn rotate_if_due(&mut self, pattern: &Pattern) -> io::Result<()> {
         if let Some(every) = self.rotation.every {
             if self.current.packets > 0 && self.current.opened.elapsed() >= every {
                 self.rotate(pattern)?;
             }
         }
+        Ok(())
+    }
+
+    /// What the next flush appends to each file, in the order it does.
+    pub fn extents(&mut self, out: &mut Vec<Extent>) -> io::Result<()> {
+        for file in &mut self.closing {
+            out.extend(file.extent()?);
+        }
+        out.extend(self.current.sink.output_mut().extent()?);
+        Ok(())
+    }
+
+    /// Rotates by time if due, then flushes the completed files (closing and reporting
+    /// each) and the current one. On an error, what is left is tried again next time.
+    pub fn flush(&mut self, pattern: &Pattern, finished: &mut Finished) -> io::Result<()> {
+        self.rotate_if_due(pattern)?;
         while let Some(first) = self.closing.first_mut() {
             first.flush()?;
             finished.done(self.closing.remove(0).close());
@@ -175,7 +190,7 @@ impl Series {
         } else {
             0
         };
-        let mut next = Segment::open(path.clone(), counter, self.format, self.create)?;
+        let mut next = Segment::open(path.clone(), counter, self.format)?;
         self.named = (path, counter);
         for interface in &self.interfaces {
             next.map.push(next.sink.add_interface(interface)?);
@@ -203,14 +218,51 @@ impl Series {
 }
 
 impl Segment {
-    fn open(path: PathBuf, counter: u32, format: Format, create: Create) -> io::Result<Self> {
-        let sink = FormatSink::new(format, Committed::new(path, create, counter))?;
-        Ok(Self {
+    /// A new file: `path`, or with a counter from `counter` on where that exists.
+    fn open(path: PathBuf, counter: u32, format: Format) -> io::Result<Self> {
+        Ok(Self::with(FormatSink::new(
+            format,
+            Committed::new(path, counter),
+        )?))
+    }
+
+    /// The capture at `path` continued, if this receiver can append to it (pcapng: in a
+    /// new section); else a new file beside it, never over it.
+    fn continue_or_beside(path: PathBuf, format: Format) -> io::Result<Self> {
+        let shown = path.display().to_string();
+        match existing::inspect(&path, format) {
+            Found::Nothing => Self::open(path, 0, format),
+            Found::Continue {
+                file,
+                len,
+                cut,
+                link_type,
+            } => {
+                if len > 0 {
+                    tracing::info!("{shown}: continuing the capture there ({len} bytes)");
+                }
+                if cut > 0 {
+                    tracing::warn!("{shown}: cut {cut} bytes of a torn last record");
+                }
+                let out = Committed::continuing(path, file, len);
+                Ok(Self::with(FormatSink::continuing(format, out, link_type)?))
+            }
+            Found::Other(why) => {
+                tracing::warn!(
+                    "{shown}: {why}; left as it is, this run writes beside it (a numbered name)"
+                );
+                Self::open(path, 1, format)
+            }
+        }
+    }
+
+    fn with(sink: FormatSink<Committed>) -> Self {
+        Self {
             sink,
             map: Vec::new(),
             stats_written: Vec::new(),
             opened: Instant::now(),
             packets: 0,
-        })
+        }
     }
 }
