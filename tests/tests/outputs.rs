@@ -1,8 +1,9 @@
 //! The receiver's outputs beyond one file: the live PCAP-over-IP stream read by tshark (with
 //! or without a file), a slow live client that drops only its own packets, rotation with
 //! retention and through a full disk, and a file per sensor with path-safe names. Everything
-//! runs on the host's loopback, on ports 5310-5329.
+//! runs on the host's loopback, on ports 5310-5331. A restarted receiver continues its file.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -360,6 +361,37 @@ fn a_file_per_sensor_with_safe_names_even_for_hostile_ones() {
             "{name}: {}",
             first_difference(&expected, &got)
         );
+    }
+}
+
+/// A restart never destroys a capture: `receiver --out cap.pcap` stopped after the corpus
+/// and started again with the same command goes on in the same file (pcapng: a new
+/// section), which tcpdump and tshark read whole, both runs in order; the file is 0600.
+#[test]
+fn a_restarted_receiver_continues_its_file() {
+    let expected = reference("");
+    for (port, name) in [(5330, "cap.pcap"), (5331, "cap.pcapng")] {
+        let dir = Scratch::new("restart").unwrap();
+        let out = dir.join(name);
+        let args = ["--out", &arg(&out)];
+        let mut logs = String::new();
+        for _ in 0..2 {
+            let mut receiver = Receiver::start(None, &dir.join("state"), port, &args).unwrap();
+            replay(&receiver, &corpus(), &[]);
+            receiver.stop().unwrap();
+            logs += &receiver.proc.stderr();
+        }
+        let got = tcpdump_records(&out, "").unwrap();
+        let twice: Vec<Record> = expected.iter().chain(&expected).cloned().collect();
+        assert!(
+            got == twice,
+            "{name}: both runs, in order: {}\n{logs}",
+            first_difference(&twice, &got)
+        );
+        assert_eq!(tshark_count(&out).unwrap(), 2 * 7907, "{name}");
+        assert!(logs.contains("continuing the capture there"), "{logs}");
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{name}: readable by its owner only");
     }
 }
 
