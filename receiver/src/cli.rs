@@ -81,6 +81,9 @@ pub struct Cli {
     /// Output file, or `-` for stdout (e.g. `--out /var/capture/all.pcapng`); default
     /// capture.pcap, or none with --serve-pcap. The file name may hold strftime fields, in
     /// UTC (e.g. `--out /data/cap-%Y%m%d-%H%M%S.pcapng`), and `{sensor}` with --split-by.
+    /// An existing file is continued, never replaced (or written beside, numbered, if it is
+    /// not a capture this receiver can append to); a journal beside it lets resuming
+    /// sensors go on exactly where the file ends after a crash. Files are created 0600.
     #[arg(short = 'w', long, value_name = "PATH")]
     pub out: Option<PathBuf>,
 
