@@ -420,6 +420,17 @@ fn meaningless_output_combinations_are_one_line_errors() {
         "not the directory",
     );
     refused(&["--out", "x-%Q.pcap"], "bad % field");
+    refused(
+        &["--out", "cap-%D.pcap", "--split-by", "sensor"],
+        "puts '/' in the file name",
+    );
     refused(&["--rotate-size", "1KiB"], "64KiB");
     refused(&["--serve-pcap", "nowhere"], "nowhere");
+    let pki = arg(&dir.join("pki"));
+    assert_refused(
+        "receiver",
+        &["certs", "sensor", "../x", "--dir", pki.as_str()],
+        "sensor name",
+    );
+    assert!(!dir.join("x.crt").exists());
 }
