@@ -184,12 +184,18 @@ pub struct Cli {
     pub split_by: Option<SplitBy>,
 
     /// Upload each finished output file to an S3-compatible store as PREFIX/<file name>
-    /// (e.g. `--upload s3://captures/site-a`). Credentials, region and endpoint come from
+    /// (e.g. `--upload s3://captures/site-a`), never over an existing object (a taken key
+    /// gets a counter: PREFIX/<name>-1.pcap). Credentials, region and endpoint come from
     /// the usual variables: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, and
-    /// AWS_ENDPOINT_URL for stores other than AWS (an http:// endpoint is allowed). The
-    /// bucket must answer at start.
+    /// AWS_ENDPOINT_URL for stores other than AWS (http:// only on loopback, else with
+    /// --upload-allow-http). The bucket must answer at start.
     #[arg(long, value_name = "S3_URL")]
     pub upload: Option<String>,
+
+    /// Allow a plain-HTTP AWS_ENDPOINT_URL on another host: the captures then cross the
+    /// network unencrypted. A loopback endpoint (a local MinIO) needs no flag.
+    #[arg(long, requires = "upload")]
+    pub upload_allow_http: bool,
 
     /// How long the receiver waits at exit for uploads still going on (e.g.
     /// `--upload-timeout 10m`; a second SIGINT or SIGTERM gives up sooner); files not
