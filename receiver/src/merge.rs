@@ -29,6 +29,11 @@ use crate::sink::{Frontier, OutPacket, Sink};
 
 pub type SessionId = u64;
 
+/// How far past the receiver's clock a packet's timestamp counts in the merge: later ones
+/// are merged as if stamped then (and counted), so one far-future packet cannot make every
+/// later packet late. Past timestamps are left alone: replayed files carry old ones.
+pub const MAX_AHEAD: Duration = Duration::from_secs(24 * 3600);
+
 /// A packet record's header on the wire (timestamp, lengths, direction): held memory counts
 /// it, so that a batch of empty packets is not free.
 const RECORD_HEADER_LEN: usize = 8 + 4 + 4 + 1;
@@ -67,13 +72,16 @@ struct Source {
     written: Written,
     /// A batch of which an earlier run wrote the first records: (sequence, records).
     resumed_partial: Option<(u64, u64)>,
+    /// When it joined or last sent a batch: silent for the reorder window, it no longer
+    /// holds the others back.
+    heard: Instant,
 }
 
 impl Source {
     /// The next packet's place in the merge, if the source holds one.
-    fn head(&mut self, index: usize) -> Option<Head> {
+    fn head(&mut self, index: usize, latest_key: u64) -> Option<Head> {
         let batch = self.batches.front_mut()?;
-        let timestamp_ns = batch.packets.peek()?.timestamp_ns;
+        let timestamp_ns = batch.packets.peek()?.timestamp_ns.min(latest_key);
         Some(Head {
             key: self
                 .written_key
@@ -111,6 +119,8 @@ pub struct Written {
     pub forced: u64,
     /// Sent again after a receiver restart but written by the earlier run: not repeated.
     pub resumed: u64,
+    /// Stamped more than [`MAX_AHEAD`] past the receiver's clock: merged as if stamped then.
+    pub ahead: u64,
 }
 
 impl std::ops::AddAssign for Written {
@@ -120,6 +130,7 @@ impl std::ops::AddAssign for Written {
         self.late = self.late.saturating_add(other.late);
         self.forced = self.forced.saturating_add(other.forced);
         self.resumed = self.resumed.saturating_add(other.resumed);
+        self.ahead = self.ahead.saturating_add(other.ahead);
     }
 }
 
@@ -135,6 +146,8 @@ pub struct Merge {
     next_order: u64,
     /// Merge key of the last packet written.
     last_written_key: u64,
+    /// The highest merge key: [`MAX_AHEAD`] past the clock at the last release.
+    latest_key: u64,
     sessions: HashMap<SessionId, Session>,
 }
 
@@ -149,6 +162,7 @@ impl Merge {
             held_bytes: 0,
             next_order: 0,
             last_written_key: 0,
+            latest_key: latest_key(),
             sessions: HashMap::new(),
         }
     }
@@ -177,6 +191,7 @@ impl Merge {
                     batches: VecDeque::new(),
                     written: Written::default(),
                     resumed_partial,
+                    heard: Instant::now(),
                 };
                 match self.free_sources.pop() {
                     Some(index) => {
@@ -231,6 +246,7 @@ impl Merge {
         let Some(source) = self.sources.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
+        source.heard = now;
         if in_output {
             source.written.resumed = source.written.resumed.saturating_add(packets.len() as u64);
             return;
@@ -269,7 +285,7 @@ impl Merge {
             packets: packets.peekable(),
         });
         if was_empty {
-            if let Some(head) = source.head(index) {
+            if let Some(head) = source.head(index, self.latest_key) {
                 self.heads.push(Reverse(head));
             }
         }
@@ -277,7 +293,8 @@ impl Merge {
 
     /// Writes every held packet that may go out now.
     pub fn release(&mut self, now: Instant, sink: &mut dyn Sink) -> io::Result<()> {
-        let watermark = self.watermark();
+        self.latest_key = latest_key();
+        let watermark = self.watermark(now);
         while let Some(&Reverse(head)) = self.heads.peek() {
             let due = watermark.is_some_and(|w| head.key <= w)
                 || self.sources[head.source]
@@ -417,12 +434,18 @@ impl Merge {
     /// will send anything older. `None` while one of them has sent nothing yet, as it might
     /// still send anything (the reorder window bounds that wait). With no source left,
     /// nothing can come that belongs before what is held.
-    fn watermark(&self) -> Option<u64> {
+    /// A source silent (nothing held, no batch) for the reorder window no longer counts:
+    /// what it sends later, if older, is written late and counted.
+    fn watermark(&self, now: Instant) -> Option<u64> {
         let mut low = u64::MAX;
         for s in self.sessions.values().filter(|s| !s.idle) {
             for &index in &s.sources {
                 if let Some(source) = &self.sources[index] {
-                    low = low.min(source.newest?);
+                    let silent = source.batches.is_empty()
+                        && now.saturating_duration_since(source.heard) >= self.window;
+                    if !silent {
+                        low = low.min(source.newest?.min(self.latest_key));
+                    }
                 }
             }
         }
@@ -443,7 +466,7 @@ impl Merge {
             self.heads.pop();
             return Ok(());
         };
-        batch.order += 1;
+        batch.order = batch.order.saturating_add(1);
         batch.written += 1;
         sink.write_packet(&OutPacket {
             interface: source.interface,
@@ -456,7 +479,9 @@ impl Merge {
             .held_bytes
             .saturating_sub(RECORD_HEADER_LEN + p.data.len());
         let late = head.key < self.last_written_key;
-        if !late {
+        let ahead = p.timestamp_ns > self.latest_key;
+        // One far-future packet must not make every other source's packets late.
+        if !late && !ahead {
             self.last_written_key = head.key;
         }
         source.written_key = Some(head.key);
@@ -465,6 +490,7 @@ impl Merge {
         w.bytes = w.bytes.saturating_add(p.data.len() as u64);
         w.forced = w.forced.saturating_add(u64::from(forced));
         w.late = w.late.saturating_add(u64::from(late));
+        w.ahead = w.ahead.saturating_add(u64::from(ahead));
         if batch.packets.peek().is_none() {
             let sequence = batch.sequence;
             source.batches.pop_front();
@@ -474,7 +500,7 @@ impl Merge {
                 s.mark_done(sequence);
             }
         }
-        match source.head(head.source) {
+        match source.head(head.source, self.latest_key) {
             Some(next) => {
                 if let Some(mut top) = self.heads.peek_mut() {
                     *top = Reverse(next);
@@ -486,6 +512,14 @@ impl Merge {
         }
         Ok(())
     }
+}
+
+/// The clock now plus [`MAX_AHEAD`], in nanoseconds since the epoch.
+fn latest_key() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from((now + MAX_AHEAD).as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Session {
@@ -805,5 +839,63 @@ mod tests {
         let mut out = Recorder::default();
         m.drain_all(&mut out).unwrap();
         assert_eq!(m.held_bytes, 0);
+    }
+
+    /// A connected source that never sends holds the others for the reorder window from
+    /// when it joined, not for ever: after that, packets go out as the watermark allows,
+    /// without each waiting the window.
+    #[test]
+    fn a_silent_source_stops_holding_the_others_after_the_window() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, usize::MAX);
+        let mut out = Recorder::default();
+        m.add_session(1, vec![0], None);
+        m.add_session(2, vec![1], None);
+        let later = t0 + 2 * WINDOW;
+        m.add_batch(1, 1, 0, packets(&[10, 20]), later);
+        m.release(later, &mut out).unwrap();
+        assert_eq!(out.0, [(0, 10), (0, 20)], "out at once, not a window later");
+    }
+
+    /// A packet stamped far in the future is merged as if stamped a day ahead, counted, and
+    /// does not make the packets after it late once the clock reaches them.
+    #[test]
+    fn far_future_timestamps_are_clamped_and_counted() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(Duration::ZERO, usize::MAX);
+        let mut out = Recorder::default();
+        m.add_session(1, vec![0], None);
+        m.add_session(2, vec![1], None);
+        m.add_batch(1, 1, 0, packets(&[u64::MAX - 1]), t0);
+        m.drain_all(&mut out).unwrap();
+        m.add_batch(2, 1, 0, packets(&[30]), t0);
+        m.drain_all(&mut out).unwrap();
+        assert_eq!(out.0, [(0, u64::MAX - 1), (1, 30)], "written as sent");
+        assert_eq!(m.written(1).ahead, 1);
+        assert_eq!(
+            m.written(2).late,
+            0,
+            "the other sensor's packets are not late"
+        );
+    }
+
+    /// Hostile sequence numbers and counters saturate instead of overflowing (a panic in a
+    /// debug build would stop the writer).
+    #[test]
+    fn a_last_sequence_of_u64_max_does_not_overflow() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(Duration::ZERO, usize::MAX);
+        let mut out = Recorder::default();
+        m.add_session(1, vec![0], None);
+        m.add_batch(1, u64::MAX, 0, packets(&[1]), t0);
+        m.add_batch(1, u64::MAX, 0, packets(&[]), t0);
+        m.release(t0, &mut out).unwrap();
+        assert_eq!(m.acked(1), u64::MAX);
+        let mut total = Written {
+            packets: u64::MAX,
+            ..Written::default()
+        };
+        total += m.written(1);
+        assert_eq!(total.packets, u64::MAX);
     }
 }
