@@ -148,6 +148,8 @@ pub struct Merge {
     last_written_key: u64,
     /// The highest merge key: [`MAX_AHEAD`] past the clock at the last release.
     latest_key: u64,
+    /// Output interfaces of sessions removed, until taken.
+    closed_interfaces: Vec<u32>,
     sessions: HashMap<SessionId, Session>,
 }
 
@@ -163,6 +165,7 @@ impl Merge {
             next_order: 0,
             last_written_key: 0,
             latest_key: latest_key(),
+            closed_interfaces: Vec::new(),
             sessions: HashMap::new(),
         }
     }
@@ -379,10 +382,17 @@ impl Merge {
     pub fn remove_session(&mut self, session: SessionId) {
         if let Some(s) = self.sessions.remove(&session) {
             for index in s.sources {
-                self.sources[index] = None;
+                if let Some(source) = self.sources[index].take() {
+                    self.closed_interfaces.push(source.interface);
+                }
                 self.free_sources.push(index);
             }
         }
+    }
+
+    /// The output interfaces of the sessions removed since the last call.
+    pub fn take_closed_interfaces(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.closed_interfaces)
     }
 
     /// Writes everything held: at shutdown.

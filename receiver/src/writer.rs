@@ -207,6 +207,11 @@ impl Writer {
             self.close_finished_sessions(Instant::now())?;
             self.commit(&mut stop).await?;
             self.acknowledge();
+            // Once their last packets and counters are in: the output forgets them.
+            let closed = self.merge.take_closed_interfaces();
+            if !closed.is_empty() {
+                self.sink.close_interfaces(&closed);
+            }
             self.publish(Instant::now());
         }
         self.merge

@@ -76,6 +76,10 @@ pub trait Sink: Send {
         self.flush().map(|()| false)
     }
 
+    /// The interfaces of sessions that closed: no packet comes for them any more. Outputs
+    /// stop describing them in files they start, and close a file no one else writes.
+    fn close_interfaces(&mut self, _interfaces: &[u32]) {}
+
     /// What an earlier run's journal says the output holds of each session; taken once.
     fn take_recovered(&mut self) -> Vec<Frontier> {
         Vec::new()

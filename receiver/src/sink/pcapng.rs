@@ -20,6 +20,10 @@ use pcap_file::DataLink;
 
 use super::{native_endianness, to_io, OutPacket, Sink, SinkInterface};
 
+/// Interface blocks one file (section) takes: a sensor whose interfaces would pass it is
+/// refused. Rotated files describe only the interfaces of sessions still open.
+pub const MAX_INTERFACES: usize = 16_384;
+
 pub struct PcapNgSink<W: Write> {
     writer: PcapNgWriter<W>,
     interfaces: u32,
@@ -58,7 +62,15 @@ impl<W: Write + Send> PcapNgSink<W> {
 }
 
 impl<W: Write + Send> Sink for PcapNgSink<W> {
-    fn check(&self, _interfaces: &[SinkInterface]) -> Result<(), String> {
+    fn check(&self, interfaces: &[SinkInterface]) -> Result<(), String> {
+        if self.interfaces as usize + interfaces.len() > MAX_INTERFACES {
+            return Err(format!(
+                "this pcapng file describes {} interfaces, the most one file takes is \
+                 {MAX_INTERFACES}; rotate files (--rotate-size, --rotate-time) to drop those \
+                 of sensors gone",
+                self.interfaces
+            ));
+        }
         Ok(())
     }
 
@@ -231,5 +243,17 @@ mod tests {
         }
         assert_eq!(names, ["h1/eth0", "h2/any"]);
         assert_eq!((packets, isbs), (1, 1));
+    }
+
+    #[test]
+    fn a_file_takes_a_bounded_number_of_interfaces() {
+        let mut sink = PcapNgSink::new(io::sink()).unwrap();
+        let one = iface("h/eth0", 1, "");
+        for _ in 0..MAX_INTERFACES - 1 {
+            sink.add_interface(&one).unwrap();
+        }
+        assert!(sink.check(std::slice::from_ref(&one)).is_ok());
+        let err = sink.check(&[one.clone(), one]).unwrap_err();
+        assert!(err.contains("--rotate-size"), "{err}");
     }
 }

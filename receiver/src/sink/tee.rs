@@ -86,6 +86,16 @@ impl Sink for Tee {
         Ok(wrote)
     }
 
+    fn close_interfaces(&mut self, interfaces: &[u32]) {
+        for (i, output) in self.outputs.iter_mut().enumerate() {
+            let own: Vec<u32> = interfaces
+                .iter()
+                .filter_map(|&id| self.interfaces.get(id as usize).map(|idx| idx[i]))
+                .collect();
+            output.close_interfaces(&own);
+        }
+    }
+
     fn take_recovered(&mut self) -> Vec<Frontier> {
         self.outputs
             .iter_mut()

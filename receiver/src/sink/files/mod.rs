@@ -58,8 +58,10 @@ pub struct Files {
     format: Format,
     rotation: Rotation,
     split_by_sensor: bool,
-    series: Vec<Series>,
-    /// With a file per sensor: each sensor's series, and the safe names given out.
+    /// `None` where a file per sensor was closed, its sensor gone.
+    series: Vec<Option<Series>>,
+    /// With a file per sensor: each sensor's series, and the safe names given out (to
+    /// sensors with a file open).
     by_sensor: HashMap<String, usize>,
     names: HashSet<String>,
     /// For each interface: its series and its index there.
@@ -70,7 +72,13 @@ pub struct Files {
     recovered: Vec<Frontier>,
     /// The extents of the flush under way, kept for their allocation.
     extents: Vec<Extent>,
+    /// Slots of `series` free again.
+    free: Vec<usize>,
 }
+
+/// Files of their own open at once with `--split-by sensor`: a sensor beyond them is
+/// refused until one leaves, so that no number of sensor names exhausts the descriptors.
+pub const MAX_OPEN_FILES: usize = 512;
 
 impl Files {
     /// Opens the output. An earlier run's journal is applied first (files cut back to the
@@ -97,13 +105,45 @@ impl Files {
             journal,
             recovered,
             extents: Vec::new(),
+            free: Vec::new(),
         };
         if !files.split_by_sensor {
             let mut all = Series::new(&files.pattern, None, files.format, files.rotation)?;
             all.flush(&files.pattern, &mut files.finished)?;
-            files.series.push(all);
+            files.series.push(Some(all));
         }
         Ok(files)
+    }
+
+    fn series_mut(&mut self, index: usize) -> io::Result<&mut Series> {
+        self.series
+            .get_mut(index)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| io::Error::other("packet of a closed file"))
+    }
+
+    /// With a file per sensor, completes the files whose sensors are all gone (a sensor
+    /// that comes back continues its file, or starts a new one when rotating): open files
+    /// are as many as sensors connected, never one per sensor ever seen.
+    fn close_idle_series(&mut self) -> io::Result<()> {
+        if !self.split_by_sensor {
+            return Ok(());
+        }
+        for index in 0..self.series.len() {
+            if !self.series[index].as_ref().is_some_and(Series::is_idle) {
+                continue;
+            }
+            let Some(series) = self.series[index].take() else {
+                continue;
+            };
+            if let Some(name) = series.sensor_name() {
+                self.names.remove(name);
+            }
+            self.by_sensor.retain(|_, i| *i != index);
+            self.free.push(index);
+            series.finish(&mut self.finished)?;
+        }
+        Ok(())
     }
 
     /// The series that takes `sensor`'s interfaces, made when the sensor first comes.
@@ -115,11 +155,30 @@ impl Files {
             return Ok(i);
         }
         let name = naming::unique(sensor, &mut self.names);
-        let series = Series::new(&self.pattern, Some(name), self.format, self.rotation)?;
-        self.series.push(series);
-        self.by_sensor
-            .insert(sensor.to_string(), self.series.len() - 1);
-        Ok(self.series.len() - 1)
+        let series = match Series::new(
+            &self.pattern,
+            Some(name.clone()),
+            self.format,
+            self.rotation,
+        ) {
+            Ok(series) => series,
+            Err(e) => {
+                self.names.remove(&name);
+                return Err(e);
+            }
+        };
+        let index = match self.free.pop() {
+            Some(index) => {
+                self.series[index] = Some(series);
+                index
+            }
+            None => {
+                self.series.push(Some(series));
+                self.series.len() - 1
+            }
+        };
+        self.by_sensor.insert(sensor.to_string(), index);
+        Ok(index)
     }
 
     fn interface(&self, interface: u32) -> io::Result<(usize, u32)> {
@@ -140,8 +199,15 @@ impl Sink for Files {
         } else {
             Some(0)
         };
-        match existing.and_then(|i| self.series.get(i)) {
+        match existing
+            .and_then(|i| self.series.get(i))
+            .and_then(Option::as_ref)
+        {
             Some(series) => series.check(interfaces),
+            None if self.by_sensor.len() >= MAX_OPEN_FILES => Err(format!(
+                "{MAX_OPEN_FILES} sensors have a file of their own open already, the most this \
+                 receiver keeps open; try again once one has left"
+            )),
             // A sensor new to a file per sensor: as a file of its own would take it.
             None => FormatSink::new(self.format, io::sink())
                 .map_err(|e| e.to_string())?
@@ -151,15 +217,21 @@ impl Sink for Files {
 
     fn add_interface(&mut self, interface: &SinkInterface) -> io::Result<u32> {
         let series = self.series_of(&interface.sensor)?;
-        let local = self.series[series].add_interface(interface)?;
+        let local = self.series_mut(series)?.add_interface(interface)?;
         self.interfaces.push((series, local));
         Ok(self.interfaces.len() as u32 - 1)
     }
 
     fn write_packet(&mut self, packet: &OutPacket) -> io::Result<()> {
         let (series, interface) = self.interface(packet.interface)?;
-        self.series[series].write_packet(
-            &self.pattern,
+        let pattern = &self.pattern;
+        let series = self
+            .series
+            .get_mut(series)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| io::Error::other("packet of a closed file"))?;
+        series.write_packet(
+            pattern,
             &OutPacket {
                 interface,
                 ..*packet
@@ -169,21 +241,33 @@ impl Sink for Files {
 
     fn write_stats(&mut self, interface: u32, stats: &InterfaceStats) -> io::Result<()> {
         let (series, interface) = self.interface(interface)?;
-        self.series[series].write_stats(interface, stats)
+        self.series_mut(series)?.write_stats(interface, stats)
     }
 
     fn update_stats(&mut self, interface: u32, stats: &InterfaceStats) {
         if let Ok((series, interface)) = self.interface(interface) {
-            self.series[series].update_stats(interface, stats);
+            if let Ok(series) = self.series_mut(series) {
+                series.update_stats(interface, stats);
+            }
+        }
+    }
+
+    fn close_interfaces(&mut self, interfaces: &[u32]) {
+        for &interface in interfaces {
+            if let Ok((series, local)) = self.interface(interface) {
+                if let Ok(series) = self.series_mut(series) {
+                    series.close_interface(local);
+                }
+            }
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        for series in &mut self.series {
+        for series in self.series.iter_mut().flatten() {
             series.flush(&self.pattern, &mut self.finished)?;
         }
         self.journal.committed();
-        Ok(())
+        self.close_idle_series()
     }
 
     fn flush_journaled(
@@ -191,7 +275,7 @@ impl Sink for Files {
         frontiers: &mut dyn FnMut(&mut Vec<Frontier>),
     ) -> io::Result<bool> {
         self.extents.clear();
-        for series in &mut self.series {
+        for series in self.series.iter_mut().flatten() {
             series.rotate_if_due(&self.pattern)?;
             series.extents(&mut self.extents)?;
         }
@@ -215,7 +299,7 @@ impl Sink for Files {
             ..
         } = *self;
         let mut result = Ok(());
-        for series in series {
+        for series in series.into_iter().flatten() {
             if let Err(e) = series.finish(&mut finished) {
                 result = result.and(Err(e));
             }
@@ -706,5 +790,87 @@ mod tests {
         assert_eq!((idbs, times), (2, vec![1, 3]));
         let (idbs, times, _, _) = read(&reported[1]);
         assert_eq!((idbs, times), (1, vec![2]));
+    }
+
+    /// A closed session's interfaces are not repeated into the files rotation starts.
+    #[test]
+    fn rotation_drops_the_interfaces_of_closed_sessions() {
+        let dir = Dir::new("dropidb");
+        let rotation = Rotation {
+            size: Some(2_000),
+            every: None,
+        };
+        let (mut files, reported) =
+            open(&dir.0.join("cap.pcapng"), false, rotation, Keep::default());
+        let a = files.add_interface(&iface("a")).unwrap();
+        let b = files.add_interface(&iface("b")).unwrap();
+        write(&mut files, b, 0);
+        files.close_interfaces(&[b]);
+        for t in 1..40u64 {
+            write(&mut files, a, t);
+        }
+        files.finish().unwrap();
+        let reported = reported.lock().unwrap().clone();
+        assert!(reported.len() >= 3, "{reported:?}");
+        assert_eq!(read(&reported[0]).0, 2);
+        for later in &reported[1..] {
+            assert_eq!(read(later).0, 1, "{}: only a's", later.display());
+        }
+    }
+
+    /// Interface blocks larger than the rotation size do not make a file per packet.
+    #[test]
+    fn interface_blocks_past_the_size_do_not_rotate_every_packet() {
+        let dir = Dir::new("storm");
+        let rotation = Rotation {
+            size: Some(64 * 1024),
+            every: None,
+        };
+        let (mut files, reported) =
+            open(&dir.0.join("cap.pcapng"), false, rotation, Keep::default());
+        let mut big = iface("a");
+        big.filter = "x".repeat(16 * 1024);
+        let ids: Vec<u32> = (0..8).map(|_| files.add_interface(&big).unwrap()).collect();
+        for t in 0..400u64 {
+            write(&mut files, ids[0], t);
+        }
+        files.finish().unwrap();
+        let reported = reported.lock().unwrap().clone();
+        // 128 KiB of interface blocks per file, 80 KB of packets: at most a file per
+        // 128 KiB of packets, not one per packet.
+        assert!(reported.len() <= 2, "{} files", reported.len());
+        let packets: usize = reported.iter().map(|p| read(p).1.len()).sum();
+        assert_eq!(packets, 400);
+    }
+
+    /// With a file per sensor, a sensor's file is completed once its sessions are gone, so
+    /// 1,000 sensors coming and going never hold 1,000 files open; and no more than
+    /// [`MAX_OPEN_FILES`] sensors have one open at once.
+    #[test]
+    fn files_per_sensor_are_closed_when_their_sensor_leaves_and_capped() {
+        let dir = Dir::new("lru");
+        let out = dir.0.join("cap.pcapng");
+        let (mut files, reported) = open(&out, true, Rotation::default(), Keep::default());
+        for n in 0..1000 {
+            let name = format!("s{n}");
+            let i = files.add_interface(&iface(&name)).unwrap();
+            write(&mut files, i, n);
+            files.flush().unwrap();
+            files.close_interfaces(&[i]);
+            files.flush().unwrap();
+            assert!(files.series.iter().flatten().count() <= 1);
+        }
+        assert_eq!(reported.lock().unwrap().len(), 1000);
+        assert!(files.names.is_empty() && files.by_sensor.is_empty());
+        // The same sensor again: its file goes on (a new section).
+        let i = files.add_interface(&iface("s7")).unwrap();
+        write(&mut files, i, 5000);
+        for n in 0..MAX_OPEN_FILES {
+            files.add_interface(&iface(&format!("live{n}"))).unwrap();
+        }
+        assert!(files.check(&[iface("one-more")]).is_err());
+        assert!(files.check(&[iface("s7")]).is_ok(), "one with a file open");
+        files.finish().unwrap();
+        assert_eq!(read(&dir.0.join("cap-s7.pcapng")).1, [7, 5000]);
     }
 }

@@ -40,6 +40,8 @@ struct Segment {
     stats_written: Vec<bool>,
     opened: Instant,
     packets: u64,
+    /// Its length at its first packet: the header and interface blocks.
+    start_len: u64,
 }
 
 pub struct Series {
@@ -47,7 +49,8 @@ pub struct Series {
     sensor: Option<String>,
     format: Format,
     rotation: Rotation,
-    interfaces: Vec<SinkInterface>,
+    /// `None` once closed (its session gone): files started after leave it out.
+    interfaces: Vec<Option<SinkInterface>>,
     /// The latest counters of each interface, and the packets written of it over all files.
     stats: Vec<Option<InterfaceStats>>,
     delivered: Vec<u64>,
@@ -97,17 +100,43 @@ impl Series {
         let idx = self.current.sink.add_interface(interface)?;
         self.current.map.push(idx);
         self.current.stats_written.push(false);
-        self.interfaces.push(interface.clone());
+        self.interfaces.push(Some(interface.clone()));
         self.stats.push(None);
         self.delivered.push(0);
         Ok(self.interfaces.len() as u32 - 1)
     }
 
+    /// The interface's session is gone: no packet comes for it any more.
+    pub fn close_interface(&mut self, interface: u32) {
+        let i = interface as usize;
+        if let Some(slot) = self.interfaces.get_mut(i) {
+            *slot = None;
+            self.stats[i] = None;
+        }
+    }
+
+    /// Whether every interface it had is closed: no one writes to it any more.
+    pub fn is_idle(&self) -> bool {
+        !self.interfaces.is_empty() && self.interfaces.iter().all(Option::is_none)
+    }
+
+    /// The sensor's safe name, with a file per sensor.
+    pub fn sensor_name(&self) -> Option<&str> {
+        self.sensor.as_deref()
+    }
+
     pub fn write_packet(&mut self, pattern: &Pattern, packet: &OutPacket) -> io::Result<()> {
         if let Some(size) = self.rotation.size {
-            if self.current.packets > 0 && self.current.sink.output().len() >= size {
+            // A file whose interface blocks alone pass the size still takes as many bytes
+            // of packets: never a file per packet.
+            let len = self.current.sink.output().len();
+            let full = size.max(self.current.start_len.saturating_mul(2));
+            if self.current.packets > 0 && len >= full {
                 self.rotate(pattern)?;
             }
+        }
+        if self.current.packets == 0 {
+            self.current.start_len = self.current.sink.output().len();
         }
         let i = packet.interface as usize;
         let interface = *self
@@ -120,7 +149,7 @@ impl Series {
             ..*packet
         })?;
         self.current.packets += 1;
-        self.delivered[i] += 1;
+        self.delivered[i] = self.delivered[i].saturating_add(1);
         Ok(())
     }
 
@@ -193,7 +222,12 @@ impl Series {
         let mut next = Segment::open(path.clone(), counter, self.format)?;
         self.named = (path, counter);
         for interface in &self.interfaces {
-            next.map.push(next.sink.add_interface(interface)?);
+            let index = match interface {
+                Some(interface) => next.sink.add_interface(interface)?,
+                // Its session is gone: not described again.
+                None => u32::MAX,
+            };
+            next.map.push(index);
             next.stats_written.push(false);
         }
         let done = std::mem::replace(&mut self.current, next);
@@ -263,6 +297,7 @@ impl Segment {
             stats_written: Vec::new(),
             opened: Instant::now(),
             packets: 0,
+            start_len: 0,
         }
     }
 }
