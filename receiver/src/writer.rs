@@ -223,6 +223,10 @@ impl Writer {
         }
         self.commit(&mut stop).await?;
         self.acknowledge();
+        let (merge, secrets, resumable) = (&self.merge, &self.secrets, &self.resumable);
+        self.sink
+            .close_journal(&mut |out| collect_frontiers(merge, secrets, resumable, out))
+            .context("closing the output's journal")?;
         self.sink.finish().context("completing the output")?;
         Ok(self.summaries)
     }
@@ -459,16 +463,8 @@ impl Writer {
             self.secrets.retain(|id, _| sensors.contains_key(id));
         }
         let (merge, secrets, resumable) = (&self.merge, &self.secrets, &self.resumable);
-        let mut frontiers = |out: &mut Vec<Frontier>| {
-            for id in merge.sessions() {
-                if let Some(mut frontier) = merge.frontier(id) {
-                    frontier.secret_hash = secrets.get(&id).copied().unwrap_or_default();
-                    out.push(frontier);
-                }
-            }
-            out.extend(resumable.values().map(|(f, _)| f.clone()));
-        };
-        self.sink.flush_journaled(&mut frontiers)
+        self.sink
+            .flush_journaled(&mut |out| collect_frontiers(merge, secrets, resumable, out))
     }
 
     /// The fault point: a crash right after a write, before its acknowledgement.
@@ -633,6 +629,23 @@ impl Writer {
             let _ = done.send(acked);
         }
     }
+}
+
+/// Where every session stands in the output, for its journal: the open ones, and those an
+/// earlier run wrote whose sensors are not back yet.
+fn collect_frontiers(
+    merge: &Merge,
+    secrets: &HashMap<SessionId, [u8; 32]>,
+    resumable: &HashMap<SessionId, (Frontier, Instant)>,
+    out: &mut Vec<Frontier>,
+) {
+    for id in merge.sessions() {
+        if let Some(mut frontier) = merge.frontier(id) {
+            frontier.secret_hash = secrets.get(&id).copied().unwrap_or_default();
+            out.push(frontier);
+        }
+    }
+    out.extend(resumable.values().map(|(f, _)| f.clone()));
 }
 
 /// What the journal keeps of a session's secret: its SHA-256, never the secret.

@@ -76,6 +76,12 @@ pub trait Sink: Send {
         self.flush().map(|()| false)
     }
 
+    /// At a clean exit, before [`Self::finish`]: the journal keeps only the sessions
+    /// `frontiers` names (none: it is removed).
+    fn close_journal(&mut self, _frontiers: &mut dyn FnMut(&mut Vec<Frontier>)) -> io::Result<()> {
+        Ok(())
+    }
+
     /// The interfaces of sessions that closed: no packet comes for them any more. Outputs
     /// stop describing them in files they start, and close a file no one else writes.
     fn close_interfaces(&mut self, _interfaces: &[u32]) {}

@@ -86,6 +86,12 @@ impl Sink for Tee {
         Ok(wrote)
     }
 
+    fn close_journal(&mut self, frontiers: &mut dyn FnMut(&mut Vec<Frontier>)) -> io::Result<()> {
+        self.outputs
+            .iter_mut()
+            .try_for_each(|o| o.close_journal(frontiers))
+    }
+
     fn close_interfaces(&mut self, interfaces: &[u32]) {
         for (i, output) in self.outputs.iter_mut().enumerate() {
             let own: Vec<u32> = interfaces

@@ -164,6 +164,23 @@ impl Journal {
         self.replace()
     }
 
+    /// At a clean exit, with every file complete: the journal keeps the sessions that may
+    /// still come back (of an earlier run, not back yet), and goes if there are none.
+    pub fn close(&mut self, frontiers: &mut dyn FnMut(&mut Vec<Frontier>)) -> io::Result<()> {
+        self.frontiers.clear();
+        frontiers(&mut self.frontiers);
+        if self.frontiers.is_empty() {
+            return match fs::remove_file(&self.path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        }
+        let leftover = std::mem::take(&mut self.frontiers);
+        self.record(&[], &mut |out| out.extend(leftover.iter().cloned()))?;
+        self.committed();
+        Ok(())
+    }
+
     /// The flush the journal was written for completed: its "after" is the next "before".
     pub fn committed(&mut self) {
         if let Some(next) = self.next.take() {
@@ -465,6 +482,12 @@ mod tests {
         journal.record(&[], &mut |_| {}).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"keep");
         assert!(parse(&fs::read_to_string(&path).unwrap()).is_some());
+        // A clean exit: kept while a session may come back, gone once none may.
+        journal.close(&mut |out| out.push(frontier(3, 1))).unwrap();
+        let (mut journal, found) = Journal::open(path.clone()).unwrap();
+        assert_eq!(found, [frontier(3, 1)]);
+        journal.close(&mut |_| {}).unwrap();
+        assert!(!path.exists());
     }
 
     use std::os::unix::fs::PermissionsExt as _;

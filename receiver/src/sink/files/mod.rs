@@ -287,6 +287,10 @@ impl Sink for Files {
         Ok(wrote)
     }
 
+    fn close_journal(&mut self, frontiers: &mut dyn FnMut(&mut Vec<Frontier>)) -> io::Result<()> {
+        self.journal.close(frontiers)
+    }
+
     fn take_recovered(&mut self) -> Vec<Frontier> {
         std::mem::take(&mut self.recovered)
     }
