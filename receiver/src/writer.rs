@@ -695,3 +695,52 @@ pub fn sensor_label(hello: &Hello, identity: Option<&str>, peer: SocketAddr) -> 
         clean(&hello.hostname)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::InterfaceStats;
+
+    /// An output whose journal names one session, opened with secret `[1; 16]`.
+    struct Recovered;
+
+    impl Sink for Recovered {
+        fn check(&self, _: &[SinkInterface]) -> Result<(), String> {
+            Ok(())
+        }
+        fn add_interface(&mut self, _: &SinkInterface) -> std::io::Result<u32> {
+            Ok(0)
+        }
+        fn write_packet(&mut self, _: &crate::sink::OutPacket) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_stats(&mut self, _: u32, _: &InterfaceStats) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn take_recovered(&mut self) -> Vec<Frontier> {
+            vec![Frontier {
+                session: 7,
+                secret_hash: secret_hash(&[1; 16]),
+                acked: 41,
+                ..Frontier::default()
+            }]
+        }
+    }
+
+    /// A session an earlier run wrote resumes where it ended, for the holder of its secret
+    /// only.
+    #[test]
+    fn only_the_secret_resumes_a_session_from_the_journal() {
+        let mut writer = Writer::new(Box::new(Recovered), Duration::from_secs(1), true);
+        assert!(writer.resume_point(7, &[2; 16]).is_err());
+        let resumed = writer.resume_point(7, &[1; 16]).unwrap().unwrap();
+        assert_eq!(resumed.acked, 41);
+        assert_eq!(writer.resume_point(8, &[1; 16]).unwrap(), None);
+    }
+}
