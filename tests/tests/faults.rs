@@ -270,6 +270,15 @@ fn veth(a: &Netns, a_dev: &str, a_addr: &str, b: &Netns, b_dev: &str, b_addr: &s
     }
 }
 
+/// The state directory, the output both receivers write, and tcpdump's capture.
+fn restart_paths(dir: &Scratch) -> (PathBuf, PathBuf, PathBuf) {
+    (
+        dir.join("state"),
+        dir.join("capture.pcap"),
+        dir.join("tcpdump.pcap"),
+    )
+}
+
 /// SIGKILL of the receiver 3 s into a 9 s stream, the same command again 2 s later (same
 /// port, state directory and file): the file holds exactly what tcpdump captured, each
 /// packet once. The journal beside the file tells the restarted receiver which batches the
@@ -280,11 +289,7 @@ fn receiver_killed_and_restarted_mid_stream_loses_nothing() {
     let lab = Lab::new(1).unwrap();
     let iface = lab.links[0].1.as_str();
     let dir = Scratch::new("kill9").unwrap();
-    let (state, out, reference_file) = (
-        dir.join("state"),
-        dir.join("capture.pcap"),
-        dir.join("tcpdump.pcap"),
-    );
+    let (state, out, reference_file) = restart_paths(&dir);
     let out_arg = out.to_string_lossy().into_owned();
     let args = ["--out", out_arg.as_str()];
     let mut killed = Receiver::start(Some(&lab.cap), &state, 4433, &args).unwrap();
@@ -367,11 +372,7 @@ fn receiver_aborted_between_write_and_acknowledgement_writes_each_packet_once() 
     for run in 0..20u32 {
         let flush = run % 10 + 1;
         let dir = Scratch::new(&format!("fault{run}")).unwrap();
-        let (state, out, reference_file) = (
-            dir.join("state"),
-            dir.join("capture.pcap"),
-            dir.join("tcpdump.pcap"),
-        );
+        let (state, out, reference_file) = restart_paths(&dir);
         let out_arg = out.to_string_lossy().into_owned();
         let args = ["--out", out_arg.as_str()];
         let fault = format!("CAPSTREAM_FAULT=abort-after-flush:{flush}");

@@ -534,6 +534,13 @@ mod tests {
         assert_eq!(read(&dir.0.join("cap-1.pcap")).1, [1]);
     }
 
+    fn rotating_at(size: u64) -> Rotation {
+        Rotation {
+            size: Some(size),
+            every: None,
+        }
+    }
+
     /// Files with a hook that records what it is handed.
     fn open(
         out: &Path,
@@ -604,10 +611,7 @@ mod tests {
     #[test]
     fn rotated_files_are_complete_on_their_own_and_reported_in_order() {
         let dir = Dir::new("rotate");
-        let rotation = Rotation {
-            size: Some(2_000),
-            every: None,
-        };
+        let rotation = rotating_at(2_000);
         let (mut files, reported) =
             open(&dir.0.join("cap.pcapng"), false, rotation, Keep::default());
         let a = files.add_interface(&iface("a")).unwrap();
@@ -646,10 +650,7 @@ mod tests {
     #[test]
     fn keep_deletes_the_oldest_completed_files() {
         let dir = Dir::new("keep");
-        let rotation = Rotation {
-            size: Some(2_000),
-            every: None,
-        };
+        let rotation = rotating_at(2_000);
         let keep = Keep {
             files: Some(2),
             bytes: None,
@@ -671,10 +672,7 @@ mod tests {
     #[test]
     fn keep_leaves_a_file_in_use_until_it_is_free() {
         let dir = Dir::new("keep-in-use");
-        let rotation = Rotation {
-            size: Some(2_000),
-            every: None,
-        };
+        let rotation = rotating_at(2_000);
         let keep = Keep {
             files: Some(1),
             bytes: None,
@@ -739,10 +737,7 @@ mod tests {
     #[test]
     fn a_file_per_sensor_rotates_on_its_own() {
         let dir = Dir::new("splitrotate");
-        let rotation = Rotation {
-            size: Some(2_000),
-            every: None,
-        };
+        let rotation = rotating_at(2_000);
         let out = dir.0.join("{sensor}-%Y.pcapng");
         let (mut files, reported) = open(&out, true, rotation, Keep::default());
         let a = files.add_interface(&iface("a")).unwrap();
@@ -800,10 +795,7 @@ mod tests {
     #[test]
     fn rotation_drops_the_interfaces_of_closed_sessions() {
         let dir = Dir::new("dropidb");
-        let rotation = Rotation {
-            size: Some(2_000),
-            every: None,
-        };
+        let rotation = rotating_at(2_000);
         let (mut files, reported) =
             open(&dir.0.join("cap.pcapng"), false, rotation, Keep::default());
         let a = files.add_interface(&iface("a")).unwrap();
@@ -826,10 +818,7 @@ mod tests {
     #[test]
     fn interface_blocks_past_the_size_do_not_rotate_every_packet() {
         let dir = Dir::new("storm");
-        let rotation = Rotation {
-            size: Some(64 * 1024),
-            every: None,
-        };
+        let rotation = rotating_at(64 * 1024);
         let (mut files, reported) =
             open(&dir.0.join("cap.pcapng"), false, rotation, Keep::default());
         let mut big = iface("a");
