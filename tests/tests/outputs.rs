@@ -1,7 +1,7 @@
 //! The receiver's outputs beyond one file: the live PCAP-over-IP stream read by tshark (with
 //! or without a file), a slow live client that drops only its own packets, rotation with
 //! retention and through a full disk, and a file per sensor with path-safe names. Everything
-//! runs on the host's loopback, on ports 5310-5331. A restarted receiver continues its file.
+//! runs on the host's loopback, on ports 5310-5332. A restarted receiver continues its file.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -392,6 +392,48 @@ fn a_restarted_receiver_continues_its_file() {
         assert!(logs.contains("continuing the capture there"), "{logs}");
         let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{name}: readable by its owner only");
+    }
+}
+
+/// With a file per sensor, a sensor's file is completed once it has left: 150 sensors in
+/// turn leave 150 complete files and the receiver holding only a few descriptors, never one
+/// per sensor ever seen.
+#[test]
+fn files_per_sensor_are_closed_as_their_sensors_leave() {
+    let dir = Scratch::new("fds").unwrap();
+    let small = dir.join("small.pcap");
+    run("tcpdump", &["-r", &corpus(), "-c", "5", "-w", &arg(&small)]).unwrap();
+    let out_dir = dir.join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let args = [
+        "--out",
+        &arg(&out_dir.join("{sensor}.pcap")),
+        "--split-by",
+        "sensor",
+    ];
+    let mut receiver = Receiver::start(None, &dir.join("state"), 5332, &args).unwrap();
+    let sensors = 150;
+    for n in 0..sensors {
+        replay(&receiver, &arg(&small), &["--sensor-id", &format!("s{n}")]);
+    }
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", receiver.proc.pid()))
+        .unwrap()
+        .count();
+    receiver.stop().unwrap();
+    let log = receiver.proc.stderr();
+    assert!(
+        fds < 50,
+        "{fds} descriptors open after {sensors} sensors:\n{log}"
+    );
+    assert_eq!(completed(&log).len(), sensors, "{log}");
+    let expected: Vec<Record> = tcpdump_records(&small, "").unwrap();
+    for n in [0, sensors - 1] {
+        let got = tcpdump_records(&out_dir.join(format!("s{n}.pcap")), "").unwrap();
+        assert!(
+            got == expected,
+            "s{n}: {}",
+            first_difference(&expected, &got)
+        );
     }
 }
 
