@@ -130,9 +130,11 @@ impl Files {
             return Ok(());
         }
         for index in 0..self.series.len() {
-            if !self.series[index].as_ref().is_some_and(Series::is_idle) {
+            let Some(series) = self.series[index].as_mut().filter(|s| s.is_idle()) else {
                 continue;
-            }
+            };
+            // Written whole first, while it can still be retried; then closed and reported.
+            series.complete_and_flush(&self.pattern, &mut self.finished)?;
             let Some(series) = self.series[index].take() else {
                 continue;
             };

@@ -197,6 +197,17 @@ impl Series {
         self.current.sink.flush()
     }
 
+    /// Writes what ends the current file and flushes it, keeping the series: where that
+    /// fails (disk full), nothing is lost and it is tried again.
+    pub fn complete_and_flush(
+        &mut self,
+        pattern: &Pattern,
+        finished: &mut Finished,
+    ) -> io::Result<()> {
+        self.complete_current()?;
+        self.flush(pattern, finished)
+    }
+
     /// Completes the current file and reports it.
     pub fn finish(mut self, finished: &mut Finished) -> io::Result<()> {
         self.complete_current()?;
