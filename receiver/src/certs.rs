@@ -92,6 +92,14 @@ fn init(args: &InitArgs) -> Result<()> {
 
 fn sensor(args: &SensorArgs) -> Result<()> {
     let (dir, name) = (&args.dir, &args.name);
+    // NAME names files in --dir: nothing that reaches outside it, or hides.
+    if *name != receiver::sink::files::naming::sanitize(name) {
+        return Err(BadInput(anyhow!(
+            "sensor name {name:?}: use letters, digits, '_', '-' and single dots, not \
+             starting with '.' or '-', at most 64 bytes (it names {name}.crt in --dir)"
+        ))
+        .into());
+    }
     let crt = dir.join(format!("{name}.crt"));
     let key = dir.join(format!("{name}.key"));
     if !args.force && (crt.exists() || key.exists()) {
@@ -348,6 +356,25 @@ mod tests {
         );
         let _ = fs::remove_dir_all(&dir);
         let _ = fs::remove_dir_all(&other);
+    }
+
+    #[test]
+    fn a_sensor_name_that_leaves_the_directory_is_refused() {
+        let dir = scratch("badname");
+        for name in ["../x", "a/b", "", ".hidden", "-rf", "a..b"] {
+            let e = sensor(&SensorArgs {
+                name: name.into(),
+                dir: dir.join("pki"),
+                days: 1,
+                force: false,
+            })
+            .unwrap_err();
+            assert!(
+                e.is::<BadInput>() && e.to_string().contains("sensor name"),
+                "{name}: {e}"
+            );
+        }
+        assert!(!dir.join("x.crt").exists());
     }
 
     #[test]

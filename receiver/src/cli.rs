@@ -88,6 +88,9 @@ pub struct Cli {
     /// Output file, or `-` for stdout (e.g. `--out /var/capture/all.pcapng`); default
     /// capture.pcap, or none with --serve-pcap. The file name may hold strftime fields, in
     /// UTC (e.g. `--out /data/cap-%Y%m%d-%H%M%S.pcapng`), and `{sensor}` with --split-by.
+    /// An existing file is continued, never replaced (or written beside, numbered, if it is
+    /// not a capture this receiver can append to); a journal beside it lets resuming
+    /// sensors go on exactly where the file ends after a crash. Files are created 0600.
     #[arg(short = 'w', long, value_name = "PATH")]
     pub out: Option<PathBuf>,
 
@@ -213,12 +216,18 @@ pub struct Cli {
     pub split_by: Option<SplitBy>,
 
     /// Upload each finished output file to an S3-compatible store as PREFIX/<file name>
-    /// (e.g. `--upload s3://captures/site-a`). Credentials, region and endpoint come from
+    /// (e.g. `--upload s3://captures/site-a`), never over an existing object (a taken key
+    /// gets a counter: PREFIX/<name>-1.pcap). Credentials, region and endpoint come from
     /// the usual variables: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, and
-    /// AWS_ENDPOINT_URL for stores other than AWS (an http:// endpoint is allowed). The
-    /// bucket must answer at start.
+    /// AWS_ENDPOINT_URL for stores other than AWS (http:// only on loopback, else with
+    /// --upload-allow-http). The bucket must answer at start.
     #[arg(long, value_name = "S3_URL")]
     pub upload: Option<String>,
+
+    /// Allow a plain-HTTP AWS_ENDPOINT_URL on another host: the captures then cross the
+    /// network unencrypted. A loopback endpoint (a local MinIO) needs no flag.
+    #[arg(long, requires = "upload")]
+    pub upload_allow_http: bool,
 
     /// How long the receiver waits at exit for uploads still going on (e.g.
     /// `--upload-timeout 10m`; a second SIGINT or SIGTERM gives up sooner); files not

@@ -155,7 +155,7 @@ async fn run(cli: Cli) -> Result<()> {
     };
     let uploader = match &cli.upload {
         Some(url) => Some(
-            start_uploader(url, cli.out_path())
+            start_uploader(url, cli.out_path(), cli.upload_allow_http)
                 .await
                 .map_err(BadInput)?,
         ),
@@ -330,13 +330,17 @@ async fn open_outputs(
     Ok((sink, live))
 }
 
-async fn start_uploader(url: &str, out: Option<&std::path::Path>) -> Result<upload::Uploader> {
+async fn start_uploader(
+    url: &str,
+    out: Option<&std::path::Path>,
+    allow_http: bool,
+) -> Result<upload::Uploader> {
     if out.is_none_or(|o| o.as_os_str() == "-") {
         return Err(anyhow!(
             "--upload needs --out FILE: only files can be uploaded, not stdout or the live stream"
         ));
     }
-    upload::Uploader::start(url).await
+    upload::Uploader::start(url, allow_http).await
 }
 
 fn listen(

@@ -25,9 +25,18 @@ use std::time::{Duration, Instant};
 
 use common::PacketIter;
 
-use crate::sink::{OutPacket, Sink};
+use crate::sink::{Frontier, OutPacket, Sink};
 
 pub type SessionId = u64;
+
+/// How far past the receiver's clock a packet's timestamp counts in the merge: later ones
+/// are merged as if stamped then (and counted), so one far-future packet cannot make every
+/// later packet late. Past timestamps are left alone: replayed files carry old ones.
+pub const MAX_AHEAD: Duration = Duration::from_secs(24 * 3600);
+
+/// A packet record's header on the wire (timestamp, lengths, direction): held memory counts
+/// it, so that a batch of empty packets is not free.
+const RECORD_HEADER_LEN: usize = 8 + 4 + 4 + 1;
 
 /// A source's next packet, as the heap orders sources.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -45,6 +54,8 @@ struct HeldBatch {
     arrived: Instant,
     /// Arrival order of the next packet.
     order: u64,
+    /// Its first records that are in the output (some by an earlier run of the receiver).
+    written: u64,
     packets: Peekable<PacketIter>,
 }
 
@@ -59,13 +70,18 @@ struct Source {
     written_key: Option<u64>,
     batches: VecDeque<HeldBatch>,
     written: Written,
+    /// A batch of which an earlier run wrote the first records: (sequence, records).
+    resumed_partial: Option<(u64, u64)>,
+    /// When it joined or last sent a batch: silent for the reorder window, it no longer
+    /// holds the others back.
+    heard: Instant,
 }
 
 impl Source {
     /// The next packet's place in the merge, if the source holds one.
-    fn head(&mut self, index: usize) -> Option<Head> {
+    fn head(&mut self, index: usize, latest_key: u64) -> Option<Head> {
         let batch = self.batches.front_mut()?;
-        let timestamp_ns = batch.packets.peek()?.timestamp_ns;
+        let timestamp_ns = batch.packets.peek()?.timestamp_ns.min(latest_key);
         Some(Head {
             key: self
                 .written_key
@@ -101,14 +117,20 @@ pub struct Written {
     pub late: u64,
     /// Written before the merge rules allowed, because held data passed the memory bound.
     pub forced: u64,
+    /// Sent again after a receiver restart but written by the earlier run: not repeated.
+    pub resumed: u64,
+    /// Stamped more than [`MAX_AHEAD`] past the receiver's clock: merged as if stamped then.
+    pub ahead: u64,
 }
 
 impl std::ops::AddAssign for Written {
     fn add_assign(&mut self, other: Self) {
-        self.packets += other.packets;
-        self.bytes += other.bytes;
-        self.late += other.late;
-        self.forced += other.forced;
+        self.packets = self.packets.saturating_add(other.packets);
+        self.bytes = self.bytes.saturating_add(other.bytes);
+        self.late = self.late.saturating_add(other.late);
+        self.forced = self.forced.saturating_add(other.forced);
+        self.resumed = self.resumed.saturating_add(other.resumed);
+        self.ahead = self.ahead.saturating_add(other.ahead);
     }
 }
 
@@ -124,6 +146,10 @@ pub struct Merge {
     next_order: u64,
     /// Merge key of the last packet written.
     last_written_key: u64,
+    /// The highest merge key: [`MAX_AHEAD`] past the clock at the last release.
+    latest_key: u64,
+    /// Output interfaces of sessions removed, until taken.
+    closed_interfaces: Vec<u32>,
     sessions: HashMap<SessionId, Session>,
 }
 
@@ -138,16 +164,28 @@ impl Merge {
             held_bytes: 0,
             next_order: 0,
             last_written_key: 0,
+            latest_key: latest_key(),
+            closed_interfaces: Vec::new(),
             sessions: HashMap::new(),
         }
     }
 
     /// A sensor joined; `interfaces` maps its interface ids to output interfaces. `resume`:
-    /// every batch up to it was delivered before (by an earlier session here).
-    pub fn add_session(&mut self, id: SessionId, interfaces: Vec<u32>, resume: Option<u64>) {
+    /// what the output holds of it already (written by an earlier session here, or by an
+    /// earlier run of the receiver): those batches, or first records of a batch, are not
+    /// written again when the sensor sends them.
+    pub fn add_session(&mut self, id: SessionId, interfaces: Vec<u32>, resume: Option<&Frontier>) {
         let sources = interfaces
             .into_iter()
-            .map(|interface| {
+            .enumerate()
+            .map(|(interface_id, interface)| {
+                let resumed_partial = resume
+                    .and_then(|r| {
+                        r.partial
+                            .iter()
+                            .find(|p| usize::from(p.interface_id) == interface_id)
+                    })
+                    .map(|p| (p.sequence, p.records));
                 let source = Source {
                     session: id,
                     interface,
@@ -155,6 +193,8 @@ impl Merge {
                     written_key: None,
                     batches: VecDeque::new(),
                     written: Written::default(),
+                    resumed_partial,
+                    heard: Instant::now(),
                 };
                 match self.free_sources.pop() {
                     Some(index) => {
@@ -173,10 +213,10 @@ impl Merge {
             Session {
                 sources,
                 held_batches: 0,
-                done: BTreeSet::new(),
-                acked: resume.unwrap_or(0),
+                done: resume.map_or_else(BTreeSet::new, |r| r.done.iter().copied().collect()),
+                acked: resume.map_or(0, |r| r.acked),
                 ack_changed: false,
-                received: resume,
+                received: resume.map(|r| r.acked),
                 idle: false,
             },
         );
@@ -195,6 +235,9 @@ impl Merge {
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
+        // Written already (the sensor sends it again after the receiver restarted): the
+        // connection passes only batches above what it was told, so only those are here.
+        let in_output = s.received.is_some() && (sequence <= s.acked || s.done.contains(&sequence));
         if s.received.is_none() {
             // The first batch of a resumed session: what came before went elsewhere.
             s.acked = sequence.saturating_sub(1);
@@ -203,27 +246,49 @@ impl Merge {
         let Some(&index) = s.sources.get(usize::from(interface_id)) else {
             return;
         };
-        let Some(newest) = packets.newest() else {
-            s.mark_done(sequence);
+        let Some(source) = self.sources.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
-        let Some(source) = self.sources.get_mut(index).and_then(Option::as_mut) else {
+        source.heard = now;
+        if in_output {
+            source.written.resumed = source.written.resumed.saturating_add(packets.len() as u64);
+            return;
+        }
+        let mut packets = packets;
+        let mut written = 0;
+        if let Some((partial, records)) = source.resumed_partial {
+            if partial <= sequence {
+                source.resumed_partial = None;
+            }
+            if partial == sequence {
+                // Its first records are in the output already.
+                for _ in 0..records {
+                    if packets.next().is_some() {
+                        written += 1;
+                    }
+                }
+                source.written.resumed = source.written.resumed.saturating_add(written);
+            }
+        }
+        let Some(newest) = packets.newest().filter(|_| packets.len() > 0) else {
+            s.mark_done(sequence);
             return;
         };
         s.held_batches += 1;
         source.newest = Some(source.newest.map_or(newest, |n| n.max(newest)));
-        self.held_bytes += packets.data_len();
+        self.held_bytes = self.held_bytes.saturating_add(packets.records_len());
         let order = self.next_order;
-        self.next_order += packets.len() as u64;
+        self.next_order = self.next_order.saturating_add(packets.len() as u64);
         let was_empty = source.batches.is_empty();
         source.batches.push_back(HeldBatch {
             sequence,
             arrived: now,
             order,
+            written,
             packets: packets.peekable(),
         });
         if was_empty {
-            if let Some(head) = source.head(index) {
+            if let Some(head) = source.head(index, self.latest_key) {
                 self.heads.push(Reverse(head));
             }
         }
@@ -231,7 +296,8 @@ impl Merge {
 
     /// Writes every held packet that may go out now.
     pub fn release(&mut self, now: Instant, sink: &mut dyn Sink) -> io::Result<()> {
-        let watermark = self.watermark();
+        self.latest_key = latest_key();
+        let watermark = self.watermark(now);
         while let Some(&Reverse(head)) = self.heads.peek() {
             let due = watermark.is_some_and(|w| head.key <= w)
                 || self.sources[head.source]
@@ -276,14 +342,57 @@ impl Merge {
             .is_none_or(|s| s.held_batches == 0)
     }
 
+    /// The sessions it knows.
+    pub fn sessions(&self) -> impl Iterator<Item = SessionId> + '_ {
+        self.sessions.keys().copied()
+    }
+
+    /// How much of the session the output holds, once what was written is flushed: the
+    /// journal's record (the secret's hash is the caller's to fill in).
+    pub fn frontier(&self, session: SessionId) -> Option<Frontier> {
+        let s = self.sessions.get(&session)?;
+        let partial = s
+            .sources
+            .iter()
+            .enumerate()
+            .filter_map(|(interface_id, &index)| {
+                let source = self.sources[index].as_ref()?;
+                let interface_id = u16::try_from(interface_id).ok()?;
+                let (sequence, records) = match source.batches.front() {
+                    Some(b) if b.written > 0 => (b.sequence, b.written),
+                    _ => source.resumed_partial?,
+                };
+                Some(crate::sink::PartialBatch {
+                    interface_id,
+                    sequence,
+                    records,
+                })
+            })
+            .collect();
+        Some(Frontier {
+            session,
+            secret_hash: [0; 32],
+            acked: s.acked,
+            done: s.done.iter().copied().collect(),
+            partial,
+        })
+    }
+
     /// Forgets a session once it is written.
     pub fn remove_session(&mut self, session: SessionId) {
         if let Some(s) = self.sessions.remove(&session) {
             for index in s.sources {
-                self.sources[index] = None;
+                if let Some(source) = self.sources[index].take() {
+                    self.closed_interfaces.push(source.interface);
+                }
                 self.free_sources.push(index);
             }
         }
+    }
+
+    /// The output interfaces of the sessions removed since the last call.
+    pub fn take_closed_interfaces(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.closed_interfaces)
     }
 
     /// Writes everything held: at shutdown.
@@ -335,12 +444,18 @@ impl Merge {
     /// will send anything older. `None` while one of them has sent nothing yet, as it might
     /// still send anything (the reorder window bounds that wait). With no source left,
     /// nothing can come that belongs before what is held.
-    fn watermark(&self) -> Option<u64> {
+    /// A source silent (nothing held, no batch) for the reorder window no longer counts:
+    /// what it sends later, if older, is written late and counted.
+    fn watermark(&self, now: Instant) -> Option<u64> {
         let mut low = u64::MAX;
         for s in self.sessions.values().filter(|s| !s.idle) {
             for &index in &s.sources {
                 if let Some(source) = &self.sources[index] {
-                    low = low.min(source.newest?);
+                    let silent = source.batches.is_empty()
+                        && now.saturating_duration_since(source.heard) >= self.window;
+                    if !silent {
+                        low = low.min(source.newest?.min(self.latest_key));
+                    }
                 }
             }
         }
@@ -361,7 +476,8 @@ impl Merge {
             self.heads.pop();
             return Ok(());
         };
-        batch.order += 1;
+        batch.order = batch.order.saturating_add(1);
+        batch.written += 1;
         sink.write_packet(&OutPacket {
             interface: source.interface,
             timestamp_ns: p.timestamp_ns,
@@ -369,16 +485,22 @@ impl Merge {
             direction: p.direction,
             data: &p.data,
         })?;
-        self.held_bytes -= p.data.len();
+        self.held_bytes = self
+            .held_bytes
+            .saturating_sub(RECORD_HEADER_LEN + p.data.len());
         let late = head.key < self.last_written_key;
-        if !late {
+        let ahead = p.timestamp_ns > self.latest_key;
+        // One far-future packet must not make every other source's packets late.
+        if !late && !ahead {
             self.last_written_key = head.key;
         }
         source.written_key = Some(head.key);
-        source.written.packets += 1;
-        source.written.bytes += p.data.len() as u64;
-        source.written.forced += u64::from(forced);
-        source.written.late += u64::from(late);
+        let w = &mut source.written;
+        w.packets = w.packets.saturating_add(1);
+        w.bytes = w.bytes.saturating_add(p.data.len() as u64);
+        w.forced = w.forced.saturating_add(u64::from(forced));
+        w.late = w.late.saturating_add(u64::from(late));
+        w.ahead = w.ahead.saturating_add(u64::from(ahead));
         if batch.packets.peek().is_none() {
             let sequence = batch.sequence;
             source.batches.pop_front();
@@ -388,7 +510,7 @@ impl Merge {
                 s.mark_done(sequence);
             }
         }
-        match source.head(head.source) {
+        match source.head(head.source, self.latest_key) {
             Some(next) => {
                 if let Some(mut top) = self.heads.peek_mut() {
                     *top = Reverse(next);
@@ -402,11 +524,22 @@ impl Merge {
     }
 }
 
+/// The clock now plus [`MAX_AHEAD`], in nanoseconds since the epoch.
+fn latest_key() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from((now + MAX_AHEAD).as_nanos()).unwrap_or(u64::MAX)
+}
+
 impl Session {
     fn mark_done(&mut self, sequence: u64) {
         self.done.insert(sequence);
-        while self.done.remove(&(self.acked + 1)) {
-            self.acked += 1;
+        while let Some(next) = self.acked.checked_add(1) {
+            if !self.done.remove(&next) {
+                break;
+            }
+            self.acked = next;
             self.ack_changed = true;
         }
     }
@@ -415,7 +548,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::{Sink, SinkInterface};
+    use crate::sink::{PartialBatch, Sink, SinkInterface};
     use common::{BatchBuilder, Direction, InterfaceStats, Message};
 
     /// Records what would be written.
@@ -423,7 +556,7 @@ mod tests {
     struct Recorder(Vec<(u32, u64)>);
 
     impl Sink for Recorder {
-        fn check(&self, _: &[SinkInterface]) -> Result<(), String> {
+        fn check(&self, _: &[SinkInterface]) -> Result<(), crate::sink::Refusal> {
             Ok(())
         }
         fn add_interface(&mut self, _: &SinkInterface) -> io::Result<u32> {
@@ -607,7 +740,14 @@ mod tests {
         let mut m = Merge::new(Duration::ZERO, usize::MAX);
         let mut out = Recorder::default();
         // Resumed here: batches up to 4 were written before.
-        m.add_session(1, vec![0], Some(4));
+        m.add_session(
+            1,
+            vec![0],
+            Some(&Frontier {
+                acked: 4,
+                ..Frontier::default()
+            }),
+        );
         assert_eq!((m.acked(1), m.received(1)), (4, Some(4)));
         // New here, but its earlier batches went to another receiver.
         m.add_session(2, vec![1], None);
@@ -618,5 +758,154 @@ mod tests {
         acks.sort();
         assert_eq!(acks, [(1, 5), (2, 40)]);
         assert_eq!((m.written_on(2, 0), m.written_on(2, 1)), (1, 0));
+    }
+
+    /// After a restart, what the earlier run wrote (whole batches, a batch's first records)
+    /// is not written again when the sensor resends it, nor counted as duplicates.
+    #[test]
+    fn a_resumed_session_skips_what_an_earlier_run_wrote() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, usize::MAX);
+        let mut out = Recorder::default();
+        let resume = Frontier {
+            session: 1,
+            secret_hash: [1; 32],
+            acked: 2,
+            done: vec![4],
+            partial: vec![PartialBatch {
+                interface_id: 0,
+                sequence: 3,
+                records: 2,
+            }],
+        };
+        m.add_session(1, vec![0, 1], Some(&resume));
+        let mut expected = resume.clone();
+        expected.secret_hash = [0; 32];
+        assert_eq!(
+            m.frontier(1),
+            Some(expected),
+            "kept until the sensor resends"
+        );
+        assert_eq!(m.received(1), Some(2));
+        m.add_batch(1, 3, 0, packets(&[10, 20, 30, 40]), t0);
+        // Partly written now: two records of batch 3 (the earlier run's) are in.
+        assert_eq!(m.frontier(1).unwrap().partial, resume.partial);
+        m.add_batch(1, 4, 1, packets(&[25]), t0);
+        m.add_batch(1, 5, 1, packets(&[50]), t0);
+        m.drain_all(&mut out).unwrap();
+        assert_eq!(out.0, [(0, 30), (0, 40), (1, 50)]);
+        assert_eq!(m.take_acks(), [(1, 5)]);
+        let written = m.written(1);
+        assert_eq!((written.packets, written.resumed), (3, 3));
+        let frontier = m.frontier(1).unwrap();
+        assert_eq!(
+            (frontier.acked, frontier.done, frontier.partial),
+            (5, vec![], vec![])
+        );
+    }
+
+    /// The frontier of a batch written in part: its first records.
+    #[test]
+    fn the_frontier_names_a_batch_written_in_part() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, 0);
+        let mut out = Recorder::default();
+        m.add_session(1, vec![0], None);
+        m.add_session(2, vec![1], None);
+        m.add_batch(1, 7, 0, packets(&[1, 2, 3]), t0);
+        // Over the memory bound: all go but for want of a sink that takes them.
+        m.write_next(m.heads.peek().unwrap().0, &mut out, true)
+            .unwrap();
+        let frontier = m.frontier(1).unwrap();
+        assert_eq!(frontier.acked, 6);
+        assert_eq!(
+            frontier.partial,
+            [PartialBatch {
+                interface_id: 0,
+                sequence: 7,
+                records: 1
+            }]
+        );
+    }
+
+    /// Held memory counts each record's header: empty packets are not free.
+    #[test]
+    fn empty_packets_count_toward_held_bytes() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, usize::MAX);
+        m.add_session(1, vec![0], None);
+        m.add_session(2, vec![1], None);
+        let mut b = BatchBuilder::new(1 << 20);
+        for t in 0..100 {
+            let _ = b.push(t, 0, Direction::Unknown, &[]);
+        }
+        let frame = b.finish(1, 1, 0).frame;
+        let mut buf = bytes::BytesMut::from(&frame[..]);
+        let Ok(Some(Message::Batch(batch))) = common::decode_frame(&mut buf) else {
+            panic!("a batch");
+        };
+        m.add_batch(1, 1, 0, batch.packets().unwrap(), t0);
+        assert_eq!(m.held_bytes, 100 * RECORD_HEADER_LEN);
+        let mut out = Recorder::default();
+        m.drain_all(&mut out).unwrap();
+        assert_eq!(m.held_bytes, 0);
+    }
+
+    /// A connected source that never sends holds the others for the reorder window from
+    /// when it joined, not for ever: after that, packets go out as the watermark allows,
+    /// without each waiting the window.
+    #[test]
+    fn a_silent_source_stops_holding_the_others_after_the_window() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, usize::MAX);
+        let mut out = Recorder::default();
+        m.add_session(1, vec![0], None);
+        m.add_session(2, vec![1], None);
+        let later = t0 + 2 * WINDOW;
+        m.add_batch(1, 1, 0, packets(&[10, 20]), later);
+        m.release(later, &mut out).unwrap();
+        assert_eq!(out.0, [(0, 10), (0, 20)], "out at once, not a window later");
+    }
+
+    /// A packet stamped far in the future is merged as if stamped a day ahead, counted, and
+    /// does not make the packets after it late once the clock reaches them.
+    #[test]
+    fn far_future_timestamps_are_clamped_and_counted() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(Duration::ZERO, usize::MAX);
+        let mut out = Recorder::default();
+        m.add_session(1, vec![0], None);
+        m.add_session(2, vec![1], None);
+        m.add_batch(1, 1, 0, packets(&[u64::MAX - 1]), t0);
+        m.drain_all(&mut out).unwrap();
+        m.add_batch(2, 1, 0, packets(&[30]), t0);
+        m.drain_all(&mut out).unwrap();
+        assert_eq!(out.0, [(0, u64::MAX - 1), (1, 30)], "written as sent");
+        assert_eq!(m.written(1).ahead, 1);
+        assert_eq!(
+            m.written(2).late,
+            0,
+            "the other sensor's packets are not late"
+        );
+    }
+
+    /// Hostile sequence numbers and counters saturate instead of overflowing (a panic in a
+    /// debug build would stop the writer).
+    #[test]
+    fn a_last_sequence_of_u64_max_does_not_overflow() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(Duration::ZERO, usize::MAX);
+        let mut out = Recorder::default();
+        m.add_session(1, vec![0], None);
+        m.add_batch(1, u64::MAX, 0, packets(&[1]), t0);
+        m.add_batch(1, u64::MAX, 0, packets(&[]), t0);
+        m.release(t0, &mut out).unwrap();
+        assert_eq!(m.acked(1), u64::MAX);
+        let mut total = Written {
+            packets: u64::MAX,
+            ..Written::default()
+        };
+        total += m.written(1);
+        assert_eq!(total.packets, u64::MAX);
     }
 }

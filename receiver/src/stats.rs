@@ -48,6 +48,18 @@ impl SensorSummary {
                 self.written.forced
             );
         }
+        if self.written.resumed > 0 {
+            line += &format!(
+                ", {} sent again after a receiver restart and already in the output",
+                self.written.resumed
+            );
+        }
+        if self.written.ahead > 0 {
+            line += &format!(
+                ", {} stamped over a day past the receiver's clock (merged as if stamped then)",
+                self.written.ahead
+            );
+        }
         if self.written.late > 0 {
             line += &format!(
                 ", {} written late (older than packets already out)",
@@ -59,11 +71,14 @@ impl SensorSummary {
                 let mut by_reason: Vec<(DropReason, u64)> = Vec::new();
                 for (reason, n) in stats.interfaces.iter().flat_map(|i| &i.drops) {
                     match by_reason.iter_mut().find(|(r, _)| r == reason) {
-                        Some((_, total)) => *total += n,
+                        Some((_, total)) => *total = total.saturating_add(*n),
                         None => by_reason.push((*reason, *n)),
                     }
                 }
-                let total: u64 = by_reason.iter().map(|(_, n)| n).sum();
+                // Sums of sensor-supplied counters saturate rather than overflow.
+                let total = by_reason
+                    .iter()
+                    .fold(0u64, |t, (_, n)| t.saturating_add(*n));
                 line += &format!(", dropped by the sensor {total}");
                 if total > 0 {
                     let parts: Vec<String> = by_reason
@@ -74,8 +89,11 @@ impl SensorSummary {
                 }
                 // The accounting identity: what the sensor matched is written here, dropped
                 // with a reason, or elsewhere (an earlier receiver, or still at the sensor).
-                let matched: u64 = stats.interfaces.iter().map(|i| i.matched).sum();
-                let elsewhere = matched.saturating_sub(self.written.packets + total);
+                let matched = stats
+                    .interfaces
+                    .iter()
+                    .fold(0u64, |t, i| t.saturating_add(i.matched));
+                let elsewhere = matched.saturating_sub(self.written.packets.saturating_add(total));
                 line += &format!(", matched by the sensor {matched}");
                 if elsewhere > 0 {
                     line += &format!(
@@ -87,5 +105,41 @@ impl SensorSummary {
             None => line += ", no statistics received",
         }
         line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::InterfaceStats;
+
+    /// Hostile counters (u64::MAX) make a summary line, not an overflow panic.
+    #[test]
+    fn hostile_counters_saturate() {
+        let huge = InterfaceStats {
+            interface_id: 0,
+            seen: u64::MAX,
+            matched: u64::MAX,
+            delivered: u64::MAX,
+            drops: vec![
+                (DropReason::KERNEL_BUFFER, u64::MAX),
+                (DropReason::KERNEL_BUFFER, u64::MAX),
+            ],
+        };
+        let summary = SensorSummary {
+            label: "sensor s".into(),
+            written: Written {
+                packets: u64::MAX,
+                ..Written::default()
+            },
+            received: Received::default(),
+            stats: Some(Stats {
+                session_id: 1,
+                interfaces: vec![huge.clone(), huge],
+            }),
+        };
+        assert!(summary
+            .line()
+            .contains(&format!("matched by the sensor {}", u64::MAX)));
     }
 }

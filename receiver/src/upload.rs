@@ -1,13 +1,19 @@
 //! `--upload s3://bucket/prefix`: finished output files go to an S3-compatible store as
-//! `prefix/<file name>`, streamed in parts so a 1 GiB segment never sits in memory.
+//! `prefix/<file name>`, streamed in parts so a 1 GiB segment never sits in memory. An
+//! object is never replaced: where the key is taken (a restarted receiver continuing its
+//! file, say), the file goes to `prefix/<name>-1.pcap` (the first free counter), checked
+//! just before the upload (two receivers sharing a prefix could still race there).
 //!
-//! Files arrive through a bounded queue ([`Uploader::submit`]) and go out one at a time. A
-//! failed upload is logged once with the reason and retried with backoff until it succeeds
-//! or [`Uploader::finish`] runs out of time; every file that did not make it is named in
-//! the log and in the exit summary.
+//! Files arrive in an unbounded list of paths ([`Submitter::submit`]) and go out one at a
+//! time. A failed upload is logged once with the reason and retried with backoff until it
+//! succeeds or [`Uploader::finish`] runs out of time (a file that cannot be read, a few
+//! times, then given up on); every file that did not make it is named in the log and in the
+//! exit summary, and stays on disk: `--keep` deletes only uploaded files.
 
+use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,11 +24,15 @@ use object_store::{
     BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, RetryConfig, WriteMultipart,
 };
 use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-/// Files waiting to be uploaded; one more is refused, named and counted as not uploaded.
-const QUEUE_FILES: usize = 64;
+use crate::sink::files::naming::with_counter;
+
+/// Tries of a file that cannot be read (EMFILE, a transient EIO) before it is given up on.
+const LOCAL_TRIES: u32 = 3;
+/// Counters tried for a free key.
+const MAX_KEY_COUNTER: u32 = 10_000;
 /// Size of one multipart part: 1 GiB is 128 parts, well under S3's 10,000.
 const PART_BYTES: usize = 8 << 20;
 /// Parts in flight at once: with the part being filled, at most 3 parts' memory.
@@ -45,16 +55,16 @@ pub struct Uploader {
 /// without waiting.
 #[derive(Clone)]
 pub struct Submitter {
-    queue: mpsc::Sender<PathBuf>,
     ledger: Arc<Ledger>,
 }
 
 impl Uploader {
     /// Configures the store from `url` and the standard AWS environment variables and
     /// checks that the bucket answers. Every error is one line about what to fix.
-    pub async fn start(url: &str) -> Result<Self> {
+    /// `allow_http`: a plain-HTTP endpoint on another host is allowed.
+    pub async fn start(url: &str, allow_http: bool) -> Result<Self> {
         let target = Target::parse(url)?;
-        let builder = builder_from_env(&target.bucket)?;
+        let builder = builder_from_env(&target.bucket, allow_http)?;
         check_reachable(&builder, &target).await?;
         let store = builder
             .with_retry(RetryConfig {
@@ -64,12 +74,11 @@ impl Uploader {
             })
             .build()
             .with_context(|| format!("--upload {url}"))?;
-        let (queue, files) = mpsc::channel(QUEUE_FILES);
         let ledger = Arc::new(Ledger::new(url));
-        let worker = tokio::spawn(run(store, target.prefix, files, Arc::clone(&ledger)));
+        let worker = tokio::spawn(run(store, target.prefix, Arc::clone(&ledger)));
         tracing::info!("uploading finished files to {url}");
         Ok(Self {
-            submitter: Submitter { queue, ledger },
+            submitter: Submitter { ledger },
             worker,
         })
     }
@@ -92,6 +101,7 @@ impl Uploader {
         } = self;
         let ledger = Arc::clone(&submitter.ledger);
         drop(submitter);
+        ledger.close();
         let waiting = lock(&ledger.pending).len();
         if waiting > 0 {
             tracing::info!(
@@ -118,26 +128,18 @@ impl Uploader {
 }
 
 impl Submitter {
-    /// Queues a finished file; if the queue is full it is logged and counted as not
-    /// uploaded, never dropped silently.
+    /// Adds a finished file to the uploads: never refused, however many wait.
     pub fn submit(&self, path: PathBuf) {
         self.ledger.pending(&path);
-        if let Err(e) = self.queue.try_send(path) {
-            let (path, reason) = match e {
-                mpsc::error::TrySendError::Full(p) => (
-                    p,
-                    format!("upload queue full ({QUEUE_FILES} files waiting)"),
-                ),
-                mpsc::error::TrySendError::Closed(p) => (p, "uploader stopped".to_string()),
-            };
-            tracing::error!("not uploading {}: {reason}", path.display());
-            self.ledger.lost(&path, reason);
-        }
+        lock(&self.ledger.queue).push_back(path);
+        self.ledger.wake.notify_one();
     }
 
-    /// Whether `path` was submitted and is neither uploaded nor given up on yet.
+    /// Whether `path` was submitted and is not uploaded (waiting, or given up on): such a
+    /// file is never deleted by `--keep`.
     pub fn is_pending(&self, path: &Path) -> bool {
         lock(&self.ledger.pending).iter().any(|(p, _)| p == path)
+            || lock(&self.ledger.lost).iter().any(|(p, _)| p == path)
     }
 }
 
@@ -167,8 +169,9 @@ impl Target {
 }
 
 /// The builder from the AWS_* variables, refusing a start without credentials, where the
-/// first upload would otherwise fail only after the capture.
-fn builder_from_env(bucket: &str) -> Result<AmazonS3Builder> {
+/// first upload would otherwise fail only after the capture, and plain HTTP to another host
+/// unless `allow_http`.
+fn builder_from_env(bucket: &str, allow_http: bool) -> Result<AmazonS3Builder> {
     let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
     let set = |key| builder.get_config_value(&key).is_some();
     let has_keys = set(AmazonS3ConfigKey::AccessKeyId) && set(AmazonS3ConfigKey::SecretAccessKey);
@@ -178,17 +181,39 @@ fn builder_from_env(bucket: &str) -> Result<AmazonS3Builder> {
     if !has_keys && !has_role {
         bail!("--upload needs credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY");
     }
-    // Whoever names a plain-HTTP endpoint (a local MinIO, moto) means it.
     let endpoint = [AmazonS3ConfigKey::S3Endpoint, AmazonS3ConfigKey::Endpoint]
         .into_iter()
         .find_map(|key| builder.get_config_value(&key));
-    if endpoint.is_some_and(|e| e.starts_with("http://")) {
+    if let Some(rest) = endpoint.as_deref().and_then(|e| e.strip_prefix("http://")) {
+        // Plain HTTP that stays on this host (a local MinIO, moto) is as private as a
+        // file; to another host it carries the captures in clear: only when asked for.
+        if !allow_http && !is_loopback_host(rest) {
+            bail!(
+                "--upload: AWS_ENDPOINT_URL http://{rest} would send the captures unencrypted \
+                 to another host: use https://, or pass --upload-allow-http"
+            );
+        }
         builder = builder.with_config(
             AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp),
             "true",
         );
     }
     Ok(builder)
+}
+
+/// Whether the host of `host[:port][/path]` is `localhost` or a loopback address.
+fn is_loopback_host(authority_and_path: &str) -> bool {
+    let authority = authority_and_path
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default();
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map_or(v6, |(h, _)| h),
+        None => authority.split_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Lists the prefix once, with few retries, so a wrong endpoint, bucket or key is said at
@@ -235,37 +260,87 @@ fn one_line(e: &dyn std::error::Error) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// The worker: uploads each queued file until it is done or given up on.
-async fn run(
-    store: AmazonS3,
-    prefix: ObjectPath,
-    mut files: mpsc::Receiver<PathBuf>,
-    ledger: Arc<Ledger>,
-) {
+/// The worker: uploads each submitted file until it is done or given up on, and ends once
+/// the uploads are closed and none waits.
+async fn run(store: AmazonS3, prefix: ObjectPath, ledger: Arc<Ledger>) {
     let mut buf = vec![0u8; READ_BYTES];
-    while let Some(path) = files.recv().await {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+    loop {
+        let next = lock(&ledger.queue).pop_front();
+        let Some(path) = next else {
+            if ledger.closed.load(Ordering::Acquire) {
+                return;
+            }
+            ledger.wake.notified().await;
+            continue;
+        };
+        if path.file_name().and_then(|n| n.to_str()).is_none() {
             let reason = "its file name is not UTF-8".to_string();
             tracing::error!("not uploading {}: {reason}", path.display());
             ledger.lost(&path, reason);
             continue;
-        };
-        let key = prefix.clone().join(name);
-        upload_with_retries(&store, &key, &path, &mut buf, &ledger).await;
+        }
+        upload_with_retries(&store, &prefix, &path, &mut buf, &ledger).await;
     }
+}
+
+/// `prefix/<file name>`, or the first `prefix/<name>-N.<ext>` not taken: an object is never
+/// replaced.
+async fn free_key(
+    store: &AmazonS3,
+    prefix: &ObjectPath,
+    path: &Path,
+) -> Result<ObjectPath, Failure> {
+    for n in 0..=MAX_KEY_COUNTER {
+        let named = if n == 0 {
+            path.to_path_buf()
+        } else {
+            with_counter(path, n)
+        };
+        let name = named
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let key = prefix.clone().join(name);
+        match store.head(&key).await {
+            Err(object_store::Error::NotFound { .. }) => return Ok(key),
+            Err(e) => return Err(Failure::Store(e)),
+            Ok(_) => {}
+        }
+    }
+    Err(Failure::Local(std::io::Error::other(format!(
+        "{MAX_KEY_COUNTER} numbered keys for it are taken"
+    ))))
 }
 
 async fn upload_with_retries(
     store: &AmazonS3,
-    key: &ObjectPath,
+    prefix: &ObjectPath,
     path: &Path,
     buf: &mut [u8],
     ledger: &Ledger,
 ) {
     let mut delay = FIRST_RETRY;
     let mut failures = 0u32;
+    let mut local_failures = 0u32;
     loop {
-        match upload(store, key, path, buf).await {
+        let key = match free_key(store, prefix, path).await {
+            Ok(key) => key,
+            Err(e) => {
+                // Named as the key it would have had.
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default();
+                let key = prefix.clone().join(name);
+                if !retry_or_give_up(e, &key, path, ledger, &mut failures, &mut local_failures) {
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(LAST_RETRY);
+                continue;
+            }
+        };
+        match upload(store, &key, path, buf).await {
             Ok(bytes) => {
                 tracing::info!(
                     "uploaded {} to {key} ({bytes} bytes{})",
@@ -278,23 +353,10 @@ async fn upload_with_retries(
                 ledger.uploaded(path, bytes);
                 return;
             }
-            Err(Failure::Local(e)) => {
-                let reason = format!("cannot read it: {e}");
-                tracing::error!("not uploading {}: {reason}", path.display());
-                ledger.lost(path, reason);
-                return;
-            }
-            Err(Failure::Store(e)) => {
-                let reason = one_line(&e);
-                if failures == 0 {
-                    tracing::warn!(
-                        "upload of {} to {key} failed, retrying until --upload-timeout at \
-                         exit: {reason}",
-                        path.display()
-                    );
+            Err(e) => {
+                if !retry_or_give_up(e, &key, path, ledger, &mut failures, &mut local_failures) {
+                    return;
                 }
-                failures += 1;
-                ledger.failed_attempt(path, reason);
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(LAST_RETRY);
             }
@@ -302,8 +364,45 @@ async fn upload_with_retries(
     }
 }
 
+/// Logs and counts a failed attempt; says whether to try again: always for the store, a
+/// few times for the file itself.
+fn retry_or_give_up(
+    failure: Failure,
+    key: &ObjectPath,
+    path: &Path,
+    ledger: &Ledger,
+    failures: &mut u32,
+    local_failures: &mut u32,
+) -> bool {
+    let reason = match failure {
+        Failure::Local(e) => {
+            *local_failures += 1;
+            let reason = format!("cannot read it: {e}");
+            if *local_failures >= LOCAL_TRIES {
+                tracing::error!(
+                    "not uploading {} after {LOCAL_TRIES} tries: {reason}; it stays on disk",
+                    path.display()
+                );
+                ledger.lost(path, reason);
+                return false;
+            }
+            reason
+        }
+        Failure::Store(e) => one_line(&e),
+    };
+    if *failures == 0 {
+        tracing::warn!(
+            "upload of {} to {key} failed, retrying until --upload-timeout at exit: {reason}",
+            path.display()
+        );
+    }
+    *failures += 1;
+    ledger.failed_attempt(path, reason);
+    true
+}
+
 enum Failure {
-    /// The file itself: retrying will not help.
+    /// The file itself: retrying helps only with transient errors (EMFILE, EIO).
     Local(std::io::Error),
     /// The store: it may come back.
     Store(object_store::Error),
@@ -351,6 +450,11 @@ struct Ledger {
     pending: Mutex<Vec<(PathBuf, Option<String>)>>,
     /// Given up on, with the reason.
     lost: Mutex<Vec<(PathBuf, String)>>,
+    /// Files waiting for the worker, in order.
+    queue: Mutex<VecDeque<PathBuf>>,
+    wake: Notify,
+    /// No more files come: the worker ends once the queue is empty.
+    closed: AtomicBool,
 }
 
 impl Ledger {
@@ -362,7 +466,15 @@ impl Ledger {
             failed_attempts: AtomicU64::new(0),
             pending: Mutex::new(Vec::new()),
             lost: Mutex::new(Vec::new()),
+            queue: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            closed: AtomicBool::new(false),
         }
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.wake.notify_one();
     }
 
     fn pending(&self, path: &Path) {
@@ -393,7 +505,7 @@ impl Ledger {
 
     /// The final account: whatever is still pending was not uploaded.
     fn report(&self) -> UploadReport {
-        let mut not_uploaded = std::mem::take(&mut *lock(&self.lost));
+        let mut not_uploaded = lock(&self.lost).clone();
         not_uploaded.extend(lock(&self.pending).drain(..).map(|(path, reason)| {
             let reason = reason.unwrap_or_else(|| "not attempted before the timeout".into());
             (path, reason)
@@ -502,5 +614,47 @@ mod tests {
         );
         let e = report.result().unwrap_err().to_string();
         assert_eq!(e, "2 file(s) not uploaded to s3://b/p: c.pcap, b.pcap");
+    }
+
+    #[test]
+    fn plain_http_is_allowed_on_loopback_only() {
+        for local in [
+            "127.0.0.1:9000",
+            "127.8.0.1",
+            "localhost:5000/",
+            "LOCALHOST",
+            "[::1]:9000/x",
+            "user@127.0.0.1:9",
+        ] {
+            assert!(is_loopback_host(local), "{local}");
+        }
+        for remote in [
+            "minio:9000",
+            "198.18.0.1:9000",
+            "[2001:db8::1]:9000",
+            "localhost.example.com",
+            "127.0.0.1.example.com:80",
+        ] {
+            assert!(!is_loopback_host(remote), "{remote}");
+        }
+    }
+
+    /// A file given up on (unreadable, or left when the uploads stop) is never free for
+    /// `--keep` to delete; an uploaded one is.
+    #[test]
+    fn only_uploaded_files_are_free_to_delete() {
+        let submitter = Submitter {
+            ledger: Arc::new(Ledger::new("s3://b/p")),
+        };
+        for n in 0..1000 {
+            submitter.submit(PathBuf::from(format!("f{n}.pcap")));
+        }
+        let ledger = &submitter.ledger;
+        assert_eq!(lock(&ledger.queue).len(), 1000, "never refused");
+        ledger.uploaded(Path::new("f0.pcap"), 1);
+        ledger.lost(Path::new("f1.pcap"), "cannot read it".into());
+        assert!(!submitter.is_pending(Path::new("f0.pcap")));
+        assert!(submitter.is_pending(Path::new("f1.pcap")));
+        assert!(submitter.is_pending(Path::new("f999.pcap")));
     }
 }

@@ -10,7 +10,7 @@ use common::{Hello, InterfaceInfo, PacketIter, Stats};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::merge::{Merge, SessionId};
-use crate::sink::{Sink, SinkInterface};
+use crate::sink::{Frontier, Refusal, Sink, SinkInterface};
 use crate::stats::{Received, SensorSummary};
 use crate::telemetry::{Figures, SessionSeries, Telemetry};
 
@@ -169,10 +169,34 @@ pub struct Writer {
     /// The sessions closed beyond [`MAX_SUMMARIES`], added up.
     summaries_beyond: SummariesBeyond,
     telemetry: Telemetry,
+    /// Sessions an earlier run of the receiver wrote (from the output's journal), until
+    /// their sensors come back or [`SESSION_LINGER`] has passed.
+    resumable: HashMap<SessionId, (Frontier, Instant)>,
+    /// The test-only fault point: abort after this many flushes that wrote something.
+    abort_after_flush: Option<u64>,
+    flushes: u64,
 }
 
+/// The environment variable of the fault point, for tests only:
+/// `abort-after-flush:N` makes the receiver abort right after its Nth flush that wrote
+/// something, before acknowledging it (as a crash between write and acknowledgement).
+pub const FAULT_ENV: &str = "CAPSTREAM_FAULT";
+
 impl Writer {
-    pub fn new(sink: Box<dyn Sink>, reorder_window: Duration, retry_output: bool) -> Self {
+    pub fn new(mut sink: Box<dyn Sink>, reorder_window: Duration, retry_output: bool) -> Self {
+        let loaded = Instant::now();
+        let resumable: HashMap<SessionId, (Frontier, Instant)> = sink
+            .take_recovered()
+            .into_iter()
+            .map(|f| (f.session, (f, loaded)))
+            .collect();
+        if !resumable.is_empty() {
+            tracing::info!(
+                "the output's journal names {} sensor session(s) that may resume where the \
+                 previous run left them",
+                resumable.len()
+            );
+        }
         Self {
             sink,
             retry_output,
@@ -183,6 +207,9 @@ impl Writer {
             summaries: Vec::new(),
             summaries_beyond: SummariesBeyond::default(),
             telemetry: Telemetry::new(),
+            resumable,
+            abort_after_flush: fault_point(),
+            flushes: 0,
         }
     }
 
@@ -216,6 +243,11 @@ impl Writer {
             self.close_finished_sessions(Instant::now())?;
             self.commit(&mut stop).await?;
             self.acknowledge();
+            // Once their last packets and counters are in: the output forgets them.
+            let closed = self.merge.take_closed_interfaces();
+            if !closed.is_empty() {
+                self.sink.close_interfaces(&closed);
+            }
             self.publish(Instant::now());
         }
         self.merge
@@ -227,6 +259,10 @@ impl Writer {
         }
         self.commit(&mut stop).await?;
         self.acknowledge();
+        let (merge, sensors, resumable) = (&self.merge, &self.sensors, &self.resumable);
+        self.sink
+            .close_journal(&mut |out| collect_frontiers(merge, sensors, resumable, out))
+            .context("closing the output's journal")?;
         self.sink.finish().context("completing the output")?;
         let mut summaries = self.summaries;
         summaries.extend(self.summaries_beyond.into_summary());
@@ -389,7 +425,13 @@ impl Writer {
                 sensor: sensor.clone(),
             })
             .collect();
-        self.sink.check(&wanted).map_err(JoinRefusal::LinkType)?;
+        self.sink.check(&wanted).map_err(|refusal| match refusal {
+            Refusal::LinkType(why) => JoinRefusal::LinkType(why),
+            Refusal::Full(why) => JoinRefusal::Unavailable(why),
+        })?;
+        // A session that ended here before, or that an earlier run wrote: what it had
+        // delivered stays delivered (for the holder of its secret only).
+        let resume = self.resume_point(session, &secret_hash)?;
         let source = Source::of(identity.as_deref(), peer);
         self.make_room(&source)?;
         let mut interfaces = Vec::with_capacity(wanted.len());
@@ -399,10 +441,9 @@ impl Writer {
             })?;
             interfaces.push(idx);
         }
-        // A session that ended here before: what it had delivered stays delivered.
-        let resume = self.finished.remove(&session);
-        self.merge.add_session(session, interfaces.clone(), resume);
-        let acked = resume.unwrap_or(0);
+        self.merge
+            .add_session(session, interfaces.clone(), resume.as_ref());
+        let acked = resume.as_ref().map_or(0, |r| r.acked);
         let (acks_tx, acks) = watch::channel(acked);
         self.sensors.insert(
             session,
@@ -425,7 +466,7 @@ impl Writer {
         );
         Ok(Attached {
             acked,
-            received: resume,
+            received: resume.map(|r| r.acked),
             acks,
         })
     }
@@ -462,6 +503,57 @@ impl Writer {
         };
         self.close_session(id)
             .map_err(|e| JoinRefusal::Unavailable(format!("{e:#}")))
+    }
+
+    /// Where a session new to this writer starts: after what an earlier run wrote of it
+    /// (the journal's record, for the holder of its secret only), or what it delivered
+    /// before it ended here. Remembers the secret's hash for the journal.
+    fn resume_point(
+        &mut self,
+        session: SessionId,
+        hash: &[u8; 32],
+    ) -> Result<Option<Frontier>, JoinRefusal> {
+        if let Some((frontier, _)) = self.resumable.remove(&session) {
+            if !same_hash(&frontier.secret_hash, hash) {
+                self.resumable.insert(session, (frontier, Instant::now()));
+                return Err(JoinRefusal::Session(format!(
+                    "session {} was opened with another secret; start a new one",
+                    session_tag(session)
+                )));
+            }
+            return Ok(Some(frontier));
+        }
+        Ok(self.finished.remove(&session).map(|acked| Frontier {
+            session,
+            secret_hash: *hash,
+            acked,
+            ..Frontier::default()
+        }))
+    }
+
+    /// Flushes, journaled: where every session (open, or written by an earlier run and not
+    /// back yet) stands once the flush is done goes into the output's journal first.
+    fn flush_journaled(&mut self) -> std::io::Result<bool> {
+        let now = Instant::now();
+        self.resumable
+            .retain(|_, (_, loaded)| now.saturating_duration_since(*loaded) < SESSION_LINGER);
+        let (merge, sensors, resumable) = (&self.merge, &self.sensors, &self.resumable);
+        self.sink
+            .flush_journaled(&mut |out| collect_frontiers(merge, sensors, resumable, out))
+    }
+
+    /// The fault point: a crash right after a write, before its acknowledgement.
+    fn flushed(&mut self, wrote: bool) {
+        if wrote {
+            self.flushes += 1;
+            if self.abort_after_flush == Some(self.flushes) {
+                eprintln!(
+                    "receiver: {FAULT_ENV}: aborting after flush {}",
+                    self.flushes
+                );
+                std::process::abort();
+            }
+        }
     }
 
     /// Closes the sessions that are done: left and written, or away for too long.
@@ -542,8 +634,12 @@ impl Writer {
     /// is tried again every second: meanwhile nothing is acknowledged, so the sensors keep
     /// their copies, and no event is taken in, so the sensors slow down and buffer.
     async fn commit(&mut self, stop: &mut watch::Receiver<bool>) -> Result<()> {
-        let Err(e) = self.sink.flush() else {
-            return Ok(());
+        let e = match self.flush_journaled() {
+            Ok(wrote) => {
+                self.flushed(wrote);
+                return Ok(());
+            }
+            Err(e) => e,
         };
         if !self.retry_output {
             return Err(e).context("writing the output");
@@ -560,8 +656,10 @@ impl Writer {
                 _ = tokio::time::sleep(OUTPUT_RETRY) => {}
                 _ = stop.changed() => {}
             }
+            // The journal written before the first try still describes this flush.
             match self.sink.flush() {
                 Ok(()) => {
+                    self.flushed(true);
                     tracing::warn!(
                         "the output is writable again after {:.0}s; resuming",
                         since.elapsed().as_secs_f64()
@@ -611,6 +709,25 @@ impl Writer {
             let _ = done.send(acked);
         }
     }
+}
+
+/// Where every session stands in the output, for its journal: the open ones, and those an
+/// earlier run wrote whose sensors are not back yet.
+fn collect_frontiers(
+    merge: &Merge,
+    sensors: &HashMap<SessionId, Sensor>,
+    resumable: &HashMap<SessionId, (Frontier, Instant)>,
+    out: &mut Vec<Frontier>,
+) {
+    for id in merge.sessions() {
+        if let Some(mut frontier) = merge.frontier(id) {
+            if let Some(s) = sensors.get(&id) {
+                frontier.secret_hash = s.secret_hash;
+            }
+            out.push(frontier);
+        }
+    }
+    out.extend(resumable.values().map(|(f, _)| f.clone()));
 }
 
 /// The sessions past [`MAX_SUMMARIES`], as one line of sums.
@@ -665,8 +782,10 @@ impl Source {
     }
 }
 
-fn secret_hash(secret: &[u8]) -> [u8; 32] {
-    let digest = ring::digest::digest(&ring::digest::SHA256, secret);
+/// The SHA-256 of `bytes`: what the writer and the journal keep of a session's secret
+/// (never the secret), and what a session's public tag is cut from.
+pub fn secret_hash(bytes: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
     let mut hash = [0; 32];
     hash.copy_from_slice(digest.as_ref());
     hash
@@ -688,6 +807,26 @@ pub fn session_tag(session: SessionId) -> String {
         .collect()
 }
 
+/// The fault point asked for in [`FAULT_ENV`], read once.
+fn fault_point() -> Option<u64> {
+    let value = std::env::var(FAULT_ENV).ok()?;
+    match value
+        .strip_prefix("abort-after-flush:")
+        .and_then(|n| n.parse().ok())
+    {
+        Some(n) => {
+            tracing::warn!(
+                "{FAULT_ENV}={value}: this receiver aborts after flush {n} (tests only)"
+            );
+            Some(n)
+        }
+        None => {
+            tracing::warn!("{FAULT_ENV}={value} is not abort-after-flush:N; ignored");
+            None
+        }
+    }
+}
+
 /// Sensor-supplied text is data: control characters never reach the output or the logs.
 pub fn clean(s: &str) -> String {
     s.chars().filter(|c| !c.is_control()).collect()
@@ -706,4 +845,59 @@ pub fn sensor_label(hello: &Hello, identity: Option<&str>, peer: SocketAddr) -> 
         sensor_name(hello, identity),
         clean(&hello.hostname)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::InterfaceStats;
+
+    /// An output whose journal names one session, opened with secret `[1; 16]`.
+    struct Recovered;
+
+    impl Sink for Recovered {
+        fn check(&self, _: &[SinkInterface]) -> Result<(), crate::sink::Refusal> {
+            Ok(())
+        }
+        fn add_interface(&mut self, _: &SinkInterface) -> std::io::Result<u32> {
+            Ok(0)
+        }
+        fn write_packet(&mut self, _: &crate::sink::OutPacket) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_stats(&mut self, _: u32, _: &InterfaceStats) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn take_recovered(&mut self) -> Vec<Frontier> {
+            vec![Frontier {
+                session: 7,
+                secret_hash: secret_hash(&[1; 16]),
+                acked: 41,
+                ..Frontier::default()
+            }]
+        }
+    }
+
+    /// A session an earlier run wrote resumes where it ended, for the holder of its secret
+    /// only.
+    #[test]
+    fn only_the_secret_resumes_a_session_from_the_journal() {
+        let mut writer = Writer::new(Box::new(Recovered), Duration::from_secs(1), true);
+        assert!(writer.resume_point(7, &secret_hash(&[2; 16])).is_err());
+        let resumed = writer
+            .resume_point(7, &secret_hash(&[1; 16]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(resumed.acked, 41);
+        assert_eq!(
+            writer.resume_point(8, &secret_hash(&[1; 16])).unwrap(),
+            None
+        );
+    }
 }

@@ -1,5 +1,5 @@
 //! Faults, with real processes, namespaces and traffic: a receiver killed with SIGKILL and
-//! restarted, a 10-second network partition, a lossy reordering path, a sensor stopped
+//! restarted (and aborted at a fault point between write and acknowledgement), a 10-second network partition, a lossy reordering path, a sensor stopped
 //! under load, a receiver out of disk space, and 50 sensors at once.
 //!
 //! Each test proves the accounting identity for every sensor interface, with nothing left
@@ -14,9 +14,9 @@
 //! * where tcpdump captured beside the sensor, the output equals tcpdump's capture packet
 //!   for packet, byte for byte and to the nanosecond (`--mode pcap` and `tc` read the same
 //!   kernel timestamps as tcpdump), less only counted drops;
-//! * no packet twice, except across a receiver killed with SIGKILL, where at-least-once
-//!   delivery resends what the dead receiver wrote but could not acknowledge; that overlap
-//!   is identified, counted and held to the one shape it can take.
+//! * no packet twice, also across a receiver killed with SIGKILL or aborted between a write
+//!   and its acknowledgement and started again with the same command: the journal beside
+//!   the output tells it what the dead one wrote.
 //!
 //! Traffic is the tcpdump test corpus replayed by tcpreplay (looped for longer runs) out of
 //! `gen0` into `cap0`, where the sensor captures. Nothing here asserts a speed: the
@@ -270,24 +270,29 @@ fn veth(a: &Netns, a_dev: &str, a_addr: &str, b: &Netns, b_dev: &str, b_addr: &s
     }
 }
 
-/// SIGKILL of the receiver 3 s into a 9 s stream, a new receiver 2 s later on the same
-/// port and state directory writing a new file: the two files together hold exactly what
-/// tcpdump captured, with duplicates only in the one place at-least-once delivery allows.
+/// The state directory, the output both receivers write, and tcpdump's capture.
+fn restart_paths(dir: &Scratch) -> (PathBuf, PathBuf, PathBuf) {
+    (
+        dir.join("state"),
+        dir.join("capture.pcap"),
+        dir.join("tcpdump.pcap"),
+    )
+}
+
+/// SIGKILL of the receiver 3 s into a 9 s stream, the same command again 2 s later (same
+/// port, state directory and file): the file holds exactly what tcpdump captured, each
+/// packet once. The journal beside the file tells the restarted receiver which batches the
+/// killed one wrote, so the resuming sensor's resent batches are not written again.
 #[test]
 fn receiver_killed_and_restarted_mid_stream_loses_nothing() {
     require_root();
     let lab = Lab::new(1).unwrap();
     let iface = lab.links[0].1.as_str();
     let dir = Scratch::new("kill9").unwrap();
-    let (state, first, second, reference_file) = (
-        dir.join("state"),
-        dir.join("first.pcap"),
-        dir.join("second.pcap"),
-        dir.join("tcpdump.pcap"),
-    );
-    let arg = |p: &PathBuf| p.to_string_lossy().into_owned();
-    let mut killed =
-        Receiver::start(Some(&lab.cap), &state, 4433, &["--out", &arg(&first)]).unwrap();
+    let (state, out, reference_file) = restart_paths(&dir);
+    let out_arg = out.to_string_lossy().into_owned();
+    let args = ["--out", out_arg.as_str()];
+    let mut killed = Receiver::start(Some(&lab.cap), &state, 4433, &args).unwrap();
     let (mut sensor, tcpdump) = pcap_sensor_beside_tcpdump(&lab, &killed, "kill9", &reference_file);
 
     // 7907 frames at 900 per second: about 9 s.
@@ -297,9 +302,16 @@ fn receiver_killed_and_restarted_mid_stream_loses_nothing() {
     killed.proc.signal("KILL").unwrap();
     killed.proc.wait(Duration::from_secs(10)).unwrap();
     let killed_at = started.elapsed();
+    // The killed receiver's file is readable up to its last write: a partial last record
+    // is all SIGKILL may leave.
+    let (one, cut_bytes) = complete_records(&out).unwrap();
+    assert!(
+        !one.is_empty() && one.len() < CORPUS_FRAMES,
+        "the kill did not fall mid-stream: {} packets in the file",
+        one.len()
+    );
     sleep(2.0);
-    let mut receiver =
-        Receiver::start(Some(&lab.cap), &state, 4433, &["--out", &arg(&second)]).unwrap();
+    let mut receiver = Receiver::start(Some(&lab.cap), &state, 4433, &args).unwrap();
     let restarted_at = started.elapsed();
     let reconnected = sensor.wait_for("reconnected", Duration::from_secs(90));
     let reconnected_at = started.elapsed();
@@ -311,78 +323,89 @@ fn receiver_killed_and_restarted_mid_stream_loses_nothing() {
         sensor_log.contains("reconnecting"),
         "the sensor never said it lost the receiver:\n{sensor_log}"
     );
-    assert_eq!(
-        expected.len(),
-        CORPUS_FRAMES,
-        "tcpdump saw the whole replay"
-    );
-
-    // The killed receiver's file is readable up to its last write: a partial last record
-    // is all SIGKILL may leave.
-    let (one, cut_bytes) = complete_records(&first).unwrap();
-    let two = tcpdump_records(&second, "").unwrap();
-    assert!(
-        !one.is_empty() && one.len() < expected.len(),
-        "the kill did not fall mid-stream: {} packets in the first file",
-        one.len()
-    );
-
-    // At-least-once: the batches the dead receiver wrote but whose acknowledgement never
-    // reached the sensor come again, to the new receiver. With one sensor, each file is
-    // in capture order and the sensor resends, in order, every batch after the last one
-    // acknowledged, so such duplicates can only be a run that ends the first file and
-    // opens the second; no other packet may be in both files, nor twice in one.
-    let overlap = (0..=one.len().min(two.len()))
-        .rev()
-        .find(|&d| one[one.len() - d..] == two[..d])
-        .expect("an empty overlap always matches");
-    let in_first: HashSet<Key> = one.iter().map(key).collect();
-    let in_both = two.iter().filter(|r| in_first.contains(&key(r))).count();
-    assert_eq!(
-        in_both, overlap,
-        "{in_both} packets are in both files, but only {overlap} form the resent run that \
-         ends the first file and opens the second"
-    );
-    assert_eq!(duplicates(&one), 0, "packets twice in the first file");
-    assert_eq!(duplicates(&two), 0, "packets twice in the second file");
-    assert!(
-        two.len() > overlap,
-        "nothing new reached the restarted receiver"
-    );
-
-    // Together, without the resent run: exactly tcpdump's capture.
-    let union: Vec<Record> = one.iter().chain(&two[overlap..]).cloned().collect();
-    if let Err(difference) = compare_captures(&expected, &union, 0) {
-        panic!(
-            "first file ({} packets) + second file ({} packets, {overlap} resent) != tcpdump: \
-             {difference}\nsensor:\n{sensor_log}\nreceiver:\n{receiver_log}",
-            one.len(),
-            two.len()
-        );
-    }
-    let written = union.len() as u64;
-    let f = assert_identity("kill -9", &sensor_log, iface, written);
+    let logs = Logs {
+        sensor: &sensor_log,
+        receiver: &receiver_log,
+        extra: format!("first run wrote {} packets", one.len()),
+    };
+    // Exactly once: no packet lost, none twice, across the kill.
+    let f = assert_delivered_once("kill -9", &expected, CORPUS_FRAMES, &out, iface, &logs);
     assert_eq!(
         f.dropped, 0,
         "the buffer holds 9 s of this stream:\n{sensor_log}"
     );
-    assert_receiver_wrote(
-        "kill -9 (new receiver)",
-        &receiver_log,
-        "kill9",
-        two.len() as u64,
+    // What the restarted receiver says it wrote comes after what the killed one left: the
+    // file starts with the killed receiver's packets (less what the journal cut back, all
+    // unacknowledged), and the rest is new.
+    let got = tcpdump_records(&out, "").unwrap();
+    let said = receiver_packets_of(&receiver_log, "kill9").unwrap() as usize;
+    assert!(said > 0, "nothing new reached the restarted receiver");
+    let kept = got.len() - said;
+    assert!(
+        kept <= one.len() && got[..kept] == one[..kept],
+        "the restarted receiver's {said} packets are not what follows the killed one's {} \
+         ({kept} kept)",
+        one.len()
     );
     eprintln!(
         "receiver SIGKILL at {killed_at:.1?}, restarted at {restarted_at:.1?}, sensor \
-         reconnected by {reconnected_at:.1?}: first file {} packets (+{cut_bytes} bytes of a \
-         partial record), second file {} packets of which {overlap} resent duplicates; \
-         {written} distinct = tcpdump's {}; sensor: {}; {}",
+         reconnected by {reconnected_at:.1?}: the killed receiver wrote {} packets (+{cut_bytes} \
+         bytes of a partial record), {kept} kept, the restarted one {said}; {} = tcpdump's {}; \
+         sensor: {}; {}",
         one.len(),
-        two.len(),
+        got.len(),
         expected.len(),
         f.line,
         session_line(&sensor_log)
     );
+}
+
+/// The fault point between write and acknowledgement: a receiver that aborts right after
+/// its Nth flush (N from 1 to 10), before acknowledging it, and is started again with the
+/// same command. 20 runs of a short stream, each file exactly tcpdump's capture: nothing
+/// lost, nothing twice.
+#[test]
+fn receiver_aborted_between_write_and_acknowledgement_writes_each_packet_once() {
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    let iface = lab.links[0].1.as_str();
+    for run in 0..20u32 {
+        let flush = run % 10 + 1;
+        let dir = Scratch::new(&format!("fault{run}")).unwrap();
+        let (state, out, reference_file) = restart_paths(&dir);
+        let out_arg = out.to_string_lossy().into_owned();
+        let args = ["--out", out_arg.as_str()];
+        let fault = format!("CAPSTREAM_FAULT=abort-after-flush:{flush}");
+        // No core file from the abort.
+        let wrapper = ["prlimit", "--core=0", "env", fault.as_str()];
+        let mut aborting =
+            Receiver::start_through(Some(&lab.cap), &wrapper, &state, 4433, &args).unwrap();
+        let sensor_id = format!("fault{run}");
+        let (mut sensor, tcpdump) =
+            pcap_sensor_beside_tcpdump(&lab, &aborting, &sensor_id, &reference_file);
+        // 7907 frames at 4000 per second: about 2 s, some 20 flushes.
+        let mut replay = start_replay(&lab, 4000, 1);
+        let status = aborting.proc.wait(Duration::from_secs(60)).unwrap();
+        let aborted_log = aborting.proc.stderr();
+        assert!(
+            !status.success() && aborted_log.contains("aborting after flush"),
+            "run {run}: the receiver did not stop at the fault point ({status}):\n{aborted_log}"
+        );
+        let mut receiver = Receiver::start(Some(&lab.cap), &state, 4433, &args).unwrap();
+        let expected = end_of_replay(&mut replay, tcpdump, &reference_file);
+        let reconnected = sensor.wait_for("reconnected", Duration::from_secs(60));
+        stop_both(&mut sensor, &mut receiver);
+        let (sensor_log, receiver_log) = (sensor.stderr(), receiver.proc.stderr());
+        reconnected.unwrap_or_else(|e| panic!("run {run}: {e:#}\nreceiver:\n{receiver_log}"));
+        let logs = Logs {
+            sensor: &sensor_log,
+            receiver: &receiver_log,
+            extra: format!("run {run}, abort after flush {flush}:\n{aborted_log}"),
+        };
+        let what = format!("run {run} (abort after flush {flush})");
+        assert_delivered_once(&what, &expected, CORPUS_FRAMES, &out, iface, &logs);
+        eprintln!("{what}: {} packets, each once", expected.len());
+    }
 }
 
 /// The receiver in its own namespace behind a veth pair; the sensor's end goes down for

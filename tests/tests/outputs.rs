@@ -1,8 +1,9 @@
 //! The receiver's outputs beyond one file: the live PCAP-over-IP stream read by tshark (with
 //! or without a file), a slow live client that drops only its own packets, rotation with
 //! retention and through a full disk, and a file per sensor with path-safe names. Everything
-//! runs on the host's loopback, on ports 5310-5329.
+//! runs on the host's loopback, on ports 5310-5332. A restarted receiver continues its file.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -363,6 +364,79 @@ fn a_file_per_sensor_with_safe_names_even_for_hostile_ones() {
     }
 }
 
+/// A restart never destroys a capture: `receiver --out cap.pcap` stopped after the corpus
+/// and started again with the same command goes on in the same file (pcapng: a new
+/// section), which tcpdump and tshark read whole, both runs in order; the file is 0600.
+#[test]
+fn a_restarted_receiver_continues_its_file() {
+    let expected = reference("");
+    for (port, name) in [(5330, "cap.pcap"), (5331, "cap.pcapng")] {
+        let dir = Scratch::new("restart").unwrap();
+        let out = dir.join(name);
+        let args = ["--out", &arg(&out)];
+        let mut logs = String::new();
+        for _ in 0..2 {
+            let mut receiver = Receiver::start(None, &dir.join("state"), port, &args).unwrap();
+            replay(&receiver, &corpus(), &[]);
+            receiver.stop().unwrap();
+            logs += &receiver.proc.stderr();
+        }
+        let got = tcpdump_records(&out, "").unwrap();
+        let twice: Vec<Record> = expected.iter().chain(&expected).cloned().collect();
+        assert!(
+            got == twice,
+            "{name}: both runs, in order: {}\n{logs}",
+            first_difference(&twice, &got)
+        );
+        assert_eq!(tshark_count(&out).unwrap(), 2 * 7907, "{name}");
+        assert!(logs.contains("continuing the capture there"), "{logs}");
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{name}: readable by its owner only");
+    }
+}
+
+/// With a file per sensor, a sensor's file is completed once it has left: 150 sensors in
+/// turn leave 150 complete files and the receiver holding only a few descriptors, never one
+/// per sensor ever seen.
+#[test]
+fn files_per_sensor_are_closed_as_their_sensors_leave() {
+    let dir = Scratch::new("fds").unwrap();
+    let small = dir.join("small.pcap");
+    run("tcpdump", &["-r", &corpus(), "-c", "5", "-w", &arg(&small)]).unwrap();
+    let out_dir = dir.join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let args = [
+        "--out",
+        &arg(&out_dir.join("{sensor}.pcap")),
+        "--split-by",
+        "sensor",
+    ];
+    let mut receiver = Receiver::start(None, &dir.join("state"), 5332, &args).unwrap();
+    let sensors = 150;
+    for n in 0..sensors {
+        replay(&receiver, &arg(&small), &["--sensor-id", &format!("s{n}")]);
+    }
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", receiver.proc.pid()))
+        .unwrap()
+        .count();
+    receiver.stop().unwrap();
+    let log = receiver.proc.stderr();
+    assert!(
+        fds < 50,
+        "{fds} descriptors open after {sensors} sensors:\n{log}"
+    );
+    assert_eq!(completed(&log).len(), sensors, "{log}");
+    let expected: Vec<Record> = tcpdump_records(&small, "").unwrap();
+    for n in [0, sensors - 1] {
+        let got = tcpdump_records(&out_dir.join(format!("s{n}.pcap")), "").unwrap();
+        assert!(
+            got == expected,
+            "s{n}: {}",
+            first_difference(&expected, &got)
+        );
+    }
+}
+
 #[test]
 fn meaningless_output_combinations_are_one_line_errors() {
     let dir = Scratch::new("combos").unwrap();
@@ -388,6 +462,17 @@ fn meaningless_output_combinations_are_one_line_errors() {
         "not the directory",
     );
     refused(&["--out", "x-%Q.pcap"], "bad % field");
+    refused(
+        &["--out", "cap-%D.pcap", "--split-by", "sensor"],
+        "puts '/' in the file name",
+    );
     refused(&["--rotate-size", "1KiB"], "64KiB");
     refused(&["--serve-pcap", "nowhere"], "nowhere");
+    let pki = arg(&dir.join("pki"));
+    assert_refused(
+        "receiver",
+        &["certs", "sensor", "../x", "--dir", pki.as_str()],
+        "sensor name",
+    );
+    assert!(!dir.join("x.crt").exists());
 }

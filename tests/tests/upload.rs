@@ -176,6 +176,40 @@ fn every_rotated_file_is_uploaded_and_keep_deletes_only_uploaded_ones() {
     );
 }
 
+/// A restarted receiver continues its file and uploads it again at exit: the first run's
+/// object is never replaced, the second goes beside it under a numbered key.
+#[test]
+fn a_restart_never_overwrites_an_uploaded_object() {
+    let moto = Moto::start(5411).unwrap();
+    moto.create_bucket(BUCKET).unwrap();
+    let dir = Scratch::new("upload-restart").unwrap();
+    for _ in 0..2 {
+        let mut receiver = start_receiver(
+            &moto,
+            &dir,
+            5412,
+            "all.pcap",
+            &["--upload", "s3://captures/r"],
+        );
+        stream_corpus(&receiver, 1);
+        receiver.stop().unwrap();
+    }
+    let mut keys = moto.keys(BUCKET).unwrap();
+    keys.sort();
+    assert_eq!(keys, ["r/all-1.pcap", "r/all.pcap"]);
+    let first = dir.join("first-object.pcap");
+    moto.download(BUCKET, "r/all.pcap", &first).unwrap();
+    let once = tcpdump_records(Path::new(&corpus()), "").unwrap();
+    let records = tcpdump_records(&first, "").unwrap();
+    assert!(
+        records == once,
+        "the first run's object is as it was uploaded: {}",
+        first_difference(&once, &records)
+    );
+    // The file, continued by the second run, holds both.
+    assert_uploaded(&moto, "r/all-1.pcap", &dir.join("all.pcap"), &dir, 2);
+}
+
 /// Runs the receiver to its start's end with `env` (AWS_* cleared first) and `args`;
 /// expects exit 2 and one error line naming `expected`, and no output file left behind.
 fn assert_refused(env: &[String], args: &[&str], expected: &str) {
@@ -232,6 +266,14 @@ fn bad_urls_missing_credentials_and_unreachable_stores_are_refused_at_start() {
         &nobody_there,
         &["--upload", "s3://captures/x"],
         "cannot reach bucket captures",
+    );
+    // Plain HTTP to another host only when asked for (nothing is sent: refused first).
+    let mut remote_http = env.clone();
+    remote_http[3] = "AWS_ENDPOINT_URL=http://198.18.0.1:9000".into();
+    assert_refused(
+        &remote_http,
+        &["--upload", "s3://captures/x"],
+        "--upload-allow-http",
     );
     moto.create_bucket(BUCKET).unwrap();
     assert_refused(

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::pcap::{check_link_type, write_header, write_record};
-use super::{OutPacket, Sink, SinkInterface};
+use super::{OutPacket, Refusal, Sink, SinkInterface};
 
 /// Clients served at once; more are turned away (and logged).
 pub const MAX_CLIENTS: usize = 64;
@@ -461,7 +461,7 @@ impl LiveSink {
 }
 
 impl Sink for LiveSink {
-    fn check(&self, interfaces: &[SinkInterface]) -> Result<(), String> {
+    fn check(&self, interfaces: &[SinkInterface]) -> Result<(), Refusal> {
         match self.other_link_types {
             OtherLinkTypes::Skip => Ok(()),
             OtherLinkTypes::Refuse => check_link_type(
@@ -557,10 +557,10 @@ mod tests {
             sink.flush().unwrap();
         }
         let idx = sink.add_interface(&iface(1)).unwrap();
-        assert!(sink
-            .check(&[iface(276)])
-            .unwrap_err()
-            .contains("--serve-pcap"));
+        assert!(matches!(
+            sink.check(&[iface(276)]),
+            Err(Refusal::LinkType(why)) if why.contains("--serve-pcap")
+        ));
         for t in 1..=3u64 {
             sink.write_packet(&OutPacket {
                 interface: idx,

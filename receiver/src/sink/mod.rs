@@ -12,6 +12,7 @@ use std::io::{self, BufWriter, Write};
 
 use common::{Direction, InterfaceStats};
 
+pub use self::files::journal::{Frontier, PartialBatch};
 pub use self::pcap::PcapSink;
 pub use self::pcapng::PcapNgSink;
 pub use self::tee::Tee;
@@ -41,10 +42,28 @@ pub struct OutPacket<'a> {
     pub data: &'a [u8],
 }
 
+/// Why an output cannot take a sensor's interfaces; the text tells the user what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Another link type than the output holds: the sensor is refused as it is.
+    LinkType(String),
+    /// The output holds all it may for now (files per sensor, interfaces per file): the
+    /// sensor tries again later.
+    Full(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::LinkType(why) | Self::Full(why) => f.write_str(why),
+        }
+    }
+}
+
 pub trait Sink: Send {
     /// Checks that the output can hold all of a sensor's interfaces, before any is added,
-    /// so that a sensor is accepted or refused whole. The error tells the user what to do.
-    fn check(&self, interfaces: &[SinkInterface]) -> Result<(), String>;
+    /// so that a sensor is accepted or refused whole.
+    fn check(&self, interfaces: &[SinkInterface]) -> Result<(), Refusal>;
 
     /// Adds an interface and returns the index packets refer to.
     fn add_interface(&mut self, interface: &SinkInterface) -> io::Result<u32>;
@@ -64,6 +83,31 @@ pub trait Sink: Send {
 
     /// Completes the output; it is valid afterwards even if no sensor ever came.
     fn finish(self: Box<Self>) -> io::Result<()>;
+
+    /// [`Self::flush`], after recording in the output's journal (files have one) what the
+    /// flush appends and, from `frontiers`, how much of each sensor session the output holds
+    /// once it is done. Returns whether anything was written.
+    fn flush_journaled(
+        &mut self,
+        _frontiers: &mut dyn FnMut(&mut Vec<Frontier>),
+    ) -> io::Result<bool> {
+        self.flush().map(|()| false)
+    }
+
+    /// At a clean exit, before [`Self::finish`]: the journal keeps only the sessions
+    /// `frontiers` names (none: it is removed).
+    fn close_journal(&mut self, _frontiers: &mut dyn FnMut(&mut Vec<Frontier>)) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// The interfaces of sessions that closed: no packet comes for them any more. Outputs
+    /// stop describing them in files they start, and close a file no one else writes.
+    fn close_interfaces(&mut self, _interfaces: &[u32]) {}
+
+    /// What an earlier run's journal says the output holds of each session; taken once.
+    fn take_recovered(&mut self) -> Vec<Frontier> {
+        Vec::new()
+    }
 }
 
 /// A format writer over `W`: what a file or stdout holds.
@@ -75,8 +119,14 @@ pub enum FormatSink<W: Write> {
 impl<W: Write + Send> FormatSink<W> {
     /// Starts `format` on `out` (pcapng writes its section header now).
     pub fn new(format: Format, out: W) -> io::Result<Self> {
+        Self::continuing(format, out, None)
+    }
+
+    /// Goes on after what `out` holds: pcap records of `link_type` (its header is there
+    /// already when that is given), or a new pcapng section.
+    pub fn continuing(format: Format, out: W, link_type: Option<u16>) -> io::Result<Self> {
         Ok(match format {
-            Format::Pcap => Self::Pcap(PcapSink::new(out)),
+            Format::Pcap => Self::Pcap(PcapSink::continuing(out, link_type)),
             Format::Pcapng => Self::Pcapng(PcapNgSink::new(out)?),
         })
     }
@@ -93,6 +143,13 @@ impl<W: Write + Send> FormatSink<W> {
         match self {
             Self::Pcap(s) => s.output(),
             Self::Pcapng(s) => s.output(),
+        }
+    }
+
+    pub fn output_mut(&mut self) -> &mut W {
+        match self {
+            Self::Pcap(s) => s.output_mut(),
+            Self::Pcapng(s) => s.output_mut(),
         }
     }
 
@@ -119,7 +176,7 @@ impl<W: Write + Send> FormatSink<W> {
 }
 
 impl<W: Write + Send> Sink for FormatSink<W> {
-    fn check(&self, interfaces: &[SinkInterface]) -> Result<(), String> {
+    fn check(&self, interfaces: &[SinkInterface]) -> Result<(), Refusal> {
         self.inner().check(interfaces)
     }
 

@@ -8,7 +8,7 @@ use common::InterfaceStats;
 use pcap_file::pcap::{PcapHeader, PcapTsResolution};
 use pcap_file::DataLink;
 
-use super::{native_endianness, to_io, OutPacket, Sink, SinkInterface};
+use super::{native_endianness, to_io, OutPacket, Refusal, Sink, SinkInterface};
 
 /// Link type written when no sensor ever connected: Ethernet, the common case.
 const DEFAULT_LINK_TYPE: u16 = 1;
@@ -21,14 +21,20 @@ pub struct PcapSink<W: Write> {
 
 impl<W: Write + Send> PcapSink<W> {
     pub fn new(out: W) -> Self {
-        Self {
-            out,
-            link_type: None,
-        }
+        Self::continuing(out, None)
+    }
+
+    /// Goes on after a header for `link_type` that `out` holds already, if given.
+    pub fn continuing(out: W, link_type: Option<u16>) -> Self {
+        Self { out, link_type }
     }
 
     pub fn output(&self) -> &W {
         &self.out
+    }
+
+    pub fn output_mut(&mut self) -> &mut W {
+        &mut self.out
     }
 
     pub fn into_output(self) -> W {
@@ -51,7 +57,7 @@ impl<W: Write + Send> PcapSink<W> {
 }
 
 impl<W: Write + Send> Sink for PcapSink<W> {
-    fn check(&self, interfaces: &[SinkInterface]) -> Result<(), String> {
+    fn check(&self, interfaces: &[SinkInterface]) -> Result<(), Refusal> {
         check_link_type(
             self.link_type,
             interfaces,
@@ -127,18 +133,18 @@ pub(super) fn check_link_type(
     interfaces: &[SinkInterface],
     what: &str,
     remedy: &str,
-) -> Result<(), String> {
+) -> Result<(), Refusal> {
     let Some(first) = current.or_else(|| interfaces.first().map(|i| i.link_type)) else {
         return Ok(());
     };
     match interfaces.iter().find(|i| i.link_type != first) {
         None => Ok(()),
-        Some(other) => Err(format!(
+        Some(other) => Err(Refusal::LinkType(format!(
             "{what} with link type {}; sensor interface '{}' has link type {}; {remedy}",
             link_type_name(first),
             other.name,
             number_and_name(other.link_type)
-        )),
+        ))),
     }
 }
 
@@ -235,7 +241,9 @@ mod tests {
             .check(&[iface("a/eth0", 1), iface("a/any", 276)])
             .is_err());
         sink.add_interface(&iface("a/eth0", 1)).unwrap();
-        let err = sink.check(&[iface("b/any", 276)]).unwrap_err();
+        let Err(Refusal::LinkType(err)) = sink.check(&[iface("b/any", 276)]) else {
+            panic!("a second link type is refused as such");
+        };
         assert!(
             err.contains("link type EN10MB (1)")
                 && err.contains("link type 276 (LINUX_SLL2)")

@@ -18,7 +18,11 @@ use pcap_file::pcapng::blocks::section_header::{SectionHeaderBlock, SectionHeade
 use pcap_file::pcapng::{Block, PcapNgWriter};
 use pcap_file::DataLink;
 
-use super::{native_endianness, to_io, OutPacket, Sink, SinkInterface};
+use super::{native_endianness, to_io, OutPacket, Refusal, Sink, SinkInterface};
+
+/// Interface blocks one file (section) takes: a sensor whose interfaces would pass it is
+/// refused. Rotated files describe only the interfaces of sessions still open.
+pub const MAX_INTERFACES: usize = 16_384;
 
 pub struct PcapNgSink<W: Write> {
     writer: PcapNgWriter<W>,
@@ -48,13 +52,25 @@ impl<W: Write + Send> PcapNgSink<W> {
         self.writer.get_ref()
     }
 
+    pub fn output_mut(&mut self) -> &mut W {
+        self.writer.get_mut()
+    }
+
     pub fn into_output(self) -> W {
         self.writer.into_inner()
     }
 }
 
 impl<W: Write + Send> Sink for PcapNgSink<W> {
-    fn check(&self, _interfaces: &[SinkInterface]) -> Result<(), String> {
+    fn check(&self, interfaces: &[SinkInterface]) -> Result<(), Refusal> {
+        if self.interfaces as usize + interfaces.len() > MAX_INTERFACES {
+            return Err(Refusal::Full(format!(
+                "this pcapng file describes {} interfaces, the most one file takes is \
+                 {MAX_INTERFACES}; rotate files (--rotate-size, --rotate-time) to drop those \
+                 of sensors gone",
+                self.interfaces
+            )));
+        }
         Ok(())
     }
 
@@ -227,5 +243,19 @@ mod tests {
         }
         assert_eq!(names, ["h1/eth0", "h2/any"]);
         assert_eq!((packets, isbs), (1, 1));
+    }
+
+    #[test]
+    fn a_file_takes_a_bounded_number_of_interfaces() {
+        let mut sink = PcapNgSink::new(io::sink()).unwrap();
+        let one = iface("h/eth0", 1, "");
+        for _ in 0..MAX_INTERFACES - 1 {
+            sink.add_interface(&one).unwrap();
+        }
+        assert!(sink.check(std::slice::from_ref(&one)).is_ok());
+        let Err(Refusal::Full(err)) = sink.check(&[one.clone(), one]) else {
+            panic!("past the cap, the file is full for now");
+        };
+        assert!(err.contains("--rotate-size"), "{err}");
     }
 }

@@ -5,7 +5,7 @@ use std::io;
 
 use common::InterfaceStats;
 
-use super::{OutPacket, Sink, SinkInterface};
+use super::{Frontier, OutPacket, Refusal, Sink, SinkInterface};
 
 pub struct Tee {
     outputs: Vec<Box<dyn Sink>>,
@@ -35,15 +35,15 @@ impl Tee {
 }
 
 impl Sink for Tee {
-    fn check(&self, interfaces: &[SinkInterface]) -> Result<(), String> {
+    fn check(&self, interfaces: &[SinkInterface]) -> Result<(), Refusal> {
         if let Some(required) = self.link_type {
             if let Some(other) = interfaces.iter().find(|i| i.link_type != required) {
-                return Err(format!(
+                return Err(Refusal::LinkType(format!(
                     "interface {} has link type {}, and this receiver writes classic pcap of \
                      link type {required} (--link-type): restart it with --format pcapng to \
                      merge different link types",
                     other.name, other.link_type
-                ));
+                )));
             }
         }
         self.outputs.iter().try_for_each(|o| o.check(interfaces))
@@ -96,6 +96,40 @@ impl Sink for Tee {
         self.outputs.iter_mut().try_for_each(|o| o.flush())
     }
 
+    fn flush_journaled(
+        &mut self,
+        frontiers: &mut dyn FnMut(&mut Vec<Frontier>),
+    ) -> io::Result<bool> {
+        let mut wrote = false;
+        for output in &mut self.outputs {
+            wrote |= output.flush_journaled(frontiers)?;
+        }
+        Ok(wrote)
+    }
+
+    fn close_journal(&mut self, frontiers: &mut dyn FnMut(&mut Vec<Frontier>)) -> io::Result<()> {
+        self.outputs
+            .iter_mut()
+            .try_for_each(|o| o.close_journal(frontiers))
+    }
+
+    fn close_interfaces(&mut self, interfaces: &[u32]) {
+        for (i, output) in self.outputs.iter_mut().enumerate() {
+            let own: Vec<u32> = interfaces
+                .iter()
+                .filter_map(|&id| self.interfaces.get(id as usize).map(|idx| idx[i]))
+                .collect();
+            output.close_interfaces(&own);
+        }
+    }
+
+    fn take_recovered(&mut self) -> Vec<Frontier> {
+        self.outputs
+            .iter_mut()
+            .flat_map(|o| o.take_recovered())
+            .collect()
+    }
+
     /// Completes every output; the first failure is returned once all were tried.
     fn finish(self: Box<Self>) -> io::Result<()> {
         let mut result = Ok(());
@@ -133,7 +167,9 @@ mod tests {
     fn a_required_link_type_is_not_decided_by_the_first_sensor() {
         let pcap: Box<dyn Sink> = Box::new(PcapSink::new(Shared::default()));
         let mut tee = Tee::new(vec![pcap]).requiring_link_type(1);
-        let refused = tee.check(&[iface(147)]).unwrap_err();
+        let Err(Refusal::LinkType(refused)) = tee.check(&[iface(147)]) else {
+            panic!("another link type is refused as such");
+        };
         assert!(refused.contains("--link-type"), "{refused}");
         assert!(tee.check(&[iface(1)]).is_ok());
         tee.add_interface(&iface(1)).unwrap();

@@ -1,31 +1,25 @@
 //! A file that only ever holds whole flushes.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{File, OpenOptions, Permissions};
 use std::io::{self, Seek, SeekFrom, Write};
-use std::path::PathBuf;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
+use super::journal::Extent;
 use super::naming::with_counter;
 
 /// Numbered variants tried before giving up on a name.
 const MAX_COUNTER: u32 = 10_000;
-
-/// How a file comes into being on its first flush.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Create {
-    /// Replace a file of that name (one file per output, as before).
-    Replace,
-    /// Never replace one: take the name with a counter (`cap-1.pcap`, ...) instead.
-    New,
-}
+/// Captures hold other people's traffic: only the receiver's user reads them.
+pub const FILE_MODE: u32 = 0o600;
 
 /// Writes collect in memory; a flush appends them. When the append fails (disk full), the
 /// file is cut back to the end of the last good flush and the bytes are kept for the next
-/// try: a reader never finds a torn record, and nothing is lost while space is short. The
-/// file itself is created on the first flush, so that making it, too, is retried rather than
-/// failing a write.
+/// try: a reader never finds a torn record, and nothing is lost while space is short. A new
+/// file is created on the first flush (or when the journal asks for its name), so that
+/// making it, too, is retried rather than failing a write; it never replaces a file.
 pub struct Committed {
     path: PathBuf,
-    create: Create,
     counter: u32,
     file: Option<File>,
     pending: Vec<u8>,
@@ -34,16 +28,26 @@ pub struct Committed {
 }
 
 impl Committed {
-    /// `create` says how the file is made; with [`Create::New`], counters are tried from
-    /// `counter` on (0: the name as it is).
-    pub fn new(path: PathBuf, create: Create, counter: u32) -> Self {
+    /// A new file: `path`, or with a counter from `counter` on (0: the name as it is) where
+    /// a file of that name exists.
+    pub fn new(path: PathBuf, counter: u32) -> Self {
         Self {
             path,
-            create,
             counter,
             file: None,
             pending: Vec::with_capacity(1 << 20),
             committed: 0,
+        }
+    }
+
+    /// A file an earlier run left, continued at its end (`len`).
+    pub fn continuing(path: PathBuf, file: File, len: u64) -> Self {
+        Self {
+            path,
+            counter: 0,
+            file: Some(file),
+            pending: Vec::with_capacity(1 << 20),
+            committed: len,
         }
     }
 
@@ -58,12 +62,23 @@ impl Committed {
         self.path
     }
 
+    /// What the next flush appends, once the file exists (so that its name is final):
+    /// for the journal, written before.
+    pub fn extent(&mut self) -> io::Result<Option<Extent>> {
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        self.open()?;
+        Ok(Some(Extent {
+            path: self.path.clone(),
+            before: self.committed,
+            after: self.len(),
+        }))
+    }
+
     fn open(&mut self) -> io::Result<()> {
         if self.file.is_none() {
-            self.file = Some(match self.create {
-                Create::Replace => File::create(&self.path)?,
-                Create::New => self.create_new()?,
-            });
+            self.file = Some(self.create_new()?);
         }
         Ok(())
     }
@@ -76,7 +91,7 @@ impl Committed {
             } else {
                 with_counter(&base, n)
             };
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
+            match create_private(&path) {
                 Ok(file) => {
                     self.path = path;
                     return Ok(file);
@@ -93,6 +108,28 @@ impl Committed {
             ),
         ))
     }
+}
+
+/// Creates a file that did not exist (never through a symlink), readable by its owner only
+/// whatever the umask.
+pub fn create_private(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    file.set_permissions(Permissions::from_mode(FILE_MODE))?;
+    Ok(file)
+}
+
+/// Opens an existing file to read and continue, never through a symlink.
+pub fn open_existing(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
 }
 
 impl Write for Committed {

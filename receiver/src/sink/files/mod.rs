@@ -7,6 +7,8 @@
 //! the file that follows it.
 
 mod committed;
+mod existing;
+pub mod journal;
 pub mod naming;
 mod series;
 
@@ -16,10 +18,11 @@ use std::path::{Path, PathBuf};
 
 use common::InterfaceStats;
 
+use self::journal::{Extent, Journal};
 use self::naming::Pattern;
 pub use self::series::Rotation;
 use self::series::Series;
-use super::{FormatSink, OutPacket, Sink, SinkInterface};
+use super::{FormatSink, Frontier, OutPacket, Refusal, Sink, SinkInterface};
 use crate::cli::Format;
 
 /// Called with each file once it is complete and closed: rotated out, or the last at exit.
@@ -55,19 +58,34 @@ pub struct Files {
     format: Format,
     rotation: Rotation,
     split_by_sensor: bool,
-    series: Vec<Series>,
-    /// With a file per sensor: each sensor's series, and the safe names given out.
+    /// `None` where a file per sensor was closed, its sensor gone.
+    series: Vec<Option<Series>>,
+    /// With a file per sensor: each sensor's series, and the safe names given out (to
+    /// sensors with a file open).
     by_sensor: HashMap<String, usize>,
     names: HashSet<String>,
     /// For each interface: its series and its index there.
     interfaces: Vec<(usize, u32)>,
     finished: Finished,
+    journal: Journal,
+    /// What the journal an earlier run left says, until the writer takes it.
+    recovered: Vec<Frontier>,
+    /// The extents of the flush under way, kept for their allocation.
+    extents: Vec<Extent>,
+    /// Slots of `series` free again.
+    free: Vec<usize>,
 }
 
+/// Files of their own open at once with `--split-by sensor`: a sensor beyond them is
+/// refused until one leaves, so that no number of sensor names exhausts the descriptors.
+pub const MAX_OPEN_FILES: usize = 512;
+
 impl Files {
-    /// Opens the output. One file for all sensors is created now, so that a bad path is
-    /// said at start; a file per sensor is created when that sensor comes.
+    /// Opens the output. An earlier run's journal is applied first (files cut back to the
+    /// last complete write). One file for all sensors is created (or continued) now, so
+    /// that a bad path is said at start; a file per sensor when that sensor comes.
     pub fn open(config: FileConfig) -> io::Result<Self> {
+        let (journal, recovered) = Journal::open(config.pattern.journal_path())?;
         let mut files = Self {
             pattern: config.pattern,
             format: config.format,
@@ -84,13 +102,50 @@ impl Files {
                 kept: VecDeque::new(),
                 kept_bytes: 0,
             },
+            journal,
+            recovered,
+            extents: Vec::new(),
+            free: Vec::new(),
         };
         if !files.split_by_sensor {
             let mut all = Series::new(&files.pattern, None, files.format, files.rotation)?;
             all.flush(&files.pattern, &mut files.finished)?;
-            files.series.push(all);
+            files.series.push(Some(all));
         }
         Ok(files)
+    }
+
+    fn series_mut(&mut self, index: usize) -> io::Result<&mut Series> {
+        self.series
+            .get_mut(index)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| io::Error::other("packet of a closed file"))
+    }
+
+    /// With a file per sensor, completes the files whose sensors are all gone (a sensor
+    /// that comes back continues its file, or starts a new one when rotating): open files
+    /// are as many as sensors connected, never one per sensor ever seen.
+    fn close_idle_series(&mut self) -> io::Result<()> {
+        if !self.split_by_sensor {
+            return Ok(());
+        }
+        for index in 0..self.series.len() {
+            let Some(series) = self.series[index].as_mut().filter(|s| s.is_idle()) else {
+                continue;
+            };
+            // Written whole first, while it can still be retried; then closed and reported.
+            series.complete_and_flush(&self.pattern, &mut self.finished)?;
+            let Some(series) = self.series[index].take() else {
+                continue;
+            };
+            if let Some(name) = series.sensor_name() {
+                self.names.remove(name);
+            }
+            self.by_sensor.retain(|_, i| *i != index);
+            self.free.push(index);
+            series.finish(&mut self.finished)?;
+        }
+        Ok(())
     }
 
     /// The series that takes `sensor`'s interfaces, made when the sensor first comes.
@@ -102,11 +157,30 @@ impl Files {
             return Ok(i);
         }
         let name = naming::unique(sensor, &mut self.names);
-        let series = Series::new(&self.pattern, Some(name), self.format, self.rotation)?;
-        self.series.push(series);
-        self.by_sensor
-            .insert(sensor.to_string(), self.series.len() - 1);
-        Ok(self.series.len() - 1)
+        let series = match Series::new(
+            &self.pattern,
+            Some(name.clone()),
+            self.format,
+            self.rotation,
+        ) {
+            Ok(series) => series,
+            Err(e) => {
+                self.names.remove(&name);
+                return Err(e);
+            }
+        };
+        let index = match self.free.pop() {
+            Some(index) => {
+                self.series[index] = Some(series);
+                index
+            }
+            None => {
+                self.series.push(Some(series));
+                self.series.len() - 1
+            }
+        };
+        self.by_sensor.insert(sensor.to_string(), index);
+        Ok(index)
     }
 
     fn interface(&self, interface: u32) -> io::Result<(usize, u32)> {
@@ -118,7 +192,7 @@ impl Files {
 }
 
 impl Sink for Files {
-    fn check(&self, interfaces: &[SinkInterface]) -> Result<(), String> {
+    fn check(&self, interfaces: &[SinkInterface]) -> Result<(), Refusal> {
         let Some(first) = interfaces.first() else {
             return Ok(());
         };
@@ -127,26 +201,39 @@ impl Sink for Files {
         } else {
             Some(0)
         };
-        match existing.and_then(|i| self.series.get(i)) {
+        match existing
+            .and_then(|i| self.series.get(i))
+            .and_then(Option::as_ref)
+        {
             Some(series) => series.check(interfaces),
+            None if self.by_sensor.len() >= MAX_OPEN_FILES => Err(Refusal::Full(format!(
+                "{MAX_OPEN_FILES} sensors have a file of their own open already, the most this \
+                 receiver keeps open; try again once one has left"
+            ))),
             // A sensor new to a file per sensor: as a file of its own would take it.
             None => FormatSink::new(self.format, io::sink())
-                .map_err(|e| e.to_string())?
+                .map_err(|e| Refusal::Full(e.to_string()))?
                 .check(interfaces),
         }
     }
 
     fn add_interface(&mut self, interface: &SinkInterface) -> io::Result<u32> {
         let series = self.series_of(&interface.sensor)?;
-        let local = self.series[series].add_interface(interface)?;
+        let local = self.series_mut(series)?.add_interface(interface)?;
         self.interfaces.push((series, local));
         Ok(self.interfaces.len() as u32 - 1)
     }
 
     fn write_packet(&mut self, packet: &OutPacket) -> io::Result<()> {
         let (series, interface) = self.interface(packet.interface)?;
-        self.series[series].write_packet(
-            &self.pattern,
+        let pattern = &self.pattern;
+        let series = self
+            .series
+            .get_mut(series)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| io::Error::other("packet of a closed file"))?;
+        series.write_packet(
+            pattern,
             &OutPacket {
                 interface,
                 ..*packet
@@ -156,20 +243,58 @@ impl Sink for Files {
 
     fn write_stats(&mut self, interface: u32, stats: &InterfaceStats) -> io::Result<()> {
         let (series, interface) = self.interface(interface)?;
-        self.series[series].write_stats(interface, stats)
+        self.series_mut(series)?.write_stats(interface, stats)
     }
 
     fn update_stats(&mut self, interface: u32, stats: &InterfaceStats) {
         if let Ok((series, interface)) = self.interface(interface) {
-            self.series[series].update_stats(interface, stats);
+            if let Ok(series) = self.series_mut(series) {
+                series.update_stats(interface, stats);
+            }
+        }
+    }
+
+    fn close_interfaces(&mut self, interfaces: &[u32]) {
+        for &interface in interfaces {
+            if let Ok((series, local)) = self.interface(interface) {
+                if let Ok(series) = self.series_mut(series) {
+                    series.close_interface(local);
+                }
+            }
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        for series in &mut self.series {
+        for series in self.series.iter_mut().flatten() {
             series.flush(&self.pattern, &mut self.finished)?;
         }
-        Ok(())
+        self.journal.committed();
+        self.close_idle_series()
+    }
+
+    fn flush_journaled(
+        &mut self,
+        frontiers: &mut dyn FnMut(&mut Vec<Frontier>),
+    ) -> io::Result<bool> {
+        self.extents.clear();
+        for series in self.series.iter_mut().flatten() {
+            series.rotate_if_due(&self.pattern)?;
+            series.extents(&mut self.extents)?;
+        }
+        let wrote = !self.extents.is_empty();
+        if wrote {
+            self.journal.record(&self.extents, frontiers)?;
+        }
+        self.flush()?;
+        Ok(wrote)
+    }
+
+    fn close_journal(&mut self, frontiers: &mut dyn FnMut(&mut Vec<Frontier>)) -> io::Result<()> {
+        self.journal.close(frontiers)
+    }
+
+    fn take_recovered(&mut self) -> Vec<Frontier> {
+        std::mem::take(&mut self.recovered)
     }
 
     /// Completes every file; the first failure is returned once all were tried.
@@ -180,7 +305,7 @@ impl Sink for Files {
             ..
         } = *self;
         let mut result = Ok(());
-        for series in series {
+        for series in series.into_iter().flatten() {
             if let Err(e) = series.finish(&mut finished) {
                 result = result.and(Err(e));
             }
@@ -241,6 +366,8 @@ impl Finished {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write as _;
+    use std::os::unix::fs::PermissionsExt as _;
     use std::path::Path;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
@@ -290,6 +417,132 @@ mod tests {
         }
     }
 
+    fn open_format(out: &Path, format: Format) -> Box<Files> {
+        Box::new(
+            Files::open(FileConfig {
+                pattern: Pattern::parse(out, false).unwrap(),
+                format,
+                split_by_sensor: false,
+                rotation: Rotation::default(),
+                keep: Keep::default(),
+                on_finished: None,
+                in_use: None,
+            })
+            .unwrap(),
+        )
+    }
+
+    fn pcap_times(path: &Path) -> Vec<u64> {
+        let bytes = std::fs::read(path).unwrap();
+        let mut reader = pcap_file::pcap::PcapReader::new(&bytes[..]).unwrap();
+        let mut times = Vec::new();
+        while let Some(p) = reader.next_packet() {
+            times.push(p.unwrap().timestamp().as_nanos() as u64);
+        }
+        times
+    }
+
+    /// A restart goes on where the last run's file ended (torn end cut), never over it.
+    #[test]
+    fn a_restart_continues_the_file() {
+        let dir = Dir::new("continue");
+        for format in [Format::Pcap, Format::Pcapng] {
+            let out = dir.0.join(format!("cap.{format:?}"));
+            let mut files = open_format(&out, format);
+            let a = files.add_interface(&iface("a")).unwrap();
+            write(&mut files, a, 1);
+            write(&mut files, a, 2);
+            files.finish().unwrap();
+            // A torn last record, as a crash mid-write leaves: its start.
+            let first_run = std::fs::read(&out).unwrap();
+            let mut record = Vec::new();
+            let mut sink = FormatSink::new(format, &mut record).unwrap();
+            sink.add_interface(&iface("a")).unwrap();
+            let header_len = sink.output().len();
+            write_to(&mut sink, 0, 9);
+            drop(sink);
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&out)
+                .unwrap()
+                .write_all(&record[header_len..header_len + 30])
+                .unwrap();
+            let mut files = open_format(&out, format);
+            let now = std::fs::read(&out).unwrap();
+            assert!(now.starts_with(&first_run), "{format:?}");
+            let torn = &record[header_len..header_len + 30];
+            assert!(
+                !now[first_run.len()..].starts_with(torn),
+                "{format:?}: torn end cut"
+            );
+            let b = files.add_interface(&iface("b")).unwrap();
+            write(&mut files, b, 3);
+            files.finish().unwrap();
+            let times = match format {
+                Format::Pcap => pcap_times(&out),
+                Format::Pcapng => read(&out).1,
+            };
+            assert_eq!(times, [1, 2, 3], "{format:?}");
+            let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{format:?}");
+        }
+        // Two sections: each describes its interface.
+        assert_eq!(read(&dir.0.join("cap.Pcapng")).0, 2);
+    }
+
+    /// A pcap file keeps its link type: a sensor of another is refused, not mixed in.
+    #[test]
+    fn a_continued_pcap_file_keeps_its_link_type() {
+        let dir = Dir::new("linktype");
+        let out = dir.0.join("cap.pcap");
+        let mut files = open_format(&out, Format::Pcap);
+        files.add_interface(&iface("a")).unwrap();
+        files.finish().unwrap();
+        let files = open_format(&out, Format::Pcap);
+        let mut other = iface("b");
+        other.link_type = 276;
+        assert!(files.check(&[other]).is_err());
+        assert!(files.check(&[iface("c")]).is_ok());
+    }
+
+    /// What it cannot continue (another format, precision, garbage, a symlink) stays as
+    /// it is; the output goes beside it.
+    #[test]
+    fn what_cannot_be_continued_is_left_and_written_beside() {
+        let dir = Dir::new("beside");
+        let target = dir.0.join("target");
+        std::fs::write(&target, b"not yours").unwrap();
+        let out = dir.0.join("cap.pcap");
+        let mut micro = Vec::new();
+        crate::sink::pcap::write_header(&mut micro, 1).unwrap();
+        micro[..4].copy_from_slice(&0xa1b2_c3d4u32.to_ne_bytes());
+        for existing in [b"garbage that is no capture".to_vec(), micro] {
+            std::fs::write(&out, &existing).unwrap();
+            let mut files = open_format(&out, Format::Pcap);
+            let a = files.add_interface(&iface("a")).unwrap();
+            write(&mut files, a, 1);
+            files.finish().unwrap();
+            assert_eq!(std::fs::read(&out).unwrap(), existing);
+            assert_eq!(pcap_times(&dir.0.join("cap-1.pcap")), [1]);
+            std::fs::remove_file(dir.0.join("cap-1.pcap")).unwrap();
+        }
+        std::fs::remove_file(&out).unwrap();
+        std::os::unix::fs::symlink(&target, &out).unwrap();
+        let mut files = open_format(&out, Format::Pcapng);
+        let a = files.add_interface(&iface("a")).unwrap();
+        write(&mut files, a, 1);
+        files.finish().unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"not yours");
+        assert_eq!(read(&dir.0.join("cap-1.pcap")).1, [1]);
+    }
+
+    fn rotating_at(size: u64) -> Rotation {
+        Rotation {
+            size: Some(size),
+            every: None,
+        }
+    }
+
     /// Files with a hook that records what it is handed.
     fn open(
         out: &Path,
@@ -323,15 +576,18 @@ mod tests {
     }
 
     fn write(files: &mut Files, interface: u32, timestamp_ns: u64) {
-        files
-            .write_packet(&OutPacket {
-                interface,
-                timestamp_ns,
-                original_len: 200,
-                direction: Direction::Inbound,
-                data: &[7u8; 200],
-            })
-            .unwrap();
+        write_to(files, interface, timestamp_ns);
+    }
+
+    fn write_to(sink: &mut dyn Sink, interface: u32, timestamp_ns: u64) {
+        sink.write_packet(&OutPacket {
+            interface,
+            timestamp_ns,
+            original_len: 200,
+            direction: Direction::Inbound,
+            data: &[7u8; 200],
+        })
+        .unwrap();
     }
 
     /// (interface names, packet timestamps, statistics blocks, whether they all come after
@@ -357,10 +613,7 @@ mod tests {
     #[test]
     fn rotated_files_are_complete_on_their_own_and_reported_in_order() {
         let dir = Dir::new("rotate");
-        let rotation = Rotation {
-            size: Some(2_000),
-            every: None,
-        };
+        let rotation = rotating_at(2_000);
         let (mut files, reported) =
             open(&dir.0.join("cap.pcapng"), false, rotation, Keep::default());
         let a = files.add_interface(&iface("a")).unwrap();
@@ -399,10 +652,7 @@ mod tests {
     #[test]
     fn keep_deletes_the_oldest_completed_files() {
         let dir = Dir::new("keep");
-        let rotation = Rotation {
-            size: Some(2_000),
-            every: None,
-        };
+        let rotation = rotating_at(2_000);
         let keep = Keep {
             files: Some(2),
             bytes: None,
@@ -424,10 +674,7 @@ mod tests {
     #[test]
     fn keep_leaves_a_file_in_use_until_it_is_free() {
         let dir = Dir::new("keep-in-use");
-        let rotation = Rotation {
-            size: Some(2_000),
-            every: None,
-        };
+        let rotation = rotating_at(2_000);
         let keep = Keep {
             files: Some(1),
             bytes: None,
@@ -492,10 +739,7 @@ mod tests {
     #[test]
     fn a_file_per_sensor_rotates_on_its_own() {
         let dir = Dir::new("splitrotate");
-        let rotation = Rotation {
-            size: Some(2_000),
-            every: None,
-        };
+        let rotation = rotating_at(2_000);
         let out = dir.0.join("{sensor}-%Y.pcapng");
         let (mut files, reported) = open(&out, true, rotation, Keep::default());
         let a = files.add_interface(&iface("a")).unwrap();
@@ -547,5 +791,81 @@ mod tests {
         assert_eq!((idbs, times), (2, vec![1, 3]));
         let (idbs, times, _, _) = read(&reported[1]);
         assert_eq!((idbs, times), (1, vec![2]));
+    }
+
+    /// A closed session's interfaces are not repeated into the files rotation starts.
+    #[test]
+    fn rotation_drops_the_interfaces_of_closed_sessions() {
+        let dir = Dir::new("dropidb");
+        let rotation = rotating_at(2_000);
+        let (mut files, reported) =
+            open(&dir.0.join("cap.pcapng"), false, rotation, Keep::default());
+        let a = files.add_interface(&iface("a")).unwrap();
+        let b = files.add_interface(&iface("b")).unwrap();
+        write(&mut files, b, 0);
+        files.close_interfaces(&[b]);
+        for t in 1..40u64 {
+            write(&mut files, a, t);
+        }
+        files.finish().unwrap();
+        let reported = reported.lock().unwrap().clone();
+        assert!(reported.len() >= 3, "{reported:?}");
+        assert_eq!(read(&reported[0]).0, 2);
+        for later in &reported[1..] {
+            assert_eq!(read(later).0, 1, "{}: only a's", later.display());
+        }
+    }
+
+    /// Interface blocks larger than the rotation size do not make a file per packet.
+    #[test]
+    fn interface_blocks_past_the_size_do_not_rotate_every_packet() {
+        let dir = Dir::new("storm");
+        let rotation = rotating_at(64 * 1024);
+        let (mut files, reported) =
+            open(&dir.0.join("cap.pcapng"), false, rotation, Keep::default());
+        let mut big = iface("a");
+        big.filter = "x".repeat(16 * 1024);
+        let ids: Vec<u32> = (0..8).map(|_| files.add_interface(&big).unwrap()).collect();
+        for t in 0..400u64 {
+            write(&mut files, ids[0], t);
+        }
+        files.finish().unwrap();
+        let reported = reported.lock().unwrap().clone();
+        // 128 KiB of interface blocks per file, 80 KB of packets: at most a file per
+        // 128 KiB of packets, not one per packet.
+        assert!(reported.len() <= 2, "{} files", reported.len());
+        let packets: usize = reported.iter().map(|p| read(p).1.len()).sum();
+        assert_eq!(packets, 400);
+    }
+
+    /// With a file per sensor, a sensor's file is completed once its sessions are gone, so
+    /// 1,000 sensors coming and going never hold 1,000 files open; and no more than
+    /// [`MAX_OPEN_FILES`] sensors have one open at once.
+    #[test]
+    fn files_per_sensor_are_closed_when_their_sensor_leaves_and_capped() {
+        let dir = Dir::new("lru");
+        let out = dir.0.join("cap.pcapng");
+        let (mut files, reported) = open(&out, true, Rotation::default(), Keep::default());
+        for n in 0..1000 {
+            let name = format!("s{n}");
+            let i = files.add_interface(&iface(&name)).unwrap();
+            write(&mut files, i, n);
+            files.flush().unwrap();
+            files.close_interfaces(&[i]);
+            files.flush().unwrap();
+            assert!(files.series.iter().flatten().count() <= 1);
+        }
+        assert_eq!(reported.lock().unwrap().len(), 1000);
+        assert!(files.names.is_empty() && files.by_sensor.is_empty());
+        // The same sensor again: its file goes on (a new section).
+        let i = files.add_interface(&iface("s7")).unwrap();
+        write(&mut files, i, 5000);
+        for n in 0..MAX_OPEN_FILES {
+            files.add_interface(&iface(&format!("live{n}"))).unwrap();
+        }
+        assert!(files.check(&[iface("one-more")]).is_err());
+        assert!(files.check(&[iface("s7")]).is_ok(), "one with a file open");
+        files.finish().unwrap();
+        assert_eq!(read(&dir.0.join("cap-s7.pcapng")).1, [7, 5000]);
     }
 }

@@ -52,14 +52,26 @@ impl Pattern {
         let format = if name.contains('%') {
             let items = time::format_description::parse_strftime_owned(&name)
                 .map_err(|e| format!("--out {shown}: bad % field: {e}"))?;
-            OffsetDateTime::now_utc()
+            let formatted = OffsetDateTime::now_utc()
                 .format(&items)
                 .map_err(|e| format!("--out {shown}: bad % field: {e}"))?;
+            // A field's output has a '/' at every time if at any (e.g. %D).
+            if formatted.contains('/') {
+                return Err(format!(
+                    "--out {shown}: a % field puts '/' in the file name (as %D does); use \
+                     fields such as %Y%m%d"
+                ));
+            }
             Some(items)
         } else {
             None
         };
         Ok(Self { dir, name, format })
+    }
+
+    /// The output's journal: beside its files, hidden, named after the pattern.
+    pub fn journal_path(&self) -> PathBuf {
+        self.dir.join(format!(".{}.capstream-journal", self.name))
     }
 
     /// The path for a file opened at `now`, of the sensor whose safe name is `sensor`.
@@ -204,6 +216,10 @@ mod tests {
         assert_eq!(p.path(Some("s"), now), Path::new("d/s-22.pcap"));
         assert!(Pattern::parse(Path::new("d/{sensor}.pcap"), false).is_err());
         assert!(Pattern::parse(Path::new("d/x-%Q.pcap"), false).is_err());
+        let slash = Pattern::parse(Path::new("d/cap-%D.pcap"), true)
+            .err()
+            .unwrap();
+        assert!(slash.contains("'/'"), "{slash}");
     }
 
     #[test]

@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 use common::InterfaceStats;
 use time::OffsetDateTime;
 
-use super::committed::{Committed, Create};
+use super::committed::Committed;
+use super::existing::{self, Found};
+use super::journal::Extent;
 use super::naming::Pattern;
 use super::Finished;
 use crate::cli::Format;
-use crate::sink::{FormatSink, OutPacket, Sink, SinkInterface};
+use crate::sink::{FormatSink, OutPacket, Refusal, Sink, SinkInterface};
 
 /// When a file is complete and the next begins.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -38,15 +40,17 @@ struct Segment {
     stats_written: Vec<bool>,
     opened: Instant,
     packets: u64,
+    /// Its length at its first packet: the header and interface blocks.
+    start_len: u64,
 }
 
 pub struct Series {
     /// The sensor's safe name, for `{sensor}` in the pattern.
     sensor: Option<String>,
     format: Format,
-    create: Create,
     rotation: Rotation,
-    interfaces: Vec<SinkInterface>,
+    /// `None` once closed (its session gone): files started after leave it out.
+    interfaces: Vec<Option<SinkInterface>>,
     /// The latest counters of each interface, and the packets written of it over all files.
     stats: Vec<Option<InterfaceStats>>,
     delivered: Vec<u64>,
@@ -67,19 +71,18 @@ impl Series {
         format: Format,
         rotation: Rotation,
     ) -> io::Result<Self> {
-        // Rotated files never replace one another, nor older ones.
-        let create = if rotation.is_on() {
-            Create::New
-        } else {
-            Create::Replace
-        };
         let path = pattern.path(sensor.as_deref(), OffsetDateTime::now_utc());
-        let current = Segment::open(path.clone(), 0, format, create)?;
+        // Rotated files never replace one another, nor older ones; one file for the whole
+        // run goes on where an earlier run's ended.
+        let current = if rotation.is_on() {
+            Segment::open(path.clone(), 0, format)?
+        } else {
+            Segment::continue_or_beside(path.clone(), format)?
+        };
         Ok(Self {
             named: (path, 0),
             sensor,
             format,
-            create,
             rotation,
             interfaces: Vec::new(),
             stats: Vec::new(),
@@ -89,7 +92,7 @@ impl Series {
         })
     }
 
-    pub fn check(&self, interfaces: &[SinkInterface]) -> Result<(), String> {
+    pub fn check(&self, interfaces: &[SinkInterface]) -> Result<(), Refusal> {
         self.current.sink.check(interfaces)
     }
 
@@ -97,17 +100,43 @@ impl Series {
         let idx = self.current.sink.add_interface(interface)?;
         self.current.map.push(idx);
         self.current.stats_written.push(false);
-        self.interfaces.push(interface.clone());
+        self.interfaces.push(Some(interface.clone()));
         self.stats.push(None);
         self.delivered.push(0);
         Ok(self.interfaces.len() as u32 - 1)
     }
 
+    /// The interface's session is gone: no packet comes for it any more.
+    pub fn close_interface(&mut self, interface: u32) {
+        let i = interface as usize;
+        if let Some(slot) = self.interfaces.get_mut(i) {
+            *slot = None;
+            self.stats[i] = None;
+        }
+    }
+
+    /// Whether every interface it had is closed: no one writes to it any more.
+    pub fn is_idle(&self) -> bool {
+        !self.interfaces.is_empty() && self.interfaces.iter().all(Option::is_none)
+    }
+
+    /// The sensor's safe name, with a file per sensor.
+    pub fn sensor_name(&self) -> Option<&str> {
+        self.sensor.as_deref()
+    }
+
     pub fn write_packet(&mut self, pattern: &Pattern, packet: &OutPacket) -> io::Result<()> {
         if let Some(size) = self.rotation.size {
-            if self.current.packets > 0 && self.current.sink.output().len() >= size {
+            // A file whose interface blocks alone pass the size still takes as many bytes
+            // of packets: never a file per packet.
+            let len = self.current.sink.output().len();
+            let full = size.max(self.current.start_len.saturating_mul(2));
+            if self.current.packets > 0 && len >= full {
                 self.rotate(pattern)?;
             }
+        }
+        if self.current.packets == 0 {
+            self.current.start_len = self.current.sink.output().len();
         }
         let i = packet.interface as usize;
         let interface = *self
@@ -120,7 +149,7 @@ impl Series {
             ..*packet
         })?;
         self.current.packets += 1;
-        self.delivered[i] += 1;
+        self.delivered[i] = self.delivered[i].saturating_add(1);
         Ok(())
     }
 
@@ -138,19 +167,45 @@ impl Series {
         }
     }
 
-    /// Rotates by time if due, then flushes the completed files (closing and reporting
-    /// each) and the current one. On an error, what is left is tried again next time.
-    pub fn flush(&mut self, pattern: &Pattern, finished: &mut Finished) -> io::Result<()> {
+    /// Rotates by time if due.
+    pub fn rotate_if_due(&mut self, pattern: &Pattern) -> io::Result<()> {
         if let Some(every) = self.rotation.every {
             if self.current.packets > 0 && self.current.opened.elapsed() >= every {
                 self.rotate(pattern)?;
             }
         }
+        Ok(())
+    }
+
+    /// What the next flush appends to each file, in the order it does.
+    pub fn extents(&mut self, out: &mut Vec<Extent>) -> io::Result<()> {
+        for file in &mut self.closing {
+            out.extend(file.extent()?);
+        }
+        out.extend(self.current.sink.output_mut().extent()?);
+        Ok(())
+    }
+
+    /// Rotates by time if due, then flushes the completed files (closing and reporting
+    /// each) and the current one. On an error, what is left is tried again next time.
+    pub fn flush(&mut self, pattern: &Pattern, finished: &mut Finished) -> io::Result<()> {
+        self.rotate_if_due(pattern)?;
         while let Some(first) = self.closing.first_mut() {
             first.flush()?;
             finished.done(self.closing.remove(0).close());
         }
         self.current.sink.flush()
+    }
+
+    /// Writes what ends the current file and flushes it, keeping the series: where that
+    /// fails (disk full), nothing is lost and it is tried again.
+    pub fn complete_and_flush(
+        &mut self,
+        pattern: &Pattern,
+        finished: &mut Finished,
+    ) -> io::Result<()> {
+        self.complete_current()?;
+        self.flush(pattern, finished)
     }
 
     /// Completes the current file and reports it.
@@ -175,10 +230,15 @@ impl Series {
         } else {
             0
         };
-        let mut next = Segment::open(path.clone(), counter, self.format, self.create)?;
+        let mut next = Segment::open(path.clone(), counter, self.format)?;
         self.named = (path, counter);
         for interface in &self.interfaces {
-            next.map.push(next.sink.add_interface(interface)?);
+            let index = match interface {
+                Some(interface) => next.sink.add_interface(interface)?,
+                // Its session is gone: not described again.
+                None => u32::MAX,
+            };
+            next.map.push(index);
             next.stats_written.push(false);
         }
         let done = std::mem::replace(&mut self.current, next);
@@ -203,14 +263,52 @@ impl Series {
 }
 
 impl Segment {
-    fn open(path: PathBuf, counter: u32, format: Format, create: Create) -> io::Result<Self> {
-        let sink = FormatSink::new(format, Committed::new(path, create, counter))?;
-        Ok(Self {
+    /// A new file: `path`, or with a counter from `counter` on where that exists.
+    fn open(path: PathBuf, counter: u32, format: Format) -> io::Result<Self> {
+        Ok(Self::with(FormatSink::new(
+            format,
+            Committed::new(path, counter),
+        )?))
+    }
+
+    /// The capture at `path` continued, if this receiver can append to it (pcapng: in a
+    /// new section); else a new file beside it, never over it.
+    fn continue_or_beside(path: PathBuf, format: Format) -> io::Result<Self> {
+        let shown = path.display().to_string();
+        match existing::inspect(&path, format) {
+            Found::Nothing => Self::open(path, 0, format),
+            Found::Continue {
+                file,
+                len,
+                cut,
+                link_type,
+            } => {
+                if len > 0 {
+                    tracing::info!("{shown}: continuing the capture there ({len} bytes)");
+                }
+                if cut > 0 {
+                    tracing::warn!("{shown}: cut {cut} bytes of a torn last record");
+                }
+                let out = Committed::continuing(path, file, len);
+                Ok(Self::with(FormatSink::continuing(format, out, link_type)?))
+            }
+            Found::Other(why) => {
+                tracing::warn!(
+                    "{shown}: {why}; left as it is, this run writes beside it (a numbered name)"
+                );
+                Self::open(path, 1, format)
+            }
+        }
+    }
+
+    fn with(sink: FormatSink<Committed>) -> Self {
+        Self {
             sink,
             map: Vec::new(),
             stats_written: Vec::new(),
             opened: Instant::now(),
             packets: 0,
-        })
+            start_len: 0,
+        }
     }
 }
