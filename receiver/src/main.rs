@@ -84,6 +84,7 @@ fn exit_code(result: Result<()>) -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     cli.check_outputs().map_err(|e| BadInput(anyhow!(e)))?;
     cli.check_exposure().map_err(|e| BadInput(anyhow!(e)))?;
+    #[cfg(unix)]
     raise_open_file_limit();
     let pattern = match cli.out_path().filter(|o| o.as_os_str() != "-") {
         Some(out) => {
@@ -451,6 +452,7 @@ fn sensor_commands(
 /// Raises the soft limit on open files to the hard one: every sensor connection, file of a
 /// sensor and live or metrics client holds a descriptor, and the usual soft limit (1024) is
 /// far below what the system allows.
+#[cfg(unix)]
 fn raise_open_file_limit() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,

@@ -156,13 +156,7 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
 /// Creates `path` for its owner alone (0600): never over an existing file, never through
 /// a symlink.
 pub fn create_private(path: &Path) -> Result<fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+    receiver::private_file::create(path)
         .with_context(|| format!("cannot create {}", path.display()))
 }
 

@@ -1,17 +1,14 @@
 //! A file that only ever holds whole flushes.
 
-use std::fs::{File, OpenOptions, Permissions};
+use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::journal::Extent;
 use super::naming::with_counter;
 
 /// Numbered variants tried before giving up on a name.
 const MAX_COUNTER: u32 = 10_000;
-/// Captures hold other people's traffic: only the receiver's user reads them.
-pub const FILE_MODE: u32 = 0o600;
 
 /// Writes collect in memory; a flush appends them. When the append fails (disk full), the
 /// file is cut back to the end of the last good flush and the bytes are kept for the next
@@ -91,7 +88,7 @@ impl Committed {
             } else {
                 with_counter(&base, n)
             };
-            match create_private(&path) {
+            match crate::private_file::create(&path) {
                 Ok(file) => {
                     self.path = path;
                     return Ok(file);
@@ -108,28 +105,6 @@ impl Committed {
             ),
         ))
     }
-}
-
-/// Creates a file that did not exist (never through a symlink), readable by its owner only
-/// whatever the umask.
-pub fn create_private(path: &Path) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(FILE_MODE)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    file.set_permissions(Permissions::from_mode(FILE_MODE))?;
-    Ok(file)
-}
-
-/// Opens an existing file to read and continue, never through a symlink.
-pub fn open_existing(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
 }
 
 impl Write for Committed {

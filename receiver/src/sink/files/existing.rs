@@ -36,7 +36,7 @@ pub enum Found {
 
 /// Looks at `path` as `format` output. Never follows a symlink there (that is "other").
 pub fn inspect(path: &Path, format: Format) -> Found {
-    let file = match super::committed::open_existing(path) {
+    let file = match crate::private_file::open_existing(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Found::Nothing,
         Err(e) => return Found::Other(format!("cannot open it ({e})")),

@@ -17,10 +17,9 @@
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{self, Read as _, Write as _};
-use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::path::{Path, PathBuf};
 
-use super::committed::{create_private, open_existing};
+use crate::private_file::{create as create_private, open_existing};
 
 /// Sessions a journal remembers at most (more are not read back).
 pub const MAX_SESSIONS: usize = 4096;
@@ -152,7 +151,7 @@ impl Journal {
                 "file {} {} {}",
                 e.before,
                 e.after,
-                hex(e.path.as_os_str().as_bytes())
+                hex(&path_bytes(&e.path))
             );
         }
         self.text.push_str("before\n");
@@ -260,7 +259,7 @@ fn parse(text: &str) -> Option<Parsed<'_>> {
             let mut words = line.strip_prefix("file ")?.split(' ');
             let before = words.next()?.parse().ok()?;
             let after = words.next()?.parse().ok()?;
-            let path = PathBuf::from(std::ffi::OsString::from_vec(unhex(words.next()?)?));
+            let path = path_from_bytes(unhex(words.next()?)?)?;
             Some(Extent {
                 path,
                 before,
@@ -356,6 +355,32 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+/// A path as the journal stores it: its bytes (any bytes on Unix, UTF-8 elsewhere).
+fn path_bytes(path: &Path) -> Vec<u8> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt as _;
+        path.as_os_str().as_bytes().to_vec()
+    }
+    #[cfg(not(unix))]
+    {
+        path.to_string_lossy().into_owned().into_bytes()
+    }
+}
+
+/// A path back from the journal; `None` for bytes no path here has.
+fn path_from_bytes(bytes: Vec<u8>) -> Option<PathBuf> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStringExt as _;
+        Some(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+    }
+    #[cfg(not(unix))]
+    {
+        String::from_utf8(bytes).ok().map(PathBuf::from)
+    }
 }
 
 #[cfg(test)]
