@@ -764,6 +764,44 @@ mod tests {
         assert!(reported.len() > 4, "both rotated: {reported:?}");
     }
 
+    /// A file never rotated whose pcapng interface blocks reach the cap goes on in a new
+    /// section describing only the interfaces still open: no sensor is refused for the
+    /// interfaces of sessions gone, and packets of an open one go on in the new section.
+    #[test]
+    fn a_full_file_goes_on_in_a_section_of_the_open_interfaces() {
+        let dir = Dir::new("sections");
+        let out = dir.0.join("cap.pcapng");
+        let (mut files, _) = open(&out, false, Rotation::default(), Keep::default());
+        let kept = files.add_interface(&iface("kept")).unwrap();
+        let gone: Vec<u32> = (1..crate::sink::pcapng::MAX_INTERFACES)
+            .map(|_| files.add_interface(&iface("gone")).unwrap())
+            .collect();
+        write(&mut files, kept, 1);
+        assert!(
+            files.check(&[iface("new")]).is_err(),
+            "every interface is open: full"
+        );
+        files.close_interfaces(&gone);
+        assert!(files.check(&[iface("new")]).is_ok());
+        let new = files.add_interface(&iface("new")).unwrap();
+        write(&mut files, kept, 2);
+        write(&mut files, new, 3);
+        files.finish().unwrap();
+        let (idbs, times, _, _) = read(&out);
+        assert_eq!(times, [1, 2, 3], "no packet lost across the sections");
+        assert_eq!(
+            idbs,
+            crate::sink::pcapng::MAX_INTERFACES + 2,
+            "the new section describes the open interface and the new one only"
+        );
+        let sections = std::fs::read(&out)
+            .unwrap()
+            .windows(4)
+            .filter(|w| *w == [0x0a, 0x0d, 0x0d, 0x0a])
+            .count();
+        assert!(sections >= 2, "{sections} section header(s)");
+    }
+
     #[test]
     fn a_file_per_sensor() {
         let dir = Dir::new("split");

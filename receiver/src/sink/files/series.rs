@@ -14,6 +14,7 @@ use super::journal::Extent;
 use super::naming::Pattern;
 use super::Finished;
 use crate::cli::Format;
+use crate::sink::pcapng::MAX_INTERFACES as PCAPNG_MAX_INTERFACES;
 use crate::sink::{FormatSink, OutPacket, Refusal, Sink, SinkInterface};
 
 /// When a file is complete and the next begins.
@@ -93,10 +94,25 @@ impl Series {
     }
 
     pub fn check(&self, interfaces: &[SinkInterface]) -> Result<(), Refusal> {
-        self.current.sink.check(interfaces)
+        match self.current.sink.check(interfaces) {
+            // A pcapng file that describes all the interfaces it may goes on in a new
+            // section, which describes only those still open: full only if they alone are
+            // too many.
+            Err(Refusal::Full(_))
+                if self.format == Format::Pcapng
+                    && self.interfaces.iter().flatten().count() + interfaces.len()
+                        <= PCAPNG_MAX_INTERFACES =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     pub fn add_interface(&mut self, interface: &SinkInterface) -> io::Result<u32> {
+        if let Err(Refusal::Full(_)) = self.current.sink.check(std::slice::from_ref(interface)) {
+            self.new_section()?;
+        }
         let idx = self.current.sink.add_interface(interface)?;
         self.current.map.push(idx);
         self.current.stats_written.push(false);
@@ -230,8 +246,28 @@ impl Series {
         } else {
             0
         };
-        let mut next = Segment::open(path.clone(), counter, self.format)?;
+        let next = self.next_segment(Committed::new(path.clone(), counter))?;
         self.named = (path, counter);
+        let done = std::mem::replace(&mut self.current, next);
+        self.closing.push(done.sink.into_output());
+        Ok(())
+    }
+
+    /// Ends the current pcapng section and starts another in the same file, which
+    /// describes only the interfaces still open: the blocks of sessions gone stop adding up
+    /// in a file that is never rotated, and no sensor is refused for them.
+    fn new_section(&mut self) -> io::Result<()> {
+        self.complete_current()?;
+        // Stands in while the file's writer moves to the new section.
+        let placeholder = Segment::open(PathBuf::new(), 0, self.format)?;
+        let done = std::mem::replace(&mut self.current, placeholder);
+        self.current = self.next_segment(done.sink.into_output())?;
+        Ok(())
+    }
+
+    /// A file's next part on `output`, describing the interfaces still open.
+    fn next_segment(&self, output: Committed) -> io::Result<Segment> {
+        let mut next = Segment::with(FormatSink::new(self.format, output)?);
         for interface in &self.interfaces {
             let index = match interface {
                 Some(interface) => next.sink.add_interface(interface)?,
@@ -241,9 +277,7 @@ impl Series {
             next.map.push(index);
             next.stats_written.push(false);
         }
-        let done = std::mem::replace(&mut self.current, next);
-        self.closing.push(done.sink.into_output());
-        Ok(())
+        Ok(next)
     }
 
     /// Ends the current file with each interface's latest counters (pcapng), if not there.
