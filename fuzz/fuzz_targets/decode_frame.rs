@@ -1,4 +1,4 @@
-//! The receiver's protocol decoder on arbitrary stream bytes: `common::decode_frame` until
+//! The receiver's protocol decoder on arbitrary stream bytes: `protocol::decode_frame` until
 //! it needs more or refuses, every batch's packets decoded, every accepted message
 //! round-tripped. See `capstream_fuzz::decode::decode_stream`.
 #![no_main]

@@ -1,14 +1,14 @@
 //! What the `decode_frame` and `batch_body` fuzz targets do with their input, shared with
-//! the malformed-input regression test (`common/tests/malformed.rs` includes this file), so
-//! that a file in `common/tests/malformed/` is checked by exactly the code that fuzzed it.
+//! the malformed-input regression test (`protocol/tests/malformed.rs` includes this file), so
+//! that a file in `protocol/tests/malformed/` is checked by exactly the code that fuzzed it.
 //!
-//! Needs only `common` and `bytes`. Every check that fails panics: that is what the fuzzer
+//! Needs only `protocol` and `bytes`. Every check that fails panics: that is what the fuzzer
 //! reports as a crash and what fails the regression test.
 
 use std::cell::RefCell;
 
 use bytes::{Bytes, BytesMut};
-use common::{
+use protocol::{
     decode_frame, Batch, BatchBuilder, BatchEncoding, DecodeError, Message, PushOutcome,
     MAX_SNAPLEN,
 };

@@ -1,7 +1,7 @@
 //! What `sensor --read FILE` does with a capture file, on fuzz input: libpcap opens it (as
 //! pcap or pcapng), a filter is compiled and set, and every packet is read until libpcap
 //! says the file ends or fails. Each packet goes through the sensor's own conversions
-//! (`sensor/src/capture/pcap_record.rs`) and into a `common::BatchBuilder`, whose batches must
+//! (`sensor/src/capture/pcap_record.rs`) and into a `protocol::BatchBuilder`, whose batches must
 //! decode to the same packets.
 //!
 //! libpcap itself is not instrumented: this mainly shows that nothing we do with what
@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use bytes::BytesMut;
-use common::{decode_frame, BatchBuilder, Direction, Message, PushOutcome, MAX_SNAPLEN};
 use pcap::{Activated, Capture, Linktype, Precision};
+use protocol::{decode_frame, BatchBuilder, Direction, Message, PushOutcome, MAX_SNAPLEN};
 
 // The sensor's own conversions, compiled in from its source.
 #[path = "../../sensor/src/capture/pcap_record.rs"]

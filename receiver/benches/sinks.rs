@@ -8,9 +8,9 @@
 use std::hint::black_box;
 use std::path::Path;
 
-use common::Direction;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use pcap_file::pcap::PcapReader;
+use protocol::Direction;
 use receiver::cli::Format;
 use receiver::sink::files::naming::Pattern;
 use receiver::sink::files::{FileConfig, Files};
@@ -39,7 +39,7 @@ fn interface() -> SinkInterface {
     SinkInterface {
         name: "sensor-1/eth0".into(),
         link_type: 1,
-        snaplen: common::MAX_SNAPLEN,
+        snaplen: protocol::MAX_SNAPLEN,
         filter: "tcp or udp".into(),
         description: "benchmark".into(),
         sensor: "sensor-1".into(),

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{AuthToken, Hello};
+use protocol::{AuthToken, Hello};
 use rustls::pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 
@@ -298,7 +298,7 @@ mod tests {
         let (again, created) = load_or_create_token(&dir).unwrap();
         assert_eq!((again, created), (path.clone(), false));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
-        let (token, _) = common::cli::read_token_file(&path).unwrap();
+        let (token, _) = program::cli::read_token_file(&path).unwrap();
         assert_eq!(weak_token(&token), None);
         // A symlink planted where the token goes is not followed.
         let other = std::env::temp_dir().join(format!("receiver-token-{}-b", std::process::id()));
@@ -388,7 +388,7 @@ mod tests {
     fn tokens_are_checked() {
         let token = |s: &str| AuthToken::new(s.as_bytes().to_vec());
         let hello = |t: Option<AuthToken>| Hello {
-            version: common::PROTOCOL_VERSION,
+            version: protocol::PROTOCOL_VERSION,
             session_id: 1,
             session_secret: [1; 16],
             sensor_id: "s".into(),

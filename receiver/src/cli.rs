@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use common::units::parse_duration;
+use program::units::parse_duration;
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -206,7 +206,7 @@ pub struct Cli {
 
     /// Delete this receiver's oldest completed files while they hold more than this
     /// (e.g. `--keep-bytes 500GiB`); the newest completed file always stays.
-    #[arg(long, value_name = "BYTES", value_parser = common::units::parse_size)]
+    #[arg(long, value_name = "BYTES", value_parser = program::units::parse_size)]
     pub keep_bytes: Option<u64>,
 
     /// Write one file per sensor instead of one merged file, named after the sensor
@@ -430,7 +430,7 @@ fn parse_sensor_rate(s: &str) -> Result<u64, String> {
 
 /// A size of 64KiB or more; `what` names it in the error.
 fn size_of_64k_or_more(s: &str, what: &str) -> Result<u64, String> {
-    let n = common::units::parse_size(s)?;
+    let n = program::units::parse_size(s)?;
     if n < 64 * 1024 {
         return Err(format!("{what} '{s}' is below 64KiB"));
     }
@@ -438,7 +438,7 @@ fn size_of_64k_or_more(s: &str, what: &str) -> Result<u64, String> {
 }
 
 fn parse_sensor_held(s: &str) -> Result<usize, String> {
-    let n = common::units::parse_size(s)?;
+    let n = program::units::parse_size(s)?;
     if !(1 << 20..=1 << 40).contains(&n) {
         return Err(format!(
             "sensor held size '{s}' must be between 1MiB and 1TiB"

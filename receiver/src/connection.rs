@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{
+use protocol::{
     decode_frame, decode_frame_header, Ack, DecodeError, ErrorCode, ErrorMsg, Goodbye, Message,
     MessageType, FRAME_HEADER_LEN,
 };

@@ -49,14 +49,14 @@ impl std::fmt::Display for BadInput {
 impl std::error::Error for BadInput {}
 
 fn main() -> ExitCode {
-    let cli = match common::cli::parse::<Cli>() {
+    let cli = match program::cli::parse::<Cli>() {
         Ok(cli) => cli,
         Err(code) => return code,
     };
     if let Some(Command::Certs(command)) = &cli.command {
         return exit_code(certs::run(command));
     }
-    common::cli::init_logging();
+    program::cli::init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -122,7 +122,7 @@ async fn run(cli: Cli) -> Result<()> {
     let token = match &token_path {
         Some(path) => {
             let (token, warning) =
-                common::cli::read_token_file(path).map_err(|e| BadInput(anyhow!(e)))?;
+                program::cli::read_token_file(path).map_err(|e| BadInput(anyhow!(e)))?;
             if let Some(warning) = warning {
                 tracing::warn!("{warning}");
             }
@@ -169,7 +169,7 @@ async fn run(cli: Cli) -> Result<()> {
         ))
     })?;
     if let Some(addr) = cli.metrics {
-        common::metrics::serve(addr, METRICS_LINGER).map_err(|e| BadInput(anyhow!(e)))?;
+        program::metrics::serve(addr, METRICS_LINGER).map_err(|e| BadInput(anyhow!(e)))?;
     }
     // Opened only once listening works, so a refused start leaves no empty file behind.
     let (sink, live) = open_outputs(&cli, pattern, uploader.as_ref()).await?;
@@ -223,7 +223,7 @@ async fn run(cli: Cli) -> Result<()> {
     }
 
     let to_file = cli.out_path().is_some_and(|o| o.as_os_str() != "-");
-    common::status::enable(!cli.no_status);
+    program::status::enable(!cli.no_status);
     let summaries = server::run(
         endpoint,
         sink,
@@ -237,7 +237,7 @@ async fn run(cli: Cli) -> Result<()> {
         shutdown_signal(),
     )
     .await;
-    common::status::clear();
+    program::status::clear();
     let live_summary = match live {
         Some(live) => Some(live.close().await),
         None => None,
@@ -508,7 +508,7 @@ fn state_dir(cli: &Cli) -> Result<PathBuf> {
 
 /// The first SIGINT or SIGTERM (Ctrl-C elsewhere).
 async fn shutdown_signal() {
-    match common::cli::Signals::new() {
+    match program::cli::Signals::new() {
         Ok(mut signals) => signals.next().await,
         Err(e) => {
             // The default action of the signals still ends the process, unflushed.

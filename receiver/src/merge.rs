@@ -23,7 +23,7 @@ use std::io;
 use std::iter::Peekable;
 use std::time::{Duration, Instant};
 
-use common::PacketIter;
+use protocol::PacketIter;
 
 use crate::sink::{Frontier, OutPacket, Sink};
 
@@ -549,7 +549,7 @@ impl Session {
 mod tests {
     use super::*;
     use crate::sink::{PartialBatch, Sink, SinkInterface};
-    use common::{BatchBuilder, Direction, InterfaceStats, Message};
+    use protocol::{BatchBuilder, Direction, InterfaceStats, Message};
 
     /// Records what would be written.
     #[derive(Default)]
@@ -584,7 +584,7 @@ mod tests {
         }
         let frame = b.finish(1, 1, 0).frame;
         let mut buf = bytes::BytesMut::from(&frame[..]);
-        match common::decode_frame(&mut buf) {
+        match protocol::decode_frame(&mut buf) {
             Ok(Some(Message::Batch(batch))) => batch.packets().unwrap(),
             other => panic!("{other:?}"),
         }
@@ -841,7 +841,7 @@ mod tests {
         }
         let frame = b.finish(1, 1, 0).frame;
         let mut buf = bytes::BytesMut::from(&frame[..]);
-        let Ok(Some(Message::Batch(batch))) = common::decode_frame(&mut buf) else {
+        let Ok(Some(Message::Batch(batch))) = protocol::decode_frame(&mut buf) else {
             panic!("a batch");
         };
         m.add_batch(1, 1, 0, batch.packets().unwrap(), t0);

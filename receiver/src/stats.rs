@@ -1,6 +1,6 @@
 //! The exit summary: one line per sensor session.
 
-use common::{DropReason, Stats};
+use protocol::{DropReason, Stats};
 
 use crate::merge::Written;
 
@@ -111,7 +111,7 @@ impl SensorSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::InterfaceStats;
+    use protocol::InterfaceStats;
 
     /// Hostile counters (u64::MAX) make a summary line, not an overflow panic.
     #[test]

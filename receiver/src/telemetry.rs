@@ -8,8 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use common::{status, DropReason, Stats};
 use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Gauge};
+use program::status;
+use protocol::{DropReason, Stats};
 
 use crate::merge::Written;
 use crate::stats::Received;
@@ -240,7 +241,7 @@ fn describe() {
 
 #[cfg(test)]
 mod tests {
-    use common::InterfaceStats;
+    use protocol::InterfaceStats;
 
     use super::*;
 

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{
+use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
+use pcap_file::pcapng::{Block, PcapNgReader};
+use protocol::{
     decode_frame, BatchBuilder, Direction, DropReason, ErrorCode, Goodbye, Hello, InterfaceInfo,
     InterfaceStats, Message, Stats,
 };
-use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
-use pcap_file::pcapng::{Block, PcapNgReader};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{oneshot, Barrier};
 
@@ -152,7 +152,7 @@ pub(crate) async fn read_replies(recv: &mut quinn::RecvStream) -> Vec<Message> {
 
 pub(crate) fn hello(session_id: u64, host: &str) -> Hello {
     Hello {
-        version: common::PROTOCOL_VERSION,
+        version: protocol::PROTOCOL_VERSION,
         session_id,
         session_secret: [1; 16],
         sensor_id: format!("id-{host}"),
@@ -178,7 +178,7 @@ async fn good_sensor(
     batches: [&[u64]; 2],
     sync: Arc<Barrier>,
 ) -> Vec<Message> {
-    let (_endpoint, conn) = connect(server, common::ALPN).await.unwrap();
+    let (_endpoint, conn) = connect(server, protocol::ALPN).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(&Message::Hello(hello(session_id, host)).to_bytes())
         .await
@@ -223,7 +223,7 @@ async fn good_sensor(
 
 /// Sends `bytes` on a stream with the right ALPN and returns the receiver's answer.
 async fn bad_sensor(server: &TestServer, bytes: &[u8]) -> Vec<Message> {
-    let (_endpoint, conn) = connect(server, common::ALPN).await.unwrap();
+    let (_endpoint, conn) = connect(server, protocol::ALPN).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(bytes).await.unwrap();
     read_replies(&mut recv).await
@@ -248,7 +248,7 @@ async fn two_sensors_merge_in_time_order_and_bad_peers_are_refused() {
     let server = start_server(Duration::from_secs(5), Format::Pcapng);
     let sync = Arc::new(Barrier::new(2));
     let mut wrong_version = hello(9, "old");
-    wrong_version.version = common::PROTOCOL_VERSION + 1;
+    wrong_version.version = protocol::PROTOCOL_VERSION + 1;
     let wrong_version = Message::Hello(wrong_version).to_bytes();
     let (a, b, garbage, old, alpn) = tokio::join!(
         good_sensor(
@@ -336,7 +336,7 @@ async fn an_idle_receiver_still_writes_a_valid_file() {
 #[tokio::test]
 async fn classic_pcap_refuses_a_second_link_type_and_keeps_the_first_sensor() {
     let server = start_server(Duration::from_millis(100), Format::Pcap);
-    let (_e1, first) = connect(&server, common::ALPN).await.unwrap();
+    let (_e1, first) = connect(&server, protocol::ALPN).await.unwrap();
     let (mut send, mut recv) = first.open_bi().await.unwrap();
     send.write_all(&Message::Hello(hello(1, "eth")).to_bytes())
         .await
@@ -434,7 +434,7 @@ async fn a_session_resumes_on_a_new_connection_without_duplicates() {
     let server = start_server(Duration::from_millis(50), Format::Pcapng);
     let me = hello(0x5e55, "roamer");
 
-    let (_e1, first) = connect(&server, common::ALPN).await.unwrap();
+    let (_e1, first) = connect(&server, protocol::ALPN).await.unwrap();
     let (mut send, _recv, resume) = join(&first, &me).await;
     assert_eq!(resume, 0, "a new session starts from nothing");
     for (seq, t) in [(1, 10), (2, 20)] {
@@ -446,7 +446,7 @@ async fn a_session_resumes_on_a_new_connection_without_duplicates() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     first.close(7u32.into(), b"cut");
 
-    let (_e2, second) = connect(&server, common::ALPN).await.unwrap();
+    let (_e2, second) = connect(&server, protocol::ALPN).await.unwrap();
     let (mut send, mut recv, resume) = join(&second, &me).await;
     assert_eq!(resume, 2, "both batches are in the output");
     // A sensor that missed the last Ack sends batch 2 again: it must not be written twice.
@@ -491,7 +491,7 @@ async fn a_sequence_gap_is_refused_and_garbage_datagrams_change_nothing() {
     for len in [1, 20, 1200, 1500] {
         noise.send_to(&vec![0xa5; len], server.addr).unwrap();
     }
-    let (_e, conn) = connect(&server, common::ALPN).await.unwrap();
+    let (_e, conn) = connect(&server, protocol::ALPN).await.unwrap();
     let (mut send, mut recv, _) = join(&conn, &hello(0x6a9, "gappy")).await;
     noise.send_to(b"\x40garbage", server.addr).unwrap();
     send.write_all(&batch_frame(0x6a9, 5, &[1])).await.unwrap();
@@ -525,7 +525,7 @@ async fn a_sensor_over_its_quotas_is_slowed_not_cut() {
         Auth::default(),
         quotas,
     );
-    let (_e, conn) = connect(&server, common::ALPN).await.unwrap();
+    let (_e, conn) = connect(&server, protocol::ALPN).await.unwrap();
     let (mut send, mut recv, _) = join(&conn, &hello(0x9a, "greedy")).await;
     // 20 batches of 20 packets of 600 bytes: about 240 KB, several seconds' worth.
     for seq in 1..=20u64 {
@@ -552,7 +552,7 @@ async fn hostile_names_are_data_without_control_characters() {
     let mut evil = hello(0xe71, "../../etc/x\u{1b}[31m\n");
     evil.sensor_id = "../../../root/.ssh/authorized_keys\r".into();
     evil.interfaces[0].name = "../eth0\u{7}".into();
-    let (_e, conn) = connect(&server, common::ALPN).await.unwrap();
+    let (_e, conn) = connect(&server, protocol::ALPN).await.unwrap();
     let (mut send, mut recv, _) = join(&conn, &evil).await;
     send.write_all(&batch_frame(0xe71, 1, &[5])).await.unwrap();
     say_goodbye(send, &mut recv, 1).await;

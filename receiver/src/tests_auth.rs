@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use common::{AuthToken, ErrorCode, Message};
 use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
 use pcap_file::pcapng::{Block, PcapNgReader};
+use protocol::{AuthToken, ErrorCode, Message};
 use rcgen::{
     date_time_ymd, BasicConstraints, CertificateParams, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
@@ -78,7 +78,7 @@ impl Ca {
 /// certificate, so the refusal may come as the connection's close: then the Hello it sends
 /// must get no answer. Returns why the connection ended.
 async fn refused_by_tls(server: &TestServer, cert: Option<ClientCert>) -> String {
-    let (_endpoint, conn) = match connect_as(server, common::ALPN, cert).await {
+    let (_endpoint, conn) = match connect_as(server, protocol::ALPN, cert).await {
         Ok(connected) => connected,
         Err(e) => return e,
     };
@@ -102,7 +102,7 @@ async fn with_token(
     cert: Option<ClientCert>,
     token: Option<&str>,
 ) -> Vec<Message> {
-    let (_endpoint, conn) = connect_as(server, common::ALPN, cert).await.unwrap();
+    let (_endpoint, conn) = connect_as(server, protocol::ALPN, cert).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let mut h = hello(0x70c, "tokenless");
     h.token = token.and_then(|t| AuthToken::new(t.as_bytes().to_vec()));
@@ -120,7 +120,7 @@ async fn accepted(
     session: u64,
     t: u64,
 ) {
-    let (_endpoint, conn) = connect_as(server, common::ALPN, cert).await.unwrap();
+    let (_endpoint, conn) = connect_as(server, protocol::ALPN, cert).await.unwrap();
     let mut h = hello(session, "hostA");
     h.token = token.and_then(|t| AuthToken::new(t.as_bytes().to_vec()));
     let (mut send, mut recv, resume) = join(&conn, &h).await;

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use common::{ErrorCode, Message};
 use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
 use pcap_file::pcapng::{Block, PcapNgReader};
+use protocol::{ErrorCode, Message};
 
 use crate::auth::Auth;
 use crate::cli::Format;
@@ -19,7 +19,7 @@ use crate::writer::{session_tag, MAX_SESSIONS_PER_SOURCE};
 async fn acked_up_to(recv: &mut quinn::RecvStream, sequence: u64) {
     let mut buf = bytes::BytesMut::new();
     loop {
-        while let Some(m) = common::decode_frame(&mut buf).unwrap() {
+        while let Some(m) = protocol::decode_frame(&mut buf).unwrap() {
             if matches!(m, Message::Ack(a) if a.sequence >= sequence) {
                 return;
             }
@@ -33,7 +33,7 @@ async fn acked_up_to(recv: &mut quinn::RecvStream, sequence: u64) {
 async fn read_first(recv: &mut quinn::RecvStream) -> Vec<Message> {
     let mut buf = bytes::BytesMut::new();
     loop {
-        if let Some(m) = common::decode_frame(&mut buf).unwrap() {
+        if let Some(m) = protocol::decode_frame(&mut buf).unwrap() {
             return vec![m];
         }
         let chunk = recv.read_chunk(1 << 16, true).await.unwrap().unwrap();
@@ -62,7 +62,7 @@ async fn a_session_is_resumed_only_with_its_secret() {
     let mut thief = me.clone();
     thief.session_secret = [2; 16];
     let try_thief = || async {
-        let (_e, conn) = connect_as(&server, common::ALPN, None).await.unwrap();
+        let (_e, conn) = connect_as(&server, protocol::ALPN, None).await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         send.write_all(&Message::Hello(thief.clone()).to_bytes())
             .await
@@ -75,7 +75,7 @@ async fn a_session_is_resumed_only_with_its_secret() {
         );
     };
 
-    let (_e1, first) = connect_as(&server, common::ALPN, None).await.unwrap();
+    let (_e1, first) = connect_as(&server, protocol::ALPN, None).await.unwrap();
     let (mut send, mut recv, resume) = join(&first, &me).await;
     assert_eq!(resume, 0);
     send.write_all(&batch_frame(session, 1, &[10]))
@@ -92,7 +92,7 @@ async fn a_session_is_resumed_only_with_its_secret() {
     // Away (or still going): refused either way.
     try_thief().await;
 
-    let (_e2, second) = connect_as(&server, common::ALPN, None).await.unwrap();
+    let (_e2, second) = connect_as(&server, protocol::ALPN, None).await.unwrap();
     let (mut send, mut recv, resume) = join(&second, &me).await;
     assert_eq!(resume, 2, "the owner resumes where it was");
     send.write_all(&batch_frame(session, 3, &[30]))
@@ -137,7 +137,7 @@ async fn sessions_of_one_source_are_capped() {
     let server = open_server();
     let mut open = Vec::new();
     for i in 0..MAX_SESSIONS_PER_SOURCE as u64 {
-        let (endpoint, conn) = connect_as(&server, common::ALPN, None).await.unwrap();
+        let (endpoint, conn) = connect_as(&server, protocol::ALPN, None).await.unwrap();
         let (send, recv, _) = join(&conn, &hello(0x1000 + i, "many")).await;
         open.push((endpoint, conn, send, recv));
     }
@@ -145,7 +145,7 @@ async fn sessions_of_one_source_are_capped() {
     let first_reply = |id: u64| {
         let server = &server;
         async move {
-            let (endpoint, conn) = connect_as(server, common::ALPN, None).await.unwrap();
+            let (endpoint, conn) = connect_as(server, protocol::ALPN, None).await.unwrap();
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
             send.write_all(&Message::Hello(hello(id, "many")).to_bytes())
                 .await
@@ -188,10 +188,10 @@ async fn sessions_of_one_source_are_capped() {
 async fn a_large_or_foreign_first_frame_is_refused_on_its_header() {
     let server = open_server();
     for (kind, needle) in [
-        (common::MessageType::Batch, "expected Hello first"),
-        (common::MessageType::Hello, "hello"),
+        (protocol::MessageType::Batch, "expected Hello first"),
+        (protocol::MessageType::Hello, "hello"),
     ] {
-        let (_e, conn) = connect_as(&server, common::ALPN, None).await.unwrap();
+        let (_e, conn) = connect_as(&server, protocol::ALPN, None).await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         // A frame header claiming 8 MiB, and nothing after it.
         let mut header = vec![kind as u8];

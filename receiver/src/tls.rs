@@ -190,7 +190,7 @@ pub fn server_config(
     let mut tls = builder
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())
         .context("the certificate and key do not match")?;
-    tls.alpn_protocols = vec![common::ALPN.to_vec()];
+    tls.alpn_protocols = vec![protocol::ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).context("TLS settings unusable for QUIC")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use common::{Hello, InterfaceInfo, PacketIter, Stats};
+use protocol::{Hello, InterfaceInfo, PacketIter, Stats};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::merge::{Merge, SessionId};
@@ -850,7 +850,7 @@ pub fn sensor_label(hello: &Hello, identity: Option<&str>, peer: SocketAddr) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::InterfaceStats;
+    use protocol::InterfaceStats;
 
     /// An output whose journal names one session, opened with secret `[1; 16]`.
     struct Recovered;

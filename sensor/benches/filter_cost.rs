@@ -145,7 +145,7 @@ mod kernel {
         fn load(mode: Mode, classic: &[CbpfInsn]) -> Self {
             let mut ebpf = EbpfLoader::new()
                 .map_max_entries(shared::RING_MAP, RING_SIZE)
-                .override_global(shared::SNAPLEN_GLOBAL, &common::MAX_SNAPLEN, true)
+                .override_global(shared::SNAPLEN_GLOBAL, &protocol::MAX_SNAPLEN, true)
                 .override_global(shared::LOOPBACK_GLOBAL, &0u32, true)
                 .override_global(shared::WAKEUP_BYTES_GLOBAL, &u64::from(RING_SIZE / 8), true)
                 .load(OBJECT)

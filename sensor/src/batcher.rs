@@ -1,7 +1,7 @@
 //! Turns a backend's packets into batch frames and hands them to the transport.
 //!
 //! Every capture backend feeds one [`Batcher`] from its own thread. It owns a reused
-//! `common::BatchBuilder` (no allocation per packet), decides when a batch is done (size
+//! `protocol::BatchBuilder` (no allocation per packet), decides when a batch is done (size
 //! or age), numbers it from the session-wide sequence, and sends it down a bounded channel.
 //! The channel fills only when the sensor's buffer of unacknowledged batches is full. Live
 //! captures never wait on it: the batch is dropped and counted ("sensor buffer full"), so
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{BatchBuilder, Direction, EncodedBatch, PushOutcome};
+use protocol::{BatchBuilder, Direction, EncodedBatch, PushOutcome};
 use tokio::sync::mpsc;
 
 use crate::stats::Counters;

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Parser};
 
-use common::units::{parse_duration, parse_size};
+use program::units::{parse_duration, parse_size};
 
 use crate::capture::{AfxdpFlags, Mode, XdpAttach};
 
 /// Largest --batch-size: a batch may overshoot its target by one full-size packet, and the
-/// resulting frame must stay below common::MAX_FRAME_LEN even when stored uncompressed.
+/// resulting frame must stay below protocol::MAX_FRAME_LEN even when stored uncompressed.
 pub const MAX_BATCH_SIZE: u64 = 4 * 1024 * 1024;
 const MAX_BUFFER_SIZE: u64 = 64 << 30;
 
@@ -181,8 +181,8 @@ pub struct Cli {
     pub busy_poll: bool,
 
     /// Bytes kept of each packet, 1..=262144 (e.g. `-s 128` for headers only).
-    #[arg(short = 's', long, value_name = "N", default_value_t = common::MAX_SNAPLEN,
-          value_parser = clap::value_parser!(u32).range(1..=common::MAX_SNAPLEN as i64))]
+    #[arg(short = 's', long, value_name = "N", default_value_t = protocol::MAX_SNAPLEN,
+          value_parser = clap::value_parser!(u32).range(1..=protocol::MAX_SNAPLEN as i64))]
     pub snaplen: u32,
 
     /// Send a partial batch after this long (e.g. `--flush-interval 250ms`, `1s`, `2.5s`).

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use common::{ErrorCode, Goodbye, Hello, Message, Stats};
+use protocol::{ErrorCode, Goodbye, Hello, Message, Stats};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
@@ -683,7 +683,7 @@ fn after_refusal(code: ErrorCode, first_connection: bool) -> AfterRefusal {
 /// `frame`, a batch, stamped with `session_id`: batches made before the session changed
 /// (see [`Session::new_session`]) are copied with the new id; the rest go as they are.
 fn in_session(frame: &Bytes, session_id: u64) -> Bytes {
-    let id_at = common::FRAME_HEADER_LEN..common::FRAME_HEADER_LEN + 8;
+    let id_at = protocol::FRAME_HEADER_LEN..protocol::FRAME_HEADER_LEN + 8;
     match frame.get(id_at.clone()) {
         Some(id) if id != session_id.to_be_bytes() => {
             let mut copy = BytesMut::from(&frame[..]);
@@ -746,13 +746,13 @@ mod tests {
 
     #[test]
     fn held_batches_are_restamped_with_a_new_session() {
-        let mut builder = common::BatchBuilder::new(1024);
-        let _ = builder.push(1, 60, common::Direction::Inbound, &[7u8; 60]);
+        let mut builder = protocol::BatchBuilder::new(1024);
+        let _ = builder.push(1, 60, protocol::Direction::Inbound, &[7u8; 60]);
         let frame = builder.finish(0x1111, 42, 0).frame;
         assert_eq!(in_session(&frame, 0x1111), frame, "same session: as it is");
         let moved = in_session(&frame, 0x2222);
         let mut buf = BytesMut::from(&moved[..]);
-        match common::decode_frame(&mut buf) {
+        match protocol::decode_frame(&mut buf) {
             Ok(Some(Message::Batch(batch))) => {
                 assert_eq!((batch.session_id, batch.sequence), (0x2222, 42));
                 assert_eq!(batch.packets().unwrap().count(), 1);

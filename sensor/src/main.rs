@@ -45,11 +45,11 @@ const METRICS_LINGER: std::time::Duration = std::time::Duration::from_secs(300);
 const CHANNEL_BATCHES: usize = 64;
 
 fn main() -> ExitCode {
-    let cli = match common::cli::parse::<Cli>() {
+    let cli = match program::cli::parse::<Cli>() {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    common::cli::init_logging();
+    program::cli::init_logging();
     // Linux keeps capabilities per thread: the captures are attached and privileges given
     // up before the async runtime starts its threads, so that none of them keeps any.
     let prepared = match prepare(&cli) {
@@ -61,7 +61,7 @@ fn main() -> ExitCode {
     };
     // After the privileges are given up: the endpoint's thread has none.
     if let Some(addr) = cli.metrics {
-        if let Err(e) = common::metrics::serve(addr, METRICS_LINGER) {
+        if let Err(e) = program::metrics::serve(addr, METRICS_LINGER) {
             eprintln!("sensor: error: {e}");
             return ExitCode::from(2);
         }
@@ -90,7 +90,7 @@ fn main() -> ExitCode {
 /// What is set up before the async runtime starts.
 struct Prepared {
     tls: tls::ClientTls,
-    token: Option<common::AuthToken>,
+    token: Option<protocol::AuthToken>,
     remote: std::net::SocketAddr,
     socket: std::net::UdpSocket,
     backends: Vec<Box<dyn capture::CaptureBackend>>,
@@ -187,7 +187,7 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
 
 /// How the receiver is trusted and what token the Hello carries: as given, or else those of
 /// the receiver on this host, from its state directory, when they can be read.
-fn receiver_credentials(cli: &Cli) -> Result<(tls::Trust, Option<common::AuthToken>)> {
+fn receiver_credentials(cli: &Cli) -> Result<(tls::Trust, Option<protocol::AuthToken>)> {
     let local = cli
         .uses_local_receiver()
         .then(|| cli.state_dir.clone().or_else(cli::default_state_dir))
@@ -260,8 +260,8 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
 
     let hostname = gethostname::gethostname().to_string_lossy().into_owned();
     let session_ids = Arc::new(std::sync::atomic::AtomicU64::new(session_id));
-    let hello = common::Hello {
-        version: common::PROTOCOL_VERSION,
+    let hello = protocol::Hello {
+        version: protocol::PROTOCOL_VERSION,
         session_id,
         session_secret: session.secret,
         sensor_id,
@@ -348,7 +348,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     let link = Arc::new(LinkStats::default());
     let telemetry =
         tokio::spawn(telemetry::Telemetry::new(&names, &counters, Arc::clone(&link)).run());
-    common::status::enable(!cli.no_status);
+    program::status::enable(!cli.no_status);
 
     let (outcome, result) = delivery::run(
         started,
@@ -380,7 +380,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     .unwrap_or_default();
 
     telemetry.abort();
-    common::status::clear();
+    program::status::clear();
     let session_id = session_ids.load(std::sync::atomic::Ordering::Relaxed);
     print_summary(session_id, &names, &counters, &link, &outcome);
     result?;
@@ -411,7 +411,7 @@ fn print_summary(
 
 fn spawn_signal_handler(shutdown: Arc<Notify>) {
     tokio::spawn(async move {
-        let mut signals = match common::cli::Signals::new() {
+        let mut signals = match program::cli::Signals::new() {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("cannot catch signals: {e}");
@@ -422,7 +422,7 @@ fn spawn_signal_handler(shutdown: Arc<Notify>) {
         tracing::info!("signal received: ending the session (again to quit at once)");
         shutdown.notify_one();
         signals.next().await;
-        common::status::clear();
+        program::status::clear();
         eprintln!("sensor: error: interrupted twice; exiting without flushing (packets lost)");
         std::process::exit(1);
     });

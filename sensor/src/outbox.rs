@@ -17,7 +17,7 @@
 use std::collections::VecDeque;
 use std::io;
 
-use common::EncodedBatch;
+use protocol::EncodedBatch;
 
 use crate::batcher::{empty_batch, Outgoing};
 use crate::spool::{SessionKeys, Spool, Spooled};

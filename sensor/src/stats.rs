@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
-use common::{DropReason, InterfaceStats};
+use protocol::{DropReason, InterfaceStats};
 
 #[derive(Debug, Default)]
 pub struct Counters {

@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{status, DropReason};
 use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Gauge};
+use program::status;
+use protocol::DropReason;
 
 use crate::stats::{Counters, LinkStats};
 

@@ -95,7 +95,7 @@ pub fn client_config(trust: &Trust, client_cert: Option<(&Path, &Path)>) -> Resu
         }
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![common::ALPN.to_vec()];
+    config.alpn_protocols = vec![protocol::ALPN.to_vec()];
     Ok(ClientTls {
         config,
         verification,
@@ -135,8 +135,8 @@ fn load_pem_certs(path: &Path, what: &str, example: &str) -> Result<Vec<Certific
 }
 
 /// `--token-file`: the token the Hello carries, read as the receiver reads its own.
-pub fn load_token(path: &Path) -> Result<common::AuthToken> {
-    let (token, warning) = common::cli::read_token_file(path).map_err(Error::input)?;
+pub fn load_token(path: &Path) -> Result<protocol::AuthToken> {
+    let (token, warning) = program::cli::read_token_file(path).map_err(Error::input)?;
     if let Some(warning) = warning {
         tracing::warn!("{warning}");
     }
@@ -305,7 +305,7 @@ mod tests {
     fn config_is_tls13_with_alpn() {
         let fp = Fingerprint([0; 32]);
         let tls = client_config(&Trust::Fingerprint(fp), None).unwrap();
-        assert_eq!(tls.config.alpn_protocols, [common::ALPN.to_vec()]);
+        assert_eq!(tls.config.alpn_protocols, [protocol::ALPN.to_vec()]);
         assert!(tls
             .config
             .crypto_provider()

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use common::{ErrorCode, Message};
+use protocol::{ErrorCode, Message};
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
@@ -296,7 +296,7 @@ async fn write_frames(
 async fn read_receiver(mut recv: RecvStream, events: mpsc::Sender<LinkEvent>) {
     let mut buf = BytesMut::with_capacity(4096);
     let last = loop {
-        match common::decode_frame(&mut buf) {
+        match protocol::decode_frame(&mut buf) {
             Ok(Some(Message::Ack(ack))) => {
                 if events.send(LinkEvent::Ack(ack.sequence)).await.is_err() {
                     return;

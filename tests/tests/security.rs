@@ -562,7 +562,7 @@ mod hostile {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use common::{decode_frame, AuthToken, Hello, InterfaceInfo, Message};
+    use protocol::{decode_frame, AuthToken, Hello, InterfaceInfo, Message};
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
 
@@ -585,7 +585,7 @@ mod hostile {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        tls.alpn_protocols = vec![common::ALPN.to_vec()];
+        tls.alpn_protocols = vec![protocol::ALPN.to_vec()];
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
         let mut endpoint = quinn::Endpoint::client(local.parse().unwrap()).unwrap();
         endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
@@ -611,7 +611,7 @@ mod hostile {
     /// A Hello for session `id` with `interfaces` interfaces.
     pub fn hello(id: u64, interfaces: usize, token: &[u8]) -> Hello {
         Hello {
-            version: common::PROTOCOL_VERSION,
+            version: protocol::PROTOCOL_VERSION,
             session_id: id,
             session_secret: rand::random(),
             sensor_id: "hostile".into(),
@@ -734,8 +734,8 @@ fn a_thousand_session_ids_leave_the_receiver_bounded() {
             let conn = hostile::connect(&endpoint, to).await.unwrap();
             let hello = hostile::hello(0x00ba_d000_0000 + id, 64, token_bytes.as_bytes());
             match hostile::say_hello(&conn, hello).await {
-                Some(common::Message::Ack(_)) => admitted += 1,
-                Some(common::Message::Error(e)) if e.code == common::ErrorCode::UNAVAILABLE => {
+                Some(protocol::Message::Ack(_)) => admitted += 1,
+                Some(protocol::Message::Error(e)) if e.code == protocol::ErrorCode::UNAVAILABLE => {
                     unavailable += 1
                 }
                 other => panic!("session {id}: {other:?}"),

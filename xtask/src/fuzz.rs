@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
-use common::{
+use protocol::{
     decode_frame, Ack, AuthToken, BatchBuilder, Direction, DropReason, ErrorCode, ErrorMsg,
     Goodbye, Hello, InterfaceInfo, InterfaceStats, Message, PushOutcome, Stats, PROTOCOL_VERSION,
 };
@@ -93,8 +93,8 @@ pub fn run(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
     let mut failed = false;
     for r in &reports {
         let keep = match r.target.as_str() {
-            "decode_frame" => "common/tests/malformed/",
-            "batch_body" => "common/tests/malformed/batch_body/",
+            "decode_frame" => "protocol/tests/malformed/",
+            "batch_body" => "protocol/tests/malformed/batch_body/",
             _ => "a sensor test (tests/data/)",
         };
         for crash in &r.crashes {

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::InterfaceStats;
+use protocol::InterfaceStats;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
@@ -532,8 +532,8 @@ impl Sink for LiveSink {
 
 #[cfg(test)]
 mod tests {
-    use common::Direction;
     use pcap_file::pcap::PcapReader;
+    use protocol::Direction;
 
     use super::*;
 

@@ -10,7 +10,7 @@ mod tee;
 
 use std::io::{self, BufWriter, Write};
 
-use common::{Direction, InterfaceStats};
+use protocol::{Direction, InterfaceStats};
 
 pub use self::files::journal::{Frontier, PartialBatch};
 pub use self::pcap::PcapSink;

@@ -4,9 +4,9 @@
 use std::io::{self, Write};
 use std::time::Duration;
 
-use common::InterfaceStats;
 use pcap_file::pcap::{PcapHeader, PcapTsResolution};
 use pcap_file::DataLink;
+use protocol::InterfaceStats;
 
 use super::{native_endianness, to_io, OutPacket, Refusal, Sink, SinkInterface};
 
@@ -100,7 +100,7 @@ pub(super) fn write_header<W: Write>(out: &mut W, link_type: u16) -> io::Result<
         version_minor: 4,
         ts_correction: 0,
         ts_accuracy: 0,
-        snaplen: common::MAX_SNAPLEN,
+        snaplen: protocol::MAX_SNAPLEN,
         datalink: DataLink::from(u32::from(link_type)),
         ts_resolution: PcapTsResolution::NanoSecond,
         endianness: native_endianness(),
@@ -113,7 +113,7 @@ pub(super) fn write_header<W: Write>(out: &mut W, link_type: u16) -> io::Result<
 pub(super) fn write_record<W: Write>(out: &mut W, packet: &OutPacket) -> io::Result<()> {
     let captured = u32::try_from(packet.data.len())
         .ok()
-        .filter(|&n| n <= common::MAX_SNAPLEN)
+        .filter(|&n| n <= protocol::MAX_SNAPLEN)
         .ok_or_else(|| io::Error::other("packet longer than the snap length"))?;
     let ts = pcap_timestamp(packet.timestamp_ns);
     // Pinned to u32::MAX seconds above, so the cast keeps the value.
@@ -188,8 +188,8 @@ fn number_and_name(link_type: u16) -> String {
 mod tests {
     use super::*;
     use crate::sink::testing::Shared;
-    use common::Direction;
     use pcap_file::pcap::PcapReader;
+    use protocol::Direction;
 
     fn iface(name: &str, link_type: u16) -> SinkInterface {
         SinkInterface {

@@ -6,7 +6,6 @@ use std::borrow::Cow;
 use std::io::{self, Write};
 use std::time::{Duration, SystemTime};
 
-use common::{Direction, DropReason, InterfaceStats};
 use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption};
 use pcap_file::pcapng::blocks::interface_description::{
     InterfaceDescriptionBlock, InterfaceDescriptionOption, InterfaceTsResolution,
@@ -17,6 +16,7 @@ use pcap_file::pcapng::blocks::interface_statistics::{
 use pcap_file::pcapng::blocks::section_header::{SectionHeaderBlock, SectionHeaderOption};
 use pcap_file::pcapng::{Block, PcapNgWriter};
 use pcap_file::DataLink;
+use protocol::{Direction, DropReason, InterfaceStats};
 
 use super::{native_endianness, to_io, OutPacket, Refusal, Sink, SinkInterface};
 

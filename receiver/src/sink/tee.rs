@@ -3,7 +3,7 @@
 
 use std::io;
 
-use common::InterfaceStats;
+use protocol::InterfaceStats;
 
 use super::{Frontier, OutPacket, Refusal, Sink, SinkInterface};
 

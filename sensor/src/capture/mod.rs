@@ -8,7 +8,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use common::InterfaceInfo;
+use protocol::InterfaceInfo;
 
 use crate::batcher::{Backpressure, Batcher};
 use crate::error::{Error, Result};

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::InterfaceInfo;
 use pcap::{Activated, Active, Capture, Device, Linktype, Offline, Precision, Stat};
+use protocol::InterfaceInfo;
 
 use super::{compose_filter, CaptureBackend, Options, Stopper};
 use crate::batcher::{Backpressure, Batcher};

@@ -1,7 +1,7 @@
 //! What a libpcap packet header says, in the protocol's terms. A file of its own so that the
 //! capture-file fuzz target (`fuzz/src/pcap_read.rs`) runs exactly this code.
 
-use common::Direction;
+use protocol::Direction;
 
 pub const LINKTYPE_LINUX_SLL: i32 = 113;
 pub const LINKTYPE_LINUX_SLL2: i32 = 276;

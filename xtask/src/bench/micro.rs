@@ -1,5 +1,5 @@
 //! `cargo xtask bench --only micro`: the criterion micro-benchmarks. The wire format and
-//! Snappy per MB (common/benches/batch.rs), the pcap and pcapng sinks per MB
+//! Snappy per MB (protocol/benches/batch.rs), the pcap and pcapng sinks per MB
 //! (receiver/benches/sinks.rs) and the in-kernel filter per packet under
 //! BPF_PROG_TEST_RUN beside libpcap's interpreter (sensor/benches/filter_cost.rs).
 //!
@@ -18,7 +18,7 @@ use crate::system::cmd;
 
 /// (package and features, bench target, its criterion groups).
 const BENCHES: [(&[&str], &str, &[&str]); 3] = [
-    (&["-p", "common"], "batch", &["protocol", "snappy"]),
+    (&["-p", "protocol"], "batch", &["protocol", "snappy"]),
     (&["-p", "receiver"], "sinks", &["sink"]),
     // The filter's programs need no AF_XDP, so no libxdp build either.
     (

@@ -116,10 +116,10 @@ fn scan_pcap<R: Read + Seek>(r: &mut BufReader<R>, file_len: u64) -> io::Result<
     if u16::from_ne_bytes([major[0], major[1]]) != 2 {
         return Ok(Scan::Foreign("a pcap file of another version".into()));
     }
-    if snaplen < common::MAX_SNAPLEN {
+    if snaplen < protocol::MAX_SNAPLEN {
         return Ok(Scan::Foreign(format!(
             "a pcap file with snap length {snaplen}, below the {} this receiver writes",
-            common::MAX_SNAPLEN
+            protocol::MAX_SNAPLEN
         )));
     }
     // The upper bits hold FCS information, which this receiver never writes.
@@ -230,7 +230,7 @@ mod tests {
                     interface: 0,
                     timestamp_ns: 5,
                     original_len: data.len() as u32,
-                    direction: common::Direction::Unknown,
+                    direction: protocol::Direction::Unknown,
                     data,
                 },
             )

@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use common::InterfaceStats;
+use protocol::InterfaceStats;
 
 use self::journal::{Extent, Journal};
 use self::naming::Pattern;
@@ -372,8 +372,8 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use common::{Direction, DropReason};
     use pcap_file::pcapng::{Block, PcapNgReader};
+    use protocol::{Direction, DropReason};
 
     use super::*;
 

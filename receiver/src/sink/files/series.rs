@@ -5,7 +5,7 @@ use std::io::{self, Write as _};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::InterfaceStats;
+use protocol::InterfaceStats;
 use time::OffsetDateTime;
 
 use super::committed::Committed;

@@ -20,7 +20,7 @@ use xsk_rs::{FillQueue, FrameDesc, RxQueue, Socket, Umem};
 use crate::batcher::{Batcher, Closed};
 use crate::capture::AfxdpFlags;
 use crate::error::{Error, Result};
-use common::Direction;
+use protocol::Direction;
 
 /// UMEM frames per socket, and ring sizes: 16 MiB of frames per RX queue. Frames of 2 KiB
 /// (a 1514-byte frame fits after the headroom; larger ones span several, joined below) so

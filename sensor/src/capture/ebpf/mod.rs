@@ -27,8 +27,8 @@ use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{tc, SchedClassifier, SocketFilter, TcAttachType, Xdp, XdpMode};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
-use common::{Direction, InterfaceInfo};
 use pcap::{Capture, Linktype};
+use protocol::{Direction, InterfaceInfo};
 use sensor_ebpf as shared;
 
 use self::cbpf::{CbpfInsn, Context, OnAccept, Target};

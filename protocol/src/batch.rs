@@ -15,8 +15,11 @@ const RECORD_HEADER_LEN: usize = 8 + 4 + 4 + 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Direction {
+    /// The backend cannot tell.
     Unknown = 0,
+    /// Received by the interface.
     Inbound = 1,
+    /// Sent by the host.
     Outbound = 2,
 }
 
@@ -39,8 +42,11 @@ impl Direction {
 pub struct Packet {
     /// Nanoseconds since the Unix epoch.
     pub timestamp_ns: u64,
+    /// Its length on the wire; `data` may be shorter (cut at the snap length).
     pub original_len: u32,
+    /// Which way it crossed the interface.
     pub direction: Direction,
+    /// The captured bytes.
     pub data: Bytes,
 }
 
@@ -48,6 +54,7 @@ pub struct Packet {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
 pub enum PushOutcome {
+    /// The packet is in the batch.
     Added,
     /// The batch has no room left: take it with [`BatchBuilder::finish`] and push again.
     Full,
@@ -56,7 +63,9 @@ pub enum PushOutcome {
 /// An encoded batch frame, ready to write to the stream.
 #[derive(Debug, Clone)]
 pub struct EncodedBatch {
+    /// The whole frame: header, batch fields and body.
     pub frame: Bytes,
+    /// Packets in it.
     pub packets: u32,
     /// Size of the record stream before compression.
     pub raw_len: usize,
@@ -96,6 +105,7 @@ impl BatchBuilder {
         }
     }
 
+    /// Adds one packet (cut at [`MAX_SNAPLEN`]), unless the batch has no room for it.
     pub fn push(
         &mut self,
         timestamp_ns: u64,
@@ -123,14 +133,17 @@ impl BatchBuilder {
         self.count = 0;
     }
 
+    /// Whether no packet was pushed since the last batch.
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
 
+    /// Packets pushed since the last batch.
     pub fn len(&self) -> u32 {
         self.count
     }
 
+    /// Whether the records reached the target size: time to finish the batch.
     pub fn is_ready(&self) -> bool {
         self.records.len() >= self.target_len
     }

@@ -1,8 +1,8 @@
 //! The protocol tested on bytes alone: round trips, strict refusals, and arbitrary input.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use common::*;
 use proptest::prelude::*;
+use protocol::*;
 
 fn hello() -> Hello {
     Hello {

@@ -14,16 +14,11 @@
 //! on a new connection with the same session id, resends those after the resume point; the
 //! receiver ignores a batch whose sequence it already has.
 
+#![deny(missing_docs)]
+
 mod batch;
-#[cfg(feature = "cli")]
-pub mod cli;
 mod codec;
 mod message;
-#[cfg(feature = "cli")]
-pub mod metrics;
-#[cfg(feature = "cli")]
-pub mod status;
-pub mod units;
 
 pub use batch::{BatchBuilder, Direction, EncodedBatch, Packet, PacketIter, PushOutcome};
 pub use codec::DecodeError;

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Arg, ArgAction, Command, CommandFactory, FromArgMatches};
 
-use crate::{AuthToken, MAX_TOKEN_LEN};
+use protocol::{AuthToken, MAX_TOKEN_LEN};
 
 mod config;
 mod generate;
@@ -323,7 +323,7 @@ mod tests {
 
     #[test]
     fn token_files_are_trimmed_and_bounded() {
-        let dir = std::env::temp_dir().join(format!("common-token-test-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("program-token-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("token");
         let read = |content: &[u8]| {

@@ -6,26 +6,56 @@ use bytes::{Buf, BufMut, Bytes};
 /// receiver can log it and tell the peer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
+    /// The input ended inside a field.
     #[error("message truncated: {field} needs {needed} more bytes")]
-    Truncated { field: &'static str, needed: usize },
+    Truncated {
+        /// The field being read.
+        field: &'static str,
+        /// Bytes it still needed.
+        needed: usize,
+    },
+    /// A length or count above its limit, refused before anything is allocated for it.
     #[error("{field} is {len} bytes, more than the limit of {max}")]
     TooLong {
+        /// The field whose length was claimed.
         field: &'static str,
+        /// The length claimed.
         len: usize,
+        /// The limit.
         max: usize,
     },
+    /// A text field that is not UTF-8.
     #[error("{field} is not valid UTF-8")]
-    BadUtf8 { field: &'static str },
+    BadUtf8 {
+        /// The field.
+        field: &'static str,
+    },
+    /// A frame type this build does not know.
     #[error("unknown message type {0}")]
     UnknownType(u8),
+    /// A value outside what its field allows.
     #[error("invalid value {value} for {field}")]
-    BadValue { field: &'static str, value: u64 },
+    BadValue {
+        /// The field.
+        field: &'static str,
+        /// The value found.
+        value: u64,
+    },
+    /// A first message without the Hello magic: not a Capstream peer.
     #[error("not a Capstream peer (the first message lacks the CAPS magic)")]
     BadMagic,
+    /// A Hello of another protocol version.
     #[error("protocol version {got} is not supported; this build speaks version {supported}")]
-    UnsupportedVersion { got: u16, supported: u16 },
+    UnsupportedVersion {
+        /// The peer's version.
+        got: u16,
+        /// This build's version, [`crate::PROTOCOL_VERSION`].
+        supported: u16,
+    },
+    /// Bytes left in a frame body after its message.
     #[error("{0} trailing bytes after the message")]
     TrailingBytes(usize),
+    /// A Snappy body that does not decompress, or not to what it claims.
     #[error("batch body does not decompress: {0}")]
     Decompress(String),
 }

@@ -10,9 +10,9 @@
 use std::hint::black_box;
 
 use bytes::{Bytes, BytesMut};
-use common::{decode_frame, Batch, BatchBuilder, BatchEncoding, Direction, Message, PushOutcome};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use pcap_file::pcap::PcapReader;
+use protocol::{decode_frame, Batch, BatchBuilder, BatchEncoding, Direction, Message, PushOutcome};
 use rand::RngCore;
 
 const CORPUS: &str = concat!(

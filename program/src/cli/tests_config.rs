@@ -28,7 +28,7 @@ struct Dir(PathBuf);
 
 impl Dir {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("common-{name}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("program-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
     }

@@ -13,7 +13,7 @@
 //! inside a message"), or `Any` where only the refusal itself is stable.
 //!
 //! `.bin` files are raw bytes, as the fuzzer writes its crash inputs. `.hex` files are text,
-//! written against the encoding in `common/src/message.rs` and `batch.rs`:
+//! written against the encoding in `protocol/src/message.rs` and `batch.rs`:
 //!
 //! - `#` starts a comment; a comment line `# expect-field: NAME` also requires the error to
 //!   name that field (`DecodeError`'s `field`), where the field is what the case is about;
@@ -46,7 +46,7 @@
 
 use std::path::{Path, PathBuf};
 
-use common::{DecodeError, MAX_FRAME_LEN, PROTOCOL_VERSION};
+use protocol::{DecodeError, MAX_FRAME_LEN, PROTOCOL_VERSION};
 
 // The fuzz crate uses every item of the file; this test does not.
 #[allow(dead_code)]

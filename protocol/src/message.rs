@@ -25,14 +25,21 @@ pub const MAX_HELLO_LEN: usize = 256 * 1024;
 const MAX_DROP_REASONS: usize = 32;
 const MAX_ERROR_TEXT: usize = 1024;
 
+/// A frame's type, its first byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum MessageType {
+    /// [`Hello`].
     Hello = 1,
+    /// [`Batch`].
     Batch = 2,
+    /// [`Stats`].
     Stats = 3,
+    /// [`Ack`].
     Ack = 4,
+    /// [`Goodbye`].
     Goodbye = 5,
+    /// [`ErrorMsg`].
     Error = 6,
 }
 
@@ -55,9 +62,11 @@ impl TryFrom<u8> for MessageType {
 /// `Hello::interfaces` is the `interface_id` that batches and stats refer to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterfaceInfo {
+    /// The interface's name on the sensor's host (or the file read).
     pub name: String,
     /// A libpcap `LINKTYPE_*` value.
     pub link_type: u16,
+    /// The most bytes of a packet captured.
     pub snaplen: u32,
     /// The libpcap filter expression the user gave (empty: everything).
     pub filter: String,
@@ -66,6 +75,7 @@ pub struct InterfaceInfo {
 /// The sensor's first message: who it is and what it captures.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
+    /// [`crate::PROTOCOL_VERSION`] of the sensor.
     pub version: u16,
     /// Random per sensor session; batches and stats carry it. Never published by a
     /// receiver (logs, metrics and files show only a hash of it).
@@ -73,9 +83,13 @@ pub struct Hello {
     /// Random per session and never published: only a sensor holding it may resume the
     /// session on a new connection, so a known session id is not enough to take it over.
     pub session_secret: [u8; SESSION_SECRET_LEN],
+    /// The name the sensor gives itself (`--sensor-id`, by default its hostname).
     pub sensor_id: String,
+    /// The sensor's host name.
     pub hostname: String,
+    /// Its operating system and architecture, for the output's descriptions.
     pub os: String,
+    /// What it captures; a batch's `interface_id` is an index here.
     pub interfaces: Vec<InterfaceInfo>,
     /// The shared secret of `--token-file`, for a receiver that requires one.
     pub token: Option<AuthToken>,
@@ -94,6 +108,7 @@ impl AuthToken {
         (!secret.is_empty() && secret.len() <= MAX_TOKEN_LEN).then_some(Self(secret))
     }
 
+    /// The secret itself.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
@@ -119,12 +134,17 @@ pub enum BatchEncoding {
 /// compressed) record stream; [`Batch::packets`] decodes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
+    /// The session it belongs to ([`Hello::session_id`]).
     pub session_id: u64,
     /// Starts at 1 and grows by one per batch on a session, across all interfaces.
     pub sequence: u64,
+    /// The interface the packets come from: an index into [`Hello::interfaces`].
     pub interface_id: u16,
+    /// Packets in the body.
     pub packet_count: u32,
+    /// How the body is stored.
     pub encoding: BatchEncoding,
+    /// The record stream, as `encoding` says.
     pub body: Bytes,
 }
 
@@ -144,6 +164,7 @@ impl DropReason {
     /// missing segment): sent on as empty batches so that the session goes on.
     pub const SPOOL_DAMAGED: Self = Self(4);
 
+    /// The reason as the exit summaries say it (`kernel buffer full`).
     pub fn name(self) -> &'static str {
         match self {
             Self::KERNEL_BUFFER => "kernel buffer full",
@@ -169,6 +190,7 @@ impl DropReason {
 /// Cumulative counters of one interface since the sensor started.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InterfaceStats {
+    /// The interface: an index into [`Hello::interfaces`].
     pub interface_id: u16,
     /// Packets the capture saw (before the filter, where the backend can tell).
     pub seen: u64,
@@ -181,14 +203,18 @@ pub struct InterfaceStats {
 }
 
 impl InterfaceStats {
+    /// Packets lost for any reason.
     pub fn dropped(&self) -> u64 {
         self.drops.iter().map(|(_, n)| n).sum()
     }
 }
 
+/// The sensor's counters, sent about once a second and before Goodbye.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stats {
+    /// The session they belong to.
     pub session_id: u64,
+    /// One entry per interface.
     pub interfaces: Vec<InterfaceStats>,
 }
 
@@ -197,6 +223,7 @@ pub struct Stats {
 /// reconnecting sensor where to resume (0 for a session it has not seen).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ack {
+    /// The highest batch written with every batch before it.
     pub sequence: u64,
 }
 
@@ -204,14 +231,20 @@ pub struct Ack {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Goodbye;
 
+/// Why a peer ends the session with [`ErrorMsg`]; unknown codes are kept as they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ErrorCode(pub u16);
 
 impl ErrorCode {
+    /// The peer broke the protocol (a malformed frame, a message out of place).
     pub const PROTOCOL: Self = Self(1);
+    /// Another protocol version, or not a Capstream peer.
     pub const VERSION: Self = Self(2);
+    /// The receiver's output cannot hold the sensor's link type.
     pub const UNSUPPORTED_LINK_TYPE: Self = Self(3);
+    /// The receiver is stopping; the sensor resumes with it, or another, later.
     pub const SHUTTING_DOWN: Self = Self(4);
+    /// Something failed inside the peer.
     pub const INTERNAL: Self = Self(5);
     /// The sensor did not prove who it is: a missing or wrong token. Trying again is
     /// refused again.
@@ -227,21 +260,31 @@ impl ErrorCode {
 /// A fatal error: the sender closes the session after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorMsg {
+    /// What the receiving side should do about it.
     pub code: ErrorCode,
+    /// Why, for a person.
     pub message: String,
 }
 
+/// Any message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
+    /// The sensor's first message.
     Hello(Hello),
+    /// Packets.
     Batch(Batch),
+    /// The sensor's counters.
     Stats(Stats),
+    /// What the receiver has written.
     Ack(Ack),
+    /// A clean end.
     Goodbye(Goodbye),
+    /// A fatal error.
     Error(ErrorMsg),
 }
 
 impl Message {
+    /// The frame type it is sent as.
     pub fn message_type(&self) -> MessageType {
         match self {
             Self::Hello(_) => MessageType::Hello,
@@ -277,6 +320,7 @@ impl Message {
         out[start + 1..start + FRAME_HEADER_LEN].copy_from_slice(&(body_len as u32).to_be_bytes());
     }
 
+    /// The whole frame in a buffer of its own.
     pub fn to_bytes(&self) -> Bytes {
         let mut out = BytesMut::new();
         self.encode(&mut out);
