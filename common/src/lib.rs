@@ -21,6 +21,11 @@ mod codec;
 mod message;
 #[cfg(feature = "cli")]
 pub mod metrics;
+// Program side (with `cli`, `status`, `metrics`): what both binaries share as programs.
+#[cfg(feature = "cli")]
+pub mod names;
+#[cfg(all(feature = "cli", unix))]
+pub mod private_file;
 #[cfg(feature = "cli")]
 pub mod status;
 pub mod units;
