@@ -11,7 +11,7 @@ use std::path::Path;
 use common::Direction;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use pcap_file::pcap::PcapReader;
-use receiver::cli::Format;
+use receiver::sink::Format;
 use receiver::sink::files::naming::Pattern;
 use receiver::sink::files::{FileConfig, Files};
 use receiver::sink::{FormatSink, OutPacket, Sink, SinkInterface};

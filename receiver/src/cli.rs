@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use common::units::parse_duration;
 
+use crate::sink::Format;
+
 const AFTER_HELP: &str = "\
 Examples:
   Merge every sensor into one nanosecond pcap file (-w, as in tcpdump):
@@ -336,23 +338,6 @@ fn parse_sensor_name(s: &str) -> Result<String, String> {
         ));
     }
     Ok(s.to_string())
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// Classic pcap with nanosecond timestamps; one link type for all sensors.
-    Pcap,
-    /// pcapng: one interface block per sensor interface, with names, filters and counters.
-    Pcapng,
-}
-
-impl Format {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Pcap => "pcap",
-            Self::Pcapng => "pcapng",
-        }
-    }
 }
 
 impl Cli {

@@ -27,7 +27,7 @@ mod tests_auth;
 #[cfg(test)]
 mod tests_sessions;
 
-use receiver::cli::{self, Cli, Command, SplitBy};
+use receiver::cli::{Cli, Command, SplitBy};
 use receiver::sink;
 use sink::files::naming::Pattern;
 use sink::files::{FileConfig, Files, InUse, Keep, OnFinished, Rotation};
@@ -321,7 +321,7 @@ async fn open_outputs(
     // A classic pcap file or stdout holds the link type given, else the first sensor's.
     let required = cli
         .link_type
-        .filter(|_| cli.out_path().is_some() && cli.format() == cli::Format::Pcap);
+        .filter(|_| cli.out_path().is_some() && cli.format() == sink::Format::Pcap);
     let sink: Box<dyn Sink> = match (outputs.len(), required) {
         (1, None) => outputs.remove(0),
         (_, None) => Box::new(Tee::new(outputs)),

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use crate::cli::Format;
+use crate::sink::Format;
 
 /// pcap magic for nanosecond timestamps, as this receiver writes it (host byte order).
 const PCAP_NANO_MAGIC: u32 = 0xa1b2_3c4d;
