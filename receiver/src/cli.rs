@@ -249,6 +249,13 @@ pub struct Cli {
     /// running in tmux with logs you want to copy (`--no-status`).
     #[arg(long)]
     pub no_status: bool,
+
+    /// At exit, write the exit summary's figures as JSON to this file (mode 0600, replaced
+    /// whole; e.g. `--summary-json /run/capstream/receiver-summary.json`): per sensor
+    /// session what was written and received and the sensor's last statistics, the live
+    /// stream's figures and the upload report. Also written when the run fails.
+    #[arg(long, value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
