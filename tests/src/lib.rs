@@ -5,6 +5,7 @@
 //! failed assertion.
 
 pub mod capstream;
+pub mod corpus;
 pub mod moto;
 mod netns;
 mod process;
@@ -14,7 +15,7 @@ pub mod tmpfs;
 
 pub use moto::Moto;
 pub use netns::{Lab, Netns};
-pub use process::{run, Proc};
+pub use process::{run, Proc, SummaryFile};
 pub use relay::{Faults, Relay, RelayStats};
 pub use tmpfs::Tmpfs;
 

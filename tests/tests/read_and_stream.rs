@@ -7,19 +7,18 @@ use testbed::capstream::{
     assert_refused, dev_filters, first_difference, start_sensor, tcpdump_records, tshark_count,
     Receiver, Record, Scratch,
 };
-use testbed::{corpus_dir, require_root, Netns};
+use testbed::{corpus, require_root, Netns};
 
 /// What tcpdump itself prints for the corpus under `filter` (offline semantics).
 fn reference(filter: &str) -> Vec<Record> {
-    tcpdump_records(&corpus_dir().join("tcpdump-tests.pcap"), filter).unwrap()
+    tcpdump_records(&corpus::pcap(), filter).unwrap()
 }
 
 #[test]
 fn read_matches_tcpdump_offline_for_every_dev_filter_in_both_formats() {
     require_root();
     let ns = Netns::new("csread").unwrap();
-    let corpus = corpus_dir()
-        .join("tcpdump-tests.pcap")
+    let corpus = corpus::pcap()
         .to_string_lossy()
         .into_owned();
     for (i, filter) in dev_filters().unwrap().iter().enumerate() {
@@ -70,8 +69,7 @@ fn fingerprint_pins_the_receiver_and_stdout_streams_to_tcpdump() {
         Stdio::from(out),
     )
     .unwrap();
-    let corpus = corpus_dir()
-        .join("tcpdump-tests.pcap")
+    let corpus = corpus::pcap()
         .to_string_lossy()
         .into_owned();
 
@@ -221,4 +219,159 @@ fn bad_input_gives_one_line_errors_and_exit_code_2() {
         ],
         "/nonexistent/dir/x.pcap",
     );
+}
+
+/// Both programs' `--summary-json` (which the other tests read) says what their exit
+/// summary's prose says, key by key, on a real run: a sensor reading the corpus, a
+/// receiver writing a file beside a live stream nobody reads.
+#[test]
+fn the_json_summaries_say_what_the_prose_summaries_say() {
+    require_root();
+    let ns = Netns::new("cssummary").unwrap();
+    let dir = Scratch::new("summary").unwrap();
+    let out = dir.join("out.pcapng").to_string_lossy().into_owned();
+    let args = ["--out", out.as_str(), "--serve-pcap", "127.0.0.1:57012"];
+    let mut receiver = Receiver::start(Some(&ns), &dir.join("state"), 4433, &args).unwrap();
+    let corpus = corpus::pcap();
+    let corpus = corpus.to_string_lossy();
+    let mut sensor = start_sensor(
+        Some(&ns),
+        &receiver,
+        &["--read", &corpus, "--sensor-id", "json-1"],
+    )
+    .unwrap();
+    let status = sensor.wait(Duration::from_secs(60)).unwrap();
+    assert!(status.success(), "{}", sensor.stderr());
+    receiver.stop().unwrap();
+
+    // The sensor: the session line, then one line per interface.
+    let (log, json) = (sensor.stderr(), sensor.summary().unwrap());
+    let session = log
+        .lines()
+        .find(|l| l.starts_with("summary: session "))
+        .unwrap_or_else(|| panic!("no session line:\n{log}"));
+    let tag = json["session"].as_str().unwrap();
+    assert!(session.starts_with(&format!("summary: session {tag}: ")), "{session} / {tag}");
+    for (label, pointer) in [
+        (&*format!("{tag}: "), "/batches/sent"),
+        ("batches sent, ", "/batches/acknowledged"),
+        ("by the receiver, ", "/batches/resent"),
+        ("sent again after ", "/reconnects"),
+    ] {
+        assert_eq!(number_after(session, label), figure(&json, pointer), "{label}: {session}");
+    }
+    let interfaces = json["interfaces"].as_array().unwrap();
+    assert_eq!(interfaces.len(), 1, "{json:#}");
+    for interface in interfaces {
+        let name = interface["name"].as_str().unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.starts_with(&format!("  {name}: seen ")))
+            .unwrap_or_else(|| panic!("no line for {name}:\n{log}"));
+        for (label, key) in [
+            ": seen ",
+            ", matched ",
+            ", delivered ",
+            ", dropped ",
+            ", unacknowledged ",
+            ", batches ",
+            ", raw bytes ",
+            ", wire bytes ",
+        ]
+        .map(|l| (l, l.trim_matches([':', ',', ' ']).replace(' ', "_")))
+        {
+            assert_eq!(number_after(line, label), figure(interface, &format!("/{key}")), "{line}");
+        }
+        for (prose, key) in [
+            ("kernel buffer full: ", "kernel_buffer"),
+            ("interface/driver: ", "interface"),
+            ("sensor buffer full: ", "sensor_buffer"),
+            ("spool damaged: ", "spool_damaged"),
+        ] {
+            assert_eq!(number_after(line, prose), figure(interface, &format!("/drops/{key}")), "{line}");
+        }
+        assert_eq!(interface["drops"].as_object().unwrap().len(), 4, "{interface}");
+    }
+    assert_eq!(figure(&interfaces[0], "/delivered"), corpus::PACKETS, "{json:#}");
+
+    // The receiver: one line per session, then the live stream's.
+    let (log, json) = (receiver.proc.stderr(), receiver.proc.summary().unwrap());
+    let sessions = json["sessions"].as_array().unwrap();
+    assert!(log.contains(&format!("receiver: {} sensor session(s)", sessions.len())), "{log}");
+    assert_eq!(sessions.len(), 1, "{json:#}");
+    for s in sessions {
+        let label = s["label"].as_str().unwrap();
+        assert!(label.starts_with("sensor json-1 ("), "{label}");
+        let line = log
+            .lines()
+            .find(|l| l.starts_with(&format!("  {label}: ")))
+            .unwrap_or_else(|| panic!("no line for {label}:\n{log}"));
+        let rest = &line[label.len() + 2..];
+        assert_eq!(number_after(line, &format!("{label}: ")), figure(s, "/written/packets"), "{line}");
+        assert_eq!(number_after(rest, "packets, "), figure(s, "/written/bytes"), "{line}");
+        assert_eq!(number_after(rest, "bytes, "), figure(s, "/received/batches"), "{line}");
+        let ratio = figure(s, "/received/raw_bytes") as f64 / figure(s, "/received/wire_bytes") as f64;
+        assert!(line.contains(&format!("compression {ratio:.2}x")), "{ratio:.2}: {line}");
+        // Said only when not zero (reconnects and duplicates together).
+        let reconnects_or_duplicates =
+            figure(s, "/received/reconnects") + figure(s, "/received/duplicates") > 0;
+        for (phrase, pointer, shown) in [
+            (" reconnect(s)", "/received/reconnects", reconnects_or_duplicates),
+            (" duplicate batch(es) ignored", "/received/duplicates", reconnects_or_duplicates),
+            (" forced out before", "/written/forced", false),
+            (" sent again after a receiver restart", "/written/resumed", false),
+            (" stamped over a day past", "/written/ahead", false),
+            (" written late", "/written/late", false),
+        ] {
+            let n = figure(s, pointer);
+            if n > 0 || shown {
+                assert!(rest.contains(&format!(" {n}{phrase}")), "{phrase}: {line}");
+            } else {
+                assert!(!rest.contains(phrase), "{phrase}: {line}");
+            }
+        }
+        let stats = s["sensor_stats"]["interfaces"].as_array().unwrap();
+        let total = |key: &str| -> u64 { stats.iter().map(|i| figure(i, key)).sum() };
+        let dropped: u64 = stats
+            .iter()
+            .flat_map(|i| i["drops"].as_object().unwrap().values())
+            .map(|n| n.as_u64().unwrap())
+            .sum();
+        assert_eq!(number_after(line, "dropped by the sensor "), dropped, "{line}");
+        assert_eq!(number_after(line, "matched by the sensor "), total("/matched"), "{line}");
+        assert_eq!(total("/delivered"), figure(s, "/written/packets"), "{s}");
+    }
+    let live = &json["live_stream"];
+    let line = log
+        .lines()
+        .find_map(|l| l.strip_prefix("receiver: live stream "))
+        .unwrap_or_else(|| panic!("no live stream line:\n{log}"));
+    assert!(line.starts_with(&format!("{}: ", live["address"].as_str().unwrap())), "{line}");
+    for (label, key) in [
+        (": ", "clients"),
+        ("client(s), ", "sent"),
+        ("packets sent, ", "dropped"),
+        ("too slowly, ", "no_client"),
+    ] {
+        assert_eq!(number_after(line, label), figure(live, &format!("/{key}")), "{line}");
+    }
+    assert_eq!(figure(live, "/no_client"), corpus::PACKETS, "{live}");
+    assert_eq!(figure(live, "/other_link_type"), 0, "{live}");
+    assert!(!line.contains("another link type"), "{line}");
+    assert!(json["upload"].is_null(), "{json:#}");
+}
+
+/// The number right after the first `label` in `text`.
+fn number_after(text: &str, label: &str) -> u64 {
+    text.split_once(label)
+        .and_then(|(_, rest)| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no number after {label:?} in {text:?}"))
+}
+
+/// A number in a JSON summary, by pointer.
+fn figure(json: &serde_json::Value, pointer: &str) -> u64 {
+    testbed::capstream::summary_figure(json, pointer).unwrap()
 }
