@@ -1,6 +1,6 @@
 //! The system tests: the real programs, run as users run them, in network namespaces with
 //! replayed and live traffic, compared with what tcpdump and tshark see. One test binary
-//! (it links the programs' dependencies once, not once per file); each module is one
+//! (the test bed and its dependencies are linked once, not once per file); each module is one
 //! subject, and its tests are named after it (`faults::...`), so that
 //! `cargo nextest run -p testbed -E 'test(/faults::/)'` runs one subject.
 
