@@ -392,7 +392,7 @@ fn receiver_aborted_between_write_and_acknowledgement_writes_each_packet_once() 
         let expected = end_of_replay(&mut replay, tcpdump, &reference_file);
         let reconnected = sensor.wait_for("reconnected", Duration::from_secs(60));
         stop_both(&mut sensor, &mut receiver);
-        let (sensor_log, receiver_log) = (sensor.stderr(), receiver.proc.stderr());
+        let receiver_log = receiver.proc.stderr();
         reconnected.unwrap_or_else(|e| panic!("run {run}: {e:#}\nreceiver:\n{receiver_log}"));
         let logs = Logs {
             sensor: &sensor,
