@@ -249,13 +249,25 @@ pub fn start_sensor_through(
     receiver: &Receiver,
     args: &[&str],
 ) -> Result<Proc> {
+    spawn_sensor(ns, wrapper, &receiver.addr, receiver, args)
+}
+
+/// `sensor --receiver <addr> --ca <receiver's certificate> --summary-json <file>`, the
+/// receiver's credentials and `args`, through `wrapper`; waits for `ready:`.
+fn spawn_sensor(
+    ns: Option<&Netns>,
+    wrapper: &[&str],
+    addr: &str,
+    receiver: &Receiver,
+    args: &[&str],
+) -> Result<Proc> {
     let cert = receiver.cert.to_string_lossy().into_owned();
     let credentials = receiver.credentials(args, wrapper_user(wrapper))?;
     let summary = SummaryFile::new("sensor")?;
     let summary_arg = summary.arg();
     let mut all = vec![
         "--receiver",
-        &receiver.addr,
+        addr,
         "--ca",
         &cert,
         "--summary-json",
@@ -515,24 +527,7 @@ pub fn start_sensor_to(
     receiver: &Receiver,
     args: &[&str],
 ) -> Result<Proc> {
-    let cert = receiver.cert.to_string_lossy().into_owned();
-    let credentials = receiver.credentials(args, None)?;
-    let summary = SummaryFile::new("sensor")?;
-    let summary_arg = summary.arg();
-    let mut all = vec![
-        "--receiver",
-        addr,
-        "--ca",
-        &cert,
-        "--summary-json",
-        &summary_arg,
-    ];
-    all.extend(credentials.iter().map(String::as_str));
-    all.extend_from_slice(args);
-    let argv = argv(ns, &workspace_bin("sensor"), &all);
-    let mut proc = Proc::start("sensor", &argv, Stdio::null())?.with_summary(summary);
-    proc.wait_for("ready:", Duration::from_secs(20))?;
-    Ok(proc)
+    spawn_sensor(ns, &[], addr, receiver, args)
 }
 
 // The programs' exit summaries, as they write them to `--summary-json` (the harness starts
@@ -544,6 +539,17 @@ pub fn summary_figure(summary: &Value, pointer: &str) -> Result<u64> {
         .pointer(pointer)
         .and_then(Value::as_u64)
         .with_context(|| format!("no number at {pointer} in the summary:\n{summary:#}"))
+}
+
+/// The number right after the first `label` in a line of a program's log (e.g. a live
+/// client's drop line), or in its prose exit summary.
+pub fn number_after(text: &str, label: &str) -> Result<u64> {
+    text.split_once(label)
+        .and_then(|(_, rest)| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .with_context(|| format!("no number after {label:?} in {text:?}"))
 }
 
 /// One interface of the sensor's exit summary (an element of its `interfaces`).

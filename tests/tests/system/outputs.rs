@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use testbed::capstream::{
-    assert_refused, first_difference, pcapng_interfaces, start_sensor, summary_figure,
+    assert_refused, first_difference, number_after, pcapng_interfaces, start_sensor, summary_figure,
     tcpdump_records, tshark_count, Receiver, Record, Scratch,
 };
 use testbed::{corpus, require_root, run, Proc, Tmpfs};
@@ -178,8 +178,8 @@ fn a_client_that_never_reads_drops_its_own_packets_only() {
         .lines()
         .find(|l| l.contains("dropped because it read too slowly"))
         .unwrap_or_else(|| panic!("no drop line for the stalled client:\n{log}"));
-    let sent = number_after(line, "): ");
-    let dropped = number_after(line, "packets sent, ");
+    let sent = number_after(line, "): ").unwrap();
+    let dropped = number_after(line, "packets sent, ").unwrap();
     eprintln!("{line}");
     assert!(dropped > 0, "{line}");
     assert_eq!(sent + dropped, total as u64, "{line}");
@@ -189,16 +189,6 @@ fn a_client_that_never_reads_drops_its_own_packets_only() {
         summary_dropped, dropped,
         "the exit summary counts them: {summary:#}"
     );
-}
-
-/// The number right after `label` in a log line.
-fn number_after(line: &str, label: &str) -> u64 {
-    line.split_once(label)
-        .and_then(|(_, rest)| {
-            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            digits.parse().ok()
-        })
-        .unwrap_or_else(|| panic!("no number after {label:?} in {line:?}"))
 }
 
 #[test]

@@ -4,8 +4,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use testbed::capstream::{
-    assert_refused, dev_filters, first_difference, start_sensor, tcpdump_records, tshark_count,
-    Receiver, Record, Scratch,
+    assert_refused, dev_filters, first_difference, number_after, start_sensor, summary_figure,
+    tcpdump_records, tshark_count, Receiver, Record, Scratch,
 };
 use testbed::{corpus, require_root, Netns};
 
@@ -258,7 +258,7 @@ fn the_json_summaries_say_what_the_prose_summaries_say() {
         ("by the receiver, ", "/batches/resent"),
         ("sent again after ", "/reconnects"),
     ] {
-        assert_eq!(number_after(session, label), figure(&json, pointer), "{label}: {session}");
+        assert_eq!(number_after(session, label).unwrap(), figure(&json, pointer), "{label}: {session}");
     }
     let interfaces = json["interfaces"].as_array().unwrap();
     assert_eq!(interfaces.len(), 1, "{json:#}");
@@ -280,7 +280,7 @@ fn the_json_summaries_say_what_the_prose_summaries_say() {
         ]
         .map(|l| (l, l.trim_matches([':', ',', ' ']).replace(' ', "_")))
         {
-            assert_eq!(number_after(line, label), figure(interface, &format!("/{key}")), "{line}");
+            assert_eq!(number_after(line, label).unwrap(), figure(interface, &format!("/{key}")), "{line}");
         }
         for (prose, key) in [
             ("kernel buffer full: ", "kernel_buffer"),
@@ -288,7 +288,7 @@ fn the_json_summaries_say_what_the_prose_summaries_say() {
             ("sensor buffer full: ", "sensor_buffer"),
             ("spool damaged: ", "spool_damaged"),
         ] {
-            assert_eq!(number_after(line, prose), figure(interface, &format!("/drops/{key}")), "{line}");
+            assert_eq!(number_after(line, prose).unwrap(), figure(interface, &format!("/drops/{key}")), "{line}");
         }
         assert_eq!(interface["drops"].as_object().unwrap().len(), 4, "{interface}");
     }
@@ -307,9 +307,9 @@ fn the_json_summaries_say_what_the_prose_summaries_say() {
             .find(|l| l.starts_with(&format!("  {label}: ")))
             .unwrap_or_else(|| panic!("no line for {label}:\n{log}"));
         let rest = &line[label.len() + 2..];
-        assert_eq!(number_after(line, &format!("{label}: ")), figure(s, "/written/packets"), "{line}");
-        assert_eq!(number_after(rest, "packets, "), figure(s, "/written/bytes"), "{line}");
-        assert_eq!(number_after(rest, "bytes, "), figure(s, "/received/batches"), "{line}");
+        assert_eq!(number_after(line, &format!("{label}: ")).unwrap(), figure(s, "/written/packets"), "{line}");
+        assert_eq!(number_after(rest, "packets, ").unwrap(), figure(s, "/written/bytes"), "{line}");
+        assert_eq!(number_after(rest, "bytes, ").unwrap(), figure(s, "/received/batches"), "{line}");
         let ratio = figure(s, "/received/raw_bytes") as f64 / figure(s, "/received/wire_bytes") as f64;
         assert!(line.contains(&format!("compression {ratio:.2}x")), "{ratio:.2}: {line}");
         // Said only when not zero (reconnects and duplicates together).
@@ -337,8 +337,8 @@ fn the_json_summaries_say_what_the_prose_summaries_say() {
             .flat_map(|i| i["drops"].as_object().unwrap().values())
             .map(|n| n.as_u64().unwrap())
             .sum();
-        assert_eq!(number_after(line, "dropped by the sensor "), dropped, "{line}");
-        assert_eq!(number_after(line, "matched by the sensor "), total("/matched"), "{line}");
+        assert_eq!(number_after(line, "dropped by the sensor ").unwrap(), dropped, "{line}");
+        assert_eq!(number_after(line, "matched by the sensor ").unwrap(), total("/matched"), "{line}");
         assert_eq!(total("/delivered"), figure(s, "/written/packets"), "{s}");
     }
     let live = &json["live_stream"];
@@ -353,7 +353,7 @@ fn the_json_summaries_say_what_the_prose_summaries_say() {
         ("packets sent, ", "dropped"),
         ("too slowly, ", "no_client"),
     ] {
-        assert_eq!(number_after(line, label), figure(live, &format!("/{key}")), "{line}");
+        assert_eq!(number_after(line, label).unwrap(), figure(live, &format!("/{key}")), "{line}");
     }
     assert_eq!(figure(live, "/no_client"), corpus::PACKETS, "{live}");
     assert_eq!(figure(live, "/other_link_type"), 0, "{live}");
@@ -361,17 +361,7 @@ fn the_json_summaries_say_what_the_prose_summaries_say() {
     assert!(json["upload"].is_null(), "{json:#}");
 }
 
-/// The number right after the first `label` in `text`.
-fn number_after(text: &str, label: &str) -> u64 {
-    text.split_once(label)
-        .and_then(|(_, rest)| {
-            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            digits.parse().ok()
-        })
-        .unwrap_or_else(|| panic!("no number after {label:?} in {text:?}"))
-}
-
 /// A number in a JSON summary, by pointer.
 fn figure(json: &serde_json::Value, pointer: &str) -> u64 {
-    testbed::capstream::summary_figure(json, pointer).unwrap()
+    summary_figure(json, pointer).unwrap()
 }
