@@ -11,6 +11,11 @@ pub fn pcap() -> PathBuf {
     crate::corpus_dir().join("tcpdump-tests.pcap")
 }
 
+/// [`pcap`] as a command-line argument.
+pub fn pcap_arg() -> String {
+    pcap().to_string_lossy().into_owned()
+}
+
 /// Packets in [`pcap`]: `tcpdump -r tcpdump-tests.pcap | wc -l` (the corpus README says
 /// 7,907 frames).
 pub const PACKETS: usize = 7907;

@@ -67,6 +67,20 @@ pub fn require_root() {
     );
 }
 
+/// Polls `done` every 200 ms until it holds or `timeout` passes; says whether it held.
+pub fn wait_until(timeout: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// Fails, saying how to get it, unless `program` can be run (`program --version`).
 pub fn require_tool(program: &str, package: &str) {
     let found = std::process::Command::new(program)

@@ -32,7 +32,7 @@ use testbed::capstream::{
     receiver_sessions, sensor_figures, start_sensor, start_sensor_to, start_tcpdump,
     stop_reference, tcpdump_records, tshark_count, InterfaceFigures, Receiver, Record, Scratch,
 };
-use testbed::{corpus, require_root, run, Faults, Lab, Netns, Proc, Relay, Tmpfs};
+use testbed::{corpus, require_root, run, wait_until, Faults, Lab, Netns, Proc, Relay, Tmpfs};
 
 fn sleep(secs: f64) {
     std::thread::sleep(Duration::from_secs_f64(secs));
@@ -217,20 +217,6 @@ fn subsequence(expected: &[Record], got: &[Record]) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Polls `done` every 200 ms until it holds or `timeout` passes; says whether it held.
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        sleep(0.2);
-    }
 }
 
 /// Whether the sensor's last word on its connection is that it has one: no line about

@@ -14,20 +14,13 @@ use testbed::capstream::{
 };
 use testbed::{corpus, require_root, run, Proc, Tmpfs};
 
-/// The corpus file as an argument.
-fn corpus_arg() -> String {
-    corpus::pcap()
-        .to_string_lossy()
-        .into_owned()
-}
-
 fn arg(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
 /// What tcpdump reads from the corpus under `filter`.
 fn reference(filter: &str) -> Vec<Record> {
-    tcpdump_records(Path::new(&corpus_arg()), filter).unwrap()
+    tcpdump_records(&corpus::pcap(), filter).unwrap()
 }
 
 /// Streams `file` through a sensor (`extra` added) into `receiver`, to the end.
@@ -88,7 +81,7 @@ fn tshark_reads_the_live_stream_as_the_file_has_it() {
     let (mut receiver, out) = writing_and_serving(&dir, 5310, "127.0.0.1:5311");
     let live = dir.join("live.pcap");
     let mut tshark = start_tshark(&receiver, "127.0.0.1:5311", &live, 1);
-    replay(&receiver, &corpus_arg(), &[]);
+    replay(&receiver, &corpus::pcap_arg(), &[]);
     receiver.stop().unwrap();
     // The receiver ends the stream at exit: tshark sees the end and stops by itself.
     let status = tshark.wait(Duration::from_secs(30)).unwrap();
@@ -125,7 +118,7 @@ fn without_a_file_the_live_stream_acknowledges_the_sensors() {
     let mut receiver = Receiver::start(None, &dir.join("state"), 5319, &args).unwrap();
     let mut tshark = start_tshark(&receiver, "127.0.0.1:5320", &live, 1);
     // The sensor exits successfully only once every batch is acknowledged.
-    replay(&receiver, &corpus_arg(), &["--bpf", "tcp"]);
+    replay(&receiver, &corpus::pcap_arg(), &["--bpf", "tcp"]);
     receiver.stop().unwrap();
     let status = tshark.wait(Duration::from_secs(30)).unwrap();
     assert!(status.success(), "tshark: {}", tshark.stderr());
@@ -144,7 +137,7 @@ fn a_client_that_never_reads_drops_its_own_packets_only() {
     let dir = Scratch::new("slow").unwrap();
     // 20 corpus copies, about 36 MB: more than a stalled client's queue and socket hold.
     let big = dir.join("big.pcap");
-    let copies: Vec<String> = std::iter::repeat_n(corpus_arg(), 20).collect();
+    let copies: Vec<String> = std::iter::repeat_n(corpus::pcap_arg(), 20).collect();
     let mut mergecap = vec!["-a", "-F", "pcap", "-w"];
     let big_arg = arg(&big);
     mergecap.push(&big_arg);
@@ -205,7 +198,7 @@ fn rotated_files_hold_the_capture_in_order_and_keep_deletes_the_oldest() {
         &["--out", &arg(&pattern), "--rotate-size", "256KiB"],
     )
     .unwrap();
-    replay(&receiver, &corpus_arg(), &[]);
+    replay(&receiver, &corpus::pcap_arg(), &[]);
     receiver.stop().unwrap();
     let files = completed(&receiver.proc.stderr());
     assert!(files.len() >= 5, "{files:?}");
@@ -252,7 +245,7 @@ fn rotated_files_hold_the_capture_in_order_and_keep_deletes_the_oldest() {
         ],
     )
     .unwrap();
-    replay(&receiver, &corpus_arg(), &[]);
+    replay(&receiver, &corpus::pcap_arg(), &[]);
     receiver.stop().unwrap();
     let log = receiver.proc.stderr();
     let files = completed(&log);
@@ -297,7 +290,7 @@ fn rotation_waits_out_a_full_disk_without_loss() {
         "256KiB",
     ];
     let mut receiver = Receiver::start(None, &dir.join("state"), 5321, &args).unwrap();
-    let mut sensor = start_sensor(None, &receiver, &["--read", &corpus_arg()]).unwrap();
+    let mut sensor = start_sensor(None, &receiver, &["--read", &corpus::pcap_arg()]).unwrap();
     receiver
         .proc
         .wait_for("No space left", Duration::from_secs(60))
@@ -339,12 +332,12 @@ fn a_file_per_sensor_with_safe_names_even_for_hostile_ones() {
     .unwrap();
     replay(
         &receiver,
-        &corpus_arg(),
+        &corpus::pcap_arg(),
         &["--sensor-id", "../../x", "--bpf", "udp"],
     );
     replay(
         &receiver,
-        &corpus_arg(),
+        &corpus::pcap_arg(),
         &["--sensor-id", "tap-1", "--bpf", "tcp"],
     );
     receiver.stop().unwrap();
@@ -380,7 +373,7 @@ fn a_restarted_receiver_continues_its_file() {
         let mut logs = String::new();
         for _ in 0..2 {
             let mut receiver = Receiver::start(None, &dir.join("state"), port, &args).unwrap();
-            replay(&receiver, &corpus_arg(), &[]);
+            replay(&receiver, &corpus::pcap_arg(), &[]);
             receiver.stop().unwrap();
             logs += &receiver.proc.stderr();
         }
@@ -405,7 +398,7 @@ fn a_restarted_receiver_continues_its_file() {
 fn files_per_sensor_are_closed_as_their_sensors_leave() {
     let dir = Scratch::new("fds").unwrap();
     let small = dir.join("small.pcap");
-    run("tcpdump", &["-r", &corpus_arg(), "-c", "5", "-w", &arg(&small)]).unwrap();
+    run("tcpdump", &["-r", &corpus::pcap_arg(), "-c", "5", "-w", &arg(&small)]).unwrap();
     let out_dir = dir.join("out");
     std::fs::create_dir(&out_dir).unwrap();
     let args = [

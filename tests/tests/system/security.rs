@@ -25,11 +25,6 @@ fn arg(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-/// The corpus file as an argument.
-fn corpus_arg() -> String {
-    arg(&corpus::pcap())
-}
-
 /// What the sensors stream: the corpus's UDP packets.
 fn reference() -> Vec<Record> {
     tcpdump_records(&corpus::pcap(), "udp").unwrap()
@@ -91,7 +86,7 @@ fn file(dir: &str, name: &str) -> String {
 fn sensor_delivers(args: &[&str]) -> String {
     let out = run_bin(
         "sensor",
-        &[args, &["--read", &corpus_arg(), "--bpf", "udp"]].concat(),
+        &[args, &["--read", &corpus::pcap_arg(), "--bpf", "udp"]].concat(),
     );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "sensor {args:?} failed: {stderr}");
@@ -103,7 +98,7 @@ fn sensor_delivers(args: &[&str]) -> String {
 fn sensor_refused(args: &[&str], needle: &str) -> String {
     let out = run_bin(
         "sensor",
-        &[args, &["--read", &corpus_arg(), "--bpf", "udp"]].concat(),
+        &[args, &["--read", &corpus::pcap_arg(), "--bpf", "udp"]].concat(),
     );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "sensor {args:?}: {stderr}");
@@ -239,7 +234,7 @@ fn mutual_tls_from_receiver_certs_names_sensors_by_certificate_and_refuses_the_r
         "expired or not yet valid",
     );
     // Mismatched files never reach the network.
-    let corpus = corpus_arg();
+    let corpus = corpus::pcap_arg();
     let mismatched = run_bin(
         "sensor",
         &and(

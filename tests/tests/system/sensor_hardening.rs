@@ -13,30 +13,17 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use testbed::capstream::{
     compare_captures, sensor_figures, start_sensor_to, start_tcpdump, stop_reference,
     tcpdump_records, Receiver, Scratch,
 };
 use testbed::relay::Answer;
-use testbed::{require_root, workspace_bin, Faults, Netns, Proc, Relay, SummaryFile};
+use testbed::{require_root, wait_until, workspace_bin, Faults, Netns, Proc, Relay, SummaryFile};
 
 fn sleep(secs: f64) {
     std::thread::sleep(Duration::from_secs_f64(secs));
-}
-
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        sleep(0.2);
-    }
 }
 
 /// `program args...` inside `ns` with HOME set to `home`, so that the per-user state

@@ -12,13 +12,6 @@ use testbed::{corpus, Moto};
 
 const BUCKET: &str = "captures";
 
-/// The corpus file as an argument.
-fn corpus_arg() -> String {
-    corpus::pcap()
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// A receiver on `port` with moto's AWS_* settings, writing `dir/<file>` with `args`.
 fn start_receiver(moto: &Moto, dir: &Scratch, port: u16, file: &str, args: &[&str]) -> Receiver {
     let env = moto.aws_env();
@@ -35,7 +28,7 @@ fn start_receiver(moto: &Moto, dir: &Scratch, port: u16, file: &str, args: &[&st
 fn stream_corpus(receiver: &Receiver, times: usize) {
     for n in 1..=times {
         let id = format!("tap-{n}");
-        let args = ["--read", &corpus_arg(), "--sensor-id", &id];
+        let args = ["--read", &corpus::pcap_arg(), "--sensor-id", &id];
         let mut sensor = start_sensor(None, receiver, &args).unwrap();
         let status = sensor.wait(Duration::from_secs(60)).unwrap();
         assert!(status.success(), "sensor failed: {}", sensor.stderr());
@@ -59,7 +52,7 @@ fn assert_uploaded(moto: &Moto, key: &str, local: &Path, dir: &Scratch, times: u
         local.display(),
         want.len()
     );
-    let once = tcpdump_records(Path::new(&corpus_arg()), "").unwrap();
+    let once = tcpdump_records(Path::new(&corpus::pcap_arg()), "").unwrap();
     let expected: Vec<Record> = std::iter::repeat_n(once, times).flatten().collect();
     let records = tcpdump_records(&downloaded, "").unwrap();
     assert!(
@@ -182,7 +175,7 @@ fn every_rotated_file_is_uploaded_and_keep_deletes_only_uploaded_ones() {
         moto.download(BUCKET, &key, &downloaded).unwrap();
         records.extend(tcpdump_records(&downloaded, "").unwrap());
     }
-    let once = tcpdump_records(Path::new(&corpus_arg()), "").unwrap();
+    let once = tcpdump_records(Path::new(&corpus::pcap_arg()), "").unwrap();
     let expected: Vec<Record> = std::iter::repeat_n(once, 3).flatten().collect();
     assert!(
         records == expected,
@@ -214,7 +207,7 @@ fn a_restart_never_overwrites_an_uploaded_object() {
     assert_eq!(keys, ["r/all-1.pcap", "r/all.pcap"]);
     let first = dir.join("first-object.pcap");
     moto.download(BUCKET, "r/all.pcap", &first).unwrap();
-    let once = tcpdump_records(Path::new(&corpus_arg()), "").unwrap();
+    let once = tcpdump_records(Path::new(&corpus::pcap_arg()), "").unwrap();
     let records = tcpdump_records(&first, "").unwrap();
     assert!(
         records == once,
