@@ -88,7 +88,10 @@ mod tests {
         assert_eq!(fs::read(&elsewhere).unwrap(), b"keep");
         assert_eq!(fs::read(&path).unwrap(), b"three");
         // Only the file itself is left: no temporary beside it.
-        let names: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(write(&dir.join("missing/summary.json"), b"x").is_err());
         let _ = fs::remove_dir_all(&dir);

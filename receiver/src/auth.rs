@@ -15,7 +15,6 @@ use common::{AuthToken, Hello};
 use rustls::pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 
-
 /// What the receiver asks of sensors, and the log of those refused.
 #[derive(Default)]
 pub struct Auth {

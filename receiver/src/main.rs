@@ -86,7 +86,10 @@ async fn run(cli: Cli) -> Result<()> {
     cli.check_exposure().map_err(|e| BadInput(anyhow!(e)))?;
     if let Some(path) = &cli.summary_json {
         common::private_file::check_writable(path).map_err(|e| {
-            BadInput(anyhow!("cannot write --summary-json {}: {e}", path.display()))
+            BadInput(anyhow!(
+                "cannot write --summary-json {}: {e}",
+                path.display()
+            ))
         })?;
     }
     raise_open_file_limit();

@@ -145,14 +145,22 @@ mod tests {
         let json = c.summary_json("eth0", 2);
         assert_eq!(json["name"], "eth0");
         assert_eq!(
-            (json["matched"].as_u64(), json["delivered"].as_u64(), json["dropped"].as_u64()),
+            (
+                json["matched"].as_u64(),
+                json["delivered"].as_u64(),
+                json["dropped"].as_u64()
+            ),
             (Some(10), Some(7), Some(3))
         );
         assert_eq!(json["drops"]["sensor_buffer"], 3);
         assert_eq!(json["drops"]["kernel_buffer"], 0);
         assert_eq!(json["unacknowledged"], 2);
         assert_eq!(
-            (json["batches"].as_u64(), json["raw_bytes"].as_u64(), json["wire_bytes"].as_u64()),
+            (
+                json["batches"].as_u64(),
+                json["raw_bytes"].as_u64(),
+                json["wire_bytes"].as_u64()
+            ),
             (Some(1), Some(1000), Some(400))
         );
     }

@@ -635,7 +635,10 @@ pub fn receiver_sessions(summary: &Value) -> Vec<ReceiverSession> {
         .into_iter()
         .flatten()
         .filter_map(|s| {
-            let (id, _) = s["label"].as_str()?.strip_prefix("sensor ")?.split_once(" (")?;
+            let (id, _) = s["label"]
+                .as_str()?
+                .strip_prefix("sensor ")?
+                .split_once(" (")?;
             let figure = |pointer: &str| s.pointer(pointer).and_then(Value::as_u64);
             Some(ReceiverSession {
                 sensor_id: id.to_string(),

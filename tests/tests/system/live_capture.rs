@@ -245,7 +245,11 @@ fn two_sensors_merge_into_one_time_ordered_file_in_both_formats() {
                     .lines()
                     .filter(|l| l.ends_with(&format!("/{cap}")))
                     .count();
-                assert_eq!(n, corpus::PACKETS, "packets of interface {cap} in the pcapng file");
+                assert_eq!(
+                    n,
+                    corpus::PACKETS,
+                    "packets of interface {cap} in the pcapng file"
+                );
             }
         }
     }
@@ -479,7 +483,11 @@ fn afxdp_mode_captures_what_tcpdump_captured_on_the_replay_before() {
         let expected = tcpdump_records(&reference, "").unwrap();
         let got = tcpdump_records(&out, "").unwrap();
         if filter.is_empty() {
-            assert_eq!(expected.len(), corpus::PACKETS, "tcpdump must see the whole corpus");
+            assert_eq!(
+                expected.len(),
+                corpus::PACKETS,
+                "tcpdump must see the whole corpus"
+            );
         }
         total += expected.len();
         // Different replays: everything but the timestamps must agree.

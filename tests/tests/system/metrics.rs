@@ -75,8 +75,7 @@ fn scraped_figures_match_the_exit_summaries() {
         ],
     )
     .unwrap();
-    lab.replay(0, &corpus::pcap(), PPS)
-        .unwrap();
+    lab.replay(0, &corpus::pcap(), PPS).unwrap();
 
     // The sensor, once all it matched is delivered and nothing moves any more.
     let on_iface = [("interface", iface)];

@@ -9,8 +9,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use testbed::capstream::{
-    assert_refused, first_difference, number_after, pcapng_interfaces, start_sensor, summary_figure,
-    tcpdump_records, tshark_count, Receiver, Record, Scratch,
+    assert_refused, first_difference, number_after, pcapng_interfaces, start_sensor,
+    summary_figure, tcpdump_records, tshark_count, Receiver, Record, Scratch,
 };
 use testbed::{corpus, require_root, run, Proc, Tmpfs};
 
@@ -398,7 +398,11 @@ fn a_restarted_receiver_continues_its_file() {
 fn files_per_sensor_are_closed_as_their_sensors_leave() {
     let dir = Scratch::new("fds").unwrap();
     let small = dir.join("small.pcap");
-    run("tcpdump", &["-r", &corpus::pcap_arg(), "-c", "5", "-w", &arg(&small)]).unwrap();
+    run(
+        "tcpdump",
+        &["-r", &corpus::pcap_arg(), "-c", "5", "-w", &arg(&small)],
+    )
+    .unwrap();
     let out_dir = dir.join("out");
     std::fs::create_dir(&out_dir).unwrap();
     let args = [

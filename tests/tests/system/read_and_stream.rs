@@ -18,9 +18,7 @@ fn reference(filter: &str) -> Vec<Record> {
 fn read_matches_tcpdump_offline_for_every_dev_filter_in_both_formats() {
     require_root();
     let ns = Netns::new("csread").unwrap();
-    let corpus = corpus::pcap()
-        .to_string_lossy()
-        .into_owned();
+    let corpus = corpus::pcap().to_string_lossy().into_owned();
     for (i, filter) in dev_filters().unwrap().iter().enumerate() {
         let format = if i % 2 == 0 { "pcap" } else { "pcapng" };
         let dir = Scratch::new("read").unwrap();
@@ -69,9 +67,7 @@ fn fingerprint_pins_the_receiver_and_stdout_streams_to_tcpdump() {
         Stdio::from(out),
     )
     .unwrap();
-    let corpus = corpus::pcap()
-        .to_string_lossy()
-        .into_owned();
+    let corpus = corpus::pcap().to_string_lossy().into_owned();
 
     // A wrong fingerprint is refused before any packet is sent.
     let wrong = "00".repeat(32);
@@ -251,14 +247,21 @@ fn the_json_summaries_say_what_the_prose_summaries_say() {
         .find(|l| l.starts_with("summary: session "))
         .unwrap_or_else(|| panic!("no session line:\n{log}"));
     let tag = json["session"].as_str().unwrap();
-    assert!(session.starts_with(&format!("summary: session {tag}: ")), "{session} / {tag}");
+    assert!(
+        session.starts_with(&format!("summary: session {tag}: ")),
+        "{session} / {tag}"
+    );
     for (label, pointer) in [
         (&*format!("{tag}: "), "/batches/sent"),
         ("batches sent, ", "/batches/acknowledged"),
         ("by the receiver, ", "/batches/resent"),
         ("sent again after ", "/reconnects"),
     ] {
-        assert_eq!(number_after(session, label).unwrap(), figure(&json, pointer), "{label}: {session}");
+        assert_eq!(
+            number_after(session, label).unwrap(),
+            figure(&json, pointer),
+            "{label}: {session}"
+        );
     }
     let interfaces = json["interfaces"].as_array().unwrap();
     assert_eq!(interfaces.len(), 1, "{json:#}");
@@ -280,7 +283,11 @@ fn the_json_summaries_say_what_the_prose_summaries_say() {
         ]
         .map(|l| (l, l.trim_matches([':', ',', ' ']).replace(' ', "_")))
         {
-            assert_eq!(number_after(line, label).unwrap(), figure(interface, &format!("/{key}")), "{line}");
+            assert_eq!(
+                number_after(line, label).unwrap(),
+                figure(interface, &format!("/{key}")),
+                "{line}"
+            );
         }
         for (prose, key) in [
             ("kernel buffer full: ", "kernel_buffer"),
@@ -288,16 +295,31 @@ fn the_json_summaries_say_what_the_prose_summaries_say() {
             ("sensor buffer full: ", "sensor_buffer"),
             ("spool damaged: ", "spool_damaged"),
         ] {
-            assert_eq!(number_after(line, prose).unwrap(), figure(interface, &format!("/drops/{key}")), "{line}");
+            assert_eq!(
+                number_after(line, prose).unwrap(),
+                figure(interface, &format!("/drops/{key}")),
+                "{line}"
+            );
         }
-        assert_eq!(interface["drops"].as_object().unwrap().len(), 4, "{interface}");
+        assert_eq!(
+            interface["drops"].as_object().unwrap().len(),
+            4,
+            "{interface}"
+        );
     }
-    assert_eq!(figure(&interfaces[0], "/delivered"), corpus::PACKETS, "{json:#}");
+    assert_eq!(
+        figure(&interfaces[0], "/delivered"),
+        corpus::PACKETS,
+        "{json:#}"
+    );
 
     // The receiver: one line per session, then the live stream's.
     let (log, json) = (receiver.proc.stderr(), receiver.proc.summary().unwrap());
     let sessions = json["sessions"].as_array().unwrap();
-    assert!(log.contains(&format!("receiver: {} sensor session(s)", sessions.len())), "{log}");
+    assert!(
+        log.contains(&format!("receiver: {} sensor session(s)", sessions.len())),
+        "{log}"
+    );
     assert_eq!(sessions.len(), 1, "{json:#}");
     for s in sessions {
         let label = s["label"].as_str().unwrap();
@@ -307,19 +329,47 @@ fn the_json_summaries_say_what_the_prose_summaries_say() {
             .find(|l| l.starts_with(&format!("  {label}: ")))
             .unwrap_or_else(|| panic!("no line for {label}:\n{log}"));
         let rest = &line[label.len() + 2..];
-        assert_eq!(number_after(line, &format!("{label}: ")).unwrap(), figure(s, "/written/packets"), "{line}");
-        assert_eq!(number_after(rest, "packets, ").unwrap(), figure(s, "/written/bytes"), "{line}");
-        assert_eq!(number_after(rest, "bytes, ").unwrap(), figure(s, "/received/batches"), "{line}");
-        let ratio = figure(s, "/received/raw_bytes") as f64 / figure(s, "/received/wire_bytes") as f64;
-        assert!(line.contains(&format!("compression {ratio:.2}x")), "{ratio:.2}: {line}");
+        assert_eq!(
+            number_after(line, &format!("{label}: ")).unwrap(),
+            figure(s, "/written/packets"),
+            "{line}"
+        );
+        assert_eq!(
+            number_after(rest, "packets, ").unwrap(),
+            figure(s, "/written/bytes"),
+            "{line}"
+        );
+        assert_eq!(
+            number_after(rest, "bytes, ").unwrap(),
+            figure(s, "/received/batches"),
+            "{line}"
+        );
+        let ratio =
+            figure(s, "/received/raw_bytes") as f64 / figure(s, "/received/wire_bytes") as f64;
+        assert!(
+            line.contains(&format!("compression {ratio:.2}x")),
+            "{ratio:.2}: {line}"
+        );
         // Said only when not zero (reconnects and duplicates together).
         let reconnects_or_duplicates =
             figure(s, "/received/reconnects") + figure(s, "/received/duplicates") > 0;
         for (phrase, pointer, shown) in [
-            (" reconnect(s)", "/received/reconnects", reconnects_or_duplicates),
-            (" duplicate batch(es) ignored", "/received/duplicates", reconnects_or_duplicates),
+            (
+                " reconnect(s)",
+                "/received/reconnects",
+                reconnects_or_duplicates,
+            ),
+            (
+                " duplicate batch(es) ignored",
+                "/received/duplicates",
+                reconnects_or_duplicates,
+            ),
             (" forced out before", "/written/forced", false),
-            (" sent again after a receiver restart", "/written/resumed", false),
+            (
+                " sent again after a receiver restart",
+                "/written/resumed",
+                false,
+            ),
             (" stamped over a day past", "/written/ahead", false),
             (" written late", "/written/late", false),
         ] {
@@ -337,8 +387,16 @@ fn the_json_summaries_say_what_the_prose_summaries_say() {
             .flat_map(|i| i["drops"].as_object().unwrap().values())
             .map(|n| n.as_u64().unwrap())
             .sum();
-        assert_eq!(number_after(line, "dropped by the sensor ").unwrap(), dropped, "{line}");
-        assert_eq!(number_after(line, "matched by the sensor ").unwrap(), total("/matched"), "{line}");
+        assert_eq!(
+            number_after(line, "dropped by the sensor ").unwrap(),
+            dropped,
+            "{line}"
+        );
+        assert_eq!(
+            number_after(line, "matched by the sensor ").unwrap(),
+            total("/matched"),
+            "{line}"
+        );
         assert_eq!(total("/delivered"), figure(s, "/written/packets"), "{s}");
     }
     let live = &json["live_stream"];
@@ -346,14 +404,21 @@ fn the_json_summaries_say_what_the_prose_summaries_say() {
         .lines()
         .find_map(|l| l.strip_prefix("receiver: live stream "))
         .unwrap_or_else(|| panic!("no live stream line:\n{log}"));
-    assert!(line.starts_with(&format!("{}: ", live["address"].as_str().unwrap())), "{line}");
+    assert!(
+        line.starts_with(&format!("{}: ", live["address"].as_str().unwrap())),
+        "{line}"
+    );
     for (label, key) in [
         (": ", "clients"),
         ("client(s), ", "sent"),
         ("packets sent, ", "dropped"),
         ("too slowly, ", "no_client"),
     ] {
-        assert_eq!(number_after(line, label).unwrap(), figure(live, &format!("/{key}")), "{line}");
+        assert_eq!(
+            number_after(line, label).unwrap(),
+            figure(live, &format!("/{key}")),
+            "{line}"
+        );
     }
     assert_eq!(figure(live, "/no_client"), corpus::PACKETS, "{live}");
     assert_eq!(figure(live, "/other_link_type"), 0, "{live}");

@@ -133,7 +133,11 @@ fn stop_with_nothing_written(mut receiver: Receiver, out: &Path) -> String {
     receiver.stop().unwrap();
     let log = receiver.proc.stderr();
     let summary = receiver.proc.summary().unwrap();
-    assert_eq!(summary["sessions"].as_array().map(Vec::len), Some(0), "{log}");
+    assert_eq!(
+        summary["sessions"].as_array().map(Vec::len),
+        Some(0),
+        "{log}"
+    );
     let interfaces = pcapng_interfaces(out).unwrap();
     assert!(interfaces.is_empty(), "{interfaces:?}");
     log
