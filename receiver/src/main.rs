@@ -27,7 +27,7 @@ mod tests_auth;
 #[cfg(test)]
 mod tests_sessions;
 
-use receiver::cli::{Cli, Command, SplitBy};
+use receiver::cli::{self, Cli, Command, SplitBy};
 use receiver::sink;
 use sink::files::naming::Pattern;
 use sink::files::{FileConfig, Files, InUse, Keep, OnFinished, Rotation};

@@ -118,6 +118,11 @@ impl Proc {
             .with_context(|| format!("{}'s stderr:\n{}", self.name, self.stderr()))
     }
 
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.log.text.lock().expect("log lock").clone()
+    }
+
     /// Waits until stderr contains `needle`; fails with the log if the process exits first
     /// or the time runs out.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<()> {

@@ -55,7 +55,7 @@ fn stream_into_a_frozen_receiver(extra: &[&str]) -> (InterfaceFigures, String) {
 
     let log = sensor.stderr();
     let f = sensor_figures(&sensor.summary().unwrap(), iface).unwrap();
-    let offered = corpus::PACKETS * LOOPS.parse::<u64>().unwrap();
+    let offered = corpus::PACKETS as u64 * LOOPS.parse::<u64>().unwrap();
     let buffer_full = f.reason("sensor_buffer");
     assert_eq!(
         f.unacknowledged,

@@ -447,7 +447,7 @@ fn ten_second_partition_delays_but_loses_nothing() {
     let resumed_at = started.elapsed();
     let expected = end_of_replay(&mut replay, tcpdump, &reference_file);
     stop_both(&mut sensor, &mut receiver);
-    let (sensor_log, receiver_log) = (sensor.stderr(), receiver.proc.stderr());
+    let sensor_log = sensor.stderr();
 
     let logs = Logs {
         sensor: &sensor,
@@ -520,7 +520,7 @@ fn lossy_reordering_path_loses_and_doubles_nothing() {
     stop_both(&mut sensor, &mut receiver);
     let stats = relay.stats();
     drop(relay);
-    let (sensor_log, receiver_log) = (sensor.stderr(), receiver.proc.stderr());
+    let sensor_log = sensor.stderr();
 
     // The faults really happened: datagrams lost and held back both ways, and overtaken
     // on the way to the receiver. (The acknowledgements coming back are too sparse for a
@@ -582,7 +582,7 @@ fn sensor_sigterm_under_load_delivers_what_it_matched() {
     let stop_took = stop_started.elapsed();
     let expected = end_of_replay(&mut replay, tcpdump, &reference_file);
     receiver.stop().unwrap();
-    let (sensor_log, receiver_log) = (sensor.stderr(), receiver.proc.stderr());
+    let sensor_log = sensor.stderr();
 
     let got = tcpdump_records(&out, "").unwrap();
     let f = assert_identity("SIGTERM", &sensor, iface, got.len() as u64);

@@ -371,10 +371,10 @@ fn a_full_kernel_ring_is_counted_and_everything_else_delivered() {
         "the ring cannot have held the corpus:\n{log}"
     );
     assert!(written > 0, "nothing reached the output:\n{log}");
-    assert_eq!(figures.seen, corpus::PACKETS, "{log}");
+    assert_eq!(figures.seen, corpus::PACKETS as u64, "{log}");
     assert_eq!(
         written + ring_full,
-        corpus::PACKETS,
+        corpus::PACKETS as u64,
         "every frame is either written or counted as dropped:\n{log}"
     );
     eprintln!(

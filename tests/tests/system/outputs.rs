@@ -105,7 +105,7 @@ fn tshark_reads_the_live_stream_as_the_file_has_it() {
     let live = |name: &str| summary_figure(&summary, &format!("/live_stream/{name}")).unwrap();
     assert_eq!(
         (live("clients"), live("sent"), live("dropped")),
-        (1, corpus::PACKETS, 0),
+        (1, corpus::PACKETS as u64, 0),
         "{summary:#}"
     );
 }

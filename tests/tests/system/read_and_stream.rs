@@ -309,7 +309,7 @@ fn the_json_summaries_say_what_the_prose_summaries_say() {
     }
     assert_eq!(
         figure(&interfaces[0], "/delivered"),
-        corpus::PACKETS,
+        corpus::PACKETS as u64,
         "{json:#}"
     );
 
@@ -420,7 +420,7 @@ fn the_json_summaries_say_what_the_prose_summaries_say() {
             "{line}"
         );
     }
-    assert_eq!(figure(live, "/no_client"), corpus::PACKETS, "{live}");
+    assert_eq!(figure(live, "/no_client"), corpus::PACKETS as u64, "{live}");
     assert_eq!(figure(live, "/other_link_type"), 0, "{live}");
     assert!(!line.contains("another link type"), "{line}");
     assert!(json["upload"].is_null(), "{json:#}");
