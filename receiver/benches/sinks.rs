@@ -11,9 +11,9 @@ use std::path::Path;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use pcap_file::pcap::PcapReader;
 use protocol::Direction;
-use receiver::cli::Format;
 use receiver::sink::files::naming::Pattern;
 use receiver::sink::files::{FileConfig, Files};
+use receiver::sink::Format;
 use receiver::sink::{FormatSink, OutPacket, Sink, SinkInterface};
 
 const CORPUS: &str = concat!(

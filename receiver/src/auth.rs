@@ -10,11 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use program::names::clean;
 use protocol::{AuthToken, Hello};
 use rustls::pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
-
-use crate::writer::clean;
 
 /// What the receiver asks of sensors, and the log of those refused.
 #[derive(Default)]

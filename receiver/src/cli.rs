@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use program::units::parse_duration;
 
+use crate::sink::Format;
+
 const AFTER_HELP: &str = "\
 Examples:
   Merge every sensor into one nanosecond pcap file (-w, as in tcpdump):
@@ -247,6 +249,13 @@ pub struct Cli {
     /// running in tmux with logs you want to copy (`--no-status`).
     #[arg(long)]
     pub no_status: bool,
+
+    /// At exit, write the exit summary's figures as JSON to this file (mode 0600, replaced
+    /// whole; e.g. `--summary-json /run/capstream/receiver-summary.json`): per sensor
+    /// session what was written and received and the sensor's last statistics, the live
+    /// stream's figures and the upload report. Also written when the run fails.
+    #[arg(long, value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -336,23 +345,6 @@ fn parse_sensor_name(s: &str) -> Result<String, String> {
         ));
     }
     Ok(s.to_string())
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// Classic pcap with nanosecond timestamps; one link type for all sensors.
-    Pcap,
-    /// pcapng: one interface block per sensor interface, with names, filters and counters.
-    Pcapng,
-}
-
-impl Format {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Pcap => "pcap",
-            Self::Pcapng => "pcapng",
-        }
-    }
 }
 
 impl Cli {

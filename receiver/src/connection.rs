@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use program::names::{clean, sensor_label, sensor_name};
 use protocol::{
     decode_frame, decode_frame_header, Ack, DecodeError, ErrorCode, ErrorMsg, Goodbye, Message,
     MessageType, FRAME_HEADER_LEN,
@@ -20,7 +21,7 @@ use crate::merge::SessionId;
 use crate::quota::{Held, Quotas, RateLimit};
 use crate::server::Unauthenticated;
 use crate::tls::AUTHENTICATED_RECEIVE_WINDOW;
-use crate::writer::{clean, sensor_label, sensor_name, Attached, ConnId, Event, JoinRefusal};
+use crate::writer::{Attached, ConnId, Event, JoinRefusal};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A sensor must open its stream and say Hello this soon after the handshake.

@@ -2,5 +2,4 @@
 //! formats. The binary (main.rs) uses it, and the writer benchmarks drive the same sinks.
 
 pub mod cli;
-pub mod private_file;
 pub mod sink;

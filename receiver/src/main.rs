@@ -84,6 +84,14 @@ fn exit_code(result: Result<()>) -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     cli.check_outputs().map_err(|e| BadInput(anyhow!(e)))?;
     cli.check_exposure().map_err(|e| BadInput(anyhow!(e)))?;
+    if let Some(path) = &cli.summary_json {
+        program::private_file::check_writable(path).map_err(|e| {
+            BadInput(anyhow!(
+                "cannot write --summary-json {}: {e}",
+                path.display()
+            ))
+        })?;
+    }
     #[cfg(unix)]
     raise_open_file_limit();
     let pattern = match cli.out_path().filter(|o| o.as_os_str() != "-") {
@@ -248,20 +256,32 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("  {}", s.line());
         }
     }
-    if let Some(line) = live_summary {
-        eprintln!("receiver: {line}");
+    if let Some(live) = &live_summary {
+        eprintln!("receiver: {}", live.line());
     }
     // Files completed before a failure are still uploaded, or named as not uploaded.
-    let uploaded = match uploader {
-        Some(uploader) => {
-            let report = uploader.finish(cli.upload_timeout, shutdown_signal()).await;
-            eprintln!("receiver: {}", report.line());
-            report.result()
+    let upload_report = match uploader {
+        Some(uploader) => Some(uploader.finish(cli.upload_timeout, shutdown_signal()).await),
+        None => None,
+    };
+    if let Some(report) = &upload_report {
+        eprintln!("receiver: {}", report.line());
+    }
+    let summary_written = match &cli.summary_json {
+        Some(path) => {
+            let json = stats::summary_json(
+                summaries.as_deref().ok(),
+                live_summary.as_ref(),
+                upload_report.as_ref(),
+            );
+            program::private_file::write(path, format!("{json:#}\n").as_bytes())
+                .with_context(|| format!("cannot write the summary to {}", path.display()))
         }
         None => Ok(()),
     };
     summaries?;
-    uploaded
+    upload_report.map_or(Ok(()), |report| report.result())?;
+    summary_written
 }
 
 /// The outputs asked for, as the one sink the writer feeds: the live stream first, so that
@@ -322,7 +342,7 @@ async fn open_outputs(
     // A classic pcap file or stdout holds the link type given, else the first sensor's.
     let required = cli
         .link_type
-        .filter(|_| cli.out_path().is_some() && cli.format() == cli::Format::Pcap);
+        .filter(|_| cli.out_path().is_some() && cli.format() == sink::Format::Pcap);
     let sink: Box<dyn Sink> = match (outputs.len(), required) {
         (1, None) => outputs.remove(0),
         (_, None) => Box::new(Tee::new(outputs)),

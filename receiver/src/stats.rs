@@ -1,8 +1,12 @@
-//! The exit summary: one line per sensor session.
+//! The exit summary: one line per sensor session; and all of it as JSON for
+//! `--summary-json`.
 
 use protocol::{DropReason, Stats};
+use receiver::sink::live::LiveSummary;
+use serde_json::{json, Value};
 
 use crate::merge::Written;
+use crate::upload::UploadReport;
 
 /// What the writer counts of one sensor session's traffic.
 #[derive(Debug, Default, Clone, Copy)]
@@ -108,6 +112,73 @@ impl SensorSummary {
     }
 }
 
+impl SensorSummary {
+    /// The figures of [`SensorSummary::line`] for `--summary-json`; the sensor's drops
+    /// keyed by [`DropReason::label`].
+    pub fn json(&self) -> Value {
+        let (w, r) = (&self.written, &self.received);
+        let sensor_stats = self.stats.as_ref().map(|stats| {
+            let interfaces: Vec<Value> = stats
+                .interfaces
+                .iter()
+                .map(|i| {
+                    let mut drops = serde_json::Map::new();
+                    for (reason, n) in &i.drops {
+                        let total = drops
+                            .get(reason.label())
+                            .and_then(Value::as_u64)
+                            .unwrap_or(0)
+                            .saturating_add(*n);
+                        drops.insert(reason.label().to_string(), total.into());
+                    }
+                    json!({
+                        "interface_id": i.interface_id,
+                        "seen": i.seen,
+                        "matched": i.matched,
+                        "delivered": i.delivered,
+                        "drops": drops,
+                    })
+                })
+                .collect();
+            json!({ "interfaces": interfaces })
+        });
+        json!({
+            "label": self.label,
+            "written": {
+                "packets": w.packets,
+                "bytes": w.bytes,
+                "late": w.late,
+                "forced": w.forced,
+                "resumed": w.resumed,
+                "ahead": w.ahead,
+            },
+            "received": {
+                "batches": r.batches,
+                "raw_bytes": r.raw_bytes,
+                "wire_bytes": r.wire_bytes,
+                "duplicates": r.duplicates,
+                "reconnects": r.reconnects,
+            },
+            "sensor_stats": sensor_stats,
+        })
+    }
+}
+
+/// The whole exit summary for `--summary-json`: the sessions (`null` when the run failed
+/// before it could list them), the live stream's figures and the upload report (`null`
+/// when not asked for).
+pub fn summary_json(
+    sessions: Option<&[SensorSummary]>,
+    live: Option<&LiveSummary>,
+    upload: Option<&UploadReport>,
+) -> Value {
+    json!({
+        "sessions": sessions.map(|s| s.iter().map(SensorSummary::json).collect::<Vec<_>>()),
+        "live_stream": live.map(LiveSummary::json),
+        "upload": upload.map(UploadReport::json),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +212,38 @@ mod tests {
         assert!(summary
             .line()
             .contains(&format!("matched by the sensor {}", u64::MAX)));
+        // The JSON adds a reason given twice up, saturating as well.
+        let json = summary.json();
+        let interfaces = &json["sensor_stats"]["interfaces"];
+        assert_eq!(interfaces[0]["drops"]["kernel_buffer"], u64::MAX);
+        assert_eq!(interfaces[1]["matched"], u64::MAX);
+        assert_eq!(json["written"]["packets"], u64::MAX);
+    }
+
+    #[test]
+    fn a_session_without_statistics_and_a_failed_run() {
+        let summary = SensorSummary {
+            label: "sensor s (h, 127.0.0.1:1)".into(),
+            written: Written {
+                packets: 3,
+                late: 1,
+                ..Written::default()
+            },
+            received: Received {
+                batches: 2,
+                duplicates: 1,
+                ..Received::default()
+            },
+            stats: None,
+        };
+        let json = summary_json(Some(&[summary]), None, None);
+        let session = &json["sessions"][0];
+        assert_eq!(session["label"], "sensor s (h, 127.0.0.1:1)");
+        assert_eq!(session["written"]["packets"], 3);
+        assert_eq!(session["written"]["late"], 1);
+        assert_eq!(session["received"]["duplicates"], 1);
+        assert!(session["sensor_stats"].is_null());
+        assert!(json["live_stream"].is_null() && json["upload"].is_null());
+        assert!(summary_json(None, None, None)["sessions"].is_null());
     }
 }

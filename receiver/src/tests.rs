@@ -16,9 +16,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{oneshot, Barrier};
 
 use crate::auth::Auth;
-use crate::cli::Format;
 use crate::quota::Quotas;
 use crate::sink::testing::Shared;
+use crate::sink::Format;
 use crate::sink::{PcapNgSink, PcapSink, Sink};
 use crate::{server, tls};
 

@@ -14,7 +14,7 @@ use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 
 use crate::auth::Auth;
-use crate::cli::Format;
+use crate::sink::Format;
 use crate::tests::{
     batch_frame, connect_as, error_code, hello, join, read_replies, say_goodbye, start_server_with,
     ClientCert, TestServer,

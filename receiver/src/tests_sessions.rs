@@ -8,7 +8,7 @@ use pcap_file::pcapng::{Block, PcapNgReader};
 use protocol::{ErrorCode, Message};
 
 use crate::auth::Auth;
-use crate::cli::Format;
+use crate::sink::Format;
 use crate::tests::{
     batch_frame, connect_as, error_code, hello, join, read_replies, say_goodbye, start_server_with,
     TestServer,

@@ -2,7 +2,6 @@
 //! and, with `--client-ca`, the CAs whose client certificates it requires of sensors.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,35 +128,17 @@ pub fn hostname() -> Result<String> {
     Ok(name.trim().to_string())
 }
 
-/// Writes a file only its owner can read: it holds a private key. The bytes go to a new
-/// file beside it (created exclusively, never through a symlink) that then replaces `path`
-/// by rename, so a symlink planted at `path` is replaced, not followed.
+/// Writes a file only its owner can read (it holds a private key), whole or not at all
+/// (see [`program::private_file`]).
 pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let temp = path.with_file_name(format!(
-        ".{}.{:016x}.tmp",
-        name.as_deref().unwrap_or("file"),
-        rand::random::<u64>()
-    ));
-    let written = create_private(&temp).and_then(|mut file| {
-        file.write_all(data)
-            .and_then(|()| file.sync_all())
-            .with_context(|| format!("cannot write {}", temp.display()))
-    });
-    let renamed = written.and_then(|()| {
-        fs::rename(&temp, path).with_context(|| format!("cannot write {}", path.display()))
-    });
-    if renamed.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    renamed
+    program::private_file::write(path, data)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Creates `path` for its owner alone (0600): never over an existing file, never through
 /// a symlink.
 pub fn create_private(path: &Path) -> Result<fs::File> {
-    receiver::private_file::create(path)
-        .with_context(|| format!("cannot create {}", path.display()))
+    program::private_file::create(path).with_context(|| format!("cannot create {}", path.display()))
 }
 
 /// The receive window of a connection until its sensor's Hello is accepted: room for the

@@ -550,6 +550,23 @@ impl UploadReport {
         )
     }
 
+    /// The figures of [`UploadReport::line`] for `--summary-json`, with the files not
+    /// uploaded by name.
+    pub fn json(&self) -> serde_json::Value {
+        let not_uploaded: Vec<String> = self
+            .not_uploaded
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        serde_json::json!({
+            "url": self.url,
+            "files": self.files,
+            "bytes": self.bytes,
+            "failed_attempts": self.failed_attempts,
+            "not_uploaded": not_uploaded,
+        })
+    }
+
     /// An error naming every file that did not reach the store.
     pub fn result(&self) -> Result<()> {
         if self.not_uploaded.is_empty() {

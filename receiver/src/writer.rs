@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
+use program::names::{clean, sensor_label, sensor_name};
 use protocol::{Hello, InterfaceInfo, PacketIter, Stats};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -825,26 +826,6 @@ fn fault_point() -> Option<u64> {
             None
         }
     }
-}
-
-/// Sensor-supplied text is data: control characters never reach the output or the logs.
-pub fn clean(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control()).collect()
-}
-
-/// How the output and the logs name a sensor: by the name in its verified client
-/// certificate, else by the id it gives itself.
-pub fn sensor_name(hello: &Hello, identity: Option<&str>) -> String {
-    clean(identity.unwrap_or(&hello.sensor_id))
-}
-
-/// `sensor NAME (HOST, PEER)`, a sensor in the logs and the exit summary.
-pub fn sensor_label(hello: &Hello, identity: Option<&str>, peer: SocketAddr) -> String {
-    format!(
-        "sensor {} ({}, {peer})",
-        sensor_name(hello, identity),
-        clean(&hello.hostname)
-    )
 }
 
 #[cfg(test)]

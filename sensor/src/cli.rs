@@ -237,6 +237,15 @@ pub struct Cli {
     /// running in tmux with logs you want to copy (`--no-status`).
     #[arg(long)]
     pub no_status: bool,
+
+    /// At exit, write the exit summary's figures as JSON to this file (mode 0600, replaced
+    /// whole; e.g. `--summary-json /run/capstream/sensor-summary.json`): the session, its
+    /// batches sent, acknowledged and sent again, reconnects, and per interface what was
+    /// seen, matched, delivered, dropped by reason and left unacknowledged. Written by
+    /// --user: its directory must let that user create files. Also written when the run
+    /// fails after capture started.
+    #[arg(long, value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
 }
 
 /// `--receiver` split into host and port; the host is resolved later.

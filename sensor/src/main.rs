@@ -173,6 +173,17 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
             })
         })
         .transpose()?;
+    // Written at exit as --user: said now if it cannot be.
+    if let Some(path) = &cli.summary_json {
+        program::private_file::check_writable(path).map_err(|e| {
+            let as_user = user.as_ref().map(|u| format!(", as --user {}", u.name));
+            Error::input(format!(
+                "cannot write --summary-json {}: {e}{}",
+                path.display(),
+                as_user.unwrap_or_default()
+            ))
+        })?;
+    }
     Ok(Prepared {
         tls,
         token,
@@ -383,9 +394,13 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     program::status::clear();
     let session_id = session_ids.load(std::sync::atomic::Ordering::Relaxed);
     print_summary(session_id, &names, &counters, &link, &outcome);
+    let summary_written = match &cli.summary_json {
+        Some(path) => write_summary_json(path, session_id, &names, &counters, &link, &outcome),
+        None => Ok(()),
+    };
     result?;
     joined.into_iter().collect::<Result<Vec<()>>>()?;
-    Ok(())
+    summary_written
 }
 
 fn print_summary(
@@ -407,6 +422,39 @@ fn print_summary(
         let unacked = outcome.unacked.get(i).copied().unwrap_or(0);
         eprintln!("{}", c.summary_line(name, unacked));
     }
+}
+
+/// The figures of [`print_summary`] as JSON, written whole to `path` (`--summary-json`).
+fn write_summary_json(
+    path: &std::path::Path,
+    session_id: u64,
+    names: &[String],
+    counters: &[Arc<Counters>],
+    link: &LinkStats,
+    outcome: &delivery::Outcome,
+) -> Result<()> {
+    let interfaces: Vec<serde_json::Value> = names
+        .iter()
+        .zip(counters)
+        .enumerate()
+        .map(|(i, (name, c))| c.summary_json(name, outcome.unacked.get(i).copied().unwrap_or(0)))
+        .collect();
+    let summary = serde_json::json!({
+        "session": format!("{session_id:016x}"),
+        "batches": {
+            "sent": outcome.batches,
+            "acknowledged": outcome.acked,
+            "resent": outcome.resent,
+        },
+        "reconnects": link.reconnects.load(std::sync::atomic::Ordering::Relaxed),
+        "interfaces": interfaces,
+    });
+    program::private_file::write(path, format!("{summary:#}\n").as_bytes()).map_err(|e| {
+        Error::runtime(format!(
+            "cannot write the summary to {}: {e}",
+            path.display()
+        ))
+    })
 }
 
 fn spawn_signal_handler(shutdown: Arc<Notify>) {

@@ -80,6 +80,28 @@ impl Counters {
         );
         line
     }
+
+    /// The figures of [`Counters::summary_line`] for `--summary-json`, drops keyed by
+    /// [`DropReason::label`].
+    pub fn summary_json(&self, name: &str, unacked: u64) -> serde_json::Value {
+        let drops = self.drops();
+        let by_reason: serde_json::Map<String, serde_json::Value> = drops
+            .iter()
+            .map(|(r, n)| (r.label().to_string(), serde_json::Value::from(*n)))
+            .collect();
+        serde_json::json!({
+            "name": name,
+            "seen": self.seen.load(Relaxed),
+            "matched": self.matched.load(Relaxed),
+            "delivered": self.delivered.load(Relaxed),
+            "dropped": drops.iter().map(|(_, n)| n).sum::<u64>(),
+            "drops": by_reason,
+            "unacknowledged": unacked,
+            "batches": self.batches.load(Relaxed),
+            "raw_bytes": self.raw_bytes.load(Relaxed),
+            "wire_bytes": self.wire_bytes.load(Relaxed),
+        })
+    }
 }
 
 /// The connection to the receiver, kept by the delivery loop.
@@ -120,5 +142,26 @@ mod tests {
         assert!(line.contains("sensor buffer full: 3, spool damaged: 0), unacknowledged 0"));
         assert!(line.contains("compression ratio 2.50"));
         assert_eq!(ratio(1, 0), "-");
+        let json = c.summary_json("eth0", 2);
+        assert_eq!(json["name"], "eth0");
+        assert_eq!(
+            (
+                json["matched"].as_u64(),
+                json["delivered"].as_u64(),
+                json["dropped"].as_u64()
+            ),
+            (Some(10), Some(7), Some(3))
+        );
+        assert_eq!(json["drops"]["sensor_buffer"], 3);
+        assert_eq!(json["drops"]["kernel_buffer"], 0);
+        assert_eq!(json["unacknowledged"], 2);
+        assert_eq!(
+            (
+                json["batches"].as_u64(),
+                json["raw_bytes"].as_u64(),
+                json["wire_bytes"].as_u64()
+            ),
+            (Some(1), Some(1000), Some(400))
+        );
     }
 }

@@ -376,11 +376,7 @@ fn refusal_of_this_sensor(e: &ConnectionError) -> Option<String> {
         _ => return None,
     };
     // The receiver's own words, as data.
-    let detail: String = close
-        .to_string()
-        .chars()
-        .filter(|c| !c.is_control())
-        .collect();
+    let detail = program::names::clean(&close.to_string());
     Some(format!("{what} ({detail})"))
 }
 

@@ -6,8 +6,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use serde_json::Value;
 
-use crate::{run, workspace_bin, Netns, Proc};
+use crate::{run, workspace_bin, Netns, Proc, SummaryFile};
 
 /// A scratch directory, removed on drop.
 pub struct Scratch {
@@ -119,10 +120,19 @@ impl Receiver {
         stdout: Stdio,
     ) -> Result<Self> {
         let state_arg = state.to_string_lossy().into_owned();
-        let mut all = vec!["--listen", listen, "--state-dir", &state_arg];
+        let summary = SummaryFile::new("receiver")?;
+        let summary_arg = summary.arg();
+        let mut all = vec![
+            "--listen",
+            listen,
+            "--state-dir",
+            &state_arg,
+            "--summary-json",
+            &summary_arg,
+        ];
         all.extend_from_slice(args);
         let argv = wrapped_argv(ns, wrapper, &workspace_bin("receiver"), &all);
-        let mut proc = Proc::start("receiver", &argv, stdout)?;
+        let mut proc = Proc::start("receiver", &argv, stdout)?.with_summary(summary);
         proc.wait_for("listening on", Duration::from_secs(20))?;
         proc.wait_for("fingerprint", Duration::from_secs(5))?;
         let log = proc.stderr();
@@ -239,13 +249,34 @@ pub fn start_sensor_through(
     receiver: &Receiver,
     args: &[&str],
 ) -> Result<Proc> {
+    spawn_sensor(ns, wrapper, &receiver.addr, receiver, args)
+}
+
+/// `sensor --receiver <addr> --ca <receiver's certificate> --summary-json <file>`, the
+/// receiver's credentials and `args`, through `wrapper`; waits for `ready:`.
+fn spawn_sensor(
+    ns: Option<&Netns>,
+    wrapper: &[&str],
+    addr: &str,
+    receiver: &Receiver,
+    args: &[&str],
+) -> Result<Proc> {
     let cert = receiver.cert.to_string_lossy().into_owned();
     let credentials = receiver.credentials(args, wrapper_user(wrapper))?;
-    let mut all = vec!["--receiver", &receiver.addr, "--ca", &cert];
+    let summary = SummaryFile::new("sensor")?;
+    let summary_arg = summary.arg();
+    let mut all = vec![
+        "--receiver",
+        addr,
+        "--ca",
+        &cert,
+        "--summary-json",
+        &summary_arg,
+    ];
     all.extend(credentials.iter().map(String::as_str));
     all.extend_from_slice(args);
     let argv = wrapped_argv(ns, wrapper, &workspace_bin("sensor"), &all);
-    let mut proc = Proc::start("sensor", &argv, Stdio::null())?;
+    let mut proc = Proc::start("sensor", &argv, Stdio::null())?.with_summary(summary);
     proc.wait_for("ready:", Duration::from_secs(20))?;
     Ok(proc)
 }
@@ -418,20 +449,6 @@ pub fn compare_captures(
     Ok(max_skew)
 }
 
-/// The number right after the last `label` in a log, e.g. ", dropped " or
-/// "kernel buffer full: " in the sensor's exit summary.
-pub fn summary_figure(log: &str, label: &str) -> Result<u64> {
-    let at = log
-        .rfind(label)
-        .with_context(|| format!("no {label:?} in:\n{log}"))?;
-    log[at + label.len()..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .with_context(|| format!("no number after {label:?} in:\n{log}"))
-}
-
 /// The number of packets tshark reads from a file; fails if tshark cannot read it.
 pub fn tshark_count(file: &Path) -> Result<usize> {
     let file = file.to_string_lossy().into_owned();
@@ -510,101 +527,127 @@ pub fn start_sensor_to(
     receiver: &Receiver,
     args: &[&str],
 ) -> Result<Proc> {
-    let cert = receiver.cert.to_string_lossy().into_owned();
-    let credentials = receiver.credentials(args, None)?;
-    let mut all = vec!["--receiver", addr, "--ca", &cert];
-    all.extend(credentials.iter().map(String::as_str));
-    all.extend_from_slice(args);
-    let argv = argv(ns, &workspace_bin("sensor"), &all);
-    let mut proc = Proc::start("sensor", &argv, Stdio::null())?;
-    proc.wait_for("ready:", Duration::from_secs(20))?;
-    Ok(proc)
+    spawn_sensor(ns, &[], addr, receiver, args)
 }
 
-/// One interface's line of the sensor's exit summary:
-/// `  cap0: seen 7907, matched 7907, delivered 7907, dropped 0 (kernel buffer full: 0, ...),
-/// unacknowledged 0, batches ...`.
+// The programs' exit summaries, as they write them to `--summary-json` (the harness starts
+// every receiver and sensor with one: [`Proc::summary`] reads it once the program exited).
+
+/// A number in a program's summary, by JSON pointer (e.g. `/batches/resent`).
+pub fn summary_figure(summary: &Value, pointer: &str) -> Result<u64> {
+    summary
+        .pointer(pointer)
+        .and_then(Value::as_u64)
+        .with_context(|| format!("no number at {pointer} in the summary:\n{summary:#}"))
+}
+
+/// The number right after the first `label` in a line of a program's log (e.g. a live
+/// client's drop line), or in its prose exit summary.
+pub fn number_after(text: &str, label: &str) -> Result<u64> {
+    text.split_once(label)
+        .and_then(|(_, rest)| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .with_context(|| format!("no number after {label:?} in {text:?}"))
+}
+
+/// One interface of the sensor's exit summary (an element of its `interfaces`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterfaceFigures {
     pub seen: u64,
     pub matched: u64,
     pub delivered: u64,
     pub dropped: u64,
-    /// Each drop reason with its count, as the line names them.
+    /// Each drop reason with its count, named by `DropReason::label` (`kernel_buffer`,
+    /// `interface`, `sensor_buffer`, `spool_damaged`).
     pub reasons: Vec<(String, u64)>,
-    /// Packets still held, unacknowledged, at exit; `None` if the line does not say.
+    /// Packets still held, unacknowledged, at exit; `None` if the summary does not say.
     pub unacknowledged: Option<u64>,
+    /// Batches acknowledged, and their bytes before and after compression.
+    pub batches: u64,
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+    /// The interface's summary as JSON, for messages.
     pub line: String,
 }
 
 impl InterfaceFigures {
-    /// The count of a drop reason, 0 when the line does not name it.
-    pub fn reason(&self, name: &str) -> u64 {
+    /// The count of a drop reason, 0 when the summary does not name it.
+    pub fn reason(&self, label: &str) -> u64 {
         self.reasons
             .iter()
-            .find(|(r, _)| r == name)
+            .find(|(r, _)| r == label)
             .map_or(0, |(_, n)| *n)
     }
 }
 
-/// The figures of `iface`'s last summary line in a sensor's log.
-pub fn sensor_figures(log: &str, iface: &str) -> Result<InterfaceFigures> {
-    let start = format!("{iface}: seen ");
-    let line = log
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with(&start))
-        .with_context(|| format!("no summary line for {iface} in the sensor's log:\n{log}"))?;
-    let figure = |label: &str| -> Result<u64> { summary_figure(line, label) };
-    let reasons = line
-        .split_once(", dropped ")
-        .and_then(|(_, rest)| rest.split_once('('))
-        .and_then(|(_, rest)| rest.split_once(')'))
-        .map(|(inside, _)| {
-            inside
-                .split(", ")
-                .filter_map(|part| {
-                    let (name, n) = part.rsplit_once(": ")?;
-                    Some((name.trim().to_string(), n.trim().parse().ok()?))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+/// The figures of `iface` in a sensor's exit summary.
+pub fn sensor_figures(summary: &Value, iface: &str) -> Result<InterfaceFigures> {
+    let interface = summary["interfaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i["name"] == iface)
+        .with_context(|| format!("no interface {iface} in the sensor's summary:\n{summary:#}"))?;
+    let figure = |name: &str| summary_figure(interface, &format!("/{name}"));
+    let reasons = interface["drops"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(reason, n)| Some((reason.clone(), n.as_u64()?)))
+        .collect();
     Ok(InterfaceFigures {
-        seen: figure(": seen ")?,
-        matched: figure(", matched ")?,
-        delivered: figure(", delivered ")?,
-        dropped: figure(", dropped ")?,
+        seen: figure("seen")?,
+        matched: figure("matched")?,
+        delivered: figure("delivered")?,
+        dropped: figure("dropped")?,
         reasons,
-        unacknowledged: figure("unacknowledged ").ok(),
-        line: line.to_string(),
+        unacknowledged: figure("unacknowledged").ok(),
+        batches: figure("batches")?,
+        raw_bytes: figure("raw_bytes")?,
+        wire_bytes: figure("wire_bytes")?,
+        line: interface.to_string(),
     })
 }
 
-/// One sensor session's line of the receiver's exit summary:
-/// `  sensor <id> (<host>, <peer>): N packets, ...`.
+/// One sensor session of the receiver's exit summary (an element of its `sessions`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceiverSession {
+    /// From its label, `sensor <id> (<host>, <peer>)`.
     pub sensor_id: String,
+    /// Packets and bytes written to the output.
     pub packets: u64,
+    pub bytes: u64,
+    /// Batches received, and their bytes before and after compression.
+    pub batches: u64,
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+    /// The session's summary as JSON, for messages.
     pub line: String,
 }
 
-/// Every session line of the receiver's exit summary.
-pub fn receiver_sessions(log: &str) -> Vec<ReceiverSession> {
-    log.lines()
-        .filter(|l| l.starts_with("  sensor "))
-        .filter_map(|l| {
-            let line = l.trim();
-            let rest = line.strip_prefix("sensor ")?;
-            let (id, _) = rest.split_once(" (")?;
-            let (_, figures) = rest.split_once("): ")?;
-            let packets = figures.split_once(" packets")?.0.trim().parse().ok()?;
+/// Every sensor session of the receiver's exit summary (none when the run failed before
+/// it could list them).
+pub fn receiver_sessions(summary: &Value) -> Vec<ReceiverSession> {
+    summary["sessions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            let (id, _) = s["label"]
+                .as_str()?
+                .strip_prefix("sensor ")?
+                .split_once(" (")?;
+            let figure = |pointer: &str| s.pointer(pointer).and_then(Value::as_u64);
             Some(ReceiverSession {
                 sensor_id: id.to_string(),
-                packets,
-                line: line.to_string(),
+                packets: figure("/written/packets")?,
+                bytes: figure("/written/bytes")?,
+                batches: figure("/received/batches")?,
+                raw_bytes: figure("/received/raw_bytes")?,
+                wire_bytes: figure("/received/wire_bytes")?,
+                line: s.to_string(),
             })
         })
         .collect()
@@ -612,13 +655,13 @@ pub fn receiver_sessions(log: &str) -> Vec<ReceiverSession> {
 
 /// Packets the receiver's exit summary says it wrote for `sensor_id`, over all of that
 /// sensor's sessions.
-pub fn receiver_packets_of(log: &str, sensor_id: &str) -> Result<u64> {
-    let sessions: Vec<_> = receiver_sessions(log)
+pub fn receiver_packets_of(summary: &Value, sensor_id: &str) -> Result<u64> {
+    let sessions: Vec<_> = receiver_sessions(summary)
         .into_iter()
         .filter(|s| s.sensor_id == sensor_id)
         .collect();
     if sessions.is_empty() {
-        bail!("no session of sensor {sensor_id:?} in the receiver's summary:\n{log}");
+        bail!("no session of sensor {sensor_id:?} in the receiver's summary:\n{summary:#}");
     }
     Ok(sessions.iter().map(|s| s.packets).sum())
 }
@@ -800,7 +843,7 @@ mod tests {
     /// The pcapng and partial-pcap readers agree with tcpdump on the corpus.
     #[test]
     fn own_readers_agree_with_tcpdump() {
-        let corpus = crate::corpus_dir().join("tcpdump-tests.pcap");
+        let corpus = crate::corpus::pcap();
         let expected = tcpdump_records(&corpus, "").unwrap();
         let dir = Scratch::new("readers").unwrap();
 
@@ -809,7 +852,8 @@ mod tests {
         let arg = |p: &PathBuf| p.to_string_lossy().into_owned();
         let corpus_arg = arg(&corpus);
         run("editcap", &["-r", &corpus_arg, &arg(&a), "1-100"]).unwrap();
-        run("editcap", &["-r", &corpus_arg, &arg(&b), "101-7907"]).unwrap();
+        let rest = format!("101-{}", crate::corpus::PACKETS);
+        run("editcap", &["-r", &corpus_arg, &arg(&b), &rest]).unwrap();
         run(
             "mergecap",
             &[

@@ -5,6 +5,7 @@
 //! failed assertion.
 
 pub mod capstream;
+pub mod corpus;
 pub mod moto;
 mod netns;
 mod process;
@@ -14,7 +15,7 @@ pub mod tmpfs;
 
 pub use moto::Moto;
 pub use netns::{Lab, Netns};
-pub use process::{run, Proc};
+pub use process::{run, Proc, SummaryFile};
 pub use relay::{Faults, Relay, RelayStats};
 pub use tmpfs::Tmpfs;
 
@@ -64,6 +65,20 @@ pub fn require_root() {
         "0",
         "these tests create network namespaces and capture live: run them as root"
     );
+}
+
+/// Polls `done` every 200 ms until it holds or `timeout` passes; says whether it held.
+pub fn wait_until(timeout: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 /// Fails, saying how to get it, unless `program` can be run (`program --version`).

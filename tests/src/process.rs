@@ -36,6 +36,39 @@ pub struct Proc {
     pub name: String,
     child: Child,
     log: Arc<Log>,
+    /// Where it writes its `--summary-json`, when started with one (see [`Proc::summary`]).
+    summary: Option<SummaryFile>,
+}
+
+/// A `--summary-json` file in a directory of its own, removed with the process: any user
+/// may create files there (a sensor writes it as `--user`, nobody by default).
+pub struct SummaryFile {
+    /// Removed on drop.
+    _dir: crate::capstream::Scratch,
+    path: std::path::PathBuf,
+}
+
+impl SummaryFile {
+    pub fn new(program: &str) -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = crate::capstream::Scratch::new(&format!("{program}-summary"))?;
+        // Sticky and open to all, as /tmp.
+        std::fs::set_permissions(&dir.path, std::fs::Permissions::from_mode(0o1777))?;
+        let path = dir.join("summary.json");
+        Ok(Self { _dir: dir, path })
+    }
+
+    /// The path to pass as `--summary-json`.
+    pub fn arg(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+
+    /// The summary the program wrote, once it exited.
+    pub fn read(&self) -> Result<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.path)
+            .with_context(|| format!("no summary in {}", self.path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("the summary is not JSON: {text}"))
+    }
 }
 
 impl Proc {
@@ -64,7 +97,25 @@ impl Proc {
             name: name.to_string(),
             child,
             log,
+            summary: None,
         })
+    }
+
+    /// The process writes its exit summary to `file` (it was started with
+    /// `--summary-json` and [`SummaryFile::arg`]); [`Proc::summary`] reads it.
+    pub fn with_summary(mut self, file: SummaryFile) -> Self {
+        self.summary = Some(file);
+        self
+    }
+
+    /// The exit summary it wrote to its `--summary-json` file: read after it exited.
+    pub fn summary(&self) -> Result<serde_json::Value> {
+        let file = self
+            .summary
+            .as_ref()
+            .with_context(|| format!("{} was started without --summary-json", self.name))?;
+        file.read()
+            .with_context(|| format!("{}'s stderr:\n{}", self.name, self.stderr()))
     }
 
     /// Everything the process wrote to stderr so far.

@@ -236,14 +236,14 @@ fn measure(
             sensor.stop()?;
             let (receiver_cpu, receiver_rss_kib) = usage(receiver.proc.pid(), ticks)?;
             receiver.stop()?;
-            let figures = sensor_figures(&sensor.stderr(), iface)?;
+            let figures = sensor_figures(&sensor.summary()?, iface)?;
             let written = count_records(&out)?;
             let _ = std::fs::remove_file(&out);
             Ok(Run {
                 written,
                 dropped: figures.dropped,
-                dropped_kernel: figures.reason("kernel buffer full"),
-                dropped_sensor_buffer: figures.reason("sensor buffer full"),
+                dropped_kernel: figures.reason("kernel_buffer"),
+                dropped_sensor_buffer: figures.reason("sensor_buffer"),
                 capture_cpu,
                 receiver_cpu,
                 capture_rss_kib,

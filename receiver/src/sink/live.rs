@@ -103,8 +103,8 @@ pub struct Live {
 impl Live {
     /// Stops accepting, gives the clients a few seconds to take what is queued for them,
     /// cuts off the rest (counting what they did not get as dropped), and returns the
-    /// summary line.
-    pub async fn close(self) -> String {
+    /// stream's part of the exit summary.
+    pub async fn close(self) -> LiveSummary {
         self.accept.abort();
         let connected = || self.totals.connected.load(Ordering::Relaxed);
         let deadline = Instant::now() + DRAIN;
@@ -118,23 +118,58 @@ impl Live {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+        let total = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        LiveSummary {
+            addr: self.addr,
+            clients: total(&self.totals.clients),
+            sent: total(&self.totals.sent),
+            dropped: total(&self.totals.dropped),
+            no_client: total(&self.totals.no_client),
+            other_link_type: total(&self.totals.other_link_type),
+        }
+    }
+}
+
+/// The live stream's part of the exit summary: packets over all its clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveSummary {
+    pub addr: SocketAddr,
+    pub clients: u64,
+    pub sent: u64,
+    /// Not sent to clients that read too slowly.
+    pub dropped: u64,
+    /// Handed to the stream while no client was connected.
+    pub no_client: u64,
+    /// Of interfaces whose link type the stream does not carry (in the file only).
+    pub other_link_type: u64,
+}
+
+impl LiveSummary {
+    pub fn line(&self) -> String {
         let mut line = format!(
             "live stream {}: {} client(s), {} packets sent, {} dropped for clients that read \
-             too slowly",
-            self.addr,
-            self.totals.clients.load(Ordering::Relaxed),
-            self.totals.sent.load(Ordering::Relaxed),
-            self.totals.dropped.load(Ordering::Relaxed)
+             too slowly, {} not sent with no client connected",
+            self.addr, self.clients, self.sent, self.dropped, self.no_client
         );
-        line += &format!(
-            ", {} not sent with no client connected",
-            self.totals.no_client.load(Ordering::Relaxed)
-        );
-        let other = self.totals.other_link_type.load(Ordering::Relaxed);
-        if other > 0 {
-            line += &format!(", {other} not sent being of another link type (in the file only)");
+        if self.other_link_type > 0 {
+            line += &format!(
+                ", {} not sent being of another link type (in the file only)",
+                self.other_link_type
+            );
         }
         line
+    }
+
+    /// The figures of [`LiveSummary::line`] for `--summary-json`.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "address": self.addr.to_string(),
+            "clients": self.clients,
+            "sent": self.sent,
+            "dropped": self.dropped,
+            "no_client": self.no_client,
+            "other_link_type": self.other_link_type,
+        })
     }
 }
 
@@ -581,10 +616,13 @@ mod tests {
         }
         assert_eq!(times, [1, 2, 3]);
         let summary = live.close().await;
+        assert_eq!((summary.clients, summary.sent, summary.dropped), (1, 3, 0));
+        let line = summary.line();
         assert!(
-            summary.contains("1 client(s), 3 packets sent, 0 dropped"),
-            "{summary}"
+            line.contains("1 client(s), 3 packets sent, 0 dropped"),
+            "{line}"
         );
+        assert_eq!(summary.json()["sent"], 3);
     }
 
     fn packet(interface: u32) -> OutPacket<'static> {
@@ -627,7 +665,7 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 1, "only the Ethernet packet");
-        let summary = live.close().await;
+        let summary = live.close().await.line();
         assert!(
             summary.contains("1 packets sent")
                 && summary.contains("1 not sent with no client connected")

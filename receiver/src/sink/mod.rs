@@ -16,7 +16,24 @@ pub use self::files::journal::{Frontier, PartialBatch};
 pub use self::pcap::PcapSink;
 pub use self::pcapng::PcapNgSink;
 pub use self::tee::Tee;
-use crate::cli::Format;
+
+/// An output file's format (`--format`, else from the file's extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Classic pcap with nanosecond timestamps; one link type for all sensors.
+    Pcap,
+    /// pcapng: one interface block per sensor interface, with names, filters and counters.
+    Pcapng,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pcap => "pcap",
+            Self::Pcapng => "pcapng",
+        }
+    }
+}
 
 /// One capture interface of one sensor, as the output describes it.
 #[derive(Debug, Clone)]

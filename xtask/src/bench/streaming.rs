@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use testbed::capstream::{summary_figure, Receiver, Scratch};
-use testbed::Netns;
+use testbed::{Netns, SummaryFile};
 
 use super::pipeline::{command_in, path_arg, start_tunnel, start_writer, wait_ok, TlsPair};
 use super::{children_cpu, count_records, median, usage};
@@ -150,7 +150,15 @@ fn sensor_run(ns: &Netns, t: &Traffic, ticks: f64) -> Result<Run> {
     let dir = Scratch::new("bench-stream-run")?;
     let (mut receiver, out) = Receiver::writing(Some(ns), &dir, "out.pcap", &[])?;
     let log = dir.join("sensor.log");
-    let mut cmd = sensor_reading(ns, &t.path, &receiver, &log, &[])?;
+    let summary = SummaryFile::new("sensor")?;
+    let summary_arg = summary.arg();
+    let mut cmd = sensor_reading(
+        ns,
+        &t.path,
+        &receiver,
+        &log,
+        &["--summary-json", &summary_arg],
+    )?;
 
     let (receiver_before, _) = usage(receiver.proc.pid(), ticks)?;
     let cpu_before = children_cpu(ticks)?;
@@ -162,9 +170,9 @@ fn sensor_run(ns: &Netns, t: &Traffic, ticks: f64) -> Result<Run> {
     let (receiver_after, writer_rss_kib) = usage(receiver.proc.pid(), ticks)?;
     receiver.stop()?;
 
-    let summary = std::fs::read_to_string(&log)?;
-    let raw = summary_figure(&summary, ", raw bytes ")?;
-    let wire = summary_figure(&summary, ", wire bytes ")?;
+    let summary = summary.read()?;
+    let raw = summary_figure(&summary, "/interfaces/0/raw_bytes")?;
+    let wire = summary_figure(&summary, "/interfaces/0/wire_bytes")?;
     let written = count_records(&out)?;
     Ok(Run {
         written,

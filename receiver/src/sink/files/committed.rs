@@ -88,7 +88,7 @@ impl Committed {
             } else {
                 with_counter(&base, n)
             };
-            match crate::private_file::create(&path) {
+            match program::private_file::create(&path) {
                 Ok(file) => {
                     self.path = path;
                     return Ok(file);

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use crate::cli::Format;
+use crate::sink::Format;
 
 /// pcap magic for nanosecond timestamps, as this receiver writes it (host byte order).
 const PCAP_NANO_MAGIC: u32 = 0xa1b2_3c4d;
@@ -36,7 +36,7 @@ pub enum Found {
 
 /// Looks at `path` as `format` output. Never follows a symlink there (that is "other").
 pub fn inspect(path: &Path, format: Format) -> Found {
-    let file = match crate::private_file::open_existing(path) {
+    let file = match program::private_file::open_existing(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Found::Nothing,
         Err(e) => return Found::Other(format!("cannot open it ({e})")),

@@ -19,7 +19,7 @@ use std::fs::{self, File};
 use std::io::{self, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 
-use crate::private_file::{create as create_private, open_existing};
+use program::private_file::{create as create_private, open_existing};
 
 /// Sessions a journal remembers at most (more are not read back).
 pub const MAX_SESSIONS: usize = 4096;

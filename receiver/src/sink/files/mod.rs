@@ -23,7 +23,7 @@ use self::naming::Pattern;
 pub use self::series::Rotation;
 use self::series::Series;
 use super::{FormatSink, Frontier, OutPacket, Refusal, Sink, SinkInterface};
-use crate::cli::Format;
+use crate::sink::Format;
 
 /// Called with each file once it is complete and closed: rotated out, or the last at exit.
 /// It runs on the writer task, so it must return at once (hand the path to a queue or a

@@ -13,8 +13,8 @@ use super::existing::{self, Found};
 use super::journal::Extent;
 use super::naming::Pattern;
 use super::Finished;
-use crate::cli::Format;
 use crate::sink::pcapng::MAX_INTERFACES as PCAPNG_MAX_INTERFACES;
+use crate::sink::Format;
 use crate::sink::{FormatSink, OutPacket, Refusal, Sink, SinkInterface};
 
 /// When a file is complete and the next begins.

@@ -4,18 +4,14 @@
 use std::time::Duration;
 
 use testbed::capstream::{
-    compare_captures, dev_filters, start_sensor, start_tcpdump, summary_figure, tcpdump_records,
+    compare_captures, dev_filters, sensor_figures, start_sensor, start_tcpdump, tcpdump_records,
     tshark_count, Receiver, Record, Scratch,
 };
-use testbed::{corpus_dir, require_root, Lab};
+use testbed::{corpus, require_root, Lab};
 
 /// Replay rate: fast enough to be a real load, slow enough that tcpdump, the reference,
 /// drops nothing on a 2-core machine.
 const PPS: u32 = 8000;
-
-fn corpus() -> std::path::PathBuf {
-    corpus_dir().join("tcpdump-tests.pcap")
-}
 
 /// Lets the last frames pass the capture rings and the sensor's 100 ms batch timer.
 fn settle() {
@@ -55,7 +51,7 @@ fn capture_beside_tcpdump(
     let direction: &[&str] = if mode[0] == "xdp" { &["-Q", "in"] } else { &[] };
     let mut tcpdump = start_tcpdump(&lab.cap, iface, filter, direction, &reference).unwrap();
 
-    lab.replay(0, &corpus(), PPS).unwrap();
+    lab.replay(0, &corpus::pcap(), PPS).unwrap();
     if stop_sensor == StopSensor::AtOnce {
         sensor.stop().unwrap();
     }
@@ -93,7 +89,7 @@ fn every_dev_filter_matches_tcpdump(mode: &[&str], tolerance_ns: u128) {
         if filter.is_empty() {
             assert_eq!(
                 expected.len(),
-                7907,
+                corpus::PACKETS,
                 "tcpdump must see the whole corpus without a filter"
             );
         }
@@ -107,7 +103,7 @@ fn every_dev_filter_matches_tcpdump(mode: &[&str], tolerance_ns: u128) {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     assert!(
-        total_compared > 7907,
+        total_compared > corpus::PACKETS,
         "the filters matched almost nothing: {total_compared}"
     );
     eprintln!(
@@ -158,7 +154,7 @@ fn a_sensor_stopped_at_once_still_delivers_what_the_kernel_held() {
     for (mode, tolerance) in [("pcap", 0), ("ebpf", AFTER_BACKLOG_TOLERANCE_NS), ("tc", 0)] {
         let (expected, got, sensor_log) =
             capture_beside_tcpdump(&lab, &[mode], "", StopSensor::AtOnce);
-        assert_eq!(expected.len(), 7907);
+        assert_eq!(expected.len(), corpus::PACKETS);
         let result = compare_captures(&expected, &got, tolerance);
         assert!(
             result.is_ok(),
@@ -198,7 +194,7 @@ fn two_sensors_merge_into_one_time_ordered_file_in_both_formats() {
         std::thread::scope(|s| {
             for i in 0..2 {
                 let lab = &lab;
-                s.spawn(move || lab.replay(i, &corpus(), PPS / 2).unwrap());
+                s.spawn(move || lab.replay(i, &corpus::pcap(), PPS / 2).unwrap());
             }
         });
         settle();
@@ -212,13 +208,13 @@ fn two_sensors_merge_into_one_time_ordered_file_in_both_formats() {
         let records = tcpdump_records(&out, "").unwrap();
         assert_eq!(
             records.len(),
-            2 * 7907,
+            2 * corpus::PACKETS,
             "{format}: both sensors' packets, nothing lost; receiver log:\n{}",
             receiver.proc.stderr()
         );
         assert_eq!(
             tshark_count(&out).unwrap(),
-            2 * 7907,
+            2 * corpus::PACKETS,
             "{format}: tshark reads every packet"
         );
 
@@ -249,7 +245,11 @@ fn two_sensors_merge_into_one_time_ordered_file_in_both_formats() {
                     .lines()
                     .filter(|l| l.ends_with(&format!("/{cap}")))
                     .count();
-                assert_eq!(n, 7907, "packets of interface {cap} in the pcapng file");
+                assert_eq!(
+                    n,
+                    corpus::PACKETS,
+                    "packets of interface {cap} in the pcapng file"
+                );
             }
         }
     }
@@ -338,11 +338,11 @@ fn classic_pcap_refuses_a_second_link_type_and_says_to_use_pcapng() {
     );
 
     // The first sensor is unaffected, and the file stays valid.
-    lab.replay(0, &corpus(), PPS).unwrap();
+    lab.replay(0, &corpus::pcap(), PPS).unwrap();
     settle();
     ethernet.stop().unwrap();
     receiver.stop().unwrap();
-    assert_eq!(tcpdump_records(&out, "").unwrap().len(), 7907);
+    assert_eq!(tcpdump_records(&out, "").unwrap().len(), corpus::PACKETS);
 }
 
 #[test]
@@ -356,7 +356,7 @@ fn a_full_kernel_ring_is_counted_and_everything_else_delivered() {
     let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
     // A frozen sensor reads nothing: the 1.8 MB corpus cannot fit the 64 KiB ring.
     sensor.signal("STOP").unwrap();
-    lab.replay(0, &corpus(), PPS).unwrap();
+    lab.replay(0, &corpus::pcap(), PPS).unwrap();
     sensor.signal("CONT").unwrap();
     settle();
     sensor.stop().unwrap();
@@ -364,16 +364,17 @@ fn a_full_kernel_ring_is_counted_and_everything_else_delivered() {
 
     let log = sensor.stderr();
     let written = tcpdump_records(&out, "").unwrap().len() as u64;
-    let ring_full = summary_figure(&log, "kernel buffer full: ").unwrap();
+    let figures = sensor_figures(&sensor.summary().unwrap(), iface).unwrap();
+    let ring_full = figures.reason("kernel_buffer");
     assert!(
         ring_full > 0,
         "the ring cannot have held the corpus:\n{log}"
     );
     assert!(written > 0, "nothing reached the output:\n{log}");
-    assert_eq!(summary_figure(&log, ": seen ").unwrap(), 7907, "{log}");
+    assert_eq!(figures.seen, corpus::PACKETS as u64, "{log}");
     assert_eq!(
         written + ring_full,
-        7907,
+        corpus::PACKETS as u64,
         "every frame is either written or counted as dropped:\n{log}"
     );
     eprintln!(
@@ -448,7 +449,7 @@ fn afxdp_mode_captures_what_tcpdump_captured_on_the_replay_before() {
         let dir = Scratch::new("afxdp").unwrap();
         let reference = dir.join("tcpdump.pcap");
         let mut tcpdump = start_tcpdump(&lab.cap, iface, &filter, &[], &reference).unwrap();
-        lab.replay(0, &corpus(), PPS).unwrap();
+        lab.replay(0, &corpus::pcap(), PPS).unwrap();
         settle();
         tcpdump.stop().unwrap();
         let tcpdump_log = tcpdump.stderr();
@@ -474,7 +475,7 @@ fn afxdp_mode_captures_what_tcpdump_captured_on_the_replay_before() {
             args.extend(["--bpf", &filter]);
         }
         let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
-        lab.replay(0, &corpus(), PPS).unwrap();
+        lab.replay(0, &corpus::pcap(), PPS).unwrap();
         settle();
         sensor.stop().unwrap();
         receiver.stop().unwrap();
@@ -482,7 +483,11 @@ fn afxdp_mode_captures_what_tcpdump_captured_on_the_replay_before() {
         let expected = tcpdump_records(&reference, "").unwrap();
         let got = tcpdump_records(&out, "").unwrap();
         if filter.is_empty() {
-            assert_eq!(expected.len(), 7907, "tcpdump must see the whole corpus");
+            assert_eq!(
+                expected.len(),
+                corpus::PACKETS,
+                "tcpdump must see the whole corpus"
+            );
         }
         total += expected.len();
         // Different replays: everything but the timestamps must agree.

@@ -8,16 +8,9 @@ use std::time::Duration;
 use testbed::capstream::{
     first_difference, start_sensor, tcpdump_records, Receiver, Record, Scratch,
 };
-use testbed::{corpus_dir, Moto};
+use testbed::{corpus, Moto};
 
 const BUCKET: &str = "captures";
-
-fn corpus() -> String {
-    corpus_dir()
-        .join("tcpdump-tests.pcap")
-        .to_string_lossy()
-        .into_owned()
-}
 
 /// A receiver on `port` with moto's AWS_* settings, writing `dir/<file>` with `args`.
 fn start_receiver(moto: &Moto, dir: &Scratch, port: u16, file: &str, args: &[&str]) -> Receiver {
@@ -35,7 +28,7 @@ fn start_receiver(moto: &Moto, dir: &Scratch, port: u16, file: &str, args: &[&st
 fn stream_corpus(receiver: &Receiver, times: usize) {
     for n in 1..=times {
         let id = format!("tap-{n}");
-        let args = ["--read", &corpus(), "--sensor-id", &id];
+        let args = ["--read", &corpus::pcap_arg(), "--sensor-id", &id];
         let mut sensor = start_sensor(None, receiver, &args).unwrap();
         let status = sensor.wait(Duration::from_secs(60)).unwrap();
         assert!(status.success(), "sensor failed: {}", sensor.stderr());
@@ -59,7 +52,7 @@ fn assert_uploaded(moto: &Moto, key: &str, local: &Path, dir: &Scratch, times: u
         local.display(),
         want.len()
     );
-    let once = tcpdump_records(Path::new(&corpus()), "").unwrap();
+    let once = tcpdump_records(Path::new(&corpus::pcap_arg()), "").unwrap();
     let expected: Vec<Record> = std::iter::repeat_n(once, times).flatten().collect();
     let records = tcpdump_records(&downloaded, "").unwrap();
     assert!(
@@ -95,11 +88,24 @@ fn the_finished_capture_is_uploaded_byte_for_byte_in_parts() {
         )),
         "{log}"
     );
+    // The prose and the JSON summary say the same.
     assert!(
         log.contains(&format!(
             "upload to s3://captures/site-a/day1: 1 file(s), {size} bytes uploaded, \
              0 failed attempt(s), 0 not uploaded"
         )),
+        "exit summary: {log}"
+    );
+    let upload = &receiver.proc.summary().unwrap()["upload"];
+    assert_eq!(
+        upload,
+        &serde_json::json!({
+            "url": "s3://captures/site-a/day1",
+            "files": 1,
+            "bytes": size,
+            "failed_attempts": 0,
+            "not_uploaded": [],
+        }),
         "exit summary: {log}"
     );
     assert_uploaded(&moto, "site-a/day1/all.pcap", &out, &dir, 6);
@@ -150,9 +156,11 @@ fn every_rotated_file_is_uploaded_and_keep_deletes_only_uploaded_ones() {
         .collect();
     expected_keys.sort();
     assert_eq!(keys, expected_keys, "one object per completed file");
-    assert!(
-        log.contains(&format!("{} file(s)", completed.len())) && log.contains("0 not uploaded"),
-        "exit summary: {log}"
+    let upload = &receiver.proc.summary().unwrap()["upload"];
+    assert_eq!(
+        (&upload["files"], &upload["not_uploaded"]),
+        (&completed.len().into(), &serde_json::json!([])),
+        "exit summary: {upload:#}\n{log}"
     );
     let left: Vec<&PathBuf> = completed.iter().filter(|p| p.exists()).collect();
     assert!(
@@ -167,7 +175,7 @@ fn every_rotated_file_is_uploaded_and_keep_deletes_only_uploaded_ones() {
         moto.download(BUCKET, &key, &downloaded).unwrap();
         records.extend(tcpdump_records(&downloaded, "").unwrap());
     }
-    let once = tcpdump_records(Path::new(&corpus()), "").unwrap();
+    let once = tcpdump_records(Path::new(&corpus::pcap_arg()), "").unwrap();
     let expected: Vec<Record> = std::iter::repeat_n(once, 3).flatten().collect();
     assert!(
         records == expected,
@@ -199,7 +207,7 @@ fn a_restart_never_overwrites_an_uploaded_object() {
     assert_eq!(keys, ["r/all-1.pcap", "r/all.pcap"]);
     let first = dir.join("first-object.pcap");
     moto.download(BUCKET, "r/all.pcap", &first).unwrap();
-    let once = tcpdump_records(Path::new(&corpus()), "").unwrap();
+    let once = tcpdump_records(Path::new(&corpus::pcap_arg()), "").unwrap();
     let records = tcpdump_records(&first, "").unwrap();
     assert!(
         records == once,

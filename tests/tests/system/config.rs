@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use testbed::capstream::{tcpdump_records, Record, Scratch};
-use testbed::{corpus_dir, workspace_bin, Proc};
+use testbed::{corpus, workspace_bin, Proc};
 
 fn arg(p: &Path) -> String {
     p.to_string_lossy().into_owned()
@@ -18,7 +18,7 @@ fn arg(p: &Path) -> String {
 
 /// What the sensors stream: the corpus's UDP packets.
 fn reference() -> Vec<Record> {
-    tcpdump_records(&corpus_dir().join("tcpdump-tests.pcap"), "udp").unwrap()
+    tcpdump_records(&corpus::pcap(), "udp").unwrap()
 }
 
 /// Runs a workspace program to its end (at most 60 s) with `env` added to its environment.
@@ -90,7 +90,7 @@ fn the_command_line_wins_over_the_environment_which_wins_over_the_file() {
     let config = arg(&file);
     let cert = arg(&state.join("receiver.crt"));
     let token = arg(&state.join("token"));
-    let corpus = arg(&corpus_dir().join("tcpdump-tests.pcap"));
+    let corpus = arg(&corpus::pcap());
 
     // The file alone; a sensor configured by its own file, the filter after the options.
     let (proc, line) = receiver(&["--config", &config], &[]);

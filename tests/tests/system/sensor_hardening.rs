@@ -13,40 +13,37 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use testbed::capstream::{
     compare_captures, sensor_figures, start_sensor_to, start_tcpdump, stop_reference,
     tcpdump_records, Receiver, Scratch,
 };
 use testbed::relay::Answer;
-use testbed::{require_root, workspace_bin, Faults, Netns, Proc, Relay};
+use testbed::{require_root, wait_until, workspace_bin, Faults, Netns, Proc, Relay, SummaryFile};
 
 fn sleep(secs: f64) {
     std::thread::sleep(Duration::from_secs_f64(secs));
 }
 
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        sleep(0.2);
-    }
-}
-
 /// `program args...` inside `ns` with HOME set to `home`, so that the per-user state
 /// directory (~/.local/share/capstream) is the test's own.
+/// The exit summary goes to a file named by the environment
+/// (`CAPSTREAM_<PROGRAM>_SUMMARY_JSON`), so that the command line stays as written.
 fn start_at_home(ns: &Netns, home: &Path, program: &str, args: &[&str]) -> Proc {
+    let summary = SummaryFile::new(program).unwrap();
     let mut argv = ns.command("env");
     argv.push(format!("HOME={}", home.display()));
+    argv.push(format!(
+        "CAPSTREAM_{}_SUMMARY_JSON={}",
+        program.to_uppercase(),
+        summary.arg()
+    ));
     argv.push(workspace_bin(program).to_string_lossy().into_owned());
     argv.extend(args.iter().map(|a| a.to_string()));
-    Proc::start(program, &argv, Stdio::null()).unwrap()
+    Proc::start(program, &argv, Stdio::null())
+        .unwrap()
+        .with_summary(summary)
 }
 
 /// Sends `count` DNS queries (one-question A lookups, numbered by their id) from inside
@@ -76,16 +73,17 @@ fn assert_same_as_tcpdump(
     expected: usize,
     reference: &[testbed::capstream::Record],
     out: &Path,
-    sensor_log: &str,
+    sensor: &Proc,
     receiver_log: &str,
     iface: &str,
 ) {
+    let sensor_log = sensor.stderr();
     assert_eq!(reference.len(), expected, "{what}: tcpdump saw every query");
     let got = tcpdump_records(out, "").unwrap();
     if let Err(difference) = compare_captures(reference, &got, 0) {
         panic!("{what}: output != tcpdump: {difference}\nsensor:\n{sensor_log}\nreceiver:\n{receiver_log}");
     }
-    let f = sensor_figures(sensor_log, iface).unwrap();
+    let f = sensor_figures(&sensor.summary().unwrap(), iface).unwrap();
     assert_eq!(f.matched, f.delivered + f.dropped, "{what}: {}", f.line);
     assert_eq!(f.unacknowledged, Some(0), "{what}: {}", f.line);
     assert_eq!(f.delivered, got.len() as u64, "{what}: {}", f.line);
@@ -134,7 +132,7 @@ fn the_design_commands_work_as_written_on_one_host() {
         50,
         &reference,
         &out,
-        &sensor.stderr(),
+        &sensor,
         &receiver.stderr(),
         "lo",
     );
@@ -266,13 +264,12 @@ fn forged_version_negotiation_tls_alert_and_impostor_do_not_stop_a_sensor() {
         .unwrap_or_else(|e| panic!("{e:#}\nreceiver:\n{}", receiver.proc.stderr()));
     receiver.stop().unwrap();
     impostor.stop().unwrap();
-    let sensor_log = sensor.stderr();
     assert_same_as_tcpdump(
         "spoofed",
         180,
         &reference,
         &out,
-        &sensor_log,
+        &sensor,
         &receiver.proc.stderr(),
         "lo",
     );
@@ -414,7 +411,7 @@ fn a_spool_survives_a_killed_sensor() {
         "{what}"
     );
     assert_eq!(got.len() as u64, 40 + adopted + 40, "{what}");
-    let f = sensor_figures(&second_log, "lo").unwrap();
+    let f = sensor_figures(&second.summary().unwrap(), "lo").unwrap();
     assert_eq!(f.matched, f.delivered + f.dropped, "{}", f.line);
     assert_eq!(f.unacknowledged, Some(0), "{}", f.line);
     assert_eq!(f.delivered, adopted + 40, "{}", f.line);
@@ -509,7 +506,7 @@ fn a_receiver_that_moves_is_followed_by_its_name() {
     if let Err(difference) = compare_captures(&reference, &got, 0) {
         panic!("both outputs != tcpdump: {difference}\nsensor:\n{sensor_log}");
     }
-    let f = sensor_figures(&sensor_log, "lo").unwrap();
+    let f = sensor_figures(&sensor.summary().unwrap(), "lo").unwrap();
     assert_eq!(f.matched, f.delivered + f.dropped, "{}", f.line);
     assert_eq!(f.unacknowledged, Some(0), "{}", f.line);
     assert_eq!(f.delivered, 80, "{}", f.line);

@@ -24,7 +24,7 @@ use testbed::capstream::{
     compare_captures, start_sensor, start_sensor_through, start_tcpdump, stop_reference,
     tcpdump_records, Receiver, Scratch,
 };
-use testbed::{corpus_dir, require_root, run, Lab, Proc};
+use testbed::{corpus, require_root, run, Lab, Proc};
 
 const NOBODY: u32 = 65534;
 const PPS: u32 = 8000;
@@ -279,8 +279,7 @@ fn a_sensor_switched_to_nobody_captures_what_tcpdump_captures() {
             );
         }
 
-        lab.replay(0, &corpus_dir().join("tcpdump-tests.pcap"), PPS)
-            .unwrap();
+        lab.replay(0, &corpus::pcap(), PPS).unwrap();
         std::thread::sleep(Duration::from_millis(600));
         // Still nobody and still without capabilities after capturing.
         assert_privileges(&sensor, NOBODY, NOBODY, kept_after_attach(mode));
@@ -291,7 +290,11 @@ fn a_sensor_switched_to_nobody_captures_what_tcpdump_captures() {
         let log = sensor.stderr();
         assert!(!log.contains("cannot detach"), "{log}");
         let got = tcpdump_records(&out, "").unwrap();
-        assert_eq!(expected.len(), 7907, "tcpdump saw the whole corpus");
+        assert_eq!(
+            expected.len(),
+            corpus::PACKETS,
+            "tcpdump saw the whole corpus"
+        );
         if let Err(difference) = compare_captures(&expected, &got, 0) {
             panic!("--mode {mode} --user nobody: {difference}\nsensor log:\n{log}");
         }
@@ -445,14 +448,13 @@ fn the_receiver_runs_as_nobody() {
         assert_eq!(c.effective | c.permitted | c.ambient, 0, "{thread}: {c:?}");
     }
     let mut sensor = start_sensor(Some(&lab.cap), &receiver, &["--iface", iface]).unwrap();
-    lab.replay(0, &corpus_dir().join("tcpdump-tests.pcap"), PPS)
-        .unwrap();
+    lab.replay(0, &corpus::pcap(), PPS).unwrap();
     std::thread::sleep(Duration::from_millis(600));
     sensor.stop().unwrap();
     receiver.stop().unwrap();
     assert_eq!(
         tcpdump_records(&out, "").unwrap().len(),
-        7907,
+        corpus::PACKETS,
         "receiver log:\n{}",
         receiver.proc.stderr()
     );

@@ -8,7 +8,7 @@ use std::time::Duration;
 use testbed::capstream::{
     sensor_figures, start_sensor, tcpdump_records, InterfaceFigures, Receiver, Scratch,
 };
-use testbed::{corpus_dir, require_root, Lab};
+use testbed::{corpus, require_root, Lab};
 
 /// Corpus replays while the receiver is frozen: about 13 MB of compressed batches, three
 /// times the sensor's 4 MiB buffer.
@@ -29,7 +29,7 @@ fn stream_into_a_frozen_receiver(extra: &[&str]) -> (InterfaceFigures, String) {
     std::thread::sleep(Duration::from_millis(500));
 
     receiver.proc.signal("STOP").unwrap();
-    let corpus = corpus_dir().join("tcpdump-tests.pcap");
+    let corpus = corpus::pcap();
     lab.gen
         .exec(
             "tcpreplay",
@@ -54,9 +54,9 @@ fn stream_into_a_frozen_receiver(extra: &[&str]) -> (InterfaceFigures, String) {
     receiver.stop().unwrap();
 
     let log = sensor.stderr();
-    let f = sensor_figures(&log, iface).unwrap();
-    let offered = 7907 * LOOPS.parse::<u64>().unwrap();
-    let buffer_full = f.reason("sensor buffer full");
+    let f = sensor_figures(&sensor.summary().unwrap(), iface).unwrap();
+    let offered = corpus::PACKETS as u64 * LOOPS.parse::<u64>().unwrap();
+    let buffer_full = f.reason("sensor_buffer");
     assert_eq!(
         f.unacknowledged,
         Some(0),
@@ -69,7 +69,7 @@ fn stream_into_a_frozen_receiver(extra: &[&str]) -> (InterfaceFigures, String) {
         "matched = delivered + dropped at the sensor's buffer\n{log}"
     );
     assert_eq!(
-        f.matched + f.reason("kernel buffer full"),
+        f.matched + f.reason("kernel_buffer"),
         offered,
         "every replayed frame reached the sensor or is counted as a kernel drop\n{log}"
     );
@@ -82,7 +82,7 @@ fn stream_into_a_frozen_receiver(extra: &[&str]) -> (InterfaceFigures, String) {
         "{extra:?}: offered {offered}, delivered {}, dropped at the sensor's buffer \
          {buffer_full}, kernel drops {}",
         f.delivered,
-        f.reason("kernel buffer full")
+        f.reason("kernel_buffer")
     );
     (f, log)
 }
@@ -91,7 +91,7 @@ fn stream_into_a_frozen_receiver(extra: &[&str]) -> (InterfaceFigures, String) {
 fn a_frozen_receiver_makes_the_sensor_drop_whole_batches_counted() {
     let (f, log) = stream_into_a_frozen_receiver(&[]);
     assert!(
-        f.reason("sensor buffer full") > 0,
+        f.reason("sensor_buffer") > 0,
         "4 MiB cannot hold this stream: some must be dropped at the buffer\n{log}"
     );
 }
@@ -102,7 +102,7 @@ fn a_spool_on_disk_holds_what_memory_cannot() {
     let spool = dir.join("spool").to_string_lossy().into_owned();
     let (f, log) = stream_into_a_frozen_receiver(&["--spool-dir", &spool]);
     assert_eq!(
-        f.reason("sensor buffer full"),
+        f.reason("sensor_buffer"),
         0,
         "the spool holds what the 4 MiB buffer cannot\n{log}"
     );

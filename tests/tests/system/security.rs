@@ -14,7 +14,7 @@ use testbed::capstream::{
     pcapng_interfaces, receiver_sessions, tcpdump_records, PcapngInterface, Receiver, Record,
     Scratch,
 };
-use testbed::{corpus_dir, run, workspace_bin};
+use testbed::{corpus, run, workspace_bin};
 
 /// `args` followed by `more`.
 fn and<'a>(args: &[&'a str], more: &[&'a str]) -> Vec<&'a str> {
@@ -25,13 +25,9 @@ fn arg(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-fn corpus() -> String {
-    arg(&corpus_dir().join("tcpdump-tests.pcap"))
-}
-
 /// What the sensors stream: the corpus's UDP packets.
 fn reference() -> Vec<Record> {
-    tcpdump_records(&corpus_dir().join("tcpdump-tests.pcap"), "udp").unwrap()
+    tcpdump_records(&corpus::pcap(), "udp").unwrap()
 }
 
 /// Runs a workspace program to its end (at most 60 s).
@@ -90,7 +86,7 @@ fn file(dir: &str, name: &str) -> String {
 fn sensor_delivers(args: &[&str]) -> String {
     let out = run_bin(
         "sensor",
-        &[args, &["--read", &corpus(), "--bpf", "udp"]].concat(),
+        &[args, &["--read", &corpus::pcap_arg(), "--bpf", "udp"]].concat(),
     );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "sensor {args:?} failed: {stderr}");
@@ -102,7 +98,7 @@ fn sensor_delivers(args: &[&str]) -> String {
 fn sensor_refused(args: &[&str], needle: &str) -> String {
     let out = run_bin(
         "sensor",
-        &[args, &["--read", &corpus(), "--bpf", "udp"]].concat(),
+        &[args, &["--read", &corpus::pcap_arg(), "--bpf", "udp"]].concat(),
     );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "sensor {args:?}: {stderr}");
@@ -136,7 +132,12 @@ fn receiver_refused(args: &[&str]) -> String {
 fn stop_with_nothing_written(mut receiver: Receiver, out: &Path) -> String {
     receiver.stop().unwrap();
     let log = receiver.proc.stderr();
-    assert!(log.contains("receiver: 0 sensor session(s)"), "{log}");
+    let summary = receiver.proc.summary().unwrap();
+    assert_eq!(
+        summary["sessions"].as_array().map(Vec::len),
+        Some(0),
+        "{log}"
+    );
     let interfaces = pcapng_interfaces(out).unwrap();
     assert!(interfaces.is_empty(), "{interfaces:?}");
     log
@@ -237,7 +238,7 @@ fn mutual_tls_from_receiver_certs_names_sensors_by_certificate_and_refuses_the_r
         "expired or not yet valid",
     );
     // Mismatched files never reach the network.
-    let corpus = corpus();
+    let corpus = corpus::pcap_arg();
     let mismatched = run_bin(
         "sensor",
         &and(
@@ -261,7 +262,7 @@ fn mutual_tls_from_receiver_certs_names_sensors_by_certificate_and_refuses_the_r
         log.contains("127.0.0.1:") && log.contains(": refused: handshake failed"),
         "{log}"
     );
-    let sessions = receiver_sessions(&log);
+    let sessions = receiver_sessions(&receiver.proc.summary().unwrap());
     assert_eq!(sessions.len(), 1, "{log}");
     assert_eq!(sessions[0].sensor_id, "tap-1", "{log}");
     let only = only_interface(&out);
@@ -389,7 +390,7 @@ fn a_shared_token_admits_only_the_sensors_that_know_it() {
         log.contains("127.0.0.1:") && log.contains(": refused: no token"),
         "{log}"
     );
-    let sessions = receiver_sessions(&log);
+    let sessions = receiver_sessions(&receiver.proc.summary().unwrap());
     assert_eq!(sessions.len(), 1, "{log}");
     assert_eq!(sessions[0].sensor_id, "tok-1");
     only_interface(&out);
@@ -400,7 +401,7 @@ fn a_shared_token_admits_only_the_sensors_that_know_it() {
 fn stop_with_one_sensor(mut receiver: Receiver, out: &Path, sensor_id: &str) -> String {
     receiver.stop().unwrap();
     let log = receiver.proc.stderr();
-    let sessions = receiver_sessions(&log);
+    let sessions = receiver_sessions(&receiver.proc.summary().unwrap());
     assert_eq!(sessions.len(), 1, "{log}");
     assert_eq!(sessions[0].sensor_id, sensor_id, "{log}");
     only_interface(out);
@@ -780,7 +781,7 @@ fn a_thousand_session_ids_leave_the_receiver_bounded() {
     ]);
     receiver.stop().unwrap();
     let log = receiver.proc.stderr();
-    let real: Vec<_> = receiver_sessions(&log)
+    let real: Vec<_> = receiver_sessions(&receiver.proc.summary().unwrap())
         .into_iter()
         .filter(|s| s.sensor_id == "real")
         .collect();

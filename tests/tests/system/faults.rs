@@ -32,14 +32,7 @@ use testbed::capstream::{
     receiver_sessions, sensor_figures, start_sensor, start_sensor_to, start_tcpdump,
     stop_reference, tcpdump_records, tshark_count, InterfaceFigures, Receiver, Record, Scratch,
 };
-use testbed::{corpus_dir, require_root, run, Faults, Lab, Netns, Proc, Relay, Tmpfs};
-
-/// Frames in one pass of the corpus.
-const CORPUS_FRAMES: usize = 7907;
-
-fn corpus() -> PathBuf {
-    corpus_dir().join("tcpdump-tests.pcap")
-}
+use testbed::{corpus, require_root, run, wait_until, Faults, Lab, Netns, Proc, Relay, Tmpfs};
 
 fn sleep(secs: f64) {
     std::thread::sleep(Duration::from_secs_f64(secs));
@@ -53,7 +46,7 @@ fn settle() {
 
 /// tcpreplay sending the corpus `loops` times out of gen0 at `pps`, in the background.
 fn start_replay(lab: &Lab, pps: u32, loops: u32) -> Proc {
-    let corpus = corpus().to_string_lossy().into_owned();
+    let corpus = corpus::pcap().to_string_lossy().into_owned();
     let mut argv = lab.gen.command("tcpreplay");
     for arg in [
         "-q",
@@ -104,10 +97,10 @@ fn stop_both(sensor: &mut Proc, receiver: &mut Receiver) {
     receiver.stop().unwrap();
 }
 
-/// What a failed check shows.
+/// The programs a check reads the summaries of, and what a failed check shows.
 struct Logs<'a> {
-    sensor: &'a str,
-    receiver: &'a str,
+    sensor: &'a Proc,
+    receiver: &'a Proc,
     extra: String,
 }
 
@@ -131,7 +124,9 @@ fn assert_delivered_once(
     if let Err(difference) = compare_captures(expected, &got, 0) {
         panic!(
             "{what}: output != tcpdump: {difference}\n{}\nsensor:\n{}\nreceiver:\n{}",
-            logs.extra, logs.sensor, logs.receiver
+            logs.extra,
+            logs.sensor.stderr(),
+            logs.receiver.stderr()
         );
     }
     assert_identity(what, logs.sensor, iface, got.len() as u64)
@@ -144,14 +139,15 @@ fn finish_replay(replay: &mut Proc) {
 
 /// Drops of frames that never reached the sensor: not part of `matched`.
 fn dropped_before_matching(f: &InterfaceFigures) -> u64 {
-    f.reason("kernel buffer full") + f.reason("interface/driver")
+    f.reason("kernel_buffer") + f.reason("interface")
 }
 
 /// The sensor's side of the identity for one interface, given the packets the output
 /// holds for it: `matched = delivered + dropped after matching + unacknowledged`,
 /// `unacknowledged = 0` and `delivered = written`. Returns the figures.
-fn assert_identity(what: &str, sensor_log: &str, iface: &str, written: u64) -> InterfaceFigures {
-    let f = sensor_figures(sensor_log, iface).unwrap();
+fn assert_identity(what: &str, sensor: &Proc, iface: &str, written: u64) -> InterfaceFigures {
+    let sensor_log = sensor.stderr();
+    let f = sensor_figures(&sensor.summary().unwrap(), iface).unwrap();
     let reasons: u64 = f.reasons.iter().map(|(_, n)| n).sum();
     assert_eq!(
         reasons, f.dropped,
@@ -184,8 +180,9 @@ fn assert_identity(what: &str, sensor_log: &str, iface: &str, written: u64) -> I
 }
 
 /// The receiver's side: its summary's packets for `sensor_id` equal those in the output.
-fn assert_receiver_wrote(what: &str, receiver_log: &str, sensor_id: &str, written: u64) {
-    let said = receiver_packets_of(receiver_log, sensor_id).unwrap();
+fn assert_receiver_wrote(what: &str, receiver: &Proc, sensor_id: &str, written: u64) {
+    let said = receiver_packets_of(&receiver.summary().unwrap(), sensor_id).unwrap();
+    let receiver_log = receiver.stderr();
     assert_eq!(
         said, written,
         "{what}: the receiver's summary says {said} packets for {sensor_id}, the output \
@@ -222,20 +219,6 @@ fn subsequence(expected: &[Record], got: &[Record]) -> Result<(), String> {
     Ok(())
 }
 
-/// Polls `done` every 200 ms until it holds or `timeout` passes; says whether it held.
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        sleep(0.2);
-    }
-}
-
 /// Whether the sensor's last word on its connection is that it has one: no line about
 /// reconnecting at all, or a `reconnected` after the last `reconnecting`.
 fn connected(sensor_log: &str) -> bool {
@@ -246,12 +229,12 @@ fn connected(sensor_log: &str) -> bool {
         .is_none_or(|l| l.contains("reconnected"))
 }
 
-/// The sensor's session line (`summary: session ...: N batches sent, ... reconnect(s)`).
-fn session_line(sensor_log: &str) -> &str {
-    sensor_log
-        .lines()
-        .find(|l| l.starts_with("summary: session"))
-        .unwrap_or("(no session line)")
+/// The sensor's session figures (batches sent, acknowledged and sent again; reconnects).
+fn session_line(sensor: &Proc) -> String {
+    sensor.summary().map_or_else(
+        |e| format!("(no summary: {e:#})"),
+        |s| format!("batches {}, reconnects {}", s["batches"], s["reconnects"]),
+    )
 }
 
 /// A veth pair from `a` to `b`, both ends up with the given /30 addresses.
@@ -295,7 +278,7 @@ fn receiver_killed_and_restarted_mid_stream_loses_nothing() {
     let mut killed = Receiver::start(Some(&lab.cap), &state, 4433, &args).unwrap();
     let (mut sensor, tcpdump) = pcap_sensor_beside_tcpdump(&lab, &killed, "kill9", &reference_file);
 
-    // 7907 frames at 900 per second: about 9 s.
+    // 7907 frames (the corpus) at 900 per second: about 9 s.
     let started = Instant::now();
     let mut replay = start_replay(&lab, 900, 1);
     sleep(3.0);
@@ -306,7 +289,7 @@ fn receiver_killed_and_restarted_mid_stream_loses_nothing() {
     // is all SIGKILL may leave.
     let (one, cut_bytes) = complete_records(&out).unwrap();
     assert!(
-        !one.is_empty() && one.len() < CORPUS_FRAMES,
+        !one.is_empty() && one.len() < corpus::PACKETS,
         "the kill did not fall mid-stream: {} packets in the file",
         one.len()
     );
@@ -324,12 +307,12 @@ fn receiver_killed_and_restarted_mid_stream_loses_nothing() {
         "the sensor never said it lost the receiver:\n{sensor_log}"
     );
     let logs = Logs {
-        sensor: &sensor_log,
-        receiver: &receiver_log,
+        sensor: &sensor,
+        receiver: &receiver.proc,
         extra: format!("first run wrote {} packets", one.len()),
     };
     // Exactly once: no packet lost, none twice, across the kill.
-    let f = assert_delivered_once("kill -9", &expected, CORPUS_FRAMES, &out, iface, &logs);
+    let f = assert_delivered_once("kill -9", &expected, corpus::PACKETS, &out, iface, &logs);
     assert_eq!(
         f.dropped, 0,
         "the buffer holds 9 s of this stream:\n{sensor_log}"
@@ -338,7 +321,7 @@ fn receiver_killed_and_restarted_mid_stream_loses_nothing() {
     // file starts with the killed receiver's packets (less what the journal cut back, all
     // unacknowledged), and the rest is new.
     let got = tcpdump_records(&out, "").unwrap();
-    let said = receiver_packets_of(&receiver_log, "kill9").unwrap() as usize;
+    let said = receiver_packets_of(&receiver.proc.summary().unwrap(), "kill9").unwrap() as usize;
     assert!(said > 0, "nothing new reached the restarted receiver");
     let kept = got.len() - said;
     assert!(
@@ -356,7 +339,7 @@ fn receiver_killed_and_restarted_mid_stream_loses_nothing() {
         got.len(),
         expected.len(),
         f.line,
-        session_line(&sensor_log)
+        session_line(&sensor)
     );
 }
 
@@ -383,7 +366,7 @@ fn receiver_aborted_between_write_and_acknowledgement_writes_each_packet_once() 
         let sensor_id = format!("fault{run}");
         let (mut sensor, tcpdump) =
             pcap_sensor_beside_tcpdump(&lab, &aborting, &sensor_id, &reference_file);
-        // 7907 frames at 4000 per second: about 2 s, some 20 flushes.
+        // 7907 frames (the corpus) at 4000 per second: about 2 s, some 20 flushes.
         let mut replay = start_replay(&lab, 4000, 1);
         let status = aborting.proc.wait(Duration::from_secs(60)).unwrap();
         let aborted_log = aborting.proc.stderr();
@@ -395,15 +378,15 @@ fn receiver_aborted_between_write_and_acknowledgement_writes_each_packet_once() 
         let expected = end_of_replay(&mut replay, tcpdump, &reference_file);
         let reconnected = sensor.wait_for("reconnected", Duration::from_secs(60));
         stop_both(&mut sensor, &mut receiver);
-        let (sensor_log, receiver_log) = (sensor.stderr(), receiver.proc.stderr());
+        let receiver_log = receiver.proc.stderr();
         reconnected.unwrap_or_else(|e| panic!("run {run}: {e:#}\nreceiver:\n{receiver_log}"));
         let logs = Logs {
-            sensor: &sensor_log,
-            receiver: &receiver_log,
+            sensor: &sensor,
+            receiver: &receiver.proc,
             extra: format!("run {run}, abort after flush {flush}:\n{aborted_log}"),
         };
         let what = format!("run {run} (abort after flush {flush})");
-        assert_delivered_once(&what, &expected, CORPUS_FRAMES, &out, iface, &logs);
+        assert_delivered_once(&what, &expected, corpus::PACKETS, &out, iface, &logs);
         eprintln!("{what}: {} packets, each once", expected.len());
     }
 }
@@ -464,17 +447,17 @@ fn ten_second_partition_delays_but_loses_nothing() {
     let resumed_at = started.elapsed();
     let expected = end_of_replay(&mut replay, tcpdump, &reference_file);
     stop_both(&mut sensor, &mut receiver);
-    let (sensor_log, receiver_log) = (sensor.stderr(), receiver.proc.stderr());
+    let sensor_log = sensor.stderr();
 
     let logs = Logs {
-        sensor: &sensor_log,
-        receiver: &receiver_log,
+        sensor: &sensor,
+        receiver: &receiver.proc,
         extra: String::new(),
     };
     let f = assert_delivered_once(
         "partition",
         &expected,
-        2 * CORPUS_FRAMES,
+        2 * corpus::PACKETS,
         &out,
         iface,
         &logs,
@@ -483,7 +466,7 @@ fn ten_second_partition_delays_but_loses_nothing() {
         f.dropped, 0,
         "the buffer holds 10 s of this stream:\n{sensor_log}"
     );
-    assert_receiver_wrote("partition", &receiver_log, "partition", f.delivered);
+    assert_receiver_wrote("partition", &receiver.proc, "partition", f.delivered);
     eprintln!(
         "link down at {down_at:.1?}, up at {up_at:.1?}, no reconnect pending at {resumed_at:.1?} \
          ({}); {written_before} packets written before the partition, {} in all = tcpdump's; \
@@ -495,7 +478,7 @@ fn ten_second_partition_delays_but_loses_nothing() {
         },
         f.delivered,
         f.line,
-        session_line(&sensor_log)
+        session_line(&sensor)
     );
     let reconnects: Vec<&str> = sensor_log
         .lines()
@@ -537,7 +520,7 @@ fn lossy_reordering_path_loses_and_doubles_nothing() {
     stop_both(&mut sensor, &mut receiver);
     let stats = relay.stats();
     drop(relay);
-    let (sensor_log, receiver_log) = (sensor.stderr(), receiver.proc.stderr());
+    let sensor_log = sensor.stderr();
 
     // The faults really happened: datagrams lost and held back both ways, and overtaken
     // on the way to the receiver. (The acknowledgements coming back are too sparse for a
@@ -558,19 +541,19 @@ fn lossy_reordering_path_loses_and_doubles_nothing() {
         faults.seed
     );
     let logs = Logs {
-        sensor: &sensor_log,
-        receiver: &receiver_log,
+        sensor: &sensor,
+        receiver: &receiver.proc,
         extra: format!("relay (seed {}): {stats}", faults.seed),
     };
-    let f = assert_delivered_once("relay", &expected, 2 * CORPUS_FRAMES, &out, iface, &logs);
+    let f = assert_delivered_once("relay", &expected, 2 * corpus::PACKETS, &out, iface, &logs);
     assert_eq!(f.dropped, 0, "{sensor_log}");
-    assert_receiver_wrote("relay", &receiver_log, "relayed", f.delivered);
+    assert_receiver_wrote("relay", &receiver.proc, "relayed", f.delivered);
     eprintln!(
         "relay (seed {}): {stats}; {} packets = tcpdump's; sensor: {}; {}",
         faults.seed,
         f.delivered,
         f.line,
-        session_line(&sensor_log)
+        session_line(&sensor)
     );
 }
 
@@ -599,14 +582,14 @@ fn sensor_sigterm_under_load_delivers_what_it_matched() {
     let stop_took = stop_started.elapsed();
     let expected = end_of_replay(&mut replay, tcpdump, &reference_file);
     receiver.stop().unwrap();
-    let (sensor_log, receiver_log) = (sensor.stderr(), receiver.proc.stderr());
+    let sensor_log = sensor.stderr();
 
     let got = tcpdump_records(&out, "").unwrap();
-    let f = assert_identity("SIGTERM", &sensor_log, iface, got.len() as u64);
-    assert_receiver_wrote("SIGTERM", &receiver_log, "sigterm", got.len() as u64);
+    let f = assert_identity("SIGTERM", &sensor, iface, got.len() as u64);
+    assert_receiver_wrote("SIGTERM", &receiver.proc, "sigterm", got.len() as u64);
     assert_eq!(
         expected.len(),
-        5 * CORPUS_FRAMES,
+        5 * corpus::PACKETS,
         "tcpdump saw the whole replay"
     );
     assert!(
@@ -700,7 +683,7 @@ fn receiver_disk_full_holds_then_resumes_without_loss() {
 
     assert_eq!(
         expected.len(),
-        CORPUS_FRAMES,
+        corpus::PACKETS,
         "tcpdump saw the whole replay"
     );
     assert!(
@@ -722,12 +705,12 @@ fn receiver_disk_full_holds_then_resumes_without_loss() {
         got.len(),
         "tshark reads every packet"
     );
-    let f = assert_identity("disk full", &sensor_log, iface, got.len() as u64);
+    let f = assert_identity("disk full", &sensor, iface, got.len() as u64);
     assert_eq!(
         f.dropped, 0,
         "the sensor's buffer holds the whole stream:\n{sensor_log}"
     );
-    assert_receiver_wrote("disk full", &receiver_log, "diskfull", got.len() as u64);
+    assert_receiver_wrote("disk full", &receiver.proc, "diskfull", got.len() as u64);
     let error_line = receiver_log
         .lines()
         .find(|l| no_space(l))
@@ -808,10 +791,10 @@ fn fifty_sensors_for_a_minute_with_bounded_receiver_memory() {
 
     assert_eq!(
         expected.len(),
-        LOOPS as usize * CORPUS_FRAMES,
+        LOOPS as usize * corpus::PACKETS,
         "tcpdump saw the replay"
     );
-    let sessions = receiver_sessions(&receiver_log);
+    let sessions = receiver_sessions(&receiver.proc.summary().unwrap());
     let mut session_ids: Vec<&str> = sessions.iter().map(|s| s.sensor_id.as_str()).collect();
     session_ids.sort_unstable();
     session_ids.dedup();
@@ -841,9 +824,8 @@ fn fifty_sensors_for_a_minute_with_bounded_receiver_memory() {
             .filter(|i| i.description.starts_with(&needle))
             .flat_map(|i| i.records.iter().cloned())
             .collect();
-        let log = sensor.stderr();
-        let f = assert_identity(&what, &log, iface, got.len() as u64);
-        assert_receiver_wrote(&what, &receiver_log, id, got.len() as u64);
+        let f = assert_identity(&what, sensor, iface, got.len() as u64);
+        assert_receiver_wrote(&what, &receiver.proc, id, got.len() as u64);
         // Every frame tcpdump saw is, for this sensor, written or counted as dropped.
         let accounted = f.delivered + f.dropped;
         if accounted != expected.len() as u64 {

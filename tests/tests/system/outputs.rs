@@ -9,17 +9,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use testbed::capstream::{
-    assert_refused, first_difference, pcapng_interfaces, start_sensor, summary_figure,
-    tcpdump_records, tshark_count, Receiver, Record, Scratch,
+    assert_refused, first_difference, number_after, pcapng_interfaces, start_sensor,
+    summary_figure, tcpdump_records, tshark_count, Receiver, Record, Scratch,
 };
-use testbed::{corpus_dir, require_root, run, Proc, Tmpfs};
-
-fn corpus() -> String {
-    corpus_dir()
-        .join("tcpdump-tests.pcap")
-        .to_string_lossy()
-        .into_owned()
-}
+use testbed::{corpus, require_root, run, Proc, Tmpfs};
 
 fn arg(path: &Path) -> String {
     path.to_string_lossy().into_owned()
@@ -27,7 +20,7 @@ fn arg(path: &Path) -> String {
 
 /// What tcpdump reads from the corpus under `filter`.
 fn reference(filter: &str) -> Vec<Record> {
-    tcpdump_records(Path::new(&corpus()), filter).unwrap()
+    tcpdump_records(&corpus::pcap(), filter).unwrap()
 }
 
 /// Streams `file` through a sensor (`extra` added) into `receiver`, to the end.
@@ -88,7 +81,7 @@ fn tshark_reads_the_live_stream_as_the_file_has_it() {
     let (mut receiver, out) = writing_and_serving(&dir, 5310, "127.0.0.1:5311");
     let live = dir.join("live.pcap");
     let mut tshark = start_tshark(&receiver, "127.0.0.1:5311", &live, 1);
-    replay(&receiver, &corpus(), &[]);
+    replay(&receiver, &corpus::pcap_arg(), &[]);
     receiver.stop().unwrap();
     // The receiver ends the stream at exit: tshark sees the end and stops by itself.
     let status = tshark.wait(Duration::from_secs(30)).unwrap();
@@ -107,11 +100,13 @@ fn tshark_reads_the_live_stream_as_the_file_has_it() {
         "live stream vs file: {}",
         first_difference(&file, &streamed)
     );
-    assert_eq!(tshark_count(&live).unwrap(), 7907);
-    let log = receiver.proc.stderr();
-    assert!(
-        log.contains("1 client(s), 7907 packets sent, 0 dropped"),
-        "{log}"
+    assert_eq!(tshark_count(&live).unwrap(), corpus::PACKETS);
+    let summary = receiver.proc.summary().unwrap();
+    let live = |name: &str| summary_figure(&summary, &format!("/live_stream/{name}")).unwrap();
+    assert_eq!(
+        (live("clients"), live("sent"), live("dropped")),
+        (1, corpus::PACKETS as u64, 0),
+        "{summary:#}"
     );
 }
 
@@ -123,7 +118,7 @@ fn without_a_file_the_live_stream_acknowledges_the_sensors() {
     let mut receiver = Receiver::start(None, &dir.join("state"), 5319, &args).unwrap();
     let mut tshark = start_tshark(&receiver, "127.0.0.1:5320", &live, 1);
     // The sensor exits successfully only once every batch is acknowledged.
-    replay(&receiver, &corpus(), &["--bpf", "tcp"]);
+    replay(&receiver, &corpus::pcap_arg(), &["--bpf", "tcp"]);
     receiver.stop().unwrap();
     let status = tshark.wait(Duration::from_secs(30)).unwrap();
     assert!(status.success(), "tshark: {}", tshark.stderr());
@@ -142,13 +137,13 @@ fn a_client_that_never_reads_drops_its_own_packets_only() {
     let dir = Scratch::new("slow").unwrap();
     // 20 corpus copies, about 36 MB: more than a stalled client's queue and socket hold.
     let big = dir.join("big.pcap");
-    let copies: Vec<String> = std::iter::repeat_n(corpus(), 20).collect();
+    let copies: Vec<String> = std::iter::repeat_n(corpus::pcap_arg(), 20).collect();
     let mut mergecap = vec!["-a", "-F", "pcap", "-w"];
     let big_arg = arg(&big);
     mergecap.push(&big_arg);
     mergecap.extend(copies.iter().map(String::as_str));
     run("mergecap", &mergecap).expect("mergecap is missing: `cargo xtask setup` installs it");
-    let total = 20 * 7907;
+    let total = 20 * corpus::PACKETS;
 
     let (mut receiver, out) = writing_and_serving(&dir, 5312, "127.0.0.1:5313");
     let live = dir.join("live.pcap");
@@ -176,15 +171,16 @@ fn a_client_that_never_reads_drops_its_own_packets_only() {
         .lines()
         .find(|l| l.contains("dropped because it read too slowly"))
         .unwrap_or_else(|| panic!("no drop line for the stalled client:\n{log}"));
-    let sent = summary_figure(line, "): ").unwrap();
-    let dropped = summary_figure(line, "packets sent, ").unwrap();
+    let sent = number_after(line, "): ").unwrap();
+    let dropped = number_after(line, "packets sent, ").unwrap();
     eprintln!("{line}");
     assert!(dropped > 0, "{line}");
     assert_eq!(sent + dropped, total as u64, "{line}");
-    let summary_dropped = summary_figure(&log, "packets sent, ").unwrap();
+    let summary = receiver.proc.summary().unwrap();
+    let summary_dropped = summary_figure(&summary, "/live_stream/dropped").unwrap();
     assert_eq!(
         summary_dropped, dropped,
-        "the exit summary counts them: {log}"
+        "the exit summary counts them: {summary:#}"
     );
 }
 
@@ -202,7 +198,7 @@ fn rotated_files_hold_the_capture_in_order_and_keep_deletes_the_oldest() {
         &["--out", &arg(&pattern), "--rotate-size", "256KiB"],
     )
     .unwrap();
-    replay(&receiver, &corpus(), &[]);
+    replay(&receiver, &corpus::pcap_arg(), &[]);
     receiver.stop().unwrap();
     let files = completed(&receiver.proc.stderr());
     assert!(files.len() >= 5, "{files:?}");
@@ -249,7 +245,7 @@ fn rotated_files_hold_the_capture_in_order_and_keep_deletes_the_oldest() {
         ],
     )
     .unwrap();
-    replay(&receiver, &corpus(), &[]);
+    replay(&receiver, &corpus::pcap_arg(), &[]);
     receiver.stop().unwrap();
     let log = receiver.proc.stderr();
     let files = completed(&log);
@@ -294,7 +290,7 @@ fn rotation_waits_out_a_full_disk_without_loss() {
         "256KiB",
     ];
     let mut receiver = Receiver::start(None, &dir.join("state"), 5321, &args).unwrap();
-    let mut sensor = start_sensor(None, &receiver, &["--read", &corpus()]).unwrap();
+    let mut sensor = start_sensor(None, &receiver, &["--read", &corpus::pcap_arg()]).unwrap();
     receiver
         .proc
         .wait_for("No space left", Duration::from_secs(60))
@@ -336,12 +332,12 @@ fn a_file_per_sensor_with_safe_names_even_for_hostile_ones() {
     .unwrap();
     replay(
         &receiver,
-        &corpus(),
+        &corpus::pcap_arg(),
         &["--sensor-id", "../../x", "--bpf", "udp"],
     );
     replay(
         &receiver,
-        &corpus(),
+        &corpus::pcap_arg(),
         &["--sensor-id", "tap-1", "--bpf", "tcp"],
     );
     receiver.stop().unwrap();
@@ -377,7 +373,7 @@ fn a_restarted_receiver_continues_its_file() {
         let mut logs = String::new();
         for _ in 0..2 {
             let mut receiver = Receiver::start(None, &dir.join("state"), port, &args).unwrap();
-            replay(&receiver, &corpus(), &[]);
+            replay(&receiver, &corpus::pcap_arg(), &[]);
             receiver.stop().unwrap();
             logs += &receiver.proc.stderr();
         }
@@ -388,7 +384,7 @@ fn a_restarted_receiver_continues_its_file() {
             "{name}: both runs, in order: {}\n{logs}",
             first_difference(&twice, &got)
         );
-        assert_eq!(tshark_count(&out).unwrap(), 2 * 7907, "{name}");
+        assert_eq!(tshark_count(&out).unwrap(), 2 * corpus::PACKETS, "{name}");
         assert!(logs.contains("continuing the capture there"), "{logs}");
         let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{name}: readable by its owner only");
@@ -402,7 +398,11 @@ fn a_restarted_receiver_continues_its_file() {
 fn files_per_sensor_are_closed_as_their_sensors_leave() {
     let dir = Scratch::new("fds").unwrap();
     let small = dir.join("small.pcap");
-    run("tcpdump", &["-r", &corpus(), "-c", "5", "-w", &arg(&small)]).unwrap();
+    run(
+        "tcpdump",
+        &["-r", &corpus::pcap_arg(), "-c", "5", "-w", &arg(&small)],
+    )
+    .unwrap();
     let out_dir = dir.join("out");
     std::fs::create_dir(&out_dir).unwrap();
     let args = [
