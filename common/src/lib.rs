@@ -18,6 +18,8 @@ mod batch;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod codec;
+#[doc(hidden)]
+pub mod decode_check;
 mod message;
 #[cfg(feature = "cli")]
 pub mod metrics;
