@@ -700,14 +700,34 @@ impl<'t, 'a> Emitter<'t, 'a> {
                     && k < ETHERTYPE_OFF
                     && k + bytes > ETHERTYPE_OFF =>
             {
-                self.load_bytes(SIZE_B, Offset::Const(k), dst, true);
-                for i in 1..bytes {
-                    self.load_bytes(SIZE_B, Offset::Const(k + i), R0, true);
-                    self.alu32_imm(OP_LSH, dst, 8);
-                    self.alu32_reg(OP_OR, dst, R0);
-                }
+                self.load_bytewise(bytes, |i| Offset::Const(k + i), dst);
+            }
+            // The same where X + k says at run time whether the load spans it.
+            Offset::XPlus(k) if self.context == Context::Xdp && bytes > 1 => {
+                self.mov32_reg(R2, X);
+                self.alu32_imm(OP_ADD, R2, k as i32);
+                let after = self.forward_jump(EBPF_JMP32 | JGE, R2, ETHERTYPE_OFF as i32);
+                let before =
+                    self.forward_jump(EBPF_JMP32 | JLT, R2, (ETHERTYPE_OFF + 1 - bytes) as i32);
+                self.load_bytewise(bytes, |i| Offset::XPlus(k.wrapping_add(i)), dst);
+                let done = self.forward_jump(EBPF_JMP | JA, 0, 0);
+                self.land(after);
+                self.land(before);
+                self.load_bytes(size, offset, dst, true);
+                self.land(done);
             }
             _ => self.load_bytes(size, offset, dst, true),
+        }
+    }
+
+    /// `dst` = the `bytes` bytes at `at(0)`, `at(1)`, ... as the kernel's taps see them,
+    /// big-endian, loaded one at a time.
+    fn load_bytewise(&mut self, bytes: u32, at: impl Fn(u32) -> Offset, dst: u8) {
+        self.load_bytes(SIZE_B, at(0), dst, true);
+        for i in 1..bytes {
+            self.load_bytes(SIZE_B, at(i), R0, true);
+            self.alu32_imm(OP_LSH, dst, 8);
+            self.alu32_reg(OP_OR, dst, R0);
         }
     }
 

@@ -759,6 +759,31 @@ fn xdp_hides_the_outer_vlan_tag() {
     }
 }
 
+/// An indirect load's offset is known only at run time: in XDP, one that spans the hidden
+/// tag's place must read the bytes on both sides of it, as a constant offset does.
+#[test]
+fn xdp_indirect_loads_across_the_hidden_tag() {
+    let untagged = frame(64, 6);
+    let tagged = [&untagged[..12], &[0x81, 0x00, 0x20, 0x64], &untagged[12..]].concat();
+    for (x, load) in [
+        (8, LD_W_IND),
+        (9, LD_W_IND),
+        (10, LD_W_IND),
+        (11, LD_W_IND),
+        (12, LD_W_IND),
+        (10, LD_H_IND),
+        (11, LD_H_IND),
+        (12, LD_H_IND),
+        (11, LD_B_IND),
+        (12, LD_B_IND),
+    ] {
+        let prog = [s(LDX_IMM, x), s(load, 0), s(RET_A, 0)];
+        let fd = load_classic(&prog, Context::Xdp);
+        assert_eq!(run(&fd, &tagged), oracle(&prog, &untagged), "{prog:?}");
+        assert_eq!(run(&fd, &untagged), oracle(&prog, &untagged), "{prog:?}");
+    }
+}
+
 fn translate_error(prog: &[CbpfInsn], context: Context) -> TranslateError {
     translate(prog, &return_target(context)).expect_err("accepted an invalid program")
 }
