@@ -97,6 +97,16 @@ pub fn run(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
     if !build.success() {
         bail!("building the fuzz targets failed ({build})");
     }
+    // The targets' own checks (what translate compares, its input layout), without
+    // sanitizers: the fuzzer relies on them.
+    eprintln!("xtask: testing the fuzz targets' library ({toolchain})");
+    let tests = nightly_cargo(&fuzz_dir, &toolchain)
+        .args(["test", "--lib"])
+        .status()
+        .with_context(|| format!("cannot run cargo +{toolchain} test"))?;
+    if !tests.success() {
+        bail!("the fuzz targets' unit tests failed ({tests})");
+    }
 
     let reports = targets
         .iter()
@@ -146,10 +156,16 @@ pub fn run(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
 /// `cargo +TOOLCHAIN fuzz` in the workspace root, with the caller's toolchain overrides
 /// removed (as for the eBPF build).
 fn fuzz_command(root: &Path, toolchain: &str) -> Command {
+    let mut c = nightly_cargo(root, toolchain);
+    c.arg("fuzz");
+    c
+}
+
+/// `cargo +TOOLCHAIN` in `dir`, likewise.
+fn nightly_cargo(dir: &Path, toolchain: &str) -> Command {
     let mut c = Command::new("cargo");
     c.arg(format!("+{toolchain}"))
-        .arg("fuzz")
-        .current_dir(root)
+        .current_dir(dir)
         .env_remove("RUSTFLAGS")
         .env_remove("RUSTC")
         .env_remove("RUSTC_WRAPPER")
