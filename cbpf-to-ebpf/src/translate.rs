@@ -187,7 +187,7 @@ pub enum Refusal {
         /// The instruction it would land on.
         to: usize,
     },
-    /// A load or store of scratch memory M[index], which has 16 words.
+    /// A load or store of scratch memory `M[index]`, which has 16 words.
     #[error("scratch memory index {index} is not below {}", MEMWORDS)]
     ScratchIndex {
         /// The index asked for.
