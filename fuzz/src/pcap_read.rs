@@ -1,8 +1,8 @@
 //! What `sensor --read FILE` does with a capture file, on fuzz input: libpcap opens it (as
 //! pcap or pcapng), a filter is compiled and set, and every packet is read until libpcap
 //! says the file ends or fails. Each packet goes through the sensor's own conversions
-//! (`sensor/src/capture/pcap_record.rs`) and into a `protocol::BatchBuilder`, whose batches must
-//! decode to the same packets.
+//! (the `pcap_record` crate) and into a `protocol::BatchBuilder`, whose batches must decode to
+//! the same packets.
 //!
 //! libpcap itself is not instrumented: this mainly shows that nothing we do with what
 //! libpcap returns panics, and it catches libpcap's own crashes (and, under AddressSanitizer,
@@ -13,12 +13,8 @@ use std::sync::OnceLock;
 
 use bytes::BytesMut;
 use pcap::{Activated, Capture, Linktype, Precision};
+use pcap_record::{direction, timestamp_ns};
 use protocol::{decode_frame, BatchBuilder, Direction, Message, PushOutcome, MAX_SNAPLEN};
-
-// The sensor's own conversions, compiled in from its source.
-#[path = "../../sensor/src/capture/pcap_record.rs"]
-mod record;
-use record::{direction, timestamp_ns};
 
 /// The filter the second reading sets, as a user's `--bpf` would.
 const FILTER: &str = "tcp or udp";

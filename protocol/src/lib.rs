@@ -18,6 +18,8 @@
 
 mod batch;
 mod codec;
+#[doc(hidden)]
+pub mod decode_check;
 mod message;
 
 pub use batch::{BatchBuilder, Direction, EncodedBatch, Packet, PacketIter, PushOutcome};

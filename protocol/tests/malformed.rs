@@ -1,6 +1,7 @@
 //! Malformed inputs, kept as regression tests: every file in `tests/malformed/` goes through
-//! the code of the `decode_frame` fuzz target (`fuzz/src/decode.rs`, included below), and
-//! every file in `tests/malformed/batch_body/` through that of the `batch_body` target.
+//! the code of the `decode_frame` fuzz target (`protocol::decode_check`, which the target
+//! calls too), and every file in `tests/malformed/batch_body/` through that of the
+//! `batch_body` target.
 //! Each must be refused with an error, never a panic, and with the kind of error its name
 //! starts with.
 //!
@@ -46,14 +47,8 @@
 
 use std::path::{Path, PathBuf};
 
+use protocol::decode_check::{self, Refusal};
 use protocol::{DecodeError, MAX_FRAME_LEN, PROTOCOL_VERSION};
-
-// The fuzz crate uses every item of the file; this test does not.
-#[allow(dead_code)]
-#[path = "../../fuzz/src/decode.rs"]
-mod decode;
-
-use decode::Refusal;
 
 /// One input: its bytes and what it must be refused with.
 struct Case {
@@ -222,14 +217,14 @@ fn corpus() -> PathBuf {
 
 #[test]
 fn malformed_streams_are_refused_without_panicking() {
-    check_all(&corpus(), |bytes| decode::decode_stream(bytes).1);
+    check_all(&corpus(), |bytes| decode_check::decode_stream(bytes).1);
 }
 
 #[test]
 fn malformed_batch_bodies_are_refused_without_panicking() {
     check_all(&corpus().join("batch_body"), |bytes| {
-        let batch = decode::batch_from_input(bytes).expect("a batch_body input has 5 bytes");
-        decode::check_batch(&batch).map_err(Refusal::Decode)
+        let batch = decode_check::batch_from_input(bytes).expect("a batch_body input has 5 bytes");
+        decode_check::check_batch(&batch).map_err(Refusal::Decode)
     });
 }
 
@@ -260,7 +255,7 @@ fn templates_of_the_cases_are_valid() {
     ];
     for t in templates {
         let (bytes, _) = parse_hex(t).unwrap();
-        let (messages, result) = decode::decode_stream(&bytes);
+        let (messages, result) = decode_check::decode_stream(&bytes);
         assert_eq!(result, Ok(()), "template {t}");
         assert_eq!(messages.len(), 1, "template {t}");
     }

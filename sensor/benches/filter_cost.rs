@@ -2,8 +2,8 @@
 //! with `repeat` reports the mean run time, and criterion collects those means.
 //!
 //! For every filter of the shared corpus's filters-dev.txt, compiled by libpcap for
-//! Ethernet and translated as the sensor translates it (the sensor's own `cbpf` and `sys`
-//! modules, compiled in here), on the smallest and the largest corpus frame the filter
+//! Ethernet and translated as the sensor translates it (by the `cbpf_to_ebpf` crate, for
+//! the sensor's hooks), on the smallest and the largest corpus frame the filter
 //! matches (or, if it matches none, that it rejects), in each mode's programs:
 //! - `chain`: the mode's entry program with the filter and emit programs in its program
 //!   array, as the sensor loads them: entry → filter → emit, which copies a matching frame
@@ -19,18 +19,6 @@
 //!
 //! Needs root (or CAP_BPF with CAP_NET_ADMIN) and the eBPF object (cargo xtask build-ebpf).
 //! Run by `cargo xtask bench --only micro`; see BENCHMARKS.md.
-
-/// The sensor's own translator and bpf() calls, at the paths they have in the sensor.
-/// Cargo builds benchmarks with cfg(test), so their unit tests come along, unused here.
-#[cfg(all(target_os = "linux", capstream_ebpf))]
-#[allow(dead_code, unused_imports)]
-#[path = "../src/capture"]
-mod capture {
-    pub mod ebpf {
-        pub mod cbpf;
-        pub mod sys;
-    }
-}
 
 #[cfg(all(target_os = "linux", capstream_ebpf))]
 criterion::criterion_main!(kernel::benches);
@@ -52,8 +40,7 @@ mod kernel {
     use criterion::{criterion_group, Criterion};
     use sensor_ebpf as shared;
 
-    use crate::capture::ebpf::cbpf::{self, CbpfInsn, Context, OnAccept, Target};
-    use crate::capture::ebpf::sys::{self, ProgKind};
+    use cbpf_to_ebpf::{CbpfInsn, Hook, OnAccept, Target};
 
     static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sensor-ebpf.o"));
     const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/corpus");
@@ -96,14 +83,9 @@ mod kernel {
 
         /// The translation target, with the pass value of the sensor's hook.
         fn target<'a>(self, programs: &'a OwnedFd, scratch: &'a OwnedFd) -> Target<'a> {
-            let (context, pass) = match self {
-                Self::Ebpf => (Context::Skb, 0),
-                Self::Tc => (Context::Skb, -1),
-                Self::Xdp => (Context::Xdp, 2),
-            };
             Target {
-                context,
-                pass,
+                hook: self.hook(),
+                pass: self.hook().pass(),
                 on_accept: OnAccept::TailCall {
                     prog_array: programs.as_fd(),
                     index: shared::PROG_EMIT,
@@ -112,11 +94,11 @@ mod kernel {
             }
         }
 
-        fn kind(self) -> ProgKind {
+        fn hook(self) -> Hook {
             match self {
-                Self::Ebpf => ProgKind::SocketFilter,
-                Self::Tc => ProgKind::SchedCls,
-                Self::Xdp => ProgKind::Xdp { frags: true },
+                Self::Ebpf => Hook::SocketFilter,
+                Self::Tc => Hook::Tc,
+                Self::Xdp => Hook::Xdp { frags: true },
             }
         }
 
@@ -155,12 +137,13 @@ mod kernel {
             let emit = load_program(&mut ebpf, emit);
             let programs = map_fd(&ebpf, shared::PROGRAMS_MAP);
             let scratch = map_fd(&ebpf, shared::SCRATCH_MAP);
-            let insns = cbpf::translate(classic, &mode.target(&programs, &scratch))
+            let insns = cbpf_to_ebpf::translate(classic, &mode.target(&programs, &scratch))
                 .expect("the filter translates");
-            let filter = sys::load_program(mode.kind(), &insns, "capstream_filter")
+            let filter = cbpf_to_ebpf::load_program(mode.hook(), &insns, "capstream_filter")
                 .expect("the kernel takes the filter");
             for (index, prog) in [(shared::PROG_FILTER, &filter), (shared::PROG_EMIT, &emit)] {
-                sys::prog_array_set(programs.as_fd(), index, prog.as_fd()).expect("chained");
+                cbpf_to_ebpf::prog_array_set(programs.as_fd(), index, prog.as_fd())
+                    .expect("chained");
             }
             let ring = RingBuf::try_from(ebpf.take_map(shared::RING_MAP).expect("ring"))
                 .expect("a ring buffer");
@@ -197,7 +180,7 @@ mod kernel {
         /// Whether the chain emits `input` (one run, judged by the matched counter).
         fn accepts(&mut self, input: &[u8]) -> bool {
             let before = self.matched();
-            sys::test_run(self.entry.as_fd(), input, 1).expect("BPF_PROG_TEST_RUN");
+            cbpf_to_ebpf::test_run(self.entry.as_fd(), input, 1).expect("BPF_PROG_TEST_RUN");
             while self.ring.next().is_some() {}
             self.matched() > before
         }
@@ -208,7 +191,8 @@ mod kernel {
             let mut left = iters;
             while left > 0 {
                 let n = left.min(REPEAT);
-                let run = sys::test_run(prog.as_fd(), input, n as u32).expect("BPF_PROG_TEST_RUN");
+                let run = cbpf_to_ebpf::test_run(prog.as_fd(), input, n as u32)
+                    .expect("BPF_PROG_TEST_RUN");
                 total_ns += u64::from(run.duration_ns) * n;
                 while self.ring.next().is_some() {}
                 left -= n;

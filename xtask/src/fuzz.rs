@@ -18,7 +18,10 @@ use protocol::{
 
 use crate::system::cmd;
 
-pub const TARGETS: &[&str] = &["decode_frame", "batch_body", "pcap_read"];
+pub const TARGETS: &[&str] = &["decode_frame", "batch_body", "pcap_read", "translate"];
+
+/// The target that loads programs into the kernel, so needs root.
+const ROOT_TARGET: &str = "translate";
 
 /// The cargo-fuzz release installed (with its own Cargo.lock) when it is missing.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -35,6 +38,13 @@ const INPUT_TIMEOUT_SECS: u64 = 10;
 /// Capture files from the shared corpus used as pcap_read seeds: small ones, for speed.
 const PCAP_SEED_MAX_BYTES: u64 = 2048;
 const PCAP_SEEDS_FROM_CORPUS: usize = 24;
+
+/// Corpus frames used as translate seeds: long enough for an IPv6 header (a test run refuses
+/// a shorter IPv6 frame), short for speed.
+const TRANSLATE_FRAME_LENS: std::ops::RangeInclusive<usize> = 54..=600;
+/// translate's input: the hook byte (TC; XDP is odd), the instruction count, then each
+/// instruction as `struct bpf_insn` little-endian (see fuzz/src/translate.rs).
+const TRANSLATE_HOOKS: [(u8, &str); 2] = [(0, "tc"), (1, "xdp")];
 
 /// What one target's run reported.
 #[derive(Default)]
@@ -61,6 +71,19 @@ pub fn run(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
         }
         targets.iter().map(String::as_str).collect()
     };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if targets.contains(&ROOT_TARGET) && unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the {ROOT_TARGET} fuzz target loads programs into the kernel: run as root, or name \
+             the other targets ({})",
+            TARGETS
+                .iter()
+                .filter(|t| **t != ROOT_TARGET)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
     let fuzz_dir = root.join("fuzz");
     let toolchain = crate::ebpf::nightly(root)?.name;
     ensure_cargo_fuzz()?;
@@ -73,6 +96,16 @@ pub fn run(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
         .with_context(|| format!("cannot run cargo +{toolchain} fuzz"))?;
     if !build.success() {
         bail!("building the fuzz targets failed ({build})");
+    }
+    // The targets' own checks (what translate compares, its input layout), without
+    // sanitizers: the fuzzer relies on them.
+    eprintln!("xtask: testing the fuzz targets' library ({toolchain})");
+    let tests = nightly_cargo(&fuzz_dir, &toolchain)
+        .args(["test", "--lib"])
+        .status()
+        .with_context(|| format!("cannot run cargo +{toolchain} test"))?;
+    if !tests.success() {
+        bail!("the fuzz targets' unit tests failed ({tests})");
     }
 
     let reports = targets
@@ -95,6 +128,7 @@ pub fn run(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
         let keep = match r.target.as_str() {
             "decode_frame" => "protocol/tests/malformed/",
             "batch_body" => "protocol/tests/malformed/batch_body/",
+            "translate" => "a test in cbpf-to-ebpf/src/translate/tests.rs",
             _ => "a sensor test (tests/data/)",
         };
         for crash in &r.crashes {
@@ -122,10 +156,16 @@ pub fn run(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
 /// `cargo +TOOLCHAIN fuzz` in the workspace root, with the caller's toolchain overrides
 /// removed (as for the eBPF build).
 fn fuzz_command(root: &Path, toolchain: &str) -> Command {
+    let mut c = nightly_cargo(root, toolchain);
+    c.arg("fuzz");
+    c
+}
+
+/// `cargo +TOOLCHAIN` in `dir`, likewise.
+fn nightly_cargo(dir: &Path, toolchain: &str) -> Command {
     let mut c = Command::new("cargo");
     c.arg(format!("+{toolchain}"))
-        .arg("fuzz")
-        .current_dir(root)
+        .current_dir(dir)
         .env_remove("RUSTFLAGS")
         .env_remove("RUSTC")
         .env_remove("RUSTC_WRAPPER")
@@ -233,7 +273,8 @@ fn run_target(
 }
 
 /// Writes the seed inputs of every target into `corpus/<target>/seed-*`, built with the
-/// protocol's own encoder, plus small capture files from the shared corpus for pcap_read.
+/// protocol's own encoder, plus small capture files from the shared corpus for pcap_read,
+/// and for translate the dev filters compiled by libpcap with frames they match and reject.
 pub fn write_seeds(corpus: &Path) -> Result<()> {
     let write = |target: &str, name: &str, bytes: &[u8]| -> Result<()> {
         let dir = corpus.join(target);
@@ -285,7 +326,90 @@ pub fn write_seeds(corpus: &Path) -> Result<()> {
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         write("pcap_read", &format!("tcpdump-{name}"), &bytes)?;
     }
+
+    for (name, bytes) in translate_seeds()? {
+        write("translate", &name, &bytes)?;
+    }
     Ok(())
+}
+
+/// Each filter of the shared corpus's filters-dev.txt, compiled by libpcap for Ethernet, on
+/// the shortest corpus frame it matches and the shortest it rejects, in each hook. Without
+/// the shared corpus: a few filters on the frames of `seed_captures`.
+fn translate_seeds() -> Result<Vec<(String, Vec<u8>)>> {
+    let corpus = testbed::corpus_dir();
+    let (filters, frames): (Vec<String>, Vec<Vec<u8>>) =
+        match std::fs::read_to_string(corpus.join("filters-dev.txt")) {
+            Ok(text) => (
+                text.lines().map(str::to_string).collect(),
+                corpus_frames(&corpus.join("tcpdump-tests.pcap"))?,
+            ),
+            Err(_) => {
+                eprintln!(
+                    "xtask: no shared corpus at {}; translate starts from a few filters only",
+                    corpus.display()
+                );
+                let frames = [
+                    ethernet(0x0800, &ipv4(6, &tcp(b"hello"))),
+                    ethernet(0x0806, &[0; 28]),
+                ];
+                (
+                    vec![String::new(), "tcp".into(), "arp".into()],
+                    frames
+                        .into_iter()
+                        .map(|mut f| {
+                            f.resize(60, 0);
+                            f
+                        })
+                        .collect(),
+                )
+            }
+        };
+    let libpcap = pcap::Capture::dead(pcap::Linktype::ETHERNET).context("libpcap")?;
+    let mut seeds = Vec::new();
+    for (index, expr) in filters.iter().enumerate() {
+        let program = libpcap
+            .compile(expr, true)
+            .with_context(|| format!("libpcap cannot compile \"{expr}\""))?;
+        let classic = cbpf_to_ebpf::CbpfInsn::from_pcap(&program);
+        let Ok(count) = u8::try_from(classic.len()) else {
+            continue;
+        };
+        for matching in [true, false] {
+            let Some(frame) = frames
+                .iter()
+                .filter(|f| program.filter(f) == matching)
+                .min_by_key(|f| f.len())
+            else {
+                continue;
+            };
+            for (hook, hook_name) in TRANSLATE_HOOKS {
+                let mut input = vec![hook, count];
+                for insn in &classic {
+                    input.extend_from_slice(&insn.code.to_le_bytes());
+                    input.extend_from_slice(&[insn.jt, insn.jf]);
+                    input.extend_from_slice(&insn.k.to_le_bytes());
+                }
+                input.extend_from_slice(frame);
+                let verdict = if matching { "match" } else { "reject" };
+                seeds.push((format!("filter{index}-{verdict}-{hook_name}"), input));
+            }
+        }
+    }
+    Ok(seeds)
+}
+
+/// The frames of a capture file with a length in TRANSLATE_FRAME_LENS.
+fn corpus_frames(path: &Path) -> Result<Vec<Vec<u8>>> {
+    let mut capture = pcap::Capture::from_file(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mut frames = Vec::new();
+    while let Ok(packet) = capture.next_packet() {
+        if TRANSLATE_FRAME_LENS.contains(&packet.data.len()) {
+            frames.push(packet.data.to_vec());
+        }
+    }
+    Ok(frames)
 }
 
 /// One valid message of each kind, batches in both encodings.

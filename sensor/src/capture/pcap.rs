@@ -6,16 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pcap::{Activated, Active, Capture, Device, Linktype, Offline, Precision, Stat};
+use pcap_record::{direction, timestamp_ns};
 use protocol::InterfaceInfo;
 
 use super::{compose_filter, CaptureBackend, Options, Stopper};
 use crate::batcher::{Backpressure, Batcher};
 use crate::error::{Error, Result};
-use record::{direction, timestamp_ns};
-
-// Also compiled into the capture-file fuzz target (fuzz/src/pcap_read.rs).
-#[path = "pcap_record.rs"]
-mod record;
 
 /// Read timeout: a quiet link still returns to the loop this often, so partial batches
 /// get flushed and a stop request is seen.

@@ -3,8 +3,8 @@
 //!
 //! The chain (see `sensor-ebpf`): entry program → translated filter → emit program, joined
 //! by tail calls. The filter is libpcap's own compilation of the expression, translated
-//! from classic BPF by [`cbpf`] and loaded with a raw bpf() call ([`sys`]), since Aya loads
-//! only programs from an object.
+//! from classic BPF and loaded with a raw bpf() call by the `cbpf_to_ebpf` crate, since Aya
+//! loads only programs from an object.
 //!
 //! Timestamps: TC hands over the skb's own CLOCK_REALTIME receive stamp where there is one
 //! (the stamp tcpdump gets). Otherwise the programs stamp CLOCK_BOOTTIME
@@ -14,8 +14,6 @@
 
 #[cfg(feature = "afxdp")]
 pub mod afxdp;
-pub mod cbpf;
-pub mod sys;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -27,12 +25,11 @@ use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{tc, SchedClassifier, SocketFilter, TcAttachType, Xdp, XdpMode};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
+use cbpf_to_ebpf::{CbpfInsn, OnAccept, Refusal, Target};
 use pcap::{Capture, Linktype};
 use protocol::{Direction, InterfaceInfo};
 use sensor_ebpf as shared;
 
-use self::cbpf::{CbpfInsn, Context, OnAccept, Target};
-use self::sys::ProgKind;
 use super::{compose_filter, CaptureBackend, Options, Stopper, XdpAttach};
 use crate::batcher::{Backpressure, Batcher};
 use crate::error::{Error, Result};
@@ -55,10 +52,6 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 const WAKEUP_FRACTION: u32 = 8;
 /// How often the kernel counters are read.
 const STATS_EVERY: Duration = Duration::from_secs(1);
-/// What each mode's programs return to let a packet through untouched.
-const SOCKET_PASS: i32 = 0;
-const TC_PASS: i32 = -1;
-const XDP_PASS: i32 = 2;
 
 /// Which hook runs the capture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,32 +78,14 @@ impl Hook {
         }
     }
 
-    fn context(self) -> Context {
+    /// Where the filter program runs.
+    fn filter_hook(self) -> cbpf_to_ebpf::Hook {
         match self {
-            Self::Socket | Self::Tc => Context::Skb,
-            Self::Xdp(_) => Context::Xdp,
+            Self::Socket => cbpf_to_ebpf::Hook::SocketFilter,
+            Self::Tc => cbpf_to_ebpf::Hook::Tc,
+            Self::Xdp(_) => cbpf_to_ebpf::Hook::Xdp { frags: true },
             #[cfg(feature = "afxdp")]
-            Self::Afxdp(..) => Context::Xdp,
-        }
-    }
-
-    fn pass(self) -> i32 {
-        match self {
-            Self::Socket => SOCKET_PASS,
-            Self::Tc => TC_PASS,
-            Self::Xdp(_) => XDP_PASS,
-            #[cfg(feature = "afxdp")]
-            Self::Afxdp(..) => XDP_PASS,
-        }
-    }
-
-    fn prog_kind(self) -> ProgKind {
-        match self {
-            Self::Socket => ProgKind::SocketFilter,
-            Self::Tc => ProgKind::SchedCls,
-            Self::Xdp(_) => ProgKind::Xdp { frags: true },
-            #[cfg(feature = "afxdp")]
-            Self::Afxdp(..) => ProgKind::Xdp { frags: true },
+            Self::Afxdp(..) => cbpf_to_ebpf::Hook::Xdp { frags: true },
         }
     }
 
@@ -177,7 +152,8 @@ impl EbpfCapture {
         }
         let ifindex = ifindex(iface)?;
         let (filter, link_type) = compile_filter(iface, mode, opts)?;
-        if hook.context() == Context::Xdp && link_type != Linktype::ETHERNET.0 {
+        let in_xdp = matches!(hook.filter_hook(), cbpf_to_ebpf::Hook::Xdp { .. });
+        if in_xdp && link_type != Linktype::ETHERNET.0 {
             return Err(Error::input(format!(
                 "--mode {mode} needs an Ethernet interface and {iface} is not one; use --mode tc"
             )));
@@ -209,23 +185,30 @@ impl EbpfCapture {
         let programs = map_fd(&ebpf, shared::PROGRAMS_MAP)?;
         let scratch = map_fd(&ebpf, shared::SCRATCH_MAP)?;
         let target = Target {
-            context: hook.context(),
-            pass: hook.pass(),
+            hook: hook.filter_hook(),
+            pass: hook.filter_hook().pass(),
             on_accept: OnAccept::TailCall {
                 prog_array: programs.as_fd(),
                 index: shared::PROG_EMIT,
                 scratch: scratch.as_fd(),
             },
         };
-        let insns = cbpf::translate(&filter, &target)
-            .map_err(|e| Error::input(format!("the filter cannot run in --mode {mode}: {e}")))?;
-        let filter_fd = sys::load_program(hook.prog_kind(), &insns, "capstream_filter")
+        let insns = cbpf_to_ebpf::translate(&filter, &target).map_err(|e| {
+            let instead = match e.refusal {
+                Refusal::AncillaryNotInXdp { .. } => "; use --mode tc or --mode ebpf",
+                _ => "",
+            };
+            Error::input(format!(
+                "the filter cannot run in --mode {mode}: {e}{instead}"
+            ))
+        })?;
+        let filter_fd = cbpf_to_ebpf::load_program(hook.filter_hook(), &insns, "capstream_filter")
             .map_err(|e| kernel_refused(mode, e.to_string()))?;
         for (index, prog) in [
             (shared::PROG_FILTER, filter_fd.as_fd()),
             (shared::PROG_EMIT, emit_fd.as_fd()),
         ] {
-            sys::prog_array_set(programs.as_fd(), index, prog)
+            cbpf_to_ebpf::prog_array_set(programs.as_fd(), index, prog)
                 .map_err(|e| Error::runtime(format!("cannot chain the eBPF programs: {e}")))?;
         }
 

@@ -1,4 +1,4 @@
-//! Classic BPF, as libpcap compiles a tcpdump expression, translated to eBPF.
+//! The translation: classic instructions in, eBPF instructions out.
 //!
 //! The result behaves like the kernel's classic BPF on a socket (and libpcap's own
 //! interpreter): 32-bit unsigned A and X, scratch memory M[0..16], big-endian packet loads,
@@ -20,18 +20,22 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use super::sys::EbpfInsn;
-
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests;
 
-/// One classic instruction, laid out as `struct bpf_insn` (which the tests rely on).
+/// One classic instruction, laid out as `struct bpf_insn` (`linux/filter.h`, libpcap's
+/// `pcap/bpf.h`), so that a slice of them can be handed to C.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CbpfInsn {
+    /// The opcode: class in bits 0-2, then size and mode, operation and source, or the
+    /// return value's source.
     pub code: u16,
+    /// How many instructions a conditional jump skips when its test holds.
     pub jt: u8,
+    /// How many instructions a conditional jump skips when its test fails.
     pub jf: u8,
+    /// The constant operand: an offset, an immediate, a jump distance or a return value.
     pub k: u32,
 }
 
@@ -62,9 +66,61 @@ impl CbpfInsn {
     }
 }
 
+/// One eBPF instruction, laid out as `struct bpf_insn` (`linux/bpf.h`), as BPF_PROG_LOAD
+/// takes them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EbpfInsn {
+    /// The opcode: class, then operation or size and mode, and source.
+    pub code: u8,
+    /// Destination register in the low nibble, source register in the high one.
+    pub regs: u8,
+    /// A jump's distance or a memory access's offset.
+    pub off: i16,
+    /// The immediate operand.
+    pub imm: i32,
+}
+
+/// Where the translated program runs: the kernel hook, which decides its program type,
+/// its context argument and what it may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// BPF_PROG_TYPE_SOCKET_FILTER, on an (AF_PACKET) socket, as tcpdump's own filter runs.
+    SocketFilter,
+    /// BPF_PROG_TYPE_SCHED_CLS: a TC classifier (clsact or TCX), ingress or egress.
+    Tc,
+    /// BPF_PROG_TYPE_XDP, ingress only, before the kernel builds an skb. `frags`: the
+    /// program accepts multi-buffer frames (jumbo frames, GRO in generic XDP), which loads
+    /// from any offset support.
+    Xdp {
+        /// Loaded with BPF_F_XDP_HAS_FRAGS.
+        frags: bool,
+    },
+}
+
+impl Hook {
+    /// What a program at this hook returns to let a packet through untouched: 0 for a
+    /// socket filter (which then delivers nothing to its socket), TC_ACT_UNSPEC (-1) for
+    /// TC, XDP_PASS (2) for XDP.
+    pub const fn pass(self) -> i32 {
+        match self {
+            Self::SocketFilter => 0,
+            Self::Tc => -1,
+            Self::Xdp { .. } => 2,
+        }
+    }
+
+    fn context(self) -> Context {
+        match self {
+            Self::SocketFilter | Self::Tc => Context::Skb,
+            Self::Xdp { .. } => Context::Xdp,
+        }
+    }
+}
+
 /// What the program's context argument is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Context {
+enum Context {
     /// `struct __sk_buff`: socket filters and TC.
     Skb,
     /// `struct xdp_md`.
@@ -75,47 +131,152 @@ pub enum Context {
 #[derive(Debug, Clone, Copy)]
 pub enum OnAccept<'a> {
     /// Return the classic program's own non-zero result.
-    #[cfg(test)]
     Return,
     /// Store the result (u32) at offset 0 of the value of key 0 of the
     /// BPF_MAP_TYPE_PERCPU_ARRAY `scratch` (value size >= 4), then tail-call `index` of
-    /// the BPF_MAP_TYPE_PROG_ARRAY `prog_array`. If either fails, return `pass`.
+    /// the BPF_MAP_TYPE_PROG_ARRAY `prog_array`. If either fails, return the target's
+    /// `pass`. The descriptors' numbers go into the instructions: they must still name
+    /// these maps when the program is loaded, which then holds its own references.
     TailCall {
+        /// The program array holding the next program.
         prog_array: BorrowedFd<'a>,
+        /// Where in `prog_array` the next program sits.
         index: u32,
+        /// The per-CPU array that hands the classic result to the next program.
         scratch: BorrowedFd<'a>,
     },
 }
 
-/// Where the translated program runs.
+/// What to translate for.
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
-    pub context: Context,
+    /// The hook the program is loaded for.
+    pub hook: Hook,
     /// What the program returns whenever it does not accept (classic result 0, a load
-    /// out of bounds, a division by zero): the hook's "let the packet through" value.
+    /// out of bounds, a division by zero): usually [`Hook::pass`].
     pub pass: i32,
+    /// What it does when it accepts.
     pub on_accept: OnAccept<'a>,
 }
 
-/// Why a classic program cannot be translated.
+/// Why a classic program cannot be translated: which instruction, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("classic BPF instruction {index}: {reason}")]
+#[error("classic BPF instruction {index}: {refusal}")]
 pub struct TranslateError {
+    /// The classic instruction at fault (0 for an empty program).
     pub index: usize,
-    pub reason: String,
+    /// What is wrong with it.
+    pub refusal: Refusal,
+}
+
+/// What makes a classic program untranslatable. The kernel would refuse the same programs
+/// as classic BPF, except for the ancillary loads an XDP program cannot make and the jumps
+/// that grow too long in eBPF.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// No instructions at all.
+    #[error("the program is empty")]
+    Empty,
+    /// The last instruction is not a return, so a path could run past the end.
+    #[error("the program does not end with a return")]
+    NoFinalReturn,
+    /// A jump lands at or beyond the end of the program.
+    #[error("jump to {to}, past the end of the program")]
+    JumpPastEnd {
+        /// The instruction it would land on.
+        to: usize,
+    },
+    /// A load or store of scratch memory `M[index]`, which has 16 words.
+    #[error("scratch memory index {index} is not below {}", MEMWORDS)]
+    ScratchIndex {
+        /// The index asked for.
+        index: u32,
+    },
+    /// An opcode that is no classic BPF instruction (`kind`: which class, if the class
+    /// is known).
+    #[error("unknown {}opcode {code:#06x}", kind.prefix())]
+    UnknownOpcode {
+        /// The class the opcode claims.
+        kind: OpcodeKind,
+        /// The opcode.
+        code: u16,
+    },
+    /// A division or modulo by the constant 0.
+    #[error("division by the constant 0")]
+    DivisionByZero,
+    /// A shift by a constant of 32 or more.
+    #[error("shift by {shift}, not below 32")]
+    ShiftTooFar {
+        /// The shift asked for.
+        shift: u32,
+    },
+    /// A load at a negative offset below the ancillary area (SKF_NET_OFF, SKF_LL_OFF).
+    #[error("negative packet offset {offset} (SKF_NET_OFF, SKF_LL_OFF) is not supported")]
+    NegativeOffset {
+        /// The offset, as a signed number.
+        offset: i32,
+    },
+    /// A Linux ancillary load of skb metadata that an XDP program cannot read (the
+    /// metadata does not exist yet at that hook).
+    #[error("the ancillary load {} is not available in XDP mode", ancillary_name(*.ancillary))]
+    AncillaryNotInXdp {
+        /// The load, as an offset from SKF_AD_OFF (`SKF_AD_PKTTYPE` is 4).
+        ancillary: i32,
+    },
+    /// A Linux ancillary load this translator does not implement (netlink attributes,
+    /// SKF_AD_ALU_XOR_X, ...), or no ancillary load at all.
+    #[error("the ancillary load {} is not supported", ancillary_name(*.ancillary))]
+    AncillaryUnsupported {
+        /// The load, as an offset from SKF_AD_OFF.
+        ancillary: i32,
+    },
+    /// A jump that spans more eBPF instructions than a 16-bit offset reaches.
+    #[error("a jump over {distance} eBPF instructions is too long")]
+    JumpTooLong {
+        /// How many eBPF instructions it would jump over.
+        distance: i64,
+    },
+}
+
+/// The class of an unknown opcode, for [`Refusal::UnknownOpcode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpcodeKind {
+    /// A load (LD, LDX).
+    Load,
+    /// An arithmetic or logic operation (ALU).
+    Alu,
+    /// A jump (JMP).
+    Jump,
+    /// A return (RET).
+    Return,
+    /// Any other: above 0xff, a store with mode bits, or a MISC operation.
+    Other,
+}
+
+impl OpcodeKind {
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Load => "load ",
+            Self::Alu => "ALU ",
+            Self::Jump => "jump ",
+            Self::Return => "return ",
+            Self::Other => "",
+        }
+    }
 }
 
 /// Translates `prog` into an eBPF program for `target`.
+///
+/// Every instruction is checked, reachable or not; unreachable ones are then left out,
+/// since the verifier refuses dead code.
 pub fn translate(prog: &[CbpfInsn], target: &Target) -> Result<Vec<EbpfInsn>, TranslateError> {
-    let error = |index: usize, reason: String| TranslateError { index, reason };
+    let error = |index: usize, refusal: Refusal| TranslateError { index, refusal };
     let Some(last) = prog.last() else {
-        return Err(error(0, "the program is empty".into()));
+        return Err(error(0, Refusal::Empty));
     };
     if last.code & 0x07 != class::RET {
-        return Err(error(
-            prog.len() - 1,
-            "the program does not end with a return".into(),
-        ));
+        return Err(error(prog.len() - 1, Refusal::NoFinalReturn));
     }
 
     let live = reachable(prog);
@@ -127,7 +288,7 @@ pub fn translate(prog: &[CbpfInsn], target: &Target) -> Result<Vec<EbpfInsn>, Tr
         starts.push(start);
         e.classic = pc;
         e.instruction(insn, prog.len())
-            .map_err(|reason| error(pc, reason))?;
+            .map_err(|refusal| error(pc, refusal))?;
         if !live[pc] {
             // Checked like the rest, but the verifier refuses unreachable code.
             e.discard_from(start);
@@ -360,6 +521,8 @@ struct Fixup {
 
 struct Emitter<'t, 'a> {
     target: &'t Target<'a>,
+    /// The target's, looked at by most instructions.
+    context: Context,
     insns: Vec<EbpfInsn>,
     fixups: Vec<Fixup>,
     /// The classic instruction being translated.
@@ -370,6 +533,7 @@ impl<'t, 'a> Emitter<'t, 'a> {
     fn new(target: &'t Target<'a>) -> Self {
         Self {
             target,
+            context: target.hook.context(),
             insns: Vec::new(),
             fixups: Vec::new(),
             classic: 0,
@@ -480,7 +644,7 @@ impl<'t, 'a> Emitter<'t, 'a> {
         self.mov64_reg(CTX, R1);
         self.mov32_imm(A, 0);
         self.mov32_imm(X, 0);
-        if self.target.context == Context::Xdp {
+        if self.context == Context::Xdp {
             // TAG = 4 if the EtherType says 802.1Q or 802.1ad; a frame too short for one
             // has no tag.
             self.mov32_imm(TAG, 0);
@@ -532,18 +696,38 @@ impl<'t, 'a> Emitter<'t, 'a> {
             // In XDP a load that spans the EtherType's start reads bytes on both sides of
             // a hidden tag: one byte at a time, each placed where the kernel's taps see it.
             Offset::Const(k)
-                if self.target.context == Context::Xdp
+                if self.context == Context::Xdp
                     && k < ETHERTYPE_OFF
                     && k + bytes > ETHERTYPE_OFF =>
             {
-                self.load_bytes(SIZE_B, Offset::Const(k), dst, true);
-                for i in 1..bytes {
-                    self.load_bytes(SIZE_B, Offset::Const(k + i), R0, true);
-                    self.alu32_imm(OP_LSH, dst, 8);
-                    self.alu32_reg(OP_OR, dst, R0);
-                }
+                self.load_bytewise(bytes, |i| Offset::Const(k + i), dst);
+            }
+            // The same where X + k says at run time whether the load spans it.
+            Offset::XPlus(k) if self.context == Context::Xdp && bytes > 1 => {
+                self.mov32_reg(R2, X);
+                self.alu32_imm(OP_ADD, R2, k as i32);
+                let after = self.forward_jump(EBPF_JMP32 | JGE, R2, ETHERTYPE_OFF as i32);
+                let before =
+                    self.forward_jump(EBPF_JMP32 | JLT, R2, (ETHERTYPE_OFF + 1 - bytes) as i32);
+                self.load_bytewise(bytes, |i| Offset::XPlus(k.wrapping_add(i)), dst);
+                let done = self.forward_jump(EBPF_JMP | JA, 0, 0);
+                self.land(after);
+                self.land(before);
+                self.load_bytes(size, offset, dst, true);
+                self.land(done);
             }
             _ => self.load_bytes(size, offset, dst, true),
+        }
+    }
+
+    /// `dst` = the `bytes` bytes at `at(0)`, `at(1)`, ... as the kernel's taps see them,
+    /// big-endian, loaded one at a time.
+    fn load_bytewise(&mut self, bytes: u32, at: impl Fn(u32) -> Offset, dst: u8) {
+        self.load_bytes(SIZE_B, at(0), dst, true);
+        for i in 1..bytes {
+            self.load_bytes(SIZE_B, at(i), R0, true);
+            self.alu32_imm(OP_LSH, dst, 8);
+            self.alu32_reg(OP_OR, dst, R0);
         }
     }
 
@@ -557,7 +741,7 @@ impl<'t, 'a> Emitter<'t, 'a> {
                 self.alu32_imm(OP_ADD, R2, k as i32);
             }
         }
-        if untagged && self.target.context == Context::Xdp {
+        if untagged && self.context == Context::Xdp {
             let before_tag = self.forward_jump(EBPF_JMP32 | JLT, R2, ETHERTYPE_OFF as i32);
             self.alu32_reg(OP_ADD, R2, TAG);
             self.land(before_tag);
@@ -569,7 +753,7 @@ impl<'t, 'a> Emitter<'t, 'a> {
             _ => 1,
         };
         self.mov32_imm(R4, bytes);
-        self.call(match self.target.context {
+        self.call(match self.context {
             Context::Skb => SKB_LOAD_BYTES,
             Context::Xdp => XDP_LOAD_BYTES,
         });
@@ -588,7 +772,7 @@ impl<'t, 'a> Emitter<'t, 'a> {
 
     /// `dst` = the packet's length.
     fn load_len(&mut self, dst: u8) {
-        match self.target.context {
+        match self.context {
             Context::Skb => self.ldx_w(dst, CTX, skb::LEN),
             Context::Xdp => {
                 self.mov64_reg(R1, CTX);
@@ -600,7 +784,7 @@ impl<'t, 'a> Emitter<'t, 'a> {
     }
 
     /// A = the Linux ancillary value `n` (an offset from SKF_AD_OFF).
-    fn load_ancillary(&mut self, n: i32) -> Result<(), String> {
+    fn load_ancillary(&mut self, n: i32) -> Result<(), Refusal> {
         let field = |e: &mut Self, off| e.ldx_w(A, CTX, off);
         // __sk_buff holds protocol and vlan_proto in network order; classic BPF shows them
         // in host order.
@@ -608,7 +792,7 @@ impl<'t, 'a> Emitter<'t, 'a> {
             e.ldx_w(A, CTX, off);
             e.emit(EBPF_ALU | EBPF_END_TO_BE, A, 0, 0, 16);
         };
-        match (self.target.context, n) {
+        match (self.context, n) {
             (Context::Skb, SKF_AD_PROTOCOL) => field_be16(self, skb::PROTOCOL),
             (Context::Skb, SKF_AD_PKTTYPE) => field(self, skb::PKT_TYPE),
             (Context::Skb, SKF_AD_IFINDEX) => field(self, skb::IFINDEX),
@@ -654,27 +838,19 @@ impl<'t, 'a> Emitter<'t, 'a> {
                 self.land(ethernet_ii);
             }
             (Context::Xdp, SKF_AD_PKTTYPE | SKF_AD_MARK | SKF_AD_QUEUE | SKF_AD_RXHASH) => {
-                return Err(format!(
-                    "the ancillary load {} is not available in XDP mode; use --mode tc or \
-                     --mode ebpf",
-                    ancillary_name(n)
-                ))
+                return Err(Refusal::AncillaryNotInXdp { ancillary: n })
             }
-            _ => {
-                return Err(format!(
-                    "the ancillary load {} is not supported",
-                    ancillary_name(n)
-                ))
-            }
+            _ => return Err(Refusal::AncillaryUnsupported { ancillary: n }),
         }
         Ok(())
     }
 
     /// Translates one classic instruction of a `len`-instruction program.
-    fn instruction(&mut self, insn: &CbpfInsn, len: usize) -> Result<(), String> {
+    fn instruction(&mut self, insn: &CbpfInsn, len: usize) -> Result<(), Refusal> {
         let CbpfInsn { code, jt, jf, k } = *insn;
+        let unknown = |kind| Refusal::UnknownOpcode { kind, code };
         if code > 0xff {
-            return Err(format!("unknown opcode {code:#06x}"));
+            return Err(unknown(OpcodeKind::Other));
         }
         let pc = self.classic;
         // Targets must stay inside the program; the last instruction is a return.
@@ -683,14 +859,14 @@ impl<'t, 'a> Emitter<'t, 'a> {
             if to < len {
                 Ok(Label::Classic(to))
             } else {
-                Err(format!("jump to {to}, past the end of the program"))
+                Err(Refusal::JumpPastEnd { to })
             }
         };
         let mem_off = || {
             if k < MEMWORDS {
                 Ok(MEM_OFF + 4 * k as i16)
             } else {
-                Err(format!("scratch memory index {k} is not below {MEMWORDS}"))
+                Err(Refusal::ScratchIndex { index: k })
             }
         };
         let size = code & 0x18;
@@ -709,11 +885,7 @@ impl<'t, 'a> Emitter<'t, 'a> {
                             // Like the kernel, the size of an ancillary load is ignored.
                             self.load_ancillary(k as i32 - SKF_AD_OFF)?;
                         } else {
-                            return Err(format!(
-                                "negative packet offset {} (SKF_NET_OFF, SKF_LL_OFF) is not \
-                                 supported",
-                                k as i32
-                            ));
+                            return Err(Refusal::NegativeOffset { offset: k as i32 });
                         }
                     }
                     (class::LD, MODE_IND, SIZE_W | SIZE_H | SIZE_B) => {
@@ -725,7 +897,7 @@ impl<'t, 'a> Emitter<'t, 'a> {
                         self.alu32_imm(OP_AND, X, 0xf);
                         self.alu32_imm(OP_LSH, X, 2);
                     }
-                    _ => return Err(format!("unknown load opcode {code:#06x}")),
+                    _ => return Err(unknown(OpcodeKind::Load)),
                 }
             }
             class::ST | class::STX if code & !0x07 == 0 => {
@@ -742,7 +914,7 @@ impl<'t, 'a> Emitter<'t, 'a> {
                     return Ok(());
                 }
                 if !matches!(op, JEQ | JGT | JGE | JSET) {
-                    return Err(format!("unknown jump opcode {code:#06x}"));
+                    return Err(unknown(OpcodeKind::Jump));
                 }
                 let (on_true, on_false) = (target(jt.into())?, target(jf.into())?);
                 if jt == jf {
@@ -770,29 +942,29 @@ impl<'t, 'a> Emitter<'t, 'a> {
                     self.jump_if_imm(JEQ, A, 0, Label::Pass);
                     self.jump(Label::Accept);
                 }
-                _ => return Err(format!("unknown return opcode {code:#06x}")),
+                _ => return Err(unknown(OpcodeKind::Return)),
             },
             class::MISC => match code & !0x07 {
                 0 => self.mov32_reg(X, A),
                 MISC_TXA => self.mov32_reg(A, X),
-                _ => return Err(format!("unknown opcode {code:#06x}")),
+                _ => return Err(unknown(OpcodeKind::Other)),
             },
-            _ => return Err(format!("unknown opcode {code:#06x}")),
+            _ => return Err(unknown(OpcodeKind::Other)),
         }
         Ok(())
     }
 
     /// An ALU instruction: A = A op (k or X), in 32 bits.
-    fn alu(&mut self, code: u16, k: u32) -> Result<(), String> {
+    fn alu(&mut self, code: u16, k: u32) -> Result<(), Refusal> {
         let op = (code & 0xf0) as u8;
         let by_x = code & SRC_X != 0;
         match op {
             OP_NEG if !by_x => self.alu32_imm(OP_NEG, A, 0),
             OP_DIV | OP_MOD if !by_x && k == 0 => {
-                return Err("division by the constant 0".into());
+                return Err(Refusal::DivisionByZero);
             }
             OP_LSH | OP_RSH if !by_x && k >= 32 => {
-                return Err(format!("shift by {k}, not below 32"));
+                return Err(Refusal::ShiftTooFar { shift: k });
             }
             OP_DIV | OP_MOD if by_x => {
                 self.jump_if_imm(JEQ, X, 0, Label::Pass);
@@ -815,7 +987,12 @@ impl<'t, 'a> Emitter<'t, 'a> {
                     self.alu32_imm(op, A, k as i32);
                 }
             }
-            _ => return Err(format!("unknown ALU opcode {code:#06x}")),
+            _ => {
+                return Err(Refusal::UnknownOpcode {
+                    kind: OpcodeKind::Alu,
+                    code,
+                })
+            }
         }
         Ok(())
     }
@@ -823,7 +1000,6 @@ impl<'t, 'a> Emitter<'t, 'a> {
     /// Where an accepting return goes, with the result in A.
     fn accept_block(&mut self) {
         match self.target.on_accept {
-            #[cfg(test)]
             OnAccept::Return => {
                 self.mov32_reg(R0, A);
                 self.exit();
@@ -872,7 +1048,7 @@ impl<'t, 'a> Emitter<'t, 'a> {
             let distance = to as i64 - fixup.at as i64 - 1;
             self.insns[fixup.at].off = i16::try_from(distance).map_err(|_| TranslateError {
                 index: fixup.classic,
-                reason: format!("a jump over {distance} eBPF instructions is too long"),
+                refusal: Refusal::JumpTooLong { distance },
             })?;
         }
         Ok(self.insns)

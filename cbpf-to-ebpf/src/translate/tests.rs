@@ -5,7 +5,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 
 use super::*;
-use crate::capture::ebpf::sys::{self, ProgKind};
+use crate::sys;
 
 extern "C" {
     /// libpcap's classic BPF interpreter (linked through the pcap crate).
@@ -80,29 +80,30 @@ fn oracle(prog: &[CbpfInsn], packet: &[u8]) -> u32 {
 
 fn return_target(context: Context) -> Target<'static> {
     Target {
-        context,
+        hook: test_hook(context),
         pass: 0,
         on_accept: OnAccept::Return,
     }
 }
 
-fn test_kind(context: Context) -> ProgKind {
+/// The hook the tests load a program of `context` for.
+fn test_hook(context: Context) -> Hook {
     match context {
         // SCHED_CLS test runs start at the Ethernet header, like XDP and unlike socket filters.
-        Context::Skb => ProgKind::SchedCls,
-        Context::Xdp => ProgKind::Xdp { frags: true },
+        Context::Skb => Hook::Tc,
+        Context::Xdp => Hook::Xdp { frags: true },
     }
 }
 
-fn load(insns: &[EbpfInsn], kind: ProgKind) -> OwnedFd {
-    sys::load_program(kind, insns, "cbpf_test").unwrap_or_else(|e| panic!("{kind:?}: {e:#}"))
+fn load(insns: &[EbpfInsn], hook: Hook) -> OwnedFd {
+    sys::load_program(hook, insns, "cbpf_test").unwrap_or_else(|e| panic!("{hook:?}: {e:#}"))
 }
 
 /// Translates `prog` to return its own result in `context` and loads it.
 fn load_classic(prog: &[CbpfInsn], context: Context) -> OwnedFd {
     let insns =
         translate(prog, &return_target(context)).unwrap_or_else(|e| panic!("{e} in {prog:?}"));
-    load(&insns, test_kind(context))
+    load(&insns, test_hook(context))
 }
 
 fn run(prog: &OwnedFd, packet: &[u8]) -> u32 {
@@ -368,7 +369,7 @@ fn corpus_matches_libpcap() {
                 classic.len(),
                 format!("{context:?} \"{expr}\""),
             ));
-            let fd = load(&insns, test_kind(context));
+            let fd = load(&insns, test_hook(context));
             let limit = match context {
                 Context::Skb => skb_test_limit(&fd),
                 Context::Xdp => usize::MAX,
@@ -475,7 +476,7 @@ fn tail_call_on_accept() {
         let programs = sys::map_create(BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 4, "cbpf_progs").unwrap();
         let scratch = sys::map_create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 1, "cbpf_scratch").unwrap();
         let target = Target {
-            context,
+            hook: test_hook(context),
             pass,
             on_accept: OnAccept::TailCall {
                 prog_array: programs.as_fd(),
@@ -483,8 +484,8 @@ fn tail_call_on_accept() {
                 scratch: scratch.as_fd(),
             },
         };
-        let filter = load(&translate(&is_ipv4, &target).unwrap(), test_kind(context));
-        let emit = load(&emit_program(&scratch), test_kind(context));
+        let filter = load(&translate(&is_ipv4, &target).unwrap(), test_hook(context));
+        let emit = load(&emit_program(&scratch), test_hook(context));
         let pass = pass as u32;
         assert_eq!(
             run(&filter, &ipv4),
@@ -598,7 +599,7 @@ fn loads_as_every_program_kind() {
         s(RET_A, 0),
     ];
     let scratch = sys::map_create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 1, "cbpf_scratch").unwrap();
-    for (kind, pass) in [(ProgKind::SocketFilter, 0), (ProgKind::SchedCls, -1)] {
+    for (hook, pass) in [(Hook::SocketFilter, 0), (Hook::Tc, -1)] {
         // A program array takes programs of one kind only: a fresh one for each.
         let programs = sys::map_create(BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 1, "cbpf_progs").unwrap();
         let tail_call = OnAccept::TailCall {
@@ -608,11 +609,11 @@ fn loads_as_every_program_kind() {
         };
         for on_accept in [OnAccept::Return, tail_call] {
             let target = Target {
-                context: Context::Skb,
+                hook,
                 pass,
                 on_accept,
             };
-            load(&translate(&all_skb, &target).unwrap(), kind);
+            load(&translate(&all_skb, &target).unwrap(), hook);
         }
     }
     let all_xdp = [
@@ -626,7 +627,7 @@ fn loads_as_every_program_kind() {
     for frags in [false, true] {
         let programs = sys::map_create(BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 1, "cbpf_progs").unwrap();
         let target = Target {
-            context: Context::Xdp,
+            hook: Hook::Xdp { frags },
             pass: 2,
             on_accept: OnAccept::TailCall {
                 prog_array: programs.as_fd(),
@@ -634,10 +635,7 @@ fn loads_as_every_program_kind() {
                 scratch: scratch.as_fd(),
             },
         };
-        load(
-            &translate(&all_xdp, &target).unwrap(),
-            ProgKind::Xdp { frags },
-        );
+        load(&translate(&all_xdp, &target).unwrap(), Hook::Xdp { frags });
     }
 }
 
@@ -658,8 +656,8 @@ fn live_filters_with_ancillary_loads() {
             "no ancillary load in \"{expr}\": {classic:?}"
         );
         let insns = translate(&classic, &return_target(Context::Skb)).unwrap();
-        load(&insns, ProgKind::SocketFilter);
-        let fd = load(&insns, ProgKind::SchedCls);
+        load(&insns, Hook::SocketFilter);
+        let fd = load(&insns, Hook::Tc);
         assert_eq!(run(&fd, &frame(60, 0)) != 0, accepted, "\"{expr}\"");
         let err = translate(&classic, &return_target(Context::Xdp)).unwrap_err();
         assert!(
@@ -761,6 +759,31 @@ fn xdp_hides_the_outer_vlan_tag() {
     }
 }
 
+/// An indirect load's offset is known only at run time: in XDP, one that spans the hidden
+/// tag's place must read the bytes on both sides of it, as a constant offset does.
+#[test]
+fn xdp_indirect_loads_across_the_hidden_tag() {
+    let untagged = frame(64, 6);
+    let tagged = [&untagged[..12], &[0x81, 0x00, 0x20, 0x64], &untagged[12..]].concat();
+    for (x, load) in [
+        (8, LD_W_IND),
+        (9, LD_W_IND),
+        (10, LD_W_IND),
+        (11, LD_W_IND),
+        (12, LD_W_IND),
+        (10, LD_H_IND),
+        (11, LD_H_IND),
+        (12, LD_H_IND),
+        (11, LD_B_IND),
+        (12, LD_B_IND),
+    ] {
+        let prog = [s(LDX_IMM, x), s(load, 0), s(RET_A, 0)];
+        let fd = load_classic(&prog, Context::Xdp);
+        assert_eq!(run(&fd, &tagged), oracle(&prog, &untagged), "{prog:?}");
+        assert_eq!(run(&fd, &untagged), oracle(&prog, &untagged), "{prog:?}");
+    }
+}
+
 fn translate_error(prog: &[CbpfInsn], context: Context) -> TranslateError {
     translate(prog, &return_target(context)).expect_err("accepted an invalid program")
 }
@@ -850,9 +873,19 @@ fn rejects_invalid_programs() {
         Context::Xdp,
     );
     assert_eq!(
+        err,
+        TranslateError {
+            index: 1,
+            refusal: Refusal::AncillaryNotInXdp {
+                ancillary: SKF_AD_PKTTYPE
+            }
+        }
+    );
+    // The sensor adds which of its modes to use instead.
+    assert_eq!(
         err.to_string(),
         "classic BPF instruction 1: the ancillary load SKF_AD_PKTTYPE is not available in \
-         XDP mode; use --mode tc or --mode ebpf"
+         XDP mode"
     );
 }
 

@@ -1,9 +1,13 @@
-//! What a libpcap packet header says, in the protocol's terms. A file of its own so that the
-//! capture-file fuzz target (`fuzz/src/pcap_read.rs`) runs exactly this code.
+//! What a libpcap packet header says, in the protocol's terms: the sensor's conversions of
+//! each packet libpcap hands over (`sensor/src/capture/pcap.rs`), in a crate of their own so
+//! that the capture-file fuzz target (`fuzz/src/pcap_read.rs`) runs exactly this code.
+#![deny(missing_docs)]
 
 use protocol::Direction;
 
+/// Linux cooked capture v1: a 16-byte header, the packet type in its first two bytes.
 pub const LINKTYPE_LINUX_SLL: i32 = 113;
+/// Linux cooked capture v2: a 20-byte header, the packet type in byte 10.
 pub const LINKTYPE_LINUX_SLL2: i32 = 276;
 
 /// Nanoseconds since the epoch; the handles are opened with nanosecond precision, so

@@ -1,6 +1,6 @@
-//! The few bpf() system calls Aya does not offer for raw instructions: loading a program
-//! from an instruction array, putting it into a program array and, for tests and the
-//! filter-cost benchmark (benches/filter_cost.rs), running it.
+//! The bpf() system calls a translated program needs, which loaders built around object
+//! files (Aya, libbpf) do not offer for a bare instruction array: loading it, putting it
+//! into a program array, and running it on a packet (BPF_PROG_TEST_RUN).
 //!
 //! Each call fills its own `#[repr(C)]` copy of the part of `union bpf_attr` it uses
 //! (uapi `linux/bpf.h`), zero-initialised and without implicit padding, and passes that
@@ -11,34 +11,13 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
-/// One eBPF instruction, laid out as `struct bpf_insn`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EbpfInsn {
-    pub code: u8,
-    /// Destination register in the low nibble, source register in the high one.
-    pub regs: u8,
-    pub off: i16,
-    pub imm: i32,
-}
-
-/// The program type (and for XDP the attach type and flags) to load as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProgKind {
-    SocketFilter,
-    SchedCls,
-    /// `frags`: the program accepts multi-buffer frames (jumbo frames, GRO in generic XDP).
-    Xdp {
-        frags: bool,
-    },
-}
+use crate::{EbpfInsn, Hook};
 
 // Commands.
 #[cfg(test)]
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
-#[cfg_attr(not(test), allow(dead_code))]
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
 // Program types, attach types and flags.
@@ -101,7 +80,6 @@ struct MapElemAttr {
 }
 
 /// `bpf_attr` for BPF_PROG_TEST_RUN, up to `batch_size`.
-#[cfg_attr(not(test), allow(dead_code))]
 #[repr(C)]
 #[derive(Default)]
 struct TestRunAttr {
@@ -149,7 +127,7 @@ unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
 
 /// Wraps a descriptor that bpf(2) just returned.
 fn owned_fd(rc: libc::c_long) -> io::Result<OwnedFd> {
-    let fd = i32::try_from(rc).map_err(|_| io::Error::other("bpf() returned a bad descriptor"))?;
+    let fd = i32::try_from(rc).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
     // SAFETY: the kernel just created this descriptor for us and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -167,14 +145,21 @@ fn object_name(name: &str) -> [u8; BPF_OBJ_NAME_LEN] {
     out
 }
 
-/// Why the kernel refused a program: its error and the end of the verifier's log.
+/// Why the kernel refused a program: its errno and the end of the verifier's log.
 #[derive(Debug)]
 pub struct LoadError {
-    error: io::Error,
+    errno: i32,
     log_tail: String,
 }
 
 impl LoadError {
+    /// What BPF_PROG_LOAD failed with: EACCES or EINVAL when the verifier refused the
+    /// program, EPERM without the privileges (CAP_BPF, and CAP_NET_ADMIN for TC and XDP),
+    /// E2BIG for too many instructions, ENOMEM, ...
+    pub fn errno(&self) -> i32 {
+        self.errno
+    }
+
     /// The last lines of the verifier log (empty if the kernel wrote none).
     pub fn log_tail(&self) -> &str {
         &self.log_tail
@@ -184,7 +169,8 @@ impl LoadError {
 /// One line; the alternate form (`{:#}`) adds the end of the verifier log below it.
 impl fmt::Display for LoadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "the kernel refused the filter program: {}", self.error)?;
+        let error = io::Error::from_raw_os_error(self.errno);
+        write!(f, "the kernel refused the filter program: {error}")?;
         // The verifier ends with statistics; the reason is the line before.
         let mut lines = self.log_tail().lines().rev();
         let last = lines
@@ -201,24 +187,23 @@ impl fmt::Display for LoadError {
     }
 }
 
-impl std::error::Error for LoadError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.error)
-    }
-}
+impl std::error::Error for LoadError {}
 
-/// Loads `insns` as a GPL program of `kind`.
+/// Loads `insns` (as [`translate`](crate::translate) made them for `hook`) as a GPL
+/// program of the hook's type, named `name` in the kernel's listings (bpftool; cut to
+/// 15 bytes of letters, digits, `_` and `.`). The descriptor keeps it loaded.
 ///
 /// A refused program is loaded a second time with the verifier log on, so that the error
 /// can say why; the first attempt goes without, since a log costs verification time.
-pub fn load_program(kind: ProgKind, insns: &[EbpfInsn], name: &str) -> Result<OwnedFd, LoadError> {
-    let error = match load_with_log(kind, insns, name, &mut []) {
+pub fn load_program(hook: Hook, insns: &[EbpfInsn], name: &str) -> Result<OwnedFd, LoadError> {
+    let errno = match load_with_log(hook, insns, name, &mut []) {
         Ok(fd) => return Ok(fd),
-        Err(e) => e,
+        // bpf() failures always carry one; EIO stands for the impossible other case.
+        Err(e) => e.raw_os_error().unwrap_or(libc::EIO),
     };
     let mut log = vec![0u8; LOG_START];
     loop {
-        match load_with_log(kind, insns, name, &mut log) {
+        match load_with_log(hook, insns, name, &mut log) {
             // Refused once, accepted now: the first refusal was transient (memory, a signal).
             Ok(fd) => return Ok(fd),
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && log.len() < LOG_MAX => {
@@ -228,23 +213,23 @@ pub fn load_program(kind: ProgKind, insns: &[EbpfInsn], name: &str) -> Result<Ow
         }
     }
     Err(LoadError {
-        error,
+        errno,
         log_tail: log_tail(&log),
     })
 }
 
 /// One BPF_PROG_LOAD; `log` empty means no verifier log.
 fn load_with_log(
-    kind: ProgKind,
+    hook: Hook,
     insns: &[EbpfInsn],
     name: &str,
     log: &mut [u8],
 ) -> io::Result<OwnedFd> {
     const LICENSE: &[u8] = b"GPL\0";
-    let (prog_type, expected_attach_type, prog_flags) = match kind {
-        ProgKind::SocketFilter => (BPF_PROG_TYPE_SOCKET_FILTER, 0, 0),
-        ProgKind::SchedCls => (BPF_PROG_TYPE_SCHED_CLS, 0, 0),
-        ProgKind::Xdp { frags } => (
+    let (prog_type, expected_attach_type, prog_flags) = match hook {
+        Hook::SocketFilter => (BPF_PROG_TYPE_SOCKET_FILTER, 0, 0),
+        Hook::Tc => (BPF_PROG_TYPE_SCHED_CLS, 0, 0),
+        Hook::Xdp { frags } => (
             BPF_PROG_TYPE_XDP,
             BPF_XDP,
             if frags { BPF_F_XDP_HAS_FRAGS } else { 0 },
@@ -279,7 +264,8 @@ fn log_tail(log: &[u8]) -> String {
     lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
 }
 
-/// Puts `prog` at `index` of the BPF_MAP_TYPE_PROG_ARRAY `map`.
+/// Puts `prog` at `index` of the BPF_MAP_TYPE_PROG_ARRAY `map`, where a translated
+/// program's [`OnAccept::TailCall`](crate::OnAccept::TailCall) finds the next program.
 pub fn prog_array_set(map: BorrowedFd, index: u32, prog: BorrowedFd) -> io::Result<()> {
     let bad_fd = |_| io::Error::from_raw_os_error(libc::EBADF);
     let value: u32 = prog.as_raw_fd().try_into().map_err(bad_fd)?;
@@ -318,17 +304,22 @@ pub fn map_create(
 }
 
 /// What one BPF_PROG_TEST_RUN returned.
-#[cfg_attr(not(test), allow(dead_code))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TestRun {
+    /// The program's return value (of the last run).
     pub retval: u32,
     /// Average run time over the repetitions.
     pub duration_ns: u32,
 }
 
-/// Runs `prog` on `data` (a frame from its Ethernet header on, for SchedCls and XDP)
-/// `repeat` times in the kernel.
-#[cfg_attr(not(test), allow(dead_code))]
+/// Runs `prog` on `data` `repeat` times in the kernel (BPF_PROG_TEST_RUN; `repeat` 0
+/// runs it once).
+///
+/// `data` is a frame from its Ethernet header on. TC and XDP programs see it whole; a
+/// socket filter sees it from after the Ethernet header. The kernel refuses data shorter
+/// than an Ethernet header and, for skb programs, shorter than the IPv4 or IPv6 header its
+/// EtherType announces, or longer than fits a page (XDP takes more, in fragments, when
+/// loaded with `frags`).
 pub fn test_run(prog: BorrowedFd, data: &[u8], repeat: u32) -> io::Result<TestRun> {
     let mut attr = TestRunAttr {
         prog_fd: prog
@@ -373,7 +364,8 @@ mod tests {
     /// on one line, and the alternate form adds the log.
     #[test]
     fn load_error_carries_the_verifier_log() {
-        let err = load_program(ProgKind::SocketFilter, &[EXIT], "cbpf_bad").unwrap_err();
+        let err = load_program(Hook::SocketFilter, &[EXIT], "cbpf_bad").unwrap_err();
+        assert_eq!(err.errno(), libc::EACCES);
         let line = err.to_string();
         assert!(
             line.starts_with("the kernel refused the filter program: Permission denied"),
@@ -389,7 +381,7 @@ mod tests {
     #[test]
     fn prog_array_set_puts_programs_in_range_only() {
         const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
-        let prog = load_program(ProgKind::SchedCls, &[R0_IS_0, EXIT], "cbpf_ok").unwrap();
+        let prog = load_program(Hook::Tc, &[R0_IS_0, EXIT], "cbpf_ok").unwrap();
         let map = map_create(BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 2, "cbpf_progs").unwrap();
         prog_array_set(map.as_fd(), 1, prog.as_fd()).unwrap();
         let err = prog_array_set(map.as_fd(), 2, prog.as_fd()).unwrap_err();

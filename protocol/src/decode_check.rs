@@ -1,14 +1,16 @@
-//! What the `decode_frame` and `batch_body` fuzz targets do with their input, shared with
-//! the malformed-input regression test (`protocol/tests/malformed.rs` includes this file), so
-//! that a file in `protocol/tests/malformed/` is checked by exactly the code that fuzzed it.
+//! The decoder's self-checks: what the `decode_frame` and `batch_body` fuzz targets
+//! (`fuzz/`) do with their input, and what the malformed-input regression test
+//! (`tests/malformed.rs`) runs each of its files through, so that a file kept there is
+//! checked by exactly the code that fuzzed it.
 //!
-//! Needs only `protocol` and `bytes`. Every check that fails panics: that is what the fuzzer
-//! reports as a crash and what fails the regression test.
+//! Not for the programs: every check that fails panics, which is what the fuzzer reports as
+//! a crash and what fails the regression test.
 
 use std::cell::RefCell;
 
 use bytes::{Bytes, BytesMut};
-use protocol::{
+
+use crate::{
     decode_frame, Batch, BatchBuilder, BatchEncoding, DecodeError, Message, PushOutcome,
     MAX_SNAPLEN,
 };
@@ -19,7 +21,10 @@ pub enum Refusal {
     /// `decode_frame` or `Batch::packets` returned this error.
     Decode(DecodeError),
     /// The input ended inside a frame: the receiver reports "stream ended inside a message".
-    EndedInsideFrame { buffered: usize },
+    EndedInsideFrame {
+        /// The bytes of the unfinished frame.
+        buffered: usize,
+    },
 }
 
 impl Refusal {
