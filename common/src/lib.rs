@@ -18,6 +18,8 @@ mod batch;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod codec;
+#[cfg(feature = "cli")]
+pub mod exit;
 mod message;
 #[cfg(feature = "cli")]
 pub mod metrics;
