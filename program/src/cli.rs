@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Arg, ArgAction, Command, CommandFactory, FromArgMatches};
 
+use crate::exit::{fail, Failure};
 use protocol::{AuthToken, MAX_TOKEN_LEN};
 
 mod config;
@@ -90,8 +91,11 @@ pub fn parse<T: CommandFactory + FromArgMatches>() -> Result<T, ExitCode> {
         match value.into_string() {
             Ok(value) => vars.push((name.to_string(), value)),
             Err(_) => {
-                eprintln!("{program}: error: environment variable {name} is not UTF-8");
-                return Err(ExitCode::from(2));
+                return Err(fail(
+                    &program,
+                    Failure::BadInput,
+                    format_args!("environment variable {name} is not UTF-8"),
+                ));
             }
         }
     }
@@ -101,10 +105,11 @@ pub fn parse<T: CommandFactory + FromArgMatches>() -> Result<T, ExitCode> {
             let mut out = std::io::stdout().lock();
             match generate::write(cmd, &what, &mut out).and_then(|()| out.flush()) {
                 Ok(()) => Err(ExitCode::SUCCESS),
-                Err(e) => {
-                    eprintln!("{program}: error: cannot write {what}: {e}");
-                    Err(ExitCode::from(1))
-                }
+                Err(e) => Err(fail(
+                    &program,
+                    Failure::RunFailed,
+                    format_args!("cannot write {what}: {e}"),
+                )),
             }
         }
         Ok(Outcome::Check(args)) => {
@@ -112,10 +117,7 @@ pub fn parse<T: CommandFactory + FromArgMatches>() -> Result<T, ExitCode> {
             Err(ExitCode::SUCCESS)
         }
         Err(Refusal::Clap(e, origin)) => Err(usage_error(&program, e, origin)),
-        Err(Refusal::Config(what)) => {
-            eprintln!("{program}: error: {what}");
-            Err(ExitCode::from(2))
-        }
+        Err(Refusal::Config(what)) => Err(fail(&program, Failure::BadInput, what)),
     }
 }
 
@@ -213,12 +215,17 @@ fn usage_error(program: &str, e: clap::Error, origin: Option<String>) -> ExitCod
     let what = what.join(" ");
     let what = what.strip_prefix("error: ").unwrap_or(&what);
     match origin {
-        Some(origin) => {
-            eprintln!("{program}: error: {what}, from {origin} (see '{program} --help')")
-        }
-        None => eprintln!("{program}: error: {what} (see '{program} --help')"),
+        Some(origin) => fail(
+            program,
+            Failure::BadInput,
+            format_args!("{what}, from {origin} (see '{program} --help')"),
+        ),
+        None => fail(
+            program,
+            Failure::BadInput,
+            format_args!("{what} (see '{program} --help')"),
+        ),
     }
-    ExitCode::from(2)
 }
 
 /// Logs to stderr at info level unless RUST_LOG says otherwise; colour only on a terminal.

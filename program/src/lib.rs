@@ -6,6 +6,7 @@
 //! ([`private_file`]).
 
 pub mod cli;
+pub mod exit;
 pub mod metrics;
 pub mod names;
 pub mod private_file;

@@ -7,21 +7,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod rules;
+
 use bytes::BytesMut;
 use program::names::{clean, sensor_label, sensor_name};
-use protocol::{
-    decode_frame, decode_frame_header, Ack, DecodeError, ErrorCode, ErrorMsg, Goodbye, Message,
-    MessageType, FRAME_HEADER_LEN,
-};
+use protocol::{decode_frame, Ack, ErrorCode, ErrorMsg, Goodbye, Message};
 use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::auth::{certificate_name, Auth, TOKEN_REFUSAL};
+use crate::auth::{certificate_name, Auth};
 use crate::merge::SessionId;
 use crate::quota::{Held, Quotas, RateLimit};
 use crate::server::Unauthenticated;
 use crate::tls::AUTHENTICATED_RECEIVE_WINDOW;
-use crate::writer::{Attached, ConnId, Event, JoinRefusal};
+use crate::writer::{Attached, ConnId, Event};
+use rules::{Accepted, Refusal, SensorProtocol};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A sensor must open its stream and say Hello this soon after the handshake.
@@ -29,42 +29,6 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the peer to read our last words before closing.
 const LINGER: Duration = Duration::from_secs(2);
 const READ_CHUNK: usize = 256 * 1024;
-
-/// Why a session ended early, and what to tell the sensor.
-struct Refusal {
-    code: ErrorCode,
-    message: String,
-}
-
-impl Refusal {
-    fn protocol(e: DecodeError) -> Self {
-        let code = match e {
-            DecodeError::UnsupportedVersion { .. } | DecodeError::BadMagic => ErrorCode::VERSION,
-            _ => ErrorCode::PROTOCOL,
-        };
-        Self {
-            code,
-            message: e.to_string(),
-        }
-    }
-
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
-    }
-
-    /// What a sensor the writer did not take in is told: the code says what it does next.
-    fn join(refusal: JoinRefusal) -> Self {
-        let code = match &refusal {
-            JoinRefusal::LinkType(_) => ErrorCode::UNSUPPORTED_LINK_TYPE,
-            JoinRefusal::Unavailable(_) => ErrorCode::UNAVAILABLE,
-            JoinRefusal::Session(_) => ErrorCode::SESSION_REFUSED,
-        };
-        Self::new(code, refusal.to_string())
-    }
-}
 
 /// How a session ended.
 enum End {
@@ -152,7 +116,7 @@ pub async fn connection(
                 .refused(peer, format!("opened no stream within {HELLO_TIMEOUT:?}"));
         }
     };
-    let mut s = Session {
+    let mut s = SensorConnection {
         conn: conn_id,
         connection: conn.clone(),
         peer,
@@ -163,9 +127,9 @@ pub async fn connection(
         auth,
         identity,
         unauthenticated: Some(unauthenticated),
+        rules: SensorProtocol::default(),
         joined: None,
         left: false,
-        duplicates: 0,
         quotas,
         rate: quotas
             .rate
@@ -182,7 +146,7 @@ pub async fn connection(
         let detached = Event::Detached {
             session: *session,
             conn: conn_id,
-            duplicates: s.duplicates,
+            duplicates: s.rules.duplicates(),
         };
         let _ = s.events.send(detached).await;
     }
@@ -223,7 +187,8 @@ pub async fn connection(
     }
 }
 
-struct Session {
+/// One sensor's connection: its stream, and the rules its messages are held to.
+struct SensorConnection {
     conn: ConnId,
     /// The QUIC connection, for its round-trip time.
     connection: Connection,
@@ -238,12 +203,12 @@ struct Session {
     /// Counts this connection among those not yet authenticated, until its Hello is
     /// accepted.
     unauthenticated: Option<Unauthenticated>,
+    /// What the sensor may send, and what it is told when it breaks the protocol.
+    rules: SensorProtocol,
     /// The sensor's session id and name once its Hello was accepted.
     joined: Option<(SessionId, String)>,
     /// The writer has closed the session (Goodbye, or the receiver stopping).
     left: bool,
-    /// Batches the receiver already had, sent again after a reconnect: ignored.
-    duplicates: u64,
     quotas: Quotas,
     rate: Option<RateLimit>,
     /// This sensor's batches taken in and not yet in the output.
@@ -265,26 +230,20 @@ async fn unless_shutdown<F: std::future::Future>(
 }
 
 fn shutting_down() -> End {
-    End::Refused(Refusal::new(
-        ErrorCode::SHUTTING_DOWN,
-        "the receiver is shutting down",
-    ))
+    End::Refused(Refusal::shutting_down())
 }
 
-impl Session {
+impl SensorConnection {
     async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> End {
         let first = tokio::time::timeout(HELLO_TIMEOUT, self.next_message());
         let Some(first) = unless_shutdown(&mut shutdown, first).await else {
             return shutting_down();
         };
         let hello = match first {
-            Ok(Ok(Some(Message::Hello(h)))) => h,
-            Ok(Ok(Some(other))) => {
-                return End::Refused(Refusal::new(
-                    ErrorCode::PROTOCOL,
-                    format!("expected Hello first, got {:?}", other.message_type()),
-                ))
-            }
+            Ok(Ok(Some(first))) => match self.rules.hello(first) {
+                Ok(hello) => hello,
+                Err(refusal) => return End::Refused(refusal),
+            },
             Ok(Ok(None)) => return End::Lost("stream ended before Hello".into()),
             Ok(Err(end)) => return end,
             Err(_) => {
@@ -292,18 +251,15 @@ impl Session {
             }
         };
         // Before anything of the sensor reaches the writer.
-        if let Err(why) = self.auth.check_token(&hello) {
+        let token = self.auth.check_token(&hello);
+        if let Err(why) = token {
             let claims = sensor_name(&hello, self.identity.as_deref());
             self.auth
                 .refusals
                 .auth_failed(self.peer, format!("{why} (from sensor {claims})"));
-            return End::Refused(Refusal::new(ErrorCode::UNAUTHENTICATED, TOKEN_REFUSAL));
         }
-        if hello.interfaces.is_empty() {
-            return End::Refused(Refusal::new(
-                ErrorCode::PROTOCOL,
-                "Hello names no interface",
-            ));
+        if let Err(refusal) = self.rules.admit(&hello, token) {
+            return End::Refused(refusal);
         }
         let (session, interfaces) = (hello.session_id, hello.interfaces.len());
         let name = sensor_label(&hello, self.identity.as_deref(), self.peer);
@@ -323,15 +279,14 @@ impl Session {
             Ok(Err(why)) => return End::Refused(Refusal::join(why)),
             Err(_) => return shutting_down(),
         };
+        self.rules.on_join(attached.received);
         // Admitted: no longer counted against its address, and its batches get the window
         // for throughput.
         self.unauthenticated = None;
         self.connection
             .set_receive_window(AUTHENTICATED_RECEIVE_WINDOW);
         let Attached {
-            acked,
-            received,
-            mut acks,
+            acked, mut acks, ..
         } = attached;
         tracing::info!(
             "{name}: joined with {interfaces} interface(s), resuming after batch {acked}"
@@ -341,8 +296,6 @@ impl Session {
         if let Err(e) = self.write(Message::Ack(Ack { sequence: acked })).await {
             return e;
         }
-        // The next new batch; `None`: the first may have any sequence.
-        let mut expected = received.map(|r| r + 1);
 
         loop {
             // Over its quota of held bytes, the sensor waits (unread) for its acknowledgements.
@@ -362,84 +315,38 @@ impl Session {
                 }
                 _ = shutdown.changed() => return self.leave(true).await,
             };
-            let event = match message {
-                Ok(Some(Message::Batch(batch))) => {
-                    if batch.session_id != session {
-                        return End::Refused(Refusal::new(
-                            ErrorCode::PROTOCOL,
-                            "batch of another session",
-                        ));
-                    }
-                    match expected {
-                        Some(e) if batch.sequence < e => {
-                            self.duplicates += 1;
-                            continue;
-                        }
-                        Some(e) if batch.sequence > e => {
-                            return End::Refused(Refusal::new(
-                                ErrorCode::PROTOCOL,
-                                format!(
-                                "batch sequence {} where {e} was expected (sequences grow by one)",
-                                batch.sequence
-                            ),
-                            ))
-                        }
-                        _ => {}
-                    }
-                    if batch.sequence == 0 {
-                        return End::Refused(Refusal::new(
-                            ErrorCode::PROTOCOL,
-                            "batch sequence 0 (sequences start at 1)",
-                        ));
-                    }
-                    if usize::from(batch.interface_id) >= interfaces {
-                        return End::Refused(Refusal::new(
-                            ErrorCode::PROTOCOL,
-                            format!("batch for interface {} of {interfaces}", batch.interface_id),
-                        ));
-                    }
-                    let packets = match batch.packets() {
-                        Ok(p) => p,
-                        Err(e) => return End::Refused(Refusal::protocol(e)),
-                    };
-                    expected = batch.sequence.checked_add(1);
-                    self.held.add(batch.sequence, packets.records_len());
+            let message = match message {
+                Ok(Some(message)) => message,
+                Ok(None) => return End::Lost("stream ended without Goodbye".into()),
+                Err(end) => return end,
+            };
+            let event = match self.rules.on_message(message) {
+                Ok(Accepted::Batch {
+                    sequence,
+                    interface_id,
+                    packets,
+                    wire_len,
+                }) => {
+                    self.held.add(sequence, packets.records_len());
                     Event::Batch {
                         session,
                         conn: self.conn,
-                        sequence: batch.sequence,
-                        interface_id: batch.interface_id,
+                        sequence,
+                        interface_id,
                         raw_len: packets.records_len(),
                         packets,
-                        wire_len: batch.body.len(),
+                        wire_len,
                     }
                 }
-                Ok(Some(Message::Stats(stats))) => {
-                    if stats.session_id != session {
-                        return End::Refused(Refusal::new(
-                            ErrorCode::PROTOCOL,
-                            "statistics of another session",
-                        ));
-                    }
-                    Event::Stats {
-                        session,
-                        conn: self.conn,
-                        stats,
-                        rtt: self.connection.rtt(),
-                    }
-                }
-                Ok(Some(Message::Goodbye(_))) => return self.leave(false).await,
-                Ok(Some(other)) => {
-                    return End::Refused(Refusal::new(
-                        ErrorCode::PROTOCOL,
-                        format!(
-                            "unexpected {:?} message from a sensor",
-                            other.message_type()
-                        ),
-                    ))
-                }
-                Ok(None) => return End::Lost("stream ended without Goodbye".into()),
-                Err(end) => return end,
+                Ok(Accepted::Duplicate) => continue,
+                Ok(Accepted::Stats(stats)) => Event::Stats {
+                    session,
+                    conn: self.conn,
+                    stats,
+                    rtt: self.connection.rtt(),
+                },
+                Ok(Accepted::Goodbye) => return self.leave(false).await,
+                Err(refusal) => return End::Refused(refusal),
             };
             // A full queue makes this connection wait, and QUIC flow control slows the
             // sensor: back-pressure, never a silent drop.
@@ -460,7 +367,7 @@ impl Session {
         let left = Event::Left {
             session,
             conn: self.conn,
-            duplicates: self.duplicates,
+            duplicates: self.rules.duplicates(),
             done,
         };
         if self.events.send(left).await.is_err() {
@@ -486,22 +393,8 @@ impl Session {
     /// The next whole frame; `Ok(None)` when the stream ended cleanly between frames.
     async fn next_message(&mut self) -> Result<Option<Message>, End> {
         loop {
-            // Before the Hello is accepted, the first frame must be a Hello (at most 256 KiB):
-            // a peer that proved nothing never gets room reserved for a larger frame.
-            if self.joined.is_none() {
-                if let Some(header) = self.buf.first_chunk::<FRAME_HEADER_LEN>() {
-                    match decode_frame_header(*header) {
-                        Ok((MessageType::Hello, _)) => {}
-                        Ok((other, _)) => {
-                            return Err(End::Refused(Refusal::new(
-                                ErrorCode::PROTOCOL,
-                                format!("expected Hello first, got {other:?}"),
-                            )))
-                        }
-                        Err(e) => return Err(End::Refused(Refusal::protocol(e))),
-                    }
-                }
-            }
+            // Before the Hello is accepted, the first frame must be a Hello (at most 256 KiB).
+            self.rules.check_header(&self.buf).map_err(End::Refused)?;
             match decode_frame(&mut self.buf) {
                 Ok(Some(m)) => return Ok(Some(m)),
                 Ok(None) => {}
@@ -538,29 +431,5 @@ impl Session {
             let _ = tokio::time::timeout(LINGER, conn.closed()).await;
         }
         conn.close(VarInt::from_u32(code.0.into()), b"");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn join_refusals_map_to_what_the_sensor_does_next() {
-        let code = |r: JoinRefusal| Refusal::join(r).code;
-        assert_eq!(
-            code(JoinRefusal::LinkType("x".into())),
-            ErrorCode::UNSUPPORTED_LINK_TYPE
-        );
-        assert_eq!(
-            code(JoinRefusal::Unavailable("x".into())),
-            ErrorCode::UNAVAILABLE
-        );
-        assert_eq!(
-            code(JoinRefusal::Session("x".into())),
-            ErrorCode::SESSION_REFUSED
-        );
-        let refusal = Refusal::join(JoinRefusal::Session("session 0a1b2c3d has ended".into()));
-        assert_eq!(refusal.message, "session 0a1b2c3d has ended");
     }
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, Context, Result};
+use program::exit::{self, Failure};
 mod auth;
 mod certs;
 mod connection;
@@ -32,6 +33,9 @@ use receiver::sink;
 use sink::files::naming::Pattern;
 use sink::files::{FileConfig, Files, InUse, Keep, OnFinished, Rotation};
 use sink::{Sink, Tee};
+
+/// The name that starts the program's error line.
+const PROGRAM: &str = "receiver";
 
 /// How long the series of a sensor session that ended stay on the metrics endpoint.
 const METRICS_LINGER: std::time::Duration = std::time::Duration::from_secs(300);
@@ -63,21 +67,24 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("receiver: error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            return exit::fail(
+                PROGRAM,
+                Failure::RunFailed,
+                format_args!("cannot start the async runtime: {e}"),
+            )
         }
     };
     exit_code(runtime.block_on(run(cli)))
 }
 
-/// 0, or the one-line error with 2 for bad input and 1 for a failed run.
+/// 0, or the one-line error (with its causes) with 2 for bad input and 1 for a failed run.
 fn exit_code(result: Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("receiver: error: {e:#}");
-            ExitCode::from(if e.is::<BadInput>() { 2 } else { 1 })
+        Err(e) if e.is::<BadInput>() => {
+            exit::fail(PROGRAM, Failure::BadInput, format_args!("{e:#}"))
         }
+        Err(e) => exit::fail(PROGRAM, Failure::RunFailed, format_args!("{e:#}")),
     }
 }
 

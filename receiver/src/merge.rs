@@ -93,7 +93,7 @@ impl Source {
 }
 
 /// What the merge knows of one connected sensor.
-struct Session {
+struct SensorInMerge {
     /// Source index for each of the sensor's interface ids.
     sources: Vec<usize>,
     /// Batches taken in whose packets are not all written.
@@ -150,7 +150,7 @@ pub struct Merge {
     latest_key: u64,
     /// Output interfaces of sessions removed, until taken.
     closed_interfaces: Vec<u32>,
-    sessions: HashMap<SessionId, Session>,
+    sessions: HashMap<SessionId, SensorInMerge>,
 }
 
 impl Merge {
@@ -210,7 +210,7 @@ impl Merge {
             .collect();
         self.sessions.insert(
             id,
-            Session {
+            SensorInMerge {
                 sources,
                 held_batches: 0,
                 done: resume.map_or_else(BTreeSet::new, |r| r.done.iter().copied().collect()),
@@ -532,7 +532,7 @@ fn latest_key() -> u64 {
     u64::try_from((now + MAX_AHEAD).as_nanos()).unwrap_or(u64::MAX)
 }
 
-impl Session {
+impl SensorInMerge {
     fn mark_done(&mut self, sequence: u64) {
         self.done.insert(sequence);
         while let Some(next) = self.acked.checked_add(1) {

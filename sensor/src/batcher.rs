@@ -27,7 +27,7 @@ pub struct Outgoing {
 
 /// What every batcher of a session shares.
 #[derive(Clone)]
-pub struct Session {
+pub struct SessionBatching {
     /// The session's id, which the delivery loop changes when the receiver cannot resume
     /// the session.
     pub session_id: Arc<AtomicU64>,
@@ -38,7 +38,7 @@ pub struct Session {
     pub flush_interval: Duration,
 }
 
-impl Session {
+impl SessionBatching {
     /// `first_sequence`: 1, or after those of a session resumed from the spool.
     pub fn new(
         session_id: Arc<AtomicU64>,
@@ -69,7 +69,7 @@ pub enum Backpressure {
 pub struct Closed;
 
 pub struct Batcher {
-    session: Session,
+    session: SessionBatching,
     interface_id: u16,
     counters: Arc<Counters>,
     backpressure: Backpressure,
@@ -80,7 +80,7 @@ pub struct Batcher {
 
 impl Batcher {
     pub fn new(
-        session: Session,
+        session: SessionBatching,
         interface_id: u16,
         counters: Arc<Counters>,
         backpressure: Backpressure,
@@ -184,7 +184,7 @@ pub fn empty_batch(sequence: u64, interface_id: u16) -> Outgoing {
     }
 }
 
-fn encode(builder: &mut BatchBuilder, session: &Session, interface_id: u16) -> Outgoing {
+fn encode(builder: &mut BatchBuilder, session: &SessionBatching, interface_id: u16) -> Outgoing {
     let sequence = session.next_sequence.fetch_add(1, Relaxed);
     let batch = builder.finish(session.session_id.load(Relaxed), sequence, interface_id);
     Outgoing {
@@ -198,10 +198,10 @@ fn encode(builder: &mut BatchBuilder, session: &Session, interface_id: u16) -> O
 mod tests {
     use super::*;
 
-    fn session(cap: usize, batch_size: usize) -> (Session, mpsc::Receiver<Outgoing>) {
+    fn session(cap: usize, batch_size: usize) -> (SessionBatching, mpsc::Receiver<Outgoing>) {
         let (tx, rx) = mpsc::channel(cap);
         (
-            Session::new(
+            SessionBatching::new(
                 Arc::new(AtomicU64::new(7)),
                 1,
                 tx,
@@ -245,7 +245,7 @@ mod tests {
     #[test]
     fn tick_flushes_old_partial_batches() {
         let (tx, mut rx) = mpsc::channel(4);
-        let s = Session::new(
+        let s = SessionBatching::new(
             Arc::new(AtomicU64::new(7)),
             1,
             tx,

@@ -16,13 +16,19 @@
 //! A receiver that cannot resume the session (`SESSION_REFUSED`: it ended, or the receiver
 //! lost it) gets a new one, with a new id and secret: what is held is sent again under it
 //! with the same sequence numbers (a new session may start at any sequence).
+//!
+//! Every decision above is the sans-IO [`machine::Delivery`]'s, tested there with a fake
+//! clock; this file only moves batches, frames and time between it, the outbox and the
+//! connection, and says in the log what happened.
+
+mod machine;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use protocol::{ErrorCode, Goodbye, Hello, Message, Stats};
+use protocol::{Goodbye, Hello, Message, Stats};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
@@ -33,15 +39,8 @@ use crate::outbox::Outbox;
 use crate::spool::SessionKeys;
 use crate::stats::{Counters, LinkStats};
 use crate::transport::{Client, ConnectError, Link, LinkEvent};
+use machine::{Delivery, Fatal, Finish, Frame, NewSessionCause, RetryCause, Step, JOIN_TIMEOUT};
 
-const STATS_EVERY: Duration = Duration::from_secs(1);
-/// A receiver that accepts a connection must say where the session resumes this soon.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
-const FIRST_RETRY: Duration = Duration::from_millis(250);
-const MAX_RETRY: Duration = Duration::from_secs(5);
-/// After a stop signal, how long an unreachable receiver is waited for when
-/// --give-up-after is not set.
-const STOP_GRACE: Duration = Duration::from_secs(30);
 /// How long a broken connection's last event may take to say why (the receiver's error
 /// rather than "connection lost").
 const ERROR_GRACE: Duration = Duration::from_secs(1);
@@ -75,41 +74,27 @@ pub struct Outcome {
     pub unacked: Vec<u64>,
 }
 
+/// The connection as the driver holds it; the [`Delivery`] machine knows its state.
 enum Conn {
-    /// Waiting to try again.
-    Down {
-        retry_at: Instant,
-    },
+    /// No connection (waiting for the machine's retry time).
+    None,
     Connecting(tokio::task::JoinHandle<Result<Link, ConnectError>>),
     /// An attempt that ended before the session loop started.
     Attempted(Option<Result<Link, ConnectError>>),
-    /// Hello sent, waiting for the receiver's resume point.
-    Joining {
-        link: Link,
-        deadline: Instant,
-    },
-    Up(Link),
+    /// Joining or up.
+    Link(Link),
 }
 
-struct Session<'a> {
+/// Drives the [`Delivery`] machine: moves batches from the capture threads into the
+/// outbox and onto the connection, and the connection's events and time into the machine.
+struct Driver<'a> {
     input: Input<'a>,
     client: Arc<Client>,
     /// The Hello, encoded.
     hello_frame: Bytes,
-    /// Until the first connection attempt has an outcome: its failures are fatal.
-    first_connection: bool,
+    delivery: Delivery,
     conn: Conn,
     outcome: Outcome,
-    /// The highest sequence sent on any connection: what goes again counts as resent.
-    highest_sent: u64,
-    /// The highest sequence a receiver acknowledged or resumed after.
-    highest_acked: u64,
-    backoff: Duration,
-    /// Since when no connection has been up.
-    down_since: Option<Instant>,
-    captures_done: bool,
-    stopping: Option<Instant>,
-    goodbye_sent: bool,
 }
 
 /// How long the first connection attempt is waited for before capture starts: long enough
@@ -134,7 +119,7 @@ pub async fn start(client: Client, hello: &Hello) -> Result<Started> {
     let mut task = spawn_connect(&client, hello_frame.clone());
     let conn = match tokio::time::timeout(FIRST_ATTEMPT_WAIT, &mut task).await {
         Err(_) => Conn::Connecting(task),
-        Ok(Ok(Err(e))) if e.permanent => return Err(e.error),
+        Ok(Ok(Err(e))) if e.is_permanent() => return Err(e.into_error()),
         Ok(done) => Conn::Attempted(Some(done.unwrap_or_else(|e| Err(task_failed(e))))),
     };
     Ok(Started {
@@ -153,20 +138,18 @@ pub async fn run(started: Started, input: Input<'_>) -> (Outcome, Result<()>) {
         conn,
         since,
     } = started;
-    let mut s = Session {
+    let delivery = Delivery::new(
+        since.into_std(),
+        input.give_up_after,
+        machine::random_jitter(),
+    );
+    let mut s = Driver {
         input,
         client,
         hello_frame,
-        first_connection: true,
+        delivery,
         conn,
         outcome: Outcome::default(),
-        highest_sent: 0,
-        highest_acked: 0,
-        backoff: FIRST_RETRY,
-        down_since: Some(since),
-        captures_done: false,
-        stopping: None,
-        goodbye_sent: false,
     };
     s.count_damaged();
     let result = s.run().await;
@@ -186,15 +169,10 @@ pub async fn run(started: Started, input: Input<'_>) -> (Outcome, Result<()>) {
             }
         }
     }
-    match std::mem::replace(
-        &mut s.conn,
-        Conn::Down {
-            retry_at: Instant::now(),
-        },
-    ) {
-        Conn::Up(link) | Conn::Joining { link, .. } => link.close(result.is_ok()),
+    match std::mem::replace(&mut s.conn, Conn::None) {
+        Conn::Link(link) => link.close(result.is_ok()),
         Conn::Connecting(task) => task.abort(),
-        Conn::Down { .. } | Conn::Attempted(_) => {}
+        Conn::None | Conn::Attempted(_) => {}
     }
     s.input.link.up.store(false, Relaxed);
     s.client.close().await;
@@ -204,41 +182,48 @@ pub async fn run(started: Started, input: Input<'_>) -> (Outcome, Result<()>) {
     (s.outcome, result)
 }
 
-impl Session<'_> {
+/// The machine's clock: tokio's, so that the driver's timers and the machine agree.
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+impl Driver<'_> {
     async fn run(&mut self) -> Result<()> {
-        let mut stats_tick = tokio::time::interval_at(Instant::now() + STATS_EVERY, STATS_EVERY);
-        stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if self.stopping.is_some()
-                && self.captures_done
-                && self.input.outbox.is_empty()
-                && !matches!(self.conn, Conn::Up(_) | Conn::Joining { .. })
+            if let Some(step) = self
+                .delivery
+                .nothing_left(now(), self.input.outbox.is_empty())
             {
-                // Nothing left to deliver: waiting for the receiver would only be for the
-                // final statistics.
-                return self.give_up();
+                if self.act(step, None, "")? {
+                    return Ok(());
+                }
             }
-            let give_up_at = self.give_up_at().unwrap_or_else(far_future);
-            let want_room = self.input.outbox.next_unsent().is_some() || self.goodbye_due();
+            let timeout = self.delivery.poll_timeout().map(Instant::from_std);
+            let want_room = self.delivery.wants_room(
+                self.input.outbox.next_unsent().is_some(),
+                self.input.outbox.all_sent(),
+            );
+            let captures_done = self.delivery.captures_done();
             tokio::select! {
                 biased;
-                _ = self.input.shutdown.notified(), if self.stopping.is_none() => {
-                    tracing::info!("stopping: delivering what was captured to the receiver");
-                    self.stopping = Some(Instant::now());
-                    for stop in self.input.stoppers {
-                        stop();
+                _ = self.input.shutdown.notified(), if !self.delivery.stopping() => {
+                    if self.delivery.on_stop_signal(now()) {
+                        tracing::info!("stopping: delivering what was captured to the receiver");
+                        for stop in self.input.stoppers {
+                            stop();
+                        }
                     }
                 }
                 // Intake first: the capture threads' channel must not fill while there is
                 // room here.
-                item = self.input.batches.recv(), if !self.captures_done && self.input.outbox.has_room() => {
+                item = self.input.batches.recv(), if !captures_done && self.input.outbox.has_room() => {
                     match item {
                         Some(out) => {
                             if let Err(e) = self.input.outbox.push(out) {
                                 tracing::error!("spool write failed: {e}; holding further batches in memory only");
                             }
                         }
-                        None => self.captures_done = true,
+                        None => self.delivery.on_captures_done(),
                     }
                 }
                 activity = activity(&mut self.conn, want_room) => match activity {
@@ -247,115 +232,221 @@ impl Session<'_> {
                             return Ok(());
                         }
                     }
-                    Activity::Connected(connected) => self.on_connected(connected)?,
-                    Activity::RetryDue => self.start_connecting(),
+                    Activity::Connected(Ok(link)) => {
+                        self.conn = Conn::Link(link);
+                        self.delivery.on_connected(now());
+                    }
+                    Activity::Connected(Err(e)) => {
+                        let step = self.delivery.on_connect_failed(now(), e.is_permanent());
+                        if self.act(step, Some(e.into_error()), "")? {
+                            return Ok(());
+                        }
+                    }
                     Activity::Room(permit) => self.send_next(permit),
                 },
-                _ = tokio::time::sleep_until(give_up_at) => return self.give_up(),
-                _ = stats_tick.tick() => {
-                    if let Conn::Up(link) = &self.conn {
-                        let rtt = u64::try_from(link.rtt().as_micros()).unwrap_or(u64::MAX);
-                        self.input.link.rtt_micros.store(rtt, Relaxed);
-                        if !self.goodbye_sent {
-                            link.try_send(self.stats_frame());
-                        }
+                () = sleep_until(timeout) => {
+                    let step = self.delivery.handle_timeout(now(), self.input.outbox.is_empty());
+                    if self.act(step, None, "")? {
+                        return Ok(());
                     }
                 }
             }
         }
-    }
-
-    /// Everything captured has gone out on this connection: time for the last statistics
-    /// and the Goodbye.
-    fn goodbye_due(&self) -> bool {
-        self.captures_done
-            && self.input.outbox.all_sent()
-            && !self.goodbye_sent
-            && matches!(self.conn, Conn::Up(_))
     }
 
     /// Sends the next batch, or else the closing frames, in the room the stream has.
     fn send_next(&mut self, permit: mpsc::OwnedPermit<Bytes>) {
-        let Some(out) = self.input.outbox.next_unsent() else {
-            if self.goodbye_due() {
+        let next = self.input.outbox.next_unsent().map(|out| out.sequence);
+        match self.delivery.on_room(next, self.input.outbox.all_sent()) {
+            Some(Frame::Batch { again }) => {
+                let Some(out) = self.input.outbox.next_unsent() else {
+                    return;
+                };
+                permit.send(in_session(
+                    &out.batch.frame,
+                    self.input.session_id.load(Relaxed),
+                ));
+                if again {
+                    self.outcome.resent += 1;
+                } else {
+                    self.outcome.batches += 1;
+                }
+                self.input.outbox.mark_sent();
+            }
+            Some(Frame::Goodbye) => {
                 // Statistics last, so that they count every packet; then the Goodbye.
                 let mut frames = BytesMut::from(&self.stats_frame()[..]);
                 Message::Goodbye(Goodbye).encode(&mut frames);
                 permit.send(frames.freeze());
-                self.goodbye_sent = true;
             }
-            return;
-        };
-        permit.send(in_session(
-            &out.batch.frame,
-            self.input.session_id.load(Relaxed),
-        ));
-        if out.sequence > self.highest_sent {
-            self.highest_sent = out.sequence;
-            self.outcome.batches += 1;
-        } else {
-            self.outcome.resent += 1;
+            None => {}
         }
-        self.input.outbox.mark_sent();
     }
 
     /// Handles what a connection reported; `Ok(true)` when the session is complete.
     async fn on_event(&mut self, event: LinkEvent) -> Result<bool> {
-        match event {
-            LinkEvent::Ack(sequence) => {
-                let joining = matches!(self.conn, Conn::Joining { .. });
-                let known = self.highest_sent.max(self.highest_acked);
-                if acks_the_unsent(sequence, known, joining && self.first_connection) {
-                    self.new_session();
-                    let delay = self.disconnect();
-                    tracing::error!(
-                        "receiver {} acknowledged batch {sequence}, past the last this sensor \
-                         sent ({known}): another connection has taken over the session; \
-                         sending the {} batch(es) held under new session {:016x} in {:.1}s",
-                        self.client.remote(),
-                        self.input.outbox.len(),
-                        self.input.session_id.load(Relaxed),
-                        delay.as_secs_f64()
-                    );
-                    return Ok(false);
-                }
-                self.highest_acked = self.highest_acked.max(sequence);
-                self.acknowledge(sequence);
-                if joining {
-                    let Conn::Joining { link, .. } = std::mem::replace(
-                        &mut self.conn,
-                        Conn::Down {
-                            retry_at: Instant::now(),
-                        },
-                    ) else {
-                        unreachable!("matched above")
-                    };
-                    self.joined(link, sequence);
-                }
-                Ok(false)
+        let (step, why) = match event {
+            LinkEvent::Ack(sequence) => (self.delivery.on_ack(now(), sequence), String::new()),
+            LinkEvent::Goodbye => (
+                self.delivery
+                    .on_goodbye(now(), self.input.outbox.is_empty()),
+                "receiver ended the session early".to_owned(),
+            ),
+            LinkEvent::Refused { code, message } => {
+                (self.delivery.on_refused(now(), code), message)
             }
-            LinkEvent::Goodbye if self.goodbye_sent && self.input.outbox.is_empty() => Ok(true),
-            LinkEvent::Goodbye => {
-                self.lost("receiver ended the session early");
-                Ok(false)
-            }
-            LinkEvent::Refused { code, message } => self.refused(code, message).map(|()| false),
             LinkEvent::Lost(why) => {
                 // The receiver's reason, if it sent one before the connection broke.
                 let last = match &mut self.conn {
-                    Conn::Up(link) | Conn::Joining { link, .. } => {
-                        tokio::time::timeout(ERROR_GRACE, link.events.recv()).await
-                    }
+                    Conn::Link(link) => tokio::time::timeout(ERROR_GRACE, link.events.recv()).await,
                     _ => Ok(None),
                 };
                 match last {
                     Ok(Some(LinkEvent::Refused { code, message })) => {
-                        self.refused(code, message)?
+                        (self.delivery.on_refused(now(), code), message)
                     }
-                    _ => self.lost(&why),
+                    _ => (self.delivery.on_lost(now()), why),
                 }
-                Ok(false)
             }
+        };
+        self.act(step, None, &why)
+    }
+
+    /// Does what the machine decided. `failed`: the connection attempt's error, when the
+    /// step answers one; `why`: the receiver's words or the way the connection ended.
+    /// `Ok(true)` when the session has ended well.
+    fn act(&mut self, step: Step, failed: Option<Error>, why: &str) -> Result<bool> {
+        let remote = self.client.remote();
+        match step {
+            Step::Continue => {}
+            Step::Connect => {
+                self.conn = Conn::Connecting(spawn_connect(&self.client, self.hello_frame.clone()));
+            }
+            Step::Release(sequence) => self.acknowledge(sequence),
+            Step::Joined {
+                resume,
+                after_outage,
+            } => {
+                self.acknowledge(resume);
+                self.input.outbox.rewind();
+                let pending = self.input.outbox.len();
+                if after_outage {
+                    tracing::warn!(
+                        "reconnected to receiver {remote}: it has every batch up to {resume}; sending {pending} held batch(es)"
+                    );
+                } else {
+                    tracing::info!("connected to receiver {remote}");
+                }
+                if let Conn::Link(link) = &self.conn {
+                    self.input.link.rtt_micros.store(
+                        u64::try_from(link.rtt().as_micros()).unwrap_or(u64::MAX),
+                        Relaxed,
+                    );
+                }
+                self.input.link.up.store(true, Relaxed);
+            }
+            Step::Retry { delay, cause } => {
+                self.drop_link();
+                let held = self.input.outbox.len();
+                let wait = delay.as_secs_f64();
+                match cause {
+                    RetryCause::ConnectFailed { loud } => {
+                        let error = failed.map_or_else(String::new, |e| e.to_string());
+                        if loud {
+                            // Accepted before, or unreachable at first: forged, or the path
+                            // changed.
+                            tracing::error!(
+                                "{error}; retrying in {wait:.1}s ({held} batch(es) held)"
+                            );
+                        } else {
+                            tracing::warn!(
+                                "{error}; retrying in {wait:.1}s ({held} batch(es) held)"
+                            );
+                        }
+                    }
+                    RetryCause::RefusedAgain => tracing::error!(
+                        "receiver {remote} refused this sensor: {why}; it accepted it before, \
+                         so trying again in {wait:.1}s ({held} batch(es) held)"
+                    ),
+                    RetryCause::NoAnswerToHello => tracing::warn!(
+                        "receiver {remote}: no answer to Hello within {}s; reconnecting in \
+                         {wait:.1}s ({held} batch(es) held)",
+                        JOIN_TIMEOUT.as_secs()
+                    ),
+                    RetryCause::Lost | RetryCause::EndedEarly | RetryCause::Unavailable => {
+                        tracing::warn!(
+                            "receiver {remote}: {why}; reconnecting in {wait:.1}s ({held} batch(es) held)"
+                        )
+                    }
+                }
+            }
+            Step::NewSession { delay, cause } => {
+                self.new_session();
+                self.drop_link();
+                let held = self.input.outbox.len();
+                let id = self.input.session_id.load(Relaxed);
+                let wait = delay.as_secs_f64();
+                match cause {
+                    NewSessionCause::Takeover { acked, known } => tracing::error!(
+                        "receiver {remote} acknowledged batch {acked}, past the last this sensor \
+                         sent ({known}): another connection has taken over the session; \
+                         sending the {held} batch(es) held under new session {id:016x} in {wait:.1}s"
+                    ),
+                    NewSessionCause::Refused => tracing::error!(
+                        "receiver {remote} cannot resume this session ({why}): sending the \
+                         {held} batch(es) held under new session {id:016x} in {wait:.1}s"
+                    ),
+                }
+            }
+            Step::Stats { send } => {
+                if let Conn::Link(link) = &self.conn {
+                    let rtt = u64::try_from(link.rtt().as_micros()).unwrap_or(u64::MAX);
+                    self.input.link.rtt_micros.store(rtt, Relaxed);
+                    if send {
+                        link.try_send(self.stats_frame());
+                    }
+                }
+            }
+            Step::Finish(Finish::Complete) => return Ok(true),
+            Step::Finish(Finish::StatisticsUndelivered { waited }) => {
+                tracing::warn!(
+                    "receiver {remote} unreachable at the end (for {:.0}s): every batch was \
+                     acknowledged, but the final statistics were not delivered",
+                    waited.as_secs_f64()
+                );
+                return Ok(true);
+            }
+            Step::Fail(Fatal::FirstConnection) => {
+                return Err(failed.unwrap_or_else(|| {
+                    Error::runtime(format!("cannot connect to receiver {remote}"))
+                }))
+            }
+            Step::Fail(Fatal::Refused) => {
+                return Err(Error::runtime(format!(
+                    "receiver {remote} refused this sensor: {why}"
+                )))
+            }
+            Step::Fail(Fatal::GaveUp { waited }) => {
+                return Err(Error::runtime(format!(
+                    "gave up on receiver {remote} after {:.0}s without a connection; {} batch(es) \
+                     unacknowledged are lost (see the summary)",
+                    waited.as_secs_f64(),
+                    self.input.outbox.len()
+                )))
+            }
+        }
+        self.input
+            .link
+            .reconnects
+            .store(self.delivery.reconnects(), Relaxed);
+        Ok(false)
+    }
+
+    /// Closes the connection (if any) without waiting: the machine has left it.
+    fn drop_link(&mut self) {
+        if let Conn::Link(link) = std::mem::replace(&mut self.conn, Conn::None) {
+            link.close(false);
+            self.input.link.up.store(false, Relaxed);
         }
     }
 
@@ -381,65 +472,6 @@ impl Session<'_> {
         }
     }
 
-    /// The receiver accepted the session and said where it resumes.
-    fn joined(&mut self, link: Link, resume: u64) {
-        self.input.outbox.rewind();
-        let pending = self.input.outbox.len();
-        if self.input.link.reconnects.load(Relaxed) > 0
-            || self.down_since.is_some_and(|t| t.elapsed() > STATS_EVERY)
-        {
-            tracing::warn!(
-                "reconnected to receiver {}: it has every batch up to {resume}; sending {pending} held batch(es)",
-                self.client.remote()
-            );
-        } else {
-            tracing::info!("connected to receiver {}", self.client.remote());
-        }
-        self.first_connection = false;
-        self.backoff = FIRST_RETRY;
-        self.down_since = None;
-        self.goodbye_sent = false;
-        self.input.link.rtt_micros.store(
-            u64::try_from(link.rtt().as_micros()).unwrap_or(u64::MAX),
-            Relaxed,
-        );
-        self.input.link.up.store(true, Relaxed);
-        self.conn = Conn::Up(link);
-    }
-
-    fn refused(&mut self, code: ErrorCode, message: String) -> Result<()> {
-        let remote = self.client.remote();
-        match after_refusal(code, self.first_connection) {
-            AfterRefusal::Retry => self.lost(&message),
-            AfterRefusal::NewSession => {
-                self.new_session();
-                let delay = self.disconnect();
-                tracing::error!(
-                    "receiver {remote} cannot resume this session ({message}): sending the {} \
-                     batch(es) held under new session {:016x} in {:.1}s",
-                    self.input.outbox.len(),
-                    self.input.session_id.load(Relaxed),
-                    delay.as_secs_f64()
-                );
-            }
-            AfterRefusal::Stop => {
-                return Err(Error::runtime(format!(
-                    "receiver {remote} refused this sensor: {message}"
-                )))
-            }
-            AfterRefusal::RetryLoudly => {
-                let delay = self.disconnect();
-                tracing::error!(
-                    "receiver {remote} refused this sensor: {message}; it accepted it before, \
-                     so trying again in {:.1}s ({} batch(es) held)",
-                    delay.as_secs_f64(),
-                    self.input.outbox.len()
-                );
-            }
-        }
-        Ok(())
-    }
-
     /// A new session id and secret, for a receiver that cannot resume the old session.
     fn new_session(&mut self) {
         let id = rand::random();
@@ -451,119 +483,6 @@ impl Session<'_> {
             secret: self.input.hello.session_secret,
         });
         self.hello_frame = Message::Hello(self.input.hello.clone()).to_bytes();
-    }
-
-    /// The connection is gone: try again after the backoff.
-    fn lost(&mut self, why: &str) {
-        let delay = self.disconnect();
-        tracing::warn!(
-            "receiver {}: {why}; reconnecting in {:.1}s ({} batch(es) held)",
-            self.client.remote(),
-            delay.as_secs_f64(),
-            self.input.outbox.len()
-        );
-    }
-
-    /// Closes the connection, if any, and schedules the next attempt; returns its delay.
-    fn disconnect(&mut self) -> Duration {
-        if let Conn::Up(link) | Conn::Joining { link, .. } = std::mem::replace(
-            &mut self.conn,
-            Conn::Down {
-                retry_at: Instant::now(),
-            },
-        ) {
-            link.close(false);
-            self.input.link.up.store(false, Relaxed);
-            self.input.link.reconnects.fetch_add(1, Relaxed);
-        }
-        self.down_since.get_or_insert_with(Instant::now);
-        self.goodbye_sent = false;
-        let delay = self.next_delay();
-        self.conn = Conn::Down {
-            retry_at: Instant::now() + delay,
-        };
-        delay
-    }
-
-    fn start_connecting(&mut self) {
-        self.conn = Conn::Connecting(spawn_connect(&self.client, self.hello_frame.clone()));
-    }
-
-    fn on_connected(&mut self, connected: Result<Link, ConnectError>) -> Result<()> {
-        match connected {
-            Ok(link) => {
-                self.conn = Conn::Joining {
-                    link,
-                    deadline: Instant::now() + JOIN_TIMEOUT,
-                };
-                Ok(())
-            }
-            Err(e) if e.permanent && self.first_connection => Err(e.error),
-            Err(e) => {
-                self.first_connection = false;
-                let delay = self.next_delay();
-                let held = self.input.outbox.len();
-                let wait = delay.as_secs_f64();
-                if e.permanent {
-                    // Accepted before, or unreachable at first: forged, or the path changed.
-                    tracing::error!(
-                        "{}; retrying in {wait:.1}s ({held} batch(es) held)",
-                        e.error
-                    );
-                } else {
-                    tracing::warn!(
-                        "{}; retrying in {wait:.1}s ({held} batch(es) held)",
-                        e.error
-                    );
-                }
-                self.conn = Conn::Down {
-                    retry_at: Instant::now() + delay,
-                };
-                Ok(())
-            }
-        }
-    }
-
-    /// Exponential backoff with full jitter between half and all of the step, so that
-    /// many sensors cut off together do not come back in step.
-    fn next_delay(&mut self) -> Duration {
-        let step = self.backoff;
-        self.backoff = (self.backoff * 2).min(MAX_RETRY);
-        step.mul_f64(rand::random_range(0.5..=1.0))
-    }
-
-    /// When an unreachable receiver is given up on: after --give-up-after without a
-    /// connection, and after a stop signal at the latest STOP_GRACE later.
-    fn give_up_at(&self) -> Option<Instant> {
-        let down = self.down_since?;
-        let running = self.input.give_up_after.map(|d| down + d);
-        let stopping = self
-            .stopping
-            .map(|t| t.max(down) + self.input.give_up_after.unwrap_or(STOP_GRACE));
-        match (running, stopping) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    fn give_up(&mut self) -> Result<()> {
-        let waited = self.down_since.map_or(Duration::ZERO, |t| t.elapsed());
-        if self.captures_done && self.input.outbox.is_empty() {
-            tracing::warn!(
-                "receiver {} unreachable at the end (for {:.0}s): every batch was \
-                 acknowledged, but the final statistics were not delivered",
-                self.client.remote(),
-                waited.as_secs_f64()
-            );
-            return Ok(());
-        }
-        Err(Error::runtime(format!(
-            "gave up on receiver {} after {:.0}s without a connection; {} batch(es) \
-             unacknowledged are lost (see the summary)",
-            self.client.remote(),
-            waited.as_secs_f64(),
-            self.input.outbox.len()
-        )))
     }
 
     fn stats_frame(&self) -> Bytes {
@@ -583,23 +502,27 @@ impl Session<'_> {
     }
 }
 
+/// Sleeps until `at`, or for ever when there is no deadline.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What the current connection (or the lack of one) asks for next.
 enum Activity {
     Event(LinkEvent),
     Connected(Result<Link, ConnectError>),
-    RetryDue,
     /// Room on the stream for the next batch.
     Room(mpsc::OwnedPermit<Bytes>),
 }
 
-/// Waits for the current connection's next activity. A connection that stays silent after
-/// the Hello counts as lost.
+/// Waits for the current connection's next activity (the machine's timers handle the
+/// rest: retries, the deadline of the Hello's answer).
 async fn activity(conn: &mut Conn, want_room: bool) -> Activity {
     let event = match conn {
-        Conn::Down { retry_at } => {
-            tokio::time::sleep_until(*retry_at).await;
-            return Activity::RetryDue;
-        }
+        Conn::None => std::future::pending().await,
         Conn::Connecting(task) => {
             return Activity::Connected(task.await.unwrap_or_else(|e| Err(task_failed(e))))
         }
@@ -607,18 +530,7 @@ async fn activity(conn: &mut Conn, want_room: bool) -> Activity {
             Some(done) => return Activity::Connected(done),
             None => std::future::pending().await,
         },
-        Conn::Joining { link, deadline } => {
-            match tokio::time::timeout_at(*deadline, link.events.recv()).await {
-                Ok(event) => event,
-                Err(_) => {
-                    return Activity::Event(LinkEvent::Lost(format!(
-                        "no answer to Hello within {}s",
-                        JOIN_TIMEOUT.as_secs()
-                    )))
-                }
-            }
-        }
-        Conn::Up(link) => {
+        Conn::Link(link) => {
             let frames = link.frames();
             tokio::select! {
                 event = link.events.recv() => event,
@@ -641,47 +553,11 @@ fn spawn_connect(
 }
 
 fn task_failed(e: tokio::task::JoinError) -> ConnectError {
-    ConnectError {
-        error: Error::runtime(format!("connecting failed: {e}")),
-        permanent: false,
-    }
-}
-
-/// Whether an acknowledgement of `sequence` covers batches this sensor never sent on any
-/// connection, nor saw acknowledged (`known`): a receiver only acknowledges what it was
-/// sent, so someone else sent them under this session, and releasing the held batches of
-/// those numbers as delivered would lose them. The resume point of the process's first
-/// connection (`resuming`) is taken as it is: it may cover what a previous process of a
-/// resumed spool sent.
-fn acks_the_unsent(sequence: u64, known: u64, resuming: bool) -> bool {
-    !resuming && sequence > known
-}
-
-/// What the sensor does when the receiver refuses it.
-#[derive(Debug, PartialEq, Eq)]
-enum AfterRefusal {
-    /// A passing state of the receiver, which keeps the session: reconnect.
-    Retry,
-    /// The session cannot be resumed: start a new one and send what is held under it.
-    NewSession,
-    /// A misconfiguration met by the first connection: stop with its message.
-    Stop,
-    /// What stopped the first connection, met later: forged, or a receiver's mistake;
-    /// logged as an error and retried.
-    RetryLoudly,
-}
-
-fn after_refusal(code: ErrorCode, first_connection: bool) -> AfterRefusal {
-    match code {
-        ErrorCode::SHUTTING_DOWN | ErrorCode::UNAVAILABLE => AfterRefusal::Retry,
-        ErrorCode::SESSION_REFUSED => AfterRefusal::NewSession,
-        _ if first_connection => AfterRefusal::Stop,
-        _ => AfterRefusal::RetryLoudly,
-    }
+    ConnectError::Passing(Error::runtime(format!("connecting failed: {e}")))
 }
 
 /// `frame`, a batch, stamped with `session_id`: batches made before the session changed
-/// (see [`Session::new_session`]) are copied with the new id; the rest go as they are.
+/// (see [`Driver::new_session`]) are copied with the new id; the rest go as they are.
 fn in_session(frame: &Bytes, session_id: u64) -> Bytes {
     let id_at = protocol::FRAME_HEADER_LEN..protocol::FRAME_HEADER_LEN + 8;
     match frame.get(id_at.clone()) {
@@ -694,55 +570,9 @@ fn in_session(frame: &Bytes, session_id: u64) -> Bytes {
     }
 }
 
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(86_400 * 365)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_the_first_connection_stops_the_sensor() {
-        for code in [
-            ErrorCode::VERSION,
-            ErrorCode::UNSUPPORTED_LINK_TYPE,
-            ErrorCode::UNAUTHENTICATED,
-            ErrorCode::PROTOCOL,
-        ] {
-            assert_eq!(after_refusal(code, true), AfterRefusal::Stop, "{code:?}");
-            assert_eq!(
-                after_refusal(code, false),
-                AfterRefusal::RetryLoudly,
-                "{code:?}"
-            );
-        }
-        for first in [true, false] {
-            assert_eq!(
-                after_refusal(ErrorCode::UNAVAILABLE, first),
-                AfterRefusal::Retry
-            );
-            assert_eq!(
-                after_refusal(ErrorCode::SHUTTING_DOWN, first),
-                AfterRefusal::Retry
-            );
-            assert_eq!(
-                after_refusal(ErrorCode::SESSION_REFUSED, first),
-                AfterRefusal::NewSession
-            );
-        }
-    }
-
-    #[test]
-    fn an_ack_of_batches_never_sent_means_a_takeover() {
-        assert!(!acks_the_unsent(0, 0, false), "a new session");
-        assert!(!acks_the_unsent(7, 7, false));
-        assert!(acks_the_unsent(8, 7, false));
-        assert!(
-            !acks_the_unsent(500, 0, true),
-            "a resumed spool's first resume point"
-        );
-    }
 
     #[test]
     fn held_batches_are_restamped_with_a_new_session() {

@@ -1,4 +1,8 @@
-//! The sensor's two kinds of failure, which decide the exit code.
+//! The sensor's two kinds of failure, which decide the exit code (through
+//! [`program::exit`]). Where something else is decided on an error, the error is typed
+//! where it is decided: [`crate::transport::ConnectError`] (retry, or stop the first
+//! connection), the `errno` of a system call in the capture backends (whether to name the
+//! missing privileges); nothing decides on an error's text.
 
 /// A fatal error, shown as the one line `sensor: error: <message>`.
 #[derive(Debug, thiserror::Error)]
@@ -22,10 +26,11 @@ impl Error {
         Self::Runtime(msg.into())
     }
 
-    pub fn exit_code(&self) -> u8 {
+    /// Which exit code the error ends the sensor with.
+    pub fn failure(&self) -> program::exit::Failure {
         match self {
-            Self::Input(_) => 2,
-            Self::Runtime(_) => 1,
+            Self::Input(_) => program::exit::Failure::BadInput,
+            Self::Runtime(_) => program::exit::Failure::RunFailed,
         }
     }
 }

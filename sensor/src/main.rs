@@ -8,6 +8,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use program::exit::{self, Failure};
 use tokio::sync::{mpsc, Notify};
 
 mod batcher;
@@ -28,12 +29,15 @@ mod telemetry;
 mod tls;
 mod transport;
 
-use batcher::{Batcher, Session};
+use batcher::{Batcher, SessionBatching};
 use capture::{Source, Stopper};
 use cli::Cli;
 use error::{Error, Result};
 use outbox::Outbox;
 use stats::{Counters, LinkStats};
+
+/// The name that starts the program's error line.
+const PROGRAM: &str = "sensor";
 
 /// How long the series of something that ended stay on the metrics endpoint.
 const METRICS_LINGER: std::time::Duration = std::time::Duration::from_secs(300);
@@ -54,16 +58,12 @@ fn main() -> ExitCode {
     // up before the async runtime starts its threads, so that none of them keeps any.
     let prepared = match prepare(&cli) {
         Ok(prepared) => prepared,
-        Err(e) => {
-            eprintln!("sensor: error: {e}");
-            return ExitCode::from(e.exit_code());
-        }
+        Err(e) => return exit::fail(PROGRAM, e.failure(), e),
     };
     // After the privileges are given up: the endpoint's thread has none.
     if let Some(addr) = cli.metrics {
         if let Err(e) = program::metrics::serve(addr, METRICS_LINGER) {
-            eprintln!("sensor: error: {e}");
-            return ExitCode::from(2);
+            return exit::fail(PROGRAM, Failure::BadInput, e);
         }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -74,17 +74,18 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("sensor: error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            return exit::fail(
+                PROGRAM,
+                Failure::RunFailed,
+                format_args!("cannot start the async runtime: {e}"),
+            )
         }
     };
-    match runtime.block_on(run(cli, prepared)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sensor: error: {e}");
-            ExitCode::from(e.exit_code())
-        }
-    }
+    exit::finish(
+        PROGRAM,
+        runtime.block_on(run(cli, prepared)),
+        Error::failure,
+    )
 }
 
 /// What is set up before the async runtime starts.
@@ -319,7 +320,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     };
 
     let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
-    let session = Session::new(
+    let session = SessionBatching::new(
         Arc::clone(&session_ids),
         first_sequence,
         tx,
@@ -471,7 +472,12 @@ fn spawn_signal_handler(shutdown: Arc<Notify>) {
         shutdown.notify_one();
         signals.next().await;
         program::status::clear();
-        eprintln!("sensor: error: interrupted twice; exiting without flushing (packets lost)");
-        std::process::exit(1);
+        let failure = Failure::RunFailed;
+        exit::fail(
+            PROGRAM,
+            failure,
+            "interrupted twice; exiting without flushing (packets lost)",
+        );
+        std::process::exit(failure.code().into());
     });
 }

@@ -86,13 +86,32 @@ pub enum LinkEvent {
     Lost(String),
 }
 
-/// Why a connection attempt failed, and whether trying again can help.
-pub struct ConnectError {
-    pub error: Error,
-    /// TLS verification, names and protocol mismatches: a misconfiguration when the first
-    /// connection meets them, which does not fix itself. Later, anyone on the path can fake
-    /// them, so they are retried then (see [`crate::delivery`]).
-    pub permanent: bool,
+/// Why a connection attempt failed; the variant says whether trying again can help.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TLS verification, names and protocol mismatches, a refused client certificate: a
+    /// misconfiguration when the first connection meets them, which does not fix itself.
+    /// Later, anyone on the path can fake them, so they are retried then (see
+    /// [`crate::delivery`]).
+    #[error(transparent)]
+    Permanent(Error),
+    /// Unreachable, timed out, broken off: may pass.
+    #[error(transparent)]
+    Passing(Error),
+}
+
+impl ConnectError {
+    /// Whether trying again cannot help (unless the failure was forged).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Permanent(_))
+    }
+
+    /// The error, to report.
+    pub fn into_error(self) -> Error {
+        match self {
+            Self::Permanent(e) | Self::Passing(e) => e,
+        }
+    }
 }
 
 /// One connection and its open stream.
@@ -193,26 +212,22 @@ impl Client {
         let connecting = self
             .endpoint
             .connect_with(self.config.clone(), remote, &self.server_name)
-            .map_err(|e| ConnectError {
-                error: Error::input(format!(
+            .map_err(|e| {
+                ConnectError::Permanent(Error::input(format!(
                     "cannot connect to {remote} as \"{}\": {e} (check --server-name)",
                     self.server_name
-                )),
-                permanent: true,
+                )))
             })?;
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => return Err(handshake_error(remote, e, &self.verification)),
             Err(_) => {
-                return Err(ConnectError {
-                    error: Error::runtime(format!(
-                        "cannot reach receiver at {remote}: no answer within {}s (is the \
-                         receiver running, and UDP port {} open?)",
-                        CONNECT_TIMEOUT.as_secs(),
-                        remote.port()
-                    )),
-                    permanent: false,
-                })
+                return Err(ConnectError::Passing(Error::runtime(format!(
+                    "cannot reach receiver at {remote}: no answer within {}s (is the \
+                     receiver running, and UDP port {} open?)",
+                    CONNECT_TIMEOUT.as_secs(),
+                    remote.port()
+                ))))
             }
         };
         let (send, recv) = conn
@@ -220,10 +235,9 @@ impl Client {
             .await
             .map_err(|e| match refusal_of_this_sensor(&e) {
                 Some(why) => refused_for_good(remote, why),
-                None => ConnectError {
-                    error: Error::runtime(format!("cannot open a stream to {remote}: {e}")),
-                    permanent: false,
-                },
+                None => ConnectError::Passing(Error::runtime(format!(
+                    "cannot open a stream to {remote}: {e}"
+                ))),
             })?;
         let (frames, to_write) = mpsc::channel(FRAMES_AHEAD);
         // Acks come one per written round; the loop reads them promptly.
@@ -381,10 +395,9 @@ fn refusal_of_this_sensor(e: &ConnectionError) -> Option<String> {
 }
 
 fn refused_for_good(remote: SocketAddr, why: String) -> ConnectError {
-    ConnectError {
-        error: Error::runtime(format!("receiver {remote} refused this sensor: {why}")),
-        permanent: true,
-    }
+    ConnectError::Permanent(Error::runtime(format!(
+        "receiver {remote} refused this sensor: {why}"
+    )))
 }
 
 fn handshake_error(
@@ -403,9 +416,11 @@ fn handshake_error(
         let seen = std::mem::take(&mut *v);
         seen.error.map(|err| (err, seen.fingerprint))
     });
-    ConnectError {
-        error: handshake_message(remote, e, verified),
-        permanent,
+    let error = handshake_message(remote, e, verified);
+    if permanent {
+        ConnectError::Permanent(error)
+    } else {
+        ConnectError::Passing(error)
     }
 }
 
@@ -507,7 +522,7 @@ mod tests {
         };
         // (quinn does not export its TransportError; the verifier's record decides.)
         let e = handshake_error(remote, ConnectionError::VersionMismatch, &verification);
-        let text = e.error.to_string();
+        let text = e.into_error().to_string();
         assert!(
             text.contains(&"ab".repeat(32)) && text.contains("does not match --fingerprint"),
             "{text}"
@@ -520,8 +535,8 @@ mod tests {
     fn a_refused_client_certificate_says_what_to_do_and_is_final() {
         let remote: SocketAddr = "127.0.0.1:4433".parse().unwrap();
         let e = handshake_error(remote, closed_with_alert(116), &LastVerification::default());
-        assert!(e.permanent);
-        let text = e.error.to_string();
+        assert!(e.is_permanent());
+        let text = e.into_error().to_string();
         assert!(
             text.contains("127.0.0.1:4433") && text.contains("pass --cert and --key"),
             "{text}"

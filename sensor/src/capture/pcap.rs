@@ -356,11 +356,19 @@ fn file_error(shown: &str, text: &str) -> Error {
     } else {
         format!("cannot read {shown}: {text}")
     };
-    if text.contains("No such file") || text.contains("ermission") {
+    if text.contains("No such file") || denied(text) {
         Error::input(what)
     } else {
         Error::input(format!("{what} (is it a pcap or pcapng file?)"))
     }
+}
+
+/// Whether libpcap's message says the system refused for want of privilege. libpcap
+/// reports errors as text only (its `errbuf`, which the pcap crate passes on without the
+/// errno), so its words are read here, and only here.
+pub(super) fn denied(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    lower.contains("permission") || lower.contains("not permitted")
 }
 
 /// libpcap's own message, without the crate's "libpcap error: " prefix.
@@ -380,8 +388,7 @@ pub(super) fn open_error(name: &str, e: &pcap::Error) -> Error {
             return unknown_interface(name);
         }
     }
-    let lower = text.to_ascii_lowercase();
-    if lower.contains("permission") || lower.contains("not permitted") {
+    if denied(&text) {
         return Error::runtime(format!(
             "no permission to capture on {name}: {text} (run as root or grant CAP_NET_RAW, \
              e.g. `setcap cap_net_raw=ep` on the sensor binary)"

@@ -79,7 +79,7 @@ impl Sockets {
         let mut sockets = Vec::new();
         for queue in 0..queues {
             let socket = match open_queue(&interface, queue, opts.zero_copy) {
-                Err(SocketError(e)) if opts.zero_copy => {
+                Err(SocketError { text: e, .. }) if opts.zero_copy => {
                     tracing::info!(
                         "{iface} queue {queue}: no zero-copy AF_XDP ({e}); using copy mode"
                     );
@@ -87,18 +87,17 @@ impl Sockets {
                 }
                 other => other,
             }
-            .map_err(|SocketError(e)| {
+            .map_err(|SocketError { text: e, errno }| {
                 // The kernel charges the UMEM to RLIMIT_MEMLOCK unless CAP_IPC_LOCK.
-                let hint =
-                    if e.contains(&std::io::Error::from_raw_os_error(libc::ENOBUFS).to_string()) {
-                        format!(
-                            "its UMEM, {} MiB, is locked memory: grant CAP_IPC_LOCK or raise the \
+                let hint = if errno == Some(libc::ENOBUFS) {
+                    format!(
+                        "its UMEM, {} MiB, is locked memory: grant CAP_IPC_LOCK or raise the \
                          memlock limit (ulimit -l, systemd's LimitMEMLOCK=)",
-                            (FRAMES * FRAME_SIZE) >> 20
-                        )
-                    } else {
-                        "the kernel needs XDP sockets; try --mode xdp".to_string()
-                    };
+                        (FRAMES * FRAME_SIZE) >> 20
+                    )
+                } else {
+                    "the kernel needs XDP sockets; try --mode xdp".to_string()
+                };
                 Error::runtime(format!(
                     "cannot open an AF_XDP socket on {iface} queue {queue}: {e} ({hint})"
                 ))
@@ -215,7 +214,25 @@ impl Sockets {
 }
 
 /// Why a socket could not be opened, for the caller to explain.
-struct SocketError(String);
+struct SocketError {
+    text: String,
+    /// The failed system call's, when there was one.
+    errno: Option<i32>,
+}
+
+impl SocketError {
+    fn new(text: String) -> Self {
+        Self { text, errno: None }
+    }
+
+    /// `text`, about `e`, which may come from a system call.
+    fn of(text: String, e: &(dyn std::error::Error + 'static)) -> Self {
+        Self {
+            text,
+            errno: super::errno(e),
+        }
+    }
+}
 
 fn open_queue(
     interface: &Interface,
@@ -228,13 +245,13 @@ fn open_queue(
         .fill_queue_size(size(FILL_RING))
         .comp_queue_size(size(64))
         .build()
-        .map_err(|e| SocketError(format!("UMEM configuration: {e}")))?;
+        .map_err(|e| SocketError::new(format!("UMEM configuration: {e}")))?;
     let (umem, mut descs) = Umem::new(
         umem_config,
         NonZeroU32::new(FRAMES).expect("non-zero"),
         false,
     )
-    .map_err(|e| SocketError(format!("cannot create the UMEM: {}", super::chain(&e))))?;
+    .map_err(|e| SocketError::of(format!("cannot create the UMEM: {}", super::chain(&e)), &e))?;
     let mode = if zero_copy {
         BindFlags::XDP_ZEROCOPY
     } else {
@@ -250,12 +267,12 @@ fn open_queue(
     // SAFETY: each socket has a UMEM of its own (nothing is shared), and libxdp loads no
     // program (INHIBIT_PROG_LOAD).
     let (_tx, rx, fill_comp) = unsafe { Socket::new(config, &umem, interface, queue) }
-        .map_err(|e| SocketError(super::chain(&e)))?;
-    let (mut fill, _comp) = fill_comp.ok_or_else(|| SocketError("no fill ring".into()))?;
+        .map_err(|e| SocketError::of(super::chain(&e), &e))?;
+    let (mut fill, _comp) = fill_comp.ok_or_else(|| SocketError::new("no fill ring".into()))?;
     // SAFETY: every frame of this UMEM, none yet given to the kernel.
     let given = unsafe { fill.produce(&descs) };
     if given != descs.len() {
-        return Err(SocketError(format!(
+        return Err(SocketError::new(format!(
             "the fill ring took {given} of {} frames",
             descs.len()
         )));

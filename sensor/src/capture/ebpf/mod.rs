@@ -174,6 +174,7 @@ impl EbpfCapture {
                 kernel_refused(
                     mode,
                     format!("cannot load the eBPF programs: {}", chain(&e)),
+                    denied(errno(&e)),
                 )
             })?;
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
@@ -203,7 +204,7 @@ impl EbpfCapture {
             ))
         })?;
         let filter_fd = cbpf_to_ebpf::load_program(hook.filter_hook(), &insns, "capstream_filter")
-            .map_err(|e| kernel_refused(mode, e.to_string()))?;
+            .map_err(|e| kernel_refused(mode, e.to_string(), denied(Some(e.errno()))))?;
         for (index, prog) in [
             (shared::PROG_FILTER, filter_fd.as_fd()),
             (shared::PROG_EMIT, emit_fd.as_fd()),
@@ -214,8 +215,13 @@ impl EbpfCapture {
 
         #[cfg(feature = "afxdp")]
         let mut sockets = None;
-        let packet_socket = packet_socket()
-            .map_err(|e| kernel_refused(mode, format!("cannot open a packet socket: {e}")))?;
+        let packet_socket = packet_socket().map_err(|e| {
+            kernel_refused(
+                mode,
+                format!("cannot open a packet socket: {e}"),
+                denied(e.raw_os_error()),
+            )
+        })?;
         let attachment = match hook {
             Hook::Socket => {
                 let prog: &mut SocketFilter = program(&mut ebpf, entries[0])?;
@@ -585,8 +591,12 @@ fn compile_filter(iface: &str, mode: &str, opts: &Options) -> Result<(Vec<CbpfIn
         .open()
         .map_err(|e| {
             let text = super::pcap::msg(&e);
-            if is_permission_error(&text) {
-                kernel_refused(mode, format!("no permission to capture on {iface}: {text}"))
+            if super::pcap::denied(&text) {
+                kernel_refused(
+                    mode,
+                    format!("no permission to capture on {iface}: {text}"),
+                    true,
+                )
             } else {
                 super::pcap::open_error(iface, &e)
             }
@@ -684,7 +694,29 @@ fn load_error(mode: &str, name: &str, e: &aya::programs::ProgramError) -> Error 
     kernel_refused(
         mode,
         format!("cannot load eBPF program {name}: {}", chain(e)),
+        denied(errno(e)),
     )
+}
+
+/// The `errno` of the system call an error comes from, found among its causes (Aya, xsk-rs
+/// and our own loader keep the call's `io::Error` as a source).
+pub(super) fn errno(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(n) = e
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+        {
+            return Some(n);
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// Whether the kernel refused for want of privilege.
+fn denied(errno: Option<i32>) -> bool {
+    matches!(errno, Some(libc::EPERM | libc::EACCES))
 }
 
 /// An error with its causes (where Aya keeps errno and the verifier's log), on one line.
@@ -702,10 +734,10 @@ pub(super) fn chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Explains a refusal by the kernel: the missing capabilities when it said EPERM, else
-/// that the kernel may lack what the mode needs.
-fn kernel_refused(mode: &str, text: String) -> Error {
-    if is_permission_error(&text) {
+/// Explains a refusal by the kernel: the missing capabilities when it `denied` for want of
+/// privilege (EPERM, EACCES), else that the kernel may lack what the mode needs.
+fn kernel_refused(mode: &str, text: String, denied: bool) -> Error {
+    if denied {
         let caps = if mode == "afxdp" {
             "CAP_NET_RAW, CAP_BPF, CAP_NET_ADMIN and CAP_IPC_LOCK"
         } else {
@@ -740,11 +772,6 @@ fn is_loopback(iface: &str) -> bool {
             .iter()
             .any(|d| d.name == iface && d.flags.is_loopback())
     })
-}
-
-fn is_permission_error(text: &str) -> bool {
-    let lower = text.to_ascii_lowercase();
-    lower.contains("operation not permitted") || lower.contains("permission denied")
 }
 
 fn ifindex(iface: &str) -> Result<u32> {

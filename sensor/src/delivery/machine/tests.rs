@@ -1,0 +1,567 @@
+//! Every transition of the module's table, numbered as there, with a fake clock: time is
+//! an `Instant` taken once and moved forward by hand.
+
+use super::*;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// A machine whose backoff is always the whole step.
+fn machine(t0: Instant, give_up_after: Option<Duration>) -> Delivery {
+    Delivery::new(t0, give_up_after, Box::new(|| 1.0))
+}
+
+/// A machine joined at `t0` (first connection, resume point 0).
+fn joined(t0: Instant) -> Delivery {
+    let mut d = machine(t0, None);
+    d.on_connected(t0);
+    assert_eq!(
+        d.on_ack(t0, 0),
+        Step::Joined {
+            resume: 0,
+            after_outage: false
+        }
+    );
+    d
+}
+
+/// Sends batches `1..=n` on a machine that is up.
+fn send(d: &mut Delivery, n: u64) {
+    for sequence in 1..=n {
+        assert_eq!(
+            d.on_room(Some(sequence), false),
+            Some(Frame::Batch { again: false })
+        );
+    }
+}
+
+#[test]
+fn t01_connected_waits_for_the_resume_point() {
+    let t0 = Instant::now();
+    let mut d = machine(t0, None);
+    assert_eq!(d.state(), State::Connecting);
+    d.on_connected(t0 + SECOND);
+    assert_eq!(
+        d.state(),
+        State::Joining {
+            deadline: t0 + SECOND + JOIN_TIMEOUT
+        }
+    );
+}
+
+#[test]
+fn t02_the_first_connection_failing_for_good_is_fatal() {
+    let t0 = Instant::now();
+    let mut d = machine(t0, None);
+    assert_eq!(
+        d.on_connect_failed(t0, true),
+        Step::Fail(Fatal::FirstConnection)
+    );
+    assert_eq!(d.state(), State::Failed);
+    assert_eq!(d.poll_timeout(), None);
+}
+
+#[test]
+fn t03_other_connect_failures_back_off_exponentially() {
+    let t0 = Instant::now();
+    let mut d = machine(t0, None);
+    // Unreachable at first: retried, and from then on even "permanent" failures are.
+    assert_eq!(
+        d.on_connect_failed(t0, false),
+        Step::Retry {
+            delay: FIRST_RETRY,
+            cause: RetryCause::ConnectFailed { loud: false }
+        }
+    );
+    assert_eq!(
+        d.state(),
+        State::Down {
+            retry_at: t0 + FIRST_RETRY
+        }
+    );
+    let mut delays = Vec::new();
+    for _ in 0..6 {
+        assert_eq!(d.handle_timeout(t0, false), Step::Continue, "not due yet");
+        let State::Down { retry_at } = d.state() else {
+            panic!("not down: {:?}", d.state())
+        };
+        assert_eq!(d.handle_timeout(retry_at, false), Step::Connect);
+        match d.on_connect_failed(retry_at, true) {
+            Step::Retry {
+                delay,
+                cause: RetryCause::ConnectFailed { loud: true },
+            } => delays.push(delay),
+            other => panic!("{other:?}"),
+        }
+    }
+    let ms: Vec<u128> = delays.iter().map(Duration::as_millis).collect();
+    assert_eq!(ms, [500, 1000, 2000, 4000, 5000, 5000]);
+}
+
+#[test]
+fn backoff_takes_the_injected_jitter_within_half_and_all_of_the_step() {
+    let t0 = Instant::now();
+    let fractions = [0.5, 0.75, 7.0];
+    let mut next = fractions.into_iter();
+    let mut d = Delivery::new(t0, None, Box::new(move || next.next().unwrap_or(1.0)));
+    let mut delay = || match d.on_connect_failed(t0, false) {
+        Step::Retry { delay, .. } => delay.as_millis(),
+        other => panic!("{other:?}"),
+    };
+    // Steps 250, 500, 1000 ms; an out-of-range fraction is held to the step.
+    assert_eq!([delay(), delay(), delay()], [125, 375, 1000]);
+}
+
+#[test]
+fn t04_down_connects_again_when_the_retry_is_due() {
+    let t0 = Instant::now();
+    let mut d = machine(t0, None);
+    d.on_connect_failed(t0, false);
+    assert_eq!(d.poll_timeout(), Some(t0 + FIRST_RETRY));
+    assert_eq!(
+        d.handle_timeout(t0 + FIRST_RETRY - Duration::from_millis(1), false),
+        Step::Continue
+    );
+    assert_eq!(d.handle_timeout(t0 + FIRST_RETRY, false), Step::Connect);
+    assert_eq!(d.state(), State::Connecting);
+}
+
+#[test]
+fn t05_the_resume_point_joins_and_resets_the_backoff() {
+    let t0 = Instant::now();
+    let mut d = machine(t0, None);
+    d.on_connect_failed(t0, false);
+    d.on_connect_failed(t0, false);
+    d.handle_timeout(t0 + 10 * SECOND, false);
+    d.on_connected(t0 + 10 * SECOND);
+    assert_eq!(
+        d.on_ack(t0 + 10 * SECOND, 0),
+        Step::Joined {
+            resume: 0,
+            after_outage: true
+        }
+    );
+    assert_eq!(d.state(), State::Up);
+    // Connected: the backoff starts again from its first step.
+    match d.on_lost(t0 + 11 * SECOND) {
+        Step::Retry {
+            delay,
+            cause: RetryCause::Lost,
+        } => assert_eq!(delay, FIRST_RETRY),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(d.reconnects(), 1);
+}
+
+#[test]
+fn t05_a_prompt_first_connection_is_no_outage() {
+    let t0 = Instant::now();
+    let mut d = machine(t0, None);
+    d.on_connected(t0 + SECOND / 2);
+    assert_eq!(
+        d.on_ack(t0 + SECOND / 2, 0),
+        Step::Joined {
+            resume: 0,
+            after_outage: false
+        }
+    );
+}
+
+#[test]
+fn t06_no_answer_to_the_hello_is_a_lost_connection() {
+    let t0 = Instant::now();
+    let mut d = machine(t0, None);
+    d.on_connected(t0);
+    assert_eq!(d.poll_timeout(), Some(t0 + SECOND), "statistics tick first");
+    assert_eq!(d.handle_timeout(t0 + SECOND, false), Step::Continue);
+    assert_eq!(d.poll_timeout(), Some(t0 + 2 * SECOND));
+    assert_eq!(
+        d.handle_timeout(t0 + JOIN_TIMEOUT, false),
+        Step::Retry {
+            delay: FIRST_RETRY,
+            cause: RetryCause::NoAnswerToHello
+        }
+    );
+    assert_eq!(d.reconnects(), 1);
+}
+
+#[test]
+fn t07_an_ack_of_batches_never_sent_means_a_takeover() {
+    let t0 = Instant::now();
+    let mut d = joined(t0);
+    send(&mut d, 7);
+    assert_eq!(d.on_ack(t0, 7), Step::Release(7));
+    assert_eq!(
+        d.on_ack(t0, 8),
+        Step::NewSession {
+            delay: FIRST_RETRY,
+            cause: NewSessionCause::Takeover { acked: 8, known: 7 }
+        }
+    );
+    assert!(matches!(d.state(), State::Down { .. }));
+    // A later connection's resume point past what was sent is a takeover too.
+    d.handle_timeout(t0 + SECOND, false);
+    d.on_connected(t0 + SECOND);
+    assert!(matches!(
+        d.on_ack(t0 + SECOND, 9),
+        Step::NewSession {
+            cause: NewSessionCause::Takeover { acked: 9, known: 7 },
+            ..
+        }
+    ));
+    // Resuming where it was is not.
+    d.handle_timeout(t0 + 2 * SECOND, false);
+    d.on_connected(t0 + 2 * SECOND);
+    assert!(matches!(
+        d.on_ack(t0 + 2 * SECOND, 7),
+        Step::Joined { resume: 7, .. }
+    ));
+}
+
+#[test]
+fn t07_the_first_connection_resumes_anywhere_but_a_new_session_acks_nothing_unsent() {
+    assert!(!acks_the_unsent(0, 0, false), "a new session");
+    assert!(!acks_the_unsent(7, 7, false));
+    assert!(acks_the_unsent(8, 7, false));
+    assert!(
+        !acks_the_unsent(500, 0, true),
+        "a resumed spool's first resume point"
+    );
+}
+
+#[test]
+fn t08_acks_release_what_they_cover() {
+    let t0 = Instant::now();
+    let mut d = joined(t0);
+    send(&mut d, 3);
+    assert_eq!(d.on_ack(t0, 2), Step::Release(2));
+    assert_eq!(d.on_ack(t0, 3), Step::Release(3));
+    assert_eq!(d.state(), State::Up);
+}
+
+#[test]
+fn t09_a_lost_connection_is_retried() {
+    let t0 = Instant::now();
+    for joining in [false, true] {
+        let mut d = joined(t0);
+        if joining {
+            d.on_lost(t0);
+            d.handle_timeout(t0 + SECOND, false);
+            d.on_connected(t0 + SECOND);
+        }
+        assert!(matches!(
+            d.on_lost(t0 + SECOND),
+            Step::Retry {
+                cause: RetryCause::Lost,
+                ..
+            }
+        ));
+        assert!(matches!(d.state(), State::Down { .. }));
+    }
+}
+
+#[test]
+fn t10_goodbye_after_ours_with_everything_acknowledged_completes() {
+    let t0 = Instant::now();
+    let mut d = joined(t0);
+    send(&mut d, 2);
+    d.on_captures_done();
+    assert!(d.wants_room(false, true), "the Goodbye is due");
+    assert_eq!(d.on_room(None, true), Some(Frame::Goodbye));
+    assert!(!d.wants_room(false, true), "sent once");
+    assert_eq!(d.on_ack(t0, 2), Step::Release(2));
+    assert_eq!(d.on_goodbye(t0, true), Step::Finish(Finish::Complete));
+    assert_eq!(d.state(), State::Finished);
+}
+
+#[test]
+fn t11_an_early_goodbye_is_a_lost_connection() {
+    let t0 = Instant::now();
+    // Before ours.
+    let mut d = joined(t0);
+    assert!(matches!(
+        d.on_goodbye(t0, true),
+        Step::Retry {
+            cause: RetryCause::EndedEarly,
+            ..
+        }
+    ));
+    // After ours, with batches still unacknowledged; and the Goodbye goes again on the
+    // next connection.
+    let mut d = joined(t0);
+    send(&mut d, 1);
+    d.on_captures_done();
+    assert_eq!(d.on_room(None, true), Some(Frame::Goodbye));
+    assert!(matches!(
+        d.on_goodbye(t0, false),
+        Step::Retry {
+            cause: RetryCause::EndedEarly,
+            ..
+        }
+    ));
+    d.handle_timeout(t0 + SECOND, false);
+    d.on_connected(t0 + SECOND);
+    d.on_ack(t0 + SECOND, 1);
+    assert_eq!(d.on_room(None, true), Some(Frame::Goodbye));
+}
+
+#[test]
+fn t12_an_unavailable_or_stopping_receiver_is_retried() {
+    let t0 = Instant::now();
+    for code in [ErrorCode::UNAVAILABLE, ErrorCode::SHUTTING_DOWN] {
+        for first in [true, false] {
+            let mut d = machine(t0, None);
+            if !first {
+                d.on_connected(t0);
+                d.on_ack(t0, 0);
+            }
+            d.on_connected(t0);
+            assert!(
+                matches!(
+                    d.on_refused(t0, code),
+                    Step::Retry {
+                        cause: RetryCause::Unavailable,
+                        ..
+                    }
+                ),
+                "{code:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn t13_a_session_the_receiver_cannot_resume_becomes_a_new_one() {
+    let t0 = Instant::now();
+    for first in [true, false] {
+        let mut d = machine(t0, None);
+        d.on_connected(t0);
+        if !first {
+            d.on_ack(t0, 0);
+        }
+        assert_eq!(
+            d.on_refused(t0, ErrorCode::SESSION_REFUSED),
+            Step::NewSession {
+                delay: FIRST_RETRY,
+                cause: NewSessionCause::Refused
+            }
+        );
+        assert!(matches!(d.state(), State::Down { .. }));
+    }
+}
+
+#[test]
+fn t14_t15_only_the_first_connection_stops_the_sensor() {
+    let t0 = Instant::now();
+    for code in [
+        ErrorCode::VERSION,
+        ErrorCode::UNSUPPORTED_LINK_TYPE,
+        ErrorCode::UNAUTHENTICATED,
+        ErrorCode::PROTOCOL,
+    ] {
+        let mut d = machine(t0, None);
+        d.on_connected(t0);
+        assert_eq!(
+            d.on_refused(t0, code),
+            Step::Fail(Fatal::Refused),
+            "{code:?}"
+        );
+        assert_eq!(d.state(), State::Failed);
+        // Accepted before: forged, or the receiver's mistake.
+        let mut d = joined(t0);
+        assert!(
+            matches!(
+                d.on_refused(t0, code),
+                Step::Retry {
+                    cause: RetryCause::RefusedAgain,
+                    ..
+                }
+            ),
+            "{code:?}"
+        );
+        // Unreachable at first: not the first connection's outcome any more.
+        let mut d = machine(t0, None);
+        d.on_connect_failed(t0, false);
+        d.handle_timeout(t0 + SECOND, false);
+        d.on_connected(t0 + SECOND);
+        assert!(matches!(
+            d.on_refused(t0 + SECOND, code),
+            Step::Retry {
+                cause: RetryCause::RefusedAgain,
+                ..
+            }
+        ));
+    }
+}
+
+#[test]
+fn t16_give_up_after_without_a_connection_fails() {
+    let t0 = Instant::now();
+    let mut d = machine(t0, Some(30 * SECOND));
+    d.on_connect_failed(t0, false);
+    // Connected a while: the wait counts from when it went down.
+    d.handle_timeout(t0 + SECOND, false);
+    d.on_connected(t0 + SECOND);
+    d.on_ack(t0 + SECOND, 0);
+    // Up: no give-up deadline.
+    assert_eq!(
+        d.handle_timeout(t0 + 40 * SECOND, false),
+        Step::Stats { send: true }
+    );
+    d.on_lost(t0 + 50 * SECOND);
+    let mut at = t0 + 50 * SECOND;
+    loop {
+        // (The statistics deadline may lie behind: it is due at once.)
+        at = at.max(d.poll_timeout().expect("a deadline"));
+        match d.handle_timeout(at, false) {
+            Step::Connect => {
+                d.on_connect_failed(at, false);
+            }
+            Step::Fail(Fatal::GaveUp { waited }) => {
+                assert_eq!(waited, 30 * SECOND);
+                assert_eq!(at, t0 + 80 * SECOND);
+                break;
+            }
+            Step::Continue | Step::Retry { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(d.state(), State::Failed);
+}
+
+#[test]
+fn t16_a_stop_signal_waits_the_stop_grace_at_most() {
+    let t0 = Instant::now();
+    let mut d = machine(t0, None);
+    d.on_connect_failed(t0, false);
+    assert!(d.on_stop_signal(t0 + 10 * SECOND), "stop the captures");
+    assert!(!d.on_stop_signal(t0 + 11 * SECOND), "once");
+    d.on_captures_done();
+    d.handle_timeout(t0 + SECOND, false);
+    assert_eq!(
+        d.handle_timeout(t0 + 40 * SECOND, false),
+        Step::Fail(Fatal::GaveUp {
+            waited: 40 * SECOND
+        })
+    );
+    // With --give-up-after, that instead of the stop grace.
+    let mut d = machine(t0, Some(100 * SECOND));
+    d.on_stop_signal(t0 + 10 * SECOND);
+    assert_eq!(d.handle_timeout(t0 + 99 * SECOND, false), Step::Continue);
+    assert_eq!(
+        d.handle_timeout(t0 + 100 * SECOND, false),
+        Step::Fail(Fatal::GaveUp {
+            waited: 100 * SECOND
+        })
+    );
+}
+
+#[test]
+fn t17_giving_up_with_everything_acknowledged_ends_well() {
+    let t0 = Instant::now();
+    let mut d = machine(t0, Some(5 * SECOND));
+    d.on_captures_done();
+    assert_eq!(
+        d.handle_timeout(t0 + 5 * SECOND, true),
+        Step::Finish(Finish::StatisticsUndelivered { waited: 5 * SECOND })
+    );
+    assert_eq!(d.state(), State::Finished);
+}
+
+#[test]
+fn t18_after_a_stop_nothing_left_needs_no_receiver() {
+    let t0 = Instant::now();
+    let mut d = machine(t0, None);
+    d.on_connect_failed(t0, false);
+    assert_eq!(d.nothing_left(t0, true), None, "no stop signal");
+    d.on_stop_signal(t0);
+    assert_eq!(d.nothing_left(t0, true), None, "captures still running");
+    d.on_captures_done();
+    assert_eq!(d.nothing_left(t0, false), None, "batches unacknowledged");
+    assert_eq!(
+        d.nothing_left(t0 + SECOND, true),
+        Some(Step::Finish(Finish::StatisticsUndelivered {
+            waited: SECOND
+        }))
+    );
+    // Connected, it says Goodbye instead.
+    let mut d = joined(t0);
+    d.on_stop_signal(t0);
+    d.on_captures_done();
+    assert_eq!(d.nothing_left(t0, true), None);
+}
+
+#[test]
+fn t19_batches_sent_again_count_as_resent() {
+    let t0 = Instant::now();
+    let mut d = joined(t0);
+    assert!(!d.wants_room(false, true), "nothing to send");
+    assert!(d.wants_room(true, false));
+    send(&mut d, 3);
+    d.on_lost(t0);
+    assert!(!d.wants_room(true, false), "no link");
+    d.handle_timeout(t0 + SECOND, false);
+    d.on_connected(t0 + SECOND);
+    assert!(!d.wants_room(true, false), "joining");
+    d.on_ack(t0 + SECOND, 1);
+    assert_eq!(
+        d.on_room(Some(2), false),
+        Some(Frame::Batch { again: true })
+    );
+    assert_eq!(
+        d.on_room(Some(3), false),
+        Some(Frame::Batch { again: true })
+    );
+    assert_eq!(
+        d.on_room(Some(4), false),
+        Some(Frame::Batch { again: false })
+    );
+}
+
+#[test]
+fn t20_the_goodbye_waits_for_the_captures_and_every_batch_sent() {
+    let t0 = Instant::now();
+    let mut d = joined(t0);
+    assert_eq!(d.on_room(None, true), None, "captures still running");
+    d.on_captures_done();
+    assert!(!d.wants_room(false, false), "a batch not yet sent");
+    assert_eq!(d.on_room(None, false), None);
+    assert_eq!(d.on_room(None, true), Some(Frame::Goodbye));
+    assert_eq!(d.on_room(None, true), None, "once per connection");
+}
+
+#[test]
+fn t21_statistics_every_second_while_up_and_until_the_goodbye() {
+    let t0 = Instant::now();
+    let mut d = machine(t0, None);
+    assert_eq!(d.poll_timeout(), Some(t0 + STATS_EVERY));
+    assert_eq!(
+        d.handle_timeout(t0 + STATS_EVERY, false),
+        Step::Continue,
+        "no link"
+    );
+    d.on_connected(t0 + STATS_EVERY);
+    d.on_ack(t0 + STATS_EVERY, 0);
+    assert_eq!(d.poll_timeout(), Some(t0 + 2 * STATS_EVERY));
+    assert_eq!(
+        d.handle_timeout(t0 + 2 * STATS_EVERY, false),
+        Step::Stats { send: true }
+    );
+    d.on_captures_done();
+    d.on_room(None, true);
+    assert_eq!(
+        d.handle_timeout(t0 + 3 * STATS_EVERY, false),
+        Step::Stats { send: false },
+        "the Goodbye carried the last"
+    );
+}
+
+#[test]
+fn t22_a_stop_signal_keeps_the_connection() {
+    let t0 = Instant::now();
+    let mut d = joined(t0);
+    assert!(d.on_stop_signal(t0));
+    assert!(d.stopping());
+    assert_eq!(d.state(), State::Up);
+    // Up, no give-up deadline: the session ends with the Goodbye.
+    assert_eq!(d.poll_timeout(), Some(t0 + STATS_EVERY));
+}
