@@ -18,7 +18,10 @@
 //! - statistics must be of this session; Goodbye ends the session; anything else is
 //!   refused.
 
-use protocol::{decode_frame_header, Batch, DecodeError, ErrorCode, Hello, Message, MessageType, PacketIter, Stats, FRAME_HEADER_LEN};
+use protocol::{
+    decode_frame_header, Batch, DecodeError, ErrorCode, Hello, Message, MessageType, PacketIter,
+    Stats, FRAME_HEADER_LEN,
+};
 
 use crate::auth::TOKEN_REFUSAL;
 use crate::writer::JoinRefusal;

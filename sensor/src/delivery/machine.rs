@@ -179,6 +179,11 @@ pub struct Delivery {
     state: State,
     /// Until the first connection attempt has an outcome: its failures are fatal.
     first_connection: bool,
+    /// Whether a receiver has answered one of this process's Hellos. Until then its resume
+    /// point is taken as it is, however far it goes: it may cover what an earlier process
+    /// of a resumed spool sent, and the first attempt may well have failed (the receiver
+    /// restarting, which is when a spool is resumed).
+    joined: bool,
     /// The highest sequence sent on any connection: what goes again counts as resent.
     highest_sent: u64,
     /// The highest sequence a receiver acknowledged or resumed after.
@@ -202,6 +207,7 @@ impl Delivery {
         Self {
             state: State::Connecting,
             first_connection: true,
+            joined: false,
             highest_sent: 0,
             highest_acked: 0,
             backoff: FIRST_RETRY,
@@ -282,7 +288,7 @@ impl Delivery {
     pub fn on_ack(&mut self, now: Instant, sequence: u64) -> Step {
         let joining = matches!(self.state, State::Joining { .. });
         let known = self.highest_sent.max(self.highest_acked);
-        if acks_the_unsent(sequence, known, joining && self.first_connection) {
+        if acks_the_unsent(sequence, known, joining && !self.joined) {
             let delay = self.disconnect(now);
             return Step::NewSession {
                 delay,
@@ -301,6 +307,7 @@ impl Delivery {
                 .down_since
                 .is_some_and(|t| now.saturating_duration_since(t) > STATS_EVERY);
         self.first_connection = false;
+        self.joined = true;
         self.backoff = FIRST_RETRY;
         self.down_since = None;
         self.goodbye_sent = false;

@@ -1,7 +1,10 @@
 //! Every refusal of the connection rules, and the paths that accept.
 
 use bytes::{Bytes, BytesMut};
-use protocol::{Ack, BatchBuilder, BatchEncoding, Direction, Goodbye, InterfaceStats, MAX_HELLO_LEN, PROTOCOL_VERSION};
+use protocol::{
+    Ack, BatchBuilder, BatchEncoding, Direction, Goodbye, InterfaceStats, MAX_HELLO_LEN,
+    PROTOCOL_VERSION,
+};
 
 use super::*;
 

@@ -217,6 +217,21 @@ fn t07_an_ack_of_batches_never_sent_means_a_takeover() {
     ));
 }
 
+/// A resumed spool's sensor whose first attempts fail (its receiver restarting) still takes
+/// the first resume point it is given, past what this process sent, as it is.
+#[test]
+fn t07_the_first_join_resumes_anywhere_even_after_failed_attempts() {
+    let t0 = Instant::now();
+    let mut d = machine(t0, None);
+    assert!(matches!(d.on_connect_failed(t0, false), Step::Retry { .. }));
+    d.handle_timeout(t0 + SECOND, false);
+    d.on_connected(t0 + SECOND);
+    assert!(matches!(
+        d.on_ack(t0 + SECOND, 500),
+        Step::Joined { resume: 500, .. }
+    ));
+}
+
 #[test]
 fn t07_the_first_connection_resumes_anywhere_but_a_new_session_acks_nothing_unsent() {
     assert!(!acks_the_unsent(0, 0, false), "a new session");
