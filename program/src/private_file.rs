@@ -18,16 +18,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Writes `data` to `path`, mode 0600, by a temporary file renamed over it.
 pub fn write(path: &Path, data: &[u8]) -> io::Result<()> {
-    let temp = temp_beside(path);
-    let written = create(&temp).and_then(|mut file| {
-        file.write_all(data)?;
-        file.sync_all()
-    });
-    let renamed = written.and_then(|()| fs::rename(&temp, path));
-    if renamed.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    renamed
+    Pending::create(path)?.commit(data)
 }
 
 /// Owner read and write only.
@@ -57,13 +48,44 @@ pub fn open_existing(path: &Path) -> io::Result<File> {
     options.open(path)
 }
 
-/// Whether [`write`] can put a file at `path` now, as the user running: tried with a
-/// temporary file beside it, removed at once. Said at start, so that a summary asked for
-/// is not found unwritable only at exit.
-pub fn check_writable(path: &Path) -> io::Result<()> {
-    let temp = temp_beside(path);
-    create(&temp)?;
-    fs::remove_file(&temp)
+/// A file to be put at `path` later, its temporary file created now: a program that
+/// writes it at exit finds out at start that it cannot, and holds its descriptor from
+/// then on (the sensor's seccomp filter refuses writes to the descriptor numbers its
+/// capture sockets had, which a file opened at exit could be given). Dropped without
+/// [`Pending::commit`], it leaves nothing behind.
+pub struct Pending {
+    file: File,
+    temp: PathBuf,
+    path: PathBuf,
+}
+
+impl Pending {
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let temp = temp_beside(path);
+        Ok(Self {
+            file: create(&temp)?,
+            temp,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Writes `data` and puts the file in place, replacing what was there.
+    pub fn commit(mut self, data: &[u8]) -> io::Result<()> {
+        self.file.write_all(data)?;
+        self.file.sync_all()?;
+        fs::rename(&self.temp, &self.path)?;
+        // In place: nothing left to remove on drop.
+        self.temp = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.temp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
 }
 
 /// A name beside `path` that no other writer in this or another process uses.
@@ -90,8 +112,17 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("summary.json");
-        check_writable(&path).unwrap();
-        assert!(!path.exists(), "the check leaves nothing behind");
+        drop(Pending::create(&path).unwrap());
+        let names = || -> Vec<_> {
+            fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect()
+        };
+        assert!(
+            names().is_empty(),
+            "an uncommitted file leaves nothing behind"
+        );
         write(&path, b"one").unwrap();
         write(&path, b"two").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
@@ -107,12 +138,8 @@ mod tests {
         write(&path, b"three").unwrap();
         assert_eq!(fs::read(&elsewhere).unwrap(), b"keep");
         assert_eq!(fs::read(&path).unwrap(), b"three");
-        // Only the file itself is left: no temporary beside it.
-        let names: Vec<_> = fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names.len(), 2, "{names:?}");
+        // Only the files themselves are left: no temporary beside them.
+        assert_eq!(names().len(), 2, "{:?}", names());
         assert!(write(&dir.join("missing/summary.json"), b"x").is_err());
         let _ = fs::remove_dir_all(&dir);
     }

@@ -91,14 +91,16 @@ fn exit_code(result: Result<()>) -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     cli.check_outputs().map_err(|e| BadInput(anyhow!(e)))?;
     cli.check_exposure().map_err(|e| BadInput(anyhow!(e)))?;
-    if let Some(path) = &cli.summary_json {
-        program::private_file::check_writable(path).map_err(|e| {
+    // Its file is opened now, so that one that cannot be written is said at once.
+    let summary_file = match &cli.summary_json {
+        Some(path) => Some(program::private_file::Pending::create(path).map_err(|e| {
             BadInput(anyhow!(
                 "cannot write --summary-json {}: {e}",
                 path.display()
             ))
-        })?;
-    }
+        })?),
+        None => None,
+    };
     #[cfg(unix)]
     raise_open_file_limit();
     let pattern = match cli.out_path().filter(|o| o.as_os_str() != "-") {
@@ -274,17 +276,17 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(report) = &upload_report {
         eprintln!("receiver: {}", report.line());
     }
-    let summary_written = match &cli.summary_json {
-        Some(path) => {
+    let summary_written = match (summary_file, &cli.summary_json) {
+        (Some(file), Some(path)) => {
             let json = stats::summary_json(
                 summaries.as_deref().ok(),
                 live_summary.as_ref(),
                 upload_report.as_ref(),
             );
-            program::private_file::write(path, format!("{json:#}\n").as_bytes())
+            file.commit(format!("{json:#}\n").as_bytes())
                 .with_context(|| format!("cannot write the summary to {}", path.display()))
         }
-        None => Ok(()),
+        _ => Ok(()),
     };
     summaries?;
     upload_report.map_or(Ok(()), |report| report.result())?;

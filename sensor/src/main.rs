@@ -99,6 +99,8 @@ struct Prepared {
     /// New, or resumed from the spool.
     session: spool::SessionKeys,
     spool: Option<spool::Spool>,
+    /// Where `--summary-json` goes at exit.
+    summary: Option<program::private_file::Pending>,
 }
 
 /// Reads the TLS and token files, resolves the receiver and opens and attaches every
@@ -174,17 +176,21 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
             })
         })
         .transpose()?;
-    // Written at exit as --user: said now if it cannot be.
-    if let Some(path) = &cli.summary_json {
-        program::private_file::check_writable(path).map_err(|e| {
-            let as_user = user.as_ref().map(|u| format!(", as --user {}", u.name));
-            Error::input(format!(
-                "cannot write --summary-json {}: {e}{}",
-                path.display(),
-                as_user.unwrap_or_default()
-            ))
-        })?;
-    }
+    // Written at exit as --user, into a file opened now: said now if it cannot be.
+    let summary = cli
+        .summary_json
+        .as_deref()
+        .map(|path| {
+            program::private_file::Pending::create(path).map_err(|e| {
+                let as_user = user.as_ref().map(|u| format!(", as --user {}", u.name));
+                Error::input(format!(
+                    "cannot write --summary-json {}: {e}{}",
+                    path.display(),
+                    as_user.unwrap_or_default()
+                ))
+            })
+        })
+        .transpose()?;
     Ok(Prepared {
         tls,
         token,
@@ -194,6 +200,7 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
         sensor_id,
         session: spool.as_ref().map_or(fresh, spool::Spool::session),
         spool,
+        summary,
     })
 }
 
@@ -253,6 +260,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
         sensor_id,
         session,
         spool,
+        summary,
     } = prepared;
     let session_id = session.session_id;
     let counters: Vec<Arc<Counters>> = backends.iter().map(|_| Arc::default()).collect();
@@ -395,9 +403,11 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     program::status::clear();
     let session_id = session_ids.load(std::sync::atomic::Ordering::Relaxed);
     print_summary(session_id, &names, &counters, &link, &outcome);
-    let summary_written = match &cli.summary_json {
-        Some(path) => write_summary_json(path, session_id, &names, &counters, &link, &outcome),
-        None => Ok(()),
+    let summary_written = match (summary, &cli.summary_json) {
+        (Some(file), Some(path)) => {
+            write_summary_json(file, path, session_id, &names, &counters, &link, &outcome)
+        }
+        _ => Ok(()),
     };
     result?;
     joined.into_iter().collect::<Result<Vec<()>>>()?;
@@ -425,8 +435,9 @@ fn print_summary(
     }
 }
 
-/// The figures of [`print_summary`] as JSON, written whole to `path` (`--summary-json`).
+/// The figures of [`print_summary`] as JSON, written whole to `file`, `--summary-json path`.
 fn write_summary_json(
+    file: program::private_file::Pending,
     path: &std::path::Path,
     session_id: u64,
     names: &[String],
@@ -450,12 +461,13 @@ fn write_summary_json(
         "reconnects": link.reconnects.load(std::sync::atomic::Ordering::Relaxed),
         "interfaces": interfaces,
     });
-    program::private_file::write(path, format!("{summary:#}\n").as_bytes()).map_err(|e| {
-        Error::runtime(format!(
-            "cannot write the summary to {}: {e}",
-            path.display()
-        ))
-    })
+    file.commit(format!("{summary:#}\n").as_bytes())
+        .map_err(|e| {
+            Error::runtime(format!(
+                "cannot write the summary to {}: {e}",
+                path.display()
+            ))
+        })
 }
 
 fn spawn_signal_handler(shutdown: Arc<Notify>) {
