@@ -45,6 +45,8 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
+
+use program::private_file::open_existing;
 use std::io::{self, ErrorKind, IoSlice, Write};
 use std::path::{Path, PathBuf};
 
@@ -375,7 +377,8 @@ impl Spool {
     /// Indexes one leftover segment: its whole records after the acknowledged sequence. A
     /// torn last record is cut off. `None`: nothing left to send in it.
     fn adopt_segment(&mut self, path: &Path) -> io::Result<Option<Segment>> {
-        let file = open_file(path).map_err(|e| read_error(path, 0, e))?;
+        // A leftover segment, read (and its torn tail cut), never through a symlink.
+        let file = open_existing(path).map_err(|e| read_error(path, 0, e))?;
         let size = file.metadata().map_err(|e| read_error(path, 0, e))?.len();
         let mut records = VecDeque::new();
         let mut at = 0;
@@ -715,16 +718,6 @@ fn create_file(path: &Path, new: bool) -> io::Result<File> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600).custom_flags(nofollow());
     }
-    options.open(path)
-}
-
-/// Opens a leftover segment for reading (and cutting a torn tail), never through a
-/// symlink.
-fn open_file(path: &Path) -> io::Result<File> {
-    let mut options = OpenOptions::new();
-    options.read(true).write(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, nofollow());
     options.open(path)
 }
 
@@ -1178,7 +1171,7 @@ mod tests {
             let link = dir.0.join("link");
             std::os::unix::fs::symlink(&target, &link).unwrap();
             assert!(create_file(&link, false).is_err());
-            assert!(open_file(&link).is_err());
+            assert!(open_existing(&link).is_err());
         }
     }
 
