@@ -737,4 +737,75 @@ mod tests {
             assert!(parse_sensor_name(bad).is_err(), "{bad}");
         }
     }
+
+    #[test]
+    fn live_stream_flags() {
+        let cli = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("receiver").chain(args.iter().copied()))
+        };
+        let default = cli(&["--serve-pcap", "127.0.0.1:1"]).unwrap();
+        assert_eq!(default.serve_pcap_precision, Precision::Micro);
+        let ns = cli(&[
+            "--serve-pcap",
+            "127.0.0.1:1",
+            "--serve-pcap-precision",
+            "ns",
+        ])
+        .unwrap();
+        assert_eq!(ns.serve_pcap_precision, Precision::Nano);
+        // Pushed only: no file by default either.
+        let pushed = cli(&["--push-pcap", "localhost:57012"]).unwrap();
+        assert_eq!(pushed.out_path(), None);
+        for target in [
+            "127.0.0.1:1",
+            "[::1]:57012",
+            "arkime.example:57012",
+            "localhost:9",
+        ] {
+            assert_eq!(parse_push_pcap(target).as_deref(), Ok(target));
+        }
+        for bad in ["arkime", ":57012", "host:0", "host:70000", "a b:1", "[::1]"] {
+            assert!(parse_push_pcap(bad).is_err(), "{bad}");
+        }
+        for bad in [
+            &[
+                "--serve-pcap",
+                "127.0.0.1:1",
+                "--serve-pcap-precision",
+                "ms",
+            ][..],
+            &["--serve-pcap-tls"],
+            &["--push-pcap-allow-remote"],
+            &[
+                "--serve-pcap",
+                "0.0.0.0:1",
+                "--serve-pcap-tls",
+                "--serve-pcap-allow-remote",
+            ],
+        ] {
+            assert!(cli(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_remote_stream_is_encrypted_unless_clear_is_asked_for() {
+        let check = |args: &[&str]| {
+            Cli::parse_from(std::iter::once("receiver").chain(args.iter().copied()))
+                .check_exposure()
+        };
+        let refused = check(&["--serve-pcap", "0.0.0.0:57012"]).unwrap_err();
+        assert!(refused.contains("--serve-pcap-tls"), "{refused}");
+        assert!(check(&["--serve-pcap", "0.0.0.0:57012", "--serve-pcap-tls"]).is_ok());
+        assert!(check(&["--push-pcap", "127.0.0.1:57012"]).is_ok());
+        assert!(check(&["--push-pcap", "[::1]:57012"]).is_ok());
+        assert!(check(&["--push-pcap", "localhost:57012"]).is_ok());
+        let refused = check(&["--push-pcap", "arkime.example:57012"]).unwrap_err();
+        assert!(refused.contains("--push-pcap-allow-remote"), "{refused}");
+        assert!(check(&[
+            "--push-pcap",
+            "198.18.0.1:57012",
+            "--push-pcap-allow-remote"
+        ])
+        .is_ok());
+    }
 }

@@ -833,4 +833,57 @@ mod tests {
         assert!(sink.check(&[iface(276)]).is_err());
         assert!(sink.check(&[iface(1)]).is_ok());
     }
+
+    /// --push-pcap: each connection to the reader starts with the header (microseconds by
+    /// default); what waited while it was away follows; a reader that closes is connected
+    /// to again.
+    #[tokio::test]
+    async fn the_reader_pushed_to_gets_the_header_at_each_connection() {
+        let reader = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = Stream {
+            listen: None,
+            secure: None,
+            push: Some(reader.local_addr().unwrap().to_string()),
+            precision: Precision::Micro,
+        };
+        let (mut sink, live) = serve(stream).await.unwrap();
+        let idx = sink.add_interface(&iface(1)).unwrap();
+        let (mut first, _) = reader.accept().await.unwrap();
+        let write = |sink: &mut LiveSink, timestamp_ns| {
+            sink.write_packet(&OutPacket {
+                timestamp_ns,
+                ..packet(idx)
+            })
+            .unwrap();
+            sink.flush().unwrap();
+        };
+        write(&mut sink, 1_500_000_000_123_456_789);
+        let mut bytes = vec![0u8; 24 + 16 + 60];
+        first.read_exact(&mut bytes).await.unwrap();
+        assert_eq!(&bytes[..4], &0xa1b2_c3d4u32.to_ne_bytes());
+        let mut reader_view = PcapReader::new(&bytes[..]).unwrap();
+        let p = reader_view.next_packet().unwrap().unwrap();
+        assert_eq!(p.timestamp().as_nanos(), 1_500_000_000_123_456_000);
+        assert_eq!((p.data().len(), p.orig_len()), (60, 60));
+        drop(first);
+
+        let (mut second, _) = reader.accept().await.unwrap();
+        write(&mut sink, 2_000);
+        Box::new(sink).finish().unwrap();
+        let mut bytes = Vec::new();
+        second.read_to_end(&mut bytes).await.unwrap();
+        let mut again = PcapReader::new(&bytes[..]).unwrap();
+        let p = again.next_packet().unwrap().unwrap();
+        assert_eq!(p.timestamp().as_nanos(), 2_000);
+        assert!(again.next_packet().is_none());
+        let summary = live.close().await;
+        let push = summary.push.clone().unwrap();
+        assert_eq!((push.connections, push.sent, push.not_delivered), (2, 2, 0));
+        assert_eq!(summary.json()["push"]["sent"], 2);
+        let line = summary.line();
+        assert!(
+            line.contains("2 connection(s), 2 packets sent, 0 not delivered"),
+            "{line}"
+        );
+    }
 }
