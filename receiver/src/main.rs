@@ -154,14 +154,23 @@ async fn run(cli: Cli) -> Result<()> {
         }
         None => None,
     };
+    // The viewer token the live stream's TLS clients must send, before anything is created
+    // that a refusal would leave behind.
+    let viewer = match cli.serve_pcap_tls {
+        true => Some(viewer_token(&cli, token.as_ref())?),
+        false => None,
+    };
     let identity = match given_identity {
         Some(identity) => identity,
         None => tls::load_or_create(&state_dir(&cli)?, &cli.cert_name).map_err(BadInput)?,
     };
-    // The live stream's TLS and the viewer token its clients must send.
-    let secure = match cli.serve_pcap_tls {
-        true => Some(live_stream_security(&cli, &identity, token.as_ref())?),
-        false => None,
+    // The live stream's TLS, with the viewer token read above.
+    let secure = match viewer {
+        Some(viewer) => Some(sink::live::Secure {
+            tls: tls::stream_config(&identity).map_err(BadInput)?,
+            viewer: std::sync::Arc::new(viewer),
+        }),
+        None => None,
     };
     let auth = auth::Auth::new(token, client_roots.is_some());
     let server_config = tls::server_config(&identity, client_roots).map_err(BadInput)?;
@@ -479,13 +488,12 @@ impl quinn::ConnectionIdGenerator for RandomCids {
     }
 }
 
-/// The live stream's TLS (the receiver's certificate) and the viewer token, which must not
-/// be the sensors' token.
-fn live_stream_security(
+/// The viewer token (`--viewer-token-file`, else the state directory's), which must not be
+/// the sensors' token.
+fn viewer_token(
     cli: &Cli,
-    identity: &tls::Identity,
     sensor_token: Option<&protocol::AuthToken>,
-) -> Result<sink::live::Secure> {
+) -> Result<receiver::viewer_token::ViewerToken> {
     let viewer =
         receiver::viewer_token::ViewerToken::load(cli.viewer_token_file.as_deref(), || {
             state_dir(cli)
@@ -499,10 +507,7 @@ fn live_stream_security(
         ))
         .into());
     }
-    Ok(sink::live::Secure {
-        tls: tls::stream_config(identity).map_err(BadInput)?,
-        viewer: std::sync::Arc::new(viewer),
-    })
+    Ok(viewer)
 }
 
 /// An address as a command line takes it: IPv6 in brackets.

@@ -73,12 +73,10 @@ pub(super) async fn accept(
             (Some(tls), Some(secure)) => {
                 let (tls, secure) = (tls.clone(), secure.clone());
                 tokio::spawn(async move {
-                    match tokio::time::timeout(AUTH_TIMEOUT, prove(&tls, &secure, stream)).await {
-                        Ok(Ok(stream)) => handled.serve(stream, PeerEof::HalfClose).await,
-                        Ok(Err(Refusal::Handshake(e))) => {
-                            handled.refuse(format_args!("TLS handshake failed: {e}"))
-                        }
-                        Ok(Err(Refusal::Token(why, mut stream))) => {
+                    match prove(&tls, &secure, stream).await {
+                        Ok(stream) => handled.serve(stream, PeerEof::HalfClose).await,
+                        Err(Refusal::Handshake(why)) => handled.refuse(format_args!("{why}")),
+                        Err(Refusal::Token(why, mut stream)) => {
                             let _ = tokio::time::timeout(AUTH_TIMEOUT, async {
                                 let _ = stream.write_all(REFUSAL).await;
                                 let _ = stream.shutdown().await;
@@ -86,10 +84,6 @@ pub(super) async fn accept(
                             .await;
                             handled.refuse(format_args!("{why}"));
                         }
-                        Err(_) => handled.refuse(format_args!(
-                            "no TLS handshake and viewer token within {} s",
-                            AUTH_TIMEOUT.as_secs()
-                        )),
                     }
                 });
             }
