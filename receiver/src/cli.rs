@@ -31,6 +31,16 @@ Examples:
     receiver --out capture.pcapng --serve-pcap 127.0.0.1:57012
     tshark -i TCP@127.0.0.1:57012
 
+  The same on any address, over TLS: each client sends the viewer token (created in
+  --state-dir as viewer-token) as its first line, e.g. through socat:
+    receiver --out capture.pcapng --serve-pcap 0.0.0.0:57012 --serve-pcap-tls
+    socat OPENSSL:collector:57012,cafile=receiver.crt -,ignoreeof < viewer-token | tshark -r -
+
+  Push the live stream to a reader that listens (Arkime's pcap-over-ip-server mode), again
+  whenever it comes back:
+    socat -u TCP-LISTEN:57013,reuseaddr - | tcpdump -r - &
+    receiver --out capture.pcapng --push-pcap 127.0.0.1:57013
+
   A new file every hour or every GiB, named by its start (UTC), the last day's kept:
     receiver --out '/data/cap-%Y%m%d-%H%M%S.pcapng' --rotate-time 1h --rotate-size 1GiB \\
       --keep 24
@@ -88,7 +98,7 @@ pub struct Cli {
     pub command: Option<Command>,
 
     /// Output file, or `-` for stdout (e.g. `--out /var/capture/all.pcapng`); default
-    /// capture.pcap, or none with --serve-pcap. The file name may hold strftime fields, in
+    /// capture.pcap, or none with --serve-pcap or --push-pcap. The file name may hold strftime fields, in
     /// UTC (e.g. `--out /data/cap-%Y%m%d-%H%M%S.pcapng`), and `{sensor}` with --split-by.
     /// An existing file is continued, never replaced (or written beside, numbered, if it is
     /// not a capture this receiver can append to); a journal beside it lets resuming
@@ -106,7 +116,8 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR", default_value = "[::]:4433", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
-    /// Directory for the generated certificate and key, the generated token, and the key
+    /// Directory for the generated certificate and key, the generated tokens (the sensors'
+    /// `token`, the live stream's `viewer-token`), and the key
     /// that lets a restarted
     /// receiver reset its predecessor's connections so sensors resume at once
     /// (e.g. `--state-dir /var/lib/capstream`); default: the per-user data directory,
@@ -223,7 +234,8 @@ pub struct Cli {
 
     /// Also send the live stream to a reader that listens for it, as classic pcap over
     /// TCP (e.g. Arkime's readerMethod=pcap-over-ip-server, or
-    /// `socat TCP-LISTEN:57012 - | tcpdump -r -`): `--push-pcap 127.0.0.1:57012`. When the
+    /// `socat -u TCP-LISTEN:57012 - |
+    /// tcpdump -r -`): `--push-pcap 127.0.0.1:57012`. When the
     /// reader goes away, the receiver connects again (backoff 0.25 s to 5 s) and starts
     /// with a new pcap header; meanwhile up to 16 MiB wait for it, the rest is dropped,
     /// counted (log, exit summary, capstream_receiver_push_not_delivered_total). In clear:
