@@ -86,6 +86,7 @@ pub async fn serve(stream: Stream) -> io::Result<(LiveSink, Live)> {
     let (cut, cut_rx) = watch::channel(false);
     let (header_tx, header_rx) = watch::channel(None);
     let totals = Arc::new(Totals::default());
+    describe_metrics();
     let accept = listener.map(|listener| {
         tokio::spawn(listen::accept(
             listener,
@@ -413,6 +414,20 @@ impl Client {
 }
 
 const PUSH_NOT_DELIVERED: &str = "capstream_receiver_push_not_delivered_total";
+/// `--serve-pcap-tls` clients refused.
+const LIVE_REFUSED: &str = "capstream_receiver_live_refused_total";
+
+/// The help of the stream's own counters (those of what it did not send: [`NotSent`]).
+fn describe_metrics() {
+    metrics::describe_counter!(
+        PUSH_NOT_DELIVERED,
+        "Packets the reader of --push-pcap did not get: away, or reading too slowly."
+    );
+    metrics::describe_counter!(
+        LIVE_REFUSED,
+        "Live-stream clients refused: no or a wrong viewer token, a failed TLS handshake."
+    );
+}
 
 /// Why a connection to a client ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

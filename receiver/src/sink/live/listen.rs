@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use super::{send_queue, tune, Client, Peer, PeerEof, Secure, Totals, MAX_CLIENTS};
+use super::{send_queue, tune, Client, Peer, PeerEof, Secure, Totals, LIVE_REFUSED, MAX_CLIENTS};
 
 /// Turned-away clients are logged at most once in this window; the rest are counted.
 const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
@@ -153,7 +153,7 @@ struct Handled {
 impl Handled {
     fn refuse(self, why: std::fmt::Arguments<'_>) {
         self.client.totals.refused.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("capstream_receiver_live_refused_total").increment(1);
+        metrics::counter!(LIVE_REFUSED).increment(1);
         refused(&self.refusals, self.peer, why);
         self.client.leave();
     }
