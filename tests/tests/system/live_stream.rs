@@ -1,18 +1,19 @@
 //! The live stream as its readers take it: over TLS with the viewer token (socat, then
 //! tshark), refused without it; in microsecond pcap by default, under Arkime's rules for a
-//! PCAP-over-IP stream; and pushed to a reader that listens (socat, then tcpdump), again
-//! after it restarts. Everything runs on the host's loopback, on ports 5440-5449.
+//! PCAP-over-IP stream, on a live capture in a namespace; and pushed to a reader that
+//! listens (socat, then tcpdump), again after it restarts. Everything else runs on the
+//! host's loopback, on ports 5440-5449.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use testbed::capstream::{
-    assert_refused, first_difference, start_sensor, summary_figure, tcpdump_records, tshark_count,
-    Receiver, Record, Scratch,
+    assert_refused, compare_captures, first_difference, start_sensor, start_tcpdump,
+    stop_reference, summary_figure, tcpdump_records, tshark_count, Receiver, Record, Scratch,
 };
 use testbed::pcap_over_ip::arkime_records;
-use testbed::{corpus, require_tool, run, Proc};
+use testbed::{corpus, require_root, require_tool, run, Lab, Proc};
 
 fn arg(path: &Path) -> String {
     path.to_string_lossy().into_owned()
@@ -157,25 +158,32 @@ fn the_tls_stream_needs_the_viewer_token_and_then_holds_what_the_file_holds() {
 }
 
 /// Arkime's reader takes only microsecond pcap (before 5.0), Ethernet, caplen == origlen:
-/// the default stream, with no snap length given anywhere, is that.
+/// the default stream of a live capture, with no snap length given anywhere, is that, and
+/// holds what tcpdump captured beside the sensor.
 #[test]
-fn the_default_stream_is_microsecond_pcap_under_arkimes_rules() {
+fn the_default_stream_of_a_live_capture_is_microsecond_pcap_under_arkimes_rules() {
+    require_root();
+    require_tool("socat", "socat");
+    let lab = Lab::new(1).unwrap();
+    let iface = lab.links[0].1.as_str();
     let dir = Scratch::new("live-arkime").unwrap();
-    let mut receiver = Receiver::start(
-        None,
-        &dir.join("state"),
-        5442,
-        &["--serve-pcap", "127.0.0.1:5443"],
-    )
-    .unwrap();
-    let live = dir.join("live.pcap");
+    let args = ["--serve-pcap", "127.0.0.1:5443"];
+    let mut receiver = Receiver::start(Some(&lab.cap), &dir.join("state"), 5442, &args).unwrap();
     // A plain client, as Arkime's pcap-over-ip-client or `socat | zeek -r -` connects.
-    let mut client = pipeline(
-        "socat",
-        &format!("timeout 120 socat -u TCP:127.0.0.1:5443 - > {}", arg(&live)),
-    );
+    let live = dir.join("live.pcap");
+    let mut client = lab.cap.command("socat");
+    client.extend(["-u", "TCP:127.0.0.1:5443", "-"].map(String::from));
+    let stdout = Stdio::from(std::fs::File::create(&live).unwrap());
+    let mut client = Proc::start("socat", &client, stdout).unwrap();
     wait_for_count(&receiver, " joined", 1);
-    replay(&receiver);
+    let mut sensor = start_sensor(Some(&lab.cap), &receiver, &["--iface", iface]).unwrap();
+    let reference = dir.join("tcpdump.pcap");
+    let tcpdump = start_tcpdump(&lab.cap, iface, "", &[], &reference).unwrap();
+    lab.replay(0, &corpus::pcap(), 8000).unwrap();
+    // The last frames pass the capture ring and the sensor's batch timer.
+    std::thread::sleep(Duration::from_millis(600));
+    let expected = stop_reference(tcpdump, &reference);
+    sensor.stop().unwrap();
     receiver.stop().unwrap();
     let status = client.wait(Duration::from_secs(30)).unwrap();
     assert!(status.success(), "socat: {}", client.stderr());
@@ -190,14 +198,13 @@ fn the_default_stream_is_microsecond_pcap_under_arkimes_rules() {
         &bytes[..4]
     );
     let records = arkime_records(&bytes).unwrap_or_else(|e| panic!("Arkime refuses it: {e}"));
-    assert_eq!(records, corpus::PACKETS);
-    // libpcap (tcpdump, and Zeek's `-r -`) reads the same packets and times.
+    assert!(records >= corpus::PACKETS / 2, "{records} packets");
+    // libpcap (tcpdump, and Zeek's `-r -`) reads the same packets as tcpdump captured, at
+    // the microsecond.
     let streamed = tcpdump_records(&live, "").unwrap();
-    assert!(
-        streamed == reference(),
-        "{}",
-        first_difference(&reference(), &streamed)
-    );
+    assert_eq!(streamed.len(), records);
+    let skew = compare_captures(&expected, &streamed, 1_000).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{records} packets, largest skew from tcpdump {skew} ns");
 }
 
 /// --push-pcap: the receiver connects to a reader that listens, and again once it has gone
