@@ -282,6 +282,40 @@ fn push_delivers_to_a_listening_reader_and_again_after_it_restarts() {
     );
 }
 
+/// A reader that never comes: what waited for it is counted as not delivered at exit, and
+/// the failure to connect is said once, not at every attempt.
+#[test]
+fn push_counts_what_a_reader_that_never_came_did_not_get() {
+    let dir = Scratch::new("live-push-away").unwrap();
+    let mut receiver = Receiver::start(
+        None,
+        &dir.join("state"),
+        5449,
+        &["--push-pcap", "127.0.0.1:5448"],
+    )
+    .unwrap();
+    replay(&receiver);
+    receiver.stop().unwrap();
+    let summary = receiver.proc.summary().unwrap();
+    let push = |name: &str| summary_figure(&summary, &format!("/live_stream/push/{name}")).unwrap();
+    assert_eq!(
+        (push("connections"), push("sent"), push("not_delivered")),
+        (0, 0, corpus::PACKETS as u64),
+        "{summary:#}"
+    );
+    let log = receiver.proc.stderr();
+    assert_eq!(
+        log.matches("cannot connect to the reader at 127.0.0.1:5448")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("{} not delivered", corpus::PACKETS)),
+        "the exit summary says it:\n{log}"
+    );
+}
+
 #[test]
 fn bad_live_stream_options_are_one_line_and_exit_2() {
     let dir = Scratch::new("live-bad").unwrap();
