@@ -510,9 +510,11 @@ fn viewer_token(
     Ok(viewer)
 }
 
-/// An address as a command line takes it: IPv6 in brackets.
+/// Where clients reach an address this receiver listens on, as a command line takes it:
+/// this host's name for an unspecified address, IPv6 in brackets.
 fn display_host(ip: std::net::IpAddr) -> String {
     match ip.to_canonical() {
+        ip if ip.is_unspecified() => tls::hostname().unwrap_or_else(|_| "HOST".into()),
         ip @ std::net::IpAddr::V6(_) => format!("[{ip}]"),
         ip => ip.to_string(),
     }
@@ -526,12 +528,7 @@ fn sensor_commands(
     fingerprint: &str,
     token: Option<&std::path::Path>,
 ) -> Vec<String> {
-    let ip = bound.ip().to_canonical();
-    let host = if ip.is_unspecified() {
-        tls::hostname().unwrap_or_else(|_| "HOST".into())
-    } else {
-        display_host(ip)
-    };
+    let host = display_host(bound.ip());
     let mut proof = String::new();
     if cli.client_ca.is_some() {
         proof += " --cert NAME.crt --key NAME.key";
