@@ -88,18 +88,21 @@ fn the_tls_stream_needs_the_viewer_token_and_then_holds_what_the_file_holds() {
     // of a pcap stream, and tshark reads nothing.
     let wrong = dir.join("wrong-token");
     std::fs::write(&wrong, format!("{}\n", "5a".repeat(32))).unwrap();
+    // Each sends its file and shuts its sending side, but the last sends nothing at all and
+    // keeps the connection open: it is refused once the 10 s for the token have passed.
     let refusals = [
-        ("no token", "/dev/null".to_string()),
-        ("a wrong token", arg(&wrong)),
-        ("the sensors' token", arg(&state.join("token"))),
+        ("no token", "-", "/dev/null".to_string()),
+        ("a wrong token", "-", arg(&wrong)),
+        ("the sensors' token", "-", arg(&state.join("token"))),
+        ("nothing sent", "-,ignoreeof", "/dev/null".to_string()),
     ];
-    for (what, stdin) in &refusals {
+    for (what, stdio, stdin) in &refusals {
         let told = dir.join("told");
         let out = Command::new("sh")
             .arg("-c")
             .arg(format!(
                 "{} | tee {} | timeout 60 tshark -r - -T fields -e frame.number",
-                socat("-t 30", "-", stdin),
+                socat("-t 30", stdio, stdin),
                 arg(&told)
             ))
             .output()

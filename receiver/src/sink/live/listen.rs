@@ -94,29 +94,41 @@ pub(super) async fn accept(
     }
 }
 
+type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
 /// Why a TLS client is turned away.
-enum Refusal<S> {
-    Handshake(std::io::Error),
+enum Refusal {
+    /// No TLS: nothing can be said to it.
+    Handshake(String),
     /// What was wrong with its token, and the connection, to tell it.
-    Token(&'static str, S),
+    Token(&'static str, Box<TlsStream>),
 }
 
-/// The TLS handshake, then the client's first line, which must be the viewer token.
+/// The TLS handshake, then the client's first line, which must be the viewer token; each
+/// within [`AUTH_TIMEOUT`].
 async fn prove(
     tls: &tokio_rustls::TlsAcceptor,
     secure: &Secure,
     stream: TcpStream,
-) -> Result<
-    tokio_rustls::server::TlsStream<TcpStream>,
-    Refusal<tokio_rustls::server::TlsStream<TcpStream>>,
-> {
-    let mut stream = tls.accept(stream).await.map_err(Refusal::Handshake)?;
-    match first_line(&mut stream).await {
-        Some(line) if line.is_empty() => Err(Refusal::Token("no viewer token", stream)),
-        Some(line) if secure.viewer.matches(line.trim_ascii()) => Ok(stream),
-        Some(_) => Err(Refusal::Token("wrong viewer token", stream)),
-        None => Err(Refusal::Token("no viewer token line", stream)),
-    }
+) -> Result<TlsStream, Refusal> {
+    let mut stream = match tokio::time::timeout(AUTH_TIMEOUT, tls.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(Refusal::Handshake(format!("TLS handshake failed: {e}"))),
+        Err(_) => {
+            return Err(Refusal::Handshake(format!(
+                "no TLS handshake within {} s",
+                AUTH_TIMEOUT.as_secs()
+            )))
+        }
+    };
+    let why = match tokio::time::timeout(AUTH_TIMEOUT, first_line(&mut stream)).await {
+        Ok(Some(line)) if secure.viewer.matches(line.trim_ascii()) => return Ok(stream),
+        Ok(Some(line)) if line.trim_ascii().is_empty() => "no viewer token",
+        Ok(Some(_)) => "wrong viewer token",
+        Ok(None) => "no viewer token line",
+        Err(_) => "no viewer token in time",
+    };
+    Err(Refusal::Token(why, Box::new(stream)))
 }
 
 /// What the peer sends up to its first line end or the end of what it sends, without the
