@@ -4,14 +4,13 @@
 
 use std::collections::HashMap;
 use std::fmt::Display;
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use program::names::clean;
 use protocol::{AuthToken, Hello};
+use receiver::token::ExpectedToken;
 use rustls::pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 
@@ -29,22 +28,9 @@ pub struct Auth {
 pub const TOKEN_REFUSAL: &str =
     "wrong or missing token: pass --token-file with the receiver's token";
 
-/// The token, kept as its HMAC under a key of this process: a token a sensor gives is
-/// checked by comparing its HMAC with this one, in constant time (`ring::hmac::verify`),
-/// which tells nothing of the token's bytes or length through timing.
-struct ExpectedToken {
-    key: ring::hmac::Key,
-    tag: ring::hmac::Tag,
-}
-
 impl Auth {
     pub fn new(token: Option<AuthToken>, client_certificates: bool) -> Self {
-        let token = token.map(|token| {
-            let secret: [u8; 32] = rand::random();
-            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
-            let tag = ring::hmac::sign(&key, token.as_bytes());
-            ExpectedToken { key, tag }
-        });
+        let token = token.as_ref().map(ExpectedToken::new);
         Self {
             token,
             client_certificates,
@@ -61,35 +47,12 @@ impl Auth {
         let Some(given) = &hello.token else {
             return Err("no token");
         };
-        ring::hmac::verify(&expected.key, given.as_bytes(), expected.tag.as_ref())
-            .map_err(|_| "wrong token")
+        if expected.matches(given.as_bytes()) {
+            Ok(())
+        } else {
+            Err("wrong token")
+        }
     }
-}
-
-/// `dir/token`, the token the receiver requires by default: created on first start (32
-/// random bytes as 64 hex digits and a newline, mode 0600, never over an existing file nor
-/// through a symlink), then kept. Returns its path and whether it was just created.
-pub fn load_or_create_token(dir: &Path) -> anyhow::Result<(PathBuf, bool)> {
-    use anyhow::Context;
-    let path = dir.join("token");
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create state directory {}", dir.display()))?;
-    let mut file = match crate::tls::create_private(&path) {
-        Ok(file) => file,
-        Err(_) if path.exists() => return Ok((path, false)),
-        Err(e) => return Err(e),
-    };
-    let bytes: [u8; 32] = rand::random();
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let written = file
-        .write_all(format!("{hex}\n").as_bytes())
-        .and_then(|()| file.sync_all());
-    if let Err(e) = written {
-        // A partial token would lock every sensor out: the next start makes a whole one.
-        let _ = std::fs::remove_file(&path);
-        return Err(e).with_context(|| format!("cannot write {}", path.display()));
-    }
-    Ok((path, true))
 }
 
 /// Why a token is guessable, if it looks so: under 128 bits by a rough estimate (its
@@ -280,36 +243,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_token_is_made_once_private_and_never_replaced() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("receiver-token-{}", std::process::id()));
+    fn a_generated_token_is_not_weak() {
+        let dir = std::env::temp_dir().join(format!("receiver-weak-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let (path, created) = load_or_create_token(&dir).unwrap();
-        assert!(created);
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text.len(), 65, "{text:?}");
-        assert!(text[..64]
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
-        assert!(text.ends_with('\n'));
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        let (again, created) = load_or_create_token(&dir).unwrap();
-        assert_eq!((again, created), (path.clone(), false));
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        let path = dir.join("token");
+        receiver::token::load_or_create(&path).unwrap();
         let (token, _) = program::cli::read_token_file(&path).unwrap();
         assert_eq!(weak_token(&token), None);
-        // A symlink planted where the token goes is not followed.
-        let other = std::env::temp_dir().join(format!("receiver-token-{}-b", std::process::id()));
-        let _ = std::fs::remove_dir_all(&other);
-        std::fs::create_dir_all(&other).unwrap();
-        let victim = other.join("victim");
-        std::fs::write(&victim, "keep").unwrap();
-        std::os::unix::fs::symlink(&victim, other.join("token")).unwrap();
-        assert!(matches!(load_or_create_token(&other), Ok((_, false))));
-        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
         std::fs::remove_dir_all(&dir).unwrap();
-        std::fs::remove_dir_all(&other).unwrap();
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use program::units::parse_duration;
 
-use crate::sink::Format;
+use crate::sink::{Format, Precision};
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -30,6 +30,16 @@ Examples:
   number of clients, beside the file:
     receiver --out capture.pcapng --serve-pcap 127.0.0.1:57012
     tshark -i TCP@127.0.0.1:57012
+
+  The same on any address, over TLS: each client sends the viewer token (created in
+  --state-dir as viewer-token) as its first line, e.g. through socat:
+    receiver --out capture.pcapng --serve-pcap 0.0.0.0:57012 --serve-pcap-tls
+    socat OPENSSL:collector:57012,cafile=receiver.crt -,ignoreeof < viewer-token | tshark -r -
+
+  Push the live stream to a reader that listens (Arkime's pcap-over-ip-server mode), again
+  whenever it comes back:
+    socat -u TCP-LISTEN:57013,reuseaddr - | tcpdump -r - &
+    receiver --out capture.pcapng --push-pcap 127.0.0.1:57013
 
   A new file every hour or every GiB, named by its start (UTC), the last day's kept:
     receiver --out '/data/cap-%Y%m%d-%H%M%S.pcapng' --rotate-time 1h --rotate-size 1GiB \\
@@ -88,7 +98,7 @@ pub struct Cli {
     pub command: Option<Command>,
 
     /// Output file, or `-` for stdout (e.g. `--out /var/capture/all.pcapng`); default
-    /// capture.pcap, or none with --serve-pcap. The file name may hold strftime fields, in
+    /// capture.pcap, or none with --serve-pcap or --push-pcap. The file name may hold strftime fields, in
     /// UTC (e.g. `--out /data/cap-%Y%m%d-%H%M%S.pcapng`), and `{sensor}` with --split-by.
     /// An existing file is continued, never replaced (or written beside, numbered, if it is
     /// not a capture this receiver can append to); a journal beside it lets resuming
@@ -106,7 +116,8 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR", default_value = "[::]:4433", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
-    /// Directory for the generated certificate and key, the generated token, and the key
+    /// Directory for the generated certificate and key, the generated tokens (the sensors'
+    /// `token`, the live stream's `viewer-token`), and the key
     /// that lets a restarted
     /// receiver reset its predecessor's connections so sensors resume at once
     /// (e.g. `--state-dir /var/lib/capstream`); default: the per-user data directory,
@@ -171,9 +182,10 @@ pub struct Cli {
     /// of clients, from the moment each connects (e.g. `--serve-pcap 127.0.0.1:57012`, then
     /// `tshark -i TCP@127.0.0.1:57012`). Best effort: a client that reads too slowly has
     /// its packets dropped, counted, never slowing capture or the file; without --out,
-    /// batches are acknowledged once handed to the stream. The stream has no
-    /// authentication and no encryption: an address other than loopback is refused unless
-    /// --serve-pcap-allow-remote is given.
+    /// batches are acknowledged once handed to the stream. Plain TCP, without
+    /// authentication, on loopback only; with --serve-pcap-tls on any address (clients
+    /// then speak TLS and send the viewer token), or in clear on another address with
+    /// --serve-pcap-allow-remote.
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_serve_pcap)]
     pub serve_pcap: Option<SocketAddr>,
 
@@ -185,11 +197,56 @@ pub struct Cli {
     #[arg(long, value_name = "TYPE", value_parser = parse_link_type)]
     pub link_type: Option<u16>,
 
-    /// Let --serve-pcap listen on an address other than loopback: whoever reaches it reads
-    /// every captured packet, in clear (logged as a warning). Restrict it by other means
-    /// (a firewall, a Kubernetes NetworkPolicy).
+    /// Let a plain --serve-pcap listen on an address other than loopback: whoever reaches it
+    /// reads every captured packet, in clear (logged as a warning). Prefer --serve-pcap-tls;
+    /// else restrict it by other means (a firewall, a Kubernetes NetworkPolicy).
     #[arg(long, requires = "serve_pcap")]
     pub serve_pcap_allow_remote: bool,
+
+    /// Serve --serve-pcap over TLS, with the receiver's certificate (--cert, else the
+    /// generated receiver.crt), to clients that send the viewer token as the first line
+    /// (the token file as it is); others get one line saying so and are closed, logged and
+    /// counted. Any address may then be used. For PCAP-over-IP readers behind socat or
+    /// stunnel, e.g. `socat OPENSSL:collector:57012,cafile=receiver.crt -,ignoreeof
+    /// < viewer-token | tshark -r -` (ignoreeof: socat keeps the connection open once the
+    /// token is sent).
+    #[arg(
+        long,
+        requires = "serve_pcap",
+        conflicts_with = "serve_pcap_allow_remote"
+    )]
+    pub serve_pcap_tls: bool,
+
+    /// The viewer token live-stream clients must send with --serve-pcap-tls: this file's
+    /// content without surrounding whitespace, at least 16 bytes (e.g.
+    /// `--viewer-token-file /etc/capstream/viewer-token`). Default: --state-dir's
+    /// viewer-token, created on first need (mode 0600). It must differ from the sensors'
+    /// token: sensors write packets, viewers read them all.
+    #[arg(long, value_name = "PATH")]
+    pub viewer_token_file: Option<PathBuf>,
+
+    /// Timestamp precision of the live stream (--serve-pcap, --push-pcap): `us`, classic
+    /// pcap with microseconds (magic a1b2c3d4), which every reader takes (Arkime's
+    /// PCAP-over-IP reader only this one before its 5.0), or `ns`, nanoseconds (magic
+    /// a1b23c4d), as the sensors stamp packets and files hold them.
+    #[arg(long, value_enum, value_name = "PRECISION", default_value = "us")]
+    pub serve_pcap_precision: Precision,
+
+    /// Also send the live stream to a reader that listens for it, as classic pcap over
+    /// TCP (e.g. Arkime's readerMethod=pcap-over-ip-server, or
+    /// `socat -u TCP-LISTEN:57012 - |
+    /// tcpdump -r -`): `--push-pcap 127.0.0.1:57012`. When the
+    /// reader goes away, the receiver connects again (backoff 0.25 s to 5 s) and starts
+    /// with a new pcap header; meanwhile up to 16 MiB wait for it, the rest is dropped,
+    /// counted (log, exit summary, capstream_receiver_push_not_delivered_total). In clear:
+    /// a HOST other than loopback needs --push-pcap-allow-remote.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_push_pcap)]
+    pub push_pcap: Option<String>,
+
+    /// Let --push-pcap send to a host other than loopback: every captured packet then
+    /// crosses the network in clear (logged as a warning).
+    #[arg(long, requires = "push_pcap")]
+    pub push_pcap_allow_remote: bool,
 
     /// Start a new file before writing to one this large (e.g. `--rotate-size 1GiB`). Files
     /// never replace one another: a name already taken gets a counter (cap-1.pcap).
@@ -361,24 +418,38 @@ impl Cli {
     /// The file or pipe to write: --out, else capture.pcap unless the live stream is the
     /// only output.
     pub fn out_path(&self) -> Option<&Path> {
-        match (&self.out, self.serve_pcap) {
-            (Some(out), _) => Some(out),
-            (None, None) => Some(Path::new("capture.pcap")),
-            (None, Some(_)) => None,
+        match &self.out {
+            Some(out) => Some(out),
+            None if self.is_live() => None,
+            None => Some(Path::new("capture.pcap")),
         }
+    }
+
+    /// Whether the live stream runs: served (--serve-pcap), pushed (--push-pcap) or both.
+    pub fn is_live(&self) -> bool {
+        self.serve_pcap.is_some() || self.push_pcap.is_some()
     }
 
     /// Exposures the user must ask for by name, as one line for the user.
     pub fn check_exposure(&self) -> Result<(), String> {
-        match self.serve_pcap {
-            Some(addr) if !addr.ip().is_loopback() && !self.serve_pcap_allow_remote => {
-                Err(format!(
-                    "--serve-pcap {addr} would give every captured packet, unauthenticated and in \
-                 clear, to anyone who reaches it: use a loopback address (e.g. \
-                 127.0.0.1:{}), or add --serve-pcap-allow-remote",
+        if let Some(addr) = self.serve_pcap {
+            let plain = !self.serve_pcap_tls && !self.serve_pcap_allow_remote;
+            if plain && !addr.ip().is_loopback() {
+                return Err(format!(
+                    "--serve-pcap {addr} would give every captured packet, unauthenticated and \
+                     in clear, to anyone who reaches it: add --serve-pcap-tls (TLS and the \
+                     viewer token), use a loopback address (e.g. 127.0.0.1:{}), or add \
+                     --serve-pcap-allow-remote to serve it in clear",
                     addr.port()
-                ))
+                ));
             }
+        }
+        match &self.push_pcap {
+            Some(target) if !is_loopback(target) && !self.push_pcap_allow_remote => Err(format!(
+                "--push-pcap {target} would send every captured packet across the network in \
+                 clear: push to a loopback address (e.g. a local stunnel or socat that \
+                 encrypts it), or add --push-pcap-allow-remote"
+            )),
             _ => Ok(()),
         }
     }
@@ -443,6 +514,43 @@ fn parse_serve_pcap(s: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|_| {
         format!("invalid --serve-pcap address '{s}' (use IP:PORT, e.g. 127.0.0.1:57012)")
     })
+}
+
+/// HOST:PORT, HOST a name or an address (IPv6 in brackets), resolved at each connection.
+fn parse_push_pcap(s: &str) -> Result<String, String> {
+    let bad = || {
+        format!(
+            "invalid --push-pcap address '{s}' (use HOST:PORT, e.g. 127.0.0.1:57012 or \
+             arkime.example:57012)"
+        )
+    };
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p > 0);
+    let host_ok = !host.is_empty()
+        && (host.parse::<std::net::IpAddr>().is_ok()
+            || host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+    if port_ok && host_ok {
+        Ok(s.to_string())
+    } else {
+        Err(bad())
+    }
+}
+
+/// Whether a --push-pcap target is this host: a loopback address, or `localhost`. A name
+/// is not resolved at start (it may resolve elsewhere later).
+fn is_loopback(target: &str) -> bool {
+    let host = target.rsplit_once(':').map_or(target, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Link types by name (the usual LINKTYPE_ values), else a number.
@@ -640,5 +748,76 @@ mod tests {
         ] {
             assert!(parse_sensor_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn live_stream_flags() {
+        let cli = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("receiver").chain(args.iter().copied()))
+        };
+        let default = cli(&["--serve-pcap", "127.0.0.1:1"]).unwrap();
+        assert_eq!(default.serve_pcap_precision, Precision::Micro);
+        let ns = cli(&[
+            "--serve-pcap",
+            "127.0.0.1:1",
+            "--serve-pcap-precision",
+            "ns",
+        ])
+        .unwrap();
+        assert_eq!(ns.serve_pcap_precision, Precision::Nano);
+        // Pushed only: no file by default either.
+        let pushed = cli(&["--push-pcap", "localhost:57012"]).unwrap();
+        assert_eq!(pushed.out_path(), None);
+        for target in [
+            "127.0.0.1:1",
+            "[::1]:57012",
+            "arkime.example:57012",
+            "localhost:9",
+        ] {
+            assert_eq!(parse_push_pcap(target).as_deref(), Ok(target));
+        }
+        for bad in ["arkime", ":57012", "host:0", "host:70000", "a b:1", "[::1]"] {
+            assert!(parse_push_pcap(bad).is_err(), "{bad}");
+        }
+        for bad in [
+            &[
+                "--serve-pcap",
+                "127.0.0.1:1",
+                "--serve-pcap-precision",
+                "ms",
+            ][..],
+            &["--serve-pcap-tls"],
+            &["--push-pcap-allow-remote"],
+            &[
+                "--serve-pcap",
+                "0.0.0.0:1",
+                "--serve-pcap-tls",
+                "--serve-pcap-allow-remote",
+            ],
+        ] {
+            assert!(cli(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_remote_stream_is_encrypted_unless_clear_is_asked_for() {
+        let check = |args: &[&str]| {
+            Cli::parse_from(std::iter::once("receiver").chain(args.iter().copied()))
+                .check_exposure()
+        };
+        let refused = check(&["--serve-pcap", "0.0.0.0:57012"]).unwrap_err();
+        assert!(refused.contains("--serve-pcap-tls"), "{refused}");
+        assert!(check(&["--serve-pcap", "0.0.0.0:57012", "--serve-pcap-tls"]).is_ok());
+        assert!(check(&["--push-pcap", "127.0.0.1:57012"]).is_ok());
+        assert!(check(&["--push-pcap", "[::1]:57012"]).is_ok());
+        assert!(check(&["--push-pcap", "localhost:57012"]).is_ok());
+        let refused = check(&["--push-pcap", "arkime.example:57012"]).unwrap_err();
+        assert!(refused.contains("--push-pcap-allow-remote"), "{refused}");
+        assert!(check(&[
+            "--push-pcap",
+            "198.18.0.1:57012",
+            "--push-pcap-allow-remote"
+        ])
+        .is_ok());
     }
 }

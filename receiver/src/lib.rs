@@ -3,3 +3,5 @@
 
 pub mod cli;
 pub mod sink;
+pub mod token;
+pub mod viewer_token;

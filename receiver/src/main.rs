@@ -130,8 +130,8 @@ async fn run(cli: Cli) -> Result<()> {
         match (&cli.token_file, &cli.client_ca, cli.allow_unauthenticated) {
             (Some(path), _, _) => (Some(path.clone()), false),
             (None, None, false) => {
-                let (path, created) =
-                    auth::load_or_create_token(&state_dir(&cli)?).map_err(BadInput)?;
+                let path = state_dir(&cli)?.join("token");
+                let created = receiver::token::load_or_create(&path).map_err(BadInput)?;
                 (Some(path), created)
             }
             _ => (None, false),
@@ -154,9 +154,23 @@ async fn run(cli: Cli) -> Result<()> {
         }
         None => None,
     };
+    // The viewer token the live stream's TLS clients must send, before anything is created
+    // that a refusal would leave behind.
+    let viewer = match cli.serve_pcap_tls {
+        true => Some(viewer_token(&cli, token.as_ref())?),
+        false => None,
+    };
     let identity = match given_identity {
         Some(identity) => identity,
         None => tls::load_or_create(&state_dir(&cli)?, &cli.cert_name).map_err(BadInput)?,
+    };
+    // The live stream's TLS, with the viewer token read above.
+    let secure = match viewer {
+        Some(viewer) => Some(sink::live::Secure {
+            tls: tls::stream_config(&identity).map_err(BadInput)?,
+            viewer: std::sync::Arc::new(viewer),
+        }),
+        None => None,
     };
     let auth = auth::Auth::new(token, client_roots.is_some());
     let server_config = tls::server_config(&identity, client_roots).map_err(BadInput)?;
@@ -189,7 +203,7 @@ async fn run(cli: Cli) -> Result<()> {
         program::metrics::serve(addr, METRICS_LINGER).map_err(|e| BadInput(anyhow!(e)))?;
     }
     // Opened only once listening works, so a refused start leaves no empty file behind.
-    let (sink, live) = open_outputs(&cli, pattern, uploader.as_ref()).await?;
+    let (sink, live) = open_outputs(&cli, pattern, uploader.as_ref(), secure.clone()).await?;
     let bound = endpoint.local_addr().unwrap_or(cli.listen);
     if let (Some(path), true) = (&token_path, token_created) {
         tracing::info!("created the token sensors must send, {}", path.display());
@@ -202,8 +216,15 @@ async fn run(cli: Cli) -> Result<()> {
             cli.format().name()
         ));
     }
-    if let Some(live) = &live {
-        outputs.push(format!("serving live pcap on TCP {}", live.addr));
+    if let Some(addr) = live.as_ref().and_then(|l| l.addr) {
+        let how = match &secure {
+            Some(_) => " over TLS",
+            None => "",
+        };
+        outputs.push(format!("serving live pcap on TCP {addr}{how}"));
+    }
+    if let Some(target) = &cli.push_pcap {
+        outputs.push(format!("pushing live pcap to TCP {target}"));
     }
     tracing::info!("listening on {bound}, {}", outputs.join(", "));
     tracing::info!(
@@ -229,6 +250,30 @@ async fn run(cli: Cli) -> Result<()> {
     }
     for line in sensor_commands(&cli, bound, &identity.fingerprint(), token_path.as_deref()) {
         tracing::info!("{line}");
+    }
+    if let (Some(secure), Some(addr)) = (&secure, live.as_ref().and_then(|l| l.addr)) {
+        let viewer = &secure.viewer;
+        if let Some(warning) = &viewer.warning {
+            tracing::warn!("{warning}");
+        }
+        if viewer.created {
+            tracing::info!(
+                "created the viewer token live-stream clients must send, {}",
+                viewer.path.display()
+            );
+        }
+        tracing::info!(
+            "live-stream clients send the viewer token in {} as their first line, e.g. socat \
+             OPENSSL:{}:{},cafile={} -,ignoreeof < {} | tshark -r -",
+            viewer.path.display(),
+            display_host(addr.ip()),
+            addr.port(),
+            identity.cert_path.display(),
+            viewer.path.display()
+        );
+    }
+    if let (Some(target), true) = (&cli.push_pcap, cli.push_pcap_allow_remote) {
+        tracing::warn!("--push-pcap-allow-remote: every captured packet goes to {target} in clear");
     }
     if let (Some(addr), true) = (cli.serve_pcap, cli.serve_pcap_allow_remote) {
         if !addr.ip().is_loopback() {
@@ -299,11 +344,19 @@ async fn open_outputs(
     cli: &Cli,
     pattern: Option<Pattern>,
     uploader: Option<&upload::Uploader>,
+    secure: Option<sink::live::Secure>,
 ) -> Result<(Box<dyn Sink>, Option<sink::live::Live>)> {
     let mut outputs: Vec<Box<dyn Sink>> = Vec::new();
     let mut live = None;
-    if let Some(addr) = cli.serve_pcap {
-        let (sink, handle) = sink::live::serve(addr).await.map_err(|e| {
+    if cli.is_live() {
+        let stream = sink::live::Stream {
+            listen: cli.serve_pcap,
+            secure,
+            push: cli.push_pcap.clone(),
+            precision: cli.serve_pcap_precision,
+        };
+        let (sink, handle) = sink::live::serve(stream).await.map_err(|e| {
+            let addr = cli.serve_pcap.map(|a| a.to_string()).unwrap_or_default();
             BadInput(anyhow!(
                 "cannot listen on TCP {addr} for --serve-pcap: {e} (is something else \
                  listening there?)"
@@ -435,6 +488,38 @@ impl quinn::ConnectionIdGenerator for RandomCids {
     }
 }
 
+/// The viewer token (`--viewer-token-file`, else the state directory's), which must not be
+/// the sensors' token.
+fn viewer_token(
+    cli: &Cli,
+    sensor_token: Option<&protocol::AuthToken>,
+) -> Result<receiver::viewer_token::ViewerToken> {
+    let viewer =
+        receiver::viewer_token::ViewerToken::load(cli.viewer_token_file.as_deref(), || {
+            state_dir(cli)
+        })
+        .map_err(BadInput)?;
+    if sensor_token.is_some_and(|t| viewer.is(t)) {
+        return Err(BadInput(anyhow!(
+            "the viewer token in {} is the sensors' token: give viewers a token of their own \
+             (--viewer-token-file), or a sensor could read every packet",
+            viewer.path.display()
+        ))
+        .into());
+    }
+    Ok(viewer)
+}
+
+/// Where clients reach an address this receiver listens on, as a command line takes it:
+/// this host's name for an unspecified address, IPv6 in brackets.
+fn display_host(ip: std::net::IpAddr) -> String {
+    match ip.to_canonical() {
+        ip if ip.is_unspecified() => tls::hostname().unwrap_or_else(|_| "HOST".into()),
+        ip @ std::net::IpAddr::V6(_) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    }
+}
+
 /// The command lines that start a sensor sending here: from another host (the fingerprint,
 /// a copy of the token, a client certificate), and from this one.
 fn sensor_commands(
@@ -443,14 +528,7 @@ fn sensor_commands(
     fingerprint: &str,
     token: Option<&std::path::Path>,
 ) -> Vec<String> {
-    let ip = bound.ip().to_canonical();
-    let host = if ip.is_unspecified() {
-        tls::hostname().unwrap_or_else(|_| "HOST".into())
-    } else if ip.is_ipv6() {
-        format!("[{ip}]")
-    } else {
-        ip.to_string()
-    };
+    let host = display_host(bound.ip());
     let mut proof = String::new();
     if cli.client_ca.is_some() {
         proof += " --cert NAME.crt --key NAME.key";

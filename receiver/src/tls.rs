@@ -135,10 +135,17 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Creates `path` for its owner alone (0600): never over an existing file, never through
-/// a symlink.
-pub fn create_private(path: &Path) -> Result<fs::File> {
-    program::private_file::create(path).with_context(|| format!("cannot create {}", path.display()))
+/// TLS for the live stream's TCP clients (socat, stunnel): TLS 1.3 with the receiver's
+/// certificate; clients prove themselves by the viewer token, not a certificate.
+pub fn stream_config(identity: &Identity) -> Result<Arc<rustls::ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 is unavailable")?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .context("the certificate and key do not match")?;
+    Ok(Arc::new(tls))
 }
 
 /// The receive window of a connection until its sensor's Hello is accepted: room for the

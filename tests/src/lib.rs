@@ -8,6 +8,7 @@ pub mod capstream;
 pub mod corpus;
 pub mod moto;
 mod netns;
+pub mod pcap_over_ip;
 mod process;
 pub mod prometheus;
 pub mod relay;

@@ -1,6 +1,11 @@
-//! The live stream (`--serve-pcap ADDR:PORT`), PCAP-over-IP: each TCP client gets a classic
+//! The live stream, PCAP-over-IP: each TCP client of `--serve-pcap ADDR:PORT` gets a classic
 //! pcap stream (the global header, then records) of the merged packets from the moment it
-//! joins, as `tshark -i TCP@host:port`, Wireshark, Arkime and Zeek read it.
+//! joins, as `tshark -i TCP@host:port`, Wireshark, Arkime and Zeek read it; `--push-pcap
+//! HOST:PORT` sends the same to a reader that listens (Arkime's `pcap-over-ip-server`),
+//! connecting again whenever it goes away. Timestamps are in microseconds unless asked
+//! otherwise, since every reader takes those. With `--serve-pcap-tls`, clients speak TLS
+//! (the receiver's certificate) and send the viewer token as their first line
+//! ([`listen`]).
 //!
 //! Best effort by design: a client never slows capture, the file or other clients. Each
 //! has a bounded queue; when it is full, that client's packets are dropped and counted, and
@@ -12,6 +17,9 @@
 //! Clients that stop reading, or vanish without closing (half-open), are dropped: TCP
 //! keepalive finds the vanished, a write timeout the silent.
 
+mod listen;
+mod push;
+
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
@@ -21,13 +29,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use protocol::InterfaceStats;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
-use super::pcap::{check_link_type, write_header, write_record};
+use super::pcap::{check_link_type, write_header, write_record, Precision};
 use super::{OutPacket, Refusal, Sink, SinkInterface};
+use crate::viewer_token::ViewerToken;
 
 /// Clients served at once; more are turned away (and logged).
 pub const MAX_CLIENTS: usize = 64;
@@ -45,33 +54,79 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 3;
-/// Turned-away clients are logged at most once in this window; the rest are counted.
-const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
 
-/// Starts listening; the sink feeds the clients, the handle ends the stream at exit.
-pub async fn serve(addr: SocketAddr) -> io::Result<(LiveSink, Live)> {
-    let listener = TcpListener::bind(addr).await?;
-    let addr = listener.local_addr()?;
+/// What the live stream serves, where, and how.
+pub struct Stream {
+    /// `--serve-pcap`: where clients connect, if anywhere.
+    pub listen: Option<SocketAddr>,
+    /// `--serve-pcap-tls`: clients must speak TLS and send the viewer token.
+    pub secure: Option<Secure>,
+    /// `--push-pcap HOST:PORT`: a reader this receiver connects to, if any.
+    pub push: Option<String>,
+    /// `--serve-pcap-precision`.
+    pub precision: Precision,
+}
+
+/// TLS with the receiver's certificate, and the viewer token each client must send.
+#[derive(Clone)]
+pub struct Secure {
+    pub tls: Arc<rustls::ServerConfig>,
+    pub viewer: Arc<ViewerToken>,
+}
+
+/// Starts listening and pushing; the sink feeds the clients, the handle ends the stream at
+/// exit.
+pub async fn serve(stream: Stream) -> io::Result<(LiveSink, Live)> {
+    let listener = match stream.listen {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
+    let addr = listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let (joining_tx, joining) = mpsc::channel(MAX_CLIENTS);
     let (cut, cut_rx) = watch::channel(false);
+    let (header_tx, header_rx) = watch::channel(None);
     let totals = Arc::new(Totals::default());
-    let accept = tokio::spawn(accept(listener, joining_tx, Arc::clone(&totals), cut_rx));
+    describe_metrics();
+    let accept = listener.map(|listener| {
+        tokio::spawn(listen::accept(
+            listener,
+            stream.secure,
+            joining_tx,
+            Arc::clone(&totals),
+            cut_rx.clone(),
+        ))
+    });
+    let mut clients = Vec::new();
+    if let Some(target) = &stream.push {
+        let client = Arc::new(Client::new(Peer::Reader(target.clone()), &totals));
+        totals.connected.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(push::run(
+            target.clone(),
+            Arc::clone(&client),
+            header_rx,
+            cut_rx,
+        ));
+        clients.push(client);
+    }
     let sink = LiveSink {
         link_type: None,
+        precision: stream.precision,
         other_link_types: OtherLinkTypes::Refuse,
         served: Vec::new(),
         totals: Arc::clone(&totals),
         not_sent: NotSent::register(),
         header: None,
+        header_tx,
         records: Vec::with_capacity(2 * CHUNK),
         packets: 0,
-        clients: Vec::new(),
+        clients,
         joining,
     };
     Ok((
         sink,
         Live {
             addr,
+            push: stream.push,
             accept,
             cut,
             totals,
@@ -79,13 +134,27 @@ pub async fn serve(addr: SocketAddr) -> io::Result<(LiveSink, Live)> {
     ))
 }
 
+/// Packets sent, and not sent (dropped), to some clients.
+#[derive(Default)]
+struct Counts {
+    sent: AtomicU64,
+    dropped: AtomicU64,
+}
+
 /// Counts over all clients, for the exit summary.
 #[derive(Default)]
 struct Totals {
     clients: AtomicU64,
+    /// Connections refused: no or a wrong viewer token, a failed TLS handshake.
+    refused: AtomicU64,
+    /// Clients connected, and the reader pushed to, until its task ends.
     connected: AtomicUsize,
-    sent: AtomicU64,
-    dropped: AtomicU64,
+    /// The clients that connected.
+    served: Counts,
+    /// The reader pushed to (`--push-pcap`).
+    pushed: Counts,
+    /// Connections made to the reader pushed to.
+    push_connections: AtomicU64,
     /// Packets handed to the stream while no client was connected.
     no_client: AtomicU64,
     /// Packets of interfaces whose link type the stream does not carry.
@@ -94,8 +163,11 @@ struct Totals {
 
 /// The listening side, held by main: ends the stream once the sink is finished.
 pub struct Live {
-    pub addr: SocketAddr,
-    accept: JoinHandle<()>,
+    /// Where clients connect (`--serve-pcap`).
+    pub addr: Option<SocketAddr>,
+    /// The reader pushed to (`--push-pcap`).
+    pub push: Option<String>,
+    accept: Option<JoinHandle<()>>,
     cut: watch::Sender<bool>,
     totals: Arc<Totals>,
 }
@@ -105,7 +177,9 @@ impl Live {
     /// cuts off the rest (counting what they did not get as dropped), and returns the
     /// stream's part of the exit summary.
     pub async fn close(self) -> LiveSummary {
-        self.accept.abort();
+        if let Some(accept) = &self.accept {
+            accept.abort();
+        }
         let connected = || self.totals.connected.load(Ordering::Relaxed);
         let deadline = Instant::now() + DRAIN;
         while connected() > 0 && Instant::now() < deadline {
@@ -122,10 +196,17 @@ impl Live {
         LiveSummary {
             addr: self.addr,
             clients: total(&self.totals.clients),
-            sent: total(&self.totals.sent),
-            dropped: total(&self.totals.dropped),
+            refused: total(&self.totals.refused),
+            sent: total(&self.totals.served.sent),
+            dropped: total(&self.totals.served.dropped),
             no_client: total(&self.totals.no_client),
             other_link_type: total(&self.totals.other_link_type),
+            push: self.push.map(|target| PushSummary {
+                target,
+                connections: total(&self.totals.push_connections),
+                sent: total(&self.totals.pushed.sent),
+                not_delivered: total(&self.totals.pushed.dropped),
+            }),
         }
     }
 }
@@ -133,8 +214,11 @@ impl Live {
 /// The live stream's part of the exit summary: packets over all its clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveSummary {
-    pub addr: SocketAddr,
+    /// Where clients connected (`--serve-pcap`), if anywhere.
+    pub addr: Option<SocketAddr>,
     pub clients: u64,
+    /// Connections refused: no or a wrong viewer token, a failed TLS handshake.
+    pub refused: u64,
     pub sent: u64,
     /// Not sent to clients that read too slowly.
     pub dropped: u64,
@@ -142,15 +226,42 @@ pub struct LiveSummary {
     pub no_client: u64,
     /// Of interfaces whose link type the stream does not carry (in the file only).
     pub other_link_type: u64,
+    /// `--push-pcap`.
+    pub push: Option<PushSummary>,
+}
+
+/// What went to the reader pushed to (`--push-pcap`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushSummary {
+    pub target: String,
+    pub connections: u64,
+    pub sent: u64,
+    /// Dropped while the reader was away or read too slowly, or left at exit.
+    pub not_delivered: u64,
 }
 
 impl LiveSummary {
     pub fn line(&self) -> String {
-        let mut line = format!(
-            "live stream {}: {} client(s), {} packets sent, {} dropped for clients that read \
-             too slowly, {} not sent with no client connected",
-            self.addr, self.clients, self.sent, self.dropped, self.no_client
-        );
+        let mut line = String::from("live stream");
+        if let Some(addr) = self.addr {
+            line += &format!(
+                " {addr}: {} client(s), {} packets sent, {} dropped for clients that read too \
+                 slowly",
+                self.clients, self.sent, self.dropped
+            );
+            if self.refused > 0 {
+                line += &format!(", {} connection(s) refused", self.refused);
+            }
+            line += ",";
+        }
+        if let Some(push) = &self.push {
+            line += &format!(
+                " pushed to {}: {} connection(s), {} packets sent, {} not delivered (the \
+                 reader away or reading too slowly),",
+                push.target, push.connections, push.sent, push.not_delivered
+            );
+        }
+        line += &format!(" {} not sent with no client connected", self.no_client);
         if self.other_link_type > 0 {
             line += &format!(
                 ", {} not sent being of another link type (in the file only)",
@@ -163,12 +274,19 @@ impl LiveSummary {
     /// The figures of [`LiveSummary::line`] for `--summary-json`.
     pub fn json(&self) -> serde_json::Value {
         serde_json::json!({
-            "address": self.addr.to_string(),
+            "address": self.addr.map(|a| a.to_string()),
             "clients": self.clients,
+            "refused": self.refused,
             "sent": self.sent,
             "dropped": self.dropped,
             "no_client": self.no_client,
             "other_link_type": self.other_link_type,
+            "push": self.push.as_ref().map(|p| serde_json::json!({
+                "target": p.target,
+                "connections": p.connections,
+                "sent": p.sent,
+                "not_delivered": p.not_delivered,
+            })),
         })
     }
 }
@@ -190,15 +308,57 @@ struct Queue {
     end: bool,
 }
 
+/// Who a client is, for the log.
+enum Peer {
+    /// Connected to `--serve-pcap`.
+    Client(SocketAddr),
+    /// The reader of `--push-pcap`, which every connection made to it serves in turn.
+    Reader(String),
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Client(addr) => addr.fmt(f),
+            Self::Reader(target) => f.write_str(target),
+        }
+    }
+}
+
 struct Client {
-    peer: SocketAddr,
+    peer: Peer,
     queue: Mutex<Queue>,
     ready: Notify,
+    /// Packets sent to it, and dropped for it, over all its connections.
+    sent: AtomicU64,
     dropped: AtomicU64,
     totals: Arc<Totals>,
 }
 
 impl Client {
+    fn new(peer: Peer, totals: &Arc<Totals>) -> Self {
+        Self {
+            peer,
+            queue: Mutex::new(Queue::default()),
+            ready: Notify::new(),
+            sent: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            totals: Arc::clone(totals),
+        }
+    }
+
+    /// The reader pushed to gets the header at each connection, not in its queue.
+    fn is_pushed_to(&self) -> bool {
+        matches!(self.peer, Peer::Reader(_))
+    }
+
+    fn counts(&self) -> &Counts {
+        match self.peer {
+            Peer::Client(_) => &self.totals.served,
+            Peer::Reader(_) => &self.totals.pushed,
+        }
+    }
+
     fn queue(&self) -> MutexGuard<'_, Queue> {
         // A panic while holding it would leave plain data, still usable.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
@@ -212,16 +372,21 @@ impl Client {
         }
         if !always && q.bytes + chunk.data.len() > CLIENT_QUEUE {
             drop(q);
-            self.dropped.fetch_add(chunk.packets, Ordering::Relaxed);
-            self.totals
-                .dropped
-                .fetch_add(chunk.packets, Ordering::Relaxed);
+            self.count_dropped(chunk.packets);
             return;
         }
         q.bytes += chunk.data.len();
         q.chunks.push_back(chunk.clone());
         drop(q);
         self.ready.notify_one();
+    }
+
+    fn count_dropped(&self, packets: u64) {
+        self.dropped.fetch_add(packets, Ordering::Relaxed);
+        self.counts().dropped.fetch_add(packets, Ordering::Relaxed);
+        if self.is_pushed_to() {
+            metrics::counter!(PUSH_NOT_DELIVERED).increment(packets);
+        }
     }
 
     fn end(&self) {
@@ -232,64 +397,85 @@ impl Client {
     fn is_gone(&self) -> bool {
         self.queue().gone
     }
-}
 
-/// Accepts clients and hands them to the sink, which takes them in at its next flush.
-async fn accept(
-    listener: TcpListener,
-    joining: mpsc::Sender<Arc<Client>>,
-    totals: Arc<Totals>,
-    cut: watch::Receiver<bool>,
-) {
-    let mut refusals = Throttle::default();
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of descriptors, typically: wait rather than spin.
-                tracing::warn!("live stream: cannot accept a client: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+    /// The client is let go: what is still queued for it is dropped, counted.
+    fn leave(&self) {
+        let unsent: u64 = {
+            let mut q = self.queue();
+            q.gone = true;
+            q.bytes = 0;
+            q.chunks.drain(..).map(|c| c.packets).sum()
         };
-        if totals.connected.load(Ordering::Relaxed) >= MAX_CLIENTS {
-            refusals.refused(
-                peer,
-                format_args!("{MAX_CLIENTS} clients already connected"),
-            );
-            continue;
+        if unsent > 0 {
+            self.count_dropped(unsent);
         }
-        let _ = stream.set_nodelay(true);
-        let keepalive = socket2::TcpKeepalive::new()
-            .with_time(KEEPALIVE_IDLE)
-            .with_interval(KEEPALIVE_INTERVAL)
-            .with_retries(KEEPALIVE_PROBES);
-        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
-            tracing::debug!("live stream: no keepalive for {peer}: {e}");
-        }
-        let client = Arc::new(Client {
-            peer,
-            queue: Mutex::new(Queue::default()),
-            ready: Notify::new(),
-            dropped: AtomicU64::new(0),
-            totals: Arc::clone(&totals),
-        });
-        if joining.try_send(Arc::clone(&client)).is_err() {
-            refusals.refused(peer, format_args!("too many clients joining at once"));
-            continue;
-        }
-        totals.clients.fetch_add(1, Ordering::Relaxed);
-        totals.connected.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(send_to(stream, client, cut.clone()));
+        self.totals.connected.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// Sends a client its queue until it leaves, the stream ends, or it is cut off at exit.
-async fn send_to(mut stream: TcpStream, client: Arc<Client>, mut cut: watch::Receiver<bool>) {
-    let (mut from, mut to) = stream.split();
+const PUSH_NOT_DELIVERED: &str = "capstream_receiver_push_not_delivered_total";
+/// `--serve-pcap-tls` clients refused.
+const LIVE_REFUSED: &str = "capstream_receiver_live_refused_total";
+
+/// The help of the stream's own counters (those of what it did not send: [`NotSent`]).
+fn describe_metrics() {
+    metrics::describe_counter!(
+        PUSH_NOT_DELIVERED,
+        "Packets the reader of --push-pcap did not get: away, or reading too slowly."
+    );
+    metrics::describe_counter!(
+        LIVE_REFUSED,
+        "Live-stream clients refused: no or a wrong viewer token, a failed TLS handshake."
+    );
+}
+
+/// Why a connection to a client ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The stream ended and the client got all of it.
+    Stopped,
+    WentAway,
+    Stalled,
+    Cut,
+    /// It closed its side (the reader pushed to, or a plain client: they say nothing).
+    Closed,
+}
+
+impl Ended {
+    fn reason(self) -> &'static str {
+        match self {
+            Self::Stopped => "the receiver stopped",
+            Self::WentAway => "it went away",
+            Self::Stalled => "it took nothing for 30 s",
+            Self::Cut => "cut off at exit",
+            Self::Closed => "it closed the connection",
+        }
+    }
+}
+
+/// What the end of what a peer sends means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerEof {
+    /// It left: clients that never send anything.
+    Left,
+    /// It will send nothing more, and reads on: a TLS client that sent its token from a
+    /// file (socat shuts its sending side at the file's end).
+    HalfClose,
+}
+
+/// Sends `client` its queue over `stream` until the stream ends, the connection fails or
+/// stalls, or it is cut off at exit. What the peer sends is read and ignored: reading
+/// notices when it leaves. A chunk not wholly written stays first in the queue.
+async fn send_queue<S: AsyncRead + AsyncWrite>(
+    stream: S,
+    client: &Client,
+    eof: PeerEof,
+    cut: &mut watch::Receiver<bool>,
+) -> Ended {
+    let (mut from, mut to) = tokio::io::split(stream);
     let mut ignored = [0u8; 512];
-    let mut sent = 0u64;
-    let reason = loop {
+    let mut reading = true;
+    let ended = loop {
         let next = {
             let mut q = client.queue();
             match q.chunks.pop_front() {
@@ -297,93 +483,58 @@ async fn send_to(mut stream: TcpStream, client: Arc<Client>, mut cut: watch::Rec
                     q.bytes -= chunk.data.len();
                     Some(chunk)
                 }
-                None if q.end => break "the receiver stopped",
+                None if q.end => break Ended::Stopped,
                 None => None,
             }
         };
         match next {
-            Some(chunk) => tokio::select! {
-                written = tokio::time::timeout(WRITE_TIMEOUT, to.write_all(&chunk.data)) => {
-                    match written {
-                        Ok(Ok(())) => {
-                            sent += chunk.packets;
-                            client.totals.sent.fetch_add(chunk.packets, Ordering::Relaxed);
-                        }
-                        Ok(Err(_)) => break "it went away",
-                        Err(_) => {
-                            client.queue().chunks.push_front(chunk);
-                            break "it took nothing for 30 s";
+            Some(chunk) => {
+                let ended = tokio::select! {
+                    written = tokio::time::timeout(WRITE_TIMEOUT, to.write_all(&chunk.data)) => {
+                        match written {
+                            Ok(Ok(())) => {
+                                client.sent.fetch_add(chunk.packets, Ordering::Relaxed);
+                                client.counts().sent.fetch_add(chunk.packets, Ordering::Relaxed);
+                                None
+                            }
+                            Ok(Err(_)) => Some(Ended::WentAway),
+                            Err(_) => Some(Ended::Stalled),
                         }
                     }
+                    _ = cut.changed() => Some(Ended::Cut),
+                };
+                if let Some(ended) = ended {
+                    let mut q = client.queue();
+                    q.bytes += chunk.data.len();
+                    q.chunks.push_front(chunk);
+                    break ended;
                 }
-                _ = cut.changed() => {
-                    client.queue().chunks.push_front(chunk);
-                    break "cut off at exit";
-                }
-            },
+            }
             None => tokio::select! {
                 _ = client.ready.notified() => {}
-                // Clients have nothing to say; reading notices when one leaves.
-                read = from.read(&mut ignored) => {
-                    if !matches!(read, Ok(n) if n > 0) {
-                        break "it closed the connection";
-                    }
-                }
-                _ = cut.changed() => break "cut off at exit",
+                read = from.read(&mut ignored), if reading => match (read, eof) {
+                    (Ok(n), _) if n > 0 => {}
+                    (Ok(_), PeerEof::HalfClose) => reading = false,
+                    (Ok(_), PeerEof::Left) => break Ended::Closed,
+                    (Err(_), _) => break Ended::WentAway,
+                },
+                _ = cut.changed() => break Ended::Cut,
             },
         }
     };
-    let unsent: u64 = {
-        let mut q = client.queue();
-        q.gone = true;
-        q.bytes = 0;
-        q.chunks.drain(..).map(|c| c.packets).sum()
-    };
-    if unsent > 0 {
-        client.dropped.fetch_add(unsent, Ordering::Relaxed);
-        client.totals.dropped.fetch_add(unsent, Ordering::Relaxed);
-    }
     let _ = to.shutdown().await;
-    let dropped = client.dropped.load(Ordering::Relaxed);
-    if dropped > 0 {
-        tracing::warn!(
-            "live stream: client {} left ({reason}): {sent} packets sent, {dropped} dropped \
-             because it read too slowly",
-            client.peer
-        );
-    } else {
-        tracing::info!(
-            "live stream: client {} left ({reason}): {sent} packets sent, 0 dropped",
-            client.peer
-        );
-    }
-    client.totals.connected.fetch_sub(1, Ordering::Relaxed);
+    ended
 }
 
-/// Turned-away clients in the log: one line per window, the rest counted into the next.
-#[derive(Default)]
-struct Throttle {
-    last: Option<Instant>,
-    left_out: u64,
-}
-
-impl Throttle {
-    fn refused(&mut self, peer: SocketAddr, why: std::fmt::Arguments<'_>) {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.saturating_duration_since(t) < REFUSAL_LOG_WINDOW)
-        {
-            self.left_out += 1;
-            return;
-        }
-        self.last = Some(now);
-        let more = std::mem::take(&mut self.left_out);
-        if more > 0 {
-            tracing::warn!("live stream: refused {peer}: {why} (and {more} more not logged)");
-        } else {
-            tracing::warn!("live stream: refused {peer}: {why}");
-        }
+/// Sets what every connection to a client gets: no delay, keepalive.
+fn tune(stream: &TcpStream, peer: &str) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!("live stream: no keepalive for {peer}: {e}");
     }
 }
 
@@ -421,12 +572,15 @@ enum OtherLinkTypes {
 pub struct LiveSink {
     /// `--link-type`, else fixed by the first interface, as in a pcap file.
     link_type: Option<u16>,
+    precision: Precision,
     other_link_types: OtherLinkTypes,
     /// Whether each interface added (by its index) is of the stream's link type.
     served: Vec<bool>,
     totals: Arc<Totals>,
     not_sent: NotSent,
     header: Option<Chunk>,
+    /// The header again, for each connection to the reader pushed to.
+    header_tx: watch::Sender<Option<Bytes>>,
     /// Records since the last chunk.
     records: Vec<u8>,
     packets: u64,
@@ -453,14 +607,15 @@ impl LiveSink {
     /// Fixes the link type and makes the header every client starts with.
     fn start(&mut self, link_type: u16) {
         let mut header = Vec::with_capacity(24);
-        write_header(&mut header, link_type).expect("writing to a Vec cannot fail");
+        write_header(&mut header, link_type, self.precision).expect("writing to a Vec cannot fail");
         let header = Chunk {
             data: Bytes::from(header),
             packets: 0,
         };
-        for client in &self.clients {
+        for client in self.clients.iter().filter(|c| !c.is_pushed_to()) {
             client.offer(&header, true);
         }
+        self.header_tx.send_replace(Some(header.data.clone()));
         self.header = Some(header);
         self.link_type = Some(link_type);
     }
@@ -533,7 +688,7 @@ impl Sink for LiveSink {
             self.not_sent.no_client.increment(1);
             return Ok(());
         }
-        write_record(&mut self.records, packet)?;
+        write_record(&mut self.records, packet, self.precision)?;
         self.packets += 1;
         if self.records.len() >= CHUNK {
             self.seal();
@@ -572,6 +727,16 @@ mod tests {
 
     use super::*;
 
+    /// A plain stream on `addr`, in nanoseconds so that timestamps read back exactly.
+    fn plain(addr: &str) -> Stream {
+        Stream {
+            listen: Some(addr.parse().unwrap()),
+            secure: None,
+            push: None,
+            precision: Precision::Nano,
+        }
+    }
+
     fn iface(link_type: u16) -> SinkInterface {
         SinkInterface {
             name: "h/eth0".into(),
@@ -585,8 +750,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_gets_the_header_then_the_packets_from_its_joining_on() {
-        let (mut sink, live) = serve("127.0.0.1:5330".parse().unwrap()).await.unwrap();
-        let mut client = TcpStream::connect(live.addr).await.unwrap();
+        let (mut sink, live) = serve(plain("127.0.0.1:5330")).await.unwrap();
+        let mut client = TcpStream::connect(live.addr.unwrap()).await.unwrap();
         while sink.clients.is_empty() {
             tokio::time::sleep(Duration::from_millis(5)).await;
             sink.flush().unwrap();
@@ -639,14 +804,14 @@ mod tests {
     /// the stream's; its packets are skipped and counted, as are packets with no client.
     #[tokio::test]
     async fn beside_a_file_other_link_types_are_skipped_and_counted() {
-        let (sink, live) = serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let (sink, live) = serve(plain("127.0.0.1:0")).await.unwrap();
         let mut sink = sink.with_link_type(Some(1)).beside_a_file();
         assert!(sink.check(&[iface(276)]).is_ok(), "not refused");
         let cooked = sink.add_interface(&iface(276)).unwrap();
         let ethernet = sink.add_interface(&iface(1)).unwrap();
         // No client yet: counted as sent to no one.
         sink.write_packet(&packet(ethernet)).unwrap();
-        let mut client = TcpStream::connect(live.addr).await.unwrap();
+        let mut client = TcpStream::connect(live.addr.unwrap()).await.unwrap();
         while sink.clients.is_empty() {
             tokio::time::sleep(Duration::from_millis(5)).await;
             sink.flush().unwrap();
@@ -678,9 +843,62 @@ mod tests {
     /// the first.
     #[tokio::test]
     async fn alone_a_given_link_type_refuses_the_first_other_sensor() {
-        let (sink, _live) = serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let (sink, _live) = serve(plain("127.0.0.1:0")).await.unwrap();
         let sink = sink.with_link_type(Some(1));
         assert!(sink.check(&[iface(276)]).is_err());
         assert!(sink.check(&[iface(1)]).is_ok());
+    }
+
+    /// --push-pcap: each connection to the reader starts with the header (microseconds by
+    /// default); what waited while it was away follows; a reader that closes is connected
+    /// to again.
+    #[tokio::test]
+    async fn the_reader_pushed_to_gets_the_header_at_each_connection() {
+        let reader = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = Stream {
+            listen: None,
+            secure: None,
+            push: Some(reader.local_addr().unwrap().to_string()),
+            precision: Precision::Micro,
+        };
+        let (mut sink, live) = serve(stream).await.unwrap();
+        let idx = sink.add_interface(&iface(1)).unwrap();
+        let (mut first, _) = reader.accept().await.unwrap();
+        let write = |sink: &mut LiveSink, timestamp_ns| {
+            sink.write_packet(&OutPacket {
+                timestamp_ns,
+                ..packet(idx)
+            })
+            .unwrap();
+            sink.flush().unwrap();
+        };
+        write(&mut sink, 1_500_000_000_123_456_789);
+        let mut bytes = vec![0u8; 24 + 16 + 60];
+        first.read_exact(&mut bytes).await.unwrap();
+        assert_eq!(&bytes[..4], &0xa1b2_c3d4u32.to_ne_bytes());
+        let mut reader_view = PcapReader::new(&bytes[..]).unwrap();
+        let p = reader_view.next_packet().unwrap().unwrap();
+        assert_eq!(p.timestamp().as_nanos(), 1_500_000_000_123_456_000);
+        assert_eq!((p.data().len(), p.orig_len()), (60, 60));
+        drop(first);
+
+        let (mut second, _) = reader.accept().await.unwrap();
+        write(&mut sink, 2_000);
+        Box::new(sink).finish().unwrap();
+        let mut bytes = Vec::new();
+        second.read_to_end(&mut bytes).await.unwrap();
+        let mut again = PcapReader::new(&bytes[..]).unwrap();
+        let p = again.next_packet().unwrap().unwrap();
+        assert_eq!(p.timestamp().as_nanos(), 2_000);
+        assert!(again.next_packet().is_none());
+        let summary = live.close().await;
+        let push = summary.push.clone().unwrap();
+        assert_eq!((push.connections, push.sent, push.not_delivered), (2, 2, 0));
+        assert_eq!(summary.json()["push"]["sent"], 2);
+        let line = summary.line();
+        assert!(
+            line.contains("2 connection(s), 2 packets sent, 0 not delivered"),
+            "{line}"
+        );
     }
 }

@@ -13,7 +13,7 @@ use std::io::{self, BufWriter, Write};
 use protocol::{Direction, InterfaceStats};
 
 pub use self::files::journal::{Frontier, PartialBatch};
-pub use self::pcap::PcapSink;
+pub use self::pcap::{PcapSink, Precision};
 pub use self::pcapng::PcapNgSink;
 pub use self::tee::Tee;
 

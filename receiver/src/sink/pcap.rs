@@ -1,5 +1,6 @@
-//! Classic pcap with nanosecond timestamps (magic a1b23c4d). It holds one link type, fixed
-//! by the first interface; the header waits for it.
+//! Classic pcap: files with nanosecond timestamps (magic a1b23c4d), the live stream with
+//! microsecond ones by default (magic a1b2c3d4, which every reader takes). It holds one link
+//! type, fixed by the first interface; the header waits for it.
 
 use std::io::{self, Write};
 use std::time::Duration;
@@ -49,7 +50,7 @@ impl<W: Write + Send> PcapSink<W> {
     /// Writes the header once, for the first link type.
     fn start(&mut self, link_type: u16) -> io::Result<()> {
         if self.link_type.is_none() {
-            write_header(&mut self.out, link_type)?;
+            write_header(&mut self.out, link_type, Precision::Nano)?;
             self.link_type = Some(link_type);
         }
         Ok(())
@@ -75,7 +76,7 @@ impl<W: Write + Send> Sink for PcapSink<W> {
         if self.link_type.is_none() {
             return Err(io::Error::other("pcap header not written"));
         }
-        write_record(&mut self.out, packet)
+        write_record(&mut self.out, packet, Precision::Nano)
     }
 
     fn write_stats(&mut self, _interface: u32, _stats: &InterfaceStats) -> io::Result<()> {
@@ -93,8 +94,24 @@ impl<W: Write + Send> Sink for PcapSink<W> {
     }
 }
 
-/// The 24-byte file header: nanosecond timestamps, the host's byte order.
-pub(super) fn write_header<W: Write>(out: &mut W, link_type: u16) -> io::Result<()> {
+/// What the timestamps of a classic pcap stream count below the second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// Microseconds (magic a1b2c3d4): every reader takes it, Arkime's PCAP-over-IP reader
+    /// only this one before its version 5, and correctly only this one before 6.6.
+    #[value(name = "us")]
+    Micro,
+    /// Nanoseconds (magic a1b23c4d), as the sensors stamp packets.
+    #[value(name = "ns")]
+    Nano,
+}
+
+/// The 24-byte file header: timestamps of `precision`, the host's byte order.
+pub(super) fn write_header<W: Write>(
+    out: &mut W,
+    link_type: u16,
+    precision: Precision,
+) -> io::Result<()> {
     let header = PcapHeader {
         version_major: 2,
         version_minor: 4,
@@ -102,15 +119,23 @@ pub(super) fn write_header<W: Write>(out: &mut W, link_type: u16) -> io::Result<
         ts_accuracy: 0,
         snaplen: protocol::MAX_SNAPLEN,
         datalink: DataLink::from(u32::from(link_type)),
-        ts_resolution: PcapTsResolution::NanoSecond,
+        ts_resolution: match precision {
+            Precision::Micro => PcapTsResolution::MicroSecond,
+            Precision::Nano => PcapTsResolution::NanoSecond,
+        },
         endianness: native_endianness(),
     };
     header.write_to(out).map(drop).map_err(to_io)
 }
 
 /// One record: its 16-byte header in the host's byte order (as the file header says), then
-/// the data.
-pub(super) fn write_record<W: Write>(out: &mut W, packet: &OutPacket) -> io::Result<()> {
+/// the data. The captured length is the data's, the original length the sensor's: they are
+/// equal unless the sensor's snap length (or the file it read) cut the packet.
+pub(super) fn write_record<W: Write>(
+    out: &mut W,
+    packet: &OutPacket,
+    precision: Precision,
+) -> io::Result<()> {
     let captured = u32::try_from(packet.data.len())
         .ok()
         .filter(|&n| n <= protocol::MAX_SNAPLEN)
@@ -119,7 +144,11 @@ pub(super) fn write_record<W: Write>(out: &mut W, packet: &OutPacket) -> io::Res
     // Pinned to u32::MAX seconds above, so the cast keeps the value.
     let mut header = [0u8; 16];
     header[0..4].copy_from_slice(&(ts.as_secs() as u32).to_ne_bytes());
-    header[4..8].copy_from_slice(&ts.subsec_nanos().to_ne_bytes());
+    let fraction = match precision {
+        Precision::Micro => ts.subsec_micros(),
+        Precision::Nano => ts.subsec_nanos(),
+    };
+    header[4..8].copy_from_slice(&fraction.to_ne_bytes());
     header[8..12].copy_from_slice(&captured.to_ne_bytes());
     header[12..16].copy_from_slice(&packet.original_len.to_ne_bytes());
     out.write_all(&header)?;

@@ -9,6 +9,7 @@ mod config;
 mod deploy;
 mod faults;
 mod live_capture;
+mod live_stream;
 mod metrics;
 mod outputs;
 mod privileges;

@@ -222,7 +222,7 @@ mod tests {
 
     fn pcap(records: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();
-        crate::sink::pcap::write_header(&mut out, 113).unwrap();
+        crate::sink::pcap::write_header(&mut out, 113, crate::sink::pcap::Precision::Nano).unwrap();
         for data in records {
             crate::sink::pcap::write_record(
                 &mut out,
@@ -233,6 +233,7 @@ mod tests {
                     direction: protocol::Direction::Unknown,
                     data,
                 },
+                crate::sink::pcap::Precision::Nano,
             )
             .unwrap();
         }

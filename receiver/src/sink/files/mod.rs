@@ -514,8 +514,7 @@ mod tests {
         std::fs::write(&target, b"not yours").unwrap();
         let out = dir.0.join("cap.pcap");
         let mut micro = Vec::new();
-        crate::sink::pcap::write_header(&mut micro, 1).unwrap();
-        micro[..4].copy_from_slice(&0xa1b2_c3d4u32.to_ne_bytes());
+        crate::sink::pcap::write_header(&mut micro, 1, crate::sink::Precision::Micro).unwrap();
         for existing in [b"garbage that is no capture".to_vec(), micro] {
             std::fs::write(&out, &existing).unwrap();
             let mut files = open_format(&out, Format::Pcap);
