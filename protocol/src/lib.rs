@@ -22,7 +22,9 @@ mod codec;
 pub mod decode_check;
 mod message;
 
-pub use batch::{BatchBuilder, Direction, EncodedBatch, Packet, PacketIter, PushOutcome};
+pub use batch::{
+    BatchBuilder, Direction, EncodedBatch, Packet, PacketIter, PushOutcome, RecordKind,
+};
 pub use codec::DecodeError;
 pub use message::{
     decode_frame, decode_frame_header, Ack, AuthToken, Batch, BatchEncoding, DropReason, ErrorCode,
@@ -31,7 +33,7 @@ pub use message::{
 };
 
 /// The protocol version this build speaks. A peer with another version is refused.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Four bytes at the start of every Hello, so that a peer speaking another protocol is
 /// recognised at once rather than misread.

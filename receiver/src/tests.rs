@@ -166,6 +166,7 @@ pub(crate) fn hello(session_id: u64, host: &str) -> Hello {
             filter: "port 53".into(),
         }],
         token: None,
+        tls_key_log: false,
     }
 }
 
