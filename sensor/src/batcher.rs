@@ -108,17 +108,24 @@ impl Batcher {
         direction: Direction,
         data: &[u8],
     ) -> Result<(), Closed> {
+        self.push_record(|b| b.push(timestamp_ns, original_len, direction, data))
+    }
+
+    /// Adds one TLS key log line (the batcher of `--keylog`, whose batches hold only
+    /// those), counted as matched.
+    pub fn push_tls_key_log(&mut self, timestamp_ns: u64, line: &[u8]) -> Result<(), Closed> {
+        self.push_record(|b| b.push_tls_key_log(timestamp_ns, line))
+    }
+
+    fn push_record(
+        &mut self,
+        mut push: impl FnMut(&mut BatchBuilder) -> PushOutcome,
+    ) -> Result<(), Closed> {
         self.counters.matched.fetch_add(1, Relaxed);
-        if self
-            .builder
-            .push(timestamp_ns, original_len, direction, data)
-            == PushOutcome::Full
-        {
+        if push(&mut self.builder) == PushOutcome::Full {
             self.flush(self.backpressure)?;
-            // An empty builder always has room for one packet of at most MAX_SNAPLEN.
-            let _ = self
-                .builder
-                .push(timestamp_ns, original_len, direction, data);
+            // An empty builder always has room for one record of at most MAX_SNAPLEN.
+            let _ = push(&mut self.builder);
         }
         if self.started.is_none() {
             self.started = Some(Instant::now());
@@ -127,6 +134,12 @@ impl Batcher {
             self.flush(self.backpressure)?;
         }
         Ok(())
+    }
+
+    /// Sends the partial batch now: key log lines go out as soon as they are read, as the
+    /// receiver must have them before the packets they decrypt.
+    pub fn send_now(&mut self) -> Result<(), Closed> {
+        self.flush(self.backpressure)
     }
 
     /// Sends a partial batch once it is older than the flush interval. Backends call it
