@@ -11,8 +11,8 @@ use std::cell::RefCell;
 use bytes::{Bytes, BytesMut};
 
 use crate::{
-    decode_frame, Batch, BatchBuilder, RecordKind, BatchEncoding, DecodeError, Message, PushOutcome,
-    MAX_SNAPLEN,
+    decode_frame, Batch, BatchBuilder, BatchEncoding, DecodeError, Message, PushOutcome,
+    RecordKind, MAX_SNAPLEN,
 };
 
 /// Why a stream was refused.

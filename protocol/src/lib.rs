@@ -20,12 +20,14 @@ mod batch;
 mod codec;
 #[doc(hidden)]
 pub mod decode_check;
+mod key_log;
 mod message;
 
 pub use batch::{
     BatchBuilder, Direction, EncodedBatch, Packet, PacketIter, PushOutcome, RecordKind,
 };
 pub use codec::DecodeError;
+pub use key_log::{KeyLogLine, MAX_KEY_LOG_LINE};
 pub use message::{
     decode_frame, decode_frame_header, Ack, AuthToken, Batch, BatchEncoding, DropReason, ErrorCode,
     ErrorMsg, Goodbye, Hello, InterfaceInfo, InterfaceStats, Message, MessageType, Stats,

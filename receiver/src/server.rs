@@ -16,7 +16,7 @@ use crate::connection::connection;
 use crate::quota::Quotas;
 use crate::sink::Sink;
 use crate::stats::SensorSummary;
-use crate::writer::{ConnId, Event, Writer};
+use crate::writer::{ConnId, Event, Secrets, Writer};
 
 /// Sensors connected at once, their Hello accepted.
 const MAX_AUTHENTICATED: usize = 1024;
@@ -42,6 +42,7 @@ pub async fn run(
     endpoint: Endpoint,
     sink: Box<dyn Sink>,
     reorder_window: Duration,
+    secrets: Secrets,
     retry_output: bool,
     auth: Auth,
     quotas: Quotas,
@@ -49,7 +50,7 @@ pub async fn run(
 ) -> Result<Vec<SensorSummary>> {
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let writer = Writer::new(sink, reorder_window, retry_output);
+    let writer = Writer::new(sink, reorder_window, retry_output).with_secrets(secrets);
     let mut writer = tokio::spawn(writer.run(events_rx, shutdown_rx.clone()));
     let server = tokio::spawn(serve(
         endpoint,

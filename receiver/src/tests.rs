@@ -76,6 +76,7 @@ fn spawn_server(
         endpoint,
         sink,
         window,
+        crate::writer::Secrets::Write,
         false,
         auth,
         quotas,

@@ -40,9 +40,7 @@ pub fn check_patterns(patterns: &[String]) -> Result<Vec<String>> {
         let paths = glob::glob(pattern)
             .map_err(|e| Error::input(format!("--keylog {pattern}: not a valid glob: {e}")))?;
         if paths.flatten().next().is_none() {
-            tracing::warn!(
-                "--keylog {pattern}: matches no file yet; followed once it exists"
-            );
+            tracing::warn!("--keylog {pattern}: matches no file yet; followed once it exists");
         }
     }
     Ok(patterns.to_vec())
@@ -136,8 +134,15 @@ impl Follower {
             let same = now_there
                 .as_ref()
                 .is_some_and(|m| file_id(m) == followed.id);
-            if same && now_there.as_ref().is_some_and(|m| m.len() < followed.offset) {
-                tracing::info!("--keylog {}: truncated; reading it again from the top", path.display());
+            if same
+                && now_there
+                    .as_ref()
+                    .is_some_and(|m| m.len() < followed.offset)
+            {
+                tracing::info!(
+                    "--keylog {}: truncated; reading it again from the top",
+                    path.display()
+                );
                 followed.offset = 0;
                 followed.partial.clear();
                 followed.overlong = false;
@@ -182,7 +187,11 @@ fn read_new(
     counters: &KeyLogCounters,
     batcher: &mut Batcher,
 ) -> std::result::Result<(), Closed> {
-    if followed.file.seek(SeekFrom::Start(followed.offset)).is_err() {
+    if followed
+        .file
+        .seek(SeekFrom::Start(followed.offset))
+        .is_err()
+    {
         return Ok(());
     }
     loop {
@@ -248,8 +257,14 @@ fn file_id(meta: &std::fs::Metadata) -> (u64, u64) {
 
 #[cfg(not(unix))]
 fn file_id(meta: &std::fs::Metadata) -> (u64, u64) {
-    let created = meta.created().ok().and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
-    (0, created.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)))
+    let created = meta
+        .created()
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
+    (
+        0,
+        created.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+    )
 }
 
 fn unix_nanos() -> u64 {
