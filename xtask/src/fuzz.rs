@@ -436,6 +436,7 @@ fn seed_messages() -> Vec<(&'static str, Message)> {
             },
         ],
         token: AuthToken::new(&b"a shared token of 32 bytes......"[..]),
+        tls_key_log: false,
     };
     let mut snappy = BatchBuilder::new(64 * 1024);
     let mut stored = BatchBuilder::new(64 * 1024);

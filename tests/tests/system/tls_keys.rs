@@ -1,0 +1,466 @@
+//! TLS keys travel with the packets: `sensor --keylog` follows the key log curl writes
+//! (SSLKEYLOGFILE), and the receiver's pcapng carries the keys in Decryption Secrets Blocks,
+//! so that tshark, in one pass and with no key file, reads the HTTP requests inside the TLS
+//! sessions to `openssl s_server -www`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use testbed::capstream::{start_sensor, Receiver, Scratch};
+use testbed::{require_root, run, Lab, Proc};
+
+const REQUESTS: usize = 20;
+const SERVER: &str = "198.18.0.1";
+const PORT: &str = "4443";
+
+/// The server in the generating namespace, its certificate in `dir`.
+struct TlsServer {
+    proc: Proc,
+    cert: PathBuf,
+}
+
+impl TlsServer {
+    fn start(lab: &Lab, dir: &Scratch, tls: &str) -> Self {
+        let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+        run(
+            "openssl",
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=capstream-test",
+                "-addext",
+                &format!("subjectAltName=IP:{SERVER}"),
+                "-keyout",
+                key.to_str().unwrap(),
+                "-out",
+                cert.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+        // Its "ACCEPT" goes to stdout: to stderr, where the test bed waits for it.
+        let mut argv = lab.gen.command("sh");
+        argv.extend([
+            "-c".to_string(),
+            format!(
+                "exec openssl s_server -accept {SERVER}:{PORT} -www {tls} -cert {} -key {} 1>&2",
+                cert.display(),
+                key.display()
+            ),
+        ]);
+        let mut proc = Proc::start("s_server", &argv, Stdio::null()).unwrap();
+        proc.wait_for("ACCEPT", Duration::from_secs(10)).unwrap();
+        Self { proc, cert }
+    }
+
+    /// `curl https://SERVER/secret-path-<n>` from the capturing namespace, logging keys to
+    /// `keylog`.
+    fn request(&self, lab: &Lab, keylog: &Path, n: usize) {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &lab.cap.name,
+                "env",
+                &format!("SSLKEYLOGFILE={}", keylog.display()),
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "--cacert",
+                self.cert.to_str().unwrap(),
+                &format!("https://{SERVER}:{PORT}/secret-path-{n}"),
+            ],
+        )
+        .unwrap();
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.proc.stop();
+    }
+}
+
+/// The request paths tshark reads from `file` in one pass, with `extra` options.
+fn request_paths(file: &Path, extra: &[&str]) -> BTreeSet<String> {
+    let mut args = vec!["-r", file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
+        "-Y",
+        "http.request",
+        "-T",
+        "fields",
+        "-e",
+        "http.request.uri",
+    ]);
+    run("tshark", &args)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+fn all_paths() -> BTreeSet<String> {
+    (0..REQUESTS).map(|n| format!("/secret-path-{n}")).collect()
+}
+
+/// Decryption Secrets Blocks in a pcapng file (little-endian, as the receiver writes here).
+fn secrets_blocks(file: &Path) -> usize {
+    let bytes = std::fs::read(file).unwrap();
+    let (mut at, mut count) = (0, 0);
+    while at + 8 <= bytes.len() {
+        let kind = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+        count += usize::from(kind == 0x0a);
+        if len < 12 {
+            break;
+        }
+        at += len;
+    }
+    count
+}
+
+/// A receiver and a sensor on `cap0`, for the requests the caller makes meanwhile.
+struct Run {
+    receiver: Receiver,
+    sensor: Proc,
+    summary: PathBuf,
+}
+
+impl Run {
+    fn start(
+        lab: &Lab,
+        dir: &Scratch,
+        out: &str,
+        receiver_args: &[&str],
+        sensor_args: &[&str],
+    ) -> (Self, PathBuf) {
+        let summary = dir.join("receiver-summary.json");
+        let mut args = vec!["--summary-json", summary.to_str().unwrap()];
+        args.extend_from_slice(receiver_args);
+        let (receiver, out) = Receiver::writing(Some(&lab.cap), dir, out, &args).unwrap();
+        let mut all = vec!["--iface", "cap0", "--sensor-id", "tls"];
+        all.extend_from_slice(sensor_args);
+        let sensor = start_sensor(Some(&lab.cap), &receiver, &all).unwrap();
+        (
+            Self {
+                receiver,
+                sensor,
+                summary,
+            },
+            out,
+        )
+    }
+
+    /// Stops both; returns the receiver's stderr and both summaries.
+    fn stop(mut self) -> (String, serde_json::Value, serde_json::Value) {
+        self.sensor.stop().unwrap();
+        let sensor = self.sensor.summary().unwrap();
+        self.receiver.stop().unwrap();
+        let stderr = self.receiver.proc.stderr();
+        let summary = serde_json::from_slice(&std::fs::read(&self.summary).unwrap()).unwrap();
+        (stderr, summary, sensor)
+    }
+}
+
+#[test]
+fn one_pass_decrypts_every_request_in_both_tls_versions_and_modes() {
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    for (tls, mode) in [
+        ("-tls1_3", "tc"),
+        ("-tls1_2", "tc"),
+        ("-tls1_3", "pcap"),
+        ("-tls1_2", "pcap"),
+    ] {
+        let dir = Scratch::new("tls-keys").unwrap();
+        let server = TlsServer::start(&lab, &dir, tls);
+        let keylog = dir.join("keys.log");
+        let keylog_arg = keylog.to_str().unwrap().to_string();
+        let (run_, out) = Run::start(
+            &lab,
+            &dir,
+            "out.pcapng",
+            &[],
+            &[
+                "--mode",
+                mode,
+                "--keylog",
+                &keylog_arg,
+                &format!("tcp port {PORT}"),
+            ],
+        );
+        for n in 0..REQUESTS {
+            server.request(&lab, &keylog, n);
+        }
+        let (stderr, summary, sensor) = run_.stop();
+        let what = format!("{tls} --mode {mode}");
+        assert_eq!(request_paths(&out, &[]), all_paths(), "{what}\n{stderr}");
+        let lines = std::fs::read_to_string(&keylog).unwrap().lines().count() as u64;
+        assert_eq!(sensor["tls_key_log"]["read"], lines, "{what}: {sensor:#}");
+        assert_eq!(
+            sensor["tls_key_log"]["delivered"], lines,
+            "{what}: {sensor:#}"
+        );
+        assert_eq!(summary["tls_keys"]["written"], lines, "{what}: {summary:#}");
+        assert_eq!(
+            summary["tls_keys"]["without_packets"], 0,
+            "{what}: {summary:#}"
+        );
+        assert!(
+            stderr.contains(&format!("TLS keys: {lines} key log lines written")),
+            "{stderr}"
+        );
+
+        // Control: the same file without its secrets shows no request.
+        let stripped = dir.join("stripped.pcapng");
+        run(
+            "editcap",
+            &[
+                "--discard-all-secrets",
+                out.to_str().unwrap(),
+                stripped.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(secrets_blocks(&stripped), 0);
+        assert!(request_paths(&stripped, &[]).is_empty(), "{what}");
+    }
+}
+
+#[test]
+fn drop_secrets_writes_none_and_pcap_says_it_cannot_hold_keys() {
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    for (out, receiver_args, said) in [
+        (
+            "out.pcapng",
+            &["--drop-secrets"][..],
+            "TLS keys: 0 key log lines written",
+        ),
+        ("out.pcap", &[][..], "classic pcap cannot hold keys"),
+    ] {
+        let dir = Scratch::new("tls-keys-none").unwrap();
+        let server = TlsServer::start(&lab, &dir, "-tls1_3");
+        let keylog = dir.join("keys.log");
+        let keylog_arg = keylog.to_str().unwrap().to_string();
+        let (run_, out) = Run::start(
+            &lab,
+            &dir,
+            out,
+            receiver_args,
+            &[
+                "--mode",
+                "tc",
+                "--keylog",
+                &keylog_arg,
+                &format!("tcp port {PORT}"),
+            ],
+        );
+        for n in 0..3 {
+            server.request(&lab, &keylog, n);
+        }
+        let (stderr, summary, _) = run_.stop();
+        assert_eq!(stderr.matches(said).count(), 1, "{stderr}");
+        let lines = std::fs::read_to_string(&keylog).unwrap().lines().count() as u64;
+        assert_eq!(summary["tls_keys"]["not_written"], lines, "{summary:#}");
+        assert!(request_paths(&out, &[]).is_empty());
+        // Yet the packets are there: the key log decrypts them.
+        let with_keys = format!("tls.keylog_file:{}", keylog.display());
+        assert_eq!(request_paths(&out, &["-o", &with_keys]).len(), 3);
+        if out.extension().is_some_and(|e| e == "pcapng") {
+            assert_eq!(secrets_blocks(&out), 0);
+        }
+    }
+}
+
+#[test]
+fn each_rotated_file_decrypts_its_own_requests_alone() {
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    let dir = Scratch::new("tls-keys-rotate").unwrap();
+    let server = TlsServer::start(&lab, &dir, "-tls1_3");
+    let keylog = dir.join("keys.log");
+    let keylog_arg = keylog.to_str().unwrap().to_string();
+    let (run_, _) = Run::start(
+        &lab,
+        &dir,
+        "cap-%H%M%S.pcapng",
+        &["--rotate-size", "64KiB"],
+        &[
+            "--mode",
+            "tc",
+            "--keylog",
+            &keylog_arg,
+            &format!("tcp port {PORT}"),
+        ],
+    );
+    for n in 0..REQUESTS {
+        server.request(&lab, &keylog, n);
+    }
+    let (stderr, summary, _) = run_.stop();
+    let files: Vec<PathBuf> = std::fs::read_dir(dir.join(""))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pcapng"))
+        .collect();
+    let with_keys = format!("tls.keylog_file:{}", keylog.display());
+    let mut alone_total = BTreeSet::new();
+    let mut with_requests = 0;
+    for file in &files {
+        let alone = request_paths(file, &[]);
+        let reference = request_paths(file, &["-o", &with_keys]);
+        assert_eq!(alone, reference, "{}: {stderr}", file.display());
+        with_requests += usize::from(!alone.is_empty());
+        alone_total.extend(alone);
+    }
+    assert!(
+        with_requests >= 2,
+        "{files:?}: rotation must split the requests"
+    );
+    // Only a session cut by a rotation cannot be read, in either file.
+    assert!(
+        alone_total.len() + files.len() > REQUESTS,
+        "{alone_total:?} in {files:?}"
+    );
+    assert!(
+        summary["tls_keys"]["carried"].as_u64().unwrap() > 0,
+        "{summary:#}"
+    );
+}
+
+#[test]
+fn key_logs_followed_through_truncation_deletion_recreation_and_globs() {
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    let dir = Scratch::new("tls-keys-follow").unwrap();
+    let server = TlsServer::start(&lab, &dir, "-tls1_3");
+    let logs = dir.join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let first = logs.join("a.log");
+    let glob = format!("{}/*.log", logs.display());
+    let (run_, out) = Run::start(
+        &lab,
+        &dir,
+        "out.pcapng",
+        &[],
+        &[
+            "--mode",
+            "tc",
+            "--keylog",
+            &glob,
+            &format!("tcp port {PORT}"),
+        ],
+    );
+    let settle = || std::thread::sleep(Duration::from_millis(300));
+    for n in 0..5 {
+        server.request(&lab, &first, n);
+    }
+    std::fs::write(&first, "").unwrap();
+    settle();
+    for n in 5..10 {
+        server.request(&lab, &first, n);
+    }
+    std::fs::remove_file(&first).unwrap();
+    settle();
+    for n in 10..15 {
+        server.request(&lab, &first, n);
+    }
+    let second = logs.join("b.log");
+    for n in 15..REQUESTS {
+        server.request(&lab, &second, n);
+    }
+    // Bad lines are counted and skipped.
+    let mut text = std::fs::read_to_string(&second).unwrap();
+    text += "not a key log line\nCLIENT_RANDOM zz 00\n# a comment\n";
+    std::fs::write(&second, text).unwrap();
+    settle();
+    let (stderr, _, sensor) = run_.stop();
+    assert_eq!(request_paths(&out, &[]), all_paths(), "{stderr}");
+    assert_eq!(sensor["tls_key_log"]["malformed"], 2, "{sensor:#}");
+}
+
+#[test]
+fn a_pattern_matching_nothing_is_a_warning() {
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    let dir = Scratch::new("tls-keys-warn").unwrap();
+    let missing = format!("{}/later-*.log", dir.join("").display());
+    let (run_, _) = Run::start(
+        &lab,
+        &dir,
+        "out.pcapng",
+        &[],
+        &["--mode", "tc", "--keylog", &missing],
+    );
+    let stderr = run_.sensor.stderr();
+    assert!(
+        stderr.contains(&format!("--keylog {missing}: matches no file yet")),
+        "{stderr}"
+    );
+    run_.stop();
+    testbed::capstream::assert_refused(
+        "sensor",
+        &[
+            "--read",
+            "/dev/null",
+            "--keylog",
+            "/tmp/[unclosed",
+            "--allow-unauthenticated",
+        ],
+        "--keylog /tmp/[unclosed: not a valid glob",
+    );
+}
+
+#[test]
+fn a_key_log_of_100000_lines_costs_the_sensor_little_memory() {
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    let dir = Scratch::new("tls-keys-memory").unwrap();
+    let keylog = dir.join("big.log");
+    std::fs::write(&keylog, "").unwrap();
+    let keylog_arg = keylog.to_str().unwrap().to_string();
+    let (run_, _) = Run::start(
+        &lab,
+        &dir,
+        "out.pcapng",
+        &[],
+        &["--mode", "tc", "--keylog", &keylog_arg],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = run_.sensor.pid();
+    let before = testbed::capstream::peak_rss_kib(pid).unwrap();
+    let mut lines = String::with_capacity(100_000 * 180);
+    for i in 0..100_000u64 {
+        lines += &format!("CLIENT_TRAFFIC_SECRET_0 {i:064x} {:096x}\n", i * 7);
+    }
+    std::fs::write(&keylog, lines).unwrap();
+    // The follower reads it at once; what it cost shows in the peak.
+    std::thread::sleep(Duration::from_secs(3));
+    let after = testbed::capstream::peak_rss_kib(pid).unwrap();
+    let (_, summary, sensor) = run_.stop();
+    eprintln!("sensor peak RSS: {before} KiB before the key log, {after} KiB after");
+    assert!(
+        after.saturating_sub(before) <= 16 * 1024,
+        "the sensor grew from {before} KiB to {after} KiB"
+    );
+    assert_eq!(sensor["tls_key_log"]["read"], 100_000, "{sensor:#}");
+    assert_eq!(sensor["tls_key_log"]["delivered"], 100_000, "{sensor:#}");
+    assert_eq!(summary["tls_keys"]["written"], 100_000, "{summary:#}");
+    assert_eq!(
+        summary["tls_keys"]["without_packets"], 100_000,
+        "{summary:#}"
+    );
+}
