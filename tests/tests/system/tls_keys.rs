@@ -136,7 +136,6 @@ fn secrets_blocks(file: &Path) -> usize {
 struct Run {
     receiver: Receiver,
     sensor: Proc,
-    summary: PathBuf,
 }
 
 impl Run {
@@ -147,21 +146,11 @@ impl Run {
         receiver_args: &[&str],
         sensor_args: &[&str],
     ) -> (Self, PathBuf) {
-        let summary = dir.join("receiver-summary.json");
-        let mut args = vec!["--summary-json", summary.to_str().unwrap()];
-        args.extend_from_slice(receiver_args);
-        let (receiver, out) = Receiver::writing(Some(&lab.cap), dir, out, &args).unwrap();
+        let (receiver, out) = Receiver::writing(Some(&lab.cap), dir, out, receiver_args).unwrap();
         let mut all = vec!["--iface", "cap0", "--sensor-id", "tls"];
         all.extend_from_slice(sensor_args);
         let sensor = start_sensor(Some(&lab.cap), &receiver, &all).unwrap();
-        (
-            Self {
-                receiver,
-                sensor,
-                summary,
-            },
-            out,
-        )
+        (Self { receiver, sensor }, out)
     }
 
     /// Stops both; returns the receiver's stderr and both summaries.
@@ -170,7 +159,7 @@ impl Run {
         let sensor = self.sensor.summary().unwrap();
         self.receiver.stop().unwrap();
         let stderr = self.receiver.proc.stderr();
-        let summary = serde_json::from_slice(&std::fs::read(&self.summary).unwrap()).unwrap();
+        let summary = self.receiver.proc.summary().unwrap();
         (stderr, summary, sensor)
     }
 }
