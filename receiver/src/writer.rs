@@ -476,7 +476,9 @@ impl Writer {
                 Secrets::CannotHold => {
                     if !std::mem::replace(&mut self.said_cannot_hold, true) {
                         tracing::warn!(
-                            "sensor {} sends TLS keys (--keylog), but classic pcap cannot                              hold keys: they are not written (write pcapng: --format pcapng                              or an --out ending in .pcapng)",
+                            "{} sends TLS keys (--keylog), but classic pcap cannot hold keys: \
+                             they are not written (write pcapng: --format pcapng or an --out \
+                             ending in .pcapng)",
                             sensor_label(hello, identity.as_deref(), peer)
                         );
                     }

@@ -9,7 +9,7 @@
 //! nothing is lost.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocol::{BatchBuilder, Direction, EncodedBatch, PushOutcome};
@@ -34,6 +34,9 @@ pub struct SessionBatching {
     /// The next batch sequence number; starts at 1 and is shared by all interfaces.
     pub next_sequence: Arc<AtomicU64>,
     pub tx: mpsc::Sender<Outgoing>,
+    /// Held from taking a sequence number to handing the batch over, so that batches of
+    /// several threads (captures, the key log) enter the channel in sequence order.
+    pub handing_over: Arc<Mutex<()>>,
     pub batch_size: usize,
     pub flush_interval: Duration,
 }
@@ -51,6 +54,7 @@ impl SessionBatching {
             session_id,
             next_sequence: Arc::new(AtomicU64::new(first_sequence)),
             tx,
+            handing_over: Arc::default(),
             batch_size,
             flush_interval,
         }
@@ -161,16 +165,22 @@ impl Batcher {
             return Ok(());
         }
         self.started = None;
+        let session = &self.session;
+        // A poisoned lock guards nothing but order: go on.
+        let _order = session
+            .handing_over
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match backpressure {
             Backpressure::Wait => {
-                let out = encode(&mut self.builder, &self.session, self.interface_id);
-                self.session.tx.blocking_send(out).map_err(|_| Closed)
+                let out = encode(&mut self.builder, session, self.interface_id);
+                session.tx.blocking_send(out).map_err(|_| Closed)
             }
-            Backpressure::Drop => match self.session.tx.try_reserve() {
+            Backpressure::Drop => match session.tx.try_reserve() {
                 // Take the sequence number only once room is certain, so that dropped
                 // batches leave no gap in the sequence the receiver acknowledges.
                 Ok(permit) => {
-                    let out = encode(&mut self.builder, &self.session, self.interface_id);
+                    let out = encode(&mut self.builder, session, self.interface_id);
                     permit.send(out);
                     Ok(())
                 }

@@ -113,6 +113,7 @@ struct Prepared {
 /// sensor has one thread.
 fn prepare(cli: &Cli) -> Result<Prepared> {
     // Everything the user typed is checked before anything touches the network.
+    let keylog = key_log_patterns(&cli.keylog)?;
     let (trust, token) = receiver_credentials(cli)?;
     let client_cert = cli.cert.as_deref().zip(cli.key.as_deref());
     let tls = tls::client_config(&trust, client_cert)?;
@@ -137,7 +138,6 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
         xdp_attach: cli.xdp_attach,
         afxdp: cli.afxdp(),
     };
-    let keylog = key_log_patterns(&cli.keylog)?;
     let user = privileges::run_as(cli.user.as_ref())?;
     // Before any capture starts, so that a bad --spool-dir is the only thing said.
     let new_spool_dir = match &cli.spool_dir {

@@ -49,7 +49,9 @@ impl SecretsCounters {
         let [written, carried, without, not_written] = self.figures().map(|(_, n)| n);
         (written + not_written > 0).then(|| {
             format!(
-                "TLS keys: {written} key log lines written, {carried} written again in later                  files, {without} without packets (no ClientHello after them), {not_written}                  not written (--drop-secrets, or an output that cannot hold them)"
+                "TLS keys: {written} key log lines written, {carried} written again in later \
+                 files, {without} without packets (no ClientHello after them), {not_written} \
+                 not written (--drop-secrets, or an output that cannot hold them)"
             )
         })
     }
