@@ -43,8 +43,9 @@ impl KeyLogLine {
             && label
                 .iter()
                 .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || *b == b'_');
-        let hex =
-            |f: &[u8]| !f.is_empty() && f.len() % 2 == 0 && f.iter().all(u8::is_ascii_hexdigit);
+        let hex = |f: &[u8]| {
+            !f.is_empty() && f.len().is_multiple_of(2) && f.iter().all(u8::is_ascii_hexdigit)
+        };
         if !label_ok || !hex(id) || !hex(secret) {
             return Self::Malformed;
         }

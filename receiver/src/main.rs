@@ -243,10 +243,8 @@ async fn run(cli: Cli) -> Result<()> {
     program::status::enable(!cli.no_status);
     let summaries = server::run(
         endpoint,
-        sink,
-        cli.reorder_window,
-        secrets_policy(&cli),
-        to_file,
+        // Output errors are waited out for a file (a full disk), final for a pipe.
+        writer::Writer::new(sink, cli.reorder_window, to_file).with_secrets(secrets_policy(&cli)),
         auth,
         quota::Quotas {
             rate: cli.sensor_rate,

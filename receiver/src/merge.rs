@@ -468,9 +468,7 @@ impl Merge {
     /// queue only once written, so that a failing output writes it again.
     fn write_key_logs(&mut self, sink: &mut dyn Sink) -> io::Result<()> {
         while let Some(batch) = self.key_logs.front() {
-            if self.drop_secrets {
-                SECRETS.not_written.fetch_add(batch.count, Relaxed);
-            } else if !sink.write_secrets(batch.interface, &batch.lines)? {
+            if self.drop_secrets || !sink.write_secrets(batch.interface, &batch.lines)? {
                 SECRETS.not_written.fetch_add(batch.count, Relaxed);
             }
             let (session, sequence) = (batch.session, batch.sequence);

@@ -74,10 +74,7 @@ fn spawn_server(
     let (stop, stopped) = oneshot::channel::<()>();
     let done = tokio::spawn(server::run(
         endpoint,
-        sink,
-        window,
-        crate::writer::Secrets::Write,
-        false,
+        crate::writer::Writer::new(sink, window, false),
         auth,
         quotas,
         async {

@@ -33,8 +33,9 @@ pub struct PcapNgSink<W: Write> {
     epb_options: Vec<EnhancedPacketOption<'static>>,
     /// Each interface's link type, to find the ClientHellos that TLS keys wait for.
     link_types: Vec<u16>,
-    /// Key log lines written whose ClientHello has not been.
-    pending: Pending,
+    /// Key log lines written whose ClientHello has not been (boxed: most files hold none,
+    /// and the sink stays small).
+    pending: Box<Pending>,
     /// A Decryption Secrets Block being made, kept so that it is allocated once.
     block: Vec<u8>,
 }
@@ -54,7 +55,7 @@ impl<W: Write + Send> PcapNgSink<W> {
             interfaces: 0,
             epb_options: Vec::with_capacity(1),
             link_types: Vec::new(),
-            pending: Pending::default(),
+            pending: Box::default(),
             block: Vec::new(),
         })
     }
@@ -62,7 +63,7 @@ impl<W: Write + Send> PcapNgSink<W> {
     /// The key log lines this file wrote whose ClientHello it has not: the next file
     /// (rotation, a new section) starts with them. They leave this file's care.
     pub fn take_pending_secrets(&mut self) -> Pending {
-        std::mem::take(&mut self.pending)
+        std::mem::take(&mut *self.pending)
     }
 
     /// Starts the file with the lines an earlier one left waiting.
@@ -75,7 +76,7 @@ impl<W: Write + Send> PcapNgSink<W> {
         SECRETS
             .carried
             .fetch_add(secrets::count_lines(&lines), Relaxed);
-        self.pending = pending;
+        *self.pending = pending;
         Ok(())
     }
 
