@@ -680,6 +680,85 @@ mod tests {
 
     const WINDOW: Duration = Duration::from_secs(1);
 
+    /// Records key log blocks as (u32::MAX, lines) beside the packets.
+    #[derive(Default)]
+    struct KeyRecorder(Recorder);
+
+    impl Sink for KeyRecorder {
+        fn check(&self, i: &[SinkInterface]) -> Result<(), crate::sink::Refusal> {
+            self.0.check(i)
+        }
+        fn add_interface(&mut self, i: &SinkInterface) -> io::Result<u32> {
+            self.0.add_interface(i)
+        }
+        fn write_packet(&mut self, p: &OutPacket) -> io::Result<()> {
+            self.0.write_packet(p)
+        }
+        fn write_secrets(&mut self, _: u32, lines: &[u8]) -> io::Result<bool> {
+            let count = lines.iter().filter(|&&b| b == b'\n').count();
+            self.0 .0.push((u32::MAX, count as u64));
+            Ok(true)
+        }
+        fn write_stats(&mut self, i: u32, s: &InterfaceStats) -> io::Result<()> {
+            self.0.write_stats(i, s)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn key_lines(n: usize) -> PacketIter {
+        let mut b = BatchBuilder::new(1 << 20);
+        for i in 0..n {
+            let _ = b.push_tls_key_log(1, format!("CLIENT_RANDOM {i:064x} 00").as_bytes());
+        }
+        let frame = b.finish(1, 1, 0).frame;
+        let mut buf = bytes::BytesMut::from(&frame[..]);
+        match protocol::decode_frame(&mut buf) {
+            Ok(Some(Message::Batch(batch))) => batch.packets().unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn key_lines_overtake_the_packets_of_a_sensor_that_waits_for_them() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, usize::MAX);
+        let mut out = KeyRecorder::default();
+        m.add_session(1, vec![0], None);
+        m.wait_for_keys(1);
+        // The handshake, then its keys, logged after it.
+        m.add_batch(1, 1, 0, packets(&[10, 20]), t0);
+        m.release(t0, &mut out).unwrap();
+        assert!(out.0 .0.is_empty(), "its own watermark does not release it");
+        m.add_batch(1, 2, 0, key_lines(3), t0 + WINDOW / 2);
+        m.release(t0 + WINDOW / 2, &mut out).unwrap();
+        assert_eq!(out.0 .0, [(u32::MAX, 3)]);
+        assert_eq!(m.take_acks(), []);
+        m.release(t0 + WINDOW, &mut out).unwrap();
+        assert_eq!(out.0 .0, [(u32::MAX, 3), (0, 10), (0, 20)]);
+        assert_eq!(m.take_acks(), [(1, 2)]);
+        assert!(m.is_written(1));
+    }
+
+    #[test]
+    fn dropped_key_lines_are_acknowledged_and_hold_nothing() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, usize::MAX);
+        m.drop_secrets();
+        let mut out = KeyRecorder::default();
+        m.add_session(1, vec![0], None);
+        m.wait_for_keys(1);
+        m.add_batch(1, 1, 0, key_lines(2), t0);
+        m.add_batch(1, 2, 0, packets(&[10]), t0);
+        m.release(t0, &mut out).unwrap();
+        assert_eq!(out.0 .0, [(0, 10)]);
+        assert_eq!(m.take_acks(), [(1, 2)]);
+    }
+
     #[test]
     fn two_sources_come_out_in_time_order() {
         let t0 = Instant::now();
