@@ -272,3 +272,85 @@ fn unix_nanos() -> u64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+    use std::sync::atomic::AtomicU64;
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::batcher::{Backpressure, Outgoing, SessionBatching};
+
+    fn lines_sent(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(out) = rx.try_recv() {
+            let mut buf = bytes::BytesMut::from(&out.batch.frame[..]);
+            let Ok(Some(protocol::Message::Batch(batch))) = protocol::decode_frame(&mut buf) else {
+                panic!("a batch");
+            };
+            lines.extend(
+                batch
+                    .packets()
+                    .unwrap()
+                    .map(|p| String::from_utf8(p.data.to_vec()).unwrap()),
+            );
+        }
+        lines
+    }
+
+    #[test]
+    fn lines_split_across_reads_long_lines_truncation_and_re_creation() {
+        let dir = std::env::temp_dir().join(format!("capstream-keylog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.log");
+        let _ = std::fs::remove_file(&path);
+        let (tx, mut rx) = mpsc::channel(64);
+        let session = SessionBatching::new(
+            Arc::new(AtomicU64::new(1)),
+            1,
+            tx,
+            1 << 16,
+            Duration::from_secs(3600),
+        );
+        let counters = Arc::new(KeyLogCounters::default());
+        let mut batcher = Batcher::new(session, 0, Arc::clone(&counters.lines), Backpressure::Drop);
+        let glob = format!("{}/*.log", dir.display());
+        let mut follower = Follower::new(vec![glob], Arc::clone(&counters));
+        let mut step = |follower: &mut Follower, batcher: &mut Batcher| {
+            follower.scan(true);
+            follower.read_all(batcher).unwrap();
+            batcher.send_now().unwrap();
+        };
+        let a = format!("CLIENT_RANDOM {} {}", "aa".repeat(32), "01".repeat(48));
+        let b = format!("CLIENT_RANDOM {} {}", "bb".repeat(32), "02".repeat(48));
+        let mut file = File::create(&path).unwrap();
+        write!(file, "{a}\n{}", &b[..20]).unwrap();
+        step(&mut follower, &mut batcher);
+        assert_eq!(lines_sent(&mut rx), [a.clone()]);
+        let overlong = "A".repeat(MAX_KEY_LOG_LINE * 3);
+        write!(file, "{}\n{overlong}\nbad line\n", &b[20..]).unwrap();
+        step(&mut follower, &mut batcher);
+        assert_eq!(lines_sent(&mut rx), [b.clone()]);
+        assert_eq!(counters.malformed.load(Relaxed), 2);
+        // Truncated: read again from the top.
+        file.set_len(0).unwrap();
+        step(&mut follower, &mut batcher);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        writeln!(file, "{b}").unwrap();
+        step(&mut follower, &mut batcher);
+        assert_eq!(lines_sent(&mut rx), [b.clone()]);
+        // Deleted and created again: the new file from its start.
+        std::fs::remove_file(&path).unwrap();
+        step(&mut follower, &mut batcher);
+        std::fs::write(&path, format!("{a}\n")).unwrap();
+        step(&mut follower, &mut batcher);
+        assert_eq!(lines_sent(&mut rx), [a]);
+        assert_eq!(counters.lines.matched.load(Relaxed), 4);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
