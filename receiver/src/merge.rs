@@ -670,6 +670,11 @@ mod tests {
         for &t in times {
             let _ = b.push(t, 60, Direction::Unknown, &[0u8; 60]);
         }
+        decoded(&mut b)
+    }
+
+    /// The records of the builder's batch, as the receiver decodes them.
+    fn decoded(b: &mut BatchBuilder) -> PacketIter {
         let frame = b.finish(1, 1, 0).frame;
         let mut buf = bytes::BytesMut::from(&frame[..]);
         match protocol::decode_frame(&mut buf) {
@@ -715,12 +720,7 @@ mod tests {
         for i in 0..n {
             let _ = b.push_tls_key_log(1, format!("CLIENT_RANDOM {i:064x} 00").as_bytes());
         }
-        let frame = b.finish(1, 1, 0).frame;
-        let mut buf = bytes::BytesMut::from(&frame[..]);
-        match protocol::decode_frame(&mut buf) {
-            Ok(Some(Message::Batch(batch))) => batch.packets().unwrap(),
-            other => panic!("{other:?}"),
-        }
+        decoded(&mut b)
     }
 
     #[test]

@@ -164,6 +164,50 @@ impl Run {
     }
 }
 
+/// What capturing `requests` curl requests to `server` left.
+struct Captured {
+    out: PathBuf,
+    keylog: PathBuf,
+    /// The receiver's.
+    stderr: String,
+    summary: serde_json::Value,
+    sensor: serde_json::Value,
+}
+
+/// A receiver writing `out` (with `receiver_args`) and a sensor in `mode` following the key
+/// log of `requests` curl requests to `server`, stopped once they are done.
+fn capture_requests(
+    lab: &Lab,
+    dir: &Scratch,
+    server: &TlsServer,
+    mode: &str,
+    out: &str,
+    receiver_args: &[&str],
+    requests: usize,
+) -> Captured {
+    let keylog = dir.join("keys.log");
+    let keylog_arg = keylog.to_str().unwrap().to_string();
+    let port_filter = format!("tcp port {PORT}");
+    let (run_, out) = Run::start(
+        lab,
+        dir,
+        out,
+        receiver_args,
+        &["--mode", mode, "--keylog", &keylog_arg, &port_filter],
+    );
+    for n in 0..requests {
+        server.request(lab, &keylog, n);
+    }
+    let (stderr, summary, sensor) = run_.stop();
+    Captured {
+        out,
+        keylog,
+        stderr,
+        summary,
+        sensor,
+    }
+}
+
 #[test]
 fn one_pass_decrypts_every_request_in_both_tls_versions_and_modes() {
     require_root();
@@ -176,25 +220,13 @@ fn one_pass_decrypts_every_request_in_both_tls_versions_and_modes() {
     ] {
         let dir = Scratch::new("tls-keys").unwrap();
         let server = TlsServer::start(&lab, &dir, tls);
-        let keylog = dir.join("keys.log");
-        let keylog_arg = keylog.to_str().unwrap().to_string();
-        let (run_, out) = Run::start(
-            &lab,
-            &dir,
-            "out.pcapng",
-            &[],
-            &[
-                "--mode",
-                mode,
-                "--keylog",
-                &keylog_arg,
-                &format!("tcp port {PORT}"),
-            ],
-        );
-        for n in 0..REQUESTS {
-            server.request(&lab, &keylog, n);
-        }
-        let (stderr, summary, sensor) = run_.stop();
+        let Captured {
+            out,
+            keylog,
+            stderr,
+            summary,
+            sensor,
+        } = capture_requests(&lab, &dir, &server, mode, "out.pcapng", &[], REQUESTS);
         let what = format!("{tls} --mode {mode}");
         assert_eq!(request_paths(&out, &[]), all_paths(), "{what}\n{stderr}");
         let lines = std::fs::read_to_string(&keylog).unwrap().lines().count() as u64;
@@ -243,25 +275,13 @@ fn drop_secrets_writes_none_and_pcap_says_it_cannot_hold_keys() {
     ] {
         let dir = Scratch::new("tls-keys-none").unwrap();
         let server = TlsServer::start(&lab, &dir, "-tls1_3");
-        let keylog = dir.join("keys.log");
-        let keylog_arg = keylog.to_str().unwrap().to_string();
-        let (run_, out) = Run::start(
-            &lab,
-            &dir,
+        let Captured {
             out,
-            receiver_args,
-            &[
-                "--mode",
-                "tc",
-                "--keylog",
-                &keylog_arg,
-                &format!("tcp port {PORT}"),
-            ],
-        );
-        for n in 0..3 {
-            server.request(&lab, &keylog, n);
-        }
-        let (stderr, summary, _) = run_.stop();
+            keylog,
+            stderr,
+            summary,
+            ..
+        } = capture_requests(&lab, &dir, &server, "tc", out, receiver_args, 3);
         assert_eq!(stderr.matches(said).count(), 1, "{stderr}");
         let lines = std::fs::read_to_string(&keylog).unwrap().lines().count() as u64;
         assert_eq!(summary["tls_keys"]["not_written"], lines, "{summary:#}");
@@ -281,25 +301,20 @@ fn each_rotated_file_decrypts_its_own_requests_alone() {
     let lab = Lab::new(1).unwrap();
     let dir = Scratch::new("tls-keys-rotate").unwrap();
     let server = TlsServer::start(&lab, &dir, "-tls1_3");
-    let keylog = dir.join("keys.log");
-    let keylog_arg = keylog.to_str().unwrap().to_string();
-    let (run_, _) = Run::start(
+    let Captured {
+        keylog,
+        stderr,
+        summary,
+        ..
+    } = capture_requests(
         &lab,
         &dir,
+        &server,
+        "tc",
         "cap-%H%M%S.pcapng",
         &["--rotate-size", "64KiB"],
-        &[
-            "--mode",
-            "tc",
-            "--keylog",
-            &keylog_arg,
-            &format!("tcp port {PORT}"),
-        ],
+        REQUESTS,
     );
-    for n in 0..REQUESTS {
-        server.request(&lab, &keylog, n);
-    }
-    let (stderr, summary, _) = run_.stop();
     let files: Vec<PathBuf> = std::fs::read_dir(dir.join(""))
         .unwrap()
         .map(|e| e.unwrap().path())
