@@ -116,20 +116,25 @@ fn all_paths() -> BTreeSet<String> {
     (0..REQUESTS).map(|n| format!("/secret-path-{n}")).collect()
 }
 
-/// Decryption Secrets Blocks in a pcapng file (little-endian, as the receiver writes here).
-fn secrets_blocks(file: &Path) -> usize {
+/// The Decryption Secrets Blocks of a pcapng file (little-endian, as the receiver writes
+/// here) and the key log lines they hold.
+fn secrets_blocks(file: &Path) -> (usize, usize) {
     let bytes = std::fs::read(file).unwrap();
-    let (mut at, mut count) = (0, 0);
+    let (mut at, mut blocks, mut lines) = (0, 0, 0);
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
     while at + 8 <= bytes.len() {
-        let kind = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
-        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
-        count += usize::from(kind == 0x0a);
+        let (kind, len) = (u32_at(at), u32_at(at + 4));
+        if kind == 0x0a {
+            blocks += 1;
+            let data = &bytes[at + 16..at + 16 + u32_at(at + 12)];
+            lines += data.iter().filter(|&&b| b == b'\n').count();
+        }
         if len < 12 {
             break;
         }
         at += len;
     }
-    count
+    (blocks, lines)
 }
 
 /// A receiver and a sensor on `cap0`, for the requests the caller makes meanwhile.
@@ -244,6 +249,11 @@ fn one_pass_decrypts_every_request_in_both_tls_versions_and_modes() {
             stderr.contains(&format!("TLS keys: {lines} key log lines written")),
             "{stderr}"
         );
+        assert_eq!(
+            secrets_blocks(&out).1 as u64,
+            lines,
+            "{what}: each line once"
+        );
 
         // Control: the same file without its secrets shows no request.
         let stripped = dir.join("stripped.pcapng");
@@ -256,7 +266,7 @@ fn one_pass_decrypts_every_request_in_both_tls_versions_and_modes() {
             ],
         )
         .unwrap();
-        assert_eq!(secrets_blocks(&stripped), 0);
+        assert_eq!(secrets_blocks(&stripped), (0, 0));
         assert!(request_paths(&stripped, &[]).is_empty(), "{what}");
     }
 }
@@ -290,13 +300,13 @@ fn drop_secrets_writes_none_and_pcap_says_it_cannot_hold_keys() {
         let with_keys = format!("tls.keylog_file:{}", keylog.display());
         assert_eq!(request_paths(&out, &["-o", &with_keys]).len(), 3);
         if out.extension().is_some_and(|e| e == "pcapng") {
-            assert_eq!(secrets_blocks(&out), 0);
+            assert_eq!(secrets_blocks(&out), (0, 0));
         }
     }
 }
 
 #[test]
-fn each_rotated_file_decrypts_its_own_requests_alone() {
+fn each_rotated_file_of_a_sensor_decrypts_its_own_requests_alone() {
     require_root();
     let lab = Lab::new(1).unwrap();
     let dir = Scratch::new("tls-keys-rotate").unwrap();
@@ -311,8 +321,8 @@ fn each_rotated_file_decrypts_its_own_requests_alone() {
         &dir,
         &server,
         "tc",
-        "cap-%H%M%S.pcapng",
-        &["--rotate-size", "64KiB"],
+        "{sensor}-%H%M%S.pcapng",
+        &["--rotate-size", "64KiB", "--split-by", "sensor"],
         REQUESTS,
     );
     let files: Vec<PathBuf> = std::fs::read_dir(dir.join(""))
@@ -469,5 +479,42 @@ fn a_key_log_of_100000_lines_costs_the_sensor_little_memory() {
     assert_eq!(
         summary["tls_keys"]["without_packets"], 100_000,
         "{summary:#}"
+    );
+}
+
+#[test]
+fn keys_survive_a_receiver_restart_and_are_written_once() {
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    let dir = Scratch::new("tls-keys-restart").unwrap();
+    let server = TlsServer::start(&lab, &dir, "-tls1_3");
+    let keylog = dir.join("keys.log");
+    let keylog_arg = keylog.to_str().unwrap().to_string();
+    let port_filter = format!("tcp port {PORT}");
+    let (mut run_, out) = Run::start(
+        &lab,
+        &dir,
+        "out.pcapng",
+        &[],
+        &["--mode", "tc", "--keylog", &keylog_arg, &port_filter],
+    );
+    for n in 0..REQUESTS {
+        if n == REQUESTS / 2 {
+            // Down while the next requests are made: the sensor keeps their packets and
+            // keys, and sends them to the receiver started again on the same file.
+            run_.receiver.stop().unwrap();
+        }
+        server.request(&lab, &keylog, n);
+    }
+    run_.receiver = Receiver::writing(Some(&lab.cap), &dir, "out.pcapng", &[])
+        .unwrap()
+        .0;
+    let (stderr, _, sensor) = run_.stop();
+    let lines = std::fs::read_to_string(&keylog).unwrap().lines().count();
+    assert_eq!(request_paths(&out, &[]), all_paths(), "{stderr}");
+    assert_eq!(secrets_blocks(&out).1, lines, "each line once: {stderr}");
+    assert_eq!(
+        sensor["tls_key_log"]["delivered"], lines as u64,
+        "{sensor:#}"
     );
 }
