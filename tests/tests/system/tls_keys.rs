@@ -193,12 +193,22 @@ fn capture_requests(
     let keylog = dir.join("keys.log");
     let keylog_arg = keylog.to_str().unwrap().to_string();
     let port_filter = format!("tcp port {PORT}");
+    // Packets leave the sensor at once, before the keys logged after their handshakes:
+    // only the receiver's hold puts the keys first.
     let (run_, out) = Run::start(
         lab,
         dir,
         out,
         receiver_args,
-        &["--mode", mode, "--keylog", &keylog_arg, &port_filter],
+        &[
+            "--mode",
+            mode,
+            "--flush-interval",
+            "1ms",
+            "--keylog",
+            &keylog_arg,
+            &port_filter,
+        ],
     );
     for n in 0..requests {
         server.request(lab, &keylog, n);
@@ -340,6 +350,11 @@ fn each_rotated_file_of_a_sensor_decrypts_its_own_requests_alone() {
         with_requests += usize::from(!alone.is_empty());
         alone_total.extend(alone);
     }
+    eprintln!(
+        "{} files, {with_requests} with requests, {} requests decrypted alone",
+        files.len(),
+        alone_total.len()
+    );
     assert!(
         with_requests >= 2,
         "{files:?}: rotation must split the requests"
