@@ -318,7 +318,7 @@ mod tests {
         let mut batcher = Batcher::new(session, 0, Arc::clone(&counters.lines), Backpressure::Drop);
         let glob = format!("{}/*.log", dir.display());
         let mut follower = Follower::new(vec![glob], Arc::clone(&counters));
-        let mut step = |follower: &mut Follower, batcher: &mut Batcher| {
+        let step = |follower: &mut Follower, batcher: &mut Batcher| {
             follower.scan(true);
             follower.read_all(batcher).unwrap();
             batcher.send_now().unwrap();
@@ -328,11 +328,11 @@ mod tests {
         let mut file = File::create(&path).unwrap();
         write!(file, "{a}\n{}", &b[..20]).unwrap();
         step(&mut follower, &mut batcher);
-        assert_eq!(lines_sent(&mut rx), [a.clone()]);
+        assert_eq!(lines_sent(&mut rx), [a.as_str()]);
         let overlong = "A".repeat(MAX_KEY_LOG_LINE * 3);
         write!(file, "{}\n{overlong}\nbad line\n", &b[20..]).unwrap();
         step(&mut follower, &mut batcher);
-        assert_eq!(lines_sent(&mut rx), [b.clone()]);
+        assert_eq!(lines_sent(&mut rx), [b.as_str()]);
         assert_eq!(counters.malformed.load(Relaxed), 2);
         // Truncated: read again from the top.
         file.set_len(0).unwrap();
@@ -343,13 +343,13 @@ mod tests {
             .unwrap();
         writeln!(file, "{b}").unwrap();
         step(&mut follower, &mut batcher);
-        assert_eq!(lines_sent(&mut rx), [b.clone()]);
+        assert_eq!(lines_sent(&mut rx), [b.as_str()]);
         // Deleted and created again: the new file from its start.
         std::fs::remove_file(&path).unwrap();
         step(&mut follower, &mut batcher);
         std::fs::write(&path, format!("{a}\n")).unwrap();
         step(&mut follower, &mut batcher);
-        assert_eq!(lines_sent(&mut rx), [a]);
+        assert_eq!(lines_sent(&mut rx), [a.as_str()]);
         assert_eq!(counters.lines.matched.load(Relaxed), 4);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -420,8 +420,11 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     );
 
     let link = Arc::new(LinkStats::default());
-    let telemetry =
-        tokio::spawn(telemetry::Telemetry::new(&names, &counters, Arc::clone(&link)).run());
+    let mut telemetry = telemetry::Telemetry::new(&names, &counters, Arc::clone(&link));
+    if !keylog.is_empty() {
+        telemetry = telemetry.with_key_log(Arc::clone(&key_log));
+    }
+    let telemetry = tokio::spawn(telemetry.run());
     program::status::enable(!cli.no_status);
 
     let (outcome, result) = delivery::run(

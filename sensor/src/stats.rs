@@ -128,13 +128,22 @@ impl KeyLogCounters {
         )
     }
 
+    /// Each figure by its name in `--summary-json` and the metrics.
+    pub fn figures(&self) -> [(&'static str, u64); 4] {
+        [
+            ("read", self.lines.matched.load(Relaxed)),
+            ("delivered", self.lines.delivered.load(Relaxed)),
+            ("dropped", self.lines.drop_buffer.load(Relaxed)),
+            ("malformed", self.malformed.load(Relaxed)),
+        ]
+    }
+
     pub fn summary_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "read": self.lines.matched.load(Relaxed),
-            "delivered": self.lines.delivered.load(Relaxed),
-            "dropped": self.lines.drop_buffer.load(Relaxed),
-            "malformed": self.malformed.load(Relaxed),
-        })
+        self.figures()
+            .into_iter()
+            .map(|(name, n)| (name.to_string(), serde_json::Value::from(n)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
     }
 }
 
