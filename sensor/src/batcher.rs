@@ -117,6 +117,7 @@ impl Batcher {
 
     /// Adds one TLS key log line (the batcher of `--keylog`, whose batches hold only
     /// those), counted as matched.
+    #[cfg(unix)]
     pub fn push_tls_key_log(&mut self, timestamp_ns: u64, line: &[u8]) -> Result<(), Closed> {
         self.push_record(|b| b.push_tls_key_log(timestamp_ns, line))
     }
@@ -142,6 +143,7 @@ impl Batcher {
 
     /// Sends the partial batch now: key log lines go out as soon as they are read, as the
     /// receiver must have them before the packets they decrypt.
+    #[cfg(unix)]
     pub fn send_now(&mut self) -> Result<(), Closed> {
         self.flush(self.backpressure)
     }

@@ -11,7 +11,7 @@
 //! buffer, one partial line and one batch: beyond, lines wait in the outbox like packets
 //! (`--buffer`, `--spool-dir`), and lines that find it full are dropped and counted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -64,6 +64,9 @@ pub struct Follower {
     counters: Arc<KeyLogCounters>,
     buffer: Vec<u8>,
     said_too_many: bool,
+    /// Files that could not be opened, said once each (a few: their number is bounded
+    /// like the files followed).
+    unreadable: HashSet<PathBuf>,
 }
 
 impl Follower {
@@ -74,6 +77,7 @@ impl Follower {
             counters,
             buffer: vec![0; READ_CHUNK],
             said_too_many: false,
+            unreadable: HashSet::new(),
         }
     }
 
@@ -97,26 +101,44 @@ impl Follower {
     /// Opens the files the patterns match that are not followed yet: `from_start` for
     /// files that appear while the sensor runs.
     fn scan(&mut self, from_start: bool) {
-        for pattern in &self.patterns {
-            let Ok(paths) = glob::glob(pattern) else {
-                continue;
-            };
-            for path in paths.flatten() {
-                if self.files.contains_key(&path) {
-                    continue;
+        let new: Vec<PathBuf> = self
+            .patterns
+            .iter()
+            .filter_map(|pattern| glob::glob(pattern).ok())
+            .flat_map(|paths| paths.flatten())
+            .filter(|path| !self.files.contains_key(path))
+            .collect();
+        for path in new {
+            if self.files.len() >= MAX_FILES {
+                if !std::mem::replace(&mut self.said_too_many, true) {
+                    tracing::warn!(
+                        "--keylog: following {MAX_FILES} files already; {} and others are \
+                         left",
+                        path.display()
+                    );
                 }
-                if self.files.len() >= MAX_FILES {
-                    if !std::mem::replace(&mut self.said_too_many, true) {
-                        tracing::warn!(
-                            "--keylog: following {MAX_FILES} files already; {} and others \
-                             are left",
-                            path.display()
-                        );
-                    }
-                    break;
-                }
-                if let Some(followed) = open(&path, from_start) {
-                    self.files.insert(path, followed);
+                break;
+            }
+            self.follow(path, from_start);
+        }
+    }
+
+    fn follow(&mut self, path: PathBuf, from_start: bool) {
+        match open(&path, from_start) {
+            Ok(Some(followed)) => {
+                self.unreadable.remove(&path);
+                self.files.insert(path, followed);
+            }
+            Ok(None) => {}
+            // Gone between the listing and the open: seen again if it comes back.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                if self.unreadable.len() < MAX_FILES && self.unreadable.insert(path.clone()) {
+                    tracing::warn!(
+                        "--keylog {}: cannot read it ({e}); the sensor reads key logs as \
+                         --user (default nobody) once it has given up its privileges",
+                        path.display()
+                    );
                 }
             }
         }
@@ -152,9 +174,7 @@ impl Follower {
                 // Deleted or replaced: a file there now is new, read from its start.
                 self.files.remove(&path);
                 if now_there.is_some() {
-                    if let Some(followed) = open(&path, true) {
-                        self.files.insert(path, followed);
-                    }
+                    self.follow(path, true);
                 }
             }
         }
@@ -162,22 +182,20 @@ impl Follower {
     }
 }
 
-fn open(path: &std::path::Path, from_start: bool) -> Option<Followed> {
-    let file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) => {
-            tracing::debug!("--keylog {}: {e}", path.display());
-            return None;
-        }
-    };
-    let meta = file.metadata().ok().filter(std::fs::Metadata::is_file)?;
-    Some(Followed {
+/// Opens a file to follow; `Ok(None)` for what is not a regular file.
+fn open(path: &std::path::Path, from_start: bool) -> io::Result<Option<Followed>> {
+    let file = File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    Ok(Some(Followed {
         file,
         id: file_id(&meta),
         offset: if from_start { 0 } else { meta.len() },
         partial: Vec::new(),
         overlong: false,
-    })
+    }))
 }
 
 /// Reads from the file's offset to its end and batches each complete line.

@@ -17,8 +17,9 @@ use protocol::KeyLogLine;
 const TLS_KEY_LOG: u32 = 0x544c_534b;
 /// pcapng block type of a DSB.
 const DECRYPTION_SECRETS_BLOCK: u32 = 0x0000_000a;
-/// Lines waiting for their ClientHello, per file: past it, the oldest are given up.
-const MAX_PENDING_BYTES: usize = 16 << 20;
+/// Lines waiting for their ClientHello, per file: past it, the oldest are given up
+/// (about 4,000 TLS 1.3 handshakes that a file has not reached yet).
+const MAX_PENDING_BYTES: usize = 4 << 20;
 
 /// Key log lines of the whole run, for the exit summary and the metrics.
 #[derive(Debug, Default)]
@@ -89,9 +90,13 @@ pub fn encode_block(lines: &[u8], out: &mut Vec<u8>) {
 /// Lines of one file whose ClientHello has not been written after them yet.
 #[derive(Default)]
 pub struct Pending {
-    lines: HashMap<[u8; 32], Vec<u8>>,
-    /// Client randoms in the order their first line came: the oldest go first.
-    order: VecDeque<[u8; 32]>,
+    /// By client random: when the first of them came (a number from `next`), and the lines.
+    lines: HashMap<[u8; 32], (u64, Vec<u8>)>,
+    /// Client randoms in the order their first line came: the oldest go first. An entry
+    /// whose ClientHello came (or whose random came again since) stays until compacted
+    /// away, so that a match costs no search.
+    order: VecDeque<(u64, [u8; 32])>,
+    next: u64,
     bytes: usize,
 }
 
@@ -108,21 +113,24 @@ impl Pending {
         else {
             return;
         };
-        let entry = self.lines.entry(random).or_insert_with(|| {
-            self.order.push_back(random);
-            Vec::new()
+        let (_, lines) = self.lines.entry(random).or_insert_with(|| {
+            self.next += 1;
+            self.order.push_back((self.next, random));
+            (self.next, Vec::new())
         });
-        entry.extend_from_slice(line);
+        lines.extend_from_slice(line);
         self.bytes += line.len();
         while self.bytes > MAX_PENDING_BYTES {
-            let Some(oldest) = self.order.pop_front() else {
+            let Some((since, oldest)) = self.order.pop_front() else {
                 break;
             };
-            if let Some(lines) = self.lines.remove(&oldest) {
-                self.bytes -= lines.len();
-                COUNTERS
-                    .without_packets
-                    .fetch_add(count_lines(&lines), Relaxed);
+            if self.lines.get(&oldest).is_some_and(|(s, _)| *s == since) {
+                if let Some((_, lines)) = self.lines.remove(&oldest) {
+                    self.bytes -= lines.len();
+                    COUNTERS
+                        .without_packets
+                        .fetch_add(count_lines(&lines), Relaxed);
+                }
             }
         }
     }
@@ -133,10 +141,15 @@ impl Pending {
         if self.lines.is_empty() {
             return;
         }
-        if let Some(random) = client_hello_random(link_type, frame) {
-            if let Some(lines) = self.lines.remove(&random) {
-                self.bytes -= lines.len();
-                self.order.retain(|r| *r != random);
+        let Some(random) = client_hello_random(link_type, frame) else {
+            return;
+        };
+        if let Some((_, lines)) = self.lines.remove(&random) {
+            self.bytes -= lines.len();
+            if self.order.len() > 2 * self.lines.len() + 64 {
+                let lines = &self.lines;
+                self.order
+                    .retain(|(since, r)| lines.get(r).is_some_and(|(s, _)| s == since));
             }
         }
     }
@@ -144,9 +157,10 @@ impl Pending {
     /// Every line still waiting, oldest first, for the file that follows.
     pub fn lines(&self) -> Vec<u8> {
         let mut all = Vec::with_capacity(self.bytes);
-        for random in &self.order {
-            if let Some(lines) = self.lines.get(random) {
-                all.extend_from_slice(lines);
+        for (since, random) in &self.order {
+            match self.lines.get(random) {
+                Some((s, lines)) if s == since => all.extend_from_slice(lines),
+                _ => {}
             }
         }
         all
@@ -154,7 +168,7 @@ impl Pending {
 
     /// The file is complete and no other follows: what still waits had no packets.
     pub fn give_up(&mut self) {
-        for lines in self.lines.values() {
+        for (_, lines) in self.lines.values() {
             COUNTERS
                 .without_packets
                 .fetch_add(count_lines(lines), Relaxed);
@@ -267,7 +281,10 @@ mod tests {
         pending.add(other.as_bytes());
         assert_eq!(pending.lines(), format!("{line}{other}").into_bytes());
         pending.packet(1, &client_hello(random));
-        assert_eq!(pending.lines(), other.into_bytes());
+        assert_eq!(pending.lines(), other.clone().into_bytes());
+        // A line of a random whose ClientHello was written waits again, once.
+        pending.add(line.as_bytes());
+        assert_eq!(pending.lines(), format!("{other}{line}").into_bytes());
     }
 
     #[test]
