@@ -4,11 +4,13 @@
 //! sessions to `openssl s_server -www`.
 
 use std::collections::BTreeSet;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use testbed::capstream::{start_sensor, Receiver, Scratch};
+use testbed::prometheus::{scrape, sum};
 use testbed::{require_root, run, Lab, Proc};
 
 const REQUESTS: usize = 20;
@@ -384,10 +386,12 @@ fn key_logs_followed_through_truncation_deletion_recreation_and_globs() {
         &lab,
         &dir,
         "out.pcapng",
-        &[],
+        &["--metrics", RECEIVER_METRICS],
         &[
             "--mode",
             "tc",
+            "--metrics",
+            SENSOR_METRICS,
             "--keylog",
             &glob,
             &format!("tcp port {PORT}"),
@@ -414,14 +418,55 @@ fn key_logs_followed_through_truncation_deletion_recreation_and_globs() {
         server.request(&lab, &second, n);
     }
     // Bad lines are counted and skipped.
-    let mut text = std::fs::read_to_string(&second).unwrap();
-    text += "not a key log line\nCLIENT_RANDOM zz 00\n# a comment\n";
-    std::fs::write(&second, text).unwrap();
-    settle();
-    let (stderr, _, sensor) = run_.stop();
+    let mut appending = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&second)
+        .unwrap();
+    appending
+        .write_all(b"not a key log line\nCLIENT_RANDOM zz 00\n# a comment\n")
+        .unwrap();
+    // The metrics say it all once the receiver has written every line read.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (sensor_metrics, receiver_metrics) = loop {
+        let sensor = scrape(Some(&lab.cap), SENSOR_METRICS).unwrap();
+        let receiver = scrape(Some(&lab.cap), RECEIVER_METRICS).unwrap();
+        let read = sum(&sensor, "capstream_sensor_tls_key_log_read_total", &[]);
+        let written = sum(&receiver, "capstream_receiver_tls_keys_written_total", &[]);
+        let malformed = sum(&sensor, "capstream_sensor_tls_key_log_malformed_total", &[]);
+        if (read.is_some() && read == written && malformed == Some(2.0))
+            || std::time::Instant::now() > deadline
+        {
+            break (sensor, receiver);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (stderr, summary, sensor) = run_.stop();
     assert_eq!(request_paths(&out, &[]), all_paths(), "{stderr}");
     assert_eq!(sensor["tls_key_log"]["malformed"], 2, "{sensor:#}");
+    let read = sensor["tls_key_log"]["read"].as_u64().unwrap();
+    assert_eq!(summary["tls_keys"]["written"], read, "{summary:#}");
+    assert_eq!(
+        sum(
+            &sensor_metrics,
+            "capstream_sensor_tls_key_log_malformed_total",
+            &[]
+        ),
+        Some(2.0),
+        "{sensor_metrics}"
+    );
+    assert_eq!(
+        sum(
+            &receiver_metrics,
+            "capstream_receiver_tls_keys_written_total",
+            &[]
+        ),
+        Some(read as f64),
+        "{receiver_metrics}"
+    );
 }
+
+const SENSOR_METRICS: &str = "127.0.0.1:9465";
+const RECEIVER_METRICS: &str = "127.0.0.1:9464";
 
 #[test]
 fn a_pattern_matching_nothing_is_a_warning() {
