@@ -254,7 +254,8 @@ pub struct Cli {
     /// OpenSSL s_client, Go, rustls). A path or a glob (`--keylog '/run/keys/*.log'`, new
     /// matching files are picked up); repeatable. Files are followed as they grow, and
     /// through truncation, deletion and re-creation; lines already in a file when the
-    /// sensor starts are skipped (their handshakes were not captured). A pattern that
+    /// sensor starts are skipped (their handshakes were not captured), but with --read
+    /// (`sensor --read tls.pcap --keylog keys.log`) read whole. A pattern that
     /// matches nothing yet is a warning: the file is read once it appears. Malformed lines
     /// are counted and skipped. Lines travel with the packets (acknowledged, kept in
     /// --buffer and --spool-dir, dropped and counted when those are full). Read as --user

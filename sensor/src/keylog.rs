@@ -6,7 +6,8 @@
 //! what each file gained, starts again from the top of a file that shrank (truncated) or
 //! whose inode changed (re-created), reads to its end a file that was deleted, and picks up
 //! new files a glob matches. Files there at start are followed from their end: their
-//! lines are keys of handshakes the sensor did not capture. Lines are checked
+//! lines are keys of handshakes the sensor did not capture (with `--read`, from their
+//! start: the file replayed holds those handshakes). Lines are checked
 //! ([`protocol::KeyLogLine`]); malformed ones are counted and skipped. Memory is one read
 //! buffer, one partial line and one batch: beyond, lines wait in the outbox like packets
 //! (`--buffer`, `--spool-dir`), and lines that find it full are dropped and counted.
@@ -82,9 +83,15 @@ impl Follower {
     }
 
     /// Follows the files until no capture runs any more (`captures` counts those still
-    /// running), then sends what it holds.
-    pub fn run(mut self, mut batcher: Batcher, captures: &AtomicUsize) -> Result<()> {
-        self.scan(false);
+    /// running), then sends what it holds. `whole_files`: files there at start are read
+    /// from their start too (`--read`: the capture replayed is of the past).
+    pub fn run(
+        mut self,
+        mut batcher: Batcher,
+        captures: &AtomicUsize,
+        whole_files: bool,
+    ) -> Result<()> {
+        self.scan(whole_files);
         let closed = |_: Closed| Error::runtime("the key log's batches have nowhere to go");
         loop {
             let last = captures.load(Relaxed) == 0;

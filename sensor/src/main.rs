@@ -394,13 +394,18 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
             session.clone(),
             0,
             Arc::clone(&key_log.lines),
-            batcher::Backpressure::Drop,
+            // As the packets: a replay waits for room, a live capture drops and counts.
+            match cli.read {
+                Some(_) => batcher::Backpressure::Wait,
+                None => batcher::Backpressure::Drop,
+            },
         );
         let follower = keylog::Follower::new(keylog.clone(), Arc::clone(&key_log));
         let running = Arc::clone(&captures);
+        let whole_files = cli.read.is_some();
         match std::thread::Builder::new()
             .name("keylog".into())
-            .spawn(move || follower.run(batcher, &running))
+            .spawn(move || follower.run(batcher, &running, whole_files))
         {
             Ok(handle) => threads.push(handle),
             Err(e) => {

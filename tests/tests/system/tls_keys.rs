@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use testbed::capstream::{start_sensor, Receiver, Scratch};
+use testbed::capstream::{start_sensor, start_tcpdump, stop_reference, Receiver, Scratch};
 use testbed::prometheus::{scrape, sum};
 use testbed::{require_root, run, Lab, Proc};
 
@@ -576,5 +576,43 @@ fn keys_survive_a_receiver_restart_and_are_written_once() {
     assert_eq!(
         sensor["tls_key_log"]["delivered"], lines as u64,
         "{sensor:#}"
+    );
+}
+
+#[test]
+fn a_replayed_capture_and_its_key_log_make_a_file_that_decrypts_alone() {
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    let dir = Scratch::new("tls-keys-read").unwrap();
+    let server = TlsServer::start(&lab, &dir, "-tls1_2");
+    let (keylog, capture) = (dir.join("keys.log"), dir.join("tls.pcap"));
+    let port_filter = format!("tcp port {PORT}");
+    let tcpdump = start_tcpdump(&lab.cap, "cap0", &port_filter, &[], &capture).unwrap();
+    for n in 0..3 {
+        server.request(&lab, &keylog, n);
+    }
+    let recorded = stop_reference(tcpdump, &capture);
+    assert!(!recorded.is_empty());
+    let (mut receiver, out) = Receiver::writing(None, &dir, "out.pcapng", &[]).unwrap();
+    // Lines already in the key log are read too: the replay holds their handshakes.
+    let mut sensor = start_sensor(
+        None,
+        &receiver,
+        &[
+            "--read",
+            capture.to_str().unwrap(),
+            "--keylog",
+            keylog.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    assert!(sensor.wait(Duration::from_secs(30)).unwrap().success());
+    receiver.stop().unwrap();
+    let expected: BTreeSet<String> = (0..3).map(|n| format!("/secret-path-{n}")).collect();
+    assert_eq!(
+        request_paths(&out, &[]),
+        expected,
+        "{}",
+        receiver.proc.stderr()
     );
 }
