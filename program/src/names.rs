@@ -43,6 +43,7 @@ mod tests {
             os: String::new(),
             interfaces: Vec::new(),
             token: None,
+            tls_key_log: false,
         };
         assert_eq!(sensor_name(&hello, None), "idforged");
         assert_eq!(sensor_name(&hello, Some("cert\u{9}name")), "certname");

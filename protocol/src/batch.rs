@@ -1,7 +1,10 @@
 //! Packet records inside a batch body, and the Snappy compression around them.
 //!
 //! A record is `timestamp_ns: u64`, `original_length: u32`, `captured_length: u32`,
-//! `direction: u8`, then `captured_length` bytes of frame.
+//! `kind: u8`, then `captured_length` bytes. `kind` 0, 1 and 2 is a captured frame and the
+//! [`Direction`] it crossed the interface; 3 is one line of an NSS TLS key log
+//! ([`RecordKind::TlsKeyLog`], without its newline), which the receiver writes ahead of the
+//! packets it decrypts. A batch holds records of one kind only.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -10,6 +13,28 @@ use crate::message::{Batch, BatchEncoding, MessageType};
 use crate::{MAX_BATCH_BODY, MAX_SNAPLEN};
 
 const RECORD_HEADER_LEN: usize = 8 + 4 + 4 + 1;
+
+/// The `kind` byte of a TLS key log record (those of frames are their [`Direction`]).
+const TLS_KEY_LOG_KIND: u8 = 3;
+
+/// What a record holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RecordKind {
+    /// A captured frame.
+    Frame,
+    /// One line of an NSS key log (`LABEL <client_random hex> <secret hex>`), as the sensor
+    /// read it from a `--keylog` file.
+    TlsKeyLog,
+}
+
+impl RecordKind {
+    fn of_byte(v: u8) -> Result<Self, DecodeError> {
+        if v == TLS_KEY_LOG_KIND {
+            return Ok(Self::TlsKeyLog);
+        }
+        Direction::from_u8(v).map(|_| Self::Frame)
+    }
+}
 
 /// Which way a packet crossed the capture interface, where the backend can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,9 +62,12 @@ impl Direction {
     }
 }
 
-/// One captured packet. `data` shares the batch's buffer: no copy per packet.
+/// One record: a captured packet, or a key log line. `data` shares the batch's buffer: no
+/// copy per packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Packet {
+    /// A frame, or a key log line (whose direction is [`Direction::Unknown`]).
+    pub kind: RecordKind,
     /// Nanoseconds since the Unix epoch.
     pub timestamp_ns: u64,
     /// Its length on the wire; `data` may be shorter (cut at the snap length).
@@ -65,8 +93,10 @@ pub enum PushOutcome {
 pub struct EncodedBatch {
     /// The whole frame: header, batch fields and body.
     pub frame: Bytes,
-    /// Packets in it.
+    /// Packets (frames) in it.
     pub packets: u32,
+    /// Key log lines in it (a batch holds packets or lines, not both).
+    pub tls_key_log_lines: u32,
     /// Size of the record stream before compression.
     pub raw_len: usize,
 }
@@ -76,6 +106,8 @@ pub struct EncodedBatch {
 pub struct BatchBuilder {
     records: Vec<u8>,
     count: u32,
+    /// The kind of the records pushed since the last batch.
+    kind: RecordKind,
     target_len: usize,
     compressed: Vec<u8>,
     encoder: snap::raw::Encoder,
@@ -97,6 +129,7 @@ impl BatchBuilder {
         Self {
             records: Vec::with_capacity(target_len + RECORD_HEADER_LEN + MAX_SNAPLEN as usize),
             count: 0,
+            kind: RecordKind::Frame,
             target_len,
             compressed: Vec::new(),
             encoder: snap::raw::Encoder::new(),
@@ -113,14 +146,47 @@ impl BatchBuilder {
         direction: Direction,
         data: &[u8],
     ) -> PushOutcome {
+        self.push_record(
+            RecordKind::Frame,
+            timestamp_ns,
+            original_len,
+            direction as u8,
+            data,
+        )
+    }
+
+    /// Adds one TLS key log line (without its newline; cut at [`MAX_SNAPLEN`]), read at
+    /// `timestamp_ns`. A batch holds packets or lines: after packets, it says
+    /// [`PushOutcome::Full`], so that the caller sends them first.
+    pub fn push_tls_key_log(&mut self, timestamp_ns: u64, line: &[u8]) -> PushOutcome {
+        self.push_record(
+            RecordKind::TlsKeyLog,
+            timestamp_ns,
+            0,
+            TLS_KEY_LOG_KIND,
+            line,
+        )
+    }
+
+    fn push_record(
+        &mut self,
+        kind: RecordKind,
+        timestamp_ns: u64,
+        original_len: u32,
+        kind_byte: u8,
+        data: &[u8],
+    ) -> PushOutcome {
         let data = &data[..data.len().min(MAX_SNAPLEN as usize)];
-        if self.records.len() + RECORD_HEADER_LEN + data.len() > MAX_BATCH_BODY {
+        if self.records.len() + RECORD_HEADER_LEN + data.len() > MAX_BATCH_BODY
+            || (self.count > 0 && kind != self.kind)
+        {
             return PushOutcome::Full;
         }
+        self.kind = kind;
         self.records.put_u64(timestamp_ns);
         self.records.put_u32(original_len.max(data.len() as u32));
         self.records.put_u32(data.len() as u32);
-        self.records.put_u8(direction as u8);
+        self.records.put_u8(kind_byte);
         self.records.put_slice(data);
         self.count += 1;
         PushOutcome::Added
@@ -138,7 +204,7 @@ impl BatchBuilder {
         self.count == 0
     }
 
-    /// Packets pushed since the last batch.
+    /// Records (packets or key log lines) pushed since the last batch.
     pub fn len(&self) -> u32 {
         self.count
     }
@@ -186,11 +252,15 @@ impl BatchBuilder {
         frame.put_u32(self.count);
         frame.put_u8(encoding as u8);
         frame.put_slice(body);
-        let packets = self.count;
+        let (packets, tls_key_log_lines) = match self.kind {
+            RecordKind::Frame => (self.count, 0),
+            RecordKind::TlsKeyLog => (0, self.count),
+        };
         self.clear();
         EncodedBatch {
             frame: frame.freeze(),
             packets,
+            tls_key_log_lines,
             raw_len,
         }
     }
@@ -217,6 +287,7 @@ impl Batch {
         Ok(PacketIter {
             records,
             remaining: self.packet_count,
+            kind: summary.kind,
             newest: summary.newest,
             data_len: summary.data_len,
         })
@@ -243,6 +314,8 @@ fn decompress(body: &[u8]) -> Result<Bytes, DecodeError> {
 
 /// What validating a record stream learns on the way.
 struct RecordsSummary {
+    /// Of every record ([`RecordKind::Frame`] for none).
+    kind: RecordKind,
     newest: Option<u64>,
     data_len: usize,
 }
@@ -250,6 +323,7 @@ struct RecordsSummary {
 fn validate_records(mut records: &[u8], expected: u32) -> Result<RecordsSummary, DecodeError> {
     let mut count: u32 = 0;
     let mut summary = RecordsSummary {
+        kind: RecordKind::Frame,
         newest: None,
         data_len: 0,
     };
@@ -262,7 +336,15 @@ fn validate_records(mut records: &[u8], expected: u32) -> Result<RecordsSummary,
         }
         let original_len = u32::from_be_bytes(records[8..12].try_into().expect("4 bytes"));
         let captured_len = u32::from_be_bytes(records[12..16].try_into().expect("4 bytes"));
-        Direction::from_u8(records[16])?;
+        let kind = RecordKind::of_byte(records[16])?;
+        if count == 0 {
+            summary.kind = kind;
+        } else if kind != summary.kind {
+            return Err(DecodeError::BadValue {
+                field: "record kind (a batch holds packets or key log lines, not both)",
+                value: records[16].into(),
+            });
+        }
         if captured_len > MAX_SNAPLEN {
             return Err(DecodeError::TooLong {
                 field: "captured length",
@@ -274,6 +356,12 @@ fn validate_records(mut records: &[u8], expected: u32) -> Result<RecordsSummary,
             return Err(DecodeError::BadValue {
                 field: "captured length above original length",
                 value: captured_len.into(),
+            });
+        }
+        if kind == RecordKind::TlsKeyLog && captured_len != original_len {
+            return Err(DecodeError::BadValue {
+                field: "key log line length",
+                value: original_len.into(),
             });
         }
         let total = RECORD_HEADER_LEN + captured_len as usize;
@@ -305,6 +393,7 @@ fn validate_records(mut records: &[u8], expected: u32) -> Result<RecordsSummary,
 pub struct PacketIter {
     records: Bytes,
     remaining: u32,
+    kind: RecordKind,
     newest: Option<u64>,
     data_len: usize,
 }
@@ -314,6 +403,11 @@ impl PacketIter {
     /// `next`.
     pub fn records_len(&self) -> usize {
         self.records.len()
+    }
+
+    /// What every record of the batch holds.
+    pub fn kind(&self) -> RecordKind {
+        self.kind
     }
 
     /// The highest timestamp in the batch (`None` if it holds no packet).
@@ -342,6 +436,7 @@ impl Iterator for PacketIter {
         let direction = Direction::from_u8(r.get_u8()).unwrap_or(Direction::Unknown);
         let data = r.split_to(captured_len);
         Some(Packet {
+            kind: self.kind,
             timestamp_ns,
             original_len,
             direction,

@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::{
     decode_frame, Batch, BatchBuilder, BatchEncoding, DecodeError, Message, PushOutcome,
-    MAX_SNAPLEN,
+    RecordKind, MAX_SNAPLEN,
 };
 
 /// Why a stream was refused.
@@ -145,7 +145,12 @@ pub fn check_batch(batch: &Batch) -> Result<(), DecodeError> {
     let frame = BUILDER.with_borrow_mut(|builder| {
         builder.clear();
         for p in &packets {
-            let added = builder.push(p.timestamp_ns, p.original_len, p.direction, &p.data);
+            let added = match p.kind {
+                RecordKind::Frame => {
+                    builder.push(p.timestamp_ns, p.original_len, p.direction, &p.data)
+                }
+                RecordKind::TlsKeyLog => builder.push_tls_key_log(p.timestamp_ns, &p.data),
+            };
             assert_eq!(added, PushOutcome::Added, "an accepted batch must fit");
         }
         builder.finish(batch.session_id, batch.sequence, batch.interface_id)

@@ -20,10 +20,14 @@ mod batch;
 mod codec;
 #[doc(hidden)]
 pub mod decode_check;
+mod key_log;
 mod message;
 
-pub use batch::{BatchBuilder, Direction, EncodedBatch, Packet, PacketIter, PushOutcome};
+pub use batch::{
+    BatchBuilder, Direction, EncodedBatch, Packet, PacketIter, PushOutcome, RecordKind,
+};
 pub use codec::DecodeError;
+pub use key_log::{KeyLogLine, MAX_KEY_LOG_LINE};
 pub use message::{
     decode_frame, decode_frame_header, Ack, AuthToken, Batch, BatchEncoding, DropReason, ErrorCode,
     ErrorMsg, Goodbye, Hello, InterfaceInfo, InterfaceStats, Message, MessageType, Stats,
@@ -31,7 +35,7 @@ pub use message::{
 };
 
 /// The protocol version this build speaks. A peer with another version is refused.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Four bytes at the start of every Hello, so that a peer speaking another protocol is
 /// recognised at once rather than misread.

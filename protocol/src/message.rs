@@ -93,6 +93,11 @@ pub struct Hello {
     pub interfaces: Vec<InterfaceInfo>,
     /// The shared secret of `--token-file`, for a receiver that requires one.
     pub token: Option<AuthToken>,
+    /// Whether the sensor follows TLS key logs (`--keylog`) and sends their lines in
+    /// batches of [`crate::RecordKind::TlsKeyLog`] records: the receiver then holds this
+    /// sensor's packets for its reorder window, so that a key, logged once the handshake
+    /// is under way, is written before the packets it decrypts.
+    pub tls_key_log: bool,
 }
 
 /// A shared secret that authenticates a sensor: 1 to [`MAX_TOKEN_LEN`] bytes. Its `Debug`
@@ -410,6 +415,7 @@ impl Hello {
         let token = self.token.as_ref().map_or(&[][..], AuthToken::as_bytes);
         out.put_u16(token.len() as u16);
         out.put_slice(token);
+        out.put_u8(u8::from(self.tls_key_log));
     }
 
     fn decode_body(buf: &mut Bytes) -> Result<Self, DecodeError> {
@@ -452,6 +458,16 @@ impl Hello {
             });
         }
         let token = AuthToken::new(get_bytes(buf, MAX_TOKEN_LEN, "token")?);
+        let tls_key_log = match get_u8(buf, "tls key log flag")? {
+            0 => false,
+            1 => true,
+            other => {
+                return Err(DecodeError::BadValue {
+                    field: "tls key log flag",
+                    value: other.into(),
+                })
+            }
+        };
         Ok(Self {
             version,
             session_id,
@@ -461,6 +477,7 @@ impl Hello {
             os,
             interfaces,
             token,
+            tls_key_log,
         })
     }
 }

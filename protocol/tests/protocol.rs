@@ -19,6 +19,7 @@ fn hello() -> Hello {
             filter: "port 53".into(),
         }],
         token: None,
+        tls_key_log: true,
     }
 }
 
@@ -375,4 +376,42 @@ proptest! {
         prop_assert!(h.hostname.starts_with(&back.hostname));
         prop_assert_eq!(&back.interfaces, &h.interfaces);
     }
+}
+
+#[test]
+fn key_log_lines_travel_in_batches_of_their_own() {
+    let mut builder = BatchBuilder::new(1 << 16);
+    let line = b"CLIENT_RANDOM 00112233 aabbcc";
+    assert_eq!(builder.push_tls_key_log(5, line), PushOutcome::Added);
+    // Packets do not join a batch of key log lines: the caller sends it first.
+    assert_eq!(
+        builder.push(6, 60, Direction::Inbound, &[1u8; 60]),
+        PushOutcome::Full
+    );
+    let encoded = builder.finish(1, 2, 0);
+    assert_eq!((encoded.packets, encoded.tls_key_log_lines), (0, 1));
+    let Ok(Some(Message::Batch(batch))) = decode_one(&encoded.frame) else {
+        panic!("a batch");
+    };
+    let records = batch.packets().unwrap();
+    assert_eq!(records.kind(), RecordKind::TlsKeyLog);
+    let back: Vec<Packet> = records.collect();
+    assert_eq!(back[0].kind, RecordKind::TlsKeyLog);
+    assert_eq!(&back[0].data[..], line);
+
+    // A batch mixing the two kinds is refused.
+    let mut frame = BytesMut::from(&encoded.frame[..]);
+    let mut mixed = BatchBuilder::new(1 << 16);
+    let _ = mixed.push(6, 3, Direction::Inbound, &[1, 2, 3]);
+    let packet = mixed.finish(1, 2, 0);
+    let records_at = Batch::HEADER_LEN;
+    frame.extend_from_slice(&packet.frame[records_at..]);
+    let body_len = (frame.len() - FRAME_HEADER_LEN) as u32;
+    frame[1..5].copy_from_slice(&body_len.to_be_bytes());
+    let count_at = Batch::HEADER_LEN - 5;
+    frame[count_at..count_at + 4].copy_from_slice(&2u32.to_be_bytes());
+    let Ok(Some(Message::Batch(batch))) = decode_one(&frame) else {
+        panic!("a batch");
+    };
+    assert!(batch.packets().is_err());
 }

@@ -336,6 +336,7 @@ mod tests {
             os: "o".into(),
             interfaces: Vec::new(),
             token: t,
+            tls_key_log: false,
         };
         let open = Auth::default();
         assert!(open.check_token(&hello(None)).is_ok());

@@ -313,6 +313,16 @@ pub struct Cli {
     /// stream's figures and the upload report. Also written when the run fails.
     #[arg(long, value_name = "FILE")]
     pub summary_json: Option<PathBuf>,
+
+    /// Write no TLS keys. Sensors run with --keylog send the lines of their TLS key logs,
+    /// and a pcapng output writes them in Decryption Secrets Blocks, each ahead of the
+    /// handshake it opens (and again at the start of a rotated file whose handshakes need
+    /// it), so that Wireshark and tshark read the file decrypted, no key file needed (to
+    /// strip them from a file later: `editcap --discard-all-secrets`). For sites whose
+    /// policy forbids keeping keys: the lines are still acknowledged and counted, never
+    /// written. Classic pcap cannot hold keys at all (said once, when such a sensor joins).
+    #[arg(long)]
+    pub drop_secrets: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

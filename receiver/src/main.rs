@@ -288,9 +288,8 @@ async fn run(cli: Cli) -> Result<()> {
     program::status::enable(!cli.no_status);
     let summaries = server::run(
         endpoint,
-        sink,
-        cli.reorder_window,
-        to_file,
+        // Output errors are waited out for a file (a full disk), final for a pipe.
+        writer::Writer::new(sink, cli.reorder_window, to_file).with_secrets(secrets_policy(&cli)),
         auth,
         quota::Quotas {
             rate: cli.sensor_rate,
@@ -313,6 +312,9 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(live) = &live_summary {
         eprintln!("receiver: {}", live.line());
     }
+    if let Some(keys) = receiver::sink::secrets::COUNTERS.line() {
+        eprintln!("receiver: {keys}");
+    }
     // Files completed before a failure are still uploaded, or named as not uploaded.
     let upload_report = match uploader {
         Some(uploader) => Some(uploader.finish(cli.upload_timeout, shutdown_signal()).await),
@@ -323,11 +325,12 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let summary_written = match (summary_file, &cli.summary_json) {
         (Some(file), Some(path)) => {
-            let json = stats::summary_json(
+            let mut json = stats::summary_json(
                 summaries.as_deref().ok(),
                 live_summary.as_ref(),
                 upload_report.as_ref(),
             );
+            json["tls_keys"] = receiver::sink::secrets::COUNTERS.json();
             file.commit(format!("{json:#}\n").as_bytes())
                 .with_context(|| format!("cannot write the summary to {}", path.display()))
         }
@@ -336,6 +339,15 @@ async fn run(cli: Cli) -> Result<()> {
     summaries?;
     upload_report.map_or(Ok(()), |report| report.result())?;
     summary_written
+}
+
+/// What becomes of the TLS keys sensors send: only a pcapng file or stdout holds them.
+fn secrets_policy(cli: &Cli) -> writer::Secrets {
+    match (cli.drop_secrets, cli.out_path(), cli.format()) {
+        (true, _, _) => writer::Secrets::Drop,
+        (false, Some(_), receiver::sink::Format::Pcapng) => writer::Secrets::Write,
+        _ => writer::Secrets::CannotHold,
+    }
 }
 
 /// The outputs asked for, as the one sink the writer feeds: the live stream first, so that

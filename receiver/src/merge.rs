@@ -14,6 +14,11 @@
 //! and only its next packet is in the heap: a packet costs a heap step among sources, not
 //! among every packet held, and per-batch bookkeeping happens once per batch.
 //!
+//! TLS key log lines (batches of [`RecordKind::TlsKeyLog`] records) are not merged: they
+//! go out before any packet held, as soon as they arrive, since they must precede in the
+//! file the handshakes they open, which were captured before they were logged. For that,
+//! the packets of a sensor that sends them wait the whole reorder window.
+//!
 //! No I/O of its own: it writes to the [`Sink`] it is given and reports acknowledgements as
 //! values, so tests drive it with plain calls.
 
@@ -23,8 +28,11 @@ use std::io;
 use std::iter::Peekable;
 use std::time::{Duration, Instant};
 
-use protocol::PacketIter;
+use std::sync::atomic::Ordering::Relaxed;
 
+use protocol::{PacketIter, RecordKind};
+
+use crate::sink::secrets::COUNTERS as SECRETS;
 use crate::sink::{Frontier, OutPacket, Sink};
 
 pub type SessionId = u64;
@@ -59,6 +67,17 @@ struct HeldBatch {
     packets: Peekable<PacketIter>,
 }
 
+/// A batch of key log lines, to go out before the packets held.
+struct KeyLogBatch {
+    session: SessionId,
+    sequence: u64,
+    /// The output interface of the sensor interface it came on.
+    interface: u32,
+    /// Each ending in a newline.
+    lines: Vec<u8>,
+    count: u64,
+}
+
 /// One interface of one sensor.
 struct Source {
     session: SessionId,
@@ -75,6 +94,9 @@ struct Source {
     /// When it joined or last sent a batch: silent for the reorder window, it no longer
     /// holds the others back.
     heard: Instant,
+    /// Its sensor sends TLS key log lines: its packets wait the whole reorder window, for
+    /// the keys logged after their handshakes to overtake them.
+    waits_for_keys: bool,
 }
 
 impl Source {
@@ -150,6 +172,10 @@ pub struct Merge {
     latest_key: u64,
     /// Output interfaces of sessions removed, until taken.
     closed_interfaces: Vec<u32>,
+    /// Key log lines to write before anything else.
+    key_logs: VecDeque<KeyLogBatch>,
+    /// `--drop-secrets`: key log lines are acknowledged but not written.
+    drop_secrets: bool,
     sessions: HashMap<SessionId, SensorInMerge>,
 }
 
@@ -166,7 +192,29 @@ impl Merge {
             last_written_key: 0,
             latest_key: latest_key(),
             closed_interfaces: Vec::new(),
+            key_logs: VecDeque::new(),
+            drop_secrets: false,
             sessions: HashMap::new(),
+        }
+    }
+
+    /// `--drop-secrets`: key log lines are taken (and acknowledged) but never written.
+    pub fn drop_secrets(&mut self) {
+        self.drop_secrets = true;
+    }
+
+    /// The session's sensor sends TLS key log lines: its packets wait the reorder window
+    /// (unless the lines are dropped anyway).
+    pub fn wait_for_keys(&mut self, session: SessionId) {
+        if self.drop_secrets {
+            return;
+        }
+        if let Some(s) = self.sessions.get(&session) {
+            for &index in &s.sources {
+                if let Some(source) = self.sources[index].as_mut() {
+                    source.waits_for_keys = true;
+                }
+            }
         }
     }
 
@@ -195,6 +243,7 @@ impl Merge {
                     written: Written::default(),
                     resumed_partial,
                     heard: Instant::now(),
+                    waits_for_keys: false,
                 };
                 match self.free_sources.pop() {
                     Some(index) => {
@@ -254,6 +303,24 @@ impl Merge {
             source.written.resumed = source.written.resumed.saturating_add(packets.len() as u64);
             return;
         }
+        if packets.kind() == RecordKind::TlsKeyLog {
+            s.held_batches += 1;
+            let count = packets.len() as u64;
+            let mut lines = Vec::with_capacity(packets.records_len());
+            for line in packets {
+                lines.extend_from_slice(&line.data);
+                lines.push(b'\n');
+            }
+            self.held_bytes = self.held_bytes.saturating_add(lines.len());
+            self.key_logs.push_back(KeyLogBatch {
+                session,
+                sequence,
+                interface: source.interface,
+                lines,
+                count,
+            });
+            return;
+        }
         let mut packets = packets;
         let mut written = 0;
         if let Some((partial, records)) = source.resumed_partial {
@@ -296,14 +363,16 @@ impl Merge {
 
     /// Writes every held packet that may go out now.
     pub fn release(&mut self, now: Instant, sink: &mut dyn Sink) -> io::Result<()> {
+        self.write_key_logs(sink)?;
         self.latest_key = latest_key();
         let watermark = self.watermark(now);
         while let Some(&Reverse(head)) = self.heads.peek() {
-            let due = watermark.is_some_and(|w| head.key <= w)
-                || self.sources[head.source]
-                    .as_ref()
-                    .and_then(|s| s.batches.front())
-                    .is_none_or(|b| now.saturating_duration_since(b.arrived) >= self.window);
+            let source = self.sources[head.source].as_ref();
+            let waited = source
+                .and_then(|s| s.batches.front())
+                .is_none_or(|b| now.saturating_duration_since(b.arrived) >= self.window);
+            let waits_for_keys = source.is_some_and(|s| s.waits_for_keys);
+            let due = waited || (!waits_for_keys && watermark.is_some_and(|w| head.key <= w));
             if !due && self.held_bytes <= self.max_held_bytes {
                 break;
             }
@@ -395,8 +464,27 @@ impl Merge {
         std::mem::take(&mut self.closed_interfaces)
     }
 
+    /// Writes the key log lines that came, each batch as one block; a batch leaves the
+    /// queue only once written, so that a failing output writes it again.
+    fn write_key_logs(&mut self, sink: &mut dyn Sink) -> io::Result<()> {
+        while let Some(batch) = self.key_logs.front() {
+            if self.drop_secrets || !sink.write_secrets(batch.interface, &batch.lines)? {
+                SECRETS.not_written.fetch_add(batch.count, Relaxed);
+            }
+            let (session, sequence) = (batch.session, batch.sequence);
+            self.held_bytes = self.held_bytes.saturating_sub(batch.lines.len());
+            self.key_logs.pop_front();
+            if let Some(s) = self.sessions.get_mut(&session) {
+                s.held_batches -= 1;
+                s.mark_done(sequence);
+            }
+        }
+        Ok(())
+    }
+
     /// Writes everything held: at shutdown.
     pub fn drain_all(&mut self, sink: &mut dyn Sink) -> io::Result<()> {
+        self.write_key_logs(sink)?;
         while let Some(&Reverse(head)) = self.heads.peek() {
             self.write_next(head, sink, false)?;
         }
@@ -582,6 +670,11 @@ mod tests {
         for &t in times {
             let _ = b.push(t, 60, Direction::Unknown, &[0u8; 60]);
         }
+        decoded(&mut b)
+    }
+
+    /// The records of the builder's batch, as the receiver decodes them.
+    fn decoded(b: &mut BatchBuilder) -> PacketIter {
         let frame = b.finish(1, 1, 0).frame;
         let mut buf = bytes::BytesMut::from(&frame[..]);
         match protocol::decode_frame(&mut buf) {
@@ -591,6 +684,80 @@ mod tests {
     }
 
     const WINDOW: Duration = Duration::from_secs(1);
+
+    /// Records key log blocks as (u32::MAX, lines) beside the packets.
+    #[derive(Default)]
+    struct KeyRecorder(Recorder);
+
+    impl Sink for KeyRecorder {
+        fn check(&self, i: &[SinkInterface]) -> Result<(), crate::sink::Refusal> {
+            self.0.check(i)
+        }
+        fn add_interface(&mut self, i: &SinkInterface) -> io::Result<u32> {
+            self.0.add_interface(i)
+        }
+        fn write_packet(&mut self, p: &OutPacket) -> io::Result<()> {
+            self.0.write_packet(p)
+        }
+        fn write_secrets(&mut self, _: u32, lines: &[u8]) -> io::Result<bool> {
+            let count = lines.iter().filter(|&&b| b == b'\n').count();
+            self.0 .0.push((u32::MAX, count as u64));
+            Ok(true)
+        }
+        fn write_stats(&mut self, i: u32, s: &InterfaceStats) -> io::Result<()> {
+            self.0.write_stats(i, s)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn key_lines(n: usize) -> PacketIter {
+        let mut b = BatchBuilder::new(1 << 20);
+        for i in 0..n {
+            let _ = b.push_tls_key_log(1, format!("CLIENT_RANDOM {i:064x} 00").as_bytes());
+        }
+        decoded(&mut b)
+    }
+
+    #[test]
+    fn key_lines_overtake_the_packets_of_a_sensor_that_waits_for_them() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, usize::MAX);
+        let mut out = KeyRecorder::default();
+        m.add_session(1, vec![0], None);
+        m.wait_for_keys(1);
+        // The handshake, then its keys, logged after it.
+        m.add_batch(1, 1, 0, packets(&[10, 20]), t0);
+        m.release(t0, &mut out).unwrap();
+        assert!(out.0 .0.is_empty(), "its own watermark does not release it");
+        m.add_batch(1, 2, 0, key_lines(3), t0 + WINDOW / 2);
+        m.release(t0 + WINDOW / 2, &mut out).unwrap();
+        assert_eq!(out.0 .0, [(u32::MAX, 3)]);
+        assert_eq!(m.take_acks(), []);
+        m.release(t0 + WINDOW, &mut out).unwrap();
+        assert_eq!(out.0 .0, [(u32::MAX, 3), (0, 10), (0, 20)]);
+        assert_eq!(m.take_acks(), [(1, 2)]);
+        assert!(m.is_written(1));
+    }
+
+    #[test]
+    fn dropped_key_lines_are_acknowledged_and_hold_nothing() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(WINDOW, usize::MAX);
+        m.drop_secrets();
+        let mut out = KeyRecorder::default();
+        m.add_session(1, vec![0], None);
+        m.wait_for_keys(1);
+        m.add_batch(1, 1, 0, key_lines(2), t0);
+        m.add_batch(1, 2, 0, packets(&[10]), t0);
+        m.release(t0, &mut out).unwrap();
+        assert_eq!(out.0 .0, [(0, 10)]);
+        assert_eq!(m.take_acks(), [(1, 2)]);
+    }
 
     #[test]
     fn two_sources_come_out_in_time_order() {

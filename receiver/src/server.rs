@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use quinn::{Endpoint, VarInt};
@@ -14,7 +13,6 @@ use tokio::task::JoinSet;
 use crate::auth::{Auth, LOG_WINDOW};
 use crate::connection::connection;
 use crate::quota::Quotas;
-use crate::sink::Sink;
 use crate::stats::SensorSummary;
 use crate::writer::{ConnId, Event, Writer};
 
@@ -33,23 +31,19 @@ const RETRY_ABOVE: usize = 16;
 /// sensors through QUIC flow control.
 const EVENT_QUEUE: usize = 64;
 
-/// Serves sensors into `sink` until `stop` completes (or the output fails), then tells the
-/// connected sensors, writes out everything held and completes the output.
-/// `retry_output`: wait out output errors (a file on a full disk) rather than stop. `auth`:
+/// Serves sensors into `writer`'s output until `stop` completes (or the output fails), then
+/// tells the connected sensors, writes out everything held and completes the output. `auth`:
 /// what sensors must prove before anything of theirs is accepted; `quotas`: what each may
 /// take.
 pub async fn run(
     endpoint: Endpoint,
-    sink: Box<dyn Sink>,
-    reorder_window: Duration,
-    retry_output: bool,
+    writer: Writer,
     auth: Auth,
     quotas: Quotas,
     stop: impl Future<Output = ()>,
 ) -> Result<Vec<SensorSummary>> {
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let writer = Writer::new(sink, reorder_window, retry_output);
     let mut writer = tokio::spawn(writer.run(events_rx, shutdown_rx.clone()));
     let server = tokio::spawn(serve(
         endpoint,

@@ -166,6 +166,9 @@ impl Telemetry {
         }
         self.connected.set(connected);
         self.sessions.set(sessions);
+        for (name, value) in receiver::sink::secrets::COUNTERS.figures() {
+            counter!(format!("capstream_receiver_tls_keys_{name}_total")).absolute(value);
+        }
         let (then, packets_then) = self.last;
         let rate = status::per_second(packets_then, packets, (now - then).as_secs_f64());
         self.last = (now, packets);
@@ -221,6 +224,22 @@ fn describe() {
         (
             "capstream_receiver_sensor_drops_total",
             "Frames the sensor says it lost, by reason.",
+        ),
+        (
+            "capstream_receiver_tls_keys_written_total",
+            "TLS key log lines written in Decryption Secrets Blocks (once each).",
+        ),
+        (
+            "capstream_receiver_tls_keys_carried_total",
+            "TLS key log lines written again at the start of a rotated file.",
+        ),
+        (
+            "capstream_receiver_tls_keys_without_packets_total",
+            "TLS key log lines no ClientHello written after them named.",
+        ),
+        (
+            "capstream_receiver_tls_keys_not_written_total",
+            "TLS key log lines not written: --drop-secrets, or an output that cannot hold them.",
         ),
     ] {
         describe_counter!(name, help);

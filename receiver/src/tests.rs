@@ -74,9 +74,7 @@ fn spawn_server(
     let (stop, stopped) = oneshot::channel::<()>();
     let done = tokio::spawn(server::run(
         endpoint,
-        sink,
-        window,
-        false,
+        crate::writer::Writer::new(sink, window, false),
         auth,
         quotas,
         async {
@@ -166,6 +164,7 @@ pub(crate) fn hello(session_id: u64, host: &str) -> Hello {
             filter: "port 53".into(),
         }],
         token: None,
+        tls_key_log: false,
     }
 }
 

@@ -176,6 +176,20 @@ pub struct Writer {
     /// The test-only fault point: abort after this many flushes that wrote something.
     abort_after_flush: Option<u64>,
     flushes: u64,
+    secrets: Secrets,
+    /// That the output cannot hold keys was said.
+    said_cannot_hold: bool,
+}
+
+/// What becomes of the TLS key log lines sensors send (`--keylog`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    /// Written (pcapng) ahead of the packets they decrypt, which wait the reorder window.
+    Write,
+    /// `--drop-secrets`: acknowledged, counted, never written.
+    Drop,
+    /// The output cannot hold them (classic pcap, the live stream): counted, said once.
+    CannotHold,
 }
 
 /// The environment variable of the fault point, for tests only:
@@ -211,7 +225,18 @@ impl Writer {
             resumable,
             abort_after_flush: fault_point(),
             flushes: 0,
+            secrets: Secrets::Write,
+            said_cannot_hold: false,
         }
+    }
+
+    /// What to do with TLS key log lines (by default, write them).
+    pub fn with_secrets(mut self, secrets: Secrets) -> Self {
+        if secrets != Secrets::Write {
+            self.merge.drop_secrets();
+        }
+        self.secrets = secrets;
+        self
     }
 
     /// Runs until every connection has let go of its sender, then writes out everything
@@ -444,6 +469,22 @@ impl Writer {
         }
         self.merge
             .add_session(session, interfaces.clone(), resume.as_ref());
+        if hello.tls_key_log {
+            match self.secrets {
+                Secrets::Write => self.merge.wait_for_keys(session),
+                Secrets::Drop => {}
+                Secrets::CannotHold => {
+                    if !std::mem::replace(&mut self.said_cannot_hold, true) {
+                        tracing::warn!(
+                            "{} sends TLS keys (--keylog), but classic pcap cannot hold keys: \
+                             they are not written (write pcapng: --format pcapng or an --out \
+                             ending in .pcapng)",
+                            sensor_label(hello, identity.as_deref(), peer)
+                        );
+                    }
+                }
+            }
+        }
         let acked = resume.as_ref().map_or(0, |r| r.acked);
         let (acks_tx, acks) = watch::channel(acked);
         self.sensors.insert(

@@ -9,7 +9,7 @@
 //! nothing is lost.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocol::{BatchBuilder, Direction, EncodedBatch, PushOutcome};
@@ -34,6 +34,9 @@ pub struct SessionBatching {
     /// The next batch sequence number; starts at 1 and is shared by all interfaces.
     pub next_sequence: Arc<AtomicU64>,
     pub tx: mpsc::Sender<Outgoing>,
+    /// Held from taking a sequence number to handing the batch over, so that batches of
+    /// several threads (captures, the key log) enter the channel in sequence order.
+    pub handing_over: Arc<Mutex<()>>,
     pub batch_size: usize,
     pub flush_interval: Duration,
 }
@@ -51,6 +54,7 @@ impl SessionBatching {
             session_id,
             next_sequence: Arc::new(AtomicU64::new(first_sequence)),
             tx,
+            handing_over: Arc::default(),
             batch_size,
             flush_interval,
         }
@@ -108,17 +112,25 @@ impl Batcher {
         direction: Direction,
         data: &[u8],
     ) -> Result<(), Closed> {
+        self.push_record(|b| b.push(timestamp_ns, original_len, direction, data))
+    }
+
+    /// Adds one TLS key log line (the batcher of `--keylog`, whose batches hold only
+    /// those), counted as matched.
+    #[cfg(unix)]
+    pub fn push_tls_key_log(&mut self, timestamp_ns: u64, line: &[u8]) -> Result<(), Closed> {
+        self.push_record(|b| b.push_tls_key_log(timestamp_ns, line))
+    }
+
+    fn push_record(
+        &mut self,
+        mut push: impl FnMut(&mut BatchBuilder) -> PushOutcome,
+    ) -> Result<(), Closed> {
         self.counters.matched.fetch_add(1, Relaxed);
-        if self
-            .builder
-            .push(timestamp_ns, original_len, direction, data)
-            == PushOutcome::Full
-        {
+        if push(&mut self.builder) == PushOutcome::Full {
             self.flush(self.backpressure)?;
-            // An empty builder always has room for one packet of at most MAX_SNAPLEN.
-            let _ = self
-                .builder
-                .push(timestamp_ns, original_len, direction, data);
+            // An empty builder always has room for one record of at most MAX_SNAPLEN.
+            let _ = push(&mut self.builder);
         }
         if self.started.is_none() {
             self.started = Some(Instant::now());
@@ -127,6 +139,13 @@ impl Batcher {
             self.flush(self.backpressure)?;
         }
         Ok(())
+    }
+
+    /// Sends the partial batch now: key log lines go out as soon as they are read, as the
+    /// receiver must have them before the packets they decrypt.
+    #[cfg(unix)]
+    pub fn send_now(&mut self) -> Result<(), Closed> {
+        self.flush(self.backpressure)
     }
 
     /// Sends a partial batch once it is older than the flush interval. Backends call it
@@ -148,16 +167,22 @@ impl Batcher {
             return Ok(());
         }
         self.started = None;
+        let session = &self.session;
+        // A poisoned lock guards nothing but order: go on.
+        let _order = session
+            .handing_over
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match backpressure {
             Backpressure::Wait => {
-                let out = encode(&mut self.builder, &self.session, self.interface_id);
-                self.session.tx.blocking_send(out).map_err(|_| Closed)
+                let out = encode(&mut self.builder, session, self.interface_id);
+                session.tx.blocking_send(out).map_err(|_| Closed)
             }
-            Backpressure::Drop => match self.session.tx.try_reserve() {
+            Backpressure::Drop => match session.tx.try_reserve() {
                 // Take the sequence number only once room is certain, so that dropped
                 // batches leave no gap in the sequence the receiver acknowledges.
                 Ok(permit) => {
-                    let out = encode(&mut self.builder, &self.session, self.interface_id);
+                    let out = encode(&mut self.builder, session, self.interface_id);
                     permit.send(out);
                     Ok(())
                 }

@@ -246,6 +246,22 @@ pub struct Cli {
     /// fails after capture started.
     #[arg(long, value_name = "FILE")]
     pub summary_json: Option<PathBuf>,
+
+    /// Follow this NSS TLS key log and send its new lines to the receiver, which writes
+    /// them into pcapng output as Decryption Secrets Blocks ahead of the packets they
+    /// decrypt: Wireshark and tshark then open the capture decrypted, with no key file.
+    /// It is the file programs write when SSLKEYLOGFILE is set (curl, Firefox, Chrome,
+    /// OpenSSL s_client, Go, rustls). A path or a glob (`--keylog '/run/keys/*.log'`, new
+    /// matching files are picked up); repeatable. Files are followed as they grow, and
+    /// through truncation, deletion and re-creation; lines already in a file when the
+    /// sensor starts are skipped (their handshakes were not captured), but with --read
+    /// (`sensor --read tls.pcap --keylog keys.log`) read whole. A pattern that
+    /// matches nothing yet is a warning: the file is read once it appears. Malformed lines
+    /// are counted and skipped. Lines travel with the packets (acknowledged, kept in
+    /// --buffer and --spool-dir, dropped and counted when those are full). Read as --user
+    /// once privileges are given up.
+    #[arg(long, value_name = "PATH|GLOB")]
+    pub keylog: Vec<String>,
 }
 
 /// `--receiver` split into host and port; the host is resolved later.

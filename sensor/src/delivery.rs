@@ -37,7 +37,7 @@ use crate::capture::Stopper;
 use crate::error::{Error, Result};
 use crate::outbox::Outbox;
 use crate::spool::SessionKeys;
-use crate::stats::{Counters, LinkStats};
+use crate::stats::{Counters, KeyLogCounters, LinkStats};
 use crate::transport::{Client, ConnectError, Link, LinkEvent};
 use machine::{Delivery, Fatal, Finish, Frame, NewSessionCause, RetryCause, Step, JOIN_TIMEOUT};
 
@@ -54,6 +54,8 @@ pub struct Input<'a> {
     pub batches: mpsc::Receiver<Outgoing>,
     pub outbox: Outbox,
     pub counters: &'a [Arc<Counters>],
+    /// `--keylog`'s lines: their batches count there, not as packets of interface 0.
+    pub key_log: &'a KeyLogCounters,
     pub link: &'a LinkStats,
     pub stoppers: &'a [Stopper],
     /// Notified on SIGINT/SIGTERM.
@@ -452,10 +454,17 @@ impl Driver<'_> {
 
     fn acknowledge(&mut self, sequence: u64) {
         let counters = self.input.counters;
+        let key_log = self.input.key_log;
         let mut released = 0;
         self.input.outbox.ack(sequence, |r| {
             released += 1;
-            if let Some(c) = counters.get(usize::from(r.interface_id)) {
+            if r.batch.tls_key_log_lines > 0 {
+                key_log.lines.acknowledged(
+                    r.batch.tls_key_log_lines,
+                    r.batch.raw_len,
+                    r.batch.frame.len(),
+                );
+            } else if let Some(c) = counters.get(usize::from(r.interface_id)) {
                 c.acknowledged(r.batch.packets, r.batch.raw_len, r.batch.frame.len());
             }
         });

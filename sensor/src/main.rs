@@ -16,6 +16,8 @@ mod capture;
 mod cli;
 mod delivery;
 mod error;
+#[cfg(unix)]
+mod keylog;
 mod outbox;
 mod privileges;
 #[cfg(all(
@@ -101,6 +103,8 @@ struct Prepared {
     spool: Option<spool::Spool>,
     /// Where `--summary-json` goes at exit.
     summary: Option<program::private_file::Pending>,
+    /// The `--keylog` patterns, checked.
+    keylog: Vec<String>,
 }
 
 /// Reads the TLS and token files, resolves the receiver and opens and attaches every
@@ -109,6 +113,7 @@ struct Prepared {
 /// sensor has one thread.
 fn prepare(cli: &Cli) -> Result<Prepared> {
     // Everything the user typed is checked before anything touches the network.
+    let keylog = key_log_patterns(&cli.keylog)?;
     let (trust, token) = receiver_credentials(cli)?;
     let client_cert = cli.cert.as_deref().zip(cli.key.as_deref());
     let tls = tls::client_config(&trust, client_cert)?;
@@ -201,7 +206,21 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
         session: spool.as_ref().map_or(fresh, spool::Spool::session),
         spool,
         summary,
+        keylog,
     })
+}
+
+#[cfg(unix)]
+fn key_log_patterns(patterns: &[String]) -> Result<Vec<String>> {
+    keylog::check_patterns(patterns)
+}
+
+#[cfg(not(unix))]
+fn key_log_patterns(patterns: &[String]) -> Result<Vec<String>> {
+    match patterns.first() {
+        Some(_) => Err(Error::input("--keylog is for Linux and other Unix systems")),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// How the receiver is trusted and what token the Hello carries: as given, or else those of
@@ -261,6 +280,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
         session,
         spool,
         summary,
+        keylog,
     } = prepared;
     let session_id = session.session_id;
     let counters: Vec<Arc<Counters>> = backends.iter().map(|_| Arc::default()).collect();
@@ -289,6 +309,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
         os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
         interfaces: backends.iter().map(|b| b.info().clone()).collect(),
         token,
+        tls_key_log: !keylog.is_empty(),
     };
 
     let first_sequence = spool.as_ref().map_or(1, spool::Spool::next_sequence);
@@ -335,7 +356,10 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
         cli.batch_size,
         cli.flush_interval,
     );
-    let mut threads = Vec::with_capacity(backends.len());
+    let mut threads = Vec::with_capacity(backends.len() + 1);
+    // Captures still running: the key log follower ends after the last.
+    let captures = Arc::new(std::sync::atomic::AtomicUsize::new(backends.len()));
+    let key_log = Arc::new(stats::KeyLogCounters::default());
     for (i, backend) in backends.into_iter().enumerate() {
         let id = u16::try_from(i).map_err(|_| Error::input("too many interfaces"))?;
         let batcher = Batcher::new(
@@ -344,15 +368,50 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
             Arc::clone(&counters[i]),
             backend.backpressure(),
         );
+        let running = Arc::clone(&captures);
         let spawned = std::thread::Builder::new()
             .name(format!("capture-{i}"))
-            .spawn(move || backend.run(batcher));
+            .spawn(move || {
+                let ended = backend.run(batcher);
+                running.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                ended
+            });
         match spawned {
             Ok(handle) => threads.push(handle),
             Err(e) => {
                 stoppers.iter().for_each(|s| s());
                 return Err(Error::runtime(format!(
                     "cannot start a capture thread: {e}"
+                )));
+            }
+        }
+    }
+    #[cfg(unix)]
+    if !keylog.is_empty() {
+        // Its batches are numbered with the packets', on interface 0: the receiver takes
+        // their lines out of the interface's order and writes them at once.
+        let batcher = Batcher::new(
+            session.clone(),
+            0,
+            Arc::clone(&key_log.lines),
+            // As the packets: a replay waits for room, a live capture drops and counts.
+            match cli.read {
+                Some(_) => batcher::Backpressure::Wait,
+                None => batcher::Backpressure::Drop,
+            },
+        );
+        let follower = keylog::Follower::new(keylog.clone(), Arc::clone(&key_log));
+        let running = Arc::clone(&captures);
+        let whole_files = cli.read.is_some();
+        match std::thread::Builder::new()
+            .name("keylog".into())
+            .spawn(move || follower.run(batcher, &running, whole_files))
+        {
+            Ok(handle) => threads.push(handle),
+            Err(e) => {
+                stoppers.iter().for_each(|s| s());
+                return Err(Error::runtime(format!(
+                    "cannot start the key log thread: {e}"
                 )));
             }
         }
@@ -366,8 +425,11 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     );
 
     let link = Arc::new(LinkStats::default());
-    let telemetry =
-        tokio::spawn(telemetry::Telemetry::new(&names, &counters, Arc::clone(&link)).run());
+    let mut telemetry = telemetry::Telemetry::new(&names, &counters, Arc::clone(&link));
+    if !keylog.is_empty() {
+        telemetry = telemetry.with_key_log(Arc::clone(&key_log));
+    }
+    let telemetry = tokio::spawn(telemetry.run());
     program::status::enable(!cli.no_status);
 
     let (outcome, result) = delivery::run(
@@ -378,6 +440,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
             batches: rx,
             outbox,
             counters: &counters,
+            key_log: &key_log,
             link: &link,
             stoppers: &stoppers,
             shutdown,
@@ -403,9 +466,21 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     program::status::clear();
     let session_id = session_ids.load(std::sync::atomic::Ordering::Relaxed);
     print_summary(session_id, &names, &counters, &link, &outcome);
+    if !keylog.is_empty() {
+        eprintln!("{}", key_log.summary_line());
+    }
     let summary_written = match (summary, &cli.summary_json) {
         (Some(file), Some(path)) => {
-            write_summary_json(file, path, session_id, &names, &counters, &link, &outcome)
+            let key_log = (!keylog.is_empty()).then_some(&*key_log);
+            let figures = Figures {
+                session_id,
+                names: &names,
+                counters: &counters,
+                key_log,
+                link: &link,
+                outcome: &outcome,
+            };
+            write_summary_json(file, path, &figures)
         }
         _ => Ok(()),
     };
@@ -435,16 +510,31 @@ fn print_summary(
     }
 }
 
+/// What the exit summary reports.
+struct Figures<'a> {
+    session_id: u64,
+    names: &'a [String],
+    counters: &'a [Arc<Counters>],
+    /// With `--keylog`.
+    key_log: Option<&'a stats::KeyLogCounters>,
+    link: &'a LinkStats,
+    outcome: &'a delivery::Outcome,
+}
+
 /// The figures of [`print_summary`] as JSON, written whole to `file`, `--summary-json path`.
 fn write_summary_json(
     file: program::private_file::Pending,
     path: &std::path::Path,
-    session_id: u64,
-    names: &[String],
-    counters: &[Arc<Counters>],
-    link: &LinkStats,
-    outcome: &delivery::Outcome,
+    figures: &Figures,
 ) -> Result<()> {
+    let Figures {
+        session_id,
+        names,
+        counters,
+        key_log,
+        link,
+        outcome,
+    } = *figures;
     let interfaces: Vec<serde_json::Value> = names
         .iter()
         .zip(counters)
@@ -460,6 +550,7 @@ fn write_summary_json(
         },
         "reconnects": link.reconnects.load(std::sync::atomic::Ordering::Relaxed),
         "interfaces": interfaces,
+        "tls_key_log": key_log.map(stats::KeyLogCounters::summary_json),
     });
     file.commit(format!("{summary:#}\n").as_bytes())
         .map_err(|e| {

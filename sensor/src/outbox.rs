@@ -182,6 +182,9 @@ impl Outbox {
                     batch: EncodedBatch {
                         frame: s.frame,
                         packets: s.packets,
+                        // The spool keeps packet counts only: key log lines that went
+                        // through it are not in the sensor's "delivered" figure.
+                        tls_key_log_lines: 0,
                         raw_len: usize::try_from(s.raw_len).unwrap_or(usize::MAX),
                     },
                 },
@@ -274,6 +277,7 @@ mod tests {
             batch: EncodedBatch {
                 frame: Bytes::from(vec![sequence as u8; len]),
                 packets: 2,
+                tls_key_log_lines: 0,
                 raw_len: len * 2,
             },
         }

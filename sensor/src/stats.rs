@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use protocol::{DropReason, InterfaceStats};
 
@@ -101,6 +102,48 @@ impl Counters {
             "raw_bytes": self.raw_bytes.load(Relaxed),
             "wire_bytes": self.wire_bytes.load(Relaxed),
         })
+    }
+}
+
+/// What the key log follower counts.
+#[derive(Debug, Default)]
+pub struct KeyLogCounters {
+    /// `matched`: lines read and batched; `drop_buffer`: of those, dropped because the
+    /// sensor's buffer was full; `delivered`: acknowledged by the receiver.
+    pub lines: Arc<Counters>,
+    /// Lines not of the key log format, skipped.
+    pub malformed: AtomicU64,
+}
+
+impl KeyLogCounters {
+    /// The exit summary's line.
+    pub fn summary_line(&self) -> String {
+        format!(
+            "  TLS key log: {} lines read, {} delivered, {} dropped (sensor buffer full), {} \
+             malformed skipped",
+            self.lines.matched.load(Relaxed),
+            self.lines.delivered.load(Relaxed),
+            self.lines.drop_buffer.load(Relaxed),
+            self.malformed.load(Relaxed),
+        )
+    }
+
+    /// Each figure by its name in `--summary-json` and the metrics.
+    pub fn figures(&self) -> [(&'static str, u64); 4] {
+        [
+            ("read", self.lines.matched.load(Relaxed)),
+            ("delivered", self.lines.delivered.load(Relaxed)),
+            ("dropped", self.lines.drop_buffer.load(Relaxed)),
+            ("malformed", self.malformed.load(Relaxed)),
+        ]
+    }
+
+    pub fn summary_json(&self) -> serde_json::Value {
+        self.figures()
+            .into_iter()
+            .map(|(name, n)| (name.to_string(), serde_json::Value::from(n)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
     }
 }
 

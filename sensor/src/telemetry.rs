@@ -10,7 +10,7 @@ use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Gauge};
 use program::status;
 use protocol::DropReason;
 
-use crate::stats::{Counters, LinkStats};
+use crate::stats::{Counters, KeyLogCounters, LinkStats};
 
 const EVERY: Duration = Duration::from_secs(1);
 
@@ -29,6 +29,8 @@ struct InterfaceSeries {
 
 pub struct Telemetry {
     interfaces: Vec<InterfaceSeries>,
+    /// `--keylog`'s lines, with their series, in the order of [`KeyLogCounters::figures`].
+    key_log: Option<(Arc<KeyLogCounters>, [Counter; 4])>,
     link: Arc<LinkStats>,
     connected: Gauge,
     reconnects: Counter,
@@ -62,12 +64,22 @@ impl Telemetry {
             .collect();
         Self {
             interfaces,
+            key_log: None,
             link,
             connected: gauge!("capstream_sensor_connected"),
             reconnects: counter!("capstream_sensor_reconnects_total"),
             rtt: gauge!("capstream_sensor_rtt_seconds"),
             last: (Instant::now(), 0),
         }
+    }
+
+    /// Publishes the `--keylog` figures too.
+    pub fn with_key_log(mut self, counters: Arc<KeyLogCounters>) -> Self {
+        let series = counters
+            .figures()
+            .map(|(name, _)| counter!(format!("capstream_sensor_tls_key_log_{name}_total")));
+        self.key_log = Some((counters, series));
+        self
     }
 
     /// Publishes every second until aborted.
@@ -98,6 +110,11 @@ impl Telemetry {
             }
             totals.add(matched, delivered, &drops);
         }
+        if let Some((counters, series)) = &self.key_log {
+            for (series, (_, n)) in series.iter().zip(counters.figures()) {
+                series.absolute(n);
+            }
+        }
         let up = self.link.up.load(Relaxed);
         let rtt = Duration::from_micros(self.link.rtt_micros.load(Relaxed));
         self.connected.set(if up { 1.0 } else { 0.0 });
@@ -126,6 +143,22 @@ impl Telemetry {
 /// The `# HELP` lines of the endpoint.
 fn describe() {
     for (name, help) in [
+        (
+            "capstream_sensor_tls_key_log_read_total",
+            "TLS key log lines read (--keylog) and batched.",
+        ),
+        (
+            "capstream_sensor_tls_key_log_delivered_total",
+            "TLS key log lines the receiver acknowledged.",
+        ),
+        (
+            "capstream_sensor_tls_key_log_dropped_total",
+            "TLS key log lines dropped: the sensor's buffer was full.",
+        ),
+        (
+            "capstream_sensor_tls_key_log_malformed_total",
+            "Key log lines not of the NSS key log format, skipped.",
+        ),
         (
             "capstream_sensor_packets_seen_total",
             "Frames the capture saw before the filter, where the backend can tell.",

@@ -436,6 +436,7 @@ fn seed_messages() -> Vec<(&'static str, Message)> {
             },
         ],
         token: AuthToken::new(&b"a shared token of 32 bytes......"[..]),
+        tls_key_log: false,
     };
     let mut snappy = BatchBuilder::new(64 * 1024);
     let mut stored = BatchBuilder::new(64 * 1024);
@@ -468,12 +469,22 @@ fn seed_messages() -> Vec<(&'static str, Message)> {
             other => panic!("the seed batch does not decode: {other:?}"),
         }
     };
+    let mut key_log = BatchBuilder::new(64 * 1024);
+    for i in 0..6u64 {
+        let line = format!("CLIENT_TRAFFIC_SECRET_0 {i:064x} {:096x}", i * 7);
+        assert_eq!(
+            key_log.push_tls_key_log(1_700_000_000_000_000_000 + i, line.as_bytes()),
+            PushOutcome::Added
+        );
+    }
     let snappy = batch(&mut snappy, 1);
     let stored = batch(&mut stored, 2);
+    let key_log = batch(&mut key_log, 3);
     vec![
         ("hello", Message::Hello(hello)),
         ("batch-snappy", snappy),
         ("batch-stored", stored),
+        ("batch-tls-key-log", key_log),
         (
             "stats",
             Message::Stats(Stats {

@@ -6,6 +6,7 @@ pub mod files;
 pub mod live;
 mod pcap;
 mod pcapng;
+pub mod secrets;
 mod tee;
 
 use std::io::{self, BufWriter, Write};
@@ -87,6 +88,13 @@ pub trait Sink: Send {
 
     fn write_packet(&mut self, packet: &OutPacket) -> io::Result<()>;
 
+    /// Writes TLS key log lines (each ending in a newline) of the sensor of `interface`
+    /// where the output holds them (pcapng, as a Decryption Secrets Block), ahead of
+    /// what it writes next. Returns whether the output kept them.
+    fn write_secrets(&mut self, _interface: u32, _lines: &[u8]) -> io::Result<bool> {
+        Ok(false)
+    }
+
     /// Records an interface's final counters (where the format has a place for them).
     fn write_stats(&mut self, interface: u32, stats: &InterfaceStats) -> io::Result<()>;
 
@@ -156,6 +164,22 @@ impl<W: Write + Send> FormatSink<W> {
         }
     }
 
+    /// The key log lines waiting for their ClientHello, handed over to the next file.
+    pub fn take_pending_secrets(&mut self) -> secrets::Pending {
+        match self {
+            Self::Pcap(_) => secrets::Pending::default(),
+            Self::Pcapng(s) => s.take_pending_secrets(),
+        }
+    }
+
+    /// Starts the file with the lines the previous one left waiting.
+    pub fn carry_secrets(&mut self, pending: secrets::Pending) -> io::Result<()> {
+        match self {
+            Self::Pcap(_) => Ok(()),
+            Self::Pcapng(s) => s.carry_secrets(pending),
+        }
+    }
+
     pub fn output(&self) -> &W {
         match self {
             Self::Pcap(s) => s.output(),
@@ -207,6 +231,10 @@ impl<W: Write + Send> Sink for FormatSink<W> {
 
     fn write_stats(&mut self, interface: u32, stats: &InterfaceStats) -> io::Result<()> {
         self.inner_mut().write_stats(interface, stats)
+    }
+
+    fn write_secrets(&mut self, interface: u32, lines: &[u8]) -> io::Result<bool> {
+        self.inner_mut().write_secrets(interface, lines)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -18,7 +18,9 @@ use pcap_file::pcapng::{Block, PcapNgWriter};
 use pcap_file::DataLink;
 use protocol::{Direction, DropReason, InterfaceStats};
 
+use super::secrets::{self, Pending, COUNTERS as SECRETS};
 use super::{native_endianness, to_io, OutPacket, Refusal, Sink, SinkInterface};
+use std::sync::atomic::Ordering::Relaxed;
 
 /// Interface blocks one file (section) takes: a sensor whose interfaces would pass it is
 /// refused. Rotated files describe only the interfaces of sessions still open.
@@ -29,6 +31,13 @@ pub struct PcapNgSink<W: Write> {
     interfaces: u32,
     /// The option list of the packet being written, kept so that it is allocated once.
     epb_options: Vec<EnhancedPacketOption<'static>>,
+    /// Each interface's link type, to find the ClientHellos that TLS keys wait for.
+    link_types: Vec<u16>,
+    /// Key log lines written whose ClientHello has not been (boxed: most files hold none,
+    /// and the sink stays small).
+    pending: Box<Pending>,
+    /// A Decryption Secrets Block being made, kept so that it is allocated once.
+    block: Vec<u8>,
 }
 
 impl<W: Write + Send> PcapNgSink<W> {
@@ -45,7 +54,36 @@ impl<W: Write + Send> PcapNgSink<W> {
             writer,
             interfaces: 0,
             epb_options: Vec::with_capacity(1),
+            link_types: Vec::new(),
+            pending: Box::default(),
+            block: Vec::new(),
         })
+    }
+
+    /// The key log lines this file wrote whose ClientHello it has not: the next file
+    /// (rotation, a new section) starts with them. They leave this file's care.
+    pub fn take_pending_secrets(&mut self) -> Pending {
+        std::mem::take(&mut *self.pending)
+    }
+
+    /// Starts the file with the lines an earlier one left waiting.
+    pub fn carry_secrets(&mut self, pending: Pending) -> io::Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let lines = pending.lines();
+        self.write_block(&lines)?;
+        SECRETS
+            .carried
+            .fetch_add(secrets::count_lines(&lines), Relaxed);
+        *self.pending = pending;
+        Ok(())
+    }
+
+    fn write_block(&mut self, lines: &[u8]) -> io::Result<()> {
+        self.block.clear();
+        secrets::encode_block(lines, &mut self.block);
+        self.writer.get_mut().write_all(&self.block)
     }
 
     pub fn output(&self) -> &W {
@@ -93,11 +131,17 @@ impl<W: Write + Send> Sink for PcapNgSink<W> {
             options,
         };
         self.writer.write_pcapng_block(idb).map_err(to_io)?;
+        self.link_types.push(interface.link_type);
         self.interfaces += 1;
         Ok(self.interfaces - 1)
     }
 
     fn write_packet(&mut self, packet: &OutPacket) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            if let Some(&link_type) = self.link_types.get(packet.interface as usize) {
+                self.pending.packet(link_type, packet.data);
+            }
+        }
         let flags = match packet.direction {
             Direction::Unknown => None,
             Direction::Inbound => Some(1),
@@ -155,7 +199,19 @@ impl<W: Write + Send> Sink for PcapNgSink<W> {
         self.writer.get_mut().flush()
     }
 
+    fn write_secrets(&mut self, _interface: u32, lines: &[u8]) -> io::Result<bool> {
+        self.write_block(lines)?;
+        for line in lines.split_inclusive(|&b| b == b'\n') {
+            self.pending.add(line);
+        }
+        SECRETS
+            .written
+            .fetch_add(secrets::count_lines(lines), Relaxed);
+        Ok(true)
+    }
+
     fn finish(mut self: Box<Self>) -> io::Result<()> {
+        self.pending.give_up();
         self.flush()
     }
 }

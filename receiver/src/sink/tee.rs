@@ -73,6 +73,18 @@ impl Sink for Tee {
         Ok(())
     }
 
+    fn write_secrets(&mut self, interface: u32, lines: &[u8]) -> io::Result<bool> {
+        let indexes = self
+            .interfaces
+            .get(interface as usize)
+            .ok_or_else(unknown_interface)?;
+        let mut kept = false;
+        for (output, &interface) in self.outputs.iter_mut().zip(indexes) {
+            kept |= output.write_secrets(interface, lines)?;
+        }
+        Ok(kept)
+    }
+
     fn write_stats(&mut self, interface: u32, stats: &InterfaceStats) -> io::Result<()> {
         let indexes = self
             .interfaces

@@ -16,4 +16,5 @@ mod privileges;
 mod read_and_stream;
 mod security;
 mod sensor_hardening;
+mod tls_keys;
 mod upload;

@@ -627,6 +627,7 @@ mod hostile {
                 })
                 .collect(),
             token: AuthToken::new(token.to_vec()),
+            tls_key_log: false,
         }
     }
 

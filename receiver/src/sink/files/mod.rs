@@ -241,6 +241,11 @@ impl Sink for Files {
         )
     }
 
+    fn write_secrets(&mut self, interface: u32, lines: &[u8]) -> io::Result<bool> {
+        let (series, interface) = self.interface(interface)?;
+        self.series_mut(series)?.write_secrets(interface, lines)
+    }
+
     fn write_stats(&mut self, interface: u32, stats: &InterfaceStats) -> io::Result<()> {
         let (series, interface) = self.interface(interface)?;
         self.series_mut(series)?.write_stats(interface, stats)

@@ -169,6 +169,16 @@ impl Series {
         Ok(())
     }
 
+    pub fn write_secrets(&mut self, interface: u32, lines: &[u8]) -> io::Result<bool> {
+        let i = interface as usize;
+        let interface = *self
+            .current
+            .map
+            .get(i)
+            .ok_or_else(|| io::Error::other("key log lines of an unknown interface"))?;
+        self.current.sink.write_secrets(interface, lines)
+    }
+
     pub fn write_stats(&mut self, interface: u32, stats: &InterfaceStats) -> io::Result<()> {
         let i = interface as usize;
         self.update_stats(interface, stats);
@@ -226,6 +236,7 @@ impl Series {
 
     /// Completes the current file and reports it.
     pub fn finish(mut self, finished: &mut Finished) -> io::Result<()> {
+        self.current.sink.take_pending_secrets().give_up();
         self.complete_current()?;
         let last = self.current.sink.into_output();
         self.closing.push(last);
@@ -246,7 +257,9 @@ impl Series {
         } else {
             0
         };
-        let next = self.next_segment(Committed::new(path.clone(), counter))?;
+        let mut next = self.next_segment(Committed::new(path.clone(), counter))?;
+        next.sink
+            .carry_secrets(self.current.sink.take_pending_secrets())?;
         self.named = (path, counter);
         let done = std::mem::replace(&mut self.current, next);
         self.closing.push(done.sink.into_output());
@@ -260,8 +273,10 @@ impl Series {
         self.complete_current()?;
         // Stands in while the file's writer moves to the new section.
         let placeholder = Segment::open(PathBuf::new(), 0, self.format)?;
-        let done = std::mem::replace(&mut self.current, placeholder);
+        let mut done = std::mem::replace(&mut self.current, placeholder);
+        let pending = done.sink.take_pending_secrets();
         self.current = self.next_segment(done.sink.into_output())?;
+        self.current.sink.carry_secrets(pending)?;
         Ok(())
     }
 
