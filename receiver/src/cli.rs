@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use program::units::parse_duration;
 
+use crate::sink::kafka::KafkaCompression;
 use crate::sink::Format;
 
 const AFTER_HELP: &str = "\
@@ -239,6 +240,75 @@ pub struct Cli {
           value_parser = parse_duration)]
     pub upload_timeout: Duration,
 
+    /// Produce every sensor batch as one message to a Kafka topic, through these bootstrap
+    /// brokers, HOST:PORT, comma-separated (e.g. `--kafka 10.0.0.5:9092,10.0.0.6:9092
+    /// --kafka-topic packets`). Each message is one sensor interface's batch as a pcapng of
+    /// its own (any message, written to a file, opens in Wireshark), keyed SENSOR/HOST/IFACE
+    /// so an interface stays in one partition, with headers sensor, interface, session,
+    /// sequence, packets, first_timestamp_ns, last_timestamp_ns, link_type. A batch is
+    /// acknowledged to its sensor only once the broker acknowledged its message (acks from
+    /// all in-sync replicas): a broker outage holds the sensors back, nothing is lost. With
+    /// or without --out. A broker not on loopback needs TLS (--kafka-tls, --kafka-ca) or
+    /// --kafka-allow-plaintext.
+    #[arg(long, value_name = "BROKER[,BROKER...]", value_delimiter = ',',
+          value_parser = parse_kafka_broker, requires = "kafka_topic")]
+    pub kafka: Vec<String>,
+
+    /// The topic of --kafka; it must exist (e.g. `--kafka-topic packets`).
+    #[arg(long, value_name = "TOPIC", value_parser = parse_kafka_topic, requires = "kafka")]
+    pub kafka_topic: Option<String>,
+
+    /// Compress messages in the client: none, snappy, lz4 or zstd (e.g.
+    /// `--kafka-compression zstd`: the most saved, the most CPU). Default none.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "CODEC",
+        default_value = "none",
+        requires = "kafka"
+    )]
+    pub kafka_compression: KafkaCompression,
+
+    /// Reach the brokers over TLS, verified against the system's CA certificates
+    /// (`--kafka-tls`); --kafka-ca verifies against your own CA instead.
+    #[arg(long, requires = "kafka")]
+    pub kafka_tls: bool,
+
+    /// Reach the brokers over TLS, verified against the CA certificates in this PEM file
+    /// (e.g. `--kafka-ca /etc/kafka/ca.crt`).
+    #[arg(long, value_name = "FILE", requires = "kafka")]
+    pub kafka_ca: Option<PathBuf>,
+
+    /// Present this PEM client certificate chain to the brokers (TLS, mutual
+    /// authentication; e.g. `--kafka-cert receiver.crt --kafka-key receiver.key`).
+    #[arg(long, value_name = "FILE", requires_all = ["kafka", "kafka_key"])]
+    pub kafka_cert: Option<PathBuf>,
+
+    /// The PEM private key of --kafka-cert.
+    #[arg(long, value_name = "FILE", requires = "kafka_cert")]
+    pub kafka_key: Option<PathBuf>,
+
+    /// Log in to the brokers with SASL: plain, scram-sha-256 or scram-sha-512, as
+    /// --kafka-user with the password in --kafka-password-file (e.g. `--kafka-sasl
+    /// scram-sha-512 --kafka-user capstream --kafka-password-file /etc/capstream/kafka-pw`).
+    /// PLAIN sends the password as it is: use it over TLS.
+    #[arg(long, value_enum, value_name = "MECHANISM",
+          requires_all = ["kafka", "kafka_user", "kafka_password_file"])]
+    pub kafka_sasl: Option<KafkaSasl>,
+
+    /// The SASL user name of --kafka-sasl.
+    #[arg(long, value_name = "NAME", requires = "kafka_sasl")]
+    pub kafka_user: Option<String>,
+
+    /// The file holding the SASL password of --kafka-sasl (its first line; mode 0600).
+    #[arg(long, value_name = "FILE", requires = "kafka_sasl")]
+    pub kafka_password_file: Option<PathBuf>,
+
+    /// Send to brokers not on loopback without TLS: captures (and a SASL PLAIN password)
+    /// then cross the network in clear.
+    #[arg(long, requires = "kafka")]
+    pub kafka_allow_plaintext: bool,
+
     /// Serve Prometheus metrics over HTTP on this address (e.g. `--metrics 127.0.0.1:9100`,
     /// then `curl -s 127.0.0.1:9100/metrics | grep capstream_`); default: none. A sensor's
     /// series stay 5 minutes after its session ends, then go.
@@ -256,6 +326,16 @@ pub struct Cli {
     /// stream's figures and the upload report. Also written when the run fails.
     #[arg(long, value_name = "FILE")]
     pub summary_json: Option<PathBuf>,
+}
+
+/// SASL mechanisms of --kafka-sasl.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KafkaSasl {
+    Plain,
+    #[value(name = "scram-sha-256")]
+    ScramSha256,
+    #[value(name = "scram-sha-512")]
+    ScramSha512,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -358,13 +438,16 @@ impl Cli {
         })
     }
 
-    /// The file or pipe to write: --out, else capture.pcap unless the live stream is the
-    /// only output.
+    /// The file or pipe to write: --out, else capture.pcap unless the live stream or
+    /// Kafka is the only output.
     pub fn out_path(&self) -> Option<&Path> {
-        match (&self.out, self.serve_pcap) {
+        match (
+            &self.out,
+            self.serve_pcap.is_some() || !self.kafka.is_empty(),
+        ) {
             (Some(out), _) => Some(out),
-            (None, None) => Some(Path::new("capture.pcap")),
-            (None, Some(_)) => None,
+            (None, false) => Some(Path::new("capture.pcap")),
+            (None, true) => None,
         }
     }
 
@@ -380,6 +463,20 @@ impl Cli {
                 ))
             }
             _ => Ok(()),
+        }
+    }
+
+    /// A broker reached without TLS, not on loopback, unless allowed: as one line.
+    pub fn check_kafka_exposure(&self) -> Result<(), String> {
+        let tls = self.kafka_tls || self.kafka_ca.is_some() || self.kafka_cert.is_some();
+        if tls || self.kafka_allow_plaintext {
+            return Ok(());
+        }
+        match self.kafka.iter().find(|b| !is_loopback_broker(b)) {
+            Some(broker) => Err(format!(
+                "--kafka {broker} is not on loopback and would get every captured packet in                  clear: add --kafka-tls or --kafka-ca FILE, or --kafka-allow-plaintext"
+            )),
+            None => Ok(()),
         }
     }
 
@@ -408,6 +505,56 @@ impl Cli {
         }
         Ok(())
     }
+}
+
+/// A bootstrap broker: HOST:PORT (an IPv6 address in brackets).
+fn parse_kafka_broker(s: &str) -> Result<String, String> {
+    let invalid = || {
+        format!(
+            "invalid Kafka broker '{s}': use HOST:PORT, e.g. kafka-1.example:9092,              10.0.0.5:9092 or [2001:db8::5]:9092"
+        )
+    };
+    let (host, port) = s.rsplit_once(':').ok_or_else(invalid)?;
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        }
+    };
+    if port_ok && host_ok {
+        Ok(s.to_string())
+    } else {
+        Err(invalid())
+    }
+}
+
+/// Whether a broker given as HOST:PORT is this host.
+fn is_loopback_broker(broker: &str) -> bool {
+    let host = broker.rsplit_once(':').map_or(broker, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A topic name as Kafka takes it: 1 to 249 letters, digits, '.', '_' or '-', not '.' or
+/// '..'.
+fn parse_kafka_topic(s: &str) -> Result<String, String> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if s.is_empty() {
+        return Err("the Kafka topic name is empty: give one, e.g. --kafka-topic packets".into());
+    }
+    if s.len() > 249 || !s.chars().all(legal) || s == "." || s == ".." {
+        return Err(format!(
+            "invalid Kafka topic name '{s}': use 1 to 249 letters, digits, '.', '_' or '-'"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -528,6 +675,47 @@ mod tests {
         ] {
             assert!(Cli::try_parse_from(&args).is_err(), "{args:?}");
         }
+    }
+
+    /// Brokers are HOST:PORT, the topic a legal Kafka name; the receiver then needs no file,
+    /// and a broker off loopback needs TLS or the flag that allows clear text.
+    #[test]
+    fn kafka_brokers_and_topic_are_checked() {
+        for args in [
+            vec!["receiver", "--kafka", "nohost", "--kafka-topic", "t"],
+            vec!["receiver", "--kafka", "h:0", "--kafka-topic", "t"],
+            vec!["receiver", "--kafka", "h:99999", "--kafka-topic", "t"],
+            vec!["receiver", "--kafka", "a b:9092", "--kafka-topic", "t"],
+            vec!["receiver", "--kafka", "[::1:9092", "--kafka-topic", "t"],
+            vec!["receiver", "--kafka", "h:9092", "--kafka-topic", ""],
+            vec!["receiver", "--kafka", "h:9092", "--kafka-topic", "a/b"],
+            vec!["receiver", "--kafka", "h:9092"],
+            vec!["receiver", "--kafka-topic", "t"],
+            vec!["receiver", "--kafka-sasl", "plain"],
+        ] {
+            assert!(Cli::try_parse_from(&args).is_err(), "{args:?}");
+        }
+        let cli = Cli::parse_from([
+            "receiver",
+            "--kafka",
+            "127.0.0.1:9092,[::1]:9093,localhost:9094",
+            "--kafka-topic",
+            "packets.v1",
+        ]);
+        assert_eq!(cli.kafka.len(), 3);
+        assert_eq!(cli.out_path(), None);
+        assert_eq!(cli.check_kafka_exposure(), Ok(()));
+        let remote = Cli::parse_from(["receiver", "--kafka", "k1:9092", "--kafka-topic", "t"]);
+        assert!(remote.check_kafka_exposure().is_err());
+        let tls = Cli::parse_from([
+            "receiver",
+            "--kafka",
+            "k1:9092",
+            "--kafka-topic",
+            "t",
+            "--kafka-tls",
+        ]);
+        assert_eq!(tls.check_kafka_exposure(), Ok(()));
     }
 
     #[test]

@@ -91,6 +91,9 @@ fn exit_code(result: Result<()>) -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     cli.check_outputs().map_err(|e| BadInput(anyhow!(e)))?;
     cli.check_exposure().map_err(|e| BadInput(anyhow!(e)))?;
+    cli.check_kafka_exposure()
+        .map_err(|e| BadInput(anyhow!(e)))?;
+    let kafka_config = kafka_config(&cli).map_err(BadInput)?;
     // Its file is opened now, so that one that cannot be written is said at once.
     let summary_file = match &cli.summary_json {
         Some(path) => Some(program::private_file::Pending::create(path).map_err(|e| {
@@ -189,7 +192,8 @@ async fn run(cli: Cli) -> Result<()> {
         program::metrics::serve(addr, METRICS_LINGER).map_err(|e| BadInput(anyhow!(e)))?;
     }
     // Opened only once listening works, so a refused start leaves no empty file behind.
-    let (sink, live) = open_outputs(&cli, pattern, uploader.as_ref()).await?;
+    let Outputs { sink, live, kafka } =
+        open_outputs(&cli, pattern, uploader.as_ref(), kafka_config).await?;
     let bound = endpoint.local_addr().unwrap_or(cli.listen);
     if let (Some(path), true) = (&token_path, token_created) {
         tracing::info!("created the token sensors must send, {}", path.display());
@@ -204,6 +208,12 @@ async fn run(cli: Cli) -> Result<()> {
     }
     if let Some(live) = &live {
         outputs.push(format!("serving live pcap on TCP {}", live.addr));
+    }
+    if let Some(kafka) = &kafka {
+        outputs.push(format!(
+            "producing to Kafka topic {} on {}",
+            kafka.topic, kafka.brokers
+        ));
     }
     tracing::info!("listening on {bound}, {}", outputs.join(", "));
     tracing::info!(
@@ -239,13 +249,14 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
 
-    let to_file = cli.out_path().is_some_and(|o| o.as_os_str() != "-");
+    // A full disk and a broker outage are waited out; a broken pipe is not.
+    let retry_output = cli.out_path().is_some_and(|o| o.as_os_str() != "-") || kafka.is_some();
     program::status::enable(!cli.no_status);
     let summaries = server::run(
         endpoint,
         sink,
         cli.reorder_window,
-        to_file,
+        retry_output,
         auth,
         quota::Quotas {
             rate: cli.sensor_rate,
@@ -268,6 +279,13 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(live) = &live_summary {
         eprintln!("receiver: {}", live.line());
     }
+    let kafka_summary = match kafka {
+        Some(kafka) => Some(kafka.close().await),
+        None => None,
+    };
+    if let Some(kafka) = &kafka_summary {
+        eprintln!("receiver: {}", kafka.line());
+    }
     // Files completed before a failure are still uploaded, or named as not uploaded.
     let upload_report = match uploader {
         Some(uploader) => Some(uploader.finish(cli.upload_timeout, shutdown_signal()).await),
@@ -281,6 +299,7 @@ async fn run(cli: Cli) -> Result<()> {
             let json = stats::summary_json(
                 summaries.as_deref().ok(),
                 live_summary.as_ref(),
+                kafka_summary.as_ref(),
                 upload_report.as_ref(),
             );
             file.commit(format!("{json:#}\n").as_bytes())
@@ -293,13 +312,22 @@ async fn run(cli: Cli) -> Result<()> {
     summary_written
 }
 
+/// The outputs the writer feeds, and the handles main ends them with.
+struct Outputs {
+    sink: Box<dyn Sink>,
+    live: Option<sink::live::Live>,
+    kafka: Option<sink::kafka::Kafka>,
+}
+
 /// The outputs asked for, as the one sink the writer feeds: the live stream first, so that
-/// it is fed even while a file's flush fails, then the file or stdout.
+/// it is fed even while a file's flush fails, then the file or stdout, then Kafka (whose
+/// flush fails while the broker does not answer).
 async fn open_outputs(
     cli: &Cli,
     pattern: Option<Pattern>,
     uploader: Option<&upload::Uploader>,
-) -> Result<(Box<dyn Sink>, Option<sink::live::Live>)> {
+    kafka_config: Option<sink::kafka::KafkaConfig>,
+) -> Result<Outputs> {
     let mut outputs: Vec<Box<dyn Sink>> = Vec::new();
     let mut live = None;
     if let Some(addr) = cli.serve_pcap {
@@ -348,6 +376,14 @@ async fn open_outputs(
         (Some(_), None) => outputs.push(sink::stdout(cli.format())?),
         (None, _) => {}
     }
+    let mut kafka = None;
+    if let Some(config) = kafka_config {
+        let (sink, handle) = sink::kafka::start(config)
+            .await
+            .map_err(|e| BadInput(anyhow!(e)))?;
+        outputs.push(Box::new(sink));
+        kafka = Some(handle);
+    }
     // A classic pcap file or stdout holds the link type given, else the first sensor's.
     let required = cli
         .link_type
@@ -357,7 +393,48 @@ async fn open_outputs(
         (_, None) => Box::new(Tee::new(outputs)),
         (_, Some(link_type)) => Box::new(Tee::new(outputs).requiring_link_type(link_type)),
     };
-    Ok((sink, live))
+    Ok(Outputs { sink, live, kafka })
+}
+
+/// What --kafka and its options ask for: TLS and SASL read and checked now.
+fn kafka_config(cli: &Cli) -> Result<Option<sink::kafka::KafkaConfig>> {
+    let Some(topic) = cli.kafka_topic.clone().filter(|_| !cli.kafka.is_empty()) else {
+        return Ok(None);
+    };
+    let client = cli.kafka_cert.as_deref().zip(cli.kafka_key.as_deref());
+    let tls = if cli.kafka_tls || cli.kafka_ca.is_some() || client.is_some() {
+        Some(tls::kafka_client_config(cli.kafka_ca.as_deref(), client)?)
+    } else {
+        None
+    };
+    let sasl = match (cli.kafka_sasl, &cli.kafka_user, &cli.kafka_password_file) {
+        (Some(mechanism), Some(user), Some(file)) => {
+            use rskafka::client::{Credentials, SaslConfig};
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read --kafka-password-file {}", file.display()))?;
+            let password = text.lines().next().unwrap_or_default().to_string();
+            if password.is_empty() {
+                return Err(anyhow!(
+                    "--kafka-password-file {} holds no password on its first line",
+                    file.display()
+                ));
+            }
+            let credentials = Credentials::new(user.clone(), password);
+            Some(match mechanism {
+                cli::KafkaSasl::Plain => SaslConfig::Plain(credentials),
+                cli::KafkaSasl::ScramSha256 => SaslConfig::ScramSha256(credentials),
+                cli::KafkaSasl::ScramSha512 => SaslConfig::ScramSha512(credentials),
+            })
+        }
+        _ => None,
+    };
+    Ok(Some(sink::kafka::KafkaConfig {
+        brokers: cli.kafka.clone(),
+        topic,
+        compression: cli.kafka_compression,
+        tls,
+        sasl,
+    }))
 }
 
 async fn start_uploader(

@@ -6,6 +6,7 @@
 
 pub mod capstream;
 pub mod corpus;
+pub mod kafka;
 pub mod moto;
 mod netns;
 mod process;

@@ -73,6 +73,17 @@ impl Sink for Tee {
         Ok(())
     }
 
+    fn end_batch(&mut self, interface: u32, sequence: u64) -> io::Result<()> {
+        let indexes = self
+            .interfaces
+            .get(interface as usize)
+            .ok_or_else(unknown_interface)?;
+        for (output, &idx) in self.outputs.iter_mut().zip(indexes) {
+            output.end_batch(idx, sequence)?;
+        }
+        Ok(())
+    }
+
     fn write_stats(&mut self, interface: u32, stats: &InterfaceStats) -> io::Result<()> {
         let indexes = self
             .interfaces
@@ -158,6 +169,7 @@ mod tests {
             filter: String::new(),
             description: String::new(),
             sensor: "s".into(),
+            session: "0a1b2c3d".into(),
         }
     }
 
