@@ -93,7 +93,6 @@ async fn run(cli: Cli) -> Result<()> {
     cli.check_exposure().map_err(|e| BadInput(anyhow!(e)))?;
     cli.check_kafka_exposure()
         .map_err(|e| BadInput(anyhow!(e)))?;
-    let kafka_config = kafka_config(&cli).map_err(BadInput)?;
     // Its file is opened now, so that one that cannot be written is said at once.
     let summary_file = match &cli.summary_json {
         Some(path) => Some(program::private_file::Pending::create(path).map_err(|e| {
@@ -113,6 +112,16 @@ async fn run(cli: Cli) -> Result<()> {
             check_out_dir(out).map_err(BadInput)?;
             Some(pattern)
         }
+        None => None,
+    };
+    // The Kafka output's settings, and whether its broker has the topic (one that does not
+    // answer yet is tried again in the background): said before anything is created.
+    let kafka = match kafka_config(&cli).map_err(BadInput)? {
+        Some(config) => Some(
+            sink::kafka::start(config)
+                .await
+                .map_err(|e| BadInput(anyhow!(e)))?,
+        ),
         None => None,
     };
     // What sensors must prove, read first: a bad file stops the start before anything else.
@@ -193,7 +202,7 @@ async fn run(cli: Cli) -> Result<()> {
     }
     // Opened only once listening works, so a refused start leaves no empty file behind.
     let Outputs { sink, live, kafka } =
-        open_outputs(&cli, pattern, uploader.as_ref(), kafka_config).await?;
+        open_outputs(&cli, pattern, uploader.as_ref(), kafka).await?;
     let bound = endpoint.local_addr().unwrap_or(cli.listen);
     if let (Some(path), true) = (&token_path, token_created) {
         tracing::info!("created the token sensors must send, {}", path.display());
@@ -326,7 +335,7 @@ async fn open_outputs(
     cli: &Cli,
     pattern: Option<Pattern>,
     uploader: Option<&upload::Uploader>,
-    kafka_config: Option<sink::kafka::KafkaConfig>,
+    kafka: Option<(sink::kafka::KafkaSink, sink::kafka::Kafka)>,
 ) -> Result<Outputs> {
     let mut outputs: Vec<Box<dyn Sink>> = Vec::new();
     let mut live = None;
@@ -376,14 +385,10 @@ async fn open_outputs(
         (Some(_), None) => outputs.push(sink::stdout(cli.format())?),
         (None, _) => {}
     }
-    let mut kafka = None;
-    if let Some(config) = kafka_config {
-        let (sink, handle) = sink::kafka::start(config)
-            .await
-            .map_err(|e| BadInput(anyhow!(e)))?;
+    let kafka = kafka.map(|(sink, handle)| {
         outputs.push(Box::new(sink));
-        kafka = Some(handle);
-    }
+        handle
+    });
     // A classic pcap file or stdout holds the link type given, else the first sensor's.
     let required = cli
         .link_type

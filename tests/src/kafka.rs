@@ -16,8 +16,9 @@ use crate::{run, Netns, Proc};
 /// memory storage engine is in `dynostore`).
 pub const TANSU_VERSION: &str = "0.6.0";
 pub const TANSU_FEATURES: &str = "dynostore";
-/// The kafka-python release `cargo xtask setup` installs.
-pub const KAFKA_PYTHON_REQUIREMENT: &str = "kafka-python==3.0.12";
+/// The kafka-python release `cargo xtask setup` installs, and zstandard, with which it
+/// reads zstd-compressed messages.
+pub const KAFKA_PYTHON_REQUIREMENTS: &[&str] = &["kafka-python==3.0.12", "zstandard==0.25.0"];
 
 fn cache_dir() -> PathBuf {
     let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
@@ -38,10 +39,15 @@ pub fn kafka_venv() -> PathBuf {
     cache_dir().join("kafka")
 }
 
-/// True when the virtualenv has kafka-python.
+/// True when the virtualenv has kafka-python and zstandard.
 pub fn kafka_python_installed() -> bool {
     let python = kafka_venv().join("bin/python");
-    python.exists() && run(&python.to_string_lossy(), &["-c", "import kafka"]).is_ok()
+    python.exists()
+        && run(
+            &python.to_string_lossy(),
+            &["-c", "import kafka, zstandard"],
+        )
+        .is_ok()
 }
 
 /// `program` inside `ns` when given.
@@ -71,9 +77,14 @@ impl Tansu {
             );
         }
         let url = format!("tcp://127.0.0.1:{port}");
-        let mut argv = in_ns(ns, &tansu_bin());
+        // It says it is ready on stdout: sent to stderr, which the harness reads.
+        let mut argv = in_ns(ns, Path::new("sh"));
+        let tansu = tansu_bin().to_string_lossy().into_owned();
         argv.extend(
             [
+                "-c",
+                "exec \"$0\" \"$@\" >&2",
+                &tansu,
                 "broker",
                 "--listener-url",
                 &url,

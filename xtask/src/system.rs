@@ -159,8 +159,8 @@ fn install_kafka_python() -> Result<()> {
     }
     install_venv(
         &testbed::kafka::kafka_venv(),
-        testbed::kafka::KAFKA_PYTHON_REQUIREMENT,
-        "kafka-python (the Kafka tests' consumer)",
+        testbed::kafka::KAFKA_PYTHON_REQUIREMENTS,
+        "kafka-python and zstandard (the Kafka tests' consumer)",
     )
 }
 
@@ -171,17 +171,19 @@ fn install_moto() -> Result<()> {
     }
     install_venv(
         &testbed::moto::moto_venv(),
-        testbed::moto::MOTO_REQUIREMENT,
+        &[testbed::moto::MOTO_REQUIREMENT],
         "moto (the S3 server of the upload tests)",
     )
 }
 
-/// `requirement` from PyPI into a virtualenv of its own at `venv` (Debian's pip refuses
+/// `requirements` from PyPI into a virtualenv of its own at `venv` (Debian's pip refuses
 /// system-wide installs).
-fn install_venv(venv: &std::path::Path, requirement: &str, what: &str) -> Result<()> {
+fn install_venv(venv: &std::path::Path, requirements: &[&str], what: &str) -> Result<()> {
     let venv_arg = venv.to_string_lossy();
     eprintln!("xtask: installing {what} into {venv_arg}");
     cmd("python3", &["-m", "venv", &venv_arg])?;
     let pip = venv.join("bin/pip");
-    cmd(&pip.to_string_lossy(), &["install", "-q", requirement])
+    let mut args = vec!["install", "-q"];
+    args.extend_from_slice(requirements);
+    cmd(&pip.to_string_lossy(), &args)
 }

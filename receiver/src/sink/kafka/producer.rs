@@ -1,7 +1,7 @@
 //! The producer task: connects (retrying with backoff, logged), keeps one queue per
-//! partition, and produces each partition's messages in order, one request in flight per
-//! partition, so that an interface's batches reach its partition in sequence. A failed
-//! request is sent again after a backoff; nothing is given up.
+//! partition, and produces each partition's messages in order, one request (one message)
+//! in flight per partition, so that an interface's batches reach its partition in
+//! sequence. A failed request is sent again after a backoff; nothing is given up.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,9 +26,6 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Failures are logged at once, then at most this often while they go on.
 const REPORT_EVERY: Duration = Duration::from_secs(30);
-/// Messages of one partition sent in one request, up to this many bytes (at least one
-/// message): below the 1 MB a Kafka broker takes per record batch by default.
-const REQUEST_BYTES: usize = 768 << 10;
 /// How long the client itself retries one operation before it reports a failure here.
 const CLIENT_RETRY_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -66,6 +63,11 @@ struct Totals {
 }
 
 impl Totals {
+    fn count_error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.errors_metric.increment(1);
+    }
+
     fn register() -> Self {
         const MESSAGES: &str = "capstream_receiver_kafka_messages_total";
         const BYTES: &str = "capstream_receiver_kafka_bytes_total";
@@ -177,6 +179,7 @@ impl Kafka {
 /// flushes fail, so sensors' batches are held, not lost.
 pub async fn start(config: KafkaConfig) -> Result<(KafkaSink, Kafka), KafkaStartError> {
     let brokers = config.brokers.join(",");
+    let totals = Arc::new(Totals::register());
     let connected = match tokio::time::timeout(START_WAIT, connect(&config)).await {
         Ok(Ok(connected)) => Some(connected),
         Ok(Err(Failure::NoTopic)) => {
@@ -186,6 +189,7 @@ pub async fn start(config: KafkaConfig) -> Result<(KafkaSink, Kafka), KafkaStart
             })
         }
         Ok(Err(e)) => {
+            totals.count_error();
             tracing::warn!(
                 "cannot reach the Kafka broker(s) {brokers}: {e}; trying again in the \
                  background with backoff, and holding sensors' batches until the broker \
@@ -194,6 +198,7 @@ pub async fn start(config: KafkaConfig) -> Result<(KafkaSink, Kafka), KafkaStart
             None
         }
         Err(_) => {
+            totals.count_error();
             tracing::warn!(
                 "the Kafka broker(s) {brokers} did not answer within {}s; trying again in \
                  the background with backoff, and holding sensors' batches until the \
@@ -203,15 +208,8 @@ pub async fn start(config: KafkaConfig) -> Result<(KafkaSink, Kafka), KafkaStart
             None
         }
     };
-    if let Some((_, partitions)) = &connected {
-        tracing::info!(
-            "producing to Kafka topic {} ({partitions} partition(s)) on {brokers}",
-            config.topic
-        );
-    }
     let (messages, incoming) = mpsc::unbounded_channel();
     let progress = Arc::new(Progress::default());
-    let totals = Arc::new(Totals::register());
     let topic = config.topic.clone();
     let producer = Producer {
         config,
@@ -397,7 +395,7 @@ impl Producer {
                         self.client = Some(connected);
                     }
                     Err(e) => {
-                        self.count_error();
+                        self.totals.count_error();
                         self.progress.lock().last_error = Some(e.to_string());
                         self.reports.failed("cannot connect", &e);
                         next_connect = Instant::now() + self.connect_backoff.delay();
@@ -479,16 +477,11 @@ impl Producer {
             {
                 continue;
             }
-            let mut messages = Vec::new();
-            let mut bytes = 0;
-            while let Some(next) = queue.waiting.front() {
-                let size = next.record.approximate_size();
-                if !messages.is_empty() && bytes + size > REQUEST_BYTES {
-                    break;
-                }
-                bytes += size;
-                messages.extend(queue.waiting.pop_front());
-            }
+            // One message per request: a record batch of several records is what tansu
+            // 0.6.0 misreports (its high watermark then stays one short, so consumers do
+            // not see the last message), and one message stays below any broker's
+            // record-batch limit that a sensor batch fits.
+            let messages: Vec<Message> = queue.waiting.pop_front().into_iter().collect();
             queue.in_flight = true;
             let partition = u32::try_from(index).unwrap_or(u32::MAX);
             let client = Arc::clone(client);
@@ -580,17 +573,12 @@ impl Producer {
                 };
                 let text = format!("{e}{hint}");
                 self.progress.lock().last_error = Some(text.clone());
-                self.count_error();
+                self.totals.count_error();
                 self.reports.failed(
                     &format!("producing to partition {}", produced.partition),
                     &text,
                 );
             }
         }
-    }
-
-    fn count_error(&self) {
-        self.totals.errors.fetch_add(1, Ordering::Relaxed);
-        self.totals.errors_metric.increment(1);
     }
 }
