@@ -59,6 +59,11 @@ Examples:
     AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... AWS_ENDPOINT_URL=http://127.0.0.1:9000 \\
       receiver --out capture.pcapng --upload s3://captures/site-a
 
+  Every sensor batch as one Kafka message (a pcapng of its own, keyed by sensor and
+  interface), beside the file; the topic must exist:
+    receiver --out capture.pcapng --kafka kafka-1:9093,kafka-2:9093 --kafka-topic packets \\
+      --kafka-ca /etc/kafka/ca.crt --kafka-compression zstd
+
 On first start the receiver creates a self-signed certificate and a token in --state-dir and
 prints the certificate's path and SHA-256 fingerprint: give sensors that file (--ca) or that
 fingerprint (--fingerprint), and the token (--token-file).";

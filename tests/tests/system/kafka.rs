@@ -125,10 +125,11 @@ fn kafka_figures(receiver: &Receiver) -> (u64, u64, u64) {
     )
 }
 
-/// Two sensors replay the corpus (each under its own filter) into a receiver whose only
-/// output is a Kafka topic of three partitions, zstd-compressed. Every message read back
-/// is one batch, a pcapng on its own; each sensor's messages together are tcpdump's
-/// reading of the corpus under that sensor's filter, packet for packet.
+/// Two sensors replay the corpus (each under its own filter) into a receiver producing to
+/// a Kafka topic of three partitions, zstd-compressed, beside a pcapng file. Every message
+/// read back is one batch, a pcapng on its own; each sensor's messages together are
+/// tcpdump's reading of the corpus under that sensor's filter, packet for packet; the file
+/// beside holds them all.
 #[test]
 fn two_sensors_one_readable_message_per_batch_equal_to_tcpdump() {
     require_root();
@@ -137,11 +138,15 @@ fn two_sensors_one_readable_message_per_batch_equal_to_tcpdump() {
     broker.create_topic(TOPIC, PARTITIONS).unwrap();
     let dir = Scratch::new("kafka").unwrap();
     let bootstrap = broker.bootstrap();
+    let out = dir.join("beside.pcapng");
+    let out_arg = out.to_string_lossy().into_owned();
     let mut receiver = Receiver::start(
         Some(&ns),
         &dir.join("state"),
         4433,
         &[
+            "--out",
+            &out_arg,
             "--kafka",
             &bootstrap,
             "--kafka-topic",
@@ -197,6 +202,11 @@ fn two_sensors_one_readable_message_per_batch_equal_to_tcpdump() {
         total += got.len();
     }
     assert_eq!(total, corpus::PACKETS, "the two filters split the corpus");
+    assert_eq!(
+        tcpdump_records(&out, "").unwrap().len(),
+        corpus::PACKETS,
+        "the file beside the topic holds every packet"
+    );
     let (acknowledged, errors, unacknowledged) = kafka_figures(&receiver);
     assert_eq!(
         acknowledged,
