@@ -113,6 +113,24 @@ fn stream_of<'a>(streams: &'a [Stream<'a>], sensor: &str) -> &'a Stream<'a> {
     mine[0]
 }
 
+/// Waits for a `sensor --read` to deliver everything and exit 0.
+fn wait_done(sensor: &mut Proc, receiver: &Receiver) {
+    let status = sensor.wait(Duration::from_secs(120)).unwrap();
+    assert!(
+        status.success(),
+        "sensor: {}\nreceiver:\n{}",
+        sensor.stderr(),
+        receiver.proc.stderr()
+    );
+}
+
+/// Every message of the topic, read back by kafka-python, values in `dir/messages`.
+fn read_back(broker: &Tansu, dir: &Scratch) -> Vec<Consumed> {
+    let messages = dir.join("messages");
+    std::fs::create_dir_all(&messages).unwrap();
+    broker.consume_all(TOPIC, &messages).unwrap()
+}
+
 /// The receiver's Kafka figures from its exit summary: messages acknowledged, broker
 /// errors, messages never acknowledged.
 fn kafka_figures(receiver: &Receiver) -> (u64, u64, u64) {
@@ -175,19 +193,10 @@ fn two_sensors_one_readable_message_per_batch_equal_to_tcpdump() {
         })
         .collect();
     for sensor in &mut running {
-        let status = sensor.wait(Duration::from_secs(120)).unwrap();
-        assert!(
-            status.success(),
-            "sensor: {}\nreceiver:\n{}",
-            sensor.stderr(),
-            receiver.proc.stderr()
-        );
+        wait_done(sensor, &receiver);
     }
     receiver.stop().unwrap();
-
-    let messages = dir.join("messages");
-    std::fs::create_dir_all(&messages).unwrap();
-    let consumed = broker.consume_all(TOPIC, &messages).unwrap();
+    let consumed = read_back(&broker, &dir);
     let streams = by_key(&consumed);
     assert_eq!(streams.len(), sensors.len(), "one key per sensor interface");
     let mut total = 0;
@@ -284,9 +293,7 @@ fn a_broker_frozen_for_10s_loses_and_doubles_nothing() {
         "the freeze fell mid-run: the receiver waited for the broker:\n{receiver_log}"
     );
 
-    let messages = dir.join("messages");
-    std::fs::create_dir_all(&messages).unwrap();
-    let consumed = broker.consume_all(TOPIC, &messages).unwrap();
+    let consumed = read_back(&broker, &dir);
     let batches: HashSet<(&str, &str)> = consumed
         .iter()
         .map(|m| {
@@ -365,23 +372,106 @@ fn a_broker_unreachable_at_start_is_retried_not_fatal() {
         .proc
         .wait_for("kafka: connected to", Duration::from_secs(60))
         .unwrap();
-    let status = sensor.wait(Duration::from_secs(120)).unwrap();
-    assert!(
-        status.success(),
-        "sensor: {}\nreceiver:\n{}",
-        sensor.stderr(),
-        receiver.proc.stderr()
-    );
+    wait_done(&mut sensor, &receiver);
     receiver.stop().unwrap();
-    let messages = dir.join("messages");
-    std::fs::create_dir_all(&messages).unwrap();
-    let consumed = broker.consume_all(TOPIC, &messages).unwrap();
+    let consumed = read_back(&broker, &dir);
     let streams = by_key(&consumed);
     let got = check_stream(stream_of(&streams, "late"), "late");
     assert_eq!(got, tcpdump_records(&corpus::pcap(), "").unwrap());
     let (_, errors, unacknowledged) = kafka_figures(&receiver);
     assert!(errors > 0, "the failed attempts are counted");
     assert_eq!(unacknowledged, 0);
+    broker.stop().unwrap();
+}
+
+/// A receiver killed (SIGKILL) while the broker, frozen, has not acknowledged what it
+/// produced, then started again: its sensor sends again what it never saw acknowledged, so
+/// batches may be in the topic twice. They carry the same session and sequence, and the
+/// README's rule (per key, drop a message of the last session whose sequence is not
+/// higher) leaves exactly tcpdump's reading of the replay.
+#[test]
+fn batches_sent_again_after_a_receiver_restart_are_recognised_by_their_headers() {
+    require_root();
+    let ns = Netns::new("cskafkakill").unwrap();
+    let mut broker = Tansu::start(Some(&ns), 9092).unwrap();
+    broker.create_topic(TOPIC, PARTITIONS).unwrap();
+    let dir = Scratch::new("kafka-kill").unwrap();
+    let bootstrap = broker.bootstrap();
+    let args = ["--kafka", bootstrap.as_str(), "--kafka-topic", TOPIC];
+    let state = dir.join("state");
+    let mut receiver = Receiver::start(Some(&ns), &state, 4433, &args).unwrap();
+    let corpus = corpus::pcap_arg();
+    let sensor_args = |filter: &'static str| {
+        [
+            "--read",
+            corpus.as_str(),
+            "--bpf",
+            filter,
+            "--sensor-id",
+            "again",
+            "--batch-size",
+            "64KiB",
+        ]
+    };
+    // A first session of the same sensor and interface (so the same key and partition)
+    // while the broker answers: the receiver then holds a connection to that partition's
+    // leader, and the second session's first message goes straight to the frozen broker.
+    let mut warm_up = start_sensor(Some(&ns), &receiver, &sensor_args("udp")).unwrap();
+    wait_done(&mut warm_up, &receiver);
+    broker.freeze().unwrap();
+    let mut sensor = start_sensor(Some(&ns), &receiver, &sensor_args("")).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    receiver.proc.signal("KILL").unwrap();
+    receiver.proc.wait(Duration::from_secs(10)).unwrap();
+    // Started again while the broker is still frozen: it goes on without it.
+    let mut receiver = Receiver::start(Some(&ns), &state, 4433, &args).unwrap();
+    broker.thaw().unwrap();
+    wait_done(&mut sensor, &receiver);
+    receiver.stop().unwrap();
+
+    let consumed = read_back(&broker, &dir);
+    let mut ordered: Vec<&Consumed> = consumed.iter().collect();
+    ordered.sort_by_key(|m| (m.partition, m.offset));
+    let mut last: BTreeMap<&str, (&str, u64)> = BTreeMap::new();
+    let mut first_copy: BTreeMap<(String, u64), Vec<u8>> = BTreeMap::new();
+    let mut got = Vec::new();
+    let mut dropped = 0;
+    for m in ordered {
+        let (session, sequence) = (m.headers["session"].as_str(), m.number("sequence").unwrap());
+        let value = std::fs::read(&m.file).unwrap();
+        match first_copy.get(&(session.to_string(), sequence)) {
+            Some(copy) => assert!(
+                *copy == value,
+                "batch {sequence} of session {session} sent again with other packets"
+            ),
+            None => {
+                first_copy.insert((session.to_string(), sequence), value);
+            }
+        }
+        if last
+            .get(m.key.as_str())
+            .is_some_and(|&(s, q)| s == session && sequence <= q)
+        {
+            dropped += 1;
+            continue;
+        }
+        last.insert(&m.key, (session, sequence));
+        got.extend(tcpdump_records(&m.file, "").unwrap());
+    }
+    let mut expected = tcpdump_records(&corpus::pcap(), "udp").unwrap();
+    expected.extend(tcpdump_records(&corpus::pcap(), "").unwrap());
+    assert!(
+        got == expected,
+        "after dropping {dropped} message(s) sent again: {}",
+        first_difference(&expected, &got)
+    );
+    // The message in flight to the frozen broker when the receiver died lands there when
+    // the broker wakes, and its batch comes again through the restarted receiver.
+    assert!(
+        dropped >= 1,
+        "no batch in the topic twice: the restart did not fall between produce and \
+         acknowledgement"
+    );
     broker.stop().unwrap();
 }
 
