@@ -118,7 +118,7 @@ async fn run(cli: Cli) -> Result<()> {
     // answer yet is tried again in the background): said before anything is created.
     let kafka = match kafka_config(&cli).map_err(BadInput)? {
         Some(config) => Some(
-            sink::kafka::start(config)
+            sink::kafka::reach(config)
                 .await
                 .map_err(|e| BadInput(anyhow!(e)))?,
         ),
@@ -335,7 +335,7 @@ async fn open_outputs(
     cli: &Cli,
     pattern: Option<Pattern>,
     uploader: Option<&upload::Uploader>,
-    kafka: Option<(sink::kafka::KafkaSink, sink::kafka::Kafka)>,
+    kafka: Option<sink::kafka::Reached>,
 ) -> Result<Outputs> {
     let mut outputs: Vec<Box<dyn Sink>> = Vec::new();
     let mut live = None;
@@ -385,7 +385,8 @@ async fn open_outputs(
         (Some(_), None) => outputs.push(sink::stdout(cli.format())?),
         (None, _) => {}
     }
-    let kafka = kafka.map(|(sink, handle)| {
+    let kafka = kafka.map(|reached| {
+        let (sink, handle) = sink::kafka::start(reached);
         outputs.push(Box::new(sink));
         handle
     });

@@ -65,11 +65,26 @@ pub struct Tansu {
     proc: Proc,
     ns: Option<String>,
     pub port: u16,
+    /// Where it tells clients to reach it, when that is not `port` (a TLS proxy in front).
+    advertised: u16,
+}
+
+/// TLS for a client: the CA that verifies the broker, and the client's certificate and key.
+pub struct ClientTls<'a> {
+    pub ca: &'a Path,
+    pub cert: &'a Path,
+    pub key: &'a Path,
 }
 
 impl Tansu {
     /// Starts the broker and waits until it is ready; fails saying how to install it.
     pub fn start(ns: Option<&Netns>, port: u16) -> Result<Self> {
+        Self::advertising(ns, port, port)
+    }
+
+    /// [`Tansu::start`], telling clients to reach it on `advertised` (where a TLS proxy
+    /// in front of it listens).
+    pub fn advertising(ns: Option<&Netns>, port: u16, advertised: u16) -> Result<Self> {
         if !tansu_bin().exists() {
             bail!(
                 "tansu is missing from {}: `cargo xtask setup` builds it",
@@ -77,6 +92,7 @@ impl Tansu {
             );
         }
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised_url = format!("tcp://127.0.0.1:{advertised}");
         // It says it is ready on stdout: sent to stderr, which the harness reads.
         let mut argv = in_ns(ns, Path::new("sh"));
         let tansu = tansu_bin().to_string_lossy().into_owned();
@@ -89,7 +105,7 @@ impl Tansu {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised_url,
                 "--storage-engine",
                 "memory://tansu/",
             ]
@@ -101,12 +117,13 @@ impl Tansu {
             proc,
             ns: ns.map(|n| n.name.clone()),
             port,
+            advertised,
         })
     }
 
-    /// `127.0.0.1:PORT`, as `receiver --kafka` takes it.
+    /// `127.0.0.1:PORT`, as `receiver --kafka` takes it: where clients reach it.
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.advertised)
     }
 
     fn ns_argv(&self, program: &Path) -> Vec<String> {
@@ -130,7 +147,7 @@ impl Tansu {
             "topic".into(),
             "create".into(),
             "--broker".into(),
-            format!("tcp://{}", self.bootstrap()),
+            format!("tcp://127.0.0.1:{}", self.port),
             "--partitions".into(),
             partitions.to_string(),
             topic.into(),
@@ -161,9 +178,14 @@ impl Tansu {
         Ok(())
     }
 
-    /// Reads every message of `topic` from the earliest offset with kafka-python, each
-    /// value into a file in `dir`, in partition and offset order.
-    pub fn consume_all(&self, topic: &str, dir: &Path) -> Result<Vec<Consumed>> {
+    /// Reads every message of `topic` from the earliest offset with kafka-python (over TLS
+    /// when `tls` is given), each value into a file in `dir`, in partition and offset order.
+    pub fn consume_all_over(
+        &self,
+        topic: &str,
+        dir: &Path,
+        tls: Option<&ClientTls>,
+    ) -> Result<Vec<Consumed>> {
         if !kafka_python_installed() {
             bail!(
                 "kafka-python is missing from {}: `cargo xtask setup` installs it",
@@ -178,6 +200,9 @@ impl Tansu {
             topic.into(),
             dir.to_string_lossy().into_owned(),
         ]);
+        if let Some(tls) = tls {
+            argv.extend([tls.ca, tls.cert, tls.key].map(|p| p.to_string_lossy().into_owned()));
+        }
         let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
         let out = run(&argv[0], &args).context("the kafka-python consumer failed")?;
         out.lines()
@@ -242,8 +267,12 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.partitioner.default import murmur2
 
 bootstrap, topic, out = sys.argv[1], sys.argv[2], sys.argv[3]
+tls = {}
+if len(sys.argv) > 4:
+    tls = dict(security_protocol="SSL", ssl_cafile=sys.argv[4], ssl_certfile=sys.argv[5],
+               ssl_keyfile=sys.argv[6])
 consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                         auto_offset_reset="earliest", request_timeout_ms=30000)
+                         auto_offset_reset="earliest", request_timeout_ms=30000, **tls)
 partitions = sorted(consumer.partitions_for_topic(topic) or [])
 if not partitions:
     sys.exit("no partitions for topic " + topic)

@@ -13,7 +13,8 @@ use testbed::capstream::{
     start_tcpdump, stop_reference, summary_figure, tcpdump_records, tshark_count, Receiver, Record,
     Scratch,
 };
-use testbed::kafka::{Consumed, Tansu};
+use testbed::kafka::{ClientTls, Consumed, Tansu};
+use testbed::prometheus::{scrape, sum};
 use testbed::{corpus, require_root, Lab, Netns, Proc};
 
 const TOPIC: &str = "packets";
@@ -124,11 +125,12 @@ fn wait_done(sensor: &mut Proc, receiver: &Receiver) {
     );
 }
 
-/// Every message of the topic, read back by kafka-python, values in `dir/messages`.
-fn read_back(broker: &Tansu, dir: &Scratch) -> Vec<Consumed> {
+/// Every message of the topic, read back by kafka-python (over `tls` when given), values
+/// in `dir/messages`.
+fn read_back(broker: &Tansu, dir: &Scratch, tls: Option<&ClientTls>) -> Vec<Consumed> {
     let messages = dir.join("messages");
     std::fs::create_dir_all(&messages).unwrap();
-    broker.consume_all(TOPIC, &messages).unwrap()
+    broker.consume_all_over(TOPIC, &messages, tls).unwrap()
 }
 
 /// The receiver's Kafka figures from its exit summary: messages acknowledged, broker
@@ -196,7 +198,7 @@ fn two_sensors_one_readable_message_per_batch_equal_to_tcpdump() {
         wait_done(sensor, &receiver);
     }
     receiver.stop().unwrap();
-    let consumed = read_back(&broker, &dir);
+    let consumed = read_back(&broker, &dir, None);
     let streams = by_key(&consumed);
     assert_eq!(streams.len(), sensors.len(), "one key per sensor interface");
     let mut total = 0;
@@ -293,7 +295,7 @@ fn a_broker_frozen_for_10s_loses_and_doubles_nothing() {
         "the freeze fell mid-run: the receiver waited for the broker:\n{receiver_log}"
     );
 
-    let consumed = read_back(&broker, &dir);
+    let consumed = read_back(&broker, &dir, None);
     let batches: HashSet<(&str, &str)> = consumed
         .iter()
         .map(|m| {
@@ -374,7 +376,7 @@ fn a_broker_unreachable_at_start_is_retried_not_fatal() {
         .unwrap();
     wait_done(&mut sensor, &receiver);
     receiver.stop().unwrap();
-    let consumed = read_back(&broker, &dir);
+    let consumed = read_back(&broker, &dir, None);
     let streams = by_key(&consumed);
     let got = check_stream(stream_of(&streams, "late"), "late");
     assert_eq!(got, tcpdump_records(&corpus::pcap(), "").unwrap());
@@ -429,7 +431,7 @@ fn batches_sent_again_after_a_receiver_restart_are_recognised_by_their_headers()
     wait_done(&mut sensor, &receiver);
     receiver.stop().unwrap();
 
-    let consumed = read_back(&broker, &dir);
+    let consumed = read_back(&broker, &dir, None);
     let mut ordered: Vec<&Consumed> = consumed.iter().collect();
     ordered.sort_by_key(|m| (m.partition, m.offset));
     let mut last: BTreeMap<&str, (&str, u64)> = BTreeMap::new();
@@ -472,6 +474,106 @@ fn batches_sent_again_after_a_receiver_restart_are_recognised_by_their_headers()
         "no batch in the topic twice: the restart did not fall between produce and \
          acknowledgement"
     );
+    broker.stop().unwrap();
+}
+
+/// TLS to the broker, verified against the user's CA, with a client certificate that the
+/// broker requires (socat terminates TLS in front of tansu, which advertises socat's port):
+/// every batch arrives, and kafka-python reads it back over TLS. Metrics count the
+/// messages.
+#[test]
+fn tls_with_a_ca_and_a_client_certificate() {
+    require_root();
+    let ns = Netns::new("cskafkatls").unwrap();
+    let dir = Scratch::new("kafka-tls").unwrap();
+    let pki = dir.join("pki");
+    let pki_arg = pki.to_string_lossy().into_owned();
+    let receiver_bin = testbed::workspace_bin("receiver");
+    let receiver_bin = receiver_bin.to_string_lossy();
+    testbed::run(&receiver_bin, &["certs", "init", "--dir", &pki_arg]).unwrap();
+    testbed::run(
+        &receiver_bin,
+        &["certs", "sensor", "kafka-client", "--dir", &pki_arg],
+    )
+    .unwrap();
+    let path = |name: &str| pki.join(name).to_string_lossy().into_owned();
+    let (ca, cert, key) = (
+        path("ca.crt"),
+        path("kafka-client.crt"),
+        path("kafka-client.key"),
+    );
+    let mut broker = Tansu::advertising(Some(&ns), 9092, 9093).unwrap();
+    broker.create_topic(TOPIC, PARTITIONS).unwrap();
+    // The broker's certificate: the one `certs init` made for 127.0.0.1.
+    let listen = format!(
+        "OPENSSL-LISTEN:9093,bind=127.0.0.1,reuseaddr,fork,cert={},key={},cafile={ca},verify=1",
+        path("receiver.crt"),
+        path("receiver.key")
+    );
+    let mut argv = ns.command("socat");
+    argv.extend(["-d", "-d", &listen, "TCP:127.0.0.1:9092"].map(String::from));
+    let mut tls_proxy = Proc::start("socat", &argv, Stdio::null()).unwrap();
+    tls_proxy
+        .wait_for("listening on", Duration::from_secs(10))
+        .unwrap();
+
+    let bootstrap = broker.bootstrap();
+    let mut receiver = Receiver::start(
+        Some(&ns),
+        &dir.join("state"),
+        4433,
+        &[
+            "--kafka",
+            &bootstrap,
+            "--kafka-topic",
+            TOPIC,
+            "--kafka-ca",
+            &ca,
+            "--kafka-cert",
+            &cert,
+            "--kafka-key",
+            &key,
+            "--metrics",
+            "127.0.0.1:9100",
+        ],
+    )
+    .unwrap();
+    let corpus = corpus::pcap_arg();
+    let mut sensor = start_sensor(
+        Some(&ns),
+        &receiver,
+        &["--read", &corpus, "--bpf", "udp", "--sensor-id", "tls"],
+    )
+    .unwrap();
+    wait_done(&mut sensor, &receiver);
+    let metrics = scrape(Some(&ns), "127.0.0.1:9100").unwrap();
+    receiver.stop().unwrap();
+
+    let tls = ClientTls {
+        ca: &pki.join("ca.crt"),
+        cert: &pki.join("kafka-client.crt"),
+        key: &pki.join("kafka-client.key"),
+    };
+    let consumed = read_back(&broker, &dir, Some(&tls));
+    let streams = by_key(&consumed);
+    let got = check_stream(stream_of(&streams, "tls"), "tls");
+    assert_eq!(got, tcpdump_records(&corpus::pcap(), "udp").unwrap());
+    let (acknowledged, errors, _) = kafka_figures(&receiver);
+    assert_eq!((acknowledged, errors), (consumed.len() as u64, 0));
+    assert_eq!(
+        sum(&metrics, "capstream_receiver_kafka_messages_total", &[]),
+        Some(consumed.len() as f64),
+        "the metrics count the messages:\n{metrics}"
+    );
+    assert_eq!(
+        sum(
+            &metrics,
+            "capstream_receiver_kafka_unacknowledged_messages",
+            &[]
+        ),
+        Some(0.0)
+    );
+    tls_proxy.signal("TERM").unwrap();
     broker.stop().unwrap();
 }
 

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 
 use super::{OutPacket, PcapNgSink, Refusal, Sink, SinkInterface};
 
-pub use producer::{start, Kafka, KafkaStartError, KafkaSummary};
+pub use producer::{reach, start, Kafka, KafkaStartError, KafkaSummary, Reached};
 
 /// How long a flush waits for the broker's acknowledgements before it reports a failure
 /// (the writer then retries it every second, holding everything meanwhile).

@@ -173,15 +173,21 @@ impl Kafka {
     }
 }
 
-/// Starts the Kafka output: tries the brokers for a few seconds and checks the topic. A
-/// broker that answers without the topic fails the start; one that does not answer (or
-/// refuses the connection, TLS or the login: all logged) is tried again in the background (logged), and meanwhile the sink's
-/// flushes fail, so sensors' batches are held, not lost.
-pub async fn start(config: KafkaConfig) -> Result<(KafkaSink, Kafka), KafkaStartError> {
+/// The brokers as the start found them, before the output runs.
+pub struct Reached {
+    config: KafkaConfig,
+    /// The client and the topic's partition count, if the brokers answered.
+    client: Option<(Arc<Client>, u32)>,
+}
+
+/// Tries the brokers for a few seconds and checks the topic, before anything else starts.
+/// A broker that answers without the topic fails the start; one that does not answer (or
+/// refuses the connection, TLS or the login) is logged, and tried again in the background
+/// once the output runs, meanwhile the sink's flushes fail, so sensors' batches are held.
+pub async fn reach(config: KafkaConfig) -> Result<Reached, KafkaStartError> {
     let brokers = config.brokers.join(",");
-    let totals = Arc::new(Totals::register());
-    let connected = match tokio::time::timeout(START_WAIT, connect(&config)).await {
-        Ok(Ok(connected)) => Some(connected),
+    let client = match tokio::time::timeout(START_WAIT, open_client(&config)).await {
+        Ok(Ok(client)) => Some(client),
         Ok(Err(Failure::NoTopic)) => {
             return Err(KafkaStartError::NoTopic {
                 topic: config.topic,
@@ -189,7 +195,6 @@ pub async fn start(config: KafkaConfig) -> Result<(KafkaSink, Kafka), KafkaStart
             })
         }
         Ok(Err(e)) => {
-            totals.count_error();
             tracing::warn!(
                 "cannot reach the Kafka broker(s) {brokers}: {e}; trying again in the \
                  background with backoff, and holding sensors' batches until the broker \
@@ -198,7 +203,6 @@ pub async fn start(config: KafkaConfig) -> Result<(KafkaSink, Kafka), KafkaStart
             None
         }
         Err(_) => {
-            totals.count_error();
             tracing::warn!(
                 "the Kafka broker(s) {brokers} did not answer within {}s; trying again in \
                  the background with backoff, and holding sensors' batches until the \
@@ -208,12 +212,24 @@ pub async fn start(config: KafkaConfig) -> Result<(KafkaSink, Kafka), KafkaStart
             None
         }
     };
+    Ok(Reached { config, client })
+}
+
+/// Starts the producer (after the metrics endpoint, which its counters register with).
+pub fn start(reached: Reached) -> (KafkaSink, Kafka) {
+    let Reached { config, client } = reached;
+    let totals = Arc::new(Totals::register());
+    if client.is_none() {
+        // The start's failed attempt.
+        totals.count_error();
+    }
     let (messages, incoming) = mpsc::unbounded_channel();
     let progress = Arc::new(Progress::default());
     let topic = config.topic.clone();
+    let brokers = config.brokers.join(",");
     let producer = Producer {
         config,
-        client: connected,
+        client,
         incoming,
         progress: Arc::clone(&progress),
         totals: Arc::clone(&totals),
@@ -224,7 +240,7 @@ pub async fn start(config: KafkaConfig) -> Result<(KafkaSink, Kafka), KafkaStart
         reports: Reports::default(),
     };
     let task = tokio::spawn(producer.run());
-    Ok((
+    (
         KafkaSink {
             interfaces: Vec::new(),
             messages,
@@ -237,7 +253,7 @@ pub async fn start(config: KafkaConfig) -> Result<(KafkaSink, Kafka), KafkaStart
             totals,
             progress,
         },
-    ))
+    )
 }
 
 /// What a connection attempt meets.
@@ -257,7 +273,7 @@ impl std::fmt::Display for Failure {
 }
 
 /// A client, and the number of partitions of the topic.
-async fn connect(config: &KafkaConfig) -> Result<(Arc<Client>, u32), Failure> {
+async fn open_client(config: &KafkaConfig) -> Result<(Arc<Client>, u32), Failure> {
     let mut builder = ClientBuilder::new(config.brokers.clone())
         .client_id(concat!("capstream-receiver/", env!("CARGO_PKG_VERSION")))
         .backoff_config(BackoffConfig {
@@ -382,7 +398,7 @@ impl Producer {
         let mut closed = false;
         loop {
             if self.client.is_none() && Instant::now() >= next_connect {
-                match connect(&self.config).await {
+                match open_client(&self.config).await {
                     Ok(connected) => {
                         self.reports.succeeded();
                         self.connect_backoff.reset();
