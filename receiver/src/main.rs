@@ -347,7 +347,9 @@ async fn open_outputs(
             ))
         })?;
         let mut sink = sink.with_link_type(cli.link_type);
-        if cli.out_path().is_some() {
+        // Beside a file or Kafka, which take every link type, the stream skips (and
+        // counts) the interfaces of another one rather than refuse their sensors.
+        if cli.out_path().is_some() || kafka.is_some() {
             sink = sink.beside_a_file();
         }
         outputs.push(Box::new(sink));

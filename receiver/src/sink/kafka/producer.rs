@@ -598,3 +598,40 @@ impl Producer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backoff_doubles_to_its_ceiling_and_starts_again_after_a_success() {
+        let mut backoff = Backoff::default();
+        let delays: Vec<Duration> = (0..7).map(|_| backoff.delay()).collect();
+        assert_eq!(delays[0], BACKOFF_FIRST);
+        assert_eq!(delays[1], BACKOFF_FIRST * 2);
+        assert_eq!(delays[6], BACKOFF_MAX);
+        backoff.reset();
+        assert_eq!(backoff.delay(), BACKOFF_FIRST);
+    }
+
+    /// Messages the broker never acknowledged are said at exit, and where they are.
+    #[test]
+    fn the_summary_says_what_was_not_acknowledged() {
+        let mut summary = KafkaSummary {
+            topic: "packets".into(),
+            brokers: "k1:9092".into(),
+            messages: 12,
+            bytes: 3_000_000,
+            errors: 2,
+            unacknowledged: 0,
+        };
+        let line = summary.line();
+        assert!(line.contains("12 messages") && line.contains("2 broker error(s)"));
+        assert!(!line.contains("not acknowledged"), "{line}");
+        summary.unacknowledged = 3;
+        assert!(summary
+            .line()
+            .contains("3 message(s) not acknowledged at exit"));
+        assert_eq!(summary.json()["unacknowledged"], 3);
+    }
+}
