@@ -479,7 +479,8 @@ impl Cli {
         }
         match self.kafka.iter().find(|b| !is_loopback_broker(b)) {
             Some(broker) => Err(format!(
-                "--kafka {broker} is not on loopback and would get every captured packet in                  clear: add --kafka-tls or --kafka-ca FILE, or --kafka-allow-plaintext"
+                "--kafka {broker} is not on loopback and would get every captured packet in \
+                 clear: add --kafka-tls or --kafka-ca FILE, or --kafka-allow-plaintext"
             )),
             None => Ok(()),
         }
@@ -516,7 +517,8 @@ impl Cli {
 fn parse_kafka_broker(s: &str) -> Result<String, String> {
     let invalid = || {
         format!(
-            "invalid Kafka broker '{s}': use HOST:PORT, e.g. kafka-1.example:9092,              10.0.0.5:9092 or [2001:db8::5]:9092"
+            "invalid Kafka broker '{s}': use HOST:PORT, e.g. kafka-1.example:9092, \
+             10.0.0.5:9092 or [2001:db8::5]:9092"
         )
     };
     let (host, port) = s.rsplit_once(':').ok_or_else(invalid)?;
