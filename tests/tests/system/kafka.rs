@@ -252,7 +252,17 @@ fn a_broker_frozen_for_10s_loses_and_doubles_nothing() {
     let mut sensors = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let iface = lab.links[i].1.as_str();
-        let args = ["--iface", iface, "--mode", "pcap", "--sensor-id", id];
+        // Batches of half a second: fewer messages for tshark to open one by one.
+        let args = [
+            "--iface",
+            iface,
+            "--mode",
+            "pcap",
+            "--sensor-id",
+            id,
+            "--flush-interval",
+            "500ms",
+        ];
         let sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
         let reference = dir.join(&format!("{id}.pcap"));
         let tcpdump = start_tcpdump(&lab.cap, iface, "", &[], &reference).unwrap();
