@@ -166,10 +166,6 @@ impl Tansu {
         self.proc.signal("CONT")
     }
 
-    pub fn pid(&self) -> u32 {
-        self.proc.pid()
-    }
-
     /// SIGTERM and wait; its exit status after a signal does not matter.
     pub fn stop(&mut self) -> Result<()> {
         let _ = self.proc.signal("CONT");
