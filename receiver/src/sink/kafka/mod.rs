@@ -33,7 +33,7 @@ pub use producer::{reach, start, Kafka, KafkaStartError, KafkaSummary, Reached};
 
 /// How long a flush waits for the broker's acknowledgements before it reports a failure
 /// (the writer then retries it every second, holding everything meanwhile).
-pub const FLUSH_WAIT: Duration = Duration::from_secs(5);
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 /// Compression of the messages by the client (`--kafka-compression`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
