@@ -232,8 +232,10 @@ fn usage_error(program: &str, e: clap::Error, origin: Option<String>) -> ExitCod
 /// Log lines clear the live status line (see [`crate::status`]) rather than run into it.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // object_store logs every retried request; the receiver's uploader says once why.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,object_store=warn"));
+        // object_store and rskafka log every retried request; the receiver says once why.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,object_store=warn,rskafka=warn")
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(crate::status::Stderr)

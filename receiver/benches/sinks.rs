@@ -43,6 +43,7 @@ fn interface() -> SinkInterface {
         filter: "tcp or udp".into(),
         description: "benchmark".into(),
         sensor: "sensor-1".into(),
+        session: "0a1b2c3d".into(),
     }
 }
 

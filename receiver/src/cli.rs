@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use program::units::parse_duration;
 
+use crate::sink::kafka::KafkaCompression;
 use crate::sink::{Format, Precision};
 
 const AFTER_HELP: &str = "\
@@ -67,6 +68,11 @@ Examples:
   Upload the finished capture to an S3-compatible store (here a local MinIO or moto):
     AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... AWS_ENDPOINT_URL=http://127.0.0.1:9000 \\
       receiver --out capture.pcapng --upload s3://captures/site-a
+
+  Every sensor batch as one Kafka message (a pcapng of its own, keyed by sensor and
+  interface), beside the file; the topic must exist:
+    receiver --out capture.pcapng --kafka kafka-1:9093,kafka-2:9093 --kafka-topic packets \\
+      --kafka-ca /etc/kafka/ca.crt --kafka-compression zstd
 
 On first start the receiver creates a self-signed certificate and a token in --state-dir and
 prints the certificate's path and SHA-256 fingerprint: give sensors that file (--ca) or that
@@ -296,6 +302,75 @@ pub struct Cli {
           value_parser = parse_duration)]
     pub upload_timeout: Duration,
 
+    /// Produce every sensor batch as one message to a Kafka topic, through these bootstrap
+    /// brokers, HOST:PORT, comma-separated (e.g. `--kafka 10.0.0.5:9092,10.0.0.6:9092
+    /// --kafka-topic packets`). Each message is one sensor interface's batch as a pcapng of
+    /// its own (any message, written to a file, opens in Wireshark), keyed SENSOR/HOST/IFACE
+    /// so an interface stays in one partition, with headers sensor, interface, session,
+    /// sequence, packets, first_timestamp_ns, last_timestamp_ns, link_type. A batch is
+    /// acknowledged to its sensor only once the broker acknowledged its message (acks from
+    /// all in-sync replicas): a broker outage holds the sensors back, nothing is lost. With
+    /// or without --out. A broker not on loopback needs TLS (--kafka-tls, --kafka-ca) or
+    /// --kafka-allow-plaintext.
+    #[arg(long, value_name = "BROKER[,BROKER...]", value_delimiter = ',',
+          value_parser = parse_kafka_broker, requires = "kafka_topic")]
+    pub kafka: Vec<String>,
+
+    /// The topic of --kafka; it must exist (e.g. `--kafka-topic packets`).
+    #[arg(long, value_name = "TOPIC", value_parser = parse_kafka_topic, requires = "kafka")]
+    pub kafka_topic: Option<String>,
+
+    /// Compress messages in the client: none, snappy, lz4 or zstd (e.g.
+    /// `--kafka-compression zstd`: the most saved, the most CPU). Default none.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "CODEC",
+        default_value = "none",
+        requires = "kafka"
+    )]
+    pub kafka_compression: KafkaCompression,
+
+    /// Reach the brokers over TLS, verified against the system's CA certificates
+    /// (`--kafka-tls`); --kafka-ca verifies against your own CA instead.
+    #[arg(long, requires = "kafka")]
+    pub kafka_tls: bool,
+
+    /// Reach the brokers over TLS, verified against the CA certificates in this PEM file
+    /// (e.g. `--kafka-ca /etc/kafka/ca.crt`).
+    #[arg(long, value_name = "FILE", requires = "kafka")]
+    pub kafka_ca: Option<PathBuf>,
+
+    /// Present this PEM client certificate chain to the brokers (TLS, mutual
+    /// authentication; e.g. `--kafka-cert receiver.crt --kafka-key receiver.key`).
+    #[arg(long, value_name = "FILE", requires_all = ["kafka", "kafka_key"])]
+    pub kafka_cert: Option<PathBuf>,
+
+    /// The PEM private key of --kafka-cert.
+    #[arg(long, value_name = "FILE", requires = "kafka_cert")]
+    pub kafka_key: Option<PathBuf>,
+
+    /// Log in to the brokers with SASL: plain, scram-sha-256 or scram-sha-512, as
+    /// --kafka-user with the password in --kafka-password-file (e.g. `--kafka-sasl
+    /// scram-sha-512 --kafka-user capstream --kafka-password-file /etc/capstream/kafka-pw`).
+    /// PLAIN sends the password as it is: use it over TLS.
+    #[arg(long, value_enum, value_name = "MECHANISM",
+          requires_all = ["kafka", "kafka_user", "kafka_password_file"])]
+    pub kafka_sasl: Option<KafkaSasl>,
+
+    /// The SASL user name of --kafka-sasl.
+    #[arg(long, value_name = "NAME", requires = "kafka_sasl")]
+    pub kafka_user: Option<String>,
+
+    /// The file holding the SASL password of --kafka-sasl (its first line; mode 0600).
+    #[arg(long, value_name = "FILE", requires = "kafka_sasl")]
+    pub kafka_password_file: Option<PathBuf>,
+
+    /// Send to brokers not on loopback without TLS: captures (and a SASL PLAIN password)
+    /// then cross the network in clear.
+    #[arg(long, requires = "kafka")]
+    pub kafka_allow_plaintext: bool,
+
     /// Serve Prometheus metrics over HTTP on this address (e.g. `--metrics 127.0.0.1:9100`,
     /// then `curl -s 127.0.0.1:9100/metrics | grep capstream_`); default: none. A sensor's
     /// series stay 5 minutes after its session ends, then go.
@@ -323,6 +398,16 @@ pub struct Cli {
     /// written. Classic pcap cannot hold keys at all (said once, when such a sensor joins).
     #[arg(long)]
     pub drop_secrets: bool,
+}
+
+/// SASL mechanisms of --kafka-sasl.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KafkaSasl {
+    Plain,
+    #[value(name = "scram-sha-256")]
+    ScramSha256,
+    #[value(name = "scram-sha-512")]
+    ScramSha512,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -425,12 +510,12 @@ impl Cli {
         })
     }
 
-    /// The file or pipe to write: --out, else capture.pcap unless the live stream is the
-    /// only output.
+    /// The file or pipe to write: --out, else capture.pcap unless the live stream or
+    /// Kafka is the only output.
     pub fn out_path(&self) -> Option<&Path> {
         match &self.out {
             Some(out) => Some(out),
-            None if self.is_live() => None,
+            None if self.is_live() || !self.kafka.is_empty() => None,
             None => Some(Path::new("capture.pcap")),
         }
     }
@@ -464,6 +549,21 @@ impl Cli {
         }
     }
 
+    /// A broker reached without TLS, not on loopback, unless allowed: as one line.
+    pub fn check_kafka_exposure(&self) -> Result<(), String> {
+        let tls = self.kafka_tls || self.kafka_ca.is_some() || self.kafka_cert.is_some();
+        if tls || self.kafka_allow_plaintext {
+            return Ok(());
+        }
+        match self.kafka.iter().find(|b| !is_loopback_broker(b)) {
+            Some(broker) => Err(format!(
+                "--kafka {broker} is not on loopback and would get every captured packet in \
+                 clear: add --kafka-tls or --kafka-ca FILE, or --kafka-allow-plaintext"
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Combinations of output flags that mean nothing, as one line for the user.
     pub fn check_outputs(&self) -> Result<(), String> {
         let rotating = self.rotate_size.is_some() || self.rotate_time.is_some();
@@ -489,6 +589,57 @@ impl Cli {
         }
         Ok(())
     }
+}
+
+/// A bootstrap broker: HOST:PORT (an IPv6 address in brackets).
+fn parse_kafka_broker(s: &str) -> Result<String, String> {
+    let invalid = || {
+        format!(
+            "invalid Kafka broker '{s}': use HOST:PORT, e.g. kafka-1.example:9092, \
+             10.0.0.5:9092 or [2001:db8::5]:9092"
+        )
+    };
+    let (host, port) = s.rsplit_once(':').ok_or_else(invalid)?;
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        }
+    };
+    if port_ok && host_ok {
+        Ok(s.to_string())
+    } else {
+        Err(invalid())
+    }
+}
+
+/// Whether a broker given as HOST:PORT is this host.
+fn is_loopback_broker(broker: &str) -> bool {
+    let host = broker.rsplit_once(':').map_or(broker, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A topic name as Kafka takes it: 1 to 249 letters, digits, '.', '_' or '-', not '.' or
+/// '..'.
+fn parse_kafka_topic(s: &str) -> Result<String, String> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if s.is_empty() {
+        return Err("the Kafka topic name is empty: give one, e.g. --kafka-topic packets".into());
+    }
+    if s.len() > 249 || !s.chars().all(legal) || s == "." || s == ".." {
+        return Err(format!(
+            "invalid Kafka topic name '{s}': use 1 to 249 letters, digits, '.', '_' or '-'"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -646,6 +797,47 @@ mod tests {
         ] {
             assert!(Cli::try_parse_from(&args).is_err(), "{args:?}");
         }
+    }
+
+    /// Brokers are HOST:PORT, the topic a legal Kafka name; the receiver then needs no file,
+    /// and a broker off loopback needs TLS or the flag that allows clear text.
+    #[test]
+    fn kafka_brokers_and_topic_are_checked() {
+        for args in [
+            vec!["receiver", "--kafka", "nohost", "--kafka-topic", "t"],
+            vec!["receiver", "--kafka", "h:0", "--kafka-topic", "t"],
+            vec!["receiver", "--kafka", "h:99999", "--kafka-topic", "t"],
+            vec!["receiver", "--kafka", "a b:9092", "--kafka-topic", "t"],
+            vec!["receiver", "--kafka", "[::1:9092", "--kafka-topic", "t"],
+            vec!["receiver", "--kafka", "h:9092", "--kafka-topic", ""],
+            vec!["receiver", "--kafka", "h:9092", "--kafka-topic", "a/b"],
+            vec!["receiver", "--kafka", "h:9092"],
+            vec!["receiver", "--kafka-topic", "t"],
+            vec!["receiver", "--kafka-sasl", "plain"],
+        ] {
+            assert!(Cli::try_parse_from(&args).is_err(), "{args:?}");
+        }
+        let cli = Cli::parse_from([
+            "receiver",
+            "--kafka",
+            "127.0.0.1:9092,[::1]:9093,localhost:9094",
+            "--kafka-topic",
+            "packets.v1",
+        ]);
+        assert_eq!(cli.kafka.len(), 3);
+        assert_eq!(cli.out_path(), None);
+        assert_eq!(cli.check_kafka_exposure(), Ok(()));
+        let remote = Cli::parse_from(["receiver", "--kafka", "k1:9092", "--kafka-topic", "t"]);
+        assert!(remote.check_kafka_exposure().is_err());
+        let tls = Cli::parse_from([
+            "receiver",
+            "--kafka",
+            "k1:9092",
+            "--kafka-topic",
+            "t",
+            "--kafka-tls",
+        ]);
+        assert_eq!(tls.check_kafka_exposure(), Ok(()));
     }
 
     #[test]

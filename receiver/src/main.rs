@@ -91,6 +91,8 @@ fn exit_code(result: Result<()>) -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     cli.check_outputs().map_err(|e| BadInput(anyhow!(e)))?;
     cli.check_exposure().map_err(|e| BadInput(anyhow!(e)))?;
+    cli.check_kafka_exposure()
+        .map_err(|e| BadInput(anyhow!(e)))?;
     // Its file is opened now, so that one that cannot be written is said at once.
     let summary_file = match &cli.summary_json {
         Some(path) => Some(program::private_file::Pending::create(path).map_err(|e| {
@@ -110,6 +112,16 @@ async fn run(cli: Cli) -> Result<()> {
             check_out_dir(out).map_err(BadInput)?;
             Some(pattern)
         }
+        None => None,
+    };
+    // The Kafka output's settings, and whether its broker has the topic (one that does not
+    // answer yet is tried again in the background): said before anything is created.
+    let kafka = match kafka_config(&cli).map_err(BadInput)? {
+        Some(config) => Some(
+            sink::kafka::reach(config)
+                .await
+                .map_err(|e| BadInput(anyhow!(e)))?,
+        ),
         None => None,
     };
     // What sensors must prove, read first: a bad file stops the start before anything else.
@@ -203,7 +215,8 @@ async fn run(cli: Cli) -> Result<()> {
         program::metrics::serve(addr, METRICS_LINGER).map_err(|e| BadInput(anyhow!(e)))?;
     }
     // Opened only once listening works, so a refused start leaves no empty file behind.
-    let (sink, live) = open_outputs(&cli, pattern, uploader.as_ref(), secure.clone()).await?;
+    let Outputs { sink, live, kafka } =
+        open_outputs(&cli, pattern, uploader.as_ref(), secure.clone(), kafka).await?;
     let bound = endpoint.local_addr().unwrap_or(cli.listen);
     if let (Some(path), true) = (&token_path, token_created) {
         tracing::info!("created the token sensors must send, {}", path.display());
@@ -225,6 +238,12 @@ async fn run(cli: Cli) -> Result<()> {
     }
     if let Some(target) = &cli.push_pcap {
         outputs.push(format!("pushing live pcap to TCP {target}"));
+    }
+    if let Some(kafka) = &kafka {
+        outputs.push(format!(
+            "producing to Kafka topic {} on {}",
+            kafka.topic, kafka.brokers
+        ));
     }
     tracing::info!("listening on {bound}, {}", outputs.join(", "));
     tracing::info!(
@@ -284,12 +303,13 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
 
-    let to_file = cli.out_path().is_some_and(|o| o.as_os_str() != "-");
+    // A full disk and a broker outage are waited out; a broken pipe is not.
+    let retry_output = cli.out_path().is_some_and(|o| o.as_os_str() != "-") || kafka.is_some();
     program::status::enable(!cli.no_status);
     let summaries = server::run(
         endpoint,
-        // Output errors are waited out for a file (a full disk), final for a pipe.
-        writer::Writer::new(sink, cli.reorder_window, to_file).with_secrets(secrets_policy(&cli)),
+        writer::Writer::new(sink, cli.reorder_window, retry_output)
+            .with_secrets(secrets_policy(&cli)),
         auth,
         quota::Quotas {
             rate: cli.sensor_rate,
@@ -315,6 +335,13 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(keys) = receiver::sink::secrets::COUNTERS.line() {
         eprintln!("receiver: {keys}");
     }
+    let kafka_summary = match kafka {
+        Some(kafka) => Some(kafka.close().await),
+        None => None,
+    };
+    if let Some(kafka) = &kafka_summary {
+        eprintln!("receiver: {}", kafka.line());
+    }
     // Files completed before a failure are still uploaded, or named as not uploaded.
     let upload_report = match uploader {
         Some(uploader) => Some(uploader.finish(cli.upload_timeout, shutdown_signal()).await),
@@ -328,6 +355,7 @@ async fn run(cli: Cli) -> Result<()> {
             let mut json = stats::summary_json(
                 summaries.as_deref().ok(),
                 live_summary.as_ref(),
+                kafka_summary.as_ref(),
                 upload_report.as_ref(),
             );
             json["tls_keys"] = receiver::sink::secrets::COUNTERS.json();
@@ -350,14 +378,23 @@ fn secrets_policy(cli: &Cli) -> writer::Secrets {
     }
 }
 
+/// The outputs the writer feeds, and the handles main ends them with.
+struct Outputs {
+    sink: Box<dyn Sink>,
+    live: Option<sink::live::Live>,
+    kafka: Option<sink::kafka::Kafka>,
+}
+
 /// The outputs asked for, as the one sink the writer feeds: the live stream first, so that
-/// it is fed even while a file's flush fails, then the file or stdout.
+/// it is fed even while a file's flush fails, then the file or stdout, then Kafka (whose
+/// flush fails while the broker does not answer).
 async fn open_outputs(
     cli: &Cli,
     pattern: Option<Pattern>,
     uploader: Option<&upload::Uploader>,
     secure: Option<sink::live::Secure>,
-) -> Result<(Box<dyn Sink>, Option<sink::live::Live>)> {
+    kafka: Option<sink::kafka::Reached>,
+) -> Result<Outputs> {
     let mut outputs: Vec<Box<dyn Sink>> = Vec::new();
     let mut live = None;
     if cli.is_live() {
@@ -375,7 +412,9 @@ async fn open_outputs(
             ))
         })?;
         let mut sink = sink.with_link_type(cli.link_type);
-        if cli.out_path().is_some() {
+        // Beside a file or Kafka, which take every link type, the stream skips (and
+        // counts) the interfaces of another one rather than refuse their sensors.
+        if cli.out_path().is_some() || kafka.is_some() {
             sink = sink.beside_a_file();
         }
         outputs.push(Box::new(sink));
@@ -413,6 +452,11 @@ async fn open_outputs(
         (Some(_), None) => outputs.push(sink::stdout(cli.format())?),
         (None, _) => {}
     }
+    let kafka = kafka.map(|reached| {
+        let (sink, handle) = sink::kafka::start(reached);
+        outputs.push(Box::new(sink));
+        handle
+    });
     // A classic pcap file or stdout holds the link type given, else the first sensor's.
     let required = cli
         .link_type
@@ -422,7 +466,48 @@ async fn open_outputs(
         (_, None) => Box::new(Tee::new(outputs)),
         (_, Some(link_type)) => Box::new(Tee::new(outputs).requiring_link_type(link_type)),
     };
-    Ok((sink, live))
+    Ok(Outputs { sink, live, kafka })
+}
+
+/// What --kafka and its options ask for: TLS and SASL read and checked now.
+fn kafka_config(cli: &Cli) -> Result<Option<sink::kafka::KafkaConfig>> {
+    let Some(topic) = cli.kafka_topic.clone().filter(|_| !cli.kafka.is_empty()) else {
+        return Ok(None);
+    };
+    let client = cli.kafka_cert.as_deref().zip(cli.kafka_key.as_deref());
+    let tls = if cli.kafka_tls || cli.kafka_ca.is_some() || client.is_some() {
+        Some(tls::kafka_client_config(cli.kafka_ca.as_deref(), client)?)
+    } else {
+        None
+    };
+    let sasl = match (cli.kafka_sasl, &cli.kafka_user, &cli.kafka_password_file) {
+        (Some(mechanism), Some(user), Some(file)) => {
+            use rskafka::client::{Credentials, SaslConfig};
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read --kafka-password-file {}", file.display()))?;
+            let password = text.lines().next().unwrap_or_default().to_string();
+            if password.is_empty() {
+                return Err(anyhow!(
+                    "--kafka-password-file {} holds no password on its first line",
+                    file.display()
+                ));
+            }
+            let credentials = Credentials::new(user.clone(), password);
+            Some(match mechanism {
+                cli::KafkaSasl::Plain => SaslConfig::Plain(credentials),
+                cli::KafkaSasl::ScramSha256 => SaslConfig::ScramSha256(credentials),
+                cli::KafkaSasl::ScramSha512 => SaslConfig::ScramSha512(credentials),
+            })
+        }
+        _ => None,
+    };
+    Ok(Some(sink::kafka::KafkaConfig {
+        brokers: cli.kafka.clone(),
+        topic,
+        compression: cli.kafka_compression,
+        tls,
+        sasl,
+    }))
 }
 
 async fn start_uploader(

@@ -591,6 +591,7 @@ impl Merge {
         w.ahead = w.ahead.saturating_add(u64::from(ahead));
         if batch.packets.peek().is_none() {
             let sequence = batch.sequence;
+            sink.end_batch(source.interface, sequence)?;
             source.batches.pop_front();
             // A session is removed only once all its packets are written, so it is here.
             if let Some(s) = self.sessions.get_mut(&source.session) {

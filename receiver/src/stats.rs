@@ -2,6 +2,7 @@
 //! `--summary-json`.
 
 use protocol::{DropReason, Stats};
+use receiver::sink::kafka::KafkaSummary;
 use receiver::sink::live::LiveSummary;
 use serde_json::{json, Value};
 
@@ -170,11 +171,13 @@ impl SensorSummary {
 pub fn summary_json(
     sessions: Option<&[SensorSummary]>,
     live: Option<&LiveSummary>,
+    kafka: Option<&KafkaSummary>,
     upload: Option<&UploadReport>,
 ) -> Value {
     json!({
         "sessions": sessions.map(|s| s.iter().map(SensorSummary::json).collect::<Vec<_>>()),
         "live_stream": live.map(LiveSummary::json),
+        "kafka": kafka.map(KafkaSummary::json),
         "upload": upload.map(UploadReport::json),
     })
 }
@@ -236,7 +239,7 @@ mod tests {
             },
             stats: None,
         };
-        let json = summary_json(Some(&[summary]), None, None);
+        let json = summary_json(Some(&[summary]), None, None, None);
         let session = &json["sessions"][0];
         assert_eq!(session["label"], "sensor s (h, 127.0.0.1:1)");
         assert_eq!(session["written"]["packets"], 3);
@@ -244,6 +247,6 @@ mod tests {
         assert_eq!(session["received"]["duplicates"], 1);
         assert!(session["sensor_stats"].is_null());
         assert!(json["live_stream"].is_null() && json["upload"].is_null());
-        assert!(summary_json(None, None, None)["sessions"].is_null());
+        assert!(summary_json(None, None, None, None)["sessions"].is_null());
     }
 }

@@ -65,16 +65,60 @@ pub fn load_or_create(dir: &Path, extra_names: &[String]) -> Result<Identity> {
 /// `--client-ca`: the CA certificates (PEM, one or more) that sensors' client certificates
 /// must chain to.
 pub fn client_roots(path: &Path) -> Result<rustls::RootCertStore> {
+    ca_roots(path, "--client-ca")
+}
+
+/// The CA certificates in the PEM file `path` given as `flag`.
+fn ca_roots(path: &Path, flag: &str) -> Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in read_certs(path).context("--client-ca")? {
+    for cert in read_certs(path).context(flag.to_string())? {
         roots.add(cert).with_context(|| {
             format!(
-                "--client-ca {}: a certificate is not usable as a CA",
+                "{flag} {}: a certificate is not usable as a CA",
                 path.display()
             )
         })?;
     }
     Ok(roots)
+}
+
+/// TLS to the Kafka brokers: verified against the CAs in `ca` (`--kafka-ca`), else the
+/// system's; presenting `client` (`--kafka-cert`, `--kafka-key`) when given.
+pub fn kafka_client_config(
+    ca: Option<&Path>,
+    client: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>> {
+    let roots = match ca {
+        Some(path) => ca_roots(path, "--kafka-ca")?,
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                bail!(
+                    "--kafka-tls: no CA certificate found on this system ({} error(s)); give \
+                     the brokers' CA with --kafka-ca FILE",
+                    found.errors.len()
+                );
+            }
+            roots
+        }
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("no TLS version available")?
+        .with_root_certificates(roots);
+    let config = match client {
+        Some((cert, key)) => {
+            let identity = load(cert, key).context("--kafka-cert")?;
+            builder
+                .with_client_auth_cert(identity.chain, identity.key)
+                .context("--kafka-cert and --kafka-key do not match")?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
 }
 
 /// The names a receiver certificate holds: localhost, the loopback addresses, this host's

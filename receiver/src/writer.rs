@@ -449,6 +449,7 @@ impl Writer {
                     clean(&hello.os),
                 ),
                 sensor: sensor.clone(),
+                session: tag.clone(),
             })
             .collect();
         self.sink.check(&wanted).map_err(|refusal| match refusal {

@@ -6,6 +6,7 @@
 
 pub mod capstream;
 pub mod corpus;
+pub mod kafka;
 pub mod moto;
 mod netns;
 pub mod pcap_over_ip;

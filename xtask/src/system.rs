@@ -118,22 +118,72 @@ pub fn setup() -> Result<()> {
             cmd("rustup", &["target", "add", target])?;
         }
     }
-    install_moto()
+    install_moto()?;
+    install_tansu()?;
+    install_kafka_python()
 }
 
-/// moto's S3 server and boto3, from PyPI, into their own virtualenv: Debian's pip refuses
-/// system-wide installs.
+/// tansu, the Kafka-protocol broker of the Kafka output's tests, built from crates.io
+/// (about 11 minutes on two cores, once; cached in ~/.cache/capstream/tansu).
+fn install_tansu() -> Result<()> {
+    if testbed::kafka::tansu_bin().exists() {
+        return Ok(());
+    }
+    let root = testbed::kafka::tansu_root();
+    let root_arg = root.to_string_lossy();
+    eprintln!(
+        "xtask: building tansu {} into {root_arg} (the Kafka broker of the Kafka output's \
+         tests; about 11 minutes on two cores, once)",
+        testbed::kafka::TANSU_VERSION
+    );
+    cmd(
+        "cargo",
+        &[
+            "install",
+            "tansu",
+            "--version",
+            testbed::kafka::TANSU_VERSION,
+            "--features",
+            testbed::kafka::TANSU_FEATURES,
+            "--locked",
+            "--root",
+            &root_arg,
+        ],
+    )
+}
+
+/// kafka-python, the independent consumer of the Kafka output's tests.
+fn install_kafka_python() -> Result<()> {
+    if testbed::kafka::kafka_python_installed() {
+        return Ok(());
+    }
+    install_venv(
+        &testbed::kafka::kafka_venv(),
+        testbed::kafka::KAFKA_PYTHON_REQUIREMENTS,
+        "kafka-python and zstandard (the Kafka tests' consumer)",
+    )
+}
+
+/// moto's S3 server and boto3, the upload tests' store and client.
 fn install_moto() -> Result<()> {
     if testbed::moto::moto_installed() {
         return Ok(());
     }
-    let venv = testbed::moto::moto_venv();
+    install_venv(
+        &testbed::moto::moto_venv(),
+        &[testbed::moto::MOTO_REQUIREMENT],
+        "moto (the S3 server of the upload tests)",
+    )
+}
+
+/// `requirements` from PyPI into a virtualenv of its own at `venv` (Debian's pip refuses
+/// system-wide installs).
+fn install_venv(venv: &std::path::Path, requirements: &[&str], what: &str) -> Result<()> {
     let venv_arg = venv.to_string_lossy();
-    eprintln!("xtask: installing moto into {venv_arg} (the S3 server of the upload tests)");
+    eprintln!("xtask: installing {what} into {venv_arg}");
     cmd("python3", &["-m", "venv", &venv_arg])?;
     let pip = venv.join("bin/pip");
-    cmd(
-        &pip.to_string_lossy(),
-        &["install", "-q", testbed::moto::MOTO_REQUIREMENT],
-    )
+    let mut args = vec!["install", "-q"];
+    args.extend_from_slice(requirements);
+    cmd(&pip.to_string_lossy(), &args)
 }

@@ -745,6 +745,7 @@ mod tests {
             filter: String::new(),
             description: String::new(),
             sensor: "s".into(),
+            session: "0a1b2c3d".into(),
         }
     }
 

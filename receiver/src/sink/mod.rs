@@ -1,8 +1,10 @@
 //! Outputs, each behind the [`Sink`] trait; the merge feeds one sink packets in timestamp
 //! order. Formats (pcap, pcapng) are sinks over any writer; outputs are stdout, files (with
-//! rotation and a file per sensor) and the live pcap stream; a tee feeds several outputs.
+//! rotation and a file per sensor), the live pcap stream and a Kafka topic; a tee feeds
+//! several outputs.
 
 pub mod files;
+pub mod kafka;
 pub mod live;
 mod pcap;
 mod pcapng;
@@ -48,6 +50,9 @@ pub struct SinkInterface {
     /// The sensor's name (its certificate's, else the id it gives), free of control
     /// characters; it keys the file of each sensor with `--split-by sensor`.
     pub sensor: String,
+    /// The sensor session's public tag (8 hex digits), as logs and metrics name it: Kafka
+    /// messages carry it, so that a batch sent again after a restart is recognised.
+    pub session: String,
 }
 
 /// A packet on its way out. `data` borrows the batch buffer.
@@ -93,6 +98,12 @@ pub trait Sink: Send {
     /// what it writes next. Returns whether the output kept them.
     fn write_secrets(&mut self, _interface: u32, _lines: &[u8]) -> io::Result<bool> {
         Ok(false)
+    }
+
+    /// The last packet of the sensor's batch `sequence` on `interface` has been written:
+    /// outputs that keep batches whole (Kafka, a message each) send it on.
+    fn end_batch(&mut self, _interface: u32, _sequence: u64) -> io::Result<()> {
+        Ok(())
     }
 
     /// Records an interface's final counters (where the format has a place for them).

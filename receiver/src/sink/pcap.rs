@@ -228,6 +228,7 @@ mod tests {
             filter: String::new(),
             description: String::new(),
             sensor: name.into(),
+            session: "0a1b2c3d".into(),
         }
     }
 

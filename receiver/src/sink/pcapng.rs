@@ -230,6 +230,7 @@ mod tests {
             filter: filter.into(),
             description: "sensor s1 on h (linux)".into(),
             sensor: "s1".into(),
+            session: "0a1b2c3d".into(),
         }
     }
 

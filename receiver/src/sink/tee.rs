@@ -34,6 +34,24 @@ impl Tee {
     }
 }
 
+impl Tee {
+    /// Calls `f` on every output with the interface's index there.
+    fn each_output(
+        &mut self,
+        interface: u32,
+        mut f: impl FnMut(&mut dyn Sink, u32) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let indexes = self
+            .interfaces
+            .get(interface as usize)
+            .ok_or_else(unknown_interface)?;
+        for (output, &idx) in self.outputs.iter_mut().zip(indexes) {
+            f(output.as_mut(), idx)?;
+        }
+        Ok(())
+    }
+}
+
 impl Sink for Tee {
     fn check(&self, interfaces: &[SinkInterface]) -> Result<(), Refusal> {
         if let Some(required) = self.link_type {
@@ -85,15 +103,12 @@ impl Sink for Tee {
         Ok(kept)
     }
 
+    fn end_batch(&mut self, interface: u32, sequence: u64) -> io::Result<()> {
+        self.each_output(interface, |output, idx| output.end_batch(idx, sequence))
+    }
+
     fn write_stats(&mut self, interface: u32, stats: &InterfaceStats) -> io::Result<()> {
-        let indexes = self
-            .interfaces
-            .get(interface as usize)
-            .ok_or_else(unknown_interface)?;
-        for (output, &idx) in self.outputs.iter_mut().zip(indexes) {
-            output.write_stats(idx, stats)?;
-        }
-        Ok(())
+        self.each_output(interface, |output, idx| output.write_stats(idx, stats))
     }
 
     fn update_stats(&mut self, interface: u32, stats: &InterfaceStats) {
@@ -170,6 +185,7 @@ mod tests {
             filter: String::new(),
             description: String::new(),
             sensor: "s".into(),
+            session: "0a1b2c3d".into(),
         }
     }
 

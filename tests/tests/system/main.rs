@@ -8,6 +8,7 @@ mod backpressure;
 mod config;
 mod deploy;
 mod faults;
+mod kafka;
 mod live_capture;
 mod live_stream;
 mod metrics;

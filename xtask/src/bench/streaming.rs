@@ -1,5 +1,7 @@
-//! Streaming: `sensor --read BIG.pcap` into a receiver on loopback, against the same file
-//! through `tcpdump -r BIG.pcap -U -w - | socat OPENSSL` into `socat OPENSSL-LISTEN > out`.
+//! Streaming: `sensor --read BIG.pcap` into a receiver on loopback writing a file, the same
+//! into a receiver producing to Kafka (a tansu broker in memory, `--kafka`), against the
+//! same file through `tcpdump -r BIG.pcap -U -w - | socat OPENSSL` into
+//! `socat OPENSSL-LISTEN > out`.
 //!
 //! Two files of about [`TARGET_BYTES`] of packet data: the shared corpus looped (realistic
 //! traffic), and Ethernet/IPv4/UDP frames of 1500 bytes with random payloads
@@ -13,6 +15,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use testbed::capstream::{summary_figure, Receiver, Scratch};
+use testbed::kafka::Tansu;
 use testbed::{Netns, SummaryFile};
 
 use super::pipeline::{command_in, path_arg, start_tunnel, start_writer, wait_ok, TlsPair};
@@ -25,17 +28,26 @@ const RANDOM_FRAME: usize = 1500;
 #[derive(Clone, Copy, PartialEq)]
 enum Who {
     Sensor,
+    SensorKafka,
     Pipeline,
 }
 
 impl Who {
+    const ALL: [Self; 3] = [Self::Sensor, Self::SensorKafka, Self::Pipeline];
+
     fn name(self) -> &'static str {
         match self {
             Self::Sensor => "sensor --read | receiver",
+            Self::SensorKafka => "sensor --read | receiver --kafka",
             Self::Pipeline => "tcpdump -r | socat TLS -> socat > file",
         }
     }
 }
+
+/// The Kafka topic of the Kafka runs, on a broker started for each run (it keeps
+/// everything in memory).
+const KAFKA_TOPIC: &str = "bench";
+const KAFKA_PORT: u16 = 9092;
 
 /// One input file.
 struct Traffic {
@@ -72,9 +84,9 @@ pub fn run(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
 
     let mut results: Vec<(&Traffic, Who, Vec<Run>)> = Vec::new();
     for t in &traffic {
-        let mut runs = [Vec::new(), Vec::new()];
+        let mut runs = [Vec::new(), Vec::new(), Vec::new()];
         for round in 1..=rounds {
-            for (i, who) in [Who::Sensor, Who::Pipeline].into_iter().enumerate() {
+            for (i, who) in Who::ALL.into_iter().enumerate() {
                 eprintln!(
                     "xtask: streaming {}, round {round}/{rounds}: {}",
                     t.label,
@@ -82,6 +94,7 @@ pub fn run(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
                 );
                 let run = match who {
                     Who::Sensor => sensor_run(&ns, t, ticks),
+                    Who::SensorKafka => sensor_kafka_run(&ns, t, ticks),
                     Who::Pipeline => pipeline_run(&ns, &tls, t, ticks),
                 }
                 .with_context(|| format!("{} on {}", who.name(), t.label))?;
@@ -97,9 +110,9 @@ pub fn run(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
                 runs[i].push(run);
             }
         }
-        let [sensor, pipeline] = runs;
-        results.push((t, Who::Sensor, sensor));
-        results.push((t, Who::Pipeline, pipeline));
+        for (who, runs) in Who::ALL.into_iter().zip(runs) {
+            results.push((t, who, runs));
+        }
     }
     for t in &traffic {
         let _ = std::fs::remove_file(&t.path);
@@ -148,7 +161,44 @@ pub(super) fn sensor_reading(
 /// written) every batch.
 fn sensor_run(ns: &Netns, t: &Traffic, ticks: f64) -> Result<Run> {
     let dir = Scratch::new("bench-stream-run")?;
-    let (mut receiver, out) = Receiver::writing(Some(ns), &dir, "out.pcap", &[])?;
+    let (receiver, out) = Receiver::writing(Some(ns), &dir, "out.pcap", &[])?;
+    let mut run = timed_sensor(ns, t, ticks, &dir, receiver)?.0;
+    run.written = count_records(&out)?;
+    Ok(run)
+}
+
+/// [`sensor_run`] into a receiver whose one output is a Kafka topic: a batch is
+/// acknowledged once the broker acknowledged its message. What was written is the
+/// receiver's count of the packets it handed over, all acknowledged by the broker.
+fn sensor_kafka_run(ns: &Netns, t: &Traffic, ticks: f64) -> Result<Run> {
+    let dir = Scratch::new("bench-stream-run")?;
+    let mut broker = Tansu::start(Some(ns), KAFKA_PORT)?;
+    broker.create_topic(KAFKA_TOPIC, 3)?;
+    let bootstrap = broker.bootstrap();
+    let receiver = Receiver::start(
+        Some(ns),
+        &dir.join("state"),
+        4433,
+        &["--kafka", &bootstrap, "--kafka-topic", KAFKA_TOPIC],
+    )?;
+    let (mut run, summary) = timed_sensor(ns, t, ticks, &dir, receiver)?;
+    broker.stop()?;
+    if summary_figure(&summary, "/kafka/unacknowledged")? != 0 {
+        bail!("messages left unacknowledged by the broker:\n{summary:#}");
+    }
+    run.written = summary_figure(&summary, "/sessions/0/written/packets")?;
+    Ok(run)
+}
+
+/// Times the sensor reading `t` into `receiver`, then stops the receiver; returns the
+/// run's figures (but what was written) and the receiver's exit summary.
+fn timed_sensor(
+    ns: &Netns,
+    t: &Traffic,
+    ticks: f64,
+    dir: &Scratch,
+    mut receiver: Receiver,
+) -> Result<(Run, serde_json::Value)> {
     let log = dir.join("sensor.log");
     let summary = SummaryFile::new("sensor")?;
     let summary_arg = summary.arg();
@@ -173,15 +223,15 @@ fn sensor_run(ns: &Netns, t: &Traffic, ticks: f64) -> Result<Run> {
     let summary = summary.read()?;
     let raw = summary_figure(&summary, "/interfaces/0/raw_bytes")?;
     let wire = summary_figure(&summary, "/interfaces/0/wire_bytes")?;
-    let written = count_records(&out)?;
-    Ok(Run {
-        written,
+    let run = Run {
+        written: 0,
         seconds,
         ratio: raw as f64 / wire.max(1) as f64,
         sender_cpu,
         writer_cpu: receiver_after - receiver_before,
         writer_rss_kib,
-    })
+    };
+    Ok((run, receiver.proc.summary()?))
 }
 
 /// `tcpdump -r FILE -U -w - | socat -u STDIN OPENSSL:...` into `socat -u OPENSSL-LISTEN:...
@@ -354,21 +404,22 @@ fn table(results: &[(&Traffic, Who, Vec<Run>)], rounds: usize) -> String {
     );
     let _ = writeln!(
         out,
-        "| traffic | who | packets | packet data MB | seconds | MB/s | compression ratio | sender CPU s | writer CPU s | writer peak RSS MiB |"
+        "| traffic | who | packets | packet data MB | seconds | MB/s | compression ratio | sender CPU s | writer CPU s | writer CPU ms/MB | writer peak RSS MiB |"
     );
     let _ = writeln!(
         out,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     let mut verdicts = String::new();
-    let mut rates: Vec<f64> = Vec::new();
+    // The sensor's rate into a file, for the verdict against the pipeline.
+    let mut sensor_rate = 0.0;
     for (t, who, runs) in results {
         let pick = |f: &dyn Fn(&Run) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
         let mb = t.bytes as f64 / 1e6;
         let rate = pick(&|r| mb / r.seconds);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {mb:.0} | {:.2} | {rate:.0} | {:.2} | {:.2} | {:.2} | {:.1} |",
+            "| {} | {} | {} | {mb:.0} | {:.2} | {rate:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} |",
             t.label,
             super::cell(who.name()),
             t.packets,
@@ -376,11 +427,14 @@ fn table(results: &[(&Traffic, Who, Vec<Run>)], rounds: usize) -> String {
             pick(&|r| r.ratio),
             pick(&|r| r.sender_cpu),
             pick(&|r| r.writer_cpu),
+            pick(&|r| r.writer_cpu * 1e3 / mb),
             pick(&|r| r.writer_rss_kib as f64) / 1024.0,
         );
-        rates.push(rate);
+        if *who == Who::Sensor {
+            sensor_rate = rate;
+        }
         if *who == Who::Pipeline {
-            let sensor = rates[rates.len() - 2];
+            let sensor = sensor_rate;
             let x = sensor / rate;
             let _ = writeln!(
                 verdicts,
@@ -409,6 +463,7 @@ fn to_json(results: &[(&Traffic, Who, Vec<Run>)]) -> String {
                 "compression_ratio": super::milli(run.ratio),
                 "sender_cpu_s": super::milli(run.sender_cpu),
                 "writer_cpu_s": super::milli(run.writer_cpu),
+                "writer_cpu_ms_per_mb": super::milli(run.writer_cpu * 1e9 / t.bytes as f64),
                 "writer_peak_rss_kib": run.writer_rss_kib,
             })
         })

@@ -322,6 +322,7 @@ mod tests {
                 filter: String::new(),
                 description: String::new(),
                 sensor: "h".into(),
+                session: "0a1b2c3d".into(),
             },
         )
         .unwrap();

@@ -409,6 +409,7 @@ mod tests {
             filter: String::new(),
             description: String::new(),
             sensor: sensor.into(),
+            session: "0a1b2c3d".into(),
         }
     }
 
