@@ -43,6 +43,8 @@ mod tests {
             os: String::new(),
             interfaces: Vec::new(),
             token: None,
+            available: Vec::new(),
+            on_demand: false,
         };
         assert_eq!(sensor_name(&hello, None), "idforged");
         assert_eq!(sensor_name(&hello, Some("cert\u{9}name")), "certname");

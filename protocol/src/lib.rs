@@ -21,6 +21,7 @@ mod codec;
 #[doc(hidden)]
 pub mod decode_check;
 mod message;
+mod on_demand;
 
 pub use batch::{BatchBuilder, Direction, EncodedBatch, Packet, PacketIter, PushOutcome};
 pub use codec::DecodeError;
@@ -29,9 +30,13 @@ pub use message::{
     ErrorMsg, Goodbye, Hello, InterfaceInfo, InterfaceStats, Message, MessageType, Stats,
     FRAME_HEADER_LEN, MAX_HELLO_LEN, SESSION_SECRET_LEN,
 };
+pub use on_demand::{
+    CaptureEnded, CaptureLimits, CaptureRequest, CaptureStarted, CaptureTarget, ListedSensor,
+    SensorList, ViewerHello, MAX_LISTED_INTERFACES, MAX_LISTED_SENSORS, MAX_TARGETS,
+};
 
 /// The protocol version this build speaks. A peer with another version is refused.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Four bytes at the start of every Hello, so that a peer speaking another protocol is
 /// recognised at once rather than misread.
@@ -53,3 +58,7 @@ pub const MAX_TOKEN_LEN: usize = 1024;
 /// ALPN protocol name carried in the TLS handshake, so a QUIC peer of another
 /// application is refused during the handshake.
 pub const ALPN: &[u8] = b"capstream/1";
+
+/// ALPN of the receiver's viewer endpoint (`receiver --viewer-listen`), where viewers list
+/// sensors and start on-demand captures.
+pub const VIEWER_ALPN: &[u8] = b"capstream-viewer/1";

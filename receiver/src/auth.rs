@@ -395,6 +395,8 @@ mod tests {
             os: "o".into(),
             interfaces: Vec::new(),
             token: t,
+            available: Vec::new(),
+            on_demand: false,
         };
         let open = Auth::default();
         assert!(open.check_token(&hello(None)).is_ok());

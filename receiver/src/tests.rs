@@ -166,6 +166,8 @@ pub(crate) fn hello(session_id: u64, host: &str) -> Hello {
             filter: "port 53".into(),
         }],
         token: None,
+        available: Vec::new(),
+        on_demand: false,
     }
 }
 

@@ -436,6 +436,8 @@ fn seed_messages() -> Vec<(&'static str, Message)> {
             },
         ],
         token: AuthToken::new(&b"a shared token of 32 bytes......"[..]),
+        available: vec!["eth0".into(), "eth1".into()],
+        on_demand: true,
     };
     let mut snappy = BatchBuilder::new(64 * 1024);
     let mut stored = BatchBuilder::new(64 * 1024);
