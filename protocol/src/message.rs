@@ -283,6 +283,9 @@ impl ErrorCode {
     /// The session cannot be resumed (it ended, or belongs to another sensor): the sensor
     /// starts a new session and sends what it holds there.
     pub const SESSION_REFUSED: Self = Self(8);
+    /// An on-demand capture, or a viewer, was refused: not allowed, not authenticated, a
+    /// filter libpcap rejects, an unknown sensor or interface. The message says which.
+    pub const CAPTURE_REFUSED: Self = Self(9);
 }
 
 /// A fatal error: the sender closes the session after it.

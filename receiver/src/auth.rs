@@ -55,10 +55,15 @@ impl Auth {
     /// Checks the Hello's token. `Err` says, for the log, what was wrong; no token is ever
     /// shown.
     pub fn check_token(&self, hello: &Hello) -> Result<(), &'static str> {
+        self.check(hello.token.as_ref())
+    }
+
+    /// Checks a token given (a sensor's Hello's, a viewer's).
+    pub fn check(&self, given: Option<&AuthToken>) -> Result<(), &'static str> {
         let Some(expected) = &self.token else {
             return Ok(());
         };
-        let Some(given) = &hello.token else {
+        let Some(given) = given else {
             return Err("no token");
         };
         ring::hmac::verify(&expected.key, given.as_bytes(), expected.tag.as_ref())
@@ -70,8 +75,13 @@ impl Auth {
 /// random bytes as 64 hex digits and a newline, mode 0600, never over an existing file nor
 /// through a symlink), then kept. Returns its path and whether it was just created.
 pub fn load_or_create_token(dir: &Path) -> anyhow::Result<(PathBuf, bool)> {
+    load_or_create_token_file(dir, "token")
+}
+
+/// `dir/name`, a token created on first need as [`load_or_create_token`] says.
+pub fn load_or_create_token_file(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, bool)> {
     use anyhow::Context;
-    let path = dir.join("token");
+    let path = dir.join(name);
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create state directory {}", dir.display()))?;
     let mut file = match crate::tls::create_private(&path) {

@@ -191,6 +191,29 @@ pub struct Cli {
     #[arg(long, requires = "serve_pcap")]
     pub serve_pcap_allow_remote: bool,
 
+    // The viewer role (README "Wireshark on demand").
+    /// Serve viewers (Wireshark's capstream-extcap) on this UDP address, over QUIC and TLS
+    /// 1.3 with this receiver's certificate: they list the connected sensors and their
+    /// interfaces, and start on-demand captures on sensors run with --allow-on-demand,
+    /// whose packets they get live, merged in time order (e.g. `--viewer-listen
+    /// [::]:4434`). Viewers prove themselves with the viewer token (--viewer-token-file),
+    /// never a sensor's, or a client certificate (--viewer-ca). Default: no viewers.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub viewer_listen: Option<SocketAddr>,
+
+    /// The token viewers must give (the file's content, at least 16 bytes), apart from the
+    /// sensors' (e.g. `--viewer-token-file /etc/capstream/viewer-token`); default:
+    /// <state-dir>/viewer-token, generated on first need (0600, 64 hex digits). A file that
+    /// holds the sensors' token is refused.
+    #[arg(long, value_name = "PATH")]
+    pub viewer_token_file: Option<PathBuf>,
+
+    /// Also accept viewers with a client certificate signed by a CA in this PEM file, which
+    /// names them in the logs (e.g. `--viewer-ca /etc/capstream/pki/ca.crt`, certificates
+    /// from `receiver certs sensor NAME`); viewers without one still need the viewer token.
+    #[arg(long, value_name = "FILE", requires = "viewer_listen")]
+    pub viewer_ca: Option<PathBuf>,
+
     /// Start a new file before writing to one this large (e.g. `--rotate-size 1GiB`). Files
     /// never replace one another: a name already taken gets a counter (cap-1.pcap).
     #[arg(long, value_name = "BYTES", value_parser = parse_rotate_size)]

@@ -19,6 +19,8 @@ mod stats;
 mod telemetry;
 mod tls;
 mod upload;
+mod viewer;
+mod viewer_token;
 mod writer;
 
 #[cfg(test)]
@@ -158,7 +160,7 @@ async fn run(cli: Cli) -> Result<()> {
         Some(identity) => identity,
         None => tls::load_or_create(&state_dir(&cli)?, &cli.cert_name).map_err(BadInput)?,
     };
-    let auth = auth::Auth::new(token, client_roots.is_some());
+    let auth = auth::Auth::new(token.clone(), client_roots.is_some());
     let server_config = tls::server_config(&identity, client_roots).map_err(BadInput)?;
     let reset_key = match state_dir(&cli).and_then(|dir| tls::reset_key(&dir)) {
         Ok(key) => key,
@@ -239,6 +241,18 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
 
+    let sensors = std::sync::Arc::new(viewer::Sensors::default());
+    if let Some(addr) = cli.viewer_listen {
+        let (endpoint, viewer_auth) =
+            viewer_endpoint(&cli, addr, &identity, token.as_ref()).map_err(BadInput)?;
+        tokio::spawn(viewer::serve(
+            endpoint,
+            std::sync::Arc::clone(&sensors),
+            std::sync::Arc::new(viewer_auth),
+            cli.reorder_window,
+        ));
+    }
+
     let to_file = cli.out_path().is_some_and(|o| o.as_os_str() != "-");
     program::status::enable(!cli.no_status);
     let summaries = server::run(
@@ -251,6 +265,7 @@ async fn run(cli: Cli) -> Result<()> {
             rate: cli.sensor_rate,
             held: cli.sensor_held,
         },
+        sensors,
         shutdown_signal(),
     )
     .await;
@@ -533,6 +548,50 @@ fn state_dir(cli: &Cli) -> Result<PathBuf> {
             .map(|d| d.join("capstream"))
             .context("no per-user data directory here: pass --state-dir"),
     }
+}
+
+/// The viewer role's endpoint (`--viewer-listen`) and what viewers must prove: the viewer
+/// token (never the sensors' `sensor_token`), or a certificate from `--viewer-ca`.
+fn viewer_endpoint(
+    cli: &Cli,
+    addr: std::net::SocketAddr,
+    identity: &tls::Identity,
+    sensor_token: Option<&protocol::AuthToken>,
+) -> Result<(quinn::Endpoint, viewer::ViewerAuth)> {
+    let roots = match &cli.viewer_ca {
+        Some(path) => Some(tls::roots_of(path, "--viewer-ca")?),
+        None => None,
+    };
+    let (token, path, created) =
+        viewer_token::load(cli.viewer_token_file.as_deref(), &state_dir(cli)?)?;
+    if sensor_token == Some(&token) {
+        return Err(anyhow!(
+            "the viewer token in {} is the sensors' token: viewers need a token of their own \
+             (leave out --viewer-token-file to have one made)",
+            path.display()
+        ));
+    }
+    let config = tls::viewer_server_config(identity, roots)?;
+    let endpoint = quinn::Endpoint::server(config, addr).map_err(|e| {
+        anyhow!("cannot listen on UDP {addr} for --viewer-listen: {e} (is something else there?)")
+    })?;
+    if created {
+        tracing::info!("created the viewer token, {}", path.display());
+    }
+    let bound = endpoint.local_addr().unwrap_or(addr);
+    match &cli.viewer_ca {
+        Some(ca) => tracing::info!(
+            "serving viewers on UDP {bound}: they need the viewer token in {} or a client \
+             certificate from {}",
+            path.display(),
+            ca.display()
+        ),
+        None => tracing::info!(
+            "serving viewers on UDP {bound}: they need the viewer token in {}",
+            path.display()
+        ),
+    }
+    Ok((endpoint, viewer::ViewerAuth::new(token, cli.viewer_ca.is_some())))
 }
 
 /// The first SIGINT or SIGTERM (Ctrl-C elsewhere).

@@ -16,6 +16,7 @@ use crate::connection::connection;
 use crate::quota::Quotas;
 use crate::sink::Sink;
 use crate::stats::SensorSummary;
+use crate::viewer::Sensors;
 use crate::writer::{ConnId, Event, Writer};
 
 /// Sensors connected at once, their Hello accepted.
@@ -45,6 +46,7 @@ pub async fn run(
     retry_output: bool,
     auth: Auth,
     quotas: Quotas,
+    sensors: Arc<Sensors>,
     stop: impl Future<Output = ()>,
 ) -> Result<Vec<SensorSummary>> {
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
@@ -56,6 +58,7 @@ pub async fn run(
         events_tx,
         Arc::new(auth),
         quotas,
+        sensors,
         shutdown_rx,
     ));
     let result = tokio::select! {
@@ -80,6 +83,7 @@ pub async fn serve(
     events: mpsc::Sender<Event>,
     auth: Arc<Auth>,
     quotas: Quotas,
+    sensors: Arc<Sensors>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tasks = JoinSet::new();
@@ -132,6 +136,7 @@ pub async fn serve(
                     events.clone(),
                     Arc::clone(&auth),
                     quotas,
+                    Arc::clone(&sensors),
                     shutdown.clone(),
                 ));
             }

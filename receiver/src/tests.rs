@@ -79,6 +79,7 @@ fn spawn_server(
         false,
         auth,
         quotas,
+        Default::default(),
         async {
             let _ = stopped.await;
         },

@@ -65,11 +65,16 @@ pub fn load_or_create(dir: &Path, extra_names: &[String]) -> Result<Identity> {
 /// `--client-ca`: the CA certificates (PEM, one or more) that sensors' client certificates
 /// must chain to.
 pub fn client_roots(path: &Path) -> Result<rustls::RootCertStore> {
+    roots_of(path, "--client-ca")
+}
+
+/// The CA certificates of `path`, given as `flag` (`--client-ca`, `--viewer-ca`).
+pub fn roots_of(path: &Path, flag: &str) -> Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in read_certs(path).context("--client-ca")? {
+    for cert in read_certs(path).with_context(|| flag.to_string())? {
         roots.add(cert).with_context(|| {
             format!(
-                "--client-ca {}: a certificate is not usable as a CA",
+                "{flag} {}: a certificate is not usable as a CA",
                 path.display()
             )
         })?;
@@ -156,22 +161,8 @@ pub fn server_config(
     identity: &Identity,
     client_roots: Option<rustls::RootCertStore>,
 ) -> Result<quinn::ServerConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3 is unavailable")?;
-    let builder = match client_roots {
-        Some(roots) => builder.with_client_cert_verifier(
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .context("--client-ca is unusable")?,
-        ),
-        None => builder.with_no_client_auth(),
-    };
-    let mut tls = builder
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
-        .context("the certificate and key do not match")?;
-    tls.alpn_protocols = vec![protocol::ALPN.to_vec()];
+    let tls = tls_config(identity, client_roots, ClientCert::Required, protocol::ALPN)
+        .context("--client-ca is unusable")?;
     let quic = QuicServerConfig::try_from(tls).context("TLS settings unusable for QUIC")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
@@ -188,6 +179,72 @@ pub fn server_config(
         .stream_receive_window((16u32 << 20).into())
         .receive_window(UNAUTHENTICATED_RECEIVE_WINDOW.into())
         // Sensors send no QUIC datagrams: none is buffered.
+        .datagram_receive_buffer_size(None);
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// Whether a client certificate from the given roots is required or only accepted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClientCert {
+    Required,
+    Optional,
+}
+
+/// TLS 1.3 with `alpn` only and this receiver's certificate; with `client_roots`, client
+/// certificates chaining to them are verified.
+fn tls_config(
+    identity: &Identity,
+    client_roots: Option<rustls::RootCertStore>,
+    client_cert: ClientCert,
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 is unavailable")?;
+    let builder = match client_roots {
+        Some(roots) => {
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = match client_cert {
+                ClientCert::Required => verifier,
+                ClientCert::Optional => verifier.allow_unauthenticated(),
+            };
+            builder.with_client_cert_verifier(verifier.build()?)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut tls = builder
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .context("the certificate and key do not match")?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
+
+/// The viewer endpoint's settings (`--viewer-listen`): ALPN `capstream-viewer/1`, a client
+/// certificate verified when it chains to `viewer_roots` (`--viewer-ca`) and optional (the
+/// viewer token is the other proof), one stream per viewer, small windows: a viewer sends
+/// little.
+pub fn viewer_server_config(
+    identity: &Identity,
+    viewer_roots: Option<rustls::RootCertStore>,
+) -> Result<quinn::ServerConfig> {
+    let tls = tls_config(identity, viewer_roots, ClientCert::Optional, protocol::VIEWER_ALPN)
+        .context("--viewer-ca is unusable")?;
+    let quic = QuicServerConfig::try_from(tls).context("TLS settings unusable for QUIC")?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(1u8.into())
+        .max_concurrent_uni_streams(0u8.into())
+        .max_idle_timeout(Some(
+            Duration::from_secs(30)
+                .try_into()
+                .expect("30 s is a valid idle timeout"),
+        ))
+        .receive_window(UNAUTHENTICATED_RECEIVE_WINDOW.into())
+        .stream_receive_window(UNAUTHENTICATED_RECEIVE_WINDOW.into())
         .datagram_receive_buffer_size(None);
     config.transport_config(Arc::new(transport));
     Ok(config)

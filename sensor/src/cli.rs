@@ -57,7 +57,7 @@ it starts.";
 /// over QUIC.
 #[derive(Debug, Parser)]
 #[command(name = "sensor", version, after_help = AFTER_HELP)]
-#[command(group(ArgGroup::new("source").required(true).args(["iface", "read"])))]
+#[command(group(ArgGroup::new("source").required(true).args(["iface", "read", "on_demand"])))]
 #[command(group(ArgGroup::new("trust").args(["ca", "fingerprint"])))]
 // Where no receiver runs on this host (no certificate in the default state directory), the
 // receiver must be named: checked here so that --check-config refuses it too.
@@ -246,6 +246,37 @@ pub struct Cli {
     /// fails after capture started.
     #[arg(long, value_name = "FILE")]
     pub summary_json: Option<PathBuf>,
+
+    // On-demand captures (README "Wireshark on demand").
+    /// Capture nothing of your own: stay connected and idle, and capture only what the
+    /// receiver's viewers ask for (needs --allow-on-demand; e.g.
+    /// `sensor --on-demand --allow-on-demand --receiver collector:4433 --ca receiver.crt`).
+    #[arg(long, requires = "allow_on_demand", conflicts_with_all = ["iface", "read", "bpf", "expression"])]
+    pub on_demand: bool,
+
+    /// Take on-demand captures that the receiver's viewers (Wireshark's capstream-extcap)
+    /// ask for: an interface of this host, a tcpdump filter (run in the kernel as --mode
+    /// says) and a limit; several at once, each logged with who asked. The sensor then keeps
+    /// its capture privileges (no --user switch, no seccomp fence), to open them.
+    #[arg(long, conflicts_with = "read")]
+    pub allow_on_demand: bool,
+
+    /// The longest an on-demand capture runs; a longer or unlimited request is cut to it
+    /// (e.g. `--on-demand-max-duration 10m`).
+    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_give_up)]
+    pub on_demand_max_duration: Duration,
+
+    /// Most bytes per second one on-demand capture may send; batches beyond are dropped
+    /// and counted as "on-demand rate cap" (e.g. `--on-demand-max-rate 10MiB`); default: no
+    /// cap.
+    #[arg(long, value_name = "BYTES", value_parser = parse_rate)]
+    pub on_demand_max_rate: Option<u64>,
+
+    /// Most on-demand captures running at once; more are refused
+    /// (e.g. `--on-demand-max-captures 2`).
+    #[arg(long, value_name = "N", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub on_demand_max_captures: u32,
 }
 
 /// `--receiver` split into host and port; the host is resolved later.
@@ -400,6 +431,14 @@ fn parse_give_up(s: &str) -> Result<Duration, String> {
         return Err(format!("give-up time '{s}' must be at least 1s"));
     }
     Ok(d)
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if n < 1024 {
+        return Err(format!("rate '{s}' must be at least 1KiB (bytes per second)"));
+    }
+    Ok(n)
 }
 
 fn parse_batch_size(s: &str) -> Result<usize, String> {

@@ -16,6 +16,7 @@ mod capture;
 mod cli;
 mod delivery;
 mod error;
+mod on_demand;
 mod outbox;
 mod privileges;
 #[cfg(all(
@@ -101,6 +102,7 @@ struct Prepared {
     spool: Option<spool::Spool>,
     /// Where `--summary-json` goes at exit.
     summary: Option<program::private_file::Pending>,
+    on_demand: Arc<on_demand::OnDemand>,
 }
 
 /// Reads the TLS and token files, resolves the receiver and opens and attaches every
@@ -142,21 +144,39 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
         None => None,
     };
     let backends = capture::open(cli.mode, &source, &opts)?;
-    let needs: Vec<privileges::Need> = backends
-        .iter()
-        .flat_map(|b| b.needs_after_attach())
-        .collect();
-    privileges::give_up(user.as_ref(), &needs, new_spool_dir)?;
-    #[cfg(all(
-        target_os = "linux",
-        any(target_arch = "x86_64", target_arch = "aarch64")
-    ))]
-    seccomp::restrict(
-        &backends
+    let on_demand = Arc::new(on_demand::OnDemand::new(on_demand::Settings {
+        allowed: cli.allow_on_demand,
+        mode: cli.mode,
+        template: opts,
+        batch_size: cli.batch_size,
+        flush_interval: cli.flush_interval,
+        max_duration: cli.on_demand_max_duration,
+        max_rate: cli.on_demand_max_rate,
+        max_captures: cli.on_demand_max_captures,
+    }));
+    if cli.allow_on_demand {
+        // Opening a capture later takes what opening one now does.
+        tracing::warn!(
+            "privileges: kept (--allow-on-demand: on-demand captures are opened while the \
+             sensor runs); no --user switch, no seccomp fence"
+        );
+    } else {
+        let needs: Vec<privileges::Need> = backends
             .iter()
-            .flat_map(|b| b.packet_sockets())
-            .collect::<Vec<_>>(),
-    )?;
+            .flat_map(|b| b.needs_after_attach())
+            .collect();
+        privileges::give_up(user.as_ref(), &needs, new_spool_dir)?;
+        #[cfg(all(
+            target_os = "linux",
+            any(target_arch = "x86_64", target_arch = "aarch64")
+        ))]
+        seccomp::restrict(
+            &backends
+                .iter()
+                .flat_map(|b| b.packet_sockets())
+                .collect::<Vec<_>>(),
+        )?;
+    }
     // The spool is written as --user, and its files are that user's.
     let sensor_id = cli
         .sensor_id
@@ -201,6 +221,7 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
         session: spool.as_ref().map_or(fresh, spool::Spool::session),
         spool,
         summary,
+        on_demand,
     })
 }
 
@@ -261,10 +282,11 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
         session,
         spool,
         summary,
+        on_demand,
     } = prepared;
     let session_id = session.session_id;
     let counters: Vec<Arc<Counters>> = backends.iter().map(|_| Arc::default()).collect();
-    let stoppers: Vec<Stopper> = backends.iter_mut().map(|b| b.stopper()).collect();
+    let mut stoppers: Vec<Stopper> = backends.iter_mut().map(|b| b.stopper()).collect();
     let names: Vec<String> = backends.iter().map(|b| b.info().name.clone()).collect();
     let capturing: Vec<String> = backends
         .iter()
@@ -289,6 +311,8 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
         os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
         interfaces: backends.iter().map(|b| b.info().clone()).collect(),
         token,
+        available: on_demand.available.clone(),
+        on_demand: on_demand.allowed,
     };
 
     let first_sequence = spool.as_ref().map_or(1, spool::Spool::next_sequence);
@@ -317,7 +341,14 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
 
     // The first attempt starts before capture, so that a wrong CA or fingerprint is
     // reported at once. An unreachable receiver is not fatal: batches wait for it.
-    let client = transport::Client::new(socket, cli.receiver(), remote, cli.tls_name(), tls)?;
+    let client = transport::Client::new(
+        socket,
+        cli.receiver(),
+        remote,
+        cli.tls_name(),
+        tls,
+        on_demand,
+    )?;
     let started = tokio::select! {
         started = delivery::start(client, &hello) => started?,
         _ = shutdown.notified() => {
@@ -357,13 +388,21 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
             }
         }
     }
-    // The channel closes when the last capture thread drops its sender.
-    drop(session);
-
-    eprintln!(
-        "ready: capturing on {}, streaming to {remote}",
-        capturing.join(", "),
-    );
+    // The channel closes when the last capture thread drops its sender; with no standing
+    // capture (--on-demand), when the session ends.
+    if cli.on_demand {
+        let idle = std::sync::Mutex::new(Some(session));
+        stoppers.push(Box::new(move || {
+            idle.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }));
+        eprintln!("ready: no standing capture, on-demand captures only, connected to {remote}");
+    } else {
+        drop(session);
+        eprintln!(
+            "ready: capturing on {}, streaming to {remote}",
+            capturing.join(", "),
+        );
+    }
 
     let link = Arc::new(LinkStats::default());
     let telemetry =
