@@ -15,7 +15,6 @@ mod batcher;
 mod capture;
 mod cli;
 mod delivery;
-mod error;
 mod on_demand;
 mod outbox;
 mod privileges;
@@ -27,10 +26,10 @@ mod seccomp;
 mod spool;
 mod stats;
 mod telemetry;
-mod tls;
 mod transport;
 
 use batcher::{Batcher, SessionBatching};
+use sensor::{error, tls};
 use capture::{Source, Stopper};
 use cli::Cli;
 use error::{Error, Result};
@@ -113,7 +112,7 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
     // Everything the user typed is checked before anything touches the network.
     let (trust, token) = receiver_credentials(cli)?;
     let client_cert = cli.cert.as_deref().zip(cli.key.as_deref());
-    let tls = tls::client_config(&trust, client_cert)?;
+    let tls = tls::client_config(&trust, client_cert, protocol::ALPN)?;
     let remote = transport::resolve(&cli.receiver())?;
     let socket = transport::bind_socket(remote)?;
     let local_port = socket

@@ -156,7 +156,7 @@ impl OnDemand {
         self: &Arc<Self>,
         request: &CaptureRequest,
         interface: &str,
-    ) -> Result<(Box<dyn CaptureBackend>, Slot), String> {
+    ) -> Result<(Box<dyn CaptureBackend>, Slot<'_>), String> {
         if !self.allowed {
             return Err(
                 "this sensor does not take on-demand captures (start it with --allow-on-demand)"
