@@ -52,7 +52,7 @@ By hand, the same as Wireshark does it:
 /// interfaces of every connected sensor and captures on them on demand, the filter running
 /// in the sensor's kernel.
 #[derive(Debug, Parser)]
-#[command(name = "extcap", bin_name = "capstream-extcap", version, after_help = AFTER_HELP)]
+#[command(name = "capstream-extcap", version, after_help = AFTER_HELP)]
 struct Cli {
     /// extcap: list the interfaces (those of every sensor connected to the receiver).
     #[arg(long)]
@@ -200,7 +200,11 @@ async fn run(cli: Cli) -> Result<()> {
 /// Connects to the viewer endpoint and says who asks; the receiver answers with its list.
 async fn connect(
     cli: &Cli,
-) -> Result<(quinn::Connection, SensorList, (quinn::SendStream, quinn::RecvStream, BytesMut))> {
+) -> Result<(
+    quinn::Connection,
+    SensorList,
+    (quinn::SendStream, quinn::RecvStream, BytesMut),
+)> {
     let receiver = cli.receiver.as_deref().ok_or_else(|| {
         Error::input(
             "no receiver: set --receiver HOST:PORT (the receiver's --viewer-listen), in \
@@ -230,7 +234,12 @@ async fn connect(
 
     let (host, port) = receiver
         .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.trim_start_matches('[').trim_end_matches(']'), p.parse::<u16>().ok()?)))
+        .and_then(|(h, p)| {
+            Some((
+                h.trim_start_matches('[').trim_end_matches(']'),
+                p.parse::<u16>().ok()?,
+            ))
+        })
         .ok_or_else(|| Error::input(format!("--receiver {receiver}: expected HOST:PORT")))?;
     let remote = tokio::net::lookup_host((host, port))
         .await
@@ -238,20 +247,32 @@ async fn connect(
         .and_then(|mut found| found.next())
         .ok_or_else(|| Error::runtime(format!("cannot resolve receiver host {host}")))?;
     let local: std::net::SocketAddr = if remote.is_ipv4() {
-        "0.0.0.0:0".parse().map_err(|_| Error::runtime("bad address"))?
+        "0.0.0.0:0"
+            .parse()
+            .map_err(|_| Error::runtime("bad address"))?
     } else {
-        "[::]:0".parse().map_err(|_| Error::runtime("bad address"))?
+        "[::]:0"
+            .parse()
+            .map_err(|_| Error::runtime("bad address"))?
     };
     let endpoint = quinn::Endpoint::client(local)
         .map_err(|e| Error::runtime(format!("cannot open a UDP socket: {e}")))?;
     let server_name = cli.server_name.clone().unwrap_or_else(|| host.to_string());
     let connecting = endpoint
         .connect_with(config, remote, &server_name)
-        .map_err(|e| Error::input(format!("cannot connect to {remote} as \"{server_name}\": {e}")))?;
+        .map_err(|e| {
+            Error::input(format!(
+                "cannot connect to {remote} as \"{server_name}\": {e}"
+            ))
+        })?;
     let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
-            let seen = tls.verification.lock().ok().and_then(|mut v| v.error.take());
+            let seen = tls
+                .verification
+                .lock()
+                .ok()
+                .and_then(|mut v| v.error.take());
             let why = seen.map_or_else(|| e.to_string(), |verify| verify.to_string());
             return Err(Error::runtime(format!(
                 "cannot connect to the receiver's viewer endpoint {remote}: {why} (check \
@@ -295,14 +316,18 @@ async fn reply(
     match program::frames::read_message(recv, buf).await {
         Ok(Some(Message::Error(e))) => {
             let text = program::names::clean(&e.message);
-            Err(if e.code == ErrorCode::CAPTURE_REFUSED || e.code == ErrorCode::UNAUTHENTICATED {
-                Error::input(format!("the receiver refused: {text}"))
-            } else {
-                Error::runtime(format!("the receiver refused: {text}"))
-            })
+            Err(
+                if e.code == ErrorCode::CAPTURE_REFUSED || e.code == ErrorCode::UNAUTHENTICATED {
+                    Error::input(format!("the receiver refused: {text}"))
+                } else {
+                    Error::runtime(format!("the receiver refused: {text}"))
+                },
+            )
         }
         Ok(Some(message)) => Ok(message),
-        Ok(None) => Err(Error::runtime(format!("receiver {remote} ended the stream"))),
+        Ok(None) => Err(Error::runtime(format!(
+            "receiver {remote} ended the stream"
+        ))),
         Err(why) => Err(Error::runtime(format!("receiver {remote}: {why}"))),
     }
 }
@@ -330,7 +355,9 @@ fn target(name: &str) -> Result<CaptureTarget> {
 
 async fn capture(cli: &Cli) -> Result<()> {
     let (Some(interface), Some(fifo)) = (&cli.extcap_interface, &cli.fifo) else {
-        return Err(Error::input("--capture needs --extcap-interface and --fifo"));
+        return Err(Error::input(
+            "--capture needs --extcap-interface and --fifo",
+        ));
     };
     let mut targets = vec![target(interface)?];
     for also in &cli.also {
@@ -389,7 +416,10 @@ async fn capture(cli: &Cli) -> Result<()> {
     conn.close(0u32.into(), b"viewer stopped");
     match writer.await {
         Ok(Err(e)) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            return Err(Error::input(format!("cannot write --fifo {}: {e}", fifo.display())))
+            return Err(Error::input(format!(
+                "cannot write --fifo {}: {e}",
+                fifo.display()
+            )))
         }
         _ => {}
     }
@@ -400,7 +430,10 @@ async fn capture(cli: &Cli) -> Result<()> {
 
 /// Writes every chunk to the fifo (or file) at `path` until there are no more; a reader
 /// that went away (Wireshark stopped) ends it with BrokenPipe.
-fn write_fifo(path: &std::path::Path, chunks: &std::sync::mpsc::Receiver<bytes::Bytes>) -> std::io::Result<()> {
+fn write_fifo(
+    path: &std::path::Path,
+    chunks: &std::sync::mpsc::Receiver<bytes::Bytes>,
+) -> std::io::Result<()> {
     use std::io::Write;
     let mut out = std::fs::OpenOptions::new()
         .write(true)

@@ -13,7 +13,9 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::codec::{get_bytes, get_count, get_str, get_u16, get_u32, get_u64, put_str, DecodeError};
+use crate::codec::{
+    get_bytes, get_count, get_str, get_u16, get_u32, get_u64, put_str, DecodeError,
+};
 use crate::message::{InterfaceInfo, InterfaceStats};
 use crate::{AuthToken, MAX_SNAPLEN, MAX_TOKEN_LEN, PROTOCOL_VERSION};
 

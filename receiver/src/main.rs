@@ -591,7 +591,10 @@ fn viewer_endpoint(
             path.display()
         ),
     }
-    Ok((endpoint, viewer::ViewerAuth::new(token, cli.viewer_ca.is_some())))
+    Ok((
+        endpoint,
+        viewer::ViewerAuth::new(token, cli.viewer_ca.is_some()),
+    ))
 }
 
 /// The first SIGINT or SIGTERM (Ctrl-C elsewhere).

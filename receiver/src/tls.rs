@@ -205,8 +205,10 @@ fn tls_config(
         .context("TLS 1.3 is unavailable")?;
     let builder = match client_roots {
         Some(roots) => {
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            );
             let verifier = match client_cert {
                 ClientCert::Required => verifier,
                 ClientCert::Optional => verifier.allow_unauthenticated(),
@@ -230,8 +232,13 @@ pub fn viewer_server_config(
     identity: &Identity,
     viewer_roots: Option<rustls::RootCertStore>,
 ) -> Result<quinn::ServerConfig> {
-    let tls = tls_config(identity, viewer_roots, ClientCert::Optional, protocol::VIEWER_ALPN)
-        .context("--viewer-ca is unusable")?;
+    let tls = tls_config(
+        identity,
+        viewer_roots,
+        ClientCert::Optional,
+        protocol::VIEWER_ALPN,
+    )
+    .context("--viewer-ca is unusable")?;
     let quic = QuicServerConfig::try_from(tls).context("TLS settings unusable for QUIC")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();

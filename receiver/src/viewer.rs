@@ -146,13 +146,28 @@ pub async fn serve(
     }
 }
 
-async fn viewer(incoming: Incoming, sensors: Arc<Sensors>, auth: Arc<ViewerAuth>, window: Duration) {
+async fn viewer(
+    incoming: Incoming,
+    sensors: Arc<Sensors>,
+    auth: Arc<ViewerAuth>,
+    window: Duration,
+) {
     let peer = incoming.remote_address();
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let conn = match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
         Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => return auth.token.refusals.refused(peer, format!("viewer handshake failed: {e}")),
-        Err(_) => return auth.token.refusals.refused(peer, "viewer handshake timed out"),
+        Ok(Err(e)) => {
+            return auth
+                .token
+                .refusals
+                .refused(peer, format!("viewer handshake failed: {e}"))
+        }
+        Err(_) => {
+            return auth
+                .token
+                .refusals
+                .refused(peer, "viewer handshake timed out")
+        }
     };
     let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(streams)) => streams,
@@ -167,7 +182,12 @@ async fn viewer(incoming: Incoming, sensors: Arc<Sensors>, auth: Arc<ViewerAuth>
     let hello = match hello {
         Ok(Ok(Some(Message::ViewerHello(hello)))) => hello,
         Ok(Err(why)) => return auth.token.refusals.refused(peer, format!("viewer: {why}")),
-        _ => return auth.token.refusals.refused(peer, "viewer: expected a viewer hello"),
+        _ => {
+            return auth
+                .token
+                .refusals
+                .refused(peer, "viewer: expected a viewer hello")
+        }
     };
     let user = clean(&hello.user);
     let certificate = auth.certificates.then(|| certificate_name(&conn)).flatten();
@@ -289,7 +309,10 @@ async fn capture(
     }
     tracing::info!("{who}: on-demand capture started on {}", targets.join(", "));
     let why = stream(parts, &interfaces, &mut send, &mut recv, window).await;
-    tracing::info!("{who}: on-demand capture on {} ended: {why}", targets.join(", "));
+    tracing::info!(
+        "{who}: on-demand capture on {} ended: {why}",
+        targets.join(", ")
+    );
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
 }

@@ -382,7 +382,9 @@ fn parse_give_up(s: &str) -> Result<Duration, String> {
 fn parse_rate(s: &str) -> Result<u64, String> {
     let n = parse_size(s)?;
     if n < 1024 {
-        return Err(format!("rate '{s}' must be at least 1KiB (bytes per second)"));
+        return Err(format!(
+            "rate '{s}' must be at least 1KiB (bytes per second)"
+        ));
     }
     Ok(n)
 }

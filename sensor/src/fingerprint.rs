@@ -58,4 +58,3 @@ fn hex_value(c: u8) -> Option<u8> {
         _ => None,
     }
 }
-

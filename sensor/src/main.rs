@@ -29,11 +29,11 @@ mod telemetry;
 mod transport;
 
 use batcher::{Batcher, SessionBatching};
-use sensor::{error, tls};
 use capture::{Source, Stopper};
 use cli::Cli;
 use error::{Error, Result};
 use outbox::Outbox;
+use sensor::{error, tls};
 use stats::{Counters, LinkStats};
 
 /// The name that starts the program's error line.

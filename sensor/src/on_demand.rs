@@ -287,7 +287,9 @@ impl<'a> Slot<'a> {
             .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
             .map(|_| Self(&on_demand.running))
             .map_err(|_| {
-                format!("this sensor already runs {max} on-demand captures (--on-demand-max-captures)")
+                format!(
+                    "this sensor already runs {max} on-demand captures (--on-demand-max-captures)"
+                )
             })
     }
 }
@@ -345,7 +347,11 @@ impl Sent {
         let room_bytes = remaining(self.limits.bytes, self.bytes);
         let (frame, packets, raw_len) =
             if u64::from(encoded.packets) <= room_packets && encoded.raw_len as u64 <= room_bytes {
-                (encoded.frame, u64::from(encoded.packets), encoded.raw_len as u64)
+                (
+                    encoded.frame,
+                    u64::from(encoded.packets),
+                    encoded.raw_len as u64,
+                )
             } else {
                 first_packets(&encoded.frame, sequence, room_packets, room_bytes)?
             };
@@ -379,7 +385,12 @@ fn remaining(limit: u64, used: u64) -> u64 {
 
 /// A batch of the first packets of `frame` that fit in `packets` and `bytes` (of records),
 /// with its packet count and record bytes. Runs once per capture, at its last batch.
-fn first_packets(frame: &[u8], sequence: u64, packets: u64, bytes: u64) -> Option<(Bytes, u64, u64)> {
+fn first_packets(
+    frame: &[u8],
+    sequence: u64,
+    packets: u64,
+    bytes: u64,
+) -> Option<(Bytes, u64, u64)> {
     const RECORD_HEADER_LEN: u64 = 8 + 4 + 4 + 1;
     let Ok(Some(Message::Batch(batch))) = protocol::decode_frame(&mut BytesMut::from(frame)) else {
         return None;

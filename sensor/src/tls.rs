@@ -12,8 +12,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use crate::fingerprint::Fingerprint;
 use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
 
 /// How the receiver is trusted.
 #[derive(Debug, Clone)]

@@ -10,6 +10,7 @@ mod deploy;
 mod faults;
 mod live_capture;
 mod metrics;
+mod on_demand;
 mod outputs;
 mod privileges;
 mod read_and_stream;
