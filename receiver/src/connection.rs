@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::auth::{certificate_name, Auth};
 use crate::merge::SessionId;
 use crate::quota::{Held, Quotas, RateLimit};
-use crate::server::Unauthenticated;
+use crate::server::{Admission, Unauthenticated};
 use crate::tls::AUTHENTICATED_RECEIVE_WINDOW;
 use crate::viewer::{Registration, Sensors};
 use crate::writer::{Attached, ConnId, Event};
@@ -45,11 +45,14 @@ pub async fn connection(
     unauthenticated: Unauthenticated,
     conn_id: ConnId,
     events: mpsc::Sender<Event>,
-    auth: Arc<Auth>,
-    quotas: Quotas,
-    sensors: Arc<Sensors>,
+    admission: Admission,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Admission {
+        auth,
+        quotas,
+        sensors,
+    } = admission;
     // IPv4 sensors on the dual-stack socket show as 127.0.0.1, not [::ffff:127.0.0.1].
     let peer = incoming.remote_address();
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());

@@ -260,12 +260,14 @@ async fn run(cli: Cli) -> Result<()> {
         sink,
         cli.reorder_window,
         to_file,
-        auth,
-        quota::Quotas {
-            rate: cli.sensor_rate,
-            held: cli.sensor_held,
+        server::Admission {
+            auth: std::sync::Arc::new(auth),
+            quotas: quota::Quotas {
+                rate: cli.sensor_rate,
+                held: cli.sensor_held,
+            },
+            sensors,
         },
-        sensors,
         shutdown_signal(),
     )
     .await;

@@ -44,23 +44,14 @@ pub async fn run(
     sink: Box<dyn Sink>,
     reorder_window: Duration,
     retry_output: bool,
-    auth: Auth,
-    quotas: Quotas,
-    sensors: Arc<Sensors>,
+    admission: Admission,
     stop: impl Future<Output = ()>,
 ) -> Result<Vec<SensorSummary>> {
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let writer = Writer::new(sink, reorder_window, retry_output);
     let mut writer = tokio::spawn(writer.run(events_rx, shutdown_rx.clone()));
-    let server = tokio::spawn(serve(
-        endpoint,
-        events_tx,
-        Arc::new(auth),
-        quotas,
-        sensors,
-        shutdown_rx,
-    ));
+    let server = tokio::spawn(serve(endpoint, events_tx, admission, shutdown_rx));
     let result = tokio::select! {
         _ = stop => {
             tracing::info!("stopping: telling sensors, writing what is held");
@@ -81,11 +72,10 @@ pub async fn run(
 pub async fn serve(
     endpoint: Endpoint,
     events: mpsc::Sender<Event>,
-    auth: Arc<Auth>,
-    quotas: Quotas,
-    sensors: Arc<Sensors>,
+    admission: Admission,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let auth = Arc::clone(&admission.auth);
     let mut tasks = JoinSet::new();
     let mut next_conn: ConnId = 1;
     let mut summary_tick = tokio::time::interval(LOG_WINDOW);
@@ -134,9 +124,7 @@ pub async fn serve(
                     counted,
                     conn,
                     events.clone(),
-                    Arc::clone(&auth),
-                    quotas,
-                    Arc::clone(&sensors),
+                    admission.clone(),
                     shutdown.clone(),
                 ));
             }
@@ -147,6 +135,15 @@ pub async fn serve(
     while tasks.join_next().await.is_some() {}
     auth.refusals.summarize();
     endpoint.close(VarInt::from_u32(0), b"receiver stopped");
+}
+
+/// What every sensor connection is held to, and where it is listed once joined: what
+/// sensors must prove, what each may take, and the sensors viewers see.
+#[derive(Clone)]
+pub struct Admission {
+    pub auth: Arc<Auth>,
+    pub quotas: Quotas,
+    pub sensors: Arc<Sensors>,
 }
 
 /// The connections not yet authenticated, in all and by address.

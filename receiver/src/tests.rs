@@ -77,9 +77,11 @@ fn spawn_server(
         sink,
         window,
         false,
-        auth,
-        quotas,
-        Default::default(),
+        server::Admission {
+            auth: std::sync::Arc::new(auth),
+            quotas,
+            sensors: Default::default(),
+        },
         async {
             let _ = stopped.await;
         },
