@@ -449,3 +449,110 @@ fn host_interfaces() -> Vec<String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::Direction;
+
+    /// A batch of `n` packets of 100 bytes, as a capture thread hands it over.
+    fn batch(sequence: u64, n: u32) -> Outgoing {
+        let mut builder = BatchBuilder::new(1 << 20);
+        for i in 0..n {
+            let _ = builder.push(u64::from(i), 100, Direction::Inbound, &[7u8; 100]);
+        }
+        Outgoing {
+            sequence,
+            interface_id: 0,
+            batch: builder.finish(0, sequence, 0),
+        }
+    }
+
+    fn packets_in(frame: &[u8]) -> u32 {
+        match protocol::decode_frame(&mut BytesMut::from(frame)) {
+            Ok(Some(Message::Batch(b))) => b.packets().unwrap().count() as u32,
+            other => panic!("not a batch: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_packet_limit_sends_exactly_that_many_and_then_ends() {
+        let limits = CaptureLimits {
+            packets: 250,
+            ..CaptureLimits::default()
+        };
+        let mut sent = Sent::new(limits, None);
+        let first = sent.admit(batch(1, 100)).unwrap();
+        assert_eq!(packets_in(&first), 100);
+        assert_eq!(sent.reached(), None);
+        let second = sent.admit(batch(2, 100)).unwrap();
+        assert_eq!(packets_in(&second), 100);
+        // Only the first 50 of the third fit.
+        let third = sent.admit(batch(3, 100)).unwrap();
+        assert_eq!(packets_in(&third), 50);
+        assert_eq!(sent.packets, 250);
+        assert_eq!(sent.reached().as_deref(), Some("packet limit (250)"));
+    }
+
+    #[test]
+    fn a_byte_limit_counts_records() {
+        // 10 records of 17 + 100 bytes.
+        let limits = CaptureLimits {
+            bytes: 1170,
+            ..CaptureLimits::default()
+        };
+        let mut sent = Sent::new(limits, None);
+        let frame = sent.admit(batch(1, 25)).unwrap();
+        assert_eq!(packets_in(&frame), 10);
+        assert_eq!(sent.reached().as_deref(), Some("byte limit (1170)"));
+    }
+
+    #[test]
+    fn the_rate_cap_drops_whole_batches_and_counts_them() {
+        let mut sent = Sent::new(CaptureLimits::default(), Some(3000));
+        assert!(sent.admit(batch(1, 20)).is_some());
+        // 2340 bytes sent this second: the next 2340 would pass 3000.
+        assert!(sent.admit(batch(2, 20)).is_none());
+        assert_eq!((sent.packets, sent.capped), (20, 20));
+        assert_eq!(sent.reached(), None);
+    }
+
+    #[test]
+    fn the_duration_cap_applies_to_unlimited_and_longer_requests() {
+        let on_demand = OnDemand::new(Settings {
+            allowed: true,
+            mode: Mode::Pcap,
+            template: capture::Options {
+                snaplen: 262_144,
+                filter: String::new(),
+                exclude: None,
+                ring_size: 1 << 16,
+                xdp_attach: capture::XdpAttach::Auto,
+                afxdp: capture::AfxdpFlags::default(),
+            },
+            batch_size: 1 << 16,
+            flush_interval: Duration::from_millis(100),
+            max_duration: Duration::from_secs(60),
+            max_rate: None,
+            max_captures: 1,
+        });
+        let asked = |ms| {
+            on_demand
+                .capped(CaptureLimits {
+                    duration_ms: ms,
+                    ..CaptureLimits::default()
+                })
+                .duration_ms
+        };
+        assert_eq!(
+            (asked(0), asked(1000), asked(120_000)),
+            (60_000, 1000, 60_000)
+        );
+        // One place: a second capture is refused while the first holds it.
+        let held = Slot::take(&on_demand).unwrap();
+        let refused = Slot::take(&on_demand).map(drop).unwrap_err();
+        assert!(refused.contains("already runs 1"), "{refused}");
+        drop(held);
+        assert!(Slot::take(&on_demand).is_ok());
+    }
+}
