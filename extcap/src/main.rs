@@ -301,7 +301,7 @@ async fn connect(
         .await
         .map_err(|e| Error::runtime(format!("receiver {remote}: {e}")))?;
     let mut buf = BytesMut::new();
-    match reply(&mut recv, &mut buf, remote).await? {
+    match reply(&conn, &mut recv, &mut buf).await? {
         Message::SensorList(list) => Ok((conn, list, (send, recv, buf))),
         other => Err(unexpected(other)),
     }
@@ -309,10 +309,11 @@ async fn connect(
 
 /// The receiver's next message; its refusal as an error.
 async fn reply(
+    conn: &quinn::Connection,
     recv: &mut quinn::RecvStream,
     buf: &mut BytesMut,
-    remote: impl std::fmt::Display,
 ) -> Result<Message> {
+    let remote = conn.remote_address();
     match program::frames::read_message(recv, buf).await {
         Ok(Some(Message::Error(e))) => {
             let text = program::names::clean(&e.message);
@@ -328,8 +329,27 @@ async fn reply(
         Ok(None) => Err(Error::runtime(format!(
             "receiver {remote} ended the stream"
         ))),
-        Err(why) => Err(Error::runtime(format!("receiver {remote}: {why}"))),
+        Err(why) => Err(
+            match conn.close_reason().as_ref().and_then(certificate_refused) {
+                Some(refused) => Error::input(format!("the receiver refused: {refused}")),
+                None => Error::runtime(format!("receiver {remote}: {why}")),
+            },
+        ),
     }
+}
+
+/// What it means when the receiver closed the connection with a TLS alert about this
+/// viewer's client certificate (QUIC carries alert N as error 0x100 + N).
+fn certificate_refused(e: &quinn::ConnectionError) -> Option<&'static str> {
+    let quinn::ConnectionError::ConnectionClosed(close) = e else {
+        return None;
+    };
+    let code = u64::from(close.error_code);
+    (0x100..0x200).contains(&code).then_some(match code & 0xff {
+        48 => "this viewer's certificate (--cert) was not issued by the receiver's --viewer-ca",
+        45 => "this viewer's certificate (--cert) is expired or not yet valid",
+        _ => "this viewer's certificate (--cert) was not accepted",
+    })
 }
 
 fn unexpected(message: Message) -> Error {
@@ -380,7 +400,7 @@ async fn capture(cli: &Cli) -> Result<()> {
     send.write_all(&request.to_bytes())
         .await
         .map_err(|e| Error::runtime(format!("cannot ask the receiver: {e}")))?;
-    match reply(&mut recv, &mut buf, conn.remote_address()).await? {
+    match reply(&conn, &mut recv, &mut buf).await? {
         Message::CaptureStarted(_) => {}
         other => return Err(unexpected(other)),
     }

@@ -209,8 +209,10 @@ pub struct Cli {
     pub viewer_token_file: Option<PathBuf>,
 
     /// Also accept viewers with a client certificate signed by a CA in this PEM file, which
-    /// names them in the logs (e.g. `--viewer-ca /etc/capstream/pki/ca.crt`, certificates
-    /// from `receiver certs sensor NAME`); viewers without one still need the viewer token.
+    /// names them in the logs (e.g. `--viewer-ca /etc/capstream/viewer-pki/ca.crt`, made by
+    /// `receiver certs init --dir viewer-pki`, certificates by `receiver certs sensor NAME
+    /// --dir viewer-pki`); a CA of its own, not --client-ca's, so that no sensor certificate
+    /// opens the viewer role. Viewers without a certificate still need the viewer token.
     #[arg(long, value_name = "FILE", requires = "viewer_listen")]
     pub viewer_ca: Option<PathBuf>,
 

@@ -564,6 +564,16 @@ fn viewer_endpoint(
         Some(path) => Some(tls::roots_of(path, "--viewer-ca")?),
         None => None,
     };
+    // A sensor's certificate must not open the viewer role.
+    if let (Some(viewer_ca), Some(client_ca)) = (&cli.viewer_ca, &cli.client_ca) {
+        if std::fs::read(viewer_ca).ok() == std::fs::read(client_ca).ok() {
+            return Err(anyhow!(
+                "--viewer-ca {} holds the sensors' CA (--client-ca): give viewers a CA of \
+                 their own (`receiver certs init --dir viewer-pki`)",
+                viewer_ca.display()
+            ));
+        }
+    }
     let (token, path, created) =
         viewer_token::load(cli.viewer_token_file.as_deref(), &state_dir(cli)?)?;
     if sensor_token == Some(&token) {

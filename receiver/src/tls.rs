@@ -161,27 +161,15 @@ pub fn server_config(
     identity: &Identity,
     client_roots: Option<rustls::RootCertStore>,
 ) -> Result<quinn::ServerConfig> {
-    let tls = tls_config(identity, client_roots, ClientCert::Required, protocol::ALPN)
-        .context("--client-ca is unusable")?;
-    let quic = QuicServerConfig::try_from(tls).context("TLS settings unusable for QUIC")?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_concurrent_bidi_streams(1u8.into())
-        .max_concurrent_uni_streams(0u8.into())
-        .max_idle_timeout(Some(
-            Duration::from_secs(30)
-                .try_into()
-                .expect("30 s is a valid idle timeout"),
-        ))
-        // The stream may take 16 MiB once the connection's window is raised (after the
-        // Hello: connection.rs).
-        .stream_receive_window((16u32 << 20).into())
-        .receive_window(UNAUTHENTICATED_RECEIVE_WINDOW.into())
-        // Sensors send no QUIC datagrams: none is buffered.
-        .datagram_receive_buffer_size(None);
-    config.transport_config(Arc::new(transport));
-    Ok(config)
+    let tls = tls_config(
+        identity,
+        client_roots.map(|roots| (roots, "--client-ca")),
+        ClientCert::Required,
+        protocol::ALPN,
+    )?;
+    // The stream may take 16 MiB once the connection's window is raised (after the Hello:
+    // connection.rs).
+    quic_config(tls, 16 << 20)
 }
 
 /// Whether a client certificate from the given roots is required or only accepted.
@@ -191,11 +179,11 @@ enum ClientCert {
     Optional,
 }
 
-/// TLS 1.3 with `alpn` only and this receiver's certificate; with `client_roots`, client
-/// certificates chaining to them are verified.
+/// TLS 1.3 with `alpn` only and this receiver's certificate; with `client_roots` (and the
+/// flag that gave them), client certificates chaining to them are verified.
 fn tls_config(
     identity: &Identity,
-    client_roots: Option<rustls::RootCertStore>,
+    client_roots: Option<(rustls::RootCertStore, &str)>,
     client_cert: ClientCert,
     alpn: &[u8],
 ) -> Result<rustls::ServerConfig> {
@@ -204,7 +192,7 @@ fn tls_config(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("TLS 1.3 is unavailable")?;
     let builder = match client_roots {
-        Some(roots) => {
+        Some((roots, flag)) => {
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,
@@ -213,7 +201,10 @@ fn tls_config(
                 ClientCert::Required => verifier,
                 ClientCert::Optional => verifier.allow_unauthenticated(),
             };
-            builder.with_client_cert_verifier(verifier.build()?)
+            let verifier = verifier
+                .build()
+                .with_context(|| format!("{flag} is unusable"))?;
+            builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
@@ -234,11 +225,17 @@ pub fn viewer_server_config(
 ) -> Result<quinn::ServerConfig> {
     let tls = tls_config(
         identity,
-        viewer_roots,
+        viewer_roots.map(|roots| (roots, "--viewer-ca")),
         ClientCert::Optional,
         protocol::VIEWER_ALPN,
-    )
-    .context("--viewer-ca is unusable")?;
+    )?;
+    quic_config(tls, UNAUTHENTICATED_RECEIVE_WINDOW)
+}
+
+/// The QUIC settings of both endpoints over `tls`: one stream per peer, which may take
+/// `stream_window` bytes, a connection window of 512 KiB until the peer is admitted, 30 s
+/// idle, no datagrams.
+fn quic_config(tls: rustls::ServerConfig, stream_window: u32) -> Result<quinn::ServerConfig> {
     let quic = QuicServerConfig::try_from(tls).context("TLS settings unusable for QUIC")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
@@ -250,8 +247,9 @@ pub fn viewer_server_config(
                 .try_into()
                 .expect("30 s is a valid idle timeout"),
         ))
+        .stream_receive_window(stream_window.into())
         .receive_window(UNAUTHENTICATED_RECEIVE_WINDOW.into())
-        .stream_receive_window(UNAUTHENTICATED_RECEIVE_WINDOW.into())
+        // Peers send no QUIC datagrams: none is buffered.
         .datagram_receive_buffer_size(None);
     config.transport_config(Arc::new(transport));
     Ok(config)

@@ -230,8 +230,10 @@ async fn viewer(
     {
         return;
     }
+    tracing::info!("{who} listed {} sensor(s)", listed.len());
     match program::frames::read_message(&mut recv, &mut buf).await {
-        Ok(None) => tracing::info!("{who} listed {} sensor(s)", listed.len()),
+        // A listing only.
+        Ok(None) => {}
         Ok(Some(Message::CaptureRequest(request))) => {
             capture(&conn, send, recv, &listed, request, &who, window).await;
         }
@@ -239,7 +241,8 @@ async fn viewer(
             let message = format!("unexpected {:?} message", other.message_type());
             refuse(&conn, &mut send, ErrorCode::PROTOCOL, message).await;
         }
-        Err(why) => tracing::warn!("{who}: {why}"),
+        // Gone after the listing (Wireshark's interface list).
+        Err(_) => {}
     }
 }
 

@@ -30,18 +30,18 @@ struct OnDemandLab {
 
 impl OnDemandLab {
     fn new() -> Self {
+        Self::with_receiver_args(Scratch::new("on-demand").unwrap(), &[])
+    }
+
+    /// [`OnDemandLab::new`] with a receiver given `args` too, in `dir`.
+    fn with_receiver_args(dir: Scratch, args: &[&str]) -> Self {
         require_root();
         require_tool("tshark", "tshark");
         let lab = Lab::new(2).unwrap();
-        let dir = Scratch::new("on-demand").unwrap();
         let out = dir.join("standing.pcapng").to_string_lossy().into_owned();
-        let receiver = Receiver::start(
-            Some(&lab.cap),
-            &dir.join("state"),
-            4433,
-            &["--out", &out, "--viewer-listen", VIEWERS],
-        )
-        .unwrap();
+        let mut all = vec!["--out", &out, "--viewer-listen", VIEWERS];
+        all.extend_from_slice(args);
+        let receiver = Receiver::start(Some(&lab.cap), &dir.join("state"), 4433, &all).unwrap();
         let sensors = [("s1", "9101"), ("s2", "9102")]
             .iter()
             .map(|(id, port)| {
@@ -420,4 +420,49 @@ fn captures_stop_at_their_packet_or_duration_limit_and_leave_the_sensors_tables(
         "{}",
         logs[1]
     );
+}
+
+#[test]
+fn a_viewer_certificate_from_viewer_ca_stands_for_the_token_and_a_sensor_certificate_does_not() {
+    let dir = Scratch::new("on-demand-mtls").unwrap();
+    let certs = |args: &[&str]| {
+        let mut all = vec!["certs"];
+        all.extend_from_slice(args);
+        run(&path(&workspace_bin("receiver")), &all).unwrap();
+    };
+    let (viewers, sensors) = (path(&dir.join("viewer-pki")), path(&dir.join("sensor-pki")));
+    certs(&["init", "--dir", &viewers]);
+    certs(&["sensor", "alice", "--dir", &viewers]);
+    certs(&["init", "--dir", &sensors]);
+    certs(&["sensor", "tap-9", "--dir", &sensors]);
+    let viewer_ca = format!("{viewers}/ca.crt");
+    let t = OnDemandLab::with_receiver_args(dir, &["--viewer-ca", &viewer_ca]);
+    let with_cert = |pki: &str, name: &str| {
+        let (cert, key) = (format!("{pki}/{name}.crt"), format!("{pki}/{name}.key"));
+        let mut extcap = t.extcap(
+            None,
+            &["--extcap-interfaces", "--cert", &cert, "--key", &key],
+        );
+        let status = extcap.wait(Duration::from_secs(30)).unwrap();
+        (status.success(), extcap.stderr())
+    };
+    let (listed, log) = with_cert(&viewers, "alice");
+    assert!(listed, "alice's certificate was refused: {log}");
+    assert!(
+        wait_until(Duration::from_secs(5), || t
+            .receiver
+            .proc
+            .stderr()
+            .contains("(certificate alice) listed 2 sensor(s)")),
+        "{}",
+        t.receiver.proc.stderr()
+    );
+    let (listed, log) = with_cert(&sensors, "tap-9");
+    assert!(!listed, "a sensor certificate opened the viewer role");
+    assert_eq!(log.lines().count(), 1, "{log}");
+    assert!(
+        log.contains("was not issued by the receiver's --viewer-ca"),
+        "{log}"
+    );
+    eprintln!("{log}");
 }
