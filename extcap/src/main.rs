@@ -155,6 +155,13 @@ fn main() -> ExitCode {
         print_config();
         return ExitCode::SUCCESS;
     }
+    if !cli.extcap_interfaces && !cli.capture && cli.extcap_interface.is_some() {
+        // Wireshark checks a capture filter as it is typed: a message means invalid.
+        if let Some(why) = invalid_filter(&cli.extcap_capture_filter) {
+            println!("{why}");
+        }
+        return ExitCode::SUCCESS;
+    }
     if !cli.extcap_interfaces && !cli.capture {
         return exit::fail(
             PROGRAM,
@@ -465,6 +472,18 @@ fn write_fifo(
         out.flush()?;
     }
     Ok(())
+}
+
+/// Why libpcap refuses `filter` on Ethernet, if it does (the sensor checks it again on its
+/// interface).
+fn invalid_filter(filter: &str) -> Option<String> {
+    if filter.trim().is_empty() {
+        return None;
+    }
+    match pcap::Capture::dead(pcap::Linktype::ETHERNET) {
+        Ok(capture) => capture.compile(filter, true).err().map(|e| e.to_string()),
+        Err(_) => None,
+    }
 }
 
 /// The options of Wireshark's dialog for a capstream interface.

@@ -466,3 +466,69 @@ fn a_viewer_certificate_from_viewer_ca_stands_for_the_token_and_a_sensor_certifi
     );
     eprintln!("{log}");
 }
+
+#[test]
+fn several_captures_at_once_each_with_its_own_filter_and_counts() {
+    let t = OnDemandLab::new();
+    let token = t.viewer_token();
+    let filters = ["udp", "tcp", "icmp or arp"];
+    let mut running = Vec::new();
+    for (i, filter) in filters.iter().enumerate() {
+        // The reference filters live too: a VLAN tag the driver took off is no header then.
+        let reference = t.dir.join(&format!("tcpdump-{i}.pcap"));
+        let tcpdump = start_tcpdump(&t.lab.cap, "cap0", filter, &[], &reference).unwrap();
+        // Each stops half way through its packets of the replay.
+        let limit = tcpdump_records(&corpus::pcap(), filter).unwrap().len() / 2;
+        assert!(limit > 10, "the corpus has few packets of {filter}");
+        let out = t.dir.join(&format!("several-{i}.pcapng"));
+        let extcap = t.extcap(
+            Some(&token),
+            &[
+                "--capture",
+                "--extcap-interface",
+                "capstream:s1/cap0",
+                "--extcap-capture-filter",
+                filter,
+                "--limit-packets",
+                &limit.to_string(),
+                "--fifo",
+                &path(&out),
+            ],
+        );
+        running.push((extcap, out, filter, limit, tcpdump, reference));
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || t.running_on("9101", "cap0")
+            == 3),
+        "three captures never ran at once"
+    );
+    t.lab.replay(0, &corpus::pcap(), PPS).unwrap();
+    for (extcap, ..) in &mut running {
+        exits_cleanly(extcap, Duration::from_secs(30));
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    for (_, out, filter, limit, tcpdump, reference) in running {
+        let expected = stop_reference(tcpdump, &reference);
+        assert!(
+            expected.len() > limit,
+            "{filter}: the reference has {}",
+            expected.len()
+        );
+        let expected = &expected[..limit];
+        let got = tcpdump_records(&out, "").unwrap();
+        if let Err(difference) = compare_captures(expected, &got, 0) {
+            panic!("filter {filter:?}: {difference}");
+        }
+        eprintln!(
+            "filter {filter:?}: {} packets equal to tcpdump's",
+            got.len()
+        );
+    }
+    let log = t.sensors[0].stderr();
+    for n in 1..=3 {
+        assert!(
+            log.contains(&format!("on-demand capture {n} for viewer")),
+            "{log}"
+        );
+    }
+}
