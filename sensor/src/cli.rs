@@ -258,7 +258,7 @@ pub struct Cli {
     /// ask for: an interface of this host, a tcpdump filter (run in the kernel as --mode
     /// says) and a limit; several at once, each logged with who asked. The sensor then keeps
     /// its capture privileges (no --user switch, no seccomp fence), to open them.
-    #[arg(long, conflicts_with = "read")]
+    #[arg(long, conflicts_with_all = ["read", "user"])]
     pub allow_on_demand: bool,
 
     /// The longest an on-demand capture runs; a longer or unlimited request is cut to it
@@ -527,6 +527,41 @@ mod tests {
         assert_eq!(cli.batch_size, 1 << 20);
         assert_eq!(cli.mode, Mode::Pcap);
         assert_eq!(cli.tls_name(), "x.example");
+    }
+
+    #[test]
+    fn on_demand_flags() {
+        let base = ["--receiver", "h:1", "--ca", "c"];
+        let with = |extra: &[&str]| parse(&[&base[..], extra].concat());
+        // No standing capture: no interface needed, but requests must be allowed.
+        let cli = with(&["--on-demand", "--allow-on-demand"]).unwrap();
+        assert!(cli.on_demand && cli.iface.is_empty());
+        assert_eq!(cli.on_demand_max_duration, Duration::from_secs(3600));
+        assert!(with(&["--on-demand"]).is_err());
+        // Or a standing capture and requests.
+        assert!(with(&["-i", "eth0", "--allow-on-demand"]).is_ok());
+        for bad in [
+            &["--on-demand", "--allow-on-demand", "-i", "eth0"][..],
+            &["--on-demand", "--allow-on-demand", "--bpf", "udp"],
+            &["-r", "f.pcap", "--allow-on-demand"],
+            &["-i", "eth0", "--allow-on-demand", "--user", "nobody"],
+            &[
+                "-i",
+                "eth0",
+                "--allow-on-demand",
+                "--on-demand-max-rate",
+                "10",
+            ],
+            &[
+                "-i",
+                "eth0",
+                "--allow-on-demand",
+                "--on-demand-max-captures",
+                "0",
+            ],
+        ] {
+            assert!(with(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
