@@ -195,6 +195,12 @@ fn tshark_lists_the_interfaces_of_two_sensors_and_captures_on_demand_like_tcpdum
     );
     t.lab.replay(0, &corpus::pcap(), PPS).unwrap();
     exits_cleanly(&mut tshark, Duration::from_secs(30));
+    // tshark stopping stops the sensor's capture.
+    assert!(
+        wait_until(Duration::from_secs(10), || t.running_on("9101", "cap0")
+            == 0),
+        "the capture outlived tshark"
+    );
     std::thread::sleep(Duration::from_millis(600));
     let expected = stop_reference(tcpdump, &reference);
     assert!(
