@@ -346,7 +346,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
         remote,
         cli.tls_name(),
         tls,
-        on_demand,
+        Arc::clone(&on_demand),
     )?;
     let started = tokio::select! {
         started = delivery::start(client, &hello) => started?,
@@ -441,6 +441,9 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     program::status::clear();
     let session_id = session_ids.load(std::sync::atomic::Ordering::Relaxed);
     print_summary(session_id, &names, &counters, &link, &outcome);
+    if let Some(line) = on_demand.summary_line() {
+        eprintln!("{line}");
+    }
     let summary_written = match (summary, &cli.summary_json) {
         (Some(file), Some(path)) => {
             write_summary_json(file, path, session_id, &names, &counters, &link, &outcome)

@@ -44,6 +44,10 @@ pub struct OnDemand {
     max_captures: u32,
     running: AtomicU32,
     next_id: AtomicU64,
+    /// Since the sensor started: captures ended, packets they sent, packets they lost.
+    ended: AtomicU64,
+    sent: AtomicU64,
+    dropped: AtomicU64,
 }
 
 /// The sensor's settings for on-demand captures (from its command line).
@@ -72,7 +76,22 @@ impl OnDemand {
             max_captures: settings.max_captures,
             running: AtomicU32::new(0),
             next_id: AtomicU64::new(1),
+            ended: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
         }
+    }
+
+    /// The exit summary's line of on-demand captures, once any was asked for.
+    pub fn summary_line(&self) -> Option<String> {
+        let ended = self.ended.load(Relaxed);
+        (self.allowed && self.next_id.load(Relaxed) > 1).then(|| {
+            format!(
+                "summary: on-demand: {ended} capture(s) ended, {} packets sent, {} dropped",
+                self.sent.load(Relaxed),
+                self.dropped.load(Relaxed)
+            )
+        })
     }
 
     /// Serves the streams the receiver opens on `conn` until it closes.
@@ -272,6 +291,12 @@ impl OnDemand {
         if sent.capped > 0 {
             stats.drops.push((DropReason::RATE_CAP, sent.capped));
         }
+        self.ended.fetch_add(1, Relaxed);
+        self.sent.fetch_add(stats.delivered, Relaxed);
+        self.dropped.fetch_add(stats.dropped(), Relaxed);
+        let series = |name: &'static str| metrics::counter!(name, "interface" => info.name.clone());
+        series("capstream_sensor_on_demand_packets_sent_total").increment(stats.delivered);
+        series("capstream_sensor_on_demand_packets_dropped_total").increment(stats.dropped());
         (reason, stats)
     }
 }

@@ -415,6 +415,13 @@ fn captures_stop_at_their_packet_or_duration_limit_and_leave_the_sensors_tables(
             == 0),
         "the sensor still shows the capture"
     );
+    let text = prometheus::scrape(Some(&t.lab.cap), "127.0.0.1:9101").unwrap();
+    let sent = prometheus::count(
+        &text,
+        "capstream_sensor_on_demand_packets_sent_total",
+        &[("interface", "cap0")],
+    );
+    assert_eq!(sent, 100);
     let logs: Vec<String> = t.sensors.iter().map(Proc::stderr).collect();
     assert!(
         logs[0].contains("ended (packet limit (100))"),
@@ -426,6 +433,15 @@ fn captures_stop_at_their_packet_or_duration_limit_and_leave_the_sensors_tables(
         "{}",
         logs[1]
     );
+    // And in the exit summary.
+    for mut sensor in t.sensors {
+        sensor.stop().unwrap();
+        let log = sensor.stderr();
+        assert!(
+            log.contains("summary: on-demand: 1 capture(s) ended"),
+            "{log}"
+        );
+    }
 }
 
 #[test]
