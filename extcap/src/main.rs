@@ -30,7 +30,10 @@ use sensor::tls::{self, Trust};
 const PROGRAM: &str = "capstream-extcap";
 /// What interface values start with: `capstream:SENSOR/IFACE`.
 const PREFIX: &str = "capstream:";
+/// How long a capture waits for the receiver to answer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long listing waits: Wireshark lists interfaces as it starts, and waits for us.
+const LIST_TIMEOUT: Duration = Duration::from_secs(3);
 
 const AFTER_HELP: &str = "\
 Wireshark runs this program; install it with `cargo xtask install-extcap` (into
@@ -192,7 +195,7 @@ async fn run(cli: Cli) -> Result<()> {
             "extcap {{version={}}}{{help=https://github.com/capstream}}",
             env!("CARGO_PKG_VERSION")
         );
-        let (_conn, list, _streams) = connect(&cli).await?;
+        let (_conn, list, _streams) = connect(&cli, LIST_TIMEOUT).await?;
         for sensor in &list.sensors {
             for interface in &sensor.interfaces {
                 let name = format!("{}/{interface}", sensor.name);
@@ -207,6 +210,7 @@ async fn run(cli: Cli) -> Result<()> {
 /// Connects to the viewer endpoint and says who asks; the receiver answers with its list.
 async fn connect(
     cli: &Cli,
+    timeout: Duration,
 ) -> Result<(
     quinn::Connection,
     SensorList,
@@ -272,7 +276,7 @@ async fn connect(
                 "cannot connect to {remote} as \"{server_name}\": {e}"
             ))
         })?;
-    let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+    let conn = match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             let seen = tls
@@ -290,7 +294,7 @@ async fn connect(
             return Err(Error::runtime(format!(
                 "no answer from the receiver's viewer endpoint {remote} within {}s (check \
                  --receiver, and that the receiver runs with --viewer-listen)",
-                CONNECT_TIMEOUT.as_secs()
+                timeout.as_secs()
             )))
         }
     };
@@ -390,7 +394,7 @@ async fn capture(cli: &Cli) -> Result<()> {
     for also in &cli.also {
         targets.push(target(also)?);
     }
-    let (conn, _list, (mut send, mut recv, mut buf)) = connect(cli).await?;
+    let (conn, _list, (mut send, mut recv, mut buf)) = connect(cli, CONNECT_TIMEOUT).await?;
     let request = Message::CaptureRequest(CaptureRequest {
         targets,
         filter: cli.extcap_capture_filter.trim().to_string(),

@@ -394,7 +394,9 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
         stoppers.push(Box::new(move || {
             idle.lock().unwrap_or_else(|e| e.into_inner()).take();
         }));
-        eprintln!("ready: no standing capture, on-demand captures only, connected to {remote}");
+        eprintln!(
+            "ready: no standing capture, taking on-demand captures through receiver {remote}"
+        );
     } else {
         drop(session);
         eprintln!(

@@ -442,6 +442,9 @@ fn captures_stop_at_their_packet_or_duration_limit_and_leave_the_sensors_tables(
             "{log}"
         );
     }
+    // The receiver, which held two sessions of no interface, ends cleanly too.
+    let mut receiver = t.receiver;
+    receiver.stop().unwrap();
 }
 
 #[test]
