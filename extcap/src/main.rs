@@ -36,9 +36,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const LIST_TIMEOUT: Duration = Duration::from_secs(3);
 
 const AFTER_HELP: &str = "\
-Wireshark runs this program; install it with `cargo xtask install-extcap` (into
-~/.local/lib/wireshark/extcap/ for the running Wireshark version) and point it at a
-receiver started with --viewer-listen, in a file or the environment, e.g.:
+Wireshark runs this program; install it with `cargo xtask install-extcap` (into the
+personal extcap folder `tshark -G folders` names: ~/.local/lib/wireshark/extcap/ from
+Wireshark 4.2, ~/.config/wireshark/extcap/ before) and point it at a receiver started
+with --viewer-listen, in a file or the environment (listing takes its options from
+there: Wireshark passes none then), e.g.:
 
   export CAPSTREAM_EXTCAP_RECEIVER=collector.example:4434
   export CAPSTREAM_EXTCAP_CA=/etc/capstream/receiver.crt
