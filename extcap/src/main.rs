@@ -144,6 +144,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    default_config();
     let cli = match program::cli::parse::<Cli>() {
         Ok(cli) => cli,
         Err(code) => return code,
@@ -209,6 +210,25 @@ async fn run(cli: Cli) -> Result<()> {
     capture(&cli).await
 }
 
+/// Wireshark lists interfaces by running this program with no option of its own: then,
+/// without --config or CAPSTREAM_EXTCAP_CONFIG, the options come from
+/// `~/.config/capstream/extcap.toml` (the user's configuration directory) when it exists.
+fn default_config() {
+    const VARIABLE: &str = "CAPSTREAM_EXTCAP_CONFIG";
+    let given = std::env::args_os().any(|a| {
+        let a = a.to_string_lossy();
+        a == "--config" || a.starts_with("--config=")
+    });
+    if given || std::env::var_os(VARIABLE).is_some() {
+        return;
+    }
+    let file = dirs::config_dir().map(|dir| dir.join("capstream").join("extcap.toml"));
+    if let Some(file) = file.filter(|f| f.is_file()) {
+        // Still one thread: nothing else reads the environment yet.
+        std::env::set_var(VARIABLE, file);
+    }
+}
+
 /// Connects to the viewer endpoint and says who asks; the receiver answers with its list.
 async fn connect(
     cli: &Cli,
@@ -220,8 +240,9 @@ async fn connect(
 )> {
     let receiver = cli.receiver.as_deref().ok_or_else(|| {
         Error::input(
-            "no receiver: set --receiver HOST:PORT (the receiver's --viewer-listen), in \
-             Wireshark's capture options, a --config file or CAPSTREAM_EXTCAP_RECEIVER",
+            "no receiver: set receiver = \"HOST:PORT\" (the receiver's --viewer-listen) in \
+             ~/.config/capstream/extcap.toml, or CAPSTREAM_EXTCAP_RECEIVER, or --receiver in \
+             Wireshark's capture options",
         )
     })?;
     let trust = match (&cli.fingerprint, &cli.ca) {

@@ -99,6 +99,9 @@ impl OnDemandLab {
     fn env(&self, token: Option<&str>) -> Vec<String> {
         let mut env = vec![
             "env".to_string(),
+            // Wireshark's folders and the extcap's file follow HOME alone.
+            "-u".into(),
+            "XDG_CONFIG_HOME".into(),
             format!("HOME={}", self.home.display()),
             format!("CAPSTREAM_EXTCAP_RECEIVER={VIEWERS}"),
             format!("CAPSTREAM_EXTCAP_CA={}", self.state("receiver.crt")),
@@ -165,6 +168,32 @@ fn tshark_lists_the_interfaces_of_two_sensors_and_captures_on_demand_like_tcpdum
             "tshark -D does not list {name}:\n{listed}"
         );
     }
+
+    // Or configured by the user's file alone, as the Wireshark GUI finds it.
+    let config = t.home.join(".config/capstream");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(
+        config.join("extcap.toml"),
+        format!(
+            "receiver = \"{VIEWERS}\"\nca = \"{}\"\ntoken-file = \"{}\"\n",
+            t.state("receiver.crt"),
+            t.viewer_token()
+        ),
+    )
+    .unwrap();
+    let mut argv = t.lab.cap.command("env");
+    argv.extend(["-u".into(), "XDG_CONFIG_HOME".into()]);
+    argv.extend([
+        format!("HOME={}", t.home.display()),
+        "tshark".into(),
+        "-D".into(),
+    ]);
+    let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
+    let listed = run(&argv[0], &args).unwrap();
+    assert!(
+        listed.contains("capstream:s2/cap1 (capstream: s2/cap1)"),
+        "not listed from ~/.config/capstream/extcap.toml:\n{listed}"
+    );
 
     // On-demand capture: tshark on s1's cap0 with a capture filter, beside tcpdump.
     let reference = t.dir.join("tcpdump.pcap");
