@@ -257,8 +257,9 @@ pub struct Cli {
     /// Take on-demand captures that the receiver's viewers (Wireshark's capstream-extcap)
     /// ask for: an interface of this host, a tcpdump filter (run in the kernel as --mode
     /// says) and a limit; several at once, each logged with who asked. The sensor then keeps
-    /// its capture privileges (no --user switch, no seccomp fence), to open them.
-    #[arg(long, conflicts_with_all = ["read", "user"])]
+    /// the capabilities its --mode needs to open a capture (as --user, nobody by default)
+    /// and runs without the seccomp fence.
+    #[arg(long, conflicts_with = "read")]
     pub allow_on_demand: bool,
 
     /// The longest an on-demand capture runs; a longer or unlimited request is cut to it
@@ -544,7 +545,6 @@ mod tests {
             &["--on-demand", "--allow-on-demand", "-i", "eth0"][..],
             &["--on-demand", "--allow-on-demand", "--bpf", "udp"],
             &["-r", "f.pcap", "--allow-on-demand"],
-            &["-i", "eth0", "--allow-on-demand", "--user", "nobody"],
             &[
                 "-i",
                 "eth0",

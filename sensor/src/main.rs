@@ -153,22 +153,24 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
         max_rate: cli.on_demand_max_rate,
         max_captures: cli.on_demand_max_captures,
     }));
+    let mut needs: Vec<privileges::Need> = backends
+        .iter()
+        .flat_map(|b| b.needs_after_attach())
+        .collect();
     if cli.allow_on_demand {
         // Opening a capture later takes what opening one now does.
+        needs.extend(on_demand::needs(cli.mode));
+    }
+    privileges::give_up(user.as_ref(), &needs, new_spool_dir)?;
+    #[cfg(all(
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
+    if cli.allow_on_demand {
         tracing::warn!(
-            "privileges: kept (--allow-on-demand: on-demand captures are opened while the \
-             sensor runs); no --user switch, no seccomp fence"
+            "seccomp: no fence (--allow-on-demand: captures are opened while the sensor runs)"
         );
     } else {
-        let needs: Vec<privileges::Need> = backends
-            .iter()
-            .flat_map(|b| b.needs_after_attach())
-            .collect();
-        privileges::give_up(user.as_ref(), &needs, new_spool_dir)?;
-        #[cfg(all(
-            target_os = "linux",
-            any(target_arch = "x86_64", target_arch = "aarch64")
-        ))]
         seccomp::restrict(
             &backends
                 .iter()

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::batcher::{Backpressure, Batcher, Outgoing, SessionBatching};
 use crate::capture::{self, CaptureBackend, Mode, Source};
+use crate::privileges::{Capability, Need};
 use crate::stats::Counters;
 
 /// Batches between an on-demand capture's thread and its stream.
@@ -299,6 +300,21 @@ impl OnDemand {
         series("capstream_sensor_on_demand_packets_dropped_total").increment(stats.dropped());
         (reason, stats)
     }
+}
+
+/// The capabilities opening a capture in `mode` takes, kept for on-demand captures (the
+/// README's Privileges table: what each mode needs to start).
+pub fn needs(mode: Mode) -> Vec<Need> {
+    let mut caps = vec![Capability::NetRaw];
+    if mode != Mode::Pcap {
+        caps.extend([Capability::Bpf, Capability::NetAdmin]);
+    }
+    if mode == Mode::Afxdp {
+        caps.push(Capability::IpcLock);
+    }
+    caps.into_iter()
+        .map(|cap| Need::new(cap, "to open on-demand captures"))
+        .collect()
 }
 
 /// One of the `--on-demand-max-captures` places, held while a capture runs.

@@ -217,10 +217,13 @@ fn tshark_lists_the_interfaces_of_two_sensors_and_captures_on_demand_like_tcpdum
     let s1 = &mut t.sensors[0];
     s1.wait_for("on-demand capture 1 started", Duration::from_secs(30))
         .unwrap();
+    let log = s1.stderr();
+    assert!(log.contains("capture asked by viewer"), "{log}");
+    // The filter runs in the kernel (auto: tc), opened as nobody with the capabilities kept.
+    assert!(log.contains("cap0: --mode auto chose tc"), "{log}");
     assert!(
-        s1.stderr().contains("capture asked by viewer"),
-        "{}",
-        s1.stderr()
+        log.contains("running as nobody") && log.contains("CAP_NET_RAW (to open on-demand"),
+        "{log}"
     );
     t.lab.replay(0, &corpus::pcap(), PPS).unwrap();
     exits_cleanly(&mut tshark, Duration::from_secs(30));
