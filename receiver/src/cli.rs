@@ -51,6 +51,10 @@ Examples:
     head -c 32 /dev/urandom | base64 > token && chmod 600 token
     receiver --out capture.pcapng --token-file token
 
+  Let Wireshark start captures on sensors run with --allow-on-demand (viewers give the
+  viewer token, <state-dir>/viewer-token, to capstream-extcap; see `capstream-extcap --help`):
+    receiver --out capture.pcapng --viewer-listen [::]:4434
+
   Accept any sensor that can reach the port (a lab; logged as a warning):
     receiver --out capture.pcapng --allow-unauthenticated
 

@@ -603,6 +603,13 @@ fn viewer_endpoint(
             path.display()
         ),
     }
+    tracing::info!(
+        "for viewers: CAPSTREAM_EXTCAP_RECEIVER=HOST:{} CAPSTREAM_EXTCAP_FINGERPRINT={} \
+         CAPSTREAM_EXTCAP_TOKEN_FILE=<copy of {}, mode 0600> tshark -D",
+        bound.port(),
+        identity.fingerprint(),
+        path.display()
+    );
     Ok((
         endpoint,
         viewer::ViewerAuth::new(token, cli.viewer_ca.is_some()),
