@@ -145,6 +145,7 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
     let backends = capture::open(cli.mode, &source, &opts)?;
     let on_demand = Arc::new(on_demand::OnDemand::new(on_demand::Settings {
         allowed: cli.allow_on_demand,
+        live: cli.read.is_none(),
         mode: cli.mode,
         template: opts,
         batch_size: cli.batch_size,

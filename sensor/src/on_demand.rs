@@ -54,6 +54,8 @@ pub struct OnDemand {
 /// The sensor's settings for on-demand captures (from its command line).
 pub struct Settings {
     pub allowed: bool,
+    /// Whether it captures live, so that its host's interfaces are listed to viewers.
+    pub live: bool,
     pub mode: Mode,
     pub template: capture::Options,
     pub batch_size: usize,
@@ -67,7 +69,11 @@ impl OnDemand {
     pub fn new(settings: Settings) -> Self {
         Self {
             allowed: settings.allowed,
-            available: host_interfaces(),
+            available: if settings.live {
+                host_interfaces()
+            } else {
+                Vec::new()
+            },
             mode: settings.mode,
             template: settings.template,
             batch_size: settings.batch_size,
@@ -562,6 +568,7 @@ mod tests {
     fn the_duration_cap_applies_to_unlimited_and_longer_requests() {
         let on_demand = OnDemand::new(Settings {
             allowed: true,
+            live: false,
             mode: Mode::Pcap,
             template: capture::Options {
                 snaplen: 262_144,
