@@ -189,6 +189,9 @@ impl DropReason {
     pub const SPOOL_DAMAGED: Self = Self(4);
     /// An on-demand capture passed the sensor's rate cap (`--on-demand-max-rate`).
     pub const RATE_CAP: Self = Self(5);
+    /// Packets of an on-demand capture the receiver dropped because its viewer read too
+    /// slowly (never from a sensor: the receiver counts them itself).
+    pub const VIEWER_SLOW: Self = Self(6);
 
     /// The reason as the exit summaries say it (`kernel buffer full`).
     pub fn name(self) -> &'static str {
@@ -198,6 +201,7 @@ impl DropReason {
             Self::SENSOR_BUFFER => "sensor buffer full",
             Self::SPOOL_DAMAGED => "spool damaged",
             Self::RATE_CAP => "on-demand rate cap",
+            Self::VIEWER_SLOW => "viewer too slow",
             _ => "other",
         }
     }
@@ -210,6 +214,7 @@ impl DropReason {
             Self::SENSOR_BUFFER => "sensor_buffer",
             Self::SPOOL_DAMAGED => "spool_damaged",
             Self::RATE_CAP => "rate_cap",
+            Self::VIEWER_SLOW => "viewer_slow",
             _ => "other",
         }
     }

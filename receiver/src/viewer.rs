@@ -10,14 +10,15 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use program::names::clean;
 use protocol::{
-    AuthToken, CaptureEnded, CaptureRequest, CaptureStarted, CaptureTarget, ErrorCode, ErrorMsg,
-    InterfaceInfo, ListedSensor, Message, SensorList,
+    AuthToken, CaptureEnded, CaptureRequest, CaptureStarted, CaptureTarget, DropReason, ErrorCode,
+    ErrorMsg, InterfaceInfo, ListedSensor, Message, SensorList,
 };
 use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream, VarInt};
 use receiver::sink::{PcapNgSink, Sink, SinkInterface};
@@ -420,9 +421,11 @@ async fn stream(
     }
     let (events, mut from_sensors) = mpsc::channel(16);
     let mut stops = Vec::with_capacity(parts.len());
+    let dropped: Vec<Arc<AtomicU64>> = parts.iter().map(|_| Arc::default()).collect();
     for (i, part) in parts.into_iter().enumerate() {
         stops.push(part.send);
-        tokio::spawn(read_sensor(i, part.recv, part.buf, events.clone()));
+        let lost = Arc::clone(&dropped[i]);
+        tokio::spawn(read_sensor(i, part.recv, part.buf, events.clone(), lost));
     }
     drop(events);
     let mut running = stops.len();
@@ -440,12 +443,24 @@ async fn stream(
                 Some(FromSensor::Ended(i, ended)) => {
                     merge.set_sending(i as u64, false);
                     running -= 1;
+                    let slow = dropped[i].load(Relaxed);
+                    let slow_text = if slow > 0 {
+                        format!(" ({slow} packets dropped: the viewer read too slowly)")
+                    } else {
+                        String::new()
+                    };
+                    metrics::counter!("capstream_receiver_viewer_dropped_packets_total")
+                        .increment(slow);
                     match ended {
-                        Ok(ended) => {
+                        Ok(mut ended) => {
+                            if slow > 0 {
+                                ended.stats.drops.push((DropReason::VIEWER_SLOW, slow));
+                            }
                             let _ = sink.write_stats(i as u32, &ended.stats);
-                            ends.push(format!("{}: {}", interfaces[i].name, clean(&ended.reason)));
+                            let reason = clean(&ended.reason);
+                            ends.push(format!("{}: {reason}{slow_text}", interfaces[i].name));
                         }
-                        Err(why) => ends.push(format!("{}: {why}", interfaces[i].name)),
+                        Err(why) => ends.push(format!("{}: {why}{slow_text}", interfaces[i].name)),
                     }
                     if running == 0 {
                         break ends.join("; ");
@@ -485,18 +500,27 @@ async fn flush_to(sink: &mut PcapNgSink<Vec<u8>>, send: &mut SendStream) -> bool
     bytes.is_empty() || send.write_all(&bytes).await.is_ok()
 }
 
-/// Passes on one sensor's batches, then how its capture ended.
+/// Passes on one sensor's batches, then how its capture ended. The stream is always read:
+/// a batch that finds the merge behind (the viewer reads too slowly) is dropped and counted
+/// in `dropped`, so that a slow viewer never holds the sensor's connection (its standing
+/// capture shares that connection's flow control).
 async fn read_sensor(
     index: usize,
     mut recv: RecvStream,
     mut buf: BytesMut,
     events: mpsc::Sender<FromSensor>,
+    dropped: Arc<AtomicU64>,
 ) {
     let ended = loop {
         match program::frames::read_message(&mut recv, &mut buf).await {
             Ok(Some(Message::Batch(batch))) => {
-                if events.send(FromSensor::Batch(index, batch)).await.is_err() {
-                    return;
+                let packets = u64::from(batch.packet_count);
+                match events.try_send(FromSensor::Batch(index, batch)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        dropped.fetch_add(packets, Relaxed);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
                 }
             }
             Ok(Some(Message::CaptureEnded(ended))) => break Ok(ended),
