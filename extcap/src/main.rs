@@ -302,6 +302,9 @@ async fn connect(
     let conn = match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
+            if let Some(refused) = certificate_refused(&e) {
+                return Err(Error::input(format!("the receiver refused: {refused}")));
+            }
             let seen = tls
                 .verification
                 .lock()
@@ -324,7 +327,7 @@ async fn connect(
     let (mut send, mut recv) = conn
         .open_bi()
         .await
-        .map_err(|e| Error::runtime(format!("cannot open a stream to {remote}: {e}")))?;
+        .map_err(|e| lost(&conn, format!("cannot open a stream to {remote}: {e}")))?;
     let user = std::env::var("USER").unwrap_or_else(|_| "someone".into());
     let hello = Message::ViewerHello(ViewerHello {
         version: protocol::PROTOCOL_VERSION,
@@ -333,7 +336,7 @@ async fn connect(
     });
     send.write_all(&hello.to_bytes())
         .await
-        .map_err(|e| Error::runtime(format!("receiver {remote}: {e}")))?;
+        .map_err(|e| lost(&conn, format!("receiver {remote}: {e}")))?;
     let mut buf = BytesMut::new();
     match reply(&conn, &mut recv, &mut buf).await? {
         Message::SensorList(list) => Ok((conn, list, (send, recv, buf))),
@@ -363,12 +366,16 @@ async fn reply(
         Ok(None) => Err(Error::runtime(format!(
             "receiver {remote} ended the stream"
         ))),
-        Err(why) => Err(
-            match conn.close_reason().as_ref().and_then(certificate_refused) {
-                Some(refused) => Error::input(format!("the receiver refused: {refused}")),
-                None => Error::runtime(format!("receiver {remote}: {why}")),
-            },
-        ),
+        Err(why) => Err(lost(conn, format!("receiver {remote}: {why}"))),
+    }
+}
+
+/// The connection broke: the receiver's refusal of this viewer's certificate when that is
+/// why (it may come at any step, as the handshake completes on this side first), else `what`.
+fn lost(conn: &quinn::Connection, what: String) -> Error {
+    match conn.close_reason().as_ref().and_then(certificate_refused) {
+        Some(refused) => Error::input(format!("the receiver refused: {refused}")),
+        None => Error::runtime(what),
     }
 }
 
@@ -468,7 +475,11 @@ async fn capture(cli: &Cli) -> Result<()> {
     }
     drop(chunks);
     conn.close(0u32.into(), b"viewer stopped");
-    match writer.await {
+    // A fifo nobody opened holds the writer for ever: it is not waited for long.
+    match tokio::time::timeout(Duration::from_secs(2), writer)
+        .await
+        .unwrap_or(Ok(Ok(())))
+    {
         Ok(Err(e)) if e.kind() != std::io::ErrorKind::BrokenPipe => {
             return Err(Error::input(format!(
                 "cannot write --fifo {}: {e}",

@@ -27,6 +27,8 @@ use crate::stats::Counters;
 const CHANNEL_BATCHES: usize = 16;
 /// How long the receiver has to send its request on a stream it opened.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the receiver has to take a capture's last words.
+const LINGER: Duration = Duration::from_secs(5);
 
 /// What the sensor allows of on-demand captures, and how it opens them.
 pub struct OnDemand {
@@ -146,7 +148,7 @@ impl OnDemand {
                 });
                 let _ = send.write_all(&refusal.to_bytes()).await;
                 let _ = send.finish();
-                let _ = send.stopped().await;
+                let _ = tokio::time::timeout(LINGER, send.stopped()).await;
                 return;
             }
         };
@@ -165,7 +167,7 @@ impl OnDemand {
         let ended = Message::CaptureEnded(CaptureEnded { reason, stats });
         let _ = send.write_all(&ended.to_bytes()).await;
         let _ = send.finish();
-        let _ = send.stopped().await;
+        let _ = tokio::time::timeout(LINGER, send.stopped()).await;
     }
 
     /// The request's limits, with the sensor's duration cap.
@@ -259,25 +261,28 @@ impl OnDemand {
         let reason = if send.write_all(&started.to_bytes()).await.is_err() {
             "the receiver went away".to_string()
         } else {
-            let deadline = tokio::time::sleep(Duration::from_millis(limits.duration_ms));
+            let ends_at = tokio::time::Instant::now() + Duration::from_millis(limits.duration_ms);
+            let deadline = tokio::time::sleep_until(ends_at);
             tokio::pin!(deadline);
             let mut scratch = [0u8; 64];
+            let duration_limit = || format!("duration limit ({} ms)", limits.duration_ms);
             loop {
                 tokio::select! {
                     batch = rx.recv() => {
                         let Some(batch) = batch else { break "the capture ended".to_string() };
                         if let Some(frame) = sent.admit(batch) {
-                            if send.write_chunk(frame).await.is_err() {
-                                break "the receiver went away".to_string();
+                            // A receiver that does not read cannot keep it past its end.
+                            match tokio::time::timeout_at(ends_at, send.write_chunk(frame)).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(_)) => break "the receiver went away".to_string(),
+                                Err(_) => break duration_limit(),
                             }
                         }
                         if let Some(limit) = sent.reached() {
                             break limit;
                         }
                     }
-                    () = &mut deadline => {
-                        break format!("duration limit ({} ms)", limits.duration_ms);
-                    }
+                    () = &mut deadline => break duration_limit(),
                     read = recv.read(&mut scratch) => match read {
                         Ok(Some(_)) => {}
                         Ok(None) | Err(_) => break "stopped by the receiver".to_string(),
