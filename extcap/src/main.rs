@@ -189,7 +189,10 @@ fn main() -> ExitCode {
             )
         }
     };
-    exit::finish(PROGRAM, runtime.block_on(run(cli)), Error::failure)
+    let result = runtime.block_on(run(cli));
+    // A thread still blocked on a fifo nobody reads must not keep the program alive.
+    runtime.shutdown_background();
+    exit::finish(PROGRAM, result, Error::failure)
 }
 
 async fn run(cli: Cli) -> Result<()> {

@@ -443,24 +443,16 @@ async fn stream(
                 Some(FromSensor::Ended(i, ended)) => {
                     merge.set_sending(i as u64, false);
                     running -= 1;
-                    let slow = dropped[i].load(Relaxed);
-                    let slow_text = if slow > 0 {
-                        format!(" ({slow} packets dropped: the viewer read too slowly)")
-                    } else {
-                        String::new()
-                    };
-                    metrics::counter!("capstream_receiver_viewer_dropped_packets_total")
-                        .increment(slow);
                     match ended {
                         Ok(mut ended) => {
+                            let slow = dropped[i].load(Relaxed);
                             if slow > 0 {
                                 ended.stats.drops.push((DropReason::VIEWER_SLOW, slow));
                             }
                             let _ = sink.write_stats(i as u32, &ended.stats);
-                            let reason = clean(&ended.reason);
-                            ends.push(format!("{}: {reason}{slow_text}", interfaces[i].name));
+                            ends.push(format!("{}: {}", interfaces[i].name, clean(&ended.reason)));
                         }
-                        Err(why) => ends.push(format!("{}: {why}{slow_text}", interfaces[i].name)),
+                        Err(why) => ends.push(format!("{}: {why}", interfaces[i].name)),
                     }
                     if running == 0 {
                         break ends.join("; ");
@@ -490,7 +482,14 @@ async fn stream(
     };
     let _ = merge.drain_all(&mut sink);
     let _ = flush_to(&mut sink, send).await;
-    outcome
+    // Counted when the capture ends for the viewer, however it ends.
+    let slow: u64 = dropped.iter().map(|d| d.load(Relaxed)).sum();
+    metrics::counter!("capstream_receiver_viewer_dropped_packets_total").increment(slow);
+    if slow > 0 {
+        format!("{outcome} ({slow} packets dropped: the viewer read too slowly)")
+    } else {
+        outcome
+    }
 }
 
 /// Sends what the pcapng writer holds; false when the viewer is gone.

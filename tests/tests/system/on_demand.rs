@@ -589,3 +589,112 @@ fn several_captures_at_once_each_with_its_own_filter_and_counts() {
         );
     }
 }
+
+#[test]
+fn viewers_that_read_nothing_never_hold_a_sensors_standing_capture() {
+    let t = OnDemandLab::new();
+    // A sensor with its standing capture and on-demand captures on the same connection.
+    let standing = start_sensor(
+        Some(&t.lab.cap),
+        &t.receiver,
+        &[
+            "-i",
+            "cap0",
+            "--bpf",
+            "udp",
+            "--allow-on-demand",
+            "--sensor-id",
+            "s4",
+            "--metrics",
+            "127.0.0.1:9104",
+        ],
+    )
+    .unwrap();
+    // Three viewers whose fifos nobody opens: they take nothing of their captures, which
+    // together could fill the sensor connection's flow-control window (32 MiB).
+    let mut viewers = Vec::new();
+    for i in 0..3 {
+        let fifo = t.dir.join(&format!("unread-{i}"));
+        run("mkfifo", &[&path(&fifo)]).unwrap();
+        viewers.push(t.extcap(
+            Some(&t.viewer_token()),
+            &[
+                "--capture",
+                "--extcap-interface",
+                "capstream:s4/cap0",
+                "--fifo",
+                &path(&fifo),
+            ],
+        ));
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || t.running_on("9104", "cap0")
+            == 3),
+        "the three captures never ran"
+    );
+    // 60 MB of UDP frames.
+    let mac = t
+        .lab
+        .cap
+        .exec("cat", &["/sys/class/net/cap0/address"])
+        .unwrap();
+    let xtask = path(&workspace_bin("xtask"));
+    t.lab
+        .gen
+        .exec(
+            &xtask,
+            &[
+                "generate",
+                "--iface",
+                "gen0",
+                "--dst-mac",
+                mac.trim(),
+                "--size",
+                "1500",
+                "--count",
+                "40000",
+                "--rate",
+                "10000",
+            ],
+        )
+        .unwrap();
+    // The standing capture gets every frame it matched to the receiver (those the kernel
+    // ring could not take are counted apart) while the viewers still read nothing.
+    let figures = || {
+        let text = prometheus::scrape(Some(&t.lab.cap), "127.0.0.1:9104").unwrap_or_default();
+        let of = |name, labels: &[(&str, &str)]| {
+            prometheus::count(&text, name, &[&[("interface", "cap0")], labels].concat())
+        };
+        (
+            of("capstream_sensor_packets_matched_total", &[]),
+            of(
+                "capstream_sensor_drops_total",
+                &[("reason", "kernel_buffer")],
+            ),
+            of("capstream_sensor_packets_delivered_total", &[]),
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let (matched, kernel, delivered) = figures();
+            matched + kernel == 40_000 && delivered == matched
+        }),
+        "the standing capture was held: {:?} (matched, kernel drops, delivered)",
+        figures()
+    );
+    // Stopped as Wireshark stops them, they leave at once, and the receiver says what their
+    // captures lost.
+    for mut viewer in viewers {
+        viewer.signal("TERM").unwrap();
+        exits_cleanly(&mut viewer, Duration::from_secs(10));
+    }
+    let receiver = &t.receiver.proc;
+    assert!(
+        wait_until(Duration::from_secs(15), || receiver
+            .stderr()
+            .contains("packets dropped: the viewer read too slowly")),
+        "{}",
+        receiver.stderr()
+    );
+    drop(standing);
+}
