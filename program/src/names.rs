@@ -43,6 +43,8 @@ mod tests {
             os: String::new(),
             interfaces: Vec::new(),
             token: None,
+            available: Vec::new(),
+            on_demand: false,
             tls_key_log: false,
         };
         assert_eq!(sensor_name(&hello, None), "idforged");

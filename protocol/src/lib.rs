@@ -22,6 +22,7 @@ mod codec;
 pub mod decode_check;
 mod key_log;
 mod message;
+mod on_demand;
 
 pub use batch::{
     BatchBuilder, Direction, EncodedBatch, Packet, PacketIter, PushOutcome, RecordKind,
@@ -32,6 +33,10 @@ pub use message::{
     decode_frame, decode_frame_header, Ack, AuthToken, Batch, BatchEncoding, DropReason, ErrorCode,
     ErrorMsg, Goodbye, Hello, InterfaceInfo, InterfaceStats, Message, MessageType, Stats,
     FRAME_HEADER_LEN, MAX_HELLO_LEN, SESSION_SECRET_LEN,
+};
+pub use on_demand::{
+    CaptureEnded, CaptureLimits, CaptureRequest, CaptureStarted, CaptureTarget, ListedSensor,
+    SensorList, ViewerHello, MAX_LISTED_INTERFACES, MAX_LISTED_SENSORS, MAX_TARGETS,
 };
 
 /// The protocol version this build speaks. A peer with another version is refused.
@@ -57,3 +62,7 @@ pub const MAX_TOKEN_LEN: usize = 1024;
 /// ALPN protocol name carried in the TLS handshake, so a QUIC peer of another
 /// application is refused during the handshake.
 pub const ALPN: &[u8] = b"capstream/1";
+
+/// ALPN of the receiver's viewer endpoint (`receiver --viewer-listen`), where viewers list
+/// sensors and start on-demand captures.
+pub const VIEWER_ALPN: &[u8] = b"capstream-viewer/1";

@@ -6,6 +6,10 @@ use crate::codec::{
     expect_end, get_bytes, get_count, get_str, get_u16, get_u32, get_u64, get_u8, need, put_str,
     DecodeError,
 };
+use crate::on_demand::{
+    get_flag, get_names, put_names, CaptureEnded, CaptureRequest, CaptureStarted, SensorList,
+    ViewerHello,
+};
 use crate::{HELLO_MAGIC, MAX_FRAME_LEN, MAX_SNAPLEN, MAX_TOKEN_LEN, PROTOCOL_VERSION};
 
 /// `type: u8` + `length: u32`.
@@ -41,6 +45,16 @@ pub enum MessageType {
     Goodbye = 5,
     /// [`ErrorMsg`].
     Error = 6,
+    /// [`ViewerHello`].
+    ViewerHello = 8,
+    /// [`SensorList`].
+    SensorList = 9,
+    /// [`CaptureRequest`].
+    CaptureRequest = 10,
+    /// [`CaptureStarted`].
+    CaptureStarted = 11,
+    /// [`CaptureEnded`].
+    CaptureEnded = 12,
 }
 
 impl TryFrom<u8> for MessageType {
@@ -53,6 +67,11 @@ impl TryFrom<u8> for MessageType {
             4 => Self::Ack,
             5 => Self::Goodbye,
             6 => Self::Error,
+            8 => Self::ViewerHello,
+            9 => Self::SensorList,
+            10 => Self::CaptureRequest,
+            11 => Self::CaptureStarted,
+            12 => Self::CaptureEnded,
             other => return Err(DecodeError::UnknownType(other)),
         })
     }
@@ -93,6 +112,11 @@ pub struct Hello {
     pub interfaces: Vec<InterfaceInfo>,
     /// The shared secret of `--token-file`, for a receiver that requires one.
     pub token: Option<AuthToken>,
+    /// The host's interfaces, which viewers may list and capture on on demand.
+    pub available: Vec<String>,
+    /// Whether the sensor accepts on-demand captures (`--allow-on-demand`). Such a sensor
+    /// may name no interface of its own (`--on-demand`).
+    pub on_demand: bool,
     /// Whether the sensor follows TLS key logs (`--keylog`) and sends their lines in
     /// batches of [`crate::RecordKind::TlsKeyLog`] records: the receiver then holds this
     /// sensor's packets for its reorder window, so that a key, logged once the handshake
@@ -168,6 +192,11 @@ impl DropReason {
     /// Batches held in the sensor's spool that could not be read back (a damaged or
     /// missing segment): sent on as empty batches so that the session goes on.
     pub const SPOOL_DAMAGED: Self = Self(4);
+    /// An on-demand capture passed the sensor's rate cap (`--on-demand-max-rate`).
+    pub const RATE_CAP: Self = Self(5);
+    /// Packets of an on-demand capture the receiver dropped because its viewer read too
+    /// slowly (never from a sensor: the receiver counts them itself).
+    pub const VIEWER_SLOW: Self = Self(6);
 
     /// The reason as the exit summaries say it (`kernel buffer full`).
     pub fn name(self) -> &'static str {
@@ -176,6 +205,8 @@ impl DropReason {
             Self::INTERFACE => "interface/driver",
             Self::SENSOR_BUFFER => "sensor buffer full",
             Self::SPOOL_DAMAGED => "spool damaged",
+            Self::RATE_CAP => "on-demand rate cap",
+            Self::VIEWER_SLOW => "viewer too slow",
             _ => "other",
         }
     }
@@ -187,6 +218,8 @@ impl DropReason {
             Self::INTERFACE => "interface",
             Self::SENSOR_BUFFER => "sensor_buffer",
             Self::SPOOL_DAMAGED => "spool_damaged",
+            Self::RATE_CAP => "rate_cap",
+            Self::VIEWER_SLOW => "viewer_slow",
             _ => "other",
         }
     }
@@ -260,6 +293,9 @@ impl ErrorCode {
     /// The session cannot be resumed (it ended, or belongs to another sensor): the sensor
     /// starts a new session and sends what it holds there.
     pub const SESSION_REFUSED: Self = Self(8);
+    /// An on-demand capture, or a viewer, was refused: not allowed, not authenticated, a
+    /// filter libpcap rejects, an unknown sensor or interface. The message says which.
+    pub const CAPTURE_REFUSED: Self = Self(9);
 }
 
 /// A fatal error: the sender closes the session after it.
@@ -286,6 +322,16 @@ pub enum Message {
     Goodbye(Goodbye),
     /// A fatal error.
     Error(ErrorMsg),
+    /// A viewer's first message.
+    ViewerHello(ViewerHello),
+    /// The sensors a viewer may capture on.
+    SensorList(SensorList),
+    /// An on-demand capture asked for.
+    CaptureRequest(CaptureRequest),
+    /// An on-demand capture runs.
+    CaptureStarted(CaptureStarted),
+    /// An on-demand capture stopped.
+    CaptureEnded(CaptureEnded),
 }
 
 impl Message {
@@ -298,6 +344,11 @@ impl Message {
             Self::Ack(_) => MessageType::Ack,
             Self::Goodbye(_) => MessageType::Goodbye,
             Self::Error(_) => MessageType::Error,
+            Self::ViewerHello(_) => MessageType::ViewerHello,
+            Self::SensorList(_) => MessageType::SensorList,
+            Self::CaptureRequest(_) => MessageType::CaptureRequest,
+            Self::CaptureStarted(_) => MessageType::CaptureStarted,
+            Self::CaptureEnded(_) => MessageType::CaptureEnded,
         }
     }
 
@@ -316,6 +367,11 @@ impl Message {
                 out.put_u16(e.code.0);
                 put_str(out, &e.message, MAX_ERROR_TEXT);
             }
+            Self::ViewerHello(m) => m.encode_body(out),
+            Self::SensorList(m) => m.encode_body(out),
+            Self::CaptureRequest(m) => m.encode_body(out),
+            Self::CaptureStarted(m) => m.encode_body(out),
+            Self::CaptureEnded(m) => m.encode_body(out),
         }
         let body_len = out.len() - start - FRAME_HEADER_LEN;
         debug_assert!(
@@ -346,6 +402,15 @@ impl Message {
                 code: ErrorCode(get_u16(&mut body, "error code")?),
                 message: get_str(&mut body, MAX_ERROR_TEXT, "error text")?,
             }),
+            MessageType::ViewerHello => Self::ViewerHello(ViewerHello::decode_body(&mut body)?),
+            MessageType::SensorList => Self::SensorList(SensorList::decode_body(&mut body)?),
+            MessageType::CaptureRequest => {
+                Self::CaptureRequest(CaptureRequest::decode_body(&mut body)?)
+            }
+            MessageType::CaptureStarted => {
+                Self::CaptureStarted(CaptureStarted::decode_body(&mut body)?)
+            }
+            MessageType::CaptureEnded => Self::CaptureEnded(CaptureEnded::decode_body(&mut body)?),
         };
         expect_end(&body)?;
         Ok(msg)
@@ -366,7 +431,7 @@ pub fn decode_frame_header(
             max: MAX_FRAME_LEN,
         });
     }
-    if kind == MessageType::Hello && len > MAX_HELLO_LEN {
+    if matches!(kind, MessageType::Hello | MessageType::ViewerHello) && len > MAX_HELLO_LEN {
         return Err(DecodeError::TooLong {
             field: "hello",
             len,
@@ -403,19 +468,14 @@ impl Hello {
         put_str(out, &self.sensor_id, MAX_ID);
         put_str(out, &self.hostname, MAX_HOSTNAME);
         put_str(out, &self.os, MAX_OS);
-        let n = self.interfaces.len().min(MAX_INTERFACES);
-        out.put_u16(n as u16);
-        for iface in &self.interfaces[..n] {
-            put_str(out, &iface.name, MAX_IFACE_NAME);
-            out.put_u16(iface.link_type);
-            out.put_u32(iface.snaplen);
-            put_str(out, &iface.filter, MAX_FILTER);
-        }
-        // Last, so that every field before it keeps its place; length 0: no token.
+        put_interfaces(out, &self.interfaces);
+        // Length 0: no token.
         let token = self.token.as_ref().map_or(&[][..], AuthToken::as_bytes);
         out.put_u16(token.len() as u16);
         out.put_slice(token);
-        out.put_u8(u8::from(self.tls_key_log));
+        put_names(out, &self.available);
+        out.put_u8(self.on_demand.into());
+        out.put_u8(self.tls_key_log.into());
     }
 
     fn decode_body(buf: &mut Bytes) -> Result<Self, DecodeError> {
@@ -437,37 +497,11 @@ impl Hello {
         let sensor_id = get_str(buf, MAX_ID, "sensor id")?;
         let hostname = get_str(buf, MAX_HOSTNAME, "hostname")?;
         let os = get_str(buf, MAX_OS, "os")?;
-        let n = get_count(buf, MAX_INTERFACES, "interface count")?;
-        let mut interfaces = Vec::with_capacity(n);
-        for _ in 0..n {
-            let name = get_str(buf, MAX_IFACE_NAME, "interface name")?;
-            let link_type = get_u16(buf, "link type")?;
-            let snaplen = get_u32(buf, "snap length")?;
-            if snaplen == 0 || snaplen > MAX_SNAPLEN {
-                return Err(DecodeError::BadValue {
-                    field: "snap length",
-                    value: snaplen.into(),
-                });
-            }
-            let filter = get_str(buf, MAX_FILTER, "filter")?;
-            interfaces.push(InterfaceInfo {
-                name,
-                link_type,
-                snaplen,
-                filter,
-            });
-        }
+        let interfaces = get_interfaces(buf)?;
         let token = AuthToken::new(get_bytes(buf, MAX_TOKEN_LEN, "token")?);
-        let tls_key_log = match get_u8(buf, "tls key log flag")? {
-            0 => false,
-            1 => true,
-            other => {
-                return Err(DecodeError::BadValue {
-                    field: "tls key log flag",
-                    value: other.into(),
-                })
-            }
-        };
+        let available = get_names(buf)?;
+        let on_demand = get_flag(buf, "on-demand flag")?;
+        let tls_key_log = get_flag(buf, "tls key log flag")?;
         Ok(Self {
             version,
             session_id,
@@ -477,9 +511,47 @@ impl Hello {
             os,
             interfaces,
             token,
+            available,
+            on_demand,
             tls_key_log,
         })
     }
+}
+
+/// Interface descriptions, at most [`MAX_INTERFACES`] (more are left out).
+pub(crate) fn put_interfaces(out: &mut BytesMut, interfaces: &[InterfaceInfo]) {
+    let n = interfaces.len().min(MAX_INTERFACES);
+    out.put_u16(n as u16);
+    for iface in &interfaces[..n] {
+        put_str(out, &iface.name, MAX_IFACE_NAME);
+        out.put_u16(iface.link_type);
+        out.put_u32(iface.snaplen);
+        put_str(out, &iface.filter, MAX_FILTER);
+    }
+}
+
+pub(crate) fn get_interfaces(buf: &mut Bytes) -> Result<Vec<InterfaceInfo>, DecodeError> {
+    let n = get_count(buf, MAX_INTERFACES, "interface count")?;
+    let mut interfaces = Vec::with_capacity(n);
+    for _ in 0..n {
+        let name = get_str(buf, MAX_IFACE_NAME, "interface name")?;
+        let link_type = get_u16(buf, "link type")?;
+        let snaplen = get_u32(buf, "snap length")?;
+        if snaplen == 0 || snaplen > MAX_SNAPLEN {
+            return Err(DecodeError::BadValue {
+                field: "snap length",
+                value: snaplen.into(),
+            });
+        }
+        let filter = get_str(buf, MAX_FILTER, "filter")?;
+        interfaces.push(InterfaceInfo {
+            name,
+            link_type,
+            snaplen,
+            filter,
+        });
+    }
+    Ok(interfaces)
 }
 
 impl Batch {
@@ -528,16 +600,7 @@ impl Stats {
         let n = self.interfaces.len().min(MAX_INTERFACES);
         out.put_u16(n as u16);
         for s in &self.interfaces[..n] {
-            out.put_u16(s.interface_id);
-            out.put_u64(s.seen);
-            out.put_u64(s.matched);
-            out.put_u64(s.delivered);
-            let d = s.drops.len().min(MAX_DROP_REASONS);
-            out.put_u16(d as u16);
-            for (reason, count) in &s.drops[..d] {
-                out.put_u8(reason.0);
-                out.put_u64(*count);
-            }
+            put_interface_stats(out, s);
         }
     }
 
@@ -546,34 +609,51 @@ impl Stats {
         let n = get_count(buf, MAX_INTERFACES, "stats interface count")?;
         let mut interfaces = Vec::with_capacity(n);
         for _ in 0..n {
-            let interface_id = get_u16(buf, "interface id")?;
-            let seen = get_u64(buf, "seen")?;
-            let matched = get_u64(buf, "matched")?;
-            let delivered = get_u64(buf, "delivered")?;
-            let d = get_count(buf, MAX_DROP_REASONS, "drop reason count")?;
-            let mut drops = Vec::with_capacity(d);
-            for _ in 0..d {
-                let reason = DropReason(get_u8(buf, "drop reason")?);
-                let count = get_u64(buf, "drop count")?;
-                if drops.iter().any(|(r, _)| *r == reason) {
-                    return Err(DecodeError::BadValue {
-                        field: "duplicate drop reason",
-                        value: reason.0.into(),
-                    });
-                }
-                drops.push((reason, count));
-            }
-            interfaces.push(InterfaceStats {
-                interface_id,
-                seen,
-                matched,
-                delivered,
-                drops,
-            });
+            interfaces.push(get_interface_stats(buf)?);
         }
         Ok(Self {
             session_id,
             interfaces,
         })
     }
+}
+
+pub(crate) fn put_interface_stats(out: &mut BytesMut, s: &InterfaceStats) {
+    out.put_u16(s.interface_id);
+    out.put_u64(s.seen);
+    out.put_u64(s.matched);
+    out.put_u64(s.delivered);
+    let d = s.drops.len().min(MAX_DROP_REASONS);
+    out.put_u16(d as u16);
+    for (reason, count) in &s.drops[..d] {
+        out.put_u8(reason.0);
+        out.put_u64(*count);
+    }
+}
+
+pub(crate) fn get_interface_stats(buf: &mut Bytes) -> Result<InterfaceStats, DecodeError> {
+    let interface_id = get_u16(buf, "interface id")?;
+    let seen = get_u64(buf, "seen")?;
+    let matched = get_u64(buf, "matched")?;
+    let delivered = get_u64(buf, "delivered")?;
+    let d = get_count(buf, MAX_DROP_REASONS, "drop reason count")?;
+    let mut drops = Vec::with_capacity(d);
+    for _ in 0..d {
+        let reason = DropReason(get_u8(buf, "drop reason")?);
+        let count = get_u64(buf, "drop count")?;
+        if drops.iter().any(|(r, _)| *r == reason) {
+            return Err(DecodeError::BadValue {
+                field: "duplicate drop reason",
+                value: reason.0.into(),
+            });
+        }
+        drops.push((reason, count));
+    }
+    Ok(InterfaceStats {
+        interface_id,
+        seen,
+        matched,
+        delivered,
+        drops,
+    })
 }

@@ -234,12 +234,14 @@ fn malformed_batch_bodies_are_refused_without_panicking() {
 #[test]
 fn templates_of_the_cases_are_valid() {
     let templates = [
-        // Hello: one interface, no token, no TLS key log.
+        // Hello: one interface, no token, no interface listed, no on-demand captures, no
+        // TLS key log.
         "01 LEN 'CAPS' VERSION 0000000000000001 00*16 0001 's' 0001 'h' 0001 'o' 0001
-         0004 'eth0' 0001 00040000 0000 0000 00",
-        // Hello: one interface, a token.
+         0004 'eth0' 0001 00040000 0000 0000 0000 00 00",
+        // Hello: one interface, a token, one interface listed, on-demand captures, a TLS
+        // key log.
         "01 LEN 'CAPS' VERSION 0000000000000001 00*16 0001 's' 0001 'h' 0001 'o' 0001
-         0004 'eth0' 0001 00040000 0000 0010 't'*16 00",
+         0004 'eth0' 0001 00040000 0000 0010 't'*16 0001 0004 'eth0' 01 01",
         // Stored batch of one record.
         "02 LEN 0000000000000001 0000000000000001 0000 00000001 00
          0000000000000001 00000001 00000001 01 ab",

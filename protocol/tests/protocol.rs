@@ -19,6 +19,8 @@ fn hello() -> Hello {
             filter: "port 53".into(),
         }],
         token: None,
+        available: Vec::new(),
+        on_demand: false,
         tls_key_log: true,
     }
 }
@@ -47,6 +49,51 @@ fn control_messages_round_trip() {
         Message::Error(ErrorMsg {
             code: ErrorCode::VERSION,
             message: "nope".into(),
+        }),
+        Message::Hello(Hello {
+            available: vec!["eth0".into(), "lo".into()],
+            on_demand: true,
+            interfaces: Vec::new(),
+            ..hello()
+        }),
+        Message::ViewerHello(ViewerHello {
+            version: PROTOCOL_VERSION,
+            user: "alice@desk".into(),
+            token: AuthToken::new(&b"0123456789abcdef"[..]),
+        }),
+        Message::SensorList(SensorList {
+            sensors: vec![ListedSensor {
+                name: "edge-1".into(),
+                on_demand: true,
+                interfaces: vec!["eth0".into()],
+            }],
+        }),
+        Message::CaptureRequest(CaptureRequest {
+            targets: vec![CaptureTarget {
+                sensor: "edge-1".into(),
+                interface: "eth0".into(),
+            }],
+            filter: "udp".into(),
+            snaplen: 96,
+            limits: CaptureLimits {
+                duration_ms: 1000,
+                packets: 500,
+                bytes: 0,
+            },
+            requested_by: "viewer alice@desk".into(),
+        }),
+        Message::CaptureStarted(CaptureStarted {
+            interfaces: hello().interfaces,
+        }),
+        Message::CaptureEnded(CaptureEnded {
+            reason: "packet limit".into(),
+            stats: InterfaceStats {
+                interface_id: 0,
+                seen: 3,
+                matched: 2,
+                delivered: 2,
+                drops: vec![(DropReason::RATE_CAP, 1)],
+            },
         }),
     ];
     let mut stream = BytesMut::new();

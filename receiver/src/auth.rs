@@ -41,10 +41,15 @@ impl Auth {
     /// Checks the Hello's token. `Err` says, for the log, what was wrong; no token is ever
     /// shown.
     pub fn check_token(&self, hello: &Hello) -> Result<(), &'static str> {
+        self.check(hello.token.as_ref())
+    }
+
+    /// Checks a token given (a sensor's Hello's, a viewer's).
+    pub fn check(&self, given: Option<&AuthToken>) -> Result<(), &'static str> {
         let Some(expected) = &self.token else {
             return Ok(());
         };
-        let Some(given) = &hello.token else {
+        let Some(given) = given else {
             return Err("no token");
         };
         if expected.matches(given.as_bytes()) {
@@ -336,6 +341,8 @@ mod tests {
             os: "o".into(),
             interfaces: Vec::new(),
             token: t,
+            available: Vec::new(),
+            on_demand: false,
             tls_key_log: false,
         };
         let open = Auth::default();

@@ -62,6 +62,10 @@ Examples:
     head -c 32 /dev/urandom | base64 > token && chmod 600 token
     receiver --out capture.pcapng --token-file token
 
+  Let Wireshark start captures on sensors run with --allow-on-demand (viewers give the
+  viewer token, <state-dir>/viewer-token, to capstream-extcap; see `capstream-extcap --help`):
+    receiver --out capture.pcapng --viewer-listen [::]:4434
+
   Accept any sensor that can reach the port (a lab; logged as a warning):
     receiver --out capture.pcapng --allow-unauthenticated
 
@@ -223,14 +227,6 @@ pub struct Cli {
     )]
     pub serve_pcap_tls: bool,
 
-    /// The viewer token live-stream clients must send with --serve-pcap-tls: this file's
-    /// content without surrounding whitespace, at least 16 bytes (e.g.
-    /// `--viewer-token-file /etc/capstream/viewer-token`). Default: --state-dir's
-    /// viewer-token, created on first need (mode 0600). It must differ from the sensors'
-    /// token: sensors write packets, viewers read them all.
-    #[arg(long, value_name = "PATH")]
-    pub viewer_token_file: Option<PathBuf>,
-
     /// Timestamp precision of the live stream (--serve-pcap, --push-pcap): `us`, classic
     /// pcap with microseconds (magic a1b2c3d4), which every reader takes (Arkime's
     /// PCAP-over-IP reader only this one before its 5.0), or `ns`, nanoseconds (magic
@@ -253,6 +249,32 @@ pub struct Cli {
     /// crosses the network in clear (logged as a warning).
     #[arg(long, requires = "push_pcap")]
     pub push_pcap_allow_remote: bool,
+
+    // The viewer role (README "Wireshark on demand").
+    /// Serve viewers (Wireshark's capstream-extcap) on this UDP address, over QUIC and TLS
+    /// 1.3 with this receiver's certificate: they list the connected sensors and their
+    /// interfaces, and start on-demand captures on sensors run with --allow-on-demand,
+    /// whose packets they get live, merged in time order (e.g. `--viewer-listen
+    /// [::]:4434`). Viewers prove themselves with the viewer token (--viewer-token-file),
+    /// never a sensor's, or a client certificate (--viewer-ca). Default: no viewers.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub viewer_listen: Option<SocketAddr>,
+
+    /// The viewer token that viewers (--viewer-listen) and live-stream clients
+    /// (--serve-pcap-tls) must give: this file's content without surrounding whitespace, at
+    /// least 16 bytes (e.g. `--viewer-token-file /etc/capstream/viewer-token`). Default:
+    /// --state-dir's viewer-token, created on first need (mode 0600, 64 hex digits). It must
+    /// differ from the sensors' token: sensors write packets, viewers read them all.
+    #[arg(long, value_name = "PATH")]
+    pub viewer_token_file: Option<PathBuf>,
+
+    /// Also accept viewers with a client certificate signed by a CA in this PEM file, which
+    /// names them in the logs (e.g. `--viewer-ca /etc/capstream/viewer-pki/ca.crt`, made by
+    /// `receiver certs init --dir viewer-pki`, certificates by `receiver certs sensor NAME
+    /// --dir viewer-pki`); a CA of its own, not --client-ca's, so that no sensor certificate
+    /// opens the viewer role. Viewers without a certificate still need the viewer token.
+    #[arg(long, value_name = "FILE", requires = "viewer_listen")]
+    pub viewer_ca: Option<PathBuf>,
 
     /// Start a new file before writing to one this large (e.g. `--rotate-size 1GiB`). Files
     /// never replace one another: a name already taken gets a counter (cap-1.pcap).

@@ -18,8 +18,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::auth::{certificate_name, Auth};
 use crate::merge::SessionId;
 use crate::quota::{Held, Quotas, RateLimit};
-use crate::server::Unauthenticated;
+use crate::server::{Admission, Unauthenticated};
 use crate::tls::AUTHENTICATED_RECEIVE_WINDOW;
+use crate::viewer::{Registration, Sensors};
 use crate::writer::{Attached, ConnId, Event};
 use rules::{Accepted, Refusal, SensorProtocol};
 
@@ -44,10 +45,14 @@ pub async fn connection(
     unauthenticated: Unauthenticated,
     conn_id: ConnId,
     events: mpsc::Sender<Event>,
-    auth: Arc<Auth>,
-    quotas: Quotas,
+    admission: Admission,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Admission {
+        auth,
+        quotas,
+        sensors,
+    } = admission;
     // IPv4 sensors on the dual-stack socket show as 127.0.0.1, not [::ffff:127.0.0.1].
     let peer = incoming.remote_address();
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
@@ -135,6 +140,8 @@ pub async fn connection(
             .rate
             .map(|r| RateLimit::new(r, std::time::Instant::now())),
         held: Held::default(),
+        sensors,
+        listed: None,
     };
     let end = s.run(shutdown).await;
     let name = s
@@ -213,6 +220,9 @@ struct SensorConnection {
     rate: Option<RateLimit>,
     /// This sensor's batches taken in and not yet in the output.
     held: Held,
+    /// Where viewers find connected sensors; this one is listed while joined.
+    sensors: Arc<Sensors>,
+    listed: Option<Registration>,
 }
 
 /// Runs `f` unless the receiver starts shutting down first (then `None`).
@@ -263,6 +273,11 @@ impl SensorConnection {
         }
         let (session, interfaces) = (hello.session_id, hello.interfaces.len());
         let name = sensor_label(&hello, self.identity.as_deref(), self.peer);
+        let listing = (
+            sensor_name(&hello, self.identity.as_deref()),
+            hello.available.clone(),
+            hello.on_demand,
+        );
         let (reply, accepted) = oneshot::channel();
         let joined = Event::Joined {
             conn: self.conn,
@@ -292,6 +307,14 @@ impl SensorConnection {
             "{name}: joined with {interfaces} interface(s), resuming after batch {acked}"
         );
         self.joined = Some((session, name));
+        let (listed_name, available, on_demand) = listing;
+        self.listed = Some(self.sensors.register(
+            self.conn,
+            listed_name,
+            self.connection.clone(),
+            available,
+            on_demand,
+        ));
         // Where the sensor resumes: it sends again everything after this.
         if let Err(e) = self.write(Message::Ack(Ack { sequence: acked })).await {
             return e;

@@ -19,6 +19,7 @@ mod stats;
 mod telemetry;
 mod tls;
 mod upload;
+mod viewer;
 mod writer;
 
 #[cfg(test)]
@@ -166,10 +167,10 @@ async fn run(cli: Cli) -> Result<()> {
         }
         None => None,
     };
-    // The viewer token the live stream's TLS clients must send, before anything is created
-    // that a refusal would leave behind.
-    let viewer = match cli.serve_pcap_tls {
-        true => Some(viewer_token(&cli, token.as_ref())?),
+    // The viewer token the live stream's TLS clients and the viewer role's clients must
+    // send, read before anything is created that a refusal would leave behind.
+    let viewer = match cli.serve_pcap_tls || cli.viewer_listen.is_some() {
+        true => Some(std::sync::Arc::new(viewer_token(&cli, token.as_ref())?)),
         false => None,
     };
     let identity = match given_identity {
@@ -177,12 +178,12 @@ async fn run(cli: Cli) -> Result<()> {
         None => tls::load_or_create(&state_dir(&cli)?, &cli.cert_name).map_err(BadInput)?,
     };
     // The live stream's TLS, with the viewer token read above.
-    let secure = match viewer {
-        Some(viewer) => Some(sink::live::Secure {
+    let secure = match (&viewer, cli.serve_pcap_tls) {
+        (Some(viewer), true) => Some(sink::live::Secure {
             tls: tls::stream_config(&identity).map_err(BadInput)?,
-            viewer: std::sync::Arc::new(viewer),
+            viewer: std::sync::Arc::clone(viewer),
         }),
-        None => None,
+        _ => None,
     };
     let auth = auth::Auth::new(token, client_roots.is_some());
     let server_config = tls::server_config(&identity, client_roots).map_err(BadInput)?;
@@ -270,17 +271,19 @@ async fn run(cli: Cli) -> Result<()> {
     for line in sensor_commands(&cli, bound, &identity.fingerprint(), token_path.as_deref()) {
         tracing::info!("{line}");
     }
-    if let (Some(secure), Some(addr)) = (&secure, live.as_ref().and_then(|l| l.addr)) {
-        let viewer = &secure.viewer;
+    if let Some(viewer) = &viewer {
         if let Some(warning) = &viewer.warning {
             tracing::warn!("{warning}");
         }
         if viewer.created {
             tracing::info!(
-                "created the viewer token live-stream clients must send, {}",
+                "created the viewer token viewers and live-stream clients must send, {}",
                 viewer.path.display()
             );
         }
+    }
+    if let (Some(secure), Some(addr)) = (&secure, live.as_ref().and_then(|l| l.addr)) {
+        let viewer = &secure.viewer;
         tracing::info!(
             "live-stream clients send the viewer token in {} as their first line, e.g. socat \
              OPENSSL:{}:{},cafile={} -,ignoreeof < {} | tshark -r -",
@@ -303,6 +306,18 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
 
+    let sensors = std::sync::Arc::new(viewer::Sensors::default());
+    if let (Some(addr), Some(viewer_token)) = (cli.viewer_listen, &viewer) {
+        let (endpoint, viewer_auth) =
+            viewer_endpoint(&cli, addr, &identity, viewer_token).map_err(BadInput)?;
+        tokio::spawn(viewer::serve(
+            endpoint,
+            std::sync::Arc::clone(&sensors),
+            std::sync::Arc::new(viewer_auth),
+            cli.reorder_window,
+        ));
+    }
+
     // A full disk and a broker outage are waited out; a broken pipe is not.
     let retry_output = cli.out_path().is_some_and(|o| o.as_os_str() != "-") || kafka.is_some();
     program::status::enable(!cli.no_status);
@@ -310,10 +325,13 @@ async fn run(cli: Cli) -> Result<()> {
         endpoint,
         writer::Writer::new(sink, cli.reorder_window, retry_output)
             .with_secrets(secrets_policy(&cli)),
-        auth,
-        quota::Quotas {
-            rate: cli.sensor_rate,
-            held: cli.sensor_held,
+        server::Admission {
+            auth: std::sync::Arc::new(auth),
+            quotas: quota::Quotas {
+                rate: cli.sensor_rate,
+                held: cli.sensor_held,
+            },
+            sensors,
         },
         shutdown_signal(),
     )
@@ -708,6 +726,60 @@ fn state_dir(cli: &Cli) -> Result<PathBuf> {
             .map(|d| d.join("capstream"))
             .context("no per-user data directory here: pass --state-dir"),
     }
+}
+
+/// The viewer role's endpoint (`--viewer-listen`) and what viewers must prove: the viewer
+/// token (checked apart from the sensors' by [`viewer_token`]), or a certificate from
+/// `--viewer-ca`.
+fn viewer_endpoint(
+    cli: &Cli,
+    addr: std::net::SocketAddr,
+    identity: &tls::Identity,
+    viewer_token: &receiver::viewer_token::ViewerToken,
+) -> Result<(quinn::Endpoint, viewer::ViewerAuth)> {
+    let roots = match &cli.viewer_ca {
+        Some(path) => Some(tls::roots_of(path, "--viewer-ca")?),
+        None => None,
+    };
+    // A sensor's certificate must not open the viewer role.
+    if let (Some(viewer_ca), Some(client_ca)) = (&cli.viewer_ca, &cli.client_ca) {
+        if std::fs::read(viewer_ca).ok() == std::fs::read(client_ca).ok() {
+            return Err(anyhow!(
+                "--viewer-ca {} holds the sensors' CA (--client-ca): give viewers a CA of \
+                 their own (`receiver certs init --dir viewer-pki`)",
+                viewer_ca.display()
+            ));
+        }
+    }
+    let path = &viewer_token.path;
+    let config = tls::viewer_server_config(identity, roots)?;
+    let endpoint = quinn::Endpoint::server(config, addr).map_err(|e| {
+        anyhow!("cannot listen on UDP {addr} for --viewer-listen: {e} (is something else there?)")
+    })?;
+    let bound = endpoint.local_addr().unwrap_or(addr);
+    match &cli.viewer_ca {
+        Some(ca) => tracing::info!(
+            "serving viewers on UDP {bound}: they need the viewer token in {} or a client \
+             certificate from {}",
+            path.display(),
+            ca.display()
+        ),
+        None => tracing::info!(
+            "serving viewers on UDP {bound}: they need the viewer token in {}",
+            path.display()
+        ),
+    }
+    tracing::info!(
+        "for viewers: CAPSTREAM_EXTCAP_RECEIVER=HOST:{} CAPSTREAM_EXTCAP_FINGERPRINT={} \
+         CAPSTREAM_EXTCAP_TOKEN_FILE=<copy of {}, mode 0600> tshark -D",
+        bound.port(),
+        identity.fingerprint(),
+        path.display()
+    );
+    Ok((
+        endpoint,
+        viewer::ViewerAuth::new(viewer_token.token().clone(), cli.viewer_ca.is_some()),
+    ))
 }
 
 /// The first SIGINT or SIGTERM (Ctrl-C elsewhere).

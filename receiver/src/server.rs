@@ -14,6 +14,7 @@ use crate::auth::{Auth, LOG_WINDOW};
 use crate::connection::connection;
 use crate::quota::Quotas;
 use crate::stats::SensorSummary;
+use crate::viewer::Sensors;
 use crate::writer::{ConnId, Event, Writer};
 
 /// Sensors connected at once, their Hello accepted.
@@ -38,20 +39,13 @@ const EVENT_QUEUE: usize = 64;
 pub async fn run(
     endpoint: Endpoint,
     writer: Writer,
-    auth: Auth,
-    quotas: Quotas,
+    admission: Admission,
     stop: impl Future<Output = ()>,
 ) -> Result<Vec<SensorSummary>> {
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut writer = tokio::spawn(writer.run(events_rx, shutdown_rx.clone()));
-    let server = tokio::spawn(serve(
-        endpoint,
-        events_tx,
-        Arc::new(auth),
-        quotas,
-        shutdown_rx,
-    ));
+    let server = tokio::spawn(serve(endpoint, events_tx, admission, shutdown_rx));
     let result = tokio::select! {
         _ = stop => {
             tracing::info!("stopping: telling sensors, writing what is held");
@@ -72,10 +66,10 @@ pub async fn run(
 pub async fn serve(
     endpoint: Endpoint,
     events: mpsc::Sender<Event>,
-    auth: Arc<Auth>,
-    quotas: Quotas,
+    admission: Admission,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let auth = Arc::clone(&admission.auth);
     let mut tasks = JoinSet::new();
     let mut next_conn: ConnId = 1;
     let mut summary_tick = tokio::time::interval(LOG_WINDOW);
@@ -124,8 +118,7 @@ pub async fn serve(
                     counted,
                     conn,
                     events.clone(),
-                    Arc::clone(&auth),
-                    quotas,
+                    admission.clone(),
                     shutdown.clone(),
                 ));
             }
@@ -136,6 +129,15 @@ pub async fn serve(
     while tasks.join_next().await.is_some() {}
     auth.refusals.summarize();
     endpoint.close(VarInt::from_u32(0), b"receiver stopped");
+}
+
+/// What every sensor connection is held to, and where it is listed once joined: what
+/// sensors must prove, what each may take, and the sensors viewers see.
+#[derive(Clone)]
+pub struct Admission {
+    pub auth: Arc<Auth>,
+    pub quotas: Quotas,
+    pub sensors: Arc<Sensors>,
 }
 
 /// The connections not yet authenticated, in all and by address.

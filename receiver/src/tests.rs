@@ -75,8 +75,11 @@ fn spawn_server(
     let done = tokio::spawn(server::run(
         endpoint,
         crate::writer::Writer::new(sink, window, false),
-        auth,
-        quotas,
+        server::Admission {
+            auth: std::sync::Arc::new(auth),
+            quotas,
+            sensors: Default::default(),
+        },
         async {
             let _ = stopped.await;
         },
@@ -164,6 +167,8 @@ pub(crate) fn hello(session_id: u64, host: &str) -> Hello {
             filter: "port 53".into(),
         }],
         token: None,
+        available: Vec::new(),
+        on_demand: false,
         tls_key_log: false,
     }
 }

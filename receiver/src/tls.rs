@@ -65,13 +65,13 @@ pub fn load_or_create(dir: &Path, extra_names: &[String]) -> Result<Identity> {
 /// `--client-ca`: the CA certificates (PEM, one or more) that sensors' client certificates
 /// must chain to.
 pub fn client_roots(path: &Path) -> Result<rustls::RootCertStore> {
-    ca_roots(path, "--client-ca")
+    roots_of(path, "--client-ca")
 }
 
-/// The CA certificates in the PEM file `path` given as `flag`.
-fn ca_roots(path: &Path, flag: &str) -> Result<rustls::RootCertStore> {
+/// The CA certificates of `path`, given as `flag` (`--client-ca`, `--viewer-ca`).
+pub fn roots_of(path: &Path, flag: &str) -> Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in read_certs(path).context(flag.to_string())? {
+    for cert in read_certs(path).with_context(|| flag.to_string())? {
         roots.add(cert).with_context(|| {
             format!(
                 "{flag} {}: a certificate is not usable as a CA",
@@ -89,7 +89,7 @@ pub fn kafka_client_config(
     client: Option<(&Path, &Path)>,
 ) -> Result<Arc<rustls::ClientConfig>> {
     let roots = match ca {
-        Some(path) => ca_roots(path, "--kafka-ca")?,
+        Some(path) => roots_of(path, "--kafka-ca")?,
         None => {
             let found = rustls_native_certs::load_native_certs();
             let mut roots = rustls::RootCertStore::empty();
@@ -207,22 +207,81 @@ pub fn server_config(
     identity: &Identity,
     client_roots: Option<rustls::RootCertStore>,
 ) -> Result<quinn::ServerConfig> {
+    let tls = tls_config(
+        identity,
+        client_roots.map(|roots| (roots, "--client-ca")),
+        ClientCert::Required,
+        protocol::ALPN,
+    )?;
+    // The stream may take 16 MiB once the connection's window is raised (after the Hello:
+    // connection.rs).
+    quic_config(tls, 16 << 20)
+}
+
+/// Whether a client certificate from the given roots is required or only accepted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClientCert {
+    Required,
+    Optional,
+}
+
+/// TLS 1.3 with `alpn` only and this receiver's certificate; with `client_roots` (and the
+/// flag that gave them), client certificates chaining to them are verified.
+fn tls_config(
+    identity: &Identity,
+    client_roots: Option<(rustls::RootCertStore, &str)>,
+    client_cert: ClientCert,
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("TLS 1.3 is unavailable")?;
     let builder = match client_roots {
-        Some(roots) => builder.with_client_cert_verifier(
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        Some((roots, flag)) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            );
+            let verifier = match client_cert {
+                ClientCert::Required => verifier,
+                ClientCert::Optional => verifier.allow_unauthenticated(),
+            };
+            let verifier = verifier
                 .build()
-                .context("--client-ca is unusable")?,
-        ),
+                .with_context(|| format!("{flag} is unusable"))?;
+            builder.with_client_cert_verifier(verifier)
+        }
         None => builder.with_no_client_auth(),
     };
     let mut tls = builder
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())
         .context("the certificate and key do not match")?;
-    tls.alpn_protocols = vec![protocol::ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
+
+/// The viewer endpoint's settings (`--viewer-listen`): ALPN `capstream-viewer/1`, a client
+/// certificate verified when it chains to `viewer_roots` (`--viewer-ca`) and optional (the
+/// viewer token is the other proof), one stream per viewer, small windows: a viewer sends
+/// little.
+pub fn viewer_server_config(
+    identity: &Identity,
+    viewer_roots: Option<rustls::RootCertStore>,
+) -> Result<quinn::ServerConfig> {
+    let tls = tls_config(
+        identity,
+        viewer_roots.map(|roots| (roots, "--viewer-ca")),
+        ClientCert::Optional,
+        protocol::VIEWER_ALPN,
+    )?;
+    quic_config(tls, UNAUTHENTICATED_RECEIVE_WINDOW)
+}
+
+/// The QUIC settings of both endpoints over `tls`: one stream per peer, which may take
+/// `stream_window` bytes, a connection window of 512 KiB until the peer is admitted, 30 s
+/// idle, no datagrams.
+fn quic_config(tls: rustls::ServerConfig, stream_window: u32) -> Result<quinn::ServerConfig> {
     let quic = QuicServerConfig::try_from(tls).context("TLS settings unusable for QUIC")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
@@ -234,11 +293,9 @@ pub fn server_config(
                 .try_into()
                 .expect("30 s is a valid idle timeout"),
         ))
-        // The stream may take 16 MiB once the connection's window is raised (after the
-        // Hello: connection.rs).
-        .stream_receive_window((16u32 << 20).into())
+        .stream_receive_window(stream_window.into())
         .receive_window(UNAUTHENTICATED_RECEIVE_WINDOW.into())
-        // Sensors send no QUIC datagrams: none is buffered.
+        // Peers send no QUIC datagrams: none is buffered.
         .datagram_receive_buffer_size(None);
     config.transport_config(Arc::new(transport));
     Ok(config)

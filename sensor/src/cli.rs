@@ -57,7 +57,7 @@ it starts.";
 /// over QUIC.
 #[derive(Debug, Parser)]
 #[command(name = "sensor", version, after_help = AFTER_HELP)]
-#[command(group(ArgGroup::new("source").required(true).args(["iface", "read"])))]
+#[command(group(ArgGroup::new("source").required(true).args(["iface", "read", "on_demand"])))]
 #[command(group(ArgGroup::new("trust").args(["ca", "fingerprint"])))]
 // Where no receiver runs on this host (no certificate in the default state directory), the
 // receiver must be named: checked here so that --check-config refuses it too.
@@ -262,6 +262,37 @@ pub struct Cli {
     /// once privileges are given up.
     #[arg(long, value_name = "PATH|GLOB")]
     pub keylog: Vec<String>,
+    // On-demand captures (README "Wireshark on demand").
+    /// Capture nothing of your own: stay connected and idle, and capture only what the
+    /// receiver's viewers ask for (needs --allow-on-demand; e.g.
+    /// `sensor --on-demand --allow-on-demand --receiver collector:4433 --ca receiver.crt`).
+    #[arg(long, requires = "allow_on_demand", conflicts_with_all = ["iface", "read", "bpf", "expression"])]
+    pub on_demand: bool,
+
+    /// Take on-demand captures that the receiver's viewers (Wireshark's capstream-extcap)
+    /// ask for: an interface of this host, a tcpdump filter (run in the kernel as --mode
+    /// says) and a limit; several at once, each logged with who asked. The sensor then keeps
+    /// the capabilities its --mode needs to open a capture (as --user, nobody by default)
+    /// and runs without the seccomp fence.
+    #[arg(long, conflicts_with = "read")]
+    pub allow_on_demand: bool,
+
+    /// The longest an on-demand capture runs; a longer or unlimited request is cut to it
+    /// (e.g. `--on-demand-max-duration 10m`).
+    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_give_up)]
+    pub on_demand_max_duration: Duration,
+
+    /// Most bytes per second one on-demand capture may send; batches beyond are dropped
+    /// and counted as "on-demand rate cap" (e.g. `--on-demand-max-rate 10MiB`); default: no
+    /// cap.
+    #[arg(long, value_name = "BYTES", value_parser = parse_rate)]
+    pub on_demand_max_rate: Option<u64>,
+
+    /// Most on-demand captures running at once; more are refused
+    /// (e.g. `--on-demand-max-captures 2`).
+    #[arg(long, value_name = "N", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub on_demand_max_captures: u32,
 }
 
 /// `--receiver` split into host and port; the host is resolved later.
@@ -329,61 +360,7 @@ pub fn parse_receiver(s: &str) -> Result<ReceiverAddr, String> {
     })
 }
 
-/// A SHA-256 certificate fingerprint.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Fingerprint(pub [u8; 32]);
-
-impl fmt::Display for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{self}")
-    }
-}
-
-/// Accepts 64 hex digits in any case, with optional colons between byte pairs and an
-/// optional `sha256:` prefix, the forms openssl and the receiver print.
-pub fn parse_fingerprint(s: &str) -> Result<Fingerprint, String> {
-    let trimmed = s.trim();
-    let body = match trimmed.get(..7) {
-        Some(p) if p.eq_ignore_ascii_case("sha256:") => &trimmed[7..],
-        _ => trimmed,
-    };
-    let digits: Vec<u8> = body.bytes().filter(|b| *b != b':').collect();
-    if digits.len() != 64 {
-        return Err(format!(
-            "a SHA-256 fingerprint has 64 hex digits, got {} (copy it from the receiver's \
-             'certificate ... SHA-256 fingerprint' line)",
-            digits.len()
-        ));
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in digits.chunks_exact(2).enumerate() {
-        let hi = hex_value(pair[0]);
-        let lo = hex_value(pair[1]);
-        match (hi, lo) {
-            (Some(hi), Some(lo)) => out[i] = hi << 4 | lo,
-            _ => return Err("a fingerprint may only contain hex digits and colons".into()),
-        }
-    }
-    Ok(Fingerprint(out))
-}
-
-fn hex_value(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
-}
+pub use sensor::fingerprint::{parse_fingerprint, Fingerprint};
 
 fn parse_flush_interval(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
@@ -416,6 +393,16 @@ fn parse_give_up(s: &str) -> Result<Duration, String> {
         return Err(format!("give-up time '{s}' must be at least 1s"));
     }
     Ok(d)
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if n < 1024 {
+        return Err(format!(
+            "rate '{s}' must be at least 1KiB (bytes per second)"
+        ));
+    }
+    Ok(n)
 }
 
 fn parse_batch_size(s: &str) -> Result<usize, String> {
@@ -556,6 +543,40 @@ mod tests {
         assert_eq!(cli.batch_size, 1 << 20);
         assert_eq!(cli.mode, Mode::Pcap);
         assert_eq!(cli.tls_name(), "x.example");
+    }
+
+    #[test]
+    fn on_demand_flags() {
+        let base = ["--receiver", "h:1", "--ca", "c"];
+        let with = |extra: &[&str]| parse(&[&base[..], extra].concat());
+        // No standing capture: no interface needed, but requests must be allowed.
+        let cli = with(&["--on-demand", "--allow-on-demand"]).unwrap();
+        assert!(cli.on_demand && cli.iface.is_empty());
+        assert_eq!(cli.on_demand_max_duration, Duration::from_secs(3600));
+        assert!(with(&["--on-demand"]).is_err());
+        // Or a standing capture and requests.
+        assert!(with(&["-i", "eth0", "--allow-on-demand"]).is_ok());
+        for bad in [
+            &["--on-demand", "--allow-on-demand", "-i", "eth0"][..],
+            &["--on-demand", "--allow-on-demand", "--bpf", "udp"],
+            &["-r", "f.pcap", "--allow-on-demand"],
+            &[
+                "-i",
+                "eth0",
+                "--allow-on-demand",
+                "--on-demand-max-rate",
+                "10",
+            ],
+            &[
+                "-i",
+                "eth0",
+                "--allow-on-demand",
+                "--on-demand-max-captures",
+                "0",
+            ],
+        ] {
+            assert!(with(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The sensor's two kinds of failure, which decide the exit code (through
 //! [`program::exit`]). Where something else is decided on an error, the error is typed
-//! where it is decided: [`crate::transport::ConnectError`] (retry, or stop the first
+//! where it is decided: the sensor's `transport::ConnectError` (retry, or stop the first
 //! connection), the `errno` of a system call in the capture backends (whether to name the
 //! missing privileges); nothing decides on an error's text.
 

@@ -15,9 +15,9 @@ mod batcher;
 mod capture;
 mod cli;
 mod delivery;
-mod error;
 #[cfg(unix)]
 mod keylog;
+mod on_demand;
 mod outbox;
 mod privileges;
 #[cfg(all(
@@ -28,7 +28,6 @@ mod seccomp;
 mod spool;
 mod stats;
 mod telemetry;
-mod tls;
 mod transport;
 
 use batcher::{Batcher, SessionBatching};
@@ -36,6 +35,7 @@ use capture::{Source, Stopper};
 use cli::Cli;
 use error::{Error, Result};
 use outbox::Outbox;
+use sensor::{error, tls};
 use stats::{Counters, LinkStats};
 
 /// The name that starts the program's error line.
@@ -105,6 +105,7 @@ struct Prepared {
     summary: Option<program::private_file::Pending>,
     /// The `--keylog` patterns, checked.
     keylog: Vec<String>,
+    on_demand: Arc<on_demand::OnDemand>,
 }
 
 /// Reads the TLS and token files, resolves the receiver and opens and attaches every
@@ -116,7 +117,7 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
     let keylog = key_log_patterns(&cli.keylog)?;
     let (trust, token) = receiver_credentials(cli)?;
     let client_cert = cli.cert.as_deref().zip(cli.key.as_deref());
-    let tls = tls::client_config(&trust, client_cert)?;
+    let tls = tls::client_config(&trust, client_cert, protocol::ALPN)?;
     let remote = transport::resolve(&cli.receiver())?;
     let socket = transport::bind_socket(remote)?;
     let local_port = socket
@@ -147,21 +148,42 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
         None => None,
     };
     let backends = capture::open(cli.mode, &source, &opts)?;
-    let needs: Vec<privileges::Need> = backends
+    let on_demand = Arc::new(on_demand::OnDemand::new(on_demand::Settings {
+        allowed: cli.allow_on_demand,
+        live: cli.read.is_none(),
+        mode: cli.mode,
+        template: opts,
+        batch_size: cli.batch_size,
+        flush_interval: cli.flush_interval,
+        max_duration: cli.on_demand_max_duration,
+        max_rate: cli.on_demand_max_rate,
+        max_captures: cli.on_demand_max_captures,
+    }));
+    let mut needs: Vec<privileges::Need> = backends
         .iter()
         .flat_map(|b| b.needs_after_attach())
         .collect();
+    if cli.allow_on_demand {
+        // Opening a capture later takes what opening one now does.
+        needs.extend(on_demand::needs(cli.mode));
+    }
     privileges::give_up(user.as_ref(), &needs, new_spool_dir)?;
     #[cfg(all(
         target_os = "linux",
         any(target_arch = "x86_64", target_arch = "aarch64")
     ))]
-    seccomp::restrict(
-        &backends
-            .iter()
-            .flat_map(|b| b.packet_sockets())
-            .collect::<Vec<_>>(),
-    )?;
+    if cli.allow_on_demand {
+        tracing::warn!(
+            "seccomp: no fence (--allow-on-demand: captures are opened while the sensor runs)"
+        );
+    } else {
+        seccomp::restrict(
+            &backends
+                .iter()
+                .flat_map(|b| b.packet_sockets())
+                .collect::<Vec<_>>(),
+        )?;
+    }
     // The spool is written as --user, and its files are that user's.
     let sensor_id = cli
         .sensor_id
@@ -207,6 +229,7 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
         spool,
         summary,
         keylog,
+        on_demand,
     })
 }
 
@@ -281,10 +304,11 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
         spool,
         summary,
         keylog,
+        on_demand,
     } = prepared;
     let session_id = session.session_id;
     let counters: Vec<Arc<Counters>> = backends.iter().map(|_| Arc::default()).collect();
-    let stoppers: Vec<Stopper> = backends.iter_mut().map(|b| b.stopper()).collect();
+    let mut stoppers: Vec<Stopper> = backends.iter_mut().map(|b| b.stopper()).collect();
     let names: Vec<String> = backends.iter().map(|b| b.info().name.clone()).collect();
     let capturing: Vec<String> = backends
         .iter()
@@ -309,6 +333,8 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
         os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
         interfaces: backends.iter().map(|b| b.info().clone()).collect(),
         token,
+        available: on_demand.available.clone(),
+        on_demand: on_demand.allowed,
         tls_key_log: !keylog.is_empty(),
     };
 
@@ -338,7 +364,14 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
 
     // The first attempt starts before capture, so that a wrong CA or fingerprint is
     // reported at once. An unreachable receiver is not fatal: batches wait for it.
-    let client = transport::Client::new(socket, cli.receiver(), remote, cli.tls_name(), tls)?;
+    let client = transport::Client::new(
+        socket,
+        cli.receiver(),
+        remote,
+        cli.tls_name(),
+        tls,
+        Arc::clone(&on_demand),
+    )?;
     let started = tokio::select! {
         started = delivery::start(client, &hello) => started?,
         _ = shutdown.notified() => {
@@ -416,13 +449,23 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
             }
         }
     }
-    // The channel closes when the last capture thread drops its sender.
-    drop(session);
-
-    eprintln!(
-        "ready: capturing on {}, streaming to {remote}",
-        capturing.join(", "),
-    );
+    // The channel closes when the last capture thread drops its sender; with no standing
+    // capture (--on-demand), when the session ends.
+    if cli.on_demand {
+        let idle = std::sync::Mutex::new(Some(session));
+        stoppers.push(Box::new(move || {
+            idle.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }));
+        eprintln!(
+            "ready: no standing capture, taking on-demand captures through receiver {remote}"
+        );
+    } else {
+        drop(session);
+        eprintln!(
+            "ready: capturing on {}, streaming to {remote}",
+            capturing.join(", "),
+        );
+    }
 
     let link = Arc::new(LinkStats::default());
     let mut telemetry = telemetry::Telemetry::new(&names, &counters, Arc::clone(&link));
@@ -468,6 +511,9 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     print_summary(session_id, &names, &counters, &link, &outcome);
     if !keylog.is_empty() {
         eprintln!("{}", key_log.summary_line());
+    }
+    if let Some(line) = on_demand.summary_line() {
+        eprintln!("{line}");
     }
     let summary_written = match (summary, &cli.summary_json) {
         (Some(file), Some(path)) => {

@@ -27,11 +27,15 @@ use crate::error::Result;
 )]
 pub enum Capability {
     /// Detaching TC or XDP programs that were attached through netlink (TC before 6.6, XDP
-    /// before 5.9).
+    /// before 5.9); attaching them (on-demand captures).
     NetAdmin,
     /// bpf() on existing maps (the kernel counters) before 6.5, while
-    /// kernel.unprivileged_bpf_disabled is set.
+    /// kernel.unprivileged_bpf_disabled is set; loading programs (on-demand captures).
     Bpf,
+    /// Opening packet sockets (on-demand captures).
+    NetRaw,
+    /// AF_XDP memory beyond RLIMIT_MEMLOCK (on-demand captures in --mode afxdp).
+    IpcLock,
 }
 
 impl Capability {
@@ -39,6 +43,8 @@ impl Capability {
         match self {
             Self::NetAdmin => "CAP_NET_ADMIN",
             Self::Bpf => "CAP_BPF",
+            Self::NetRaw => "CAP_NET_RAW",
+            Self::IpcLock => "CAP_IPC_LOCK",
         }
     }
 
@@ -48,6 +54,8 @@ impl Capability {
         match self {
             Self::NetAdmin => 12,
             Self::Bpf => 39,
+            Self::NetRaw => 13,
+            Self::IpcLock => 14,
         }
     }
 }

@@ -191,6 +191,14 @@ fn describe() {
             "capstream_sensor_reconnects_total",
             "Connections to the receiver lost and made again.",
         ),
+        (
+            "capstream_sensor_on_demand_packets_sent_total",
+            "Packets on-demand captures sent, counted when they ended.",
+        ),
+        (
+            "capstream_sensor_on_demand_packets_dropped_total",
+            "Packets on-demand captures lost (kernel, sensor buffer, rate cap), when they ended.",
+        ),
     ] {
         describe_counter!(name, help);
     }
@@ -201,6 +209,10 @@ fn describe() {
     describe_gauge!(
         "capstream_sensor_rtt_seconds",
         "QUIC's smoothed round-trip time to the receiver."
+    );
+    describe_gauge!(
+        "capstream_sensor_on_demand_captures",
+        "On-demand captures running, by interface."
     );
 }
 

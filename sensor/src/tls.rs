@@ -12,8 +12,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use crate::cli::Fingerprint;
 use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
 
 /// How the receiver is trusted.
 #[derive(Debug, Clone)]
@@ -39,8 +39,12 @@ pub struct ClientTls {
 }
 
 /// `client_cert`: the `--cert` and `--key` files to present, for a receiver that requires a
-/// client certificate.
-pub fn client_config(trust: &Trust, client_cert: Option<(&Path, &Path)>) -> Result<ClientTls> {
+/// client certificate; `alpn`: the receiver's endpoint spoken to (sensors', viewers').
+pub fn client_config(
+    trust: &Trust,
+    client_cert: Option<(&Path, &Path)>,
+    alpn: &[u8],
+) -> Result<ClientTls> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -95,7 +99,7 @@ pub fn client_config(trust: &Trust, client_cert: Option<(&Path, &Path)>) -> Resu
         }
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![protocol::ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(ClientTls {
         config,
         verification,
@@ -304,7 +308,7 @@ mod tests {
     #[test]
     fn config_is_tls13_with_alpn() {
         let fp = Fingerprint([0; 32]);
-        let tls = client_config(&Trust::Fingerprint(fp), None).unwrap();
+        let tls = client_config(&Trust::Fingerprint(fp), None, protocol::ALPN).unwrap();
         assert_eq!(tls.config.alpn_protocols, [protocol::ALPN.to_vec()]);
         assert!(tls
             .config
@@ -321,7 +325,7 @@ mod tests {
         let empty = dir.join("empty.pem");
         std::fs::write(&empty, "hello\n").unwrap();
         for path in [empty.clone(), dir.join("missing.pem")] {
-            match client_config(&Trust::CaFiles(vec![path]), None) {
+            match client_config(&Trust::CaFiles(vec![path]), None, protocol::ALPN) {
                 Err(Error::Input(_)) => {}
                 Err(other) => panic!("wrong error kind: {other}"),
                 Ok(_) => panic!("accepted a bad CA file"),
@@ -349,10 +353,11 @@ mod tests {
         let (cert, key) = made("tap-1");
         let (_, other_key) = made("tap-2");
         let trust = Trust::Fingerprint(Fingerprint([0; 32]));
-        client_config(&trust, Some((&cert, &key))).unwrap();
+        client_config(&trust, Some((&cert, &key)), protocol::ALPN).unwrap();
         let refused = |cert: &Path, key: &Path, needle: &str| match client_config(
             &trust,
             Some((cert, key)),
+            protocol::ALPN,
         ) {
             Err(Error::Input(e)) => assert!(e.contains(needle), "{e}"),
             Err(other) => panic!("wrong error kind: {other}"),

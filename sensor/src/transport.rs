@@ -130,6 +130,8 @@ pub struct Client {
     /// The address of the last attempt: the receiver's name is resolved again before each.
     remote: Mutex<SocketAddr>,
     server_name: String,
+    /// Serves the on-demand captures the receiver asks for on each connection.
+    on_demand: Arc<crate::on_demand::OnDemand>,
 }
 
 impl Client {
@@ -140,6 +142,7 @@ impl Client {
         remote: SocketAddr,
         server_name: String,
         tls: ClientTls,
+        on_demand: Arc<crate::on_demand::OnDemand>,
     ) -> Result<Self> {
         let ClientTls {
             config,
@@ -167,6 +170,7 @@ impl Client {
             receiver,
             remote: Mutex::new(remote),
             server_name,
+            on_demand,
         })
     }
 
@@ -246,6 +250,7 @@ impl Client {
         let _ = frames.try_send(hello);
         tokio::spawn(write_frames(send, to_write, events_tx.clone()));
         tokio::spawn(read_receiver(recv, events_tx));
+        tokio::spawn(Arc::clone(&self.on_demand).serve(conn.clone()));
         Ok(Link {
             conn,
             frames,

@@ -12,8 +12,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
 use protocol::{
-    decode_frame, Ack, AuthToken, BatchBuilder, Direction, DropReason, ErrorCode, ErrorMsg,
-    Goodbye, Hello, InterfaceInfo, InterfaceStats, Message, PushOutcome, Stats, PROTOCOL_VERSION,
+    decode_frame, Ack, AuthToken, BatchBuilder, CaptureEnded, CaptureLimits, CaptureRequest,
+    CaptureStarted, CaptureTarget, Direction, DropReason, ErrorCode, ErrorMsg, Goodbye, Hello,
+    InterfaceInfo, InterfaceStats, ListedSensor, Message, PushOutcome, SensorList, Stats,
+    ViewerHello, PROTOCOL_VERSION,
 };
 
 use crate::system::cmd;
@@ -436,6 +438,8 @@ fn seed_messages() -> Vec<(&'static str, Message)> {
             },
         ],
         token: AuthToken::new(&b"a shared token of 32 bytes......"[..]),
+        available: vec!["eth0".into(), "eth1".into()],
+        on_demand: true,
         tls_key_log: false,
     };
     let mut snappy = BatchBuilder::new(64 * 1024);
@@ -511,6 +515,65 @@ fn seed_messages() -> Vec<(&'static str, Message)> {
             }),
         ),
         ("goodbye", Message::Goodbye(Goodbye)),
+        (
+            "viewer-hello",
+            Message::ViewerHello(ViewerHello {
+                version: PROTOCOL_VERSION,
+                user: "analyst@desk".into(),
+                token: AuthToken::new(&b"a viewer token of 32 bytes......"[..]),
+            }),
+        ),
+        (
+            "sensor-list",
+            Message::SensorList(SensorList {
+                sensors: vec![ListedSensor {
+                    name: "edge-1".into(),
+                    on_demand: true,
+                    interfaces: vec!["eth0".into(), "lo".into()],
+                }],
+            }),
+        ),
+        (
+            "capture-request",
+            Message::CaptureRequest(CaptureRequest {
+                targets: vec![CaptureTarget {
+                    sensor: "edge-1".into(),
+                    interface: "eth0".into(),
+                }],
+                filter: "udp port 53".into(),
+                snaplen: 262_144,
+                limits: CaptureLimits {
+                    duration_ms: 60_000,
+                    packets: 500,
+                    bytes: 0,
+                },
+                requested_by: "viewer analyst@desk at 198.18.0.1:50000 (viewer token)".into(),
+            }),
+        ),
+        (
+            "capture-started",
+            Message::CaptureStarted(CaptureStarted {
+                interfaces: vec![InterfaceInfo {
+                    name: "edge-1/eth0".into(),
+                    link_type: 1,
+                    snaplen: 262_144,
+                    filter: "udp port 53".into(),
+                }],
+            }),
+        ),
+        (
+            "capture-ended",
+            Message::CaptureEnded(CaptureEnded {
+                reason: "packet limit (500)".into(),
+                stats: InterfaceStats {
+                    interface_id: 0,
+                    seen: 900,
+                    matched: 520,
+                    delivered: 500,
+                    drops: vec![(DropReason::RATE_CAP, 20)],
+                },
+            }),
+        ),
     ]
 }
 

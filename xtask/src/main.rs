@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod ebpf;
+mod extcap;
 mod fuzz;
 mod system;
 mod test;
@@ -30,6 +31,15 @@ enum Command {
     Test,
     /// Install the system packages and Rust targets the build and tests need.
     Setup,
+    /// Build capstream-extcap (release) and install it in the personal extcap folder of
+    /// this host's Wireshark (as `tshark -G folders` names it), so that Wireshark and
+    /// tshark list the interfaces of every sensor of a receiver's viewer role.
+    InstallExtcap {
+        /// Install this capstream-extcap, already built, instead of building one (e.g.
+        /// `--binary target/debug/capstream-extcap`; the system tests do so).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<std::path::PathBuf>,
+    },
     /// Build the eBPF programs the sensor embeds (installing nightly's rust-src and
     /// building bpf-linker first when missing); then rebuild the sensor.
     BuildEbpf,
@@ -93,6 +103,7 @@ fn main() {
         Command::Test => test::run(),
         Command::Setup => system::setup(),
         Command::BuildEbpf => ebpf::build(root()),
+        Command::InstallExtcap { binary } => extcap::install(root(), binary.as_deref()),
         Command::Bench { only, rounds } => bench::run(only.as_deref(), rounds.max(1)),
         Command::Fuzz { seconds, targets } => fuzz::run(root(), seconds, &targets),
         Command::Generate {

@@ -42,6 +42,8 @@ pub fn run() -> Result<()> {
             "sensor",
             "-p",
             "receiver",
+            "-p",
+            "extcap",
             "--target",
             "x86_64-pc-windows-gnu",
         ],

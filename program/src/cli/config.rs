@@ -23,7 +23,12 @@ pub(super) const GENERATE: &str = "generate";
 
 /// `CAPSTREAM_SENSOR` for `sensor`.
 pub(super) fn env_prefix(cmd: &Command) -> String {
-    format!("CAPSTREAM_{}", env_word(cmd.get_name()))
+    // capstream-extcap's are CAPSTREAM_EXTCAP_*, as sensor's are CAPSTREAM_SENSOR_*.
+    let name = cmd.get_name();
+    format!(
+        "CAPSTREAM_{}",
+        env_word(name.strip_prefix("capstream-").unwrap_or(name))
+    )
 }
 
 fn env_word(name: &str) -> String {

@@ -165,7 +165,8 @@ impl SensorProtocol {
         if token.is_err() {
             return Err(Refusal::new(ErrorCode::UNAUTHENTICATED, TOKEN_REFUSAL));
         }
-        if hello.interfaces.is_empty() {
+        // A sensor with no standing capture (`--on-demand`) names none.
+        if hello.interfaces.is_empty() && !hello.on_demand {
             return Err(Refusal::new(
                 ErrorCode::PROTOCOL,
                 "Hello names no interface",

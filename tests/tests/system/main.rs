@@ -12,6 +12,7 @@ mod kafka;
 mod live_capture;
 mod live_stream;
 mod metrics;
+mod on_demand;
 mod outputs;
 mod privileges;
 mod read_and_stream;

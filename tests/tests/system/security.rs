@@ -627,6 +627,8 @@ mod hostile {
                 })
                 .collect(),
             token: AuthToken::new(token.to_vec()),
+            available: Vec::new(),
+            on_demand: false,
             tls_key_log: false,
         }
     }
