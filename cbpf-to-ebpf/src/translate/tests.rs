@@ -655,8 +655,13 @@ fn live_filters_with_ancillary_loads() {
             classic.iter().any(|i| i.k >= SKF_AD_OFF as u32),
             "no ancillary load in \"{expr}\": {classic:?}"
         );
+        // Each hook its own translation: TC reads the packet in place, a socket filter may not.
+        let socket = Target {
+            hook: Hook::SocketFilter,
+            ..return_target(Context::Skb)
+        };
+        load(&translate(&classic, &socket).unwrap(), Hook::SocketFilter);
         let insns = translate(&classic, &return_target(Context::Skb)).unwrap();
-        load(&insns, Hook::SocketFilter);
         let fd = load(&insns, Hook::Tc);
         assert_eq!(run(&fd, &frame(60, 0)) != 0, accepted, "\"{expr}\"");
         let err = translate(&classic, &return_target(Context::Xdp)).unwrap_err();
@@ -782,6 +787,48 @@ fn xdp_indirect_loads_across_the_hidden_tag() {
         assert_eq!(run(&fd, &tagged), oracle(&prog, &untagged), "{prog:?}");
         assert_eq!(run(&fd, &untagged), oracle(&prog, &untagged), "{prog:?}");
     }
+}
+
+/// A load reads in place what lies in the linear part and calls the helper for the rest:
+/// at every offset around where an XDP test run's linear part ends (a page less the head
+/// and tail room), constant and indirect, it gets libpcap's answer either way.
+#[test]
+fn xdp_loads_across_the_end_of_the_linear_part() {
+    let packet = frame(9014, 8);
+    let x = 3000;
+    for at in 3400..3700 {
+        for (abs, ind) in [(LD_W_ABS, LD_W_IND), (LD_H_ABS, LD_H_IND)] {
+            for prog in [
+                vec![s(abs, at), s(RET_A, 0)],
+                vec![s(LDX_IMM, x), s(ind, at - x), s(RET_A, 0)],
+            ] {
+                let fd = load_classic(&prog, Context::Xdp);
+                assert_eq!(run(&fd, &packet), oracle(&prog, &packet), "{prog:?}");
+            }
+        }
+    }
+}
+
+/// At TC and XDP a packet load reads __sk_buff's or xdp_md's data pointer (the bytes in
+/// place); a socket filter may not, so it keeps the helper alone.
+#[test]
+fn reads_in_place_where_the_hook_allows() {
+    let prog = [s(LD_H_ABS, 12), s(RET_A, 0)];
+    let reads_data = |hook: Hook, data: i16| {
+        let target = Target {
+            hook,
+            ..return_target(Context::Skb)
+        };
+        let insns = translate(&prog, &target).unwrap();
+        load(&insns, hook);
+        insns
+            .iter()
+            .any(|i| i.code == EBPF_LDX | EBPF_MEM && i.regs == (R2 | CTX << 4) && i.off == data)
+    };
+    assert!(reads_data(Hook::Tc, skb::DATA));
+    assert!(reads_data(Hook::Xdp { frags: true }, XDP_DATA));
+    assert!(reads_data(Hook::Xdp { frags: false }, XDP_DATA));
+    assert!(!reads_data(Hook::SocketFilter, skb::DATA));
 }
 
 fn translate_error(prog: &[CbpfInsn], context: Context) -> TranslateError {
