@@ -796,9 +796,7 @@ impl<'t, 'a> Emitter<'t, 'a> {
             }
         }
         if tagged {
-            let before_tag = self.forward_jump(EBPF_JMP32 | JLT, R2, ETHERTYPE_OFF as i32);
-            self.alu32_reg(OP_ADD, R2, TAG);
-            self.land(before_tag);
+            self.skip_tag(R2);
         }
         self.stack_addr(R3, BUF_OFF);
         self.mov32_imm(R4, bytes as i32);
@@ -817,10 +815,19 @@ impl<'t, 'a> Emitter<'t, 'a> {
         failed
     }
 
+    /// `offset` += TAG if it is at or past the EtherType's start: where the bytes the
+    /// kernel's taps see lie in an XDP frame with a hidden tag.
+    fn skip_tag(&mut self, offset: u8) {
+        let before_tag = self.forward_jump(EBPF_JMP32 | JLT, offset, ETHERTYPE_OFF as i32);
+        self.alu32_reg(OP_ADD, offset, TAG);
+        self.land(before_tag);
+    }
+
     /// `dst` = the `bytes` bytes at `offset` (plus TAG past the EtherType's start if
-    /// `tagged`), read straight from the packet's linear part, in network order; the
-    /// returned jumps are taken when they are not all there (or may not be read in place).
-    /// `None`: the offset is too far for a direct read, nothing emitted.
+    /// `tagged`), read straight from the packet's linear part as they lie there (the
+    /// caller swaps them); the returned jumps are taken when they are not all there (or
+    /// may not be read in place). `None`: the offset is too far for a direct read,
+    /// nothing emitted.
     fn load_in_place(
         &mut self,
         ebpf_size: u8,
@@ -857,9 +864,7 @@ impl<'t, 'a> Emitter<'t, 'a> {
                 self.mov32_reg(R1, X);
                 self.alu32_imm(OP_ADD, R1, k as i32);
                 if tagged {
-                    let before_tag = self.forward_jump(EBPF_JMP32 | JLT, R1, ETHERTYPE_OFF as i32);
-                    self.alu32_reg(OP_ADD, R1, TAG);
-                    self.land(before_tag);
+                    self.skip_tag(R1);
                 }
                 let far = self.forward_jump(EBPF_JMP | JGT, R1, (IN_PLACE_END - bytes) as i32);
                 self.ldx_w(R2, CTX, data);
