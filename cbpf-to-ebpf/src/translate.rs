@@ -7,10 +7,12 @@
 //! Register use: R6 holds the context, R7 is A and R8 is X, all callee-saved so that they
 //! survive helper calls. At TC and XDP a packet load reads the bytes in place when a
 //! bounds check against data_end (which the verifier asks for) finds them in the linear
-//! part, as the kernel's own classic BPF does for an skb; otherwise, and always in a socket
-//! filter (which may not read the packet directly), it calls bpf_skb_load_bytes or
-//! bpf_xdp_load_bytes into a stack buffer: that works on non-linear skbs and XDP frags
-//! alike, and a failure is an ordinary return code instead of LD_ABS's hidden `return 0`.
+//! part, as the kernel's own classic BPF does for an skb; otherwise it calls
+//! bpf_skb_load_bytes or bpf_xdp_load_bytes into a stack buffer: that works on non-linear
+//! skbs and XDP frags alike, and a failure is an ordinary return code. A socket filter may
+//! not read the packet directly: it uses LD_ABS and LD_IND, whose hidden `return 0` on a
+//! failed load is its not accepting (and a socket filter that should return something else
+//! then calls bpf_skb_load_bytes too).
 //!
 //! XDP runs before the kernel moves a frame's outer VLAN tag into metadata, but tcpdump's
 //! live filter (and the one translated here) expects the frame as the kernel's taps see it:
@@ -420,6 +422,7 @@ const ETH_P_802_3_MIN: i32 = 0x600;
 const ETH_P_802_3: i32 = 0x0001;
 const ETH_P_802_2: i32 = 0x0004;
 const JLT: u8 = 0xa0;
+const JSLT: u8 = 0xc0;
 
 /// M[0] below the frame pointer; M[i] is 4i bytes above.
 const MEM_OFF: i16 = -64;
@@ -748,6 +751,10 @@ impl<'t, 'a> Emitter<'t, 'a> {
 
     /// As `load_packet`; `untagged` false reads an XDP frame's bytes as they are.
     fn load_bytes(&mut self, size: u16, offset: Offset, dst: u8, untagged: bool) {
+        if self.target.hook == Hook::SocketFilter && self.target.pass == 0 {
+            self.load_abs(size, offset, dst);
+            return;
+        }
         let failed = self.load_bytes_else(size, offset, dst, untagged);
         self.fixups.push(Fixup {
             at: failed,
@@ -813,6 +820,27 @@ impl<'t, 'a> Emitter<'t, 'a> {
             self.emit(EBPF_ALU | EBPF_END_TO_BE, dst, 0, 0, bytes as i32 * 8);
         }
         failed
+    }
+
+    /// A socket filter's load: LD_ABS or LD_IND, what the kernel's own classic BPF becomes,
+    /// a helper call that reads the linear part in place and returns the value (no stack
+    /// buffer). A load past the end ends the program returning 0, which is why only a
+    /// target that passes with 0 takes it.
+    fn load_abs(&mut self, size: u16, offset: Offset, dst: u8) {
+        let ebpf_size = size as u8;
+        match offset {
+            Offset::Const(k) => self.emit(MODE_ABS as u8 | ebpf_size, 0, 0, 0, k as i32),
+            Offset::XPlus(k) => {
+                self.mov32_reg(R2, X);
+                self.alu32_imm(OP_ADD, R2, k as i32);
+                // The helper takes a signed offset and reads below 0 from the network or
+                // link-layer header (SKF_NET_OFF, SKF_LL_OFF); bpf_skb_load_bytes refuses
+                // offsets past 2 GiB, and so does this.
+                self.jump_if_imm(JSLT, R2, 0, Label::Pass);
+                self.emit(MODE_IND as u8 | ebpf_size, 0, R2, 0, 0);
+            }
+        }
+        self.mov32_reg(dst, R0);
     }
 
     /// `offset` += TAG if it is at or past the EtherType's start: where the bytes the
