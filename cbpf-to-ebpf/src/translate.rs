@@ -5,9 +5,10 @@
 //! and any failed load or division by zero ends the program without accepting.
 //!
 //! Register use: R6 holds the context, R7 is A and R8 is X, all callee-saved so that they
-//! survive helper calls. At TC and XDP a packet load reads the bytes in place when a
-//! bounds check against data_end (which the verifier asks for) finds them in the linear
-//! part, as the kernel's own classic BPF does for an skb; otherwise it calls
+//! survive helper calls. At TC and XDP a packet load at a constant offset reads the bytes
+//! in place when a bounds check against data_end (which the verifier asks for) finds them
+//! in the linear part, as the kernel's own classic BPF does for an skb; otherwise (and for
+//! an indirect load, since a variable offset into the packet takes CAP_PERFMON) it calls
 //! bpf_skb_load_bytes or bpf_xdp_load_bytes into a stack buffer: that works on non-linear
 //! skbs and XDP frags alike, and a failure is an ordinary return code. A socket filter may
 //! not read the packet directly: it uses LD_ABS and LD_IND, whose hidden `return 0` on a
@@ -580,10 +581,6 @@ impl<'t, 'a> Emitter<'t, 'a> {
         self.alu32_reg(EBPF_MOV, dst, src);
     }
 
-    fn alu64_reg(&mut self, op: u8, dst: u8, src: u8) {
-        self.emit(EBPF_ALU64 | op | EBPF_SRC_X, dst, src, 0, 0);
-    }
-
     fn mov64_reg(&mut self, dst: u8, src: u8) {
         self.emit(EBPF_ALU64 | EBPF_MOV | EBPF_SRC_X, dst, src, 0, 0);
     }
@@ -766,10 +763,10 @@ impl<'t, 'a> Emitter<'t, 'a> {
     /// As `load_bytes`, but a load past the packet's end takes the jump at the returned
     /// index, for the caller to aim.
     ///
-    /// At TC and XDP the bytes are read in place when they lie in the linear part (the
-    /// bounds check the verifier asks for decides); the helper reads the rest: non-linear
-    /// skb data, XDP fragments, offsets past what the verifier tracks, and a packet too
-    /// short, which it refuses.
+    /// At TC and XDP the bytes at a constant offset are read in place when they lie in the
+    /// linear part (the bounds check the verifier asks for decides); the helper reads the
+    /// rest: non-linear skb data, XDP fragments, indirect and far offsets, and a packet
+    /// too short, which it refuses.
     fn load_bytes_else(&mut self, size: u16, offset: Offset, dst: u8, untagged: bool) -> usize {
         let bytes = match size {
             SIZE_W => 4,
@@ -787,11 +784,9 @@ impl<'t, 'a> Emitter<'t, 'a> {
         } else {
             self.load_in_place(ebpf_size, bytes, offset, dst, tagged)
         };
-        let read = in_place.map(|slow| {
+        let read = in_place.map(|short| {
             let read = self.forward_jump(EBPF_JMP | JA, 0, 0);
-            for at in slow {
-                self.land(at);
-            }
+            self.land(short);
             read
         });
         self.mov64_reg(R1, CTX);
@@ -803,7 +798,9 @@ impl<'t, 'a> Emitter<'t, 'a> {
             }
         }
         if tagged {
-            self.skip_tag(R2);
+            let before_tag = self.forward_jump(EBPF_JMP32 | JLT, R2, ETHERTYPE_OFF as i32);
+            self.alu32_reg(OP_ADD, R2, TAG);
+            self.land(before_tag);
         }
         self.stack_addr(R3, BUF_OFF);
         self.mov32_imm(R4, bytes as i32);
@@ -843,19 +840,13 @@ impl<'t, 'a> Emitter<'t, 'a> {
         self.mov32_reg(dst, R0);
     }
 
-    /// `offset` += TAG if it is at or past the EtherType's start: where the bytes the
-    /// kernel's taps see lie in an XDP frame with a hidden tag.
-    fn skip_tag(&mut self, offset: u8) {
-        let before_tag = self.forward_jump(EBPF_JMP32 | JLT, offset, ETHERTYPE_OFF as i32);
-        self.alu32_reg(OP_ADD, offset, TAG);
-        self.land(before_tag);
-    }
-
-    /// `dst` = the `bytes` bytes at `offset` (plus TAG past the EtherType's start if
-    /// `tagged`), read straight from the packet's linear part as they lie there (the
-    /// caller swaps them); the returned jumps are taken when they are not all there (or
-    /// may not be read in place). `None`: the offset is too far for a direct read,
-    /// nothing emitted.
+    /// `dst` = the `bytes` bytes at constant offset `k` (plus TAG past the EtherType's
+    /// start if `tagged`), read straight from the packet's linear part as they lie there
+    /// (the caller swaps them); the returned jump is taken when they are not all there.
+    /// `None`, nothing emitted: an indirect offset, or one too far. Adding a register to
+    /// a packet pointer takes CAP_PERFMON (the verifier's Spectre rules), which the sensor
+    /// does not keep, so indirect loads, whose offsets are known only at run time, take
+    /// the helper.
     fn load_in_place(
         &mut self,
         ebpf_size: u8,
@@ -863,48 +854,32 @@ impl<'t, 'a> Emitter<'t, 'a> {
         offset: Offset,
         dst: u8,
         tagged: bool,
-    ) -> Option<Vec<usize>> {
+    ) -> Option<usize> {
+        let Offset::Const(k) = offset else {
+            return None;
+        };
+        if k.checked_add(bytes + TAG_LEN)? > IN_PLACE_END {
+            return None;
+        }
         let (data, data_end) = match self.context {
             Context::Skb => (skb::DATA, skb::DATA_END),
             Context::Xdp => (XDP_DATA, XDP_DATA_END),
         };
-        match offset {
-            Offset::Const(k) => {
-                if k.checked_add(bytes + TAG_LEN)? > IN_PLACE_END {
-                    return None;
-                }
-                self.ldx_w(R2, CTX, data);
-                self.ldx_w(R3, CTX, data_end);
-                if tagged && k >= ETHERTYPE_OFF {
-                    self.alu64_reg(OP_ADD, R2, TAG);
-                }
-                // R1 = the end of the bytes: the verifier learns from `R1 <= data_end`
-                // that they are in the packet.
-                self.mov64_reg(R1, R2);
-                self.emit(EBPF_ALU64 | OP_ADD, R1, 0, 0, (k + bytes) as i32);
-                let short = self.forward_jump_reg(EBPF_JMP | JGT, R1, R3);
-                self.emit(EBPF_LDX | EBPF_MEM | ebpf_size, dst, R1, -(bytes as i16), 0);
-                Some(vec![short])
-            }
-            Offset::XPlus(k) => {
-                // The offset in 32 bits as the helper gets it, then bounded, as the
-                // verifier wants a known range for a variable offset into the packet.
-                self.mov32_reg(R1, X);
-                self.alu32_imm(OP_ADD, R1, k as i32);
-                if tagged {
-                    self.skip_tag(R1);
-                }
-                let far = self.forward_jump(EBPF_JMP | JGT, R1, (IN_PLACE_END - bytes) as i32);
-                self.ldx_w(R2, CTX, data);
-                self.ldx_w(R3, CTX, data_end);
-                self.alu64_reg(OP_ADD, R2, R1);
-                self.mov64_reg(R1, R2);
-                self.emit(EBPF_ALU64 | OP_ADD, R1, 0, 0, bytes as i32);
-                let short = self.forward_jump_reg(EBPF_JMP | JGT, R1, R3);
-                self.emit(EBPF_LDX | EBPF_MEM | ebpf_size, dst, R2, 0, 0);
-                Some(vec![far, short])
-            }
+        self.ldx_w(R2, CTX, data);
+        self.ldx_w(R3, CTX, data_end);
+        if tagged && k >= ETHERTYPE_OFF {
+            // A constant added, for the same reason.
+            let untagged = self.forward_jump(EBPF_JMP32 | JEQ, TAG, 0);
+            self.emit(EBPF_ALU64 | OP_ADD, R2, 0, 0, TAG_LEN as i32);
+            self.land(untagged);
         }
+        // R1 = the end of the bytes: the verifier learns from `R1 <= data_end` that they
+        // are in the packet.
+        self.mov64_reg(R1, R2);
+        self.emit(EBPF_ALU64 | OP_ADD, R1, 0, 0, (k + bytes) as i32);
+        let short = self.forward_jump_reg(EBPF_JMP | JGT, R1, R3);
+        self.emit(EBPF_LDX | EBPF_MEM | ebpf_size, dst, R1, -(bytes as i16), 0);
+        Some(short)
     }
 
     /// `dst` = the packet's length.
