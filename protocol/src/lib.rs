@@ -17,6 +17,7 @@
 #![deny(missing_docs)]
 
 mod batch;
+pub mod cgroup;
 mod codec;
 #[doc(hidden)]
 pub mod decode_check;
