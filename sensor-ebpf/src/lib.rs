@@ -20,8 +20,36 @@ pub const MAX_QUEUES: u32 = 256;
 pub const SCRATCH_MAP: &str = "CAPSTREAM_SCRATCH";
 /// The global holding the snap length (a `u32`), set at load time.
 pub const SNAPLEN_GLOBAL: &str = "CAPSTREAM_SNAPLEN";
+/// Who owns each socket, by socket cookie (BPF_MAP_TYPE_LRU_HASH of [`Owner`]), filled by
+/// the cgroup socket hooks for `--attribute`.
+///
+/// A released socket is not forgotten at once: its last frames (a FIN after `close()`) and
+/// the frames still in the ring when it goes need its owner. Cookies are never reused, so
+/// the least recently used entries are forgotten when the map is full instead.
+pub const OWNERS_MAP: &str = "CAPSTREAM_OWNERS";
+/// Sockets [`OWNERS_MAP`] remembers; the least recently used is forgotten first.
+pub const MAX_OWNERS: u32 = 65_536;
+/// The cgroup socket hooks of `--attribute`, attached to the cgroup2 root: a socket's
+/// creation and its binds; with [`OWNER_ADDR_HOOKS`], its `connect()`s and UDP
+/// `sendmsg()`s (the caller may differ from the creator: a socket passed on, or inherited
+/// over fork).
+pub const OWNER_SOCK_HOOKS: [&str; 3] = [
+    "capstream_owner_create",
+    "capstream_owner_post_bind4",
+    "capstream_owner_post_bind6",
+];
+/// The address hooks of `--attribute` (cgroup/connect4 … sendmsg6).
+pub const OWNER_ADDR_HOOKS: [&str; 4] = [
+    "capstream_owner_connect4",
+    "capstream_owner_connect6",
+    "capstream_owner_sendmsg4",
+    "capstream_owner_sendmsg6",
+];
+
 /// The global (a `u64`) with how many bytes in the ring wake the sensor, set at load time.
 pub const WAKEUP_BYTES_GLOBAL: &str = "CAPSTREAM_WAKEUP_BYTES";
+/// The global saying (non-zero) that frames carry their socket's cookie (`--attribute`).
+pub const ATTRIBUTE_GLOBAL: &str = "CAPSTREAM_ATTRIBUTE";
 /// The global saying (non-zero) that the interface is a loopback, set at load time.
 pub const LOOPBACK_GLOBAL: &str = "CAPSTREAM_LOOPBACK";
 
@@ -92,6 +120,27 @@ pub struct PacketHeader {
     pub flags: u8,
     pub direction: u8,
     pub _reserved: [u8; 2],
+    /// The cookie of the socket that sent the frame (TC egress), 0 when the frame carries
+    /// no socket: the key of [`OWNERS_MAP`].
+    pub socket_cookie: u64,
+}
+
+/// Who owns a socket: the task that last created, bound, connected or sent on it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Owner {
+    /// The process (thread group) id.
+    pub tgid: u32,
+    /// The thread id.
+    pub tid: u32,
+    pub uid: u32,
+    pub _reserved: u32,
+    /// The task's cgroup v2 id (the inode number of its cgroup2 directory).
+    pub cgroup_id: u64,
+    /// The socket's network namespace cookie.
+    pub netns_cookie: u64,
+    /// The thread's name (`comm`), NUL-padded.
+    pub comm: [u8; 16],
 }
 
 /// Largest frame copied into the ring; equals the protocol's MAX_SNAPLEN.
@@ -104,4 +153,6 @@ mod pod {
     unsafe impl aya::Pod for super::Scratch {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PacketHeader {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Owner {}
 }

@@ -16,17 +16,19 @@
 use aya_ebpf::bindings::__sk_buff;
 use aya_ebpf::bindings::xdp_action::XDP_PASS;
 use aya_ebpf::helpers::generated::{
-    bpf_ktime_get_boot_ns, bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
+    bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+    bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_skb_load_bytes,
+    bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
 };
-use aya_ebpf::macros::{classifier, map, socket_filter, xdp};
-use aya_ebpf::maps::{PerCpuArray, ProgramArray, RingBuf, XskMap};
-use aya_ebpf::programs::{SkBuffContext, TcContext, XdpContext};
+use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr, classifier, map, socket_filter, xdp};
+use aya_ebpf::maps::{LruHashMap, PerCpuArray, ProgramArray, RingBuf, XskMap};
+use aya_ebpf::programs::{SkBuffContext, SockAddrContext, SockContext, TcContext, XdpContext};
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::debug;
 use sensor_ebpf::{
-    PacketHeader, Scratch, COUNTERS, COUNTER_CHAIN_FAILED, COUNTER_MATCHED, COUNTER_RING_FULL,
-    COUNTER_SEEN, DIRECTION_INBOUND, DIRECTION_OUTBOUND, FLAG_REALTIME, FLAG_VLAN_STRIPPED,
-    MAX_CAPTURE, MAX_QUEUES, PROG_FILTER,
+    Owner, PacketHeader, Scratch, COUNTERS, COUNTER_CHAIN_FAILED, COUNTER_MATCHED,
+    COUNTER_RING_FULL, COUNTER_SEEN, DIRECTION_INBOUND, DIRECTION_OUTBOUND, FLAG_REALTIME,
+    FLAG_VLAN_STRIPPED, MAX_CAPTURE, MAX_OWNERS, MAX_QUEUES, PROG_FILTER,
 };
 
 /// What a TC program returns to let the packet go on to the next program, or on its way
@@ -39,6 +41,10 @@ const PACKET_OUTGOING: u32 = 4;
 /// The user's snap length; the sensor sets it when loading.
 #[no_mangle]
 static CAPSTREAM_SNAPLEN: u32 = MAX_CAPTURE;
+
+/// Non-zero with `--attribute`: frames carry their socket's cookie. The sensor sets it.
+#[no_mangle]
+static CAPSTREAM_ATTRIBUTE: u32 = 0;
 
 /// Non-zero on a loopback interface, where every packet passes the socket twice (going
 /// out, then coming in): as libpcap does, only the incoming copy counts.
@@ -54,6 +60,8 @@ static CAPSTREAM_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUN
 static CAPSTREAM_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(2, 0);
 #[map]
 static CAPSTREAM_XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
+#[map]
+static CAPSTREAM_OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(MAX_OWNERS, 0);
 #[map]
 static CAPSTREAM_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
@@ -100,10 +108,14 @@ trait Frame: EbpfContext {
     fn realtime_stamp(&self) -> Option<u64> {
         None
     }
+    /// The cookie of the socket the frame belongs to, 0 if none (or the hook cannot tell).
+    fn socket_cookie(&self) -> u64 {
+        0
+    }
 }
 
 macro_rules! skb_frame {
-    ($ctx:ty, $tstamp:ident) => {
+    ($ctx:ty, $tstamp:ident, $cookie:ident) => {
         impl Frame for $ctx {
             #[inline(always)]
             fn wire_len(&self) -> u32 {
@@ -128,11 +140,32 @@ macro_rules! skb_frame {
                 // SAFETY: the context pointer the kernel passed in.
                 $tstamp(unsafe { &*self.skb.skb })
             }
+            #[inline(always)]
+            fn socket_cookie(&self) -> u64 {
+                $cookie(self)
+            }
         }
     };
 }
-skb_frame!(SkBuffContext, no_tstamp);
-skb_frame!(TcContext, realtime_tstamp);
+skb_frame!(SkBuffContext, no_tstamp, no_socket);
+skb_frame!(TcContext, realtime_tstamp, skb_socket);
+
+/// The sending socket's cookie, on TC egress (ingress runs before the stack found one),
+/// when `--attribute` asked for it.
+#[inline(always)]
+fn skb_socket<C: EbpfContext>(ctx: &C) -> u64 {
+    if load_global(&CAPSTREAM_ATTRIBUTE) == 0 {
+        return 0;
+    }
+    // SAFETY: the context pointer the kernel passed in; 0 when the skb has no socket.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// A socket filter's frame is a clone, which carries no socket.
+#[inline(always)]
+fn no_socket<C: EbpfContext>(_: &C) -> u64 {
+    0
+}
 
 /// `__sk_buff.tstamp_type` of a receive time on CLOCK_REALTIME.
 const BPF_SKB_CLOCK_REALTIME: u32 = 0;
@@ -239,6 +272,7 @@ fn emit<F: Frame>(frame: &F) {
         wire_len,
         captured_len: wire_len.min(scratch.snap).min(snaplen).min(MAX_CAPTURE),
         direction: scratch.direction as u8,
+        socket_cookie: frame.socket_cookie(),
         ..PacketHeader::default()
     };
     if let Some(stamp) = frame.realtime_stamp() {
@@ -344,6 +378,72 @@ pub fn capstream_afxdp_emit(ctx: XdpContext) -> u32 {
     CAPSTREAM_XSKS
         .redirect(queue, u64::from(XDP_PASS))
         .unwrap_or(XDP_PASS)
+}
+
+/// Remembers the current task as the owner of the hook's socket. Always lets the
+/// operation go on.
+#[inline(always)]
+fn remember_owner<C: EbpfContext>(ctx: &C) -> i32 {
+    // SAFETY: helpers on the context pointer the kernel passed in, or without arguments.
+    let (cookie, netns_cookie, pid_tgid, uid_gid, cgroup_id) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_get_netns_cookie(ctx.as_ptr()),
+            bpf_get_current_pid_tgid(),
+            bpf_get_current_uid_gid(),
+            bpf_get_current_cgroup_id(),
+        )
+    };
+    #[allow(clippy::cast_possible_truncation)]
+    let owner = Owner {
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        uid: uid_gid as u32,
+        _reserved: 0,
+        cgroup_id,
+        netns_cookie,
+        comm: aya_ebpf::helpers::bpf_get_current_comm().unwrap_or_default(),
+    };
+    let _ = CAPSTREAM_OWNERS.insert(&cookie, &owner, 0);
+    ALLOW
+}
+
+/// What a cgroup socket hook returns to let the operation proceed.
+const ALLOW: i32 = 1;
+
+#[cgroup_sock(sock_create)]
+pub fn capstream_owner_create(ctx: SockContext) -> i32 {
+    remember_owner(&ctx)
+}
+
+#[cgroup_sock(post_bind4)]
+pub fn capstream_owner_post_bind4(ctx: SockContext) -> i32 {
+    remember_owner(&ctx)
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn capstream_owner_post_bind6(ctx: SockContext) -> i32 {
+    remember_owner(&ctx)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn capstream_owner_connect4(ctx: SockAddrContext) -> i32 {
+    remember_owner(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn capstream_owner_connect6(ctx: SockAddrContext) -> i32 {
+    remember_owner(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn capstream_owner_sendmsg4(ctx: SockAddrContext) -> i32 {
+    remember_owner(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn capstream_owner_sendmsg6(ctx: SockAddrContext) -> i32 {
+    remember_owner(&ctx)
 }
 
 #[cfg(not(test))]

@@ -180,6 +180,16 @@ pub struct Cli {
     #[arg(long)]
     pub busy_poll: bool,
 
+    /// Attribute every packet to the process that sent or received it (--mode tc, Linux;
+    /// e.g. `--mode tc --attribute`). Cgroup socket hooks on the cgroup2 root (mounted
+    /// privately if the host has none) record each socket's owner; replies and sockets
+    /// opened before the start are matched by flow. The receiver writes pid, executable,
+    /// command line, thread, user, cgroup, container id and pod UID as each packet's pcapng
+    /// comment, in ptcpdump's format (`tshark -T fields -e frame.comment`); classic pcap
+    /// output has no place for them. Off by default: the hooks see every socket of the host.
+    #[arg(long)]
+    pub attribute: bool,
+
     /// Bytes kept of each packet, 1..=262144 (e.g. `-s 128` for headers only).
     #[arg(short = 's', long, value_name = "N", default_value_t = protocol::MAX_SNAPLEN,
           value_parser = clap::value_parser!(u32).range(1..=protocol::MAX_SNAPLEN as i64))]

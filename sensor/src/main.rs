@@ -138,6 +138,7 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
         ring_size: cli.ring_size,
         xdp_attach: cli.xdp_attach,
         afxdp: cli.afxdp(),
+        attribute: cli.attribute,
     };
     let user = privileges::run_as(cli.user.as_ref())?;
     // Before any capture starts, so that a bad --spool-dir is the only thing said.

@@ -87,6 +87,8 @@ pub struct Options {
         allow(dead_code, reason = "read by --mode afxdp only")
     )]
     pub afxdp: AfxdpFlags,
+    /// `--attribute`: each frame's process (--mode tc).
+    pub attribute: bool,
 }
 
 /// `--mode afxdp`'s own flags.
@@ -150,6 +152,11 @@ pub fn open(mode: Mode, source: &Source, opts: &Options) -> Result<Vec<Box<dyn C
                     mode.name()
                 )));
             }
+            if opts.attribute {
+                return Err(Error::input(
+                    "--attribute attributes live traffic; a file's packets have no process",
+                ));
+            }
             Ok(vec![Box::new(pcap::PcapCapture::file(path, opts)?)])
         }
         Source::Interfaces(names) => {
@@ -173,6 +180,12 @@ pub fn open(mode: Mode, source: &Source, opts: &Options) -> Result<Vec<Box<dyn C
 #[cfg(target_os = "linux")]
 fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBackend>> {
     use ebpf::{EbpfCapture, Hook};
+    if opts.attribute && !matches!(mode, Mode::Tc | Mode::Auto) {
+        return Err(Error::input(format!(
+            "--attribute works with --mode tc, not --mode {} (yet)",
+            mode.name()
+        )));
+    }
     let hook =
         match mode {
             Mode::Pcap => return Ok(Box::new(pcap::PcapCapture::live(name, opts)?)),
@@ -188,6 +201,7 @@ fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBa
             Mode::Afxdp => return Err(Error::input(
                 "this sensor was built without AF_XDP support (the afxdp feature); use --mode xdp",
             )),
+            Mode::Auto if opts.attribute => Hook::Tc,
             Mode::Auto => {
                 let why = match EbpfCapture::open(name, Hook::Tc, opts) {
                     Ok(capture) => {
@@ -210,6 +224,9 @@ fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBa
 
 #[cfg(not(target_os = "linux"))]
 fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBackend>> {
+    if opts.attribute {
+        return Err(Error::input("--attribute needs Linux (--mode tc)"));
+    }
     match mode {
         Mode::Auto | Mode::Pcap => Ok(Box::new(pcap::PcapCapture::live(name, opts)?)),
         _ => Err(Error::input(format!(

@@ -14,6 +14,7 @@
 
 #[cfg(feature = "afxdp")]
 pub mod afxdp;
+mod attribution;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -22,7 +23,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use aya::programs::{tc, SchedClassifier, SocketFilter, TcAttachType, Xdp, XdpMode};
+use aya::programs::{
+    tc, CgroupAttachMode, CgroupSock, CgroupSockAddr, SchedClassifier, SocketFilter, TcAttachType,
+    Xdp, XdpMode,
+};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 use cbpf_to_ebpf::{CbpfInsn, OnAccept, Refusal, Target};
@@ -138,6 +142,8 @@ pub struct EbpfCapture {
     #[cfg(feature = "afxdp")]
     sockets: Option<afxdp::Sockets>,
     stop: Arc<AtomicBool>,
+    /// `--attribute`: the owners of the frames' sockets.
+    attributor: Option<attribution::Attributor>,
 }
 
 impl EbpfCapture {
@@ -159,11 +165,17 @@ impl EbpfCapture {
             )));
         }
 
+        if opts.attribute && hook != Hook::Tc {
+            return Err(Error::input(format!(
+                "--attribute works with --mode tc, not --mode {mode} (yet)"
+            )));
+        }
         let loopback = is_loopback(iface);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(shared::RING_MAP, opts.ring_size)
             .override_global(shared::SNAPLEN_GLOBAL, &opts.snaplen, true)
             .override_global(shared::LOOPBACK_GLOBAL, &u32::from(loopback), true)
+            .override_global(shared::ATTRIBUTE_GLOBAL, &u32::from(opts.attribute), true)
             .override_global(
                 shared::WAKEUP_BYTES_GLOBAL,
                 &u64::from(opts.ring_size / WAKEUP_FRACTION),
@@ -292,6 +304,12 @@ impl EbpfCapture {
             drop(ebpf.take_map(shared::XSKS_MAP));
         }
 
+        let attributor = if opts.attribute {
+            Some(attach_owner_hooks(&mut ebpf)?)
+        } else {
+            drop(ebpf.take_map(shared::OWNERS_MAP));
+            None
+        };
         let ring = RingBuf::try_from(
             ebpf.take_map(shared::RING_MAP)
                 .ok_or_else(|| missing(shared::RING_MAP))?,
@@ -327,6 +345,7 @@ impl EbpfCapture {
             #[cfg(feature = "afxdp")]
             sockets,
             stop: Arc::new(AtomicBool::new(false)),
+            attributor,
         })
     }
 
@@ -473,7 +492,17 @@ impl CaptureBackend for EbpfCapture {
             }
             let offset = boottime_to_realtime();
             while let Some(item) = self.ring.next() {
-                if deliver(&item, offset, snaplen, &mut reinserted, &mut batcher).is_err() {
+                let attributor = self.attributor.as_mut();
+                if deliver(
+                    &item,
+                    offset,
+                    snaplen,
+                    &mut reinserted,
+                    attributor,
+                    &mut batcher,
+                )
+                .is_err()
+                {
                     open = false;
                     break;
                 }
@@ -511,6 +540,7 @@ fn deliver(
     boot_to_real: i128,
     snaplen: usize,
     reinserted: &mut Vec<u8>,
+    attributor: Option<&mut attribution::Attributor>,
     batcher: &mut Batcher,
 ) -> Result<(), crate::batcher::Closed> {
     let Some(header) = parse_header(record) else {
@@ -541,12 +571,51 @@ fn deliver(
         shared::DIRECTION_OUTBOUND => Direction::Outbound,
         _ => Direction::Unknown,
     };
-    batcher.push(
-        u64::try_from(timestamp).unwrap_or(0),
-        wire_len,
-        direction,
-        data,
+    let timestamp = u64::try_from(timestamp).unwrap_or(0);
+    let owner = attributor
+        .and_then(|a| a.owner(header.socket_cookie, direction == Direction::Outbound, data));
+    match owner {
+        Some((key, process)) => {
+            batcher.push_attributed(timestamp, wire_len, direction, data, key, process)
+        }
+        None => batcher.push(timestamp, wire_len, direction, data),
+    }
+}
+
+/// `--attribute`: loads the cgroup socket hooks and attaches them to the cgroup2 root,
+/// so that every socket of the host gets its owner recorded. Attached as BPF links (the
+/// kernel has them here, 6.6+ for TCX), which always sit beside other programs: the kernel
+/// wants no attach flags for them, `Single` being the one mode that sends none.
+fn attach_owner_hooks(ebpf: &mut Ebpf) -> Result<attribution::Attributor> {
+    let root = attribution::CgroupRoot::open()?;
+    let refused = |name: &str, e: &dyn std::error::Error| {
+        kernel_refused(
+            "tc",
+            format!(
+                "--attribute: cannot attach {name} to the cgroup2 root: {}",
+                chain(e)
+            ),
+            false,
+        )
+    };
+    for name in shared::OWNER_SOCK_HOOKS {
+        let prog: &mut CgroupSock = program(ebpf, name)?;
+        prog.load().map_err(|e| load_error("tc", name, &e))?;
+        prog.attach(root.file(), CgroupAttachMode::Single)
+            .map_err(|e| refused(name, &e))?;
+    }
+    for name in shared::OWNER_ADDR_HOOKS {
+        let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+        prog.load().map_err(|e| load_error("tc", name, &e))?;
+        prog.attach(root.file(), CgroupAttachMode::Single)
+            .map_err(|e| refused(name, &e))?;
+    }
+    let owners = aya::maps::HashMap::try_from(
+        ebpf.take_map(shared::OWNERS_MAP)
+            .ok_or_else(|| missing(shared::OWNERS_MAP))?,
     )
+    .map_err(|e| Error::runtime(format!("cannot read the socket owners: {e}")))?;
+    Ok(attribution::Attributor::new(owners, root))
 }
 
 const HEADER_LEN: usize = std::mem::size_of::<shared::PacketHeader>();
