@@ -46,6 +46,27 @@ pub const OWNER_ADDR_HOOKS: [&str; 4] = [
     "capstream_owner_sendmsg6",
 ];
 
+/// Flows to their owner's socket cookie (BPF_MAP_TYPE_LRU_HASH of [`FlowKey`] to `u64`):
+/// learnt from TC egress frames whose socket has an owner, and filled at start with the
+/// sockets older than the sensor (under cookies of their own, [`SYNTHETIC_COOKIE`]); the
+/// replies and the frames without a socket find their owner here.
+pub const FLOWS_MAP: &str = "CAPSTREAM_FLOWS";
+/// Flows [`FLOWS_MAP`] remembers.
+pub const MAX_FLOWS: u32 = 65_536;
+/// Set in the cookies the sensor gives sockets older than itself (the kernel's count up
+/// from 1 and never get there).
+pub const SYNTHETIC_COOKIE: u64 = 1 << 63;
+/// Process selectors (`--pid`, `--comm`, `--cgroup`, `--container`): hash sets (value
+/// unused) of thread group ids (`u32`), names (`[u8; 16]`, NUL-padded) and cgroup ids.
+pub const SELECT_PIDS_MAP: &str = "CAPSTREAM_SELECT_PIDS";
+pub const SELECT_COMMS_MAP: &str = "CAPSTREAM_SELECT_COMMS";
+pub const SELECT_CGROUPS_MAP: &str = "CAPSTREAM_SELECT_CGROUPS";
+/// Entries each selector map holds.
+pub const MAX_SELECTED: u32 = 4096;
+/// The global (a `u32`) saying, non-zero, that frames are taken only when their owner
+/// matches a selector.
+pub const SELECTING_GLOBAL: &str = "CAPSTREAM_SELECTING";
+
 /// The global (a `u64`) with how many bytes in the ring wake the sensor, set at load time.
 pub const WAKEUP_BYTES_GLOBAL: &str = "CAPSTREAM_WAKEUP_BYTES";
 /// The global saying (non-zero) that frames carry their socket's cookie (`--attribute`).
@@ -120,9 +141,22 @@ pub struct PacketHeader {
     pub flags: u8,
     pub direction: u8,
     pub _reserved: [u8; 2],
-    /// The cookie of the socket that sent the frame (TC egress), 0 when the frame carries
-    /// no socket: the key of [`OWNERS_MAP`].
+    /// With `--attribute`, the cookie of the socket the frame belongs to (its own on TC
+    /// egress, its flow's otherwise), 0 if unknown: the key of [`OWNERS_MAP`].
     pub socket_cookie: u64,
+}
+
+/// A TCP or UDP flow seen from this host's end. Addresses are IPv6, IPv4 ones mapped
+/// (`::ffff:a.b.c.d`); ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub protocol: u8,
+    pub _reserved: [u8; 3],
 }
 
 /// Who owns a socket: the task that last created, bound, connected or sent on it.
@@ -155,4 +189,6 @@ mod pod {
     unsafe impl aya::Pod for super::PacketHeader {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Owner {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
 }

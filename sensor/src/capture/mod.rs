@@ -87,8 +87,57 @@ pub struct Options {
         allow(dead_code, reason = "read by --mode afxdp only")
     )]
     pub afxdp: AfxdpFlags,
-    /// `--attribute`: each frame's process (--mode tc).
+    /// `--attribute`: each frame's process (--mode tc); on with any selector.
     pub attribute: bool,
+    /// Take only the frames of these processes.
+    pub selectors: Selectors,
+}
+
+/// The process selectors (`--pid`, `--comm`, `--cgroup`, `--container`): with any, a frame
+/// is taken when it matches the filter and its process matches one of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(
+    not(target_os = "linux"),
+    allow(dead_code, reason = "the eBPF modes' options are read on Linux only")
+)]
+pub struct Selectors {
+    pub pids: Vec<u32>,
+    pub comms: Vec<String>,
+    /// Cgroup paths as `/proc/PID/cgroup` shows them.
+    pub cgroups: Vec<String>,
+    /// Container ids, or prefixes of them.
+    pub containers: Vec<String>,
+}
+
+/// The kernel keeps 15 bytes of a task's name (16 with the NUL).
+const MAX_COMM: usize = 15;
+
+impl Selectors {
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+
+    /// Refuses what can never match: a process that does not exist, a name longer than the
+    /// kernel keeps, an empty name or id. (Cgroups and containers are looked up at start.)
+    pub fn check(&self) -> std::result::Result<(), String> {
+        for pid in &self.pids {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                return Err(format!("--pid {pid}: no such process"));
+            }
+        }
+        for comm in &self.comms {
+            if comm.is_empty() || comm.len() > MAX_COMM {
+                return Err(format!(
+                    "--comm {comm:?}: a process name has 1 to {MAX_COMM} bytes (the kernel \
+                     keeps no more; see /proc/PID/comm)"
+                ));
+            }
+        }
+        if let Some(id) = self.containers.iter().find(|id| id.is_empty()) {
+            return Err(format!("--container {id:?}: an empty id"));
+        }
+        Ok(())
+    }
 }
 
 /// `--mode afxdp`'s own flags.
@@ -154,7 +203,8 @@ pub fn open(mode: Mode, source: &Source, opts: &Options) -> Result<Vec<Box<dyn C
             }
             if opts.attribute {
                 return Err(Error::input(
-                    "--attribute attributes live traffic; a file's packets have no process",
+                    "--attribute and the process selectors need live traffic; a file's packets \
+                     have no process",
                 ));
             }
             Ok(vec![Box::new(pcap::PcapCapture::file(path, opts)?)])
@@ -182,7 +232,7 @@ fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBa
     use ebpf::{EbpfCapture, Hook};
     if opts.attribute && !matches!(mode, Mode::Tc | Mode::Auto) {
         return Err(Error::input(format!(
-            "--attribute works with --mode tc, not --mode {} (yet)",
+            "--attribute and the process selectors work with --mode tc, not --mode {} (yet)",
             mode.name()
         )));
     }
@@ -225,7 +275,9 @@ fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBa
 #[cfg(not(target_os = "linux"))]
 fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBackend>> {
     if opts.attribute {
-        return Err(Error::input("--attribute needs Linux (--mode tc)"));
+        return Err(Error::input(
+            "--attribute and the process selectors need Linux (--mode tc)",
+        ));
     }
     match mode {
         Mode::Auto | Mode::Pcap => Ok(Box::new(pcap::PcapCapture::live(name, opts)?)),

@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use testbed::capstream::{assert_refused, start_sensor, Receiver, Scratch};
+use testbed::capstream::{
+    assert_refused, start_sensor, start_tcpdump, stop_reference, tcpdump_records, Receiver, Record,
+    Scratch,
+};
 
 use testbed::{require_root, run, wait_until, Lab, Proc};
 
@@ -152,9 +155,21 @@ for line in sys.stdin:
 c.close()
 "#;
 
-#[test]
-fn every_packet_carries_its_process_in_tc_mode() {
-    require_root();
+/// What one run of the set-up gave: the receiver's packets (as tshark and tcpdump read
+/// them), tcpdump's on the same interface restricted by `restrict`, and who ran what.
+struct Outcome {
+    rows: Vec<Row>,
+    got: Vec<Record>,
+    reference: Vec<Record>,
+    /// Client port → (pid, name, cgroup) of the flows opened after the sensor started.
+    expected: HashMap<u16, (u32, &'static str, String)>,
+    long_lived: (u32, String),
+}
+
+/// The set-up of the module documentation, with a sensor in `--mode tc` plus `sensor_args`
+/// and tcpdump beside it; tcpdump's packets are then restricted with `restrict`. The
+/// selectors may name the cgroups: `{curl}` and `{python}` stand for their paths.
+fn run_clients(sensor_args: &[&str], restrict: &str) -> Outcome {
     let lab = Lab::new(1).unwrap();
     let dir = Scratch::new("attribution").unwrap();
     let cgroups = Cgroups::new(&dir, &["curl", "python"]);
@@ -187,8 +202,9 @@ fn every_packet_carries_its_process_in_tc_mode() {
     // The long-lived connection, opened before the sensor starts.
     let mut py = lab.cap.command("python3");
     py.extend(["-c", KEEP_ALIVE_CLIENT, &LONG_LIVED_PORT.to_string()].map(String::from));
-    let mut long_lived = Command::new(&cgroups.command(1, &py)[0])
-        .args(&cgroups.command(1, &py)[1..])
+    let py = cgroups.command(1, &py);
+    let mut long_lived = Command::new(&py[0])
+        .args(&py[1..])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -208,22 +224,22 @@ fn every_packet_carries_its_process_in_tc_mode() {
     let (mut receiver, out) =
         Receiver::writing(Some(&lab.cap), &dir, "capture.pcapng", &[]).unwrap();
     let filter = format!("tcp port {SERVER_PORT}");
-    let sensor_args = [
-        "--iface",
-        "cap0",
-        "--mode",
-        "tc",
-        "--attribute",
-        "--bpf",
-        &filter,
-    ];
-    let mut sensor = start_sensor(Some(&lab.cap), &receiver, &sensor_args).unwrap();
+    let (curl_cgroup, python_cgroup) = (cgroups.path(0), cgroups.path(1));
+    let mut args: Vec<&str> = vec!["--iface", "cap0", "--mode", "tc", "--bpf", &filter];
+    args.extend(sensor_args.iter().map(|a| match *a {
+        "{curl}" => curl_cgroup.as_str(),
+        "{python}" => python_cgroup.as_str(),
+        other => other,
+    }));
+    let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
+    let reference_file = dir.join("tcpdump.pcap");
+    let tcpdump = start_tcpdump(&lab.cap, "cap0", &filter, &[], &reference_file).unwrap();
 
     for _ in 0..5 {
         request();
     }
     // New flows: curl in one cgroup, a Python client in the other.
-    let mut expected: HashMap<u16, (u32, &str, String)> = HashMap::new();
+    let mut expected = HashMap::new();
     for port in CURL_PORTS {
         let mut argv = lab.cap.command("curl");
         argv.extend(
@@ -244,21 +260,7 @@ fn every_packet_carries_its_process_in_tc_mode() {
         expected.insert(port, (pid, "curl", cgroups.path(0)));
     }
     let mut argv = lab.cap.command("python3");
-    argv.extend(
-        [
-            "-c",
-            &format!(
-                "import urllib.request, socket\n\
-                 h = urllib.request.HTTPHandler()\n\
-                 import http.client\n\
-                 c = http.client.HTTPConnection('198.18.0.1', 8000, source_address=('198.18.0.2', {PYTHON_PORT}))\n\
-                 c.request('GET', '/')\n\
-                 assert c.getresponse().read()\n\
-                 c.close()"
-            ),
-        ]
-        .map(String::from),
-    );
+    argv.extend(["-c", &python_client(PYTHON_PORT)].map(String::from));
     let argv = cgroups.command(1, &argv);
     let mut client = Proc::start("python client", &argv, Stdio::null()).unwrap();
     let python_pid = client.pid();
@@ -269,18 +271,35 @@ fn every_packet_carries_its_process_in_tc_mode() {
     drop(requests);
     long_lived.wait().unwrap();
     std::thread::sleep(Duration::from_millis(600));
+    stop_reference(tcpdump, &reference_file);
     sensor.stop().unwrap();
     receiver.stop().unwrap();
-
-    let rows = rows(&out);
-    for r in &rows {
-        eprintln!(
-            "DEBUG {} -> {} {:#x} {:?}",
-            r.src_port, r.dst_port, r.flags, r.comment
-        );
+    Outcome {
+        rows: rows(&out),
+        got: tcpdump_records(&out, "").unwrap(),
+        reference: tcpdump_records(&reference_file, restrict).unwrap(),
+        expected,
+        long_lived: (long_lived_pid, cgroups.path(1)),
     }
-    eprintln!("DEBUG sensor: {}", sensor.stderr());
-    for (port, (pid, comm, cgroup)) in &expected {
+}
+
+/// A Python client that makes one request from `port` and leaves.
+fn python_client(port: u16) -> String {
+    format!(
+        "import http.client\n\
+         c = http.client.HTTPConnection('198.18.0.1', 8000, source_address=('198.18.0.2', {port}))\n\
+         c.request('GET', '/')\n\
+         assert c.getresponse().read()\n\
+         c.close()"
+    )
+}
+
+#[test]
+fn every_packet_carries_its_process_in_tc_mode() {
+    require_root();
+    let outcome = run_clients(&["--attribute"], "");
+    let rows = &outcome.rows;
+    for (port, (pid, comm, cgroup)) in &outcome.expected {
         let flow: Vec<&Row> = rows.iter().filter(|r| client_port(r) == *port).collect();
         // SYN to FIN, both ways.
         let syn = flow.iter().filter(|r| r.flags & 0x02 != 0).count();
@@ -301,13 +320,16 @@ fn every_packet_carries_its_process_in_tc_mode() {
             );
         }
     }
+    // Nothing lost for the comments: the receiver has every packet tcpdump saw.
+    assert_eq!(sorted(&outcome.got), sorted(&outcome.reference));
+    let (long_lived_pid, long_lived_cgroup) = &outcome.long_lived;
     let long: Vec<&Row> = rows
         .iter()
         .filter(|r| client_port(r) == LONG_LIVED_PORT)
         .collect();
     let right = long
         .iter()
-        .filter(|r| names(&r.comment, long_lived_pid, "python3", &cgroups.path(1)))
+        .filter(|r| names(&r.comment, *long_lived_pid, "python3", long_lived_cgroup))
         .count();
     let share = right as f64 * 100.0 / long.len().max(1) as f64;
     eprintln!(
@@ -320,6 +342,59 @@ fn every_packet_carries_its_process_in_tc_mode() {
         long.len()
     );
     assert!(share >= 99.0, "the long-lived flow: {share:.1}% attributed");
+}
+
+/// Packets as a multiset: the two directions may interleave differently at the two taps.
+fn sorted(records: &[Record]) -> Vec<(u32, Vec<u8>)> {
+    let mut v: Vec<(u32, Vec<u8>)> = records
+        .iter()
+        .map(|r| (r.original_len, r.data.clone()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// `--comm curl` takes exactly the packets of curl's connections, both ways.
+#[test]
+fn comm_selector_takes_exactly_curls_connections() {
+    require_root();
+    let ports: Vec<String> = CURL_PORTS.iter().map(|p| format!("port {p}")).collect();
+    let restrict = format!("tcp port {SERVER_PORT} and ({})", ports.join(" or "));
+    let outcome = run_clients(&["--comm", "curl"], &restrict);
+    assert!(
+        outcome.reference.len() >= 3 * 10,
+        "{} packets",
+        outcome.reference.len()
+    );
+    assert_eq!(
+        sorted(&outcome.got),
+        sorted(&outcome.reference),
+        "--comm curl: {} packets, tcpdump restricted to curl's ports: {}",
+        outcome.got.len(),
+        outcome.reference.len()
+    );
+}
+
+/// `--cgroup` of the Python clients' cgroup takes exactly their connections, the one opened
+/// before the sensor included.
+#[test]
+fn cgroup_selector_takes_exactly_that_cgroups_connections() {
+    require_root();
+    let restrict =
+        format!("tcp port {SERVER_PORT} and (port {LONG_LIVED_PORT} or port {PYTHON_PORT})");
+    let outcome = run_clients(&["--cgroup", "{python}"], &restrict);
+    assert!(
+        outcome.reference.len() >= 20,
+        "{} packets",
+        outcome.reference.len()
+    );
+    assert_eq!(
+        sorted(&outcome.got),
+        sorted(&outcome.reference),
+        "--cgroup: {} packets, tcpdump restricted to the Python clients' ports: {}",
+        outcome.got.len(),
+        outcome.reference.len()
+    );
 }
 
 #[test]
@@ -340,7 +415,51 @@ fn attribution_outside_tc_is_refused() {
                 mode,
                 "--attribute",
             ],
-            "--attribute works with --mode tc",
+            "work with --mode tc",
         );
     }
+}
+
+#[test]
+fn bad_selectors_are_refused_in_one_line() {
+    require_root();
+    let fingerprint = "ab".repeat(32);
+    let sensor = |args: &[&str], needle: &str| {
+        let mut all = vec![
+            "--receiver",
+            "127.0.0.1:4433",
+            "--fingerprint",
+            &fingerprint,
+            "--iface",
+            "lo",
+            "--mode",
+            "tc",
+        ];
+        all.extend_from_slice(args);
+        assert_refused("sensor", &all, needle);
+    };
+    sensor(&["--pid", "0"], "--pid");
+    sensor(&["--pid", "many"], "--pid");
+    // Past pid_max: no such process can exist.
+    sensor(&["--pid", "4194305"], "no such process");
+    sensor(&["--comm", "a-name-of-16-bytes"], "15 bytes");
+    sensor(&["--cgroup", "/capstream-no-such-cgroup"], "no such cgroup");
+    sensor(&["--container", "0123456789ab"], "no container");
+    // A selector needs the kernel's hooks: not with libpcap.
+    assert_refused(
+        "sensor",
+        &[
+            "--receiver",
+            "127.0.0.1:4433",
+            "--fingerprint",
+            &fingerprint,
+            "--iface",
+            "lo",
+            "--mode",
+            "pcap",
+            "--comm",
+            "curl",
+        ],
+        "work with --mode tc",
+    );
 }

@@ -167,7 +167,7 @@ impl EbpfCapture {
 
         if opts.attribute && hook != Hook::Tc {
             return Err(Error::input(format!(
-                "--attribute works with --mode tc, not --mode {mode} (yet)"
+                "--attribute and the process selectors work with --mode tc, not --mode {mode} (yet)"
             )));
         }
         let loopback = is_loopback(iface);
@@ -176,6 +176,11 @@ impl EbpfCapture {
             .override_global(shared::SNAPLEN_GLOBAL, &opts.snaplen, true)
             .override_global(shared::LOOPBACK_GLOBAL, &u32::from(loopback), true)
             .override_global(shared::ATTRIBUTE_GLOBAL, &u32::from(opts.attribute), true)
+            .override_global(
+                shared::SELECTING_GLOBAL,
+                &u32::from(!opts.selectors.is_empty()),
+                true,
+            )
             .override_global(
                 shared::WAKEUP_BYTES_GLOBAL,
                 &u64::from(opts.ring_size / WAKEUP_FRACTION),
@@ -305,9 +310,11 @@ impl EbpfCapture {
         }
 
         let attributor = if opts.attribute {
-            Some(attach_owner_hooks(&mut ebpf)?)
+            Some(attach_owner_hooks(&mut ebpf, &opts.selectors)?)
         } else {
-            drop(ebpf.take_map(shared::OWNERS_MAP));
+            for map in [shared::OWNERS_MAP, shared::FLOWS_MAP] {
+                drop(ebpf.take_map(map));
+            }
             None
         };
         let ring = RingBuf::try_from(
@@ -572,8 +579,7 @@ fn deliver(
         _ => Direction::Unknown,
     };
     let timestamp = u64::try_from(timestamp).unwrap_or(0);
-    let owner = attributor
-        .and_then(|a| a.owner(header.socket_cookie, direction == Direction::Outbound, data));
+    let owner = attributor.and_then(|a| a.owner(header.socket_cookie));
     match owner {
         Some((key, process)) => {
             batcher.push_attributed(timestamp, wire_len, direction, data, key, process)
@@ -586,8 +592,24 @@ fn deliver(
 /// so that every socket of the host gets its owner recorded. Attached as BPF links (the
 /// kernel has them here, 6.6+ for TCX), which always sit beside other programs: the kernel
 /// wants no attach flags for them, `Single` being the one mode that sends none.
-fn attach_owner_hooks(ebpf: &mut Ebpf) -> Result<attribution::Attributor> {
+fn attach_owner_hooks(
+    ebpf: &mut Ebpf,
+    selectors: &super::Selectors,
+) -> Result<attribution::Attributor> {
     let root = attribution::CgroupRoot::open()?;
+    let cgroups = attribution::selected_cgroups(&root, selectors)?;
+    let comms = selectors.comms.iter().map(|c| {
+        let mut comm = [0u8; 16];
+        comm[..c.len()].copy_from_slice(c.as_bytes());
+        comm
+    });
+    select(
+        ebpf,
+        shared::SELECT_PIDS_MAP,
+        selectors.pids.iter().copied(),
+    )?;
+    select(ebpf, shared::SELECT_COMMS_MAP, comms)?;
+    select(ebpf, shared::SELECT_CGROUPS_MAP, cgroups.into_iter())?;
     let refused = |name: &str, e: &dyn std::error::Error| {
         kernel_refused(
             "tc",
@@ -615,7 +637,26 @@ fn attach_owner_hooks(ebpf: &mut Ebpf) -> Result<attribution::Attributor> {
             .ok_or_else(|| missing(shared::OWNERS_MAP))?,
     )
     .map_err(|e| Error::runtime(format!("cannot read the socket owners: {e}")))?;
-    Ok(attribution::Attributor::new(owners, root))
+    let flows = aya::maps::HashMap::try_from(
+        ebpf.take_map(shared::FLOWS_MAP)
+            .ok_or_else(|| missing(shared::FLOWS_MAP))?,
+    )
+    .map_err(|e| Error::runtime(format!("cannot fill the flow table: {e}")))?;
+    Ok(attribution::Attributor::new(owners, flows, root))
+}
+
+/// Fills one of the kernel's selector sets.
+fn select<K: aya::Pod>(ebpf: &mut Ebpf, name: &str, keys: impl Iterator<Item = K>) -> Result<()> {
+    let mut set: aya::maps::HashMap<&mut MapData, K, u8> = ebpf
+        .map_mut(name)
+        .ok_or_else(|| missing(name))?
+        .try_into()
+        .map_err(|e| Error::runtime(format!("bad selector map {name}: {e}")))?;
+    for key in keys {
+        set.insert(key, 1, 0)
+            .map_err(|e| Error::runtime(format!("cannot fill {name}: {e}")))?;
+    }
+    Ok(())
 }
 
 const HEADER_LEN: usize = std::mem::size_of::<shared::PacketHeader>();
