@@ -38,6 +38,8 @@ pub const OWNER_SOCK_HOOKS: [&str; 3] = [
     "capstream_owner_post_bind4",
     "capstream_owner_post_bind6",
 ];
+/// The egress hook (cgroup_skb) of `--attribute` that learns each owned socket's flows.
+pub const OWNER_FLOWS_HOOK: &str = "capstream_owner_flows";
 /// The address hooks of `--attribute` (cgroup/connect4 … sendmsg6).
 pub const OWNER_ADDR_HOOKS: [&str; 4] = [
     "capstream_owner_connect4",
@@ -47,7 +49,7 @@ pub const OWNER_ADDR_HOOKS: [&str; 4] = [
 ];
 
 /// Flows to their owner's socket cookie (BPF_MAP_TYPE_LRU_HASH of [`FlowKey`] to `u64`):
-/// learnt from TC egress frames whose socket has an owner, and filled at start with the
+/// learnt from the packets owned sockets send ([`OWNER_FLOWS_HOOK`]), and filled at start with the
 /// sockets older than the sensor (under cookies of their own, [`SYNTHETIC_COOKIE`]); the
 /// replies and the frames without a socket find their owner here.
 pub const FLOWS_MAP: &str = "CAPSTREAM_FLOWS";

@@ -20,7 +20,9 @@ use aya_ebpf::helpers::generated::{
     bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_skb_load_bytes,
     bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
 };
-use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr, classifier, map, socket_filter, xdp};
+use aya_ebpf::macros::{
+    cgroup_skb, cgroup_sock, cgroup_sock_addr, classifier, map, socket_filter, xdp,
+};
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf, XskMap};
 use aya_ebpf::programs::{SkBuffContext, SockAddrContext, SockContext, TcContext, XdpContext};
 use aya_ebpf::EbpfContext;
@@ -401,30 +403,48 @@ pub fn capstream_afxdp_emit(ctx: XdpContext) -> u32 {
 }
 
 /// The cookie of the socket a frame belongs to, with `--attribute`: an outbound frame's own
-/// socket when its owner is known (and its flow is learnt), else the socket of its flow (a
-/// reply; a socket older than the sensor). 0 if unknown.
+/// socket when its owner is known (TC egress), else the socket of its flow (a reply, a
+/// frame seen without its socket, a socket older than the sensor). 0 if unknown.
 #[inline(always)]
 fn owner_cookie<F: Frame>(frame: &F, outbound: bool) -> u64 {
     if load_global(&CAPSTREAM_ATTRIBUTE) == 0 {
         return 0;
     }
     let cookie = if outbound { frame.socket_cookie() } else { 0 };
-    let flow = flow_of(frame, outbound);
     // SAFETY: map values are read, not kept.
     if cookie != 0 && unsafe { CAPSTREAM_OWNERS.get(&cookie) }.is_some() {
-        if let Some(flow) = flow {
-            // SAFETY: as above.
-            if unsafe { CAPSTREAM_FLOWS.get(&flow) }.copied() != Some(cookie) {
-                let _ = CAPSTREAM_FLOWS.insert(&flow, &cookie, 0);
-            }
-        }
         return cookie;
     }
-    match flow {
+    match flow_of(frame, outbound) {
         // SAFETY: as above.
         Some(flow) => unsafe { CAPSTREAM_FLOWS.get(&flow) }.copied().unwrap_or(0),
         None => 0,
     }
+}
+
+/// `--attribute`, on the cgroup2 root: learns the flow of every packet a socket with a
+/// known owner sends, on any interface, before any capture hook sees the packet, so that
+/// every mode finds replies and socketless copies by flow. Always lets the packet go.
+#[cgroup_skb(egress)]
+pub fn capstream_owner_flows(ctx: SkBuffContext) -> i32 {
+    // SAFETY: a helper on the context pointer the kernel passed in.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: map values are read, not kept.
+    if cookie == 0 || unsafe { CAPSTREAM_OWNERS.get(&cookie) }.is_none() {
+        return ALLOW;
+    }
+    // The packet starts at its IP header here.
+    let mut version = 0u8;
+    if !Frame::load(&ctx, 0, &mut version, 1) {
+        return ALLOW;
+    }
+    if let Some(flow) = flow_from_ip(&ctx, 0, version >> 4 == 6, true) {
+        // SAFETY: as above.
+        if unsafe { CAPSTREAM_FLOWS.get(&flow) }.copied() != Some(cookie) {
+            let _ = CAPSTREAM_FLOWS.insert(&flow, &cookie, 0);
+        }
+    }
+    ALLOW
 }
 
 /// Whether the frame's owner matches a process selector (always, without selectors).
@@ -458,18 +478,28 @@ fn flow_of<F: Frame>(frame: &F, outbound: bool) -> Option<FlowKey> {
     if !frame.load(12, ethertype.as_mut_ptr(), 2) {
         return None;
     }
+    match u16::from_be_bytes(ethertype) {
+        ETH_P_IP => flow_from_ip(frame, ETH_HLEN, false, outbound),
+        ETH_P_IPV6 => flow_from_ip(frame, ETH_HLEN, true, outbound),
+        _ => None,
+    }
+}
+
+/// The TCP or UDP flow of an IPv4 or IPv6 packet at offset `l3`, from this host's end.
+#[inline(always)]
+fn flow_from_ip<F: Frame>(frame: &F, l3: u32, v6: bool, outbound: bool) -> Option<FlowKey> {
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
     let protocol;
     let l4;
-    match u16::from_be_bytes(ethertype) {
-        ETH_P_IP => {
+    match v6 {
+        false => {
             let mut ip = [0u8; 20];
-            if !frame.load(ETH_HLEN, ip.as_mut_ptr(), 20) {
+            if !frame.load(l3, ip.as_mut_ptr(), 20) {
                 return None;
             }
             protocol = ip[9];
-            l4 = ETH_HLEN + u32::from(ip[0] & 0x0f) * 4;
+            l4 = l3 + u32::from(ip[0] & 0x0f) * 4;
             src[10] = 0xff;
             src[11] = 0xff;
             dst[10] = 0xff;
@@ -477,17 +507,16 @@ fn flow_of<F: Frame>(frame: &F, outbound: bool) -> Option<FlowKey> {
             src[12..].copy_from_slice(&ip[12..16]);
             dst[12..].copy_from_slice(&ip[16..20]);
         }
-        ETH_P_IPV6 => {
+        true => {
             let mut ip = [0u8; 40];
-            if !frame.load(ETH_HLEN, ip.as_mut_ptr(), 40) {
+            if !frame.load(l3, ip.as_mut_ptr(), 40) {
                 return None;
             }
             protocol = ip[6];
-            l4 = ETH_HLEN + 40;
+            l4 = l3 + 40;
             src.copy_from_slice(&ip[8..24]);
             dst.copy_from_slice(&ip[24..40]);
         }
-        _ => return None,
     }
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return None;

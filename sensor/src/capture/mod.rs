@@ -230,9 +230,10 @@ pub fn open(mode: Mode, source: &Source, opts: &Options) -> Result<Vec<Box<dyn C
 #[cfg(target_os = "linux")]
 fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBackend>> {
     use ebpf::{EbpfCapture, Hook};
-    if opts.attribute && !matches!(mode, Mode::Tc | Mode::Auto) {
+    if opts.attribute && !matches!(mode, Mode::Tc | Mode::Ebpf | Mode::Xdp | Mode::Auto) {
         return Err(Error::input(format!(
-            "--attribute and the process selectors work with --mode tc, not --mode {} (yet)",
+            "--attribute and the process selectors work with --mode tc, ebpf or xdp, not \
+             --mode {} (libpcap and AF_XDP frames come without the kernel's owner lookup)",
             mode.name()
         )));
     }
@@ -276,7 +277,7 @@ fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBa
 fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBackend>> {
     if opts.attribute {
         return Err(Error::input(
-            "--attribute and the process selectors need Linux (--mode tc)",
+            "--attribute and the process selectors need Linux (--mode tc, ebpf or xdp)",
         ));
     }
     match mode {

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{
-    tc, CgroupAttachMode, CgroupSock, CgroupSockAddr, SchedClassifier, SocketFilter, TcAttachType,
-    Xdp, XdpMode,
+    tc, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+    SchedClassifier, SocketFilter, TcAttachType, Xdp, XdpMode,
 };
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
@@ -165,9 +165,10 @@ impl EbpfCapture {
             )));
         }
 
-        if opts.attribute && hook != Hook::Tc {
+        if opts.attribute && !matches!(hook, Hook::Tc | Hook::Socket | Hook::Xdp(_)) {
             return Err(Error::input(format!(
-                "--attribute and the process selectors work with --mode tc, not --mode {mode} (yet)"
+                "--attribute and the process selectors work with --mode tc, ebpf or xdp, not \
+                 --mode {mode} (its frames bypass the ring the owners are read from)"
             )));
         }
         let loopback = is_loopback(iface);
@@ -310,7 +311,7 @@ impl EbpfCapture {
         }
 
         let attributor = if opts.attribute {
-            Some(attach_owner_hooks(&mut ebpf, &opts.selectors)?)
+            Some(attach_owner_hooks(&mut ebpf, mode, &opts.selectors)?)
         } else {
             for map in [shared::OWNERS_MAP, shared::FLOWS_MAP] {
                 drop(ebpf.take_map(map));
@@ -594,6 +595,7 @@ fn deliver(
 /// wants no attach flags for them, `Single` being the one mode that sends none.
 fn attach_owner_hooks(
     ebpf: &mut Ebpf,
+    mode: &str,
     selectors: &super::Selectors,
 ) -> Result<attribution::Attributor> {
     let root = attribution::CgroupRoot::open()?;
@@ -612,7 +614,7 @@ fn attach_owner_hooks(
     select(ebpf, shared::SELECT_CGROUPS_MAP, cgroups.into_iter())?;
     let refused = |name: &str, e: &dyn std::error::Error| {
         kernel_refused(
-            "tc",
+            mode,
             format!(
                 "--attribute: cannot attach {name} to the cgroup2 root: {}",
                 chain(e)
@@ -622,16 +624,25 @@ fn attach_owner_hooks(
     };
     for name in shared::OWNER_SOCK_HOOKS {
         let prog: &mut CgroupSock = program(ebpf, name)?;
-        prog.load().map_err(|e| load_error("tc", name, &e))?;
+        prog.load().map_err(|e| load_error(mode, name, &e))?;
         prog.attach(root.file(), CgroupAttachMode::Single)
             .map_err(|e| refused(name, &e))?;
     }
     for name in shared::OWNER_ADDR_HOOKS {
         let prog: &mut CgroupSockAddr = program(ebpf, name)?;
-        prog.load().map_err(|e| load_error("tc", name, &e))?;
+        prog.load().map_err(|e| load_error(mode, name, &e))?;
         prog.attach(root.file(), CgroupAttachMode::Single)
             .map_err(|e| refused(name, &e))?;
     }
+    let name = shared::OWNER_FLOWS_HOOK;
+    let prog: &mut CgroupSkb = program(ebpf, name)?;
+    prog.load().map_err(|e| load_error(mode, name, &e))?;
+    prog.attach(
+        root.file(),
+        CgroupSkbAttachType::Egress,
+        CgroupAttachMode::Single,
+    )
+    .map_err(|e| refused(name, &e))?;
     let owners = aya::maps::HashMap::try_from(
         ebpf.take_map(shared::OWNERS_MAP)
             .ok_or_else(|| missing(shared::OWNERS_MAP))?,
