@@ -379,74 +379,41 @@ fn sorted(records: &[Record]) -> Vec<(u32, Vec<u8>)> {
 /// `--comm curl` takes exactly the packets of curl's connections, both ways.
 #[test]
 fn comm_selector_takes_exactly_curls_connections() {
-    require_root();
     let ports: Vec<String> = CURL_PORTS.iter().map(|p| format!("port {p}")).collect();
-    let restrict = format!("tcp port {SERVER_PORT} and ({})", ports.join(" or "));
-    let outcome = run_clients("tc", &["--comm", "curl"], &restrict);
-    assert!(
-        outcome.reference.len() >= 3 * 10,
-        "{} packets",
-        outcome.reference.len()
-    );
-    assert_eq!(
-        sorted(&outcome.got),
-        sorted(&outcome.reference),
-        "--comm curl: {} packets, tcpdump restricted to curl's ports: {}",
-        outcome.got.len(),
-        outcome.reference.len()
-    );
+    selector_takes_exactly(&["--comm", "curl"], &ports.join(" or "), 3 * 10);
 }
 
 /// `--cgroup` of the Python clients' cgroup takes exactly their connections, the one opened
 /// before the sensor included.
 #[test]
 fn cgroup_selector_takes_exactly_that_cgroups_connections() {
+    let ports = format!("port {LONG_LIVED_PORT} or port {PYTHON_PORT}");
+    selector_takes_exactly(&["--cgroup", "{python}"], &ports, 20);
+}
+
+/// With `selector`, the sensor's packets are exactly tcpdump's on the client ports `ports`
+/// (a tcpdump expression), at least `at_least` of them.
+fn selector_takes_exactly(selector: &[&str], ports: &str, at_least: usize) {
     require_root();
-    let restrict =
-        format!("tcp port {SERVER_PORT} and (port {LONG_LIVED_PORT} or port {PYTHON_PORT})");
-    let outcome = run_clients("tc", &["--cgroup", "{python}"], &restrict);
+    let restrict = format!("tcp port {SERVER_PORT} and ({ports})");
+    let outcome = run_clients("tc", selector, &restrict);
+    let (got, reference) = (sorted(&outcome.got), sorted(&outcome.reference));
+    assert!(reference.len() >= at_least, "{} packets", reference.len());
     assert!(
-        outcome.reference.len() >= 20,
-        "{} packets",
-        outcome.reference.len()
-    );
-    assert_eq!(
-        sorted(&outcome.got),
-        sorted(&outcome.reference),
-        "--cgroup: {} packets, tcpdump restricted to the Python clients' ports: {}",
-        outcome.got.len(),
-        outcome.reference.len()
+        got == reference,
+        "{selector:?}: {} packets, tcpdump restricted to {ports}: {}",
+        got.len(),
+        reference.len()
     );
 }
 
+/// Bad selectors, and attribution in a mode without the kernel's owner lookup (libpcap,
+/// AF_XDP): one line, exit code 2.
 #[test]
-fn attribution_with_libpcap_or_af_xdp_is_refused() {
+fn bad_input_is_refused_in_one_line() {
     require_root();
     let fingerprint = "ab".repeat(32);
-    for mode in ["pcap", "afxdp"] {
-        assert_refused(
-            "sensor",
-            &[
-                "--receiver",
-                "127.0.0.1:4433",
-                "--fingerprint",
-                &fingerprint,
-                "--iface",
-                "lo",
-                "--mode",
-                mode,
-                "--attribute",
-            ],
-            "work with --mode tc",
-        );
-    }
-}
-
-#[test]
-fn bad_selectors_are_refused_in_one_line() {
-    require_root();
-    let fingerprint = "ab".repeat(32);
-    let sensor = |args: &[&str], needle: &str| {
+    let sensor = |mode: &str, args: &[&str], needle: &str| {
         let mut all = vec![
             "--receiver",
             "127.0.0.1:4433",
@@ -455,33 +422,24 @@ fn bad_selectors_are_refused_in_one_line() {
             "--iface",
             "lo",
             "--mode",
-            "tc",
+            mode,
         ];
         all.extend_from_slice(args);
         assert_refused("sensor", &all, needle);
     };
-    sensor(&["--pid", "0"], "--pid");
-    sensor(&["--pid", "many"], "--pid");
+    sensor("tc", &["--pid", "0"], "--pid");
+    sensor("tc", &["--pid", "many"], "--pid");
     // Past pid_max: no such process can exist.
-    sensor(&["--pid", "4194305"], "no such process");
-    sensor(&["--comm", "a-name-of-16-bytes"], "15 bytes");
-    sensor(&["--cgroup", "/capstream-no-such-cgroup"], "no such cgroup");
-    sensor(&["--container", "0123456789ab"], "no container");
-    // A selector needs the kernel's hooks: not with libpcap.
-    assert_refused(
-        "sensor",
-        &[
-            "--receiver",
-            "127.0.0.1:4433",
-            "--fingerprint",
-            &fingerprint,
-            "--iface",
-            "lo",
-            "--mode",
-            "pcap",
-            "--comm",
-            "curl",
-        ],
-        "work with --mode tc",
+    sensor("tc", &["--pid", "4194305"], "no such process");
+    sensor("tc", &["--comm", "a-name-of-16-bytes"], "15 bytes");
+    sensor(
+        "tc",
+        &["--cgroup", "/capstream-no-such-cgroup"],
+        "no such cgroup",
     );
+    sensor("tc", &["--container", "0123456789ab"], "no container");
+    for mode in ["pcap", "afxdp"] {
+        sensor(mode, &["--attribute"], "work with --mode tc");
+        sensor(mode, &["--comm", "curl"], "work with --mode tc");
+    }
 }
