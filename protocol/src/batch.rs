@@ -5,17 +5,31 @@
 //! [`Direction`] it crossed the interface; 3 is one line of an NSS TLS key log
 //! ([`RecordKind::TlsKeyLog`], without its newline), which the receiver writes ahead of the
 //! packets it decrypts. A batch holds records of one kind only.
+//!
+//! With `--attribute`, a frame's `kind` has [`ATTRIBUTED`] set and two more bytes follow
+//! it, before the data: `process: u16`, the index of the process in the batch's table, made
+//! of the batch's process records (kind 0x40, see [`Process`]) in order. Process records come
+//! before the first frame that refers to them and do not count as packets.
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::codec::DecodeError;
 use crate::message::{Batch, BatchEncoding, MessageType};
-use crate::{MAX_BATCH_BODY, MAX_SNAPLEN};
+use crate::{Attribution, Process, MAX_BATCH_BODY, MAX_SNAPLEN};
 
 const RECORD_HEADER_LEN: usize = 8 + 4 + 4 + 1;
 
 /// The `kind` byte of a TLS key log record (those of frames are their [`Direction`]).
 const TLS_KEY_LOG_KIND: u8 = 3;
+/// The `kind` byte of a process record.
+const PROCESS_KIND: u8 = 0x40;
+/// Set in a frame's `kind` byte when a process index follows it.
+const ATTRIBUTED: u8 = 0x80;
+/// Most processes one batch's table holds; a packet of one more starts a new batch.
+const MAX_BATCH_PROCESSES: usize = 1024;
 
 /// What a record holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,6 +90,8 @@ pub struct Packet {
     pub direction: Direction,
     /// The captured bytes.
     pub data: Bytes,
+    /// Who sent or received it, when the sensor attributes packets (`--attribute`).
+    pub process: Option<Arc<Attribution>>,
 }
 
 /// Whether [`BatchBuilder::push`] took the packet.
@@ -111,6 +127,8 @@ pub struct BatchBuilder {
     target_len: usize,
     compressed: Vec<u8>,
     encoder: snap::raw::Encoder,
+    /// The sensor's key of each process already in this batch's table, and its index.
+    processes: HashMap<u64, u16>,
     /// Batches still to send without trying Snappy, after recent ones did not shrink.
     skip_compression: u32,
     /// How many to skip after the next batch that does not shrink: doubles while the
@@ -132,6 +150,7 @@ impl BatchBuilder {
             kind: RecordKind::Frame,
             target_len,
             compressed: Vec::new(),
+            processes: HashMap::new(),
             encoder: snap::raw::Encoder::new(),
             skip_compression: 0,
             skip_after_miss: 1,
@@ -153,6 +172,60 @@ impl BatchBuilder {
             direction as u8,
             data,
         )
+    }
+
+    /// Adds one packet that `process` sent or received. `key` identifies the process for
+    /// the sensor (the same key, the same process): its record is added ahead of the
+    /// packet once per batch.
+    pub fn push_attributed(
+        &mut self,
+        timestamp_ns: u64,
+        original_len: u32,
+        direction: Direction,
+        data: &[u8],
+        key: u64,
+        process: &Process,
+    ) -> PushOutcome {
+        let data = &data[..data.len().min(MAX_SNAPLEN as usize)];
+        let index = match self.processes.get(&key) {
+            Some(&index) => index,
+            None => {
+                let before = self.records.len();
+                if self.processes.len() >= MAX_BATCH_PROCESSES
+                    || (self.count > 0 && self.kind != RecordKind::Frame)
+                {
+                    return PushOutcome::Full;
+                }
+                self.records.put_u64(0);
+                self.records.put_u64(0);
+                self.records.put_u8(PROCESS_KIND);
+                process.encode(&mut self.records);
+                let len = (self.records.len() - before - RECORD_HEADER_LEN) as u32;
+                if before + RECORD_HEADER_LEN + len as usize + RECORD_HEADER_LEN + 2 + data.len()
+                    > MAX_BATCH_BODY
+                {
+                    self.records.truncate(before);
+                    return PushOutcome::Full;
+                }
+                self.records[before + 8..before + 12].copy_from_slice(&len.to_be_bytes());
+                self.records[before + 12..before + 16].copy_from_slice(&len.to_be_bytes());
+                let index = self.processes.len() as u16;
+                self.processes.insert(key, index);
+                index
+            }
+        };
+        if self.records.len() + RECORD_HEADER_LEN + 2 + data.len() > MAX_BATCH_BODY {
+            return PushOutcome::Full;
+        }
+        self.kind = RecordKind::Frame;
+        self.records.put_u64(timestamp_ns);
+        self.records.put_u32(original_len.max(data.len() as u32));
+        self.records.put_u32(data.len() as u32);
+        self.records.put_u8(direction as u8 | ATTRIBUTED);
+        self.records.put_u16(index);
+        self.records.put_slice(data);
+        self.count += 1;
+        PushOutcome::Added
     }
 
     /// Adds one TLS key log line (without its newline; cut at [`MAX_SNAPLEN`]), read at
@@ -196,6 +269,7 @@ impl BatchBuilder {
     /// dropped).
     pub fn clear(&mut self) {
         self.records.clear();
+        self.processes.clear();
         self.count = 0;
     }
 
@@ -286,6 +360,7 @@ impl Batch {
         let summary = validate_records(&records, self.packet_count)?;
         Ok(PacketIter {
             records,
+            processes: summary.processes,
             remaining: self.packet_count,
             kind: summary.kind,
             newest: summary.newest,
@@ -318,6 +393,8 @@ struct RecordsSummary {
     kind: RecordKind,
     newest: Option<u64>,
     data_len: usize,
+    /// The batch's process table.
+    processes: Vec<Arc<Attribution>>,
 }
 
 fn validate_records(mut records: &[u8], expected: u32) -> Result<RecordsSummary, DecodeError> {
@@ -326,6 +403,7 @@ fn validate_records(mut records: &[u8], expected: u32) -> Result<RecordsSummary,
         kind: RecordKind::Frame,
         newest: None,
         data_len: 0,
+        processes: Vec::new(),
     };
     while !records.is_empty() {
         if records.len() < RECORD_HEADER_LEN {
@@ -336,7 +414,53 @@ fn validate_records(mut records: &[u8], expected: u32) -> Result<RecordsSummary,
         }
         let original_len = u32::from_be_bytes(records[8..12].try_into().expect("4 bytes"));
         let captured_len = u32::from_be_bytes(records[12..16].try_into().expect("4 bytes"));
-        let kind = RecordKind::of_byte(records[16])?;
+        if records[16] == PROCESS_KIND {
+            let total = RECORD_HEADER_LEN + captured_len as usize;
+            if captured_len != original_len || records.len() < total {
+                return Err(DecodeError::BadValue {
+                    field: "process record length",
+                    value: captured_len.into(),
+                });
+            }
+            if summary.processes.len() >= MAX_BATCH_PROCESSES {
+                return Err(DecodeError::BadValue {
+                    field: "processes in a batch",
+                    value: summary.processes.len() as u64,
+                });
+            }
+            let process = Process::decode(&records[RECORD_HEADER_LEN..total])?;
+            let comment = process.comment();
+            summary
+                .processes
+                .push(Arc::new(Attribution { process, comment }));
+            records = &records[total..];
+            continue;
+        }
+        let attributed = records[16] & ATTRIBUTED != 0;
+        let kind = RecordKind::of_byte(records[16] & !ATTRIBUTED)?;
+        if attributed {
+            if kind != RecordKind::Frame {
+                return Err(DecodeError::BadValue {
+                    field: "attributed key log line",
+                    value: records[16].into(),
+                });
+            }
+            let index = match records.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + 2) {
+                Some(b) => u16::from_be_bytes([b[0], b[1]]),
+                None => {
+                    return Err(DecodeError::Truncated {
+                        field: "process index",
+                        needed: 2,
+                    })
+                }
+            };
+            if usize::from(index) >= summary.processes.len() {
+                return Err(DecodeError::BadValue {
+                    field: "process index",
+                    value: index.into(),
+                });
+            }
+        }
         if count == 0 {
             summary.kind = kind;
         } else if kind != summary.kind {
@@ -364,7 +488,7 @@ fn validate_records(mut records: &[u8], expected: u32) -> Result<RecordsSummary,
                 value: original_len.into(),
             });
         }
-        let total = RECORD_HEADER_LEN + captured_len as usize;
+        let total = RECORD_HEADER_LEN + 2 * usize::from(attributed) + captured_len as usize;
         if records.len() < total {
             return Err(DecodeError::Truncated {
                 field: "packet data",
@@ -392,6 +516,7 @@ fn validate_records(mut records: &[u8], expected: u32) -> Result<RecordsSummary,
 /// Iterates over a validated batch's packets.
 pub struct PacketIter {
     records: Bytes,
+    processes: Vec<Arc<Attribution>>,
     remaining: u32,
     kind: RecordKind,
     newest: Option<u64>,
@@ -430,10 +555,21 @@ impl Iterator for PacketIter {
         }
         self.remaining -= 1;
         let r = &mut self.records;
+        // Process records were read into the table by validation.
+        while r.len() > RECORD_HEADER_LEN && r[16] == PROCESS_KIND {
+            let len = u32::from_be_bytes([r[12], r[13], r[14], r[15]]) as usize;
+            r.advance(RECORD_HEADER_LEN + len);
+        }
         let timestamp_ns = r.get_u64();
         let original_len = r.get_u32();
         let captured_len = r.get_u32() as usize;
-        let direction = Direction::from_u8(r.get_u8()).unwrap_or(Direction::Unknown);
+        let kind = r.get_u8();
+        let direction = Direction::from_u8(kind & !ATTRIBUTED).unwrap_or(Direction::Unknown);
+        let process = if kind & ATTRIBUTED != 0 {
+            self.processes.get(usize::from(r.get_u16())).cloned()
+        } else {
+            None
+        };
         let data = r.split_to(captured_len);
         Some(Packet {
             kind: self.kind,
@@ -441,6 +577,7 @@ impl Iterator for PacketIter {
             original_len,
             direction,
             data,
+            process,
         })
     }
 

@@ -17,12 +17,14 @@
 #![deny(missing_docs)]
 
 mod batch;
+pub mod cgroup;
 mod codec;
 #[doc(hidden)]
 pub mod decode_check;
 mod key_log;
 mod message;
 mod on_demand;
+mod process;
 
 pub use batch::{
     BatchBuilder, Direction, EncodedBatch, Packet, PacketIter, PushOutcome, RecordKind,
@@ -38,9 +40,10 @@ pub use on_demand::{
     CaptureEnded, CaptureLimits, CaptureRequest, CaptureStarted, CaptureTarget, ListedSensor,
     SensorList, ViewerHello, MAX_LISTED_INTERFACES, MAX_LISTED_SENSORS, MAX_TARGETS,
 };
+pub use process::{Attribution, Process, MAX_PROCESS_FIELD};
 
 /// The protocol version this build speaks. A peer with another version is refused.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Four bytes at the start of every Hello, so that a peer speaking another protocol is
 /// recognised at once rather than misread.

@@ -462,3 +462,63 @@ fn key_log_lines_travel_in_batches_of_their_own() {
     };
     assert!(batch.packets().is_err());
 }
+
+/// Attributed packets carry an index into the batch's process table, which holds each
+/// process once; unattributed packets in the same batch carry none.
+#[test]
+fn attributed_packets_share_the_batch_process_table() {
+    let curl = Process {
+        pid: 41,
+        tid: 42,
+        uid: 1000,
+        cmd: "/usr/bin/curl".into(),
+        args: "curl http://198.18.0.2:8000/".into(),
+        thread_name: "curl".into(),
+        cgroup: "/system.slice/docker-abc.scope".into(),
+        container_id: "abc".into(),
+        pod_uid: String::new(),
+    };
+    let python = Process {
+        pid: 7,
+        thread_name: "python3".into(),
+        ..Process::default()
+    };
+    let mut builder = BatchBuilder::new(64 * 1024);
+    let frame = [0x11u8; 60];
+    for (i, who) in [Some(&curl), None, Some(&python), Some(&curl), Some(&python)]
+        .into_iter()
+        .enumerate()
+    {
+        let outcome = match who {
+            Some(p) => {
+                builder.push_attributed(i as u64, 60, Direction::Outbound, &frame, p.pid.into(), p)
+            }
+            None => builder.push(i as u64, 60, Direction::Inbound, &frame),
+        };
+        assert_eq!(outcome, PushOutcome::Added);
+    }
+    let encoded = builder.finish(1, 1, 0);
+    assert_eq!(encoded.packets, 5);
+    // Two process records, not four.
+    assert!(
+        encoded.raw_len < 5 * (17 + 60) + 5 * 2 + 2 * 140,
+        "{}",
+        encoded.raw_len
+    );
+    let Some(Message::Batch(batch)) = decode_one(&encoded.frame).unwrap() else {
+        panic!("not a batch")
+    };
+    let packets: Vec<Packet> = batch.packets().unwrap().collect();
+    let owners: Vec<Option<u32>> = packets
+        .iter()
+        .map(|p| p.process.as_ref().map(|p| p.process.pid))
+        .collect();
+    assert_eq!(owners, [Some(41), None, Some(7), Some(41), Some(7)]);
+    assert_eq!(packets[0].process.as_ref().map(|a| &a.process), Some(&curl));
+    assert_eq!(packets[0].process.as_ref().unwrap().comment, curl.comment());
+    assert_eq!(packets[1].direction, Direction::Inbound);
+    assert!(packets.iter().all(|p| p.data[..] == frame[..]));
+    let comment = curl.comment();
+    assert!(comment.starts_with("PID: 41\nCmd: /usr/bin/curl\nArgs: curl http://198.18.0.2:8000/\nThreadId: 42\nThreadName: curl\nUserId: 1000\n"), "{comment}");
+    assert!(comment.ends_with("ContainerId: abc"), "{comment}");
+}

@@ -23,6 +23,10 @@ Examples:
   Keep each sensor interface apart (names, filters, counters) in pcapng:
     receiver --out capture.pcapng
 
+  Which process sent each packet (sensors run with --attribute): pcapng only, as each
+  packet's comment (classic pcap has no place for it):
+    receiver --out capture.pcapng && tshark -r capture.pcapng -T fields -e frame.comment
+
   Watch live:
     receiver --out - | tcpdump -nn -r -
     receiver --out - | wireshark -k -i -
@@ -113,6 +117,8 @@ pub struct Cli {
     /// An existing file is continued, never replaced (or written beside, numbered, if it is
     /// not a capture this receiver can append to); a journal beside it lets resuming
     /// sensors go on exactly where the file ends after a crash. Files are created 0600.
+    /// Packets attributed to processes (`sensor --attribute`) keep their process only in
+    /// pcapng, as packet comments: classic pcap has no place for it.
     #[arg(short = 'w', long, value_name = "PATH")]
     pub out: Option<PathBuf>,
 

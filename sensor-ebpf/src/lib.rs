@@ -20,8 +20,59 @@ pub const MAX_QUEUES: u32 = 256;
 pub const SCRATCH_MAP: &str = "CAPSTREAM_SCRATCH";
 /// The global holding the snap length (a `u32`), set at load time.
 pub const SNAPLEN_GLOBAL: &str = "CAPSTREAM_SNAPLEN";
+/// Who owns each socket, by socket cookie (BPF_MAP_TYPE_LRU_HASH of [`Owner`]), filled by
+/// the cgroup socket hooks for `--attribute`.
+///
+/// A released socket is not forgotten at once: its last frames (a FIN after `close()`) and
+/// the frames still in the ring when it goes need its owner. Cookies are never reused, so
+/// the least recently used entries are forgotten when the map is full instead.
+pub const OWNERS_MAP: &str = "CAPSTREAM_OWNERS";
+/// Sockets [`OWNERS_MAP`] remembers; the least recently used is forgotten first.
+pub const MAX_OWNERS: u32 = 65_536;
+/// The cgroup socket hooks of `--attribute`, attached to the cgroup2 root: a socket's
+/// creation and its binds; with [`OWNER_ADDR_HOOKS`], its `connect()`s and UDP
+/// `sendmsg()`s (the caller may differ from the creator: a socket passed on, or inherited
+/// over fork).
+pub const OWNER_SOCK_HOOKS: [&str; 3] = [
+    "capstream_owner_create",
+    "capstream_owner_post_bind4",
+    "capstream_owner_post_bind6",
+];
+/// The egress hook (cgroup_skb) of `--attribute` that learns each owned socket's flows.
+pub const OWNER_FLOWS_HOOK: &str = "capstream_owner_flows";
+/// The address hooks of `--attribute` (cgroup/connect4 … sendmsg6).
+pub const OWNER_ADDR_HOOKS: [&str; 4] = [
+    "capstream_owner_connect4",
+    "capstream_owner_connect6",
+    "capstream_owner_sendmsg4",
+    "capstream_owner_sendmsg6",
+];
+
+/// Flows to their owner's socket cookie (BPF_MAP_TYPE_LRU_HASH of [`FlowKey`] to `u64`):
+/// learnt from the packets owned sockets send ([`OWNER_FLOWS_HOOK`]), and filled at start with the
+/// sockets older than the sensor (under cookies of their own, [`SYNTHETIC_COOKIE`]); the
+/// replies and the frames without a socket find their owner here.
+pub const FLOWS_MAP: &str = "CAPSTREAM_FLOWS";
+/// Flows [`FLOWS_MAP`] remembers.
+pub const MAX_FLOWS: u32 = 65_536;
+/// Set in the cookies the sensor gives sockets older than itself (the kernel's count up
+/// from 1 and never get there).
+pub const SYNTHETIC_COOKIE: u64 = 1 << 63;
+/// Process selectors (`--pid`, `--comm`, `--cgroup`, `--container`): hash sets (value
+/// unused) of thread group ids (`u32`), names (`[u8; 16]`, NUL-padded) and cgroup ids.
+pub const SELECT_PIDS_MAP: &str = "CAPSTREAM_SELECT_PIDS";
+pub const SELECT_COMMS_MAP: &str = "CAPSTREAM_SELECT_COMMS";
+pub const SELECT_CGROUPS_MAP: &str = "CAPSTREAM_SELECT_CGROUPS";
+/// Entries each selector map holds.
+pub const MAX_SELECTED: u32 = 4096;
+/// The global (a `u32`) saying, non-zero, that frames are taken only when their owner
+/// matches a selector.
+pub const SELECTING_GLOBAL: &str = "CAPSTREAM_SELECTING";
+
 /// The global (a `u64`) with how many bytes in the ring wake the sensor, set at load time.
 pub const WAKEUP_BYTES_GLOBAL: &str = "CAPSTREAM_WAKEUP_BYTES";
+/// The global saying (non-zero) that frames carry their socket's cookie (`--attribute`).
+pub const ATTRIBUTE_GLOBAL: &str = "CAPSTREAM_ATTRIBUTE";
 /// The global saying (non-zero) that the interface is a loopback, set at load time.
 pub const LOOPBACK_GLOBAL: &str = "CAPSTREAM_LOOPBACK";
 
@@ -92,6 +143,40 @@ pub struct PacketHeader {
     pub flags: u8,
     pub direction: u8,
     pub _reserved: [u8; 2],
+    /// With `--attribute`, the cookie of the socket the frame belongs to (its own on TC
+    /// egress, its flow's otherwise), 0 if unknown: the key of [`OWNERS_MAP`].
+    pub socket_cookie: u64,
+}
+
+/// A TCP or UDP flow seen from this host's end. Addresses are IPv6, IPv4 ones mapped
+/// (`::ffff:a.b.c.d`); ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub protocol: u8,
+    pub _reserved: [u8; 3],
+}
+
+/// Who owns a socket: the task that last created, bound, connected or sent on it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Owner {
+    /// The process (thread group) id.
+    pub tgid: u32,
+    /// The thread id.
+    pub tid: u32,
+    pub uid: u32,
+    pub _reserved: u32,
+    /// The task's cgroup v2 id (the inode number of its cgroup2 directory).
+    pub cgroup_id: u64,
+    /// The socket's network namespace cookie.
+    pub netns_cookie: u64,
+    /// The thread's name (`comm`), NUL-padded.
+    pub comm: [u8; 16],
 }
 
 /// Largest frame copied into the ring; equals the protocol's MAX_SNAPLEN.
@@ -104,4 +189,8 @@ mod pod {
     unsafe impl aya::Pod for super::Scratch {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PacketHeader {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Owner {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
 }

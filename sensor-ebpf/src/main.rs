@@ -16,17 +16,21 @@
 use aya_ebpf::bindings::__sk_buff;
 use aya_ebpf::bindings::xdp_action::XDP_PASS;
 use aya_ebpf::helpers::generated::{
-    bpf_ktime_get_boot_ns, bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
+    bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+    bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_skb_load_bytes,
+    bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
 };
-use aya_ebpf::macros::{classifier, map, socket_filter, xdp};
-use aya_ebpf::maps::{PerCpuArray, ProgramArray, RingBuf, XskMap};
-use aya_ebpf::programs::{SkBuffContext, TcContext, XdpContext};
+use aya_ebpf::macros::{
+    cgroup_skb, cgroup_sock, cgroup_sock_addr, classifier, map, socket_filter, xdp,
+};
+use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf, XskMap};
+use aya_ebpf::programs::{SkBuffContext, SockAddrContext, SockContext, TcContext, XdpContext};
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::debug;
 use sensor_ebpf::{
-    PacketHeader, Scratch, COUNTERS, COUNTER_CHAIN_FAILED, COUNTER_MATCHED, COUNTER_RING_FULL,
-    COUNTER_SEEN, DIRECTION_INBOUND, DIRECTION_OUTBOUND, FLAG_REALTIME, FLAG_VLAN_STRIPPED,
-    MAX_CAPTURE, MAX_QUEUES, PROG_FILTER,
+    FlowKey, Owner, PacketHeader, Scratch, COUNTERS, COUNTER_CHAIN_FAILED, COUNTER_MATCHED,
+    COUNTER_RING_FULL, COUNTER_SEEN, DIRECTION_INBOUND, DIRECTION_OUTBOUND, FLAG_REALTIME,
+    FLAG_VLAN_STRIPPED, MAX_CAPTURE, MAX_FLOWS, MAX_OWNERS, MAX_QUEUES, MAX_SELECTED, PROG_FILTER,
 };
 
 /// What a TC program returns to let the packet go on to the next program, or on its way
@@ -39,6 +43,14 @@ const PACKET_OUTGOING: u32 = 4;
 /// The user's snap length; the sensor sets it when loading.
 #[no_mangle]
 static CAPSTREAM_SNAPLEN: u32 = MAX_CAPTURE;
+
+/// Non-zero with `--attribute`: frames carry their socket's cookie. The sensor sets it.
+#[no_mangle]
+static CAPSTREAM_ATTRIBUTE: u32 = 0;
+
+/// Non-zero with process selectors: only frames whose owner matches one are taken.
+#[no_mangle]
+static CAPSTREAM_SELECTING: u32 = 0;
 
 /// Non-zero on a loopback interface, where every packet passes the socket twice (going
 /// out, then coming in): as libpcap does, only the incoming copy counts.
@@ -54,6 +66,16 @@ static CAPSTREAM_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUN
 static CAPSTREAM_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(2, 0);
 #[map]
 static CAPSTREAM_XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
+#[map]
+static CAPSTREAM_OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(MAX_OWNERS, 0);
+#[map]
+static CAPSTREAM_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+#[map]
+static CAPSTREAM_SELECT_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_SELECTED, 0);
+#[map]
+static CAPSTREAM_SELECT_COMMS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_SELECTED, 0);
+#[map]
+static CAPSTREAM_SELECT_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_SELECTED, 0);
 #[map]
 static CAPSTREAM_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
@@ -93,17 +115,25 @@ trait Frame: EbpfContext {
     /// The frame's full length (all fragments), without a stripped VLAN tag.
     fn wire_len(&self) -> u32;
     /// Copies `len` bytes from the frame's start; false if the kernel refused.
-    fn copy_to(&self, dst: *mut u8, len: u32) -> bool;
+    fn copy_to(&self, dst: *mut u8, len: u32) -> bool {
+        self.load(0, dst, len)
+    }
+    /// Copies `len` bytes from `offset`; false if the kernel refused (past the end).
+    fn load(&self, offset: u32, dst: *mut u8, len: u32) -> bool;
     /// The VLAN tag the kernel moved out of the frame: (TCI, TPID in host order).
     fn stripped_vlan(&self) -> Option<(u16, u16)>;
     /// The kernel's own receive timestamp (CLOCK_REALTIME ns), where the hook can read it.
     fn realtime_stamp(&self) -> Option<u64> {
         None
     }
+    /// The cookie of the socket the frame belongs to, 0 if none (or the hook cannot tell).
+    fn socket_cookie(&self) -> u64 {
+        0
+    }
 }
 
 macro_rules! skb_frame {
-    ($ctx:ty, $tstamp:ident) => {
+    ($ctx:ty, $tstamp:ident, $cookie:ident) => {
         impl Frame for $ctx {
             #[inline(always)]
             fn wire_len(&self) -> u32 {
@@ -111,9 +141,9 @@ macro_rules! skb_frame {
                 unsafe { (*self.skb.skb).len }
             }
             #[inline(always)]
-            fn copy_to(&self, dst: *mut u8, len: u32) -> bool {
-                // SAFETY: `dst` points into a ring reservation of at least `len` bytes.
-                unsafe { bpf_skb_load_bytes(self.as_ptr(), 0, dst.cast(), len) == 0 }
+            fn load(&self, offset: u32, dst: *mut u8, len: u32) -> bool {
+                // SAFETY: `dst` points to at least `len` writable bytes.
+                unsafe { bpf_skb_load_bytes(self.as_ptr(), offset, dst.cast(), len) == 0 }
             }
             #[inline(always)]
             fn stripped_vlan(&self) -> Option<(u16, u16)> {
@@ -128,11 +158,32 @@ macro_rules! skb_frame {
                 // SAFETY: the context pointer the kernel passed in.
                 $tstamp(unsafe { &*self.skb.skb })
             }
+            #[inline(always)]
+            fn socket_cookie(&self) -> u64 {
+                $cookie(self)
+            }
         }
     };
 }
-skb_frame!(SkBuffContext, no_tstamp);
-skb_frame!(TcContext, realtime_tstamp);
+skb_frame!(SkBuffContext, no_tstamp, no_socket);
+skb_frame!(TcContext, realtime_tstamp, skb_socket);
+
+/// The sending socket's cookie, on TC egress (ingress runs before the stack found one),
+/// when `--attribute` asked for it.
+#[inline(always)]
+fn skb_socket<C: EbpfContext>(ctx: &C) -> u64 {
+    if load_global(&CAPSTREAM_ATTRIBUTE) == 0 {
+        return 0;
+    }
+    // SAFETY: the context pointer the kernel passed in; 0 when the skb has no socket.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// A socket filter's frame is a clone, which carries no socket.
+#[inline(always)]
+fn no_socket<C: EbpfContext>(_: &C) -> u64 {
+    0
+}
 
 /// `__sk_buff.tstamp_type` of a receive time on CLOCK_REALTIME.
 const BPF_SKB_CLOCK_REALTIME: u32 = 0;
@@ -158,9 +209,9 @@ impl Frame for XdpContext {
         unsafe { bpf_xdp_get_buff_len(self.ctx) as u32 }
     }
     #[inline(always)]
-    fn copy_to(&self, dst: *mut u8, len: u32) -> bool {
-        // SAFETY: `dst` points into a ring reservation of at least `len` bytes.
-        unsafe { bpf_xdp_load_bytes(self.ctx, 0, dst.cast(), len) == 0 }
+    fn load(&self, offset: u32, dst: *mut u8, len: u32) -> bool {
+        // SAFETY: `dst` points to at least `len` writable bytes.
+        unsafe { bpf_xdp_load_bytes(self.ctx, offset, dst.cast(), len) == 0 }
     }
     /// XDP runs before the kernel takes tags out: they are still in the bytes.
     #[inline(always)]
@@ -230,6 +281,10 @@ fn emit<F: Frame>(frame: &F) {
     };
     // SAFETY: per-CPU scratch, written by this packet's entry and filter programs.
     let scratch = unsafe { *scratch };
+    let owner_cookie = owner_cookie(frame, scratch.direction == u32::from(DIRECTION_OUTBOUND));
+    if !selected(owner_cookie) {
+        return;
+    }
     count(COUNTER_MATCHED);
     let wire_len = frame.wire_len();
     let snaplen = load_global(&CAPSTREAM_SNAPLEN);
@@ -239,6 +294,7 @@ fn emit<F: Frame>(frame: &F) {
         wire_len,
         captured_len: wire_len.min(scratch.snap).min(snaplen).min(MAX_CAPTURE),
         direction: scratch.direction as u8,
+        socket_cookie: owner_cookie,
         ..PacketHeader::default()
     };
     if let Some(stamp) = frame.realtime_stamp() {
@@ -344,6 +400,218 @@ pub fn capstream_afxdp_emit(ctx: XdpContext) -> u32 {
     CAPSTREAM_XSKS
         .redirect(queue, u64::from(XDP_PASS))
         .unwrap_or(XDP_PASS)
+}
+
+/// The cookie of the socket a frame belongs to, with `--attribute`: an outbound frame's own
+/// socket when its owner is known (TC egress), else the socket of its flow (a reply, a
+/// frame seen without its socket, a socket older than the sensor). 0 if unknown.
+#[inline(always)]
+fn owner_cookie<F: Frame>(frame: &F, outbound: bool) -> u64 {
+    if load_global(&CAPSTREAM_ATTRIBUTE) == 0 {
+        return 0;
+    }
+    let cookie = if outbound { frame.socket_cookie() } else { 0 };
+    // SAFETY: map values are read, not kept.
+    if cookie != 0 && unsafe { CAPSTREAM_OWNERS.get(&cookie) }.is_some() {
+        return cookie;
+    }
+    match flow_of(frame, outbound) {
+        // SAFETY: as above.
+        Some(flow) => unsafe { CAPSTREAM_FLOWS.get(&flow) }.copied().unwrap_or(0),
+        None => 0,
+    }
+}
+
+/// `--attribute`, on the cgroup2 root: learns the flow of every packet a socket with a
+/// known owner sends, on any interface, before any capture hook sees the packet, so that
+/// every mode finds replies and socketless copies by flow. Always lets the packet go.
+#[cgroup_skb(egress)]
+pub fn capstream_owner_flows(ctx: SkBuffContext) -> i32 {
+    // SAFETY: a helper on the context pointer the kernel passed in.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: map values are read, not kept.
+    if cookie == 0 || unsafe { CAPSTREAM_OWNERS.get(&cookie) }.is_none() {
+        return ALLOW;
+    }
+    // The packet starts at its IP header here.
+    let mut version = 0u8;
+    if !Frame::load(&ctx, 0, &mut version, 1) {
+        return ALLOW;
+    }
+    if let Some(flow) = flow_from_ip(&ctx, 0, version >> 4 == 6, true) {
+        // SAFETY: as above.
+        if unsafe { CAPSTREAM_FLOWS.get(&flow) }.copied() != Some(cookie) {
+            let _ = CAPSTREAM_FLOWS.insert(&flow, &cookie, 0);
+        }
+    }
+    ALLOW
+}
+
+/// Whether the frame's owner matches a process selector (always, without selectors).
+#[inline(always)]
+fn selected(cookie: u64) -> bool {
+    if load_global(&CAPSTREAM_SELECTING) == 0 {
+        return true;
+    }
+    // SAFETY: map values are read, not kept.
+    let Some(owner) = (unsafe { CAPSTREAM_OWNERS.get(&cookie) }) else {
+        return false;
+    };
+    // SAFETY: as above.
+    unsafe {
+        CAPSTREAM_SELECT_PIDS.get(&owner.tgid).is_some()
+            || CAPSTREAM_SELECT_COMMS.get(&owner.comm).is_some()
+            || CAPSTREAM_SELECT_CGROUPS.get(&owner.cgroup_id).is_some()
+    }
+}
+
+const ETH_HLEN: u32 = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+/// The TCP or UDP flow of an Ethernet frame, from this host's end.
+#[inline(always)]
+fn flow_of<F: Frame>(frame: &F, outbound: bool) -> Option<FlowKey> {
+    let mut ethertype = [0u8; 2];
+    if !frame.load(12, ethertype.as_mut_ptr(), 2) {
+        return None;
+    }
+    match u16::from_be_bytes(ethertype) {
+        ETH_P_IP => flow_from_ip(frame, ETH_HLEN, false, outbound),
+        ETH_P_IPV6 => flow_from_ip(frame, ETH_HLEN, true, outbound),
+        _ => None,
+    }
+}
+
+/// The TCP or UDP flow of an IPv4 or IPv6 packet at offset `l3`, from this host's end.
+#[inline(always)]
+fn flow_from_ip<F: Frame>(frame: &F, l3: u32, v6: bool, outbound: bool) -> Option<FlowKey> {
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    let protocol;
+    let l4;
+    match v6 {
+        false => {
+            let mut ip = [0u8; 20];
+            if !frame.load(l3, ip.as_mut_ptr(), 20) {
+                return None;
+            }
+            protocol = ip[9];
+            l4 = l3 + u32::from(ip[0] & 0x0f) * 4;
+            src[10] = 0xff;
+            src[11] = 0xff;
+            dst[10] = 0xff;
+            dst[11] = 0xff;
+            src[12..].copy_from_slice(&ip[12..16]);
+            dst[12..].copy_from_slice(&ip[16..20]);
+        }
+        true => {
+            let mut ip = [0u8; 40];
+            if !frame.load(l3, ip.as_mut_ptr(), 40) {
+                return None;
+            }
+            protocol = ip[6];
+            l4 = l3 + 40;
+            src.copy_from_slice(&ip[8..24]);
+            dst.copy_from_slice(&ip[24..40]);
+        }
+    }
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+        return None;
+    }
+    let mut ports = [0u8; 4];
+    if !frame.load(l4, ports.as_mut_ptr(), 4) {
+        return None;
+    }
+    let sport = u16::from_be_bytes([ports[0], ports[1]]);
+    let dport = u16::from_be_bytes([ports[2], ports[3]]);
+    Some(if outbound {
+        FlowKey {
+            local: src,
+            remote: dst,
+            local_port: sport,
+            remote_port: dport,
+            protocol,
+            _reserved: [0; 3],
+        }
+    } else {
+        FlowKey {
+            local: dst,
+            remote: src,
+            local_port: dport,
+            remote_port: sport,
+            protocol,
+            _reserved: [0; 3],
+        }
+    })
+}
+
+/// Remembers the current task as the owner of the hook's socket. Always lets the
+/// operation go on.
+#[inline(always)]
+fn remember_owner<C: EbpfContext>(ctx: &C) -> i32 {
+    // SAFETY: helpers on the context pointer the kernel passed in, or without arguments.
+    let (cookie, netns_cookie, pid_tgid, uid_gid, cgroup_id) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_get_netns_cookie(ctx.as_ptr()),
+            bpf_get_current_pid_tgid(),
+            bpf_get_current_uid_gid(),
+            bpf_get_current_cgroup_id(),
+        )
+    };
+    #[allow(clippy::cast_possible_truncation)]
+    let owner = Owner {
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        uid: uid_gid as u32,
+        _reserved: 0,
+        cgroup_id,
+        netns_cookie,
+        comm: aya_ebpf::helpers::bpf_get_current_comm().unwrap_or_default(),
+    };
+    let _ = CAPSTREAM_OWNERS.insert(&cookie, &owner, 0);
+    ALLOW
+}
+
+/// What a cgroup socket hook returns to let the operation proceed.
+const ALLOW: i32 = 1;
+
+#[cgroup_sock(sock_create)]
+pub fn capstream_owner_create(ctx: SockContext) -> i32 {
+    remember_owner(&ctx)
+}
+
+#[cgroup_sock(post_bind4)]
+pub fn capstream_owner_post_bind4(ctx: SockContext) -> i32 {
+    remember_owner(&ctx)
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn capstream_owner_post_bind6(ctx: SockContext) -> i32 {
+    remember_owner(&ctx)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn capstream_owner_connect4(ctx: SockAddrContext) -> i32 {
+    remember_owner(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn capstream_owner_connect6(ctx: SockAddrContext) -> i32 {
+    remember_owner(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn capstream_owner_sendmsg4(ctx: SockAddrContext) -> i32 {
+    remember_owner(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn capstream_owner_sendmsg6(ctx: SockAddrContext) -> i32 {
+    remember_owner(&ctx)
 }
 
 #[cfg(not(test))]

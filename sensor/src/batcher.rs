@@ -115,6 +115,23 @@ impl Batcher {
         self.push_record(|b| b.push(timestamp_ns, original_len, direction, data))
     }
 
+    /// Adds one matched packet that `process` sent or received (`--attribute`); `key`
+    /// identifies the process (see [`protocol::BatchBuilder::push_attributed`]).
+    #[cfg(target_os = "linux")]
+    pub fn push_attributed(
+        &mut self,
+        timestamp_ns: u64,
+        original_len: u32,
+        direction: Direction,
+        data: &[u8],
+        key: u64,
+        process: &protocol::Process,
+    ) -> Result<(), Closed> {
+        self.push_record(|b| {
+            b.push_attributed(timestamp_ns, original_len, direction, data, key, process)
+        })
+    }
+
     /// Adds one TLS key log line (the batcher of `--keylog`, whose batches hold only
     /// those), counted as matched.
     #[cfg(unix)]

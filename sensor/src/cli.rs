@@ -11,7 +11,7 @@ use clap::{ArgGroup, Parser};
 
 use program::units::{parse_duration, parse_size};
 
-use crate::capture::{AfxdpFlags, Mode, XdpAttach};
+use crate::capture::{AfxdpFlags, Mode, Selectors, XdpAttach};
 
 /// Largest --batch-size: a batch may overshoot its target by one full-size packet, and the
 /// resulting frame must stay below protocol::MAX_FRAME_LEN even when stored uncompressed.
@@ -180,6 +180,39 @@ pub struct Cli {
     #[arg(long)]
     pub busy_poll: bool,
 
+    /// Attribute every packet to the process that sent or received it (--mode tc, ebpf or
+    /// xdp, Linux; e.g. `--mode tc --attribute`). Cgroup socket hooks on the cgroup2 root (mounted
+    /// privately if the host has none) record each socket's owner; replies and sockets
+    /// opened before the start are matched by flow. The receiver writes pid, executable,
+    /// command line, thread, user, cgroup, container id and pod UID as each packet's pcapng
+    /// comment, in ptcpdump's format (`tshark -T fields -e frame.comment`); classic pcap
+    /// output has no place for them. Off by default: the hooks see every socket of the host.
+    #[arg(long)]
+    pub attribute: bool,
+
+    /// Take only the packets of process N (repeatable; --mode tc, ebpf or xdp; implies
+    /// --attribute; e.g. `--pid 1234`). A packet is taken when it matches the filter and
+    /// one of --pid, --comm, --cgroup or --container; the kernel checks before copying.
+    #[arg(long = "pid", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub pids: Vec<u32>,
+
+    /// Take only the packets of threads with this name, as /proc/PID/comm shows it, at most
+    /// 15 bytes (repeatable; e.g. `--comm curl`).
+    #[arg(long = "comm", value_name = "NAME")]
+    pub comms: Vec<String>,
+
+    /// Take only the packets of processes in this cgroup or below it, the path as
+    /// /proc/PID/cgroup shows it (repeatable; e.g. `--cgroup /system.slice/nginx.service`).
+    /// Cgroups made after the start are not included.
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub cgroups: Vec<String>,
+
+    /// Take only the packets of this container (docker, containerd, CRI-O, podman), by id
+    /// or id prefix, found from the cgroup paths at start (repeatable; e.g.
+    /// `--container 3f2504e04f89`).
+    #[arg(long = "container", value_name = "ID")]
+    pub containers: Vec<String>,
+
     /// Bytes kept of each packet, 1..=262144 (e.g. `-s 128` for headers only).
     #[arg(short = 's', long, value_name = "N", default_value_t = protocol::MAX_SNAPLEN,
           value_parser = clap::value_parser!(u32).range(1..=protocol::MAX_SNAPLEN as i64))]
@@ -304,6 +337,15 @@ pub struct ReceiverAddr {
 }
 
 impl Cli {
+    pub fn selectors(&self) -> Selectors {
+        Selectors {
+            pids: self.pids.clone(),
+            comms: self.comms.clone(),
+            cgroups: self.cgroups.clone(),
+            containers: self.containers.clone(),
+        }
+    }
+
     pub fn afxdp(&self) -> AfxdpFlags {
         AfxdpFlags {
             queues: self.queues,

@@ -128,6 +128,8 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
         Some(path) => Source::File(path.clone()),
         None => Source::Interfaces(cli.iface.clone()),
     };
+    let selectors = cli.selectors();
+    selectors.check().map_err(Error::input)?;
     let opts = capture::Options {
         snaplen: cli.snaplen,
         filter: cli.filter().map_err(Error::input)?,
@@ -138,6 +140,8 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
         ring_size: cli.ring_size,
         xdp_attach: cli.xdp_attach,
         afxdp: cli.afxdp(),
+        attribute: cli.attribute || !selectors.is_empty(),
+        selectors,
     };
     let user = privileges::run_as(cli.user.as_ref())?;
     // Before any capture starts, so that a bad --spool-dir is the only thing said.

@@ -582,6 +582,8 @@ mod tests {
                 ring_size: 1 << 16,
                 xdp_attach: capture::XdpAttach::Auto,
                 afxdp: capture::AfxdpFlags::default(),
+                attribute: false,
+                selectors: capture::Selectors::default(),
             },
             batch_size: 1 << 16,
             flush_interval: Duration::from_millis(100),

@@ -769,6 +769,7 @@ mod tests {
                 original_len: 60,
                 direction: Direction::Unknown,
                 data: &[t as u8; 60],
+                comment: None,
             })
             .unwrap();
         }
@@ -798,6 +799,7 @@ mod tests {
             original_len: 60,
             direction: Direction::Unknown,
             data: &[0; 60],
+            comment: None,
         }
     }
 

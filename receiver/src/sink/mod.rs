@@ -63,6 +63,9 @@ pub struct OutPacket<'a> {
     pub original_len: u32,
     pub direction: Direction,
     pub data: &'a [u8],
+    /// Who sent or received it (`sensor --attribute`), in ptcpdump's comment format;
+    /// pcapng writes it as the packet's comment, classic pcap has no place for it.
+    pub comment: Option<&'a str>,
 }
 
 /// Why an output cannot take a sensor's interfaces; the text tells the user what to do.

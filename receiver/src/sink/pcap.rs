@@ -249,6 +249,7 @@ mod tests {
                 original_len: 60,
                 direction: Direction::Unknown,
                 data,
+                comment: None,
             })
             .unwrap();
         }
@@ -294,6 +295,7 @@ mod tests {
             original_len: 1,
             direction: Direction::Unknown,
             data: &[0],
+            comment: None,
         })
         .unwrap();
         sink.finish().unwrap();

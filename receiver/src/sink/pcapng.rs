@@ -13,6 +13,7 @@ use pcap_file::pcapng::blocks::interface_description::{
 use pcap_file::pcapng::blocks::interface_statistics::{
     InterfaceStatisticsBlock, InterfaceStatisticsOption,
 };
+use pcap_file::pcapng::blocks::opt_common::CommonOption;
 use pcap_file::pcapng::blocks::section_header::{SectionHeaderBlock, SectionHeaderOption};
 use pcap_file::pcapng::{Block, PcapNgWriter};
 use pcap_file::DataLink;
@@ -150,6 +151,11 @@ impl<W: Write + Send> Sink for PcapNgSink<W> {
         let mut options = std::mem::take(&mut self.epb_options);
         options.clear();
         options.extend(flags.map(EnhancedPacketOption::Flags));
+        options.extend(
+            packet
+                .comment
+                .map(|c| EnhancedPacketOption::Common(CommonOption::Comment(Cow::Borrowed(c)))),
+        );
         let block = Block::EnhancedPacket(EnhancedPacketBlock {
             interface_id: packet.interface,
             // 64-bit nanoseconds: every u64 value fits.
@@ -247,6 +253,7 @@ mod tests {
             original_len: 100,
             direction: Direction::Outbound,
             data: &[9u8; 20],
+            comment: None,
         })
         .unwrap();
         assert!(

@@ -87,6 +87,57 @@ pub struct Options {
         allow(dead_code, reason = "read by --mode afxdp only")
     )]
     pub afxdp: AfxdpFlags,
+    /// `--attribute`: each frame's process (--mode tc); on with any selector.
+    pub attribute: bool,
+    /// Take only the frames of these processes.
+    pub selectors: Selectors,
+}
+
+/// The process selectors (`--pid`, `--comm`, `--cgroup`, `--container`): with any, a frame
+/// is taken when it matches the filter and its process matches one of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(
+    not(target_os = "linux"),
+    allow(dead_code, reason = "the eBPF modes' options are read on Linux only")
+)]
+pub struct Selectors {
+    pub pids: Vec<u32>,
+    pub comms: Vec<String>,
+    /// Cgroup paths as `/proc/PID/cgroup` shows them.
+    pub cgroups: Vec<String>,
+    /// Container ids, or prefixes of them.
+    pub containers: Vec<String>,
+}
+
+/// The kernel keeps 15 bytes of a task's name (16 with the NUL).
+const MAX_COMM: usize = 15;
+
+impl Selectors {
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+
+    /// Refuses what can never match: a process that does not exist, a name longer than the
+    /// kernel keeps, an empty name or id. (Cgroups and containers are looked up at start.)
+    pub fn check(&self) -> std::result::Result<(), String> {
+        for pid in &self.pids {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                return Err(format!("--pid {pid}: no such process"));
+            }
+        }
+        for comm in &self.comms {
+            if comm.is_empty() || comm.len() > MAX_COMM {
+                return Err(format!(
+                    "--comm {comm:?}: a process name has 1 to {MAX_COMM} bytes (the kernel \
+                     keeps no more; see /proc/PID/comm)"
+                ));
+            }
+        }
+        if let Some(id) = self.containers.iter().find(|id| id.is_empty()) {
+            return Err(format!("--container {id:?}: an empty id"));
+        }
+        Ok(())
+    }
 }
 
 /// `--mode afxdp`'s own flags.
@@ -150,6 +201,12 @@ pub fn open(mode: Mode, source: &Source, opts: &Options) -> Result<Vec<Box<dyn C
                     mode.name()
                 )));
             }
+            if opts.attribute {
+                return Err(Error::input(
+                    "--attribute and the process selectors need live traffic; a file's packets \
+                     have no process",
+                ));
+            }
             Ok(vec![Box::new(pcap::PcapCapture::file(path, opts)?)])
         }
         Source::Interfaces(names) => {
@@ -173,6 +230,13 @@ pub fn open(mode: Mode, source: &Source, opts: &Options) -> Result<Vec<Box<dyn C
 #[cfg(target_os = "linux")]
 fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBackend>> {
     use ebpf::{EbpfCapture, Hook};
+    if opts.attribute && !matches!(mode, Mode::Tc | Mode::Ebpf | Mode::Xdp | Mode::Auto) {
+        return Err(Error::input(format!(
+            "--attribute and the process selectors work with --mode tc, ebpf or xdp, not \
+             --mode {} (libpcap and AF_XDP frames come without the kernel's owner lookup)",
+            mode.name()
+        )));
+    }
     let hook =
         match mode {
             Mode::Pcap => return Ok(Box::new(pcap::PcapCapture::live(name, opts)?)),
@@ -188,6 +252,7 @@ fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBa
             Mode::Afxdp => return Err(Error::input(
                 "this sensor was built without AF_XDP support (the afxdp feature); use --mode xdp",
             )),
+            Mode::Auto if opts.attribute => Hook::Tc,
             Mode::Auto => {
                 let why = match EbpfCapture::open(name, Hook::Tc, opts) {
                     Ok(capture) => {
@@ -210,6 +275,11 @@ fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBa
 
 #[cfg(not(target_os = "linux"))]
 fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBackend>> {
+    if opts.attribute {
+        return Err(Error::input(
+            "--attribute and the process selectors need Linux (--mode tc, ebpf or xdp)",
+        ));
+    }
     match mode {
         Mode::Auto | Mode::Pcap => Ok(Box::new(pcap::PcapCapture::live(name, opts)?)),
         _ => Err(Error::input(format!(

@@ -4,6 +4,7 @@
 //! subject, and its tests are named after it (`faults::...`), so that
 //! `cargo nextest run -p testbed -E 'test(/faults::/)'` runs one subject.
 
+mod attribution;
 mod backpressure;
 mod config;
 mod deploy;

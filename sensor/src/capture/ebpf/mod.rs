@@ -14,6 +14,7 @@
 
 #[cfg(feature = "afxdp")]
 pub mod afxdp;
+mod attribution;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -22,7 +23,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use aya::programs::{tc, SchedClassifier, SocketFilter, TcAttachType, Xdp, XdpMode};
+use aya::programs::{
+    tc, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+    SchedClassifier, SocketFilter, TcAttachType, Xdp, XdpMode,
+};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 use cbpf_to_ebpf::{CbpfInsn, OnAccept, Refusal, Target};
@@ -138,6 +142,8 @@ pub struct EbpfCapture {
     #[cfg(feature = "afxdp")]
     sockets: Option<afxdp::Sockets>,
     stop: Arc<AtomicBool>,
+    /// `--attribute`: the owners of the frames' sockets.
+    attributor: Option<attribution::Attributor>,
 }
 
 impl EbpfCapture {
@@ -159,11 +165,23 @@ impl EbpfCapture {
             )));
         }
 
+        if opts.attribute && !matches!(hook, Hook::Tc | Hook::Socket | Hook::Xdp(_)) {
+            return Err(Error::input(format!(
+                "--attribute and the process selectors work with --mode tc, ebpf or xdp, not \
+                 --mode {mode} (its frames bypass the ring the owners are read from)"
+            )));
+        }
         let loopback = is_loopback(iface);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(shared::RING_MAP, opts.ring_size)
             .override_global(shared::SNAPLEN_GLOBAL, &opts.snaplen, true)
             .override_global(shared::LOOPBACK_GLOBAL, &u32::from(loopback), true)
+            .override_global(shared::ATTRIBUTE_GLOBAL, &u32::from(opts.attribute), true)
+            .override_global(
+                shared::SELECTING_GLOBAL,
+                &u32::from(!opts.selectors.is_empty()),
+                true,
+            )
             .override_global(
                 shared::WAKEUP_BYTES_GLOBAL,
                 &u64::from(opts.ring_size / WAKEUP_FRACTION),
@@ -292,6 +310,14 @@ impl EbpfCapture {
             drop(ebpf.take_map(shared::XSKS_MAP));
         }
 
+        let attributor = if opts.attribute {
+            Some(attach_owner_hooks(&mut ebpf, mode, &opts.selectors)?)
+        } else {
+            for map in [shared::OWNERS_MAP, shared::FLOWS_MAP] {
+                drop(ebpf.take_map(map));
+            }
+            None
+        };
         let ring = RingBuf::try_from(
             ebpf.take_map(shared::RING_MAP)
                 .ok_or_else(|| missing(shared::RING_MAP))?,
@@ -327,6 +353,7 @@ impl EbpfCapture {
             #[cfg(feature = "afxdp")]
             sockets,
             stop: Arc::new(AtomicBool::new(false)),
+            attributor,
         })
     }
 
@@ -473,7 +500,17 @@ impl CaptureBackend for EbpfCapture {
             }
             let offset = boottime_to_realtime();
             while let Some(item) = self.ring.next() {
-                if deliver(&item, offset, snaplen, &mut reinserted, &mut batcher).is_err() {
+                let attributor = self.attributor.as_mut();
+                if deliver(
+                    &item,
+                    offset,
+                    snaplen,
+                    &mut reinserted,
+                    attributor,
+                    &mut batcher,
+                )
+                .is_err()
+                {
                     open = false;
                     break;
                 }
@@ -511,6 +548,7 @@ fn deliver(
     boot_to_real: i128,
     snaplen: usize,
     reinserted: &mut Vec<u8>,
+    attributor: Option<&mut attribution::Attributor>,
     batcher: &mut Batcher,
 ) -> Result<(), crate::batcher::Closed> {
     let Some(header) = parse_header(record) else {
@@ -541,12 +579,95 @@ fn deliver(
         shared::DIRECTION_OUTBOUND => Direction::Outbound,
         _ => Direction::Unknown,
     };
-    batcher.push(
-        u64::try_from(timestamp).unwrap_or(0),
-        wire_len,
-        direction,
-        data,
+    let timestamp = u64::try_from(timestamp).unwrap_or(0);
+    let owner = attributor.and_then(|a| a.owner(header.socket_cookie));
+    match owner {
+        Some((key, process)) => {
+            batcher.push_attributed(timestamp, wire_len, direction, data, key, process)
+        }
+        None => batcher.push(timestamp, wire_len, direction, data),
+    }
+}
+
+/// `--attribute`: loads the cgroup socket hooks and attaches them to the cgroup2 root,
+/// so that every socket of the host gets its owner recorded. Attached as BPF links (the
+/// kernel has them here, 6.6+ for TCX), which always sit beside other programs: the kernel
+/// wants no attach flags for them, `Single` being the one mode that sends none.
+fn attach_owner_hooks(
+    ebpf: &mut Ebpf,
+    mode: &str,
+    selectors: &super::Selectors,
+) -> Result<attribution::Attributor> {
+    let root = attribution::CgroupRoot::open()?;
+    let cgroups = attribution::selected_cgroups(&root, selectors)?;
+    let comms = selectors.comms.iter().map(|c| {
+        let mut comm = [0u8; 16];
+        comm[..c.len()].copy_from_slice(c.as_bytes());
+        comm
+    });
+    select(
+        ebpf,
+        shared::SELECT_PIDS_MAP,
+        selectors.pids.iter().copied(),
+    )?;
+    select(ebpf, shared::SELECT_COMMS_MAP, comms)?;
+    select(ebpf, shared::SELECT_CGROUPS_MAP, cgroups.into_iter())?;
+    let refused = |name: &str, e: &dyn std::error::Error| {
+        kernel_refused(
+            mode,
+            format!(
+                "--attribute: cannot attach {name} to the cgroup2 root: {}",
+                chain(e)
+            ),
+            false,
+        )
+    };
+    for name in shared::OWNER_SOCK_HOOKS {
+        let prog: &mut CgroupSock = program(ebpf, name)?;
+        prog.load().map_err(|e| load_error(mode, name, &e))?;
+        prog.attach(root.file(), CgroupAttachMode::Single)
+            .map_err(|e| refused(name, &e))?;
+    }
+    for name in shared::OWNER_ADDR_HOOKS {
+        let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+        prog.load().map_err(|e| load_error(mode, name, &e))?;
+        prog.attach(root.file(), CgroupAttachMode::Single)
+            .map_err(|e| refused(name, &e))?;
+    }
+    let name = shared::OWNER_FLOWS_HOOK;
+    let prog: &mut CgroupSkb = program(ebpf, name)?;
+    prog.load().map_err(|e| load_error(mode, name, &e))?;
+    prog.attach(
+        root.file(),
+        CgroupSkbAttachType::Egress,
+        CgroupAttachMode::Single,
     )
+    .map_err(|e| refused(name, &e))?;
+    let owners = aya::maps::HashMap::try_from(
+        ebpf.take_map(shared::OWNERS_MAP)
+            .ok_or_else(|| missing(shared::OWNERS_MAP))?,
+    )
+    .map_err(|e| Error::runtime(format!("cannot read the socket owners: {e}")))?;
+    let flows = aya::maps::HashMap::try_from(
+        ebpf.take_map(shared::FLOWS_MAP)
+            .ok_or_else(|| missing(shared::FLOWS_MAP))?,
+    )
+    .map_err(|e| Error::runtime(format!("cannot fill the flow table: {e}")))?;
+    Ok(attribution::Attributor::new(owners, flows, root))
+}
+
+/// Fills one of the kernel's selector sets.
+fn select<K: aya::Pod>(ebpf: &mut Ebpf, name: &str, keys: impl Iterator<Item = K>) -> Result<()> {
+    let mut set: aya::maps::HashMap<&mut MapData, K, u8> = ebpf
+        .map_mut(name)
+        .ok_or_else(|| missing(name))?
+        .try_into()
+        .map_err(|e| Error::runtime(format!("bad selector map {name}: {e}")))?;
+    for key in keys {
+        set.insert(key, 1, 0)
+            .map_err(|e| Error::runtime(format!("cannot fill {name}: {e}")))?;
+    }
+    Ok(())
 }
 
 const HEADER_LEN: usize = std::mem::size_of::<shared::PacketHeader>();

@@ -1,0 +1,486 @@
+//! `sensor --attribute`: every packet carries the process that sent or received it, to the
+//! receiver's pcapng comments, read back with tshark.
+//!
+//! Two cgroups (on a cgroup2 mount of the test's own): `curl` runs in one, Python HTTP
+//! clients in the other, all in the capture namespace, talking to `python3 -m http.server`
+//! across the veth. One Python connection is opened before the sensor starts.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use testbed::capstream::{
+    assert_refused, start_sensor, start_tcpdump, stop_reference, tcpdump_records, Receiver, Record,
+    Scratch,
+};
+
+use testbed::{require_root, run, wait_until, Lab, Proc};
+
+/// The server's port, in the generator namespace (198.18.0.1).
+const SERVER_PORT: u16 = 8000;
+/// The clients' source ports: each flow is known by its own.
+const LONG_LIVED_PORT: u16 = 40100;
+const CURL_PORTS: [u16; 3] = [40001, 40002, 40003];
+const PYTHON_PORT: u16 = 40200;
+
+/// A cgroup2 hierarchy mounted in a scratch directory, with child cgroups; the children
+/// are removed and the mount undone on drop.
+struct Cgroups {
+    mount: PathBuf,
+    children: Vec<String>,
+}
+
+impl Cgroups {
+    fn new(dir: &Scratch, names: &[&str]) -> Self {
+        let mount = dir.join("cgroup2");
+        std::fs::create_dir_all(&mount).unwrap();
+        run("mount", &["-t", "cgroup2", "none", mount.to_str().unwrap()]).unwrap();
+        let children: Vec<String> = names
+            .iter()
+            .map(|n| format!("capstream-attr-{}-{n}", std::process::id()))
+            .collect();
+        for child in &children {
+            std::fs::create_dir(mount.join(child)).unwrap();
+        }
+        Self { mount, children }
+    }
+
+    /// The cgroup path of child `i`, as `/proc/PID/cgroup` shows it.
+    fn path(&self, i: usize) -> String {
+        format!("/{}", self.children[i])
+    }
+
+    /// The argument vector that runs `argv` in child `i`: a shell moves itself there, then
+    /// becomes the program (same pid).
+    fn command(&self, i: usize, argv: &[String]) -> Vec<String> {
+        let procs = self.mount.join(&self.children[i]).join("cgroup.procs");
+        let mut v: Vec<String> = vec![
+            "sh".into(),
+            "-c".into(),
+            format!("echo $$ > {} && exec \"$@\"", procs.display()),
+            "sh".into(),
+        ];
+        v.extend_from_slice(argv);
+        v
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        for child in &self.children {
+            let dir = self.mount.join(child);
+            // The processes are gone once their Proc dropped: wait for the kernel to see it.
+            wait_until(Duration::from_secs(5), || std::fs::remove_dir(&dir).is_ok());
+        }
+        let _ = run("umount", &[self.mount.to_str().unwrap()]);
+    }
+}
+
+/// One packet as tshark reads it from the receiver's pcapng.
+struct Row {
+    src_port: u16,
+    dst_port: u16,
+    flags: u16,
+    comment: String,
+}
+
+fn rows(file: &Path) -> Vec<Row> {
+    let out = run(
+        "tshark",
+        &[
+            "-r",
+            file.to_str().unwrap(),
+            "-n",
+            "-Y",
+            "tcp",
+            "-T",
+            "fields",
+            "-E",
+            "separator=|",
+            "-e",
+            "tcp.srcport",
+            "-e",
+            "tcp.dstport",
+            "-e",
+            "tcp.flags",
+            "-e",
+            "frame.comment",
+        ],
+    )
+    .unwrap();
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.splitn(4, '|').collect();
+            Row {
+                src_port: f[0].parse().unwrap(),
+                dst_port: f[1].parse().unwrap(),
+                flags: u16::from_str_radix(f[2].trim_start_matches("0x"), 16).unwrap(),
+                // tshark shows the comment's line breaks as "\n".
+                comment: f.get(3).unwrap_or(&"").replace("\\n", "\n"),
+            }
+        })
+        .collect()
+}
+
+/// The client's end of a row's flow (the port that is not the server's).
+fn client_port(row: &Row) -> u16 {
+    if row.src_port == SERVER_PORT {
+        row.dst_port
+    } else {
+        row.src_port
+    }
+}
+
+/// Whether a comment names this process.
+fn names(comment: &str, pid: u32, comm: &str, cgroup: &str) -> bool {
+    let lines: Vec<&str> = comment.lines().collect();
+    lines.contains(&format!("PID: {pid}").as_str())
+        && lines.contains(&format!("ThreadName: {comm}").as_str())
+        && lines.contains(&format!("Cgroup: {cgroup}").as_str())
+}
+
+/// A Python client holding one keep-alive connection from `port`: one request per line of
+/// its stdin.
+const KEEP_ALIVE_CLIENT: &str = r#"
+import http.client, sys
+c = http.client.HTTPConnection("198.18.0.1", 8000, source_address=("198.18.0.2", int(sys.argv[1])))
+for line in sys.stdin:
+    c.request("GET", "/")
+    r = c.getresponse()
+    r.read()
+    print(r.status, flush=True)
+c.close()
+"#;
+
+/// What one run of the set-up gave: the receiver's packets (as tshark and tcpdump read
+/// them), tcpdump's on the same interface restricted by `restrict`, and who ran what.
+struct Outcome {
+    rows: Vec<Row>,
+    got: Vec<Record>,
+    reference: Vec<Record>,
+    /// Client port → (pid, name, cgroup) of the flows opened after the sensor started.
+    expected: HashMap<u16, (u32, &'static str, String)>,
+    long_lived: (u32, String),
+}
+
+/// The set-up of the module documentation, with a sensor in `--mode <mode>` plus
+/// `sensor_args` and tcpdump beside it (inbound only for xdp, which sees only that);
+/// tcpdump's packets are then restricted with `restrict`. The selectors may name the
+/// cgroups: `{curl}` and `{python}` stand for their paths.
+fn run_clients(mode: &str, sensor_args: &[&str], restrict: &str) -> Outcome {
+    run_clients_with(mode, sensor_args, restrict, ReceiverFate::Lives)
+}
+
+/// Whether the receiver lives through the run, or is killed (SIGKILL) before the new flows
+/// and started again after them: the sensor keeps their batches and sends them again.
+#[derive(Clone, Copy, PartialEq)]
+enum ReceiverFate {
+    Lives,
+    KilledAndRestarted,
+}
+
+fn run_clients_with(
+    mode: &str,
+    sensor_args: &[&str],
+    restrict: &str,
+    fate: ReceiverFate,
+) -> Outcome {
+    let lab = Lab::new(1).unwrap();
+    let dir = Scratch::new("attribution").unwrap();
+    let cgroups = Cgroups::new(&dir, &["curl", "python"]);
+    std::fs::write(dir.join("index.html"), "capstream\n".repeat(200)).unwrap();
+
+    let mut server_argv = lab.gen.command("python3");
+    server_argv.extend(
+        [
+            "-m",
+            "http.server",
+            "--protocol",
+            "HTTP/1.1",
+            "--bind",
+            "198.18.0.1",
+            "--directory",
+            dir.join("").to_str().unwrap(),
+            "8000",
+        ]
+        .map(String::from),
+    );
+    let _server = Proc::start("http.server", &server_argv, Stdio::null()).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || lab
+        .cap
+        .exec(
+            "curl",
+            &["-s", "-o", "/dev/null", "http://198.18.0.1:8000/"]
+        )
+        .is_ok()));
+
+    // The long-lived connection, opened before the sensor starts.
+    let mut py = lab.cap.command("python3");
+    py.extend(["-c", KEEP_ALIVE_CLIENT, &LONG_LIVED_PORT.to_string()].map(String::from));
+    let py = cgroups.command(1, &py);
+    let mut long_lived = Command::new(&py[0])
+        .args(&py[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let long_lived_pid = long_lived.id();
+    let mut requests = long_lived.stdin.take().unwrap();
+    let mut replies = std::io::BufReader::new(long_lived.stdout.take().unwrap());
+    let mut request = || {
+        use std::io::BufRead;
+        writeln!(requests, "GET").unwrap();
+        let mut status = String::new();
+        replies.read_line(&mut status).unwrap();
+        assert_eq!(status.trim(), "200");
+    };
+    request();
+
+    let (mut receiver, out) =
+        Receiver::writing(Some(&lab.cap), &dir, "capture.pcapng", &[]).unwrap();
+    let filter = format!("tcp port {SERVER_PORT}");
+    let (curl_cgroup, python_cgroup) = (cgroups.path(0), cgroups.path(1));
+    let mut args: Vec<&str> = vec!["--iface", "cap0", "--mode", mode, "--bpf", &filter];
+    args.extend(sensor_args.iter().map(|a| match *a {
+        "{curl}" => curl_cgroup.as_str(),
+        "{python}" => python_cgroup.as_str(),
+        other => other,
+    }));
+    let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
+    let reference_file = dir.join("tcpdump.pcap");
+    let direction: &[&str] = if mode == "xdp" { &["-Q", "in"] } else { &[] };
+    let tcpdump = start_tcpdump(&lab.cap, "cap0", &filter, direction, &reference_file).unwrap();
+
+    for _ in 0..5 {
+        request();
+    }
+    if fate == ReceiverFate::KilledAndRestarted {
+        receiver.proc.signal("KILL").unwrap();
+        receiver.proc.wait(Duration::from_secs(10)).unwrap();
+    }
+    // New flows: curl in one cgroup, a Python client in the other.
+    let mut expected = HashMap::new();
+    for port in CURL_PORTS {
+        let mut argv = lab.cap.command("curl");
+        argv.extend(
+            [
+                "-s",
+                "-o",
+                "/dev/null",
+                "--local-port",
+                &port.to_string(),
+                "http://198.18.0.1:8000/",
+            ]
+            .map(String::from),
+        );
+        let argv = cgroups.command(0, &argv);
+        let mut curl = Proc::start("curl", &argv, Stdio::null()).unwrap();
+        let pid = curl.pid();
+        assert!(curl.wait(Duration::from_secs(20)).unwrap().success());
+        expected.insert(port, (pid, "curl", cgroups.path(0)));
+    }
+    let mut argv = lab.cap.command("python3");
+    argv.extend(["-c", &python_client(PYTHON_PORT)].map(String::from));
+    let argv = cgroups.command(1, &argv);
+    let mut client = Proc::start("python client", &argv, Stdio::null()).unwrap();
+    let python_pid = client.pid();
+    assert!(client.wait(Duration::from_secs(20)).unwrap().success());
+    expected.insert(PYTHON_PORT, (python_pid, "python3", cgroups.path(1)));
+    if fate == ReceiverFate::KilledAndRestarted {
+        (receiver, _) = Receiver::writing(Some(&lab.cap), &dir, "capture.pcapng", &[]).unwrap();
+        sensor
+            .wait_for("reconnected", Duration::from_secs(90))
+            .unwrap();
+    }
+
+    request();
+    drop(requests);
+    long_lived.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    stop_reference(tcpdump, &reference_file);
+    sensor.stop().unwrap();
+    receiver.stop().unwrap();
+    Outcome {
+        rows: rows(&out),
+        got: tcpdump_records(&out, "").unwrap(),
+        reference: tcpdump_records(&reference_file, restrict).unwrap(),
+        expected,
+        long_lived: (long_lived_pid, cgroups.path(1)),
+    }
+}
+
+/// A Python client that makes one request from `port` and leaves.
+fn python_client(port: u16) -> String {
+    format!(
+        "import http.client\n\
+         c = http.client.HTTPConnection('198.18.0.1', 8000, source_address=('198.18.0.2', {port}))\n\
+         c.request('GET', '/')\n\
+         assert c.getresponse().read()\n\
+         c.close()"
+    )
+}
+
+#[test]
+fn every_packet_carries_its_process_in_tc_mode() {
+    every_packet_carries_its_process("tc");
+}
+
+#[test]
+fn every_packet_carries_its_process_in_ebpf_mode() {
+    every_packet_carries_its_process("ebpf");
+}
+
+/// XDP sees the inbound half: the replies, found by flow.
+#[test]
+fn every_packet_carries_its_process_in_xdp_mode() {
+    every_packet_carries_its_process("xdp");
+}
+
+fn every_packet_carries_its_process(mode: &str) {
+    require_root();
+    check_attribution(mode, run_clients(mode, &["--attribute"], ""));
+}
+
+/// The flows opened while the receiver was dead reach it when the sensor sends their
+/// batches again, each with its process table.
+#[test]
+fn attribution_survives_a_receiver_killed_and_restarted() {
+    require_root();
+    let outcome = run_clients_with("tc", &["--attribute"], "", ReceiverFate::KilledAndRestarted);
+    check_attribution("tc", outcome);
+}
+
+/// Every packet of the flows opened after the sensor started names its process; the flow
+/// opened before, at least 99% of its packets; and no packet is missing.
+fn check_attribution(mode: &str, outcome: Outcome) {
+    let rows = &outcome.rows;
+    // SYN (or SYN-ACK) to FIN, both ways, or inbound only.
+    let ways = if mode == "xdp" { 1 } else { 2 };
+    for (port, (pid, comm, cgroup)) in &outcome.expected {
+        let flow: Vec<&Row> = rows.iter().filter(|r| client_port(r) == *port).collect();
+        let syn = flow.iter().filter(|r| r.flags & 0x02 != 0).count();
+        let fin = flow.iter().filter(|r| r.flags & 0x01 != 0).count();
+        assert!(
+            syn >= ways && fin >= ways,
+            "{mode}: flow {port}: {syn} SYN, {fin} FIN of {}",
+            flow.len()
+        );
+        for row in &flow {
+            assert!(
+                names(&row.comment, *pid, comm, cgroup),
+                "{mode}: flow {port} ({comm}, pid {pid}, {cgroup}): packet {} -> {} flags {:#x} has {:?}",
+                row.src_port,
+                row.dst_port,
+                row.flags,
+                row.comment
+            );
+        }
+    }
+    // Nothing lost for the comments: the receiver has every packet tcpdump saw.
+    assert_eq!(sorted(&outcome.got), sorted(&outcome.reference));
+    let (long_lived_pid, long_lived_cgroup) = &outcome.long_lived;
+    let long: Vec<&Row> = rows
+        .iter()
+        .filter(|r| client_port(r) == LONG_LIVED_PORT)
+        .collect();
+    let right = long
+        .iter()
+        .filter(|r| names(&r.comment, *long_lived_pid, "python3", long_lived_cgroup))
+        .count();
+    let share = right as f64 * 100.0 / long.len().max(1) as f64;
+    eprintln!(
+        "attribution, --mode {mode}: the flow opened before the sensor: {right} of {} packets \
+         attributed ({share:.1}%)",
+        long.len()
+    );
+    assert!(
+        long.len() >= 5 * ways,
+        "{mode}: the long-lived flow: {} packets",
+        long.len()
+    );
+    assert!(
+        share >= 99.0,
+        "{mode}: the long-lived flow: {share:.1}% attributed"
+    );
+}
+
+/// Packets as a multiset: the two directions may interleave differently at the two taps.
+fn sorted(records: &[Record]) -> Vec<(u32, Vec<u8>)> {
+    let mut v: Vec<(u32, Vec<u8>)> = records
+        .iter()
+        .map(|r| (r.original_len, r.data.clone()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// `--comm curl` takes exactly the packets of curl's connections, both ways.
+#[test]
+fn comm_selector_takes_exactly_curls_connections() {
+    let ports: Vec<String> = CURL_PORTS.iter().map(|p| format!("port {p}")).collect();
+    selector_takes_exactly(&["--comm", "curl"], &ports.join(" or "), 3 * 10);
+}
+
+/// `--cgroup` of the Python clients' cgroup takes exactly their connections, the one opened
+/// before the sensor included.
+#[test]
+fn cgroup_selector_takes_exactly_that_cgroups_connections() {
+    let ports = format!("port {LONG_LIVED_PORT} or port {PYTHON_PORT}");
+    selector_takes_exactly(&["--cgroup", "{python}"], &ports, 20);
+}
+
+/// With `selector`, the sensor's packets are exactly tcpdump's on the client ports `ports`
+/// (a tcpdump expression), at least `at_least` of them.
+fn selector_takes_exactly(selector: &[&str], ports: &str, at_least: usize) {
+    require_root();
+    let restrict = format!("tcp port {SERVER_PORT} and ({ports})");
+    let outcome = run_clients("tc", selector, &restrict);
+    let (got, reference) = (sorted(&outcome.got), sorted(&outcome.reference));
+    assert!(reference.len() >= at_least, "{} packets", reference.len());
+    assert!(
+        got == reference,
+        "{selector:?}: {} packets, tcpdump restricted to {ports}: {}",
+        got.len(),
+        reference.len()
+    );
+}
+
+/// Bad selectors, and attribution in a mode without the kernel's owner lookup (libpcap,
+/// AF_XDP): one line, exit code 2.
+#[test]
+fn bad_input_is_refused_in_one_line() {
+    require_root();
+    let fingerprint = "ab".repeat(32);
+    let sensor = |mode: &str, args: &[&str], needle: &str| {
+        let mut all = vec![
+            "--receiver",
+            "127.0.0.1:4433",
+            "--fingerprint",
+            &fingerprint,
+            "--iface",
+            "lo",
+            "--mode",
+            mode,
+        ];
+        all.extend_from_slice(args);
+        assert_refused("sensor", &all, needle);
+    };
+    sensor("tc", &["--pid", "0"], "--pid");
+    sensor("tc", &["--pid", "many"], "--pid");
+    // Past pid_max: no such process can exist.
+    sensor("tc", &["--pid", "4194305"], "no such process");
+    sensor("tc", &["--comm", "a-name-of-16-bytes"], "15 bytes");
+    sensor(
+        "tc",
+        &["--cgroup", "/capstream-no-such-cgroup"],
+        "no such cgroup",
+    );
+    sensor("tc", &["--container", "0123456789ab"], "no container");
+    for mode in ["pcap", "afxdp"] {
+        sensor(mode, &["--attribute"], "work with --mode tc");
+        sensor(mode, &["--comm", "curl"], "work with --mode tc");
+    }
+}
