@@ -170,7 +170,7 @@ fn capture(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
                     filter: None,
                     cpu: None,
                 };
-                let run = measure(&on, *contestant, &traffic, &tls, ticks)
+                let run = measure(&on, *contestant, &traffic, Some(&tls), ticks)
                     .with_context(|| format!("{} on {size}-byte frames", contestant.name()))?;
                 runs[i].push(run);
             }
@@ -225,7 +225,7 @@ fn measure(
     on: &Capture,
     contestant: Contestant,
     traffic: &generator::Options,
-    tls: &pipeline::TlsPair,
+    tls: Option<&pipeline::TlsPair>,
     ticks: f64,
 ) -> Result<Run> {
     let (lab, iface) = (on.lab, on.iface);
@@ -250,7 +250,10 @@ fn measure(
                 ..Run::sent(&sent)
             })
         }
-        Contestant::Pipeline => measure_pipeline(lab, iface, traffic, tls, ticks, &dir),
+        Contestant::Pipeline => {
+            let tls = tls.context("the pipeline needs the receiver's TLS pair")?;
+            measure_pipeline(lab, iface, traffic, tls, ticks, &dir)
+        }
         Contestant::Sensor(mode) => {
             let (mut receiver, out) = Receiver::writing(Some(&lab.cap), &dir, "out.pcap", &[])?;
             let mut args = vec!["--iface", iface, "--mode", mode];
