@@ -46,8 +46,8 @@ enum Command {
     /// Measure capture throughput, loss, CPU and memory of every sensor mode beside
     /// `tcpdump -w file` and a tcpdump | socat TLS pipeline on the same traffic, streaming
     /// (`sensor --read`) beside that pipeline, fan-in of 1, 8 and 32 sensors into one
-    /// receiver, and the criterion micro-benchmarks (root; several minutes); see
-    /// BENCHMARKS.md.
+    /// receiver, the criterion micro-benchmarks, and each capture's loss-free rate (RFC 2544
+    /// throughput, `--only ndr`) (root; several minutes); see BENCHMARKS.md.
     Bench {
         /// Run one part only (all when not given), e.g. `--only fanin`.
         #[arg(long, value_parser = ["capture", "streaming", "fanin", "micro", "ndr"])]

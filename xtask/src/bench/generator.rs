@@ -143,18 +143,7 @@ pub fn send(opts: &Options) -> Result<Sent> {
         m.msg_hdr.msg_iov = &mut iov;
         m.msg_hdr.msg_iovlen = 1;
     }
-    // With a rate, batches of about a millisecond's worth keep the pace even.
-    let batch = opts
-        .rate
-        .map_or(BATCH, |r| (r / 1000).clamp(1, BATCH as u64) as usize);
-    let mut sent = Sent::default();
-    let started = Instant::now();
-    while sent.frames < opts.count {
-        if let Some(rate) = opts.rate {
-            let due = started + Duration::from_secs_f64(sent.frames as f64 / rate as f64);
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        }
-        let want = batch.min((opts.count - sent.frames) as usize);
+    paced(opts, BATCH as u64, |want, sent| {
         // SAFETY: `messages` holds `want` <= BATCH initialised headers whose single iovec
         // points at `frame`, which outlives the call; the kernel only reads them.
         let n = unsafe {
@@ -175,14 +164,38 @@ pub fn send(opts: &Options) -> Result<Sent> {
                 Some(libc::EINTR) => {}
                 _ => bail!("cannot send on {}: {e}", opts.iface),
             }
-            continue;
+            return Ok(());
         }
         let n = n as u64;
         sent.frames += n;
         // A blocking sendmmsg returns short only when a frame failed: the link refused it.
-        if n < want as u64 {
+        if n < want {
             sent.refused += 1;
         }
+        Ok(())
+    })
+}
+
+/// Calls `send(want, sent)` until `opts.count` frames are out; `send` adds what it sent
+/// (and what the link refused) to `sent`. `want` is at most `max_batch`, and with a rate a
+/// millisecond's worth, each call after a sleep while it is ahead of the schedule, which
+/// keeps the pace even.
+fn paced(
+    opts: &Options,
+    max_batch: u64,
+    mut send: impl FnMut(u64, &mut Sent) -> Result<()>,
+) -> Result<Sent> {
+    let batch = opts
+        .rate
+        .map_or(max_batch, |r| (r / 1000).clamp(1, max_batch));
+    let mut sent = Sent::default();
+    let started = Instant::now();
+    while sent.frames < opts.count {
+        if let Some(rate) = opts.rate {
+            let due = started + Duration::from_secs_f64(sent.frames as f64 / rate as f64);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+        send(batch.min(opts.count - sent.frames), &mut sent)?;
     }
     sent.seconds = started.elapsed().as_secs_f64();
     Ok(sent)
@@ -194,8 +207,7 @@ const LIVE_CHUNK: u64 = 1 << 16;
 /// budget).
 const LIVE_BATCH: u32 = 64;
 
-/// [`send`] through XDP live frames. With a rate, calls of a millisecond's worth of frames
-/// each, and a sleep before each call that is ahead of the schedule.
+/// [`send`] through XDP live frames, [`LIVE_CHUNK`] frames per call at full speed.
 fn send_live(opts: &Options, frame: &[u8]) -> Result<Sent> {
     use std::os::fd::AsFd;
 
@@ -219,23 +231,12 @@ fn send_live(opts: &Options, frame: &[u8]) -> Result<Sent> {
     let prog = cbpf_to_ebpf::load_program(Hook::Xdp { frags: false }, &program, "cs_trafficgen")
         .map_err(|e| anyhow::anyhow!("{e:#}"))?;
     let index = if_index(&opts.iface)?;
-    let chunk = opts
-        .rate
-        .map_or(LIVE_CHUNK, |r| (r / 1000).clamp(1, LIVE_CHUNK));
-    let mut sent = Sent::default();
-    let started = Instant::now();
-    while sent.frames < opts.count {
-        if let Some(rate) = opts.rate {
-            let due = started + Duration::from_secs_f64(sent.frames as f64 / rate as f64);
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        }
-        let want = chunk.min(opts.count - sent.frames);
+    paced(opts, LIVE_CHUNK, |want, sent| {
         cbpf_to_ebpf::xdp_live_frames(prog.as_fd(), frame, index, want as u32, LIVE_BATCH)
             .with_context(|| format!("XDP live frames out of {} failed", opts.iface))?;
         sent.frames += want;
-    }
-    sent.seconds = started.elapsed().as_secs_f64();
-    Ok(sent)
+        Ok(())
+    })
 }
 
 /// Pins the calling thread to `cpu`.

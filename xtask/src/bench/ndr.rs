@@ -25,14 +25,6 @@ use testbed::Lab;
 
 use super::{generator, json_array, measure, milli, parse_mac, Capture, Contestant, Run};
 
-const CONTESTANTS: [Contestant; 6] = [
-    Contestant::Tcpdump,
-    Contestant::Sensor("pcap"),
-    Contestant::Sensor("ebpf"),
-    Contestant::Sensor("tc"),
-    Contestant::Sensor("xdp"),
-    Contestant::Sensor("afxdp"),
-];
 const FRAME_BYTES: [usize; 2] = [64, 1500];
 /// The generator's frames only (the bench's frame goes to UDP port 9).
 const FILTER: &str = "udp dst port 9";
@@ -142,7 +134,11 @@ pub fn run(out_dir: &Path, trial: Duration, ticks: f64) -> Result<()> {
             "- {size} B: the generator alone offers {:.0} kpps",
             ceiling / 1e3
         );
-        for contestant in CONTESTANTS {
+        // The capture bench's contestants but the pipeline (tcpdump is the baseline here).
+        let contestants = super::CONTESTANTS
+            .into_iter()
+            .filter(|c| *c != Contestant::Pipeline);
+        for contestant in contestants {
             let mut search = Search {
                 size,
                 contestant,
