@@ -5,9 +5,15 @@
 //! and any failed load or division by zero ends the program without accepting.
 //!
 //! Register use: R6 holds the context, R7 is A and R8 is X, all callee-saved so that they
-//! survive helper calls. Every packet load goes through bpf_skb_load_bytes or
-//! bpf_xdp_load_bytes into a stack buffer: that works on non-linear skbs and XDP frags
-//! alike, and a failure is an ordinary return code instead of LD_ABS's hidden `return 0`.
+//! survive helper calls. At TC and XDP a packet load at a constant offset reads the bytes
+//! in place when a bounds check against data_end (which the verifier asks for) finds them
+//! in the linear part, as the kernel's own classic BPF does for an skb; otherwise (and for
+//! an indirect load, since a variable offset into the packet takes CAP_PERFMON) it calls
+//! bpf_skb_load_bytes or bpf_xdp_load_bytes into a stack buffer: that works on non-linear
+//! skbs and XDP frags alike, and a failure is an ordinary return code. A socket filter may
+//! not read the packet directly: it uses LD_ABS and LD_IND, whose hidden `return 0` on a
+//! failed load is its not accepting (and a socket filter that should return something else
+//! then calls bpf_skb_load_bytes too).
 //!
 //! XDP runs before the kernel moves a frame's outer VLAN tag into metadata, but tcpdump's
 //! live filter (and the one translated here) expects the frame as the kernel's taps see it:
@@ -417,6 +423,7 @@ const ETH_P_802_3_MIN: i32 = 0x600;
 const ETH_P_802_3: i32 = 0x0001;
 const ETH_P_802_2: i32 = 0x0004;
 const JLT: u8 = 0xa0;
+const JSLT: u8 = 0xc0;
 
 /// M[0] below the frame pointer; M[i] is 4i bytes above.
 const MEM_OFF: i16 = -64;
@@ -460,9 +467,18 @@ mod skb {
     pub const VLAN_PROTO: i16 = 28;
     pub const IFINDEX: i16 = 40;
     pub const HASH: i16 = 68;
+    pub const DATA: i16 = 76;
+    pub const DATA_END: i16 = 80;
 }
-/// xdp_md.ingress_ifindex.
+/// xdp_md.data, .data_end and .ingress_ifindex.
+const XDP_DATA: i16 = 0;
+const XDP_DATA_END: i16 = 4;
 const XDP_INGRESS_IFINDEX: i16 = 12;
+/// Packet loads read in place end at most here: the verifier tracks the bounds of packet
+/// pointers up to MAX_PACKET_OFF (0xffff) only, and this keeps well inside.
+const IN_PLACE_END: u32 = 0x8000;
+/// The most the hidden VLAN tag adds to an XDP load's offset.
+const TAG_LEN: u32 = 4;
 
 /// The name of ancillary load `n` (an offset from SKF_AD_OFF), for error messages.
 fn ancillary_name(n: i32) -> String {
@@ -648,14 +664,7 @@ impl<'t, 'a> Emitter<'t, 'a> {
             // TAG = 4 if the EtherType says 802.1Q or 802.1ad; a frame too short for one
             // has no tag.
             self.mov32_imm(TAG, 0);
-            self.mov64_reg(R1, CTX);
-            self.mov32_imm(R2, ETHERTYPE_OFF as i32);
-            self.stack_addr(R3, BUF_OFF);
-            self.mov32_imm(R4, 2);
-            self.call(XDP_LOAD_BYTES);
-            let short = self.forward_jump(EBPF_JMP | JNE, R0, 0);
-            self.emit(EBPF_LDX | EBPF_MEM | 0x08, R0, FP, BUF_OFF, 0);
-            self.emit(EBPF_ALU | EBPF_END_TO_BE, R0, 0, 0, 16);
+            let short = self.load_bytes_else(SIZE_H, Offset::Const(ETHERTYPE_OFF), R0, false);
             let q = self.forward_jump(EBPF_JMP | JEQ, R0, ETH_P_8021Q);
             let ad = self.forward_jump(EBPF_JMP | JEQ, R0, ETH_P_8021AD);
             let untagged = self.forward_jump(EBPF_JMP | JA, 0, 0);
@@ -675,6 +684,12 @@ impl<'t, 'a> Emitter<'t, 'a> {
     /// A jump to be aimed later with [`Self::land`] (within one classic instruction).
     fn forward_jump(&mut self, code: u8, reg: u8, imm: i32) -> usize {
         self.emit(code, reg, 0, 0, imm);
+        self.insns.len() - 1
+    }
+
+    /// As `forward_jump`, comparing with register `src`.
+    fn forward_jump_reg(&mut self, code: u8, dst: u8, src: u8) -> usize {
+        self.emit(code | EBPF_SRC_X, dst, src, 0, 0);
         self.insns.len() - 1
     }
 
@@ -733,6 +748,47 @@ impl<'t, 'a> Emitter<'t, 'a> {
 
     /// As `load_packet`; `untagged` false reads an XDP frame's bytes as they are.
     fn load_bytes(&mut self, size: u16, offset: Offset, dst: u8, untagged: bool) {
+        if self.target.hook == Hook::SocketFilter && self.target.pass == 0 {
+            self.load_abs(size, offset, dst);
+            return;
+        }
+        let failed = self.load_bytes_else(size, offset, dst, untagged);
+        self.fixups.push(Fixup {
+            at: failed,
+            to: Label::Pass,
+            classic: self.classic,
+        });
+    }
+
+    /// As `load_bytes`, but a load past the packet's end takes the jump at the returned
+    /// index, for the caller to aim.
+    ///
+    /// At TC and XDP the bytes at a constant offset are read in place when they lie in the
+    /// linear part (the bounds check the verifier asks for decides); the helper reads the
+    /// rest: non-linear skb data, XDP fragments, indirect and far offsets, and a packet
+    /// too short, which it refuses.
+    fn load_bytes_else(&mut self, size: u16, offset: Offset, dst: u8, untagged: bool) -> usize {
+        let bytes = match size {
+            SIZE_W => 4,
+            SIZE_H => 2,
+            _ => 1,
+        };
+        let ebpf_size = match size {
+            SIZE_W => 0x00,
+            SIZE_H => 0x08,
+            _ => 0x10,
+        };
+        let tagged = untagged && self.context == Context::Xdp;
+        let in_place = if self.target.hook == Hook::SocketFilter {
+            None
+        } else {
+            self.load_in_place(ebpf_size, bytes, offset, dst, tagged)
+        };
+        let read = in_place.map(|short| {
+            let read = self.forward_jump(EBPF_JMP | JA, 0, 0);
+            self.land(short);
+            read
+        });
         self.mov64_reg(R1, CTX);
         match offset {
             Offset::Const(k) => self.mov32_imm(R2, k as i32),
@@ -741,33 +797,89 @@ impl<'t, 'a> Emitter<'t, 'a> {
                 self.alu32_imm(OP_ADD, R2, k as i32);
             }
         }
-        if untagged && self.context == Context::Xdp {
+        if tagged {
             let before_tag = self.forward_jump(EBPF_JMP32 | JLT, R2, ETHERTYPE_OFF as i32);
             self.alu32_reg(OP_ADD, R2, TAG);
             self.land(before_tag);
         }
         self.stack_addr(R3, BUF_OFF);
-        let bytes = match size {
-            SIZE_W => 4,
-            SIZE_H => 2,
-            _ => 1,
-        };
-        self.mov32_imm(R4, bytes);
+        self.mov32_imm(R4, bytes as i32);
         self.call(match self.context {
             Context::Skb => SKB_LOAD_BYTES,
             Context::Xdp => XDP_LOAD_BYTES,
         });
-        self.emit(EBPF_JMP | JNE, R0, 0, 0, 0);
-        self.fixup(Label::Pass);
-        let ebpf_size = match size {
-            SIZE_W => 0x00,
-            SIZE_H => 0x08,
-            _ => 0x10,
-        };
+        let failed = self.forward_jump(EBPF_JMP | JNE, R0, 0);
         self.emit(EBPF_LDX | EBPF_MEM | ebpf_size, dst, FP, BUF_OFF, 0);
-        if bytes > 1 {
-            self.emit(EBPF_ALU | EBPF_END_TO_BE, dst, 0, 0, bytes * 8);
+        if let Some(read) = read {
+            self.land(read);
         }
+        if bytes > 1 {
+            self.emit(EBPF_ALU | EBPF_END_TO_BE, dst, 0, 0, bytes as i32 * 8);
+        }
+        failed
+    }
+
+    /// A socket filter's load: LD_ABS or LD_IND, what the kernel's own classic BPF becomes,
+    /// a helper call that reads the linear part in place and returns the value (no stack
+    /// buffer). A load past the end ends the program returning 0, which is why only a
+    /// target that passes with 0 takes it.
+    fn load_abs(&mut self, size: u16, offset: Offset, dst: u8) {
+        let ebpf_size = size as u8;
+        match offset {
+            Offset::Const(k) => self.emit(MODE_ABS as u8 | ebpf_size, 0, 0, 0, k as i32),
+            Offset::XPlus(k) => {
+                self.mov32_reg(R2, X);
+                self.alu32_imm(OP_ADD, R2, k as i32);
+                // The helper takes a signed offset and reads below 0 from the network or
+                // link-layer header (SKF_NET_OFF, SKF_LL_OFF); bpf_skb_load_bytes refuses
+                // offsets past 2 GiB, and so does this.
+                self.jump_if_imm(JSLT, R2, 0, Label::Pass);
+                self.emit(MODE_IND as u8 | ebpf_size, 0, R2, 0, 0);
+            }
+        }
+        self.mov32_reg(dst, R0);
+    }
+
+    /// `dst` = the `bytes` bytes at constant offset `k` (plus TAG past the EtherType's
+    /// start if `tagged`), read straight from the packet's linear part as they lie there
+    /// (the caller swaps them); the returned jump is taken when they are not all there.
+    /// `None`, nothing emitted: an indirect offset, or one too far. Adding a register to
+    /// a packet pointer takes CAP_PERFMON (the verifier's Spectre rules), which the sensor
+    /// does not keep, so indirect loads, whose offsets are known only at run time, take
+    /// the helper.
+    fn load_in_place(
+        &mut self,
+        ebpf_size: u8,
+        bytes: u32,
+        offset: Offset,
+        dst: u8,
+        tagged: bool,
+    ) -> Option<usize> {
+        let Offset::Const(k) = offset else {
+            return None;
+        };
+        if k.checked_add(bytes + TAG_LEN)? > IN_PLACE_END {
+            return None;
+        }
+        let (data, data_end) = match self.context {
+            Context::Skb => (skb::DATA, skb::DATA_END),
+            Context::Xdp => (XDP_DATA, XDP_DATA_END),
+        };
+        self.ldx_w(R2, CTX, data);
+        self.ldx_w(R3, CTX, data_end);
+        if tagged && k >= ETHERTYPE_OFF {
+            // A constant added, for the same reason.
+            let untagged = self.forward_jump(EBPF_JMP32 | JEQ, TAG, 0);
+            self.emit(EBPF_ALU64 | OP_ADD, R2, 0, 0, TAG_LEN as i32);
+            self.land(untagged);
+        }
+        // R1 = the end of the bytes: the verifier learns from `R1 <= data_end` that they
+        // are in the packet.
+        self.mov64_reg(R1, R2);
+        self.emit(EBPF_ALU64 | OP_ADD, R1, 0, 0, (k + bytes) as i32);
+        let short = self.forward_jump_reg(EBPF_JMP | JGT, R1, R3);
+        self.emit(EBPF_LDX | EBPF_MEM | ebpf_size, dst, R1, -(bytes as i16), 0);
+        Some(short)
     }
 
     /// `dst` = the packet's length.

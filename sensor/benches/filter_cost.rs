@@ -11,6 +11,10 @@
 //! - `filter`: the translated filter program alone (on accept, its tail call finds no emit
 //!   program and it returns).
 //!
+//! And the floor under every filter: the empty expression (accept all, reading nothing),
+//! by libpcap and in each mode's `filter`: in the kernel, the test run's own cost per
+//! repetition with the translation's prologue and accepting end.
+//!
 //! The kernel cannot test-run classic BPF: BPF_PROG_LOAD takes eBPF only, and a classic
 //! filter attached with SO_ATTACH_FILTER, which the kernel converts to eBPF itself, gets no
 //! program fd to run. The comparison for the same classic program is therefore `libpcap`:
@@ -243,11 +247,7 @@ mod kernel {
         program: &pcap::BpfProgram,
         frames: &'a [Vec<u8>],
     ) -> Vec<(&'a [u8], bool)> {
-        let usable = || {
-            frames.iter().filter(|f| {
-                FRAME_LENS.contains(&f.len()) && !matches!(&f[12..14], [0x81, 0x00] | [0x88, 0xa8])
-            })
-        };
+        let usable = || frames.iter().filter(|f| usable(f));
         let matching = usable().any(|f| program.filter(f));
         let chosen = || usable().filter(|f| program.filter(f) == matching);
         let small = chosen().min_by_key(|f| f.len()).expect("a usable frame");
@@ -255,6 +255,42 @@ mod kernel {
         let mut chosen = vec![(small.as_slice(), matching), (large.as_slice(), matching)];
         chosen.dedup_by_key(|(frame, _)| frame.len());
         chosen
+    }
+
+    /// Whether a test run can take `frame` in every mode and show it as the wire did.
+    fn usable(frame: &[u8]) -> bool {
+        FRAME_LENS.contains(&frame.len()) && !matches!(&frame[12..14], [0x81, 0x00] | [0x88, 0xa8])
+    }
+
+    /// The floor under every filter: the empty expression (one instruction, accept all),
+    /// which reads nothing, on the smallest usable frame, by libpcap's interpreter and
+    /// translated for each mode. In the kernel that is the test run's own cost per
+    /// repetition, the translation's prologue and its accepting end.
+    fn floor_cost(c: &mut Criterion, dead: &pcap::Capture<pcap::Dead>, frames: &[Vec<u8>]) {
+        let program = dead
+            .compile("", true)
+            .expect("libpcap compiles the empty filter");
+        let classic = CbpfInsn::from_pcap(&program);
+        let frame = frames
+            .iter()
+            .filter(|f| usable(f))
+            .min_by_key(|f| f.len())
+            .expect("a usable frame");
+        let case = format!("(empty: the floor)/{}B match", frame.len());
+        let mut group = c.benchmark_group("bpf");
+        group.bench_function(format!("libpcap/{case}"), |b| {
+            b.iter(|| program.filter(std::hint::black_box(frame)))
+        });
+        for mode in Mode::ALL {
+            let mut chain = Chain::load(mode, &classic);
+            chain.unchain_emit();
+            let input = mode.test_input(frame);
+            let filter = chain.filter.try_clone().expect("fd");
+            group.bench_function(format!("{}-filter/{case}", mode.name()), |b| {
+                b.iter_custom(|iters| chain.time(&filter, &input, iters))
+            });
+        }
+        group.finish();
     }
 
     fn filter_cost(c: &mut Criterion) {
@@ -297,6 +333,7 @@ mod kernel {
             }
         }
         group.finish();
+        floor_cost(c, &dead, &frames);
     }
 
     criterion_group! {

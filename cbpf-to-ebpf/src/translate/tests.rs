@@ -337,17 +337,7 @@ fn xdp_loads_from_fragments() {
 /// in both contexts: the kernel's verdict must be libpcap's.
 #[test]
 fn corpus_matches_libpcap() {
-    let mut capture = pcap::Capture::from_file(format!("{CORPUS}/tcpdump-tests.pcap"))
-        .expect("the corpus at ../shared/corpus (see its README)");
-    let mut frames = Vec::new();
-    while let Ok(packet) = capture.next_packet() {
-        frames.push(packet.data.to_vec());
-    }
-    assert!(
-        frames.len() > 7000,
-        "only {} frames in the corpus",
-        frames.len()
-    );
+    let frames = corpus_frames();
     let filters = std::fs::read_to_string(format!("{CORPUS}/filters-dev.txt")).unwrap();
     let dead = pcap::Capture::dead(pcap::Linktype::ETHERNET).unwrap();
 
@@ -419,6 +409,93 @@ fn corpus_matches_libpcap() {
     );
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
     assert!(too_short.len() <= 5, "{} frames skipped", too_short.len());
+}
+
+/// Every frame of the shared corpus.
+fn corpus_frames() -> Vec<Vec<u8>> {
+    let mut capture = pcap::Capture::from_file(format!("{CORPUS}/tcpdump-tests.pcap"))
+        .expect("the corpus at ../shared/corpus (see its README)");
+    let mut frames = Vec::new();
+    while let Ok(packet) = capture.next_packet() {
+        frames.push(packet.data.to_vec());
+    }
+    assert!(
+        frames.len() > 7000,
+        "only {} frames in the corpus",
+        frames.len()
+    );
+    frames
+}
+
+/// A socket filter reads with LD_ABS and LD_IND: on the hand-written programs, on indirect
+/// offsets that wrap around 32 bits or reach past 2 GiB, and on the corpus through every
+/// dev filter, it gets libpcap's answer (the kernel's where an offset wraps around).
+#[test]
+fn socket_filter_matches_libpcap() {
+    let socket = Target {
+        hook: Hook::SocketFilter,
+        ..return_target(Context::Skb)
+    };
+    let load_socket = |prog: &[CbpfInsn]| {
+        let insns = translate(prog, &socket).unwrap_or_else(|e| panic!("{e} in {prog:?}"));
+        load(&insns, Hook::SocketFilter)
+    };
+    // A socket filter's test run starts the packet after the Ethernet header it is given:
+    // each packet goes in behind a copy of its own first 14 bytes.
+    let run_socket = |fd: &OwnedFd, packet: &[u8]| {
+        sys::test_run(fd.as_fd(), &[&packet[..14], packet].concat(), 1).map(|r| r.retval)
+    };
+    let packets = packets();
+    let mut progs = oracle_programs();
+    // Past 2 GiB: LD_IND's helper would read before the packet (SKF_LL_OFF).
+    progs.push(vec![
+        s(LDX_IMM, 0xffe0_0000),
+        s(LD_B_IND, 0x10),
+        s(RET_K, 9),
+    ]);
+    let mut compared = 0;
+    for prog in &progs {
+        let fd = load_socket(prog);
+        for packet in &packets {
+            let got = run_socket(&fd, packet).unwrap();
+            assert_eq!(
+                got,
+                oracle(prog, packet),
+                "{prog:?} on {} bytes",
+                packet.len()
+            );
+            compared += 1;
+        }
+    }
+    let packet = frame(60, 2);
+    let wraps = [s(LDX_IMM, 0xffff_fff0), s(LD_B_IND, 0x20), s(RET_A, 0)];
+    let got = run_socket(&load_socket(&wraps), &packet).unwrap();
+    assert_eq!(got, u32::from(packet[0x10]), "{wraps:?}");
+
+    let frames = corpus_frames();
+    let filters = std::fs::read_to_string(format!("{CORPUS}/filters-dev.txt")).unwrap();
+    let dead = pcap::Capture::dead(pcap::Linktype::ETHERNET).unwrap();
+    let mut refused = 0;
+    for expr in filters.lines() {
+        let program = dead.compile(expr, true).unwrap();
+        let fd = load_socket(&CbpfInsn::from_pcap(&program));
+        let limit = skb_test_limit(&fd) - 14;
+        for frame in &frames {
+            let data = &frame[..frame.len().min(limit)];
+            match run_socket(&fd, data) {
+                Ok(retval) => assert_eq!(
+                    retval != 0,
+                    program.filter(data),
+                    "\"{expr}\" on {} bytes",
+                    data.len()
+                ),
+                Err(_) => refused += 1,
+            }
+            compared += 1;
+        }
+    }
+    eprintln!("{compared} socket filter runs matched libpcap; {refused} refused by the test run");
+    assert!(refused <= 5 * filters.lines().count(), "{refused} refused");
 }
 
 /// A frame as the kernel's taps see it: without the outer 802.1Q or 802.1ad tag, which
@@ -655,8 +732,13 @@ fn live_filters_with_ancillary_loads() {
             classic.iter().any(|i| i.k >= SKF_AD_OFF as u32),
             "no ancillary load in \"{expr}\": {classic:?}"
         );
+        // Each hook its own translation: TC reads the packet in place, a socket filter may not.
+        let socket = Target {
+            hook: Hook::SocketFilter,
+            ..return_target(Context::Skb)
+        };
+        load(&translate(&classic, &socket).unwrap(), Hook::SocketFilter);
         let insns = translate(&classic, &return_target(Context::Skb)).unwrap();
-        load(&insns, Hook::SocketFilter);
         let fd = load(&insns, Hook::Tc);
         assert_eq!(run(&fd, &frame(60, 0)) != 0, accepted, "\"{expr}\"");
         let err = translate(&classic, &return_target(Context::Xdp)).unwrap_err();
@@ -782,6 +864,48 @@ fn xdp_indirect_loads_across_the_hidden_tag() {
         assert_eq!(run(&fd, &tagged), oracle(&prog, &untagged), "{prog:?}");
         assert_eq!(run(&fd, &untagged), oracle(&prog, &untagged), "{prog:?}");
     }
+}
+
+/// A load reads in place what lies in the linear part and calls the helper for the rest:
+/// at every offset around where an XDP test run's linear part ends (a page less the head
+/// and tail room), constant and indirect, it gets libpcap's answer either way.
+#[test]
+fn xdp_loads_across_the_end_of_the_linear_part() {
+    let packet = frame(9014, 8);
+    let x = 3000;
+    for at in 3400..3700 {
+        for (abs, ind) in [(LD_W_ABS, LD_W_IND), (LD_H_ABS, LD_H_IND)] {
+            for prog in [
+                vec![s(abs, at), s(RET_A, 0)],
+                vec![s(LDX_IMM, x), s(ind, at - x), s(RET_A, 0)],
+            ] {
+                let fd = load_classic(&prog, Context::Xdp);
+                assert_eq!(run(&fd, &packet), oracle(&prog, &packet), "{prog:?}");
+            }
+        }
+    }
+}
+
+/// At TC and XDP a packet load reads __sk_buff's or xdp_md's data pointer (the bytes in
+/// place); a socket filter may not, so it keeps the helper alone.
+#[test]
+fn reads_in_place_where_the_hook_allows() {
+    let prog = [s(LD_H_ABS, 12), s(RET_A, 0)];
+    let reads_data = |hook: Hook, data: i16| {
+        let target = Target {
+            hook,
+            ..return_target(Context::Skb)
+        };
+        let insns = translate(&prog, &target).unwrap();
+        load(&insns, hook);
+        insns
+            .iter()
+            .any(|i| i.code == EBPF_LDX | EBPF_MEM && i.regs == (R2 | CTX << 4) && i.off == data)
+    };
+    assert!(reads_data(Hook::Tc, skb::DATA));
+    assert!(reads_data(Hook::Xdp { frags: true }, XDP_DATA));
+    assert!(reads_data(Hook::Xdp { frags: false }, XDP_DATA));
+    assert!(!reads_data(Hook::SocketFilter, skb::DATA));
 }
 
 fn translate_error(prog: &[CbpfInsn], context: Context) -> TranslateError {
