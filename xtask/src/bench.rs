@@ -10,12 +10,16 @@
 //! over the rounds. CPU time and peak RSS come from /proc just before each process is
 //! stopped. Fan-in ([`fanin`]): 1, 8 and 32 sensors streaming files into one receiver.
 //!
-//! Results: tables on stdout, and `bench-out/capture.json`, `bench-out/streaming.json` and
-//! `bench-out/fanin.json` with every run.
+//! Loss-free rate ([`ndr`]): each contestant's highest rate with no frame lost, by binary
+//! search.
+//!
+//! Results: tables on stdout, and `bench-out/capture.json`, `bench-out/streaming.json`,
+//! `bench-out/fanin.json` and `bench-out/ndr.json` with every run.
 
 mod fanin;
 pub mod generator;
 mod micro;
+mod ndr;
 mod pipeline;
 mod streaming;
 
@@ -88,12 +92,13 @@ struct Run {
     receiver_rss_kib: u64,
 }
 
-/// Runs `only` ("capture", "streaming", "fanin" or "micro"), or all, over `rounds` rounds.
-pub fn run(only: Option<&str>, rounds: usize) -> Result<()> {
+/// Runs `only` ("capture", "streaming", "fanin", "micro" or "ndr"), or all, over `rounds`
+/// rounds; each loss-free rate trial lasts `trial`.
+pub fn run(only: Option<&str>, rounds: usize, trial: Duration) -> Result<()> {
     setup()?;
     let part = |name: &str| only.is_none_or(|o| o == name);
     // Live capture and the filter-cost micro-benchmark load the in-kernel programs.
-    if part("capture") || part("micro") {
+    if part("capture") || part("micro") || part("ndr") {
         crate::ebpf::build(crate::root())?;
     }
     cmd(
@@ -122,6 +127,9 @@ pub fn run(only: Option<&str>, rounds: usize) -> Result<()> {
     if part("micro") {
         micro::run(&out_dir)?;
     }
+    if part("ndr") {
+        ndr::run(&out_dir, trial, ticks)?;
+    }
     Ok(())
 }
 
@@ -145,6 +153,8 @@ fn capture(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
             size,
             count,
             rate: None,
+            xdp_live: false,
+            cpu: None,
         };
         references.push_str(&reference_rates(&lab, &scratch, &traffic)?);
         let mut runs: Vec<Vec<Run>> = vec![Vec::new(); CONTESTANTS.len()];
@@ -154,7 +164,13 @@ fn capture(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
                     "xtask: {size}-byte frames, round {round}/{rounds}: {}",
                     contestant.name()
                 );
-                let run = measure(&lab, &iface, *contestant, &traffic, &tls, ticks)
+                let on = Capture {
+                    lab: &lab,
+                    iface: &iface,
+                    filter: None,
+                    cpu: None,
+                };
+                let run = measure(&on, *contestant, &traffic, Some(&tls), ticks)
                     .with_context(|| format!("{} on {size}-byte frames", contestant.name()))?;
                 runs[i].push(run);
             }
@@ -193,20 +209,32 @@ fn reference_rates(lab: &Lab, scratch: &Scratch, traffic: &generator::Options) -
     ))
 }
 
+/// Where and how the contestants capture.
+struct Capture<'a> {
+    lab: &'a Lab,
+    /// The capture end of the veth.
+    iface: &'a str,
+    /// A tcpdump filter for every contestant (all frames when `None`).
+    filter: Option<&'a str>,
+    /// The CPU every capturing process is pinned to, if any.
+    cpu: Option<usize>,
+}
+
 /// One burst of `traffic` captured by `contestant`.
 fn measure(
-    lab: &Lab,
-    iface: &str,
+    on: &Capture,
     contestant: Contestant,
     traffic: &generator::Options,
-    tls: &pipeline::TlsPair,
+    tls: Option<&pipeline::TlsPair>,
     ticks: f64,
 ) -> Result<Run> {
+    let (lab, iface) = (on.lab, on.iface);
     let dir = Scratch::new("bench-run")?;
     match contestant {
         Contestant::Tcpdump => {
             let out = dir.join("tcpdump.pcap");
-            let mut tcpdump = start_baseline(lab, iface, &out)?;
+            let mut tcpdump = start_baseline(lab, iface, on.filter, &out)?;
+            pin(on, tcpdump.pid())?;
             let sent = generator::run_in(&lab.gen, traffic)?;
             std::thread::sleep(SETTLE);
             let (capture_cpu, capture_rss_kib) = usage(tcpdump.pid(), ticks)?;
@@ -222,14 +250,20 @@ fn measure(
                 ..Run::sent(&sent)
             })
         }
-        Contestant::Pipeline => measure_pipeline(lab, iface, traffic, tls, ticks, &dir),
+        Contestant::Pipeline => {
+            let tls = tls.context("the pipeline needs the receiver's TLS pair")?;
+            measure_pipeline(lab, iface, traffic, tls, ticks, &dir)
+        }
         Contestant::Sensor(mode) => {
             let (mut receiver, out) = Receiver::writing(Some(&lab.cap), &dir, "out.pcap", &[])?;
             let mut args = vec!["--iface", iface, "--mode", mode];
             if mode == "afxdp" {
                 args.push("--dedicated");
             }
+            args.extend(on.filter);
             let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args)?;
+            pin(on, receiver.proc.pid())?;
+            pin(on, sensor.pid())?;
             let sent = generator::run_in(&lab.gen, traffic)?;
             std::thread::sleep(SETTLE);
             let (capture_cpu, capture_rss_kib) = usage(sensor.pid(), ticks)?;
@@ -317,7 +351,7 @@ impl Run {
 
 /// `tcpdump -w file` as a user would run it for a long capture: no immediate mode, a
 /// 32 MiB kernel buffer so that it too has room for bursts.
-fn start_baseline(lab: &Lab, iface: &str, out: &Path) -> Result<Proc> {
+fn start_baseline(lab: &Lab, iface: &str, filter: Option<&str>, out: &Path) -> Result<Proc> {
     let mut argv = lab.cap.command("tcpdump");
     let out = out.to_string_lossy().into_owned();
     argv.extend(
@@ -325,11 +359,37 @@ fn start_baseline(lab: &Lab, iface: &str, out: &Path) -> Result<Proc> {
             "-i", iface, "-s", "262144", "-B", "32768", "-Z", "root", "-w", &out,
         ]
         .iter()
+        .chain(&filter)
         .map(|s| s.to_string()),
     );
     let mut proc = Proc::start("tcpdump", &argv, std::process::Stdio::null())?;
     proc.wait_for("listening on", Duration::from_secs(10))?;
     Ok(proc)
+}
+
+/// Pins every thread of process `pid` (and the threads it starts later) to the capture CPU,
+/// if there is one, and with it the NAPI threads of the capture interface (threaded NAPI),
+/// which exist once an XDP program made the veth use NAPI.
+fn pin(on: &Capture, pid: u32) -> Result<()> {
+    let Some(cpu) = on.cpu else {
+        return Ok(());
+    };
+    let cpu = cpu.to_string();
+    let napi = format!("napi/{}-", on.iface);
+    let mut pids = vec![pid];
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(task) = entry?.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{task}/comm")).unwrap_or_default();
+        if comm.starts_with(&napi) {
+            pids.push(task);
+        }
+    }
+    for pid in pids {
+        testbed::run("taskset", &["-a", "-cp", &cpu, &pid.to_string()])?;
+    }
+    Ok(())
 }
 
 /// CPU seconds (user + system) and peak RSS (KiB) of a running process, from /proc;
@@ -388,17 +448,26 @@ fn number_before(log: &str, suffix: &str) -> Result<u64> {
     number.parse().with_context(|| format!("in {line:?}"))
 }
 
-/// Packet records in a classic pcap file.
+/// Packet records in a classic pcap file, read header by header (the loss-free rate's files
+/// reach gigabytes).
 fn count_records(path: &Path) -> Result<u64> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut at = 24;
+    use std::io::{BufReader, Read, Seek, SeekFrom};
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    reader.seek(SeekFrom::Start(24))?;
+    let mut header = [0u8; 16];
     let mut n = 0;
-    while at + 16 <= bytes.len() {
-        let captured = u32::from_le_bytes(bytes[at + 8..at + 12].try_into()?) as usize;
-        at += 16 + captured;
+    loop {
+        match reader.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(n),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+        let captured = u32::from_le_bytes(header[8..12].try_into()?);
+        reader.seek_relative(i64::from(captured))?;
         n += 1;
     }
-    Ok(n)
 }
 
 pub fn parse_mac(text: &str) -> Result<[u8; 6]> {

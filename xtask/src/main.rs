@@ -46,15 +46,19 @@ enum Command {
     /// Measure capture throughput, loss, CPU and memory of every sensor mode beside
     /// `tcpdump -w file` and a tcpdump | socat TLS pipeline on the same traffic, streaming
     /// (`sensor --read`) beside that pipeline, fan-in of 1, 8 and 32 sensors into one
-    /// receiver, and the criterion micro-benchmarks (root; several minutes); see
-    /// BENCHMARKS.md.
+    /// receiver, the criterion micro-benchmarks, and each capture's loss-free rate (RFC 2544
+    /// throughput, `--only ndr`) (root; several minutes); see BENCHMARKS.md.
     Bench {
         /// Run one part only (all when not given), e.g. `--only fanin`.
-        #[arg(long, value_parser = ["capture", "streaming", "fanin", "micro"])]
+        #[arg(long, value_parser = ["capture", "streaming", "fanin", "micro", "ndr"])]
         only: Option<String>,
         /// Interleaved rounds per contestant; the tables show the median.
         #[arg(long, default_value_t = bench::ROUNDS)]
         rounds: usize,
+        /// Seconds of traffic per trial of the loss-free rate search (RFC 2544 says 10 s;
+        /// shorter for a quick look), e.g. `--trial-seconds 3`.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        trial_seconds: u64,
     },
     /// Send UDP frames out of an interface as fast as the machine allows (or at --rate),
     /// through an AF_PACKET socket past the qdisc, and print frames sent and pps: the
@@ -78,6 +82,13 @@ enum Command {
         /// Frames per second, e.g. `--rate 100000` (default: as fast as possible).
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         rate: Option<u64>,
+        /// Send through XDP live frames (BPF_PROG_RUN, Linux 5.18+) instead of an AF_PACKET
+        /// socket; the veth peer needs an XDP program or GRO on.
+        #[arg(long)]
+        xdp_live: bool,
+        /// Run pinned to this CPU, e.g. `--cpu 0`.
+        #[arg(long)]
+        cpu: Option<usize>,
     },
     /// Run the cargo-fuzz targets (nightly; installs cargo-fuzz when missing), after
     /// writing their seed corpora; fails if any finds a crash. See fuzz/README.md.
@@ -104,7 +115,15 @@ fn main() {
         Command::Setup => system::setup(),
         Command::BuildEbpf => ebpf::build(root()),
         Command::InstallExtcap { binary } => extcap::install(root(), binary.as_deref()),
-        Command::Bench { only, rounds } => bench::run(only.as_deref(), rounds.max(1)),
+        Command::Bench {
+            only,
+            rounds,
+            trial_seconds,
+        } => bench::run(
+            only.as_deref(),
+            rounds.max(1),
+            std::time::Duration::from_secs(trial_seconds),
+        ),
         Command::Fuzz { seconds, targets } => fuzz::run(root(), seconds, &targets),
         Command::Generate {
             iface,
@@ -112,12 +131,16 @@ fn main() {
             size,
             count,
             rate,
+            xdp_live,
+            cpu,
         } => bench::generator::send(&bench::generator::Options {
             iface,
             dst_mac,
             size: usize::from(size),
             count,
             rate,
+            xdp_live,
+            cpu,
         })
         .map(|sent| println!("{}", sent.line())),
     };

@@ -24,6 +24,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "`script`, the pseudo-terminal of the status line test",
     ),
     ("iproute2", "network namespaces and veth"),
+    (
+        "ethtool",
+        "GRO on the bench's veth, which XDP live frames need",
+    ),
     ("procps", "sysctl inside the test namespaces"),
     ("iputils-ping", "live traffic in the demo"),
     ("man-db", "rendering the generated man pages in the tests"),

@@ -7,6 +7,13 @@
 //! link cannot take a frame (the peer's backlog or ring is full), the kernel refuses it
 //! with ENOBUFS before any capture saw it; the generator counts the refusal and sends that
 //! frame again, so every frame of `--count` reaches the capture end exactly once.
+//!
+//! With `--xdp-live` it sends through XDP "live frames" instead (BPF_PROG_RUN with
+//! BPF_F_TEST_XDP_LIVE_FRAMES, as xdp-trafficgen does): a two-instruction XDP program
+//! returns XDP_TX for each copy of the frame, which the kernel turns into a transmission out
+//! of the interface, without sockets or skbs. A veth peer takes such frames only when it runs
+//! NAPI (an XDP program attached, or GRO on). The kernel does not say which frames the peer
+//! refused; its counters do ([`super::ndr`] reads them).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -26,6 +33,10 @@ pub struct Options {
     pub count: u64,
     /// Frames per second; as fast as possible when `None`.
     pub rate: Option<u64>,
+    /// Through XDP live frames rather than an AF_PACKET socket.
+    pub xdp_live: bool,
+    /// The CPU to run on, if pinned.
+    pub cpu: Option<usize>,
 }
 
 /// What was sent.
@@ -91,6 +102,13 @@ pub fn run_in(ns: &testbed::Netns, opts: &Options) -> Result<Sent> {
     if let Some(rate) = &rate {
         args.extend(["--rate", rate]);
     }
+    let cpu = opts.cpu.map(|c| c.to_string());
+    if let Some(cpu) = &cpu {
+        args.extend(["--cpu", cpu]);
+    }
+    if opts.xdp_live {
+        args.push("--xdp-live");
+    }
     let out = ns.exec(&exe.to_string_lossy(), &args)?;
     let sent = Sent::parse(&out)?;
     if sent.frames != opts.count {
@@ -105,7 +123,13 @@ pub fn run_in(ns: &testbed::Netns, opts: &Options) -> Result<Sent> {
 
 /// Sends `opts.count` copies of the bench's UDP frame out of `opts.iface`.
 pub fn send(opts: &Options) -> Result<Sent> {
+    if let Some(cpu) = opts.cpu {
+        pin_to(cpu)?;
+    }
     let frame = super::udp_frame(opts.size, opts.dst_mac)?;
+    if opts.xdp_live {
+        return send_live(opts, &frame);
+    }
     let socket = PacketSocket::bind(&opts.iface)?;
     // Every message of a batch points at the same frame: nothing is built per packet.
     let mut iov = libc::iovec {
@@ -119,18 +143,7 @@ pub fn send(opts: &Options) -> Result<Sent> {
         m.msg_hdr.msg_iov = &mut iov;
         m.msg_hdr.msg_iovlen = 1;
     }
-    // With a rate, batches of about a millisecond's worth keep the pace even.
-    let batch = opts
-        .rate
-        .map_or(BATCH, |r| (r / 1000).clamp(1, BATCH as u64) as usize);
-    let mut sent = Sent::default();
-    let started = Instant::now();
-    while sent.frames < opts.count {
-        if let Some(rate) = opts.rate {
-            let due = started + Duration::from_secs_f64(sent.frames as f64 / rate as f64);
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        }
-        let want = batch.min((opts.count - sent.frames) as usize);
+    paced(opts, BATCH as u64, |want, sent| {
         // SAFETY: `messages` holds `want` <= BATCH initialised headers whose single iovec
         // points at `frame`, which outlives the call; the kernel only reads them.
         let n = unsafe {
@@ -151,17 +164,110 @@ pub fn send(opts: &Options) -> Result<Sent> {
                 Some(libc::EINTR) => {}
                 _ => bail!("cannot send on {}: {e}", opts.iface),
             }
-            continue;
+            return Ok(());
         }
         let n = n as u64;
         sent.frames += n;
         // A blocking sendmmsg returns short only when a frame failed: the link refused it.
-        if n < want as u64 {
+        if n < want {
             sent.refused += 1;
         }
+        Ok(())
+    })
+}
+
+/// Calls `send(want, sent)` until `opts.count` frames are out; `send` adds what it sent
+/// (and what the link refused) to `sent`. `want` is at most `max_batch`, and with a rate a
+/// millisecond's worth, each call after a sleep while it is ahead of the schedule, which
+/// keeps the pace even.
+fn paced(
+    opts: &Options,
+    max_batch: u64,
+    mut send: impl FnMut(u64, &mut Sent) -> Result<()>,
+) -> Result<Sent> {
+    let batch = opts
+        .rate
+        .map_or(max_batch, |r| (r / 1000).clamp(1, max_batch));
+    let mut sent = Sent::default();
+    let started = Instant::now();
+    while sent.frames < opts.count {
+        if let Some(rate) = opts.rate {
+            let due = started + Duration::from_secs_f64(sent.frames as f64 / rate as f64);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+        send(batch.min(opts.count - sent.frames), &mut sent)?;
     }
     sent.seconds = started.elapsed().as_secs_f64();
     Ok(sent)
+}
+
+/// Frames per BPF_PROG_RUN call at full speed: a few milliseconds' worth.
+const LIVE_CHUNK: u64 = 1 << 16;
+/// Frames per flush to the interface in live frames mode (the kernel's default, NAPI's
+/// budget).
+const LIVE_BATCH: u32 = 64;
+
+/// [`send`] through XDP live frames, [`LIVE_CHUNK`] frames per call at full speed.
+fn send_live(opts: &Options, frame: &[u8]) -> Result<Sent> {
+    use std::os::fd::AsFd;
+
+    use cbpf_to_ebpf::{EbpfInsn, Hook};
+    const XDP_TX: i32 = 3;
+    // r0 = XDP_TX; exit
+    let program = [
+        EbpfInsn {
+            code: 0xb7,
+            regs: 0,
+            off: 0,
+            imm: XDP_TX,
+        },
+        EbpfInsn {
+            code: 0x95,
+            regs: 0,
+            off: 0,
+            imm: 0,
+        },
+    ];
+    let prog = cbpf_to_ebpf::load_program(Hook::Xdp { frags: false }, &program, "cs_trafficgen")
+        .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    let index = if_index(&opts.iface)?;
+    paced(opts, LIVE_CHUNK, |want, sent| {
+        cbpf_to_ebpf::xdp_live_frames(prog.as_fd(), frame, index, want as u32, LIVE_BATCH)
+            .with_context(|| format!("XDP live frames out of {} failed", opts.iface))?;
+        sent.frames += want;
+        Ok(())
+    })
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data for which all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit of `set`, which it bounds by the set's size.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t that lives through the call, passed with its size.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        bail!(
+            "cannot pin the generator to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// The index of interface `iface` in this network namespace.
+fn if_index(iface: &str) -> Result<u32> {
+    let name = CString::new(iface).context("interface name holds a NUL byte")?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        bail!(
+            "no interface {iface} here: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(index)
 }
 
 /// An AF_PACKET raw socket bound to one interface, sending past the qdisc and receiving
@@ -170,15 +276,7 @@ struct PacketSocket(OwnedFd);
 
 impl PacketSocket {
     fn bind(iface: &str) -> Result<Self> {
-        let name = CString::new(iface).context("interface name holds a NUL byte")?;
-        // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
-        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if index == 0 {
-            bail!(
-                "no interface {iface} here: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        let index = if_index(iface)?;
         // SAFETY: plain socket(2) call; the result is checked before use.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
         if fd < 0 {
