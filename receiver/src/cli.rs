@@ -112,7 +112,7 @@ pub struct Cli {
     pub command: Option<Command>,
 
     /// Output file, or `-` for stdout (e.g. `--out /var/capture/all.pcapng`); default
-    /// capture.pcap, or none with --serve-pcap or --push-pcap. The file name may hold strftime fields, in
+    /// capture.pcap, or none with --serve-pcap, --push-pcap or --kafka. The file name may hold strftime fields, in
     /// UTC (e.g. `--out /data/cap-%Y%m%d-%H%M%S.pcapng`), and `{sensor}` with --split-by.
     /// An existing file is continued, never replaced (or written beside, numbered, if it is
     /// not a capture this receiver can append to); a journal beside it lets resuming
@@ -133,7 +133,7 @@ pub struct Cli {
     pub listen: SocketAddr,
 
     /// Directory for the generated certificate and key, the generated tokens (the sensors'
-    /// `token`, the live stream's `viewer-token`), and the key
+    /// `token`; `viewer-token`, for viewers and the TLS live stream), and the key
     /// that lets a restarted
     /// receiver reset its predecessor's connections so sensors resume at once
     /// (e.g. `--state-dir /var/lib/capstream`); default: the per-user data directory,
@@ -413,7 +413,8 @@ pub struct Cli {
     /// At exit, write the exit summary's figures as JSON to this file (mode 0600, replaced
     /// whole; e.g. `--summary-json /run/capstream/receiver-summary.json`): per sensor
     /// session what was written and received and the sensor's last statistics, the live
-    /// stream's figures and the upload report. Also written when the run fails.
+    /// stream's figures, the Kafka output's, the TLS keys' and the upload report. Also
+    /// written when the run fails.
     #[arg(long, value_name = "FILE")]
     pub summary_json: Option<PathBuf>,
 
@@ -583,7 +584,7 @@ impl Cli {
         if tls || self.kafka_allow_plaintext {
             return Ok(());
         }
-        match self.kafka.iter().find(|b| !is_loopback_broker(b)) {
+        match self.kafka.iter().find(|b| !is_loopback(b)) {
             Some(broker) => Err(format!(
                 "--kafka {broker} is not on loopback and would get every captured packet in \
                  clear: add --kafka-tls or --kafka-ca FILE, or --kafka-allow-plaintext"
@@ -643,16 +644,6 @@ fn parse_kafka_broker(s: &str) -> Result<String, String> {
     } else {
         Err(invalid())
     }
-}
-
-/// Whether a broker given as HOST:PORT is this host.
-fn is_loopback_broker(broker: &str) -> bool {
-    let host = broker.rsplit_once(':').map_or(broker, |(h, _)| h);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A topic name as Kafka takes it: 1 to 249 letters, digits, '.', '_' or '-', not '.' or
@@ -731,8 +722,8 @@ fn parse_push_pcap(s: &str) -> Result<String, String> {
     }
 }
 
-/// Whether a --push-pcap target is this host: a loopback address, or `localhost`. A name
-/// is not resolved at start (it may resolve elsewhere later).
+/// Whether a HOST:PORT (--push-pcap, --kafka) is this host: a loopback address, or
+/// `localhost`. A name is not resolved at start (it may resolve elsewhere later).
 fn is_loopback(target: &str) -> bool {
     let host = target.rsplit_once(':').map_or(target, |(host, _)| host);
     let host = host.trim_start_matches('[').trim_end_matches(']');

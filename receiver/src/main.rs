@@ -215,6 +215,13 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(addr) = cli.metrics {
         program::metrics::serve(addr, METRICS_LINGER).map_err(|e| BadInput(anyhow!(e)))?;
     }
+    // Bound before the outputs are opened, as the sensors' endpoint is.
+    let viewers = match (cli.viewer_listen, &viewer) {
+        (Some(addr), Some(viewer_token)) => {
+            Some(viewer_endpoint(&cli, addr, &identity, viewer_token).map_err(BadInput)?)
+        }
+        _ => None,
+    };
     // Opened only once listening works, so a refused start leaves no empty file behind.
     let Outputs { sink, live, kafka } =
         open_outputs(&cli, pattern, uploader.as_ref(), secure.clone(), kafka).await?;
@@ -307,11 +314,9 @@ async fn run(cli: Cli) -> Result<()> {
     }
 
     let sensors = std::sync::Arc::new(viewer::Sensors::default());
-    if let (Some(addr), Some(viewer_token)) = (cli.viewer_listen, &viewer) {
-        let (endpoint, viewer_auth) =
-            viewer_endpoint(&cli, addr, &identity, viewer_token).map_err(BadInput)?;
+    if let Some((viewer_endpoint, viewer_auth)) = viewers {
         tokio::spawn(viewer::serve(
-            endpoint,
+            viewer_endpoint,
             std::sync::Arc::clone(&sensors),
             std::sync::Arc::new(viewer_auth),
             cli.reorder_window,
@@ -392,7 +397,14 @@ fn secrets_policy(cli: &Cli) -> writer::Secrets {
     match (cli.drop_secrets, cli.out_path(), cli.format()) {
         (true, _, _) => writer::Secrets::Drop,
         (false, Some(_), receiver::sink::Format::Pcapng) => writer::Secrets::Write,
-        _ => writer::Secrets::CannotHold,
+        (false, Some(_), _) => writer::Secrets::CannotHold(
+            "classic pcap cannot hold keys (write pcapng: --format pcapng or an --out ending \
+             in .pcapng)",
+        ),
+        (false, None, _) => writer::Secrets::CannotHold(
+            "only a pcapng file or pipe holds keys, and this receiver writes none (the live \
+             stream is classic pcap; Kafka messages carry none)",
+        ),
     }
 }
 

@@ -189,7 +189,7 @@ pub enum Secrets {
     /// `--drop-secrets`: acknowledged, counted, never written.
     Drop,
     /// The output cannot hold them (classic pcap, the live stream): counted, said once.
-    CannotHold,
+    CannotHold(&'static str),
 }
 
 /// The environment variable of the fault point, for tests only:
@@ -474,12 +474,10 @@ impl Writer {
             match self.secrets {
                 Secrets::Write => self.merge.wait_for_keys(session),
                 Secrets::Drop => {}
-                Secrets::CannotHold => {
+                Secrets::CannotHold(why) => {
                     if !std::mem::replace(&mut self.said_cannot_hold, true) {
                         tracing::warn!(
-                            "{} sends TLS keys (--keylog), but classic pcap cannot hold keys: \
-                             they are not written (write pcapng: --format pcapng or an --out \
-                             ending in .pcapng)",
+                            "{} sends TLS keys (--keylog), but {why}: they are not written",
                             sensor_label(hello, identity.as_deref(), peer)
                         );
                     }
@@ -684,7 +682,8 @@ impl Writer {
             }
             Err(e) => e,
         };
-        if !self.retry_output {
+        // A reader that went away (stdout's pipe) never comes back, whatever else is retried.
+        if !self.retry_output || e.kind() == std::io::ErrorKind::BrokenPipe {
             return Err(e).context("writing the output");
         }
         tracing::error!(

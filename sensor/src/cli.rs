@@ -292,8 +292,9 @@ pub struct Cli {
     /// matches nothing yet is a warning: the file is read once it appears. Malformed lines
     /// are counted and skipped. Lines travel with the packets (acknowledged, kept in
     /// --buffer and --spool-dir, dropped and counted when those are full). Read as --user
-    /// once privileges are given up.
-    #[arg(long, value_name = "PATH|GLOB")]
+    /// once privileges are given up. Not with --on-demand: key lines travel with a
+    /// standing capture's packets.
+    #[arg(long, value_name = "PATH|GLOB", conflicts_with = "on_demand")]
     pub keylog: Vec<String>,
     // On-demand captures (README "Wireshark on demand").
     /// Capture nothing of your own: stay connected and idle, and capture only what the

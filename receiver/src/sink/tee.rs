@@ -92,14 +92,11 @@ impl Sink for Tee {
     }
 
     fn write_secrets(&mut self, interface: u32, lines: &[u8]) -> io::Result<bool> {
-        let indexes = self
-            .interfaces
-            .get(interface as usize)
-            .ok_or_else(unknown_interface)?;
         let mut kept = false;
-        for (output, &interface) in self.outputs.iter_mut().zip(indexes) {
-            kept |= output.write_secrets(interface, lines)?;
-        }
+        self.each_output(interface, |output, idx| {
+            kept |= output.write_secrets(idx, lines)?;
+            Ok(())
+        })?;
         Ok(kept)
     }
 
