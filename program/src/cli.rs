@@ -305,24 +305,26 @@ pub fn read_token_file(path: &Path) -> Result<(AuthToken, Option<String>), Strin
             secret.len()
         )
     })?;
-    Ok((token, readable_by_others(path)))
+    Ok((token, readable_by_others(path, "token file")))
 }
 
+/// A warning when the secret file `path` (`what`, e.g. "token file") may be read by others
+/// than its owner.
 #[cfg(unix)]
-fn readable_by_others(path: &Path) -> Option<String> {
+pub fn readable_by_others(path: &Path, what: &str) -> Option<String> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
     (mode & 0o077 != 0).then(|| {
         format!(
-            "token file {} may be read by others than its owner (mode {mode:03o}): \
-             chmod 600 it",
+            "{what} {} may be read by others than its owner (mode {mode:03o}): chmod 600 it",
             path.display()
         )
     })
 }
 
+/// A warning when the secret file `path` may be read by others: none where modes do not say.
 #[cfg(not(unix))]
-fn readable_by_others(_path: &Path) -> Option<String> {
+pub fn readable_by_others(_path: &Path, _what: &str) -> Option<String> {
     None
 }
 

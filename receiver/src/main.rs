@@ -515,6 +515,9 @@ fn kafka_config(cli: &Cli) -> Result<Option<sink::kafka::KafkaConfig>> {
             use rskafka::client::{Credentials, SaslConfig};
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read --kafka-password-file {}", file.display()))?;
+            if let Some(warning) = program::cli::readable_by_others(file, "--kafka-password-file") {
+                tracing::warn!("{warning}");
+            }
             let password = text.lines().next().unwrap_or_default().to_string();
             if password.is_empty() {
                 return Err(anyhow!(
