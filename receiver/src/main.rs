@@ -375,13 +375,13 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let summary_written = match (summary_file, &cli.summary_json) {
         (Some(file), Some(path)) => {
-            let mut json = stats::summary_json(
+            let json = stats::summary_json(
                 summaries.as_deref().ok(),
                 live_summary.as_ref(),
                 kafka_summary.as_ref(),
                 upload_report.as_ref(),
+                &receiver::sink::secrets::COUNTERS,
             );
-            json["tls_keys"] = receiver::sink::secrets::COUNTERS.json();
             file.commit(format!("{json:#}\n").as_bytes())
                 .with_context(|| format!("cannot write the summary to {}", path.display()))
         }
@@ -750,7 +750,7 @@ fn viewer_endpoint(
     cli: &Cli,
     addr: std::net::SocketAddr,
     identity: &tls::Identity,
-    viewer_token: &receiver::viewer_token::ViewerToken,
+    viewer_token: &std::sync::Arc<receiver::viewer_token::ViewerToken>,
 ) -> Result<(quinn::Endpoint, viewer::ViewerAuth)> {
     let roots = match &cli.viewer_ca {
         Some(path) => Some(tls::roots_of(path, "--viewer-ca")?),
@@ -793,7 +793,7 @@ fn viewer_endpoint(
     );
     Ok((
         endpoint,
-        viewer::ViewerAuth::new(viewer_token.token().clone(), cli.viewer_ca.is_some()),
+        viewer::ViewerAuth::new(std::sync::Arc::clone(viewer_token), cli.viewer_ca.is_some()),
     ))
 }
 

@@ -4,6 +4,7 @@
 use protocol::{DropReason, Stats};
 use receiver::sink::kafka::KafkaSummary;
 use receiver::sink::live::LiveSummary;
+use receiver::sink::secrets::SecretsCounters;
 use serde_json::{json, Value};
 
 use crate::merge::Written;
@@ -173,12 +174,14 @@ pub fn summary_json(
     live: Option<&LiveSummary>,
     kafka: Option<&KafkaSummary>,
     upload: Option<&UploadReport>,
+    tls_keys: &SecretsCounters,
 ) -> Value {
     json!({
         "sessions": sessions.map(|s| s.iter().map(SensorSummary::json).collect::<Vec<_>>()),
         "live_stream": live.map(LiveSummary::json),
         "kafka": kafka.map(KafkaSummary::json),
         "upload": upload.map(UploadReport::json),
+        "tls_keys": tls_keys.json(),
     })
 }
 
@@ -186,6 +189,7 @@ pub fn summary_json(
 mod tests {
     use super::*;
     use protocol::InterfaceStats;
+    use receiver::sink::secrets::COUNTERS;
 
     /// Hostile counters (u64::MAX) make a summary line, not an overflow panic.
     #[test]
@@ -239,7 +243,7 @@ mod tests {
             },
             stats: None,
         };
-        let json = summary_json(Some(&[summary]), None, None, None);
+        let json = summary_json(Some(&[summary]), None, None, None, &COUNTERS);
         let session = &json["sessions"][0];
         assert_eq!(session["label"], "sensor s (h, 127.0.0.1:1)");
         assert_eq!(session["written"]["packets"], 3);
@@ -247,6 +251,6 @@ mod tests {
         assert_eq!(session["received"]["duplicates"], 1);
         assert!(session["sensor_stats"].is_null());
         assert!(json["live_stream"].is_null() && json["upload"].is_null());
-        assert!(summary_json(None, None, None, None)["sessions"].is_null());
+        assert!(summary_json(None, None, None, None, &COUNTERS)["sessions"].is_null());
     }
 }

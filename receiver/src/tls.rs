@@ -182,14 +182,7 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
 /// TLS for the live stream's TCP clients (socat, stunnel): TLS 1.3 with the receiver's
 /// certificate; clients prove themselves by the viewer token, not a certificate.
 pub fn stream_config(identity: &Identity) -> Result<Arc<rustls::ServerConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3 is unavailable")?
-        .with_no_client_auth()
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
-        .context("the certificate and key do not match")?;
-    Ok(Arc::new(tls))
+    tls_config(identity, None, ClientCert::Required, None).map(Arc::new)
 }
 
 /// The receive window of a connection until its sensor's Hello is accepted: room for the
@@ -211,7 +204,7 @@ pub fn server_config(
         identity,
         client_roots.map(|roots| (roots, "--client-ca")),
         ClientCert::Required,
-        protocol::ALPN,
+        Some(protocol::ALPN),
     )?;
     // The stream may take 16 MiB once the connection's window is raised (after the Hello:
     // connection.rs).
@@ -225,13 +218,13 @@ enum ClientCert {
     Optional,
 }
 
-/// TLS 1.3 with `alpn` only and this receiver's certificate; with `client_roots` (and the
+/// TLS 1.3 with `alpn` only (if given) and this receiver's certificate; with `client_roots` (and the
 /// flag that gave them), client certificates chaining to them are verified.
 fn tls_config(
     identity: &Identity,
     client_roots: Option<(rustls::RootCertStore, &str)>,
     client_cert: ClientCert,
-    alpn: &[u8],
+    alpn: Option<&[u8]>,
 ) -> Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
@@ -257,7 +250,7 @@ fn tls_config(
     let mut tls = builder
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())
         .context("the certificate and key do not match")?;
-    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.alpn_protocols = alpn.into_iter().map(<[u8]>::to_vec).collect();
     Ok(tls)
 }
 
@@ -273,7 +266,7 @@ pub fn viewer_server_config(
         identity,
         viewer_roots.map(|roots| (roots, "--viewer-ca")),
         ClientCert::Optional,
-        protocol::VIEWER_ALPN,
+        Some(protocol::VIEWER_ALPN),
     )?;
     quic_config(tls, UNAUTHENTICATED_RECEIVE_WINDOW)
 }

@@ -17,15 +17,16 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use program::names::clean;
 use protocol::{
-    AuthToken, CaptureEnded, CaptureRequest, CaptureStarted, CaptureTarget, DropReason, ErrorCode,
-    ErrorMsg, InterfaceInfo, ListedSensor, Message, SensorList,
+    CaptureEnded, CaptureRequest, CaptureStarted, CaptureTarget, DropReason, ErrorCode, ErrorMsg,
+    InterfaceInfo, ListedSensor, Message, SensorList,
 };
 use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream, VarInt};
 use receiver::sink::{PcapNgSink, Sink, SinkInterface};
 use tokio::sync::mpsc;
 
-use crate::auth::{certificate_name, Auth};
+use crate::auth::{certificate_name, RefusalLog};
 use crate::merge::Merge;
+use receiver::viewer_token::ViewerToken;
 
 /// How long a viewer has to finish its handshake and say who it is.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -110,16 +111,18 @@ impl Sensors {
 /// What viewers must prove: the viewer token (checked as the sensors' is), or a client
 /// certificate from `--viewer-ca`.
 pub struct ViewerAuth {
-    token: Auth,
+    token: Arc<ViewerToken>,
     /// `--viewer-ca`: a verified client certificate is proof enough.
     certificates: bool,
+    refusals: RefusalLog,
 }
 
 impl ViewerAuth {
-    pub fn new(token: AuthToken, certificates: bool) -> Self {
+    pub fn new(token: Arc<ViewerToken>, certificates: bool) -> Self {
         Self {
-            token: Auth::new(Some(token), false),
+            token,
             certificates,
+            refusals: RefusalLog::default(),
         }
     }
 }
@@ -159,20 +162,14 @@ async fn viewer(
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             return auth
-                .token
                 .refusals
                 .refused(peer, format!("viewer handshake failed: {e}"))
         }
-        Err(_) => {
-            return auth
-                .token
-                .refusals
-                .refused(peer, "viewer handshake timed out")
-        }
+        Err(_) => return auth.refusals.refused(peer, "viewer handshake timed out"),
     };
     let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(streams)) => streams,
-        _ => return auth.token.refusals.refused(peer, "viewer opened no stream"),
+        _ => return auth.refusals.refused(peer, "viewer opened no stream"),
     };
     let mut buf = BytesMut::new();
     let hello = tokio::time::timeout(
@@ -182,10 +179,9 @@ async fn viewer(
     .await;
     let hello = match hello {
         Ok(Ok(Some(Message::ViewerHello(hello)))) => hello,
-        Ok(Err(why)) => return auth.token.refusals.refused(peer, format!("viewer: {why}")),
+        Ok(Err(why)) => return auth.refusals.refused(peer, format!("viewer: {why}")),
         _ => {
             return auth
-                .token
                 .refusals
                 .refused(peer, "viewer: expected a viewer hello")
         }
@@ -194,7 +190,11 @@ async fn viewer(
     let certificate = auth.certificates.then(|| certificate_name(&conn)).flatten();
     let who = match &certificate {
         Some(name) => format!("viewer {user} at {peer} (certificate {name})"),
-        None if auth.token.check(hello.token.as_ref()).is_ok() => {
+        None if hello
+            .token
+            .as_ref()
+            .is_some_and(|given| auth.token.matches(given.as_bytes())) =>
+        {
             format!("viewer {user} at {peer} (viewer token)")
         }
         None => {
@@ -203,8 +203,7 @@ async fn viewer(
             } else {
                 "no viewer token"
             };
-            auth.token
-                .refusals
+            auth.refusals
                 .auth_failed(peer, format!("viewer {user}: {why}"));
             let message = format!(
                 "{why}: pass --token-file with the receiver's viewer token (its \

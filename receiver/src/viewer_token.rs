@@ -14,7 +14,6 @@ pub const FILE_NAME: &str = "viewer-token";
 
 /// The viewer token in force.
 pub struct ViewerToken {
-    token: AuthToken,
     expected: ExpectedToken,
     /// Where it was read from, for the log and the commands the receiver prints.
     pub path: PathBuf,
@@ -44,7 +43,6 @@ impl ViewerToken {
         let (token, warning) = program::cli::read_token_file(&path).map_err(|e| anyhow!(e))?;
         Ok(Self {
             expected: ExpectedToken::new(&token),
-            token,
             path,
             created,
             warning,
@@ -54,11 +52,6 @@ impl ViewerToken {
     /// Whether `given` (what a client sent, without surrounding whitespace) is the token.
     pub fn matches(&self, given: &[u8]) -> bool {
         self.expected.matches(given)
-    }
-
-    /// The token itself, for the viewer role's checks (done as the sensors' are).
-    pub fn token(&self) -> &AuthToken {
-        &self.token
     }
 
     /// Whether `other` (the sensors' token) is this one: the two must differ, or every

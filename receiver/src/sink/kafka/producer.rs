@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use program::backoff::Backoff;
 use rskafka::client::error::{Error as ClientError, ProtocolError};
 use rskafka::client::partition::{PartitionClient, UnknownTopicHandling};
 use rskafka::client::{Client, ClientBuilder};
@@ -24,6 +25,7 @@ const START_WAIT: Duration = Duration::from_secs(5);
 /// Backoff between connection attempts and between tries of a failed request.
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF: Backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_MAX);
 /// Failures are logged at once, then at most this often while they go on.
 const REPORT_EVERY: Duration = Duration::from_secs(30);
 /// How long the client itself retries one operation before it reports a failure here.
@@ -236,7 +238,7 @@ pub fn start(reached: Reached) -> (KafkaSink, Kafka) {
         unassigned: VecDeque::new(),
         partitions: Vec::new(),
         produces: JoinSet::new(),
-        connect_backoff: Backoff::default(),
+        connect_backoff: BACKOFF,
         reports: Reports::default(),
     };
     let task = tokio::spawn(producer.run());
@@ -302,24 +304,6 @@ async fn open_client(config: &KafkaConfig) -> Result<(Arc<Client>, u32), Failure
     ))
 }
 
-/// Exponential backoff: [`BACKOFF_FIRST`] doubling to [`BACKOFF_MAX`].
-#[derive(Default)]
-struct Backoff {
-    next: Option<Duration>,
-}
-
-impl Backoff {
-    fn delay(&mut self) -> Duration {
-        let delay = self.next.unwrap_or(BACKOFF_FIRST);
-        self.next = Some((delay * 2).min(BACKOFF_MAX));
-        delay
-    }
-
-    fn reset(&mut self) {
-        self.next = None;
-    }
-}
-
 /// Logs a run of failures once at its start, then every [`REPORT_EVERY`], and its end.
 #[derive(Default)]
 struct Reports {
@@ -360,13 +344,24 @@ impl Reports {
 }
 
 /// One partition's queue.
-#[derive(Default)]
 struct PartitionQueue {
     waiting: VecDeque<Message>,
     in_flight: bool,
     client: Option<Arc<PartitionClient>>,
     retry_at: Option<Instant>,
     backoff: Backoff,
+}
+
+impl Default for PartitionQueue {
+    fn default() -> Self {
+        Self {
+            waiting: VecDeque::new(),
+            in_flight: false,
+            client: None,
+            retry_at: None,
+            backoff: BACKOFF,
+        }
+    }
 }
 
 /// The outcome of one produce request.
@@ -602,17 +597,6 @@ impl Producer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_backoff_doubles_to_its_ceiling_and_starts_again_after_a_success() {
-        let mut backoff = Backoff::default();
-        let delays: Vec<Duration> = (0..7).map(|_| backoff.delay()).collect();
-        assert_eq!(delays[0], BACKOFF_FIRST);
-        assert_eq!(delays[1], BACKOFF_FIRST * 2);
-        assert_eq!(delays[6], BACKOFF_MAX);
-        backoff.reset();
-        assert_eq!(backoff.delay(), BACKOFF_FIRST);
-    }
 
     /// Messages the broker never acknowledged are said at exit, and where they are.
     #[test]

@@ -11,16 +11,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use program::backoff::Backoff;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::{send_queue, tune, Client, Ended, PeerEof, WRITE_TIMEOUT};
 
-/// The wait after the first failed attempt, doubled after each next one up to
-/// [`MAX_BACKOFF`]; a connection that was up starts again from it.
-const FIRST_BACKOFF: Duration = Duration::from_millis(250);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The wait after the first failed attempt, doubled after each next one up to 5 s; a
+/// connection that was up starts again from it.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -32,7 +32,7 @@ pub(super) async fn run(
     mut header: watch::Receiver<Option<Bytes>>,
     mut cut: watch::Receiver<bool>,
 ) {
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = BACKOFF;
     let mut failing = false;
     let ended = loop {
         if reader.queue().end && header.borrow().is_none() {
@@ -53,22 +53,21 @@ pub(super) async fn run(
                     tracing::warn!(
                         "live stream: cannot connect to the reader at {target} (--push-pcap): \
                          {e}; trying again, with backoff up to {} s",
-                        MAX_BACKOFF.as_secs()
+                        BACKOFF.max().as_secs()
                     );
                     failing = true;
                 } else {
                     tracing::debug!("live stream: cannot connect to {target}: {e}");
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.delay()) => {}
                     _ = cut.changed() => break Ended::Cut,
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
         };
         failing = false;
-        backoff = FIRST_BACKOFF;
+        backoff.reset();
         tune(&stream, &target);
         reader
             .totals
@@ -84,7 +83,7 @@ pub(super) async fn run(
                     ended.reason()
                 );
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.delay()) => {}
                     _ = cut.changed() => break Ended::Cut,
                 }
             }
