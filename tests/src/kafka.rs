@@ -51,12 +51,8 @@ pub fn kafka_python_installed() -> bool {
 }
 
 /// `program` inside `ns` when given.
-fn in_ns(ns: Option<&Netns>, program: &Path) -> Vec<String> {
-    let program = program.to_string_lossy().into_owned();
-    match ns {
-        Some(ns) => ns.command(&program),
-        None => vec![program],
-    }
+fn in_ns(ns: Option<&str>, program: &Path) -> Vec<String> {
+    crate::netns::command_in(ns, &program.to_string_lossy())
 }
 
 /// A tansu broker on 127.0.0.1:`port` (inside `ns` when given), its data in memory; killed
@@ -94,7 +90,7 @@ impl Tansu {
         let url = format!("tcp://127.0.0.1:{port}");
         let advertised_url = format!("tcp://127.0.0.1:{advertised}");
         // It says it is ready on stdout: sent to stderr, which the harness reads.
-        let mut argv = in_ns(ns, Path::new("sh"));
+        let mut argv = in_ns(ns.map(|n| n.name.as_str()), Path::new("sh"));
         let tansu = tansu_bin().to_string_lossy().into_owned();
         argv.extend(
             [
@@ -127,17 +123,7 @@ impl Tansu {
     }
 
     fn ns_argv(&self, program: &Path) -> Vec<String> {
-        let program = program.to_string_lossy().into_owned();
-        match &self.ns {
-            Some(ns) => vec![
-                "ip".into(),
-                "netns".into(),
-                "exec".into(),
-                ns.clone(),
-                program,
-            ],
-            None => vec![program],
-        }
+        in_ns(self.ns.as_deref(), program)
     }
 
     /// Creates `topic` with `partitions` partitions, with tansu's own client.

@@ -43,10 +43,19 @@ impl Netns {
 
     /// The argument vector that runs `program` inside the namespace (for [`crate::Proc`]).
     pub fn command(&self, program: &str) -> Vec<String> {
-        ["ip", "netns", "exec", &self.name, program]
+        command_in(Some(&self.name), program)
+    }
+}
+
+/// The argument vector that runs `program` inside the namespace named `ns`, or where the
+/// test runs without one.
+pub fn command_in(ns: Option<&str>, program: &str) -> Vec<String> {
+    match ns {
+        Some(ns) => ["ip", "netns", "exec", ns, program]
             .iter()
             .map(|s| s.to_string())
-            .collect()
+            .collect(),
+        None => vec![program.to_string()],
     }
 }
 
