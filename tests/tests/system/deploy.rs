@@ -499,7 +499,13 @@ fn the_receiver_deployment_and_service_agree_on_ports_with_its_configuration() {
         out.starts_with(&format!("{volume_dir}/")),
         "{out} not under {volume_dir}"
     );
-    for long in ["cert", "key", "token-file"] {
+    // The live stream is read over TLS by holders of the viewer token, never plain to
+    // the whole pod network.
+    assert!(
+        line.contains("--serve-pcap-tls") && !line.contains("--serve-pcap-allow-remote"),
+        "the live stream is served over TLS: {line}"
+    );
+    for long in ["cert", "key", "token-file", "viewer-token-file"] {
         assert_secret_mounted(
             deployment,
             option(&line, long).unwrap_or_else(|| panic!("--{long}")),
@@ -582,10 +588,10 @@ fn the_dockerfile_builds_both_programs_with_the_ebpf_object_and_runs_unprivilege
     );
 }
 
-/// The receiver's metrics and live stream carry no authentication: a NetworkPolicy on the
-/// receiver's pods lets in QUIC from anywhere (the sensors, which send the token) and those
-/// two ports only from selected pods; and a live stream on the pod's address is asked for
-/// by name.
+/// The receiver's metrics carry no authentication and its live stream reads everything: a
+/// NetworkPolicy on the receiver's pods lets in QUIC from anywhere (the sensors, which send
+/// the token) and those two ports only from selected pods; and a live stream on the pod's
+/// address is served over TLS (readers send the viewer token).
 #[test]
 fn a_network_policy_keeps_the_live_stream_and_metrics_from_the_whole_cluster() {
     let docs = manifests();
@@ -638,6 +644,6 @@ fn a_network_policy_keeps_the_live_stream_and_metrics_from_the_whole_cluster() {
     assert!(rules.iter().all(|r| !list(&r["ports"]).is_empty()));
     let serve = option(&line, "serve-pcap").unwrap();
     if !serve.starts_with("127.") && !serve.starts_with("[::1]") {
-        assert!(line.contains("--serve-pcap-allow-remote"), "{line}");
+        assert!(line.contains("--serve-pcap-tls"), "{line}");
     }
 }
