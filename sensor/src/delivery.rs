@@ -522,9 +522,10 @@ impl Driver<'_> {
         } else if let Some(from) = self.fleet.refresh(found) {
             let to = self.fleet.current();
             tracing::warn!(
-                "receiver {from} is no longer an address of its name; going to {} ({})",
-                to.addr,
-                to.host
+                "receiver host {} is now at {} (was {from}); the capture filter still leaves \
+                 out only the flows to the addresses found at start",
+                to.host,
+                to.addr
             );
         }
         self.input.link.set_receiver(self.fleet.current().addr);
