@@ -333,25 +333,18 @@ impl Delivery {
         let joining = matches!(self.state, State::Joining { .. });
         let known = self.highest_sent.max(self.highest_acked);
         if acks_the_unsent(sequence, known, joining && !self.joined) {
-            let delay = self.disconnect(now, Duration::ZERO);
-            return Step::NewSession {
-                delay,
-                cause: NewSessionCause::Takeover {
-                    acked: sequence,
-                    known,
-                },
+            let cause = NewSessionCause::Takeover {
+                acked: sequence,
+                known,
             };
+            return self.new_session(now, cause);
         }
         if joining && self.joined && sequence > 0 && sequence < self.highest_acked {
-            let acked = self.highest_acked;
-            let delay = self.disconnect(now, Duration::ZERO);
-            return Step::NewSession {
-                delay,
-                cause: NewSessionCause::Behind {
-                    resume: sequence,
-                    acked,
-                },
+            let cause = NewSessionCause::Behind {
+                resume: sequence,
+                acked: self.highest_acked,
             };
+            return self.new_session(now, cause);
         }
         self.highest_acked = self.highest_acked.max(sequence);
         if !joining {
@@ -389,13 +382,7 @@ impl Delivery {
             ErrorCode::SHUTTING_DOWN | ErrorCode::UNAVAILABLE => {
                 self.retry(now, RetryCause::Unavailable)
             }
-            ErrorCode::SESSION_REFUSED => {
-                let delay = self.disconnect(now, Duration::ZERO);
-                Step::NewSession {
-                    delay,
-                    cause: NewSessionCause::Refused,
-                }
-            }
+            ErrorCode::SESSION_REFUSED => self.new_session(now, NewSessionCause::Refused),
             _ if self.first_connection => {
                 self.state = State::Failed;
                 Step::Fail(Fatal::Refused)
@@ -498,6 +485,11 @@ impl Delivery {
     /// and the Goodbye.
     fn goodbye_due(&self, all_sent: bool) -> bool {
         self.captures_done && all_sent && !self.goodbye_sent && self.state == State::Up
+    }
+
+    fn new_session(&mut self, now: Instant, cause: NewSessionCause) -> Step {
+        let delay = self.disconnect(now, Duration::ZERO);
+        Step::NewSession { delay, cause }
     }
 
     fn retry(&mut self, now: Instant, cause: RetryCause) -> Step {

@@ -588,6 +588,14 @@ fn fleet_machine(t0: Instant) -> Delivery {
     Delivery::new(t0, None, Some(FAILOVER), Box::new(|| 1.0))
 }
 
+/// [`fleet_machine`] joined at `t0` (resume point 0).
+fn fleet_joined(t0: Instant) -> Delivery {
+    let mut d = fleet_machine(t0);
+    d.on_connected(t0);
+    d.on_ack(t0, 0);
+    d
+}
+
 /// Drives `d` with its own deadlines until `until`, collecting each step but the
 /// statistics ticks (and answering every Connect with a failed attempt, as an unreachable
 /// receiver does).
@@ -645,9 +653,7 @@ fn t23_one_receiver_never_fails_over() {
 #[test]
 fn t23_a_lost_connection_fails_over_after_the_timeout_unless_made_again() {
     let t0 = Instant::now();
-    let mut d = fleet_machine(t0);
-    d.on_connected(t0);
-    d.on_ack(t0, 0);
+    let mut d = fleet_joined(t0);
     // Up: never a failover, however long.
     assert_eq!(
         d.handle_timeout(t0 + 60 * SECOND, false),
@@ -659,9 +665,7 @@ fn t23_a_lost_connection_fails_over_after_the_timeout_unless_made_again() {
     let failover = steps.iter().find(|(_, s)| *s == Step::FailOver).unwrap();
     assert_eq!(failover.0, lost + FAILOVER, "{steps:?}");
     // Reconnected before the time: the clock starts again at the next loss.
-    let mut d = fleet_machine(t0);
-    d.on_connected(t0);
-    d.on_ack(t0, 0);
+    let mut d = fleet_joined(t0);
     d.on_lost(lost, Duration::ZERO);
     d.handle_timeout(lost + FIRST_RETRY, false);
     d.on_connected(lost + SECOND);
@@ -678,9 +682,7 @@ fn t23_a_lost_connection_fails_over_after_the_timeout_unless_made_again() {
 #[test]
 fn t23_a_silent_receiver_counts_from_its_last_word() {
     let t0 = Instant::now();
-    let mut d = fleet_machine(t0);
-    d.on_connected(t0);
-    d.on_ack(t0, 0);
+    let mut d = fleet_joined(t0);
     let idle = FAILOVER;
     let timed_out = t0 + 30 * SECOND;
     d.on_lost(timed_out, idle);
@@ -694,9 +696,7 @@ fn t23_a_silent_receiver_counts_from_its_last_word() {
 #[test]
 fn t23_the_next_receiver_gets_every_unacknowledged_batch() {
     let t0 = Instant::now();
-    let mut d = fleet_machine(t0);
-    d.on_connected(t0);
-    d.on_ack(t0, 0);
+    let mut d = fleet_joined(t0);
     send(&mut d, 10);
     assert_eq!(d.on_ack(t0, 4), Step::Release(4));
     let lost = t0 + SECOND;
@@ -772,9 +772,7 @@ fn t23_every_receiver_down_goes_round_with_backoff() {
 #[test]
 fn t24_a_receiver_behind_the_acknowledged_gets_a_new_session() {
     let t0 = Instant::now();
-    let mut d = fleet_machine(t0);
-    d.on_connected(t0);
-    d.on_ack(t0, 0);
+    let mut d = fleet_joined(t0);
     send(&mut d, 10);
     d.on_ack(t0, 4);
     d.on_lost(t0 + SECOND, Duration::ZERO);
