@@ -43,6 +43,12 @@ Examples:
     sensor -i eth0 --receiver collector:4433 --ca ca.crt --cert tap-1.crt --key tap-1.key
     sensor -i eth0 --receiver collector:4433 --ca receiver.crt --token-file token
 
+  Spread a fleet of sensors over three receivers (each sensor picks its own by hashing
+  its --sensor-id) and move to the next when one is unreachable for 5s; the receivers
+  share the token and a CA that signed their certificates (receiver certs init):
+    sensor -i eth0 --receiver rx-1:4433 --receiver rx-2:4433 --receiver rx-3:4433 \\
+      --ca ca.crt --token-file token --failover-after 5s
+
 Live capture needs CAP_NET_RAW (--mode pcap) or CAP_NET_RAW, CAP_BPF and CAP_NET_ADMIN
 (the eBPF modes; afxdp also CAP_IPC_LOCK), or root. Once attached, the sensor drops them
 and switches to --user (started as root: nobody, unless --user root).
@@ -132,7 +138,7 @@ pub struct Cli {
     #[arg(long, value_name = "SHA256", value_parser = parse_fingerprint)]
     pub fingerprint: Option<Fingerprint>,
 
-    /// TLS name to verify in the receiver's certificate; default: HOST of --receiver
+    /// TLS name to verify in the receiver's certificate; default: HOST of each --receiver
     /// (e.g. `--server-name collector.example`).
     #[arg(long, value_name = "NAME")]
     pub server_name: Option<String>,

@@ -69,7 +69,12 @@ pub fn resolve(receivers: &[ReceiverAddr]) -> Result<Vec<Target>> {
     let v4 = found.iter().any(|t| t.addr.is_ipv4());
     let (kept, other): (Vec<Target>, Vec<Target>) =
         found.into_iter().partition(|t| t.addr.is_ipv4() == v4);
-    for t in other {
+    // A name with addresses of both families (localhost) is reached by one of them: said
+    // only for receivers that are left out whole.
+    for t in other
+        .iter()
+        .filter(|t| !kept.iter().any(|k| k.host == t.host))
+    {
         tracing::warn!(
             "receiver {} ({}) left out: the sensor's socket is IPv4, for the other receivers",
             t.addr,

@@ -17,7 +17,9 @@ use testbed::capstream::{
     assert_refused, pcapng_interfaces, start_tcpdump, stop_reference, Receiver, Record, Scratch,
 };
 use testbed::prometheus::{count, scrape};
-use testbed::{corpus, require_root, run, wait_until, workspace_bin, Lab, Proc, SummaryFile};
+use testbed::{
+    corpus, require_root, run, wait_until, workspace_bin, Lab, Netns, Proc, SummaryFile,
+};
 
 const RECEIVERS: usize = 3;
 const SENSORS: usize = 4;
@@ -400,6 +402,117 @@ fn failover_a_killed_receivers_sensors_move_on_and_nothing_is_missing() {
     }
     eprintln!(
         "duplicates over all outputs (allowed, for a lake query to drop): {total_duplicates}"
+    );
+}
+
+/// `/etc/netns/<namespace>`, which `ip netns exec` shows as `/etc` (its `hosts`), removed
+/// on drop.
+struct NamespaceEtc(PathBuf);
+
+impl Drop for NamespaceEtc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A name with three addresses is three receivers, in the sensor's hash order; with none
+/// of them up, the sensor goes round them in that order, one per --failover-after, and a
+/// fourth address the name gets meanwhile is taken in at the next failover.
+#[test]
+fn failover_a_name_of_several_addresses_is_several_receivers_followed_as_it_changes() {
+    require_root();
+    let ns = Netns::new("fodns").unwrap();
+    let etc = NamespaceEtc(PathBuf::from("/etc/netns").join(&ns.name));
+    std::fs::create_dir_all(&etc.0).unwrap();
+    let hosts = etc.0.join("hosts");
+    let addresses = |n: u8| -> String {
+        (1..=n)
+            .map(|i| format!("127.0.0.{i} fleet.test\n"))
+            .collect()
+    };
+    std::fs::write(&hosts, addresses(3)).unwrap();
+    let dir = Scratch::new("failover-dns").unwrap();
+    let (ca, _) = fleet_pki(&dir);
+
+    let summary = SummaryFile::new("sensor").unwrap();
+    let mut argv = ns.command(&arg(&workspace_bin("sensor")));
+    argv.extend(
+        [
+            "--read",
+            &corpus::pcap_arg(),
+            "--sensor-id",
+            "tap-1",
+            "--receiver",
+            "fleet.test:4433",
+            "--ca",
+            &arg(&ca),
+            "--failover-after",
+            "1s",
+            "--give-up-after",
+            "9s",
+            "--summary-json",
+            &summary.arg(),
+        ]
+        .map(str::to_string),
+    );
+    let mut sensor = Proc::start("sensor", &argv, Stdio::null())
+        .unwrap()
+        .with_summary(summary);
+    sensor
+        .wait_for("receivers in the order", Duration::from_secs(20))
+        .unwrap();
+    // The answer changes: the next failover sees it.
+    std::fs::write(&hosts, addresses(4)).unwrap();
+    let three: Vec<String> = (1..=3).map(|i| format!("127.0.0.{i}:4433")).collect();
+    let four: Vec<String> = (1..=4).map(|i| format!("127.0.0.{i}:4433")).collect();
+    let status = sensor.wait(Duration::from_secs(40)).unwrap();
+    let log = sensor.stderr();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "gave up after --give-up-after:
+{log}"
+    );
+    let first = documented_order("tap-1", &three);
+    assert!(
+        log.contains(&format!(
+            "receivers in the order of sensor id \"tap-1\": {}",
+            first.join(", ")
+        )),
+        "{log}"
+    );
+    let moves: Vec<(String, String)> = log
+        .lines()
+        .filter_map(|l| l.split_once("failover from receiver ").map(|(_, m)| m))
+        .map(|m| {
+            let mut words = m.split_whitespace();
+            let from = words.next().unwrap().to_string();
+            let to = words.nth(1).unwrap().trim_end_matches(':').to_string();
+            (from, to)
+        })
+        .collect();
+    assert!(
+        moves.len() >= 5,
+        "one failover a second:
+{log}"
+    );
+    // The first leaves the most preferred for the next in the (new) order; each one after
+    // goes on round the four.
+    let second = documented_order("tap-1", &four);
+    assert_eq!(moves[0].0, first[0], "{log}");
+    for (from, to) in &moves {
+        let at = second.iter().position(|a| a == from).unwrap();
+        assert_eq!(to, &second[(at + 1) % second.len()], "{log}");
+    }
+    assert!(
+        moves.iter().any(|(_, to)| to == "127.0.0.4:4433"),
+        "the new address was never tried:\n{log}"
+    );
+    let summary = sensor.summary().unwrap();
+    assert_eq!(
+        summary["failovers"].as_u64(),
+        Some(moves.len() as u64),
+        "{summary:#}"
     );
 }
 
