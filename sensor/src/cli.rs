@@ -576,7 +576,9 @@ mod tests {
         assert_eq!(cli.buffer, 32 << 20);
         assert_eq!(cli.give_up_after, None);
         assert_eq!(cli.mode, Mode::Auto);
+        // The TLS name: the receiver's host.
         assert_eq!(cli.server_name, None);
+        assert_eq!(cli.receivers()[0].host, "h");
         assert_eq!(cli.failover_after, Duration::from_secs(5));
     }
 
