@@ -69,6 +69,21 @@ fn shared_token(dir: &Scratch) -> PathBuf {
     path
 }
 
+/// `sensor <args> --summary-json ...` started inside `ns` (not waited for).
+fn sensor_in(ns: &Netns, args: &[&str]) -> Proc {
+    let summary = SummaryFile::new("sensor").unwrap();
+    let summary_arg = summary.arg();
+    let mut argv = ns.command(&arg(&workspace_bin("sensor")));
+    argv.extend(
+        args.iter()
+            .chain(&["--summary-json", summary_arg.as_str()])
+            .map(|a| a.to_string()),
+    );
+    Proc::start("sensor", &argv, Stdio::null())
+        .unwrap()
+        .with_summary(summary)
+}
+
 /// What a sensor says of its receivers: its order, and the one it connected to first.
 struct Placement {
     order: Vec<String>,
@@ -222,10 +237,9 @@ fn failover_a_killed_receivers_sensors_move_on_and_nothing_is_missing() {
     let mut placements = Vec::new();
     for i in 0..SENSORS {
         let id = format!("s{i}");
-        let summary = SummaryFile::new("sensor").unwrap();
-        let mut argv = lab.cap.command(&arg(&workspace_bin("sensor")));
-        argv.extend(
-            [
+        let mut sensor = sensor_in(
+            &lab.cap,
+            &[
                 "-i",
                 &lab.links[i].1,
                 "--sensor-id",
@@ -240,14 +254,8 @@ fn failover_a_killed_receivers_sensors_move_on_and_nothing_is_missing() {
                 &arg(&ca),
                 "--token-file",
                 &arg(&token),
-                "--summary-json",
-                &summary.arg(),
-            ]
-            .map(str::to_string),
+            ],
         );
-        let mut sensor = Proc::start("sensor", &argv, Stdio::null())
-            .unwrap()
-            .with_summary(summary);
         sensor.wait_for("ready:", Duration::from_secs(20)).unwrap();
         let p = placement(&mut sensor, &id);
         // The sensor is on the first of its own order, the order the README documents.
@@ -434,10 +442,9 @@ fn failover_a_name_of_several_addresses_is_several_receivers_followed_as_it_chan
     let dir = Scratch::new("failover-dns").unwrap();
     let (ca, _) = fleet_pki(&dir);
 
-    let summary = SummaryFile::new("sensor").unwrap();
-    let mut argv = ns.command(&arg(&workspace_bin("sensor")));
-    argv.extend(
-        [
+    let mut sensor = sensor_in(
+        &ns,
+        &[
             "--read",
             &corpus::pcap_arg(),
             "--sensor-id",
@@ -450,14 +457,8 @@ fn failover_a_name_of_several_addresses_is_several_receivers_followed_as_it_chan
             "1s",
             "--give-up-after",
             "9s",
-            "--summary-json",
-            &summary.arg(),
-        ]
-        .map(str::to_string),
+        ],
     );
-    let mut sensor = Proc::start("sensor", &argv, Stdio::null())
-        .unwrap()
-        .with_summary(summary);
     sensor
         .wait_for("receivers in the order", Duration::from_secs(20))
         .unwrap();
