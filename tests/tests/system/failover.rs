@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use testbed::capstream::{
     assert_refused, pcapng_interfaces, start_tcpdump, stop_reference, Receiver, Record, Scratch,
 };
-use testbed::prometheus::{count, scrape};
+use testbed::prometheus::{count, scrape, sum};
 use testbed::{
     corpus, require_root, run, wait_until, workspace_bin, Lab, Netns, Proc, SummaryFile,
 };
@@ -29,6 +29,11 @@ const PPS: u32 = 400;
 const KILL_AFTER: Duration = Duration::from_secs(9);
 /// The requirement: from the kill to the first batch the next receiver takes.
 const FAILOVER_WITHIN: Duration = Duration::from_secs(10);
+
+/// Where sensor `i` serves its metrics, in the capture namespace.
+fn sensor_metrics(i: usize) -> String {
+    format!("127.0.0.1:{}", 9451 + i)
+}
 
 fn arg(path: &Path) -> String {
     path.to_string_lossy().into_owned()
@@ -237,9 +242,12 @@ fn failover_a_killed_receivers_sensors_move_on_and_nothing_is_missing() {
     let mut placements = Vec::new();
     for i in 0..SENSORS {
         let id = format!("s{i}");
+        let metrics = sensor_metrics(i);
         let mut sensor = sensor_in(
             &lab.cap,
             &[
+                "--metrics",
+                &metrics,
                 "-i",
                 &lab.links[i].1,
                 "--sensor-id",
@@ -347,6 +355,25 @@ fn failover_a_killed_receivers_sensors_move_on_and_nothing_is_missing() {
             sensors[*i].stderr().contains(&line),
             "{}",
             sensors[*i].stderr()
+        );
+    }
+    // The sensors' metrics say it: one failover each for those that moved, and which
+    // receiver each is on now.
+    for (i, p) in placements.iter().enumerate() {
+        let moved_here = moved.contains(&i);
+        let now_on = &p.order[usize::from(moved_here)];
+        let said = wait_until(Duration::from_secs(5), || {
+            scrape(Some(&lab.cap), &sensor_metrics(i)).is_ok_and(|text| {
+                let on = |r: &str| sum(&text, "capstream_sensor_receiver", &[("receiver", r)]);
+                count(&text, "capstream_sensor_failovers_total", &[]) == u64::from(moved_here)
+                    && on(now_on) == Some(1.0)
+                    && (!moved_here || on(&p.order[0]) == Some(0.0))
+            })
+        });
+        assert!(
+            said,
+            "s{i}: {}",
+            scrape(Some(&lab.cap), &sensor_metrics(i)).unwrap_or_default()
         );
     }
 
