@@ -43,6 +43,12 @@ Examples:
     sensor -i eth0 --receiver collector:4433 --ca ca.crt --cert tap-1.crt --key tap-1.key
     sensor -i eth0 --receiver collector:4433 --ca receiver.crt --token-file token
 
+  Spread a fleet of sensors over three receivers (each sensor picks its own by hashing
+  its --sensor-id) and move to the next when one is unreachable for 5s; the receivers
+  share the token and a CA that signed their certificates (receiver certs init):
+    sensor -i eth0 --receiver rx-1:4433 --receiver rx-2:4433 --receiver rx-3:4433 \\
+      --ca ca.crt --token-file token --failover-after 5s
+
 Live capture needs CAP_NET_RAW (--mode pcap) or CAP_NET_RAW, CAP_BPF and CAP_NET_ADMIN
 (the eBPF modes; afxdp also CAP_IPC_LOCK), or root. Once attached, the sensor drops them
 and switches to --user (started as root: nobody, unless --user root).
@@ -102,8 +108,24 @@ pub struct Cli {
     /// IPv6 address (e.g. `--receiver collector.example:4433`, `--receiver [::1]:4433`);
     /// default: the receiver on this host, localhost:4433, trusted and authenticated with
     /// the certificate and token in its state directory (see --state-dir).
+    /// Repeatable, and every address of a name counts as one more receiver: the sensor
+    /// sends to one at a time, the first in its own order (rendezvous hashing of
+    /// --sensor-id and each receiver's IP:PORT, so that a fleet of sensors spreads evenly
+    /// over the receivers with no coordinator), and fails over to the next after
+    /// --failover-after (e.g. `--receiver rx-1:4433 --receiver rx-2:4433`, or
+    /// `--receiver rx.example:4433` for a name with three addresses).
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_receiver)]
-    pub receiver: Option<ReceiverAddr>,
+    pub receiver: Vec<ReceiverAddr>,
+
+    /// With several receivers: how long the current one may be unreachable (connection
+    /// lost and not made again, or never made; a receiver killed under a connection is
+    /// unreachable from its last word) before the sensor moves to the next in its order,
+    /// sends it every unacknowledged batch, and stays there until that one fails in turn
+    /// or the sensor restarts: it does not go back when the first comes back, so that a
+    /// receiver that comes and goes does not pull sensors to and fro (restart sensors to
+    /// rebalance). At least 1s (e.g. `--failover-after 10s`).
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_failover_after)]
+    pub failover_after: Duration,
 
     /// Trust the receiver certificate(s) or CA(s) in this PEM file; repeatable
     /// (e.g. `--ca /var/lib/capstream/receiver.crt`). Default without --receiver (or with
@@ -116,7 +138,7 @@ pub struct Cli {
     #[arg(long, value_name = "SHA256", value_parser = parse_fingerprint)]
     pub fingerprint: Option<Fingerprint>,
 
-    /// TLS name to verify in the receiver's certificate; default: HOST of --receiver
+    /// TLS name to verify in the receiver's certificate; default: HOST of each --receiver
     /// (e.g. `--server-name collector.example`).
     #[arg(long, value_name = "NAME")]
     pub server_name: Option<String>,
@@ -430,6 +452,14 @@ fn parse_spool_size(s: &str) -> Result<u64, String> {
     Ok(n)
 }
 
+fn parse_failover_after(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("failover time '{s}' must be at least 1s"));
+    }
+    Ok(d)
+}
+
 fn parse_give_up(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d < Duration::from_secs(1) {
@@ -493,26 +523,22 @@ impl Cli {
         parse_filter(&self.expression.join(" "))
     }
 
-    /// The receiver: --receiver, or the one on this host.
-    pub fn receiver(&self) -> ReceiverAddr {
-        self.receiver.clone().unwrap_or_else(|| ReceiverAddr {
+    /// The receivers: every --receiver, or the one on this host.
+    pub fn receivers(&self) -> Vec<ReceiverAddr> {
+        if !self.receiver.is_empty() {
+            return self.receiver.clone();
+        }
+        vec![ReceiverAddr {
             host: DEFAULT_RECEIVER_HOST.into(),
             port: DEFAULT_RECEIVER_PORT,
-        })
+        }]
     }
 
     /// Whether the certificate and token of a receiver on this host apply when no --ca,
     /// --fingerprint or --token-file says otherwise: for the default receiver, or when
     /// --state-dir names one. A remote --receiver never gets this host's token.
     pub fn uses_local_receiver(&self) -> bool {
-        self.receiver.is_none() || self.state_dir.is_some()
-    }
-
-    /// The name the receiver's certificate must carry.
-    pub fn tls_name(&self) -> String {
-        self.server_name
-            .clone()
-            .unwrap_or_else(|| self.receiver().host)
+        self.receiver.is_empty() || self.state_dir.is_some()
     }
 }
 
@@ -550,7 +576,34 @@ mod tests {
         assert_eq!(cli.buffer, 32 << 20);
         assert_eq!(cli.give_up_after, None);
         assert_eq!(cli.mode, Mode::Auto);
-        assert_eq!(cli.tls_name(), "h");
+        // The TLS name: the receiver's host.
+        assert_eq!(cli.server_name, None);
+        assert_eq!(cli.receivers()[0].host, "h");
+        assert_eq!(cli.failover_after, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn several_receivers_and_failover_time() {
+        let cli = parse(&[
+            "-i",
+            "eth0",
+            "--ca",
+            "ca.pem",
+            "--receiver",
+            "rx-1:4433",
+            "--receiver",
+            "[::1]:4434",
+            "--failover-after",
+            "2s",
+        ])
+        .unwrap();
+        let given: Vec<String> = cli.receivers().iter().map(|r| r.to_string()).collect();
+        assert_eq!(given, ["rx-1:4433", "[::1]:4434"]);
+        assert_eq!(cli.failover_after, Duration::from_secs(2));
+        for bad in ["0", "0s", "500ms", "soon", "-1s", ""] {
+            let e = parse(&["-i", "e", "--ca", "c", "--failover-after", bad]);
+            assert!(e.is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -579,13 +632,13 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.iface, ["a", "b"]);
-        assert_eq!(cli.receiver().host, "::1");
-        assert_eq!(cli.receiver().to_string(), "[::1]:4433");
+        assert_eq!(cli.receivers()[0].host, "::1");
+        assert_eq!(cli.receivers()[0].to_string(), "[::1]:4433");
         assert_eq!(cli.snaplen, 128);
         assert_eq!(cli.flush_interval, Duration::from_millis(2500));
         assert_eq!(cli.batch_size, 1 << 20);
         assert_eq!(cli.mode, Mode::Pcap);
-        assert_eq!(cli.tls_name(), "x.example");
+        assert_eq!(cli.server_name.as_deref(), Some("x.example"));
     }
 
     #[test]

@@ -17,11 +17,19 @@
 //! lost it) gets a new one, with a new id and secret: what is held is sent again under it
 //! with the same sequence numbers (a new session may start at any sequence).
 //!
-//! Every decision above is the sans-IO [`machine::Delivery`]'s, tested there with a fake
-//! clock; this file only moves batches, frames and time between it, the outbox and the
-//! connection, and says in the log what happened.
+//! With several receivers, the sensor sends to one at a time, chosen by rendezvous hashing
+//! of its id ([`fleet`]), and moves to the next in its order when that one has been
+//! unreachable for --failover-after, sending it everything unacknowledged (same session,
+//! same sequences). Before every attempt, the receivers' names are resolved again.
+//!
+//! Every decision above is the sans-IO [`machine::Delivery`]'s (and [`fleet::Fleet`]'s),
+//! tested there with a fake clock; this file only moves batches, frames and time between
+//! it, the outbox and the connection, and says in the log what happened.
 
+mod fleet;
 mod machine;
+
+pub use fleet::Fleet;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -38,7 +46,7 @@ use crate::error::{Error, Result};
 use crate::outbox::Outbox;
 use crate::spool::SessionKeys;
 use crate::stats::{Counters, KeyLogCounters, LinkStats};
-use crate::transport::{Client, ConnectError, Link, LinkEvent};
+use crate::transport::{Client, ConnectError, Link, LinkEvent, Target};
 use machine::{Delivery, Fatal, Finish, Frame, NewSessionCause, RetryCause, Step, JOIN_TIMEOUT};
 
 /// How long a broken connection's last event may take to say why (the receiver's error
@@ -61,6 +69,8 @@ pub struct Input<'a> {
     /// Notified on SIGINT/SIGTERM.
     pub shutdown: Arc<Notify>,
     pub give_up_after: Option<Duration>,
+    /// --failover-after, with several receivers.
+    pub failover_after: Option<Duration>,
 }
 
 /// What the session achieved, for the exit summary.
@@ -74,12 +84,22 @@ pub struct Outcome {
     pub resent: u64,
     /// Packets still unacknowledged at exit, by interface: lost.
     pub unacked: Vec<u64>,
+    /// Moves to another receiver.
+    pub failovers: u64,
+    /// The receiver sent to last.
+    pub receiver: Option<std::net::SocketAddr>,
 }
 
 /// The connection as the driver holds it; the [`Delivery`] machine knows its state.
 enum Conn {
     /// No connection (waiting for the machine's retry time).
     None,
+    /// The receivers' names resolved again before an attempt; `failover`: for the next
+    /// receiver rather than the current one.
+    Resolving {
+        task: tokio::task::JoinHandle<Vec<Target>>,
+        failover: bool,
+    },
     Connecting(tokio::task::JoinHandle<Result<Link, ConnectError>>),
     /// An attempt that ended before the session loop started.
     Attempted(Option<Result<Link, ConnectError>>),
@@ -95,6 +115,7 @@ struct Driver<'a> {
     /// The Hello, encoded.
     hello_frame: Bytes,
     delivery: Delivery,
+    fleet: Fleet,
     conn: Conn,
     outcome: Outcome,
 }
@@ -108,17 +129,18 @@ const FIRST_ATTEMPT_WAIT: Duration = Duration::from_secs(2);
 pub struct Started {
     client: Arc<Client>,
     hello_frame: Bytes,
+    fleet: Fleet,
     conn: Conn,
     since: Instant,
 }
 
-/// Starts connecting. Fails only when the first attempt fails for good (TLS verification,
-/// names, versions) within [`FIRST_ATTEMPT_WAIT`].
-pub async fn start(client: Client, hello: &Hello) -> Result<Started> {
+/// Starts connecting to the fleet's current receiver. Fails only when the first attempt
+/// fails for good (TLS verification, names, versions) within [`FIRST_ATTEMPT_WAIT`].
+pub async fn start(client: Client, fleet: Fleet, hello: &Hello) -> Result<Started> {
     let client = Arc::new(client);
     let since = Instant::now();
     let hello_frame = Message::Hello(hello.clone()).to_bytes();
-    let mut task = spawn_connect(&client, hello_frame.clone());
+    let mut task = spawn_connect(&client, fleet.current(), hello_frame.clone());
     let conn = match tokio::time::timeout(FIRST_ATTEMPT_WAIT, &mut task).await {
         Err(_) => Conn::Connecting(task),
         Ok(Ok(Err(e))) if e.is_permanent() => return Err(e.into_error()),
@@ -127,6 +149,7 @@ pub async fn start(client: Client, hello: &Hello) -> Result<Started> {
     Ok(Started {
         client,
         hello_frame,
+        fleet,
         conn,
         since,
     })
@@ -137,19 +160,23 @@ pub async fn run(started: Started, input: Input<'_>) -> (Outcome, Result<()>) {
     let Started {
         client,
         hello_frame,
+        fleet,
         conn,
         since,
     } = started;
     let delivery = Delivery::new(
         since.into_std(),
         input.give_up_after,
+        input.failover_after,
         machine::random_jitter(),
     );
+    input.link.set_receiver(fleet.current().addr);
     let mut s = Driver {
         input,
         client,
         hello_frame,
         delivery,
+        fleet,
         conn,
         outcome: Outcome::default(),
     };
@@ -174,8 +201,11 @@ pub async fn run(started: Started, input: Input<'_>) -> (Outcome, Result<()>) {
     match std::mem::replace(&mut s.conn, Conn::None) {
         Conn::Link(link) => link.close(result.is_ok()),
         Conn::Connecting(task) => task.abort(),
+        Conn::Resolving { task, .. } => task.abort(),
         Conn::None | Conn::Attempted(_) => {}
     }
+    s.outcome.failovers = s.delivery.failovers();
+    s.outcome.receiver = Some(s.fleet.current().addr);
     s.input.link.up.store(false, Relaxed);
     s.client.close().await;
     s.outcome.unacked = (0..s.input.counters.len())
@@ -245,6 +275,7 @@ impl Driver<'_> {
                         }
                     }
                     Activity::Room(permit) => self.send_next(permit),
+                    Activity::Resolved { found, failover } => self.connect_after(&found, failover),
                 },
                 () = sleep_until(timeout) => {
                     let step = self.delivery.handle_timeout(now(), self.input.outbox.is_empty());
@@ -297,6 +328,10 @@ impl Driver<'_> {
             LinkEvent::Refused { code, message } => {
                 (self.delivery.on_refused(now(), code), message)
             }
+            LinkEvent::Silent(why) => (
+                self.delivery.on_lost(now(), self.client.idle_timeout()),
+                why,
+            ),
             LinkEvent::Lost(why) => {
                 // The receiver's reason, if it sent one before the connection broke.
                 let last = match &mut self.conn {
@@ -307,7 +342,7 @@ impl Driver<'_> {
                     Ok(Some(LinkEvent::Refused { code, message })) => {
                         (self.delivery.on_refused(now(), code), message)
                     }
-                    _ => (self.delivery.on_lost(now()), why),
+                    _ => (self.delivery.on_lost(now(), Duration::ZERO), why),
                 }
             }
         };
@@ -318,11 +353,13 @@ impl Driver<'_> {
     /// step answers one; `why`: the receiver's words or the way the connection ended.
     /// `Ok(true)` when the session has ended well.
     fn act(&mut self, step: Step, failed: Option<Error>, why: &str) -> Result<bool> {
-        let remote = self.client.remote();
+        let remote = self.fleet.current().addr;
         match step {
             Step::Continue => {}
-            Step::Connect => {
-                self.conn = Conn::Connecting(spawn_connect(&self.client, self.hello_frame.clone()));
+            Step::Connect => self.resolve(false),
+            Step::FailOver => {
+                self.drop_link();
+                self.resolve(true);
             }
             Step::Release(sequence) => self.acknowledge(sequence),
             Step::Joined {
@@ -398,6 +435,11 @@ impl Driver<'_> {
                         "receiver {remote} cannot resume this session ({why}): sending the \
                          {held} batch(es) held under new session {id:016x} in {wait:.1}s"
                     ),
+                    NewSessionCause::Behind { resume, acked } => tracing::warn!(
+                        "receiver {remote} resumes this session after batch {resume}, behind \
+                         batch {acked}, which another receiver acknowledged: sending the \
+                         {held} batch(es) held under new session {id:016x} in {wait:.1}s"
+                    ),
                 }
             }
             Step::Stats { send } => {
@@ -444,12 +486,58 @@ impl Driver<'_> {
         Ok(false)
     }
 
-    /// Closes the connection (if any) without waiting: the machine has left it.
+    /// Closes the connection or ends the attempt (if any) without waiting: the machine
+    /// has left it.
     fn drop_link(&mut self) {
-        if let Conn::Link(link) = std::mem::replace(&mut self.conn, Conn::None) {
-            link.close(false);
-            self.input.link.up.store(false, Relaxed);
+        match std::mem::replace(&mut self.conn, Conn::None) {
+            Conn::Link(link) => {
+                link.close(false);
+                self.input.link.up.store(false, Relaxed);
+            }
+            Conn::Connecting(task) => task.abort(),
+            Conn::Resolving { task, .. } => task.abort(),
+            Conn::None | Conn::Attempted(_) => {}
         }
+    }
+
+    /// Resolves the receivers' names again, then connects (see [`Driver::connect_after`]).
+    fn resolve(&mut self, failover: bool) {
+        let client = Arc::clone(&self.client);
+        let task = tokio::spawn(async move { client.resolve_again().await });
+        self.conn = Conn::Resolving { task, failover };
+    }
+
+    /// Connects to the current receiver as `found` makes it, or, for a failover, to the
+    /// next one.
+    fn connect_after(&mut self, found: &[Target], failover: bool) {
+        if failover {
+            let from = self.fleet.fail_over(found);
+            let to = self.fleet.current().addr;
+            let waited = self.input.failover_after.unwrap_or_default().as_secs_f64();
+            tracing::warn!(
+                "failover from receiver {from} to {to}: {from} unreachable for {waited:.1}s; \
+                 sending it the {} batch(es) held",
+                self.input.outbox.len()
+            );
+        } else if let Some(from) = self.fleet.refresh(found) {
+            let to = self.fleet.current();
+            tracing::warn!(
+                "receiver host {} is now at {} (was {from}); the capture filter still leaves \
+                 out only the flows to the addresses found at start",
+                to.host,
+                to.addr
+            );
+        }
+        self.input.link.set_receiver(self.fleet.current().addr);
+        self.input
+            .link
+            .failovers
+            .store(self.delivery.failovers(), Relaxed);
+        self.conn = Conn::Connecting(spawn_connect(
+            &self.client,
+            self.fleet.current(),
+            self.hello_frame.clone(),
+        ));
     }
 
     fn acknowledge(&mut self, sequence: u64) {
@@ -525,6 +613,11 @@ enum Activity {
     Connected(Result<Link, ConnectError>),
     /// Room on the stream for the next batch.
     Room(mpsc::OwnedPermit<Bytes>),
+    /// The receivers' addresses, resolved again.
+    Resolved {
+        found: Vec<Target>,
+        failover: bool,
+    },
 }
 
 /// Waits for the current connection's next activity (the machine's timers handle the
@@ -532,6 +625,12 @@ enum Activity {
 async fn activity(conn: &mut Conn, want_room: bool) -> Activity {
     let event = match conn {
         Conn::None => std::future::pending().await,
+        Conn::Resolving { task, failover } => {
+            let failover = *failover;
+            // A failed task is an empty answer: the addresses known are kept.
+            let found = task.await.unwrap_or_default();
+            return Activity::Resolved { found, failover };
+        }
         Conn::Connecting(task) => {
             return Activity::Connected(task.await.unwrap_or_else(|e| Err(task_failed(e))))
         }
@@ -555,10 +654,12 @@ async fn activity(conn: &mut Conn, want_room: bool) -> Activity {
 
 fn spawn_connect(
     client: &Arc<Client>,
+    target: &Target,
     hello: Bytes,
 ) -> tokio::task::JoinHandle<Result<Link, ConnectError>> {
     let client = Arc::clone(client);
-    tokio::spawn(async move { client.connect(hello).await })
+    let target = target.clone();
+    tokio::spawn(async move { client.connect(&target, hello).await })
 }
 
 fn task_failed(e: tokio::task::JoinError) -> ConnectError {

@@ -94,7 +94,8 @@ fn main() -> ExitCode {
 struct Prepared {
     tls: tls::ClientTls,
     token: Option<protocol::AuthToken>,
-    remote: std::net::SocketAddr,
+    /// The receivers in this sensor's order.
+    fleet: delivery::Fleet,
     socket: std::net::UdpSocket,
     backends: Vec<Box<dyn capture::CaptureBackend>>,
     sensor_id: String,
@@ -118,8 +119,11 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
     let (trust, token) = receiver_credentials(cli)?;
     let client_cert = cli.cert.as_deref().zip(cli.key.as_deref());
     let tls = tls::client_config(&trust, client_cert, protocol::ALPN)?;
-    let remote = transport::resolve(&cli.receiver())?;
-    let socket = transport::bind_socket(remote)?;
+    let receivers = transport::resolve(&cli.receivers())?;
+    let first = receivers
+        .first()
+        .ok_or_else(|| Error::input("no receiver address"))?;
+    let socket = transport::bind_socket(first.addr)?;
     let local_port = socket
         .local_addr()
         .map_err(|e| Error::runtime(format!("cannot read the UDP socket's port: {e}")))?
@@ -133,8 +137,8 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
     let opts = capture::Options {
         snaplen: cli.snaplen,
         filter: cli.filter().map_err(Error::input)?,
-        exclude: matches!(source, Source::Interfaces(_)).then_some(capture::OwnFlow {
-            receiver: remote,
+        exclude: matches!(source, Source::Interfaces(_)).then(|| capture::OwnFlow {
+            receivers: receivers.iter().map(|r| r.addr).collect(),
             local_port,
         }),
         ring_size: cli.ring_size,
@@ -193,6 +197,17 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
         .sensor_id
         .clone()
         .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned());
+    // The sensor id orders the receivers: the same id, the same order, on any host.
+    let fleet = delivery::Fleet::new(&sensor_id, &receivers)
+        .ok_or_else(|| Error::input("no receiver address"))?;
+    if fleet.can_fail_over() {
+        let order: Vec<String> = fleet.order().iter().map(|t| t.addr.to_string()).collect();
+        tracing::info!(
+            "receivers in the order of sensor id \"{}\": {}",
+            program::names::clean(&sensor_id),
+            order.join(", ")
+        );
+    }
     let fresh = spool::SessionKeys {
         session_id: rand::random(),
         secret: rand::random(),
@@ -225,7 +240,7 @@ fn prepare(cli: &Cli) -> Result<Prepared> {
     Ok(Prepared {
         tls,
         token,
-        remote,
+        fleet,
         socket,
         backends,
         sensor_id,
@@ -271,7 +286,7 @@ fn receiver_credentials(cli: &Cli) -> Result<(tls::Trust, Option<protocol::AuthT
             None => {
                 let looked = match &local {
                     Some(dir) => format!("no readable receiver.crt in {}", dir.display()),
-                    None if cli.receiver.is_some() => {
+                    None if !cli.receiver.is_empty() => {
                         "a --receiver is trusted by --ca or --fingerprint, not by this \
                          host's receiver.crt"
                             .into()
@@ -300,7 +315,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
     let Prepared {
         tls,
         token,
-        remote,
+        fleet,
         socket,
         mut backends,
         sensor_id,
@@ -368,16 +383,20 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
 
     // The first attempt starts before capture, so that a wrong CA or fingerprint is
     // reported at once. An unreachable receiver is not fatal: batches wait for it.
+    let failover_after = fleet.can_fail_over().then_some(cli.failover_after);
     let client = transport::Client::new(
         socket,
-        cli.receiver(),
-        remote,
-        cli.tls_name(),
+        transport::Settings {
+            receivers: cli.receivers(),
+            server_name: cli.server_name.clone(),
+            idle_timeout: transport::idle_timeout(failover_after),
+        },
         tls,
         Arc::clone(&on_demand),
     )?;
+    let remote = fleet.current().addr;
     let started = tokio::select! {
-        started = delivery::start(client, &hello) => started?,
+        started = delivery::start(client, fleet, &hello) => started?,
         _ = shutdown.notified() => {
             return Err(Error::runtime(format!(
                 "interrupted while connecting to receiver {remote}"
@@ -492,6 +511,7 @@ async fn run(cli: Cli, prepared: Prepared) -> Result<()> {
             stoppers: &stoppers,
             shutdown,
             give_up_after: cli.give_up_after,
+            failover_after,
         },
     )
     .await;
@@ -548,15 +568,28 @@ fn print_summary(
 ) {
     eprintln!(
         "summary: session {session_id:016x}: {} batches sent, {} acknowledged by the receiver, \
-         {} sent again after {} reconnect(s)",
+         {} sent again after {} reconnect(s){}",
         outcome.batches,
         outcome.acked,
         outcome.resent,
-        link.reconnects.load(std::sync::atomic::Ordering::Relaxed)
+        link.reconnects.load(std::sync::atomic::Ordering::Relaxed),
+        failovers_phrase(outcome),
     );
     for (i, (name, c)) in names.iter().zip(counters).enumerate() {
         let unacked = outcome.unacked.get(i).copied().unwrap_or(0);
         eprintln!("{}", c.summary_line(name, unacked));
+    }
+}
+
+/// With several receivers: the failovers and the last receiver, for the session line.
+fn failovers_phrase(outcome: &delivery::Outcome) -> String {
+    match outcome.receiver {
+        Some(receiver) if outcome.failovers > 0 => format!(
+            " and {} failover(s); last receiver {receiver}",
+            outcome.failovers
+        ),
+        Some(receiver) => format!("; receiver {receiver}"),
+        None => String::new(),
     }
 }
 
@@ -599,6 +632,8 @@ fn write_summary_json(
             "resent": outcome.resent,
         },
         "reconnects": link.reconnects.load(std::sync::atomic::Ordering::Relaxed),
+        "failovers": outcome.failovers,
+        "receiver": outcome.receiver.map(|r| r.to_string()),
         "interfaces": interfaces,
         "tls_key_log": key_log.map(stats::KeyLogCounters::summary_json),
     });

@@ -156,6 +156,21 @@ pub struct LinkStats {
     pub reconnects: AtomicU64,
     /// QUIC's smoothed round-trip time in microseconds, sampled each second while up.
     pub rtt_micros: AtomicU64,
+    /// Moves to another receiver (several --receiver).
+    pub failovers: AtomicU64,
+    /// The receiver sent to (or tried) now.
+    receiver: std::sync::Mutex<Option<std::net::SocketAddr>>,
+}
+
+impl LinkStats {
+    /// The receiver sent to now.
+    pub fn receiver(&self) -> Option<std::net::SocketAddr> {
+        *self.receiver.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_receiver(&self, addr: std::net::SocketAddr) {
+        *self.receiver.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+    }
 }
 
 /// raw/wire as "2.53", or "-" before anything was sent.

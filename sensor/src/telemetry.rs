@@ -34,7 +34,10 @@ pub struct Telemetry {
     link: Arc<LinkStats>,
     connected: Gauge,
     reconnects: Counter,
+    failovers: Counter,
     rtt: Gauge,
+    /// The receiver the `capstream_sensor_receiver` series says is current.
+    receiver: Option<std::net::SocketAddr>,
     /// Matched packets at the last reading, for the rate.
     last: (Instant, u64),
 }
@@ -68,7 +71,9 @@ impl Telemetry {
             link,
             connected: gauge!("capstream_sensor_connected"),
             reconnects: counter!("capstream_sensor_reconnects_total"),
+            failovers: counter!("capstream_sensor_failovers_total"),
             rtt: gauge!("capstream_sensor_rtt_seconds"),
+            receiver: None,
             last: (Instant::now(), 0),
         }
     }
@@ -119,14 +124,27 @@ impl Telemetry {
         let rtt = Duration::from_micros(self.link.rtt_micros.load(Relaxed));
         self.connected.set(if up { 1.0 } else { 0.0 });
         self.reconnects.absolute(self.link.reconnects.load(Relaxed));
+        self.failovers.absolute(self.link.failovers.load(Relaxed));
         self.rtt.set(rtt.as_secs_f64());
+        let receiver = self.link.receiver();
+        if receiver != self.receiver {
+            let series = |addr: std::net::SocketAddr| gauge!("capstream_sensor_receiver", "receiver" => addr.to_string());
+            if let Some(old) = self.receiver {
+                series(old).set(0.0);
+            }
+            if let Some(new) = receiver {
+                series(new).set(1.0);
+            }
+            self.receiver = receiver;
+        }
 
         let now = Instant::now();
         let (then, matched_then) = self.last;
         let rate = status::per_second(matched_then, totals.matched, (now - then).as_secs_f64());
         self.last = (now, totals.matched);
         let link = if up {
-            format!("connected, rtt {:.1} ms", rtt.as_secs_f64() * 1e3)
+            let to = receiver.map(|r| format!(" to {r}")).unwrap_or_default();
+            format!("connected{to}, rtt {:.1} ms", rtt.as_secs_f64() * 1e3)
         } else {
             "receiver unreachable, holding".into()
         };
@@ -192,6 +210,10 @@ fn describe() {
             "Connections to the receiver lost and made again.",
         ),
         (
+            "capstream_sensor_failovers_total",
+            "Moves to the next receiver in this sensor's order (--failover-after).",
+        ),
+        (
             "capstream_sensor_on_demand_packets_sent_total",
             "Packets on-demand captures sent, counted when they ended.",
         ),
@@ -205,6 +227,10 @@ fn describe() {
     describe_gauge!(
         "capstream_sensor_connected",
         "1 while the receiver has the session, else 0."
+    );
+    describe_gauge!(
+        "capstream_sensor_receiver",
+        "1 for the receiver this sensor sends to (or tries) now, 0 for those it left."
     );
     describe_gauge!(
         "capstream_sensor_rtt_seconds",

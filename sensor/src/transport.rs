@@ -4,7 +4,7 @@
 //! delivery loop ([`crate::delivery`]) makes a new one.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -18,46 +18,87 @@ use crate::error::{Error, Result};
 use crate::tls::{ClientTls, LastVerification};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// A receiver silent this long is gone (killed, or the path cut): reconnect. Short, because
-/// the sensor keeps everything unacknowledged and loses nothing by reconnecting.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// the sensor keeps everything unacknowledged and loses nothing by reconnecting. With
+/// several receivers, --failover-after if shorter (see [`idle_timeout`]).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alives per idle timeout: several may be lost before the connection is.
+const KEEP_ALIVES_PER_IDLE: u32 = 5;
+/// How long a name may take to resolve again before the addresses known are used.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Frames handed to the writing task ahead of the stream: enough to keep it busy while the
 /// delivery loop takes in batches.
 const FRAMES_AHEAD: usize = 8;
 
-/// Finds the receiver's address: an IP literal as is, a name through the resolver, its
-/// IPv4 addresses first (IPv4 loopback works where IPv6 is disabled; `localhost` has both).
-/// It blocks: the sensor resolves before its async runtime starts (see `prepare` in main.rs).
-pub fn resolve(addr: &ReceiverAddr) -> Result<SocketAddr> {
-    use std::net::ToSocketAddrs;
-    if let Ok(ip) = addr.host.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, addr.port));
-    }
-    let found = (addr.host.as_str(), addr.port)
-        .to_socket_addrs()
-        .map_err(|e| {
-            Error::runtime(format!(
-                "cannot resolve receiver host {}: {e} (check the name, or give an IP address)",
-                addr.host
-            ))
-        })?;
-    preferred(found, None).ok_or_else(|| {
-        Error::runtime(format!(
-            "receiver host {} has no address (check the name, or give an IP address)",
-            addr.host
-        ))
-    })
+/// The QUIC idle timeout: [`IDLE_TIMEOUT`], or `failover_after` when that is shorter, so
+/// that a receiver killed under a connection is noticed in time to fail over.
+pub fn idle_timeout(failover_after: Option<Duration>) -> Duration {
+    failover_after.map_or(IDLE_TIMEOUT, |d| d.min(IDLE_TIMEOUT))
 }
 
-/// The address to use among a name's: one of `family`'s (that of the bound socket) when
-/// given, IPv4 before IPv6.
-fn preferred(found: impl Iterator<Item = SocketAddr>, family: Option<bool>) -> Option<SocketAddr> {
-    let mut found: Vec<SocketAddr> = found
-        .filter(|a| family.is_none_or(|v4| a.is_ipv4() == v4))
-        .collect();
-    found.sort_by_key(|a| !a.is_ipv4());
-    found.first().copied()
+/// Finds the receivers' addresses: an IP literal as is, a name through the resolver, every
+/// one of its addresses (each is a receiver of its own). One address family only, that of
+/// the UDP socket every connection goes through: IPv4 when any receiver has an IPv4
+/// address (IPv4 loopback works where IPv6 is disabled; `localhost` has both). It blocks:
+/// the sensor resolves before its async runtime starts (see `prepare` in main.rs).
+pub fn resolve(receivers: &[ReceiverAddr]) -> Result<Vec<Target>> {
+    use std::net::ToSocketAddrs;
+    let mut found = Vec::new();
+    for addr in receivers {
+        let addresses: Vec<SocketAddr> = match addr.host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, addr.port)],
+            Err(_) => (addr.host.as_str(), addr.port)
+                .to_socket_addrs()
+                .map_err(|e| {
+                    Error::runtime(format!(
+                        "cannot resolve receiver host {}: {e} (check the name, or give an IP \
+                         address)",
+                        addr.host
+                    ))
+                })?
+                .collect(),
+        };
+        if addresses.is_empty() {
+            return Err(Error::runtime(format!(
+                "receiver host {} has no address (check the name, or give an IP address)",
+                addr.host
+            )));
+        }
+        found.extend(addresses.into_iter().map(|a| Target::new(a, addr)));
+    }
+    let v4 = found.iter().any(|t| t.addr.is_ipv4());
+    let (kept, other): (Vec<Target>, Vec<Target>) =
+        found.into_iter().partition(|t| t.addr.is_ipv4() == v4);
+    // A name with addresses of both families (localhost) is reached by one of them: said
+    // only for receivers that are left out whole.
+    for t in other
+        .iter()
+        .filter(|t| !kept.iter().any(|k| k.host == t.host))
+    {
+        tracing::warn!(
+            "receiver {} ({}) left out: the sensor's socket is IPv4, for the other receivers",
+            t.addr,
+            t.host
+        );
+    }
+    Ok(kept)
+}
+
+/// One receiver: an address, and the name it was given by (the TLS name by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// HOST of its --receiver.
+    pub host: String,
+}
+
+impl Target {
+    fn new(addr: SocketAddr, given: &ReceiverAddr) -> Self {
+        Self {
+            addr,
+            host: given.host.clone(),
+        }
+    }
 }
 
 /// The UDP socket of every connection of the process, bound before the captures are
@@ -84,6 +125,8 @@ pub enum LinkEvent {
     },
     /// The connection ended or broke the protocol.
     Lost(String),
+    /// The receiver was silent for the whole idle timeout.
+    Silent(String),
 }
 
 /// Why a connection attempt failed; the variant says whether trying again can help.
@@ -126,21 +169,30 @@ pub struct Client {
     endpoint: Endpoint,
     config: quinn::ClientConfig,
     verification: LastVerification,
-    receiver: ReceiverAddr,
-    /// The address of the last attempt: the receiver's name is resolved again before each.
-    remote: Mutex<SocketAddr>,
-    server_name: String,
+    /// Every --receiver, resolved again before each attempt.
+    receivers: Vec<ReceiverAddr>,
+    /// The socket's family.
+    ipv4: bool,
+    /// --server-name; else each receiver's HOST.
+    server_name: Option<String>,
+    idle_timeout: Duration,
     /// Serves the on-demand captures the receiver asks for on each connection.
     on_demand: Arc<crate::on_demand::OnDemand>,
 }
 
+/// What [`Client::new`] needs besides the socket, the TLS set-up and the on-demand server.
+pub struct Settings {
+    pub receivers: Vec<ReceiverAddr>,
+    pub server_name: Option<String>,
+    /// From [`idle_timeout`].
+    pub idle_timeout: Duration,
+}
+
 impl Client {
-    /// `socket`: from [`bind_socket`]; `remote`: the receiver's address found at start.
+    /// `socket`: from [`bind_socket`].
     pub fn new(
         socket: std::net::UdpSocket,
-        receiver: ReceiverAddr,
-        remote: SocketAddr,
-        server_name: String,
+        settings: Settings,
         tls: ClientTls,
         on_demand: Arc<crate::on_demand::OnDemand>,
     ) -> Result<Self> {
@@ -152,74 +204,81 @@ impl Client {
             .map_err(|e| Error::runtime(format!("TLS setup failed: {e}")))?;
         let mut client = quinn::ClientConfig::new(Arc::new(quic));
         let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(KEEP_ALIVE));
+        transport.keep_alive_interval(Some(settings.idle_timeout / KEEP_ALIVES_PER_IDLE));
         transport.max_idle_timeout(Some(
-            IDLE_TIMEOUT
+            settings
+                .idle_timeout
                 .try_into()
                 .map_err(|_| Error::runtime("invalid QUIC idle timeout"))?,
         ));
         client.transport_config(Arc::new(transport));
         let runtime = quinn::default_runtime()
             .ok_or_else(|| Error::runtime("no async runtime for the QUIC endpoint"))?;
+        let ipv4 = socket
+            .local_addr()
+            .map_err(|e| Error::runtime(format!("cannot read the UDP socket's address: {e}")))?
+            .is_ipv4();
         let endpoint = Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
             .map_err(|e| Error::runtime(format!("cannot open the QUIC endpoint: {e}")))?;
         Ok(Self {
             endpoint,
             config: client,
             verification,
-            receiver,
-            remote: Mutex::new(remote),
-            server_name,
+            receivers: settings.receivers,
+            ipv4,
+            server_name: settings.server_name,
+            idle_timeout: settings.idle_timeout,
             on_demand,
         })
     }
 
-    /// The receiver's address of the last attempt.
-    pub fn remote(&self) -> SocketAddr {
-        *self.remote.lock().unwrap_or_else(|e| e.into_inner())
+    /// How long a receiver is silent before its connection ends as [`LinkEvent::Silent`].
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
     }
 
-    /// Resolves the receiver's name again (DNS fail-over, a moved receiver), keeping the
-    /// last address when the resolver fails or has none of the socket's family.
-    async fn resolve_again(&self) -> SocketAddr {
-        let last = self.remote();
-        if self.receiver.host.parse::<IpAddr>().is_ok() {
-            return last;
-        }
-        let found =
-            tokio::net::lookup_host((self.receiver.host.as_str(), self.receiver.port)).await;
-        let now = match found {
-            Ok(found) => preferred(found, Some(last.is_ipv4())),
-            Err(e) => {
-                tracing::warn!(
-                    "cannot resolve receiver host {} again: {e}; trying {last}",
-                    self.receiver.host
-                );
-                None
+    /// Resolves every receiver's name again (DNS failover, a moved receiver): the
+    /// addresses of the socket's family; none of a name whose resolver fails (said once
+    /// here), so that the caller keeps what it knew.
+    pub async fn resolve_again(&self) -> Vec<Target> {
+        let mut found = Vec::new();
+        for addr in &self.receivers {
+            if let Ok(ip) = addr.host.parse::<IpAddr>() {
+                found.push(Target::new(SocketAddr::new(ip, addr.port), addr));
+                continue;
             }
-        };
-        let now = now.unwrap_or(last);
-        if now != last {
-            tracing::warn!(
-                "receiver host {} is now at {now} (was {last}); the capture filter still \
-                 leaves out only the flow to {last}",
-                self.receiver.host
-            );
-            *self.remote.lock().unwrap_or_else(|e| e.into_inner()) = now;
+            let lookup = tokio::net::lookup_host((addr.host.as_str(), addr.port));
+            match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
+                Ok(Ok(addresses)) => found.extend(
+                    addresses
+                        .filter(|a| a.is_ipv4() == self.ipv4)
+                        .map(|a| Target::new(a, addr)),
+                ),
+                Ok(Err(e)) => tracing::warn!(
+                    "cannot resolve receiver host {} again: {e}; keeping its known addresses",
+                    addr.host
+                ),
+                Err(_) => tracing::warn!(
+                    "cannot resolve receiver host {} again: no answer within {}s; keeping its \
+                     known addresses",
+                    addr.host,
+                    RESOLVE_TIMEOUT.as_secs()
+                ),
+            }
         }
-        now
+        found
     }
 
-    /// Connects, opens the session's stream and sends `hello` first on it.
-    pub async fn connect(&self, hello: Bytes) -> Result<Link, ConnectError> {
-        let remote = self.resolve_again().await;
+    /// Connects to `target`, opens the session's stream and sends `hello` first on it.
+    pub async fn connect(&self, target: &Target, hello: Bytes) -> Result<Link, ConnectError> {
+        let remote = target.addr;
+        let server_name = self.server_name.as_deref().unwrap_or(&target.host);
         let connecting = self
             .endpoint
-            .connect_with(self.config.clone(), remote, &self.server_name)
+            .connect_with(self.config.clone(), remote, server_name)
             .map_err(|e| {
                 ConnectError::Permanent(Error::input(format!(
-                    "cannot connect to {remote} as \"{}\": {e} (check --server-name)",
-                    self.server_name
+                    "cannot connect to {remote} as \"{server_name}\": {e} (check --server-name)"
                 )))
             })?;
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
@@ -361,6 +420,7 @@ fn connection_lost(e: ConnectionError) -> LinkEvent {
             code: ErrorCode::UNAUTHENTICATED,
             message,
         },
+        None if matches!(e, ConnectionError::TimedOut) => LinkEvent::Silent(e.to_string()),
         None => LinkEvent::Lost(e.to_string()),
     }
 }
@@ -552,7 +612,7 @@ mod tests {
         // Anything else is retried.
         assert!(matches!(
             connection_lost(ConnectionError::TimedOut),
-            LinkEvent::Lost(_)
+            LinkEvent::Silent(_)
         ));
         assert!(matches!(
             connection_lost(closed_with_alert(120)),

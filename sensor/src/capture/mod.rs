@@ -289,10 +289,11 @@ fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBa
     }
 }
 
-/// The sensor's own QUIC flow: its UDP socket's local port and the receiver's address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The sensor's own QUIC flows: its UDP socket's local port and the receivers' addresses
+/// (all of one family, that of the socket), as resolved at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnFlow {
-    pub receiver: SocketAddr,
+    pub receivers: Vec<SocketAddr>,
     pub local_port: u16,
 }
 
@@ -305,22 +306,31 @@ pub struct OwnFlow {
 /// `not`. So every load of the exclusion is guarded by a length test: on a short or
 /// truncated frame the exclusion is simply false, and the user's filter alone decides, as
 /// it does for tcpdump.
-pub fn compose_filter(user: &str, exclude: Option<OwnFlow>) -> String {
+pub fn compose_filter(user: &str, exclude: Option<&OwnFlow>) -> String {
     let user = user.trim();
     let Some(OwnFlow {
-        receiver,
+        receivers,
         local_port: local,
     }) = exclude
     else {
         return user.to_string();
     };
-    let port = receiver.port();
-    let ip = receiver.ip().to_canonical();
-    let flow = format!(
-        "((dst host {ip} and src port {local} and dst port {port}) or \
-         (src host {ip} and src port {port} and dst port {local}))"
-    );
-    let own = match ip {
+    let Some(first) = receivers.first() else {
+        return user.to_string();
+    };
+    let flows: Vec<String> = receivers
+        .iter()
+        .map(|receiver| {
+            let port = receiver.port();
+            let ip = receiver.ip().to_canonical();
+            format!(
+                "(dst host {ip} and src port {local} and dst port {port}) or \
+                 (src host {ip} and src port {port} and dst port {local})"
+            )
+        })
+        .collect();
+    let flow = format!("({})", flows.join(" or "));
+    let own = match first.ip().to_canonical() {
         // Addresses end at byte 34; the UDP ports follow an IPv4 header of ihl*4 bytes.
         IpAddr::V4(_) => format!(
             "not (ip and len >= 34 and udp \
@@ -342,11 +352,9 @@ mod tests {
 
     #[test]
     fn filter_composition() {
-        let flow = |addr: &str| {
-            Some(OwnFlow {
-                receiver: addr.parse().unwrap(),
-                local_port: 50000,
-            })
+        let flow = |addr: &str| OwnFlow {
+            receivers: vec![addr.parse().unwrap()],
+            local_port: 50000,
         };
         let own_v4 = "not (ip and len >= 34 and udp \
                       and len >= 18 + ((ip[0] & 15) << 2) and \
@@ -354,19 +362,19 @@ mod tests {
                       (src host 127.0.0.1 and src port 4433 and dst port 50000)))";
         assert_eq!(compose_filter("", None), "");
         assert_eq!(compose_filter("port 53", None), "port 53");
-        assert_eq!(compose_filter("", flow("127.0.0.1:4433")), own_v4);
-        assert_eq!(compose_filter("  ", flow("127.0.0.1:4433")), own_v4);
+        assert_eq!(compose_filter("", Some(&flow("127.0.0.1:4433"))), own_v4);
+        assert_eq!(compose_filter("  ", Some(&flow("127.0.0.1:4433"))), own_v4);
         assert_eq!(
-            compose_filter("vlan and port 53", flow("127.0.0.1:4433")),
+            compose_filter("vlan and port 53", Some(&flow("127.0.0.1:4433"))),
             format!("{own_v4} and (vlan and port 53)")
         );
         assert_eq!(
-            compose_filter("tcp or udp", flow("[2001:db8::1]:443")),
+            compose_filter("tcp or udp", Some(&flow("[2001:db8::1]:443"))),
             "not (ip6 and len >= 58 and udp and \
              ((dst host 2001:db8::1 and src port 50000 and dst port 443) or \
              (src host 2001:db8::1 and src port 443 and dst port 50000))) and (tcp or udp)"
         );
-        let mapped = compose_filter("", flow("[::ffff:192.0.2.1]:1"));
+        let mapped = compose_filter("", Some(&flow("[::ffff:192.0.2.1]:1")));
         assert!(mapped.contains("dst host 192.0.2.1 "), "{mapped}");
     }
 
@@ -377,8 +385,11 @@ mod tests {
     fn only_the_own_flow_is_excluded() {
         let filter = compose_filter(
             "udp",
-            Some(OwnFlow {
-                receiver: "192.0.2.10:4433".parse().unwrap(),
+            Some(&OwnFlow {
+                receivers: vec![
+                    "192.0.2.10:4433".parse().unwrap(),
+                    "192.0.2.11:4434".parse().unwrap(),
+                ],
                 local_port: 50000,
             }),
         );
@@ -401,5 +412,10 @@ mod tests {
         assert!(program.filter(&frame(other, receiver, 40000, 4433)));
         assert!(program.filter(&frame(receiver, other, 4433, 40000)));
         assert!(program.filter(&frame(me, receiver, 50001, 4433)));
+        // The second receiver's flow too, and only on its own port.
+        let second = [192, 0, 2, 11];
+        assert!(!program.filter(&frame(me, second, 50000, 4434)));
+        assert!(!program.filter(&frame(second, me, 4434, 50000)));
+        assert!(program.filter(&frame(me, second, 50000, 4433)));
     }
 }

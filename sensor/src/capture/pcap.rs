@@ -55,7 +55,7 @@ impl PcapCapture {
         // The filter is compiled on the activated handle: only then does libpcap know the
         // link type, and `vlan` gets its live-capture meaning.
         check_user_filter(&cap, &opts.filter)?;
-        let filter = compose_filter(&opts.filter, opts.exclude);
+        let filter = compose_filter(&opts.filter, opts.exclude.as_ref());
         cap.filter(&filter, true).map_err(|e| {
             Error::input(format!(
                 "invalid filter \"{filter}\": {} (check the --bpf expression)",

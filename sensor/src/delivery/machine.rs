@@ -34,12 +34,29 @@
 //! |20 | Up                   | room, all sent, captures ended                 | Up (Goodbye sent)     | `Frame::Goodbye`              |
 //! |21 | Up                   | statistics time                                | Up                    | `Stats`                       |
 //! |22 | any                  | stop signal                                    | same (stopping)       | stop the captures, once       |
+//! |23 | not Up               | failover time (several receivers)              | Connecting            | `FailOver`                    |
+//! |24 | Joining, joined once | Ack below what another receiver acknowledged   | Down, new session     | `NewSession(Behind)`          |
 //!
 //! Backoff: exponential from [`FIRST_RETRY`] to [`MAX_RETRY`], each delay a random fraction
 //! (half to all) of its step, so that many sensors cut off together do not come back in
 //! step; the fraction comes from an injected [`Jitter`]. Give-up: after --give-up-after
 //! without a connection, and after a stop signal at the latest [`STOP_GRACE`] (or
 //! --give-up-after) later.
+//!
+//! Failover (with several receivers, see [`super::fleet`]): the current receiver is
+//! unreachable from the moment it was last heard from (a connection that timed out was
+//! silent for the whole idle timeout before), or from the start while it was never
+//! reached, or from the last failover. Once it has been unreachable for --failover-after
+//! with no session up, the sensor moves to the next receiver at once, keeps its session
+//! (so that batches sent to both receivers are the same session, sequence and record)
+//! and sends it every unacknowledged batch. The backoff goes on growing across
+//! failovers: with every receiver down the sensor goes round them, one attempt or a few
+//! each, no faster than the backoff allows, holding what it captured within the outbox's
+//! counted limits. It stays on the receiver it moved to until that one fails in turn or
+//! the sensor restarts (no flapping back to one that is coming and going). A receiver
+//! that knows the session but is behind what another one acknowledged (come back to
+//! after a round) could not take the next batch (sequences grow by one), so the session
+//! continues under a new id there (transition 24).
 
 use std::time::{Duration, Instant};
 
@@ -100,6 +117,9 @@ pub enum Step {
     },
     /// Close the connection, if any, and try again in `delay`.
     Retry { delay: Duration, cause: RetryCause },
+    /// Close the connection or end the attempt, if any, and connect to the next receiver
+    /// (its addresses resolved again) at once.
+    FailOver,
     /// Close the connection, if any, take a new session id and secret, and send what is
     /// held under them in `delay`.
     NewSession {
@@ -142,6 +162,10 @@ pub enum NewSessionCause {
     /// The receiver acknowledged `acked`, past `known`, the last this sensor sent or saw
     /// acknowledged: another connection took the session over.
     Takeover { acked: u64, known: u64 },
+    /// The receiver resumes the session after `resume`, behind `acked`, which another
+    /// receiver acknowledged: the batches between are released, so it could not take the
+    /// next one.
+    Behind { resume: u64, acked: u64 },
 }
 
 /// How a session that ends well ends.
@@ -199,11 +223,23 @@ pub struct Delivery {
     goodbye_sent: bool,
     give_up_after: Option<Duration>,
     next_stats: Instant,
+    /// --failover-after; `None` with one receiver.
+    failover_after: Option<Duration>,
+    /// Since when the current receiver has not been heard from, while no session is up.
+    unreachable_since: Option<Instant>,
+    /// Moves to another receiver.
+    failovers: u64,
 }
 
 impl Delivery {
-    /// A session whose first connection attempt started at `now`.
-    pub fn new(now: Instant, give_up_after: Option<Duration>, jitter: Jitter) -> Self {
+    /// A session whose first connection attempt started at `now`; `failover_after`: with
+    /// several receivers, how long the current one may be unreachable.
+    pub fn new(
+        now: Instant,
+        give_up_after: Option<Duration>,
+        failover_after: Option<Duration>,
+        jitter: Jitter,
+    ) -> Self {
         Self {
             state: State::Connecting,
             first_connection: true,
@@ -219,6 +255,9 @@ impl Delivery {
             goodbye_sent: false,
             give_up_after,
             next_stats: now + STATS_EVERY,
+            failover_after,
+            unreachable_since: Some(now),
+            failovers: 0,
         }
     }
 
@@ -232,6 +271,11 @@ impl Delivery {
     /// Connections dropped after they were up or joining.
     pub fn reconnects(&self) -> u64 {
         self.reconnects
+    }
+
+    /// Moves to another receiver.
+    pub fn failovers(&self) -> u64 {
+        self.failovers
     }
 
     /// Whether a stop signal came.
@@ -289,14 +333,18 @@ impl Delivery {
         let joining = matches!(self.state, State::Joining { .. });
         let known = self.highest_sent.max(self.highest_acked);
         if acks_the_unsent(sequence, known, joining && !self.joined) {
-            let delay = self.disconnect(now);
-            return Step::NewSession {
-                delay,
-                cause: NewSessionCause::Takeover {
-                    acked: sequence,
-                    known,
-                },
+            let cause = NewSessionCause::Takeover {
+                acked: sequence,
+                known,
             };
+            return self.new_session(now, cause);
+        }
+        if joining && self.joined && sequence > 0 && sequence < self.highest_acked {
+            let cause = NewSessionCause::Behind {
+                resume: sequence,
+                acked: self.highest_acked,
+            };
+            return self.new_session(now, cause);
         }
         self.highest_acked = self.highest_acked.max(sequence);
         if !joining {
@@ -310,6 +358,7 @@ impl Delivery {
         self.joined = true;
         self.backoff = FIRST_RETRY;
         self.down_since = None;
+        self.unreachable_since = None;
         self.goodbye_sent = false;
         self.state = State::Up;
         Step::Joined {
@@ -333,13 +382,7 @@ impl Delivery {
             ErrorCode::SHUTTING_DOWN | ErrorCode::UNAVAILABLE => {
                 self.retry(now, RetryCause::Unavailable)
             }
-            ErrorCode::SESSION_REFUSED => {
-                let delay = self.disconnect(now);
-                Step::NewSession {
-                    delay,
-                    cause: NewSessionCause::Refused,
-                }
-            }
+            ErrorCode::SESSION_REFUSED => self.new_session(now, NewSessionCause::Refused),
             _ if self.first_connection => {
                 self.state = State::Failed;
                 Step::Fail(Fatal::Refused)
@@ -348,9 +391,14 @@ impl Delivery {
         }
     }
 
-    /// The connection broke.
-    pub fn on_lost(&mut self, now: Instant) -> Step {
-        self.retry(now, RetryCause::Lost)
+    /// The connection broke; `silent_for`: how long the receiver had not been heard from
+    /// (the idle timeout, when that is what ended it).
+    pub fn on_lost(&mut self, now: Instant, silent_for: Duration) -> Step {
+        let delay = self.disconnect(now, silent_for);
+        Step::Retry {
+            delay,
+            cause: RetryCause::Lost,
+        }
     }
 
     /// The next time [`Delivery::handle_timeout`] has something to do.
@@ -361,15 +409,23 @@ impl Delivery {
             State::Finished | State::Failed => return None,
             State::Connecting | State::Up => None,
         };
-        [connection, self.give_up_at(), Some(self.next_stats)]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            connection,
+            self.give_up_at(),
+            self.failover_at(),
+            Some(self.next_stats),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// What is due at `now`, one thing at a time (the driver asks again at once when the
     /// next deadline has passed too); `all_acked`: the outbox is empty.
     pub fn handle_timeout(&mut self, now: Instant, all_acked: bool) -> Step {
+        if self.failover_at().is_some_and(|t| t <= now) {
+            return self.fail_over(now);
+        }
         match self.state {
             State::Down { retry_at } if retry_at <= now => {
                 self.state = State::Connecting;
@@ -431,17 +487,26 @@ impl Delivery {
         self.captures_done && all_sent && !self.goodbye_sent && self.state == State::Up
     }
 
+    fn new_session(&mut self, now: Instant, cause: NewSessionCause) -> Step {
+        let delay = self.disconnect(now, Duration::ZERO);
+        Step::NewSession { delay, cause }
+    }
+
     fn retry(&mut self, now: Instant, cause: RetryCause) -> Step {
-        let delay = self.disconnect(now);
+        let delay = self.disconnect(now, Duration::ZERO);
         Step::Retry { delay, cause }
     }
 
     /// Leaves the connection, if any, and schedules the next attempt; returns its delay.
-    fn disconnect(&mut self, now: Instant) -> Duration {
+    /// `silent_for`: how long before `now` the receiver was last heard from.
+    fn disconnect(&mut self, now: Instant, silent_for: Duration) -> Duration {
         if matches!(self.state, State::Up | State::Joining { .. }) {
             self.reconnects += 1;
         }
         self.down_since.get_or_insert(now);
+        // Failover counts from the last word heard; giving up, from the connection's end.
+        self.unreachable_since
+            .get_or_insert(now.checked_sub(silent_for).unwrap_or(now));
         self.goodbye_sent = false;
         let delay = self.next_delay();
         self.state = State::Down {
@@ -454,6 +519,29 @@ impl Delivery {
         let step = self.backoff;
         self.backoff = (self.backoff * 2).min(MAX_RETRY);
         step.mul_f64((self.jitter)().clamp(0.5, 1.0))
+    }
+
+    /// When the current receiver has been unreachable long enough to move on.
+    fn failover_at(&self) -> Option<Instant> {
+        match self.state {
+            State::Up | State::Finished | State::Failed => None,
+            State::Down { .. } | State::Connecting | State::Joining { .. } => {
+                Some(self.unreachable_since? + self.failover_after?)
+            }
+        }
+    }
+
+    /// Leaves the current receiver (and any attempt on it) for the next one, now.
+    fn fail_over(&mut self, now: Instant) -> Step {
+        if matches!(self.state, State::Joining { .. }) {
+            self.reconnects += 1;
+        }
+        self.failovers += 1;
+        self.unreachable_since = Some(now);
+        self.down_since.get_or_insert(now);
+        self.goodbye_sent = false;
+        self.state = State::Connecting;
+        Step::FailOver
     }
 
     /// When an unreachable receiver is given up on.

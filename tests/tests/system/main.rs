@@ -8,6 +8,7 @@ mod attribution;
 mod backpressure;
 mod config;
 mod deploy;
+mod failover;
 mod faults;
 mod kafka;
 mod live_capture;

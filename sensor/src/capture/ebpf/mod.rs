@@ -723,7 +723,7 @@ fn compile_filter(iface: &str, mode: &str, opts: &Options) -> Result<(Vec<CbpfIn
             }
         })?;
     super::pcap::check_user_filter(&live, &opts.filter)?;
-    let expr = compose_filter(&opts.filter, opts.exclude);
+    let expr = compose_filter(&opts.filter, opts.exclude.as_ref());
     let program = live.compile(&expr, true).map_err(|e| {
         Error::input(format!(
             "invalid filter \"{expr}\": {}",

@@ -7,7 +7,7 @@ const SECOND: Duration = Duration::from_secs(1);
 
 /// A machine whose backoff is always the whole step.
 fn machine(t0: Instant, give_up_after: Option<Duration>) -> Delivery {
-    Delivery::new(t0, give_up_after, Box::new(|| 1.0))
+    Delivery::new(t0, give_up_after, None, Box::new(|| 1.0))
 }
 
 /// A machine joined at `t0` (first connection, resume point 0).
@@ -102,7 +102,7 @@ fn backoff_takes_the_injected_jitter_within_half_and_all_of_the_step() {
     let t0 = Instant::now();
     let fractions = [0.5, 0.75, 7.0];
     let mut next = fractions.into_iter();
-    let mut d = Delivery::new(t0, None, Box::new(move || next.next().unwrap_or(1.0)));
+    let mut d = Delivery::new(t0, None, None, Box::new(move || next.next().unwrap_or(1.0)));
     let mut delay = || match d.on_connect_failed(t0, false) {
         Step::Retry { delay, .. } => delay.as_millis(),
         other => panic!("{other:?}"),
@@ -142,7 +142,7 @@ fn t05_the_resume_point_joins_and_resets_the_backoff() {
     );
     assert_eq!(d.state(), State::Up);
     // Connected: the backoff starts again from its first step.
-    match d.on_lost(t0 + 11 * SECOND) {
+    match d.on_lost(t0 + 11 * SECOND, Duration::ZERO) {
         Step::Retry {
             delay,
             cause: RetryCause::Lost,
@@ -259,12 +259,12 @@ fn t09_a_lost_connection_is_retried() {
     for joining in [false, true] {
         let mut d = joined(t0);
         if joining {
-            d.on_lost(t0);
+            d.on_lost(t0, Duration::ZERO);
             d.handle_timeout(t0 + SECOND, false);
             d.on_connected(t0 + SECOND);
         }
         assert!(matches!(
-            d.on_lost(t0 + SECOND),
+            d.on_lost(t0 + SECOND, Duration::ZERO),
             Step::Retry {
                 cause: RetryCause::Lost,
                 ..
@@ -422,7 +422,7 @@ fn t16_give_up_after_without_a_connection_fails() {
         d.handle_timeout(t0 + 40 * SECOND, false),
         Step::Stats { send: true }
     );
-    d.on_lost(t0 + 50 * SECOND);
+    d.on_lost(t0 + 50 * SECOND, Duration::ZERO);
     let mut at = t0 + 50 * SECOND;
     loop {
         // (The statistics deadline may lie behind: it is due at once.)
@@ -512,7 +512,7 @@ fn t19_batches_sent_again_count_as_resent() {
     assert!(!d.wants_room(false, true), "nothing to send");
     assert!(d.wants_room(true, false));
     send(&mut d, 3);
-    d.on_lost(t0);
+    d.on_lost(t0, Duration::ZERO);
     assert!(!d.wants_room(true, false), "no link");
     d.handle_timeout(t0 + SECOND, false);
     d.on_connected(t0 + SECOND);
@@ -579,4 +579,225 @@ fn t22_a_stop_signal_keeps_the_connection() {
     assert_eq!(d.state(), State::Up);
     // Up, no give-up deadline: the session ends with the Goodbye.
     assert_eq!(d.poll_timeout(), Some(t0 + STATS_EVERY));
+}
+
+/// A machine of several receivers, failing over after `FAILOVER`.
+const FAILOVER: Duration = Duration::from_secs(5);
+
+fn fleet_machine(t0: Instant) -> Delivery {
+    Delivery::new(t0, None, Some(FAILOVER), Box::new(|| 1.0))
+}
+
+/// [`fleet_machine`] joined at `t0` (resume point 0).
+fn fleet_joined(t0: Instant) -> Delivery {
+    let mut d = fleet_machine(t0);
+    d.on_connected(t0);
+    d.on_ack(t0, 0);
+    d
+}
+
+/// Drives `d` with its own deadlines until `until`, collecting each step but the
+/// statistics ticks (and answering every Connect with a failed attempt, as an unreachable
+/// receiver does).
+fn run_unreachable(d: &mut Delivery, until: Instant) -> Vec<(Instant, Step)> {
+    let mut steps = Vec::new();
+    while let Some(t) = d.poll_timeout().filter(|t| *t <= until) {
+        let step = d.handle_timeout(t, false);
+        match step {
+            Step::Continue | Step::Stats { .. } => {}
+            Step::Connect | Step::FailOver => {
+                steps.push((t, step));
+                steps.push((t, d.on_connect_failed(t, false)));
+            }
+            other => steps.push((t, other)),
+        }
+    }
+    steps
+}
+
+#[test]
+fn t23_never_reached_fails_over_exactly_after_the_timeout() {
+    let t0 = Instant::now();
+    let mut d = fleet_machine(t0);
+    // The first attempt hangs (no answer): no failover a moment before the time.
+    assert_eq!(d.poll_timeout(), Some(t0 + SECOND), "statistics tick first");
+    assert_eq!(d.handle_timeout(t0 + SECOND, false), Step::Continue);
+    assert_eq!(d.poll_timeout(), Some(t0 + 2 * SECOND));
+    for s in 2..5 {
+        assert_eq!(d.handle_timeout(t0 + s * SECOND, false), Step::Continue);
+    }
+    let just_before = t0 + FAILOVER - Duration::from_millis(1);
+    assert_eq!(d.handle_timeout(just_before, false), Step::Continue);
+    assert_eq!(d.poll_timeout(), Some(t0 + FAILOVER));
+    assert_eq!(d.handle_timeout(t0 + FAILOVER, false), Step::FailOver);
+    assert_eq!(d.state(), State::Connecting);
+    assert_eq!(d.failovers(), 1);
+    // The next receiver gets its own full time.
+    assert_eq!(
+        d.handle_timeout(t0 + 2 * FAILOVER - Duration::from_millis(1), false),
+        Step::Continue
+    );
+    assert_eq!(d.handle_timeout(t0 + 2 * FAILOVER, false), Step::FailOver);
+}
+
+#[test]
+fn t23_one_receiver_never_fails_over() {
+    let t0 = Instant::now();
+    let mut d = machine(t0, None);
+    for s in 1..=60 {
+        assert_eq!(d.handle_timeout(t0 + s * SECOND, false), Step::Continue);
+    }
+    assert_eq!(d.failovers(), 0);
+}
+
+#[test]
+fn t23_a_lost_connection_fails_over_after_the_timeout_unless_made_again() {
+    let t0 = Instant::now();
+    let mut d = fleet_joined(t0);
+    // Up: never a failover, however long.
+    assert_eq!(
+        d.handle_timeout(t0 + 60 * SECOND, false),
+        Step::Stats { send: true }
+    );
+    let lost = t0 + 61 * SECOND;
+    d.on_lost(lost, Duration::ZERO);
+    let steps = run_unreachable(&mut d, lost + FAILOVER);
+    let failover = steps.iter().find(|(_, s)| *s == Step::FailOver).unwrap();
+    assert_eq!(failover.0, lost + FAILOVER, "{steps:?}");
+    // Reconnected before the time: the clock starts again at the next loss.
+    let mut d = fleet_joined(t0);
+    d.on_lost(lost, Duration::ZERO);
+    d.handle_timeout(lost + FIRST_RETRY, false);
+    d.on_connected(lost + SECOND);
+    d.on_ack(lost + SECOND, 0);
+    let again = lost + 3 * SECOND;
+    d.on_lost(again, Duration::ZERO);
+    let steps = run_unreachable(&mut d, again + FAILOVER);
+    let first = steps.iter().find(|(_, s)| *s == Step::FailOver).unwrap();
+    assert_eq!(first.0, again + FAILOVER, "{steps:?}");
+}
+
+/// A receiver killed under the connection is unreachable from its last word: the idle
+/// timeout's silence counts.
+#[test]
+fn t23_a_silent_receiver_counts_from_its_last_word() {
+    let t0 = Instant::now();
+    let mut d = fleet_joined(t0);
+    let idle = FAILOVER;
+    let timed_out = t0 + 30 * SECOND;
+    d.on_lost(timed_out, idle);
+    // The failover is due at once, before the backoff's retry.
+    assert_eq!(d.handle_timeout(timed_out, false), Step::FailOver);
+}
+
+/// Failover from a hanging join, and every unacknowledged batch goes to the next receiver:
+/// its resume point (0, the session is new there) releases nothing, and each held
+/// sequence is sent again from the oldest.
+#[test]
+fn t23_the_next_receiver_gets_every_unacknowledged_batch() {
+    let t0 = Instant::now();
+    let mut d = fleet_joined(t0);
+    send(&mut d, 10);
+    assert_eq!(d.on_ack(t0, 4), Step::Release(4));
+    let lost = t0 + SECOND;
+    d.on_lost(lost, Duration::ZERO);
+    // The receiver answers the QUIC handshake but never the Hello.
+    assert_eq!(d.handle_timeout(lost + FIRST_RETRY, false), Step::Connect);
+    d.on_connected(lost + FIRST_RETRY);
+    assert_eq!(d.handle_timeout(lost + FAILOVER, false), Step::FailOver);
+    assert_eq!(d.reconnects(), 2, "the abandoned join counts");
+    d.on_connected(lost + FAILOVER);
+    assert_eq!(
+        d.on_ack(lost + FAILOVER, 0),
+        Step::Joined {
+            resume: 0,
+            after_outage: true
+        }
+    );
+    // The driver releases nothing (resume 0) and rewinds the outbox: 5..=10 go again.
+    for sequence in 5..=10 {
+        assert_eq!(
+            d.on_room(Some(sequence), false),
+            Some(Frame::Batch { again: true }),
+            "{sequence}"
+        );
+    }
+    assert_eq!(
+        d.on_room(Some(11), false),
+        Some(Frame::Batch { again: false })
+    );
+    assert_eq!(d.on_ack(lost + FAILOVER, 11), Step::Release(11));
+}
+
+/// Every receiver down: the sensor goes round them, one receiver per --failover-after,
+/// attempts spaced by a backoff that keeps growing to its cap (no faster going round),
+/// and holds on (no give-up without --give-up-after: nothing is dropped here; the
+/// outbox's own limits count what does not fit).
+#[test]
+fn t23_every_receiver_down_goes_round_with_backoff() {
+    let t0 = Instant::now();
+    let mut d = fleet_machine(t0);
+    d.on_connect_failed(t0, false);
+    let steps = run_unreachable(&mut d, t0 + 60 * SECOND);
+    let failovers: Vec<Instant> = steps
+        .iter()
+        .filter(|(_, s)| *s == Step::FailOver)
+        .map(|(t, _)| *t)
+        .collect();
+    assert_eq!(failovers.len(), 12, "{steps:?}");
+    for (i, t) in failovers.iter().enumerate() {
+        assert_eq!(*t, t0 + FAILOVER * (i as u32 + 1));
+    }
+    let delays: Vec<Duration> = steps
+        .iter()
+        .filter_map(|(_, s)| match s {
+            Step::Retry { delay, .. } => Some(*delay),
+            _ => None,
+        })
+        .collect();
+    assert!(delays.windows(2).all(|w| w[0] <= w[1]), "{delays:?}");
+    assert_eq!(delays.last(), Some(&MAX_RETRY));
+    // Within one receiver's time, no more attempts than the backoff allows.
+    let attempts = steps
+        .iter()
+        .filter(|(t, s)| matches!(s, Step::Connect | Step::FailOver) && *t >= t0 + 30 * SECOND)
+        .count();
+    assert!(attempts <= 12, "{attempts}: {steps:?}");
+    assert!(!steps.iter().any(|(_, s)| matches!(s, Step::Fail(_))));
+    assert_eq!(d.failovers(), 12);
+}
+
+/// Back on a receiver that knows the session but is behind what another acknowledged: it
+/// could not take the next batch, so the session goes on there under a new id.
+#[test]
+fn t24_a_receiver_behind_the_acknowledged_gets_a_new_session() {
+    let t0 = Instant::now();
+    let mut d = fleet_joined(t0);
+    send(&mut d, 10);
+    d.on_ack(t0, 4);
+    d.on_lost(t0 + SECOND, Duration::ZERO);
+    d.handle_timeout(t0 + SECOND + FAILOVER, false);
+    d.on_connected(t0 + 7 * SECOND);
+    d.on_ack(t0 + 7 * SECOND, 0);
+    d.on_ack(t0 + 7 * SECOND, 10);
+    d.on_lost(t0 + 8 * SECOND, Duration::ZERO);
+    d.handle_timeout(t0 + 8 * SECOND + FAILOVER, false);
+    d.on_connected(t0 + 14 * SECOND);
+    assert!(matches!(
+        d.on_ack(t0 + 14 * SECOND, 4),
+        Step::NewSession {
+            cause: NewSessionCause::Behind {
+                resume: 4,
+                acked: 10
+            },
+            ..
+        }
+    ));
+    // A receiver new to the session (0), or level with it, is joined.
+    d.handle_timeout(t0 + 15 * SECOND, false);
+    d.on_connected(t0 + 15 * SECOND);
+    assert!(matches!(
+        d.on_ack(t0 + 15 * SECOND, 0),
+        Step::Joined { resume: 0, .. }
+    ));
 }
