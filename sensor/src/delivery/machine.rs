@@ -60,6 +60,7 @@
 
 use std::time::{Duration, Instant};
 
+use program::backoff::Backoff;
 use protocol::ErrorCode;
 
 /// How often the statistics go to the receiver.
@@ -212,7 +213,7 @@ pub struct Delivery {
     highest_sent: u64,
     /// The highest sequence a receiver acknowledged or resumed after.
     highest_acked: u64,
-    backoff: Duration,
+    backoff: Backoff,
     jitter: Jitter,
     /// Since when no connection has been up.
     down_since: Option<Instant>,
@@ -246,7 +247,7 @@ impl Delivery {
             joined: false,
             highest_sent: 0,
             highest_acked: 0,
-            backoff: FIRST_RETRY,
+            backoff: Backoff::new(FIRST_RETRY, MAX_RETRY),
             jitter,
             down_since: Some(now),
             reconnects: 0,
@@ -356,7 +357,7 @@ impl Delivery {
                 .is_some_and(|t| now.saturating_duration_since(t) > STATS_EVERY);
         self.first_connection = false;
         self.joined = true;
-        self.backoff = FIRST_RETRY;
+        self.backoff.reset();
         self.down_since = None;
         self.unreachable_since = None;
         self.goodbye_sent = false;
@@ -516,9 +517,9 @@ impl Delivery {
     }
 
     fn next_delay(&mut self) -> Duration {
-        let step = self.backoff;
-        self.backoff = (self.backoff * 2).min(MAX_RETRY);
-        step.mul_f64((self.jitter)().clamp(0.5, 1.0))
+        self.backoff
+            .delay()
+            .mul_f64((self.jitter)().clamp(0.5, 1.0))
     }
 
     /// When the current receiver has been unreachable long enough to move on.
