@@ -378,7 +378,7 @@ impl SensorConnection {
                 },
                 Ok(Accepted::Goodbye) => {
                     let name = self.joined.as_ref().map_or("", |(_, name)| name.as_str());
-                    tracing::info!(
+                    tracing::debug!(
                         "{name}: its reading waited {} ms for the writer's queue, {} ms over \
                          its quota of held bytes",
                         queue_wait.as_millis(),

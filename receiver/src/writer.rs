@@ -636,7 +636,7 @@ impl Writer {
         }
         let acked = self.merge.acked(session);
         let holds = self.merge.batch_holds(session);
-        tracing::info!(
+        tracing::debug!(
             "{}: its {} batches waited in the merge {} ms on average, {} ms at most",
             sensor.label,
             holds.batches,

@@ -201,7 +201,7 @@ pub async fn run(started: Started, input: Input<'_>) -> (Outcome, Result<()>) {
     let result = s.run().await;
     s.waits.now_waiting_for(Wait::Capture);
     let w = &s.waits;
-    tracing::info!(
+    tracing::debug!(
         "delivery waited {} ms for room on the stream, {} ms for acknowledgements with the \
          buffer full, {} ms for the last acknowledgements, {} ms for captured batches, \
          {} ms before the first",
@@ -235,7 +235,7 @@ pub async fn run(started: Started, input: Input<'_>) -> (Outcome, Result<()>) {
     s.input.link.up.store(false, Relaxed);
     let closing = Instant::now();
     s.client.close(result.is_ok()).await;
-    tracing::info!(
+    tracing::debug!(
         "waited {} ms closing the QUIC endpoint (its connection draining)",
         closing.elapsed().as_millis()
     );

@@ -178,6 +178,12 @@ pub fn run(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let ns = Netns::new("csfanin")?;
+    // The waits the sensors and the receiver report (debug), for the table of where the
+    // time went.
+    std::env::set_var(
+        "RUST_LOG",
+        "info,sensor::delivery=debug,receiver::writer=debug,receiver::connection=debug",
+    );
 
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); SENSOR_COUNTS.len()];
     for round in 1..=rounds {
