@@ -556,9 +556,6 @@ async fn start_uploader(
     upload::Uploader::start(url, allow_http).await
 }
 
-/// The largest UDP payload QUIC allows (quinn's bound).
-const MAX_UDP_PAYLOAD: u16 = 65_527;
-
 fn listen(
     addr: std::net::SocketAddr,
     config: quinn::ServerConfig,
@@ -571,13 +568,6 @@ fn listen(
     // Plain random connection ids: quinn's default ones carry a check keyed per process,
     // which makes a restarted receiver ignore, rather than reset, its predecessor's.
     endpoint_config.cid_generator(|| Box::new(RandomCids));
-    // Datagrams as large as UDP allows are accepted: a sensor's path MTU discovery (up to
-    // the same) then sends 64 KiB datagrams over loopback or jumbo frames, a fraction of
-    // the per-datagram work of Ethernet-sized ones on both sides. The receive buffers
-    // grow to that size.
-    endpoint_config
-        .max_udp_payload_size(MAX_UDP_PAYLOAD)
-        .map_err(|e| std::io::Error::other(format!("QUIC datagram size: {e}")))?;
     quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
 }
 

@@ -25,8 +25,6 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames handed to the writing task ahead of the stream: enough to keep it busy while the
 /// delivery loop takes in batches.
 const FRAMES_AHEAD: usize = 8;
-/// The largest UDP payload QUIC allows (quinn's bound); the receiver accepts as much.
-const MAX_UDP_PAYLOAD: u16 = 65_527;
 /// How long a sensor whose session ended cleanly waits at exit for its connection to
 /// close: enough for the endpoint to send the close frame. Waiting for the whole drain
 /// took up to seconds with several sensors on a busy receiver (fan-in bench, issue 19).
@@ -164,13 +162,6 @@ impl Client {
                 .try_into()
                 .map_err(|_| Error::runtime("invalid QUIC idle timeout"))?,
         ));
-        // Path MTU discovery up to the largest UDP payload: over loopback (or jumbo frames) the
-        // batches go in datagrams of up to 64 KiB instead of 1452 bytes, a fraction of the
-        // per-datagram work (encryption calls, system calls, the receiver's reassembly).
-        // Probes a path cannot carry are lost and leave the size where it was.
-        let mut mtu = quinn::MtuDiscoveryConfig::default();
-        mtu.upper_bound(MAX_UDP_PAYLOAD);
-        transport.mtu_discovery_config(Some(mtu));
         client.transport_config(Arc::new(transport));
         let runtime = quinn::default_runtime()
             .ok_or_else(|| Error::runtime("no async runtime for the QUIC endpoint"))?;
