@@ -28,7 +28,7 @@ const FRAMES_AHEAD: usize = 8;
 /// How long a sensor whose session ended cleanly waits at exit for its connection to
 /// close: enough for the endpoint to send the close frame. Waiting for the whole drain
 /// took up to seconds with several sensors on a busy receiver (fan-in bench, issue 19).
-const CLOSE_AFTER_GOODBYE: Duration = Duration::from_millis(100);
+const CLOSE_AFTER_GOODBYE: Duration = Duration::from_millis(20);
 
 /// Finds the receiver's address: an IP literal as is, a name through the resolver, its
 /// IPv4 addresses first (IPv4 loopback works where IPv6 is disabled; `localhost` has both).
@@ -300,6 +300,16 @@ impl Link {
         } else {
             (1, b"sensor reconnecting or stopping")
         };
+        let path = self.conn.stats().path;
+        tracing::debug!(
+            "QUIC: {} datagrams lost of {} sent, {} congestion events, rtt {} ms, congestion \
+             window {} bytes",
+            path.lost_packets,
+            path.sent_packets,
+            path.congestion_events,
+            path.rtt.as_millis(),
+            path.cwnd
+        );
         self.conn.close(VarInt::from_u32(code), reason);
     }
 }

@@ -76,6 +76,9 @@ struct Waits {
     first_batch: f64,
     /// Sensor: closing its QUIC endpoint (waiting for the connection to drain).
     close: f64,
+    /// Sensor: QUIC datagrams lost and congestion events (means per sensor).
+    lost: f64,
+    congestion: f64,
 }
 
 impl Waits {
@@ -99,6 +102,8 @@ impl Waits {
             queue: receiver(" ms for the writer's queue"),
             first_batch: sensors(" ms before the first"),
             close: sensors(" ms closing the QUIC endpoint"),
+            lost: sensors(" datagrams lost of"),
+            congestion: sensors(" congestion events"),
         }
     }
 }
@@ -182,7 +187,8 @@ pub fn run(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
     // time went.
     std::env::set_var(
         "RUST_LOG",
-        "info,sensor::delivery=debug,receiver::writer=debug,receiver::connection=debug",
+        "info,sensor::delivery=debug,sensor::transport=debug,receiver::writer=debug,\
+         receiver::connection=debug",
     );
 
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); SENSOR_COUNTS.len()];
@@ -420,9 +426,10 @@ fn table(runs: &[Vec<Run>], packets: &Packets, rounds: usize) -> String {
          delivery loop waiting for room on the QUIC stream, for acknowledgements with its \
          buffer full, for the last acknowledgements, for its input; the receiver holding a \
          batch in the merge (arrival to written, mean and longest), a connection waiting for \
-         the writer's queue; the sensor closing its QUIC endpoint at exit\n\n\
-         | sensors | before first batch | stream room | acks (buffer full) | last acks | input | merge hold mean | merge hold longest | writer queue | closing |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+         the writer's queue; the sensor closing its QUIC endpoint at exit; its QUIC datagrams lost and congestion \
+         events (counts)\n\n\
+         | sensors | before first batch | stream room | acks (buffer full) | last acks | input | merge hold mean | merge hold longest | writer queue | closing | datagrams lost | congestion events |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     for (n, runs) in SENSOR_COUNTS.iter().zip(runs) {
         let pick = |f: &dyn Fn(&Waits) -> f64| {
@@ -430,7 +437,7 @@ fn table(runs: &[Vec<Run>], packets: &Packets, rounds: usize) -> String {
         };
         let _ = writeln!(
             out,
-            "| {n} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "| {n} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
             pick(&|w| w.first_batch),
             pick(&|w| w.stream),
             pick(&|w| w.acks),
@@ -440,6 +447,8 @@ fn table(runs: &[Vec<Run>], packets: &Packets, rounds: usize) -> String {
             pick(&|w| w.merge_longest),
             pick(&|w| w.queue),
             pick(&|w| w.close),
+            pick(&|w| w.lost),
+            pick(&|w| w.congestion),
         );
     }
     let verdict = |met: bool| if met { "met" } else { "missed" };
