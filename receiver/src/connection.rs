@@ -19,7 +19,6 @@ use crate::auth::{certificate_name, Auth};
 use crate::merge::SessionId;
 use crate::quota::{Held, Quotas, RateLimit};
 use crate::server::{Admission, Unauthenticated};
-use crate::tls::AUTHENTICATED_RECEIVE_WINDOW;
 use crate::viewer::{Registration, Sensors};
 use crate::writer::{Attached, ConnId, Event};
 use rules::{Accepted, Refusal, SensorProtocol};
@@ -295,11 +294,9 @@ impl SensorConnection {
             Err(_) => return shutting_down(),
         };
         self.rules.on_join(attached.received);
-        // Admitted: no longer counted against its address, and its batches get the window
-        // for throughput.
+        // Admitted: no longer counted against its address, and its batches get their share
+        // of the receive window when it is listed below.
         self.unauthenticated = None;
-        self.connection
-            .set_receive_window(AUTHENTICATED_RECEIVE_WINDOW);
         let Attached {
             acked, mut acks, ..
         } = attached;
