@@ -540,7 +540,24 @@ mod kernel {
                 .collect()
         }
 
-        /// The program: copies a header and `len` bytes of the frame into `ring`; `stage` is a per-CPU map value of header + frame.
+        /// From the memory r0 points to (kept in r7): a zero packet header, then `len` bytes
+        /// of the frame (the context in r6) by bpf_skb_load_bytes, whose result is in r0.
+        fn header_and_frame(len: i32) -> Vec<EbpfInsn> {
+            let mut insns = vec![insn(MOV_X, 7, 0, 0, 0)];
+            insns.extend(header_at(7));
+            insns.extend([
+                insn(MOV_X, 1, 6, 0, 0),
+                insn(MOV_K, 2, 0, 0, 0),
+                insn(MOV_X, 3, 7, 0, 0),
+                insn(ADD_K, 3, 0, 0, HEADER_LEN),
+                insn(MOV_K, 4, 0, 0, len),
+                insn(CALL, 0, 0, 0, SKB_LOAD_BYTES),
+            ]);
+            insns
+        }
+
+        /// The program: copies a header and `len` bytes of the frame into `ring`; `stage` is
+        /// a per-CPU map value of header + frame.
         fn program(copy: Copy, len: i32, ring: &OwnedFd, stage: &OwnedFd) -> Vec<EbpfInsn> {
             let mut p = vec![insn(MOV_X, 6, 1, 0, 0)];
             let mut body = Vec::new();
@@ -550,15 +567,8 @@ mod kernel {
                     body.push(insn(MOV_K, 2, 0, 0, HEADER_LEN + len));
                     body.push(insn(MOV_K, 3, 0, 0, 0));
                     body.push(insn(CALL, 0, 0, 0, RINGBUF_RESERVE));
-                    let mut rest = vec![insn(MOV_X, 7, 0, 0, 0)];
-                    rest.extend(header_at(7));
+                    let mut rest = header_and_frame(len);
                     rest.extend([
-                        insn(MOV_X, 1, 6, 0, 0),
-                        insn(MOV_K, 2, 0, 0, 0),
-                        insn(MOV_X, 3, 7, 0, 0),
-                        insn(ADD_K, 3, 0, 0, HEADER_LEN),
-                        insn(MOV_K, 4, 0, 0, len),
-                        insn(CALL, 0, 0, 0, SKB_LOAD_BYTES),
                         insn(JNE_K, 0, 0, 4, 0),
                         insn(MOV_X, 1, 7, 0, 0),
                         insn(MOV_K, 2, 0, 0, BPF_RB_NO_WAKEUP),
@@ -577,17 +587,8 @@ mod kernel {
                     body.push(insn(MOV_X, 2, 10, 0, 0));
                     body.push(insn(ADD_K, 2, 0, 0, -4));
                     body.push(insn(CALL, 0, 0, 0, MAP_LOOKUP));
-                    let mut rest = vec![insn(MOV_X, 7, 0, 0, 0)];
-                    rest.extend(header_at(7));
-                    rest.extend([
-                        insn(MOV_X, 1, 6, 0, 0),
-                        insn(MOV_K, 2, 0, 0, 0),
-                        insn(MOV_X, 3, 7, 0, 0),
-                        insn(ADD_K, 3, 0, 0, HEADER_LEN),
-                        insn(MOV_K, 4, 0, 0, len),
-                        insn(CALL, 0, 0, 0, SKB_LOAD_BYTES),
-                        insn(JNE_K, 0, 0, 6, 0),
-                    ]);
+                    let mut rest = header_and_frame(len);
+                    rest.extend([insn(JNE_K, 0, 0, 6, 0)]);
                     rest.extend(load_map(1, ring));
                     rest.extend([
                         insn(MOV_X, 2, 7, 0, 0),
