@@ -201,6 +201,7 @@ pub fn run(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
         }
     }
 
+    std::env::remove_var("RUST_LOG");
     println!("{}", table(&runs, &packets, rounds));
     let json = out_dir.join("fanin.json");
     std::fs::write(&json, to_json(&runs, &packets))?;
