@@ -52,7 +52,9 @@ mod sys;
 mod translate;
 
 #[cfg(target_os = "linux")]
-pub use sys::{load_program, prog_array_set, test_run, xdp_live_frames, LoadError, TestRun};
+pub use sys::{
+    load_program, map_create, prog_array_set, test_run, xdp_live_frames, LoadError, TestRun,
+};
 pub use translate::{
     translate, CbpfInsn, EbpfInsn, Hook, OnAccept, OpcodeKind, Refusal, Target, TranslateError,
 };

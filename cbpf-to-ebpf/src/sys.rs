@@ -14,7 +14,6 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use crate::{EbpfInsn, Hook};
 
 // Commands.
-#[cfg(test)]
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -55,7 +54,6 @@ struct ProgLoadAttr {
 }
 
 /// `bpf_attr` for BPF_MAP_CREATE, up to `map_name`.
-#[cfg(test)]
 #[repr(C)]
 #[derive(Default)]
 struct MapCreateAttr {
@@ -284,7 +282,6 @@ pub fn prog_array_set(map: BorrowedFd, index: u32, prog: BorrowedFd) -> io::Resu
 }
 
 /// Creates a map of `map_type` (BPF_MAP_TYPE_*).
-#[cfg(test)]
 pub fn map_create(
     map_type: u32,
     key_size: u32,

@@ -19,7 +19,6 @@ use crate::auth::{certificate_name, Auth};
 use crate::merge::SessionId;
 use crate::quota::{Held, Quotas, RateLimit};
 use crate::server::{Admission, Unauthenticated};
-use crate::tls::AUTHENTICATED_RECEIVE_WINDOW;
 use crate::viewer::{Registration, Sensors};
 use crate::writer::{Attached, ConnId, Event};
 use rules::{Accepted, Refusal, SensorProtocol};
@@ -295,11 +294,9 @@ impl SensorConnection {
             Err(_) => return shutting_down(),
         };
         self.rules.on_join(attached.received);
-        // Admitted: no longer counted against its address, and its batches get the window
-        // for throughput.
+        // Admitted: no longer counted against its address, and its batches get their share
+        // of the receive window when it is listed below.
         self.unauthenticated = None;
-        self.connection
-            .set_receive_window(AUTHENTICATED_RECEIVE_WINDOW);
         let Attached {
             acked, mut acks, ..
         } = attached;
@@ -320,9 +317,14 @@ impl SensorConnection {
             return e;
         }
 
+        // Where this connection's reading waited: the writer's queue full, its sensor over
+        // its quota of held bytes (reported when it leaves, to tell which wait holds
+        // sensors back).
+        let (mut queue_wait, mut quota_wait) = (Duration::ZERO, Duration::ZERO);
         loop {
             // Over its quota of held bytes, the sensor waits (unread) for its acknowledgements.
             let room = self.held.has_room(self.quotas.held);
+            let waiting = std::time::Instant::now();
             let message = tokio::select! {
                 m = self.next_message(), if room => m,
                 changed = acks.changed() => {
@@ -330,6 +332,9 @@ impl SensorConnection {
                         return End::Lost("a newer connection of the same session took over".into());
                     }
                     let sequence = *acks.borrow_and_update();
+                    if !room {
+                        quota_wait += waiting.elapsed();
+                    }
                     self.held.acknowledged(sequence);
                     if let Err(e) = self.write(Message::Ack(Ack { sequence })).await {
                         return e;
@@ -368,14 +373,25 @@ impl SensorConnection {
                     stats,
                     rtt: self.connection.rtt(),
                 },
-                Ok(Accepted::Goodbye) => return self.leave(false).await,
+                Ok(Accepted::Goodbye) => {
+                    let name = self.joined.as_ref().map_or("", |(_, name)| name.as_str());
+                    tracing::debug!(
+                        "{name}: its reading waited {} ms for the writer's queue, {} ms over \
+                         its quota of held bytes",
+                        queue_wait.as_millis(),
+                        quota_wait.as_millis()
+                    );
+                    return self.leave(false).await;
+                }
                 Err(refusal) => return End::Refused(refusal),
             };
             // A full queue makes this connection wait, and QUIC flow control slows the
             // sensor: back-pressure, never a silent drop.
+            let sending = std::time::Instant::now();
             if self.events.send(event).await.is_err() {
                 return shutting_down();
             }
+            queue_wait += sending.elapsed();
         }
     }
 

@@ -129,6 +129,21 @@ struct SensorInMerge {
     received: Option<u64>,
     /// Away or leaving: it sends nothing for now, so it does not hold the others back.
     idle: bool,
+    /// How long its batches were held, from arrival to their last packet written.
+    held: BatchHolds,
+}
+
+/// How long a session's batches waited in the merge (from arrival to their last packet
+/// written, after which they are acknowledged at the next flush): reported when the
+/// session closes, to tell which wait holds sensors back.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BatchHolds {
+    /// Batches written whole.
+    pub batches: u64,
+    /// Their waits together.
+    pub total: Duration,
+    /// The longest wait.
+    pub longest: Duration,
 }
 
 /// Per-session totals for the exit summary.
@@ -267,6 +282,7 @@ impl Merge {
                 ack_changed: false,
                 received: resume.map(|r| r.acked),
                 idle: false,
+                held: BatchHolds::default(),
             },
         );
     }
@@ -518,6 +534,13 @@ impl Merge {
         total
     }
 
+    /// How long the session's batches waited in the merge so far.
+    pub fn batch_holds(&self, session: SessionId) -> BatchHolds {
+        self.sessions
+            .get(&session)
+            .map_or_else(BatchHolds::default, |s| s.held)
+    }
+
     #[cfg(test)]
     pub fn held_packets(&self) -> usize {
         self.sources
@@ -593,10 +616,14 @@ impl Merge {
         if batch.packets.peek().is_none() {
             let sequence = batch.sequence;
             sink.end_batch(source.interface, sequence)?;
+            let held = batch.arrived.elapsed();
             source.batches.pop_front();
             // A session is removed only once all its packets are written, so it is here.
             if let Some(s) = self.sessions.get_mut(&source.session) {
                 s.held_batches -= 1;
+                s.held.batches += 1;
+                s.held.total += held;
+                s.held.longest = s.held.longest.max(held);
                 s.mark_done(sequence);
             }
         }

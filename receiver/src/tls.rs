@@ -189,9 +189,9 @@ pub fn stream_config(identity: &Identity) -> Result<Arc<rustls::ServerConfig>> {
 /// largest Hello (256 KiB) and little else, so that a peer that has not proved anything
 /// holds little of the receiver's memory.
 const UNAUTHENTICATED_RECEIVE_WINDOW: u32 = 512 << 10;
-/// The receive window once the Hello is accepted: room for a few full batches in flight
-/// per sensor, for throughput on long links.
-pub const AUTHENTICATED_RECEIVE_WINDOW: quinn::VarInt = quinn::VarInt::from_u32(32 << 20);
+/// The receive window the admitted sensors share (see `viewer::Sensors`): one alone gets
+/// all of it, room for a few full batches in flight, for throughput on long links.
+pub const AUTHENTICATED_RECEIVE_WINDOW: u32 = 32 << 20;
 
 /// QUIC server settings: TLS 1.3 with our ALPN only, one stream per sensor, bounded
 /// windows and idle time. With `client_roots`, a sensor without a client certificate that

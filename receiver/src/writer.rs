@@ -635,6 +635,18 @@ impl Writer {
             }
         }
         let acked = self.merge.acked(session);
+        let holds = self.merge.batch_holds(session);
+        tracing::debug!(
+            "{}: its {} batches waited in the merge {} ms on average, {} ms at most",
+            sensor.label,
+            holds.batches,
+            holds
+                .total
+                .checked_div(u32::try_from(holds.batches).unwrap_or(u32::MAX))
+                .unwrap_or_default()
+                .as_millis(),
+            holds.longest.as_millis()
+        );
         if let Some(done) = sensor.leaving.take() {
             self.to_notify.push((done, acked));
         }

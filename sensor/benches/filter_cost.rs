@@ -181,11 +181,20 @@ mod kernel {
             per_cpu.expect("the matched counter").iter().sum()
         }
 
+        fn ring_full(&self) -> u64 {
+            let per_cpu = self.counters.get(&shared::COUNTER_RING_FULL, 0);
+            per_cpu.expect("the ring-full counter").iter().sum()
+        }
+
+        fn drain(&mut self) {
+            while self.ring.next().is_some() {}
+        }
+
         /// Whether the chain emits `input` (one run, judged by the matched counter).
         fn accepts(&mut self, input: &[u8]) -> bool {
             let before = self.matched();
             cbpf_to_ebpf::test_run(self.entry.as_fd(), input, 1).expect("BPF_PROG_TEST_RUN");
-            while self.ring.next().is_some() {}
+            self.drain();
             self.matched() > before
         }
 
@@ -198,7 +207,7 @@ mod kernel {
                 let run = cbpf_to_ebpf::test_run(prog.as_fd(), input, n as u32)
                     .expect("BPF_PROG_TEST_RUN");
                 total_ns += u64::from(run.duration_ns) * n;
-                while self.ring.next().is_some() {}
+                self.drain();
                 left -= n;
             }
             Duration::from_nanos(total_ns)
@@ -336,6 +345,323 @@ mod kernel {
         floor_cost(c, &dead, &frames);
     }
 
+    /// The ring (issue 19, item 4), on TC (`ring/` cases; `--bench ring/` runs them alone),
+    /// for a 64-byte and a 1500-byte frame, every frame accepted:
+    /// - `shared`/`per-cpu`: the sensor's own chain (entry, the empty filter, emit) test-run
+    ///   on both CPUs at once, two threads pinned to CPU 0 and CPU 1, into one shared ring
+    ///   (one load of the object) or into a ring per CPU (one load per thread: its own
+    ///   ring), beside `one-cpu` (one thread); ns per frame, the mean of the threads;
+    /// - `copy`: three hand-written TC programs that copy the frame and a packet header
+    ///   into a ring, per byte: `reserve-load` (what emit does: bpf_ringbuf_reserve, then
+    ///   bpf_skb_load_bytes into the reservation), `stage-output` (bpf_skb_load_bytes into a
+    ///   per-CPU map value, then bpf_ringbuf_output: what a helper-based copy needs for a
+    ///   record of header and frame). (bpf_ringbuf_output straight from the packet, which
+    ///   would save the staging copy, is refused at TC: "helper access to the packet is not
+    ///   allowed".)
+    mod ring {
+        use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+        use std::sync::Barrier;
+        use std::time::Duration;
+
+        use aya::maps::{Map, MapData, RingBuf};
+        use cbpf_to_ebpf::{EbpfInsn, Hook};
+        use criterion::Criterion;
+
+        use super::{Chain, Mode, RING_SIZE};
+
+        const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+        const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+        const HEADER_LEN: i32 = std::mem::size_of::<sensor_ebpf::PacketHeader>() as i32;
+        const FRAME_SIZES: [usize; 2] = [64, 1500];
+        /// Test runs per thread between drains: both threads' frames fit the ring.
+        const REPEAT: u32 = 500;
+
+        /// An Ethernet/IPv4/UDP frame of `len` bytes (the bench generator's kind).
+        fn frame(len: usize) -> Vec<u8> {
+            let mut f = vec![0u8; len];
+            f[..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+            f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+            f[12..14].copy_from_slice(&[0x08, 0x00]);
+            f[14] = 0x45;
+            f[16..18].copy_from_slice(&((len - 14) as u16).to_be_bytes());
+            f[22] = 64;
+            f[23] = 17;
+            f[26..30].copy_from_slice(&[198, 18, 0, 1]);
+            f[30..34].copy_from_slice(&[198, 18, 0, 3]);
+            f[36..38].copy_from_slice(&9u16.to_be_bytes());
+            f[38..40].copy_from_slice(&((len - 34) as u16).to_be_bytes());
+            f
+        }
+
+        fn pin_to(cpu: usize) {
+            // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes within it;
+            // sched_setaffinity reads it for the calling thread.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+            }
+        }
+
+        /// Test-runs `progs[i]` on CPU `i`, all at once, `iters` times each (drained in
+        /// between by `drain`): the mean of the kernel's mean run times, times `iters`.
+        fn concurrently(
+            progs: &[&OwnedFd],
+            input: &[u8],
+            iters: u64,
+            drain: &mut dyn FnMut(),
+        ) -> Duration {
+            let barrier = Barrier::new(progs.len());
+            let mut total_ns = 0u64;
+            let mut left = iters;
+            while left > 0 {
+                let n = left.min(u64::from(REPEAT)) as u32;
+                let sums: Vec<u64> = std::thread::scope(|scope| {
+                    let runs: Vec<_> = progs
+                        .iter()
+                        .enumerate()
+                        .map(|(cpu, prog)| {
+                            let barrier = &barrier;
+                            scope.spawn(move || {
+                                pin_to(cpu);
+                                barrier.wait();
+                                let run = cbpf_to_ebpf::test_run(prog.as_fd(), input, n)
+                                    .expect("BPF_PROG_TEST_RUN");
+                                u64::from(run.duration_ns) * u64::from(n)
+                            })
+                        })
+                        .collect();
+                    runs.into_iter()
+                        .map(|r| r.join().expect("a test run"))
+                        .collect()
+                });
+                total_ns += sums.iter().sum::<u64>() / sums.len() as u64;
+                drain();
+                left -= u64::from(n);
+            }
+            Duration::from_nanos(total_ns)
+        }
+
+        pub fn shared_against_per_cpu(c: &mut Criterion, empty: &[cbpf_to_ebpf::CbpfInsn]) {
+            let mut group = c.benchmark_group("bpf");
+            for len in FRAME_SIZES {
+                let input = frame(len);
+                let mut a = Chain::load(Mode::Tc, empty);
+                let mut b = Chain::load(Mode::Tc, empty);
+                assert!(
+                    a.accepts(&input) && b.accepts(&input),
+                    "the empty filter accepts"
+                );
+                let (entry_a, entry_b) = (
+                    a.entry.try_clone().expect("fd"),
+                    b.entry.try_clone().expect("fd"),
+                );
+                let full_before = a.ring_full() + b.ring_full();
+                group.bench_function(format!("ring/one-cpu/{len}B"), |bench| {
+                    bench.iter_custom(|iters| {
+                        concurrently(&[&entry_a], &input, iters, &mut || a.drain())
+                    })
+                });
+                group.bench_function(format!("ring/shared/{len}B"), |bench| {
+                    bench.iter_custom(|iters| {
+                        concurrently(&[&entry_a, &entry_a], &input, iters, &mut || a.drain())
+                    })
+                });
+                group.bench_function(format!("ring/per-cpu/{len}B"), |bench| {
+                    bench.iter_custom(|iters| {
+                        concurrently(&[&entry_a, &entry_b], &input, iters, &mut || {
+                            a.drain();
+                            b.drain();
+                        })
+                    })
+                });
+                assert_eq!(
+                    a.ring_full() + b.ring_full(),
+                    full_before,
+                    "the ring never filled"
+                );
+            }
+            group.finish();
+        }
+
+        /// How a hand-written program copies the frame into the ring.
+        #[derive(Clone, Copy)]
+        enum Copy {
+            ReserveLoad,
+            StageOutput,
+        }
+
+        impl Copy {
+            const ALL: [Copy; 2] = [Copy::ReserveLoad, Copy::StageOutput];
+
+            fn name(self) -> &'static str {
+                match self {
+                    Self::ReserveLoad => "reserve-load",
+                    Self::StageOutput => "stage-output",
+                }
+            }
+        }
+
+        fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> EbpfInsn {
+            EbpfInsn {
+                code,
+                regs: dst | (src << 4),
+                off,
+                imm,
+            }
+        }
+
+        /// `ld_imm64 dst, map` (BPF_PSEUDO_MAP_FD): two instructions.
+        fn load_map(dst: u8, map: &OwnedFd) -> [EbpfInsn; 2] {
+            [insn(0x18, dst, 1, 0, map.as_raw_fd()), insn(0, 0, 0, 0, 0)]
+        }
+
+        const MOV_X: u8 = 0xbf;
+        const MOV_K: u8 = 0xb7;
+        const ADD_K: u8 = 0x07;
+        const CALL: u8 = 0x85;
+        const EXIT: u8 = 0x95;
+        const JEQ_K: u8 = 0x15;
+        const JNE_K: u8 = 0x55;
+        const ST_DW: u8 = 0x7a;
+        const ST_W: u8 = 0x62;
+        const MAP_LOOKUP: i32 = 1;
+        const SKB_LOAD_BYTES: i32 = 26;
+        const RINGBUF_OUTPUT: i32 = 130;
+        const RINGBUF_RESERVE: i32 = 131;
+        const RINGBUF_SUBMIT: i32 = 132;
+        const RINGBUF_DISCARD: i32 = 133;
+        const BPF_RB_NO_WAKEUP: i32 = 1;
+
+        /// Writes a zero packet header at `reg` + 0 (every field, as emit writes one).
+        fn header_at(reg: u8) -> Vec<EbpfInsn> {
+            (0..HEADER_LEN / 8)
+                .map(|i| insn(ST_DW, reg, 0, (i * 8) as i16, 0))
+                .collect()
+        }
+
+        /// From the memory r0 points to (kept in r7): a zero packet header, then `len` bytes
+        /// of the frame (the context in r6) by bpf_skb_load_bytes, whose result is in r0.
+        fn header_and_frame(len: i32) -> Vec<EbpfInsn> {
+            let mut insns = vec![insn(MOV_X, 7, 0, 0, 0)];
+            insns.extend(header_at(7));
+            insns.extend([
+                insn(MOV_X, 1, 6, 0, 0),
+                insn(MOV_K, 2, 0, 0, 0),
+                insn(MOV_X, 3, 7, 0, 0),
+                insn(ADD_K, 3, 0, 0, HEADER_LEN),
+                insn(MOV_K, 4, 0, 0, len),
+                insn(CALL, 0, 0, 0, SKB_LOAD_BYTES),
+            ]);
+            insns
+        }
+
+        /// The program: copies a header and `len` bytes of the frame into `ring`; `stage` is
+        /// a per-CPU map value of header + frame.
+        fn program(copy: Copy, len: i32, ring: &OwnedFd, stage: &OwnedFd) -> Vec<EbpfInsn> {
+            let mut p = vec![insn(MOV_X, 6, 1, 0, 0)];
+            let mut body = Vec::new();
+            match copy {
+                Copy::ReserveLoad => {
+                    body.extend(load_map(1, ring));
+                    body.push(insn(MOV_K, 2, 0, 0, HEADER_LEN + len));
+                    body.push(insn(MOV_K, 3, 0, 0, 0));
+                    body.push(insn(CALL, 0, 0, 0, RINGBUF_RESERVE));
+                    let mut rest = header_and_frame(len);
+                    rest.extend([
+                        insn(JNE_K, 0, 0, 4, 0),
+                        insn(MOV_X, 1, 7, 0, 0),
+                        insn(MOV_K, 2, 0, 0, BPF_RB_NO_WAKEUP),
+                        insn(CALL, 0, 0, 0, RINGBUF_SUBMIT),
+                        insn(0x05, 0, 0, 3, 0), // goto out
+                        insn(MOV_X, 1, 7, 0, 0),
+                        insn(MOV_K, 2, 0, 0, 0),
+                        insn(CALL, 0, 0, 0, RINGBUF_DISCARD),
+                    ]);
+                    body.push(insn(JEQ_K, 0, 0, rest.len() as i16, 0));
+                    body.extend(rest);
+                }
+                Copy::StageOutput => {
+                    body.push(insn(ST_W, 10, 0, -4, 0));
+                    body.extend(load_map(1, stage));
+                    body.push(insn(MOV_X, 2, 10, 0, 0));
+                    body.push(insn(ADD_K, 2, 0, 0, -4));
+                    body.push(insn(CALL, 0, 0, 0, MAP_LOOKUP));
+                    let mut rest = header_and_frame(len);
+                    rest.extend([insn(JNE_K, 0, 0, 6, 0)]);
+                    rest.extend(load_map(1, ring));
+                    rest.extend([
+                        insn(MOV_X, 2, 7, 0, 0),
+                        insn(MOV_K, 3, 0, 0, HEADER_LEN + len),
+                        insn(MOV_K, 4, 0, 0, BPF_RB_NO_WAKEUP),
+                        insn(CALL, 0, 0, 0, RINGBUF_OUTPUT),
+                    ]);
+                    body.push(insn(JEQ_K, 0, 0, rest.len() as i16, 0));
+                    body.extend(rest);
+                }
+            }
+            p.extend(body);
+            p.extend([insn(MOV_K, 0, 0, 0, -1), insn(EXIT, 0, 0, 0, 0)]);
+            p
+        }
+
+        pub fn copy_per_byte(c: &mut Criterion) {
+            let mut group = c.benchmark_group("bpf");
+            for len in FRAME_SIZES {
+                let input = frame(len);
+                for copy in Copy::ALL {
+                    let ring_fd = cbpf_to_ebpf::map_create(
+                        BPF_MAP_TYPE_RINGBUF,
+                        0,
+                        0,
+                        RING_SIZE,
+                        "bench_ring",
+                    )
+                    .expect("a ring buffer (as root)");
+                    let stage = cbpf_to_ebpf::map_create(
+                        BPF_MAP_TYPE_PERCPU_ARRAY,
+                        4,
+                        (HEADER_LEN + len as i32) as u32,
+                        1,
+                        "bench_stage",
+                    )
+                    .expect("a per-CPU array");
+                    let insns = program(copy, len as i32, &ring_fd, &stage);
+                    let prog = cbpf_to_ebpf::load_program(Hook::Tc, &insns, "bench_copy")
+                        .unwrap_or_else(|e| panic!("{}: {e}", copy.name()));
+                    let data = MapData::from_fd(ring_fd).expect("the ring's map");
+                    let mut ring = RingBuf::try_from(Map::RingBuf(data)).expect("a ring");
+                    cbpf_to_ebpf::test_run(prog.as_fd(), &input, 1).expect("BPF_PROG_TEST_RUN");
+                    let record = ring.next().map(|r| r.len());
+                    let want = HEADER_LEN as usize + len;
+                    assert_eq!(
+                        record,
+                        Some(want),
+                        "{}: one record of header and frame",
+                        copy.name()
+                    );
+                    group.bench_function(format!("ring/copy-{}/{len}B", copy.name()), |bench| {
+                        bench.iter_custom(|iters| {
+                            concurrently(&[&prog], &input, iters, &mut || {
+                                while ring.next().is_some() {}
+                            })
+                        })
+                    });
+                }
+            }
+            group.finish();
+        }
+    }
+
+    fn ring_cost(c: &mut Criterion) {
+        let dead = pcap::Capture::dead(pcap::Linktype::ETHERNET).expect("libpcap");
+        let empty = dead
+            .compile("", true)
+            .expect("libpcap compiles the empty filter");
+        ring::shared_against_per_cpu(c, &CbpfInsn::from_pcap(&empty));
+        ring::copy_per_byte(c);
+    }
+
     criterion_group! {
         name = benches;
         // The kernel averages each test run already; short phases keep 150 cases brief.
@@ -343,6 +669,6 @@ mod kernel {
             .warm_up_time(Duration::from_millis(300))
             .measurement_time(Duration::from_secs(1))
             .sample_size(20);
-        targets = filter_cost
+        targets = filter_cost, ring_cost
     }
 }

@@ -118,6 +118,49 @@ struct Driver<'a> {
     fleet: Fleet,
     conn: Conn,
     outcome: Outcome,
+    waits: Waits,
+}
+
+/// What the delivery loop waited for, and for how long: reported at exit (info), to tell
+/// which wait holds a sensor back (issue 19: fan-in).
+#[derive(Debug, Default)]
+struct Waits {
+    /// A batch ready, the stream without room (QUIC flow control or congestion window).
+    stream: Duration,
+    /// Intake stopped: the outbox (`--buffer`) full of unacknowledged batches.
+    acks: Duration,
+    /// Every batch sent, the capture done: the last acknowledgements.
+    last_acks: Duration,
+    /// Nothing to send: waiting for the capture (from its first batch on).
+    capture: Duration,
+    /// Before the capture's first batch.
+    first_batch: Duration,
+    since: Option<(Instant, Wait)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    Stream,
+    Acks,
+    LastAcks,
+    Capture,
+    FirstBatch,
+}
+
+impl Waits {
+    /// The loop starts waiting for `wait`: what it waited for before is counted.
+    fn now_waiting_for(&mut self, wait: Wait) {
+        let now = Instant::now();
+        if let Some((since, before)) = self.since.replace((now, wait)) {
+            *match before {
+                Wait::Stream => &mut self.stream,
+                Wait::Acks => &mut self.acks,
+                Wait::LastAcks => &mut self.last_acks,
+                Wait::Capture => &mut self.capture,
+                Wait::FirstBatch => &mut self.first_batch,
+            } += now - since;
+        }
+    }
 }
 
 /// How long the first connection attempt is waited for before capture starts: long enough
@@ -179,9 +222,22 @@ pub async fn run(started: Started, input: Input<'_>) -> (Outcome, Result<()>) {
         fleet,
         conn,
         outcome: Outcome::default(),
+        waits: Waits::default(),
     };
     s.count_damaged();
     let result = s.run().await;
+    s.waits.now_waiting_for(Wait::Capture);
+    let w = &s.waits;
+    tracing::debug!(
+        "delivery waited {} ms for room on the stream, {} ms for acknowledgements with the \
+         buffer full, {} ms for the last acknowledgements, {} ms for captured batches, \
+         {} ms before the first",
+        w.stream.as_millis(),
+        w.acks.as_millis(),
+        w.last_acks.as_millis(),
+        w.capture.as_millis(),
+        w.first_batch.as_millis()
+    );
     if result.is_ok() && s.input.outbox.is_empty() {
         s.input.outbox.end_session();
     }
@@ -207,7 +263,12 @@ pub async fn run(started: Started, input: Input<'_>) -> (Outcome, Result<()>) {
     s.outcome.failovers = s.delivery.failovers();
     s.outcome.receiver = Some(s.fleet.current().addr);
     s.input.link.up.store(false, Relaxed);
-    s.client.close().await;
+    let closing = Instant::now();
+    s.client.close(result.is_ok()).await;
+    tracing::debug!(
+        "waited {} ms closing the QUIC endpoint (its connection draining)",
+        closing.elapsed().as_millis()
+    );
     s.outcome.unacked = (0..s.input.counters.len())
         .map(|i| s.input.outbox.unacked_packets(i))
         .collect();
@@ -236,6 +297,17 @@ impl Driver<'_> {
                 self.input.outbox.all_sent(),
             );
             let captures_done = self.delivery.captures_done();
+            self.waits.now_waiting_for(if want_room {
+                Wait::Stream
+            } else if !captures_done && !self.input.outbox.has_room() {
+                Wait::Acks
+            } else if captures_done && !self.input.outbox.is_empty() {
+                Wait::LastAcks
+            } else if self.outcome.batches == 0 {
+                Wait::FirstBatch
+            } else {
+                Wait::Capture
+            });
             tokio::select! {
                 biased;
                 _ = self.input.shutdown.notified(), if !self.delivery.stopping() => {

@@ -29,6 +29,10 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Frames handed to the writing task ahead of the stream: enough to keep it busy while the
 /// delivery loop takes in batches.
 const FRAMES_AHEAD: usize = 8;
+/// How long a sensor whose session ended cleanly waits at exit for its connection to
+/// close: enough for the endpoint to send the close frame. Waiting for the whole drain
+/// took up to seconds with several sensors on a busy receiver (fan-in bench, issue 19).
+const CLOSE_AFTER_GOODBYE: Duration = Duration::from_millis(20);
 
 /// The QUIC idle timeout: [`IDLE_TIMEOUT`], or `failover_after` when that is shorter, so
 /// that a receiver killed under a connection is noticed in time to fail over.
@@ -317,9 +321,18 @@ impl Client {
         })
     }
 
-    /// Waits (briefly) for the last connection to tell the receiver it closed.
-    pub async fn close(&self) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    /// Waits (briefly) for the last connection to tell the receiver it closed. After a
+    /// clean end (Goodbye exchanged, `clean`) only [`CLOSE_AFTER_GOODBYE`]: the full drain
+    /// (three probe timeouts, which grow with a loaded receiver's round-trip time) only
+    /// answers a peer that missed our close, and the receiver lets go of a finished
+    /// session's connection by itself.
+    pub async fn close(&self, clean: bool) {
+        let wait = if clean {
+            CLOSE_AFTER_GOODBYE
+        } else {
+            Duration::from_secs(2)
+        };
+        let _ = tokio::time::timeout(wait, self.endpoint.wait_idle()).await;
     }
 }
 
@@ -346,6 +359,16 @@ impl Link {
         } else {
             (1, b"sensor reconnecting or stopping")
         };
+        let path = self.conn.stats().path;
+        tracing::debug!(
+            "QUIC: {} datagrams lost of {} sent, {} congestion events, rtt {} ms, congestion \
+             window {} bytes",
+            path.lost_packets,
+            path.sent_packets,
+            path.congestion_events,
+            path.rtt.as_millis(),
+            path.cwnd
+        );
         self.conn.close(VarInt::from_u32(code), reason);
     }
 }

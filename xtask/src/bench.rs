@@ -106,11 +106,14 @@ pub fn run(only: Option<&str>, rounds: usize, trial: Duration) -> Result<()> {
         &["build", "--release", "-p", "sensor", "-p", "receiver"],
     )?;
     // The test bed starts the binaries it finds beside the running program: point it at
-    // the release ones.
-    std::env::set_var(
-        "CAPSTREAM_BIN_DIR",
-        crate::root().join("target/release").as_os_str(),
-    );
+    // the release ones, unless CAPSTREAM_BIN_DIR names others (an earlier build, for a
+    // before/after comparison).
+    if std::env::var_os("CAPSTREAM_BIN_DIR").is_none() {
+        std::env::set_var(
+            "CAPSTREAM_BIN_DIR",
+            crate::root().join("target/release").as_os_str(),
+        );
+    }
 
     let out_dir = crate::root().join("bench-out");
     std::fs::create_dir_all(&out_dir)?;

@@ -53,6 +53,59 @@ struct Run {
     /// before the merge rules allowed because held data passed its memory bound.
     late: u64,
     forced: u64,
+    waits: Waits,
+}
+
+/// Where the run waited, from the sensors' and the receiver's logs (ms, means per sensor).
+#[derive(Debug, Clone, Copy, Default)]
+struct Waits {
+    /// Sensor: a batch ready, no room on the QUIC stream.
+    stream: f64,
+    /// Sensor: its buffer full of unacknowledged batches.
+    acks: f64,
+    /// Sensor: the last acknowledgements, everything sent.
+    last_acks: f64,
+    /// Sensor: nothing to send (reading its input).
+    capture: f64,
+    /// Receiver: a batch from arrival to written (then acknowledged), mean and longest.
+    merge_mean: f64,
+    merge_longest: f64,
+    /// Receiver: a connection's reading blocked on the writer's queue.
+    queue: f64,
+    /// Sensor: before its first batch (joined, waiting for the bench's start).
+    first_batch: f64,
+    /// Sensor: closing its QUIC endpoint (waiting for the connection to drain).
+    close: f64,
+    /// Sensor: QUIC datagrams lost and congestion events (means per sensor).
+    lost: f64,
+    congestion: f64,
+}
+
+impl Waits {
+    fn of(sensor_logs: &[String], receiver_log: &str) -> Self {
+        let n = sensor_logs.len().max(1) as f64;
+        let sensors = |label: &str| {
+            sensor_logs
+                .iter()
+                .map(|log| sum_before(log, label))
+                .sum::<u64>() as f64
+                / n
+        };
+        let receiver = |label: &str| sum_before(receiver_log, label) as f64 / n;
+        Self {
+            stream: sensors(" ms for room on the stream"),
+            acks: sensors(" ms for acknowledgements with the buffer full"),
+            last_acks: sensors(" ms for the last acknowledgements"),
+            capture: sensors(" ms for captured batches"),
+            merge_mean: receiver(" ms on average"),
+            merge_longest: receiver(" ms at most"),
+            queue: receiver(" ms for the writer's queue"),
+            first_batch: sensors(" ms before the first"),
+            close: sensors(" ms closing the QUIC endpoint"),
+            lost: sensors(" datagrams lost of"),
+            congestion: sensors(" congestion events"),
+        }
+    }
 }
 
 /// What the merged file holds against what the sensors sent.
@@ -130,6 +183,13 @@ pub fn run(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let ns = Netns::new("csfanin")?;
+    // The waits the sensors and the receiver report (debug), for the table of where the
+    // time went.
+    std::env::set_var(
+        "RUST_LOG",
+        "info,sensor::delivery=debug,sensor::transport=debug,receiver::writer=debug,\
+         receiver::connection=debug",
+    );
 
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); SENSOR_COUNTS.len()];
     for round in 1..=rounds {
@@ -141,6 +201,7 @@ pub fn run(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
         }
     }
 
+    std::env::remove_var("RUST_LOG");
     println!("{}", table(&runs, &packets, rounds));
     let json = out_dir.join("fanin.json");
     std::fs::write(&json, to_json(&runs, &packets))?;
@@ -177,6 +238,11 @@ fn fan_in(ns: &Netns, files: &[Arc<Vec<u8>>], packets: &Packets, ticks: f64) -> 
         super::pipeline::wait_ok(child, "sensor", log)?;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let sensor_logs: Vec<String> = sensors
+        .0
+        .iter()
+        .map(|(_, log)| std::fs::read_to_string(log).unwrap_or_default())
+        .collect();
     let sensors_cpu = children_cpu(ticks)? - cpu_before;
     let (receiver_after, receiver_rss_kib) = usage(receiver.proc.pid(), ticks)?;
     for writer in writers {
@@ -194,6 +260,7 @@ fn fan_in(ns: &Netns, files: &[Arc<Vec<u8>>], packets: &Packets, ticks: f64) -> 
         check: check_merged(&out, packets)?,
         late: sum_before(&log, " written late"),
         forced: sum_before(&log, " forced out"),
+        waits: Waits::of(&sensor_logs, &log),
     })
 }
 
@@ -352,6 +419,37 @@ fn table(runs: &[Vec<Run>], packets: &Packets, rounds: usize) -> String {
             pick(&|r| r.sensors_cpu),
             pick(&|r| r.receiver_rss_kib as f64) / 1024.0,
             pick(&|r| r.check.written as f64),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nWhere the time went (ms, means per sensor; medians of the rounds): the sensor's \
+         delivery loop waiting for room on the QUIC stream, for acknowledgements with its \
+         buffer full, for the last acknowledgements, for its input; the receiver holding a \
+         batch in the merge (arrival to written, mean and longest), a connection waiting for \
+         the writer's queue; the sensor closing its QUIC endpoint at exit; its QUIC datagrams lost and congestion \
+         events (counts)\n\n\
+         | sensors | before first batch | stream room | acks (buffer full) | last acks | input | merge hold mean | merge hold longest | writer queue | closing | datagrams lost | congestion events |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    for (n, runs) in SENSOR_COUNTS.iter().zip(runs) {
+        let pick = |f: &dyn Fn(&Waits) -> f64| {
+            median(&mut runs.iter().map(|r| f(&r.waits)).collect::<Vec<_>>())
+        };
+        let _ = writeln!(
+            out,
+            "| {n} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            pick(&|w| w.first_batch),
+            pick(&|w| w.stream),
+            pick(&|w| w.acks),
+            pick(&|w| w.last_acks),
+            pick(&|w| w.capture),
+            pick(&|w| w.merge_mean),
+            pick(&|w| w.merge_longest),
+            pick(&|w| w.queue),
+            pick(&|w| w.close),
+            pick(&|w| w.lost),
+            pick(&|w| w.congestion),
         );
     }
     let verdict = |met: bool| if met { "met" } else { "missed" };
