@@ -98,6 +98,11 @@ async fn run(cli: Cli) -> Result<()> {
     cli.check_exposure().map_err(|e| BadInput(anyhow!(e)))?;
     cli.check_kafka_exposure()
         .map_err(|e| BadInput(anyhow!(e)))?;
+    // The lake must answer (a bucket, a directory), said before anything is created.
+    let lake = match &cli.lake {
+        Some(url) => Some(lake_config(&cli, url).await.map_err(BadInput)?),
+        None => None,
+    };
     // Its file is opened now, so that one that cannot be written is said at once.
     let summary_file = match &cli.summary_json {
         Some(path) => Some(program::private_file::Pending::create(path).map_err(|e| {
@@ -227,10 +232,6 @@ async fn run(cli: Cli) -> Result<()> {
         _ => None,
     };
     // Opened only once listening works, so a refused start leaves no empty file behind.
-    let lake = match &cli.lake {
-        Some(url) => Some(lake_config(&cli, url).await.map_err(BadInput)?),
-        None => None,
-    };
     let Outputs {
         sink,
         live,

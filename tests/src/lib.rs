@@ -7,6 +7,7 @@
 pub mod capstream;
 pub mod corpus;
 pub mod kafka;
+pub mod lake;
 pub mod moto;
 mod netns;
 pub mod pcap_over_ip;

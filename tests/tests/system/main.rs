@@ -10,6 +10,7 @@ mod config;
 mod deploy;
 mod faults;
 mod kafka;
+mod lake;
 mod live_capture;
 mod live_stream;
 mod metrics;

@@ -1,0 +1,81 @@
+//! Helpers for the capture lake's tests (`receiver --lake`, `receiver query`): running a
+//! query, writing the expected union of references as a pcap for tcpdump to filter, and
+//! comparing answers in time order.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use crate::capstream::{first_difference, tcpdump_records, Record};
+
+/// Runs `receiver query --lake LAKE -w OUT ARGS` and returns the answer's records, with
+/// its stderr; fails unless it exits 0.
+pub fn query(lake: &str, out: &Path, args: &[&str]) -> Result<(Vec<Record>, String)> {
+    query_with_env(&[], lake, out, args)
+}
+
+/// [`query`] with environment variables set (the S3 credentials).
+pub fn query_with_env(
+    env: &[(&str, &str)],
+    lake: &str,
+    out: &Path,
+    args: &[&str],
+) -> Result<(Vec<Record>, String)> {
+    let output = std::process::Command::new(crate::workspace_bin("receiver"))
+        .args(["query", "--lake", lake, "-w"])
+        .arg(out)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    if !output.status.success() {
+        bail!("receiver query {args:?} failed: {stderr}");
+    }
+    Ok((tcpdump_records(out, "")?, stderr))
+}
+
+/// Writes `records` as a nanosecond Ethernet pcap, for tcpdump to read.
+pub fn write_pcap(records: &[Record], path: &Path) -> Result<()> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&0xa1b2_3c4du32.to_ne_bytes());
+    out.extend_from_slice(&2u16.to_ne_bytes());
+    out.extend_from_slice(&4u16.to_ne_bytes());
+    out.extend_from_slice(&[0; 8]);
+    out.extend_from_slice(&262_144u32.to_ne_bytes());
+    out.extend_from_slice(&1u32.to_ne_bytes());
+    for r in records {
+        let secs = u32::try_from(r.timestamp_ns / 1_000_000_000).context("timestamp")?;
+        out.extend_from_slice(&secs.to_ne_bytes());
+        out.extend_from_slice(&((r.timestamp_ns % 1_000_000_000) as u32).to_ne_bytes());
+        out.extend_from_slice(&(r.data.len() as u32).to_ne_bytes());
+        out.extend_from_slice(&r.original_len.to_ne_bytes());
+        out.extend_from_slice(&r.data);
+    }
+    std::fs::write(path, out)?;
+    Ok(())
+}
+
+/// `records` in time order; packets of equal time (from different sensors, whose order
+/// between them nothing fixes) by their bytes.
+pub fn in_time_order(mut records: Vec<Record>) -> Vec<Record> {
+    records.sort_by(|a, b| {
+        (a.timestamp_ns, &a.data, a.original_len).cmp(&(b.timestamp_ns, &b.data, b.original_len))
+    });
+    records
+}
+
+/// Checks that `got` is in time order and holds exactly `expected` (in time order).
+pub fn assert_same_in_time_order(expected: &[Record], got: &[Record], what: &str) {
+    if let Some(i) = got
+        .windows(2)
+        .position(|w| w[1].timestamp_ns < w[0].timestamp_ns)
+    {
+        panic!("{what}: packet {} is older than packet {i}", i + 1);
+    }
+    let got = in_time_order(got.to_vec());
+    assert!(
+        got == expected,
+        "{what}: {}",
+        first_difference(expected, &got)
+    );
+}
