@@ -90,12 +90,18 @@ fn ipv4(b: &[u8], h: &mut Headers) {
         return;
     }
     let header_len = usize::from(b[0] & 0x0f) * 4;
+    // A header or total length below the minimum is no IPv4 packet to tcpdump or tshark;
+    // a total length of 0 is a segmentation offload's (its length is the frame's).
+    let total_len = usize::from(be16(b, 2));
+    if header_len < 20 || (total_len != 0 && total_len < header_len) {
+        return;
+    }
     h.ip_version = Some(4);
     h.src[..4].copy_from_slice(&b[12..16]);
     h.dst[..4].copy_from_slice(&b[16..20]);
     h.protocol = Some(b[9]);
     let fragment_offset = be16(b, 6) & 0x1fff;
-    if fragment_offset == 0 && header_len >= 20 {
+    if fragment_offset == 0 {
         if let Some(l4) = b.get(header_len..) {
             h.ports = ports(b[9], l4);
         }

@@ -2,7 +2,7 @@
 //! query, writing the expected union of references as a pcap for tcpdump to filter, and
 //! comparing answers in time order.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
@@ -78,4 +78,40 @@ pub fn assert_same_in_time_order(expected: &[Record], got: &[Record], what: &str
         "{what}: {}",
         first_difference(expected, &got)
     );
+}
+
+/// DuckDB from PyPI, the independent reader of the lake's index (`cargo xtask setup`).
+pub const DUCKDB_REQUIREMENT: &str = "duckdb==2.0.1";
+
+/// The virtualenv holding DuckDB.
+pub fn duckdb_venv() -> PathBuf {
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/capstream/duckdb")
+}
+
+/// True when the virtualenv has DuckDB.
+pub fn duckdb_installed() -> bool {
+    let python = duckdb_venv().join("bin/python");
+    std::process::Command::new(python)
+        .args(["-c", "import duckdb"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The rows of `sql` as DuckDB answers it, each a list of its values as text.
+pub fn duckdb_rows(sql: &str) -> Result<Vec<Vec<String>>> {
+    let python = duckdb_venv().join("bin/python");
+    let script = "import duckdb, sys\nfor row in duckdb.sql(sys.argv[1]).fetchall():\n    \
+                  print('\\t'.join(str(v) for v in row))\n";
+    let output = std::process::Command::new(&python)
+        .args(["-c", script, sql])
+        .output()
+        .with_context(|| format!("{} (run `cargo xtask setup`)", python.display()))?;
+    if !output.status.success() {
+        bail!("duckdb: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| l.split('\t').map(String::from).collect())
+        .collect())
 }

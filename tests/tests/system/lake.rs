@@ -3,6 +3,7 @@
 //! tcpdump reads from the references, filter by filter; a receiver killed mid-stream
 //! leaves nothing half-written in sight, and a segment whose index is lost is still read.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -40,17 +41,12 @@ fn lake_files(lake: &Path, suffix: &str) -> Vec<PathBuf> {
     found
 }
 
-/// Two sensors replay the corpus (`--read`), one its TCP packets and one the rest, into a
-/// receiver writing a local lake in small segments. Querying the lake for everything gives
-/// the union of their tcpdump references in time order (bytes, lengths, ns timestamps);
-/// each dev filter gives what `tcpdump -r` of that union gives with it; `--sensor` and
-/// `--list` name the sensors.
-#[test]
-fn local_lake_answers_as_tcpdump_for_every_dev_filter() {
-    require_root();
+/// The two sensors of [`SENSORS`] replay the corpus (`--read`), one its TCP packets and
+/// one the rest, into a receiver writing a local lake in small segments; returns the lake
+/// and each sensor's tcpdump reference.
+fn two_sensor_lake(dir: &Scratch) -> (PathBuf, String, Vec<Vec<Record>>) {
     let ns = Netns::new("cslake").unwrap();
-    let dir = Scratch::new("lake").unwrap();
-    let (lake, lake_arg) = lake_dir(&dir);
+    let (lake, lake_arg) = lake_dir(dir);
     let args = [
         "--lake",
         &lake_arg,
@@ -61,8 +57,7 @@ fn local_lake_answers_as_tcpdump_for_every_dev_filter() {
     ];
     let mut receiver = Receiver::start(Some(&ns), &dir.join("state"), 4433, &args).unwrap();
     let corpus = corpus::pcap_arg();
-    let halves = [("tcp-sensor", "tcp"), ("other-sensor", "not tcp")];
-    for (id, filter) in halves {
+    for (id, filter) in SENSORS {
         let mut sensor = start_sensor(
             Some(&ns),
             &receiver,
@@ -77,11 +72,24 @@ fn local_lake_answers_as_tcpdump_for_every_dev_filter() {
     assert!(log.contains("segment(s) published"), "{log}");
     let segments = lake_files(&lake, ".manifest.json").len();
     assert!(segments > 2, "small segments: {segments} in the lake\n{log}");
-
-    let references: Vec<Vec<Record>> = halves
+    let references = SENSORS
         .iter()
         .map(|(_, filter)| tcpdump_records(&corpus::pcap(), filter).unwrap())
         .collect();
+    (lake, lake_arg, references)
+}
+
+/// The sensors of [`two_sensor_lake`] and the half of the corpus each sends.
+const SENSORS: [(&str, &str); 2] = [("tcp-sensor", "tcp"), ("other-sensor", "not tcp")];
+
+/// Querying the lake of [`two_sensor_lake`] for everything gives the union of the sensors'
+/// tcpdump references in time order (bytes, lengths, ns timestamps); each dev filter gives
+/// what `tcpdump -r` of that union gives with it; `--sensor` and `--list` name the sensors.
+#[test]
+fn local_lake_answers_as_tcpdump_for_every_dev_filter() {
+    require_root();
+    let dir = Scratch::new("lake").unwrap();
+    let (_, lake_arg, references) = two_sensor_lake(&dir);
     let union = in_time_order(references.concat());
     assert_eq!(union.len(), corpus::PACKETS);
     let out = dir.join("answer.pcapng");
@@ -118,6 +126,72 @@ fn local_lake_answers_as_tcpdump_for_every_dev_filter() {
         list.contains("sensor tcp-sensor") && list.contains("sensor other-sensor"),
         "{list}"
     );
+}
+
+/// DuckDB, an independent Parquet reader, reads the lake's index: its packet counts per
+/// destination port equal tshark's over the same segments (the transport header right
+/// after the outermost IP header, as the index records it; fragments not reassembled).
+#[test]
+fn duckdb_reads_the_index_as_tshark_reads_the_segments() {
+    require_root();
+    let dir = Scratch::new("lakeduck").unwrap();
+    let (lake, lake_arg, _) = two_sensor_lake(&dir);
+    let sql = format!(
+        "SELECT dst_port, count(*) FROM read_parquet('{lake_arg}/**/*.parquet') \
+         WHERE dst_port IS NOT NULL GROUP BY 1 ORDER BY 1"
+    );
+    let duckdb = testbed::lake::duckdb_rows(&sql).unwrap();
+    let mut tshark: BTreeMap<u64, u64> = BTreeMap::new();
+    for segment in lake_files(&lake, ".pcapng") {
+        let segment = segment.to_string_lossy().into_owned();
+        let fields = testbed::run(
+            "tshark",
+            &[
+                "-r", &segment, "-n", "-o", "ip.defragment:FALSE", "-o",
+                "ipv6.defragment:FALSE", "-T", "fields", "-E", "occurrence=f", "-e",
+                "frame.protocols", "-e", "tcp.dstport", "-e", "udp.dstport", "-e",
+                "sctp.dstport",
+            ],
+        )
+        .unwrap();
+        for line in fields.lines() {
+            if let Some(port) = outer_transport_port(line) {
+                *tshark.entry(port).or_default() += 1;
+            }
+        }
+    }
+    let duckdb: BTreeMap<u64, u64> = duckdb
+        .iter()
+        .map(|row| (row[0].parse().unwrap(), row[1].parse().unwrap()))
+        .collect();
+    assert!(duckdb.len() > 20, "{duckdb:?}");
+    assert_eq!(duckdb, tshark, "per-port packet counts: DuckDB (left), tshark (right)");
+}
+
+/// The destination port of a tshark line (protocols, tcp, udp and sctp ports) when the
+/// transport header follows the outermost IP header of an Ethernet frame (VLAN tags and
+/// IPv6 extension headers aside), as the lake's index reads packets.
+fn outer_transport_port(line: &str) -> Option<u64> {
+    let fields: Vec<&str> = line.split('\t').collect();
+    let mut protocols = fields.first()?.split(':').peekable();
+    (protocols.next()? == "eth").then_some(())?;
+    loop {
+        match protocols.next()? {
+            "ethertype" | "vlan" => continue,
+            "ip" | "ipv6" => break,
+            _ => return None,
+        }
+    }
+    while protocols.peek()?.starts_with("ipv6.") {
+        protocols.next();
+    }
+    let column = match protocols.next()? {
+        "tcp" => 1,
+        "udp" => 2,
+        "sctp" => 3,
+        _ => return None,
+    };
+    fields.get(column)?.parse().ok()
 }
 
 /// Bad input to `receiver query` and to `receiver --lake`: one line, exit 2.
