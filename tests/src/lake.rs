@@ -7,25 +7,33 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::capstream::{first_difference, tcpdump_records, Record};
+use crate::Netns;
 
 /// Runs `receiver query --lake LAKE -w OUT ARGS` and returns the answer's records, with
 /// its stderr; fails unless it exits 0.
 pub fn query(lake: &str, out: &Path, args: &[&str]) -> Result<(Vec<Record>, String)> {
-    query_with_env(&[], lake, out, args)
+    query_in(None, &[], lake, out, args)
 }
 
-/// [`query`] with environment variables set (the S3 credentials).
-pub fn query_with_env(
-    env: &[(&str, &str)],
+/// [`query`] inside `ns`, with environment variables set (the S3 credentials).
+pub fn query_in(
+    ns: Option<&Netns>,
+    env: &[(String, String)],
     lake: &str,
     out: &Path,
     args: &[&str],
 ) -> Result<(Vec<Record>, String)> {
-    let output = std::process::Command::new(crate::workspace_bin("receiver"))
+    let receiver = crate::workspace_bin("receiver").to_string_lossy().into_owned();
+    let argv = match ns {
+        Some(ns) => ns.command(&receiver),
+        None => vec![receiver],
+    };
+    let output = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
         .args(["query", "--lake", lake, "-w"])
         .arg(out)
         .args(args)
-        .envs(env.iter().copied())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()?;
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     if !output.status.success() {

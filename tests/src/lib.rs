@@ -14,6 +14,7 @@ pub mod pcap_over_ip;
 mod process;
 pub mod prometheus;
 pub mod relay;
+pub mod seaweedfs;
 pub mod tmpfs;
 
 pub use moto::Moto;
