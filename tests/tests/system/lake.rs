@@ -444,3 +444,47 @@ fn number_before(text: &str, label: &str) -> u64 {
         .collect();
     digits.parse().unwrap_or(0)
 }
+
+/// `--lake-keep BYTES` deletes the receiver's oldest whole segments (manifest, index and
+/// segment) once the lake holds more: what stays is whole, and the newest segments.
+#[test]
+fn lake_keep_deletes_whole_old_segments() {
+    require_root();
+    let ns = Netns::new("cslakekeep").unwrap();
+    let dir = Scratch::new("lakekeep").unwrap();
+    let (lake, lake_arg) = lake_dir(&dir);
+    let args = [
+        "--lake",
+        &lake_arg,
+        "--receiver-name",
+        "rx1",
+        "--segment-size",
+        "64KiB",
+        "--lake-keep",
+        "300KiB",
+    ];
+    let mut receiver = Receiver::start(Some(&ns), &dir.join("state"), 4433, &args).unwrap();
+    let corpus = corpus::pcap_arg();
+    let mut sensor = start_sensor(Some(&ns), &receiver, &["--read", &corpus]).unwrap();
+    assert!(sensor.wait(Duration::from_secs(60)).unwrap().success());
+    receiver.stop().unwrap();
+    let log = receiver.proc.stderr();
+    let manifests = lake_files(&lake, ".manifest.json");
+    let (segments, indexes) = (lake_files(&lake, ".pcapng"), lake_files(&lake, ".parquet"));
+    assert!(!manifests.is_empty(), "{log}");
+    assert_eq!(segments.len(), manifests.len(), "whole segments only");
+    assert_eq!(indexes.len(), manifests.len(), "whole segments only");
+    let bytes: u64 = segments
+        .iter()
+        .chain(&indexes)
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(bytes <= 300 << 10, "{bytes} bytes kept\n{log}");
+    assert!(!log.contains(" 0 deleted by --lake-keep"), "{log}");
+    // What stays reads as the corpus's last packets.
+    let (got, _) = query(&lake_arg, &dir.join("kept.pcapng"), &[]).unwrap();
+    let all = tcpdump_records(&corpus::pcap(), "").unwrap();
+    assert!(!got.is_empty() && got.len() < all.len());
+    let tail = in_time_order(all[all.len() - got.len()..].to_vec());
+    assert_same_in_time_order(&tail, &got, "the segments kept");
+}
