@@ -157,7 +157,9 @@ mod tests {
     fn ethernet_vlan_ipv4_udp() {
         let mut p = vec![0u8; 12];
         p.extend_from_slice(&[0x81, 0x00, 0x00, 0x2a, 0x08, 0x00]);
-        let mut ip = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2];
+        let mut ip = vec![
+            0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2,
+        ];
         ip.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, 8, 0, 0]);
         p.extend_from_slice(&ip);
         let h = Headers::of(ETHERNET, &p);

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use parquet::basic::{Compression, Encoding};
-use parquet::schema::types::ColumnPath;
 use parquet::column::reader::{get_typed_column_reader, ColumnReaderImpl};
 use parquet::data_type::{ByteArray, ByteArrayType, DataType, Int32Type, Int64Type};
 use parquet::file::properties::WriterProperties;
@@ -21,6 +20,7 @@ use parquet::file::serialized_reader::SerializedFileReader;
 use parquet::file::statistics::Statistics;
 use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::parser::parse_message_type;
+use parquet::schema::types::ColumnPath;
 
 use crate::dissect::Headers;
 use crate::manifest::Interface;
@@ -87,11 +87,18 @@ pub struct Row {
 pub struct Candidate {
     pub timestamp_ns: u64,
     pub interface: u32,
+    /// Its batch's key, which only the index holds (not a segment scanned without it).
+    pub key: Option<BatchKey>,
+    pub offset: u64,
+    pub length: u32,
+}
+
+/// What names a packet across receivers: a batch sent twice has the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BatchKey {
     pub session: u64,
     pub sequence: u64,
     pub record: u32,
-    pub offset: u64,
-    pub length: u32,
 }
 
 /// Why an index cannot be read: the query scans the segment instead.
@@ -316,9 +323,11 @@ pub fn read(
             out.push(Candidate {
                 timestamp_ns: t,
                 interface: interface[i] as u32,
-                session: session[i] as u64,
-                sequence: sequence[i] as u64,
-                record: record[i] as u32,
+                key: Some(BatchKey {
+                    session: session[i] as u64,
+                    sequence: sequence[i] as u64,
+                    record: record[i] as u32,
+                }),
                 offset,
                 length,
             });

@@ -130,7 +130,10 @@ impl Lake {
     }
 
     pub async fn put(&self, path: &Path, bytes: Bytes) -> Result<(), object_store::Error> {
-        self.store.put(path, PutPayload::from(bytes)).await.map(drop)
+        self.store
+            .put(path, PutPayload::from(bytes))
+            .await
+            .map(drop)
     }
 
     /// Removes a segment: its manifest first, so that no query sees it half gone.

@@ -60,9 +60,7 @@ pub fn scan(segment: &[u8]) -> Vec<Candidate> {
                 out.push(Candidate {
                     timestamp_ns: p.timestamp_ns,
                     interface: p.interface,
-                    session: 0,
-                    sequence: 0,
-                    record: 0,
+                    key: None,
                     offset: at as u64,
                     length: len as u32,
                 });
@@ -229,11 +227,14 @@ mod tests {
         let found = scan(&bytes);
         assert_eq!(found.len(), 1);
         let c = found[0];
-        let back = packet(&bytes[c.offset as usize..(c.offset + u64::from(c.length)) as usize])
-            .unwrap();
+        let back =
+            packet(&bytes[c.offset as usize..(c.offset + u64::from(c.length)) as usize]).unwrap();
         assert_eq!(back.timestamp_ns, p.timestamp_ns);
         assert_eq!(back.data, p.data);
         assert_eq!(back.original_len, 60);
-        assert_eq!(whole_blocks_len(&bytes[..bytes.len() - 1]), c.offset as usize);
+        assert_eq!(
+            whole_blocks_len(&bytes[..bytes.len() - 1]),
+            c.offset as usize
+        );
     }
 }

@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
-use crate::index::{self, Candidate};
+use crate::index::{self, BatchKey, Candidate};
 use crate::layout::{Lake, Listed};
 use crate::pcapng::{self, Output};
 
@@ -173,7 +173,9 @@ pub async fn run<W: Write>(
             m.last_ns >= query.from
                 && m.first_ns <= query.to
                 && (query.sensors.is_empty()
-                    || m.interfaces.iter().any(|i| query.sensors.contains(&i.sensor)))
+                    || m.interfaces
+                        .iter()
+                        .any(|i| query.sensors.contains(&i.sensor)))
         })
         .collect();
     stats.segments_pruned = stats.segments - wanted.len();
@@ -181,7 +183,7 @@ pub async fn run<W: Write>(
     // Output interfaces by (sensor, name, link type, session): one block per sensor
     // interface, however many segments and receivers it spans.
     let mut interfaces: HashMap<(String, String, u16, u64), u32> = HashMap::new();
-    let mut seen: HashSet<(u64, u64, u32)> = HashSet::new();
+    let mut seen: HashSet<BatchKey> = HashSet::new();
     let mut found: Vec<Found> = Vec::new();
     for (order, segment) in wanted.iter().enumerate() {
         let m = &segment.manifest;
@@ -189,8 +191,7 @@ pub async fn run<W: Write>(
         let indexed = match lake.get(&segment.index_path()).await {
             Ok(bytes) => {
                 stats.bytes_fetched += bytes.len() as u64;
-                index::read(bytes, query.from, query.to, m.segment_bytes)
-                    .map_err(|e| e.to_string())
+                index::read(bytes, query.from, query.to, m.segment_bytes).map_err(|e| e.to_string())
             }
             Err(object_store::Error::NotFound { .. }) => Err("it is missing".to_string()),
             Err(e) => return Err(store_error(e)),
@@ -206,9 +207,7 @@ pub async fn run<W: Write>(
                     .iter()
                     .map(|c| c.offset..c.offset + u64::from(c.length))
                     .collect();
-                let (blocks, fetched) = fetch(lake, segment, &ranges)
-                    .await
-                    .map_err(store_error)?;
+                let (blocks, fetched) = fetch(lake, segment, &ranges).await.map_err(store_error)?;
                 stats.bytes_fetched += fetched;
                 (candidates, blocks)
             }
@@ -230,7 +229,9 @@ pub async fn run<W: Write>(
                     .collect();
                 let blocks = candidates
                     .iter()
-                    .map(|c| whole.slice(c.offset as usize..(c.offset + u64::from(c.length)) as usize))
+                    .map(|c| {
+                        whole.slice(c.offset as usize..(c.offset + u64::from(c.length)) as usize)
+                    })
                     .collect();
                 (candidates, blocks)
             }
@@ -253,11 +254,9 @@ pub async fn run<W: Write>(
                 continue;
             }
             // Only indexed packets carry their batch's key; a scanned segment's are kept.
-            if c.session != 0 || c.sequence != 0 {
-                if !seen.insert((c.session, c.sequence, c.record)) {
-                    stats.duplicates += 1;
-                    continue;
-                }
+            if c.key.is_some_and(|key| !seen.insert(key)) {
+                stats.duplicates += 1;
+                continue;
             }
             let key = (
                 interface.sensor.clone(),
@@ -315,7 +314,9 @@ async fn fetch(
     sorted.sort_by_key(|r| r.start);
     for r in sorted {
         match merged.last_mut() {
-            Some(last) if r.start <= last.end + COALESCE_GAP && r.end - last.start <= MAX_REQUEST => {
+            Some(last)
+                if r.start <= last.end + COALESCE_GAP && r.end - last.start <= MAX_REQUEST =>
+            {
                 last.end = last.end.max(r.end);
             }
             _ => merged.push(r),

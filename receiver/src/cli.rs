@@ -105,7 +105,8 @@ certificate: keep it on the receiver, or offline.";
     name = "receiver",
     version,
     after_help = AFTER_HELP,
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    group(clap::ArgGroup::new("publishing").args(["upload", "lake"]).multiple(true))
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -325,8 +326,9 @@ pub struct Cli {
     /// How long the receiver waits at exit for uploads still going on (e.g.
     /// `--upload-timeout 10m`; a second SIGINT or SIGTERM gives up sooner); files not
     /// uploaded by then are named and the exit code is 1. Give systemd's TimeoutStopSec
-    /// more than this.
-    #[arg(long, value_name = "DURATION", default_value = "5m", requires = "upload",
+    /// more than this. With --lake, the same wait for the last segments to be published
+    /// (those left are published by the next run).
+    #[arg(long, value_name = "DURATION", default_value = "5m", requires = "publishing",
           value_parser = parse_duration)]
     pub upload_timeout: Duration,
 
@@ -528,7 +530,12 @@ pub struct QueryArgs {
     pub sensor: Vec<String>,
 
     /// Write the answer to FILE, or `-` for stdout.
-    #[arg(short = 'w', long = "write", value_name = "FILE", required_unless_present = "list")]
+    #[arg(
+        short = 'w',
+        long = "write",
+        value_name = "FILE",
+        required_unless_present = "list"
+    )]
     pub write: Option<PathBuf>,
 
     /// The answer's format: pcapng (an interface block per sensor interface, packet

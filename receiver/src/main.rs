@@ -237,7 +237,15 @@ async fn run(cli: Cli) -> Result<()> {
         live,
         kafka,
         lake,
-    } = open_outputs(&cli, pattern, uploader.as_ref(), secure.clone(), kafka, lake).await?;
+    } = open_outputs(
+        &cli,
+        pattern,
+        uploader.as_ref(),
+        secure.clone(),
+        kafka,
+        lake,
+    )
+    .await?;
     let bound = endpoint.local_addr().unwrap_or(cli.listen);
     if let (Some(path), true) = (&token_path, token_created) {
         tracing::info!("created the token sensors must send, {}", path.display());
@@ -551,7 +559,8 @@ async fn lake_config(cli: &Cli, url: &str) -> Result<sink::lake::LakeConfig> {
     let lake = query::open(url, cli.lake_allow_http).await?;
     let receiver = match &cli.receiver_name {
         Some(name) => name.clone(),
-        None => tls::hostname().context("--lake: no host name to name this receiver by: pass --receiver-name")?,
+        None => tls::hostname()
+            .context("--lake: no host name to name this receiver by: pass --receiver-name")?,
     };
     let staging = match &cli.lake_staging {
         Some(dir) => dir.clone(),

@@ -1,12 +1,12 @@
 //! `receiver query`: the command line side of the lake's query (the `lake` crate): times,
 //! the lake's location, the output, the progress bar and `--list`.
 
-use std::io::{IsTerminal, Write};
 use anyhow::{anyhow, Context, Result};
 use lake::query::{Progress, Query, QueryError};
 use lake::Lake;
 use receiver::cli::QueryArgs;
 use receiver::sink::Format;
+use std::io::{IsTerminal, Write};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -99,8 +99,7 @@ async fn list(lake: &Lake) -> Result<()> {
         .list()
         .await
         .map_err(|e| BadInput(anyhow!("cannot read the lake {}: {e}", lake.url)))?;
-    let mut sensors: std::collections::BTreeMap<&str, (u64, u64, u64, usize)> =
-        Default::default();
+    let mut sensors: std::collections::BTreeMap<&str, (u64, u64, u64, usize)> = Default::default();
     for s in &listing.segments {
         let m = &s.manifest;
         let mut names: Vec<&str> = m.interfaces.iter().map(|i| i.sensor.as_str()).collect();
@@ -154,7 +153,11 @@ fn format_ns(ns: u64) -> String {
 }
 
 /// RFC 3339; `now`; `-DURATION` before now; `HH:MM[:SS]` (UTC) on `date`'s day.
-fn parse_time(s: &str, now: OffsetDateTime, date: OffsetDateTime) -> Result<OffsetDateTime, String> {
+fn parse_time(
+    s: &str,
+    now: OffsetDateTime,
+    date: OffsetDateTime,
+) -> Result<OffsetDateTime, String> {
     let s = s.trim();
     if s == "now" {
         return Ok(now);

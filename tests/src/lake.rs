@@ -23,7 +23,9 @@ pub fn query_in(
     out: &Path,
     args: &[&str],
 ) -> Result<(Vec<Record>, String)> {
-    let receiver = crate::workspace_bin("receiver").to_string_lossy().into_owned();
+    let receiver = crate::workspace_bin("receiver")
+        .to_string_lossy()
+        .into_owned();
     let argv = match ns {
         Some(ns) => ns.command(&receiver),
         None => vec![receiver],

@@ -133,7 +133,17 @@ impl SeaweedFs {
     fn http(&self, method: &str, path: &str) -> Result<()> {
         let url = format!("{}{path}", self.endpoint());
         let mut argv: Vec<&str> = self.wrapper.iter().map(String::as_str).collect();
-        argv.extend(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method, &url]);
+        argv.extend([
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            method,
+            &url,
+        ]);
         let status = run(argv[0], &argv[1..])?;
         if status.trim() != "200" {
             bail!("{method} {url}: HTTP status {status}");

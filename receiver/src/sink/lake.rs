@@ -225,7 +225,10 @@ impl Segment {
     /// The interfaces so far, for a run that finds the segment staged after a crash.
     fn write_draft(&self, staging: &Path) -> io::Result<()> {
         let text = serde_json::to_vec(&self.interfaces).map_err(io::Error::other)?;
-        replace(&staging.join(format!("{}.interfaces.json", self.stem)), &text)
+        replace(
+            &staging.join(format!("{}.interfaces.json", self.stem)),
+            &text,
+        )
     }
 
     fn sync(&mut self) -> io::Result<()> {
@@ -557,12 +560,12 @@ fn recover_one(staging: &Path, receiver: &str, stem: &str) -> io::Result<bool> {
     let mut segment = Vec::new();
     File::open(&path)?.read_to_end(&mut segment)?;
     let whole = ::lake::pcapng::whole_blocks_len(&segment);
-    let interfaces: Vec<Interface> =
-        match fs::read(staging.join(format!("{stem}.interfaces.json"))) {
-            Ok(text) => serde_json::from_slice(&text).map_err(io::Error::other)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e),
-        };
+    let interfaces: Vec<Interface> = match fs::read(staging.join(format!("{stem}.interfaces.json")))
+    {
+        Ok(text) => serde_json::from_slice(&text).map_err(io::Error::other)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
     let keys = fs::read(staging.join(format!("{stem}.rows"))).unwrap_or_default();
     let mut rows = Vec::new();
     for key in keys.chunks_exact(ROW_KEY_LEN) {

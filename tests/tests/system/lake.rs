@@ -72,7 +72,10 @@ fn two_sensor_lake(dir: &Scratch) -> (PathBuf, String, Vec<Vec<Record>>) {
     let log = receiver.proc.stderr();
     assert!(log.contains("segment(s) published"), "{log}");
     let segments = lake_files(&lake, ".manifest.json").len();
-    assert!(segments > 2, "small segments: {segments} in the lake\n{log}");
+    assert!(
+        segments > 2,
+        "small segments: {segments} in the lake\n{log}"
+    );
     let references = SENSORS
         .iter()
         .map(|(_, filter)| tcpdump_records(&corpus::pcap(), filter).unwrap())
@@ -97,7 +100,10 @@ fn local_lake_answers_as_tcpdump_for_every_dev_filter() {
     let (got, stderr) = query(&lake_arg, &out, &["--stats"]).unwrap();
     assert_same_in_time_order(&union, &got, "everything");
     assert!(
-        stderr.contains(&format!("{} packet(s) matched, 0 duplicate", corpus::PACKETS)),
+        stderr.contains(&format!(
+            "{} packet(s) matched, 0 duplicate",
+            corpus::PACKETS
+        )),
         "{stderr}"
     );
     // One interface block per sensor interface, however many segments.
@@ -148,9 +154,24 @@ fn duckdb_reads_the_index_as_tshark_reads_the_segments() {
         let fields = testbed::run(
             "tshark",
             &[
-                "-r", &segment, "-n", "-o", "ip.defragment:FALSE", "-o",
-                "ipv6.defragment:FALSE", "-T", "fields", "-E", "occurrence=f", "-e",
-                "frame.protocols", "-e", "tcp.dstport", "-e", "udp.dstport", "-e",
+                "-r",
+                &segment,
+                "-n",
+                "-o",
+                "ip.defragment:FALSE",
+                "-o",
+                "ipv6.defragment:FALSE",
+                "-T",
+                "fields",
+                "-E",
+                "occurrence=f",
+                "-e",
+                "frame.protocols",
+                "-e",
+                "tcp.dstport",
+                "-e",
+                "udp.dstport",
+                "-e",
                 "sctp.dstport",
             ],
         )
@@ -166,7 +187,10 @@ fn duckdb_reads_the_index_as_tshark_reads_the_segments() {
         .map(|row| (row[0].parse().unwrap(), row[1].parse().unwrap()))
         .collect();
     assert!(duckdb.len() > 20, "{duckdb:?}");
-    assert_eq!(duckdb, tshark, "per-port packet counts: DuckDB (left), tshark (right)");
+    assert_eq!(
+        duckdb, tshark,
+        "per-port packet counts: DuckDB (left), tshark (right)"
+    );
 }
 
 /// The destination port of a tshark line (protocols, tcp, udp and sctp ports) when the
@@ -220,14 +244,27 @@ fn lake_bad_input_is_one_line_and_exit_2() {
         (q(&["--lake", "s3://"]), "no bucket name"),
         (q(&["--lake", "/nonexistent/lake"]), "cannot read"),
         (q(&["--lake", &a_file]), "cannot read"),
-        (q(&["--lake", &lake, "--from", "yesterday"]), "malformed time"),
+        (
+            q(&["--lake", &lake, "--from", "yesterday"]),
+            "malformed time",
+        ),
         (q(&["--lake", &lake, "--from", "10:61"]), "malformed time"),
         (
-            q(&["--lake", &lake, "--from", "2026-12-05T10:00:00Z", "--to", "09:00"]),
+            q(&[
+                "--lake",
+                &lake,
+                "--from",
+                "2026-12-05T10:00:00Z",
+                "--to",
+                "09:00",
+            ]),
             "is before --from",
         ),
         (q(&["--lake", &lake, "tcp", "port"]), "bad filter"),
-        (q(&["--lake", &lake, "host", "nosuchhost.invalid"]), "bad filter"),
+        (
+            q(&["--lake", &lake, "host", "nosuchhost.invalid"]),
+            "bad filter",
+        ),
         (
             r(&["--lake", &lake, "--format", "pcap"]),
             "--format applies to --out",
@@ -304,7 +341,11 @@ fn lake_survives_a_receiver_killed_mid_commit() {
     let orphan = segment.with_file_name("rx1-1.pcapng");
     std::fs::copy(&segment, &orphan).unwrap();
     let (again, _) = query(&lake_arg, &during, &[]).unwrap();
-    assert_eq!(again.len(), seen.len(), "a segment without manifest was read");
+    assert_eq!(
+        again.len(),
+        seen.len(),
+        "a segment without manifest was read"
+    );
 
     let mut receiver = Receiver::start(Some(&lab.cap), &state, 4433, &args).unwrap();
     sensor
@@ -317,11 +358,17 @@ fn lake_survives_a_receiver_killed_mid_commit() {
     receiver.stop().unwrap();
     let log = receiver.proc.stderr();
     assert!(log.contains("staged by an earlier run"), "{log}");
-    assert_eq!(expected.len(), corpus::PACKETS, "tcpdump saw the whole replay");
+    assert_eq!(
+        expected.len(),
+        corpus::PACKETS,
+        "tcpdump saw the whole replay"
+    );
     let expected = in_time_order(expected);
     for r in &seen {
         assert!(
-            expected.binary_search_by(|e| (e.timestamp_ns, &e.data).cmp(&(r.timestamp_ns, &r.data))).is_ok(),
+            expected
+                .binary_search_by(|e| (e.timestamp_ns, &e.data).cmp(&(r.timestamp_ns, &r.data)))
+                .is_ok(),
             "seen during the outage but not captured: {r}"
         );
     }
@@ -408,7 +455,11 @@ fn s3_lake_on_seaweedfs_survives_a_receiver_killed_mid_stream() {
         replay.wait(Duration::from_secs(120)).unwrap();
         std::thread::sleep(Duration::from_millis(1500));
         let captured = stop_reference(tcpdump, &reference);
-        assert_eq!(captured.len(), corpus::PACKETS, "tcpdump saw the whole replay");
+        assert_eq!(
+            captured.len(),
+            corpus::PACKETS,
+            "tcpdump saw the whole replay"
+        );
         expected.extend(captured);
         sensors.push(sensor);
     }
