@@ -16,10 +16,16 @@ const LINUX_SLL2: u16 = 276;
 /// What a packet's headers say, as far as they are there.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Headers {
+    /// The frame's own (outermost) EtherType, or 802.3 length, of an Ethernet or Linux
+    /// cooked frame: what libpcap's `ip`, `arp` and the like test.
+    pub ethertype: Option<u16>,
     /// The outermost 802.1Q / 802.1ad tag's VLAN id.
     pub vlan: Option<u16>,
     /// 4 or 6, with the addresses (IPv4 in the first 4 bytes).
     pub ip_version: Option<u8>,
+    /// An ARP or RARP frame's sender and target protocol addresses (in `src` and `dst`),
+    /// where libpcap's `host` reads them (bytes 14 and 24 of the ARP header).
+    pub arp: bool,
     pub src: [u8; 16],
     pub dst: [u8; 16],
     pub protocol: Option<u8>,
@@ -36,8 +42,14 @@ impl Headers {
                 Some(x) => x,
                 None => return h,
             },
-            LINUX_SLL if data.len() >= 16 => (be16(data, 14), &data[16..]),
-            LINUX_SLL2 if data.len() >= 20 => (be16(data, 0), &data[20..]),
+            LINUX_SLL if data.len() >= 16 => {
+                h.ethertype = Some(be16(data, 14));
+                (be16(data, 14), &data[16..])
+            }
+            LINUX_SLL2 if data.len() >= 20 => {
+                h.ethertype = Some(be16(data, 0));
+                (be16(data, 0), &data[20..])
+            }
             RAW | RAW_DLT | IPV4 | IPV6 => match data.first().map(|b| b >> 4) {
                 Some(4) => (0x0800, data),
                 Some(6) => (0x86dd, data),
@@ -56,6 +68,12 @@ impl Headers {
         match ethertype {
             0x0800 => ipv4(rest, &mut h),
             0x86dd => ipv6(rest, &mut h),
+            // Untagged only: libpcap's `host` does not look past a VLAN tag either.
+            0x0806 | 0x8035 if h.ethertype == Some(ethertype) && rest.len() >= 28 => {
+                h.arp = true;
+                h.src[..4].copy_from_slice(&rest[14..18]);
+                h.dst[..4].copy_from_slice(&rest[24..28]);
+            }
             _ => {}
         }
         h
@@ -69,6 +87,7 @@ fn be16(b: &[u8], at: usize) -> u16 {
 /// The ethertype after any VLAN tags, and what follows.
 fn ethernet<'a>(data: &'a [u8], h: &mut Headers) -> Option<(u16, &'a [u8])> {
     let mut at = 12;
+    h.ethertype = Some(be16(data.get(..14)?, 12));
     loop {
         if data.len() < at + 2 {
             return None;
@@ -163,6 +182,7 @@ mod tests {
         ip.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, 8, 0, 0]);
         p.extend_from_slice(&ip);
         let h = Headers::of(ETHERNET, &p);
+        assert_eq!(h.ethertype, Some(0x8100));
         assert_eq!(h.vlan, Some(42));
         assert_eq!(h.ip_version, Some(4));
         assert_eq!(&h.src[..4], &[198, 18, 0, 1]);

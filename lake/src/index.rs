@@ -22,8 +22,9 @@ use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::parser::parse_message_type;
 use parquet::schema::types::ColumnPath;
 
-use crate::dissect::Headers;
+use crate::dissect::Headers as PacketHeaders;
 use crate::manifest::Interface;
+use crate::prune::{Constraints, End};
 
 /// Rows per row group: the unit the query skips by time (about 8 MB of a segment of
 /// 128-byte packets).
@@ -38,6 +39,7 @@ const SCHEMA: &str = "message packet_index {
     REQUIRED INT64 batch_sequence;
     REQUIRED INT32 record_index;
     REQUIRED INT32 link_type;
+    OPTIONAL INT32 ethertype;
     OPTIONAL INT32 ip_version;
     OPTIONAL BYTE_ARRAY src_addr (UTF8);
     OPTIONAL BYTE_ARRAY dst_addr (UTF8);
@@ -77,7 +79,7 @@ pub struct Row {
     /// Its Enhanced Packet Block's place in the segment.
     pub offset: u64,
     pub length: u32,
-    pub headers: Headers,
+    pub headers: PacketHeaders,
     /// Index into the segment's process table.
     pub process: Option<u32>,
 }
@@ -162,18 +164,19 @@ pub fn write(
                 5 => int64(w, chunk, |r| r.sequence as i64)?,
                 6 => int32(w, chunk, |r| Some(r.record as i32), false)?,
                 7 => int32(w, chunk, |r| Some(link_type_of(r)), false)?,
-                8 => int32(w, chunk, |r| r.headers.ip_version.map(i32::from), true)?,
-                9 => strings(w, chunk, |r| address(&r.headers, true), true)?,
-                10 => strings(w, chunk, |r| address(&r.headers, false), true)?,
-                11 => int32(w, chunk, |r| r.headers.ports.map(|p| i32::from(p.0)), true)?,
-                12 => int32(w, chunk, |r| r.headers.ports.map(|p| i32::from(p.1)), true)?,
-                13 => int32(w, chunk, |r| r.headers.protocol.map(i32::from), true)?,
-                14 => int32(w, chunk, |r| r.headers.vlan.map(i32::from), true)?,
-                15 => int32(w, chunk, |r| Some(r.original_len as i32), false)?,
-                16 => int64(w, chunk, |r| r.offset as i64)?,
-                17 => int32(w, chunk, |r| Some(r.length as i32), false)?,
-                18 => int32(w, chunk, |r| process_of(r).map(|p| p.pid as i32), true)?,
-                19 => strings(
+                8 => int32(w, chunk, |r| r.headers.ethertype.map(i32::from), true)?,
+                9 => int32(w, chunk, |r| r.headers.ip_version.map(i32::from), true)?,
+                10 => strings(w, chunk, |r| address(&r.headers, true), true)?,
+                11 => strings(w, chunk, |r| address(&r.headers, false), true)?,
+                12 => int32(w, chunk, |r| r.headers.ports.map(|p| i32::from(p.0)), true)?,
+                13 => int32(w, chunk, |r| r.headers.ports.map(|p| i32::from(p.1)), true)?,
+                14 => int32(w, chunk, |r| r.headers.protocol.map(i32::from), true)?,
+                15 => int32(w, chunk, |r| r.headers.vlan.map(i32::from), true)?,
+                16 => int32(w, chunk, |r| Some(r.original_len as i32), false)?,
+                17 => int64(w, chunk, |r| r.offset as i64)?,
+                18 => int32(w, chunk, |r| Some(r.length as i32), false)?,
+                19 => int32(w, chunk, |r| process_of(r).map(|p| p.pid as i32), true)?,
+                20 => strings(
                     w,
                     chunk,
                     |r| process_of(r).map(|p| p.comm.as_str().into()),
@@ -199,9 +202,13 @@ pub fn write(
     Ok(out)
 }
 
-fn address(h: &Headers, source: bool) -> Option<ByteArray> {
+fn address(h: &PacketHeaders, source: bool) -> Option<ByteArray> {
     let bytes = if source { &h.src } else { &h.dst };
-    let text = match h.ip_version? {
+    let version = match h.arp {
+        true => 4,
+        false => h.ip_version?,
+    };
+    let text = match version {
         4 => std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).to_string(),
         _ => std::net::Ipv6Addr::from(*bytes).to_string(),
     };
@@ -266,13 +273,15 @@ fn collect<T: Default>(
     (values, levels)
 }
 
-/// The packets of the index `bytes` from `from` up to `to` (ns, inclusive), of a segment
-/// of `segment_len` bytes; also the number of row groups skipped by their statistics.
+/// The packets of the index `bytes` from `from` up to `to` (ns, inclusive) that
+/// `constraints` allow, of a segment of `segment_len` bytes; also the number of row groups
+/// skipped by their statistics.
 pub fn read(
     bytes: Bytes,
     from: u64,
     to: u64,
     segment_len: u64,
+    constraints: &Constraints,
 ) -> Result<(Vec<Candidate>, usize), IndexError> {
     let reader = SerializedFileReader::new(bytes)?;
     let schema = reader.metadata().file_metadata().schema_descr_ptr();
@@ -290,6 +299,14 @@ pub fn read(
         column("offset")?,
         column("length")?,
     ];
+    let header_columns = [
+        column("ethertype")?,
+        column("ip_version")?,
+        column("src_addr")?,
+        column("dst_addr")?,
+        column("src_port")?,
+        column("dst_port")?,
+    ];
     let mut out = Vec::new();
     let mut skipped = 0;
     for g in 0..reader.num_row_groups() {
@@ -302,8 +319,16 @@ pub fn read(
                 }
             }
         }
+        if !constraints.is_empty() && !group_may_match(meta, &header_columns, constraints) {
+            skipped += 1;
+            continue;
+        }
         let rows = usize::try_from(meta.num_rows()).unwrap_or(0);
         let group = reader.get_row_group(g)?;
+        let headers = match constraints.is_empty() {
+            true => None,
+            false => Some(Headers::read(&*group, &header_columns, rows)?),
+        };
         let ts = values::<Int64Type>(&*group, columns[0], rows, "timestamp_ns")?;
         let interface = values::<Int32Type>(&*group, columns[1], rows, "interface_id")?;
         let session = values::<Int64Type>(&*group, columns[2], rows, "session_id")?;
@@ -314,6 +339,12 @@ pub fn read(
         for i in 0..rows {
             let t = ts[i] as u64;
             if t < from || t > to {
+                continue;
+            }
+            if headers
+                .as_ref()
+                .is_some_and(|h| !h.may_match(i, constraints))
+            {
                 continue;
             }
             let (offset, length) = (offset[i] as u64, length[i] as u32);
@@ -334,6 +365,130 @@ pub fn read(
         }
     }
     Ok((out, skipped))
+}
+
+/// Whether a row group's statistics allow a row `constraints` may match: one that is not
+/// IP as the index reads it (a null `ip_version`), or has the addresses and ports in range.
+fn group_may_match(
+    meta: &parquet::file::metadata::RowGroupMetaData,
+    columns: &[usize; 6],
+    constraints: &Constraints,
+) -> bool {
+    let stats = |i: usize| meta.column(columns[i + 1]).statistics();
+    let all_ip = stats(0)
+        .and_then(Statistics::null_count_opt)
+        .is_some_and(|nulls| nulls == 0);
+    if !all_ip {
+        return true;
+    }
+    // Within [min, max] of the column, or no statistics to say otherwise.
+    let text_in = |i: usize, value: &str| match stats(i) {
+        Some(Statistics::ByteArray(s)) => match (s.min_opt(), s.max_opt()) {
+            (Some(min), Some(max)) => {
+                min.data() <= value.as_bytes() && value.as_bytes() <= max.data()
+            }
+            _ => false,
+        },
+        _ => true,
+    };
+    let port_in = |i: usize, port: u16| match stats(i) {
+        Some(Statistics::Int32(s)) => match (s.min_opt(), s.max_opt()) {
+            (Some(&min), Some(&max)) => min <= i32::from(port) && i32::from(port) <= max,
+            _ => false,
+        },
+        _ => true,
+    };
+    let hosts = constraints.hosts.iter().all(|(end, host)| match end {
+        End::Src => text_in(1, host),
+        End::Dst => text_in(2, host),
+        End::Either => text_in(1, host) || text_in(2, host),
+    });
+    hosts
+        && constraints.ports.iter().all(|&(end, port)| match end {
+            End::Src => port_in(3, port),
+            End::Dst => port_in(4, port),
+            End::Either => port_in(3, port) || port_in(4, port),
+        })
+}
+
+/// The header columns of a row group that constraints check.
+struct Headers {
+    ethertype: Vec<Option<i32>>,
+    ip_version: Vec<Option<i32>>,
+    src: Vec<Option<ByteArray>>,
+    dst: Vec<Option<ByteArray>>,
+    src_port: Vec<Option<i32>>,
+    dst_port: Vec<Option<i32>>,
+}
+
+impl Headers {
+    fn read(group: &dyn RowGroupReader, c: &[usize; 6], rows: usize) -> Result<Self, IndexError> {
+        Ok(Self {
+            ethertype: optional::<Int32Type>(group, c[0], rows, "ethertype")?,
+            ip_version: optional::<Int32Type>(group, c[1], rows, "ip_version")?,
+            src: optional::<ByteArrayType>(group, c[2], rows, "src_addr")?,
+            dst: optional::<ByteArrayType>(group, c[3], rows, "dst_addr")?,
+            src_port: optional::<Int32Type>(group, c[4], rows, "src_port")?,
+            dst_port: optional::<Int32Type>(group, c[5], rows, "dst_port")?,
+        })
+    }
+
+    /// `constraints` may match row `i`: by its addresses and ports if the index read it as
+    /// IP, or ARP (no ports); else unless its EtherType is one libpcap's `host` and `port`
+    /// never match.
+    fn may_match(&self, i: usize, constraints: &Constraints) -> bool {
+        if self.ip_version[i].is_none() {
+            let arp = self.src[i].is_some();
+            return match self.ethertype[i] {
+                Some(_) if arp => {
+                    constraints.may_match(text(&self.src[i]), text(&self.dst[i]), None)
+                }
+                Some(e) => constraints.may_match_ethertype(e as u16),
+                None => true,
+            };
+        }
+        let ports = self.src_port[i]
+            .zip(self.dst_port[i])
+            .map(|(s, d)| (s as u16, d as u16));
+        constraints.may_match(text(&self.src[i]), text(&self.dst[i]), ports)
+    }
+}
+
+fn text(value: &Option<ByteArray>) -> &[u8] {
+    match value {
+        Some(v) => v.data(),
+        None => &[],
+    }
+}
+
+/// An optional column's `rows` values.
+fn optional<T: DataType>(
+    group: &dyn RowGroupReader,
+    column: usize,
+    rows: usize,
+    name: &'static str,
+) -> Result<Vec<Option<T::T>>, IndexError> {
+    let mut reader: ColumnReaderImpl<T> = get_typed_column_reader(group.get_column_reader(column)?);
+    let mut values = Vec::with_capacity(rows);
+    let mut levels = Vec::with_capacity(rows);
+    while levels.len() < rows {
+        let before = levels.len();
+        reader.read_records(rows - levels.len(), Some(&mut levels), None, &mut values)?;
+        if levels.len() == before {
+            return Err(IndexError::ShortColumn(name));
+        }
+    }
+    let mut present = values.into_iter();
+    levels
+        .iter()
+        .map(|&level| match level {
+            0 => Ok(None),
+            _ => present
+                .next()
+                .map(Some)
+                .ok_or(IndexError::ShortColumn(name)),
+        })
+        .collect()
 }
 
 /// A required column's `rows` values.

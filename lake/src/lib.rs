@@ -12,6 +12,7 @@ pub mod index;
 pub mod layout;
 pub mod manifest;
 pub mod pcapng;
+pub mod prune;
 pub mod query;
 
 pub use layout::Lake;

@@ -193,6 +193,18 @@ impl<W: Write> Output<W> {
         }
     }
 
+    /// Ends the capture: a classic pcap that got no packet still gets its header, of
+    /// `link_type`.
+    pub fn complete(&mut self, link_type: u16) -> io::Result<()> {
+        if let Self::Pcap {
+            link_type: None, ..
+        } = self
+        {
+            self.add_interface("", link_type, 0)?;
+        }
+        self.flush()
+    }
+
     pub fn flush(&mut self) -> io::Result<()> {
         match self {
             Self::Pcapng(out) | Self::Pcap { out, .. } => out.flush(),

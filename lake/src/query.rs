@@ -15,9 +15,10 @@ use bytes::Bytes;
 use crate::index::{self, BatchKey, Candidate};
 use crate::layout::{Lake, Listed};
 use crate::pcapng::{self, Output};
+use crate::prune::Constraints;
 
-/// Ranges closer than this are fetched as one request.
-const COALESCE_GAP: u64 = 1 << 20;
+/// Ranges closer than this are fetched as one request: a gap costs less than a request.
+const COALESCE_GAP: u64 = 64 << 10;
 /// Largest single request of coalesced ranges.
 const MAX_REQUEST: u64 = 16 << 20;
 
@@ -152,6 +153,7 @@ pub async fn run<W: Write>(
         source,
     };
     let mut filters = Filters::new(&query.filter);
+    let constraints = Constraints::of(&query.filter);
     let listing = lake.list().await.map_err(store_error)?;
     for (path, why) in &listing.unreadable {
         progress.warn(&format!("ignoring manifest {path}: {why}"));
@@ -191,7 +193,8 @@ pub async fn run<W: Write>(
         let indexed = match lake.get(&segment.index_path()).await {
             Ok(bytes) => {
                 stats.bytes_fetched += bytes.len() as u64;
-                index::read(bytes, query.from, query.to, m.segment_bytes).map_err(|e| e.to_string())
+                index::read(bytes, query.from, query.to, m.segment_bytes, &constraints)
+                    .map_err(|e| e.to_string())
             }
             Err(object_store::Error::NotFound { .. }) => Err("it is missing".to_string()),
             Err(e) => return Err(store_error(e)),
@@ -288,7 +291,12 @@ pub async fn run<W: Write>(
             out.write(f.interface, &packet)?;
         }
     }
-    out.flush()?;
+    let link_type = listing
+        .segments
+        .iter()
+        .find_map(|s| s.manifest.interfaces.first())
+        .map_or(1, |i| i.link_type);
+    out.complete(link_type)?;
     stats.matched = found.len() as u64;
     Ok(stats)
 }
