@@ -152,37 +152,79 @@ pub fn write(
     let process_of = |r: &Row| r.process.and_then(|p| processes.get(p as usize));
     for chunk in rows.chunks(ROW_GROUP_ROWS) {
         let mut group = writer.next_row_group()?;
-        let mut column = 0;
+        let mut index = 0;
         while let Some(mut c) = group.next_column()? {
             let w = &mut c;
-            match column {
-                0 => int64(w, chunk, |r| r.timestamp_ns as i64)?,
-                1 => strings(w, chunk, |r| interface_of(r).map(|n| n.0.clone()), false)?,
-                2 => strings(w, chunk, |r| interface_of(r).map(|n| n.1.clone()), false)?,
-                3 => int32(w, chunk, |r| Some(r.interface as i32), false)?,
-                4 => int64(w, chunk, |r| r.session as i64)?,
-                5 => int64(w, chunk, |r| r.sequence as i64)?,
-                6 => int32(w, chunk, |r| Some(r.record as i32), false)?,
-                7 => int32(w, chunk, |r| Some(link_type_of(r)), false)?,
-                8 => int32(w, chunk, |r| r.headers.ethertype.map(i32::from), true)?,
-                9 => int32(w, chunk, |r| r.headers.ip_version.map(i32::from), true)?,
-                10 => strings(w, chunk, |r| address(&r.headers, true), true)?,
-                11 => strings(w, chunk, |r| address(&r.headers, false), true)?,
-                12 => int32(w, chunk, |r| r.headers.ports.map(|p| i32::from(p.0)), true)?,
-                13 => int32(w, chunk, |r| r.headers.ports.map(|p| i32::from(p.1)), true)?,
-                14 => int32(w, chunk, |r| r.headers.protocol.map(i32::from), true)?,
-                15 => int32(w, chunk, |r| r.headers.vlan.map(i32::from), true)?,
-                16 => int32(w, chunk, |r| Some(r.original_len as i32), false)?,
-                17 => int64(w, chunk, |r| r.offset as i64)?,
-                18 => int32(w, chunk, |r| Some(r.length as i32), false)?,
-                19 => int32(w, chunk, |r| process_of(r).map(|p| p.pid as i32), true)?,
-                20 => strings(
+            match index {
+                0 => write_column::<Int64Type>(w, chunk, |r| Some(r.timestamp_ns as i64), false)?,
+                1 => write_column::<ByteArrayType>(
+                    w,
+                    chunk,
+                    |r| interface_of(r).map(|n| n.0.clone()),
+                    false,
+                )?,
+                2 => write_column::<ByteArrayType>(
+                    w,
+                    chunk,
+                    |r| interface_of(r).map(|n| n.1.clone()),
+                    false,
+                )?,
+                3 => write_column::<Int32Type>(w, chunk, |r| Some(r.interface as i32), false)?,
+                4 => write_column::<Int64Type>(w, chunk, |r| Some(r.session as i64), false)?,
+                5 => write_column::<Int64Type>(w, chunk, |r| Some(r.sequence as i64), false)?,
+                6 => write_column::<Int32Type>(w, chunk, |r| Some(r.record as i32), false)?,
+                7 => write_column::<Int32Type>(w, chunk, |r| Some(link_type_of(r)), false)?,
+                8 => write_column::<Int32Type>(
+                    w,
+                    chunk,
+                    |r| r.headers.ethertype.map(i32::from),
+                    true,
+                )?,
+                9 => write_column::<Int32Type>(
+                    w,
+                    chunk,
+                    |r| r.headers.ip_version.map(i32::from),
+                    true,
+                )?,
+                10 => write_column::<ByteArrayType>(w, chunk, |r| address(&r.headers, true), true)?,
+                11 => {
+                    write_column::<ByteArrayType>(w, chunk, |r| address(&r.headers, false), true)?
+                }
+                12 => write_column::<Int32Type>(
+                    w,
+                    chunk,
+                    |r| r.headers.ports.map(|p| i32::from(p.0)),
+                    true,
+                )?,
+                13 => write_column::<Int32Type>(
+                    w,
+                    chunk,
+                    |r| r.headers.ports.map(|p| i32::from(p.1)),
+                    true,
+                )?,
+                14 => write_column::<Int32Type>(
+                    w,
+                    chunk,
+                    |r| r.headers.protocol.map(i32::from),
+                    true,
+                )?,
+                15 => write_column::<Int32Type>(w, chunk, |r| r.headers.vlan.map(i32::from), true)?,
+                16 => write_column::<Int32Type>(w, chunk, |r| Some(r.original_len as i32), false)?,
+                17 => write_column::<Int64Type>(w, chunk, |r| Some(r.offset as i64), false)?,
+                18 => write_column::<Int32Type>(w, chunk, |r| Some(r.length as i32), false)?,
+                19 => write_column::<Int32Type>(
+                    w,
+                    chunk,
+                    |r| process_of(r).map(|p| p.pid as i32),
+                    true,
+                )?,
+                20 => write_column::<ByteArrayType>(
                     w,
                     chunk,
                     |r| process_of(r).map(|p| p.comm.as_str().into()),
                     true,
                 )?,
-                _ => strings(
+                _ => write_column::<ByteArrayType>(
                     w,
                     chunk,
                     |r| {
@@ -194,7 +236,7 @@ pub fn write(
                 )?,
             }
             c.close()?;
-            column += 1;
+            index += 1;
         }
         group.close()?;
     }
@@ -215,38 +257,20 @@ fn address(h: &PacketHeaders, source: bool) -> Option<ByteArray> {
     Some(text.into_bytes().into())
 }
 
-type ColumnWriter<'a, 'b> = parquet::file::writer::SerializedColumnWriter<'a>;
+type ColumnWriter<'a> = parquet::file::writer::SerializedColumnWriter<'a>;
 
-fn int64(
-    w: &mut ColumnWriter<'_, '_>,
+/// Writes a column of `T` from `value` of each row (`None`: null, in an optional column).
+fn write_column<T: DataType>(
+    w: &mut ColumnWriter<'_>,
     rows: &[Row],
-    value: impl Fn(&Row) -> i64,
-) -> parquet::errors::Result<()> {
-    let values: Vec<i64> = rows.iter().map(value).collect();
-    w.typed::<Int64Type>().write_batch(&values, None, None)?;
-    Ok(())
-}
-
-fn int32(
-    w: &mut ColumnWriter<'_, '_>,
-    rows: &[Row],
-    value: impl Fn(&Row) -> Option<i32>,
+    value: impl Fn(&Row) -> Option<T::T>,
     optional: bool,
-) -> parquet::errors::Result<()> {
+) -> parquet::errors::Result<()>
+where
+    T::T: Default,
+{
     let (values, levels) = collect(rows, value, optional);
-    w.typed::<Int32Type>()
-        .write_batch(&values, levels.as_deref(), None)?;
-    Ok(())
-}
-
-fn strings(
-    w: &mut ColumnWriter<'_, '_>,
-    rows: &[Row],
-    value: impl Fn(&Row) -> Option<ByteArray>,
-    optional: bool,
-) -> parquet::errors::Result<()> {
-    let (values, levels) = collect(rows, value, optional);
-    w.typed::<ByteArrayType>()
+    w.typed::<T>()
         .write_batch(&values, levels.as_deref(), None)?;
     Ok(())
 }

@@ -24,6 +24,13 @@ fn lake_dir(dir: &Scratch) -> (PathBuf, String) {
     (lake, arg)
 }
 
+/// `receiver --lake LAKE --receiver-name rx1 EXTRA` in `ns`, its state in `dir`.
+fn lake_receiver(ns: &Netns, dir: &Scratch, lake_arg: &str, extra: &[&str]) -> Receiver {
+    let mut args = vec!["--lake", lake_arg, "--receiver-name", "rx1"];
+    args.extend_from_slice(extra);
+    Receiver::start(Some(ns), &dir.join("state"), 4433, &args).unwrap()
+}
+
 /// Every file of the lake whose name ends in `suffix`.
 fn lake_files(lake: &Path, suffix: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -48,15 +55,7 @@ fn lake_files(lake: &Path, suffix: &str) -> Vec<PathBuf> {
 fn two_sensor_lake(dir: &Scratch) -> (PathBuf, String, Vec<Vec<Record>>) {
     let ns = Netns::new("cslake").unwrap();
     let (lake, lake_arg) = lake_dir(dir);
-    let args = [
-        "--lake",
-        &lake_arg,
-        "--receiver-name",
-        "rx1",
-        "--segment-size",
-        "256KiB",
-    ];
-    let mut receiver = Receiver::start(Some(&ns), &dir.join("state"), 4433, &args).unwrap();
+    let mut receiver = lake_receiver(&ns, dir, &lake_arg, &["--segment-size", "256KiB"]);
     let corpus = corpus::pcap_arg();
     for (id, filter) in SENSORS {
         let mut sensor = start_sensor(
@@ -521,17 +520,8 @@ fn lake_keep_deletes_whole_old_segments() {
     let ns = Netns::new("cslakekeep").unwrap();
     let dir = Scratch::new("lakekeep").unwrap();
     let (lake, lake_arg) = lake_dir(&dir);
-    let args = [
-        "--lake",
-        &lake_arg,
-        "--receiver-name",
-        "rx1",
-        "--segment-size",
-        "64KiB",
-        "--lake-keep",
-        "300KiB",
-    ];
-    let mut receiver = Receiver::start(Some(&ns), &dir.join("state"), 4433, &args).unwrap();
+    let keep = ["--segment-size", "64KiB", "--lake-keep", "300KiB"];
+    let mut receiver = lake_receiver(&ns, &dir, &lake_arg, &keep);
     let corpus = corpus::pcap_arg();
     let mut sensor = start_sensor(Some(&ns), &receiver, &["--read", &corpus]).unwrap();
     assert!(sensor.wait(Duration::from_secs(60)).unwrap().success());
