@@ -546,3 +546,78 @@ fn lake_keep_deletes_whole_old_segments() {
     let tail = in_time_order(all[all.len() - got.len()..].to_vec());
     assert_same_in_time_order(&tail, &got, "the segments kept");
 }
+
+/// Packets attributed to their process (`sensor --mode tc --attribute`) carry its pid and
+/// executable into the index; DuckDB reads them back: curl's connections are curl's, with
+/// its pid, and no container.
+#[test]
+fn the_index_names_the_process_of_attributed_packets() {
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    let dir = Scratch::new("lakeproc").unwrap();
+    std::fs::write(dir.join("index.html"), "capstream\n".repeat(200)).unwrap();
+    let mut server_argv = lab.gen.command("python3");
+    let root = dir.join("");
+    server_argv.extend(
+        ["-m", "http.server", "--bind", "198.18.0.1", "--directory"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([root.to_string_lossy().into_owned(), "8000".into()]),
+    );
+    let _server = Proc::start("http.server", &server_argv, Stdio::null()).unwrap();
+    let url = "http://198.18.0.1:8000/";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lab
+        .cap
+        .exec("curl", &["-s", "-o", "/dev/null", url])
+        .is_err()
+    {
+        assert!(std::time::Instant::now() < deadline, "no HTTP server");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (lake, lake_arg) = lake_dir(&dir);
+    let mut receiver = lake_receiver(&lab.cap, &dir, &lake_arg, &[]);
+    let args = [
+        "--iface",
+        "cap0",
+        "--mode",
+        "tc",
+        "--attribute",
+        "--bpf",
+        "tcp port 8000",
+    ];
+    let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args).unwrap();
+    let mut pids = Vec::new();
+    for port in ["40001", "40002", "40003"] {
+        let mut argv = lab.cap.command("curl");
+        argv.extend(["-s", "-o", "/dev/null", "--local-port", port, url].map(String::from));
+        let mut curl = Proc::start("curl", &argv, Stdio::null()).unwrap();
+        pids.push(curl.pid());
+        assert!(curl.wait(Duration::from_secs(10)).unwrap().success());
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    sensor.stop().unwrap();
+    receiver.stop().unwrap();
+    assert!(!lake_files(&lake, ".parquet").is_empty());
+    let rows = testbed::lake::duckdb_rows(&format!(
+        "SELECT src_port, pid, comm, container_id FROM read_parquet('{lake_arg}/**/*.parquet') \
+         WHERE src_port BETWEEN 40001 AND 40003 AND pid IS NOT NULL ORDER BY timestamp_ns"
+    ))
+    .unwrap();
+    assert!(rows.len() >= 9, "{rows:?}");
+    for row in &rows {
+        assert!(row[2].ends_with("curl"), "{row:?}");
+        assert_eq!(row[3], "None", "no container: {row:?}");
+    }
+    // Each connection is its own curl's: `ip netns exec` runs curl as the pid started.
+    for (port, pid) in ["40001", "40002", "40003"].iter().zip(&pids) {
+        let of_port: Vec<&Vec<String>> = rows.iter().filter(|r| r[0] == *port).collect();
+        assert!(
+            !of_port.is_empty(),
+            "no attributed packet from port {port}: {rows:?}"
+        );
+        for row in of_port {
+            assert_eq!(row[1], pid.to_string(), "{row:?}");
+        }
+    }
+}
