@@ -8,14 +8,16 @@
 //! gives the exact byte range of its packet, where a flow row would make the query fetch and
 //! filter every packet of the flow.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use parquet::basic::{Compression, Encoding};
 use parquet::column::reader::{get_typed_column_reader, ColumnReaderImpl};
 use parquet::data_type::{ByteArray, ByteArrayType, DataType, Int32Type, Int64Type};
+use parquet::file::metadata::ParquetMetaData;
 use parquet::file::properties::WriterProperties;
-use parquet::file::reader::{FileReader, RowGroupReader};
+use parquet::file::reader::{ChunkReader, FileReader, Length, RowGroupReader};
 use parquet::file::serialized_reader::SerializedFileReader;
 use parquet::file::statistics::Statistics;
 use parquet::file::writer::SerializedFileWriter;
@@ -297,61 +299,163 @@ fn collect<T: Default>(
     (values, levels)
 }
 
-/// The packets of the index `bytes` from `from` up to `to` (ns, inclusive) that
-/// `constraints` allow, of a segment of `segment_len` bytes; also the number of row groups
-/// skipped by their statistics.
-pub fn read(
-    bytes: Bytes,
+/// What a query reads of an index: the row groups whose statistics allow rows it wants,
+/// and the columns it needs of them (those that locate packets, and the header columns
+/// when the filter constrains them).
+pub struct Plan {
+    pub groups: Vec<usize>,
+    /// Row groups skipped by their statistics.
+    pub skipped: usize,
+    /// timestamp_ns, interface_id, session_id, batch_sequence, record_index, offset, length.
+    columns: [usize; 7],
+    /// ethertype, ip_version, src_addr, dst_addr, src_port, dst_port.
+    header_columns: [usize; 6],
+    constrained: bool,
+}
+
+impl Plan {
+    /// The plan for packets from `from` up to `to` (ns, inclusive) that `constraints` allow.
+    pub fn new(
+        metadata: &ParquetMetaData,
+        from: u64,
+        to: u64,
+        constraints: &Constraints,
+    ) -> Result<Self, IndexError> {
+        let schema = metadata.file_metadata().schema_descr_ptr();
+        let column = |name: &'static str| {
+            (0..schema.num_columns())
+                .find(|&i| schema.column(i).name() == name)
+                .ok_or(IndexError::MissingColumn(name))
+        };
+        let columns = [
+            column("timestamp_ns")?,
+            column("interface_id")?,
+            column("session_id")?,
+            column("batch_sequence")?,
+            column("record_index")?,
+            column("offset")?,
+            column("length")?,
+        ];
+        let header_columns = [
+            column("ethertype")?,
+            column("ip_version")?,
+            column("src_addr")?,
+            column("dst_addr")?,
+            column("src_port")?,
+            column("dst_port")?,
+        ];
+        let mut groups = Vec::new();
+        let mut skipped = 0;
+        for (g, meta) in metadata.row_groups().iter().enumerate() {
+            let in_time = match meta.column(columns[0]).statistics() {
+                Some(Statistics::Int64(s)) => match (s.min_opt(), s.max_opt()) {
+                    (Some(&min), Some(&max)) => (max as u64) >= from && (min as u64) <= to,
+                    _ => true,
+                },
+                _ => true,
+            };
+            if in_time
+                && (constraints.is_empty() || group_may_match(meta, &header_columns, constraints))
+            {
+                groups.push(g);
+            } else {
+                skipped += 1;
+            }
+        }
+        Ok(Self {
+            groups,
+            skipped,
+            columns,
+            header_columns,
+            constrained: !constraints.is_empty(),
+        })
+    }
+
+    /// The byte ranges of the index the plan reads (its column chunks).
+    pub fn ranges(&self, metadata: &ParquetMetaData) -> Vec<Range<u64>> {
+        let mut ranges = Vec::new();
+        for &g in &self.groups {
+            let group = metadata.row_group(g);
+            let headers = self.header_columns.iter().filter(|_| self.constrained);
+            for &c in self.columns.iter().chain(headers) {
+                let (start, len) = group.column(c).byte_range();
+                ranges.push(start..start + len);
+            }
+        }
+        ranges
+    }
+}
+
+/// The parts of an index file a query fetched (its footer, the column chunks of its plan),
+/// read as the whole file: a read of any other part is an error.
+pub struct Sparse {
+    pub len: u64,
+    pub parts: Vec<(u64, Bytes)>,
+}
+
+impl Sparse {
+    fn part(&self, start: u64, len: u64) -> parquet::errors::Result<Bytes> {
+        self.parts
+            .iter()
+            .find(|(at, b)| *at <= start && start + len <= at + b.len() as u64)
+            .map(|(at, b)| b.slice((start - at) as usize..(start - at + len) as usize))
+            .ok_or_else(|| {
+                parquet::errors::ParquetError::General(format!(
+                    "bytes {start}..{} of the index were not fetched",
+                    start + len
+                ))
+            })
+    }
+}
+
+impl Length for Sparse {
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+impl ChunkReader for Sparse {
+    type T = bytes::buf::Reader<Bytes>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        let (at, b) = self
+            .parts
+            .iter()
+            .find(|(at, b)| *at <= start && start < at + b.len() as u64)
+            .ok_or_else(|| {
+                parquet::errors::ParquetError::General(format!(
+                    "byte {start} of the index was not fetched"
+                ))
+            })?;
+        Ok(bytes::Buf::reader(b.slice((start - at) as usize..)))
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        self.part(start, length as u64)
+    }
+}
+
+/// The packets of an index (`chunk`: the whole file or what [`Plan::ranges`] names of it)
+/// from `from` up to `to` (ns, inclusive) that `constraints` allow, of a segment of
+/// `segment_len` bytes; also the number of row groups skipped by their statistics.
+pub fn read<R: ChunkReader + 'static>(
+    chunk: R,
     from: u64,
     to: u64,
     segment_len: u64,
     constraints: &Constraints,
 ) -> Result<(Vec<Candidate>, usize), IndexError> {
-    let reader = SerializedFileReader::new(bytes)?;
-    let schema = reader.metadata().file_metadata().schema_descr_ptr();
-    let column = |name: &'static str| {
-        (0..schema.num_columns())
-            .find(|&i| schema.column(i).name() == name)
-            .ok_or(IndexError::MissingColumn(name))
-    };
-    let columns = [
-        column("timestamp_ns")?,
-        column("interface_id")?,
-        column("session_id")?,
-        column("batch_sequence")?,
-        column("record_index")?,
-        column("offset")?,
-        column("length")?,
-    ];
-    let header_columns = [
-        column("ethertype")?,
-        column("ip_version")?,
-        column("src_addr")?,
-        column("dst_addr")?,
-        column("src_port")?,
-        column("dst_port")?,
-    ];
+    let reader = SerializedFileReader::new(chunk)?;
+    let plan = Plan::new(reader.metadata(), from, to, constraints)?;
+    let (columns, header_columns) = (plan.columns, plan.header_columns);
     let mut out = Vec::new();
-    let mut skipped = 0;
-    for g in 0..reader.num_row_groups() {
+    for &g in &plan.groups {
         let meta = reader.metadata().row_group(g);
-        if let Some(Statistics::Int64(s)) = meta.column(columns[0]).statistics() {
-            if let (Some(&min), Some(&max)) = (s.min_opt(), s.max_opt()) {
-                if (max as u64) < from || (min as u64) > to {
-                    skipped += 1;
-                    continue;
-                }
-            }
-        }
-        if !constraints.is_empty() && !group_may_match(meta, &header_columns, constraints) {
-            skipped += 1;
-            continue;
-        }
         let rows = usize::try_from(meta.num_rows()).unwrap_or(0);
         let group = reader.get_row_group(g)?;
-        let headers = match constraints.is_empty() {
-            true => None,
-            false => Some(Headers::read(&*group, &header_columns, rows)?),
+        let headers = match plan.constrained {
+            false => None,
+            true => Some(Headers::read(&*group, &header_columns, rows)?),
         };
         let ts = values::<Int64Type>(&*group, columns[0], rows, "timestamp_ns")?;
         let interface = values::<Int32Type>(&*group, columns[1], rows, "interface_id")?;
@@ -388,7 +492,7 @@ pub fn read(
             });
         }
     }
-    Ok((out, skipped))
+    Ok((out, plan.skipped))
 }
 
 /// Whether a row group's statistics allow a row `constraints` may match: one that is not

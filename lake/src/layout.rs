@@ -116,8 +116,22 @@ impl Lake {
         })
     }
 
+    /// An object's size.
+    pub async fn size(&self, path: &Path) -> Result<u64, object_store::Error> {
+        Ok(self.store.head(path).await?.size)
+    }
+
     pub async fn get(&self, path: &Path) -> Result<Bytes, object_store::Error> {
         self.store.get(path).await?.bytes().await
+    }
+
+    /// One byte range of an object.
+    pub async fn get_range(
+        &self,
+        path: &Path,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, object_store::Error> {
+        self.store.get_range(path, range).await
     }
 
     /// The byte ranges of one object, each as asked for.

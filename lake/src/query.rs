@@ -12,10 +12,12 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
-use crate::index::{self, BatchKey, Candidate};
+use crate::index::{self, BatchKey, Candidate, IndexError};
 use crate::layout::{Lake, Listed};
 use crate::pcapng::{self, Output};
 use crate::prune::Constraints;
+use parquet::errors::ParquetError;
+use parquet::file::metadata::{FooterTail, ParquetMetaDataReader};
 
 /// Ranges closer than this are fetched as one request: a gap costs less than a request.
 const COALESCE_GAP: u64 = 64 << 10;
@@ -190,12 +192,13 @@ pub async fn run<W: Write>(
     for (order, segment) in wanted.iter().enumerate() {
         let m = &segment.manifest;
         let before = stats.bytes_fetched;
-        let indexed = match lake.get(&segment.index_path()).await {
-            Ok(bytes) => {
-                stats.bytes_fetched += bytes.len() as u64;
-                index::read(bytes, query.from, query.to, m.segment_bytes, &constraints)
+        let indexed = match fetch_index(lake, &segment.index_path(), query, &constraints).await {
+            Ok(Ok((sparse, fetched))) => {
+                stats.bytes_fetched += fetched;
+                index::read(sparse, query.from, query.to, m.segment_bytes, &constraints)
                     .map_err(|e| e.to_string())
             }
+            Ok(Err(e)) => Err(e.to_string()),
             Err(object_store::Error::NotFound { .. }) => Err("it is missing".to_string()),
             Err(e) => return Err(store_error(e)),
         };
@@ -299,6 +302,66 @@ pub async fn run<W: Write>(
     out.complete(link_type)?;
     stats.matched = found.len() as u64;
     Ok(stats)
+}
+
+/// Bytes fetched from the end of an index first: its footer, usually whole.
+const INDEX_TAIL: u64 = 64 << 10;
+
+/// What of the index at `path` the query reads: its footer, then the column chunks of the
+/// row groups its statistics allow (see [`index::Plan`]); and the bytes fetched. The outer
+/// error is the store's, the inner one says the index cannot be used.
+async fn fetch_index(
+    lake: &Lake,
+    path: &object_store::path::Path,
+    query: &Query,
+    constraints: &Constraints,
+) -> Result<Result<(index::Sparse, u64), IndexError>, object_store::Error> {
+    let len = lake.size(path).await?;
+    if len < 12 {
+        return Ok(Err(IndexError::Parquet(ParquetError::EOF(
+            "shorter than a Parquet footer".into(),
+        ))));
+    }
+    let tail_start = len - INDEX_TAIL.min(len);
+    let mut tail = lake.get_range(path, tail_start..len).await?;
+    let mut tail_start = tail_start;
+    let mut fetched = tail.len() as u64;
+    let footer: [u8; 8] = tail[tail.len() - 8..].try_into().expect("8 bytes");
+    let metadata_len = match FooterTail::try_from(footer) {
+        Ok(tail) => tail.metadata_length() as u64,
+        Err(e) => return Ok(Err(e.into())),
+    };
+    if metadata_len + 8 > len {
+        return Ok(Err(IndexError::OutOfRange));
+    }
+    if metadata_len + 8 > tail.len() as u64 {
+        tail_start = len - metadata_len - 8;
+        tail = lake.get_range(path, tail_start..len).await?;
+        fetched += tail.len() as u64;
+    }
+    let metadata = &tail[tail.len() - 8 - metadata_len as usize..tail.len() - 8];
+    let plan = ParquetMetaDataReader::decode_metadata(metadata)
+        .map_err(IndexError::from)
+        .and_then(|metadata| {
+            let plan = index::Plan::new(&metadata, query.from, query.to, constraints)?;
+            Ok(plan.ranges(&metadata))
+        });
+    let ranges: Vec<Range<u64>> = match plan {
+        // What the tail holds already is not fetched again.
+        Ok(ranges) => ranges
+            .into_iter()
+            .filter(|r| r.start < tail_start)
+            .collect(),
+        Err(e) => return Ok(Err(e)),
+    };
+    if ranges.iter().any(|r| r.end > len) {
+        return Ok(Err(IndexError::OutOfRange));
+    }
+    let chunks = lake.get_ranges(path, &ranges).await?;
+    fetched += ranges.iter().map(|r| r.end - r.start).sum::<u64>();
+    let mut parts = vec![(tail_start, tail)];
+    parts.extend(ranges.iter().map(|r| r.start).zip(chunks));
+    Ok(Ok((index::Sparse { len, parts }, fetched)))
 }
 
 fn wanted_interface(query: &Query, segment: &Listed, interface: u32) -> bool {
