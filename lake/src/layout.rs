@@ -1,5 +1,6 @@
 //! Where a lake is and how its objects are named, read and deleted.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -150,46 +151,61 @@ impl Lake {
             .map(drop)
     }
 
-    /// Removes a segment: its manifest first, so that no query sees it half gone.
-    pub async fn delete(&self, listed: &Listed) -> Result<(), object_store::Error> {
-        for path in [
-            listed.manifest_path.clone(),
-            listed.index_path(),
-            listed.segment_path(),
-        ] {
-            match self.store.delete(&path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e),
+    /// Deletes `receiver`'s oldest segments beyond what `keep` allows; returns how many.
+    /// Read from the listing alone (the receiver's directories, the objects' sizes and
+    /// times), without fetching a manifest.
+    pub async fn retain(&self, receiver: &str, keep: Keep) -> Result<usize, object_store::Error> {
+        let own = format!("/receiver={receiver}/");
+        let metas: Vec<_> = self.store.list(Some(&self.root)).try_collect().await?;
+        // Each of the receiver's segments: its files, their bytes, when its manifest was
+        // written (none: not published, or half deleted; left alone).
+        let mut segments: BTreeMap<String, (Vec<Path>, u64, Option<SystemTime>)> = BTreeMap::new();
+        for meta in metas {
+            let key = format!("/{}", meta.location);
+            if !key.contains(&own) {
+                continue;
+            }
+            let Some((stem, kind)) = key.rsplit_once('/').and_then(|(_, name)| {
+                [(MANIFEST_SUFFIX, 0), (".parquet", 1), (".pcapng", 2)]
+                    .into_iter()
+                    .find_map(|(suffix, kind)| Some((name.strip_suffix(suffix)?, kind)))
+            }) else {
+                continue;
+            };
+            let dir = key.rsplit_once('/').map_or("", |(d, _)| d);
+            let entry = segments.entry(format!("{dir}/{stem}")).or_default();
+            entry.1 += meta.size;
+            if kind == 0 {
+                entry.2 = Some(meta.last_modified.into());
+                // The manifest goes first.
+                entry.0.insert(0, meta.location);
+            } else {
+                entry.0.push(meta.location);
             }
         }
-        Ok(())
-    }
-
-    /// Deletes `receiver`'s oldest segments beyond what `keep` allows; returns how many.
-    pub async fn retain(&self, receiver: &str, keep: Keep) -> Result<usize, object_store::Error> {
-        let listing = self.list().await?;
-        let mut own: Vec<Listed> = listing
-            .segments
-            .into_iter()
-            .filter(|s| s.manifest.receiver == receiver)
+        let mut published: Vec<(SystemTime, Vec<Path>, u64)> = segments
+            .into_values()
+            .filter_map(|(paths, bytes, written)| Some((written?, paths, bytes)))
             .collect();
-        own.sort_by_key(|s| s.written);
+        published.sort_by_key(|(written, _, _)| *written);
         let now = SystemTime::now();
-        let mut total: u64 = own
-            .iter()
-            .map(|s| s.manifest.segment_bytes + s.manifest.index_bytes)
-            .sum();
+        let mut total: u64 = published.iter().map(|(_, _, bytes)| bytes).sum();
         let mut deleted = 0;
-        for s in &own {
+        for (written, paths, bytes) in &published {
             let expired = match keep {
-                Keep::Age(age) => now.duration_since(s.written).unwrap_or_default() > age,
-                Keep::Bytes(bytes) => total > bytes,
+                Keep::Age(age) => now.duration_since(*written).unwrap_or_default() > age,
+                Keep::Bytes(limit) => total > limit,
             };
             if !expired {
                 break;
             }
-            self.delete(s).await?;
-            total -= s.manifest.segment_bytes + s.manifest.index_bytes;
+            for path in paths {
+                match self.store.delete(path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            total -= bytes;
             deleted += 1;
         }
         Ok(deleted)
