@@ -352,7 +352,7 @@ pub struct Cli {
     /// time, sensor, addresses, ports...) and a manifest written last, so a query never sees
     /// half a segment. Receivers sharing a lake never collide (--receiver-name); read it back
     /// with `receiver query --lake ...` or any Parquet reader (DuckDB, Athena). Sensors are
-    /// acknowledged once a batch is synced in the staging segment (--lake-staging); S3 takes
+    /// acknowledged once a batch is written to the staging segment (--lake-staging); S3 takes
     /// the same AWS_* variables as --upload. With or without --out, --serve-pcap, --kafka.
     #[arg(long, value_name = "DIR|S3_URL")]
     pub lake: Option<String>,

@@ -1,10 +1,11 @@
 //! The lake output (`--lake DIR|s3://bucket/prefix`): the merged stream as immutable pcapng
 //! segments, each with a Parquet index and a manifest (see the `lake` crate).
 //!
-//! A segment is written in the staging directory; a flush syncs it (and the batch keys of
-//! its packets, in a `.rows` file beside it) before sensors are acknowledged. At
-//! `--segment-size` or `--segment-time` it is closed: its index and then its manifest are
-//! written in staging, and the publisher copies segment, index and manifest (last) into the
+//! A segment is written in the staging directory; a flush hands it (and the batch keys of
+//! its packets, in a `.rows` file beside it) to the kernel before sensors are acknowledged,
+//! as the file output does: a killed receiver loses nothing acknowledged. At
+//! `--segment-size` or `--segment-time` it is closed: synced, its index and then its
+//! manifest written in staging (synced too), and the publisher copies segment, index and manifest (last) into the
 //! lake, then removes them from staging. A receiver started again finishes and publishes
 //! what an earlier run left staged, its index rebuilt from the `.rows` file.
 
@@ -231,10 +232,16 @@ impl Segment {
         )
     }
 
-    fn sync(&mut self) -> io::Result<()> {
+    /// Everything written so far to the kernel: what a flush promises.
+    fn flush(&mut self) -> io::Result<()> {
         self.sink.flush()?;
+        self.keys.flush()
+    }
+
+    /// [`Self::flush`], and to the disk: before the segment is closed.
+    fn sync(&mut self) -> io::Result<()> {
+        self.flush()?;
         self.sink.output().file.get_ref().sync_data()?;
-        self.keys.flush()?;
         self.keys.get_ref().sync_data()
     }
 
@@ -332,7 +339,7 @@ impl Sink for LakeSink {
         let Some(segment) = &mut self.segment else {
             return Ok(());
         };
-        segment.sync()?;
+        segment.flush()?;
         if segment.opened.elapsed() >= self.segment_time {
             self.close_segment()?;
         }
