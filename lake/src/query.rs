@@ -326,7 +326,7 @@ async fn fetch_index(
     let mut tail = lake.get_range(path, tail_start..len).await?;
     let mut tail_start = tail_start;
     let mut fetched = tail.len() as u64;
-    let footer: [u8; 8] = tail[tail.len() - 8..].try_into().expect("8 bytes");
+    let footer = tail.get(tail.len().saturating_sub(8)..).unwrap_or_default();
     let metadata_len = match FooterTail::try_from(footer) {
         Ok(tail) => tail.metadata_length() as u64,
         Err(e) => return Ok(Err(e.into())),
@@ -339,7 +339,13 @@ async fn fetch_index(
         tail = lake.get_range(path, tail_start..len).await?;
         fetched += tail.len() as u64;
     }
-    let metadata = &tail[tail.len() - 8 - metadata_len as usize..tail.len() - 8];
+    let metadata = tail
+        .len()
+        .checked_sub(8 + metadata_len as usize)
+        .and_then(|start| tail.get(start..tail.len() - 8));
+    let Some(metadata) = metadata else {
+        return Ok(Err(IndexError::OutOfRange));
+    };
     let plan = ParquetMetaDataReader::decode_metadata(metadata)
         .map_err(IndexError::from)
         .and_then(|metadata| {

@@ -172,7 +172,9 @@ impl LakeSink {
             segment.write_draft(&self.staging)?;
             self.segment = Some(segment);
         }
-        Ok(self.segment.as_mut().expect("opened above"))
+        self.segment
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no lake segment open"))
     }
 
     /// Closes the segment: synced, its index and manifest written, handed to the publisher.
