@@ -637,3 +637,64 @@ fn values<T: DataType>(
     }
     Ok(values)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(i: u64) -> Row {
+        let mut headers = PacketHeaders {
+            ethertype: Some(0x0800),
+            ip_version: Some(4),
+            protocol: Some(17),
+            ports: Some((1000, if i.is_multiple_of(100) { 53 } else { 80 })),
+            ..PacketHeaders::default()
+        };
+        headers.src[..4].copy_from_slice(&[198, 18, 0, 1]);
+        headers.dst[..4].copy_from_slice(&[198, 18, 0, (i % 7) as u8 + 2]);
+        Row {
+            timestamp_ns: 1_000 + i,
+            interface: 0,
+            session: 7,
+            sequence: i / 10,
+            record: (i % 10) as u32,
+            original_len: 60,
+            offset: i * 100,
+            length: 100,
+            headers,
+            process: None,
+        }
+    }
+
+    #[test]
+    fn rows_read_back_by_time_and_by_host_and_port() {
+        let rows: Vec<Row> = (0..100_000).map(row).collect();
+        let interfaces = [Interface {
+            name: "h/eth0".into(),
+            sensor: "s".into(),
+            link_type: 1,
+            snaplen: 65535,
+            session: 7,
+        }];
+        let bytes = Bytes::from(write(&rows, &interfaces, &[]).unwrap());
+        let all = Constraints::default();
+        let (found, skipped) = read(bytes.clone(), 0, u64::MAX, 10_000_000, &all).unwrap();
+        assert_eq!((found.len(), skipped), (100_000, 0));
+        assert_eq!(found[12].key.unwrap().sequence, 1);
+        assert_eq!(found[12].offset, 1200);
+        // The second row group only, by its time statistics.
+        let (found, skipped) = read(bytes.clone(), 70_000, u64::MAX, 10_000_000, &all).unwrap();
+        assert_eq!((found.len(), skipped), (100_000 - 70_000 + 1_000, 1));
+        let dns = Constraints::of("host 198.18.0.2 and udp port 53");
+        let (found, _) = read(bytes.clone(), 0, u64::MAX, 10_000_000, &dns).unwrap();
+        let expected = (0..100_000u64)
+            .filter(|i| i.is_multiple_of(100) && i.is_multiple_of(7))
+            .count();
+        assert_eq!(found.len(), expected);
+        // A row past the segment's end: the index is not used.
+        assert!(matches!(
+            read(bytes, 0, u64::MAX, 1_000, &all),
+            Err(IndexError::OutOfRange)
+        ));
+    }
+}

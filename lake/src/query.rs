@@ -386,6 +386,9 @@ async fn fetch(
     segment: &Listed,
     ranges: &[Range<u64>],
 ) -> Result<(Vec<Bytes>, u64), object_store::Error> {
+    if ranges.is_empty() {
+        return Ok((Vec::new(), 0));
+    }
     let mut merged: Vec<Range<u64>> = Vec::new();
     let mut sorted: Vec<Range<u64>> = ranges.to_vec();
     sorted.sort_by_key(|r| r.start);
@@ -404,10 +407,10 @@ async fn fetch(
     let blocks = ranges
         .iter()
         .map(|r| {
+            // The merged range holding `r`: the first that ends at or after it.
             let i = merged.partition_point(|m| m.end < r.end);
-            let m = &merged[i.min(merged.len() - 1)];
-            fetched[i.min(merged.len() - 1)]
-                .slice((r.start - m.start) as usize..(r.end - m.start) as usize)
+            fetched[i]
+                .slice((r.start - merged[i].start) as usize..(r.end - merged[i].start) as usize)
         })
         .collect();
     Ok((blocks, fetched_bytes))
