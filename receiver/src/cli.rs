@@ -506,9 +506,9 @@ const QUERY_HELP: &str = "Examples:
   receiver query --lake s3://captures/prod --from 2026-12-05T10:00:00Z --to 10:05 -w - | tshark -r -
   receiver query --lake /data/lake --list
 Times: RFC 3339 (2026-12-05T10:00:00Z), a time of day in UTC (10:05, on --from's date, else
-today), `now`, or relative to now (-15m, -2h, -1d). Only whole segments and index row groups
-outside the range are skipped; the filter is libpcap's, so the answer equals tcpdump -r over
-the whole lake with that filter.";
+today), `now`, or relative to now (-15m, -2h, -1d). What cannot match is skipped by the index
+(the time range, the sensors, and the hosts and ports of a filter joined by `and` only); the
+filter itself is libpcap's, so the answer equals tcpdump -r over the whole lake with it.";
 
 /// `receiver query`.
 #[derive(Debug, Args)]
