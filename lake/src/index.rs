@@ -8,6 +8,8 @@
 //! gives the exact byte range of its packet, where a flow row would make the query fetch and
 //! filter every packet of the flow.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -152,6 +154,7 @@ pub fn write(
             .map_or(0, |i| i32::from(i.link_type))
     };
     let process_of = |r: &Row| r.process.and_then(|p| processes.get(p as usize));
+    let addresses = Addresses::default();
     for chunk in rows.chunks(ROW_GROUP_ROWS) {
         let mut group = writer.next_row_group()?;
         let mut index = 0;
@@ -188,10 +191,18 @@ pub fn write(
                     |r| r.headers.ip_version.map(i32::from),
                     true,
                 )?,
-                10 => write_column::<ByteArrayType>(w, chunk, |r| address(&r.headers, true), true)?,
-                11 => {
-                    write_column::<ByteArrayType>(w, chunk, |r| address(&r.headers, false), true)?
-                }
+                10 => write_column::<ByteArrayType>(
+                    w,
+                    chunk,
+                    |r| addresses.text(&r.headers, true),
+                    true,
+                )?,
+                11 => write_column::<ByteArrayType>(
+                    w,
+                    chunk,
+                    |r| addresses.text(&r.headers, false),
+                    true,
+                )?,
                 12 => write_column::<Int32Type>(
                     w,
                     chunk,
@@ -246,17 +257,28 @@ pub fn write(
     Ok(out)
 }
 
-fn address(h: &PacketHeaders, source: bool) -> Option<ByteArray> {
-    let bytes = if source { &h.src } else { &h.dst };
-    let version = match h.arp {
-        true => 4,
-        false => h.ip_version?,
-    };
-    let text = match version {
-        4 => std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).to_string(),
-        _ => std::net::Ipv6Addr::from(*bytes).to_string(),
-    };
-    Some(text.into_bytes().into())
+/// The addresses of a segment's rows as text, each made once: a segment holds few
+/// addresses and many packets.
+#[derive(Default)]
+struct Addresses(RefCell<HashMap<(u8, [u8; 16]), ByteArray>>);
+
+impl Addresses {
+    fn text(&self, h: &PacketHeaders, source: bool) -> Option<ByteArray> {
+        let bytes = if source { &h.src } else { &h.dst };
+        let version = match h.arp {
+            true => 4,
+            false => h.ip_version?,
+        };
+        let mut cache = self.0.borrow_mut();
+        let text = cache.entry((version, *bytes)).or_insert_with(|| {
+            let text = match version {
+                4 => std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).to_string(),
+                _ => std::net::Ipv6Addr::from(*bytes).to_string(),
+            };
+            text.into_bytes().into()
+        });
+        Some(text.clone())
+    }
 }
 
 type ColumnWriter<'a> = parquet::file::writer::SerializedColumnWriter<'a>;
