@@ -11,6 +11,7 @@ use std::io::Write;
 use std::ops::Range;
 
 use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
 
 use crate::index::{self, BatchKey, Candidate, IndexError};
 use crate::layout::{Lake, Listed};
@@ -20,7 +21,9 @@ use parquet::errors::ParquetError;
 use parquet::file::metadata::{FooterTail, ParquetMetaDataReader};
 
 /// Ranges closer than this are fetched as one request: a gap costs less than a request.
-const COALESCE_GAP: u64 = 64 << 10;
+const COALESCE_GAP: u64 = 8 << 10;
+/// Range requests in flight at once.
+const REQUESTS_IN_FLIGHT: usize = 8;
 /// Largest single request of coalesced ranges.
 const MAX_REQUEST: u64 = 16 << 20;
 
@@ -403,7 +406,14 @@ async fn fetch(
         }
     }
     let fetched_bytes = merged.iter().map(|r| r.end - r.start).sum();
-    let fetched = lake.get_ranges(&segment.segment_path(), &merged).await?;
+    // One request per merged range, a few at a time: what is counted is what is fetched
+    // (a store's own get_ranges would coalesce again, over wider gaps).
+    let path = segment.segment_path();
+    let fetched: Vec<Bytes> = futures_util::stream::iter(merged.iter().cloned())
+        .map(|r| lake.get_range(&path, r))
+        .buffered(REQUESTS_IN_FLIGHT)
+        .try_collect()
+        .await?;
     let blocks = ranges
         .iter()
         .map(|r| {

@@ -2,7 +2,8 @@
 //! looped (200 MB of packet data) streamed by `sensor --read` into a receiver writing a
 //! pcapng file, then into one writing a lake (`--lake`, 64 MiB segments): the receiver's CPU
 //! per packet of each, and the lake's index bytes over its segment bytes. Query: the corpus
-//! looped to 1.1 GB into a lake, then one host and port over one minute with
+//! looped to 1.1 GB into a lake, its timestamps spread over an hour (about 600 µs apart),
+//! then one host and port over one minute with
 //! `receiver query --stats` (bytes fetched over the lake's bytes, time) against `tcpdump -r`
 //! with the same filter over every segment file. Ratios from one run each.
 
@@ -18,17 +19,20 @@ use super::streaming::{loop_corpus_to, timed_sensor, Traffic};
 /// Packet data of the ingest runs and of the query's lake.
 const INGEST_BYTES: u64 = 200_000_000;
 const LAKE_BYTES: u64 = 1_100_000_000;
-/// The selective query: a DNS server of the corpus (42 packets per loop), over the first
-/// minute of the looped capture (whose timestamps start at 0 and rise 1 µs a packet).
+/// Microseconds between the query lake's packets: 1.1 GB of the corpus (about 5.2 million
+/// packets) over about an hour.
+const LAKE_STEP_US: u64 = 700;
+/// The selective query: a DNS server of the corpus (42 packets per loop), over one minute
+/// in the middle of the looped capture (whose timestamps start at 0).
 const FILTER: &str = "host 192.0.0.1 and udp port 53";
-const FROM: &str = "1970-01-01T00:00:00Z";
-const TO: &str = "00:01";
+const FROM: &str = "1970-01-01T00:30:00Z";
+const TO: &str = "00:31";
 
 pub fn run(out_dir: &Path, ticks: f64) -> Result<()> {
     let corpus = testbed::corpus_dir().join("tcpdump-tests.pcap");
     let ns = Netns::new("bnlake")?;
     let scratch = Scratch::new("bench-lake")?;
-    let input = loop_corpus_to(&corpus, &scratch.join("ingest.pcap"), INGEST_BYTES)?;
+    let input = loop_corpus_to(&corpus, &scratch.join("ingest.pcap"), INGEST_BYTES, 1)?;
 
     let dir = Scratch::new("bench-lake-file")?;
     let (receiver, _out) = Receiver::writing(Some(&ns), &dir, "out.pcapng", &[])?;
@@ -42,7 +46,12 @@ pub fn run(out_dir: &Path, ticks: f64) -> Result<()> {
     drop(dir);
     std::fs::remove_file(&input.path)?;
 
-    let big = loop_corpus_to(&corpus, &scratch.join("lake.pcap"), LAKE_BYTES)?;
+    let big = loop_corpus_to(
+        &corpus,
+        &scratch.join("lake.pcap"),
+        LAKE_BYTES,
+        LAKE_STEP_US,
+    )?;
     let dir = Scratch::new("bench-lake-query")?;
     let lake_dir = dir.join("lake");
     lake_run(&ns, &dir, &big, ticks)?;

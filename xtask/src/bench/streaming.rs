@@ -279,14 +279,20 @@ fn pipeline_run(ns: &Netns, tls: &TlsPair, t: &Traffic, ticks: f64) -> Result<Ru
 /// The corpus's records again and again until [`TARGET_BYTES`] of packet data, with
 /// timestamps rising 1 µs per packet.
 fn loop_corpus(corpus: &Path, path: &Path) -> Result<Traffic> {
-    loop_corpus_to(corpus, path, TARGET_BYTES)
+    loop_corpus_to(corpus, path, TARGET_BYTES, 1)
 }
 
-/// [`loop_corpus`] up to `target` bytes of packet data.
-pub(super) fn loop_corpus_to(corpus: &Path, path: &Path, target: u64) -> Result<Traffic> {
+/// [`loop_corpus`] up to `target` bytes of packet data, timestamps `step_us` apart.
+pub(super) fn loop_corpus_to(
+    corpus: &Path,
+    path: &Path,
+    target: u64,
+    step_us: u64,
+) -> Result<Traffic> {
     let bytes = read_corpus(corpus)?;
     let (link_type, frames) = corpus_frames(&bytes, corpus)?;
     let mut writer = PcapWriter::create(path, link_type)?;
+    writer.step_us = step_us;
     while writer.bytes < target {
         for frame in &frames {
             writer.record(frame)?;
@@ -352,6 +358,8 @@ struct PcapWriter {
     out: std::io::BufWriter<File>,
     packets: u64,
     bytes: u64,
+    /// Microseconds from one packet's timestamp to the next's.
+    step_us: u64,
 }
 
 impl PcapWriter {
@@ -366,14 +374,16 @@ impl PcapWriter {
             out,
             packets: 0,
             bytes: 0,
+            step_us: 1,
         })
     }
 
     fn record(&mut self, frame: &[u8]) -> Result<()> {
         use std::io::Write as _;
         let len = u32::try_from(frame.len())?;
-        let secs = u32::try_from(self.packets / 1_000_000)?;
-        let usecs = u32::try_from(self.packets % 1_000_000)?;
+        let at = self.packets * self.step_us;
+        let secs = u32::try_from(at / 1_000_000)?;
+        let usecs = u32::try_from(at % 1_000_000)?;
         for word in [secs, usecs, len, len] {
             self.out.write_all(&word.to_le_bytes())?;
         }
@@ -390,6 +400,7 @@ impl PcapWriter {
             mut out,
             packets,
             bytes,
+            ..
         } = self;
         out.flush()?;
         Ok(Traffic {
