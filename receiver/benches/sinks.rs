@@ -44,6 +44,7 @@ fn interface() -> SinkInterface {
         description: "benchmark".into(),
         sensor: "sensor-1".into(),
         session: "0a1b2c3d".into(),
+        session_id: 0x0a1b_2c3d,
     }
 }
 
@@ -57,6 +58,8 @@ fn write_all(sink: &mut dyn Sink, interface: u32, frames: &[(u64, u32, Vec<u8>)]
             direction: Direction::Inbound,
             data,
             comment: None,
+            batch: Default::default(),
+            process: None,
         };
         sink.write_packet(&packet).expect("write");
     }

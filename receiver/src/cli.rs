@@ -105,7 +105,8 @@ certificate: keep it on the receiver, or offline.";
     name = "receiver",
     version,
     after_help = AFTER_HELP,
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    group(clap::ArgGroup::new("publishing").args(["upload", "lake"]).multiple(true))
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -325,8 +326,9 @@ pub struct Cli {
     /// How long the receiver waits at exit for uploads still going on (e.g.
     /// `--upload-timeout 10m`; a second SIGINT or SIGTERM gives up sooner); files not
     /// uploaded by then are named and the exit code is 1. Give systemd's TimeoutStopSec
-    /// more than this.
-    #[arg(long, value_name = "DURATION", default_value = "5m", requires = "upload",
+    /// more than this. With --lake, the same wait for the last segments to be published
+    /// (those left are published by the next run).
+    #[arg(long, value_name = "DURATION", default_value = "5m", requires = "publishing",
           value_parser = parse_duration)]
     pub upload_timeout: Duration,
 
@@ -343,6 +345,48 @@ pub struct Cli {
     #[arg(long, value_name = "BROKER[,BROKER...]", value_delimiter = ',',
           value_parser = parse_kafka_broker, requires = "kafka_topic")]
     pub kafka: Vec<String>,
+
+    /// Write the merged stream into a capture lake, a directory or an S3 prefix (e.g.
+    /// `--lake /data/lake` or `--lake s3://captures/prod`): immutable pcapng segments under
+    /// date=YYYY-MM-DD/hour=HH/receiver=NAME/, each with a Parquet index (a row per packet:
+    /// time, sensor, addresses, ports...) and a manifest written last, so a query never sees
+    /// half a segment. Receivers sharing a lake never collide (--receiver-name); read it back
+    /// with `receiver query --lake ...` or any Parquet reader (DuckDB, Athena). Sensors are
+    /// acknowledged once a batch is written to the staging segment (--lake-staging); S3 takes
+    /// the same AWS_* variables as --upload. With or without --out, --serve-pcap, --kafka.
+    #[arg(long, value_name = "DIR|S3_URL")]
+    pub lake: Option<String>,
+
+    /// Close a lake segment once it holds this much (e.g. `--segment-size 256MiB`).
+    #[arg(long, value_name = "BYTES", default_value = "64MiB", requires = "lake",
+          value_parser = parse_rotate_size)]
+    pub segment_size: u64,
+
+    /// Close a lake segment once it is this old (e.g. `--segment-time 5m`): a query sees
+    /// packets at the latest this long after they came.
+    #[arg(long, value_name = "DURATION", default_value = "60s", requires = "lake",
+          value_parser = parse_rotate_time)]
+    pub segment_time: Duration,
+
+    /// This receiver's name in the lake's layout (e.g. `--receiver-name rx-eu-1`); default:
+    /// the host name. Each receiver sharing a lake needs its own.
+    #[arg(long, value_name = "NAME", requires = "lake")]
+    pub receiver_name: Option<String>,
+
+    /// Where lake segments are written until they are closed and published; a receiver
+    /// started again publishes what it finds there (default: STATE_DIR/lake-staging).
+    #[arg(long, value_name = "DIR", requires = "lake")]
+    pub lake_staging: Option<PathBuf>,
+
+    /// Delete this receiver's whole lake segments (manifest first) older than a duration or
+    /// beyond a size (e.g. `--lake-keep 7d` or `--lake-keep 500GiB`; sizes end in B).
+    /// Alternatively, let an S3 lifecycle rule expire the lake's objects.
+    #[arg(long, value_name = "DURATION|BYTES", requires = "lake", value_parser = parse_lake_keep)]
+    pub lake_keep: Option<lake::layout::Keep>,
+
+    /// Allow a plain-HTTP AWS_ENDPOINT_URL on another host for an S3 lake.
+    #[arg(long, requires = "lake")]
+    pub lake_allow_http: bool,
 
     /// The topic of --kafka; it must exist (e.g. `--kafka-topic packets`).
     #[arg(long, value_name = "TOPIC", value_parser = parse_kafka_topic, requires = "kafka")]
@@ -447,10 +491,96 @@ pub enum SplitBy {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Read packets back from a capture lake (`--lake`): a time range, sensors and a
+    /// tcpdump filter, from every receiver's segments, without duplicates, in time order
+    #[command(after_help = QUERY_HELP)]
+    Query(QueryArgs),
     /// Issue a private CA and certificates for mutual TLS, so that the receiver accepts
     /// only your sensors and names each by its certificate
     #[command(subcommand, after_help = CERTS_HELP, arg_required_else_help = true)]
     Certs(Certs),
+}
+
+const QUERY_HELP: &str = "Examples:
+  receiver query --lake /data/lake --from -15m 'host 198.18.0.5 and tcp port 443' -w out.pcapng
+  receiver query --lake s3://captures/prod --from 2026-12-05T10:00:00Z --to 10:05 -w - | tshark -r -
+  receiver query --lake /data/lake --list
+Times: RFC 3339 (2026-12-05T10:00:00Z), a time of day in UTC (10:05, on --from's date, else
+today), `now`, or relative to now (-15m, -2h, -1d). What cannot match is skipped by the index
+(the time range, the sensors, and the hosts and ports of a filter joined by `and` only); the
+filter itself is libpcap's, so the answer equals tcpdump -r over the whole lake with it.";
+
+/// `receiver query`.
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// The lake: a directory or s3://BUCKET/PREFIX (AWS_* variables as for --upload).
+    #[arg(long, value_name = "DIR|S3_URL")]
+    pub lake: String,
+
+    /// Packets from this time on (default: the lake's beginning).
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    pub from: Option<String>,
+
+    /// Packets up to this time, inclusive (default: the lake's end).
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    pub to: Option<String>,
+
+    /// Only this sensor's packets (repeatable; e.g. `--sensor edge-1 --sensor edge-2`).
+    #[arg(long, value_name = "NAME")]
+    pub sensor: Vec<String>,
+
+    /// Write the answer to FILE, or `-` for stdout.
+    #[arg(
+        short = 'w',
+        long = "write",
+        value_name = "FILE",
+        required_unless_present = "list"
+    )]
+    pub write: Option<PathBuf>,
+
+    /// The answer's format: pcapng (an interface block per sensor interface, packet
+    /// comments kept) or pcap (nanosecond timestamps, one link type).
+    #[arg(long, value_enum, default_value = "pcapng")]
+    pub format: Format,
+
+    /// Say on stderr what was read: segments pruned and read, bytes fetched, packets matched.
+    #[arg(long)]
+    pub stats: bool,
+
+    /// List the lake's sensors and the time ranges it covers, instead of querying.
+    #[arg(long, conflicts_with_all = ["write", "filter"])]
+    pub list: bool,
+
+    /// Allow a plain-HTTP AWS_ENDPOINT_URL on another host.
+    #[arg(long)]
+    pub allow_http: bool,
+
+    /// A tcpdump filter (e.g. `'host 198.18.0.5 and tcp port 443'`); several words are
+    /// joined as tcpdump joins them. None: every packet.
+    #[arg(value_name = "FILTER", trailing_var_arg = true)]
+    pub filter: Vec<String>,
+}
+
+/// `--lake-keep`: a duration (s, m, h, d) or a size ending in B (500GiB, 20GB).
+fn parse_lake_keep(s: &str) -> Result<lake::layout::Keep, String> {
+    let t = s.trim();
+    if t.to_ascii_lowercase().ends_with('b') {
+        return program::units::parse_size(t).map(lake::layout::Keep::Bytes);
+    }
+    parse_long_duration(t).map(lake::layout::Keep::Age)
+}
+
+/// A duration as [`program::units::parse_duration`] takes it, or whole days (`7d`).
+pub fn parse_long_duration(s: &str) -> Result<Duration, String> {
+    match s.strip_suffix('d') {
+        Some(days) => days
+            .parse::<u64>()
+            .ok()
+            .and_then(|d| d.checked_mul(86_400))
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("invalid duration '{s}' (e.g. 15m, 2h, 7d)")),
+        None => program::units::parse_duration(s),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -544,7 +674,7 @@ impl Cli {
     pub fn out_path(&self) -> Option<&Path> {
         match &self.out {
             Some(out) => Some(out),
-            None if self.is_live() || !self.kafka.is_empty() => None,
+            None if self.is_live() || !self.kafka.is_empty() || self.lake.is_some() => None,
             None => Some(Path::new("capture.pcap")),
         }
     }
@@ -608,6 +738,16 @@ impl Cli {
                 Some(_) => format!("{flag} needs a file: --out - is a pipe"),
                 None => format!("{flag} needs a file: add --out PATH"),
             });
+        }
+        if self.lake.is_some() && self.out.is_none() && self.format.is_some() {
+            return Err(
+                "--format applies to --out: lake segments are always pcapng (add --out PATH, or \
+                 drop --format)"
+                    .into(),
+            );
+        }
+        if self.lake.as_deref() == Some("-") {
+            return Err("--lake takes a directory or s3://BUCKET/PREFIX, not stdout".into());
         }
         if (self.keep.is_some() || self.keep_bytes.is_some()) && !rotating {
             return Err(

@@ -13,6 +13,7 @@ mod auth;
 mod certs;
 mod connection;
 mod merge;
+mod query;
 mod quota;
 mod server;
 mod stats;
@@ -75,6 +76,9 @@ fn main() -> ExitCode {
             )
         }
     };
+    if let Some(Command::Query(args)) = &cli.command {
+        return exit_code(runtime.block_on(query::run(args)));
+    }
     exit_code(runtime.block_on(run(cli)))
 }
 
@@ -94,6 +98,11 @@ async fn run(cli: Cli) -> Result<()> {
     cli.check_exposure().map_err(|e| BadInput(anyhow!(e)))?;
     cli.check_kafka_exposure()
         .map_err(|e| BadInput(anyhow!(e)))?;
+    // The lake must answer (a bucket, a directory), said before anything is created.
+    let lake = match &cli.lake {
+        Some(url) => Some(lake_config(&cli, url).await.map_err(BadInput)?),
+        None => None,
+    };
     // Its file is opened now, so that one that cannot be written is said at once.
     let summary_file = match &cli.summary_json {
         Some(path) => Some(program::private_file::Pending::create(path).map_err(|e| {
@@ -223,8 +232,20 @@ async fn run(cli: Cli) -> Result<()> {
         _ => None,
     };
     // Opened only once listening works, so a refused start leaves no empty file behind.
-    let Outputs { sink, live, kafka } =
-        open_outputs(&cli, pattern, uploader.as_ref(), secure.clone(), kafka).await?;
+    let Outputs {
+        sink,
+        live,
+        kafka,
+        lake,
+    } = open_outputs(
+        &cli,
+        pattern,
+        uploader.as_ref(),
+        secure.clone(),
+        kafka,
+        lake,
+    )
+    .await?;
     let bound = endpoint.local_addr().unwrap_or(cli.listen);
     if let (Some(path), true) = (&token_path, token_created) {
         tracing::info!("created the token sensors must send, {}", path.display());
@@ -252,6 +273,9 @@ async fn run(cli: Cli) -> Result<()> {
             "producing to Kafka topic {} on {}",
             kafka.topic, kafka.brokers
         ));
+    }
+    if let Some(url) = &cli.lake {
+        outputs.push(format!("writing the lake {url}"));
     }
     tracing::info!("listening on {bound}, {}", outputs.join(", "));
     tracing::info!(
@@ -324,7 +348,9 @@ async fn run(cli: Cli) -> Result<()> {
     }
 
     // A full disk and a broker outage are waited out; a broken pipe is not.
-    let retry_output = cli.out_path().is_some_and(|o| o.as_os_str() != "-") || kafka.is_some();
+    let retry_output = cli.out_path().is_some_and(|o| o.as_os_str() != "-")
+        || kafka.is_some()
+        || cli.lake.is_some();
     program::status::enable(!cli.no_status);
     let summaries = server::run(
         endpoint,
@@ -364,6 +390,14 @@ async fn run(cli: Cli) -> Result<()> {
     };
     if let Some(kafka) = &kafka_summary {
         eprintln!("receiver: {}", kafka.line());
+    }
+    // Segments closed at the end are published, or left staged for the next run.
+    let lake_summary = match lake {
+        Some(lake) => Some(lake.close(cli.upload_timeout, shutdown_signal()).await),
+        None => None,
+    };
+    if let Some(lake) = &lake_summary {
+        eprintln!("receiver: {}", lake.line());
     }
     // Files completed before a failure are still uploaded, or named as not uploaded.
     let upload_report = match uploader {
@@ -413,6 +447,7 @@ struct Outputs {
     sink: Box<dyn Sink>,
     live: Option<sink::live::Live>,
     kafka: Option<sink::kafka::Kafka>,
+    lake: Option<sink::lake::LakeHandle>,
 }
 
 /// The outputs asked for, as the one sink the writer feeds: the live stream first, so that
@@ -424,8 +459,23 @@ async fn open_outputs(
     uploader: Option<&upload::Uploader>,
     secure: Option<sink::live::Secure>,
     kafka: Option<sink::kafka::Reached>,
+    lake: Option<sink::lake::LakeConfig>,
 ) -> Result<Outputs> {
     let mut outputs: Vec<Box<dyn Sink>> = Vec::new();
+    let lake = match lake {
+        Some(config) => {
+            let staging = config.staging.clone();
+            let (sink, handle) = sink::lake::LakeSink::open(config).map_err(|e| {
+                BadInput(anyhow!(
+                    "cannot use the lake staging directory {}: {e}",
+                    staging.display()
+                ))
+            })?;
+            outputs.push(Box::new(sink));
+            Some(handle)
+        }
+        None => None,
+    };
     let mut live = None;
     if cli.is_live() {
         let stream = sink::live::Stream {
@@ -496,7 +546,34 @@ async fn open_outputs(
         (_, None) => Box::new(Tee::new(outputs)),
         (_, Some(link_type)) => Box::new(Tee::new(outputs).requiring_link_type(link_type)),
     };
-    Ok(Outputs { sink, live, kafka })
+    Ok(Outputs {
+        sink,
+        live,
+        kafka,
+        lake,
+    })
+}
+
+/// What --lake and its options ask for; the lake must answer now.
+async fn lake_config(cli: &Cli, url: &str) -> Result<sink::lake::LakeConfig> {
+    let lake = query::open(url, cli.lake_allow_http).await?;
+    let receiver = match &cli.receiver_name {
+        Some(name) => name.clone(),
+        None => tls::hostname()
+            .context("--lake: no host name to name this receiver by: pass --receiver-name")?,
+    };
+    let staging = match &cli.lake_staging {
+        Some(dir) => dir.clone(),
+        None => state_dir(cli)?.join("lake-staging"),
+    };
+    Ok(sink::lake::LakeConfig {
+        lake,
+        receiver: sink::files::naming::sanitize(&receiver),
+        staging,
+        segment_size: cli.segment_size,
+        segment_time: cli.segment_time,
+        keep: cli.lake_keep,
+    })
 }
 
 /// What --kafka and its options ask for: TLS and SASL read and checked now.

@@ -33,7 +33,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use protocol::{PacketIter, RecordKind};
 
 use crate::sink::secrets::COUNTERS as SECRETS;
-use crate::sink::{Frontier, OutPacket, Sink};
+use crate::sink::{BatchPosition, Frontier, OutPacket, Sink};
 
 pub type SessionId = u64;
 
@@ -573,6 +573,12 @@ impl Merge {
             direction: p.direction,
             data: &p.data,
             comment: p.process.as_ref().map(|a| a.comment.as_str()),
+            batch: BatchPosition {
+                sequence: batch.sequence,
+                // Counted just above: this packet is the batch's `written`th.
+                record: u32::try_from(batch.written - 1).unwrap_or(u32::MAX),
+            },
+            process: p.process.as_ref().map(|a| &a.process),
         })?;
         self.held_bytes = self
             .held_bytes

@@ -63,19 +63,9 @@ impl Uploader {
     /// checks that the bucket answers. Every error is one line about what to fix.
     /// `allow_http`: a plain-HTTP endpoint on another host is allowed.
     pub async fn start(url: &str, allow_http: bool) -> Result<Self> {
-        let target = Target::parse(url)?;
-        let builder = builder_from_env(&target.bucket, allow_http)?;
-        check_reachable(&builder, &target).await?;
-        let store = builder
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig::default(),
-                max_retries: 3,
-                retry_timeout: Duration::from_secs(60),
-            })
-            .build()
-            .with_context(|| format!("--upload {url}"))?;
+        let (store, prefix) = open_store(url, allow_http, "--upload").await?;
         let ledger = Arc::new(Ledger::new(url));
-        let worker = tokio::spawn(run(store, target.prefix, Arc::clone(&ledger)));
+        let worker = tokio::spawn(run(store, prefix, Arc::clone(&ledger)));
         tracing::info!("uploading finished files to {url}");
         Ok(Self {
             submitter: Submitter { ledger },
@@ -143,6 +133,26 @@ impl Submitter {
     }
 }
 
+/// The store and key prefix of `url` (`s3://bucket/prefix`), configured from the standard
+/// AWS environment variables, with object_store's retries, once the bucket answered. Every
+/// error is one line about what to fix, starting with `flag` (the option that gave `url`).
+/// `allow_http`: a plain-HTTP endpoint on another host is allowed. The uploader and the
+/// lake (`--lake`, `receiver query --lake`) share it.
+pub async fn open_store(url: &str, allow_http: bool, flag: &str) -> Result<(AmazonS3, ObjectPath)> {
+    let target = Target::parse(url, flag)?;
+    let builder = builder_from_env(&target.bucket, allow_http, flag)?;
+    check_reachable(&builder, &target, flag).await?;
+    let store = builder
+        .with_retry(RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(60),
+        })
+        .build()
+        .with_context(|| format!("{flag} {url}"))?;
+    Ok((store, target.prefix))
+}
+
 /// Bucket and key prefix of `s3://bucket/prefix`.
 #[derive(Debug, PartialEq)]
 struct Target {
@@ -151,16 +161,16 @@ struct Target {
 }
 
 impl Target {
-    fn parse(url: &str) -> Result<Self> {
+    fn parse(url: &str, flag: &str) -> Result<Self> {
         let rest = url.strip_prefix("s3://").ok_or_else(|| {
-            anyhow!("--upload {url}: use s3://BUCKET/PREFIX (e.g. s3://captures/site-a)")
+            anyhow!("{flag} {url}: use s3://BUCKET/PREFIX (e.g. s3://captures/site-a)")
         })?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
-            bail!("--upload {url}: no bucket name (use s3://BUCKET/PREFIX)");
+            bail!("{flag} {url}: no bucket name (use s3://BUCKET/PREFIX)");
         }
         let prefix = ObjectPath::parse(prefix.trim_end_matches('/'))
-            .map_err(|e| anyhow!("--upload {url}: bad prefix: {e}"))?;
+            .map_err(|e| anyhow!("{flag} {url}: bad prefix: {e}"))?;
         Ok(Self {
             bucket: bucket.to_string(),
             prefix,
@@ -171,7 +181,7 @@ impl Target {
 /// The builder from the AWS_* variables, refusing a start without credentials, where the
 /// first upload would otherwise fail only after the capture, and plain HTTP to another host
 /// unless `allow_http`.
-fn builder_from_env(bucket: &str, allow_http: bool) -> Result<AmazonS3Builder> {
+fn builder_from_env(bucket: &str, allow_http: bool, flag: &str) -> Result<AmazonS3Builder> {
     let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
     let set = |key| builder.get_config_value(&key).is_some();
     let has_keys = set(AmazonS3ConfigKey::AccessKeyId) && set(AmazonS3ConfigKey::SecretAccessKey);
@@ -179,7 +189,7 @@ fn builder_from_env(bucket: &str, allow_http: bool) -> Result<AmazonS3Builder> {
         || set(AmazonS3ConfigKey::ContainerCredentialsRelativeUri)
         || set(AmazonS3ConfigKey::ContainerCredentialsFullUri);
     if !has_keys && !has_role {
-        bail!("--upload needs credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY");
+        bail!("{flag} needs credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY");
     }
     let endpoint = [AmazonS3ConfigKey::S3Endpoint, AmazonS3ConfigKey::Endpoint]
         .into_iter()
@@ -189,8 +199,8 @@ fn builder_from_env(bucket: &str, allow_http: bool) -> Result<AmazonS3Builder> {
         // file; to another host it carries the captures in clear: only when asked for.
         if !allow_http && !is_loopback_host(rest) {
             bail!(
-                "--upload: AWS_ENDPOINT_URL http://{rest} would send the captures unencrypted \
-                 to another host: use https://, or pass --upload-allow-http"
+                "{flag}: AWS_ENDPOINT_URL http://{rest} would send the captures unencrypted \
+                 to another host: use https://, or pass {flag}-allow-http"
             );
         }
         builder = builder.with_config(
@@ -218,7 +228,7 @@ fn is_loopback_host(authority_and_path: &str) -> bool {
 
 /// Lists the prefix once, with few retries, so a wrong endpoint, bucket or key is said at
 /// start rather than after the capture.
-async fn check_reachable(builder: &AmazonS3Builder, target: &Target) -> Result<()> {
+async fn check_reachable(builder: &AmazonS3Builder, target: &Target, flag: &str) -> Result<()> {
     let store = builder
         .clone()
         .with_retry(RetryConfig {
@@ -227,7 +237,7 @@ async fn check_reachable(builder: &AmazonS3Builder, target: &Target) -> Result<(
             retry_timeout: CHECK_TIMEOUT,
         })
         .build()
-        .map_err(|e| anyhow!("--upload: {e}"))?;
+        .map_err(|e| anyhow!("{flag}: {e}"))?;
     let bucket = &target.bucket;
     match tokio::time::timeout(
         CHECK_TIMEOUT,
@@ -236,9 +246,9 @@ async fn check_reachable(builder: &AmazonS3Builder, target: &Target) -> Result<(
     .await
     {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => bail!("--upload: cannot reach bucket {bucket}: {}", one_line(&e)),
+        Ok(Err(e)) => bail!("{flag}: cannot reach bucket {bucket}: {}", one_line(&e)),
         Err(_) => bail!(
-            "--upload: bucket {bucket} did not answer within {}s",
+            "{flag}: bucket {bucket} did not answer within {}s",
             CHECK_TIMEOUT.as_secs()
         ),
     }
@@ -592,14 +602,14 @@ mod tests {
 
     #[test]
     fn urls_name_a_bucket_and_a_prefix() {
-        let t = Target::parse("s3://captures/site-a/day1/").unwrap();
+        let t = Target::parse("s3://captures/site-a/day1/", "--upload").unwrap();
         assert_eq!(t.bucket, "captures");
         assert_eq!(t.prefix.as_ref(), "site-a/day1");
         assert_eq!(
             t.prefix.clone().join("out.pcap").as_ref(),
             "site-a/day1/out.pcap"
         );
-        let t = Target::parse("s3://captures").unwrap();
+        let t = Target::parse("s3://captures", "--upload").unwrap();
         assert_eq!((t.bucket.as_str(), t.prefix.as_ref()), ("captures", ""));
         assert_eq!(t.prefix.clone().join("out.pcap").as_ref(), "out.pcap");
         for bad in [
@@ -609,7 +619,7 @@ mod tests {
             "captures/x",
             "s3://b/a//c",
         ] {
-            let e = Target::parse(bad).unwrap_err().to_string();
+            let e = Target::parse(bad, "--upload").unwrap_err().to_string();
             assert!(e.contains(bad) && !e.contains('\n'), "{bad}: {e}");
         }
     }

@@ -414,6 +414,7 @@ async fn stream(
             sensor: parts[i].sensor.clone(),
             // An on-demand capture is no sensor session: nothing resumes or resends it.
             session: String::new(),
+            session_id: 0,
         };
         match sink.add_interface(&described) {
             Ok(index) => merge.add_session(i as u64, vec![index], None),

@@ -450,6 +450,7 @@ impl Writer {
                 ),
                 sensor: sensor.clone(),
                 session: tag.clone(),
+                session_id: session,
             })
             .collect();
         self.sink.check(&wanted).map_err(|refusal| match refusal {

@@ -7,12 +7,14 @@
 pub mod capstream;
 pub mod corpus;
 pub mod kafka;
+pub mod lake;
 pub mod moto;
 mod netns;
 pub mod pcap_over_ip;
 mod process;
 pub mod prometheus;
 pub mod relay;
+pub mod seaweedfs;
 pub mod tmpfs;
 
 pub use moto::Moto;

@@ -18,6 +18,7 @@
 
 mod fanin;
 pub mod generator;
+mod lake;
 mod micro;
 mod ndr;
 mod pipeline;
@@ -92,7 +93,7 @@ struct Run {
     receiver_rss_kib: u64,
 }
 
-/// Runs `only` ("capture", "streaming", "fanin", "micro" or "ndr"), or all, over `rounds`
+/// Runs `only` ("capture", "streaming", "fanin", "micro", "ndr" or "lake"), or all, over `rounds`
 /// rounds; each loss-free rate trial lasts `trial`.
 pub fn run(only: Option<&str>, rounds: usize, trial: Duration) -> Result<()> {
     setup()?;
@@ -129,6 +130,9 @@ pub fn run(only: Option<&str>, rounds: usize, trial: Duration) -> Result<()> {
     }
     if part("ndr") {
         ndr::run(&out_dir, trial, ticks)?;
+    }
+    if part("lake") {
+        lake::run(&out_dir, ticks)?;
     }
     Ok(())
 }

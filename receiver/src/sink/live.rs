@@ -746,6 +746,7 @@ mod tests {
             description: String::new(),
             sensor: "s".into(),
             session: "0a1b2c3d".into(),
+            session_id: 0x0a1b_2c3d,
         }
     }
 
@@ -770,6 +771,8 @@ mod tests {
                 direction: Direction::Unknown,
                 data: &[t as u8; 60],
                 comment: None,
+                batch: Default::default(),
+                process: None,
             })
             .unwrap();
         }
@@ -800,6 +803,8 @@ mod tests {
             direction: Direction::Unknown,
             data: &[0; 60],
             comment: None,
+            batch: Default::default(),
+            process: None,
         }
     }
 

@@ -5,6 +5,7 @@
 
 pub mod files;
 pub mod kafka;
+pub mod lake;
 pub mod live;
 mod pcap;
 mod pcapng;
@@ -53,6 +54,8 @@ pub struct SinkInterface {
     /// The sensor session's public tag (8 hex digits), as logs and metrics name it: Kafka
     /// messages carry it, so that a batch sent again after a restart is recognised.
     pub session: String,
+    /// The session's full id, which the lake indexes.
+    pub session_id: u64,
 }
 
 /// A packet on its way out. `data` borrows the batch buffer.
@@ -66,6 +69,19 @@ pub struct OutPacket<'a> {
     /// Who sent or received it (`sensor --attribute`), in ptcpdump's comment format;
     /// pcapng writes it as the packet's comment, classic pcap has no place for it.
     pub comment: Option<&'a str>,
+    /// Its place in the sensor's stream, which the lake indexes so that a batch sent twice
+    /// (to two receivers, after a failover) is kept once.
+    pub batch: BatchPosition,
+    /// The process it belongs to (`sensor --attribute`), whose fields the lake indexes.
+    pub process: Option<&'a protocol::Process>,
+}
+
+/// A packet's batch and its place in it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchPosition {
+    pub sequence: u64,
+    /// Counting the batch's packets from 0.
+    pub record: u32,
 }
 
 /// Why an output cannot take a sensor's interfaces; the text tells the user what to do.

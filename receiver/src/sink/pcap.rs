@@ -229,6 +229,7 @@ mod tests {
             description: String::new(),
             sensor: name.into(),
             session: "0a1b2c3d".into(),
+            session_id: 0x0a1b_2c3d,
         }
     }
 
@@ -250,6 +251,8 @@ mod tests {
                 direction: Direction::Unknown,
                 data,
                 comment: None,
+                batch: Default::default(),
+                process: None,
             })
             .unwrap();
         }
@@ -296,6 +299,8 @@ mod tests {
             direction: Direction::Unknown,
             data: &[0],
             comment: None,
+            batch: Default::default(),
+            process: None,
         })
         .unwrap();
         sink.finish().unwrap();

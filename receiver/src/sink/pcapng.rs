@@ -237,6 +237,7 @@ mod tests {
             description: "sensor s1 on h (linux)".into(),
             sensor: "s1".into(),
             session: "0a1b2c3d".into(),
+            session_id: 0x0a1b_2c3d,
         }
     }
 
@@ -254,6 +255,8 @@ mod tests {
             direction: Direction::Outbound,
             data: &[9u8; 20],
             comment: None,
+            batch: Default::default(),
+            process: None,
         })
         .unwrap();
         assert!(

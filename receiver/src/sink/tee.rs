@@ -183,6 +183,7 @@ mod tests {
             description: String::new(),
             sensor: "s".into(),
             session: "0a1b2c3d".into(),
+            session_id: 0x0a1b_2c3d,
         }
     }
 

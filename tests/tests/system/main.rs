@@ -11,6 +11,7 @@ mod deploy;
 mod failover;
 mod faults;
 mod kafka;
+mod lake;
 mod live_capture;
 mod live_stream;
 mod metrics;

@@ -50,23 +50,23 @@ const KAFKA_TOPIC: &str = "bench";
 const KAFKA_PORT: u16 = 9092;
 
 /// One input file.
-struct Traffic {
-    label: &'static str,
-    path: PathBuf,
-    packets: u64,
-    bytes: u64,
+pub(super) struct Traffic {
+    pub(super) label: &'static str,
+    pub(super) path: PathBuf,
+    pub(super) packets: u64,
+    pub(super) bytes: u64,
 }
 
 /// One run's figures.
 #[derive(Debug, Clone, Copy, Default)]
-struct Run {
+pub(super) struct Run {
     written: u64,
-    seconds: f64,
+    pub(super) seconds: f64,
     /// Raw batch bytes over wire bytes, from the sensor's summary; 1 for the pipeline.
     ratio: f64,
     /// CPU seconds of the sending side (sensor; tcpdump and socat) and of the writer.
     sender_cpu: f64,
-    writer_cpu: f64,
+    pub(super) writer_cpu: f64,
     writer_rss_kib: u64,
 }
 
@@ -192,7 +192,7 @@ fn sensor_kafka_run(ns: &Netns, t: &Traffic, ticks: f64) -> Result<Run> {
 
 /// Times the sensor reading `t` into `receiver`, then stops the receiver; returns the
 /// run's figures (but what was written) and the receiver's exit summary.
-fn timed_sensor(
+pub(super) fn timed_sensor(
     ns: &Netns,
     t: &Traffic,
     ticks: f64,
@@ -279,10 +279,15 @@ fn pipeline_run(ns: &Netns, tls: &TlsPair, t: &Traffic, ticks: f64) -> Result<Ru
 /// The corpus's records again and again until [`TARGET_BYTES`] of packet data, with
 /// timestamps rising 1 µs per packet.
 fn loop_corpus(corpus: &Path, path: &Path) -> Result<Traffic> {
+    loop_corpus_to(corpus, path, TARGET_BYTES)
+}
+
+/// [`loop_corpus`] up to `target` bytes of packet data.
+pub(super) fn loop_corpus_to(corpus: &Path, path: &Path, target: u64) -> Result<Traffic> {
     let bytes = read_corpus(corpus)?;
     let (link_type, frames) = corpus_frames(&bytes, corpus)?;
     let mut writer = PcapWriter::create(path, link_type)?;
-    while writer.bytes < TARGET_BYTES {
+    while writer.bytes < target {
         for frame in &frames {
             writer.record(frame)?;
         }

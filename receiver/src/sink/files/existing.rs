@@ -233,6 +233,8 @@ mod tests {
                     direction: protocol::Direction::Unknown,
                     data,
                     comment: None,
+                    batch: Default::default(),
+                    process: None,
                 },
                 crate::sink::pcap::Precision::Nano,
             )
@@ -324,6 +326,7 @@ mod tests {
                 description: String::new(),
                 sensor: "h".into(),
                 session: "0a1b2c3d".into(),
+                session_id: 0x0a1b_2c3d,
             },
         )
         .unwrap();

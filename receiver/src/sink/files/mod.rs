@@ -410,6 +410,7 @@ mod tests {
             description: String::new(),
             sensor: sensor.into(),
             session: "0a1b2c3d".into(),
+            session_id: 0x0a1b_2c3d,
         }
     }
 
@@ -592,6 +593,8 @@ mod tests {
             direction: Direction::Inbound,
             data: &[7u8; 200],
             comment: None,
+            batch: Default::default(),
+            process: None,
         })
         .unwrap();
     }

@@ -13,6 +13,7 @@ fn iface(sensor: &str, name: &str) -> SinkInterface {
         description: format!("sensor {sensor}"),
         sensor: sensor.into(),
         session: "0a1b2c3d".into(),
+        session_id: 0x0a1b_2c3d,
     }
 }
 
@@ -36,6 +37,8 @@ fn packet(interface: u32, timestamp_ns: u64, data: &[u8]) -> OutPacket<'_> {
         direction: Direction::Inbound,
         data,
         comment: None,
+        batch: Default::default(),
+        process: None,
     }
 }
 
