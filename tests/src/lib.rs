@@ -6,6 +6,7 @@
 
 pub mod capstream;
 pub mod corpus;
+pub mod fleet;
 pub mod kafka;
 pub mod lake;
 pub mod moto;

@@ -10,16 +10,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use testbed::capstream::{
     assert_refused, pcapng_interfaces, start_tcpdump, stop_reference, Receiver, Record, Scratch,
 };
+use testbed::fleet::{documented_order, fleet_pki, placement, sensor_in, shared_token};
 use testbed::prometheus::{count, scrape, sum};
-use testbed::{
-    corpus, require_root, run, wait_until, workspace_bin, Lab, Netns, Proc, SummaryFile,
-};
+use testbed::{corpus, require_root, run, wait_until, Lab, Netns, Proc};
 
 const RECEIVERS: usize = 3;
 const SENSORS: usize = 4;
@@ -37,100 +35,6 @@ fn sensor_metrics(i: usize) -> String {
 
 fn arg(path: &Path) -> String {
     path.to_string_lossy().into_owned()
-}
-
-/// `receiver certs init` three times in one directory: one CA, and a certificate of its
-/// own (for 127.0.0.1 and localhost) for each receiver; returns the CA's path and each
-/// receiver's certificate and key.
-fn fleet_pki(dir: &Scratch) -> (PathBuf, Vec<(PathBuf, PathBuf)>) {
-    let pki = dir.join("pki");
-    let mut issued = Vec::new();
-    for j in 0..RECEIVERS {
-        run(
-            &arg(&workspace_bin("receiver")),
-            &["certs", "init", "--dir", &arg(&pki)],
-        )
-        .unwrap();
-        let (cert, key) = (
-            dir.join(&format!("rx{j}.crt")),
-            dir.join(&format!("rx{j}.key")),
-        );
-        std::fs::copy(pki.join("receiver.crt"), &cert).unwrap();
-        std::fs::copy(pki.join("receiver.key"), &key).unwrap();
-        issued.push((cert, key));
-    }
-    (pki.join("ca.crt"), issued)
-}
-
-/// A token file every receiver and sensor shares (mode 0600).
-fn shared_token(dir: &Scratch) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join("token");
-    let token: String = (0..32)
-        .map(|i| format!("{:02x}", (i * 37 + 11) % 256))
-        .collect();
-    std::fs::write(&path, format!("{token}\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path
-}
-
-/// `sensor <args> --summary-json ...` started inside `ns` (not waited for).
-fn sensor_in(ns: &Netns, args: &[&str]) -> Proc {
-    let summary = SummaryFile::new("sensor").unwrap();
-    let summary_arg = summary.arg();
-    let mut argv = ns.command(&arg(&workspace_bin("sensor")));
-    argv.extend(
-        args.iter()
-            .chain(&["--summary-json", summary_arg.as_str()])
-            .map(|a| a.to_string()),
-    );
-    Proc::start("sensor", &argv, Stdio::null())
-        .unwrap()
-        .with_summary(summary)
-}
-
-/// What a sensor says of its receivers: its order, and the one it connected to first.
-struct Placement {
-    order: Vec<String>,
-    first: String,
-}
-
-fn placement(sensor: &mut Proc, id: &str) -> Placement {
-    let intro = format!("receivers in the order of sensor id \"{id}\": ");
-    sensor
-        .wait_for("connected to receiver ", Duration::from_secs(20))
-        .unwrap();
-    let log = sensor.stderr();
-    let order = log
-        .lines()
-        .find_map(|l| l.split_once(&intro).map(|(_, rest)| rest.to_string()))
-        .unwrap_or_else(|| panic!("no order in the log of {id}:\n{log}"));
-    let first = log
-        .split("connected to receiver ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap()
-        .trim_end_matches(':')
-        .to_string();
-    Placement {
-        order: order.split(", ").map(str::to_string).collect(),
-        first,
-    }
-}
-
-/// The order the README promises: receivers by descending first 8 bytes (big-endian) of
-/// SHA-256(sensor id, 0, IP:PORT).
-fn documented_order(id: &str, receivers: &[String]) -> Vec<String> {
-    let weight = |r: &String| {
-        let digest = ring::digest::digest(
-            &ring::digest::SHA256,
-            &[id.as_bytes(), &[0], r.as_bytes()].concat(),
-        );
-        u64::from_be_bytes(digest.as_ref()[..8].try_into().unwrap())
-    };
-    let mut order = receivers.to_vec();
-    order.sort_by_key(|r| std::cmp::Reverse(weight(r)));
-    order
 }
 
 /// The whole blocks of a pcapng file that a `kill -9` may have cut short, in a copy.
@@ -200,7 +104,7 @@ fn failover_a_killed_receivers_sensors_move_on_and_nothing_is_missing() {
     require_root();
     let lab = Lab::new(SENSORS).unwrap();
     let dir = Scratch::new("failover").unwrap();
-    let (ca, issued) = fleet_pki(&dir);
+    let (ca, issued) = fleet_pki(&dir, RECEIVERS);
     let token = shared_token(&dir);
 
     let mut receivers = Vec::new();
@@ -467,7 +371,7 @@ fn failover_a_name_of_several_addresses_is_several_receivers_followed_as_it_chan
     };
     std::fs::write(&hosts, addresses(3)).unwrap();
     let dir = Scratch::new("failover-dns").unwrap();
-    let (ca, _) = fleet_pki(&dir);
+    let (ca, _) = fleet_pki(&dir, RECEIVERS);
 
     let mut sensor = sensor_in(
         &ns,

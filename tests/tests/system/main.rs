@@ -12,6 +12,7 @@ mod failover;
 mod faults;
 mod kafka;
 mod lake;
+mod lake_fleet;
 mod live_capture;
 mod live_stream;
 mod metrics;
