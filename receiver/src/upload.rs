@@ -39,9 +39,6 @@ const PART_BYTES: usize = 8 << 20;
 const PARTS_IN_FLIGHT: usize = 2;
 /// How much of the file is read at a time.
 const READ_BYTES: usize = 1 << 20;
-/// The uploader's own retry of a whole file, after object_store's retries of each request.
-const FIRST_RETRY: Duration = Duration::from_secs(1);
-const LAST_RETRY: Duration = Duration::from_secs(30);
 /// How long the start may take to reach the bucket.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -329,7 +326,8 @@ async fn upload_with_retries(
     buf: &mut [u8],
     ledger: &Ledger,
 ) {
-    let mut delay = FIRST_RETRY;
+    // The uploader's own retry of a whole file, after object_store's retries of each request.
+    let mut retry = receiver::sink::lake::STORE_RETRY;
     let mut failures = 0u32;
     let mut local_failures = 0u32;
     loop {
@@ -345,8 +343,7 @@ async fn upload_with_retries(
                 if !retry_or_give_up(e, &key, path, ledger, &mut failures, &mut local_failures) {
                     return;
                 }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(LAST_RETRY);
+                tokio::time::sleep(retry.delay()).await;
                 continue;
             }
         };
@@ -367,8 +364,7 @@ async fn upload_with_retries(
                 if !retry_or_give_up(e, &key, path, ledger, &mut failures, &mut local_failures) {
                     return;
                 }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(LAST_RETRY);
+                tokio::time::sleep(retry.delay()).await;
             }
         }
     }

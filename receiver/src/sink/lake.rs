@@ -22,6 +22,7 @@ use ::lake::layout::Keep;
 use ::lake::manifest::{self, Interface, Manifest};
 use ::lake::Lake;
 use bytes::Bytes;
+use program::backoff::Backoff;
 use protocol::InterfaceStats;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -30,9 +31,9 @@ use super::{OutPacket, PcapNgSink, Refusal, Sink, SinkInterface};
 
 /// Bytes of one packet's entry in a staged segment's `.rows` file.
 const ROW_KEY_LEN: usize = 48;
-/// The publisher's retry of a segment the store refused, after object_store's own retries.
-const FIRST_RETRY: Duration = Duration::from_secs(1);
-const LAST_RETRY: Duration = Duration::from_secs(30);
+/// The retry of a whole object the store refused, after object_store's own retries of each
+/// request: the lake's publisher and `--upload` (the binary's uploader) wait alike.
+pub const STORE_RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
 
 /// What `--lake` and its options ask for.
 pub struct LakeConfig {
@@ -425,7 +426,7 @@ async fn publish(
 ) {
     while let Some(stem) = stems.recv().await {
         counters.staged.fetch_add(1, Relaxed);
-        let mut delay = FIRST_RETRY;
+        let mut retry = STORE_RETRY;
         let mut failures = 0u32;
         loop {
             match publish_one(&lake, &staging, &receiver, &stem).await {
@@ -445,8 +446,7 @@ async fn publish(
                     }
                     failures += 1;
                     counters.failed_attempts.fetch_add(1, Relaxed);
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(LAST_RETRY);
+                    tokio::time::sleep(retry.delay()).await;
                 }
             }
         }
