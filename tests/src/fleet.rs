@@ -4,10 +4,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::capstream::Scratch;
-use crate::{run, workspace_bin, Netns, Proc, SummaryFile};
+use crate::prometheus::{count, scrape};
+use crate::{run, wait_until, workspace_bin, Netns, Proc, SummaryFile};
 
 fn arg(path: &Path) -> String {
     path.to_string_lossy().into_owned()
@@ -105,4 +106,56 @@ pub fn documented_order(id: &str, receivers: &[String]) -> Vec<String> {
     let mut order = receivers.to_vec();
     order.sort_by_key(|r| std::cmp::Reverse(weight(r)));
     order
+}
+
+/// The requirement: from a receiver's kill to the first batch of each of its
+/// sensors that the next receiver writes.
+pub const FAILOVER_WITHIN: Duration = Duration::from_secs(10);
+
+/// The receiver (of `receivers`, by address) the most sensors went to first, the first such
+/// on a tie, and those sensors (indexes into `placements`).
+pub fn busiest(placements: &[Placement], receivers: &[String]) -> (usize, Vec<usize>) {
+    let on = |j: usize| -> Vec<usize> {
+        (0..placements.len())
+            .filter(|i| placements[*i].first == receivers[j])
+            .collect()
+    };
+    let spread: Vec<usize> = (0..receivers.len()).map(|j| on(j).len()).collect();
+    eprintln!(
+        "spread of {} sensors over the receivers: {spread:?}",
+        placements.len()
+    );
+    let victim = (0..receivers.len())
+        .max_by_key(|j| (spread[*j], receivers.len() - j))
+        .expect("receivers");
+    (victim, on(victim))
+}
+
+/// Checks that sensor `id`, whose receiver was killed at `killed_at`, had a batch written
+/// by `next` (its Prometheus endpoint `metrics`, inside `ns`) within [`FAILOVER_WITHIN`].
+pub fn assert_failed_over_in_time(
+    ns: &Netns,
+    sensor: &Proc,
+    id: &str,
+    next: &str,
+    metrics: &str,
+    killed_at: Instant,
+) {
+    let written = wait_until(Duration::from_secs(30), || {
+        scrape(Some(ns), metrics).is_ok_and(|text| {
+            count(
+                &text,
+                "capstream_receiver_packets_written_total",
+                &[("sensor", id)],
+            ) > 0
+        })
+    });
+    let took = killed_at.elapsed();
+    assert!(written, "{id} never reached {next}:\n{}", sensor.stderr());
+    eprintln!("{id}: from the kill to its first batch written by {next}: {took:.1?}");
+    assert!(
+        took <= FAILOVER_WITHIN,
+        "{id} took {took:?} to fail over to {next}:\n{}",
+        sensor.stderr()
+    );
 }

@@ -128,6 +128,13 @@ impl SeaweedFs {
         ]
     }
 
+    /// `env` with [`Self::aws_env`]: what a receiver is started through to use this store.
+    pub fn env_command(&self) -> Vec<String> {
+        std::iter::once("env".to_string())
+            .chain(self.aws_env().iter().map(|(k, v)| format!("{k}={v}")))
+            .collect()
+    }
+
     /// One unauthenticated request to the S3 gateway, with curl where the server runs;
     /// fails unless the status is 200.
     fn http(&self, method: &str, path: &str) -> Result<()> {

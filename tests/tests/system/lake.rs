@@ -422,9 +422,7 @@ fn s3_lake_on_seaweedfs_survives_a_receiver_killed_mid_stream() {
     let store = SeaweedFs::start(Some(&lab.cap)).unwrap();
     store.create_bucket("captures").unwrap();
     let env = store.aws_env();
-    let wrapper: Vec<String> = std::iter::once("env".to_string())
-        .chain(env.iter().map(|(k, v)| format!("{k}={v}")))
-        .collect();
+    let wrapper = store.env_command();
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let dir = Scratch::new("lakes3").unwrap();
     let state = dir.join("state");

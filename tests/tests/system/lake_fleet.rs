@@ -11,11 +11,12 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use testbed::capstream::{number_after, start_tcpdump, stop_reference, Receiver, Scratch};
-use testbed::fleet::{fleet_pki, placement, sensor_in, shared_token, Placement};
+use testbed::fleet::{
+    assert_failed_over_in_time, busiest, fleet_pki, placement, sensor_in, shared_token, Placement,
+};
 use testbed::lake::{assert_same_in_time_order, in_time_order, query_in};
-use testbed::prometheus::{count, scrape};
 use testbed::seaweedfs::SeaweedFs;
-use testbed::{corpus, require_root, wait_until, Lab, Proc};
+use testbed::{corpus, require_root, Lab, Proc};
 
 const RECEIVERS: usize = 3;
 const SENSORS: usize = 4;
@@ -24,8 +25,6 @@ const PPS: u32 = 130;
 /// Into the replay when the busiest receiver is killed, and when it is started again.
 const KILL_AFTER: Duration = Duration::from_secs(20);
 const RESTART_AFTER: Duration = Duration::from_secs(12);
-/// The requirement: from the kill to the first batch the next receiver takes.
-const FAILOVER_WITHIN: Duration = Duration::from_secs(10);
 const LAKE: &str = "s3://captures/fleet";
 
 fn arg(path: &Path) -> String {
@@ -43,9 +42,7 @@ fn s3_lake_fleet_three_receivers_four_sensors_one_killed_nothing_missing_or_twic
     let store = SeaweedFs::start(Some(&lab.cap)).unwrap();
     store.create_bucket("captures").unwrap();
     let env = store.aws_env();
-    let wrapper: Vec<String> = std::iter::once("env".to_string())
-        .chain(env.iter().map(|(k, v)| format!("{k}={v}")))
-        .collect();
+    let wrapper = store.env_command();
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let dir = Scratch::new("lakefleet").unwrap();
     let (ca, issued) = fleet_pki(&dir, RECEIVERS);
@@ -119,17 +116,8 @@ fn s3_lake_fleet_three_receivers_four_sensors_one_killed_nothing_missing_or_twic
         placements.push(placement(&mut sensor, &id));
         sensors.push(sensor);
     }
-    let on = |j: usize| -> Vec<usize> {
-        (0..SENSORS)
-            .filter(|i| placements[*i].first == address(j))
-            .collect()
-    };
-    let spread: Vec<usize> = (0..RECEIVERS).map(|j| on(j).len()).collect();
-    eprintln!("spread of {SENSORS} sensors over the receivers: {spread:?}");
-    let victim = (0..RECEIVERS)
-        .max_by_key(|j| (on(*j).len(), RECEIVERS - j))
-        .unwrap();
-    let moved = on(victim);
+    let addresses: Vec<String> = (0..RECEIVERS).map(address).collect();
+    let (victim, moved) = busiest(&placements, &addresses);
 
     let replays: Vec<Proc> = (0..SENSORS)
         .map(|i| {
@@ -162,26 +150,7 @@ fn s3_lake_fleet_three_receivers_four_sensors_one_killed_nothing_missing_or_twic
         let j = (0..RECEIVERS).find(|j| *next == address(*j)).unwrap();
         let id = format!("s{i}");
         let metrics = format!("127.0.0.1:{}", 9441 + j);
-        let written = wait_until(Duration::from_secs(30), || {
-            scrape(Some(&lab.cap), &metrics).is_ok_and(|text| {
-                count(
-                    &text,
-                    "capstream_receiver_packets_written_total",
-                    &[("sensor", &id)],
-                ) > 0
-            })
-        });
-        let took = killed_at.elapsed();
-        assert!(
-            written,
-            "{id} never reached {next}:\n{}",
-            sensors[*i].stderr()
-        );
-        eprintln!("{id}: from the kill to its first batch written by {next}: {took:.1?}");
-        assert!(
-            took <= FAILOVER_WITHIN,
-            "{id} took {took:?} to fail over to {next}"
-        );
+        assert_failed_over_in_time(&lab.cap, &sensors[*i], &id, next, &metrics, killed_at);
     }
     // Started again with its state and staging: it publishes what the kill left staged.
     std::thread::sleep(RESTART_AFTER.saturating_sub(killed_at.elapsed()));
