@@ -56,7 +56,7 @@ fn write_all(sink: &mut dyn Sink, interface: u32, frames: &[(u64, u32, Vec<u8>)]
             original_len: *original_len,
             direction: Direction::Inbound,
             data,
-            comment: None,
+            process: None,
         };
         sink.write_packet(&packet).expect("write");
     }

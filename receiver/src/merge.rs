@@ -572,7 +572,7 @@ impl Merge {
             original_len: p.original_len,
             direction: p.direction,
             data: &p.data,
-            comment: p.process.as_ref().map(|a| a.comment.as_str()),
+            process: p.process.as_deref(),
         })?;
         self.held_bytes = self
             .held_bytes

@@ -769,7 +769,7 @@ mod tests {
                 original_len: 60,
                 direction: Direction::Unknown,
                 data: &[t as u8; 60],
-                comment: None,
+                process: None,
             })
             .unwrap();
         }
@@ -799,7 +799,7 @@ mod tests {
             original_len: 60,
             direction: Direction::Unknown,
             data: &[0; 60],
-            comment: None,
+            process: None,
         }
     }
 

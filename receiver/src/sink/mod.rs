@@ -13,7 +13,7 @@ mod tee;
 
 use std::io::{self, BufWriter, Write};
 
-use protocol::{Direction, InterfaceStats};
+use protocol::{Attribution, Direction, InterfaceStats};
 
 pub use self::files::journal::{Frontier, PartialBatch};
 pub use self::pcap::{PcapSink, Precision};
@@ -63,9 +63,10 @@ pub struct OutPacket<'a> {
     pub original_len: u32,
     pub direction: Direction,
     pub data: &'a [u8],
-    /// Who sent or received it (`sensor --attribute`), in ptcpdump's comment format;
-    /// pcapng writes it as the packet's comment, classic pcap has no place for it.
-    pub comment: Option<&'a str>,
+    /// Who sent or received it (`sensor --attribute`): pcapng writes it as the packet's
+    /// comment (ptcpdump's format) and a custom option (JSON), classic pcap has no place
+    /// for it.
+    pub process: Option<&'a Attribution>,
 }
 
 /// Why an output cannot take a sensor's interfaces; the text tells the user what to do.

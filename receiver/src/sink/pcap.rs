@@ -249,7 +249,7 @@ mod tests {
                 original_len: 60,
                 direction: Direction::Unknown,
                 data,
-                comment: None,
+                process: None,
             })
             .unwrap();
         }
@@ -295,7 +295,7 @@ mod tests {
             original_len: 1,
             direction: Direction::Unknown,
             data: &[0],
-            comment: None,
+            process: None,
         })
         .unwrap();
         sink.finish().unwrap();

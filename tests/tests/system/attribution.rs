@@ -16,6 +16,9 @@ use testbed::capstream::{
     Scratch,
 };
 
+use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketOption;
+use pcap_file::pcapng::blocks::opt_common::CommonOption;
+use pcap_file::pcapng::{Block, PcapNgReader};
 use testbed::{require_root, run, wait_until, Lab, Proc};
 
 /// The server's port, in the generator namespace (198.18.0.1).
@@ -125,6 +128,74 @@ fn rows(file: &Path) -> Vec<Row> {
         .collect()
 }
 
+/// capstream's Private Enterprise Number in the pcapng custom option (provisional: RFC 5612's
+/// documentation number, see the README).
+const CAPSTREAM_PEN: u32 = 32473;
+
+/// Reads a pcapng file back on its own (not through tshark): every packet with a comment
+/// has capstream's custom option too (and none without), its JSON naming the process the
+/// comment names. Returns how many packets carry both; tshark's dissection of the file's
+/// blocks must find as many custom UTF-8 options (code 2988).
+fn custom_options(file: &Path) -> usize {
+    let bytes = std::fs::read(file).unwrap();
+    let mut reader = PcapNgReader::new(&bytes[..]).unwrap();
+    let mut both = 0;
+    while let Some(block) = reader.next_block() {
+        let Block::EnhancedPacket(epb) = block.unwrap().0 else {
+            continue;
+        };
+        let (mut comment, mut fields) = (None, None);
+        for option in &epb.options {
+            match option {
+                EnhancedPacketOption::Common(CommonOption::Comment(c)) => {
+                    comment = Some(c.to_string());
+                }
+                EnhancedPacketOption::Common(CommonOption::CustomUtf8Copiable(custom))
+                    if custom.pen == CAPSTREAM_PEN =>
+                {
+                    fields =
+                        Some(serde_json::from_str::<serde_json::Value>(&custom.value).unwrap());
+                }
+                _ => {}
+            }
+        }
+        match (comment, fields) {
+            (None, None) => {}
+            (Some(comment), Some(fields)) => {
+                let pid = fields["pid"].as_u64().unwrap() as u32;
+                let comm = fields["thread_name"].as_str().unwrap();
+                let cgroup = fields["cgroup"].as_str().unwrap();
+                assert!(
+                    names(&comment, pid, comm, cgroup),
+                    "the custom option's {fields} against the comment {comment:?}"
+                );
+                both += 1;
+            }
+            other => panic!("a comment without the custom option, or the reverse: {other:?}"),
+        }
+    }
+    let codes = run(
+        "tshark",
+        &[
+            "-r",
+            file.to_str().unwrap(),
+            "-X",
+            "read_format:MIME Files Format",
+            "-T",
+            "fields",
+            "-e",
+            "pcapng.options.option.code",
+        ],
+    )
+    .unwrap();
+    let seen_by_tshark = codes
+        .split([',', '\n', '\t'])
+        .filter(|code| code.trim() == "2988")
+        .count();
+    assert_eq!(seen_by_tshark, both, "custom options tshark finds");
+    both
+}
+
 /// The client's end of a row's flow (the port that is not the server's).
 fn client_port(row: &Row) -> u16 {
     if row.src_port == SERVER_PORT {
@@ -164,6 +235,8 @@ struct Outcome {
     /// Client port → (pid, name, cgroup) of the flows opened after the sensor started.
     expected: HashMap<u16, (u32, &'static str, String)>,
     long_lived: (u32, String),
+    /// Packets with capstream's custom option beside their comment ([`custom_options`]).
+    custom_options: usize,
 }
 
 /// The set-up of the module documentation, with a sensor in `--mode <mode>` plus
@@ -305,6 +378,7 @@ fn run_clients_with(
     receiver.stop().unwrap();
     Outcome {
         rows: rows(&out),
+        custom_options: custom_options(&out),
         got: tcpdump_records(&out, "").unwrap(),
         reference: tcpdump_records(&reference_file, restrict).unwrap(),
         expected,
@@ -386,6 +460,11 @@ fn check_attribution(mode: &str, outcome: Outcome) {
             );
         }
     }
+    let commented = rows.iter().filter(|r| !r.comment.is_empty()).count();
+    assert_eq!(
+        outcome.custom_options, commented,
+        "{mode}: every commented packet has the custom option"
+    );
     // Nothing lost for the comments: the receiver has every packet tcpdump saw.
     assert_eq!(sorted(&outcome.got), sorted(&outcome.reference));
     let (long_lived_pid, long_lived_cgroup) = &outcome.long_lived;

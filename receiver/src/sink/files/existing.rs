@@ -232,7 +232,7 @@ mod tests {
                     original_len: data.len() as u32,
                     direction: protocol::Direction::Unknown,
                     data,
-                    comment: None,
+                    process: None,
                 },
                 crate::sink::pcap::Precision::Nano,
             )

@@ -591,7 +591,7 @@ mod tests {
             original_len: 200,
             direction: Direction::Inbound,
             data: &[7u8; 200],
-            comment: None,
+            process: None,
         })
         .unwrap();
     }
