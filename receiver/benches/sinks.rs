@@ -96,9 +96,9 @@ fn sinks(c: &mut Criterion) {
 /// The file output as the receiver opens it for `--out FILE`: no rotation, one file.
 fn open_file(out: &Path, format: Format) -> Box<dyn Sink> {
     let config = FileConfig {
-        pattern: Pattern::parse(out, false).expect("a plain file name"),
+        pattern: Pattern::parse(out, None).expect("a plain file name"),
         format,
-        split_by_sensor: false,
+        split_by: None,
         rotation: Default::default(),
         keep: Default::default(),
         on_finished: None,
