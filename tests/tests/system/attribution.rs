@@ -36,14 +36,11 @@ struct Cgroups {
 }
 
 impl Cgroups {
-    fn new(dir: &Scratch, names: &[&str]) -> Self {
+    /// Child cgroups named `children`, at the top of the hierarchy.
+    fn new(dir: &Scratch, children: Vec<String>) -> Self {
         let mount = dir.join("cgroup2");
         std::fs::create_dir_all(&mount).unwrap();
         run("mount", &["-t", "cgroup2", "none", mount.to_str().unwrap()]).unwrap();
-        let children: Vec<String> = names
-            .iter()
-            .map(|n| format!("capstream-attr-{}-{n}", std::process::id()))
-            .collect();
         for child in &children {
             std::fs::create_dir(mount.join(child)).unwrap();
         }
@@ -226,6 +223,31 @@ for line in sys.stdin:
 c.close()
 "#;
 
+/// A container id of this test's own: docker's shape (64 hex digits).
+fn container_id(i: usize) -> String {
+    format!("{:064x}", u128::from(std::process::id()) << 8 | i as u128)
+}
+
+/// The client port of a connection no process of the capture namespace owns: from the
+/// generator's side to a port nobody listens on (a SYN in, a RST out).
+const STRAY_PORT: u16 = 40300;
+
+/// One run of the set-up: the sensor's mode and flags, the receiver's, and what happens.
+#[derive(Clone, Copy, Default)]
+struct Setup<'a> {
+    mode: &'a str,
+    sensor_args: &'a [&'a str],
+    /// An expression tcpdump's packets are restricted with, for [`Outcome::reference`].
+    restrict: &'a str,
+    fate: ReceiverFate,
+    /// `receiver --split-by` this: [`Outcome::files`] instead of one file.
+    split_by: Option<&'a str>,
+    /// The two cgroups are named as docker names its containers' (`docker-<id>.scope`).
+    containers: bool,
+    /// Also a connection no process owns ([`STRAY_PORT`]).
+    stray: bool,
+}
+
 /// What one run of the set-up gave: the receiver's packets (as tshark and tcpdump read
 /// them), tcpdump's on the same interface restricted by `restrict`, and who ran what.
 struct Outcome {
@@ -237,6 +259,10 @@ struct Outcome {
     long_lived: (u32, String),
     /// Packets with capstream's custom option beside their comment ([`custom_options`]).
     custom_options: usize,
+    /// With `--split-by`: each file the receiver wrote (its name) and its packets; tcpdump's
+    /// packets of each client port.
+    files: Vec<(String, Vec<Record>)>,
+    by_port: HashMap<u16, Vec<Record>>,
 }
 
 /// The set-up of the module documentation, with a sensor in `--mode <mode>` plus
@@ -244,26 +270,43 @@ struct Outcome {
 /// tcpdump's packets are then restricted with `restrict`. The selectors may name the
 /// cgroups: `{curl}` and `{python}` stand for their paths.
 fn run_clients(mode: &str, sensor_args: &[&str], restrict: &str) -> Outcome {
-    run_clients_with(mode, sensor_args, restrict, ReceiverFate::Lives)
+    run_clients_with(Setup {
+        mode,
+        sensor_args,
+        restrict,
+        ..Setup::default()
+    })
 }
 
 /// Whether the receiver lives through the run, or is killed (SIGKILL) before the new flows
 /// and started again after them: the sensor keeps their batches and sends them again.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Default)]
 enum ReceiverFate {
+    #[default]
     Lives,
     KilledAndRestarted,
 }
 
-fn run_clients_with(
-    mode: &str,
-    sensor_args: &[&str],
-    restrict: &str,
-    fate: ReceiverFate,
-) -> Outcome {
+fn run_clients_with(setup: Setup) -> Outcome {
+    let Setup {
+        mode,
+        sensor_args,
+        restrict,
+        fate,
+        ..
+    } = setup;
     let lab = Lab::new(1).unwrap();
     let dir = Scratch::new("attribution").unwrap();
-    let cgroups = Cgroups::new(&dir, &["curl", "python"]);
+    let children = if setup.containers {
+        (0..2)
+            .map(|i| format!("docker-{}.scope", container_id(i)))
+            .collect()
+    } else {
+        ["curl", "python"]
+            .map(|n| format!("capstream-attr-{}-{n}", std::process::id()))
+            .to_vec()
+    };
+    let cgroups = Cgroups::new(&dir, children);
     std::fs::write(dir.join("index.html"), "capstream\n".repeat(200)).unwrap();
 
     let mut server_argv = lab.gen.command("python3");
@@ -312,8 +355,12 @@ fn run_clients_with(
     };
     request();
 
+    let receiver_args: Vec<&str> = match setup.split_by {
+        Some(by) => vec!["--split-by", by],
+        None => Vec::new(),
+    };
     let (mut receiver, out) =
-        Receiver::writing(Some(&lab.cap), &dir, "capture.pcapng", &[]).unwrap();
+        Receiver::writing(Some(&lab.cap), &dir, "capture.pcapng", &receiver_args).unwrap();
     let filter = format!("tcp port {SERVER_PORT}");
     let (curl_cgroup, python_cgroup) = (cgroups.path(0), cgroups.path(1));
     let mut args: Vec<&str> = vec!["--iface", "cap0", "--mode", mode, "--bpf", &filter];
@@ -362,8 +409,24 @@ fn run_clients_with(
     let python_pid = client.pid();
     assert!(client.wait(Duration::from_secs(20)).unwrap().success());
     expected.insert(PYTHON_PORT, (python_pid, "python3", cgroups.path(1)));
+    if setup.stray {
+        let mut argv = lab.gen.command("curl");
+        argv.extend(
+            [
+                "-s",
+                "--local-port",
+                &STRAY_PORT.to_string(),
+                "http://198.18.0.2:8000/",
+            ]
+            .map(String::from),
+        );
+        // Refused: nobody listens there.
+        let mut stray = Proc::start("stray curl", &argv, Stdio::null()).unwrap();
+        stray.wait(Duration::from_secs(20)).unwrap();
+    }
     if fate == ReceiverFate::KilledAndRestarted {
-        (receiver, _) = Receiver::writing(Some(&lab.cap), &dir, "capture.pcapng", &[]).unwrap();
+        (receiver, _) =
+            Receiver::writing(Some(&lab.cap), &dir, "capture.pcapng", &receiver_args).unwrap();
         sensor
             .wait_for("reconnected", Duration::from_secs(90))
             .unwrap();
@@ -376,13 +439,50 @@ fn run_clients_with(
     stop_reference(tcpdump, &reference_file);
     sensor.stop().unwrap();
     receiver.stop().unwrap();
+    let reference = tcpdump_records(&reference_file, restrict).unwrap();
+    let long_lived = (long_lived_pid, cgroups.path(1));
+    if setup.split_by.is_some() {
+        let mut files: Vec<(String, Vec<Record>)> = std::fs::read_dir(&dir.path)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("capture-") && name.ends_with(".pcapng"))
+            .map(|name| {
+                let records = tcpdump_records(&dir.join(&name), "").unwrap();
+                (name, records)
+            })
+            .collect();
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        let ports = expected
+            .keys()
+            .copied()
+            .chain([LONG_LIVED_PORT, STRAY_PORT]);
+        let by_port = ports
+            .map(|port| {
+                let filter = format!("tcp port {port}");
+                (port, tcpdump_records(&reference_file, &filter).unwrap())
+            })
+            .collect();
+        return Outcome {
+            rows: Vec::new(),
+            custom_options: 0,
+            got: Vec::new(),
+            reference,
+            expected,
+            long_lived,
+            files,
+            by_port,
+        };
+    }
     Outcome {
         rows: rows(&out),
         custom_options: custom_options(&out),
         got: tcpdump_records(&out, "").unwrap(),
-        reference: tcpdump_records(&reference_file, restrict).unwrap(),
+        reference,
         expected,
-        long_lived: (long_lived_pid, cgroups.path(1)),
+        long_lived,
+        files: Vec::new(),
+        by_port: HashMap::new(),
     }
 }
 
@@ -430,7 +530,12 @@ fn every_packet_carries_its_process(mode: &str) {
 #[test]
 fn attribution_survives_a_receiver_killed_and_restarted() {
     require_root();
-    let outcome = run_clients_with("tc", &["--attribute"], "", ReceiverFate::KilledAndRestarted);
+    let outcome = run_clients_with(Setup {
+        mode: "tc",
+        sensor_args: &["--attribute"],
+        fate: ReceiverFate::KilledAndRestarted,
+        ..Setup::default()
+    });
     check_attribution("tc", outcome);
 }
 
@@ -501,6 +606,88 @@ fn sorted(records: &[Record]) -> Vec<(u32, Vec<u8>)> {
         .collect();
     v.sort();
     v
+}
+
+/// `receiver --split-by process`: a file per process, each exactly tcpdump's capture of
+/// that process's connections (by port), the connection no process owns in "unattributed".
+#[test]
+fn split_by_process_gives_each_process_its_file() {
+    require_root();
+    let outcome = run_clients_with(Setup {
+        mode: "tc",
+        sensor_args: &["--attribute"],
+        split_by: Some("process"),
+        stray: true,
+        ..Setup::default()
+    });
+    let mut want: Vec<(String, Vec<u16>)> = outcome
+        .expected
+        .iter()
+        .map(|(port, (pid, comm, _))| (format!("-{comm}-{pid}.pcapng"), vec![*port]))
+        .collect();
+    want.push((
+        format!("-python3-{}.pcapng", outcome.long_lived.0),
+        vec![LONG_LIVED_PORT],
+    ));
+    want.push(("capture-unattributed.pcapng".into(), vec![STRAY_PORT]));
+    check_split(&outcome, &want);
+}
+
+/// `receiver --split-by container`: the two cgroups, named as docker's containers, each
+/// get a file with exactly tcpdump's capture of their processes' connections (by port).
+#[test]
+fn split_by_container_gives_each_container_its_file() {
+    require_root();
+    let outcome = run_clients_with(Setup {
+        mode: "tc",
+        sensor_args: &["--attribute"],
+        split_by: Some("container"),
+        containers: true,
+        stray: true,
+        ..Setup::default()
+    });
+    let want = [
+        (
+            format!("capture-{}.pcapng", container_id(0)),
+            CURL_PORTS.to_vec(),
+        ),
+        (
+            format!("capture-{}.pcapng", container_id(1)),
+            vec![LONG_LIVED_PORT, PYTHON_PORT],
+        ),
+        ("capture-unattributed.pcapng".into(), vec![STRAY_PORT]),
+    ];
+    check_split(&outcome, &want);
+}
+
+/// The receiver wrote exactly one file per entry of `want` (named `capture-…` ending in
+/// the entry's name), each holding exactly tcpdump's packets of the entry's client ports.
+fn check_split(outcome: &Outcome, want: &[(String, Vec<u16>)]) {
+    let names: Vec<&String> = outcome.files.iter().map(|(name, _)| name).collect();
+    assert_eq!(outcome.files.len(), want.len(), "files: {names:?}");
+    for (suffix, ports) in want {
+        let Some((name, records)) = outcome
+            .files
+            .iter()
+            .find(|(n, _)| n.ends_with(suffix.as_str()))
+        else {
+            panic!("no file ending in {suffix}: {names:?}");
+        };
+        let reference: Vec<Record> = ports
+            .iter()
+            .flat_map(|port| outcome.by_port[port].iter().cloned())
+            .collect();
+        assert!(
+            !reference.is_empty(),
+            "{name}: tcpdump saw none of {ports:?}"
+        );
+        assert!(
+            sorted(records) == sorted(&reference),
+            "{name}: {} packets, tcpdump on ports {ports:?}: {}",
+            records.len(),
+            reference.len()
+        );
+    }
 }
 
 /// `--comm curl` takes exactly the packets of curl's connections, both ways.
