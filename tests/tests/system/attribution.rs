@@ -246,7 +246,16 @@ struct Setup<'a> {
     containers: bool,
     /// Also a connection no process owns ([`STRAY_PORT`]).
     stray: bool,
+    /// The sensor keeps what its memory buffer (4 MiB) cannot hold in a spool on disk, and
+    /// while the receiver is dead curl fetches [`BIG_FILE`] bytes from [`BIG_PORT`]: more
+    /// than the buffer holds.
+    spool: bool,
 }
+
+/// The download that fills the sensor's buffer while the receiver is dead: random bytes,
+/// which do not compress.
+const BIG_FILE: usize = 8 << 20;
+const BIG_PORT: u16 = 40004;
 
 /// What one run of the set-up gave: the receiver's packets (as tshark and tcpdump read
 /// them), tcpdump's on the same interface restricted by `restrict`, and who ran what.
@@ -363,7 +372,17 @@ fn run_clients_with(setup: Setup) -> Outcome {
         Receiver::writing(Some(&lab.cap), &dir, "capture.pcapng", &receiver_args).unwrap();
     let filter = format!("tcp port {SERVER_PORT}");
     let (curl_cgroup, python_cgroup) = (cgroups.path(0), cgroups.path(1));
+    let spool_dir = dir.join("spool");
+    let spool_arg = spool_dir.to_string_lossy().into_owned();
     let mut args: Vec<&str> = vec!["--iface", "cap0", "--mode", mode, "--bpf", &filter];
+    if setup.spool {
+        args.extend(["--spool-dir", &spool_arg, "--buffer", "4MiB"]);
+        let mut random = vec![0u8; BIG_FILE];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+            .unwrap();
+        std::fs::write(dir.join("big.bin"), random).unwrap();
+    }
     args.extend(sensor_args.iter().map(|a| match *a {
         "{curl}" => curl_cgroup.as_str(),
         "{python}" => python_cgroup.as_str(),
@@ -409,6 +428,33 @@ fn run_clients_with(setup: Setup) -> Outcome {
     let python_pid = client.pid();
     assert!(client.wait(Duration::from_secs(20)).unwrap().success());
     expected.insert(PYTHON_PORT, (python_pid, "python3", cgroups.path(1)));
+    if setup.spool {
+        let mut argv = lab.cap.command("curl");
+        argv.extend(
+            [
+                "-s",
+                "-o",
+                "/dev/null",
+                "--local-port",
+                &BIG_PORT.to_string(),
+                "http://198.18.0.1:8000/big.bin",
+            ]
+            .map(String::from),
+        );
+        let argv = cgroups.command(0, &argv);
+        let mut curl = Proc::start("curl big.bin", &argv, Stdio::null()).unwrap();
+        let pid = curl.pid();
+        assert!(curl.wait(Duration::from_secs(60)).unwrap().success());
+        expected.insert(BIG_PORT, (pid, "curl", cgroups.path(0)));
+        // Past the 4 MiB buffer: on disk, while the receiver is away.
+        let spooled: u64 = std::fs::read_dir(&spool_dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".spool"))
+            .map(|e| e.metadata().map_or(0, |m| m.len()))
+            .sum();
+        assert!(spooled > 0, "nothing in the spool");
+    }
     if setup.stray {
         let mut argv = lab.gen.command("curl");
         argv.extend(
@@ -606,6 +652,21 @@ fn sorted(records: &[Record]) -> Vec<(u32, Vec<u8>)> {
         .collect();
     v.sort();
     v
+}
+
+/// While the receiver is dead, the batches past the sensor's memory buffer wait in its
+/// spool on disk; read back and sent once it is back, they still carry their processes.
+#[test]
+fn attribution_survives_the_spool() {
+    require_root();
+    let outcome = run_clients_with(Setup {
+        mode: "tc",
+        sensor_args: &["--attribute"],
+        fate: ReceiverFate::KilledAndRestarted,
+        spool: true,
+        ..Setup::default()
+    });
+    check_attribution("tc", outcome);
 }
 
 /// `receiver --split-by process`: a file per process, each exactly tcpdump's capture of
