@@ -402,7 +402,8 @@ fn run_clients_with(setup: Setup) -> Outcome {
     }
     // New flows: curl in one cgroup, a Python client in the other.
     let mut expected = HashMap::new();
-    for port in CURL_PORTS {
+    // curl in the first cgroup, fetching `path` from `port`: its pid once it is done.
+    let curl = |port: u16, path: &str| {
         let mut argv = lab.cap.command("curl");
         argv.extend(
             [
@@ -411,15 +412,18 @@ fn run_clients_with(setup: Setup) -> Outcome {
                 "/dev/null",
                 "--local-port",
                 &port.to_string(),
-                "http://198.18.0.1:8000/",
+                &format!("http://198.18.0.1:8000/{path}"),
             ]
             .map(String::from),
         );
         let argv = cgroups.command(0, &argv);
         let mut curl = Proc::start("curl", &argv, Stdio::null()).unwrap();
         let pid = curl.pid();
-        assert!(curl.wait(Duration::from_secs(20)).unwrap().success());
-        expected.insert(port, (pid, "curl", cgroups.path(0)));
+        assert!(curl.wait(Duration::from_secs(60)).unwrap().success());
+        pid
+    };
+    for port in CURL_PORTS {
+        expected.insert(port, (curl(port, ""), "curl", cgroups.path(0)));
     }
     let mut argv = lab.cap.command("python3");
     argv.extend(["-c", &python_client(PYTHON_PORT)].map(String::from));
@@ -429,22 +433,7 @@ fn run_clients_with(setup: Setup) -> Outcome {
     assert!(client.wait(Duration::from_secs(20)).unwrap().success());
     expected.insert(PYTHON_PORT, (python_pid, "python3", cgroups.path(1)));
     if setup.spool {
-        let mut argv = lab.cap.command("curl");
-        argv.extend(
-            [
-                "-s",
-                "-o",
-                "/dev/null",
-                "--local-port",
-                &BIG_PORT.to_string(),
-                "http://198.18.0.1:8000/big.bin",
-            ]
-            .map(String::from),
-        );
-        let argv = cgroups.command(0, &argv);
-        let mut curl = Proc::start("curl big.bin", &argv, Stdio::null()).unwrap();
-        let pid = curl.pid();
-        assert!(curl.wait(Duration::from_secs(60)).unwrap().success());
+        let pid = curl(BIG_PORT, "big.bin");
         expected.insert(BIG_PORT, (pid, "curl", cgroups.path(0)));
         // Past the 4 MiB buffer: on disk, while the receiver is away.
         let spooled: u64 = std::fs::read_dir(&spool_dir)

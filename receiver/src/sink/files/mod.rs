@@ -1052,6 +1052,11 @@ mod tests {
         assert_eq!((idbs, times), (1, vec![2]));
     }
 
+    /// Files split packet by packet, neither rotated nor pruned.
+    fn open_split(out: &Path, by: SplitBy) -> (Box<Files>, Arc<Mutex<Vec<PathBuf>>>) {
+        open_with(out, Some(by), Rotation::default(), Keep::default(), None)
+    }
+
     fn attribution(pid: u32, comm: &str, container: &str) -> protocol::Attribution {
         protocol::Attribution::new(protocol::Process {
             pid,
@@ -1088,13 +1093,7 @@ mod tests {
         let curl = attribution(41, "curl", "");
         let curl_again = attribution(42, "curl", "");
         let boxed = attribution(7, "nginx", &"ab".repeat(32));
-        let (mut files, reported) = open_with(
-            &dir.0.join("cap.pcapng"),
-            Some(SplitBy::Process),
-            Rotation::default(),
-            Keep::default(),
-            None,
-        );
+        let (mut files, reported) = open_split(&dir.0.join("cap.pcapng"), SplitBy::Process);
         let a = files.add_interface(&iface("a")).unwrap();
         let b = files.add_interface(&iface("b")).unwrap();
         write_of(&mut files, a, 1, Some(&curl));
@@ -1128,13 +1127,8 @@ mod tests {
         assert_eq!(read(&reported[4]).1, [2]);
 
         let dir = Dir::new("per-container");
-        let (mut files, reported) = open_with(
-            &dir.0.join("{container}.pcapng"),
-            Some(SplitBy::Container),
-            Rotation::default(),
-            Keep::default(),
-            None,
-        );
+        let (mut files, reported) =
+            open_split(&dir.0.join("{container}.pcapng"), SplitBy::Container);
         let a = files.add_interface(&iface("a")).unwrap();
         write_of(&mut files, a, 1, Some(&boxed));
         write_of(&mut files, a, 2, Some(&curl));
@@ -1154,13 +1148,7 @@ mod tests {
     #[test]
     fn files_per_process_are_capped() {
         let dir = Dir::new("per-process-cap");
-        let (mut files, _) = open_with(
-            &dir.0.join("cap.pcapng"),
-            Some(SplitBy::Process),
-            Rotation::default(),
-            Keep::default(),
-            None,
-        );
+        let (mut files, _) = open_split(&dir.0.join("cap.pcapng"), SplitBy::Process);
         let a = files.add_interface(&iface("a")).unwrap();
         let before = SPLIT_OVERFLOW.load(Relaxed);
         for pid in 0..MAX_OPEN_FILES as u32 + 3 {

@@ -183,13 +183,7 @@ impl EbpfCapture {
                 true,
             )
             .load(object)
-            .map_err(|e| {
-                kernel_refused(
-                    mode,
-                    format!("cannot load the eBPF programs: {}", chain(&e)),
-                    denied(errno(&e)),
-                )
-            })?;
+            .map_err(|e| object_refused(mode, &e))?;
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
             .map_err(|e| tracing::debug!("no eBPF-side logging: {e}"))
             .ok();
@@ -695,13 +689,7 @@ pub fn frame_owners(selectors: &super::Selectors) -> Result<FrameOwners> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(shared::RING_MAP, UNUSED_RING_SIZE)
         .load(object)
-        .map_err(|e| {
-            kernel_refused(
-                mode,
-                format!("cannot load the eBPF programs: {}", chain(&e)),
-                denied(errno(&e)),
-            )
-        })?;
+        .map_err(|e| object_refused(mode, &e))?;
     let (attributor, flows) = attach_owner_hooks(&mut ebpf, mode, selectors, SelectIn::Sensor)?;
     Ok(FrameOwners::new(ebpf, attributor, flows))
 }
@@ -866,6 +854,15 @@ fn missing(name: &str) -> Error {
     Error::runtime(format!(
         "the embedded eBPF object lacks {name}; rebuild with cargo xtask build-ebpf"
     ))
+}
+
+/// The kernel refused the object's maps (or the object is bad).
+fn object_refused(mode: &str, e: &aya::EbpfError) -> Error {
+    kernel_refused(
+        mode,
+        format!("cannot load the eBPF programs: {}", chain(e)),
+        denied(errno(e)),
+    )
 }
 
 fn load_error(mode: &str, name: &str, e: &aya::programs::ProgramError) -> Error {
