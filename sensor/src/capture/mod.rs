@@ -41,6 +41,10 @@ impl FrameOwners {
 }
 
 /// Whose a frame libpcap captured is (`--mode pcap --attribute`).
+#[cfg_attr(
+    not(target_os = "linux"),
+    allow(dead_code, reason = "attribution is refused off Linux")
+)]
 pub enum FrameOwner<'a> {
     /// This process's, by the key the batch's process table knows it by.
     Process(u64, &'a protocol::Process),
