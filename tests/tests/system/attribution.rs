@@ -778,6 +778,21 @@ fn selector_takes_exactly(mode: &str, selector: &[&str], ports: &str, at_least: 
     );
 }
 
+/// Both programs' `--help` say that classic pcap has no place for a packet's process.
+#[test]
+fn help_says_classic_pcap_has_no_place_for_the_process() {
+    for program in ["receiver", "sensor"] {
+        let binary = testbed::bin_dir().join(program);
+        let help = run(binary.to_str().unwrap(), &["--help"]).unwrap();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            help.contains("classic pcap has no place for it")
+                || help.contains("classic pcap output has no place for them"),
+            "{program} --help"
+        );
+    }
+}
+
 /// Bad selectors, and attribution in the mode without an owner lookup (AF_XDP, whose
 /// frames leave the kernel before any): one line, exit code 2.
 #[test]
