@@ -307,6 +307,12 @@ impl FrameOwners {
                         self.cache.clear();
                     }
                     self.cache.insert(seen, cookie);
+                    // The other way's frames were not found before (an inbound SYN, ahead
+                    // of the answer that taught the table the flow): look them up again.
+                    let reply = reversed(&seen);
+                    if cookie != 0 && self.cache.get(&reply) == Some(&0) {
+                        self.cache.remove(&reply);
+                    }
                     cookie
                 }
             },
