@@ -275,6 +275,8 @@ pub struct FrameOwners {
     /// A frame's flow as seen (source first) → its socket's cookie, 0 if none.
     cache: HashMap<FlowKey, u64, foldhash::fast::RandomState>,
     cache_since: Instant,
+    /// The last frame's flow and cookie: frames come in bursts of one flow.
+    last: Option<(FlowKey, u64)>,
 }
 
 impl FrameOwners {
@@ -292,6 +294,7 @@ impl FrameOwners {
                 foldhash::fast::RandomState::default(),
             ),
             cache_since: Instant::now(),
+            last: None,
         }
     }
 
@@ -299,20 +302,11 @@ impl FrameOwners {
     /// either way is tried, this host's end as the source first).
     pub fn of(&mut self, link_type: i32, frame: &[u8], direction: Direction) -> FrameOwner<'_> {
         let cookie = match frame_flow(link_type, frame) {
-            Some(seen) => match self.cache.get(&seen) {
-                Some(&cookie) => cookie,
+            Some(seen) => match self.last.filter(|(last, _)| *last == seen) {
+                Some((_, cookie)) => cookie,
                 None => {
-                    let cookie = self.look_up(&seen, direction);
-                    if self.cache.len() >= FLOW_CACHE_ENTRIES {
-                        self.cache.clear();
-                    }
-                    self.cache.insert(seen, cookie);
-                    // The other way's frames were not found before (an inbound SYN, ahead
-                    // of the answer that taught the table the flow): look them up again.
-                    let reply = reversed(&seen);
-                    if cookie != 0 && self.cache.get(&reply) == Some(&0) {
-                        self.cache.remove(&reply);
-                    }
+                    let cookie = self.cached(seen, direction);
+                    self.last = Some((seen, cookie));
                     cookie
                 }
             },
@@ -325,6 +319,25 @@ impl FrameOwners {
             None if selecting => FrameOwner::NotSelected,
             None => FrameOwner::Unattributed,
         }
+    }
+
+    /// The cookie of the flow `seen`, from the cache or else the kernel's table.
+    fn cached(&mut self, seen: FlowKey, direction: Direction) -> u64 {
+        if let Some(&cookie) = self.cache.get(&seen) {
+            return cookie;
+        }
+        let cookie = self.look_up(&seen, direction);
+        if self.cache.len() >= FLOW_CACHE_ENTRIES {
+            self.cache.clear();
+        }
+        self.cache.insert(seen, cookie);
+        // The other way's frames were not found before (an inbound SYN, ahead of the
+        // answer that taught the table the flow): look them up again.
+        let reply = reversed(&seen);
+        if cookie != 0 && self.cache.get(&reply) == Some(&0) {
+            self.cache.remove(&reply);
+        }
+        cookie
     }
 
     /// The cookie of the flow a frame `seen` (source first) belongs to, from the kernel's
@@ -354,6 +367,7 @@ impl FrameOwners {
     pub fn tick(&mut self) {
         if self.cache_since.elapsed() >= FLOW_CACHE_LIFETIME {
             self.cache.clear();
+            self.last = None;
             self.cache_since = Instant::now();
         }
     }
