@@ -429,10 +429,7 @@ fn validate_records(mut records: &[u8], expected: u32) -> Result<RecordsSummary,
                 });
             }
             let process = Process::decode(&records[RECORD_HEADER_LEN..total])?;
-            let comment = process.comment();
-            summary
-                .processes
-                .push(Arc::new(Attribution { process, comment }));
+            summary.processes.push(Arc::new(Attribution::new(process)));
             records = &records[total..];
             continue;
         }

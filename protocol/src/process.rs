@@ -14,14 +14,27 @@ use crate::codec::DecodeError;
 /// Longest string a process record keeps (a command line is cut there).
 pub const MAX_PROCESS_FIELD: usize = 4096;
 
-/// A process of a received batch's table, with its pcapng comment made once for all the
-/// packets that refer to it.
+/// A process of a received batch's table, with its pcapng comment and fields made once for
+/// all the packets that refer to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attribution {
     /// The process.
     pub process: Process,
     /// [`Process::comment`].
     pub comment: String,
+    /// [`Process::fields_json`].
+    pub fields: String,
+}
+
+impl Attribution {
+    /// The process with its comment and fields.
+    pub fn new(process: Process) -> Self {
+        Self {
+            comment: process.comment(),
+            fields: process.fields_json(),
+            process,
+        }
+    }
 }
 
 /// Who owned the socket of a packet.
@@ -135,5 +148,27 @@ impl Process {
             }
         }
         lines.join("\n")
+    }
+
+    /// The same fields for tools: one JSON object with every key (`pid`, `tid`, `uid`
+    /// numbers; `cmd`, `args`, `thread_name`, `cgroup`, `container_id`, `pod_uid` strings,
+    /// empty when unknown).
+    pub fn fields_json(&self) -> String {
+        let mut fields = serde_json::Map::new();
+        for (key, value) in [("pid", self.pid), ("tid", self.tid), ("uid", self.uid)] {
+            fields.insert(key.into(), value.into());
+        }
+        let keys = [
+            "cmd",
+            "args",
+            "thread_name",
+            "cgroup",
+            "container_id",
+            "pod_uid",
+        ];
+        for (key, value) in keys.into_iter().zip(self.strings()) {
+            fields.insert(key.into(), value.into());
+        }
+        serde_json::Value::Object(fields).to_string()
     }
 }

@@ -521,4 +521,16 @@ fn attributed_packets_share_the_batch_process_table() {
     let comment = curl.comment();
     assert!(comment.starts_with("PID: 41\nCmd: /usr/bin/curl\nArgs: curl http://198.18.0.2:8000/\nThreadId: 42\nThreadName: curl\nUserId: 1000\n"), "{comment}");
     assert!(comment.ends_with("ContainerId: abc"), "{comment}");
+    // The same fields for tools, as JSON: every key.
+    let fields: serde_json::Value =
+        serde_json::from_str(&packets[0].process.as_ref().unwrap().fields).unwrap();
+    assert_eq!(fields["pid"], 41);
+    assert_eq!(fields["tid"], 42);
+    assert_eq!(fields["uid"], 1000);
+    assert_eq!(fields["cmd"], "/usr/bin/curl");
+    assert_eq!(fields["args"], "curl http://198.18.0.2:8000/");
+    assert_eq!(fields["thread_name"], "curl");
+    assert_eq!(fields["container_id"], "abc");
+    assert_eq!(fields["pod_uid"], "");
+    assert_eq!(fields.as_object().unwrap().len(), 9);
 }

@@ -57,7 +57,6 @@ fn write_all(sink: &mut dyn Sink, interface: u32, frames: &[(u64, u32, Vec<u8>)]
             original_len: *original_len,
             direction: Direction::Inbound,
             data,
-            comment: None,
             batch: Default::default(),
             process: None,
         };
@@ -99,9 +98,9 @@ fn sinks(c: &mut Criterion) {
 /// The file output as the receiver opens it for `--out FILE`: no rotation, one file.
 fn open_file(out: &Path, format: Format) -> Box<dyn Sink> {
     let config = FileConfig {
-        pattern: Pattern::parse(out, false).expect("a plain file name"),
+        pattern: Pattern::parse(out, None).expect("a plain file name"),
         format,
-        split_by_sensor: false,
+        split_by: None,
         rotation: Default::default(),
         keep: Default::default(),
         on_finished: None,

@@ -53,6 +53,9 @@ Examples:
   One file per sensor, named after it:
     receiver --out '/data/{sensor}.pcapng' --split-by sensor
 
+  One file per process (or per container) of sensors run with --attribute:
+    receiver --out '/data/{process}.pcapng' --split-by process
+
   Accept only sensors with a certificate from your own CA, named by it in the output:
     receiver certs init --dir /etc/capstream/pki
     receiver certs sensor tap-1 --dir /etc/capstream/pki
@@ -113,13 +116,14 @@ pub struct Cli {
     pub command: Option<Command>,
 
     /// Output file, or `-` for stdout (e.g. `--out /var/capture/all.pcapng`); default
-    /// capture.pcap, or none with --serve-pcap, --push-pcap or --kafka. The file name may hold strftime fields, in
-    /// UTC (e.g. `--out /data/cap-%Y%m%d-%H%M%S.pcapng`), and `{sensor}` with --split-by.
+    /// capture.pcap, or none with --serve-pcap, --push-pcap or --kafka. The file name may
+    /// hold strftime fields, in UTC (e.g. `--out /data/cap-%Y%m%d-%H%M%S.pcapng`), and
+    /// `{sensor}` (`{process}`, `{container}`) with --split-by.
     /// An existing file is continued, never replaced (or written beside, numbered, if it is
     /// not a capture this receiver can append to); a journal beside it lets resuming
     /// sensors go on exactly where the file ends after a crash. Files are created 0600.
     /// Packets attributed to processes (`sensor --attribute`) keep their process only in
-    /// pcapng, as packet comments: classic pcap has no place for it.
+    /// pcapng, as packet comments (and a custom option): classic pcap has no place for it.
     #[arg(short = 'w', long, value_name = "PATH")]
     pub out: Option<PathBuf>,
 
@@ -306,6 +310,13 @@ pub struct Cli {
     /// Write one file per sensor instead of one merged file, named after the sensor
     /// (certificate name, else its id) made safe for a file name, at `{sensor}` in --out
     /// or before its extension (e.g. `--split-by sensor --out /data/{sensor}-%H%M.pcapng`).
+    /// Or one file per process (`process`: SENSOR-NAME-PID, at `{process}`) or per container
+    /// (`container`: its id, at `{container}`) of sensors run with --attribute, packet by
+    /// packet: packets of no known process go to "unattributed", of processes in no
+    /// container to "no-container" (e.g. `--split-by process --out /data/cap.pcapng` gives
+    /// /data/cap-tap-1-curl-4242.pcapng). At most 512 files of their own are open at once
+    /// (beyond: the shared "more-processes" or "more-containers", counted); one idle for a
+    /// minute is completed.
     #[arg(long, value_enum, value_name = "WHAT")]
     pub split_by: Option<SplitBy>,
 
@@ -483,11 +494,7 @@ pub enum KafkaSasl {
     ScramSha512,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SplitBy {
-    /// One file per sensor.
-    Sensor,
-}
+pub use crate::sink::files::SplitBy;
 
 #[derive(Debug, Subcommand)]
 pub enum Command {

@@ -30,7 +30,7 @@ mod tests_auth;
 #[cfg(test)]
 mod tests_sessions;
 
-use receiver::cli::{self, Cli, Command, SplitBy};
+use receiver::cli::{self, Cli, Command};
 use receiver::sink;
 use sink::files::naming::Pattern;
 use sink::files::{FileConfig, Files, InUse, Keep, OnFinished, Rotation};
@@ -117,8 +117,7 @@ async fn run(cli: Cli) -> Result<()> {
     raise_open_file_limit();
     let pattern = match cli.out_path().filter(|o| o.as_os_str() != "-") {
         Some(out) => {
-            let pattern =
-                Pattern::parse(out, cli.split_by.is_some()).map_err(|e| BadInput(anyhow!(e)))?;
+            let pattern = Pattern::parse(out, cli.split_by).map_err(|e| BadInput(anyhow!(e)))?;
             check_out_dir(out).map_err(BadInput)?;
             Some(pattern)
         }
@@ -384,6 +383,15 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(keys) = receiver::sink::secrets::COUNTERS.line() {
         eprintln!("receiver: {keys}");
     }
+    let split_overflow =
+        receiver::sink::files::SPLIT_OVERFLOW.load(std::sync::atomic::Ordering::Relaxed);
+    if split_overflow > 0 {
+        eprintln!(
+            "receiver: --split-by: {split_overflow} packets went to the shared file, {} files \
+             of their own being open",
+            receiver::sink::files::MAX_OPEN_FILES
+        );
+    }
     let kafka_summary = match kafka {
         Some(kafka) => Some(kafka.close().await),
         None => None,
@@ -415,6 +423,7 @@ async fn run(cli: Cli) -> Result<()> {
                 kafka_summary.as_ref(),
                 upload_report.as_ref(),
                 &receiver::sink::secrets::COUNTERS,
+                split_overflow,
             );
             file.commit(format!("{json:#}\n").as_bytes())
                 .with_context(|| format!("cannot write the summary to {}", path.display()))
@@ -505,7 +514,7 @@ async fn open_outputs(
             let config = FileConfig {
                 pattern,
                 format: cli.format(),
-                split_by_sensor: cli.split_by == Some(SplitBy::Sensor),
+                split_by: cli.split_by,
                 rotation: Rotation {
                     size: cli.rotate_size,
                     every: cli.rotate_time,

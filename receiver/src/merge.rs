@@ -595,13 +595,12 @@ impl Merge {
             original_len: p.original_len,
             direction: p.direction,
             data: &p.data,
-            comment: p.process.as_ref().map(|a| a.comment.as_str()),
             batch: BatchPosition {
                 sequence: batch.sequence,
                 // Counted just above: this packet is the batch's `written`th.
                 record: u32::try_from(batch.written - 1).unwrap_or(u32::MAX),
             },
-            process: p.process.as_ref().map(|a| &a.process),
+            process: p.process.as_deref(),
         })?;
         self.held_bytes = self
             .held_bytes

@@ -175,6 +175,7 @@ pub fn summary_json(
     kafka: Option<&KafkaSummary>,
     upload: Option<&UploadReport>,
     tls_keys: &SecretsCounters,
+    split_overflow_packets: u64,
 ) -> Value {
     json!({
         "sessions": sessions.map(|s| s.iter().map(SensorSummary::json).collect::<Vec<_>>()),
@@ -182,6 +183,7 @@ pub fn summary_json(
         "kafka": kafka.map(KafkaSummary::json),
         "upload": upload.map(UploadReport::json),
         "tls_keys": tls_keys.json(),
+        "split_overflow_packets": split_overflow_packets,
     })
 }
 
@@ -243,7 +245,7 @@ mod tests {
             },
             stats: None,
         };
-        let json = summary_json(Some(&[summary]), None, None, None, &COUNTERS);
+        let json = summary_json(Some(&[summary]), None, None, None, &COUNTERS, 0);
         let session = &json["sessions"][0];
         assert_eq!(session["label"], "sensor s (h, 127.0.0.1:1)");
         assert_eq!(session["written"]["packets"], 3);
@@ -251,6 +253,6 @@ mod tests {
         assert_eq!(session["received"]["duplicates"], 1);
         assert!(session["sensor_stats"].is_null());
         assert!(json["live_stream"].is_null() && json["upload"].is_null());
-        assert!(summary_json(None, None, None, None, &COUNTERS)["sessions"].is_null());
+        assert!(summary_json(None, None, None, None, &COUNTERS, 0)["sessions"].is_null());
     }
 }

@@ -169,6 +169,9 @@ impl Telemetry {
         for (name, value) in receiver::sink::secrets::COUNTERS.figures() {
             counter!(format!("capstream_receiver_tls_keys_{name}_total")).absolute(value);
         }
+        counter!("capstream_receiver_split_overflow_packets_total").absolute(
+            receiver::sink::files::SPLIT_OVERFLOW.load(std::sync::atomic::Ordering::Relaxed),
+        );
         let (then, packets_then) = self.last;
         let rate = status::per_second(packets_then, packets, (now - then).as_secs_f64());
         self.last = (now, packets);
@@ -240,6 +243,11 @@ fn describe() {
         (
             "capstream_receiver_tls_keys_not_written_total",
             "TLS key log lines not written: --drop-secrets, or an output that cannot hold them.",
+        ),
+        (
+            "capstream_receiver_split_overflow_packets_total",
+            "Packets written to the shared file of --split-by process|container: too many \
+             files of their own were open.",
         ),
     ] {
         describe_counter!(name, help);

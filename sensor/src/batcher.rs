@@ -117,7 +117,6 @@ impl Batcher {
 
     /// Adds one matched packet that `process` sent or received (`--attribute`); `key`
     /// identifies the process (see [`protocol::BatchBuilder::push_attributed`]).
-    #[cfg(target_os = "linux")]
     pub fn push_attributed(
         &mut self,
         timestamp_ns: u64,

@@ -202,19 +202,21 @@ pub struct Cli {
     #[arg(long)]
     pub busy_poll: bool,
 
-    /// Attribute every packet to the process that sent or received it (--mode tc, ebpf or
-    /// xdp, Linux; e.g. `--mode tc --attribute`). Cgroup socket hooks on the cgroup2 root (mounted
-    /// privately if the host has none) record each socket's owner; replies and sockets
-    /// opened before the start are matched by flow. The receiver writes pid, executable,
-    /// command line, thread, user, cgroup, container id and pod UID as each packet's pcapng
-    /// comment, in ptcpdump's format (`tshark -T fields -e frame.comment`); classic pcap
-    /// output has no place for them. Off by default: the hooks see every socket of the host.
+    /// Attribute every packet to the process that sent or received it (--mode tc, ebpf,
+    /// xdp or pcap, Linux; e.g. `--mode tc --attribute`). Cgroup socket hooks on the cgroup2
+    /// root (mounted privately if the host has none) record each socket's owner; replies and
+    /// sockets opened before the start are matched by flow (in --mode pcap the sensor looks
+    /// each flow up itself). The receiver writes pid, executable, command line, thread,
+    /// user, cgroup, container id and pod UID as each packet's pcapng comment, in
+    /// ptcpdump's format (`tshark -T fields -e frame.comment`); classic pcap output has no
+    /// place for them. Off by default: the hooks see every socket of the host.
     #[arg(long)]
     pub attribute: bool,
 
-    /// Take only the packets of process N (repeatable; --mode tc, ebpf or xdp; implies
-    /// --attribute; e.g. `--pid 1234`). A packet is taken when it matches the filter and
-    /// one of --pid, --comm, --cgroup or --container; the kernel checks before copying.
+    /// Take only the packets of process N (repeatable; --mode tc, ebpf, xdp or pcap;
+    /// implies --attribute; e.g. `--pid 1234`). A packet is taken when it matches the filter
+    /// and one of --pid, --comm, --cgroup or --container; the kernel checks before copying
+    /// (in --mode pcap the sensor does, after libpcap's filter: counted as filtered).
     #[arg(long = "pid", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub pids: Vec<u32>,
 

@@ -10,10 +10,15 @@
 //! over the rounds. CPU time and peak RSS come from /proc just before each process is
 //! stopped. Fan-in ([`fanin`]): 1, 8 and 32 sensors streaming files into one receiver.
 //!
+//! Attribution's cost: the capture bench runs the sensor in pcap, ebpf, tc and xdp modes
+//! with `--attribute` too, and compares their capture CPU with the same modes' without it
+//! (`--only attribution`: those eight contestants alone).
+//!
 //! Loss-free rate ([`ndr`]): each contestant's highest rate with no frame lost, by binary
 //! search.
 //!
-//! Results: tables on stdout, and `bench-out/capture.json`, `bench-out/streaming.json`,
+//! Results: tables on stdout, and `bench-out/capture.json` (or `attribution.json`),
+//! `bench-out/streaming.json`,
 //! `bench-out/fanin.json` and `bench-out/ndr.json` with every run.
 
 mod fanin;
@@ -49,6 +54,8 @@ enum Contestant {
     Tcpdump,
     Pipeline,
     Sensor(&'static str),
+    /// The sensor in a mode with `--attribute`: what attribution costs.
+    Attributing(&'static str),
 }
 
 impl Contestant {
@@ -57,9 +64,13 @@ impl Contestant {
             Self::Tcpdump => "tcpdump -w file".into(),
             Self::Pipeline => "tcpdump -U -w - | socat TLS -> writer".into(),
             Self::Sensor(mode) => format!("sensor --mode {mode}"),
+            Self::Attributing(mode) => format!("sensor --mode {mode} --attribute"),
         }
     }
 }
+
+/// The modes the capture bench runs with `--attribute` too.
+const ATTRIBUTING: [&str; 4] = ["pcap", "ebpf", "tc", "xdp"];
 
 const CONTESTANTS: [Contestant; 7] = [
     Contestant::Tcpdump,
@@ -93,13 +104,14 @@ struct Run {
     receiver_rss_kib: u64,
 }
 
-/// Runs `only` ("capture", "streaming", "fanin", "micro", "ndr" or "lake"), or all, over `rounds`
-/// rounds; each loss-free rate trial lasts `trial`.
+/// Runs `only` ("capture", "attribution", "streaming", "fanin", "micro", "ndr" or "lake"), or
+/// all, over `rounds` rounds; each loss-free rate trial lasts `trial`.
 pub fn run(only: Option<&str>, rounds: usize, trial: Duration) -> Result<()> {
     setup()?;
     let part = |name: &str| only.is_none_or(|o| o == name);
     // Live capture and the filter-cost micro-benchmark load the in-kernel programs.
-    if part("capture") || part("micro") || part("ndr") {
+    let attribution_only = only == Some("attribution");
+    if part("capture") || part("micro") || part("ndr") || attribution_only {
         crate::ebpf::build(crate::root())?;
     }
     cmd(
@@ -120,7 +132,18 @@ pub fn run(only: Option<&str>, rounds: usize, trial: Duration) -> Result<()> {
     std::fs::create_dir_all(&out_dir)?;
     let ticks: f64 = testbed::run("getconf", &["CLK_TCK"])?.trim().parse()?;
     if part("capture") {
-        capture(&out_dir, rounds, ticks)?;
+        let all: Vec<Contestant> = CONTESTANTS
+            .into_iter()
+            .chain(ATTRIBUTING.map(Contestant::Attributing))
+            .collect();
+        capture(&out_dir.join("capture.json"), &all, rounds, ticks)?;
+    }
+    if attribution_only {
+        let pairs: Vec<Contestant> = ATTRIBUTING
+            .into_iter()
+            .flat_map(|mode| [Contestant::Sensor(mode), Contestant::Attributing(mode)])
+            .collect();
+        capture(&out_dir.join("attribution.json"), &pairs, rounds, ticks)?;
     }
     if part("streaming") {
         streaming::run(&out_dir, rounds, ticks)?;
@@ -140,8 +163,9 @@ pub fn run(only: Option<&str>, rounds: usize, trial: Duration) -> Result<()> {
     Ok(())
 }
 
-/// Every capture mode, tcpdump and the pipeline on the generator's traffic.
-fn capture(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
+/// `contestants` (every capture mode, tcpdump and the pipeline) on the generator's
+/// traffic; every run into `json`.
+fn capture(json: &Path, contestants: &[Contestant], rounds: usize, ticks: f64) -> Result<()> {
     let lab = Lab::new(1)?;
     let iface = lab.links[0].1.clone();
     let mac = lab
@@ -164,9 +188,9 @@ fn capture(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
             cpu: None,
         };
         references.push_str(&reference_rates(&lab, &scratch, &traffic)?);
-        let mut runs: Vec<Vec<Run>> = vec![Vec::new(); CONTESTANTS.len()];
+        let mut runs: Vec<Vec<Run>> = vec![Vec::new(); contestants.len()];
         for round in 1..=rounds {
-            for (i, contestant) in CONTESTANTS.iter().enumerate() {
+            for (i, contestant) in contestants.iter().enumerate() {
                 eprintln!(
                     "xtask: {size}-byte frames, round {round}/{rounds}: {}",
                     contestant.name()
@@ -182,14 +206,13 @@ fn capture(out_dir: &Path, rounds: usize, ticks: f64) -> Result<()> {
                 runs[i].push(run);
             }
         }
-        for (contestant, runs) in CONTESTANTS.iter().zip(runs) {
+        for (contestant, runs) in contestants.iter().zip(runs) {
             results.push((size, *contestant, runs));
         }
     }
 
     println!("{references}{}", table(&results, rounds));
-    let json = out_dir.join("capture.json");
-    std::fs::write(&json, to_json(&results))?;
+    std::fs::write(json, to_json(&results))?;
     eprintln!("xtask: every run in {}", json.display());
     Ok(())
 }
@@ -261,11 +284,14 @@ fn measure(
             let tls = tls.context("the pipeline needs the receiver's TLS pair")?;
             measure_pipeline(lab, iface, traffic, tls, ticks, &dir)
         }
-        Contestant::Sensor(mode) => {
+        Contestant::Sensor(mode) | Contestant::Attributing(mode) => {
             let (mut receiver, out) = Receiver::writing(Some(&lab.cap), &dir, "out.pcap", &[])?;
             let mut args = vec!["--iface", iface, "--mode", mode];
             if mode == "afxdp" {
                 args.push("--dedicated");
+            }
+            if let Contestant::Attributing(_) = contestant {
+                args.push("--attribute");
             }
             args.extend(on.filter);
             let mut sensor = start_sensor(Some(&lab.cap), &receiver, &args)?;
@@ -629,7 +655,50 @@ fn table(results: &[(usize, Contestant, Vec<Run>)], rounds: usize) -> String {
             if x <= 0.5 { "met" } else { "missed" }
         );
     }
+    attribution_cost(results, &mut out);
     out
+}
+
+/// Capture CPU per frame with `--attribute` against the same mode's without it, where the
+/// run had both (target: at most 1.1x).
+fn attribution_cost(results: &[(usize, Contestant, Vec<Run>)], out: &mut String) {
+    let cpu = |size: usize, contestant: Contestant| {
+        results
+            .iter()
+            .find(|(s, c, _)| *s == size && *c == contestant)
+            .map(|(_, _, runs)| {
+                median(
+                    &mut runs
+                        .iter()
+                        .map(|r| r.capture_cpu / (r.offered as f64 / 1e6))
+                        .collect::<Vec<_>>(),
+                )
+            })
+    };
+    let mut header = false;
+    for (size, contestant, _) in results {
+        let Contestant::Attributing(mode) = *contestant else {
+            continue;
+        };
+        let (Some(on), Some(off)) = (
+            cpu(*size, *contestant),
+            cpu(*size, Contestant::Sensor(mode)),
+        ) else {
+            continue;
+        };
+        if !std::mem::replace(&mut header, true) {
+            let _ = writeln!(
+                out,
+                "\nCapture CPU with --attribute against without, same run (target: at most 1.1x)\n"
+            );
+        }
+        let x = on / off;
+        let _ = writeln!(
+            out,
+            "- {size} B, --mode {mode}: {on:.2} vs {off:.2} s/Mpkt = {x:.2}x ({})",
+            if x <= 1.1 { "met" } else { "missed" }
+        );
+    }
 }
 
 fn to_json(results: &[(usize, Contestant, Vec<Run>)]) -> String {

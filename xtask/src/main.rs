@@ -47,11 +47,16 @@ enum Command {
     /// `tcpdump -w file` and a tcpdump | socat TLS pipeline on the same traffic, streaming
     /// (`sensor --read`) beside that pipeline, fan-in of 1, 8 and 32 sensors into one
     /// receiver, the criterion micro-benchmarks, and each capture's loss-free rate (RFC 2544
-    /// throughput, `--only ndr`), and the capture lake's ingest cost, index size and query
-    /// (`--only lake`) (root; several minutes); see BENCHMARKS.md.
+    /// throughput, `--only ndr`), the capture lake's ingest cost, index size and query
+    /// (`--only lake`); the capture part also runs the sensor modes with --attribute
+    /// (`--only attribution`: those and the same modes without, alone) (root; several
+    /// minutes); see BENCHMARKS.md.
     Bench {
         /// Run one part only (all when not given), e.g. `--only fanin`.
-        #[arg(long, value_parser = ["capture", "streaming", "fanin", "micro", "ndr", "lake"])]
+        #[arg(
+            long,
+            value_parser = ["capture", "attribution", "streaming", "fanin", "micro", "ndr", "lake"]
+        )]
         only: Option<String>,
         /// Interleaved rounds per contestant; the tables show the median.
         #[arg(long, default_value_t = bench::ROUNDS)]

@@ -313,7 +313,7 @@ impl Sink for LakeSink {
             offset,
             length: u32::try_from(length).unwrap_or(u32::MAX),
             headers: Headers::of(interface.link_type, packet.data),
-            process: segment.process(packet.process),
+            process: segment.process(packet.process.map(|a| &a.process)),
         };
         segment.keys.write_all(&row_key(&row))?;
         segment.rows.push(row);

@@ -770,7 +770,6 @@ mod tests {
                 original_len: 60,
                 direction: Direction::Unknown,
                 data: &[t as u8; 60],
-                comment: None,
                 batch: Default::default(),
                 process: None,
             })
@@ -802,7 +801,6 @@ mod tests {
             original_len: 60,
             direction: Direction::Unknown,
             data: &[0; 60],
-            comment: None,
             batch: Default::default(),
             process: None,
         }

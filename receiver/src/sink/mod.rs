@@ -14,7 +14,7 @@ mod tee;
 
 use std::io::{self, BufWriter, Write};
 
-use protocol::{Direction, InterfaceStats};
+use protocol::{Attribution, Direction, InterfaceStats};
 
 pub use self::files::journal::{Frontier, PartialBatch};
 pub use self::pcap::{PcapSink, Precision};
@@ -66,14 +66,13 @@ pub struct OutPacket<'a> {
     pub original_len: u32,
     pub direction: Direction,
     pub data: &'a [u8],
-    /// Who sent or received it (`sensor --attribute`), in ptcpdump's comment format;
-    /// pcapng writes it as the packet's comment, classic pcap has no place for it.
-    pub comment: Option<&'a str>,
+    /// Who sent or received it (`sensor --attribute`): pcapng writes it as the packet's
+    /// comment (ptcpdump's format) and a custom option (JSON), classic pcap has no place
+    /// for it; the lake indexes its fields.
+    pub process: Option<&'a Attribution>,
     /// Its place in the sensor's stream, which the lake indexes so that a batch sent twice
     /// (to two receivers, after a failover) is kept once.
     pub batch: BatchPosition,
-    /// The process it belongs to (`sensor --attribute`), whose fields the lake indexes.
-    pub process: Option<&'a protocol::Process>,
 }
 
 /// A packet's batch and its place in it.

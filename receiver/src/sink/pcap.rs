@@ -250,7 +250,6 @@ mod tests {
                 original_len: 60,
                 direction: Direction::Unknown,
                 data,
-                comment: None,
                 batch: Default::default(),
                 process: None,
             })
@@ -298,7 +297,6 @@ mod tests {
             original_len: 1,
             direction: Direction::Unknown,
             data: &[0],
-            comment: None,
             batch: Default::default(),
             process: None,
         })

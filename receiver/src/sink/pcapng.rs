@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use std::io::{self, Write};
 use std::time::{Duration, SystemTime};
 
+use pcap_file::pcapng::blocks::custom::CustomUtf8Option;
 use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption};
 use pcap_file::pcapng::blocks::interface_description::{
     InterfaceDescriptionBlock, InterfaceDescriptionOption, InterfaceTsResolution,
@@ -22,6 +23,11 @@ use protocol::{Direction, DropReason, InterfaceStats};
 use super::secrets::{self, Pending, COUNTERS as SECRETS};
 use super::{native_endianness, to_io, OutPacket, Refusal, Sink, SinkInterface};
 use std::sync::atomic::Ordering::Relaxed;
+
+/// The Private Enterprise Number of capstream's custom options. Provisional: capstream has
+/// no number of its own yet, and this is the one IANA reserves for documentation (RFC 5612),
+/// which no one else's options use; it changes once capstream is registered.
+pub const CAPSTREAM_PEN: u32 = 32473;
 
 /// Interface blocks one file (section) takes: a sensor whose interfaces would pass it is
 /// refused. Rotated files describe only the interfaces of sessions still open.
@@ -54,7 +60,7 @@ impl<W: Write + Send> PcapNgSink<W> {
         Ok(Self {
             writer,
             interfaces: 0,
-            epb_options: Vec::with_capacity(1),
+            epb_options: Vec::with_capacity(3),
             link_types: Vec::new(),
             pending: Box::default(),
             block: Vec::new(),
@@ -151,11 +157,17 @@ impl<W: Write + Send> Sink for PcapNgSink<W> {
         let mut options = std::mem::take(&mut self.epb_options);
         options.clear();
         options.extend(flags.map(EnhancedPacketOption::Flags));
-        options.extend(
-            packet
-                .comment
-                .map(|c| EnhancedPacketOption::Common(CommonOption::Comment(Cow::Borrowed(c)))),
-        );
+        if let Some(attribution) = packet.process {
+            options.push(EnhancedPacketOption::Common(CommonOption::Comment(
+                Cow::Borrowed(&attribution.comment),
+            )));
+            options.push(EnhancedPacketOption::Common(
+                CommonOption::CustomUtf8Copiable(CustomUtf8Option {
+                    pen: CAPSTREAM_PEN,
+                    value: Cow::Borrowed(&attribution.fields),
+                }),
+            ));
+        }
         let block = Block::EnhancedPacket(EnhancedPacketBlock {
             interface_id: packet.interface,
             // 64-bit nanoseconds: every u64 value fits.
@@ -254,7 +266,6 @@ mod tests {
             original_len: 100,
             direction: Direction::Outbound,
             data: &[9u8; 20],
-            comment: None,
             batch: Default::default(),
             process: None,
         })
@@ -310,6 +321,61 @@ mod tests {
         }
         assert_eq!(names, ["h1/eth0", "h2/any"]);
         assert_eq!((packets, isbs), (1, 1));
+    }
+
+    /// An attributed packet carries its process twice: as the comment (ptcpdump's format)
+    /// and as capstream's custom option (JSON, under [`CAPSTREAM_PEN`]).
+    #[test]
+    fn attributed_packets_carry_a_comment_and_a_custom_option() {
+        let attribution = protocol::Attribution::new(protocol::Process {
+            pid: 41,
+            thread_name: "curl".into(),
+            ..protocol::Process::default()
+        });
+        let out = Shared::default();
+        let mut sink = Box::new(PcapNgSink::new(out.clone()).unwrap());
+        let a = sink.add_interface(&iface("h1/eth0", 1, "")).unwrap();
+        for process in [Some(&attribution), None] {
+            sink.write_packet(&OutPacket {
+                interface: a,
+                timestamp_ns: 1,
+                original_len: 20,
+                direction: Direction::Inbound,
+                data: &[9u8; 20],
+                process,
+                batch: Default::default(),
+            })
+            .unwrap();
+        }
+        sink.finish().unwrap();
+        let bytes = out.bytes();
+        let mut reader = PcapNgReader::new(&bytes[..]).unwrap();
+        let mut options = Vec::new();
+        while let Some(block) = reader.next_block() {
+            if let Block::EnhancedPacket(epb) = block.unwrap().0 {
+                options.push(
+                    epb.options
+                        .into_iter()
+                        .map(|o| o.into_owned())
+                        .collect::<Vec<_>>(),
+                );
+            }
+        }
+        let custom =
+            EnhancedPacketOption::Common(CommonOption::CustomUtf8Copiable(CustomUtf8Option {
+                pen: CAPSTREAM_PEN,
+                value: Cow::Owned(attribution.fields.clone()),
+            }));
+        let comment = EnhancedPacketOption::Common(CommonOption::Comment(Cow::Owned(
+            attribution.comment.clone(),
+        )));
+        assert_eq!(
+            options,
+            [
+                vec![EnhancedPacketOption::Flags(1), comment, custom],
+                vec![EnhancedPacketOption::Flags(1)]
+            ]
+        );
     }
 
     #[test]

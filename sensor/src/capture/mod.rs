@@ -18,6 +18,42 @@ use crate::privileges::Need;
 mod ebpf;
 mod pcap;
 
+#[cfg(target_os = "linux")]
+use ebpf::FrameOwners;
+
+/// Off Linux, no frame has an owner: `--attribute` is refused there.
+#[cfg(not(target_os = "linux"))]
+pub enum FrameOwners {}
+
+#[cfg(not(target_os = "linux"))]
+impl FrameOwners {
+    fn of(&mut self, _: i32, _: &[u8], _: protocol::Direction) -> FrameOwner<'_> {
+        match *self {}
+    }
+
+    fn tick(&mut self) {
+        match *self {}
+    }
+
+    fn needs(&self) -> Vec<Need> {
+        match *self {}
+    }
+}
+
+/// Whose a frame libpcap captured is (`--mode pcap --attribute`).
+#[cfg_attr(
+    not(target_os = "linux"),
+    allow(dead_code, reason = "attribution is refused off Linux")
+)]
+pub enum FrameOwner<'a> {
+    /// This process's, by the key the batch's process table knows it by.
+    Process(u64, &'a protocol::Process),
+    /// No process's that the tables know, and no selector asks for one.
+    Unattributed,
+    /// Not a process's the selectors take: the frame is left out, as the filter would.
+    NotSelected,
+}
+
 /// Which backend captures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -87,7 +123,7 @@ pub struct Options {
         allow(dead_code, reason = "read by --mode afxdp only")
     )]
     pub afxdp: AfxdpFlags,
-    /// `--attribute`: each frame's process (--mode tc); on with any selector.
+    /// `--attribute`: each frame's process; on with any selector.
     pub attribute: bool,
     /// Take only the frames of these processes.
     pub selectors: Selectors,
@@ -230,16 +266,22 @@ pub fn open(mode: Mode, source: &Source, opts: &Options) -> Result<Vec<Box<dyn C
 #[cfg(target_os = "linux")]
 fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBackend>> {
     use ebpf::{EbpfCapture, Hook};
-    if opts.attribute && !matches!(mode, Mode::Tc | Mode::Ebpf | Mode::Xdp | Mode::Auto) {
-        return Err(Error::input(format!(
-            "--attribute and the process selectors work with --mode tc, ebpf or xdp, not \
-             --mode {} (libpcap and AF_XDP frames come without the kernel's owner lookup)",
-            mode.name()
-        )));
+    if opts.attribute && mode == Mode::Afxdp {
+        return Err(Error::input(
+            "--attribute and the process selectors work with --mode tc, ebpf, xdp or pcap, not \
+             --mode afxdp (its frames leave the kernel without the owner lookup)",
+        ));
     }
     let hook =
         match mode {
-            Mode::Pcap => return Ok(Box::new(pcap::PcapCapture::live(name, opts)?)),
+            Mode::Pcap => {
+                let capture = pcap::PcapCapture::live(name, opts)?;
+                return Ok(Box::new(if opts.attribute {
+                    capture.with_owners(ebpf::frame_owners(&opts.selectors)?)
+                } else {
+                    capture
+                }));
+            }
             Mode::Ebpf => Hook::Socket,
             Mode::Tc => Hook::Tc,
             Mode::Xdp => Hook::Xdp(opts.xdp_attach),
@@ -277,7 +319,7 @@ fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBa
 fn open_live(mode: Mode, name: &str, opts: &Options) -> Result<Box<dyn CaptureBackend>> {
     if opts.attribute {
         return Err(Error::input(
-            "--attribute and the process selectors need Linux (--mode tc, ebpf or xdp)",
+            "--attribute and the process selectors need Linux (--mode tc, ebpf, xdp or pcap there)",
         ));
     }
     match mode {

@@ -9,7 +9,7 @@ use pcap::{Activated, Active, Capture, Device, Linktype, Offline, Precision, Sta
 use pcap_record::{direction, timestamp_ns};
 use protocol::InterfaceInfo;
 
-use super::{compose_filter, CaptureBackend, Options, Stopper};
+use super::{compose_filter, CaptureBackend, FrameOwner, FrameOwners, Options, Stopper};
 use crate::batcher::{Backpressure, Batcher};
 use crate::error::{Error, Result};
 
@@ -37,6 +37,8 @@ pub struct PcapCapture {
     link_type: i32,
     handle: Handle,
     stop: Arc<AtomicBool>,
+    /// `--attribute` (live, Linux): whose each frame is.
+    owners: Option<FrameOwners>,
 }
 
 impl PcapCapture {
@@ -111,7 +113,18 @@ impl PcapCapture {
             link_type,
             handle,
             stop: Arc::new(AtomicBool::new(false)),
+            owners: None,
         })
+    }
+
+    /// Attributes each frame to its process (and, with selectors, takes only theirs).
+    #[cfg_attr(
+        not(target_os = "linux"),
+        allow(dead_code, reason = "attribution is refused off Linux")
+    )]
+    pub fn with_owners(mut self, owners: FrameOwners) -> Self {
+        self.owners = Some(owners);
+        self
     }
 }
 
@@ -127,6 +140,13 @@ impl CaptureBackend for PcapCapture {
 
     fn info(&self) -> &InterfaceInfo {
         &self.info
+    }
+
+    fn needs_after_attach(&self) -> Vec<crate::privileges::Need> {
+        self.owners
+            .as_ref()
+            .map(FrameOwners::needs)
+            .unwrap_or_default()
     }
 
     fn link_type_name(&self) -> &str {
@@ -162,13 +182,15 @@ impl CaptureBackend for PcapCapture {
             link_type,
             handle,
             stop,
+            owners,
             ..
         } = *self;
-        let pump = Pump {
+        let mut pump = Pump {
             name: &info.name,
             snaplen: info.snaplen as usize,
             link_type,
             stop: &stop,
+            owners,
         };
         let result = match handle {
             Handle::Live(mut cap) => {
@@ -191,6 +213,7 @@ struct Pump<'a> {
     snaplen: usize,
     link_type: i32,
     stop: &'a AtomicBool,
+    owners: Option<FrameOwners>,
 }
 
 /// Waiting for packets between non-blocking reads.
@@ -230,7 +253,7 @@ impl Pump<'_> {
     /// Reads packets into the batcher until stopped, the input ends, or the transport
     /// is gone. `stats` is given for live captures only.
     fn run<T: Activated + ?Sized>(
-        &self,
+        &mut self,
         cap: &mut Capture<T>,
         batcher: &mut Batcher,
         mut stats: Option<&mut LiveStats>,
@@ -263,10 +286,20 @@ impl Pump<'_> {
                         batcher.counters().seen.fetch_add(1, Relaxed);
                     }
                     let dir = direction(self.link_type, data);
-                    if batcher
-                        .push(timestamp_ns(p.header), p.header.len, dir, data)
-                        .is_err()
-                    {
+                    let (timestamp, len) = (timestamp_ns(p.header), p.header.len);
+                    let owner = match &mut self.owners {
+                        Some(owners) => owners.of(self.link_type, data, dir),
+                        None => FrameOwner::Unattributed,
+                    };
+                    let pushed = match owner {
+                        FrameOwner::Process(key, process) => {
+                            batcher.push_attributed(timestamp, len, dir, data, key, process)
+                        }
+                        FrameOwner::Unattributed => batcher.push(timestamp, len, dir, data),
+                        // Filtered out, as by the expression: seen, not matched.
+                        FrameOwner::NotSelected => Ok(()),
+                    };
+                    if pushed.is_err() {
                         return Ok(());
                     }
                     unchecked += 1;
@@ -292,6 +325,9 @@ impl Pump<'_> {
                 }
             }
             unchecked = 0;
+            if let Some(owners) = &mut self.owners {
+                owners.tick();
+            }
             if batcher.tick().is_err() {
                 return Ok(());
             }

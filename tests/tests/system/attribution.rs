@@ -16,6 +16,9 @@ use testbed::capstream::{
     Scratch,
 };
 
+use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketOption;
+use pcap_file::pcapng::blocks::opt_common::CommonOption;
+use pcap_file::pcapng::{Block, PcapNgReader};
 use testbed::{require_root, run, wait_until, Lab, Proc};
 
 /// The server's port, in the generator namespace (198.18.0.1).
@@ -33,14 +36,11 @@ struct Cgroups {
 }
 
 impl Cgroups {
-    fn new(dir: &Scratch, names: &[&str]) -> Self {
+    /// Child cgroups named `children`, at the top of the hierarchy.
+    fn new(dir: &Scratch, children: Vec<String>) -> Self {
         let mount = dir.join("cgroup2");
         std::fs::create_dir_all(&mount).unwrap();
         run("mount", &["-t", "cgroup2", "none", mount.to_str().unwrap()]).unwrap();
-        let children: Vec<String> = names
-            .iter()
-            .map(|n| format!("capstream-attr-{}-{n}", std::process::id()))
-            .collect();
         for child in &children {
             std::fs::create_dir(mount.join(child)).unwrap();
         }
@@ -125,6 +125,74 @@ fn rows(file: &Path) -> Vec<Row> {
         .collect()
 }
 
+/// capstream's Private Enterprise Number in the pcapng custom option (provisional: RFC 5612's
+/// documentation number, see the README).
+const CAPSTREAM_PEN: u32 = 32473;
+
+/// Reads a pcapng file back on its own (not through tshark): every packet with a comment
+/// has capstream's custom option too (and none without), its JSON naming the process the
+/// comment names. Returns how many packets carry both; tshark's dissection of the file's
+/// blocks must find as many custom UTF-8 options (code 2988).
+fn custom_options(file: &Path) -> usize {
+    let bytes = std::fs::read(file).unwrap();
+    let mut reader = PcapNgReader::new(&bytes[..]).unwrap();
+    let mut both = 0;
+    while let Some(block) = reader.next_block() {
+        let Block::EnhancedPacket(epb) = block.unwrap().0 else {
+            continue;
+        };
+        let (mut comment, mut fields) = (None, None);
+        for option in &epb.options {
+            match option {
+                EnhancedPacketOption::Common(CommonOption::Comment(c)) => {
+                    comment = Some(c.to_string());
+                }
+                EnhancedPacketOption::Common(CommonOption::CustomUtf8Copiable(custom))
+                    if custom.pen == CAPSTREAM_PEN =>
+                {
+                    fields =
+                        Some(serde_json::from_str::<serde_json::Value>(&custom.value).unwrap());
+                }
+                _ => {}
+            }
+        }
+        match (comment, fields) {
+            (None, None) => {}
+            (Some(comment), Some(fields)) => {
+                let pid = fields["pid"].as_u64().unwrap() as u32;
+                let comm = fields["thread_name"].as_str().unwrap();
+                let cgroup = fields["cgroup"].as_str().unwrap();
+                assert!(
+                    names(&comment, pid, comm, cgroup),
+                    "the custom option's {fields} against the comment {comment:?}"
+                );
+                both += 1;
+            }
+            other => panic!("a comment without the custom option, or the reverse: {other:?}"),
+        }
+    }
+    let codes = run(
+        "tshark",
+        &[
+            "-r",
+            file.to_str().unwrap(),
+            "-X",
+            "read_format:MIME Files Format",
+            "-T",
+            "fields",
+            "-e",
+            "pcapng.options.option.code",
+        ],
+    )
+    .unwrap();
+    let seen_by_tshark = codes
+        .split([',', '\n', '\t'])
+        .filter(|code| code.trim() == "2988")
+        .count();
+    assert_eq!(seen_by_tshark, both, "custom options tshark finds");
+    both
+}
+
 /// The client's end of a row's flow (the port that is not the server's).
 fn client_port(row: &Row) -> u16 {
     if row.src_port == SERVER_PORT {
@@ -155,6 +223,40 @@ for line in sys.stdin:
 c.close()
 "#;
 
+/// A container id of this test's own: docker's shape (64 hex digits).
+fn container_id(i: usize) -> String {
+    format!("{:064x}", u128::from(std::process::id()) << 8 | i as u128)
+}
+
+/// The client port of a connection no process of the capture namespace owns: from the
+/// generator's side to a port nobody listens on (a SYN in, a RST out).
+const STRAY_PORT: u16 = 40300;
+
+/// One run of the set-up: the sensor's mode and flags, the receiver's, and what happens.
+#[derive(Clone, Copy, Default)]
+struct Setup<'a> {
+    mode: &'a str,
+    sensor_args: &'a [&'a str],
+    /// An expression tcpdump's packets are restricted with, for [`Outcome::reference`].
+    restrict: &'a str,
+    fate: ReceiverFate,
+    /// `receiver --split-by` this: [`Outcome::files`] instead of one file.
+    split_by: Option<&'a str>,
+    /// The two cgroups are named as docker names its containers' (`docker-<id>.scope`).
+    containers: bool,
+    /// Also a connection no process owns ([`STRAY_PORT`]).
+    stray: bool,
+    /// The sensor keeps what its memory buffer (4 MiB) cannot hold in a spool on disk, and
+    /// while the receiver is dead curl fetches [`BIG_FILE`] bytes from [`BIG_PORT`]: more
+    /// than the buffer holds.
+    spool: bool,
+}
+
+/// The download that fills the sensor's buffer while the receiver is dead: random bytes,
+/// which do not compress.
+const BIG_FILE: usize = 8 << 20;
+const BIG_PORT: u16 = 40004;
+
 /// What one run of the set-up gave: the receiver's packets (as tshark and tcpdump read
 /// them), tcpdump's on the same interface restricted by `restrict`, and who ran what.
 struct Outcome {
@@ -164,6 +266,12 @@ struct Outcome {
     /// Client port → (pid, name, cgroup) of the flows opened after the sensor started.
     expected: HashMap<u16, (u32, &'static str, String)>,
     long_lived: (u32, String),
+    /// Packets with capstream's custom option beside their comment ([`custom_options`]).
+    custom_options: usize,
+    /// With `--split-by`: each file the receiver wrote (its name) and its packets; tcpdump's
+    /// packets of each client port.
+    files: Vec<(String, Vec<Record>)>,
+    by_port: HashMap<u16, Vec<Record>>,
 }
 
 /// The set-up of the module documentation, with a sensor in `--mode <mode>` plus
@@ -171,26 +279,43 @@ struct Outcome {
 /// tcpdump's packets are then restricted with `restrict`. The selectors may name the
 /// cgroups: `{curl}` and `{python}` stand for their paths.
 fn run_clients(mode: &str, sensor_args: &[&str], restrict: &str) -> Outcome {
-    run_clients_with(mode, sensor_args, restrict, ReceiverFate::Lives)
+    run_clients_with(Setup {
+        mode,
+        sensor_args,
+        restrict,
+        ..Setup::default()
+    })
 }
 
 /// Whether the receiver lives through the run, or is killed (SIGKILL) before the new flows
 /// and started again after them: the sensor keeps their batches and sends them again.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Default)]
 enum ReceiverFate {
+    #[default]
     Lives,
     KilledAndRestarted,
 }
 
-fn run_clients_with(
-    mode: &str,
-    sensor_args: &[&str],
-    restrict: &str,
-    fate: ReceiverFate,
-) -> Outcome {
+fn run_clients_with(setup: Setup) -> Outcome {
+    let Setup {
+        mode,
+        sensor_args,
+        restrict,
+        fate,
+        ..
+    } = setup;
     let lab = Lab::new(1).unwrap();
     let dir = Scratch::new("attribution").unwrap();
-    let cgroups = Cgroups::new(&dir, &["curl", "python"]);
+    let children = if setup.containers {
+        (0..2)
+            .map(|i| format!("docker-{}.scope", container_id(i)))
+            .collect()
+    } else {
+        ["curl", "python"]
+            .map(|n| format!("capstream-attr-{}-{n}", std::process::id()))
+            .to_vec()
+    };
+    let cgroups = Cgroups::new(&dir, children);
     std::fs::write(dir.join("index.html"), "capstream\n".repeat(200)).unwrap();
 
     let mut server_argv = lab.gen.command("python3");
@@ -239,11 +364,25 @@ fn run_clients_with(
     };
     request();
 
+    let receiver_args: Vec<&str> = match setup.split_by {
+        Some(by) => vec!["--split-by", by],
+        None => Vec::new(),
+    };
     let (mut receiver, out) =
-        Receiver::writing(Some(&lab.cap), &dir, "capture.pcapng", &[]).unwrap();
+        Receiver::writing(Some(&lab.cap), &dir, "capture.pcapng", &receiver_args).unwrap();
     let filter = format!("tcp port {SERVER_PORT}");
     let (curl_cgroup, python_cgroup) = (cgroups.path(0), cgroups.path(1));
+    let spool_dir = dir.join("spool");
+    let spool_arg = spool_dir.to_string_lossy().into_owned();
     let mut args: Vec<&str> = vec!["--iface", "cap0", "--mode", mode, "--bpf", &filter];
+    if setup.spool {
+        args.extend(["--spool-dir", &spool_arg, "--buffer", "4MiB"]);
+        let mut random = vec![0u8; BIG_FILE];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+            .unwrap();
+        std::fs::write(dir.join("big.bin"), random).unwrap();
+    }
     args.extend(sensor_args.iter().map(|a| match *a {
         "{curl}" => curl_cgroup.as_str(),
         "{python}" => python_cgroup.as_str(),
@@ -263,7 +402,8 @@ fn run_clients_with(
     }
     // New flows: curl in one cgroup, a Python client in the other.
     let mut expected = HashMap::new();
-    for port in CURL_PORTS {
+    // curl in the first cgroup, fetching `path` from `port`: its pid once it is done.
+    let curl = |port: u16, path: &str| {
         let mut argv = lab.cap.command("curl");
         argv.extend(
             [
@@ -272,15 +412,18 @@ fn run_clients_with(
                 "/dev/null",
                 "--local-port",
                 &port.to_string(),
-                "http://198.18.0.1:8000/",
+                &format!("http://198.18.0.1:8000/{path}"),
             ]
             .map(String::from),
         );
         let argv = cgroups.command(0, &argv);
         let mut curl = Proc::start("curl", &argv, Stdio::null()).unwrap();
         let pid = curl.pid();
-        assert!(curl.wait(Duration::from_secs(20)).unwrap().success());
-        expected.insert(port, (pid, "curl", cgroups.path(0)));
+        assert!(curl.wait(Duration::from_secs(60)).unwrap().success());
+        pid
+    };
+    for port in CURL_PORTS {
+        expected.insert(port, (curl(port, ""), "curl", cgroups.path(0)));
     }
     let mut argv = lab.cap.command("python3");
     argv.extend(["-c", &python_client(PYTHON_PORT)].map(String::from));
@@ -289,8 +432,36 @@ fn run_clients_with(
     let python_pid = client.pid();
     assert!(client.wait(Duration::from_secs(20)).unwrap().success());
     expected.insert(PYTHON_PORT, (python_pid, "python3", cgroups.path(1)));
+    if setup.spool {
+        let pid = curl(BIG_PORT, "big.bin");
+        expected.insert(BIG_PORT, (pid, "curl", cgroups.path(0)));
+        // Past the 4 MiB buffer: on disk, while the receiver is away.
+        let spooled: u64 = std::fs::read_dir(&spool_dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".spool"))
+            .map(|e| e.metadata().map_or(0, |m| m.len()))
+            .sum();
+        assert!(spooled > 0, "nothing in the spool");
+    }
+    if setup.stray {
+        let mut argv = lab.gen.command("curl");
+        argv.extend(
+            [
+                "-s",
+                "--local-port",
+                &STRAY_PORT.to_string(),
+                "http://198.18.0.2:8000/",
+            ]
+            .map(String::from),
+        );
+        // Refused: nobody listens there.
+        let mut stray = Proc::start("stray curl", &argv, Stdio::null()).unwrap();
+        stray.wait(Duration::from_secs(20)).unwrap();
+    }
     if fate == ReceiverFate::KilledAndRestarted {
-        (receiver, _) = Receiver::writing(Some(&lab.cap), &dir, "capture.pcapng", &[]).unwrap();
+        (receiver, _) =
+            Receiver::writing(Some(&lab.cap), &dir, "capture.pcapng", &receiver_args).unwrap();
         sensor
             .wait_for("reconnected", Duration::from_secs(90))
             .unwrap();
@@ -303,12 +474,50 @@ fn run_clients_with(
     stop_reference(tcpdump, &reference_file);
     sensor.stop().unwrap();
     receiver.stop().unwrap();
+    let reference = tcpdump_records(&reference_file, restrict).unwrap();
+    let long_lived = (long_lived_pid, cgroups.path(1));
+    if setup.split_by.is_some() {
+        let mut files: Vec<(String, Vec<Record>)> = std::fs::read_dir(&dir.path)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("capture-") && name.ends_with(".pcapng"))
+            .map(|name| {
+                let records = tcpdump_records(&dir.join(&name), "").unwrap();
+                (name, records)
+            })
+            .collect();
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        let ports = expected
+            .keys()
+            .copied()
+            .chain([LONG_LIVED_PORT, STRAY_PORT]);
+        let by_port = ports
+            .map(|port| {
+                let filter = format!("tcp port {port}");
+                (port, tcpdump_records(&reference_file, &filter).unwrap())
+            })
+            .collect();
+        return Outcome {
+            rows: Vec::new(),
+            custom_options: 0,
+            got: Vec::new(),
+            reference,
+            expected,
+            long_lived,
+            files,
+            by_port,
+        };
+    }
     Outcome {
         rows: rows(&out),
+        custom_options: custom_options(&out),
         got: tcpdump_records(&out, "").unwrap(),
-        reference: tcpdump_records(&reference_file, restrict).unwrap(),
+        reference,
         expected,
-        long_lived: (long_lived_pid, cgroups.path(1)),
+        long_lived,
+        files: Vec::new(),
+        by_port: HashMap::new(),
     }
 }
 
@@ -339,6 +548,13 @@ fn every_packet_carries_its_process_in_xdp_mode() {
     every_packet_carries_its_process("xdp");
 }
 
+/// libpcap's frames pass no program of ours: the sensor finds their owners itself, by flow,
+/// in the tables the cgroup hooks fill.
+#[test]
+fn every_packet_carries_its_process_in_pcap_mode() {
+    every_packet_carries_its_process("pcap");
+}
+
 fn every_packet_carries_its_process(mode: &str) {
     require_root();
     check_attribution(mode, run_clients(mode, &["--attribute"], ""));
@@ -349,7 +565,12 @@ fn every_packet_carries_its_process(mode: &str) {
 #[test]
 fn attribution_survives_a_receiver_killed_and_restarted() {
     require_root();
-    let outcome = run_clients_with("tc", &["--attribute"], "", ReceiverFate::KilledAndRestarted);
+    let outcome = run_clients_with(Setup {
+        mode: "tc",
+        sensor_args: &["--attribute"],
+        fate: ReceiverFate::KilledAndRestarted,
+        ..Setup::default()
+    });
     check_attribution("tc", outcome);
 }
 
@@ -379,6 +600,11 @@ fn check_attribution(mode: &str, outcome: Outcome) {
             );
         }
     }
+    let commented = rows.iter().filter(|r| !r.comment.is_empty()).count();
+    assert_eq!(
+        outcome.custom_options, commented,
+        "{mode}: every commented packet has the custom option"
+    );
     // Nothing lost for the comments: the receiver has every packet tcpdump saw.
     assert_eq!(sorted(&outcome.got), sorted(&outcome.reference));
     let (long_lived_pid, long_lived_cgroup) = &outcome.long_lived;
@@ -417,11 +643,115 @@ fn sorted(records: &[Record]) -> Vec<(u32, Vec<u8>)> {
     v
 }
 
+/// While the receiver is dead, the batches past the sensor's memory buffer wait in its
+/// spool on disk; read back and sent once it is back, they still carry their processes.
+#[test]
+fn attribution_survives_the_spool() {
+    require_root();
+    let outcome = run_clients_with(Setup {
+        mode: "tc",
+        sensor_args: &["--attribute"],
+        fate: ReceiverFate::KilledAndRestarted,
+        spool: true,
+        ..Setup::default()
+    });
+    check_attribution("tc", outcome);
+}
+
+/// `receiver --split-by process`: a file per process, each exactly tcpdump's capture of
+/// that process's connections (by port), the connection no process owns in "unattributed".
+#[test]
+fn split_by_process_gives_each_process_its_file() {
+    require_root();
+    let outcome = run_clients_with(Setup {
+        mode: "tc",
+        sensor_args: &["--attribute"],
+        split_by: Some("process"),
+        stray: true,
+        ..Setup::default()
+    });
+    let mut want: Vec<(String, Vec<u16>)> = outcome
+        .expected
+        .iter()
+        .map(|(port, (pid, comm, _))| (format!("-{comm}-{pid}.pcapng"), vec![*port]))
+        .collect();
+    want.push((
+        format!("-python3-{}.pcapng", outcome.long_lived.0),
+        vec![LONG_LIVED_PORT],
+    ));
+    want.push(("capture-unattributed.pcapng".into(), vec![STRAY_PORT]));
+    check_split(&outcome, &want);
+}
+
+/// `receiver --split-by container`: the two cgroups, named as docker's containers, each
+/// get a file with exactly tcpdump's capture of their processes' connections (by port).
+#[test]
+fn split_by_container_gives_each_container_its_file() {
+    require_root();
+    let outcome = run_clients_with(Setup {
+        mode: "tc",
+        sensor_args: &["--attribute"],
+        split_by: Some("container"),
+        containers: true,
+        stray: true,
+        ..Setup::default()
+    });
+    let want = [
+        (
+            format!("capture-{}.pcapng", container_id(0)),
+            CURL_PORTS.to_vec(),
+        ),
+        (
+            format!("capture-{}.pcapng", container_id(1)),
+            vec![LONG_LIVED_PORT, PYTHON_PORT],
+        ),
+        ("capture-unattributed.pcapng".into(), vec![STRAY_PORT]),
+    ];
+    check_split(&outcome, &want);
+}
+
+/// The receiver wrote exactly one file per entry of `want` (named `capture-…` ending in
+/// the entry's name), each holding exactly tcpdump's packets of the entry's client ports.
+fn check_split(outcome: &Outcome, want: &[(String, Vec<u16>)]) {
+    let names: Vec<&String> = outcome.files.iter().map(|(name, _)| name).collect();
+    assert_eq!(outcome.files.len(), want.len(), "files: {names:?}");
+    for (suffix, ports) in want {
+        let Some((name, records)) = outcome
+            .files
+            .iter()
+            .find(|(n, _)| n.ends_with(suffix.as_str()))
+        else {
+            panic!("no file ending in {suffix}: {names:?}");
+        };
+        let reference: Vec<Record> = ports
+            .iter()
+            .flat_map(|port| outcome.by_port[port].iter().cloned())
+            .collect();
+        assert!(
+            !reference.is_empty(),
+            "{name}: tcpdump saw none of {ports:?}"
+        );
+        assert!(
+            sorted(records) == sorted(&reference),
+            "{name}: {} packets, tcpdump on ports {ports:?}: {}",
+            records.len(),
+            reference.len()
+        );
+    }
+}
+
 /// `--comm curl` takes exactly the packets of curl's connections, both ways.
 #[test]
 fn comm_selector_takes_exactly_curls_connections() {
     let ports: Vec<String> = CURL_PORTS.iter().map(|p| format!("port {p}")).collect();
-    selector_takes_exactly(&["--comm", "curl"], &ports.join(" or "), 3 * 10);
+    selector_takes_exactly("tc", &["--comm", "curl"], &ports.join(" or "), 3 * 10);
+}
+
+/// In `--mode pcap` the sensor applies the selector itself, after libpcap's filter.
+#[test]
+fn comm_selector_in_pcap_mode_takes_exactly_curls_connections() {
+    let ports: Vec<String> = CURL_PORTS.iter().map(|p| format!("port {p}")).collect();
+    selector_takes_exactly("pcap", &["--comm", "curl"], &ports.join(" or "), 3 * 10);
 }
 
 /// `--cgroup` of the Python clients' cgroup takes exactly their connections, the one opened
@@ -429,15 +759,15 @@ fn comm_selector_takes_exactly_curls_connections() {
 #[test]
 fn cgroup_selector_takes_exactly_that_cgroups_connections() {
     let ports = format!("port {LONG_LIVED_PORT} or port {PYTHON_PORT}");
-    selector_takes_exactly(&["--cgroup", "{python}"], &ports, 20);
+    selector_takes_exactly("tc", &["--cgroup", "{python}"], &ports, 20);
 }
 
-/// With `selector`, the sensor's packets are exactly tcpdump's on the client ports `ports`
-/// (a tcpdump expression), at least `at_least` of them.
-fn selector_takes_exactly(selector: &[&str], ports: &str, at_least: usize) {
+/// With `selector`, the sensor's packets (in `--mode <mode>`) are exactly tcpdump's on the
+/// client ports `ports` (a tcpdump expression), at least `at_least` of them.
+fn selector_takes_exactly(mode: &str, selector: &[&str], ports: &str, at_least: usize) {
     require_root();
     let restrict = format!("tcp port {SERVER_PORT} and ({ports})");
-    let outcome = run_clients("tc", selector, &restrict);
+    let outcome = run_clients(mode, selector, &restrict);
     let (got, reference) = (sorted(&outcome.got), sorted(&outcome.reference));
     assert!(reference.len() >= at_least, "{} packets", reference.len());
     assert!(
@@ -448,8 +778,23 @@ fn selector_takes_exactly(selector: &[&str], ports: &str, at_least: usize) {
     );
 }
 
-/// Bad selectors, and attribution in a mode without the kernel's owner lookup (libpcap,
-/// AF_XDP): one line, exit code 2.
+/// Both programs' `--help` say that classic pcap has no place for a packet's process.
+#[test]
+fn help_says_classic_pcap_has_no_place_for_the_process() {
+    for program in ["receiver", "sensor"] {
+        let binary = testbed::bin_dir().join(program);
+        let help = run(binary.to_str().unwrap(), &["--help"]).unwrap();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            help.contains("classic pcap has no place for it")
+                || help.contains("classic pcap output has no place for them"),
+            "{program} --help"
+        );
+    }
+}
+
+/// Bad selectors, and attribution in the mode without an owner lookup (AF_XDP, whose
+/// frames leave the kernel before any): one line, exit code 2.
 #[test]
 fn bad_input_is_refused_in_one_line() {
     require_root();
@@ -479,8 +824,6 @@ fn bad_input_is_refused_in_one_line() {
         "no such cgroup",
     );
     sensor("tc", &["--container", "0123456789ab"], "no container");
-    for mode in ["pcap", "afxdp"] {
-        sensor(mode, &["--attribute"], "work with --mode tc");
-        sensor(mode, &["--comm", "curl"], "work with --mode tc");
-    }
+    sensor("afxdp", &["--attribute"], "work with --mode tc");
+    sensor("afxdp", &["--comm", "curl"], "work with --mode tc");
 }

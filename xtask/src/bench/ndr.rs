@@ -270,7 +270,7 @@ fn softirq_seconds(cpu: usize, ticks: f64) -> Result<f64> {
 /// The contestant's name in ndr.json.
 fn key(contestant: Contestant) -> &'static str {
     match contestant {
-        Contestant::Sensor(mode) => mode,
+        Contestant::Sensor(mode) | Contestant::Attributing(mode) => mode,
         Contestant::Tcpdump | Contestant::Pipeline => "tcpdump",
     }
 }

@@ -232,7 +232,6 @@ mod tests {
                     original_len: data.len() as u32,
                     direction: protocol::Direction::Unknown,
                     data,
-                    comment: None,
                     batch: Default::default(),
                     process: None,
                 },

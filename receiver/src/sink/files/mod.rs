@@ -1,4 +1,5 @@
-//! The file output: one file of all sensors, or one per sensor (`--split-by sensor`), each
+//! The file output: one file of all sensors, or one per sensor (`--split-by sensor`), per
+//! process or per container (`--split-by process|container`, chosen packet by packet), each
 //! optionally rotated by size or age, names from a strftime pattern, old files deleted
 //! beyond `--keep`/`--keep-bytes`, and every completed file handed to `on_finished`.
 //!
@@ -15,6 +16,8 @@ mod series;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use protocol::InterfaceStats;
 
@@ -34,11 +37,24 @@ pub type OnFinished = Box<dyn FnMut(PathBuf) + Send>;
 /// it, and deletes it at a later pass once it is free.
 pub type InUse = Box<dyn Fn(&Path) -> bool + Send>;
 
+/// What `--split-by` keeps apart, each in files of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SplitBy {
+    /// One file per sensor.
+    Sensor,
+    /// One file per process (sensors run with --attribute): its sensor, name and pid;
+    /// packets of no known process in the file "unattributed".
+    Process,
+    /// One file per container (sensors run with --attribute), by container id; processes
+    /// in no container in "no-container", packets of no known process in "unattributed".
+    Container,
+}
+
 /// What the file output writes and keeps.
 pub struct FileConfig {
     pub pattern: Pattern,
     pub format: Format,
-    pub split_by_sensor: bool,
+    pub split_by: Option<SplitBy>,
     pub rotation: Rotation,
     pub keep: Keep,
     pub on_finished: Option<OnFinished>,
@@ -57,7 +73,7 @@ pub struct Files {
     pattern: Pattern,
     format: Format,
     rotation: Rotation,
-    split_by_sensor: bool,
+    split_by: Option<SplitBy>,
     /// `None` where a file per sensor was closed, its sensor gone.
     series: Vec<Option<Series>>,
     /// With a file per sensor: each sensor's series, and the safe names given out (to
@@ -74,11 +90,61 @@ pub struct Files {
     extents: Vec<Extent>,
     /// Slots of `series` free again.
     free: Vec<usize>,
+    /// With `--split-by process|container`: which file each packet goes to.
+    per_packet: PerPacket,
 }
 
-/// Files of their own open at once with `--split-by sensor`: a sensor beyond them is
-/// refused until one leaves, so that no number of sensor names exhausts the descriptors.
+/// Files of their own open at once with `--split-by`: with `sensor`, a sensor beyond them
+/// is refused until one leaves; with `process` or `container`, the packets of one more go
+/// to a shared file ("more-processes", "more-containers"), counted, until one is closed.
+/// So no number of names exhausts the descriptors.
 pub const MAX_OPEN_FILES: usize = 512;
+
+/// With `--split-by process|container`, a file that took no packet for this long is
+/// completed and closed (a process that comes back goes on in it, in a new section).
+const IDLE_FILE: Duration = Duration::from_secs(60);
+
+/// Packets written to the shared "more-processes" or "more-containers" file because
+/// [`MAX_OPEN_FILES`] files of their own were open.
+pub static SPLIT_OVERFLOW: AtomicU64 = AtomicU64::new(0);
+
+/// Whose file a packet goes to with `--split-by process|container`. Fixed-size, so that
+/// finding a packet's file allocates nothing: names longer than these (never from a sensor's
+/// kernel: names have 15 bytes, container ids 64) are cut.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum FileKey {
+    Process {
+        sensor: u32,
+        pid: u32,
+        comm: [u8; 16],
+    },
+    Container([u8; 64]),
+    NoContainer,
+    Unattributed,
+    /// The shared file of the processes or containers beyond [`MAX_OPEN_FILES`].
+    More,
+}
+
+fn cut<const N: usize>(text: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    let n = text.len().min(N);
+    out[..n].copy_from_slice(&text.as_bytes()[..n]);
+    out
+}
+
+/// `--split-by process|container`: the interfaces, described in a file when its first
+/// packet of them comes, and the files by key.
+#[derive(Default)]
+struct PerPacket {
+    /// Each interface added (`None` once closed) and its sensor's number.
+    interfaces: Vec<(Option<SinkInterface>, u32)>,
+    sensors: HashMap<String, u32>,
+    files: HashMap<FileKey, usize>,
+    /// (series, interface) → the interface's index in that series.
+    local: HashMap<(usize, u32), u32>,
+    /// Each interface's (series, index there), for what goes to every file holding it.
+    holders: Vec<Vec<(usize, u32)>>,
+}
 
 impl Files {
     /// Opens the output. An earlier run's journal is applied first (files cut back to the
@@ -90,7 +156,7 @@ impl Files {
             pattern: config.pattern,
             format: config.format,
             rotation: config.rotation,
-            split_by_sensor: config.split_by_sensor,
+            split_by: config.split_by,
             series: Vec::new(),
             by_sensor: HashMap::new(),
             names: HashSet::new(),
@@ -106,8 +172,9 @@ impl Files {
             recovered,
             extents: Vec::new(),
             free: Vec::new(),
+            per_packet: PerPacket::default(),
         };
-        if !files.split_by_sensor {
+        if files.split_by.is_none() {
             let mut all = Series::new(&files.pattern, None, files.format, files.rotation)?;
             all.flush(&files.pattern, &mut files.finished)?;
             files.series.push(Some(all));
@@ -126,13 +193,17 @@ impl Files {
     /// that comes back continues its file, or starts a new one when rotating): open files
     /// are as many as sensors connected, never one per sensor ever seen.
     fn close_idle_series(&mut self) -> io::Result<()> {
-        if !self.split_by_sensor {
+        if self.split_by.is_none() {
             return Ok(());
         }
+        let per_packet = self.per_packet();
         for index in 0..self.series.len() {
-            let Some(series) = self.series[index].as_mut().filter(|s| s.is_idle()) else {
+            let Some(series) = self.series[index].as_mut() else {
                 continue;
             };
+            if !(series.is_idle() || (per_packet && series.idle_for() >= IDLE_FILE)) {
+                continue;
+            }
             // Written whole first, while it can still be retried; then closed and reported.
             series.complete_and_flush(&self.pattern, &mut self.finished)?;
             let Some(series) = self.series[index].take() else {
@@ -142,21 +213,33 @@ impl Files {
                 self.names.remove(name);
             }
             self.by_sensor.retain(|_, i| *i != index);
+            self.per_packet.forget(index);
             self.free.push(index);
             series.finish(&mut self.finished)?;
         }
         Ok(())
     }
 
+    fn per_packet(&self) -> bool {
+        matches!(self.split_by, Some(SplitBy::Process | SplitBy::Container))
+    }
+
     /// The series that takes `sensor`'s interfaces, made when the sensor first comes.
     fn series_of(&mut self, sensor: &str) -> io::Result<usize> {
-        if !self.split_by_sensor {
+        if self.split_by != Some(SplitBy::Sensor) {
             return Ok(0);
         }
         if let Some(&i) = self.by_sensor.get(sensor) {
             return Ok(i);
         }
-        let name = naming::unique(sensor, &mut self.names);
+        let index = self.new_series(sensor)?;
+        self.by_sensor.insert(sensor.to_string(), index);
+        Ok(index)
+    }
+
+    /// A series of its own for `name` (made safe and unique), in a free slot.
+    fn new_series(&mut self, name: &str) -> io::Result<usize> {
+        let name = naming::unique(&program::names::clean(name), &mut self.names);
         let series = match Series::new(
             &self.pattern,
             Some(name.clone()),
@@ -179,8 +262,87 @@ impl Files {
                 self.series.len() - 1
             }
         };
-        self.by_sensor.insert(sensor.to_string(), index);
         Ok(index)
+    }
+
+    /// `--split-by process|container`: the series of a packet's file, made when its
+    /// first packet comes (the shared one beyond [`MAX_OPEN_FILES`]), and the packet's
+    /// interface there, described when the file's first packet of it comes.
+    fn file_of(&mut self, packet: &OutPacket) -> io::Result<(usize, u32)> {
+        let global = packet.interface;
+        let sensor = self
+            .per_packet
+            .interfaces
+            .get(global as usize)
+            .map(|(_, sensor)| *sensor)
+            .ok_or_else(|| io::Error::other("packet of an unknown interface"))?;
+        let key = match (self.split_by, packet.process) {
+            (_, None) => FileKey::Unattributed,
+            (Some(SplitBy::Container), Some(a)) if a.process.container_id.is_empty() => {
+                FileKey::NoContainer
+            }
+            (Some(SplitBy::Container), Some(a)) => FileKey::Container(cut(&a.process.container_id)),
+            (_, Some(a)) => FileKey::Process {
+                sensor,
+                pid: a.process.pid,
+                comm: cut(&a.process.thread_name),
+            },
+        };
+        let series = match self.per_packet.files.get(&key) {
+            Some(&series) => series,
+            None => self.open_file(key, packet)?,
+        };
+        if let Some(&local) = self.per_packet.local.get(&(series, global)) {
+            return Ok((series, local));
+        }
+        let interface = self.per_packet.interfaces[global as usize]
+            .0
+            .clone()
+            .ok_or_else(|| io::Error::other("packet of a closed interface"))?;
+        let local = self.series_mut(series)?.add_interface(&interface)?;
+        self.per_packet.local.insert((series, global), local);
+        self.per_packet.holders[global as usize].push((series, local));
+        Ok((series, local))
+    }
+
+    /// Makes the file of `key`, or finds the shared one when [`MAX_OPEN_FILES`] are open.
+    fn open_file(&mut self, key: FileKey, packet: &OutPacket) -> io::Result<usize> {
+        let fixed = matches!(
+            key,
+            FileKey::NoContainer | FileKey::Unattributed | FileKey::More
+        );
+        if !fixed && self.per_packet.files.len() >= MAX_OPEN_FILES {
+            if SPLIT_OVERFLOW.fetch_add(1, Relaxed) == 0 {
+                tracing::warn!(
+                    "--split-by: {MAX_OPEN_FILES} files of their own are open; the packets of \
+                     more go to a shared file until one closes (idle for {}s)",
+                    IDLE_FILE.as_secs()
+                );
+            }
+            return match self.per_packet.files.get(&FileKey::More) {
+                Some(&series) => Ok(series),
+                None => self.open_file(FileKey::More, packet),
+            };
+        }
+        let name = match (key, packet.process) {
+            (FileKey::Process { .. }, Some(a)) => {
+                let sensor = self.per_packet.interfaces[packet.interface as usize]
+                    .0
+                    .as_ref()
+                    .map_or("", |i| i.sensor.as_str());
+                format!("{sensor}-{}-{}", a.process.thread_name, a.process.pid)
+            }
+            (FileKey::Container(_), Some(a)) => a.process.container_id.clone(),
+            (FileKey::NoContainer, _) => "no-container".into(),
+            (FileKey::More, _) if self.split_by == Some(SplitBy::Container) => {
+                "more-containers".into()
+            }
+            (FileKey::More, _) => "more-processes".into(),
+            _ => "unattributed".into(),
+        };
+        let series = self.new_series(&name)?;
+        self.per_packet.files.insert(key, series);
+        Ok(series)
     }
 
     fn interface(&self, interface: u32) -> io::Result<(usize, u32)> {
@@ -189,6 +351,39 @@ impl Files {
             .copied()
             .ok_or_else(|| io::Error::other("packet of an unknown interface"))
     }
+
+    /// The (series, index there) of every file that holds the interface: its one file,
+    /// or with `--split-by process|container` those its packets went to so far.
+    fn holders(&self, interface: u32) -> io::Result<Vec<(usize, u32)>> {
+        if self.per_packet() {
+            return self
+                .per_packet
+                .holders
+                .get(interface as usize)
+                .cloned()
+                .ok_or_else(|| io::Error::other("an unknown interface"));
+        }
+        self.interface(interface).map(|held| vec![held])
+    }
+}
+
+impl PerPacket {
+    fn add_interface(&mut self, interface: &SinkInterface) -> u32 {
+        let next = self.sensors.len() as u32;
+        let sensor = *self.sensors.entry(interface.sensor.clone()).or_insert(next);
+        self.interfaces.push((Some(interface.clone()), sensor));
+        self.holders.push(Vec::new());
+        self.interfaces.len() as u32 - 1
+    }
+
+    /// The series in slot `index` is closed: its key and interfaces are forgotten.
+    fn forget(&mut self, index: usize) {
+        self.files.retain(|_, i| *i != index);
+        self.local.retain(|(series, _), _| *series != index);
+        for holders in &mut self.holders {
+            holders.retain(|(series, _)| *series != index);
+        }
+    }
 }
 
 impl Sink for Files {
@@ -196,20 +391,23 @@ impl Sink for Files {
         let Some(first) = interfaces.first() else {
             return Ok(());
         };
-        let existing = if self.split_by_sensor {
-            self.by_sensor.get(&first.sensor).copied()
-        } else {
-            Some(0)
+        let existing = match self.split_by {
+            None => Some(0),
+            Some(SplitBy::Sensor) => self.by_sensor.get(&first.sensor).copied(),
+            // Each file describes an interface when its first packet of it comes.
+            Some(SplitBy::Process | SplitBy::Container) => None,
         };
         match existing
             .and_then(|i| self.series.get(i))
             .and_then(Option::as_ref)
         {
             Some(series) => series.check(interfaces),
-            None if self.by_sensor.len() >= MAX_OPEN_FILES => Err(Refusal::Full(format!(
+            None if !self.per_packet() && self.by_sensor.len() >= MAX_OPEN_FILES => {
+                Err(Refusal::Full(format!(
                 "{MAX_OPEN_FILES} sensors have a file of their own open already, the most this \
                  receiver keeps open; try again once one has left"
-            ))),
+            )))
+            }
             // A sensor new to a file per sensor: as a file of its own would take it.
             None => FormatSink::new(self.format, io::sink())
                 .map_err(|e| Refusal::Full(e.to_string()))?
@@ -218,6 +416,9 @@ impl Sink for Files {
     }
 
     fn add_interface(&mut self, interface: &SinkInterface) -> io::Result<u32> {
+        if self.per_packet() {
+            return Ok(self.per_packet.add_interface(interface));
+        }
         let series = self.series_of(&interface.sensor)?;
         let local = self.series_mut(series)?.add_interface(interface)?;
         self.interfaces.push((series, local));
@@ -225,7 +426,11 @@ impl Sink for Files {
     }
 
     fn write_packet(&mut self, packet: &OutPacket) -> io::Result<()> {
-        let (series, interface) = self.interface(packet.interface)?;
+        let (series, interface) = if self.per_packet() {
+            self.file_of(packet)?
+        } else {
+            self.interface(packet.interface)?
+        };
         let pattern = &self.pattern;
         let series = self
             .series
@@ -241,18 +446,24 @@ impl Sink for Files {
         )
     }
 
+    /// With `--split-by process|container`, to the files that hold the interface so far.
     fn write_secrets(&mut self, interface: u32, lines: &[u8]) -> io::Result<bool> {
-        let (series, interface) = self.interface(interface)?;
-        self.series_mut(series)?.write_secrets(interface, lines)
+        let mut kept = false;
+        for (series, interface) in self.holders(interface)? {
+            kept |= self.series_mut(series)?.write_secrets(interface, lines)?;
+        }
+        Ok(kept)
     }
 
     fn write_stats(&mut self, interface: u32, stats: &InterfaceStats) -> io::Result<()> {
-        let (series, interface) = self.interface(interface)?;
-        self.series_mut(series)?.write_stats(interface, stats)
+        for (series, interface) in self.holders(interface)? {
+            self.series_mut(series)?.write_stats(interface, stats)?;
+        }
+        Ok(())
     }
 
     fn update_stats(&mut self, interface: u32, stats: &InterfaceStats) {
-        if let Ok((series, interface)) = self.interface(interface) {
+        for (series, interface) in self.holders(interface).unwrap_or_default() {
             if let Ok(series) = self.series_mut(series) {
                 series.update_stats(interface, stats);
             }
@@ -261,10 +472,13 @@ impl Sink for Files {
 
     fn close_interfaces(&mut self, interfaces: &[u32]) {
         for &interface in interfaces {
-            if let Ok((series, local)) = self.interface(interface) {
+            for (series, local) in self.holders(interface).unwrap_or_default() {
                 if let Ok(series) = self.series_mut(series) {
                     series.close_interface(local);
                 }
+            }
+            if let Some((slot, _)) = self.per_packet.interfaces.get_mut(interface as usize) {
+                *slot = None;
             }
         }
     }
@@ -427,9 +641,9 @@ mod tests {
     fn open_format(out: &Path, format: Format) -> Box<Files> {
         Box::new(
             Files::open(FileConfig {
-                pattern: Pattern::parse(out, false).unwrap(),
+                pattern: Pattern::parse(out, None).unwrap(),
                 format,
-                split_by_sensor: false,
+                split_by: None,
                 rotation: Rotation::default(),
                 keep: Keep::default(),
                 on_finished: None,
@@ -556,12 +770,13 @@ mod tests {
         rotation: Rotation,
         keep: Keep,
     ) -> (Box<Files>, Arc<Mutex<Vec<PathBuf>>>) {
-        open_with(out, split, rotation, keep, None)
+        let split_by = split.then_some(SplitBy::Sensor);
+        open_with(out, split_by, rotation, keep, None)
     }
 
     fn open_with(
         out: &Path,
-        split: bool,
+        split_by: Option<SplitBy>,
         rotation: Rotation,
         keep: Keep,
         in_use: Option<InUse>,
@@ -569,9 +784,9 @@ mod tests {
         let reported = Arc::new(Mutex::new(Vec::new()));
         let hook = Arc::clone(&reported);
         let files = Files::open(FileConfig {
-            pattern: Pattern::parse(out, split).unwrap(),
+            pattern: Pattern::parse(out, split_by).unwrap(),
             format: Format::Pcapng,
-            split_by_sensor: split,
+            split_by,
             rotation,
             keep,
             on_finished: Some(Box::new(move |p| hook.lock().unwrap().push(p))),
@@ -592,7 +807,6 @@ mod tests {
             original_len: 200,
             direction: Direction::Inbound,
             data: &[7u8; 200],
-            comment: None,
             batch: Default::default(),
             process: None,
         })
@@ -696,7 +910,7 @@ mod tests {
             first.get_or_insert_with(|| p.to_path_buf()) == p
         });
         let out = dir.0.join("cap.pcapng");
-        let (mut files, reported) = open_with(&out, false, rotation, keep, Some(in_use));
+        let (mut files, reported) = open_with(&out, None, rotation, keep, Some(in_use));
         let a = files.add_interface(&iface("a")).unwrap();
         for t in 0..40u64 {
             write(&mut files, a, t);
@@ -838,6 +1052,120 @@ mod tests {
         assert_eq!((idbs, times), (2, vec![1, 3]));
         let (idbs, times, _, _) = read(&reported[1]);
         assert_eq!((idbs, times), (1, vec![2]));
+    }
+
+    /// Files split packet by packet, neither rotated nor pruned.
+    fn open_split(out: &Path, by: SplitBy) -> (Box<Files>, Arc<Mutex<Vec<PathBuf>>>) {
+        open_with(out, Some(by), Rotation::default(), Keep::default(), None)
+    }
+
+    fn attribution(pid: u32, comm: &str, container: &str) -> protocol::Attribution {
+        protocol::Attribution::new(protocol::Process {
+            pid,
+            thread_name: comm.into(),
+            container_id: container.into(),
+            ..protocol::Process::default()
+        })
+    }
+
+    fn write_of(
+        files: &mut Files,
+        interface: u32,
+        t: u64,
+        process: Option<&protocol::Attribution>,
+    ) {
+        files
+            .write_packet(&OutPacket {
+                interface,
+                timestamp_ns: t,
+                original_len: 200,
+                direction: Direction::Inbound,
+                data: &[7u8; 200],
+                process,
+                batch: Default::default(),
+            })
+            .unwrap();
+    }
+
+    /// `--split-by process`: a file per sensor, name and pid, describing only the
+    /// interfaces of its packets; the rest in "unattributed"; a file per container with
+    /// `--split-by container`, processes in none in "no-container".
+    #[test]
+    fn a_file_per_process_or_container() {
+        let dir = Dir::new("per-process");
+        let curl = attribution(41, "curl", "");
+        let curl_again = attribution(42, "curl", "");
+        let boxed = attribution(7, "nginx", &"ab".repeat(32));
+        let (mut files, reported) = open_split(&dir.0.join("cap.pcapng"), SplitBy::Process);
+        let a = files.add_interface(&iface("a")).unwrap();
+        let b = files.add_interface(&iface("b")).unwrap();
+        write_of(&mut files, a, 1, Some(&curl));
+        write_of(&mut files, a, 2, None);
+        write_of(&mut files, b, 3, Some(&curl));
+        write_of(&mut files, a, 4, Some(&curl_again));
+        write_of(&mut files, a, 5, Some(&curl));
+        write_of(&mut files, b, 6, Some(&boxed));
+        files.write_stats(a, &stats()).unwrap();
+        files.finish().unwrap();
+        let mut reported = reported.lock().unwrap().clone();
+        reported.sort();
+        let names: Vec<String> = reported
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "cap-a-curl-41.pcapng",
+                "cap-a-curl-42.pcapng",
+                "cap-b-curl-41.pcapng",
+                "cap-b-nginx-7.pcapng",
+                "cap-unattributed.pcapng"
+            ]
+        );
+        let (idbs, times, isbs, _) = read(&reported[0]);
+        assert_eq!((idbs, times, isbs), (1, vec![1, 5], 1));
+        assert_eq!(read(&reported[1]).1, [4]);
+        assert_eq!(read(&reported[2]).1, [3]);
+        assert_eq!(read(&reported[4]).1, [2]);
+
+        let dir = Dir::new("per-container");
+        let (mut files, reported) =
+            open_split(&dir.0.join("{container}.pcapng"), SplitBy::Container);
+        let a = files.add_interface(&iface("a")).unwrap();
+        write_of(&mut files, a, 1, Some(&boxed));
+        write_of(&mut files, a, 2, Some(&curl));
+        write_of(&mut files, a, 3, None);
+        write_of(&mut files, a, 4, Some(&boxed));
+        files.finish().unwrap();
+        let reported = reported.lock().unwrap().clone();
+        let times = |name: &str| read(&dir.0.join(name)).1;
+        assert_eq!(reported.len(), 3);
+        assert_eq!(times(&format!("{}.pcapng", "ab".repeat(32))), [1, 4]);
+        assert_eq!(times("no-container.pcapng"), [2]);
+        assert_eq!(times("unattributed.pcapng"), [3]);
+    }
+
+    /// Past [`MAX_OPEN_FILES`] processes at once, the packets of more go to the shared
+    /// "more-processes" file, counted; nothing is lost.
+    #[test]
+    fn files_per_process_are_capped() {
+        let dir = Dir::new("per-process-cap");
+        let (mut files, _) = open_split(&dir.0.join("cap.pcapng"), SplitBy::Process);
+        let a = files.add_interface(&iface("a")).unwrap();
+        let before = SPLIT_OVERFLOW.load(Relaxed);
+        for pid in 0..MAX_OPEN_FILES as u32 + 3 {
+            write_of(
+                &mut files,
+                a,
+                u64::from(pid),
+                Some(&attribution(pid, "p", "")),
+            );
+        }
+        assert_eq!(files.series.iter().flatten().count(), MAX_OPEN_FILES + 1);
+        files.finish().unwrap();
+        assert_eq!(read(&dir.0.join("cap-more-processes.pcapng")).1.len(), 3);
+        assert!(SPLIT_OVERFLOW.load(Relaxed) - before >= 3);
     }
 
     /// A closed session's interfaces are not repeated into the files rotation starts.

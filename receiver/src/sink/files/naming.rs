@@ -1,5 +1,6 @@
-//! File names: the `--out` pattern (strftime fields and `{sensor}` in the file name), the
-//! path-safe form of a sensor's name, and counters that keep names apart.
+//! File names: the `--out` pattern (strftime fields and `{sensor}`, `{process}` or
+//! `{container}` in the file name), the path-safe form of a sensor's, process's or
+//! container's name, and counters that keep names apart.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -8,24 +9,33 @@ use std::path::{Path, PathBuf};
 use time::format_description::OwnedFormatItem;
 use time::OffsetDateTime;
 
-/// Where `{sensor}` goes in a file name.
-const SENSOR: &str = "{sensor}";
-/// Longest sensor part of a file name, counter included.
+use super::SplitBy;
+
+/// Where the split's own part goes in a file name, per `--split-by`.
+const PLACEHOLDERS: [(&str, SplitBy, &str); 3] = [
+    ("{sensor}", SplitBy::Sensor, "sensor"),
+    ("{process}", SplitBy::Process, "process"),
+    ("{container}", SplitBy::Container, "container"),
+];
+/// Longest split part of a file name, counter included.
 const MAX_SENSOR_LEN: usize = 64;
 
 /// The `--out` path as a pattern: the directory as given, the file name with strftime
-/// fields (`%Y%m%d-%H%M%S`, in UTC) and, with `--split-by sensor`, `{sensor}`.
+/// fields (`%Y%m%d-%H%M%S`, in UTC) and, with `--split-by`, its placeholder (`{sensor}`,
+/// `{process}`, `{container}`).
 pub struct Pattern {
     dir: PathBuf,
     /// The file name; formatted when it has `%` fields.
     name: String,
     format: Option<OwnedFormatItem>,
+    /// The placeholder of `--split-by`, which the name holds.
+    placeholder: Option<&'static str>,
 }
 
 impl Pattern {
-    /// Checks `out` and, for a file per sensor, puts `{sensor}` before the extension when
-    /// the name has none.
-    pub fn parse(out: &Path, split_by_sensor: bool) -> Result<Self, String> {
+    /// Checks `out` and, for a split output, puts its placeholder before the extension
+    /// when the name has none.
+    pub fn parse(out: &Path, split_by: Option<SplitBy>) -> Result<Self, String> {
         let shown = out.display();
         let name = out
             .file_name()
@@ -34,20 +44,29 @@ impl Pattern {
             .ok_or_else(|| format!("--out {shown}: the file name must be UTF-8"))?;
         let dir = out.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir_text = dir.to_string_lossy();
-        if dir_text.contains('%') || dir_text.contains(SENSOR) {
-            return Err(format!(
-                "--out {shown}: put % fields and {SENSOR} in the file name, not the directory"
-            ));
-        }
-        let name = match (split_by_sensor, name.contains(SENSOR)) {
-            (true, true) | (false, false) => name.to_string(),
-            (true, false) => match name.rsplit_once('.') {
-                Some((stem, ext)) if !stem.is_empty() => format!("{stem}-{SENSOR}.{ext}"),
-                _ => format!("{name}-{SENSOR}"),
-            },
-            (false, true) => {
-                return Err(format!("--out {shown}: {SENSOR} needs --split-by sensor"))
+        for (placeholder, by, flag) in PLACEHOLDERS {
+            if dir_text.contains('%') || dir_text.contains(placeholder) {
+                return Err(format!(
+                    "--out {shown}: put % fields and {placeholder} in the file name, not the \
+                     directory"
+                ));
             }
+            if name.contains(placeholder) && split_by != Some(by) {
+                return Err(format!(
+                    "--out {shown}: {placeholder} needs --split-by {flag}"
+                ));
+            }
+        }
+        let placeholder = PLACEHOLDERS
+            .iter()
+            .find(|(_, by, _)| split_by == Some(*by))
+            .map(|(placeholder, _, _)| *placeholder);
+        let name = match placeholder {
+            Some(placeholder) if !name.contains(placeholder) => match name.rsplit_once('.') {
+                Some((stem, ext)) if !stem.is_empty() => format!("{stem}-{placeholder}.{ext}"),
+                _ => format!("{name}-{placeholder}"),
+            },
+            _ => name.to_string(),
         };
         let format = if name.contains('%') {
             let items = time::format_description::parse_strftime_owned(&name)
@@ -66,7 +85,12 @@ impl Pattern {
         } else {
             None
         };
-        Ok(Self { dir, name, format })
+        Ok(Self {
+            dir,
+            name,
+            format,
+            placeholder,
+        })
     }
 
     /// The output's journal: beside its files, hidden, named after the pattern.
@@ -74,22 +98,23 @@ impl Pattern {
         self.dir.join(format!(".{}.capstream-journal", self.name))
     }
 
-    /// The path for a file opened at `now`, of the sensor whose safe name is `sensor`.
+    /// The path for a file opened at `now`, of the sensor (process, container) whose safe
+    /// name is `sensor`.
     pub fn path(&self, sensor: Option<&str>, now: OffsetDateTime) -> PathBuf {
         let name = match &self.format {
             // Checked when parsed: formatting a valid description does not fail.
             Some(items) => now.format(items).unwrap_or_else(|_| self.name.clone()),
             None => self.name.clone(),
         };
-        let name = match sensor {
-            Some(sensor) => name.replace(SENSOR, sensor),
+        let name = match sensor.zip(self.placeholder) {
+            Some((sensor, placeholder)) => name.replace(placeholder, sensor),
             None => name,
         };
         self.dir.join(name)
     }
 }
 
-/// A sensor's name as a file name part: letters, digits, `_`, `-` and single dots; other
+/// A sensor's (process's, container's) name as a file name part: letters, digits, `_`, `-` and single dots; other
 /// characters (`/`, control characters, spaces, non-ASCII) become `_`; never `..`, never a
 /// leading `.` or `-`, at most 64 bytes, never empty.
 pub fn sanitize(name: &str) -> String {
@@ -201,22 +226,35 @@ mod tests {
     #[test]
     fn patterns_take_time_fields_and_the_sensor() {
         let now = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
-        let p = Pattern::parse(Path::new("/data/cap-%Y%m%d-%H%M%S.pcapng"), false).unwrap();
+        let sensor = Some(SplitBy::Sensor);
+        let p = Pattern::parse(Path::new("/data/cap-%Y%m%d-%H%M%S.pcapng"), None).unwrap();
         assert_eq!(
             p.path(None, now),
             Path::new("/data/cap-20231114-221320.pcapng")
         );
-        let p = Pattern::parse(Path::new("d/{sensor}/x.pcap"), true);
+        let p = Pattern::parse(Path::new("d/{sensor}/x.pcap"), sensor);
         assert!(p.is_err(), "a placeholder in the directory is refused");
-        let p = Pattern::parse(Path::new("%Y/x.pcap"), false);
+        let p = Pattern::parse(Path::new("%Y/x.pcap"), None);
         assert!(p.is_err());
-        let p = Pattern::parse(Path::new("d/cap.pcap"), true).unwrap();
+        let p = Pattern::parse(Path::new("d/cap.pcap"), sensor).unwrap();
         assert_eq!(p.path(Some("tap-1"), now), Path::new("d/cap-tap-1.pcap"));
-        let p = Pattern::parse(Path::new("d/{sensor}-%H.pcap"), true).unwrap();
+        let p = Pattern::parse(Path::new("d/{sensor}-%H.pcap"), sensor).unwrap();
         assert_eq!(p.path(Some("s"), now), Path::new("d/s-22.pcap"));
-        assert!(Pattern::parse(Path::new("d/{sensor}.pcap"), false).is_err());
-        assert!(Pattern::parse(Path::new("d/x-%Q.pcap"), false).is_err());
-        let slash = Pattern::parse(Path::new("d/cap-%D.pcap"), true)
+        assert!(Pattern::parse(Path::new("d/{sensor}.pcap"), None).is_err());
+        assert!(Pattern::parse(Path::new("d/x-%Q.pcap"), None).is_err());
+        // Each split has its own placeholder, put in when the name has none.
+        let p = Pattern::parse(Path::new("d/cap.pcapng"), Some(SplitBy::Process)).unwrap();
+        assert_eq!(
+            p.path(Some("h-curl-7"), now),
+            Path::new("d/cap-h-curl-7.pcapng")
+        );
+        let p = Pattern::parse(Path::new("d/{container}.pcapng"), Some(SplitBy::Container));
+        assert_eq!(p.unwrap().path(Some("ab"), now), Path::new("d/ab.pcapng"));
+        let wrong = Pattern::parse(Path::new("d/{process}.pcap"), sensor)
+            .err()
+            .unwrap();
+        assert!(wrong.contains("--split-by process"), "{wrong}");
+        let slash = Pattern::parse(Path::new("d/cap-%D.pcap"), sensor)
             .err()
             .unwrap();
         assert!(slash.contains("'/'"), "{slash}");

@@ -63,6 +63,10 @@ pub struct Series {
     /// Completed files whose bytes are not all flushed yet: flushed, closed and reported
     /// in order, before the current file.
     closing: Vec<Committed>,
+    /// When it was last found to have taken packets ([`Series::idle_for`]), and whether it
+    /// took any since.
+    active: Instant,
+    written_since: bool,
 }
 
 impl Series {
@@ -90,6 +94,8 @@ impl Series {
             delivered: Vec::new(),
             current,
             closing: Vec::new(),
+            active: Instant::now(),
+            written_since: false,
         })
     }
 
@@ -141,6 +147,15 @@ impl Series {
         self.sensor.as_deref()
     }
 
+    /// How long it has taken no packet, as seen at each call (the flushes): no clock is
+    /// read per packet.
+    pub fn idle_for(&mut self) -> Duration {
+        if std::mem::take(&mut self.written_since) {
+            self.active = Instant::now();
+        }
+        self.active.elapsed()
+    }
+
     pub fn write_packet(&mut self, pattern: &Pattern, packet: &OutPacket) -> io::Result<()> {
         if let Some(size) = self.rotation.size {
             // A file whose interface blocks alone pass the size still takes as many bytes
@@ -165,6 +180,7 @@ impl Series {
             ..*packet
         })?;
         self.current.packets += 1;
+        self.written_since = true;
         self.delivered[i] = self.delivered[i].saturating_add(1);
         Ok(())
     }

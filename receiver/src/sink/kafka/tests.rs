@@ -36,7 +36,6 @@ fn packet(interface: u32, timestamp_ns: u64, data: &[u8]) -> OutPacket<'_> {
         original_len: data.len() as u32,
         direction: Direction::Inbound,
         data,
-        comment: None,
         batch: Default::default(),
         process: None,
     }

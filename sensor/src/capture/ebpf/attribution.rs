@@ -9,7 +9,9 @@
 //!   the kernel's tables under cookies of their own;
 //! - the process selectors (`--pid`, `--comm`, `--cgroup`, `--container`) are checked and
 //!   put in the kernel's sets;
-//! - a frame's cookie gives its owner, and the owner its process record.
+//! - a frame's cookie gives its owner, and the owner its process record;
+//! - in `--mode pcap`, which has no program on the packet path, a frame's flow gives its
+//!   cookie ([`FrameOwners`]), and the selectors are applied here.
 //!
 //! A process's command line, executable and cgroup are read from `/proc` once per process;
 //! a process gone by then keeps its kernel-side name, and its cgroup is found by id in the
@@ -20,13 +22,15 @@ use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::Ebpf;
 use protocol::cgroup::{parse_cgroup_path, path_from_proc_cgroup};
-use protocol::Process;
+use protocol::{Direction, Process};
 use sensor_ebpf::{FlowKey, Owner, SYNTHETIC_COOKIE};
 
-use super::super::Selectors;
+use super::super::{FrameOwner, Selectors};
 
 use crate::error::{Error, Result};
 
@@ -130,13 +134,39 @@ struct ProcessInfo {
     cgroup: String,
 }
 
+/// A process the frames of some socket belong to.
+pub struct Known {
+    pub process: Process,
+    /// Whether it matches a selector (always, without a [`Selection`] here).
+    pub selected: bool,
+}
+
+/// The process selectors, as the kernel's sets hold them: thread group ids, names
+/// (NUL-padded) and cgroup ids.
+#[derive(Default)]
+pub struct Selection {
+    pub pids: Vec<u32>,
+    pub comms: Vec<[u8; 16]>,
+    pub cgroups: Vec<u64>,
+}
+
+impl Selection {
+    fn matches(&self, owner: &Owner) -> bool {
+        self.pids.contains(&owner.tgid)
+            || self.comms.contains(&owner.comm)
+            || self.cgroups.contains(&owner.cgroup_id)
+    }
+}
+
 pub struct Attributor {
     owners: BpfHashMap<MapData, u64, Owner>,
     cgroup_root: CgroupRoot,
+    /// Applied here (`--mode pcap`) rather than in the kernel.
+    selection: Option<Selection>,
     /// Socket cookie → owner key (`tgid << 32 | tid`).
     cookies: HashMap<u64, u64>,
     /// Owner key → its record.
-    processes: HashMap<u64, Process>,
+    processes: HashMap<u64, Known>,
     /// Per process (tgid): what `/proc` said.
     infos: HashMap<u32, ProcessInfo>,
     /// Cgroup id → path, found by walking the cgroup2 tree.
@@ -144,12 +174,13 @@ pub struct Attributor {
 }
 
 impl Attributor {
-    /// Puts the sockets older than the sensor in the kernel's tables (`flows`, then
-    /// dropped: the programs keep it).
+    /// Puts the sockets older than the sensor in the kernel's tables. With `selection`,
+    /// [`Known::selected`] says whether a process matches it.
     pub fn new(
         mut owners: BpfHashMap<MapData, u64, Owner>,
-        mut flows: BpfHashMap<MapData, FlowKey, u64>,
+        flows: &mut BpfHashMap<MapData, FlowKey, u64>,
         cgroup_root: CgroupRoot,
+        selection: Option<Selection>,
     ) -> Self {
         for (inode, flow, owner) in existing_sockets(&cgroup_root) {
             let cookie = SYNTHETIC_COOKIE | inode;
@@ -160,6 +191,7 @@ impl Attributor {
         Self {
             owners,
             cgroup_root,
+            selection,
             cookies: HashMap::new(),
             processes: HashMap::new(),
             infos: HashMap::new(),
@@ -169,7 +201,7 @@ impl Attributor {
 
     /// The process of the socket with this cookie (see the module documentation), and its
     /// key. The owner is kept here by cookie too: the kernel may forget it first.
-    pub fn owner(&mut self, cookie: u64) -> Option<(u64, &Process)> {
+    pub fn owner(&mut self, cookie: u64) -> Option<(u64, &Known)> {
         if cookie == 0 {
             return None;
         }
@@ -194,7 +226,8 @@ impl Attributor {
         let cgroup_fallback = self.cgroup_path(owner.cgroup_id);
         let info = self.info(owner.tgid, &thread_name, cgroup_fallback);
         let process = process_record(owner.tgid, owner.tid, owner.uid, thread_name, info);
-        bounded_insert(&mut self.processes, key, process);
+        let selected = self.selection.as_ref().is_none_or(|s| s.matches(owner));
+        bounded_insert(&mut self.processes, key, Known { process, selected });
     }
 
     fn info(&mut self, tgid: u32, name: &str, cgroup_fallback: Option<String>) -> &ProcessInfo {
@@ -221,6 +254,199 @@ impl Attributor {
         }
         self.cgroup_paths.get(&id).cloned()
     }
+}
+
+/// How long the frames' flows are taken as found: a flow unknown at first (an inbound
+/// connection's SYN, before its socket answered) is looked up again after this, and so is a
+/// flow whose 5-tuple a newer socket may have reused.
+const FLOW_CACHE_LIFETIME: Duration = Duration::from_millis(500);
+/// Flows the cache holds before it starts afresh.
+const FLOW_CACHE_ENTRIES: usize = 4096;
+
+/// `--mode pcap --attribute`: libpcap's frames pass no program of ours, so their owners are
+/// found here, from the same tables the eBPF modes read: a frame's flow (either way round)
+/// gives its socket's cookie in the kernel's flow table, the cookie its owner. Flows are
+/// cached for a while, so that a steady flow costs no system call per frame.
+pub struct FrameOwners {
+    /// Keeps the cgroup hooks attached and the tables alive.
+    _programs: Ebpf,
+    attributor: Attributor,
+    flows: BpfHashMap<MapData, FlowKey, u64>,
+    /// A frame's flow as seen (source first) → its socket's cookie, 0 if none.
+    cache: HashMap<FlowKey, u64, foldhash::fast::RandomState>,
+    cache_since: Instant,
+    /// The last frame's flow and cookie: frames come in bursts of one flow.
+    last: Option<(FlowKey, u64)>,
+}
+
+impl FrameOwners {
+    pub fn new(
+        programs: Ebpf,
+        attributor: Attributor,
+        flows: BpfHashMap<MapData, FlowKey, u64>,
+    ) -> Self {
+        Self {
+            _programs: programs,
+            attributor,
+            flows,
+            cache: HashMap::with_capacity_and_hasher(
+                FLOW_CACHE_ENTRIES,
+                foldhash::fast::RandomState::default(),
+            ),
+            cache_since: Instant::now(),
+            last: None,
+        }
+    }
+
+    /// The owner of a frame of `link_type` (libpcap's), which went `direction` (unknown:
+    /// either way is tried, this host's end as the source first).
+    pub fn of(&mut self, link_type: i32, frame: &[u8], direction: Direction) -> FrameOwner<'_> {
+        let cookie = match frame_flow(link_type, frame) {
+            Some(seen) => match self.last.filter(|(last, _)| *last == seen) {
+                Some((_, cookie)) => cookie,
+                None => {
+                    let cookie = self.cached(seen, direction);
+                    self.last = Some((seen, cookie));
+                    cookie
+                }
+            },
+            None => 0,
+        };
+        let selecting = self.attributor.selection.is_some();
+        match self.attributor.owner(cookie) {
+            Some((_, known)) if !known.selected => FrameOwner::NotSelected,
+            Some((key, known)) => FrameOwner::Process(key, &known.process),
+            None if selecting => FrameOwner::NotSelected,
+            None => FrameOwner::Unattributed,
+        }
+    }
+
+    /// The cookie of the flow `seen`, from the cache or else the kernel's table.
+    fn cached(&mut self, seen: FlowKey, direction: Direction) -> u64 {
+        if let Some(&cookie) = self.cache.get(&seen) {
+            return cookie;
+        }
+        let cookie = self.look_up(&seen, direction);
+        if self.cache.len() >= FLOW_CACHE_ENTRIES {
+            self.cache.clear();
+        }
+        self.cache.insert(seen, cookie);
+        // The other way's frames were not found before (an inbound SYN, ahead of the
+        // answer that taught the table the flow): look them up again.
+        let reply = reversed(&seen);
+        if cookie != 0 && self.cache.get(&reply) == Some(&0) {
+            self.cache.remove(&reply);
+        }
+        cookie
+    }
+
+    /// The cookie of the flow a frame `seen` (source first) belongs to, from the kernel's
+    /// table (which holds flows from this host's end).
+    fn look_up(&self, seen: &FlowKey, direction: Direction) -> u64 {
+        let reply = reversed(seen);
+        let tries: &[&FlowKey] = match direction {
+            Direction::Outbound => &[seen],
+            Direction::Inbound => &[&reply],
+            Direction::Unknown => &[seen, &reply],
+        };
+        tries
+            .iter()
+            .find_map(|flow| self.flows.get(flow, 0).ok())
+            .unwrap_or(0)
+    }
+
+    /// What reading the tables while capturing takes (see `map_reads_need`).
+    pub fn needs(&self) -> Vec<crate::privileges::Need> {
+        super::map_reads_need("to read the owners of libpcap's frames".into())
+            .into_iter()
+            .collect()
+    }
+
+    /// Forgets the cached flows once they are [`FLOW_CACHE_LIFETIME`] old. Called between
+    /// reads, not per frame.
+    pub fn tick(&mut self) {
+        if self.cache_since.elapsed() >= FLOW_CACHE_LIFETIME {
+            self.cache.clear();
+            self.last = None;
+            self.cache_since = Instant::now();
+        }
+    }
+}
+
+fn reversed(flow: &FlowKey) -> FlowKey {
+    FlowKey {
+        local: flow.remote,
+        remote: flow.local,
+        local_port: flow.remote_port,
+        remote_port: flow.local_port,
+        ..*flow
+    }
+}
+
+const LINKTYPE_ETHERNET: i32 = 1;
+const LINKTYPE_RAW: i32 = 101;
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_IPV6: u16 = 0x86dd;
+const ETHERTYPE_VLAN: [u16; 2] = [0x8100, 0x88a8];
+
+/// The TCP or UDP flow of a frame, source first (in `local`), as libpcap hands it over on
+/// Linux: Ethernet (one VLAN tag at most), cooked (SLL, SLL2) or raw IP.
+fn frame_flow(link_type: i32, frame: &[u8]) -> Option<FlowKey> {
+    let ethertype_at = |at: usize| {
+        frame
+            .get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+    };
+    let (ethertype, l3) = match link_type {
+        LINKTYPE_ETHERNET => match ethertype_at(12)? {
+            tagged if ETHERTYPE_VLAN.contains(&tagged) => (ethertype_at(16)?, 18),
+            ethertype => (ethertype, 14),
+        },
+        pcap_record::LINKTYPE_LINUX_SLL => (ethertype_at(14)?, 16),
+        pcap_record::LINKTYPE_LINUX_SLL2 => (ethertype_at(0)?, 20),
+        LINKTYPE_RAW => match frame.first()? >> 4 {
+            4 => (ETHERTYPE_IPV4, 0),
+            6 => (ETHERTYPE_IPV6, 0),
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let ip = frame.get(l3..)?;
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    let (protocol, l4) = match ethertype {
+        ETHERTYPE_IPV4 => {
+            let header = ip.get(..20)?;
+            // A later fragment carries no ports.
+            if u16::from_be_bytes([header[6], header[7]]) & 0x1fff != 0 {
+                return None;
+            }
+            src[10..12].fill(0xff);
+            dst[10..12].fill(0xff);
+            src[12..].copy_from_slice(&header[12..16]);
+            dst[12..].copy_from_slice(&header[16..20]);
+            (header[9], usize::from(header[0] & 0x0f) * 4)
+        }
+        ETHERTYPE_IPV6 => {
+            let header = ip.get(..40)?;
+            src.copy_from_slice(&header[8..24]);
+            dst.copy_from_slice(&header[24..40]);
+            (header[6], 40)
+        }
+        _ => return None,
+    };
+    if protocol != TCP && protocol != UDP {
+        return None;
+    }
+    let ports = ip.get(l4..l4 + 4)?;
+    Some(FlowKey {
+        local: src,
+        remote: dst,
+        local_port: u16::from_be_bytes([ports[0], ports[1]]),
+        remote_port: u16::from_be_bytes([ports[2], ports[3]]),
+        protocol,
+        _reserved: [0; 3],
+    })
 }
 
 /// Sockets opened before the sensor started: their inode, flow, and the process holding
@@ -521,6 +747,45 @@ mod tests {
         // A listener has no remote end: no flow.
         let listener = "   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77 1";
         assert_eq!(socket_line(listener, TCP, false), None);
+    }
+
+    /// The flow of an Ethernet (tagged or not), cooked or raw frame, source first; none for
+    /// a later fragment or another protocol.
+    #[test]
+    fn frames_give_their_flow_source_first() {
+        let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, TCP, 0, 0];
+        ip.extend_from_slice(&[198, 18, 0, 2, 198, 18, 0, 1]);
+        ip.extend_from_slice(&[0x9c, 0x40, 0x1f, 0x40, 0, 0, 0, 0]);
+        let want = FlowKey {
+            local: Ipv4Addr::new(198, 18, 0, 2).to_ipv6_mapped().octets(),
+            remote: Ipv4Addr::new(198, 18, 0, 1).to_ipv6_mapped().octets(),
+            local_port: 40000,
+            remote_port: 8000,
+            protocol: TCP,
+            _reserved: [0; 3],
+        };
+        let ethernet = [&[0u8; 12][..], &[0x08, 0x00], &ip].concat();
+        let tagged = [&[0u8; 12][..], &[0x81, 0x00, 0, 5, 0x08, 0x00], &ip].concat();
+        let sll = [&[0u8; 14][..], &[0x08, 0x00], &ip].concat();
+        let sll2 = [&[0x08, 0x00][..], &[0u8; 18], &ip].concat();
+        for (link_type, frame) in [
+            (LINKTYPE_ETHERNET, &ethernet),
+            (LINKTYPE_ETHERNET, &tagged),
+            (pcap_record::LINKTYPE_LINUX_SLL, &sll),
+            (pcap_record::LINKTYPE_LINUX_SLL2, &sll2),
+            (LINKTYPE_RAW, &ip),
+        ] {
+            assert_eq!(frame_flow(link_type, frame), Some(want), "{link_type}");
+        }
+        assert_eq!(reversed(&reversed(&want)), want);
+        assert_eq!(reversed(&want).local_port, 8000);
+        let mut later_fragment = ethernet.clone();
+        later_fragment[14 + 7] = 1;
+        assert_eq!(frame_flow(LINKTYPE_ETHERNET, &later_fragment), None);
+        let mut icmp = ethernet.clone();
+        icmp[14 + 9] = 1;
+        assert_eq!(frame_flow(LINKTYPE_ETHERNET, &icmp), None);
+        assert_eq!(frame_flow(LINKTYPE_ETHERNET, &ethernet[..36]), None);
     }
 
     #[test]

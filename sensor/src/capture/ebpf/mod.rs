@@ -16,6 +16,8 @@
 pub mod afxdp;
 mod attribution;
 
+pub use attribution::FrameOwners;
+
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -164,13 +166,6 @@ impl EbpfCapture {
                 "--mode {mode} needs an Ethernet interface and {iface} is not one; use --mode tc"
             )));
         }
-
-        if opts.attribute && !matches!(hook, Hook::Tc | Hook::Socket | Hook::Xdp(_)) {
-            return Err(Error::input(format!(
-                "--attribute and the process selectors work with --mode tc, ebpf or xdp, not \
-                 --mode {mode} (its frames bypass the ring the owners are read from)"
-            )));
-        }
         let loopback = is_loopback(iface);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(shared::RING_MAP, opts.ring_size)
@@ -188,13 +183,7 @@ impl EbpfCapture {
                 true,
             )
             .load(object)
-            .map_err(|e| {
-                kernel_refused(
-                    mode,
-                    format!("cannot load the eBPF programs: {}", chain(&e)),
-                    denied(errno(&e)),
-                )
-            })?;
+            .map_err(|e| object_refused(mode, &e))?;
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
             .map_err(|e| tracing::debug!("no eBPF-side logging: {e}"))
             .ok();
@@ -311,7 +300,9 @@ impl EbpfCapture {
         }
 
         let attributor = if opts.attribute {
-            Some(attach_owner_hooks(&mut ebpf, mode, &opts.selectors)?)
+            let select_in = SelectIn::Kernel;
+            let (attributor, _) = attach_owner_hooks(&mut ebpf, mode, &opts.selectors, select_in)?;
+            Some(attributor)
         } else {
             for map in [shared::OWNERS_MAP, shared::FLOWS_MAP] {
                 drop(ebpf.take_map(map));
@@ -471,14 +462,9 @@ impl CaptureBackend for EbpfCapture {
             )),
             _ => {}
         }
-        // Before 6.5, kernel.unprivileged_bpf_disabled refuses every bpf() call, reads of
-        // existing maps included, to a process without CAP_BPF.
-        if !kernel_at_least(6, 5) && unprivileged_bpf_disabled() {
-            needs.push(Need::new(
-                Capability::Bpf,
-                format!("to read the kernel counters of {iface}"),
-            ));
-        }
+        needs.extend(map_reads_need(format!(
+            "to read the kernel counters of {iface}"
+        )));
         needs
     }
 
@@ -582,36 +568,70 @@ fn deliver(
     let timestamp = u64::try_from(timestamp).unwrap_or(0);
     let owner = attributor.and_then(|a| a.owner(header.socket_cookie));
     match owner {
-        Some((key, process)) => {
-            batcher.push_attributed(timestamp, wire_len, direction, data, key, process)
+        Some((key, known)) => {
+            batcher.push_attributed(timestamp, wire_len, direction, data, key, &known.process)
         }
         None => batcher.push(timestamp, wire_len, direction, data),
     }
 }
 
+/// Where the process selectors are applied: in the kernel, before any copy (the eBPF
+/// modes), or by the sensor, on the frames libpcap hands over (`--mode pcap`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SelectIn {
+    Kernel,
+    Sensor,
+}
+
 /// `--attribute`: loads the cgroup socket hooks and attaches them to the cgroup2 root,
 /// so that every socket of the host gets its owner recorded. Attached as BPF links (the
 /// kernel has them here, 6.6+ for TCX), which always sit beside other programs: the kernel
-/// wants no attach flags for them, `Single` being the one mode that sends none.
+/// wants no attach flags for them, `Single` being the one mode that sends none. Returns the
+/// flow table too, which only the sensor's own lookups (`--mode pcap`) need.
 fn attach_owner_hooks(
     ebpf: &mut Ebpf,
     mode: &str,
     selectors: &super::Selectors,
-) -> Result<attribution::Attributor> {
+    select_in: SelectIn,
+) -> Result<(
+    attribution::Attributor,
+    aya::maps::HashMap<MapData, shared::FlowKey, u64>,
+)> {
     let root = attribution::CgroupRoot::open()?;
-    let cgroups = attribution::selected_cgroups(&root, selectors)?;
-    let comms = selectors.comms.iter().map(|c| {
-        let mut comm = [0u8; 16];
-        comm[..c.len()].copy_from_slice(c.as_bytes());
-        comm
-    });
-    select(
-        ebpf,
-        shared::SELECT_PIDS_MAP,
-        selectors.pids.iter().copied(),
-    )?;
-    select(ebpf, shared::SELECT_COMMS_MAP, comms)?;
-    select(ebpf, shared::SELECT_CGROUPS_MAP, cgroups.into_iter())?;
+    let selection = attribution::Selection {
+        pids: selectors.pids.clone(),
+        comms: selectors
+            .comms
+            .iter()
+            .map(|c| {
+                let mut comm = [0u8; 16];
+                comm[..c.len()].copy_from_slice(c.as_bytes());
+                comm
+            })
+            .collect(),
+        cgroups: attribution::selected_cgroups(&root, selectors)?,
+    };
+    let selection = match select_in {
+        SelectIn::Kernel => {
+            select(
+                ebpf,
+                shared::SELECT_PIDS_MAP,
+                selection.pids.iter().copied(),
+            )?;
+            select(
+                ebpf,
+                shared::SELECT_COMMS_MAP,
+                selection.comms.iter().copied(),
+            )?;
+            select(
+                ebpf,
+                shared::SELECT_CGROUPS_MAP,
+                selection.cgroups.iter().copied(),
+            )?;
+            None
+        }
+        SelectIn::Sensor => (!selectors.is_empty()).then_some(selection),
+    };
     let refused = |name: &str, e: &dyn std::error::Error| {
         kernel_refused(
             mode,
@@ -648,12 +668,37 @@ fn attach_owner_hooks(
             .ok_or_else(|| missing(shared::OWNERS_MAP))?,
     )
     .map_err(|e| Error::runtime(format!("cannot read the socket owners: {e}")))?;
-    let flows = aya::maps::HashMap::try_from(
+    let mut flows = aya::maps::HashMap::try_from(
         ebpf.take_map(shared::FLOWS_MAP)
             .ok_or_else(|| missing(shared::FLOWS_MAP))?,
     )
     .map_err(|e| Error::runtime(format!("cannot fill the flow table: {e}")))?;
-    Ok(attribution::Attributor::new(owners, flows, root))
+    let attributor = attribution::Attributor::new(owners, &mut flows, root, selection);
+    Ok((attributor, flows))
+}
+
+/// Ring bytes of the object loaded for `--mode pcap --attribute`, which copies no frame
+/// into it: the smallest a kernel with pages of up to 64 KiB takes.
+const UNUSED_RING_SIZE: u32 = 1 << 16;
+
+/// `--mode pcap --attribute`: the object's cgroup hooks alone, attached as in the eBPF
+/// modes, and the tables they fill, which the sensor reads for libpcap's frames.
+pub fn frame_owners(selectors: &super::Selectors) -> Result<FrameOwners> {
+    let object = OBJECT.ok_or_else(no_programs)?;
+    let mode = "pcap --attribute";
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(shared::RING_MAP, UNUSED_RING_SIZE)
+        .load(object)
+        .map_err(|e| object_refused(mode, &e))?;
+    let (attributor, flows) = attach_owner_hooks(&mut ebpf, mode, selectors, SelectIn::Sensor)?;
+    Ok(FrameOwners::new(ebpf, attributor, flows))
+}
+
+/// What a capture that reads the kernel's maps while it runs needs for that: before 6.5,
+/// kernel.unprivileged_bpf_disabled refuses every bpf() call, reads of existing maps
+/// included, to a process without CAP_BPF.
+fn map_reads_need(why: String) -> Option<Need> {
+    (!kernel_at_least(6, 5) && unprivileged_bpf_disabled()).then(|| Need::new(Capability::Bpf, why))
 }
 
 /// Fills one of the kernel's selector sets.
@@ -809,6 +854,15 @@ fn missing(name: &str) -> Error {
     Error::runtime(format!(
         "the embedded eBPF object lacks {name}; rebuild with cargo xtask build-ebpf"
     ))
+}
+
+/// The kernel refused the object's maps (or the object is bad).
+fn object_refused(mode: &str, e: &aya::EbpfError) -> Error {
+    kernel_refused(
+        mode,
+        format!("cannot load the eBPF programs: {}", chain(e)),
+        denied(errno(e)),
+    )
 }
 
 fn load_error(mode: &str, name: &str, e: &aya::programs::ProgramError) -> Error {
