@@ -118,6 +118,8 @@ pub enum IndexError {
     ShortColumn(&'static str),
     #[error("a row points past the segment's end")]
     OutOfRange,
+    #[error("column {0} has another type than the index's")]
+    WrongType(&'static str),
 }
 
 /// The index of `rows` (in time order), whose interfaces and processes are `interfaces`
@@ -611,6 +613,25 @@ fn text(value: &Option<ByteArray>) -> &[u8] {
     }
 }
 
+/// A reader of `column` as `T`, if that is its type (the typed reader panics otherwise: a
+/// damaged or foreign index is an error, never a crash).
+fn typed_reader<T: DataType>(
+    group: &dyn RowGroupReader,
+    column: usize,
+    name: &'static str,
+) -> Result<ColumnReaderImpl<T>, IndexError> {
+    if group.metadata().column(column).column_type() != T::get_physical_type() {
+        return Err(IndexError::WrongType(name));
+    }
+    Ok(get_typed_column_reader(group.get_column_reader(column)?))
+}
+
+/// Room reserved ahead for a column's values: the footer's row count is not trusted further
+/// than a row group of the index's own size.
+fn reserve(rows: usize) -> usize {
+    rows.min(ROW_GROUP_ROWS)
+}
+
 /// An optional column's `rows` values.
 fn optional<T: DataType>(
     group: &dyn RowGroupReader,
@@ -618,9 +639,9 @@ fn optional<T: DataType>(
     rows: usize,
     name: &'static str,
 ) -> Result<Vec<Option<T::T>>, IndexError> {
-    let mut reader: ColumnReaderImpl<T> = get_typed_column_reader(group.get_column_reader(column)?);
-    let mut values = Vec::with_capacity(rows);
-    let mut levels = Vec::with_capacity(rows);
+    let mut reader = typed_reader::<T>(group, column, name)?;
+    let mut values = Vec::with_capacity(reserve(rows));
+    let mut levels = Vec::with_capacity(reserve(rows));
     while levels.len() < rows {
         let before = levels.len();
         reader.read_records(rows - levels.len(), Some(&mut levels), None, &mut values)?;
@@ -648,8 +669,8 @@ fn values<T: DataType>(
     rows: usize,
     name: &'static str,
 ) -> Result<Vec<T::T>, IndexError> {
-    let mut reader: ColumnReaderImpl<T> = get_typed_column_reader(group.get_column_reader(column)?);
-    let mut values = Vec::with_capacity(rows);
+    let mut reader = typed_reader::<T>(group, column, name)?;
+    let mut values = Vec::with_capacity(reserve(rows));
     while values.len() < rows {
         let before = values.len();
         reader.read_records(rows - values.len(), None, None, &mut values)?;

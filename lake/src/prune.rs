@@ -30,9 +30,12 @@ impl Constraints {
         let mut out = Self::default();
         let words: Vec<&str> = filter.split_whitespace().collect();
         let refused = ["or", "||", "not", "!"];
+        // After these libpcap's `host` and `port` test the encapsulated headers, which the
+        // index does not hold: nothing can be pruned.
+        let inner = ["mpls", "pppoes", "geneve", "vxlan"];
         if words
             .iter()
-            .any(|w| refused.contains(w) || w.contains(['(', ')', '!', '|']))
+            .any(|w| refused.contains(w) || inner.contains(w) || w.contains(['(', ')', '!', '|']))
         {
             return out;
         }
@@ -119,6 +122,9 @@ mod tests {
             "not port 80",
             "(port 80)",
             "host name.example",
+            "mpls and host 1.2.3.4",
+            "pppoes and port 80",
+            "udp port 4789 and vxlan and host 1.2.3.4",
             "",
         ] {
             assert!(Constraints::of(open).is_empty(), "{open}");

@@ -9,6 +9,7 @@
 //! lake, then removes them from staging. A receiver started again finishes and publishes
 //! what an earlier run left staged, its index rebuilt from the `.rows` file.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -100,6 +101,8 @@ struct Segment {
     interfaces: Vec<Interface>,
     rows: Vec<Row>,
     processes: Vec<Process>,
+    /// Each pid's entries in `processes`: a lookup per attributed packet without a scan.
+    processes_by_pid: HashMap<u32, Vec<u32>>,
     keys: BufWriter<File>,
 }
 
@@ -151,10 +154,12 @@ impl LakeSink {
             let stem = format!("{}-{ns}", self.receiver);
             let path = self.staging.join(format!("{stem}.pcapng"));
             let file = Counted {
-                file: BufWriter::with_capacity(1 << 20, create(&path)?),
+                file: BufWriter::with_capacity(1 << 20, program::private_file::create(&path)?),
                 written: 0,
             };
-            let keys = BufWriter::new(create(&self.staging.join(format!("{stem}.rows")))?);
+            let keys = BufWriter::new(program::private_file::create(
+                &self.staging.join(format!("{stem}.rows")),
+            )?);
             let mut segment = Segment {
                 stem,
                 opened: Instant::now(),
@@ -163,6 +168,7 @@ impl LakeSink {
                 interfaces: Vec::new(),
                 rows: Vec::new(),
                 processes: Vec::new(),
+                processes_by_pid: HashMap::new(),
                 keys,
             };
             for (i, (interface, closed)) in self.interfaces.iter().enumerate() {
@@ -229,7 +235,7 @@ impl Segment {
     /// The interfaces so far, for a run that finds the segment staged after a crash.
     fn write_draft(&self, staging: &Path) -> io::Result<()> {
         let text = serde_json::to_vec(&self.interfaces).map_err(io::Error::other)?;
-        replace(
+        program::private_file::write(
             &staging.join(format!("{}.interfaces.json", self.stem)),
             &text,
         )
@@ -251,19 +257,22 @@ impl Segment {
     /// The process table's entry for `process`, added if new.
     fn process(&mut self, process: Option<&protocol::Process>) -> Option<u32> {
         let p = process?;
-        let found = self
-            .processes
-            .iter()
-            .rposition(|q| q.pid == p.pid && q.comm == p.cmd && q.container_id == p.container_id);
+        let same = self.processes_by_pid.entry(p.pid).or_default();
+        let found = same.iter().copied().find(|&i| {
+            let q = &self.processes[i as usize];
+            q.comm == p.cmd && q.container_id == p.container_id
+        });
         Some(match found {
-            Some(i) => i as u32,
+            Some(i) => i,
             None => {
+                let i = self.processes.len() as u32;
                 self.processes.push(Process {
                     pid: p.pid,
                     comm: p.cmd.clone(),
                     container_id: p.container_id.clone(),
                 });
-                (self.processes.len() - 1) as u32
+                same.push(i);
+                i
             }
         })
     }
@@ -514,7 +523,7 @@ fn finish_staged(
     rows.sort_by_key(|r| r.timestamp_ns);
     let index = index::write(rows, &interfaces, processes).map_err(io::Error::other)?;
     let index_name = format!("{stem}.parquet");
-    replace(&staging.join(&index_name), &index)?;
+    program::private_file::write(&staging.join(&index_name), &index)?;
     let manifest = Manifest {
         version: manifest::VERSION,
         receiver: receiver.to_string(),
@@ -527,7 +536,7 @@ fn finish_staged(
         index_bytes: index.len() as u64,
         interfaces,
     };
-    replace(
+    program::private_file::write(
         &staging.join(format!("{stem}{}", ::lake::layout::MANIFEST_SUFFIX)),
         &manifest.to_bytes(),
     )
@@ -633,22 +642,6 @@ fn from_row_key(key: &[u8]) -> Row {
         headers: Headers::default(),
         process: None,
     }
-}
-
-fn create(path: &Path) -> io::Result<File> {
-    fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-}
-
-/// Writes `path` whole or not at all (a temporary file renamed over it, synced).
-fn replace(path: &Path, data: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp)?;
-    file.write_all(data)?;
-    file.sync_data()?;
-    fs::rename(&tmp, path)
 }
 
 /// Removes a segment's staged files but its manifest.
