@@ -98,8 +98,9 @@ struct Run {
 pub fn run(only: Option<&str>, rounds: usize, trial: Duration) -> Result<()> {
     setup()?;
     let part = |name: &str| only.is_none_or(|o| o == name);
-    // Live capture and the filter-cost micro-benchmark load the in-kernel programs.
-    if part("capture") || part("micro") || part("ndr") {
+    // Live capture (the lake's beside stenographer too) and the filter-cost
+    // micro-benchmark load the in-kernel programs.
+    if part("capture") || part("micro") || part("ndr") || part("lake") {
         crate::ebpf::build(crate::root())?;
     }
     cmd(
