@@ -237,17 +237,23 @@ impl Stenographer {
         Ok(steno)
     }
 
-    /// stenographer and its stenotype (which outlives a stenographer stopped alone).
+    /// stenographer and its stenotype (which outlives a stenographer stopped alone). Go
+    /// starts it from any of its threads, so every thread's children.
     fn pids(&self) -> Vec<u32> {
         let pid = self.proc.pid();
-        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
         let mut pids = vec![pid];
-        pids.extend(
-            children
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|p| p.parse::<u32>().ok()),
-        );
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten();
+        for thread in threads.flatten() {
+            let children = std::fs::read_to_string(thread.path().join("children"));
+            pids.extend(
+                children
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
         pids
     }
 }
@@ -333,14 +339,11 @@ fn beside_stenographer(corpus: &Path, out_dir: &Path) -> Result<()> {
         ],
     )?;
     let sent = number_after(&replay, "Actual: ")?;
-    // stenotype's last file closes one file age after its last packet; the sensor's and
-    // receiver's stops close and publish the lake's last segment meanwhile.
-    let closed = Instant::now() + 2 * STENO_FILE_AGE + Duration::from_secs(2);
+    // The sensor's and receiver's stops close and publish the lake's last segment.
     sensor.stop()?;
     let sensor_figures = sensor_figures(&sensor.summary()?, &iface)?;
     receiver.stop()?;
     let lake_written = summary_figure(&receiver.proc.summary()?, "/sessions/0/written/packets")?;
-    std::thread::sleep(closed.saturating_duration_since(Instant::now()));
 
     let stenoread = |query: &str, out: &Path| -> Result<()> {
         let mut argv = vec![format!("STENOGRAPHER_CONFIG={}", config.display())];
@@ -349,9 +352,19 @@ fn beside_stenographer(corpus: &Path, out_dir: &Path) -> Result<()> {
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         testbed::run("env", &argv).map(drop)
     };
+    // stenotype's last packets become readable once the kernel retires their block (10 s)
+    // and their file closes (a file age later): until stenographer holds every packet sent,
+    // or a minute.
     let steno_all = dir.join("steno-all.pcap");
-    stenoread(STENO_EVERYTHING, &steno_all)?;
-    let steno_captured = tshark_count(&steno_all)?;
+    let deadline = Instant::now() + 6 * STENO_FILE_AGE;
+    let steno_captured = loop {
+        stenoread(STENO_EVERYTHING, &steno_all)?;
+        let captured = tshark_count(&steno_all)?;
+        if captured as u64 >= sent || Instant::now() >= deadline {
+            break captured;
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    };
     std::fs::remove_file(&steno_all)?;
 
     let steno_answer = dir.join("steno-answer.pcap");
