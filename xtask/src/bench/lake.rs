@@ -12,7 +12,7 @@
 //! `sensor --iface` into `receiver --lake`; then the same query both ways (`stenoread` and
 //! `receiver query`): wall time, packets returned, and each store's bytes on disk.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -388,8 +388,9 @@ fn beside_stenographer(corpus: &Path, out_dir: &Path) -> Result<()> {
     let lake_matched = tshark_count(&lake_answer)?;
     drop(steno);
 
-    let steno_disk = disk_use(&[packets, index])?;
-    let lake_disk = disk_use(&[lake])?;
+    let steno_disk = disk_use(&[&packets, &index])?;
+    let lake_disk = disk_use(&[&lake])?;
+    let (segments, indexes) = sizes(&lake)?;
     let json = serde_json::json!({
         "replay": format!("corpus x{REPLAY_LOOPS} at {REPLAY_PPS} pps (tcpreplay)"),
         "sent": sent,
@@ -405,6 +406,10 @@ fn beside_stenographer(corpus: &Path, out_dir: &Path) -> Result<()> {
         "lake_query_packets": lake_matched,
         "stenographer_bytes": steno_disk.0,
         "stenographer_allocated_bytes": steno_disk.1,
+        "stenographer_packets_bytes": disk_use(&[&packets])?.0,
+        "stenographer_index_bytes": disk_use(&[&index])?.0,
+        "lake_segments_bytes": segments,
+        "lake_indexes_bytes": indexes,
         "lake_bytes": lake_disk.0,
         "lake_allocated_bytes": lake_disk.1,
     });
@@ -444,7 +449,7 @@ fn median_seconds(mut query: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 /// Bytes of every file under `dirs`, and the bytes allocated to them on disk.
-fn disk_use(dirs: &[PathBuf]) -> Result<(u64, u64)> {
+fn disk_use(dirs: &[&Path]) -> Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let (mut bytes, mut allocated) = (0, 0);
     for dir in dirs {
