@@ -198,7 +198,8 @@ const REPLAY_PPS: u32 = 1000;
 /// The query both ways, in the language both understand (stenographer's has no `udp port`):
 /// a DNS server of the corpus, 42 packets per loop.
 const STENO_QUERY: &str = "host 192.0.0.1 and port 53";
-/// Every packet stenographer holds (its queries need a condition; the bench is younger).
+/// Every packet stenographer holds: its queries need a condition, and this bench's capture
+/// is minutes old.
 const STENO_EVERYTHING: &str = "after 24h ago";
 /// Runs of each query; the median wall time is reported.
 const QUERY_RUNS: usize = 5;
