@@ -109,9 +109,10 @@ struct Run {
 pub fn run(only: Option<&str>, rounds: usize, trial: Duration) -> Result<()> {
     setup()?;
     let part = |name: &str| only.is_none_or(|o| o == name);
-    // Live capture and the filter-cost micro-benchmark load the in-kernel programs.
+    // Live capture (the lake's beside stenographer too) and the filter-cost
+    // micro-benchmark load the in-kernel programs.
     let attribution_only = only == Some("attribution");
-    if part("capture") || part("micro") || part("ndr") || attribution_only {
+    if part("capture") || part("micro") || part("ndr") || part("lake") || attribution_only {
         crate::ebpf::build(crate::root())?;
     }
     cmd(

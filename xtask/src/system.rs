@@ -44,6 +44,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("m4", "building libxdp for AF_XDP (xsk-rs)"),
     (
+        "stenographer",
+        "the lake bench's peer: indexed packet capture (cargo xtask bench --only lake)",
+    ),
+    (
+        "stenographer-client",
+        "stenoread, the lake bench's query against stenographer",
+    ),
+    (
         "pkg-config",
         "building libbpf and libxdp for AF_XDP (xsk-rs)",
     ),

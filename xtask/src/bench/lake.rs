@@ -6,13 +6,20 @@
 //! then one host and port over one minute with
 //! `receiver query --stats` (bytes fetched over the lake's bytes, time) against `tcpdump -r`
 //! with the same filter over every segment file. Ratios from one run each.
+//!
+//! Beside stenographer (Debian's `stenographer`, the real peer): the corpus replayed live by
+//! tcpreplay on the capture bench's veth pair, captured at once by stenographer and by
+//! `sensor --iface` into `receiver --lake`; then the same query both ways (`stenoread` and
+//! `receiver query`): wall time, packets returned, and each store's bytes on disk.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use testbed::capstream::{Receiver, Scratch};
-use testbed::Netns;
+use testbed::capstream::{
+    number_after, sensor_figures, start_sensor, summary_figure, tshark_count, Receiver, Scratch,
+};
+use testbed::{Lab, Netns, Proc};
 
 use super::streaming::{loop_corpus_to, timed_sensor, Traffic};
 
@@ -30,6 +37,7 @@ const TO: &str = "00:31";
 
 pub fn run(out_dir: &Path, ticks: f64) -> Result<()> {
     let corpus = testbed::corpus_dir().join("tcpdump-tests.pcap");
+    beside_stenographer(&corpus, out_dir)?;
     let ns = Netns::new("bnlake")?;
     let scratch = Scratch::new("bench-lake")?;
     let input = loop_corpus_to(&corpus, &scratch.join("ingest.pcap"), INGEST_BYTES, 1)?;
@@ -181,4 +189,276 @@ fn stats_figure(text: &str, label: &str) -> Result<u64> {
     head[start..]
         .parse()
         .with_context(|| format!("no number before {label:?} in {text}"))
+}
+
+/// The live replay of the stenographer comparison: the corpus (7,907 packets) this many
+/// times at this rate (about 32 s), slow enough that both capture every packet.
+const REPLAY_LOOPS: u32 = 4;
+const REPLAY_PPS: u32 = 1000;
+/// The query both ways, in the language both understand (stenographer's has no `udp port`):
+/// a DNS server of the corpus, 42 packets per loop.
+const STENO_QUERY: &str = "host 192.0.0.1 and port 53";
+/// Every packet stenographer holds: its queries need a condition, and this bench's capture
+/// is minutes old.
+const STENO_EVERYTHING: &str = "after 24h ago";
+/// Runs of each query; the median wall time is reported.
+const QUERY_RUNS: usize = 5;
+/// stenotype's file age: a file (and its index) is readable once closed. Its minimum is its
+/// block age, 10 s.
+const STENO_FILE_AGE: Duration = Duration::from_secs(10);
+/// stenographer's API port, on 127.0.0.1 of the capture namespace.
+const STENO_PORT: u16 = 18987;
+
+/// A running stenographer and its stenotype. Stopped (SIGTERM, then SIGKILL) on drop.
+struct Stenographer {
+    proc: Proc,
+}
+
+impl Stenographer {
+    /// Starts stenographer in `ns` with `config`, its temporary directory under `tmp`; waits
+    /// until stenotype has opened its first packet file (its socket is then capturing).
+    fn start(ns: &Netns, config: &Path, tmp: &Path, packets: &Path) -> Result<Self> {
+        std::fs::create_dir_all(tmp)?;
+        let mut argv = vec!["env".to_string(), format!("TMPDIR={}", tmp.display())];
+        argv.extend(ns.command("stenographer"));
+        argv.extend(["-config".into(), config.display().to_string()]);
+        argv.push("-syslog=false".into());
+        let steno = Self {
+            proc: Proc::start("stenographer", &argv, std::process::Stdio::null())?,
+        };
+        let started = testbed::wait_until(Duration::from_secs(30), || {
+            std::fs::read_dir(packets).is_ok_and(|mut d| d.next().is_some())
+        });
+        if !started {
+            bail!(
+                "stenotype did not start; stenographer said:\n{}",
+                steno.proc.stderr()
+            );
+        }
+        Ok(steno)
+    }
+
+    /// stenographer and its stenotype (which outlives a stenographer stopped alone). Go
+    /// starts it from any of its threads, so every thread's children.
+    fn pids(&self) -> Vec<u32> {
+        let pid = self.proc.pid();
+        let mut pids = vec![pid];
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten();
+        for thread in threads.flatten() {
+            let children = std::fs::read_to_string(thread.path().join("children"));
+            pids.extend(
+                children
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+        pids
+    }
+}
+
+impl Drop for Stenographer {
+    fn drop(&mut self) {
+        let pids = self.pids();
+        let alive = |pid: &u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| !stat.contains(") Z "))
+        };
+        for pid in &pids {
+            let _ = testbed::run("kill", &["-TERM", &pid.to_string()]);
+        }
+        let _ = self.proc.wait(Duration::from_secs(5));
+        testbed::wait_until(Duration::from_secs(5), || !pids.iter().any(alive));
+        for pid in pids.iter().filter(|p| alive(p)) {
+            let _ = testbed::run("kill", &["-KILL", &pid.to_string()]);
+        }
+    }
+}
+
+/// The same live replay into stenographer and into a lake, then the same query both ways.
+fn beside_stenographer(corpus: &Path, out_dir: &Path) -> Result<()> {
+    let lab = Lab::new(1)?;
+    let (gen_iface, iface) = lab.links[0].clone();
+    let dir = Scratch::new("bench-lake-steno")?;
+    let (packets, index, lake) = (dir.join("packets"), dir.join("index"), dir.join("lake"));
+    for d in [&packets, &index, &lake] {
+        std::fs::create_dir_all(d)?;
+    }
+    let config = dir.join("stenographer.json");
+    let config_json = serde_json::json!({
+        "Threads": [{
+            "PacketsDirectory": packets,
+            "IndexDirectory": index,
+            // The shared disk is nearly full; stenographer would delete its files otherwise.
+            "DiskFreePercentage": 1,
+        }],
+        "StenotypePath": "/usr/sbin/stenotype",
+        "Interface": iface,
+        "Port": STENO_PORT,
+        "Host": "127.0.0.1",
+        "CertPath": "/etc/stenographer/certs",
+        // Root, not stenographer's default `nobody`, which cannot enter its temporary
+        // directory here; 256 blocks of 1 MiB rather than 2,048 (2 GiB of memory).
+        "Flags": [
+            "--uid=root", "--gid=root", "--seccomp=none",
+            format!("--fileage_sec={}", STENO_FILE_AGE.as_secs()), "--blocks=256",
+        ],
+    });
+    std::fs::write(&config, format!("{config_json:#}\n"))?;
+    let steno = Stenographer::start(&lab.cap, &config, &dir.join("tmp"), &packets)?;
+    let lake_arg = lake.to_string_lossy().into_owned();
+    let mut receiver = Receiver::start(
+        Some(&lab.cap),
+        &dir.join("state"),
+        4433,
+        &[
+            "--lake",
+            &lake_arg,
+            "--receiver-name",
+            "bench",
+            "--segment-time",
+            "10s",
+        ],
+    )?;
+    let mut sensor = start_sensor(Some(&lab.cap), &receiver, &["--iface", &iface])?;
+
+    let corpus_arg = corpus.to_string_lossy().into_owned();
+    let (loops, pps) = (REPLAY_LOOPS.to_string(), REPLAY_PPS.to_string());
+    let replay = lab.gen.exec(
+        "tcpreplay",
+        &[
+            "-q",
+            "--loop",
+            &loops,
+            "--pps",
+            &pps,
+            "-i",
+            &gen_iface,
+            &corpus_arg,
+        ],
+    )?;
+    let sent = number_after(&replay, "Actual: ")?;
+    // The sensor's and receiver's stops close and publish the lake's last segment.
+    sensor.stop()?;
+    let sensor_figures = sensor_figures(&sensor.summary()?, &iface)?;
+    receiver.stop()?;
+    let lake_written = summary_figure(&receiver.proc.summary()?, "/sessions/0/written/packets")?;
+
+    let stenoread = |query: &str, out: &Path| -> Result<()> {
+        let mut argv = vec![format!("STENOGRAPHER_CONFIG={}", config.display())];
+        argv.extend(lab.cap.command("stenoread"));
+        argv.extend([query.to_string(), "-w".into(), out.display().to_string()]);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        testbed::run("env", &argv).map(drop)
+    };
+    // stenotype's last packets become readable once the kernel retires their block (10 s)
+    // and their file closes (a file age later): until stenographer holds every packet sent,
+    // or a minute.
+    let steno_all = dir.join("steno-all.pcap");
+    let deadline = Instant::now() + 6 * STENO_FILE_AGE;
+    let steno_captured = loop {
+        stenoread(STENO_EVERYTHING, &steno_all)?;
+        let captured = tshark_count(&steno_all)?;
+        if captured as u64 >= sent || Instant::now() >= deadline {
+            break captured;
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    };
+    std::fs::remove_file(&steno_all)?;
+
+    let steno_answer = dir.join("steno-answer.pcap");
+    let steno_seconds = median_seconds(|| stenoread(STENO_QUERY, &steno_answer))?;
+    let steno_matched = tshark_count(&steno_answer)?;
+    let lake_answer = dir.join("lake-answer.pcapng");
+    let lake_seconds = median_seconds(|| {
+        testbed::run(
+            &testbed::workspace_bin("receiver").to_string_lossy(),
+            &[
+                "query",
+                "--lake",
+                &lake_arg,
+                "-w",
+                &lake_answer.to_string_lossy(),
+                STENO_QUERY,
+            ],
+        )
+        .map(drop)
+    })?;
+    let lake_matched = tshark_count(&lake_answer)?;
+    drop(steno);
+
+    let steno_disk = disk_use(&[&packets, &index])?;
+    let lake_disk = disk_use(&[&lake])?;
+    let (segments, indexes) = sizes(&lake)?;
+    let json = serde_json::json!({
+        "replay": format!("corpus x{REPLAY_LOOPS} at {REPLAY_PPS} pps (tcpreplay)"),
+        "sent": sent,
+        "stenographer_captured": steno_captured,
+        "sensor_delivered": sensor_figures.delivered,
+        "sensor_dropped": sensor_figures.dropped,
+        "lake_written": lake_written,
+        "query": STENO_QUERY,
+        "query_runs": QUERY_RUNS,
+        "stenoread_seconds_median": steno_seconds,
+        "lake_query_seconds_median": lake_seconds,
+        "stenoread_packets": steno_matched,
+        "lake_query_packets": lake_matched,
+        "stenographer_bytes": steno_disk.0,
+        "stenographer_allocated_bytes": steno_disk.1,
+        "stenographer_packets_bytes": disk_use(&[&packets])?.0,
+        "stenographer_index_bytes": disk_use(&[&index])?.0,
+        "lake_segments_bytes": segments,
+        "lake_indexes_bytes": indexes,
+        "lake_bytes": lake_disk.0,
+        "lake_allocated_bytes": lake_disk.1,
+    });
+    println!(
+        "\nBeside stenographer: {sent} packets replayed at {REPLAY_PPS} pps; stenographer \
+         captured {steno_captured}, the lake {lake_written} (sensor dropped {}). Query \
+         '{STENO_QUERY}' (median of {QUERY_RUNS}): stenoread {:.3} s, {steno_matched} packets; \
+         receiver query {:.3} s, {lake_matched} packets. On disk: stenographer {} bytes \
+         ({} allocated), the lake {} bytes ({} allocated).",
+        sensor_figures.dropped,
+        steno_seconds,
+        lake_seconds,
+        steno_disk.0,
+        steno_disk.1,
+        lake_disk.0,
+        lake_disk.1,
+    );
+    let path = out_dir.join("lake-stenographer.json");
+    std::fs::write(&path, format!("{json:#}\n"))?;
+    eprintln!(
+        "xtask: the stenographer comparison's figures in {}",
+        path.display()
+    );
+    Ok(())
+}
+
+/// The median wall time of [`QUERY_RUNS`] runs of `query`.
+fn median_seconds(mut query: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut times = Vec::with_capacity(QUERY_RUNS);
+    for _ in 0..QUERY_RUNS {
+        let started = Instant::now();
+        query()?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Bytes of every file under `dirs`, and the bytes allocated to them on disk.
+fn disk_use(dirs: &[&Path]) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let (mut bytes, mut allocated) = (0, 0);
+    for dir in dirs {
+        for file in files(dir, "")? {
+            let meta = std::fs::metadata(&file)?;
+            bytes += meta.len();
+            allocated += meta.blocks() * 512;
+        }
+    }
+    Ok((bytes, allocated))
 }
