@@ -172,7 +172,7 @@ pub async fn run<W: Write>(
             .sum(),
         ..Stats::default()
     };
-    let wanted: Vec<&Listed> = listing
+    let mut wanted: Vec<&Listed> = listing
         .segments
         .iter()
         .filter(|s| {
@@ -185,6 +185,10 @@ pub async fn run<W: Write>(
                         .any(|i| query.sensors.contains(&i.sensor)))
         })
         .collect();
+    // In order of their first packets: what is older than the next segment's first packet
+    // is final, and written out before that segment is read (the answer streams; only the
+    // packets of overlapping segments are held).
+    wanted.sort_by_key(|s| s.manifest.first_ns);
     stats.segments_pruned = stats.segments - wanted.len();
     progress.segments(wanted.len());
     // Output interfaces by (sensor, name, link type, session): one block per sensor
@@ -194,6 +198,7 @@ pub async fn run<W: Write>(
     let mut found: Vec<Found> = Vec::new();
     for (order, segment) in wanted.iter().enumerate() {
         let m = &segment.manifest;
+        stats.matched += write_older(&mut found, m.first_ns, out)?;
         let before = stats.bytes_fetched;
         let indexed = match fetch_index(lake, &segment.index_path(), query, &constraints).await {
             Ok(Ok((sparse, fetched))) => {
@@ -291,20 +296,31 @@ pub async fn run<W: Write>(
         }
         progress.segment_done(stats.bytes_fetched - before);
     }
-    found.sort_by_key(|f| (f.timestamp_ns, f.order));
-    for f in &found {
-        if let Some(packet) = pcapng::packet(&f.block) {
-            out.write(f.interface, &packet)?;
-        }
-    }
+    stats.matched += write_older(&mut found, u64::MAX, out)?;
     let link_type = listing
         .segments
         .iter()
         .find_map(|s| s.manifest.interfaces.first())
         .map_or(1, |i| i.link_type);
     out.complete(link_type)?;
-    stats.matched = found.len() as u64;
     Ok(stats)
+}
+
+/// Writes, in time order, the packets of `found` older than `before` and drops them;
+/// returns how many.
+fn write_older<W: Write>(
+    found: &mut Vec<Found>,
+    before: u64,
+    out: &mut Output<W>,
+) -> Result<u64, QueryError> {
+    found.sort_by_key(|f| (f.timestamp_ns, f.order));
+    let older = found.partition_point(|f| f.timestamp_ns < before);
+    for f in found.drain(..older) {
+        if let Some(packet) = pcapng::packet(&f.block) {
+            out.write(f.interface, &packet)?;
+        }
+    }
+    Ok(older as u64)
 }
 
 /// Bytes fetched from the end of an index first: its footer, usually whole.

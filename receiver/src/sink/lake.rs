@@ -424,7 +424,8 @@ impl LakeSummary {
     }
 }
 
-/// Copies staged segments into the lake in order, retrying each until it is in.
+/// Copies staged segments into the lake in order, retrying each until the store takes it;
+/// one whose staged files cannot be read stays staged (counted, logged) and the next go on.
 async fn publish(
     lake: Lake,
     staging: PathBuf,
@@ -444,6 +445,18 @@ async fn publish(
                     counters.bytes.fetch_add(bytes, Relaxed);
                     counters.staged.fetch_sub(1, Relaxed);
                     tracing::debug!("published segment {stem} to {}", lake.url);
+                    break;
+                }
+                // The staged files themselves fail: trying again cannot help, and the
+                // segments after it must not wait behind it.
+                Err(e @ PublishError::Local(_)) => {
+                    counters.failed_attempts.fetch_add(1, Relaxed);
+                    tracing::error!(
+                        "cannot publish segment {stem} to {}: {e}; it stays in {} for the next \
+                         run",
+                        lake.url,
+                        staging.display()
+                    );
                     break;
                 }
                 Err(e) => {
