@@ -159,3 +159,25 @@ pub fn assert_failed_over_in_time(
         sensor.stderr()
     );
 }
+
+/// Where receiver `j` of a fleet serves its metrics.
+pub fn receiver_metrics(j: usize) -> String {
+    format!("127.0.0.1:{}", 9441 + j)
+}
+
+/// What receiver `j` of a fleet is started with besides its output: its own certificate
+/// and key (of [`fleet_pki`]'s `issued`), the shared token, and its metrics endpoint
+/// ([`receiver_metrics`]).
+pub fn receiver_options(issued: &[(PathBuf, PathBuf)], token: &Path, j: usize) -> Vec<String> {
+    let (cert, key) = &issued[j];
+    vec![
+        "--cert".into(),
+        arg(cert),
+        "--key".into(),
+        arg(key),
+        "--token-file".into(),
+        arg(token),
+        "--metrics".into(),
+        receiver_metrics(j),
+    ]
+}

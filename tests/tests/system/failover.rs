@@ -16,8 +16,8 @@ use testbed::capstream::{
     assert_refused, pcapng_interfaces, start_tcpdump, stop_reference, Receiver, Record, Scratch,
 };
 use testbed::fleet::{
-    assert_failed_over_in_time, busiest, documented_order, fleet_pki, placement, sensor_in,
-    shared_token,
+    assert_failed_over_in_time, busiest, documented_order, fleet_pki, placement, receiver_metrics,
+    receiver_options, sensor_in, shared_token,
 };
 use testbed::prometheus::{count, scrape, sum};
 use testbed::{corpus, require_root, run, wait_until, Lab, Netns, Proc};
@@ -110,27 +110,19 @@ fn failover_a_killed_receivers_sensors_move_on_and_nothing_is_missing() {
 
     let mut receivers = Vec::new();
     let mut outputs = Vec::new();
-    for (j, (cert, key)) in issued.iter().enumerate() {
+    for j in 0..RECEIVERS {
         let out = dir.join(&format!("rx{j}.pcapng"));
-        let metrics = format!("127.0.0.1:{}", 9441 + j);
+        let mut args = vec!["--out".to_string(), arg(&out)];
+        args.extend(receiver_options(&issued, &token, j));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let receiver = Receiver::start_listening(
             Some(&lab.cap),
             &dir.join(&format!("state{j}")),
             &format!("127.0.0.1:{}", 4441 + j),
-            &[
-                "--out",
-                &arg(&out),
-                "--cert",
-                &arg(cert),
-                "--key",
-                &arg(key),
-                "--token-file",
-                &arg(&token),
-                "--metrics",
-                &metrics,
-            ],
+            &args,
         )
         .unwrap();
+        let metrics = receiver_metrics(j);
         receivers.push((receiver, metrics));
         outputs.push(out);
     }

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use testbed::capstream::{number_after, start_tcpdump, stop_reference, Receiver, Scratch};
 use testbed::fleet::{
-    assert_failed_over_in_time, busiest, fleet_pki, placement, sensor_in, shared_token, Placement,
+    assert_failed_over_in_time, busiest, fleet_pki, placement, receiver_metrics, receiver_options,
+    sensor_in, shared_token, Placement,
 };
 use testbed::lake::{assert_same_in_time_order, in_time_order, query_in};
 use testbed::seaweedfs::SeaweedFs;
@@ -50,11 +51,9 @@ fn s3_lake_fleet_three_receivers_four_sensors_one_killed_nothing_missing_or_twic
 
     // Receiver j: its own name, state and staging; the same lake.
     let start_receiver = |j: usize| -> Receiver {
-        let (cert, key) = &issued[j];
         let name = format!("rx{j}");
         let staging = arg(&dir.join(&format!("staging{j}")));
-        let metrics = format!("127.0.0.1:{}", 9441 + j);
-        let args = [
+        let mut args: Vec<String> = [
             "--lake",
             LAKE,
             "--receiver-name",
@@ -63,15 +62,11 @@ fn s3_lake_fleet_three_receivers_four_sensors_one_killed_nothing_missing_or_twic
             &staging,
             "--segment-time",
             "5s",
-            "--cert",
-            &arg(cert),
-            "--key",
-            &arg(key),
-            "--token-file",
-            &arg(&token),
-            "--metrics",
-            &metrics,
-        ];
+        ]
+        .map(String::from)
+        .into();
+        args.extend(receiver_options(&issued, &token, j));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Receiver::start_through(
             Some(&lab.cap),
             &wrapper,
@@ -149,8 +144,14 @@ fn s3_lake_fleet_three_receivers_four_sensors_one_killed_nothing_missing_or_twic
         let next = &placements[*i].order[1];
         let j = (0..RECEIVERS).find(|j| *next == address(*j)).unwrap();
         let id = format!("s{i}");
-        let metrics = format!("127.0.0.1:{}", 9441 + j);
-        assert_failed_over_in_time(&lab.cap, &sensors[*i], &id, next, &metrics, killed_at);
+        assert_failed_over_in_time(
+            &lab.cap,
+            &sensors[*i],
+            &id,
+            next,
+            &receiver_metrics(j),
+            killed_at,
+        );
     }
     // Started again with its state and staging: it publishes what the kill left staged.
     std::thread::sleep(RESTART_AFTER.saturating_sub(killed_at.elapsed()));
