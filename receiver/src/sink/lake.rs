@@ -563,6 +563,10 @@ fn recover(staging: &Path, receiver: &str) -> io::Result<Vec<String>> {
         let name = entry?.file_name().to_string_lossy().into_owned();
         if let Some(stem) = name.strip_suffix(".pcapng") {
             stems.push(stem.to_string());
+        } else if name.starts_with('.') && name.ends_with(".tmp") {
+            // An index or manifest an earlier run was killed writing (program::private_file
+            // writes beside its target, then renames): the segment is finished again below.
+            let _ = fs::remove_file(staging.join(&name));
         }
     }
     stems.sort();
@@ -661,5 +665,33 @@ fn from_row_key(key: &[u8]) -> Row {
 fn remove_staged(staging: &Path, stem: &str) {
     for ext in ["pcapng", "rows", "interfaces.json", "parquet"] {
         let _ = fs::remove_file(staging.join(format!("{stem}.{ext}")));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a run killed while writing an index or a manifest leaves beside it (a temporary
+    /// file named by its process) is removed by the next run's recovery; a segment without
+    /// its description holds nothing to publish and goes too.
+    #[test]
+    fn recovery_removes_what_a_killed_write_left() {
+        let staging =
+            std::env::temp_dir().join(format!("capstream-lake-staging-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&staging);
+        fs::create_dir_all(&staging).unwrap();
+        let left = [
+            ".rx1-1.parquet.4242.0.tmp",
+            ".rx1-1.manifest.json.4242.1.tmp",
+        ];
+        for name in left {
+            fs::write(staging.join(name), b"half").unwrap();
+        }
+        fs::write(staging.join("rx1-1.pcapng"), b"").unwrap();
+        assert!(recover(&staging, "rx1").unwrap().is_empty());
+        let rest: Vec<_> = fs::read_dir(&staging).unwrap().collect();
+        assert!(rest.is_empty(), "{rest:?}");
+        fs::remove_dir_all(&staging).unwrap();
     }
 }
