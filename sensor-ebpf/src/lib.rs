@@ -73,6 +73,8 @@ pub const SELECTING_GLOBAL: &str = "CAPSTREAM_SELECTING";
 pub const WAKEUP_BYTES_GLOBAL: &str = "CAPSTREAM_WAKEUP_BYTES";
 /// The global saying (non-zero) that frames carry their socket's cookie (`--attribute`).
 pub const ATTRIBUTE_GLOBAL: &str = "CAPSTREAM_ATTRIBUTE";
+/// The global (a `u32`) with the sensor's own process id, whose sockets get no owner.
+pub const SENSOR_TGID_GLOBAL: &str = "CAPSTREAM_SENSOR_TGID";
 /// The global saying (non-zero) that the interface is a loopback, set at load time.
 pub const LOOPBACK_GLOBAL: &str = "CAPSTREAM_LOOPBACK";
 

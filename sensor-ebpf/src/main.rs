@@ -48,6 +48,12 @@ static CAPSTREAM_SNAPLEN: u32 = MAX_CAPTURE;
 #[no_mangle]
 static CAPSTREAM_ATTRIBUTE: u32 = 0;
 
+/// The sensor's own process id (tgid), set when loading: its own sockets are left out of
+/// the owner table, so that its QUIC sends cost it no table update and no flow lookup per
+/// datagram (its traffic to receivers is left out of the capture anyway).
+#[no_mangle]
+static CAPSTREAM_SENSOR_TGID: u32 = 0;
+
 /// Non-zero with process selectors: only frames whose owner matches one are taken.
 #[no_mangle]
 static CAPSTREAM_SELECTING: u32 = 0;
@@ -552,19 +558,25 @@ fn flow_from_ip<F: Frame>(frame: &F, l3: u32, v6: bool, outbound: bool) -> Optio
 /// operation go on.
 #[inline(always)]
 fn remember_owner<C: EbpfContext>(ctx: &C) -> i32 {
+    // SAFETY: a helper without arguments.
+    let pid_tgid = unsafe { bpf_get_current_pid_tgid() };
+    #[allow(clippy::cast_possible_truncation)]
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == load_global(&CAPSTREAM_SENSOR_TGID) {
+        return ALLOW;
+    }
     // SAFETY: helpers on the context pointer the kernel passed in, or without arguments.
-    let (cookie, netns_cookie, pid_tgid, uid_gid, cgroup_id) = unsafe {
+    let (cookie, netns_cookie, uid_gid, cgroup_id) = unsafe {
         (
             bpf_get_socket_cookie(ctx.as_ptr()),
             bpf_get_netns_cookie(ctx.as_ptr()),
-            bpf_get_current_pid_tgid(),
             bpf_get_current_uid_gid(),
             bpf_get_current_cgroup_id(),
         )
     };
     #[allow(clippy::cast_possible_truncation)]
     let owner = Owner {
-        tgid: (pid_tgid >> 32) as u32,
+        tgid,
         tid: pid_tgid as u32,
         uid: uid_gid as u32,
         _reserved: 0,

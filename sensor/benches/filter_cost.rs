@@ -50,9 +50,10 @@ mod kernel {
     const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/corpus");
     /// The sensor's default --ring-size.
     const RING_SIZE: u32 = 8 << 20;
-    /// Runs per BPF_PROG_TEST_RUN: at most 1000 frames of ~1.5 KB enter the ring before it
-    /// is drained.
-    const REPEAT: u64 = 1000;
+    /// Runs per BPF_PROG_TEST_RUN: at most 500 frames of ~1.5 KB enter the ring before it
+    /// is drained, fewer bytes than the wakeup threshold (an eighth of the ring), past which
+    /// every record would also pay for waking a reader.
+    const REPEAT: u64 = 500;
     /// Frames a test run takes in every mode: an Ethernet + IPv6 header at least, one
     /// Ethernet MTU at most.
     const FRAME_LENS: std::ops::RangeInclusive<usize> = 54..=1514;
@@ -129,10 +130,16 @@ mod kernel {
 
     impl Chain {
         fn load(mode: Mode, classic: &[CbpfInsn]) -> Self {
+            Self::load_attributing(mode, classic, false)
+        }
+
+        /// [`Self::load`], with `--attribute`'s global as `attribute` says.
+        fn load_attributing(mode: Mode, classic: &[CbpfInsn], attribute: bool) -> Self {
             let mut ebpf = EbpfLoader::new()
                 .map_max_entries(shared::RING_MAP, RING_SIZE)
                 .override_global(shared::SNAPLEN_GLOBAL, &protocol::MAX_SNAPLEN, true)
                 .override_global(shared::LOOPBACK_GLOBAL, &0u32, true)
+                .override_global(shared::ATTRIBUTE_GLOBAL, &u32::from(attribute), true)
                 .override_global(shared::WAKEUP_BYTES_GLOBAL, &u64::from(RING_SIZE / 8), true)
                 .load(OBJECT)
                 .expect("the sensor's eBPF object loads (as root)");
@@ -196,6 +203,18 @@ mod kernel {
             cbpf_to_ebpf::test_run(self.entry.as_fd(), input, 1).expect("BPF_PROG_TEST_RUN");
             self.drain();
             self.matched() > before
+        }
+
+        /// The socket cookie of the record one run of the chain on `input` emits, if any.
+        fn emitted_cookie(&mut self, input: &[u8]) -> Option<u64> {
+            self.drain();
+            cbpf_to_ebpf::test_run(self.entry.as_fd(), input, 1).expect("BPF_PROG_TEST_RUN");
+            let record = self.ring.next()?;
+            let header = record.get(..std::mem::size_of::<shared::PacketHeader>())?;
+            // SAFETY: a whole PacketHeader's bytes, read unaligned; it is plain data.
+            let header: shared::PacketHeader =
+                unsafe { std::ptr::read_unaligned(header.as_ptr().cast()) };
+            Some(header.socket_cookie)
         }
 
         /// `iters` runs of `prog` on `input`: the kernel's mean run time, times `iters`.
@@ -372,12 +391,13 @@ mod kernel {
         const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
         const BPF_MAP_TYPE_RINGBUF: u32 = 27;
         const HEADER_LEN: i32 = std::mem::size_of::<sensor_ebpf::PacketHeader>() as i32;
-        const FRAME_SIZES: [usize; 2] = [64, 1500];
+        pub(super) const FRAME_SIZES: [usize; 2] = [64, 1500];
         /// Test runs per thread between drains: both threads' frames fit the ring.
         const REPEAT: u32 = 500;
 
-        /// An Ethernet/IPv4/UDP frame of `len` bytes (the bench generator's kind).
-        fn frame(len: usize) -> Vec<u8> {
+        /// An Ethernet/IPv4/UDP frame of `len` bytes (the bench generator's kind), from
+        /// 198.18.0.1 port 0 to 198.18.0.3 port 9.
+        pub(super) fn frame(len: usize) -> Vec<u8> {
             let mut f = vec![0u8; len];
             f[..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
             f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
@@ -653,6 +673,77 @@ mod kernel {
         }
     }
 
+    /// Attribution's cost in the kernel (issue 17; `attribution/` cases): the sensor's chain
+    /// (entry, the empty filter, emit) on the bench generator's frame, without `--attribute`
+    /// (`off`), with it on a frame of a flow the flow table lacks (`unknown-flow`: a lookup
+    /// that misses, what the capture bench's traffic costs) and on one of a flow it holds
+    /// (`known-flow`: the lookup hits and the frame carries its socket's cookie).
+    mod attribution {
+        use aya::maps::HashMap;
+        use criterion::Criterion;
+        use sensor_ebpf::FlowKey;
+
+        use super::ring::{frame, FRAME_SIZES};
+        use super::{shared, Chain, Mode};
+
+        /// The frame's flow from the receiving host's end, and from the sender's: the
+        /// table is keyed from this host's end, and a test run's direction depends on the
+        /// hook.
+        fn both_ends() -> [FlowKey; 2] {
+            let v4 = |last: u8| {
+                let mut a = [0u8; 16];
+                a[10..12].fill(0xff);
+                a[12..].copy_from_slice(&[198, 18, 0, last]);
+                a
+            };
+            let key = |local, remote, local_port, remote_port| FlowKey {
+                local,
+                remote,
+                local_port,
+                remote_port,
+                protocol: 17,
+                _reserved: [0; 3],
+            };
+            [key(v4(3), v4(1), 9, 0), key(v4(1), v4(3), 0, 9)]
+        }
+
+        pub fn with_and_without(c: &mut Criterion, empty: &[cbpf_to_ebpf::CbpfInsn]) {
+            let mut group = c.benchmark_group("bpf");
+            for mode in Mode::ALL {
+                for len in FRAME_SIZES {
+                    let input = mode.test_input(&frame(len));
+                    for case in ["off", "unknown-flow", "known-flow"] {
+                        let mut chain = Chain::load_attributing(mode, empty, case != "off");
+                        if case == "known-flow" {
+                            let mut flows: HashMap<_, FlowKey, u64> = chain
+                                .ebpf
+                                .map_mut(shared::FLOWS_MAP)
+                                .expect("the flow table")
+                                .try_into()
+                                .expect("a hash map");
+                            for key in both_ends() {
+                                flows.insert(key, 42, 0).expect("a flow");
+                            }
+                        }
+                        let expected = if case == "known-flow" { 42 } else { 0 };
+                        assert_eq!(
+                            chain.emitted_cookie(&input),
+                            Some(expected),
+                            "--mode {} {case}: the frame's socket cookie",
+                            mode.name()
+                        );
+                        let entry = chain.entry.try_clone().expect("fd");
+                        let id = format!("attribution/{} {case}/{len}B", mode.name());
+                        group.bench_function(id, |b| {
+                            b.iter_custom(|iters| chain.time(&entry, &input, iters))
+                        });
+                    }
+                }
+            }
+            group.finish();
+        }
+    }
+
     fn ring_cost(c: &mut Criterion) {
         let dead = pcap::Capture::dead(pcap::Linktype::ETHERNET).expect("libpcap");
         let empty = dead
@@ -660,6 +751,7 @@ mod kernel {
             .expect("libpcap compiles the empty filter");
         ring::shared_against_per_cpu(c, &CbpfInsn::from_pcap(&empty));
         ring::copy_per_byte(c);
+        attribution::with_and_without(c, &CbpfInsn::from_pcap(&empty));
     }
 
     criterion_group! {

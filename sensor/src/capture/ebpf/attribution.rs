@@ -475,10 +475,12 @@ fn existing_sockets(root: &CgroupRoot) -> Vec<(u64, FlowKey, Owner)> {
         if by_inode.is_empty() {
             break;
         }
+        // The sensor's own sockets get no owner, as in the kernel's hooks.
         let Some(tgid) = entry
             .file_name()
             .to_str()
             .and_then(|s| s.parse::<u32>().ok())
+            .filter(|&tgid| tgid != std::process::id())
         else {
             continue;
         };

@@ -172,6 +172,7 @@ impl EbpfCapture {
             .override_global(shared::SNAPLEN_GLOBAL, &opts.snaplen, true)
             .override_global(shared::LOOPBACK_GLOBAL, &u32::from(loopback), true)
             .override_global(shared::ATTRIBUTE_GLOBAL, &u32::from(opts.attribute), true)
+            .override_global(shared::SENSOR_TGID_GLOBAL, &std::process::id(), true)
             .override_global(
                 shared::SELECTING_GLOBAL,
                 &u32::from(!opts.selectors.is_empty()),
@@ -688,6 +689,7 @@ pub fn frame_owners(selectors: &super::Selectors) -> Result<FrameOwners> {
     let mode = "pcap --attribute";
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(shared::RING_MAP, UNUSED_RING_SIZE)
+        .override_global(shared::SENSOR_TGID_GLOBAL, &std::process::id(), true)
         .load(object)
         .map_err(|e| object_refused(mode, &e))?;
     let (attributor, flows) = attach_owner_hooks(&mut ebpf, mode, selectors, SelectIn::Sensor)?;
