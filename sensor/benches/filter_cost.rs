@@ -219,10 +219,21 @@ mod kernel {
 
         /// `iters` runs of `prog` on `input`: the kernel's mean run time, times `iters`.
         fn time(&mut self, prog: &OwnedFd, input: &[u8], iters: u64) -> Duration {
+            self.time_draining_every(prog, input, iters, REPEAT)
+        }
+
+        /// [`Self::time`], the ring drained every `repeat` runs.
+        fn time_draining_every(
+            &mut self,
+            prog: &OwnedFd,
+            input: &[u8],
+            iters: u64,
+            repeat: u64,
+        ) -> Duration {
             let mut total_ns = 0;
             let mut left = iters;
             while left > 0 {
-                let n = left.min(REPEAT);
+                let n = left.min(repeat);
                 let run = cbpf_to_ebpf::test_run(prog.as_fd(), input, n as u32)
                     .expect("BPF_PROG_TEST_RUN");
                 total_ns += u64::from(run.duration_ns) * n;
@@ -370,6 +381,8 @@ mod kernel {
     ///   on both CPUs at once, two threads pinned to CPU 0 and CPU 1, into one shared ring
     ///   (one load of the object) or into a ring per CPU (one load per thread: its own
     ///   ring), beside `one-cpu` (one thread); ns per frame, the mean of the threads;
+    /// - `past-wakeup-threshold`: `one-cpu`, the ring drained only when three quarters
+    ///   full, so that most records land past the wakeup threshold (a lagging sensor);
     /// - `copy`: three hand-written TC programs that copy the frame and a packet header
     ///   into a ring, per byte: `reserve-load` (what emit does: bpf_ringbuf_reserve, then
     ///   bpf_skb_load_bytes into the reservation), `stage-output` (bpf_skb_load_bytes into a
@@ -480,6 +493,15 @@ mod kernel {
                 group.bench_function(format!("ring/one-cpu/{len}B"), |bench| {
                     bench.iter_custom(|iters| {
                         concurrently(&[&entry_a], &input, iters, &mut || a.drain())
+                    })
+                });
+                // Three quarters of the ring between drains: most records land past the
+                // wakeup threshold (a sensor lagging behind a flood).
+                let record = len.max(128).next_power_of_two() + 40;
+                let lagging = u64::from(RING_SIZE) * 3 / 4 / record as u64;
+                group.bench_function(format!("ring/past-wakeup-threshold/{len}B"), |bench| {
+                    bench.iter_custom(|iters| {
+                        a.time_draining_every(&entry_a, &input, iters, lagging)
                     })
                 });
                 group.bench_function(format!("ring/shared/{len}B"), |bench| {
