@@ -40,6 +40,16 @@ pub const OWNER_SOCK_HOOKS: [&str; 3] = [
 ];
 /// The egress hook (cgroup_skb) of `--attribute` that learns each owned socket's flows.
 pub const OWNER_FLOWS_HOOK: &str = "capstream_owner_flows";
+/// The TCP ports processes bound, by network namespace (BPF_MAP_TYPE_LRU_HASH of
+/// [`ListenerKey`] → [`Owner`]), filled by the bind hooks and at start from the listening
+/// sockets: a connection a server accepts passes no hook in a task of the server, so it
+/// gets the owner of the port it was accepted on, once established ([`OWNER_ACCEPT_HOOK`]).
+pub const LISTENERS_MAP: &str = "CAPSTREAM_LISTENERS";
+/// Ports [`LISTENERS_MAP`] remembers.
+pub const MAX_LISTENERS: u32 = 16_384;
+/// The sock_ops hook of `--attribute`: a passively established (accepted) TCP connection
+/// gets its listener's owner and its flow.
+pub const OWNER_ACCEPT_HOOK: &str = "capstream_owner_accepted";
 /// The address hooks of `--attribute` (cgroup/connect4 … sendmsg6).
 pub const OWNER_ADDR_HOOKS: [&str; 4] = [
     "capstream_owner_connect4",
@@ -163,6 +173,15 @@ pub struct FlowKey {
     pub _reserved: [u8; 3],
 }
 
+/// A bound TCP port: the network namespace's cookie and the port (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub netns_cookie: u64,
+    pub port: u16,
+    pub _reserved: [u8; 6],
+}
+
 /// Who owns a socket: the task that last created, bound, connected or sent on it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -195,4 +214,6 @@ mod pod {
     unsafe impl aya::Pod for super::Owner {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ListenerKey {}
 }

@@ -21,16 +21,19 @@ use aya_ebpf::helpers::generated::{
     bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
 };
 use aya_ebpf::macros::{
-    cgroup_skb, cgroup_sock, cgroup_sock_addr, classifier, map, socket_filter, xdp,
+    cgroup_skb, cgroup_sock, cgroup_sock_addr, classifier, map, sock_ops, socket_filter, xdp,
 };
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf, XskMap};
-use aya_ebpf::programs::{SkBuffContext, SockAddrContext, SockContext, TcContext, XdpContext};
+use aya_ebpf::programs::{
+    SkBuffContext, SockAddrContext, SockContext, SockOpsContext, TcContext, XdpContext,
+};
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::debug;
 use sensor_ebpf::{
-    FlowKey, Owner, PacketHeader, Scratch, COUNTERS, COUNTER_CHAIN_FAILED, COUNTER_MATCHED,
-    COUNTER_RING_FULL, COUNTER_SEEN, DIRECTION_INBOUND, DIRECTION_OUTBOUND, FLAG_REALTIME,
-    FLAG_VLAN_STRIPPED, MAX_CAPTURE, MAX_FLOWS, MAX_OWNERS, MAX_QUEUES, MAX_SELECTED, PROG_FILTER,
+    FlowKey, ListenerKey, Owner, PacketHeader, Scratch, COUNTERS, COUNTER_CHAIN_FAILED,
+    COUNTER_MATCHED, COUNTER_RING_FULL, COUNTER_SEEN, DIRECTION_INBOUND, DIRECTION_OUTBOUND,
+    FLAG_REALTIME, FLAG_VLAN_STRIPPED, MAX_CAPTURE, MAX_FLOWS, MAX_LISTENERS, MAX_OWNERS,
+    MAX_QUEUES, MAX_SELECTED, PROG_FILTER,
 };
 
 /// What a TC program returns to let the packet go on to the next program, or on its way
@@ -76,6 +79,9 @@ static CAPSTREAM_XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
 static CAPSTREAM_OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(MAX_OWNERS, 0);
 #[map]
 static CAPSTREAM_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+#[map]
+static CAPSTREAM_LISTENERS: LruHashMap<ListenerKey, Owner> =
+    LruHashMap::with_max_entries(MAX_LISTENERS, 0);
 #[map]
 static CAPSTREAM_SELECT_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_SELECTED, 0);
 #[map]
@@ -569,16 +575,16 @@ fn flow_from_ip<F: Frame>(frame: &F, l3: u32, v6: bool, outbound: bool) -> Optio
     })
 }
 
-/// Remembers the current task as the owner of the hook's socket. Always lets the
-/// operation go on.
+/// Remembers the current task as the owner of the hook's socket, and returns it (none for
+/// the sensor's own sockets).
 #[inline(always)]
-fn remember_owner<C: EbpfContext>(ctx: &C) -> i32 {
+fn remember_owner<C: EbpfContext>(ctx: &C) -> Option<Owner> {
     // SAFETY: a helper without arguments.
     let pid_tgid = unsafe { bpf_get_current_pid_tgid() };
     #[allow(clippy::cast_possible_truncation)]
     let tgid = (pid_tgid >> 32) as u32;
     if tgid == load_global(&CAPSTREAM_SENSOR_TGID) {
-        return ALLOW;
+        return None;
     }
     // SAFETY: helpers on the context pointer the kernel passed in, or without arguments.
     let (cookie, netns_cookie, uid_gid, cgroup_id) = unsafe {
@@ -600,6 +606,27 @@ fn remember_owner<C: EbpfContext>(ctx: &C) -> i32 {
         comm: aya_ebpf::helpers::bpf_get_current_comm().unwrap_or_default(),
     };
     let _ = CAPSTREAM_OWNERS.insert(&cookie, &owner, 0);
+    Some(owner)
+}
+
+/// [`remember_owner`], and for a TCP socket the port it bound, for the connections it may
+/// accept. Always lets the bind go on.
+#[inline(always)]
+fn remember_binder(ctx: &SockContext) -> i32 {
+    let Some(owner) = remember_owner(ctx) else {
+        return ALLOW;
+    };
+    // SAFETY: the socket the kernel passed in.
+    let (protocol, port) = unsafe { ((*ctx.sock).protocol, (*ctx.sock).src_port) };
+    if protocol == u32::from(IPPROTO_TCP) {
+        let key = ListenerKey {
+            netns_cookie: owner.netns_cookie,
+            #[allow(clippy::cast_possible_truncation)]
+            port: port as u16,
+            _reserved: [0; 6],
+        };
+        let _ = CAPSTREAM_LISTENERS.insert(&key, &owner, 0);
+    }
     ALLOW
 }
 
@@ -608,37 +635,131 @@ const ALLOW: i32 = 1;
 
 #[cgroup_sock(sock_create)]
 pub fn capstream_owner_create(ctx: SockContext) -> i32 {
-    remember_owner(&ctx)
+    remember_owner(&ctx);
+    ALLOW
 }
 
 #[cgroup_sock(post_bind4)]
 pub fn capstream_owner_post_bind4(ctx: SockContext) -> i32 {
-    remember_owner(&ctx)
+    remember_binder(&ctx)
 }
 
 #[cgroup_sock(post_bind6)]
 pub fn capstream_owner_post_bind6(ctx: SockContext) -> i32 {
-    remember_owner(&ctx)
+    remember_binder(&ctx)
+}
+
+/// `bpf_sock_ops.op` when a connection the host accepted is established.
+const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+/// `--attribute`: an accepted TCP connection, once established (in the softirq, with no
+/// task of the server at hand), gets the owner of the port it was accepted on, and its
+/// flow, so that its frames find it both ways.
+#[sock_ops]
+pub fn capstream_owner_accepted(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        remember_accepted(&ctx);
+    }
+    1
+}
+
+#[inline(always)]
+fn remember_accepted(ctx: &SockOpsContext) {
+    #[allow(clippy::cast_possible_truncation)]
+    let local_port = ctx.local_port() as u16;
+    let key = ListenerKey {
+        // SAFETY: a helper on the context pointer the kernel passed in.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        port: local_port,
+        _reserved: [0; 6],
+    };
+    // SAFETY: map values are read, not kept.
+    let Some(owner) = (unsafe { CAPSTREAM_LISTENERS.get(&key) }).copied() else {
+        return;
+    };
+    let mut local = [0u8; 16];
+    let mut remote = [0u8; 16];
+    match ctx.family() {
+        AF_INET => {
+            local[10..12].copy_from_slice(&[0xff, 0xff]);
+            remote[10..12].copy_from_slice(&[0xff, 0xff]);
+            // Both in network order: their bytes as they lie in memory.
+            local[12..].copy_from_slice(&ctx.local_ip4().to_ne_bytes());
+            remote[12..].copy_from_slice(&ctx.remote_ip4().to_ne_bytes());
+        }
+        AF_INET6 => {
+            // The verifier takes context fields one at a time, at constant offsets.
+            // SAFETY: reads of fields of the context the kernel passed in.
+            let (l, r) = unsafe {
+                let ops = &*ctx.ops;
+                (
+                    [
+                        core::ptr::read_volatile(&ops.local_ip6[0]),
+                        core::ptr::read_volatile(&ops.local_ip6[1]),
+                        core::ptr::read_volatile(&ops.local_ip6[2]),
+                        core::ptr::read_volatile(&ops.local_ip6[3]),
+                    ],
+                    [
+                        core::ptr::read_volatile(&ops.remote_ip6[0]),
+                        core::ptr::read_volatile(&ops.remote_ip6[1]),
+                        core::ptr::read_volatile(&ops.remote_ip6[2]),
+                        core::ptr::read_volatile(&ops.remote_ip6[3]),
+                    ],
+                )
+            };
+            for i in 0..4 {
+                local[i * 4..i * 4 + 4].copy_from_slice(&l[i].to_ne_bytes());
+                remote[i * 4..i * 4 + 4].copy_from_slice(&r[i].to_ne_bytes());
+            }
+        }
+        _ => return,
+    }
+    // The remote port is in network order, in the upper half on little-endian hosts.
+    let raw = ctx.remote_port();
+    #[allow(clippy::cast_possible_truncation)]
+    let remote_port = u16::from_be(if raw > 0xffff {
+        (raw >> 16) as u16
+    } else {
+        raw as u16
+    });
+    let flow = FlowKey {
+        local,
+        remote,
+        local_port,
+        remote_port,
+        protocol: IPPROTO_TCP,
+        _reserved: [0; 3],
+    };
+    // SAFETY: a helper on the context pointer the kernel passed in.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = CAPSTREAM_OWNERS.insert(&cookie, &owner, 0);
+    let _ = CAPSTREAM_FLOWS.insert(&flow, &cookie, 0);
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn capstream_owner_connect4(ctx: SockAddrContext) -> i32 {
-    remember_owner(&ctx)
+    remember_owner(&ctx);
+    ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn capstream_owner_connect6(ctx: SockAddrContext) -> i32 {
-    remember_owner(&ctx)
+    remember_owner(&ctx);
+    ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn capstream_owner_sendmsg4(ctx: SockAddrContext) -> i32 {
-    remember_owner(&ctx)
+    remember_owner(&ctx);
+    ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn capstream_owner_sendmsg6(ctx: SockAddrContext) -> i32 {
-    remember_owner(&ctx)
+    remember_owner(&ctx);
+    ALLOW
 }
 
 #[cfg(not(test))]

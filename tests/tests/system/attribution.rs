@@ -250,7 +250,16 @@ struct Setup<'a> {
     /// while the receiver is dead curl fetches [`BIG_FILE`] bytes from [`BIG_PORT`]: more
     /// than the buffer holds.
     spool: bool,
+    /// Two servers in the capture namespace, in the second cgroup: one listening before the
+    /// sensor starts ([`SERVED_PORTS`]`[0]`), one after; a client in the other namespace
+    /// fetches from each ([`Outcome::served`]).
+    servers: bool,
 }
+
+/// The capture side's own servers ([`Setup::servers`]), and the client ports of the
+/// connections they accept.
+const SERVED_PORTS: [u16; 2] = [8001, 8002];
+const SERVED_CLIENT_PORTS: [u16; 2] = [40401, 40402];
 
 /// The download that fills the sensor's buffer while the receiver is dead: random bytes,
 /// which do not compress.
@@ -265,6 +274,9 @@ struct Outcome {
     reference: Vec<Record>,
     /// Client port → (pid, name, cgroup) of the flows opened after the sensor started.
     expected: HashMap<u16, (u32, &'static str, String)>,
+    /// Client port → (pid, name, cgroup) of the server that accepted the connection
+    /// ([`Setup::servers`]).
+    served: HashMap<u16, (u32, &'static str, String)>,
     long_lived: (u32, String),
     /// Packets with capstream's custom option beside their comment ([`custom_options`]).
     custom_options: usize,
@@ -370,7 +382,46 @@ fn run_clients_with(setup: Setup) -> Outcome {
     };
     let (mut receiver, out) =
         Receiver::writing(Some(&lab.cap), &dir, "capture.pcapng", &receiver_args).unwrap();
-    let filter = format!("tcp port {SERVER_PORT}");
+    // A server of the capture side, in the second cgroup, on `port`.
+    let serve = |port: u16| {
+        let mut argv = lab.cap.command("python3");
+        argv.extend(
+            [
+                "-m",
+                "http.server",
+                "--bind",
+                "198.18.0.2",
+                "--directory",
+                dir.join("").to_str().unwrap(),
+                &port.to_string(),
+            ]
+            .map(String::from),
+        );
+        let server = Proc::start(
+            "capture-side server",
+            &cgroups.command(1, &argv),
+            Stdio::null(),
+        )
+        .unwrap();
+        let listening = format!("ss -Htln 'sport = :{port}' | grep -q LISTEN");
+        assert!(wait_until(Duration::from_secs(10), || lab
+            .cap
+            .exec("sh", &["-c", &listening])
+            .is_ok()));
+        server
+    };
+    let mut servers = Vec::new();
+    if setup.servers {
+        servers.push(serve(SERVED_PORTS[0]));
+    }
+    let filter = if setup.servers {
+        format!(
+            "tcp port {SERVER_PORT} or tcp port {} or tcp port {}",
+            SERVED_PORTS[0], SERVED_PORTS[1]
+        )
+    } else {
+        format!("tcp port {SERVER_PORT}")
+    };
     let (curl_cgroup, python_cgroup) = (cgroups.path(0), cgroups.path(1));
     let spool_dir = dir.join("spool");
     let spool_arg = spool_dir.to_string_lossy().into_owned();
@@ -395,6 +446,29 @@ fn run_clients_with(setup: Setup) -> Outcome {
 
     for _ in 0..5 {
         request();
+    }
+    let mut served = HashMap::new();
+    if setup.servers {
+        servers.push(serve(SERVED_PORTS[1]));
+        for ((server, port), client_port) in
+            servers.iter().zip(SERVED_PORTS).zip(SERVED_CLIENT_PORTS)
+        {
+            let mut argv = lab.gen.command("curl");
+            argv.extend(
+                [
+                    "-sf",
+                    "-o",
+                    "/dev/null",
+                    "--local-port",
+                    &client_port.to_string(),
+                    &format!("http://198.18.0.2:{port}/"),
+                ]
+                .map(String::from),
+            );
+            let mut curl = Proc::start("curl to the capture side", &argv, Stdio::null()).unwrap();
+            assert!(curl.wait(Duration::from_secs(30)).unwrap().success());
+            served.insert(client_port, (server.pid(), "python3", cgroups.path(1)));
+        }
     }
     if fate == ReceiverFate::KilledAndRestarted {
         receiver.proc.signal("KILL").unwrap();
@@ -504,6 +578,7 @@ fn run_clients_with(setup: Setup) -> Outcome {
             got: Vec::new(),
             reference,
             expected,
+            served,
             long_lived,
             files,
             by_port,
@@ -515,6 +590,7 @@ fn run_clients_with(setup: Setup) -> Outcome {
         got: tcpdump_records(&out, "").unwrap(),
         reference,
         expected,
+        served,
         long_lived,
         files: Vec::new(),
         by_port: HashMap::new(),
@@ -558,6 +634,66 @@ fn every_packet_carries_its_process_in_pcap_mode() {
 fn every_packet_carries_its_process(mode: &str) {
     require_root();
     check_attribution(mode, run_clients(mode, &["--attribute"], ""));
+}
+
+/// A connection a server of the capture side accepted carries the server's process, both
+/// ways, from the end of its handshake (the kernel's sock_ops hook gives it the owner of the
+/// port it was accepted on): for a server listening before the sensor started (found in
+/// /proc) and for one started after (found by the bind hook).
+#[test]
+fn accepted_connections_carry_the_servers_process_in_tc_mode() {
+    accepted_connections_carry_the_servers_process("tc");
+}
+
+#[test]
+fn accepted_connections_carry_the_servers_process_in_ebpf_mode() {
+    accepted_connections_carry_the_servers_process("ebpf");
+}
+
+/// libpcap's frames are looked up by the sensor, in the same tables.
+#[test]
+fn accepted_connections_carry_the_servers_process_in_pcap_mode() {
+    accepted_connections_carry_the_servers_process("pcap");
+}
+
+fn accepted_connections_carry_the_servers_process(mode: &str) {
+    require_root();
+    let outcome = run_clients_with(Setup {
+        mode,
+        sensor_args: &["--attribute"],
+        servers: true,
+        ..Setup::default()
+    });
+    assert_eq!(outcome.served.len(), 2);
+    for (port, (pid, comm, cgroup)) in &outcome.served {
+        let flow: Vec<&Row> = outcome
+            .rows
+            .iter()
+            .filter(|r| r.src_port == *port || r.dst_port == *port)
+            .collect();
+        let fin = flow.iter().filter(|r| r.flags & 0x01 != 0).count();
+        assert!(
+            flow.len() >= 8 && fin >= 2,
+            "{mode}: served flow {port}: {} packets, {fin} FIN",
+            flow.len()
+        );
+        // SYN, SYN-ACK and the client's first ACK pass the capture before the connection
+        // is established; every packet after them names the server.
+        let (handshake, established) = flow.split_at(3);
+        assert!(handshake[0].flags & 0x02 != 0 && handshake[1].flags & 0x12 == 0x12);
+        for row in established {
+            assert!(
+                names(&row.comment, *pid, comm, cgroup),
+                "{mode}: served flow {port} (server pid {pid}): packet {} -> {} flags {:#x} has {:?}",
+                row.src_port,
+                row.dst_port,
+                row.flags,
+                row.comment
+            );
+        }
+    }
+    // Nothing lost for the comments: the receiver has every packet tcpdump saw.
+    assert_eq!(sorted(&outcome.got), sorted(&outcome.reference));
 }
 
 /// The flows opened while the receiver was dead reach it when the sensor sends their

@@ -28,7 +28,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::Ebpf;
 use protocol::cgroup::{parse_cgroup_path, path_from_proc_cgroup};
 use protocol::{Direction, Process};
-use sensor_ebpf::{FlowKey, Owner, SYNTHETIC_COOKIE};
+use sensor_ebpf::{FlowKey, ListenerKey, Owner, SYNTHETIC_COOKIE};
 
 use super::super::{FrameOwner, Selectors};
 
@@ -160,6 +160,8 @@ impl Selection {
 
 pub struct Attributor {
     owners: BpfHashMap<MapData, u64, Owner>,
+    /// The sensor's network namespace: that of the interfaces it captures on.
+    netns_cookie: Option<u64>,
     cgroup_root: CgroupRoot,
     /// Applied here (`--mode pcap`) rather than in the kernel.
     selection: Option<Selection>,
@@ -174,15 +176,34 @@ pub struct Attributor {
 }
 
 impl Attributor {
-    /// Puts the sockets older than the sensor in the kernel's tables. With `selection`,
-    /// [`Known::selected`] says whether a process matches it.
+    /// Puts the sockets older than the sensor in the kernel's tables: connections by flow,
+    /// listening TCP sockets by port (for the connections they will accept). With
+    /// `selection`, [`Known::selected`] says whether a process matches it.
     pub fn new(
         mut owners: BpfHashMap<MapData, u64, Owner>,
         flows: &mut BpfHashMap<MapData, FlowKey, u64>,
+        listeners: &mut BpfHashMap<MapData, ListenerKey, Owner>,
         cgroup_root: CgroupRoot,
         selection: Option<Selection>,
     ) -> Self {
+        let netns_cookie = own_netns_cookie();
         for (inode, flow, owner) in existing_sockets(&cgroup_root) {
+            // /proc/net shows the sensor's own namespace.
+            let owner = Owner {
+                netns_cookie: netns_cookie.unwrap_or(0),
+                ..owner
+            };
+            if flow.protocol == TCP && flow.remote_port == 0 {
+                if let Some(netns_cookie) = netns_cookie {
+                    let key = ListenerKey {
+                        netns_cookie,
+                        port: flow.local_port,
+                        _reserved: [0; 6],
+                    };
+                    let _ = listeners.insert(key, owner, 0);
+                }
+                continue;
+            }
             let cookie = SYNTHETIC_COOKIE | inode;
             if owners.insert(cookie, owner, 0).is_ok() {
                 let _ = flows.insert(flow, cookie, 0);
@@ -190,6 +211,7 @@ impl Attributor {
         }
         Self {
             owners,
+            netns_cookie,
             cgroup_root,
             selection,
             cookies: HashMap::new(),
@@ -216,6 +238,15 @@ impl Attributor {
             }
         };
         self.processes.get(&key).map(|p| (key, p))
+    }
+
+    /// Whether the socket with this cookie lives in the sensor's network namespace.
+    fn in_own_netns(&self, cookie: u64) -> bool {
+        self.netns_cookie.is_some_and(|own| {
+            self.owners
+                .get(&cookie, 0)
+                .is_ok_and(|owner| owner.netns_cookie == own)
+        })
     }
 
     fn remember_owner(&mut self, key: u64, owner: &Owner) {
@@ -302,11 +333,13 @@ impl FrameOwners {
     /// either way is tried, this host's end as the source first).
     pub fn of(&mut self, link_type: i32, frame: &[u8], direction: Direction) -> FrameOwner<'_> {
         let cookie = match frame_flow(link_type, frame) {
-            Some(seen) => match self.last.filter(|(last, _)| *last == seen) {
+            Some((seen, opening)) => match self.last.filter(|(last, _)| *last == seen) {
                 Some((_, cookie)) => cookie,
                 None => {
-                    let cookie = self.cached(seen, direction);
-                    self.last = Some((seen, cookie));
+                    let cookie = self.cached(seen, direction, opening);
+                    if cookie != 0 || !opening {
+                        self.last = Some((seen, cookie));
+                    }
                     cookie
                 }
             },
@@ -321,12 +354,17 @@ impl FrameOwners {
         }
     }
 
-    /// The cookie of the flow `seen`, from the cache or else the kernel's table.
-    fn cached(&mut self, seen: FlowKey, direction: Direction) -> u64 {
+    /// The cookie of the flow `seen`, from the cache or else the kernel's table. A flow
+    /// unknown on a frame `opening` a TCP connection (a SYN) is not cached: an accepted
+    /// connection enters the table only once established, a few frames later.
+    fn cached(&mut self, seen: FlowKey, direction: Direction, opening: bool) -> u64 {
         if let Some(&cookie) = self.cache.get(&seen) {
             return cookie;
         }
         let cookie = self.look_up(&seen, direction);
+        if cookie == 0 && opening {
+            return 0;
+        }
         if self.cache.len() >= FLOW_CACHE_ENTRIES {
             self.cache.clear();
         }
@@ -341,18 +379,27 @@ impl FrameOwners {
     }
 
     /// The cookie of the flow a frame `seen` (source first) belongs to, from the kernel's
-    /// table (which holds flows from this host's end).
+    /// table (which holds flows from this host's end, of every network namespace).
     fn look_up(&self, seen: &FlowKey, direction: Direction) -> u64 {
-        let reply = reversed(seen);
-        let tries: &[&FlowKey] = match direction {
-            Direction::Outbound => &[seen],
-            Direction::Inbound => &[&reply],
-            Direction::Unknown => &[seen, &reply],
-        };
-        tries
-            .iter()
-            .find_map(|flow| self.flows.get(flow, 0).ok())
-            .unwrap_or(0)
+        let from_source = || self.flows.get(seen, 0).ok();
+        let from_destination = || self.flows.get(&reversed(seen), 0).ok();
+        match direction {
+            Direction::Outbound => from_source(),
+            Direction::Inbound => from_destination(),
+            // Both ends may be this host's, in two namespaces (a container and its
+            // peer): the end in the capture's own namespace is the one whose frame this
+            // is; else the source's.
+            Direction::Unknown => match (from_source(), from_destination()) {
+                (Some(source), Some(destination))
+                    if !self.attributor.in_own_netns(source)
+                        && self.attributor.in_own_netns(destination) =>
+                {
+                    Some(destination)
+                }
+                (source, destination) => source.or(destination),
+            },
+        }
+        .unwrap_or(0)
     }
 
     /// What reading the tables while capturing takes (see `map_reads_need`).
@@ -390,8 +437,9 @@ const ETHERTYPE_IPV6: u16 = 0x86dd;
 const ETHERTYPE_VLAN: [u16; 2] = [0x8100, 0x88a8];
 
 /// The TCP or UDP flow of a frame, source first (in `local`), as libpcap hands it over on
-/// Linux: Ethernet (one VLAN tag at most), cooked (SLL, SLL2) or raw IP.
-fn frame_flow(link_type: i32, frame: &[u8]) -> Option<FlowKey> {
+/// Linux: Ethernet (one VLAN tag at most), cooked (SLL, SLL2) or raw IP; and whether the
+/// frame opens a TCP connection (SYN set).
+fn frame_flow(link_type: i32, frame: &[u8]) -> Option<(FlowKey, bool)> {
     let ethertype_at = |at: usize| {
         frame
             .get(at..at + 2)
@@ -439,18 +487,44 @@ fn frame_flow(link_type: i32, frame: &[u8]) -> Option<FlowKey> {
         return None;
     }
     let ports = ip.get(l4..l4 + 4)?;
-    Some(FlowKey {
+    let flow = FlowKey {
         local: src,
         remote: dst,
         local_port: u16::from_be_bytes([ports[0], ports[1]]),
         remote_port: u16::from_be_bytes([ports[2], ports[3]]),
         protocol,
         _reserved: [0; 3],
-    })
+    };
+    let opening = protocol == TCP && ip.get(l4 + 13).is_some_and(|flags| flags & 0x02 != 0);
+    Some((flow, opening))
 }
 
-/// Sockets opened before the sensor started: their inode, flow, and the process holding
-/// each (as `ss -p` finds them).
+/// The cookie of the network namespace the sensor runs in (the one `/proc/net` shows),
+/// which the kernel's hooks key listening ports by; none before Linux 5.14.
+fn own_netns_cookie() -> Option<u64> {
+    // SAFETY: plain socket calls on a descriptor this function owns and closes; the option
+    // value is a u64 written within its length.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        );
+        libc::close(fd);
+        (rc == 0).then_some(cookie)
+    }
+}
+
+/// Sockets opened before the sensor started: their inode, flow (a listening socket's has
+/// no remote end), and the process holding each (as `ss -p` finds them).
 fn existing_sockets(root: &CgroupRoot) -> Vec<(u64, FlowKey, Owner)> {
     let mut by_inode: HashMap<u64, FlowKey> = HashMap::new();
     for (file, protocol, v6) in [
@@ -690,7 +764,9 @@ fn socket_line(line: &str, protocol: u8, v6: bool) -> Option<(u64, FlowKey)> {
     let (local, local_port) = proc_address(fields.get(1)?, v6)?;
     let (remote, remote_port) = proc_address(fields.get(2)?, v6)?;
     let inode = fields.get(9)?.parse::<u64>().ok()?;
-    (inode != 0 && remote_port != 0).then_some((
+    // A connection, or a listening TCP socket (state 0A), whose remote end is all zeros.
+    let listening = protocol == TCP && fields.get(3) == Some(&"0A");
+    (inode != 0 && (remote_port != 0 || listening)).then_some((
         inode,
         FlowKey {
             protocol,
@@ -746,9 +822,14 @@ mod tests {
             flow.remote,
             Ipv4Addr::new(198, 18, 0, 2).to_ipv6_mapped().octets()
         );
-        // A listener has no remote end: no flow.
+        // A TCP listener has no remote end, and is kept (by its port); a bound UDP socket or
+        // a TCP socket in another state without a remote end is not.
         let listener = "   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77 1";
-        assert_eq!(socket_line(listener, TCP, false), None);
+        let (inode, flow) = socket_line(listener, TCP, false).unwrap();
+        assert_eq!((inode, flow.local_port, flow.remote_port), (77, 8080, 0));
+        assert_eq!(socket_line(listener, UDP, false), None);
+        let closed = listener.replace(" 0A ", " 07 ");
+        assert_eq!(socket_line(&closed, TCP, false), None);
     }
 
     /// The flow of an Ethernet (tagged or not), cooked or raw frame, source first; none for
@@ -777,7 +858,11 @@ mod tests {
             (pcap_record::LINKTYPE_LINUX_SLL2, &sll2),
             (LINKTYPE_RAW, &ip),
         ] {
-            assert_eq!(frame_flow(link_type, frame), Some(want), "{link_type}");
+            assert_eq!(
+                frame_flow(link_type, frame),
+                Some((want, false)),
+                "{link_type}"
+            );
         }
         assert_eq!(reversed(&reversed(&want)), want);
         assert_eq!(reversed(&want).local_port, 8000);
@@ -788,6 +873,9 @@ mod tests {
         icmp[14 + 9] = 1;
         assert_eq!(frame_flow(LINKTYPE_ETHERNET, &icmp), None);
         assert_eq!(frame_flow(LINKTYPE_ETHERNET, &ethernet[..36]), None);
+        // A SYN, with the whole TCP header.
+        let syn = [&ethernet[..], &[0, 0, 0, 0, 0x50, 0x02]].concat();
+        assert_eq!(frame_flow(LINKTYPE_ETHERNET, &syn), Some((want, true)));
     }
 
     #[test]

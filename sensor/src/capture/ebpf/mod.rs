@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{
     tc, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-    SchedClassifier, SocketFilter, TcAttachType, Xdp, XdpMode,
+    SchedClassifier, SockOps, SocketFilter, TcAttachType, Xdp, XdpMode,
 };
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
@@ -305,7 +305,7 @@ impl EbpfCapture {
             let (attributor, _) = attach_owner_hooks(&mut ebpf, mode, &opts.selectors, select_in)?;
             Some(attributor)
         } else {
-            for map in [shared::OWNERS_MAP, shared::FLOWS_MAP] {
+            for map in [shared::OWNERS_MAP, shared::FLOWS_MAP, shared::LISTENERS_MAP] {
                 drop(ebpf.take_map(map));
             }
             None
@@ -655,6 +655,11 @@ fn attach_owner_hooks(
         prog.attach(root.file(), CgroupAttachMode::Single)
             .map_err(|e| refused(name, &e))?;
     }
+    let name = shared::OWNER_ACCEPT_HOOK;
+    let prog: &mut SockOps = program(ebpf, name)?;
+    prog.load().map_err(|e| load_error(mode, name, &e))?;
+    prog.attach(root.file(), CgroupAttachMode::Single)
+        .map_err(|e| refused(name, &e))?;
     let name = shared::OWNER_FLOWS_HOOK;
     let prog: &mut CgroupSkb = program(ebpf, name)?;
     prog.load().map_err(|e| load_error(mode, name, &e))?;
@@ -674,7 +679,13 @@ fn attach_owner_hooks(
             .ok_or_else(|| missing(shared::FLOWS_MAP))?,
     )
     .map_err(|e| Error::runtime(format!("cannot fill the flow table: {e}")))?;
-    let attributor = attribution::Attributor::new(owners, &mut flows, root, selection);
+    let mut listeners = aya::maps::HashMap::try_from(
+        ebpf.take_map(shared::LISTENERS_MAP)
+            .ok_or_else(|| missing(shared::LISTENERS_MAP))?,
+    )
+    .map_err(|e| Error::runtime(format!("cannot fill the listening ports: {e}")))?;
+    let attributor =
+        attribution::Attributor::new(owners, &mut flows, &mut listeners, root, selection);
     Ok((attributor, flows))
 }
 
