@@ -2,12 +2,18 @@
 //! host's byte order, with nanosecond timestamps) and the capture it writes.
 
 use std::io::{self, Write};
+use std::ops::Range;
 
 use crate::index::Candidate;
 
 const SECTION_HEADER: u32 = 0x0A0D_0D0A;
 const INTERFACE_DESCRIPTION: u32 = 1;
 const ENHANCED_PACKET: u32 = 6;
+const DECRYPTION_SECRETS: u32 = 0x0A;
+/// A Decryption Secrets Block's secrets type: TLS key log (NSS key log lines).
+const TLS_KEY_LOG: u32 = 0x544c_534b;
+/// Fixed part of a Decryption Secrets Block ahead of the secrets.
+const DSB_HEADER: usize = 16;
 /// Fixed part of an Enhanced Packet Block ahead of the data.
 const EPB_HEADER: usize = 28;
 
@@ -44,45 +50,95 @@ pub fn packet(block: &[u8]) -> Option<Packet<'_>> {
     })
 }
 
+/// The whole blocks of a segment, in order: where each starts, its type and its bytes.
+/// Ends at the first block that is cut short.
+struct Blocks<'a> {
+    segment: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for Blocks<'a> {
+    type Item = (usize, u32, &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let kind = u32_at(self.segment, self.at)?;
+        let len = u32_at(self.segment, self.at + 4)? as usize;
+        if len < 12 || self.at + len > self.segment.len() {
+            return None;
+        }
+        let at = self.at;
+        self.at += len;
+        Some((at, kind, &self.segment[at..at + len]))
+    }
+}
+
+fn blocks(segment: &[u8]) -> Blocks<'_> {
+    Blocks { segment, at: 0 }
+}
+
 /// Every packet of a whole segment, as the index would list them (without the batch keys,
 /// which only the index holds): what a segment whose index is lost is read by. Stops at
 /// the first block that is cut short.
 pub fn scan(segment: &[u8]) -> Vec<Candidate> {
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    while let (Some(kind), Some(len)) = (u32_at(segment, at), u32_at(segment, at + 4)) {
-        let len = len as usize;
-        if len < 12 || at + len > segment.len() {
-            break;
-        }
-        if kind == ENHANCED_PACKET {
-            if let Some(p) = packet(&segment[at..at + len]) {
-                out.push(Candidate {
-                    timestamp_ns: p.timestamp_ns,
-                    interface: p.interface,
-                    key: None,
-                    offset: at as u64,
-                    length: len as u32,
-                });
-            }
-        }
-        at += len;
-    }
-    out
+    blocks(segment)
+        .filter(|&(_, kind, _)| kind == ENHANCED_PACKET)
+        .filter_map(|(at, _, block)| {
+            let p = packet(block)?;
+            Some(Candidate {
+                timestamp_ns: p.timestamp_ns,
+                interface: p.interface,
+                key: None,
+                offset: at as u64,
+                length: block.len() as u32,
+            })
+        })
+        .collect()
 }
 
 /// The end of the last whole block of `segment`: where a segment cut short by a crash is
 /// cut to.
 pub fn whole_blocks_len(segment: &[u8]) -> usize {
-    let mut at = 0usize;
-    while let Some(len) = u32_at(segment, at + 4) {
-        let len = len as usize;
-        if len < 12 || at + len > segment.len() {
-            break;
-        }
-        at += len;
+    blocks(segment)
+        .last()
+        .map_or(0, |(at, _, block)| at + block.len())
+}
+
+/// The byte ranges of the TLS key log Decryption Secrets Blocks among the whole blocks of
+/// `segment`: what a segment recovered after a crash lists in its manifest.
+pub fn secrets_ranges(segment: &[u8]) -> Vec<Range<u64>> {
+    blocks(segment)
+        .filter(|&(_, _, block)| secrets(block).is_some())
+        .map(|(at, _, block)| at as u64..(at + block.len()) as u64)
+        .collect()
+}
+
+/// The key log lines of a TLS key log Decryption Secrets Block `block` (exactly one
+/// block), if it is one.
+pub fn secrets(block: &[u8]) -> Option<&[u8]> {
+    if u32_at(block, 0)? != DECRYPTION_SECRETS
+        || u32_at(block, 4)? as usize != block.len()
+        || u32_at(block, 8)? != TLS_KEY_LOG
+    {
+        return None;
     }
-    at
+    let len = u32_at(block, 12)? as usize;
+    block
+        .get(DSB_HEADER..(DSB_HEADER + len).min(block.len().checked_sub(4)?))
+        .filter(|lines| lines.len() == len)
+}
+
+/// Appends a Decryption Secrets Block holding the TLS key log `lines` (each ending in a
+/// newline) to `out`, in the host's byte order.
+pub fn encode_secrets(lines: &[u8], out: &mut Vec<u8>) {
+    let padded = lines.len().next_multiple_of(4);
+    let total = u32::try_from(DSB_HEADER + padded + 4).unwrap_or(u32::MAX);
+    out.extend_from_slice(&DECRYPTION_SECRETS.to_ne_bytes());
+    out.extend_from_slice(&total.to_ne_bytes());
+    out.extend_from_slice(&TLS_KEY_LOG.to_ne_bytes());
+    out.extend_from_slice(&u32::try_from(lines.len()).unwrap_or(u32::MAX).to_ne_bytes());
+    out.extend_from_slice(lines);
+    out.resize(out.len() + padded - lines.len(), 0);
+    out.extend_from_slice(&total.to_ne_bytes());
 }
 
 /// The capture a query writes.
@@ -193,6 +249,20 @@ impl<W: Write> Output<W> {
         }
     }
 
+    /// Writes TLS key log `lines` in a Decryption Secrets Block (pcapng); false for a
+    /// classic pcap, which has no place for them.
+    pub fn write_secrets(&mut self, lines: &[u8]) -> io::Result<bool> {
+        match self {
+            Self::Pcapng(out) => {
+                let mut block = Vec::with_capacity(DSB_HEADER + lines.len() + 8);
+                encode_secrets(lines, &mut block);
+                out.write_all(&block)?;
+                Ok(true)
+            }
+            Self::Pcap { .. } => Ok(false),
+        }
+    }
+
     /// Ends the capture: a classic pcap that got no packet still gets its header, of
     /// `link_type`.
     pub fn complete(&mut self, link_type: u16) -> io::Result<()> {
@@ -248,5 +318,54 @@ mod tests {
             whole_blocks_len(&bytes[..bytes.len() - 1]),
             c.offset as usize
         );
+    }
+
+    #[test]
+    fn a_secrets_block_is_padded_and_framed() {
+        let mut out = Vec::new();
+        encode_secrets(b"CLIENT_RANDOM 00 11\n", &mut out);
+        assert_eq!(out.len(), 16 + 20 + 4);
+        assert_eq!(&out[4..8], &40u32.to_ne_bytes());
+        assert_eq!(&out[36..40], &40u32.to_ne_bytes());
+        assert_eq!(secrets(&out), Some(&b"CLIENT_RANDOM 00 11\n"[..]));
+    }
+
+    /// Key log lines between packets are found by the block walker, each block's exact
+    /// range, and read back; a block cut short by a crash is not listed.
+    #[test]
+    fn secrets_ranges_are_found_among_packets() {
+        let mut out = Output::pcapng(Vec::new()).unwrap();
+        out.add_interface("h/eth0", 1, 65535).unwrap();
+        let p = Packet {
+            interface: 0,
+            timestamp_ns: 1,
+            original_len: 3,
+            data: &[1, 2, 3],
+            options: &[],
+        };
+        let first = b"CLIENT_RANDOM aa bb\n";
+        let second = b"SERVER_HANDSHAKE_TRAFFIC_SECRET cc dd\nEXPORTER_SECRET cc ee\n";
+        assert!(out.write_secrets(first).unwrap());
+        out.write(0, &p).unwrap();
+        assert!(out.write_secrets(second).unwrap());
+        out.write(0, &p).unwrap();
+        assert!(out.write_secrets(first).unwrap());
+        let Output::Pcapng(bytes) = out else { panic!() };
+        let ranges = secrets_ranges(&bytes);
+        assert_eq!(ranges.len(), 3);
+        let lines: Vec<&[u8]> = ranges
+            .iter()
+            .map(|r| secrets(&bytes[r.start as usize..r.end as usize]).unwrap())
+            .collect();
+        assert_eq!(lines, [&first[..], &second[..], &first[..]]);
+        // Packets are no secrets, and the walker still finds them all.
+        assert_eq!(scan(&bytes).len(), 2);
+        assert!(ranges
+            .iter()
+            .all(|r| packet(&bytes[r.start as usize..r.end as usize]).is_none()));
+        // Cut inside the last block: only the two whole ones are left.
+        assert_eq!(secrets_ranges(&bytes[..bytes.len() - 4]), ranges[..2]);
+        // Classic pcap has no place for them.
+        assert!(!Output::pcap(Vec::new()).write_secrets(first).unwrap());
     }
 }

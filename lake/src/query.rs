@@ -5,6 +5,11 @@
 //! their time statistics; the rows left give the byte ranges to fetch (coalesced into
 //! few requests); libpcap's offline filter decides on each packet, so that the answer is
 //! what `tcpdump -r` over the whole lake would give.
+//!
+//! The TLS key log lines of every segment read for the time range (those without a
+//! matching packet too: a session's keys may sit in the segment before its packets) go
+//! ahead of that segment's packets, as Decryption Secrets Blocks fetched by the ranges its
+//! manifest lists, each line once.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -52,6 +57,10 @@ pub struct Stats {
     pub candidates: u64,
     pub matched: u64,
     pub duplicates: u64,
+    /// TLS key log lines in the answer (each once).
+    pub key_lines: u64,
+    /// TLS key log lines the answer's format has no place for (classic pcap).
+    pub key_lines_not_written: u64,
 }
 
 impl Stats {
@@ -59,7 +68,7 @@ impl Stats {
         format!(
             "{} segment(s): {} pruned, {} read ({} scanned without index); {} row group(s) \
              pruned; {} of {} bytes fetched; {} candidate(s), {} packet(s) matched, {} \
-             duplicate(s) dropped",
+             duplicate(s) dropped; {} TLS key log line(s) written, {} not written",
             self.segments,
             self.segments_pruned,
             self.segments_read,
@@ -69,7 +78,9 @@ impl Stats {
             self.lake_bytes,
             self.candidates,
             self.matched,
-            self.duplicates
+            self.duplicates,
+            self.key_lines,
+            self.key_lines_not_written
         )
     }
 }
@@ -195,11 +206,30 @@ pub async fn run<W: Write>(
     // interface, however many segments and receivers it spans.
     let mut interfaces: HashMap<(String, String, u16, u64), u32> = HashMap::new();
     let mut seen: HashSet<BatchKey> = HashSet::new();
+    let mut seen_key_lines: HashSet<Box<[u8]>> = HashSet::new();
     let mut found: Vec<Found> = Vec::new();
     for (order, segment) in wanted.iter().enumerate() {
         let m = &segment.manifest;
         stats.matched += write_older(&mut found, m.first_ns, out)?;
         let before = stats.bytes_fetched;
+        let (key_lines, fetched) = fetch_key_lines(lake, segment, &mut seen_key_lines, progress)
+            .await
+            .map_err(store_error)?;
+        stats.bytes_fetched += fetched;
+        if !key_lines.is_empty() {
+            let count = key_lines.iter().filter(|&&b| b == b'\n').count() as u64;
+            if out.write_secrets(&key_lines)? {
+                stats.key_lines += count;
+            } else {
+                stats.key_lines_not_written += count;
+            }
+        }
+        if m.packets == 0 {
+            // Keys only: no index to read.
+            stats.segments_read += 1;
+            progress.segment_done(stats.bytes_fetched - before);
+            continue;
+        }
         let indexed = match fetch_index(lake, &segment.index_path(), query, &constraints).await {
             Ok(Ok((sparse, fetched))) => {
                 stats.bytes_fetched += fetched;
@@ -396,6 +426,51 @@ fn wanted_interface(query: &Query, segment: &Listed, interface: u32) -> bool {
             .interfaces
             .get(interface as usize)
             .is_some_and(|i| query.sensors.contains(&i.sensor))
+}
+
+/// The TLS key log lines of `segment`'s Decryption Secrets Blocks not in `seen` (which
+/// takes them), in order; also the bytes fetched.
+async fn fetch_key_lines(
+    lake: &Lake,
+    segment: &Listed,
+    seen: &mut HashSet<Box<[u8]>>,
+    progress: &mut dyn Progress,
+) -> Result<(Vec<u8>, u64), object_store::Error> {
+    let m = &segment.manifest;
+    // A range past the segment's end (a damaged manifest) would fail the whole request.
+    let ranges: Vec<Range<u64>> = m
+        .secrets
+        .iter()
+        .filter(|r| r.start < r.end && r.end <= m.segment_bytes)
+        .cloned()
+        .collect();
+    if ranges.len() < m.secrets.len() {
+        progress.warn(&format!(
+            "segment {}: {} TLS key log range(s) past its end: skipped",
+            segment.segment_path(),
+            m.secrets.len() - ranges.len()
+        ));
+    }
+    let (blocks, fetched) = fetch(lake, segment, &ranges).await?;
+    let mut lines = Vec::new();
+    for (range, block) in ranges.iter().zip(blocks) {
+        let Some(text) = pcapng::secrets(&block) else {
+            progress.warn(&format!(
+                "segment {} holds no TLS key log at byte {}: skipped",
+                segment.segment_path(),
+                range.start
+            ));
+            continue;
+        };
+        for line in text.split_inclusive(|&b| b == b'\n') {
+            // Copied: a slice would hold the whole coalesced request in memory.
+            if !seen.contains(line) {
+                seen.insert(line.into());
+                lines.extend_from_slice(line);
+            }
+        }
+    }
+    Ok((lines, fetched))
 }
 
 /// The blocks at `ranges` of the segment, fetched as few coalesced requests; also the
