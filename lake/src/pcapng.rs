@@ -144,7 +144,14 @@ pub fn encode_secrets(lines: &[u8], out: &mut Vec<u8>) {
 /// The capture a query writes.
 pub enum Output<W: Write> {
     /// pcapng: a section header, then interfaces as they come.
-    Pcapng(W),
+    Pcapng {
+        out: W,
+        /// Key log blocks that came before the first interface, held until it is
+        /// described: Wireshark's tools (editcap, mergecap) take a file's interfaces from
+        /// the blocks right after its section header, and refuse to rewrite a file that
+        /// starts with another block. None once an interface is described.
+        held_secrets: Option<Vec<u8>>,
+    },
     /// Classic pcap with nanosecond timestamps, of one link type.
     Pcap { out: W, link_type: Option<u16> },
 }
@@ -160,7 +167,10 @@ impl<W: Write> Output<W> {
         shb.extend_from_slice(&u64::MAX.to_ne_bytes());
         shb.extend_from_slice(&28u32.to_ne_bytes());
         out.write_all(&shb)?;
-        Ok(Self::Pcapng(out))
+        Ok(Self::Pcapng {
+            out,
+            held_secrets: Some(Vec::new()),
+        })
     }
 
     pub fn pcap(out: W) -> Self {
@@ -174,7 +184,7 @@ impl<W: Write> Output<W> {
     /// refused). The interfaces are numbered in the order they are added.
     pub fn add_interface(&mut self, name: &str, link_type: u16, snaplen: u32) -> io::Result<()> {
         match self {
-            Self::Pcapng(out) => {
+            Self::Pcapng { out, held_secrets } => {
                 let mut options = Vec::new();
                 option(&mut options, 2, name.as_bytes());
                 option(&mut options, 9, &[9]);
@@ -188,7 +198,12 @@ impl<W: Write> Output<W> {
                 idb.extend_from_slice(&snaplen.to_ne_bytes());
                 idb.extend_from_slice(&options);
                 idb.extend_from_slice(&len.to_ne_bytes());
-                out.write_all(&idb)
+                out.write_all(&idb)?;
+                // Still ahead of every packet: packets need an interface first.
+                match held_secrets.take() {
+                    Some(held) => out.write_all(&held),
+                    None => Ok(()),
+                }
             }
             Self::Pcap { out, link_type: lt } => match lt {
                 Some(lt) if *lt != link_type => Err(io::Error::new(
@@ -220,7 +235,7 @@ impl<W: Write> Output<W> {
         let nanos = (packet.timestamp_ns % 1_000_000_000) as u32;
         let captured = packet.data.len() as u32;
         match self {
-            Self::Pcapng(out) => {
+            Self::Pcapng { out, .. } => {
                 let padded = packet.data.len().div_ceil(4) * 4;
                 let len = (EPB_HEADER + padded + packet.options.len() + 4) as u32;
                 let mut head = [0u8; EPB_HEADER];
@@ -253,10 +268,15 @@ impl<W: Write> Output<W> {
     /// classic pcap, which has no place for them.
     pub fn write_secrets(&mut self, lines: &[u8]) -> io::Result<bool> {
         match self {
-            Self::Pcapng(out) => {
-                let mut block = Vec::with_capacity(DSB_HEADER + lines.len() + 8);
-                encode_secrets(lines, &mut block);
-                out.write_all(&block)?;
+            Self::Pcapng { out, held_secrets } => {
+                match held_secrets {
+                    Some(held) => encode_secrets(lines, held),
+                    None => {
+                        let mut block = Vec::with_capacity(DSB_HEADER + lines.len() + 8);
+                        encode_secrets(lines, &mut block);
+                        out.write_all(&block)?;
+                    }
+                }
                 Ok(true)
             }
             Self::Pcap { .. } => Ok(false),
@@ -264,20 +284,24 @@ impl<W: Write> Output<W> {
     }
 
     /// Ends the capture: a classic pcap that got no packet still gets its header, of
-    /// `link_type`.
+    /// `link_type`; a pcapng that got none still gets the key log lines it holds.
     pub fn complete(&mut self, link_type: u16) -> io::Result<()> {
-        if let Self::Pcap {
-            link_type: None, ..
-        } = self
-        {
-            self.add_interface("", link_type, 0)?;
+        match self {
+            Self::Pcap {
+                link_type: None, ..
+            } => self.add_interface("", link_type, 0)?,
+            Self::Pcapng {
+                out,
+                held_secrets: Some(held),
+            } => out.write_all(&std::mem::take(held))?,
+            _ => {}
         }
         self.flush()
     }
 
     pub fn flush(&mut self) -> io::Result<()> {
         match self {
-            Self::Pcapng(out) | Self::Pcap { out, .. } => out.flush(),
+            Self::Pcapng { out, .. } | Self::Pcap { out, .. } => out.flush(),
         }
     }
 }
@@ -305,7 +329,9 @@ mod tests {
             options: &[],
         };
         out.write(0, &p).unwrap();
-        let Output::Pcapng(bytes) = out else { panic!() };
+        let Output::Pcapng { out: bytes, .. } = out else {
+            panic!()
+        };
         let found = scan(&bytes);
         assert_eq!(found.len(), 1);
         let c = found[0];
@@ -345,12 +371,14 @@ mod tests {
         };
         let first = b"CLIENT_RANDOM aa bb\n";
         let second = b"SERVER_HANDSHAKE_TRAFFIC_SECRET cc dd\nEXPORTER_SECRET cc ee\n";
-        assert!(out.write_secrets(first).unwrap());
         out.write(0, &p).unwrap();
+        assert!(out.write_secrets(first).unwrap());
         assert!(out.write_secrets(second).unwrap());
         out.write(0, &p).unwrap();
         assert!(out.write_secrets(first).unwrap());
-        let Output::Pcapng(bytes) = out else { panic!() };
+        let Output::Pcapng { out: bytes, .. } = out else {
+            panic!()
+        };
         let ranges = secrets_ranges(&bytes);
         assert_eq!(ranges.len(), 3);
         let lines: Vec<&[u8]> = ranges
@@ -358,6 +386,7 @@ mod tests {
             .map(|r| secrets(&bytes[r.start as usize..r.end as usize]).unwrap())
             .collect();
         assert_eq!(lines, [&first[..], &second[..], &first[..]]);
+        assert!(scan(&bytes)[0].offset < ranges[0].start);
         // Packets are no secrets, and the walker still finds them all.
         assert_eq!(scan(&bytes).len(), 2);
         assert!(ranges
@@ -367,5 +396,32 @@ mod tests {
         assert_eq!(secrets_ranges(&bytes[..bytes.len() - 4]), ranges[..2]);
         // Classic pcap has no place for them.
         assert!(!Output::pcap(Vec::new()).write_secrets(first).unwrap());
+    }
+
+    /// Keys that come before any interface wait for the first one: an answer starts with
+    /// its interfaces, as Wireshark's tools need, and its keys still precede its packets;
+    /// an answer of keys only gets them at its end.
+    #[test]
+    fn keys_before_the_first_interface_follow_it() {
+        let line = b"CLIENT_RANDOM aa bb\n";
+        let mut out = Output::pcapng(Vec::new()).unwrap();
+        assert!(out.write_secrets(line).unwrap());
+        out.add_interface("h/eth0", 1, 65535).unwrap();
+        let Output::Pcapng { out: bytes, .. } = &out else {
+            panic!()
+        };
+        let kinds: Vec<u32> = blocks(bytes).map(|(_, kind, _)| kind).collect();
+        assert_eq!(
+            kinds,
+            [SECTION_HEADER, INTERFACE_DESCRIPTION, DECRYPTION_SECRETS]
+        );
+
+        let mut out = Output::pcapng(Vec::new()).unwrap();
+        assert!(out.write_secrets(line).unwrap());
+        out.complete(1).unwrap();
+        let Output::Pcapng { out: bytes, .. } = &out else {
+            panic!()
+        };
+        assert_eq!(secrets_ranges(bytes).len(), 1);
     }
 }

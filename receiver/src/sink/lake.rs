@@ -857,7 +857,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((stats.key_lines, stats.matched), (1, 1), "{}", stats.line());
-        let Output::Pcapng(answer) = out else {
+        let Output::Pcapng { out: answer, .. } = out else {
             unreachable!()
         };
         let blocks = secrets_ranges(&answer);
