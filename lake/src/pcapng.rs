@@ -317,10 +317,24 @@ fn option(out: &mut Vec<u8>, code: u16, value: &[u8]) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_written_packet_reads_back() {
+    /// A pcapng capture describing one Ethernet interface.
+    fn capture() -> Output<Vec<u8>> {
         let mut out = Output::pcapng(Vec::new()).unwrap();
         out.add_interface("h/eth0", 1, 65535).unwrap();
+        out
+    }
+
+    impl Output<Vec<u8>> {
+        fn bytes(&self) -> &[u8] {
+            match self {
+                Self::Pcapng { out, .. } | Self::Pcap { out, .. } => out,
+            }
+        }
+    }
+
+    #[test]
+    fn a_written_packet_reads_back() {
+        let mut out = capture();
         let p = Packet {
             interface: 7,
             timestamp_ns: 1_700_000_000_123_456_789,
@@ -329,10 +343,8 @@ mod tests {
             options: &[],
         };
         out.write(0, &p).unwrap();
-        let Output::Pcapng { out: bytes, .. } = out else {
-            panic!()
-        };
-        let found = scan(&bytes);
+        let bytes = out.bytes();
+        let found = scan(bytes);
         assert_eq!(found.len(), 1);
         let c = found[0];
         let back =
@@ -360,8 +372,7 @@ mod tests {
     /// range, and read back; a block cut short by a crash is not listed.
     #[test]
     fn secrets_ranges_are_found_among_packets() {
-        let mut out = Output::pcapng(Vec::new()).unwrap();
-        out.add_interface("h/eth0", 1, 65535).unwrap();
+        let mut out = capture();
         let p = Packet {
             interface: 0,
             timestamp_ns: 1,
@@ -376,19 +387,17 @@ mod tests {
         assert!(out.write_secrets(second).unwrap());
         out.write(0, &p).unwrap();
         assert!(out.write_secrets(first).unwrap());
-        let Output::Pcapng { out: bytes, .. } = out else {
-            panic!()
-        };
-        let ranges = secrets_ranges(&bytes);
+        let bytes = out.bytes();
+        let ranges = secrets_ranges(bytes);
         assert_eq!(ranges.len(), 3);
         let lines: Vec<&[u8]> = ranges
             .iter()
             .map(|r| secrets(&bytes[r.start as usize..r.end as usize]).unwrap())
             .collect();
         assert_eq!(lines, [&first[..], &second[..], &first[..]]);
-        assert!(scan(&bytes)[0].offset < ranges[0].start);
+        assert!(scan(bytes)[0].offset < ranges[0].start);
         // Packets are no secrets, and the walker still finds them all.
-        assert_eq!(scan(&bytes).len(), 2);
+        assert_eq!(scan(bytes).len(), 2);
         assert!(ranges
             .iter()
             .all(|r| packet(&bytes[r.start as usize..r.end as usize]).is_none()));
@@ -407,10 +416,7 @@ mod tests {
         let mut out = Output::pcapng(Vec::new()).unwrap();
         assert!(out.write_secrets(line).unwrap());
         out.add_interface("h/eth0", 1, 65535).unwrap();
-        let Output::Pcapng { out: bytes, .. } = &out else {
-            panic!()
-        };
-        let kinds: Vec<u32> = blocks(bytes).map(|(_, kind, _)| kind).collect();
+        let kinds: Vec<u32> = blocks(out.bytes()).map(|(_, kind, _)| kind).collect();
         assert_eq!(
             kinds,
             [SECTION_HEADER, INTERFACE_DESCRIPTION, DECRYPTION_SECRETS]
@@ -419,9 +425,6 @@ mod tests {
         let mut out = Output::pcapng(Vec::new()).unwrap();
         assert!(out.write_secrets(line).unwrap());
         out.complete(1).unwrap();
-        let Output::Pcapng { out: bytes, .. } = &out else {
-            panic!()
-        };
-        assert_eq!(secrets_ranges(bytes).len(), 1);
+        assert_eq!(secrets_ranges(out.bytes()).len(), 1);
     }
 }

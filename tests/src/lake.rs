@@ -58,6 +58,24 @@ pub fn query_answer(
     Ok(stderr)
 }
 
+/// Every file of the lake whose name ends in `suffix`.
+pub fn lake_files(lake: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![lake.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.to_string_lossy().ends_with(suffix) {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
 /// Writes `records` as a nanosecond Ethernet pcap, for tcpdump to read.
 pub fn write_pcap(records: &[Record], path: &Path) -> Result<()> {
     let mut out = Vec::new();

@@ -138,3 +138,19 @@ pub fn secrets_blocks(file: &Path) -> (usize, usize) {
 pub fn secret_paths(requests: Range<usize>) -> BTreeSet<String> {
     requests.map(|n| format!("/secret-path-{n}")).collect()
 }
+
+/// A copy of the pcapng `file` without its Decryption Secrets Blocks (`editcap
+/// --discard-all-secrets`), beside it: the control that shows the keys decrypt.
+pub fn without_secrets(file: &Path) -> PathBuf {
+    let stripped = file.with_extension("stripped.pcapng");
+    run(
+        "editcap",
+        &[
+            "--discard-all-secrets",
+            file.to_str().unwrap(),
+            stripped.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    stripped
+}

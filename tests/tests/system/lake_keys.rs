@@ -6,23 +6,31 @@
 use std::path::{Path, PathBuf};
 
 use testbed::capstream::{start_sensor, Receiver, Scratch};
-use testbed::lake::{query, query_answer};
-use testbed::tls::{request_paths, secret_paths, secrets_blocks, TlsServer, PORT};
-use testbed::{require_root, run, Lab, Proc};
+use testbed::lake::{lake_files, query, query_answer};
+use testbed::tls::{request_paths, secret_paths, secrets_blocks, without_secrets, TlsServer, PORT};
+use testbed::{require_root, Lab};
 
 const REQUESTS: usize = 20;
 
+/// What `requests` curl requests over TLS 1.3 left in a lake.
+struct Captured {
+    lake: PathBuf,
+    /// Lines of the key log curl wrote.
+    lines: usize,
+    /// The receiver's stderr and exit summary.
+    log: String,
+    summary: serde_json::Value,
+}
+
 /// A receiver writing a lake in `dir` (segments closed every second) and a sensor on
-/// `cap0` following `keylog`, capturing what `filter` matches; and the lake's directory.
-fn lake_with_keylog(
-    lab: &Lab,
-    dir: &Scratch,
-    keylog: &Path,
-    filter: &str,
-) -> (Receiver, Proc, PathBuf) {
+/// `cap0` following the key log of `requests` curl requests, capturing what `filter`
+/// matches; both stopped once the requests are done. Every key line was written.
+fn capture_into_lake(lab: &Lab, dir: &Scratch, filter: &str, requests: usize) -> Captured {
+    let server = TlsServer::start(lab, dir, "-tls1_3");
+    let keylog = dir.join("keys.log");
     let lake = dir.join("lake");
     std::fs::create_dir_all(&lake).unwrap();
-    let receiver = Receiver::start(
+    let mut receiver = Receiver::start(
         Some(&lab.cap),
         &dir.join("state"),
         4433,
@@ -36,7 +44,7 @@ fn lake_with_keylog(
         ],
     )
     .unwrap();
-    let sensor = start_sensor(
+    let mut sensor = start_sensor(
         Some(&lab.cap),
         &receiver,
         &[
@@ -54,28 +62,28 @@ fn lake_with_keylog(
         ],
     )
     .unwrap();
-    (receiver, sensor, lake)
+    for n in 0..requests {
+        server.request(lab, &keylog, n);
+    }
+    sensor.stop().unwrap();
+    receiver.stop().unwrap();
+    let lines = std::fs::read_to_string(&keylog).unwrap().lines().count();
+    let summary = receiver.proc.summary().unwrap();
+    assert_eq!(summary["tls_keys"]["written"], lines as u64, "{summary:#}");
+    Captured {
+        lake,
+        lines,
+        log: receiver.proc.stderr(),
+        summary,
+    }
 }
 
 /// The manifests of the lake's segments.
 fn manifests(lake: &Path) -> Vec<serde_json::Value> {
-    let mut found = Vec::new();
-    let mut dirs = vec![lake.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else if path.to_string_lossy().ends_with(".manifest.json") {
-                found.push(serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap());
-            }
-        }
-    }
-    found
-}
-
-fn lines_of(keylog: &Path) -> usize {
-    std::fs::read_to_string(keylog).unwrap().lines().count()
+    lake_files(lake, ".manifest.json")
+        .iter()
+        .map(|path| serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap())
+        .collect()
 }
 
 /// 20 curl requests over TLS 1.3, captured into a lake of one-second segments: the answer
@@ -87,19 +95,13 @@ fn a_lake_query_answer_decrypts_the_tls_requests_alone() {
     require_root();
     let lab = Lab::new(1).unwrap();
     let dir = Scratch::new("lake-keys").unwrap();
-    let server = TlsServer::start(&lab, &dir, "-tls1_3");
-    let keylog = dir.join("keys.log");
     let port_filter = format!("tcp port {PORT}");
-    let (mut receiver, mut sensor, lake) = lake_with_keylog(&lab, &dir, &keylog, &port_filter);
-    for n in 0..REQUESTS {
-        server.request(&lab, &keylog, n);
-    }
-    sensor.stop().unwrap();
-    receiver.stop().unwrap();
-    let log = receiver.proc.stderr();
-    let lines = lines_of(&keylog);
-    let summary = receiver.proc.summary().unwrap();
-    assert_eq!(summary["tls_keys"]["written"], lines as u64, "{summary:#}");
+    let Captured {
+        lake,
+        lines,
+        log,
+        summary,
+    } = capture_into_lake(&lab, &dir, &port_filter, REQUESTS);
     assert_eq!(summary["tls_keys"]["without_packets"], 0, "{summary:#}");
     let segments = manifests(&lake);
     eprintln!("{} segment(s) in the lake", segments.len());
@@ -124,19 +126,8 @@ fn a_lake_query_answer_decrypts_the_tls_requests_alone() {
         )),
         "{stderr}"
     );
-
     // Control: the answer without its secrets shows no request.
-    let stripped = dir.join("stripped.pcapng");
-    run(
-        "editcap",
-        &[
-            "--discard-all-secrets",
-            answer.to_str().unwrap(),
-            stripped.to_str().unwrap(),
-        ],
-    )
-    .unwrap();
-    assert!(request_paths(&stripped, &[]).is_empty());
+    assert!(request_paths(&without_secrets(&answer), &[]).is_empty());
 
     // Classic pcap has no place for keys: said once, with the count.
     let (_, stderr) = query(
@@ -157,18 +148,12 @@ fn keys_without_packets_are_kept_in_the_lake() {
     require_root();
     let lab = Lab::new(1).unwrap();
     let dir = Scratch::new("lake-keys-only").unwrap();
-    let server = TlsServer::start(&lab, &dir, "-tls1_3");
-    let keylog = dir.join("keys.log");
-    let (mut receiver, mut sensor, lake) = lake_with_keylog(&lab, &dir, &keylog, "udp port 9");
-    for n in 0..3 {
-        server.request(&lab, &keylog, n);
-    }
-    sensor.stop().unwrap();
-    receiver.stop().unwrap();
-    let log = receiver.proc.stderr();
-    let lines = lines_of(&keylog);
-    let summary = receiver.proc.summary().unwrap();
-    assert_eq!(summary["tls_keys"]["written"], lines as u64, "{summary:#}");
+    let Captured {
+        lake,
+        lines,
+        log,
+        summary,
+    } = capture_into_lake(&lab, &dir, "udp port 9", 3);
     // No ClientHello followed them here: counted, and kept in the lake all the same.
     assert_eq!(
         summary["tls_keys"]["without_packets"], lines as u64,

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use testbed::capstream::{start_sensor, start_tcpdump, stop_reference, Receiver, Scratch};
 use testbed::prometheus::{scrape, sum};
-use testbed::tls::{request_paths, secret_paths, secrets_blocks, TlsServer, PORT};
-use testbed::{require_root, run, Lab, Proc};
+use testbed::tls::{request_paths, secret_paths, secrets_blocks, without_secrets, TlsServer, PORT};
+use testbed::{require_root, Lab, Proc};
 
 const REQUESTS: usize = 20;
 
@@ -148,16 +148,7 @@ fn one_pass_decrypts_every_request_in_both_tls_versions_and_modes() {
         );
 
         // Control: the same file without its secrets shows no request.
-        let stripped = dir.join("stripped.pcapng");
-        run(
-            "editcap",
-            &[
-                "--discard-all-secrets",
-                out.to_str().unwrap(),
-                stripped.to_str().unwrap(),
-            ],
-        )
-        .unwrap();
+        let stripped = without_secrets(&out);
         assert_eq!(secrets_blocks(&stripped), (0, 0));
         assert!(request_paths(&stripped, &[]).is_empty(), "{what}");
     }
