@@ -8,8 +8,8 @@
 //!
 //! The TLS key log lines of every segment read for the time range (those without a
 //! matching packet too: a session's keys may sit in the segment before its packets) go
-//! ahead of that segment's packets, as Decryption Secrets Blocks fetched by the ranges its
-//! manifest lists, each line once.
+//! ahead of all the answer's packets, each line once, from the Decryption Secrets Blocks
+//! fetched by the ranges the manifests list.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -31,6 +31,9 @@ const COALESCE_GAP: u64 = 8 << 10;
 const REQUESTS_IN_FLIGHT: usize = 8;
 /// Largest single request of coalesced ranges.
 const MAX_REQUEST: u64 = 16 << 20;
+/// Key log blocks closer than this are fetched as one request: narrower than for packets,
+/// as the bytes between two blocks are packets the query may not want.
+const SECRETS_COALESCE_GAP: u64 = 1 << 10;
 
 /// What a query asks for.
 pub struct Query {
@@ -206,30 +209,18 @@ pub async fn run<W: Write>(
     // interface, however many segments and receivers it spans.
     let mut interfaces: HashMap<(String, String, u16, u64), u32> = HashMap::new();
     let mut seen: HashSet<BatchKey> = HashSet::new();
-    let mut seen_key_lines: HashSet<Box<[u8]>> = HashSet::new();
     let mut found: Vec<Found> = Vec::new();
+    write_key_lines(lake, &wanted, out, &mut stats, progress).await?;
     for (order, segment) in wanted.iter().enumerate() {
         let m = &segment.manifest;
         stats.matched += write_older(&mut found, m.first_ns, out)?;
-        let before = stats.bytes_fetched;
-        let (key_lines, fetched) = fetch_key_lines(lake, segment, &mut seen_key_lines, progress)
-            .await
-            .map_err(store_error)?;
-        stats.bytes_fetched += fetched;
-        if !key_lines.is_empty() {
-            let count = key_lines.iter().filter(|&&b| b == b'\n').count() as u64;
-            if out.write_secrets(&key_lines)? {
-                stats.key_lines += count;
-            } else {
-                stats.key_lines_not_written += count;
-            }
-        }
         if m.packets == 0 {
-            // Keys only: no index to read.
+            // Keys only (written above): no index to read.
             stats.segments_read += 1;
-            progress.segment_done(stats.bytes_fetched - before);
+            progress.segment_done(0);
             continue;
         }
+        let before = stats.bytes_fetched;
         let indexed = match fetch_index(lake, &segment.index_path(), query, &constraints).await {
             Ok(Ok((sparse, fetched))) => {
                 stats.bytes_fetched += fetched;
@@ -251,7 +242,9 @@ pub async fn run<W: Write>(
                     .iter()
                     .map(|c| c.offset..c.offset + u64::from(c.length))
                     .collect();
-                let (blocks, fetched) = fetch(lake, segment, &ranges).await.map_err(store_error)?;
+                let (blocks, fetched) = fetch(lake, segment, &ranges, COALESCE_GAP)
+                    .await
+                    .map_err(store_error)?;
                 stats.bytes_fetched += fetched;
                 (candidates, blocks)
             }
@@ -428,57 +421,105 @@ fn wanted_interface(query: &Query, segment: &Listed, interface: u32) -> bool {
             .is_some_and(|i| query.sensors.contains(&i.sensor))
 }
 
-/// The TLS key log lines of `segment`'s Decryption Secrets Blocks not in `seen` (which
-/// takes them), in order; also the bytes fetched.
-async fn fetch_key_lines(
+/// Writes the TLS key log lines of the segments `wanted`, each once, in one block, ahead
+/// of every packet: a key must precede the packets it decrypts, and a segment's keys may
+/// be for another's packets (the next segment's, another receiver's after a failover),
+/// whose times say nothing of where the keys belong. Classic pcap holds none: counted.
+async fn write_key_lines<W: Write>(
     lake: &Lake,
-    segment: &Listed,
-    seen: &mut HashSet<Box<[u8]>>,
+    wanted: &[&Listed],
+    out: &mut Output<W>,
+    stats: &mut Stats,
     progress: &mut dyn Progress,
-) -> Result<(Vec<u8>, u64), object_store::Error> {
-    let m = &segment.manifest;
-    // A range past the segment's end (a damaged manifest) would fail the whole request.
-    let ranges: Vec<Range<u64>> = m
-        .secrets
-        .iter()
-        .filter(|r| r.start < r.end && r.end <= m.segment_bytes)
-        .cloned()
-        .collect();
-    if ranges.len() < m.secrets.len() {
-        progress.warn(&format!(
-            "segment {}: {} TLS key log range(s) past its end: skipped",
-            segment.segment_path(),
-            m.secrets.len() - ranges.len()
-        ));
-    }
-    let (blocks, fetched) = fetch(lake, segment, &ranges).await?;
+) -> Result<(), QueryError> {
+    let fetched: Vec<SegmentKeys> = futures_util::stream::iter(wanted)
+        .map(|segment| fetch_key_lines(lake, segment))
+        .buffered(REQUESTS_IN_FLIGHT)
+        .try_collect()
+        .await
+        .map_err(|source| QueryError::Store {
+            url: lake.url.clone(),
+            source,
+        })?;
+    let mut seen: HashSet<&[u8]> = HashSet::new();
     let mut lines = Vec::new();
-    for (range, block) in ranges.iter().zip(blocks) {
-        let Some(text) = pcapng::secrets(&block) else {
+    for (segment, keys) in wanted.iter().zip(&fetched) {
+        stats.bytes_fetched += keys.fetched;
+        for at in &keys.unreadable {
             progress.warn(&format!(
-                "segment {} holds no TLS key log at byte {}: skipped",
-                segment.segment_path(),
-                range.start
+                "segment {}: no TLS key log at byte {at}: skipped",
+                segment.segment_path()
             ));
-            continue;
-        };
-        for line in text.split_inclusive(|&b| b == b'\n') {
-            // Copied: a slice would hold the whole coalesced request in memory.
-            if !seen.contains(line) {
-                seen.insert(line.into());
+        }
+        for line in keys.lines.split_inclusive(|&b| b == b'\n') {
+            if seen.insert(line) {
                 lines.extend_from_slice(line);
             }
         }
     }
-    Ok((lines, fetched))
+    let count = seen.len() as u64;
+    if count > 0 {
+        if out.write_secrets(&lines)? {
+            stats.key_lines = count;
+        } else {
+            stats.key_lines_not_written = count;
+        }
+    }
+    Ok(())
 }
 
-/// The blocks at `ranges` of the segment, fetched as few coalesced requests; also the
-/// bytes those requests fetched.
+/// What a segment's key log blocks hold.
+struct SegmentKeys {
+    /// The lines, as they are in the blocks.
+    lines: Vec<u8>,
+    /// Where a listed range holds no key log block (or lies past the segment's end).
+    unreadable: Vec<u64>,
+    fetched: u64,
+}
+
+/// The key log lines of `segment`'s Decryption Secrets Blocks, fetched by the ranges its
+/// manifest lists.
+async fn fetch_key_lines(
+    lake: &Lake,
+    segment: &Listed,
+) -> Result<SegmentKeys, object_store::Error> {
+    let m = &segment.manifest;
+    // A range past the segment's end (a damaged manifest) would fail the whole request.
+    let (ranges, past_end): (Vec<Range<u64>>, Vec<Range<u64>>) = m
+        .secrets
+        .iter()
+        .cloned()
+        .partition(|r| r.start < r.end && r.end <= m.segment_bytes);
+    let mut unreadable: Vec<u64> = past_end.iter().map(|r| r.start).collect();
+    let (blocks, fetched) = fetch(lake, segment, &ranges, SECRETS_COALESCE_GAP).await?;
+    let mut lines = Vec::new();
+    for (range, block) in ranges.iter().zip(blocks) {
+        match pcapng::secrets(&block) {
+            Some(text) => {
+                lines.extend_from_slice(text);
+                // Lines are taken one by one later: a last one without its newline stays
+                // apart from the next block's first.
+                if !text.is_empty() && !text.ends_with(b"\n") {
+                    lines.push(b'\n');
+                }
+            }
+            None => unreadable.push(range.start),
+        }
+    }
+    Ok(SegmentKeys {
+        lines,
+        unreadable,
+        fetched,
+    })
+}
+
+/// The blocks at `ranges` of the segment, fetched as few requests (ranges less than `gap`
+/// apart coalesced); also the bytes those requests fetched.
 async fn fetch(
     lake: &Lake,
     segment: &Listed,
     ranges: &[Range<u64>],
+    gap: u64,
 ) -> Result<(Vec<Bytes>, u64), object_store::Error> {
     if ranges.is_empty() {
         return Ok((Vec::new(), 0));
@@ -488,9 +529,7 @@ async fn fetch(
     sorted.sort_by_key(|r| r.start);
     for r in sorted {
         match merged.last_mut() {
-            Some(last)
-                if r.start <= last.end + COALESCE_GAP && r.end - last.start <= MAX_REQUEST =>
-            {
+            Some(last) if r.start <= last.end + gap && r.end - last.start <= MAX_REQUEST => {
                 last.end = last.end.max(r.end);
             }
             _ => merged.push(r),
