@@ -695,9 +695,9 @@ fn recover_one(staging: &Path, receiver: &str, stem: &str) -> io::Result<bool> {
     }
     let secrets = ::lake::pcapng::secrets_ranges(&segment[..whole]);
     // Cut after the last packet with its key, or the last key log block if later: a packet
-    // without its key was never acknowledged, key log lines were once in the file. Lines
-    // that were not acknowledged yet come again from the sensor and a query reads them
-    // once; a packet left before them without its key is in no index.
+    // without its key was never acknowledged, while key log lines need no key and may have
+    // been. Lines that were not come again from the sensor, and a query reads each once; a
+    // packet left before them without its key is in no index.
     let end = rows
         .last()
         .map(|r| r.offset + u64::from(r.length))
