@@ -5,6 +5,11 @@
 //! their time statistics; the rows left give the byte ranges to fetch (coalesced into
 //! few requests); libpcap's offline filter decides on each packet, so that the answer is
 //! what `tcpdump -r` over the whole lake would give.
+//!
+//! The TLS key log lines of every segment read for the time range (those without a
+//! matching packet too: a session's keys may sit in the segment before its packets) go
+//! ahead of all the answer's packets, each line once, from the Decryption Secrets Blocks
+//! fetched by the ranges the manifests list.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -26,6 +31,9 @@ const COALESCE_GAP: u64 = 8 << 10;
 const REQUESTS_IN_FLIGHT: usize = 8;
 /// Largest single request of coalesced ranges.
 const MAX_REQUEST: u64 = 16 << 20;
+/// Key log blocks closer than this are fetched as one request: narrower than for packets,
+/// as the bytes between two blocks are packets the query may not want.
+const SECRETS_COALESCE_GAP: u64 = 1 << 10;
 
 /// What a query asks for.
 pub struct Query {
@@ -52,6 +60,10 @@ pub struct Stats {
     pub candidates: u64,
     pub matched: u64,
     pub duplicates: u64,
+    /// TLS key log lines in the answer (each once).
+    pub key_lines: u64,
+    /// TLS key log lines the answer's format has no place for (classic pcap).
+    pub key_lines_not_written: u64,
 }
 
 impl Stats {
@@ -59,7 +71,7 @@ impl Stats {
         format!(
             "{} segment(s): {} pruned, {} read ({} scanned without index); {} row group(s) \
              pruned; {} of {} bytes fetched; {} candidate(s), {} packet(s) matched, {} \
-             duplicate(s) dropped",
+             duplicate(s) dropped; {} TLS key log line(s) written, {} not written",
             self.segments,
             self.segments_pruned,
             self.segments_read,
@@ -69,7 +81,9 @@ impl Stats {
             self.lake_bytes,
             self.candidates,
             self.matched,
-            self.duplicates
+            self.duplicates,
+            self.key_lines,
+            self.key_lines_not_written
         )
     }
 }
@@ -196,9 +210,16 @@ pub async fn run<W: Write>(
     let mut interfaces: HashMap<(String, String, u16, u64), u32> = HashMap::new();
     let mut seen: HashSet<BatchKey> = HashSet::new();
     let mut found: Vec<Found> = Vec::new();
+    write_key_lines(lake, &wanted, out, &mut stats, progress).await?;
     for (order, segment) in wanted.iter().enumerate() {
         let m = &segment.manifest;
         stats.matched += write_older(&mut found, m.first_ns, out)?;
+        if m.packets == 0 {
+            // Keys only (written above): no index to read.
+            stats.segments_read += 1;
+            progress.segment_done(0);
+            continue;
+        }
         let before = stats.bytes_fetched;
         let indexed = match fetch_index(lake, &segment.index_path(), query, &constraints).await {
             Ok(Ok((sparse, fetched))) => {
@@ -221,7 +242,9 @@ pub async fn run<W: Write>(
                     .iter()
                     .map(|c| c.offset..c.offset + u64::from(c.length))
                     .collect();
-                let (blocks, fetched) = fetch(lake, segment, &ranges).await.map_err(store_error)?;
+                let (blocks, fetched) = fetch(lake, segment, &ranges, COALESCE_GAP)
+                    .await
+                    .map_err(store_error)?;
                 stats.bytes_fetched += fetched;
                 (candidates, blocks)
             }
@@ -398,12 +421,105 @@ fn wanted_interface(query: &Query, segment: &Listed, interface: u32) -> bool {
             .is_some_and(|i| query.sensors.contains(&i.sensor))
 }
 
-/// The blocks at `ranges` of the segment, fetched as few coalesced requests; also the
-/// bytes those requests fetched.
+/// Writes the TLS key log lines of the segments `wanted`, each once, in one block, ahead
+/// of every packet: a key must precede the packets it decrypts, and a segment's keys may
+/// be for another's packets (the next segment's, another receiver's after a failover),
+/// whose times say nothing of where the keys belong. Classic pcap holds none: counted.
+async fn write_key_lines<W: Write>(
+    lake: &Lake,
+    wanted: &[&Listed],
+    out: &mut Output<W>,
+    stats: &mut Stats,
+    progress: &mut dyn Progress,
+) -> Result<(), QueryError> {
+    let fetched: Vec<SegmentKeys> = futures_util::stream::iter(wanted)
+        .map(|segment| fetch_key_lines(lake, segment))
+        .buffered(REQUESTS_IN_FLIGHT)
+        .try_collect()
+        .await
+        .map_err(|source| QueryError::Store {
+            url: lake.url.clone(),
+            source,
+        })?;
+    let mut seen: HashSet<&[u8]> = HashSet::new();
+    let mut lines = Vec::new();
+    for (segment, keys) in wanted.iter().zip(&fetched) {
+        stats.bytes_fetched += keys.fetched;
+        for at in &keys.unreadable {
+            progress.warn(&format!(
+                "segment {}: no TLS key log at byte {at}: skipped",
+                segment.segment_path()
+            ));
+        }
+        for line in keys.lines.split_inclusive(|&b| b == b'\n') {
+            if seen.insert(line) {
+                lines.extend_from_slice(line);
+            }
+        }
+    }
+    let count = seen.len() as u64;
+    if count > 0 {
+        if out.write_secrets(&lines)? {
+            stats.key_lines = count;
+        } else {
+            stats.key_lines_not_written = count;
+        }
+    }
+    Ok(())
+}
+
+/// What a segment's key log blocks hold.
+struct SegmentKeys {
+    /// The lines, as they are in the blocks.
+    lines: Vec<u8>,
+    /// Where a listed range holds no key log block (or lies past the segment's end).
+    unreadable: Vec<u64>,
+    fetched: u64,
+}
+
+/// The key log lines of `segment`'s Decryption Secrets Blocks, fetched by the ranges its
+/// manifest lists.
+async fn fetch_key_lines(
+    lake: &Lake,
+    segment: &Listed,
+) -> Result<SegmentKeys, object_store::Error> {
+    let m = &segment.manifest;
+    // A range past the segment's end (a damaged manifest) would fail the whole request.
+    let (ranges, past_end): (Vec<Range<u64>>, Vec<Range<u64>>) = m
+        .secrets
+        .iter()
+        .cloned()
+        .partition(|r| r.start < r.end && r.end <= m.segment_bytes);
+    let mut unreadable: Vec<u64> = past_end.iter().map(|r| r.start).collect();
+    let (blocks, fetched) = fetch(lake, segment, &ranges, SECRETS_COALESCE_GAP).await?;
+    let mut lines = Vec::new();
+    for (range, block) in ranges.iter().zip(blocks) {
+        match pcapng::secrets(&block) {
+            Some(text) => {
+                lines.extend_from_slice(text);
+                // Lines are taken one by one later: a last one without its newline stays
+                // apart from the next block's first.
+                if !text.is_empty() && !text.ends_with(b"\n") {
+                    lines.push(b'\n');
+                }
+            }
+            None => unreadable.push(range.start),
+        }
+    }
+    Ok(SegmentKeys {
+        lines,
+        unreadable,
+        fetched,
+    })
+}
+
+/// The blocks at `ranges` of the segment, fetched as few requests (ranges less than `gap`
+/// apart coalesced); also the bytes those requests fetched.
 async fn fetch(
     lake: &Lake,
     segment: &Listed,
     ranges: &[Range<u64>],
+    gap: u64,
 ) -> Result<(Vec<Bytes>, u64), object_store::Error> {
     if ranges.is_empty() {
         return Ok((Vec::new(), 0));
@@ -413,9 +529,7 @@ async fn fetch(
     sorted.sort_by_key(|r| r.start);
     for r in sorted {
         match merged.last_mut() {
-            Some(last)
-                if r.start <= last.end + COALESCE_GAP && r.end - last.start <= MAX_REQUEST =>
-            {
+            Some(last) if r.start <= last.end + gap && r.end - last.start <= MAX_REQUEST => {
                 last.end = last.end.max(r.end);
             }
             _ => merged.push(r),

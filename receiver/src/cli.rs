@@ -546,7 +546,9 @@ pub struct QueryArgs {
     pub write: Option<PathBuf>,
 
     /// The answer's format: pcapng (an interface block per sensor interface, packet
-    /// comments kept) or pcap (nanosecond timestamps, one link type).
+    /// comments kept, the TLS keys of the segments read in Decryption Secrets Blocks) or
+    /// pcap (nanosecond timestamps, one link type, no place for keys: their count is said
+    /// on stderr).
     #[arg(long, value_enum, default_value = "pcapng")]
     pub format: Format,
 

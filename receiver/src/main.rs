@@ -435,18 +435,21 @@ async fn run(cli: Cli) -> Result<()> {
     summary_written
 }
 
-/// What becomes of the TLS keys sensors send: only a pcapng file or stdout holds them.
+/// What becomes of the TLS keys sensors send: only a pcapng file or stdout, and the lake's
+/// segments, hold them.
 fn secrets_policy(cli: &Cli) -> writer::Secrets {
     match (cli.drop_secrets, cli.out_path(), cli.format()) {
         (true, _, _) => writer::Secrets::Drop,
+        // Beside a classic pcap too: the segments keep what the file cannot.
+        (false, _, _) if cli.lake.is_some() => writer::Secrets::Write,
         (false, Some(_), receiver::sink::Format::Pcapng) => writer::Secrets::Write,
         (false, Some(_), _) => writer::Secrets::CannotHold(
             "classic pcap cannot hold keys (write pcapng: --format pcapng or an --out ending \
              in .pcapng)",
         ),
         (false, None, _) => writer::Secrets::CannotHold(
-            "only a pcapng file or pipe holds keys, and this receiver writes none (the live \
-             stream is classic pcap; Kafka messages carry none)",
+            "only a pcapng file or pipe or the lake holds keys, and this receiver writes none \
+             (the live stream is classic pcap; Kafka messages carry none)",
         ),
     }
 }

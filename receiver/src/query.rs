@@ -67,6 +67,13 @@ pub async fn run(args: &QueryArgs) -> Result<()> {
         QueryError::Store { .. } => anyhow::Error::new(BadInput(anyhow!(e))),
         e => anyhow!(e),
     })?;
+    if stats.key_lines_not_written > 0 {
+        eprintln!(
+            "receiver: query: classic pcap cannot hold TLS keys: {} key log line(s) of the \
+             answer not written (--format pcapng carries them)",
+            stats.key_lines_not_written
+        );
+    }
     if args.stats {
         eprintln!("receiver: query: {}", stats.line());
     }

@@ -23,6 +23,20 @@ pub fn query_in(
     out: &Path,
     args: &[&str],
 ) -> Result<(Vec<Record>, String)> {
+    let stderr = query_answer(ns, env, lake, out, args)?;
+    Ok((tcpdump_records(out, "")?, stderr))
+}
+
+/// Runs `receiver query` as [`query_in`] does and returns its stderr, leaving the answer
+/// in `out` unread (tcpdump reads no pcapng without an interface, as an answer of keys
+/// only is).
+pub fn query_answer(
+    ns: Option<&Netns>,
+    env: &[(String, String)],
+    lake: &str,
+    out: &Path,
+    args: &[&str],
+) -> Result<String> {
     let receiver = crate::workspace_bin("receiver")
         .to_string_lossy()
         .into_owned();
@@ -41,7 +55,25 @@ pub fn query_in(
     if !output.status.success() {
         bail!("receiver query {args:?} failed: {stderr}");
     }
-    Ok((tcpdump_records(out, "")?, stderr))
+    Ok(stderr)
+}
+
+/// Every file of the lake whose name ends in `suffix`.
+pub fn lake_files(lake: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![lake.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.to_string_lossy().ends_with(suffix) {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
 }
 
 /// Writes `records` as a nanosecond Ethernet pcap, for tcpdump to read.

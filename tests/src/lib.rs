@@ -16,6 +16,7 @@ mod process;
 pub mod prometheus;
 pub mod relay;
 pub mod seaweedfs;
+pub mod tls;
 pub mod tmpfs;
 
 pub use moto::Moto;

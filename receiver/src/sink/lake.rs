@@ -8,10 +8,15 @@
 //! manifest written in staging (synced too), and the publisher copies segment, index and manifest (last) into the
 //! lake, then removes them from staging. A receiver started again finishes and publishes
 //! what an earlier run left staged, its index rebuilt from the `.rows` file.
+//!
+//! TLS key log lines go in Decryption Secrets Blocks, whose byte ranges the manifest lists
+//! for `receiver query`. As with rotated files, the lines whose ClientHello a segment did
+//! not hold start the next segment, so that each segment decrypts alone.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -28,6 +33,7 @@ use protocol::InterfaceStats;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::secrets::Pending;
 use super::{OutPacket, PcapNgSink, Refusal, Sink, SinkInterface};
 
 /// Bytes of one packet's entry in a staged segment's `.rows` file.
@@ -56,6 +62,9 @@ pub struct LakeSink {
     /// Every interface added, and whether its session closed.
     interfaces: Vec<(SinkInterface, bool)>,
     segment: Option<Segment>,
+    /// Key log lines whose ClientHello no segment has held yet: the next one starts with
+    /// them.
+    carried: Pending,
     publish: mpsc::UnboundedSender<String>,
 }
 
@@ -104,6 +113,8 @@ struct Segment {
     /// Each pid's entries in `processes`: a lookup per attributed packet without a scan.
     processes_by_pid: HashMap<u32, Vec<u32>>,
     keys: BufWriter<File>,
+    /// Where its Decryption Secrets Blocks are, for the manifest.
+    secrets: Vec<Range<u64>>,
 }
 
 impl LakeSink {
@@ -138,6 +149,7 @@ impl LakeSink {
                 segment_time: config.segment_time,
                 interfaces: Vec::new(),
                 segment: None,
+                carried: Pending::default(),
                 publish: tx,
             },
             handle,
@@ -170,12 +182,18 @@ impl LakeSink {
                 processes: Vec::new(),
                 processes_by_pid: HashMap::new(),
                 keys,
+                secrets: Vec::new(),
             };
             for (i, (interface, closed)) in self.interfaces.iter().enumerate() {
                 if !closed {
                     segment.describe(i, interface)?;
                 }
             }
+            let from = segment.sink.output().written;
+            segment
+                .sink
+                .carry_secrets(std::mem::take(&mut self.carried))?;
+            segment.secrets_written_since(from);
             segment.write_draft(&self.staging)?;
             self.segment = Some(segment);
         }
@@ -190,9 +208,15 @@ impl LakeSink {
             return Ok(());
         };
         segment.sync()?;
+        self.carried = segment.sink.take_pending_secrets();
         let segment_bytes = segment.sink.output().written;
         let stem = segment.stem.clone();
-        if segment.rows.is_empty() {
+        // A segment with key lines but no packet is published all the same (keys only,
+        // `packets` 0) rather than its lines only carried into the next segment: they were
+        // acknowledged and counted written, no next segment may come (at the exit), and
+        // their ClientHellos may be in another receiver's segments (a sensor that failed
+        // over), which a query over the whole lake reads with them.
+        if segment.rows.is_empty() && segment.secrets.is_empty() {
             // Nothing but headers: not worth a segment.
             drop(segment);
             remove_staged(&self.staging, &stem);
@@ -202,16 +226,21 @@ impl LakeSink {
             mut rows,
             interfaces,
             processes,
+            secrets,
             ..
         } = segment;
         finish_staged(
             &self.staging,
             &self.receiver,
-            &stem,
-            &mut rows,
-            interfaces,
-            &processes,
-            segment_bytes,
+            Closed {
+                stem: &stem,
+                rows: &mut rows,
+                interfaces,
+                processes: &processes,
+                secrets,
+                segment_bytes,
+                closed: SystemTime::now(),
+            },
         )?;
         let _ = self.publish.send(stem);
         Ok(())
@@ -230,6 +259,15 @@ impl Segment {
             session: interface.session_id,
         });
         Ok(())
+    }
+
+    /// Notes the Decryption Secrets Block written since the segment's end was at `from`,
+    /// if one was.
+    fn secrets_written_since(&mut self, from: u64) {
+        let to = self.sink.output().written;
+        if to > from {
+            self.secrets.push(from..to);
+        }
     }
 
     /// The interfaces so far, for a run that finds the segment staged after a crash.
@@ -332,7 +370,12 @@ impl Sink for LakeSink {
     fn write_secrets(&mut self, interface: u32, lines: &[u8]) -> io::Result<bool> {
         let segment = self.open_segment()?;
         match segment.map.get(interface as usize).copied().flatten() {
-            Some(local) => segment.sink.write_secrets(local, lines),
+            Some(local) => {
+                let from = segment.sink.output().written;
+                let kept = segment.sink.write_secrets(local, lines)?;
+                segment.secrets_written_since(from);
+                Ok(kept)
+            }
             None => Ok(false),
         }
     }
@@ -367,7 +410,10 @@ impl Sink for LakeSink {
     }
 
     fn finish(mut self: Box<Self>) -> io::Result<()> {
-        self.close_segment()
+        self.close_segment()?;
+        // No segment follows: what still waits had no packets here (counted, as a file's).
+        self.carried.give_up();
+        Ok(())
     }
 }
 
@@ -523,17 +569,43 @@ fn started_at(stem: &str) -> Option<SystemTime> {
     Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(ns))
 }
 
-/// Writes the index and the manifest of a closed segment in staging.
-fn finish_staged(
-    staging: &Path,
-    receiver: &str,
-    stem: &str,
-    rows: &mut [Row],
+/// A closed segment, for its index and manifest.
+struct Closed<'a> {
+    stem: &'a str,
+    rows: &'a mut [Row],
     interfaces: Vec<Interface>,
-    processes: &[Process],
+    processes: &'a [Process],
+    secrets: Vec<Range<u64>>,
     segment_bytes: u64,
-) -> io::Result<()> {
+    /// When it was closed: the end of its time range if it holds no packet.
+    closed: SystemTime,
+}
+
+fn epoch_ns(t: SystemTime) -> u64 {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Writes the index and the manifest of a closed segment in staging.
+fn finish_staged(staging: &Path, receiver: &str, segment: Closed<'_>) -> io::Result<()> {
+    let Closed {
+        stem,
+        rows,
+        interfaces,
+        processes,
+        secrets,
+        segment_bytes,
+        closed,
+    } = segment;
     rows.sort_by_key(|r| r.timestamp_ns);
+    // Keys only: no packet dates the segment, the receiver's clock does (started, closed).
+    let (first_ns, last_ns) = match (rows.first(), rows.last()) {
+        (Some(first), Some(last)) => (first.timestamp_ns, last.timestamp_ns),
+        _ => (
+            epoch_ns(started_at(stem).unwrap_or(closed)),
+            epoch_ns(closed),
+        ),
+    };
     let index = index::write(rows, &interfaces, processes).map_err(io::Error::other)?;
     let index_name = format!("{stem}.parquet");
     program::private_file::write(&staging.join(&index_name), &index)?;
@@ -542,12 +614,13 @@ fn finish_staged(
         receiver: receiver.to_string(),
         segment: format!("{stem}.pcapng"),
         index: index_name,
-        first_ns: rows.first().map_or(0, |r| r.timestamp_ns),
-        last_ns: rows.last().map_or(0, |r| r.timestamp_ns),
+        first_ns,
+        last_ns,
         packets: rows.len() as u64,
         segment_bytes,
         index_bytes: index.len() as u64,
         interfaces,
+        secrets,
     };
     program::private_file::write(
         &staging.join(format!("{stem}{}", ::lake::layout::MANIFEST_SUFFIX)),
@@ -589,7 +662,8 @@ fn recover(staging: &Path, receiver: &str) -> io::Result<Vec<String>> {
     Ok(ready)
 }
 
-/// Finishes one segment a crash left staged; false if it holds no packet.
+/// Finishes one segment a crash left staged; false if it holds no packet and no key log
+/// line.
 fn recover_one(staging: &Path, receiver: &str, stem: &str) -> io::Result<bool> {
     let path = staging.join(format!("{stem}.pcapng"));
     let mut segment = Vec::new();
@@ -619,15 +693,35 @@ fn recover_one(staging: &Path, receiver: &str, stem: &str) -> io::Result<bool> {
         row.headers = Headers::of(interface.link_type, packet.data);
         rows.push(row);
     }
-    let Some(last) = rows.last() else {
+    let secrets = ::lake::pcapng::secrets_ranges(&segment[..whole]);
+    // Cut after the last packet with its key, or the last key log block if later: a packet
+    // without its key was never acknowledged, while key log lines need no key and may have
+    // been. Lines that were not come again from the sensor, and a query reads each once; a
+    // packet left before them without its key is in no index.
+    let end = rows
+        .last()
+        .map(|r| r.offset + u64::from(r.length))
+        .max(secrets.last().map(|r| r.end));
+    let Some(end) = end else {
         return Ok(false);
     };
-    // Cut after the last packet with its key: what follows was never acknowledged.
-    let end = last.offset + u64::from(last.length);
     let file = fs::OpenOptions::new().write(true).open(&path)?;
+    let closed = file.metadata()?.modified()?;
     file.set_len(end)?;
     file.sync_data()?;
-    finish_staged(staging, receiver, stem, &mut rows, interfaces, &[], end)?;
+    finish_staged(
+        staging,
+        receiver,
+        Closed {
+            stem,
+            rows: &mut rows,
+            interfaces,
+            processes: &[],
+            secrets,
+            segment_bytes: end,
+            closed,
+        },
+    )?;
     Ok(true)
 }
 
@@ -671,6 +765,157 @@ fn remove_staged(staging: &Path, stem: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sink::testing;
+    use ::lake::pcapng::{scan, secrets_ranges, Output};
+    use ::lake::query::{Progress, Query};
+    use protocol::Direction;
+
+    struct Quiet;
+
+    impl Progress for Quiet {
+        fn segments(&mut self, _total: usize) {}
+        fn segment_done(&mut self, _bytes: u64) {}
+        fn warn(&mut self, message: &str) {
+            panic!("{message}");
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("capstream-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("lake")).unwrap();
+        dir
+    }
+
+    fn open(dir: &Path, segment_time: Duration) -> (LakeSink, LakeHandle, Lake) {
+        let lake = Lake::local(&dir.join("lake")).unwrap();
+        let (sink, handle) = LakeSink::open(LakeConfig {
+            lake: lake.clone(),
+            receiver: "rx1".into(),
+            staging: dir.join("staging"),
+            segment_size: 1 << 20,
+            segment_time,
+            keep: None,
+        })
+        .unwrap();
+        (sink, handle, lake)
+    }
+
+    fn key_line(random: u8) -> String {
+        format!(
+            "CLIENT_RANDOM {} {}\n",
+            format!("{random:02x}").repeat(32),
+            "ab".repeat(48)
+        )
+    }
+
+    /// Key lines in a segment that gets no packet are published in a segment of their own
+    /// (packets 0, the ranges of its blocks in the manifest); the next segment starts with
+    /// them too (their ClientHello has not come); a query's answer holds each line once,
+    /// ahead of the packet.
+    #[tokio::test]
+    async fn a_segment_of_keys_only_is_published_and_its_keys_answered() {
+        let dir = scratch("lake-keys-only");
+        // Every packet finds its segment due: the keys' segment is closed before it.
+        let (mut sink, handle, lake) = open(&dir, Duration::ZERO);
+        let i = sink
+            .add_interface(&testing::interface("h/eth0", 1, ""))
+            .unwrap();
+        let line = key_line(7);
+        assert!(sink.write_secrets(i, line.as_bytes()).unwrap());
+        sink.write_packet(&OutPacket {
+            interface: i,
+            timestamp_ns: epoch_ns(SystemTime::now()),
+            original_len: 20,
+            direction: Direction::Unknown,
+            data: &[9u8; 20],
+            process: None,
+            batch: Default::default(),
+        })
+        .unwrap();
+        Box::new(sink).finish().unwrap();
+        let summary = handle
+            .close(Duration::from_secs(10), std::future::pending())
+            .await;
+        assert_eq!(summary.segments, 2);
+        let listing = lake.list().await.unwrap();
+        let mut manifests: Vec<&Manifest> = listing.segments.iter().map(|s| &s.manifest).collect();
+        manifests.sort_by_key(|m| m.packets);
+        let (keys_only, with_packet) = (manifests[0], manifests[1]);
+        assert_eq!((keys_only.packets, keys_only.secrets.len()), (0, 1));
+        assert!(keys_only.first_ns > 0 && keys_only.first_ns <= keys_only.last_ns);
+        assert_eq!((with_packet.packets, with_packet.secrets.len()), (1, 1));
+
+        let mut out = Output::pcapng(Vec::new()).unwrap();
+        let query = Query {
+            from: 0,
+            to: u64::MAX,
+            sensors: Vec::new(),
+            filter: String::new(),
+        };
+        let stats = ::lake::query::run(&lake, &query, &mut out, &mut Quiet)
+            .await
+            .unwrap();
+        assert_eq!((stats.key_lines, stats.matched), (1, 1), "{}", stats.line());
+        let Output::Pcapng { out: answer, .. } = out else {
+            unreachable!()
+        };
+        let blocks = secrets_ranges(&answer);
+        let packets = scan(&answer);
+        assert_eq!((blocks.len(), packets.len()), (1, 1));
+        assert!(blocks[0].end <= packets[0].offset, "the key first");
+        let dsb = &answer[blocks[0].start as usize..blocks[0].end as usize];
+        assert_eq!(::lake::pcapng::secrets(dsb), Some(line.as_bytes()));
+
+        // Classic pcap has no place for them: counted.
+        let mut out = Output::pcap(Vec::new());
+        let stats = ::lake::query::run(&lake, &query, &mut out, &mut Quiet)
+            .await
+            .unwrap();
+        assert_eq!((stats.key_lines, stats.key_lines_not_written), (0, 1));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A segment a killed receiver left staged with key lines and no packet is recovered
+    /// with them: its blocks found by the block walker, a block cut short cut off.
+    #[tokio::test]
+    async fn recovery_keeps_the_keys_of_a_staged_segment() {
+        let dir = scratch("lake-keys-recover");
+        let (mut sink, handle, _) = open(&dir, Duration::from_secs(3600));
+        let i = sink
+            .add_interface(&testing::interface("h/eth0", 1, ""))
+            .unwrap();
+        for random in [1, 2] {
+            sink.write_secrets(i, key_line(random).as_bytes()).unwrap();
+        }
+        sink.flush().unwrap();
+        let stem = sink.segment.as_ref().unwrap().stem.clone();
+        let written = sink.segment.as_ref().unwrap().secrets.clone();
+        // Killed: nothing closed, and half a block more in the file.
+        drop(sink);
+        drop(handle);
+        let staging = dir.join("staging");
+        let path = staging.join(format!("{stem}.pcapng"));
+        let whole = fs::metadata(&path).unwrap().len();
+        let mut file = fs::OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(&[0x0a, 0, 0, 0, 64, 0]).unwrap();
+        drop(file);
+
+        assert_eq!(
+            recover(&staging, "rx1").unwrap(),
+            std::slice::from_ref(&stem)
+        );
+        let manifest = Manifest::from_bytes(
+            &fs::read(staging.join(format!("{stem}{}", ::lake::layout::MANIFEST_SUFFIX))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(manifest.packets, 0);
+        assert_eq!(manifest.secrets, written);
+        assert_eq!(written.len(), 2);
+        assert_eq!(manifest.segment_bytes, whole);
+        assert_eq!(fs::metadata(&path).unwrap().len(), whole);
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// What a run killed while writing an index or a manifest leaves beside it (a temporary
     /// file named by its process) is removed by the next run's recovery; a segment without

@@ -303,6 +303,22 @@ pub mod testing {
     use std::io::Write;
     use std::sync::{Arc, Mutex};
 
+    use super::SinkInterface;
+
+    /// Sensor s1's interface `name`.
+    pub fn interface(name: &str, link_type: u16, filter: &str) -> SinkInterface {
+        SinkInterface {
+            name: name.into(),
+            link_type,
+            snaplen: 262_144,
+            filter: filter.into(),
+            description: "sensor s1 on h (linux)".into(),
+            sensor: "s1".into(),
+            session: "0a1b2c3d".into(),
+            session_id: 0x0a1b_2c3d,
+        }
+    }
+
     /// A Write that keeps what was written, shared with the test.
     #[derive(Clone, Default)]
     pub struct Shared(pub Arc<Mutex<Vec<u8>>>);

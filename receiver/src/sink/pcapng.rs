@@ -89,7 +89,7 @@ impl<W: Write + Send> PcapNgSink<W> {
 
     fn write_block(&mut self, lines: &[u8]) -> io::Result<()> {
         self.block.clear();
-        secrets::encode_block(lines, &mut self.block);
+        ::lake::pcapng::encode_secrets(lines, &mut self.block);
         self.writer.get_mut().write_all(&self.block)
     }
 
@@ -237,21 +237,8 @@ impl<W: Write + Send> Sink for PcapNgSink<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::testing::Shared;
+    use crate::sink::testing::{interface as iface, Shared};
     use pcap_file::pcapng::PcapNgReader;
-
-    fn iface(name: &str, link_type: u16, filter: &str) -> SinkInterface {
-        SinkInterface {
-            name: name.into(),
-            link_type,
-            snaplen: 262_144,
-            filter: filter.into(),
-            description: "sensor s1 on h (linux)".into(),
-            sensor: "s1".into(),
-            session: "0a1b2c3d".into(),
-            session_id: 0x0a1b_2c3d,
-        }
-    }
 
     #[test]
     fn interfaces_packets_and_stats_read_back() {

@@ -13,10 +13,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use protocol::KeyLogLine;
 
-/// DSB secrets type: TLS key log.
-const TLS_KEY_LOG: u32 = 0x544c_534b;
-/// pcapng block type of a DSB.
-const DECRYPTION_SECRETS_BLOCK: u32 = 0x0000_000a;
 /// Lines waiting for their ClientHello, per file: past it, the oldest are given up
 /// (about 4,000 TLS 1.3 handshakes that a file has not reached yet).
 const MAX_PENDING_BYTES: usize = 4 << 20;
@@ -72,20 +68,6 @@ pub static COUNTERS: SecretsCounters = SecretsCounters {
     without_packets: AtomicU64::new(0),
     not_written: AtomicU64::new(0),
 };
-
-/// Appends one DSB holding `lines` (each ending in a newline) to `out`, in the section's
-/// byte order (the host's).
-pub fn encode_block(lines: &[u8], out: &mut Vec<u8>) {
-    let padded = lines.len().next_multiple_of(4);
-    let total = u32::try_from(4 + 4 + 4 + 4 + padded + 4).unwrap_or(u32::MAX);
-    out.extend_from_slice(&DECRYPTION_SECRETS_BLOCK.to_ne_bytes());
-    out.extend_from_slice(&total.to_ne_bytes());
-    out.extend_from_slice(&TLS_KEY_LOG.to_ne_bytes());
-    out.extend_from_slice(&u32::try_from(lines.len()).unwrap_or(u32::MAX).to_ne_bytes());
-    out.extend_from_slice(lines);
-    out.resize(out.len() + padded - lines.len(), 0);
-    out.extend_from_slice(&total.to_ne_bytes());
-}
 
 /// Lines of one file whose ClientHello has not been written after them yet.
 #[derive(Default)]
@@ -285,14 +267,5 @@ mod tests {
         // A line of a random whose ClientHello was written waits again, once.
         pending.add(line.as_bytes());
         assert_eq!(pending.lines(), format!("{other}{line}").into_bytes());
-    }
-
-    #[test]
-    fn a_block_is_padded_and_framed() {
-        let mut out = Vec::new();
-        encode_block(b"CLIENT_RANDOM 00 11\n", &mut out);
-        assert_eq!(out.len(), 16 + 20 + 4);
-        assert_eq!(&out[4..8], &40u32.to_ne_bytes());
-        assert_eq!(&out[36..40], &40u32.to_ne_bytes());
     }
 }

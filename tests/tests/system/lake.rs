@@ -12,7 +12,7 @@ use testbed::capstream::{
     assert_refused, dev_filters, start_sensor, start_tcpdump, stop_reference, tcpdump_records,
     Receiver, Record, Scratch,
 };
-use testbed::lake::{assert_same_in_time_order, in_time_order, query, write_pcap};
+use testbed::lake::{assert_same_in_time_order, in_time_order, lake_files, query, write_pcap};
 use testbed::seaweedfs::SeaweedFs;
 use testbed::{corpus, require_root, Lab, Netns, Proc};
 
@@ -29,24 +29,6 @@ fn lake_receiver(ns: &Netns, dir: &Scratch, lake_arg: &str, extra: &[&str]) -> R
     let mut args = vec!["--lake", lake_arg, "--receiver-name", "rx1"];
     args.extend_from_slice(extra);
     Receiver::start(Some(ns), &dir.join("state"), 4433, &args).unwrap()
-}
-
-/// Every file of the lake whose name ends in `suffix`.
-fn lake_files(lake: &Path, suffix: &str) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut dirs = vec![lake.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else if path.to_string_lossy().ends_with(suffix) {
-                found.push(path);
-            }
-        }
-    }
-    found.sort();
-    found
 }
 
 /// The two sensors of [`SENSORS`] replay the corpus (`--read`), one its TCP packets and

@@ -13,6 +13,7 @@ mod faults;
 mod kafka;
 mod lake;
 mod lake_fleet;
+mod lake_keys;
 mod live_capture;
 mod live_stream;
 mod metrics;

@@ -5,138 +5,18 @@
 
 use std::collections::BTreeSet;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use testbed::capstream::{start_sensor, start_tcpdump, stop_reference, Receiver, Scratch};
 use testbed::prometheus::{scrape, sum};
-use testbed::{require_root, run, Lab, Proc};
+use testbed::tls::{request_paths, secret_paths, secrets_blocks, without_secrets, TlsServer, PORT};
+use testbed::{require_root, Lab, Proc};
 
 const REQUESTS: usize = 20;
-const SERVER: &str = "198.18.0.1";
-const PORT: &str = "4443";
-
-/// The server in the generating namespace, its certificate in `dir`.
-struct TlsServer {
-    proc: Proc,
-    cert: PathBuf,
-}
-
-impl TlsServer {
-    fn start(lab: &Lab, dir: &Scratch, tls: &str) -> Self {
-        let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
-        run(
-            "openssl",
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=capstream-test",
-                "-addext",
-                &format!("subjectAltName=IP:{SERVER}"),
-                "-keyout",
-                key.to_str().unwrap(),
-                "-out",
-                cert.to_str().unwrap(),
-            ],
-        )
-        .unwrap();
-        // Its "ACCEPT" goes to stdout: to stderr, where the test bed waits for it.
-        let mut argv = lab.gen.command("sh");
-        argv.extend([
-            "-c".to_string(),
-            format!(
-                "exec openssl s_server -accept {SERVER}:{PORT} -www {tls} -cert {} -key {} 1>&2",
-                cert.display(),
-                key.display()
-            ),
-        ]);
-        let mut proc = Proc::start("s_server", &argv, Stdio::null()).unwrap();
-        proc.wait_for("ACCEPT", Duration::from_secs(10)).unwrap();
-        Self { proc, cert }
-    }
-
-    /// `curl https://SERVER/secret-path-<n>` from the capturing namespace, logging keys to
-    /// `keylog`.
-    fn request(&self, lab: &Lab, keylog: &Path, n: usize) {
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &lab.cap.name,
-                "env",
-                &format!("SSLKEYLOGFILE={}", keylog.display()),
-                "curl",
-                "-sS",
-                "-o",
-                "/dev/null",
-                "--cacert",
-                self.cert.to_str().unwrap(),
-                &format!("https://{SERVER}:{PORT}/secret-path-{n}"),
-            ],
-        )
-        .unwrap();
-    }
-}
-
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        let _ = self.proc.stop();
-    }
-}
-
-/// The request paths tshark reads from `file` in one pass, with `extra` options.
-fn request_paths(file: &Path, extra: &[&str]) -> BTreeSet<String> {
-    let mut args = vec!["-r", file.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&[
-        "-Y",
-        "http.request",
-        "-T",
-        "fields",
-        "-e",
-        "http.request.uri",
-    ]);
-    run("tshark", &args)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| l.trim().to_string())
-        .collect()
-}
 
 fn all_paths() -> BTreeSet<String> {
-    (0..REQUESTS).map(|n| format!("/secret-path-{n}")).collect()
-}
-
-/// The Decryption Secrets Blocks of a pcapng file (little-endian, as the receiver writes
-/// here) and the key log lines they hold.
-fn secrets_blocks(file: &Path) -> (usize, usize) {
-    let bytes = std::fs::read(file).unwrap();
-    let (mut at, mut blocks, mut lines) = (0, 0, 0);
-    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-    while at + 8 <= bytes.len() {
-        let (kind, len) = (u32_at(at), u32_at(at + 4));
-        if kind == 0x0a {
-            blocks += 1;
-            let data = &bytes[at + 16..at + 16 + u32_at(at + 12)];
-            lines += data.iter().filter(|&&b| b == b'\n').count();
-        }
-        if len < 12 {
-            break;
-        }
-        at += len;
-    }
-    (blocks, lines)
+    secret_paths(0..REQUESTS)
 }
 
 /// A receiver and a sensor on `cap0`, for the requests the caller makes meanwhile.
@@ -268,16 +148,7 @@ fn one_pass_decrypts_every_request_in_both_tls_versions_and_modes() {
         );
 
         // Control: the same file without its secrets shows no request.
-        let stripped = dir.join("stripped.pcapng");
-        run(
-            "editcap",
-            &[
-                "--discard-all-secrets",
-                out.to_str().unwrap(),
-                stripped.to_str().unwrap(),
-            ],
-        )
-        .unwrap();
+        let stripped = without_secrets(&out);
         assert_eq!(secrets_blocks(&stripped), (0, 0));
         assert!(request_paths(&stripped, &[]).is_empty(), "{what}");
     }
@@ -608,7 +479,7 @@ fn a_replayed_capture_and_its_key_log_make_a_file_that_decrypts_alone() {
     .unwrap();
     assert!(sensor.wait(Duration::from_secs(30)).unwrap().success());
     receiver.stop().unwrap();
-    let expected: BTreeSet<String> = (0..3).map(|n| format!("/secret-path-{n}")).collect();
+    let expected = secret_paths(0..3);
     assert_eq!(
         request_paths(&out, &[]),
         expected,
