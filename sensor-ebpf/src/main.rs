@@ -142,10 +142,31 @@ trait Frame: EbpfContext {
     fn socket_cookie(&self) -> u64 {
         0
     }
+    /// The frame's linear part as (start, end) addresses, where the hook may read packet
+    /// memory in place (TC, XDP): a bounds check instead of a helper call per read.
+    fn linear(&self) -> Option<(usize, usize)> {
+        None
+    }
+}
+
+/// `N` bytes of the frame from `offset`: read in place when the linear part holds them,
+/// else copied by the kernel's helper (a socket filter, or headers past the linear part).
+#[inline(always)]
+fn read_bytes<F: Frame, const N: usize>(frame: &F, offset: u32) -> Option<[u8; N]> {
+    if let Some((start, end)) = frame.linear() {
+        let at = start + offset as usize;
+        if at + N <= end {
+            // SAFETY: [at, at + N) lies within the linear part, as checked just above (the
+            // check the verifier needs); the bytes are plain data, read unaligned.
+            return Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) });
+        }
+    }
+    let mut out = [0u8; N];
+    frame.load(offset, out.as_mut_ptr(), N as u32).then_some(out)
 }
 
 macro_rules! skb_frame {
-    ($ctx:ty, $tstamp:ident, $cookie:ident) => {
+    ($ctx:ty, $tstamp:ident, $cookie:ident, $linear:ident) => {
         impl Frame for $ctx {
             #[inline(always)]
             fn wire_len(&self) -> u32 {
@@ -174,11 +195,26 @@ macro_rules! skb_frame {
             fn socket_cookie(&self) -> u64 {
                 $cookie(self)
             }
+            #[inline(always)]
+            fn linear(&self) -> Option<(usize, usize)> {
+                $linear(self)
+            }
         }
     };
 }
-skb_frame!(SkBuffContext, no_tstamp, no_socket);
-skb_frame!(TcContext, realtime_tstamp, skb_socket);
+skb_frame!(SkBuffContext, no_tstamp, no_socket, no_linear);
+skb_frame!(TcContext, realtime_tstamp, skb_socket, tc_linear);
+
+#[inline(always)]
+fn tc_linear(ctx: &TcContext) -> Option<(usize, usize)> {
+    Some((ctx.data(), ctx.data_end()))
+}
+
+/// Socket filters may not read packet memory in place.
+#[inline(always)]
+fn no_linear<C>(_: &C) -> Option<(usize, usize)> {
+    None
+}
 
 /// The sending socket's cookie, on TC egress (ingress runs before the stack found one),
 /// when `--attribute` asked for it.
@@ -229,6 +265,10 @@ impl Frame for XdpContext {
     #[inline(always)]
     fn stripped_vlan(&self) -> Option<(u16, u16)> {
         None
+    }
+    #[inline(always)]
+    fn linear(&self) -> Option<(usize, usize)> {
+        Some((self.data(), self.data_end()))
     }
 }
 
@@ -501,10 +541,7 @@ const IPPROTO_UDP: u8 = 17;
 /// The TCP or UDP flow of an Ethernet frame, from this host's end.
 #[inline(always)]
 fn flow_of<F: Frame>(frame: &F, outbound: bool) -> Option<FlowKey> {
-    let mut ethertype = [0u8; 2];
-    if !frame.load(12, ethertype.as_mut_ptr(), 2) {
-        return None;
-    }
+    let ethertype: [u8; 2] = read_bytes(frame, 12)?;
     match u16::from_be_bytes(ethertype) {
         ETH_P_IP => flow_from_ip(frame, ETH_HLEN, false, outbound),
         ETH_P_IPV6 => flow_from_ip(frame, ETH_HLEN, true, outbound),
@@ -521,10 +558,7 @@ fn flow_from_ip<F: Frame>(frame: &F, l3: u32, v6: bool, outbound: bool) -> Optio
     let l4;
     match v6 {
         false => {
-            let mut ip = [0u8; 20];
-            if !frame.load(l3, ip.as_mut_ptr(), 20) {
-                return None;
-            }
+            let ip: [u8; 20] = read_bytes(frame, l3)?;
             protocol = ip[9];
             l4 = l3 + u32::from(ip[0] & 0x0f) * 4;
             src[10] = 0xff;
@@ -535,10 +569,7 @@ fn flow_from_ip<F: Frame>(frame: &F, l3: u32, v6: bool, outbound: bool) -> Optio
             dst[12..].copy_from_slice(&ip[16..20]);
         }
         true => {
-            let mut ip = [0u8; 40];
-            if !frame.load(l3, ip.as_mut_ptr(), 40) {
-                return None;
-            }
+            let ip: [u8; 40] = read_bytes(frame, l3)?;
             protocol = ip[6];
             l4 = l3 + 40;
             src.copy_from_slice(&ip[8..24]);
@@ -548,10 +579,7 @@ fn flow_from_ip<F: Frame>(frame: &F, l3: u32, v6: bool, outbound: bool) -> Optio
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return None;
     }
-    let mut ports = [0u8; 4];
-    if !frame.load(l4, ports.as_mut_ptr(), 4) {
-        return None;
-    }
+    let ports: [u8; 4] = read_bytes(frame, l4)?;
     let sport = u16::from_be_bytes([ports[0], ports[1]]);
     let dport = u16::from_be_bytes([ports[2], ports[3]]);
     Some(if outbound {
