@@ -64,6 +64,9 @@ pub struct Stats {
     pub key_lines: u64,
     /// TLS key log lines the answer's format has no place for (classic pcap).
     pub key_lines_not_written: u64,
+    /// Key blocks listed in a manifest that could not be read (damaged or past the
+    /// segment's end): their lines are not in the answer.
+    pub key_blocks_unreadable: u64,
 }
 
 impl Stats {
@@ -71,7 +74,8 @@ impl Stats {
         format!(
             "{} segment(s): {} pruned, {} read ({} scanned without index); {} row group(s) \
              pruned; {} of {} bytes fetched; {} candidate(s), {} packet(s) matched, {} \
-             duplicate(s) dropped; {} TLS key log line(s) written, {} not written",
+             duplicate(s) dropped; {} TLS key log line(s) written, {} not written, {} key \
+             block(s) unreadable",
             self.segments,
             self.segments_pruned,
             self.segments_read,
@@ -83,7 +87,8 @@ impl Stats {
             self.matched,
             self.duplicates,
             self.key_lines,
-            self.key_lines_not_written
+            self.key_lines_not_written,
+            self.key_blocks_unreadable
         )
     }
 }
@@ -445,6 +450,7 @@ async fn write_key_lines<W: Write>(
     let mut lines = Vec::new();
     for (segment, keys) in wanted.iter().zip(&fetched) {
         stats.bytes_fetched += keys.fetched;
+        stats.key_blocks_unreadable += keys.unreadable.len() as u64;
         for at in &keys.unreadable {
             progress.warn(&format!(
                 "segment {}: no TLS key log at byte {at}: skipped",

@@ -441,6 +441,12 @@ fn secrets_policy(cli: &Cli) -> writer::Secrets {
     match (cli.drop_secrets, cli.out_path(), cli.format()) {
         (true, _, _) => writer::Secrets::Drop,
         // Beside a classic pcap too: the segments keep what the file cannot.
+        (false, Some(_), receiver::sink::Format::Pcap) if cli.lake.is_some() => {
+            writer::Secrets::WriteSome(
+                "they go to the lake only: the --out file is classic pcap, which cannot hold \
+                 them (write pcapng: --format pcapng or an --out ending in .pcapng)",
+            )
+        }
         (false, _, _) if cli.lake.is_some() => writer::Secrets::Write,
         (false, Some(_), receiver::sink::Format::Pcapng) => writer::Secrets::Write,
         (false, Some(_), _) => writer::Secrets::CannotHold(

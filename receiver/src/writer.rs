@@ -178,7 +178,9 @@ pub struct Writer {
     flushes: u64,
     secrets: Secrets,
     /// That the output cannot hold keys was said.
-    said_cannot_hold: bool,
+    /// A sensor's keys were met with [`Secrets::CannotHold`] or [`Secrets::WriteSome`],
+    /// and that was said.
+    said_of_keys: bool,
 }
 
 /// What becomes of the TLS key log lines sensors send (`--keylog`).
@@ -186,6 +188,8 @@ pub struct Writer {
 pub enum Secrets {
     /// Written (pcapng) ahead of the packets they decrypt, which wait the reorder window.
     Write,
+    /// Written, but not to every output (the lake beside a classic pcap file): said once.
+    WriteSome(&'static str),
     /// `--drop-secrets`: acknowledged, counted, never written.
     Drop,
     /// The output cannot hold them (classic pcap, the live stream): counted, said once.
@@ -226,7 +230,7 @@ impl Writer {
             abort_after_flush: fault_point(),
             flushes: 0,
             secrets: Secrets::Write,
-            said_cannot_hold: false,
+            said_of_keys: false,
         }
     }
 
@@ -475,8 +479,17 @@ impl Writer {
             match self.secrets {
                 Secrets::Write => self.merge.wait_for_keys(session),
                 Secrets::Drop => {}
+                Secrets::WriteSome(which) => {
+                    self.merge.wait_for_keys(session);
+                    if !std::mem::replace(&mut self.said_of_keys, true) {
+                        tracing::warn!(
+                            "{} sends TLS keys (--keylog): {which}",
+                            sensor_label(hello, identity.as_deref(), peer)
+                        );
+                    }
+                }
                 Secrets::CannotHold(why) => {
-                    if !std::mem::replace(&mut self.said_cannot_hold, true) {
+                    if !std::mem::replace(&mut self.said_of_keys, true) {
                         tracing::warn!(
                             "{} sends TLS keys (--keylog), but {why}: they are not written",
                             sensor_label(hello, identity.as_deref(), peer)

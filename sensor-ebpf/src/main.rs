@@ -162,7 +162,9 @@ fn read_bytes<F: Frame, const N: usize>(frame: &F, offset: u32) -> Option<[u8; N
         }
     }
     let mut out = [0u8; N];
-    frame.load(offset, out.as_mut_ptr(), N as u32).then_some(out)
+    frame
+        .load(offset, out.as_mut_ptr(), N as u32)
+        .then_some(out)
 }
 
 macro_rules! skb_frame {
@@ -302,7 +304,15 @@ fn wakeup_flag(record_bytes: u64) -> u64 {
     }
     let after = CAPSTREAM_RING.query(BPF_RB_AVAIL_DATA);
     let before = after.saturating_sub(record_bytes + RINGBUF_RECORD_HEADER);
-    if after / threshold != before / threshold {
+    // The threshold is an eighth of a ring, whose size is a power of two: a mask finds the
+    // multiple, where a division would cost more than the rest of this function.
+    let crossed = if threshold.is_power_of_two() {
+        let multiple = !(threshold - 1);
+        after & multiple != before & multiple
+    } else {
+        after / threshold != before / threshold
+    };
+    if crossed {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
@@ -695,8 +705,11 @@ pub fn capstream_owner_accepted(ctx: SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn remember_accepted(ctx: &SockOpsContext) {
+    // Context fields are loaded whole (4 bytes), not narrowed: the volatile read keeps the
+    // compiler from loading only the half it keeps.
+    // SAFETY: a read of a field of the context the kernel passed in.
     #[allow(clippy::cast_possible_truncation)]
-    let local_port = ctx.local_port() as u16;
+    let local_port = unsafe { core::ptr::read_volatile(&(*ctx.ops).local_port) } as u16;
     let key = ListenerKey {
         // SAFETY: a helper on the context pointer the kernel passed in.
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },

@@ -337,7 +337,7 @@ impl FrameOwners {
                 Some((_, cookie)) => cookie,
                 None => {
                     let cookie = self.cached(seen, direction, opening);
-                    if cookie != 0 || !opening {
+                    if !opening {
                         self.last = Some((seen, cookie));
                     }
                     cookie
@@ -354,16 +354,19 @@ impl FrameOwners {
         }
     }
 
-    /// The cookie of the flow `seen`, from the cache or else the kernel's table. A flow
-    /// unknown on a frame `opening` a TCP connection (a SYN) is not cached: an accepted
-    /// connection enters the table only once established, a few frames later.
+    /// The cookie of the flow `seen`, from the cache or else the kernel's table. What a
+    /// frame `opening` a TCP connection (SYN, SYN-ACK) finds is not cached: an accepted
+    /// connection enters the table only once established, and until then a lookup finds
+    /// nothing or, when the client is on this host too, only the client's end. (The
+    /// handshake's last ACK reaches the sensor after the kernel established the connection
+    /// in the same softirq.)
     fn cached(&mut self, seen: FlowKey, direction: Direction, opening: bool) -> u64 {
         if let Some(&cookie) = self.cache.get(&seen) {
             return cookie;
         }
         let cookie = self.look_up(&seen, direction);
-        if cookie == 0 && opening {
-            return 0;
+        if opening {
+            return cookie;
         }
         if self.cache.len() >= FLOW_CACHE_ENTRIES {
             self.cache.clear();
@@ -497,6 +500,26 @@ fn frame_flow(link_type: i32, frame: &[u8]) -> Option<(FlowKey, bool)> {
     };
     let opening = protocol == TCP && ip.get(l4 + 13).is_some_and(|flags| flags & 0x02 != 0);
     Some((flow, opening))
+}
+
+/// The inode of the initial PID namespace (the kernel's PROC_PID_INIT_INO).
+const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
+
+/// The sensor's process id as the kernel's hooks see it (in the initial PID namespace),
+/// for them to skip its sockets; 0 (skip nothing) when the sensor runs in a PID namespace
+/// of its own, where its own id would name another process to the hooks.
+pub fn tgid_for_hooks() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata("/proc/self/ns/pid") {
+        Ok(ns) if ns.ino() == INITIAL_PID_NAMESPACE => std::process::id(),
+        _ => {
+            tracing::debug!(
+                "the sensor runs in a PID namespace of its own: its own sockets are attributed \
+                 too"
+            );
+            0
+        }
+    }
 }
 
 /// The cookie of the network namespace the sensor runs in (the one `/proc/net` shows),

@@ -172,7 +172,11 @@ impl EbpfCapture {
             .override_global(shared::SNAPLEN_GLOBAL, &opts.snaplen, true)
             .override_global(shared::LOOPBACK_GLOBAL, &u32::from(loopback), true)
             .override_global(shared::ATTRIBUTE_GLOBAL, &u32::from(opts.attribute), true)
-            .override_global(shared::SENSOR_TGID_GLOBAL, &std::process::id(), true)
+            .override_global(
+                shared::SENSOR_TGID_GLOBAL,
+                &attribution::tgid_for_hooks(),
+                true,
+            )
             .override_global(
                 shared::SELECTING_GLOBAL,
                 &u32::from(!opts.selectors.is_empty()),
@@ -655,11 +659,23 @@ fn attach_owner_hooks(
         prog.attach(root.file(), CgroupAttachMode::Single)
             .map_err(|e| refused(name, &e))?;
     }
+    // Servers' accepted connections need sock_ops with bpf_get_netns_cookie (Linux 5.15):
+    // without it, the rest of attribution still works.
     let name = shared::OWNER_ACCEPT_HOOK;
     let prog: &mut SockOps = program(ebpf, name)?;
-    prog.load().map_err(|e| load_error(mode, name, &e))?;
-    prog.attach(root.file(), CgroupAttachMode::Single)
-        .map_err(|e| refused(name, &e))?;
+    let accepted = prog
+        .load()
+        .map_err(|e| load_error(mode, name, &e))
+        .and_then(|()| {
+            prog.attach(root.file(), CgroupAttachMode::Single)
+                .map_err(|e| refused(name, &e))
+        });
+    if let Err(e) = accepted {
+        tracing::warn!(
+            "--attribute: connections that servers on this host accept are not attributed \
+             (Linux 5.15 or later needed): {e}"
+        );
+    }
     let name = shared::OWNER_FLOWS_HOOK;
     let prog: &mut CgroupSkb = program(ebpf, name)?;
     prog.load().map_err(|e| load_error(mode, name, &e))?;
@@ -700,7 +716,11 @@ pub fn frame_owners(selectors: &super::Selectors) -> Result<FrameOwners> {
     let mode = "pcap --attribute";
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(shared::RING_MAP, UNUSED_RING_SIZE)
-        .override_global(shared::SENSOR_TGID_GLOBAL, &std::process::id(), true)
+        .override_global(
+            shared::SENSOR_TGID_GLOBAL,
+            &attribution::tgid_for_hooks(),
+            true,
+        )
         .load(object)
         .map_err(|e| object_refused(mode, &e))?;
     let (attributor, flows) = attach_owner_hooks(&mut ebpf, mode, selectors, SelectIn::Sensor)?;
