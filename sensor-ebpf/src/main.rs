@@ -295,7 +295,9 @@ const RINGBUF_RECORD_HEADER: u64 = 8;
 /// would otherwise pay it per frame, just when it can least afford to. A sensor that is
 /// awake reads on while the ring holds data (its poll sees it at once); one asleep is woken
 /// at each crossing, so two producers racing past one crossing delay it by a threshold at
-/// most (7/8 of the ring stays free), or by the sensor's poll timeout on a trickle.
+/// most, or by the sensor's poll timeout on a trickle. Past half the ring every record
+/// wakes it again, as before: a guard against a wakeup missed, when the rest of the ring
+/// lasts less than the poll timeout at a high rate.
 #[inline(always)]
 fn wakeup_flag(record_bytes: u64) -> u64 {
     let threshold = load_global(&CAPSTREAM_WAKEUP_BYTES);
@@ -312,7 +314,7 @@ fn wakeup_flag(record_bytes: u64) -> u64 {
     } else {
         after / threshold != before / threshold
     };
-    if crossed {
+    if crossed || after >= threshold.saturating_mul(4) {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

@@ -110,8 +110,15 @@ struct Run {
 }
 
 /// Runs `only` ("capture", "attribution", "streaming", "fanin", "micro", "ndr" or "lake"), or
-/// all, over `rounds` rounds; each loss-free rate trial lasts `trial`.
-pub fn run(only: Option<&str>, rounds: usize, trial: Duration) -> Result<()> {
+/// all, over `rounds` rounds; each loss-free rate trial lasts `trial`. The capture,
+/// attribution and loss-free-rate parts run the sensor in `modes` only (all when empty).
+pub fn run(only: Option<&str>, rounds: usize, trial: Duration, modes: &[String]) -> Result<()> {
+    let wanted = |c: &Contestant| match c {
+        Contestant::Sensor(mode) | Contestant::Attributing(mode) => {
+            modes.is_empty() || modes.iter().any(|m| m == mode)
+        }
+        Contestant::Tcpdump | Contestant::Pipeline => true,
+    };
     setup()?;
     let part = |name: &str| only.is_none_or(|o| o == name);
     // Live capture (the lake's beside stenographer too) and the filter-cost
@@ -141,6 +148,7 @@ pub fn run(only: Option<&str>, rounds: usize, trial: Duration) -> Result<()> {
         let all: Vec<Contestant> = CONTESTANTS
             .into_iter()
             .chain(ATTRIBUTING.map(Contestant::Attributing))
+            .filter(wanted)
             .collect();
         capture(&out_dir.join("capture.json"), &all, rounds, ticks)?;
     }
@@ -148,6 +156,7 @@ pub fn run(only: Option<&str>, rounds: usize, trial: Duration) -> Result<()> {
         let pairs: Vec<Contestant> = ATTRIBUTING
             .into_iter()
             .flat_map(|mode| [Contestant::Sensor(mode), Contestant::Attributing(mode)])
+            .filter(wanted)
             .collect();
         capture(&out_dir.join("attribution.json"), &pairs, rounds, ticks)?;
     }
@@ -161,7 +170,12 @@ pub fn run(only: Option<&str>, rounds: usize, trial: Duration) -> Result<()> {
         micro::run(&out_dir)?;
     }
     if part("ndr") {
-        ndr::run(&out_dir, trial, ticks)?;
+        let contestants: Vec<Contestant> = CONTESTANTS
+            .into_iter()
+            .filter(|c| *c != Contestant::Pipeline)
+            .filter(wanted)
+            .collect();
+        ndr::run(&out_dir, trial, ticks, &contestants)?;
     }
     if part("lake") {
         lake::run(&out_dir, ticks)?;

@@ -65,6 +65,15 @@ enum Command {
         /// shorter for a quick look), e.g. `--trial-seconds 3`.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
         trial_seconds: u64,
+        /// Only these sensor modes in the capture, attribution and loss-free-rate parts
+        /// (repeatable; all when not given; tcpdump always runs, as the baseline), e.g.
+        /// `--only ndr --mode xdp` for an A/B of one mode.
+        #[arg(
+            long = "mode",
+            value_name = "MODE",
+            value_parser = ["pcap", "ebpf", "tc", "xdp", "afxdp"]
+        )]
+        modes: Vec<String>,
     },
     /// Send UDP frames out of an interface as fast as the machine allows (or at --rate),
     /// through an AF_PACKET socket past the qdisc, and print frames sent and pps: the
@@ -125,10 +134,12 @@ fn main() {
             only,
             rounds,
             trial_seconds,
+            modes,
         } => bench::run(
             only.as_deref(),
             rounds.max(1),
             std::time::Duration::from_secs(trial_seconds),
+            &modes,
         ),
         Command::Fuzz { seconds, targets } => fuzz::run(root(), seconds, &targets),
         Command::Generate {

@@ -202,6 +202,21 @@ fn client_port(row: &Row) -> u16 {
     }
 }
 
+/// Asserts that every row's comment names the process (pid, name, cgroup); `what` says
+/// which flow, for the message.
+fn all_name(what: &str, rows: &[&Row], (pid, comm, cgroup): (u32, &str, &str)) {
+    for row in rows {
+        assert!(
+            names(&row.comment, pid, comm, cgroup),
+            "{what} ({comm}, pid {pid}, {cgroup}): packet {} -> {} flags {:#x} has {:?}",
+            row.src_port,
+            row.dst_port,
+            row.flags,
+            row.comment
+        );
+    }
+}
+
 /// Whether a comment names this process.
 fn names(comment: &str, pid: u32, comm: &str, cgroup: &str) -> bool {
     let lines: Vec<&str> = comment.lines().collect();
@@ -681,16 +696,8 @@ fn accepted_connections_carry_the_servers_process(mode: &str) {
         // is established; every packet after them names the server.
         let (handshake, established) = flow.split_at(3);
         assert!(handshake[0].flags & 0x02 != 0 && handshake[1].flags & 0x12 == 0x12);
-        for row in established {
-            assert!(
-                names(&row.comment, *pid, comm, cgroup),
-                "{mode}: served flow {port} (server pid {pid}): packet {} -> {} flags {:#x} has {:?}",
-                row.src_port,
-                row.dst_port,
-                row.flags,
-                row.comment
-            );
-        }
+        let what = format!("{mode}: served flow {port}");
+        all_name(&what, established, (*pid, *comm, cgroup.as_str()));
     }
     // Nothing lost for the comments: the receiver has every packet tcpdump saw.
     assert_eq!(sorted(&outcome.got), sorted(&outcome.reference));
@@ -725,16 +732,11 @@ fn check_attribution(mode: &str, outcome: Outcome) {
             "{mode}: flow {port}: {syn} SYN, {fin} FIN of {}",
             flow.len()
         );
-        for row in &flow {
-            assert!(
-                names(&row.comment, *pid, comm, cgroup),
-                "{mode}: flow {port} ({comm}, pid {pid}, {cgroup}): packet {} -> {} flags {:#x} has {:?}",
-                row.src_port,
-                row.dst_port,
-                row.flags,
-                row.comment
-            );
-        }
+        all_name(
+            &format!("{mode}: flow {port}"),
+            &flow,
+            (*pid, *comm, cgroup.as_str()),
+        );
     }
     let commented = rows.iter().filter(|r| !r.comment.is_empty()).count();
     assert_eq!(

@@ -83,7 +83,9 @@ impl Search {
     }
 }
 
-pub fn run(out_dir: &Path, trial: Duration, ticks: f64) -> Result<()> {
+/// Searches each of `contestants`' loss-free rate at each frame size (tcpdump among them is
+/// the baseline of the ratios).
+pub fn run(out_dir: &Path, trial: Duration, ticks: f64, contestants: &[Contestant]) -> Result<()> {
     let lab = Lab::new(1)?;
     let (gen_iface, iface) = lab.links[0].clone();
     let mac = lab
@@ -135,10 +137,7 @@ pub fn run(out_dir: &Path, trial: Duration, ticks: f64) -> Result<()> {
             ceiling / 1e3
         );
         // The capture bench's contestants but the pipeline (tcpdump is the baseline here).
-        let contestants = super::CONTESTANTS
-            .into_iter()
-            .filter(|c| *c != Contestant::Pipeline);
-        for contestant in contestants {
+        for &contestant in contestants {
             let mut search = Search {
                 size,
                 contestant,
