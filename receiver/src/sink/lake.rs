@@ -158,12 +158,7 @@ impl LakeSink {
 
     fn open_segment(&mut self) -> io::Result<&mut Segment> {
         if self.segment.is_none() {
-            let now = SystemTime::now();
-            let ns = now
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos();
-            let stem = format!("{}-{ns}", self.receiver);
+            let stem = format!("{}-{}", self.receiver, epoch_ns(SystemTime::now()));
             let path = self.staging.join(format!("{stem}.pcapng"));
             let file = Counted {
                 file: BufWriter::with_capacity(1 << 20, program::private_file::create(&path)?),

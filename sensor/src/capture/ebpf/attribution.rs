@@ -391,15 +391,15 @@ impl FrameOwners {
             Direction::Inbound => from_destination(),
             // Both ends may be this host's, in two namespaces (a container and its
             // peer): the end in the capture's own namespace is the one whose frame this
-            // is; else the source's.
-            Direction::Unknown => match (from_source(), from_destination()) {
-                (Some(source), Some(destination))
-                    if !self.attributor.in_own_netns(source)
-                        && self.attributor.in_own_netns(destination) =>
-                {
-                    Some(destination)
-                }
-                (source, destination) => source.or(destination),
+            // is; else the source's. A source in it needs no second lookup.
+            Direction::Unknown => match from_source() {
+                Some(source) if self.attributor.in_own_netns(source) => Some(source),
+                source => match (source, from_destination()) {
+                    (Some(_), Some(destination)) if self.attributor.in_own_netns(destination) => {
+                        Some(destination)
+                    }
+                    (source, destination) => source.or(destination),
+                },
             },
         }
         .unwrap_or(0)
