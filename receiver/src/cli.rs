@@ -185,7 +185,8 @@ pub struct Cli {
 
     /// How long packets wait so that the packets of all sensors go out in timestamp order
     /// (e.g. `--reorder-window 250ms`). Longer tolerates slower sensors; shorter delivers
-    /// sooner.
+    /// sooner. It is also how long TLS keys (`sensor --keylog`) may trail their packets: on
+    /// stopping, the receiver reads sensors that send keys for one more window.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_window)]
     pub reorder_window: Duration,
 

@@ -51,6 +51,7 @@ pub async fn connection(
         auth,
         quotas,
         sensors,
+        key_log_grace,
     } = admission;
     // IPv4 sensors on the dual-stack socket show as 127.0.0.1, not [::ffff:127.0.0.1].
     let peer = incoming.remote_address();
@@ -141,6 +142,7 @@ pub async fn connection(
         held: Held::default(),
         sensors,
         listed: None,
+        key_log_grace,
     };
     let end = s.run(shutdown).await;
     let name = s
@@ -222,6 +224,17 @@ struct SensorConnection {
     /// Where viewers find connected sensors; this one is listed while joined.
     sensors: Arc<Sensors>,
     listed: Option<Registration>,
+    /// How long this connection is still read once the receiver stops, if its sensor
+    /// follows TLS key logs.
+    key_log_grace: Duration,
+}
+
+/// Completes at `at`; never without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Runs `f` unless the receiver starts shutting down first (then `None`).
@@ -271,6 +284,15 @@ impl SensorConnection {
             return End::Refused(refusal);
         }
         let (session, interfaces) = (hello.session_id, hello.interfaces.len());
+        // Its packets wait in the merge for keys still on their way: a stopping receiver
+        // reads on for a reorder window, so that those keys come here, ahead of the
+        // packets, rather than to the next receiver, behind them.
+        let grace = if hello.tls_key_log {
+            self.key_log_grace
+        } else {
+            Duration::ZERO
+        };
+        let mut stopping_at: Option<tokio::time::Instant> = None;
         let name = sensor_label(&hello, self.identity.as_deref(), self.peer);
         let listing = (
             sensor_name(&hello, self.identity.as_deref()),
@@ -341,7 +363,14 @@ impl SensorConnection {
                     }
                     continue;
                 }
-                _ = shutdown.changed() => return self.leave(true).await,
+                _ = shutdown.changed(), if stopping_at.is_none() => {
+                    if grace.is_zero() {
+                        return self.leave(true).await;
+                    }
+                    stopping_at = Some(tokio::time::Instant::now() + grace);
+                    continue;
+                }
+                _ = sleep_until(stopping_at) => return self.leave(true).await,
             };
             let message = match message {
                 Ok(Some(message)) => message,

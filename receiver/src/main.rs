@@ -362,6 +362,7 @@ async fn run(cli: Cli) -> Result<()> {
                 held: cli.sensor_held,
             },
             sensors,
+            key_log_grace: cli.reorder_window,
         },
         shutdown_signal(),
     )

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use quinn::{Endpoint, VarInt};
@@ -138,6 +139,10 @@ pub struct Admission {
     pub auth: Arc<Auth>,
     pub quotas: Quotas,
     pub sensors: Arc<Sensors>,
+    /// How long a stopping receiver goes on reading a sensor that follows TLS key logs (the
+    /// reorder window): a key arrives after the packets it decrypts, and a line the next
+    /// receiver got would land after them in the file, where one-pass readers miss it.
+    pub key_log_grace: Duration,
 }
 
 /// The connections not yet authenticated, in all and by address.

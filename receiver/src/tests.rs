@@ -79,6 +79,7 @@ fn spawn_server(
             auth: std::sync::Arc::new(auth),
             quotas,
             sensors: Default::default(),
+            key_log_grace: window,
         },
         async {
             let _ = stopped.await;
@@ -584,4 +585,49 @@ async fn hostile_names_are_data_without_control_characters() {
         texts.iter().all(|t| !t.chars().any(char::is_control)),
         "{texts:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopping_receiver_waits_for_the_keys_of_the_handshakes_it_holds() {
+    let window = Duration::from_secs(2);
+    let server = start_server(window, Format::Pcapng);
+    let mut me = hello(0x6b65, "keys");
+    me.tls_key_log = true;
+    let (_endpoint, conn) = connect(&server, protocol::ALPN).await.unwrap();
+    let (mut send, mut recv, acked) = join(&conn, &me).await;
+    assert_eq!(acked, 0);
+    let random = [7u8; 32];
+    let client_hello = crate::sink::testing::client_hello(random);
+    let mut packets = BatchBuilder::new(1 << 16);
+    let _ = packets.push(1_000, 0, Direction::Outbound, &client_hello);
+    send.write_all(&packets.finish(me.session_id, 1, 0).frame)
+        .await
+        .unwrap();
+    // Stopped with the ClientHello held and its key not yet sent, as a sensor reads key
+    // logs a little after the handshake: the key must still come first in the file.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.stop.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let line = format!("CLIENT_RANDOM {} {}", "07".repeat(32), "ab".repeat(48));
+    let mut keys = BatchBuilder::new(1 << 16);
+    let _ = keys.push_tls_key_log(2_000, line.as_bytes());
+    let _ = send
+        .write_all(&keys.finish(me.session_id, 2, 0).frame)
+        .await;
+    let replies = read_replies(&mut recv).await;
+    assert_eq!(last_ack(&replies), Some(2), "{replies:?}");
+    assert_eq!(error_code(&replies), Some(ErrorCode::SHUTTING_DOWN));
+    server.done.await.unwrap().unwrap();
+
+    let bytes = server.out.bytes();
+    let mut reader = PcapNgReader::new(&bytes[..]).unwrap();
+    let mut kinds = Vec::new();
+    while let Some(block) = reader.next_block() {
+        match block.unwrap().0 {
+            Block::EnhancedPacket(_) => kinds.push("packet"),
+            Block::Unknown(b) if b.type_ == 0x0a => kinds.push("secrets"),
+            _ => {}
+        }
+    }
+    assert_eq!(kinds, ["secrets", "packet"]);
 }

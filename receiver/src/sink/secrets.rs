@@ -220,22 +220,7 @@ pub fn client_hello_random(link_type: u16, frame: &[u8]) -> Option<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn client_hello(random: [u8; 32]) -> Vec<u8> {
-        let mut frame = vec![0u8; 12];
-        frame.extend_from_slice(&[0x08, 0x00]);
-        // IPv4, 20 bytes, TCP.
-        let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 6, 0, 0];
-        ip.extend_from_slice(&[198, 18, 0, 1, 198, 18, 0, 2]);
-        frame.extend_from_slice(&ip);
-        let mut tcp = vec![0u8; 20];
-        tcp[12] = 5 << 4;
-        frame.extend_from_slice(&tcp);
-        frame.extend_from_slice(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0, 1, 0xfc, 0x03, 0x03]);
-        frame.extend_from_slice(&random);
-        frame.extend_from_slice(&[0; 8]);
-        frame
-    }
+    use crate::sink::testing::client_hello;
 
     #[test]
     fn a_client_hello_names_its_random() {
