@@ -116,7 +116,8 @@ pub struct Cli {
     pub command: Option<Command>,
 
     /// Output file, or `-` for stdout (e.g. `--out /var/capture/all.pcapng`); default
-    /// capture.pcap, or none with --serve-pcap, --push-pcap or --kafka. The file name may
+    /// capture.pcap, or none with --serve-pcap, --push-pcap or --kafka. An existing FIFO or
+    /// character device (e.g. `--out /dev/null`) is written as stdout is. The file name may
     /// hold strftime fields, in UTC (e.g. `--out /data/cap-%Y%m%d-%H%M%S.pcapng`), and
     /// `{sensor}` (`{process}`, `{container}`) with --split-by.
     /// An existing file is continued, never replaced (or written beside, numbered, if it is
@@ -668,6 +669,19 @@ fn parse_sensor_name(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// `-`, or an existing character device or FIFO.
+pub fn is_stream(out: &Path) -> bool {
+    #[cfg(unix)]
+    let device = {
+        use std::os::unix::fs::FileTypeExt;
+        std::fs::metadata(out)
+            .is_ok_and(|m| m.file_type().is_char_device() || m.file_type().is_fifo())
+    };
+    #[cfg(not(unix))]
+    let device = false;
+    out.as_os_str() == "-" || device
+}
+
 impl Cli {
     pub fn format(&self) -> Format {
         let out = self.out_path();
@@ -687,6 +701,13 @@ impl Cli {
             None if self.is_live() || !self.kafka.is_empty() || self.lake.is_some() => None,
             None => Some(Path::new("capture.pcap")),
         }
+    }
+
+    /// The output when it is a file: not `-` (stdout), and not an existing character device
+    /// or FIFO (`--out /dev/null`, a named pipe), which are written as a stream is: no
+    /// journal, no continuing, no rotation.
+    pub fn out_file(&self) -> Option<&Path> {
+        self.out_path().filter(|out| !is_stream(out))
     }
 
     /// Whether the live stream runs: served (--serve-pcap), pushed (--push-pcap) or both.
@@ -737,15 +758,14 @@ impl Cli {
     pub fn check_outputs(&self) -> Result<(), String> {
         let rotating = self.rotate_size.is_some() || self.rotate_time.is_some();
         let splitting = self.split_by.is_some();
-        let file = self.out_path().filter(|o| o.as_os_str() != "-");
-        if (rotating || splitting) && file.is_none() {
+        if (rotating || splitting) && self.out_file().is_none() {
             let flag = if rotating {
                 "--rotate-size/--rotate-time"
             } else {
                 "--split-by"
             };
             return Err(match self.out_path() {
-                Some(_) => format!("{flag} needs a file: --out - is a pipe"),
+                Some(out) => format!("{flag} needs a file: --out {} is a stream", out.display()),
                 None => format!("{flag} needs a file: add --out PATH"),
             });
         }

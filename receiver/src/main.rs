@@ -115,7 +115,7 @@ async fn run(cli: Cli) -> Result<()> {
     };
     #[cfg(unix)]
     raise_open_file_limit();
-    let pattern = match cli.out_path().filter(|o| o.as_os_str() != "-") {
+    let pattern = match cli.out_file() {
         Some(out) => {
             let pattern = Pattern::parse(out, cli.split_by).map_err(|e| BadInput(anyhow!(e)))?;
             check_out_dir(out).map_err(BadInput)?;
@@ -208,7 +208,7 @@ async fn run(cli: Cli) -> Result<()> {
     };
     let uploader = match &cli.upload {
         Some(url) => Some(
-            start_uploader(url, cli.out_path(), cli.upload_allow_http)
+            start_uploader(url, cli.out_file(), cli.upload_allow_http)
                 .await
                 .map_err(BadInput)?,
         ),
@@ -347,9 +347,7 @@ async fn run(cli: Cli) -> Result<()> {
     }
 
     // A full disk and a broker outage are waited out; a broken pipe is not.
-    let retry_output = cli.out_path().is_some_and(|o| o.as_os_str() != "-")
-        || kafka.is_some()
-        || cli.lake.is_some();
+    let retry_output = cli.out_file().is_some() || kafka.is_some() || cli.lake.is_some();
     program::status::enable(!cli.no_status);
     let summaries = server::run(
         endpoint,
@@ -548,7 +546,10 @@ async fn open_outputs(
                 .map_err(|e| BadInput(anyhow!("cannot create {}: {e}", out.display())))?;
             outputs.push(Box::new(files));
         }
-        (Some(_), None) => outputs.push(sink::stdout(cli.format())?),
+        (Some(out), None) => outputs.push(
+            sink::stream(out, cli.format())
+                .map_err(|e| BadInput(anyhow!("cannot write {}: {e}", out.display())))?,
+        ),
         (None, _) => {}
     }
     let kafka = kafka.map(|reached| {
@@ -644,9 +645,10 @@ async fn start_uploader(
     out: Option<&std::path::Path>,
     allow_http: bool,
 ) -> Result<upload::Uploader> {
-    if out.is_none_or(|o| o.as_os_str() == "-") {
+    if out.is_none() {
         return Err(anyhow!(
-            "--upload needs --out FILE: only files can be uploaded, not stdout or the live stream"
+            "--upload needs --out FILE: only files can be uploaded, not a stream (stdout, a \
+             device, a pipe) or the live stream"
         ));
     }
     upload::Uploader::start(url, allow_http).await

@@ -13,6 +13,7 @@ pub mod secrets;
 mod tee;
 
 use std::io::{self, BufWriter, Write};
+use std::path::Path;
 
 use protocol::{Attribution, Direction, InterfaceStats};
 
@@ -279,8 +280,15 @@ impl<W: Write + Send> Sink for FormatSink<W> {
 }
 
 /// The output on stdout, a pipe: an error there is final (the reader went away).
-pub fn stdout(format: Format) -> io::Result<Box<dyn Sink>> {
-    let out = BufWriter::with_capacity(1 << 20, io::stdout());
+/// Writes to `out` as a stream: stdout for `-`, else a character device or FIFO that is
+/// there already (opened for writing, never created).
+pub fn stream(out: &Path, format: Format) -> io::Result<Box<dyn Sink>> {
+    let writer: Box<dyn Write + Send> = if out.as_os_str() == "-" {
+        Box::new(io::stdout())
+    } else {
+        Box::new(std::fs::OpenOptions::new().write(true).open(out)?)
+    };
+    let out = BufWriter::with_capacity(1 << 20, writer);
     Ok(Box::new(FormatSink::new(format, out)?))
 }
 

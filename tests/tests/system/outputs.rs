@@ -1,7 +1,7 @@
 //! The receiver's outputs beyond one file: the live PCAP-over-IP stream read by tshark (with
 //! or without a file), a slow live client that drops only its own packets, rotation with
 //! retention and through a full disk, and a file per sensor with path-safe names. Everything
-//! runs on the host's loopback, on ports 5310-5332. A restarted receiver continues its file.
+//! runs on the host's loopback, on ports 5310-5334. A restarted receiver continues its file.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -448,9 +448,16 @@ fn meaningless_output_combinations_are_one_line_errors() {
     };
     refused(
         &["--out", "-", "--rotate-size", "1MiB"],
-        "--out - is a pipe",
+        "--out - is a stream",
     );
-    refused(&["--out", "-", "--split-by", "sensor"], "--out - is a pipe");
+    refused(
+        &["--out", "-", "--split-by", "sensor"],
+        "--out - is a stream",
+    );
+    refused(
+        &["--out", "/dev/null", "--rotate-time", "1h"],
+        "--out /dev/null is a stream",
+    );
     refused(
         &["--serve-pcap", "127.0.0.1:5318", "--rotate-time", "1h"],
         "add --out",
@@ -475,4 +482,61 @@ fn meaningless_output_combinations_are_one_line_errors() {
         "sensor name",
     );
     assert!(!dir.join("x.crt").exists());
+}
+
+/// `--out` naming a FIFO or a character device writes a stream there, as `--out -` does:
+/// tcpdump reading the FIFO gets the capture whole, and `/dev/null` takes it all, with no
+/// numbered file or journal left beside either.
+#[test]
+fn named_pipes_and_devices_are_written_as_streams() {
+    let dir = Scratch::new("streams").unwrap();
+    let fifo = dir.join("fifo.pcap");
+    run("mkfifo", &[&arg(&fifo)]).unwrap();
+    let copy = dir.join("copy.pcap");
+    let mut tcpdump = Proc::start(
+        "tcpdump",
+        &[
+            "tcpdump".to_string(),
+            "-r".into(),
+            arg(&fifo),
+            "--time-stamp-precision=nano".into(),
+            "-w".into(),
+            arg(&copy),
+            "-Z".into(),
+            "root".into(),
+        ],
+        Stdio::null(),
+    )
+    .unwrap();
+    let mut receiver =
+        Receiver::start(None, &dir.join("state"), 5333, &["--out", &arg(&fifo)]).unwrap();
+    replay(&receiver, &corpus::pcap_arg(), &[]);
+    receiver.stop().unwrap();
+    let status = tcpdump.wait(Duration::from_secs(30)).unwrap();
+    assert!(status.success(), "tcpdump: {}", tcpdump.stderr());
+    let expected = reference("");
+    let got = tcpdump_records(&copy, "").unwrap();
+    assert!(got == expected, "{}", first_difference(&expected, &got));
+
+    let mut receiver =
+        Receiver::start(None, &dir.join("state"), 5334, &["--out", "/dev/null"]).unwrap();
+    replay(&receiver, &corpus::pcap_arg(), &[]);
+    receiver.stop().unwrap();
+    let log = receiver.proc.stderr();
+    let (_, summary) = log
+        .split_once("sensor session(s)")
+        .expect("the exit summary");
+    assert_eq!(
+        number_after(summary, "): ").unwrap(),
+        corpus::PACKETS as u64,
+        "{log}"
+    );
+    let mut beside: Vec<String> = std::fs::read_dir(dir.join(""))
+        .unwrap()
+        .chain(std::fs::read_dir("/dev").unwrap())
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("fifo") || n.starts_with("null") || n.contains("journal"))
+        .collect();
+    beside.sort();
+    assert_eq!(beside, ["fifo.pcap", "null"], "{log}");
 }
