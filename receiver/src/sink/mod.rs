@@ -279,13 +279,20 @@ impl<W: Write + Send> Sink for FormatSink<W> {
     }
 }
 
-/// The output on stdout, a pipe: an error there is final (the reader went away).
-/// Writes to `out` as a stream: stdout for `-`, else a character device or FIFO that is
-/// there already (opened for writing, never created).
+/// A stream output: stdout for `-`, else a character device or FIFO that is there already
+/// (opened for writing, never created). An error there is final (the reader went away).
 pub fn stream(out: &Path, format: Format) -> io::Result<Box<dyn Sink>> {
     let writer: Box<dyn Write + Send> = if out.as_os_str() == "-" {
         Box::new(io::stdout())
     } else {
+        #[cfg(unix)]
+        if std::fs::metadata(out).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_fifo()
+        }) {
+            // Opening a FIFO waits for its reader, as `tcpdump -w FIFO` does.
+            tracing::info!("{}: waiting for a reader of the FIFO", out.display());
+        }
         Box::new(std::fs::OpenOptions::new().write(true).open(out)?)
     };
     let out = BufWriter::with_capacity(1 << 20, writer);

@@ -163,18 +163,25 @@ impl CaptureBackend for PcapCapture {
 
     fn stopper(&mut self) -> Stopper {
         let stop = Arc::clone(&self.stop);
-        // breakloop wakes a live read blocked in the kernel; the flag covers the gap
-        // between reads and files, which never block.
-        let brk = match &mut self.handle {
-            Handle::Live(cap) => Some(cap.breakloop_handle()),
-            Handle::File(_) => None,
-        };
-        Box::new(move || {
-            stop.store(true, Relaxed);
-            if let Some(b) = &brk {
-                b.breakloop();
-            }
-        })
+        // On Unix reads never block (the pump polls at most a read timeout): the flag is
+        // enough.
+        #[cfg(unix)]
+        return Box::new(move || stop.store(true, Relaxed));
+        // Elsewhere breakloop wakes a live read blocked in the driver; the flag covers the
+        // gap between reads and files, which never block.
+        #[cfg(not(unix))]
+        {
+            let brk = match &mut self.handle {
+                Handle::Live(cap) => Some(cap.breakloop_handle()),
+                Handle::File(_) => None,
+            };
+            Box::new(move || {
+                stop.store(true, Relaxed);
+                if let Some(b) = &brk {
+                    b.breakloop();
+                }
+            })
+        }
     }
 
     fn run(self: Box<Self>, mut batcher: Batcher) -> Result<()> {
@@ -266,12 +273,20 @@ impl Pump<'_> {
         // Once stopped, a live capture still takes what the kernel already holds for it
         // (until its buffer is empty, or briefly under a flood); a file just stops.
         let mut drain_until: Option<Instant> = None;
+        // The kernel shows a block of packets once it is full or its timeout (the read
+        // timeout) passed: an empty read is the end of the drain only after that.
+        let mut settled_at = Instant::now();
+        // Whether the read that breakloop (the stop, outside Unix) ends has ended: the pcap
+        // crate tells it from an error only by the stop flag.
+        let mut broken = false;
         loop {
             if drain_until.is_none() && self.stop.load(Relaxed) {
                 if !live {
                     return Ok(());
                 }
-                drain_until = Some(Instant::now() + DRAIN_ON_STOP);
+                let now = Instant::now();
+                drain_until = Some(now + DRAIN_ON_STOP);
+                settled_at = now + 2 * Duration::from_millis(READ_TIMEOUT_MS as u64);
             }
             if drain_until.is_some_and(|t| Instant::now() >= t) {
                 return Ok(());
@@ -287,11 +302,17 @@ impl Pump<'_> {
                 return Ok(());
             }
             match read {
-                Ok(0) if !live || drain_until.is_some() => return Ok(()),
+                Ok(0) if !live => return Ok(()),
+                Ok(0) if drain_until.is_some() && Instant::now() >= settled_at => return Ok(()),
                 Ok(0) => cap.wait_for_packets(),
                 Ok(_) => {}
                 // breakloop (the stop): libpcap clears it, and the drain above reads on.
-                Err(_) if live && self.stop.load(Relaxed) => continue,
+                Err(_) if live && self.stop.load(Relaxed) && !broken => {
+                    broken = true;
+                    continue;
+                }
+                // Failing while stopping: what was read is delivered.
+                Err(_) if self.stop.load(Relaxed) => return Ok(()),
                 Err(e) => {
                     return Err(Error::runtime(format!(
                         "capture on {} failed: {}",
