@@ -7,7 +7,7 @@ use crate::system::{cmd, setup};
 pub fn run() -> Result<()> {
     // Many tests replay the shared corpus: without it they would fail one by one, each
     // with "No such file", after the whole set-up and build.
-    let corpus = crate::root().join("../shared/corpus/tcpdump-tests.pcap");
+    let corpus = testbed::corpus::pcap();
     if !corpus.is_file() {
         anyhow::bail!(
             "the tests need the shared corpus beside this checkout, and {} is missing: clone \

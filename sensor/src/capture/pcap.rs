@@ -272,23 +272,22 @@ impl Pump<'_> {
         let live = stats.is_some();
         // Once stopped, a live capture still takes what the kernel already holds for it
         // (until its buffer is empty, or briefly under a flood); a file just stops.
-        let mut drain_until: Option<Instant> = None;
+        let mut stopped_at: Option<Instant> = None;
         // The kernel shows a block of packets once it is full or its timeout (the read
-        // timeout) passed: an empty read is the end of the drain only after that.
-        let mut settled_at = Instant::now();
+        // timeout) passed: an empty read ends the drain only this long after the stop.
+        let settle = 2 * Duration::from_millis(READ_TIMEOUT_MS.unsigned_abs().into());
         // Whether the read that breakloop (the stop, outside Unix) ends has ended: the pcap
         // crate tells it from an error only by the stop flag.
         let mut broken = false;
         loop {
-            if drain_until.is_none() && self.stop.load(Relaxed) {
+            if stopped_at.is_none() && self.stop.load(Relaxed) {
                 if !live {
                     return Ok(());
                 }
-                let now = Instant::now();
-                drain_until = Some(now + DRAIN_ON_STOP);
-                settled_at = now + 2 * Duration::from_millis(READ_TIMEOUT_MS as u64);
+                stopped_at = Some(Instant::now());
             }
-            if drain_until.is_some_and(|t| Instant::now() >= t) {
+            let draining_for = stopped_at.map(|t| t.elapsed());
+            if draining_for.is_some_and(|d| d >= DRAIN_ON_STOP) {
                 return Ok(());
             }
             // A callback per packet over libpcap's buffer, not a pcap_next_ex call per packet.
@@ -303,7 +302,7 @@ impl Pump<'_> {
             }
             match read {
                 Ok(0) if !live => return Ok(()),
-                Ok(0) if drain_until.is_some() && Instant::now() >= settled_at => return Ok(()),
+                Ok(0) if draining_for.is_some_and(|d| d >= settle) => return Ok(()),
                 Ok(0) => cap.wait_for_packets(),
                 Ok(_) => {}
                 // breakloop (the stop): libpcap clears it, and the drain above reads on.
