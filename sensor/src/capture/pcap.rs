@@ -10,7 +10,7 @@ use pcap_record::{direction, timestamp_ns};
 use protocol::InterfaceInfo;
 
 use super::{compose_filter, CaptureBackend, FrameOwner, FrameOwners, Options, Stopper};
-use crate::batcher::{Backpressure, Batcher, Closed};
+use crate::batcher::{Backpressure, Batcher};
 use crate::error::{Error, Result};
 
 /// Read timeout: a quiet link still returns to the loop this often, so partial batches
@@ -22,10 +22,9 @@ const BUFFER_SIZE: i32 = 8 << 20;
 const DRAIN_ON_STOP: Duration = Duration::from_millis(200);
 /// How often libpcap's counters (received, dropped) are read.
 const STATS_EVERY: Duration = Duration::from_secs(1);
-/// Packets taken from libpcap per read: between reads the flush interval and the counters
-/// are looked at (reading the clock per packet costs more than the rest of the loop on
-/// small frames), and a stop is seen.
-const PACKETS_PER_READ: usize = 64;
+/// While packets flow, the flush interval and the counters are looked at every this many
+/// packets; an empty read always looks.
+const CLOCK_EVERY: u32 = 64;
 
 enum Handle {
     Live(Capture<Active>),
@@ -163,25 +162,18 @@ impl CaptureBackend for PcapCapture {
 
     fn stopper(&mut self) -> Stopper {
         let stop = Arc::clone(&self.stop);
-        // On Unix reads never block (the pump polls at most a read timeout): the flag is
-        // enough.
-        #[cfg(unix)]
-        return Box::new(move || stop.store(true, Relaxed));
-        // Elsewhere breakloop wakes a live read blocked in the driver; the flag covers the
-        // gap between reads and files, which never block.
-        #[cfg(not(unix))]
-        {
-            let brk = match &mut self.handle {
-                Handle::Live(cap) => Some(cap.breakloop_handle()),
-                Handle::File(_) => None,
-            };
-            Box::new(move || {
-                stop.store(true, Relaxed);
-                if let Some(b) = &brk {
-                    b.breakloop();
-                }
-            })
-        }
+        // breakloop wakes a live read blocked in the kernel; the flag covers the gap
+        // between reads and files, which never block.
+        let brk = match &mut self.handle {
+            Handle::Live(cap) => Some(cap.breakloop_handle()),
+            Handle::File(_) => None,
+        };
+        Box::new(move || {
+            stop.store(true, Relaxed);
+            if let Some(b) = &brk {
+                b.breakloop();
+            }
+        })
     }
 
     fn run(self: Box<Self>, mut batcher: Batcher) -> Result<()> {
@@ -272,47 +264,59 @@ impl Pump<'_> {
         let live = stats.is_some();
         // Once stopped, a live capture still takes what the kernel already holds for it
         // (until its buffer is empty, or briefly under a flood); a file just stops.
-        let mut stopped_at: Option<Instant> = None;
-        // The kernel shows a block of packets once it is full or its timeout (the read
-        // timeout) passed: an empty read ends the drain only this long after the stop.
-        let settle = 2 * Duration::from_millis(READ_TIMEOUT_MS.unsigned_abs().into());
-        // Whether the read that breakloop (the stop, outside Unix) ends has ended: the pcap
-        // crate tells it from an error only by the stop flag.
-        let mut broken = false;
+        let mut drain_until: Option<Instant> = None;
+        // Packets since the clock was last read: reading it per packet costs more than
+        // the rest of the loop on small frames.
+        let mut unchecked: u32 = 0;
         loop {
-            if stopped_at.is_none() && self.stop.load(Relaxed) {
+            if drain_until.is_none() && self.stop.load(Relaxed) {
                 if !live {
                     return Ok(());
                 }
-                stopped_at = Some(Instant::now());
+                drain_until = Some(Instant::now() + DRAIN_ON_STOP);
             }
-            let draining_for = stopped_at.map(|t| t.elapsed());
-            if draining_for.is_some_and(|d| d >= DRAIN_ON_STOP) {
+            if drain_until.is_some_and(|t| Instant::now() >= t) {
                 return Ok(());
             }
-            // A callback per packet over libpcap's buffer, not a pcap_next_ex call per packet.
-            let mut closed = false;
-            let read = cap.dispatch(Some(PACKETS_PER_READ), |p| {
-                if !closed {
-                    closed = self.take(&p, live, batcher).is_err();
+            match cap.next_packet() {
+                Ok(p) => {
+                    let data = &p.data[..p.data.len().min(self.snaplen)];
+                    if !live {
+                        // A file shows only what passed the filter: seen = matched.
+                        batcher.counters().seen.fetch_add(1, Relaxed);
+                    }
+                    let dir = direction(self.link_type, data);
+                    let (timestamp, len) = (timestamp_ns(p.header), p.header.len);
+                    let owner = match &mut self.owners {
+                        Some(owners) => owners.of(self.link_type, data, dir),
+                        None => FrameOwner::Unattributed,
+                    };
+                    let pushed = match owner {
+                        FrameOwner::Process(key, process) => {
+                            batcher.push_attributed(timestamp, len, dir, data, key, process)
+                        }
+                        FrameOwner::Unattributed => batcher.push(timestamp, len, dir, data),
+                        // Filtered out, as by the expression: seen, not matched.
+                        FrameOwner::NotSelected => Ok(()),
+                    };
+                    if pushed.is_err() {
+                        return Ok(());
+                    }
+                    unchecked += 1;
+                    if unchecked < CLOCK_EVERY {
+                        continue;
+                    }
                 }
-            });
-            if closed {
-                return Ok(());
-            }
-            match read {
-                Ok(0) if !live => return Ok(()),
-                Ok(0) if draining_for.is_some_and(|d| d >= settle) => return Ok(()),
-                Ok(0) => cap.wait_for_packets(),
-                Ok(_) => {}
-                // breakloop (the stop): libpcap clears it, and the drain above reads on.
-                Err(_) if live && self.stop.load(Relaxed) && !broken => {
-                    broken = true;
-                    continue;
-                }
-                // Failing while stopping: what was read is delivered.
-                Err(_) if self.stop.load(Relaxed) => return Ok(()),
+                Err(pcap::Error::TimeoutExpired) if drain_until.is_some() => return Ok(()),
+                Err(pcap::Error::TimeoutExpired) => cap.wait_for_packets(),
+                // On a live capture this is breakloop (the stop): libpcap clears it, and
+                // the drain above reads on. On a file it is the end.
+                Err(pcap::Error::NoMorePackets) if live => continue,
+                Err(pcap::Error::NoMorePackets) => return Ok(()),
                 Err(e) => {
+                    if self.stop.load(Relaxed) {
+                        return Ok(());
+                    }
                     return Err(Error::runtime(format!(
                         "capture on {} failed: {}",
                         self.name,
@@ -320,6 +324,7 @@ impl Pump<'_> {
                     )));
                 }
             }
+            unchecked = 0;
             if let Some(owners) = &mut self.owners {
                 owners.tick();
             }
@@ -331,29 +336,6 @@ impl Pump<'_> {
                     s.poll(cap, batcher);
                 }
             }
-        }
-    }
-
-    /// Hands one packet to the batcher; `Err` once the transport is gone.
-    fn take(&mut self, p: &pcap::Packet, live: bool, batcher: &mut Batcher) -> Result<(), Closed> {
-        let data = &p.data[..p.data.len().min(self.snaplen)];
-        if !live {
-            // A file shows only what passed the filter: seen = matched.
-            batcher.counters().seen.fetch_add(1, Relaxed);
-        }
-        let dir = direction(self.link_type, data);
-        let (timestamp, len) = (timestamp_ns(p.header), p.header.len);
-        let owner = match &mut self.owners {
-            Some(owners) => owners.of(self.link_type, data, dir),
-            None => FrameOwner::Unattributed,
-        };
-        match owner {
-            FrameOwner::Process(key, process) => {
-                batcher.push_attributed(timestamp, len, dir, data, key, process)
-            }
-            FrameOwner::Unattributed => batcher.push(timestamp, len, dir, data),
-            // Filtered out, as by the expression: seen, not matched.
-            FrameOwner::NotSelected => Ok(()),
         }
     }
 }
