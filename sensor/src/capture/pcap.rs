@@ -20,6 +20,11 @@ const READ_TIMEOUT_MS: i32 = 50;
 const BUFFER_SIZE: i32 = 8 << 20;
 /// Longest a stopping live capture keeps reading what the kernel holds for it.
 const DRAIN_ON_STOP: Duration = Duration::from_millis(200);
+/// How long after a stop the kernel has surely handed over the packets it held: libpcap
+/// reads TPACKET_V3 blocks, which the kernel shows only once full or once the read timeout
+/// has passed since the block opened, so the block open at the stop needs up to one more
+/// read timeout (and a timer tick).
+const BLOCK_RETIRED: Duration = Duration::from_millis(2 * READ_TIMEOUT_MS as u64);
 /// How often libpcap's counters (received, dropped) are read.
 const STATS_EVERY: Duration = Duration::from_secs(1);
 /// While packets flow, the flush interval and the counters are looked at every this many
@@ -37,6 +42,8 @@ pub struct PcapCapture {
     link_type: i32,
     handle: Handle,
     stop: Arc<AtomicBool>,
+    /// Live captures on Unix: wakes the wait for packets at a stop.
+    stop_wake: Option<StopWake>,
     /// `--attribute` (live, Linux): whose each frame is.
     owners: Option<FrameOwners>,
 }
@@ -70,7 +77,10 @@ impl PcapCapture {
         let cap = cap.setnonblock().map_err(|e| {
             Error::runtime(format!("cannot read {name} without blocking: {}", msg(&e)))
         })?;
-        Self::build(name, link_type, opts, Handle::Live(cap))
+        let mut capture = Self::build(name, link_type, opts, Handle::Live(cap))?;
+        capture.stop_wake = StopWake::new()
+            .map_err(|e| Error::runtime(format!("cannot capture on {name}: {e}")))?;
+        Ok(capture)
     }
 
     pub fn file(path: &Path, opts: &Options) -> Result<Self> {
@@ -113,6 +123,7 @@ impl PcapCapture {
             link_type,
             handle,
             stop: Arc::new(AtomicBool::new(false)),
+            stop_wake: None,
             owners: None,
         })
     }
@@ -162,14 +173,20 @@ impl CaptureBackend for PcapCapture {
 
     fn stopper(&mut self) -> Stopper {
         let stop = Arc::clone(&self.stop);
-        // breakloop wakes a live read blocked in the kernel; the flag covers the gap
-        // between reads and files, which never block.
+        // The flag is the stop; the wakeup (Unix) or breakloop (a read blocked in Npcap)
+        // makes a waiting live capture see it at once. Files never wait.
+        let wake = self.stop_wake.as_ref().map(StopWake::sender);
+        #[cfg(not(unix))]
         let brk = match &mut self.handle {
             Handle::Live(cap) => Some(cap.breakloop_handle()),
             Handle::File(_) => None,
         };
         Box::new(move || {
             stop.store(true, Relaxed);
+            if let Some(w) = &wake {
+                w.send();
+            }
+            #[cfg(not(unix))]
             if let Some(b) = &brk {
                 b.breakloop();
             }
@@ -182,6 +199,7 @@ impl CaptureBackend for PcapCapture {
             link_type,
             handle,
             stop,
+            stop_wake,
             owners,
             ..
         } = *self;
@@ -190,6 +208,7 @@ impl CaptureBackend for PcapCapture {
             snaplen: info.snaplen as usize,
             link_type,
             stop: &stop,
+            stop_wake: stop_wake.as_ref(),
             owners,
         };
         let result = match handle {
@@ -213,7 +232,62 @@ struct Pump<'a> {
     snaplen: usize,
     link_type: i32,
     stop: &'a AtomicBool,
+    stop_wake: Option<&'a StopWake>,
     owners: Option<FrameOwners>,
+}
+
+/// Ends a live capture's wait for packets at a stop, on Unix. libpcap's own breakloop
+/// cannot: in non-blocking mode its wakeup descriptor is closed, so it only makes the next
+/// read fail. One end of a socket pair becomes readable, and the wait polls it beside the
+/// capture.
+struct StopWake {
+    #[cfg(unix)]
+    readable_at_stop: std::os::unix::net::UnixStream,
+    #[cfg(unix)]
+    sender: Arc<std::os::unix::net::UnixStream>,
+}
+
+/// The stopper's end of a [`StopWake`].
+struct StopWakeSender {
+    #[cfg(unix)]
+    end: Arc<std::os::unix::net::UnixStream>,
+}
+
+impl StopWake {
+    #[cfg(unix)]
+    fn new() -> std::io::Result<Option<Self>> {
+        let (readable_at_stop, sender) = std::os::unix::net::UnixStream::pair()?;
+        // The stopper must never block, however often it is called.
+        sender.set_nonblocking(true)?;
+        Ok(Some(Self {
+            readable_at_stop,
+            sender: Arc::new(sender),
+        }))
+    }
+
+    /// Npcap reads block, and breakloop ends them.
+    #[cfg(not(unix))]
+    fn new() -> std::io::Result<Option<Self>> {
+        Ok(None)
+    }
+
+    fn sender(&self) -> StopWakeSender {
+        StopWakeSender {
+            #[cfg(unix)]
+            end: Arc::clone(&self.sender),
+        }
+    }
+}
+
+impl StopWakeSender {
+    fn send(&self) {
+        #[cfg(unix)]
+        {
+            use std::io::Write;
+            // A full socket buffer means it is readable already.
+            let _ = (&*self.end).write(&[1]);
+        }
+    }
 }
 
 /// Waiting for packets between non-blocking reads.
@@ -223,30 +297,38 @@ struct Pump<'a> {
 /// handles therefore read non-blocking on Unix and wait here, at most one read timeout, so
 /// that quiet links still flush.
 trait WaitForPackets {
-    fn wait_for_packets(&self);
+    /// Waits for packets, at most one read timeout; `stop_wake`, when given, ends the wait
+    /// at a stop.
+    fn wait_for_packets(&self, stop_wake: Option<&StopWake>);
 }
 
 impl WaitForPackets for Capture<Active> {
     #[cfg(unix)]
-    fn wait_for_packets(&self) {
+    fn wait_for_packets(&self, stop_wake: Option<&StopWake>) {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let mut fds = [PollFd::new(self, PollFlags::IN)];
         let timeout = Timespec {
             tv_sec: 0,
             tv_nsec: i64::from(READ_TIMEOUT_MS) * 1_000_000,
         };
+        let capture = PollFd::new(self, PollFlags::IN);
         // An error (EINTR) only means an earlier look at the stop flag and the batch.
-        let _ = poll(&mut fds, Some(&timeout));
+        let _ = match stop_wake {
+            Some(w) => poll(
+                &mut [capture, PollFd::new(&w.readable_at_stop, PollFlags::IN)],
+                Some(&timeout),
+            ),
+            None => poll(&mut [capture], Some(&timeout)),
+        };
     }
 
     /// Npcap returns on its read timeout: the blocking read already waited.
     #[cfg(not(unix))]
-    fn wait_for_packets(&self) {}
+    fn wait_for_packets(&self, _: Option<&StopWake>) {}
 }
 
 /// A file never waits.
 impl WaitForPackets for Capture<Offline> {
-    fn wait_for_packets(&self) {}
+    fn wait_for_packets(&self, _: Option<&StopWake>) {}
 }
 
 impl Pump<'_> {
@@ -262,20 +344,21 @@ impl Pump<'_> {
         Capture<T>: WaitForPackets,
     {
         let live = stats.is_some();
-        // Once stopped, a live capture still takes what the kernel already holds for it
-        // (until its buffer is empty, or briefly under a flood); a file just stops.
-        let mut drain_until: Option<Instant> = None;
+        // Once stopped, a live capture still takes what the kernel held for it at the stop
+        // (its last block included, or for a while under a flood); a file just stops.
+        let mut stopped_at: Option<Instant> = None;
         // Packets since the clock was last read: reading it per packet costs more than
         // the rest of the loop on small frames.
         let mut unchecked: u32 = 0;
         loop {
-            if drain_until.is_none() && self.stop.load(Relaxed) {
+            if stopped_at.is_none() && self.stop.load(Relaxed) {
                 if !live {
                     return Ok(());
                 }
-                drain_until = Some(Instant::now() + DRAIN_ON_STOP);
+                stopped_at = Some(Instant::now());
             }
-            if drain_until.is_some_and(|t| Instant::now() >= t) {
+            let since_stop = stopped_at.map(|t| t.elapsed());
+            if since_stop.is_some_and(|d| d >= DRAIN_ON_STOP) {
                 return Ok(());
             }
             match cap.next_packet() {
@@ -307,10 +390,17 @@ impl Pump<'_> {
                         continue;
                     }
                 }
-                Err(pcap::Error::TimeoutExpired) if drain_until.is_some() => return Ok(()),
-                Err(pcap::Error::TimeoutExpired) => cap.wait_for_packets(),
-                // On a live capture this is breakloop (the stop): libpcap clears it, and
-                // the drain above reads on. On a file it is the end.
+                Err(pcap::Error::TimeoutExpired)
+                    if since_stop.is_some_and(|d| d >= BLOCK_RETIRED) =>
+                {
+                    return Ok(())
+                }
+                // Once stopped, the wakeup stays readable: the wait is for the capture alone.
+                Err(pcap::Error::TimeoutExpired) => {
+                    cap.wait_for_packets(self.stop_wake.filter(|_| stopped_at.is_none()));
+                }
+                // On a live capture this is breakloop (the stop, on Windows): libpcap
+                // clears it, and the drain above reads on. On a file it is the end.
                 Err(pcap::Error::NoMorePackets) if live => continue,
                 Err(pcap::Error::NoMorePackets) => return Ok(()),
                 Err(e) => {
