@@ -6,8 +6,11 @@
 //! needs to read them from maps.
 #![no_std]
 
-/// The ring buffer of captured frames (BPF_MAP_TYPE_RINGBUF).
-pub const RING_MAP: &str = "CAPSTREAM_RING";
+/// The rings of captured frames, one per CPU (BPF_MAP_TYPE_ARRAY_OF_MAPS of
+/// BPF_MAP_TYPE_RINGBUF, indexed by CPU number): a frame goes into the ring of the CPU that
+/// captures it, as two CPUs reserving in one ring serialise on its lock. The sensor creates
+/// the rings and merges them by timestamp.
+pub const RINGS_MAP: &str = "CAPSTREAM_RINGS";
 /// Per-CPU packet counters, indexed by the `COUNTER_*` constants.
 pub const COUNTERS_MAP: &str = "CAPSTREAM_COUNTERS";
 /// The tail-call chain: [`PROG_FILTER`] and [`PROG_EMIT`].

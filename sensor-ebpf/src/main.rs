@@ -20,10 +20,13 @@ use aya_ebpf::helpers::generated::{
     bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_skb_load_bytes,
     bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
 };
+use aya_ebpf::btf_maps::{ArrayOfMaps, RingBuf};
+use aya_ebpf::helpers::generated::{bpf_get_smp_processor_id, bpf_ringbuf_query};
 use aya_ebpf::macros::{
-    cgroup_skb, cgroup_sock, cgroup_sock_addr, classifier, map, sock_ops, socket_filter, xdp,
+    btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, classifier, map, sock_ops, socket_filter,
+    xdp,
 };
-use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf, XskMap};
+use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, XskMap};
 use aya_ebpf::programs::{
     SkBuffContext, SockAddrContext, SockContext, SockOpsContext, TcContext, XdpContext,
 };
@@ -66,9 +69,14 @@ static CAPSTREAM_SELECTING: u32 = 0;
 #[no_mangle]
 static CAPSTREAM_LOOPBACK: u32 = 0;
 
-/// The sensor sizes it with --ring-size when loading.
-#[map]
-static CAPSTREAM_RING: RingBuf = RingBuf::with_byte_size(1 << 23, 0);
+/// A CPU's ring. The size here only describes the kind of map: the sensor creates each
+/// CPU's ring itself, sized from --ring-size.
+type Ring = RingBuf<u8, { 1 << 16 }>;
+
+/// One ring per CPU, by CPU number (see `RINGS_MAP`); the sensor sets the number of slots
+/// to the machine's possible CPUs.
+#[btf_map]
+static CAPSTREAM_RINGS: ArrayOfMaps<Ring, 1> = ArrayOfMaps::new();
 #[map]
 static CAPSTREAM_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
 #[map]
@@ -299,12 +307,18 @@ const RINGBUF_RECORD_HEADER: u64 = 8;
 /// wakes it again, as before: a guard against a wakeup missed, when the rest of the ring
 /// lasts less than the poll timeout at a high rate.
 #[inline(always)]
-fn wakeup_flag(record_bytes: u64) -> u64 {
+fn wakeup_flag(ring: &Ring, record_bytes: u64) -> u64 {
     let threshold = load_global(&CAPSTREAM_WAKEUP_BYTES);
     if threshold == 0 {
         return BPF_RB_FORCE_WAKEUP;
     }
-    let after = CAPSTREAM_RING.query(BPF_RB_AVAIL_DATA);
+    // SAFETY: the ring is a map the kernel handed out, looked up in CAPSTREAM_RINGS.
+    let after = unsafe {
+        bpf_ringbuf_query(
+            core::ptr::from_ref(ring).cast_mut().cast(),
+            BPF_RB_AVAIL_DATA,
+        )
+    };
     let before = after.saturating_sub(record_bytes + RINGBUF_RECORD_HEADER);
     // The threshold is an eighth of a ring, whose size is a power of two: a mask finds the
     // multiple, where a division would cost more than the rest of this function.
@@ -324,8 +338,8 @@ fn wakeup_flag(record_bytes: u64) -> u64 {
 /// Copies the frame into a ring record of a fixed size class: the kernel wants a constant
 /// reservation size, and classes in powers of two waste at most half the space.
 #[inline(always)]
-fn copy_class<F: Frame, const N: usize>(frame: &F, header: &PacketHeader) -> bool {
-    let Some(mut record) = CAPSTREAM_RING.reserve_bytes(HEADER_LEN + N, 0) else {
+fn copy_class<F: Frame, const N: usize>(frame: &F, ring: &Ring, header: &PacketHeader) -> bool {
+    let Some(mut record) = ring.reserve_bytes(HEADER_LEN + N, 0) else {
         return false;
     };
     // The verifier needs the length proven within [1, N], one bound at a time. The
@@ -345,7 +359,7 @@ fn copy_class<F: Frame, const N: usize>(frame: &F, header: &PacketHeader) -> boo
     unsafe { base.cast::<PacketHeader>().write(*header) };
     // SAFETY: HEADER_LEN < HEADER_LEN + N.
     if frame.copy_to(unsafe { base.add(HEADER_LEN) }, len) {
-        record.submit(wakeup_flag((HEADER_LEN + N) as u64));
+        record.submit(wakeup_flag(ring, (HEADER_LEN + N) as u64));
     } else {
         record.discard(0);
     }
@@ -365,6 +379,12 @@ fn emit<F: Frame>(frame: &F) {
         return;
     }
     count(COUNTER_MATCHED);
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let Some(ring) = CAPSTREAM_RINGS.get(cpu) else {
+        count(COUNTER_RING_FULL);
+        return;
+    };
     let wire_len = frame.wire_len();
     let snaplen = load_global(&CAPSTREAM_SNAPLEN);
     let mut header = PacketHeader {
@@ -387,27 +407,27 @@ fn emit<F: Frame>(frame: &F) {
     }
     let len = header.captured_len;
     let copied = if len <= 128 {
-        copy_class::<F, 128>(frame, &header)
+        copy_class::<F, 128>(frame, ring, &header)
     } else if len <= 256 {
-        copy_class::<F, 256>(frame, &header)
+        copy_class::<F, 256>(frame, ring, &header)
     } else if len <= 512 {
-        copy_class::<F, 512>(frame, &header)
+        copy_class::<F, 512>(frame, ring, &header)
     } else if len <= 1024 {
-        copy_class::<F, 1024>(frame, &header)
+        copy_class::<F, 1024>(frame, ring, &header)
     } else if len <= 2048 {
-        copy_class::<F, 2048>(frame, &header)
+        copy_class::<F, 2048>(frame, ring, &header)
     } else if len <= 4096 {
-        copy_class::<F, 4096>(frame, &header)
+        copy_class::<F, 4096>(frame, ring, &header)
     } else if len <= 9216 {
-        copy_class::<F, 9216>(frame, &header)
+        copy_class::<F, 9216>(frame, ring, &header)
     } else if len <= 16384 {
-        copy_class::<F, 16384>(frame, &header)
+        copy_class::<F, 16384>(frame, ring, &header)
     } else if len <= 32768 {
-        copy_class::<F, 32768>(frame, &header)
+        copy_class::<F, 32768>(frame, ring, &header)
     } else if len <= 65536 {
-        copy_class::<F, 65536>(frame, &header)
+        copy_class::<F, 65536>(frame, ring, &header)
     } else {
-        copy_class::<F, { MAX_CAPTURE as usize }>(frame, &header)
+        copy_class::<F, { MAX_CAPTURE as usize }>(frame, ring, &header)
     };
     if !copied {
         count(COUNTER_RING_FULL);

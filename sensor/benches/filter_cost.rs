@@ -38,7 +38,7 @@ mod kernel {
     use std::os::fd::{AsFd, OwnedFd};
     use std::time::Duration;
 
-    use aya::maps::{MapData, PerCpuArray, ProgramArray, RingBuf};
+    use aya::maps::{ArrayOfMaps, Map, MapData, PerCpuArray, ProgramArray, RingBuf};
     use aya::programs::Program;
     use aya::{Ebpf, EbpfLoader};
     use criterion::{criterion_group, Criterion};
@@ -50,6 +50,7 @@ mod kernel {
     const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/corpus");
     /// The sensor's default --ring-size.
     const RING_SIZE: u32 = 8 << 20;
+    const BPF_MAP_TYPE_RINGBUF: u32 = 27;
     /// Runs per BPF_PROG_TEST_RUN: at most 500 frames of ~1.5 KB enter the ring before it
     /// is drained, fewer bytes than the wakeup threshold (an eighth of the ring), past which
     /// every record would also pay for waking a reader.
@@ -124,19 +125,31 @@ mod kernel {
         ebpf: Ebpf,
         entry: OwnedFd,
         filter: OwnedFd,
-        ring: RingBuf<MapData>,
+        /// The rings the CPUs' slots point at: one for all, or one each.
+        rings: Vec<RingBuf<MapData>>,
         counters: PerCpuArray<MapData, u64>,
+    }
+
+    /// Where the CPUs' frames go.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Rings {
+        /// One ring shared by every CPU.
+        Shared,
+        /// A ring per CPU, as the sensor sets them up.
+        PerCpu,
     }
 
     impl Chain {
         fn load(mode: Mode, classic: &[CbpfInsn]) -> Self {
-            Self::load_attributing(mode, classic, false)
+            Self::load_with(mode, classic, false, Rings::Shared)
         }
 
-        /// [`Self::load`], with `--attribute`'s global as `attribute` says.
-        fn load_attributing(mode: Mode, classic: &[CbpfInsn], attribute: bool) -> Self {
+        /// [`Self::load`], with `--attribute`'s global as `attribute` says, and the rings
+        /// as `rings` says.
+        fn load_with(mode: Mode, classic: &[CbpfInsn], attribute: bool, rings: Rings) -> Self {
+            let cpus = aya::util::nr_cpus().expect("the possible CPUs") as u32;
             let mut ebpf = EbpfLoader::new()
-                .map_max_entries(shared::RING_MAP, RING_SIZE)
+                .map_max_entries(shared::RINGS_MAP, cpus)
                 .override_global(shared::SNAPLEN_GLOBAL, &protocol::MAX_SNAPLEN, true)
                 .override_global(shared::LOOPBACK_GLOBAL, &0u32, true)
                 .override_global(shared::ATTRIBUTE_GLOBAL, &u32::from(attribute), true)
@@ -156,8 +169,31 @@ mod kernel {
                 cbpf_to_ebpf::prog_array_set(programs.as_fd(), index, prog.as_fd())
                     .expect("chained");
             }
-            let ring = RingBuf::try_from(ebpf.take_map(shared::RING_MAP).expect("ring"))
-                .expect("a ring buffer");
+            let mut slots: ArrayOfMaps<MapData, MapData> = ebpf
+                .take_map(shared::RINGS_MAP)
+                .expect("the rings' array")
+                .try_into()
+                .expect("an array of maps");
+            let mut ring_maps: Vec<MapData> = Vec::new();
+            for cpu in 0..cpus {
+                if ring_maps.is_empty() || rings == Rings::PerCpu {
+                    let fd = cbpf_to_ebpf::map_create(
+                        BPF_MAP_TYPE_RINGBUF,
+                        0,
+                        0,
+                        RING_SIZE,
+                        "bench_ring",
+                    )
+                    .expect("a ring buffer");
+                    ring_maps.push(MapData::from_fd(fd).expect("the ring's map"));
+                }
+                let ring = ring_maps.last().expect("a ring");
+                slots.set(cpu, ring, 0).expect("the ring in its slot");
+            }
+            let rings = ring_maps
+                .into_iter()
+                .map(|m| RingBuf::try_from(Map::RingBuf(m)).expect("a ring buffer"))
+                .collect();
             let counters =
                 PerCpuArray::try_from(ebpf.take_map(shared::COUNTERS_MAP).expect("counters"))
                     .expect("per-CPU counters");
@@ -165,7 +201,7 @@ mod kernel {
                 ebpf,
                 entry,
                 filter,
-                ring,
+                rings,
                 counters,
             }
         }
@@ -194,7 +230,9 @@ mod kernel {
         }
 
         fn drain(&mut self) {
-            while self.ring.next().is_some() {}
+            for ring in &mut self.rings {
+                while ring.next().is_some() {}
+            }
         }
 
         /// Whether the chain emits `input` (one run, judged by the matched counter).
@@ -209,7 +247,7 @@ mod kernel {
         fn emitted_cookie(&mut self, input: &[u8]) -> Option<u64> {
             self.drain();
             cbpf_to_ebpf::test_run(self.entry.as_fd(), input, 1).expect("BPF_PROG_TEST_RUN");
-            let record = self.ring.next()?;
+            let record = self.rings.iter_mut().find_map(|r| r.next())?;
             let header = record.get(..std::mem::size_of::<shared::PacketHeader>())?;
             // SAFETY: a whole PacketHeader's bytes, read unaligned; it is plain data.
             let header: shared::PacketHeader =
@@ -399,10 +437,9 @@ mod kernel {
         use cbpf_to_ebpf::{EbpfInsn, Hook};
         use criterion::Criterion;
 
-        use super::{Chain, Mode, RING_SIZE};
+        use super::{Chain, Mode, Rings, BPF_MAP_TYPE_RINGBUF, RING_SIZE};
 
         const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
-        const BPF_MAP_TYPE_RINGBUF: u32 = 27;
         const HEADER_LEN: i32 = std::mem::size_of::<sensor_ebpf::PacketHeader>() as i32;
         pub(super) const FRAME_SIZES: [usize; 2] = [64, 1500];
         /// Test runs per thread between drains: both threads' frames fit the ring.
@@ -480,7 +517,7 @@ mod kernel {
             for len in FRAME_SIZES {
                 let input = frame(len);
                 let mut a = Chain::load(Mode::Tc, empty);
-                let mut b = Chain::load(Mode::Tc, empty);
+                let mut b = Chain::load_with(Mode::Tc, empty, false, Rings::PerCpu);
                 assert!(
                     a.accepts(&input) && b.accepts(&input),
                     "the empty filter accepts"
@@ -512,10 +549,7 @@ mod kernel {
                 });
                 group.bench_function(format!("ring/per-cpu/{len}B"), |bench| {
                     bench.iter_custom(|iters| {
-                        concurrently(&[&entry_a, &entry_b], &input, iters, &mut || {
-                            a.drain();
-                            b.drain();
-                        })
+                        concurrently(&[&entry_b, &entry_b], &input, iters, &mut || b.drain())
                     })
                 });
                 assert_eq!(
@@ -707,7 +741,7 @@ mod kernel {
         use sensor_ebpf::FlowKey;
 
         use super::ring::{frame, FRAME_SIZES};
-        use super::{shared, Chain, Mode};
+        use super::{shared, Chain, Mode, Rings};
 
         /// The frame's flow from the receiving host's end, and from the sender's: the
         /// table is keyed from this host's end, and a test run's direction depends on the
@@ -736,7 +770,7 @@ mod kernel {
                 for len in FRAME_SIZES {
                     let input = mode.test_input(&frame(len));
                     for case in ["off", "unknown-flow", "known-flow"] {
-                        let mut chain = Chain::load_attributing(mode, empty, case != "off");
+                        let mut chain = Chain::load_with(mode, empty, case != "off", Rings::Shared);
                         if case == "known-flow" {
                             let mut flows: HashMap<_, FlowKey, u64> = chain
                                 .ebpf

@@ -171,8 +171,9 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,
 
-    /// Kernel ring buffer of the eBPF modes, a power of two of at least 64KiB; frames that
-    /// find it full are counted as kernel drops (e.g. `--ring-size 64MiB`).
+    /// Kernel memory for captured frames in the eBPF modes, a power of two of at least
+    /// 64KiB, shared out to one ring per CPU (each a power of two, at least 64KiB); frames
+    /// that find their CPU's ring full are counted as kernel drops (e.g. `--ring-size 64MiB`).
     #[arg(long, value_name = "BYTES", default_value = "8MiB", value_parser = parse_ring_size)]
     pub ring_size: u32,
 

@@ -15,16 +15,18 @@
 #[cfg(feature = "afxdp")]
 pub mod afxdp;
 mod attribution;
+mod rings;
 
 pub use attribution::FrameOwners;
 
 use std::io;
+use std::ops::ControlFlow;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{MapData, PerCpuArray};
 use aya::programs::{
     tc, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
     SchedClassifier, SockOps, SocketFilter, TcAttachType, Xdp, XdpMode,
@@ -56,6 +58,8 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 /// The ring wakes the sensor once it is this fraction full (1/8): bursts are read in bulk,
 /// with seven eighths of the ring still free; a trickle waits for the poll timeout.
 const WAKEUP_FRACTION: u32 = 8;
+/// How soon frames held in the rings for another CPU's (see `rings`) are looked at again.
+const HOLD_RECHECK: Duration = Duration::from_millis(1);
 /// How often the kernel counters are read.
 const STATS_EVERY: Duration = Duration::from_secs(1);
 
@@ -129,7 +133,7 @@ pub struct EbpfCapture {
     link_name: String,
     hook: Hook,
     ebpf: Ebpf,
-    ring: RingBuf<MapData>,
+    rings: rings::Rings,
     counters: PerCpuArray<MapData, u64>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     attachment: Attachment,
@@ -167,8 +171,9 @@ impl EbpfCapture {
             )));
         }
         let loopback = is_loopback(iface);
+        let layout = rings::Layout::for_this_machine(opts.ring_size)?;
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(shared::RING_MAP, opts.ring_size)
+            .map_max_entries(shared::RINGS_MAP, layout.slots())
             .override_global(shared::SNAPLEN_GLOBAL, &opts.snaplen, true)
             .override_global(shared::LOOPBACK_GLOBAL, &u32::from(loopback), true)
             .override_global(shared::ATTRIBUTE_GLOBAL, &u32::from(opts.attribute), true)
@@ -184,7 +189,7 @@ impl EbpfCapture {
             )
             .override_global(
                 shared::WAKEUP_BYTES_GLOBAL,
-                &u64::from(opts.ring_size / WAKEUP_FRACTION),
+                &u64::from(layout.ring_bytes / WAKEUP_FRACTION),
                 true,
             )
             .load(object)
@@ -194,6 +199,11 @@ impl EbpfCapture {
             .ok();
         let (emit, entries) = hook.programs();
         let emit_fd = load_emit(&mut ebpf, hook, emit)?;
+        // Before any program is attached: a frame finds its CPU's ring in place.
+        let rings = rings::Rings::create(&mut ebpf, &layout)?;
+        if let Some(l) = &logger {
+            rings.watch(l)?;
+        }
 
         let programs = map_fd(&ebpf, shared::PROGRAMS_MAP)?;
         let scratch = map_fd(&ebpf, shared::SCRATCH_MAP)?;
@@ -314,11 +324,6 @@ impl EbpfCapture {
             }
             None
         };
-        let ring = RingBuf::try_from(
-            ebpf.take_map(shared::RING_MAP)
-                .ok_or_else(|| missing(shared::RING_MAP))?,
-        )
-        .map_err(|e| Error::runtime(format!("cannot map the ring buffer: {e}")))?;
         let counters = PerCpuArray::try_from(
             ebpf.take_map(shared::COUNTERS_MAP)
                 .ok_or_else(|| missing(shared::COUNTERS_MAP))?,
@@ -339,7 +344,7 @@ impl EbpfCapture {
             link_name: format!("{link_name}, {mode}"),
             hook,
             ebpf,
-            ring,
+            rings,
             counters,
             logger,
             attachment,
@@ -378,10 +383,9 @@ impl EbpfCapture {
         }
     }
 
-    /// Waits until the ring (or the log ring) has data, or the poll timeout passes.
+    /// Waits until a ring (or the log ring) has data, or the poll timeout passes.
     fn wait(&self) {
-        use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let timeout = Timespec {
+        let timeout = rustix::event::Timespec {
             tv_sec: 0,
             tv_nsec: i64::try_from(POLL_TIMEOUT.as_nanos()).unwrap_or(i64::MAX),
         };
@@ -391,12 +395,7 @@ impl EbpfCapture {
             sockets.wait(&timeout);
             return;
         }
-        let ring = PollFd::new(&self.ring, PollFlags::IN);
-        // EINTR only means an earlier look at the stop flag.
-        let _ = match &self.logger {
-            Some(l) => poll(&mut [ring, PollFd::new(l, PollFlags::IN)], Some(&timeout)),
-            None => poll(&mut [ring], Some(&timeout)),
-        };
+        self.rings.wait(&timeout);
     }
 
     /// Moves the kernel's per-CPU counters into the sensor's.
@@ -490,21 +489,28 @@ impl CaptureBackend for EbpfCapture {
                 self.detach();
             }
             let offset = boottime_to_realtime();
-            while let Some(item) = self.ring.next() {
-                let attributor = self.attributor.as_mut();
-                if deliver(
-                    &item,
-                    offset,
-                    snaplen,
-                    &mut reinserted,
-                    attributor,
-                    &mut batcher,
-                )
-                .is_err()
-                {
-                    open = false;
-                    break;
-                }
+            let attributor = &mut self.attributor;
+            let drained = self.rings.drain(
+                realtime_ns(),
+                !stopping,
+                |record| parse_header(record).map_or(0, |h| timestamp(&h, offset)),
+                |record| {
+                    let attributor = attributor.as_mut();
+                    match deliver(
+                        record,
+                        offset,
+                        snaplen,
+                        &mut reinserted,
+                        attributor,
+                        &mut batcher,
+                    ) {
+                        Ok(()) => ControlFlow::Continue(()),
+                        Err(_) => ControlFlow::Break(()),
+                    }
+                },
+            );
+            if drained == rings::Drained::Stopped {
+                open = false;
             }
             #[cfg(feature = "afxdp")]
             if let Some(sockets) = &mut self.sockets {
@@ -523,7 +529,12 @@ impl CaptureBackend for EbpfCapture {
                 self.poll_counters(&batcher);
                 last_stats = Instant::now();
             }
-            self.wait();
+            if drained == rings::Drained::Holding {
+                // A wait would end at once (the rings hold data): look again shortly.
+                std::thread::sleep(HOLD_RECHECK);
+            } else {
+                self.wait();
+            }
         }
         self.poll_counters(&batcher);
         // The transport may already be gone (connection lost): nothing left to do then.
@@ -560,17 +571,12 @@ fn deliver(
         data = reinserted;
         wire_len = wire_len.saturating_add(4);
     }
-    let timestamp = if header.flags & shared::FLAG_REALTIME != 0 {
-        i128::from(header.boot_ns)
-    } else {
-        i128::from(header.boot_ns) + boot_to_real
-    };
+    let timestamp = timestamp(&header, boot_to_real);
     let direction = match header.direction {
         shared::DIRECTION_INBOUND => Direction::Inbound,
         shared::DIRECTION_OUTBOUND => Direction::Outbound,
         _ => Direction::Unknown,
     };
-    let timestamp = u64::try_from(timestamp).unwrap_or(0);
     let owner = attributor.and_then(|a| a.owner(header.socket_cookie));
     match owner {
         Some((key, known)) => {
@@ -705,17 +711,14 @@ fn attach_owner_hooks(
     Ok((attributor, flows))
 }
 
-/// Ring bytes of the object loaded for `--mode pcap --attribute`, which copies no frame
-/// into it: the smallest a kernel with pages of up to 64 KiB takes.
-const UNUSED_RING_SIZE: u32 = 1 << 16;
-
 /// `--mode pcap --attribute`: the object's cgroup hooks alone, attached as in the eBPF
 /// modes, and the tables they fill, which the sensor reads for libpcap's frames.
 pub fn frame_owners(selectors: &super::Selectors) -> Result<FrameOwners> {
     let object = OBJECT.ok_or_else(no_programs)?;
     let mode = "pcap --attribute";
     let mut ebpf = EbpfLoader::new()
-        .map_max_entries(shared::RING_MAP, UNUSED_RING_SIZE)
+        // No frame is copied: the rings' array gets no ring.
+        .map_max_entries(shared::RINGS_MAP, 1)
         .override_global(
             shared::SENSOR_TGID_GLOBAL,
             &attribution::tgid_for_hooks(),
@@ -762,6 +765,16 @@ fn parse_header(record: &[u8]) -> Option<shared::PacketHeader> {
     })
 }
 
+/// A record's wall-clock time in nanoseconds: its own, or its boot time plus `boot_to_real`.
+fn timestamp(header: &shared::PacketHeader, boot_to_real: i128) -> u64 {
+    let t = if header.flags & shared::FLAG_REALTIME != 0 {
+        i128::from(header.boot_ns)
+    } else {
+        i128::from(header.boot_ns) + boot_to_real
+    };
+    u64::try_from(t).unwrap_or(0)
+}
+
 /// REALTIME − BOOTTIME in nanoseconds, sampled now.
 fn boottime_to_realtime() -> i128 {
     use rustix::time::ClockId;
@@ -774,7 +787,6 @@ fn clock_ns(clock: rustix::time::ClockId) -> i128 {
 }
 
 /// The wall clock in nanoseconds since the epoch.
-#[cfg(feature = "afxdp")]
 fn realtime_ns() -> u64 {
     u64::try_from(clock_ns(rustix::time::ClockId::Realtime)).unwrap_or(0)
 }
