@@ -1,5 +1,5 @@
 //! What the in-kernel programs and the sensor share: map and program names, counter
-//! indices, and the record each captured frame becomes in the ring buffer.
+//! indices, and the record each captured frame becomes in its CPU's ring buffer.
 //!
 //! `#![no_std]` so that the eBPF programs (built for `bpfel-unknown-none`) and the sensor
 //! use the very same definitions; the `user` feature adds the `aya::Pod` impls the sensor

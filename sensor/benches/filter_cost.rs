@@ -135,7 +135,7 @@ mod kernel {
     enum Rings {
         /// One ring shared by every CPU.
         Shared,
-        /// A ring per CPU, as the sensor sets them up.
+        /// A ring per CPU (the sensor's layout, with every ring this bench's size).
         PerCpu,
     }
 

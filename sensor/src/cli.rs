@@ -171,11 +171,12 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,
 
-    /// Kernel memory for captured frames in the eBPF modes, a power of two of at least
-    /// 64KiB, shared out to one ring per CPU (each a power of two, at least 64KiB); frames
-    /// that find their CPU's ring full are counted as kernel drops (e.g. `--ring-size 64MiB`).
-    #[arg(long, value_name = "BYTES", default_value = "8MiB", value_parser = parse_ring_size)]
-    pub ring_size: u32,
+    /// Each CPU's kernel ring for captured frames in the eBPF modes, a power of two of at
+    /// least 64KiB (default 8MiB, less with more than 8 online CPUs, so that all the rings
+    /// take 64MiB at most); frames that find their CPU's ring full are counted as kernel
+    /// drops (e.g. `--ring-size 64MiB`).
+    #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
+    pub ring_size: Option<u32>,
 
     /// Where --mode xdp attaches (e.g. `--xdp-attach skb`): native (in the driver), skb
     /// (generic, works everywhere) or auto (native, else skb).

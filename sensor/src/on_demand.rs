@@ -579,7 +579,7 @@ mod tests {
                 snaplen: 262_144,
                 filter: String::new(),
                 exclude: None,
-                ring_size: 1 << 16,
+                ring_size: None,
                 xdp_attach: capture::XdpAttach::Auto,
                 afxdp: capture::AfxdpFlags::default(),
                 attribute: false,

@@ -115,8 +115,9 @@ pub struct Options {
     pub filter: String,
     /// The sensor's own flow to the receiver, which live captures must not pick up.
     pub exclude: Option<OwnFlow>,
-    /// Bytes of the kernel ring buffer of the eBPF modes (a power of two).
-    pub ring_size: u32,
+    /// Bytes of each CPU's kernel ring in the eBPF modes (a power of two); `None`: chosen
+    /// from the number of CPUs.
+    pub ring_size: Option<u32>,
     pub xdp_attach: XdpAttach,
     #[cfg_attr(
         not(all(target_os = "linux", feature = "afxdp")),

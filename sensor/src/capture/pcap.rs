@@ -344,8 +344,9 @@ impl Pump<'_> {
         Capture<T>: WaitForPackets,
     {
         let live = stats.is_some();
-        // Once stopped, a live capture still takes what the kernel held for it at the stop
-        // (its last block included, or for a while under a flood); a file just stops.
+        // Once stopped, a live capture still takes what the kernel holds for it (the block
+        // open at the stop included, and what arrives meanwhile; for 200 ms at most under a
+        // flood); a file just stops.
         let mut stopped_at: Option<Instant> = None;
         // Packets since the clock was last read: reading it per packet costs more than
         // the rest of the loop on small frames.

@@ -1,5 +1,6 @@
 //! Linux eBPF capture: a socket filter, TC or XDP program runs the user's tcpdump filter in
-//! the kernel and copies matching frames into a BPF ring buffer, which this backend drains.
+//! the kernel and copies matching frames into a BPF ring buffer of the CPU it runs on; this
+//! backend drains the rings in timestamp order (see `rings`).
 //!
 //! The chain (see `sensor-ebpf`): entry program → translated filter → emit program, joined
 //! by tail calls. The filter is libpcap's own compilation of the expression, translated
@@ -55,7 +56,7 @@ static OBJECT: Option<&[u8]> = None;
 /// How long a wait for frames lasts before the loop looks at the stop flag and the batch
 /// timer again.
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
-/// The ring wakes the sensor once it is this fraction full (1/8): bursts are read in bulk,
+/// A ring wakes the sensor once it is this fraction full (1/8): bursts are read in bulk,
 /// with seven eighths of the ring still free; a trickle waits for the poll timeout.
 const WAKEUP_FRACTION: u32 = 8;
 /// How soon frames held in the rings for another CPU's (see `rings`) are looked at again.
@@ -171,7 +172,13 @@ impl EbpfCapture {
             )));
         }
         let loopback = is_loopback(iface);
-        let layout = rings::Layout::for_this_machine(opts.ring_size)?;
+        // AF_XDP frames go to their sockets, never to the rings: the smallest will do.
+        let ring_size = match hook {
+            #[cfg(feature = "afxdp")]
+            Hook::Afxdp(..) => Some(rings::MIN_RING_BYTES),
+            _ => opts.ring_size,
+        };
+        let layout = rings::Layout::for_this_machine(ring_size)?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(shared::RINGS_MAP, layout.slots())
             .override_global(shared::SNAPLEN_GLOBAL, &opts.snaplen, true)
@@ -201,9 +208,6 @@ impl EbpfCapture {
         let emit_fd = load_emit(&mut ebpf, hook, emit)?;
         // Before any program is attached: a frame finds its CPU's ring in place.
         let rings = rings::Rings::create(&mut ebpf, &layout)?;
-        if let Some(l) = &logger {
-            rings.watch(l)?;
-        }
 
         let programs = map_fd(&ebpf, shared::PROGRAMS_MAP)?;
         let scratch = map_fd(&ebpf, shared::SCRATCH_MAP)?;
@@ -358,7 +362,7 @@ impl EbpfCapture {
         })
     }
 
-    /// Detaches the entry programs: no new frames enter the ring after this.
+    /// Detaches the entry programs: no new frames enter the rings after this.
     fn detach(&mut self) {
         let result = match std::mem::replace(&mut self.attachment, Attachment::Detached) {
             Attachment::Detached => Ok(()),
@@ -389,13 +393,14 @@ impl EbpfCapture {
             tv_sec: 0,
             tv_nsec: i64::try_from(POLL_TIMEOUT.as_nanos()).unwrap_or(i64::MAX),
         };
-        // AF_XDP frames never pass the ring: the sockets decide how to wait.
+        // AF_XDP frames never pass the rings: the sockets decide how to wait.
         #[cfg(feature = "afxdp")]
         if let Some(sockets) = &self.sockets {
             sockets.wait(&timeout);
             return;
         }
-        self.rings.wait(&timeout);
+        self.rings
+            .wait(self.logger.as_ref().map(AsFd::as_fd), &timeout);
     }
 
     /// Moves the kernel's per-CPU counters into the sensor's.
@@ -443,7 +448,7 @@ impl CaptureBackend for EbpfCapture {
         Box::new(move || stop.store(true, Relaxed))
     }
 
-    /// Nothing on current kernels: the ring and the AF_XDP sockets are read through their
+    /// Nothing on current kernels: the rings and the AF_XDP sockets are read through their
     /// descriptors, the socket filter is detached from the sensor's own socket, and links
     /// made with bpf() (TCX from 6.6, XDP from 5.9) are detached by closing them. Older
     /// kernels attach through netlink, and only a netlink request (CAP_NET_ADMIN) detaches
@@ -485,13 +490,18 @@ impl CaptureBackend for EbpfCapture {
         loop {
             let stopping = self.stop.load(Relaxed);
             if stopping {
-                // Nothing new enters the ring; what it holds is still delivered below.
+                // Nothing new enters the rings; what they hold is still delivered below.
                 self.detach();
             }
             let offset = boottime_to_realtime();
             let attributor = &mut self.attributor;
+            let now = rings::Now {
+                monotonic_ns: u64::try_from(clock_ns(rustix::time::ClockId::Monotonic))
+                    .unwrap_or(0),
+                real_ns: realtime_ns(),
+            };
             let drained = self.rings.drain(
-                realtime_ns(),
+                now,
                 !stopping,
                 |record| parse_header(record).map_or(0, |h| timestamp(&h, offset)),
                 |record| {

@@ -1,8 +1,8 @@
 //! The rings of captured frames, one per CPU, read as one stream in timestamp order.
 //!
 //! A frame goes into the ring of the CPU that captured it: two CPUs reserving in one ring
-//! serialise on its lock, 6 times the cost of a frame (BENCHMARKS.md, "The ring"). Each ring
-//! is in capture order, so the rings are merged by timestamp.
+//! serialise on its lock, 1.3 to 6 times the cost of a frame (BENCHMARKS.md, "The ring").
+//! Each ring is in capture order, so the rings are merged by timestamp.
 //!
 //! A frame is stamped before its CPU gets to copy it, sometimes milliseconds before on a
 //! busy machine, so a ring can still receive frames older than another ring's newest. One
@@ -10,23 +10,33 @@
 //! captured a moment ago shows nothing, the newer frames of the others wait in their rings
 //! for it, up to [`HOLD`].
 
-use std::mem::MaybeUninit;
 use std::ops::ControlFlow;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use aya::maps::{ArrayOfMaps, Map, MapData, RingBuf};
 use aya::Ebpf;
-use rustix::event::{epoll, Timespec};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use sensor_ebpf as shared;
 
 use crate::error::{Error, Result};
 
 const BPF_MAP_TYPE_RINGBUF: u32 = 27;
-/// The smallest ring: what `--ring-size` takes at least, and a page on any kernel.
-const MIN_RING_BYTES: u32 = 1 << 16;
+/// Each CPU's ring by default: as much as one ring held for all CPUs before there was a
+/// ring per CPU, since a single-queue NIC still has one CPU capture everything ...
+const DEFAULT_RING_BYTES: u32 = 8 << 20;
+/// ... but on many CPUs, all of the default rings together take at most this.
+const DEFAULT_RINGS_TOTAL: u32 = 64 << 20;
+/// The smallest default ring: four records of the largest size class (64 KiB).
+const MIN_DEFAULT_RING_BYTES: u32 = 1 << 18;
+/// The smallest ring the kernel takes on any page size (and `--ring-size` allows).
+#[cfg_attr(
+    not(feature = "afxdp"),
+    allow(dead_code, reason = "only AF_XDP asks for it")
+)]
+pub const MIN_RING_BYTES: u32 = 1 << 16;
 /// How long frames wait for a CPU that captured within this time and shows nothing now:
 /// long enough for a softirq deferred on a busy machine, short enough that the wait holds
-/// few frames in the rings (a few MiB at 300 MB/s).
+/// a few MiB at most in a ring (at 300 MB/s).
 const HOLD_NS: u64 = 10_000_000;
 
 /// How [`Rings::drain`] ended.
@@ -47,24 +57,29 @@ pub struct Layout {
     /// The online CPUs, each with a ring of its own; a CPU brought online later writes to
     /// the first CPU's ring, which the merge reads like any other.
     online: Vec<u32>,
-    /// Each ring's size: `--ring-size` split among the online CPUs, a power of two.
+    /// Each ring's size, a power of two: `--ring-size`, or the default.
     pub ring_bytes: u32,
 }
 
 impl Layout {
-    pub fn for_this_machine(total_bytes: u32) -> Result<Self> {
-        fn cpus<T>(what: &str, r: std::result::Result<T, (&str, std::io::Error)>) -> Result<T> {
-            r.map_err(|(path, e)| {
-                Error::runtime(format!("cannot read the {what} CPUs from {path}: {e}"))
-            })
-        }
-        let slots = cpus("possible", aya::util::nr_cpus())?;
-        let slots = u32::try_from(slots).map_err(|_| Error::runtime("too many CPUs"))?;
-        let online = cpus("online", aya::util::online_cpus())?;
-        let count = u32::try_from(online.len().max(1)).unwrap_or(u32::MAX);
-        let share = (total_bytes / count).max(MIN_RING_BYTES);
-        // The kernel wants a power of two: the largest one within the share.
-        let ring_bytes = 1 << share.ilog2();
+    /// `ring_bytes`: `--ring-size`, if given.
+    pub fn for_this_machine(ring_bytes: Option<u32>) -> Result<Self> {
+        const POSSIBLE: &str = "/sys/devices/system/cpu/possible";
+        let possible = std::fs::read_to_string(POSSIBLE)
+            .map_err(|e| Error::runtime(format!("cannot read {POSSIBLE}: {e}")))?;
+        let slots = highest_cpu(&possible)
+            .and_then(|highest| highest.checked_add(1))
+            .ok_or_else(|| Error::runtime(format!("cannot read {POSSIBLE}: {possible:?}")))?;
+        let online = aya::util::online_cpus().map_err(|(path, e)| {
+            Error::runtime(format!("cannot read the online CPUs from {path}: {e}"))
+        })?;
+        let ring_bytes = ring_bytes.unwrap_or_else(|| {
+            let count = u32::try_from(online.len().max(1)).unwrap_or(u32::MAX);
+            let share =
+                (DEFAULT_RINGS_TOTAL / count).clamp(MIN_DEFAULT_RING_BYTES, DEFAULT_RING_BYTES);
+            // The kernel wants a power of two: the largest one within the share.
+            1 << share.ilog2()
+        });
         Ok(Self {
             slots,
             online,
@@ -81,8 +96,6 @@ impl Layout {
 pub struct Rings {
     rings: Vec<RingBuf<MapData>>,
     order: Order,
-    /// Readable when a ring (or another source added with [`Rings::watch`]) has data.
-    epoll: OwnedFd,
 }
 
 impl Rings {
@@ -96,8 +109,6 @@ impl Rings {
             .ok_or_else(|| fail("the object has no map", &shared::RINGS_MAP))?
             .try_into()
             .map_err(|e| fail("the rings' array", &e))?;
-        let epoll =
-            epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| fail("epoll_create", &e))?;
         let mut rings = Vec::with_capacity(layout.online.len());
         for &cpu in &layout.online {
             let fd = cbpf_to_ebpf::map_create(
@@ -112,15 +123,7 @@ impl Rings {
             slots
                 .set(cpu, &data, 0)
                 .map_err(|e| fail(&format!("the ring of CPU {cpu}"), &e))?;
-            let ring = RingBuf::try_from(Map::RingBuf(data)).map_err(|e| fail("a ring", &e))?;
-            epoll::add(
-                &epoll,
-                &ring,
-                epoll::EventData::new_u64(0),
-                epoll::EventFlags::IN,
-            )
-            .map_err(|e| fail("epoll_ctl", &e))?;
-            rings.push(ring);
+            rings.push(RingBuf::try_from(Map::RingBuf(data)).map_err(|e| fail("a ring", &e))?);
         }
         // The CPUs not online now share the first ring (see Layout::online).
         if let Some(first) = rings.first() {
@@ -142,46 +145,42 @@ impl Rings {
         Ok(Self {
             order: Order::new(rings.len()),
             rings,
-            epoll,
         })
     }
 
-    /// Wakes [`Rings::wait`] when `source` is readable too.
-    pub fn watch(&self, source: impl AsFd) -> Result<()> {
-        epoll::add(
-            &self.epoll,
-            source,
-            epoll::EventData::new_u64(0),
-            epoll::EventFlags::IN,
-        )
-        .map_err(|e| Error::runtime(format!("cannot wait for the eBPF log: {e}")))
-    }
-
-    /// Waits until a ring (or a watched source) has data, or `timeout` passes.
-    pub fn wait(&self, timeout: &Timespec) {
-        // Which source woke the wait does not matter: the loop reads them all.
-        let mut events = [MaybeUninit::<epoll::Event>::uninit(); 4];
+    /// Waits until a ring (or `also`) has data, or `timeout` passes. poll, not epoll: it
+    /// looks at each ring's data itself, where epoll would miss the records submitted
+    /// without a wakeup since the last drain (see the programs' `wakeup_flag`).
+    pub fn wait(&self, also: Option<BorrowedFd<'_>>, timeout: &Timespec) {
+        // One small vector per wait, not per frame.
+        let mut fds: Vec<PollFd<'_>> = self
+            .rings
+            .iter()
+            .map(|r| PollFd::new(r, PollFlags::IN))
+            .chain(also.map(|fd| PollFd::from_borrowed_fd(fd, PollFlags::IN)))
+            .collect();
         // EINTR only means an earlier look at the stop flag.
-        let _ = epoll::wait(&self.epoll, &mut events[..], Some(timeout));
+        let _ = poll(&mut fds, Some(timeout));
     }
 
     /// Hands the records the rings hold to `deliver`, oldest first by `stamp` (wall clock,
     /// ns), until `deliver` breaks. Each ring is in order already: the oldest record is at
-    /// the head of one of them. With `hold`, records newer than `now_ns` − [`HOLD_NS`] stay
-    /// while a ring that held records within that time is empty; without it (at a stop),
-    /// everything goes.
+    /// the head of one of them. With `hold`, records stamped within [`HOLD_NS`] of
+    /// `now.real_ns` stay while a ring that held records within that time is empty, for
+    /// [`HOLD_NS`] at most (on the monotonic clock, so that a step of the wall clock
+    /// cannot stretch it); without it (at a stop), everything goes.
     pub fn drain(
         &mut self,
-        now_ns: u64,
+        now: Now,
         hold: bool,
         stamp: impl Fn(&[u8]) -> u64,
         mut deliver: impl FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Drained {
         for (i, ring) in self.rings.iter_mut().enumerate() {
-            self.order.set_head(i, peek(ring, &stamp), now_ns);
+            self.order.set_head(i, peek(ring, &stamp), now);
         }
         loop {
-            let i = match self.order.next(now_ns, hold) {
+            let i = match self.order.next(now, hold) {
                 Next::Ring(i) => i,
                 Next::Hold => return Drained::Holding,
                 Next::Empty => return Drained::All,
@@ -192,9 +191,14 @@ impl Rings {
                     return Drained::Stopped;
                 }
             }
-            self.order.set_head(i, peek(ring, &stamp), now_ns);
+            self.order.set_head(i, peek(ring, &stamp), now);
         }
     }
+}
+
+/// The highest CPU number of a kernel CPU list such as `0-3,8-11`: the last one.
+fn highest_cpu(list: &str) -> Option<u32> {
+    list.trim().rsplit([',', '-']).next()?.parse().ok()
 }
 
 /// The timestamp of the ring's oldest record, which stays in the ring.
@@ -207,12 +211,23 @@ fn peek(ring: &mut RingBuf<MapData>, stamp: &impl Fn(&[u8]) -> u64) -> Option<u6
     Some(t)
 }
 
+/// The time of a drain, on both clocks (ns).
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// CLOCK_MONOTONIC: how long the merge has waited.
+    pub monotonic_ns: u64,
+    /// CLOCK_REALTIME, the frames' clock: how old a frame is.
+    pub real_ns: u64,
+}
+
 /// Which ring's record goes next: the merge's decisions, apart from the rings.
 struct Order {
     /// The timestamp of each ring's oldest record, as last looked at.
     heads: Vec<Option<u64>>,
-    /// When each ring last held a record (wall clock, ns; 0: never).
+    /// When each ring last held a record (monotonic ns; 0: never).
     last_seen_ns: Vec<u64>,
+    /// Since when the oldest record has been held (monotonic ns).
+    held_since_ns: Option<u64>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -228,18 +243,19 @@ impl Order {
         Self {
             heads: vec![None; rings],
             last_seen_ns: vec![0; rings],
+            held_since_ns: None,
         }
     }
 
-    /// Ring `ring`'s oldest record's timestamp, looked at `now_ns`.
-    fn set_head(&mut self, ring: usize, head: Option<u64>, now_ns: u64) {
+    /// Ring `ring`'s oldest record's timestamp, looked at `now`.
+    fn set_head(&mut self, ring: usize, head: Option<u64>, now: Now) {
         self.heads[ring] = head;
         if head.is_some() {
-            self.last_seen_ns[ring] = now_ns;
+            self.last_seen_ns[ring] = now.monotonic_ns;
         }
     }
 
-    fn next(&self, now_ns: u64, hold: bool) -> Next {
+    fn next(&mut self, now: Now, hold: bool) -> Next {
         let oldest = self
             .heads
             .iter()
@@ -247,22 +263,27 @@ impl Order {
             .filter_map(|(i, h)| h.map(|t| (t, i)))
             .min();
         let Some((t, i)) = oldest else {
+            self.held_since_ns = None;
             return Next::Empty;
         };
-        let recent = now_ns.saturating_sub(HOLD_NS);
-        // A ring empty now that held records since `recent`: its CPU may still hand over
-        // frames stamped before this one.
+        let seen_recently = now.monotonic_ns.saturating_sub(HOLD_NS);
+        // A ring empty now that held records lately: its CPU may still hand over frames
+        // stamped before this one.
         let awaited = || {
             self.heads
                 .iter()
                 .zip(&self.last_seen_ns)
-                .any(|(head, &seen)| head.is_none() && seen > recent)
+                .any(|(head, &seen)| head.is_none() && seen > seen_recently)
         };
-        if hold && t > recent && awaited() {
-            Next::Hold
+        if hold && t > now.real_ns.saturating_sub(HOLD_NS) && awaited() {
+            let since = *self.held_since_ns.get_or_insert(now.monotonic_ns);
+            if now.monotonic_ns.saturating_sub(since) < HOLD_NS {
+                return Next::Hold;
+            }
         } else {
-            Next::Ring(i)
+            self.held_since_ns = None;
         }
+        Next::Ring(i)
     }
 }
 
@@ -271,24 +292,28 @@ mod tests {
     use super::*;
 
     const MS: u64 = 1_000_000;
-    const NOW: u64 = 1_000 * MS;
+    /// Wall-clock stamps: the frames', and `now`'s.
+    const NOW: u64 = 1_000_000 * MS;
+
+    /// `now`, `ms` milliseconds after NOW on both clocks (the monotonic one started at 0).
+    fn at(ms: u64) -> Now {
+        Now {
+            monotonic_ns: 5_000 * MS + ms * MS,
+            real_ns: NOW + ms * MS,
+        }
+    }
 
     /// Delivers everything `order` lets go, as the rings would, from per-ring stamps.
-    fn merged(
-        order: &mut Order,
-        rings: &mut [Vec<u64>],
-        now_ns: u64,
-        hold: bool,
-    ) -> (Vec<u64>, Next) {
+    fn merged(order: &mut Order, rings: &mut [Vec<u64>], now: Now, hold: bool) -> (Vec<u64>, Next) {
         let mut out = Vec::new();
         for (i, ring) in rings.iter().enumerate() {
-            order.set_head(i, ring.first().copied(), now_ns);
+            order.set_head(i, ring.first().copied(), now);
         }
         loop {
-            match order.next(now_ns, hold) {
+            match order.next(now, hold) {
                 Next::Ring(i) => {
                     out.push(rings[i].remove(0));
-                    order.set_head(i, rings[i].first().copied(), now_ns);
+                    order.set_head(i, rings[i].first().copied(), now);
                 }
                 end => return (out, end),
             }
@@ -299,7 +324,7 @@ mod tests {
     fn rings_are_merged_in_timestamp_order() {
         let mut order = Order::new(3);
         let mut rings = [vec![1, 4, 7], vec![2, 5, 8], vec![3, 6, 9]];
-        let (out, end) = merged(&mut order, &mut rings, NOW, true);
+        let (out, end) = merged(&mut order, &mut rings, at(0), true);
         assert_eq!(out, [1, 2, 3, 4, 5, 6, 7, 8, 9]);
         assert_eq!(end, Next::Empty);
     }
@@ -308,7 +333,7 @@ mod tests {
     fn one_busy_cpu_is_never_held_back_by_idle_ones() {
         let mut order = Order::new(2);
         let mut rings = [vec![NOW - 1, NOW], vec![]];
-        let (out, end) = merged(&mut order, &mut rings, NOW, true);
+        let (out, end) = merged(&mut order, &mut rings, at(0), true);
         assert_eq!(out, [NOW - 1, NOW]);
         assert_eq!(end, Next::Empty);
     }
@@ -318,28 +343,59 @@ mod tests {
         let mut order = Order::new(2);
         // CPU 1 handed over a frame in this look; then only CPU 0 has any.
         let mut rings = [vec![NOW - 2 * MS, NOW - MS], vec![NOW - 3 * MS]];
-        let (out, end) = merged(&mut order, &mut rings, NOW, true);
+        let (out, end) = merged(&mut order, &mut rings, at(0), true);
         assert_eq!(out, [NOW - 3 * MS]);
         assert_eq!(end, Next::Hold);
         // CPU 1's late frame, stamped before the held ones, comes first.
         rings[1].push(NOW - 2 * MS - 1);
-        let later = NOW + MS;
-        let (out, end) = merged(&mut order, &mut rings, later, true);
+        let (out, end) = merged(&mut order, &mut rings, at(1), true);
         assert_eq!(out, [NOW - 2 * MS - 1]);
         assert_eq!(end, Next::Hold);
-        // Nothing more from CPU 1: the held frames go once older than the hold.
-        let (out, end) = merged(&mut order, &mut rings, later + HOLD_NS, true);
+        // Nothing more from CPU 1: the held frames go once the hold has passed.
+        let (out, end) = merged(&mut order, &mut rings, at(12), true);
         assert_eq!(out, [NOW - 2 * MS, NOW - MS]);
+        assert_eq!(end, Next::Empty);
+    }
+
+    #[test]
+    fn a_wall_clock_stepped_back_holds_no_longer_than_the_hold() {
+        let mut order = Order::new(2);
+        // Stamped before the wall clock went back an hour: they look an hour ahead.
+        let ahead = NOW + 3_600_000 * MS;
+        let mut rings = [vec![ahead, ahead + 1], vec![ahead - 1]];
+        let (out, end) = merged(&mut order, &mut rings, at(0), true);
+        assert_eq!((out, end), (vec![ahead - 1], Next::Hold));
+        let (out, end) = merged(&mut order, &mut rings, at(5), true);
+        assert_eq!((out, end), (vec![], Next::Hold));
+        let (out, end) = merged(&mut order, &mut rings, at(10), true);
+        assert_eq!((out, end), (vec![ahead, ahead + 1], Next::Empty));
+    }
+
+    #[test]
+    fn frames_older_than_the_hold_are_never_held() {
+        let mut order = Order::new(2);
+        // A sensor that fell behind: CPU 1 just emptied, CPU 0's frames are 50 ms old.
+        let mut rings = [vec![NOW - 50 * MS, NOW - 49 * MS], vec![NOW - 51 * MS]];
+        let (out, end) = merged(&mut order, &mut rings, at(0), true);
+        assert_eq!(out, [NOW - 51 * MS, NOW - 50 * MS, NOW - 49 * MS]);
         assert_eq!(end, Next::Empty);
     }
 
     #[test]
     fn a_stop_holds_nothing() {
         let mut order = Order::new(2);
-        order.set_head(1, Some(NOW - MS), NOW);
+        order.set_head(1, Some(NOW - MS), at(0));
         let mut rings = [vec![NOW], vec![]];
-        let (out, end) = merged(&mut order, &mut rings, NOW, false);
+        let (out, end) = merged(&mut order, &mut rings, at(0), false);
         assert_eq!(out, [NOW]);
         assert_eq!(end, Next::Empty);
+    }
+
+    #[test]
+    fn the_highest_cpu_is_the_last_of_the_list() {
+        assert_eq!(highest_cpu("0-1\n"), Some(1));
+        assert_eq!(highest_cpu("0-3,8-11"), Some(11));
+        assert_eq!(highest_cpu("0"), Some(0));
+        assert_eq!(highest_cpu(""), None);
     }
 }
