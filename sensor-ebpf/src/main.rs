@@ -15,13 +15,12 @@
 
 use aya_ebpf::bindings::__sk_buff;
 use aya_ebpf::bindings::xdp_action::XDP_PASS;
+use aya_ebpf::btf_maps::{ArrayOfMaps, RingBuf};
 use aya_ebpf::helpers::generated::{
     bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-    bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_skb_load_bytes,
-    bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
+    bpf_get_netns_cookie, bpf_get_smp_processor_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
+    bpf_ringbuf_query, bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
 };
-use aya_ebpf::btf_maps::{ArrayOfMaps, RingBuf};
-use aya_ebpf::helpers::generated::{bpf_get_smp_processor_id, bpf_ringbuf_query};
 use aya_ebpf::macros::{
     btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, classifier, map, sock_ops, socket_filter,
     xdp,

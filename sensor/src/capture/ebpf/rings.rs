@@ -8,7 +8,7 @@
 //! busy machine, so a ring can still receive frames older than another ring's newest. One
 //! shared ring wrote those out of order (in order of copying); here, while a CPU that
 //! captured a moment ago shows nothing, the newer frames of the others wait in their rings
-//! for it, up to [`HOLD`].
+//! for it, up to [`HOLD_NS`].
 
 use std::ops::ControlFlow;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -50,7 +50,7 @@ pub enum Drained {
     Stopped,
 }
 
-/// How `--ring-size` is shared out on this machine.
+/// The rings this machine gets: one per online CPU, in slots for every possible CPU.
 pub struct Layout {
     /// One slot per possible CPU (the programs index the rings by CPU number).
     slots: u32,
@@ -206,7 +206,8 @@ fn peek(ring: &mut RingBuf<MapData>, stamp: &impl Fn(&[u8]) -> u64) -> Option<u6
     let record = ring.next()?;
     let t = stamp(&record);
     // Dropping the item would consume the record; forgetting it leaves the ring as it was
-    // (the item only holds borrows), and the next read returns the same record.
+    // (in aya 0.14, pinned, the item only holds borrows and consumes in its Drop), and the
+    // next read returns the same record.
     std::mem::forget(record);
     Some(t)
 }
