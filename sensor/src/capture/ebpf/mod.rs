@@ -37,6 +37,7 @@ use aya::{Ebpf, EbpfLoader};
 use cbpf_to_ebpf::{CbpfInsn, OnAccept, Refusal, Target};
 use pcap::{Capture, Linktype};
 use protocol::{Direction, InterfaceInfo};
+use rustix::time::ClockId;
 use sensor_ebpf as shared;
 
 use super::{compose_filter, CaptureBackend, Options, Stopper, XdpAttach};
@@ -493,13 +494,13 @@ impl CaptureBackend for EbpfCapture {
                 // Nothing new enters the rings; what they hold is still delivered below.
                 self.detach();
             }
-            let offset = boottime_to_realtime();
-            let attributor = &mut self.attributor;
             let now = rings::Now {
-                monotonic_ns: u64::try_from(clock_ns(rustix::time::ClockId::Monotonic))
-                    .unwrap_or(0),
-                real_ns: realtime_ns(),
+                monotonic_ns: clock_u64(ClockId::Monotonic),
+                real_ns: clock_u64(ClockId::Realtime),
             };
+            // REALTIME − BOOTTIME, from the same wall-clock reading as `now`.
+            let offset = i128::from(now.real_ns) - clock_ns(ClockId::Boottime);
+            let attributor = &mut self.attributor;
             let drained = self.rings.drain(
                 now,
                 !stopping,
@@ -524,7 +525,7 @@ impl CaptureBackend for EbpfCapture {
             }
             #[cfg(feature = "afxdp")]
             if let Some(sockets) = &mut self.sockets {
-                let now = realtime_ns();
+                let now = clock_u64(ClockId::Realtime);
                 if open && sockets.drain(snaplen, now, &mut batcher).is_err() {
                     open = false;
                 }
@@ -785,20 +786,14 @@ fn timestamp(header: &shared::PacketHeader, boot_to_real: i128) -> u64 {
     u64::try_from(t).unwrap_or(0)
 }
 
-/// REALTIME − BOOTTIME in nanoseconds, sampled now.
-fn boottime_to_realtime() -> i128 {
-    use rustix::time::ClockId;
-    clock_ns(ClockId::Realtime) - clock_ns(ClockId::Boottime)
-}
-
-fn clock_ns(clock: rustix::time::ClockId) -> i128 {
+fn clock_ns(clock: ClockId) -> i128 {
     let t = rustix::time::clock_gettime(clock);
     i128::from(t.tv_sec) * 1_000_000_000 + i128::from(t.tv_nsec)
 }
 
-/// The wall clock in nanoseconds since the epoch.
-fn realtime_ns() -> u64 {
-    u64::try_from(clock_ns(rustix::time::ClockId::Realtime)).unwrap_or(0)
+/// `clock` in nanoseconds (since the epoch for the wall clock).
+fn clock_u64(clock: ClockId) -> u64 {
+    u64::try_from(clock_ns(clock)).unwrap_or(0)
 }
 
 /// Compiles the composed filter on a live libpcap handle, as tcpdump does, so that `vlan`
