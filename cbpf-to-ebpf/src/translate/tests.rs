@@ -886,6 +886,56 @@ fn xdp_loads_across_the_end_of_the_linear_part() {
     }
 }
 
+/// At TC a failed load must leave the packet to the programs after this one
+/// (TC_ACT_UNSPEC, TC's pass), not end their chain as LD_IND's hidden `return 0`
+/// (TC_ACT_OK) would. Constant and indirect loads of every size at every offset around the
+/// packet's end, and indirect offsets that wrap around 32 bits or reach past 2 GiB, return
+/// libpcap's value or TC's pass (the kernel's value where an offset wraps around).
+#[test]
+fn tc_loads_past_the_end_leave_the_packet_to_the_next_program() {
+    let tc = Target {
+        hook: Hook::Tc,
+        pass: Hook::Tc.pass(),
+        on_accept: OnAccept::Return,
+    };
+    let pass = Hook::Tc.pass() as u32;
+    let packet = frame(98, 5);
+    let len = packet.len() as u32;
+    let x = 40;
+    let mut progs: Vec<(Vec<CbpfInsn>, u32)> = Vec::new();
+    for at in len - 6..len + 2 {
+        for (abs, ind) in [
+            (LD_W_ABS, LD_W_IND),
+            (LD_H_ABS, LD_H_IND),
+            (LD_B_ABS, LD_B_IND),
+        ] {
+            for prog in [
+                vec![s(abs, at), s(RET_A, 0)],
+                vec![s(LDX_IMM, x), s(ind, at - x), s(RET_A, 0)],
+            ] {
+                let expected = match oracle(&prog, &packet) {
+                    0 => pass,
+                    value => value,
+                };
+                progs.push((prog, expected));
+            }
+        }
+    }
+    progs.push((
+        vec![s(LDX_IMM, 0xffff_fff0), s(LD_B_IND, 0x20), s(RET_A, 0)],
+        u32::from(packet[0x10]),
+    ));
+    progs.push((
+        vec![s(LDX_IMM, 0xffe0_0000), s(LD_B_IND, 0x10), s(RET_K, 9)],
+        pass,
+    ));
+    for (prog, expected) in progs {
+        let insns = translate(&prog, &tc).unwrap_or_else(|e| panic!("{e} in {prog:?}"));
+        let fd = load(&insns, Hook::Tc);
+        assert_eq!(run(&fd, &packet), expected, "{prog:?}");
+    }
+}
+
 /// At TC and XDP a packet load reads __sk_buff's or xdp_md's data pointer (the bytes in
 /// place); a socket filter may not, so it keeps the helper alone.
 #[test]
