@@ -7,15 +7,16 @@
 //! Register use: R6 holds the context, R7 is A and R8 is X, all callee-saved so that they
 //! survive helper calls. At TC and XDP a packet load at a constant offset reads the bytes
 //! in place when a bounds check against data_end (which the verifier asks for) finds them
-//! in the linear part, as the kernel's own classic BPF does for an skb. Otherwise (and for
-//! an indirect load, since a variable offset into the packet takes CAP_PERFMON) an skb
-//! program uses LD_IND, what the kernel's classic BPF becomes: a helper that returns the
-//! value, reading non-linear data too, with no stack buffer. Its hidden `return 0` on a
-//! failed load would be TC_ACT_OK at TC, so a check against the packet's length comes
-//! first and the load never fails. XDP calls bpf_xdp_load_bytes into a stack buffer, which
-//! reads frags too. A socket filter may not read the packet directly: it uses LD_ABS and
-//! LD_IND alone, and where it passes with 0, as a socket filter does, needs no length
-//! check: the hidden `return 0` is its not accepting.
+//! in the linear part, as the kernel's own classic BPF does for an skb; otherwise (and for
+//! an indirect load, since a variable offset into the packet takes CAP_PERFMON) it calls
+//! bpf_skb_load_bytes or bpf_xdp_load_bytes into a stack buffer: that works on non-linear
+//! skbs and XDP frags alike, and a failure is an ordinary return code. (Not LD_IND at TC,
+//! though cheaper: its hidden `return 0` on a failed load is TC_ACT_OK there, which ends
+//! the chain of TC programs after ours, and a load within the packet's length still fails
+//! where the payload is unreadable, as with devmem TCP.) A socket filter may not read the
+//! packet directly: it uses LD_ABS and LD_IND, whose hidden `return 0` on a failed load is
+//! its not accepting (and a socket filter that should return something else then calls
+//! bpf_skb_load_bytes too).
 //!
 //! XDP runs before the kernel moves a frame's outer VLAN tag into metadata, but tcpdump's
 //! live filter (and the one translated here) expects the frame as the kernel's taps see it:
@@ -438,6 +439,7 @@ const MAP_LOOKUP_ELEM: i32 = 1;
 const GET_PRANDOM_U32: i32 = 7;
 const GET_SMP_PROCESSOR_ID: i32 = 8;
 const TAIL_CALL: i32 = 12;
+const SKB_LOAD_BYTES: i32 = 26;
 const XDP_GET_BUFF_LEN: i32 = 188;
 const XDP_LOAD_BYTES: i32 = 189;
 
@@ -764,9 +766,9 @@ impl<'t, 'a> Emitter<'t, 'a> {
     /// index, for the caller to aim.
     ///
     /// At TC and XDP the bytes at a constant offset are read in place when they lie in the
-    /// linear part (the bounds check the verifier asks for decides). LD_IND (skb) or the
-    /// helper (XDP) reads the rest: non-linear skb data, XDP fragments, indirect and far
-    /// offsets; a packet too short takes the returned jump.
+    /// linear part (the bounds check the verifier asks for decides); the helper reads the
+    /// rest: non-linear skb data, XDP fragments, indirect and far offsets, and a packet
+    /// too short, which it refuses.
     fn load_bytes_else(&mut self, size: u16, offset: Offset, dst: u8, untagged: bool) -> usize {
         let bytes = match size {
             SIZE_W => 4,
@@ -789,19 +791,8 @@ impl<'t, 'a> Emitter<'t, 'a> {
             self.land(short);
             read
         });
-        if self.context == Context::Skb {
-            let failed = self.load_ind_checked(size, bytes, offset);
-            self.mov32_reg(dst, R0);
-            if let Some(read) = read {
-                let done = self.forward_jump(EBPF_JMP | JA, 0, 0);
-                self.land(read);
-                self.swap_to_host(bytes, dst);
-                self.land(done);
-            }
-            return failed;
-        }
-        self.offset_into_r2(offset);
         self.mov64_reg(R1, CTX);
+        self.offset_into_r2(offset);
         if tagged {
             let before_tag = self.forward_jump(EBPF_JMP32 | JLT, R2, ETHERTYPE_OFF as i32);
             self.alu32_reg(OP_ADD, R2, TAG);
@@ -809,21 +800,19 @@ impl<'t, 'a> Emitter<'t, 'a> {
         }
         self.stack_addr(R3, BUF_OFF);
         self.mov32_imm(R4, bytes as i32);
-        self.call(XDP_LOAD_BYTES);
+        self.call(match self.context {
+            Context::Skb => SKB_LOAD_BYTES,
+            Context::Xdp => XDP_LOAD_BYTES,
+        });
         let failed = self.forward_jump(EBPF_JMP | JNE, R0, 0);
         self.emit(EBPF_LDX | EBPF_MEM | ebpf_size, dst, FP, BUF_OFF, 0);
         if let Some(read) = read {
             self.land(read);
         }
-        self.swap_to_host(bytes, dst);
-        failed
-    }
-
-    /// `dst` (`bytes` loaded from the packet as they lie there) to host order.
-    fn swap_to_host(&mut self, bytes: u32, dst: u8) {
         if bytes > 1 {
             self.emit(EBPF_ALU | EBPF_END_TO_BE, dst, 0, 0, bytes as i32 * 8);
         }
+        failed
     }
 
     /// A socket filter's load: LD_ABS or LD_IND, what the kernel's own classic BPF becomes,
@@ -837,30 +826,13 @@ impl<'t, 'a> Emitter<'t, 'a> {
             Offset::XPlus(_) => {
                 self.offset_into_r2(offset);
                 // The helper takes a signed offset and reads below 0 from the network or
-                // link-layer header (SKF_NET_OFF, SKF_LL_OFF); the other hooks' loads
-                // refuse offsets past 2 GiB, as libpcap's interpreter does, and so does
-                // this.
+                // link-layer header (SKF_NET_OFF, SKF_LL_OFF); bpf_skb_load_bytes refuses
+                // offsets past 2 GiB, and so does this.
                 self.jump_if_imm(JSLT, R2, 0, Label::Pass);
                 self.emit(MODE_IND as u8 | ebpf_size, 0, R2, 0, 0);
             }
         }
         self.mov32_reg(dst, R0);
-    }
-
-    /// R0 = the `size` value at `offset` (host order), read by LD_IND once a check against
-    /// the packet's length has found all `bytes` of it there; the returned jump is taken
-    /// when it has not. So the load never takes its hidden `return 0`, which at TC would be
-    /// TC_ACT_OK and skip the programs after this one. Cheaper than bpf_skb_load_bytes: its
-    /// helper returns the value, with no stack buffer to fill and read back.
-    fn load_ind_checked(&mut self, size: u16, bytes: u32, offset: Offset) -> usize {
-        self.offset_into_r2(offset);
-        // R3 = the end of the bytes, in 64 bits: an offset near 4 GiB does not wrap.
-        self.mov64_reg(R3, R2);
-        self.emit(EBPF_ALU64 | OP_ADD, R3, 0, 0, bytes as i32);
-        self.ldx_w(R4, CTX, skb::LEN);
-        let short = self.forward_jump_reg(EBPF_JMP | JGT, R3, R4);
-        self.emit(MODE_IND as u8 | size as u8, 0, R2, 0, 0);
-        short
     }
 
     /// R2 = the load's offset, in 32 bits (X + k wraps around, as in the kernel).
@@ -880,7 +852,7 @@ impl<'t, 'a> Emitter<'t, 'a> {
     /// `None`, nothing emitted: an indirect offset, or one too far. Adding a register to
     /// a packet pointer takes CAP_PERFMON (the verifier's Spectre rules), which the sensor
     /// does not keep, so indirect loads, whose offsets are known only at run time, take
-    /// LD_IND or the helper.
+    /// the helper.
     fn load_in_place(
         &mut self,
         ebpf_size: u8,

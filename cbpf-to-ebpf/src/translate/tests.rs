@@ -887,10 +887,11 @@ fn xdp_loads_across_the_end_of_the_linear_part() {
 }
 
 /// At TC a failed load must leave the packet to the programs after this one
-/// (TC_ACT_UNSPEC, TC's pass), not end their chain as LD_IND's hidden `return 0`
-/// (TC_ACT_OK) would. Constant and indirect loads of every size at every offset around the
-/// packet's end, and indirect offsets that wrap around 32 bits or reach past 2 GiB, return
-/// libpcap's value or TC's pass (the kernel's value where an offset wraps around).
+/// (TC_ACT_UNSPEC, TC's pass), not end their chain with TC_ACT_OK (0), which is what
+/// LD_IND's hidden `return 0` would do; the other tests pass with 0 and cannot tell.
+/// Constant and indirect loads of every size at every offset around the packet's end, and
+/// indirect offsets that wrap around 32 bits or reach past 2 GiB, return libpcap's value or
+/// TC's pass (the kernel's value where an offset wraps around).
 #[test]
 fn tc_loads_past_the_end_leave_the_packet_to_the_next_program() {
     let tc = Target {
